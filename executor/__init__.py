@@ -1,0 +1,1 @@
+"""pipetwin: executor package."""

@@ -1,0 +1,1 @@
+"""pipetwin: pipetwin package."""

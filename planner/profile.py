@@ -1,0 +1,304 @@
+"""ModelProfile: per-layer costs of a model, and its readers (PipeDream graph.txt, native JSON, synthetic).
+
+A profile is a chain of layers (branches folded into chain nodes, as PipeDream
+does). Each layer has forward and backward seconds for the reference
+microbatch size on the reference device, output activation bytes per sample,
+saved-for-backward bytes per sample, and parameter bytes. A profile read from a
+branchy graph also keeps the DAG (``graph``) so the PipeDream-compatible planner
+can plan over antichains.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, asdict, replace
+from pathlib import Path
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be read; the message names the line or field."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One chain node of a model.
+
+    Attributes:
+        name: human-readable name.
+        forward_s: forward seconds per reference microbatch.
+        backward_s: backward seconds per reference microbatch.
+        activation_bytes: output activation bytes per sample (what a stage boundary after this layer sends).
+        saved_bytes: bytes kept for backward per sample (defaults to activation_bytes when unknown).
+        param_bytes: parameter bytes.
+    """
+
+    name: str
+    forward_s: float
+    backward_s: float
+    activation_bytes: float
+    saved_bytes: float
+    param_bytes: float
+
+
+@dataclass(frozen=True)
+class ProfileGraph:
+    """The DAG a branchy profile came from: node ids in chain order and edges (src, dst)."""
+
+    nodes: tuple[str, ...]
+    edges: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A model as a chain of layers with costs at a reference microbatch size.
+
+    Attributes:
+        name: model name.
+        layers: the chain, in execution order.
+        microbatch_size: samples per reference microbatch the times were taken at.
+        device: the reference device the times were taken on.
+        graph: the DAG the chain was folded from (None for a true chain).
+    """
+
+    name: str
+    layers: tuple[Layer, ...]
+    microbatch_size: int = 1
+    device: str = "reference"
+    graph: ProfileGraph | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ProfileError(f"profile {self.name!r} has no layers")
+        if self.microbatch_size < 1:
+            raise ProfileError(f"profile {self.name!r}: microbatch_size must be >= 1")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # --- range sums, used by planners and interpreters -------------------------------
+    def forward_s(self, first: int, last: int) -> float:
+        """Forward seconds of layers first..last (inclusive) per reference microbatch."""
+        return sum(l.forward_s for l in self.layers[first : last + 1])
+
+    def backward_s(self, first: int, last: int) -> float:
+        return sum(l.backward_s for l in self.layers[first : last + 1])
+
+    def param_bytes(self, first: int, last: int) -> float:
+        return sum(l.param_bytes for l in self.layers[first : last + 1])
+
+    def saved_bytes(self, first: int, last: int) -> float:
+        """Bytes per sample kept for backward by layers first..last."""
+        return sum(l.saved_bytes for l in self.layers[first : last + 1])
+
+    def boundary_bytes(self, last: int) -> float:
+        """Activation bytes per sample crossing the cut after layer ``last``."""
+        return self.layers[last].activation_bytes
+
+    @property
+    def total_s(self) -> float:
+        return sum(l.forward_s + l.backward_s for l in self.layers)
+
+    def scaled(self, microbatch_size: int) -> "ModelProfile":
+        """The same model at another microbatch size (times scale linearly; bytes are per sample)."""
+        k = microbatch_size / self.microbatch_size
+        layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k) for l in self.layers)
+        return replace(self, layers=layers, microbatch_size=microbatch_size)
+
+    # --- native JSON ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {
+            "name": self.name,
+            "microbatch_size": self.microbatch_size,
+            "device": self.device,
+            "layers": [asdict(l) for l in self.layers],
+        }
+        if self.graph is not None:
+            d["graph"] = {"nodes": list(self.graph.nodes), "edges": [list(e) for e in self.graph.edges]}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelProfile":
+        try:
+            layers = tuple(
+                Layer(
+                    name=str(l["name"]),
+                    forward_s=float(l["forward_s"]),
+                    backward_s=float(l["backward_s"]),
+                    activation_bytes=float(l["activation_bytes"]),
+                    saved_bytes=float(l.get("saved_bytes", l["activation_bytes"])),
+                    param_bytes=float(l["param_bytes"]),
+                )
+                for l in d["layers"]
+            )
+        except KeyError as e:
+            raise ProfileError(f"profile JSON: a layer lacks the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ProfileError(f"profile JSON: bad layer value ({e})") from None
+        graph = None
+        if d.get("graph"):
+            g = d["graph"]
+            graph = ProfileGraph(tuple(g["nodes"]), tuple(tuple(e) for e in g["edges"]))
+        return cls(
+            name=str(d.get("name", "model")),
+            layers=layers,
+            microbatch_size=int(d.get("microbatch_size", 1)),
+            device=str(d.get("device", "reference")),
+            graph=graph,
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def uniform_profile(
+    layers: int, fwd: float, bwd: float, act: float = 0.0, params: float = 0.0, saved: float | None = None
+) -> ModelProfile:
+    """A synthetic chain of identical layers (times per layer per microbatch, bytes per sample)."""
+    if layers < 1:
+        raise ProfileError("uniform model needs layers >= 1")
+    layer = lambda i: Layer(f"layer{i}", fwd, bwd, act, act if saved is None else saved, params)
+    return ModelProfile(name=f"uniform{layers}", layers=tuple(layer(i) for i in range(layers)))
+
+
+_UNIFORM_KEYS = {"layers": int, "fwd": float, "bwd": float, "act": float, "params": float, "saved": float}
+
+
+def parse_uniform_spec(spec: str) -> ModelProfile:
+    """Parse ``uniform:layers=L,fwd=S,bwd=S,act=B,params=B``."""
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    kwargs: dict = {}
+    for part in filter(None, body.split(",")):
+        if "=" not in part:
+            raise ProfileError(f"uniform model: {part!r} is not key=value (keys: {', '.join(_UNIFORM_KEYS)})")
+        k, v = part.split("=", 1)
+        k = k.strip()
+        if k not in _UNIFORM_KEYS:
+            raise ProfileError(f"uniform model: unknown key {k!r} (keys: {', '.join(_UNIFORM_KEYS)})")
+        try:
+            kwargs[k] = _UNIFORM_KEYS[k](float(v)) if _UNIFORM_KEYS[k] is int else float(v)
+        except ValueError:
+            raise ProfileError(f"uniform model: {k}={v!r} is not a number") from None
+    kwargs.setdefault("layers", 8)
+    kwargs.setdefault("fwd", 1e-3)
+    kwargs.setdefault("bwd", 2 * kwargs["fwd"])
+    return uniform_profile(**kwargs)
+
+
+# --- PipeDream graph.txt --------------------------------------------------------------
+_NODE_RE = re.compile(r"^(\S+)\s+--\s+(.*?)\s+--\s+(forward_compute_time=.*?)(?:\s+--\s+stage_id=(\d+))?\s*$")
+_FIELD_RE = re.compile(r"(\w+)=(\[[^\]]*\]|[^,]+)")
+
+
+def _number(text: str, lineno: int, key: str) -> float:
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            return float(sum(float(x) for x in re.split(r"[;,]", text.strip("[] ")) if x.strip()))
+        return float(text)
+    except ValueError:
+        raise ProfileError(f"graph.txt line {lineno}: {key}={text!r} is not a number") from None
+
+
+def read_pipedream_graph(path: str | Path, name: str | None = None) -> ModelProfile:
+    """Read a PipeDream ``graph.txt`` profile into a chain ModelProfile (keeping its DAG).
+
+    Nodes are ordered topologically (ties by file order); times are milliseconds
+    per minibatch at the profiled batch size and become seconds. The chain's
+    ``activation_bytes`` at position k is the sum of outputs of nodes at or before
+    k that feed a node after k (what a cut there must send).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ProfileError(f"profile file {str(path)!r} does not exist")
+    nodes: dict[str, dict] = {}
+    order: list[str] = []
+    edges: list[tuple[str, str]] = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        if not raw.strip():
+            continue
+        if raw[0] in " \t":
+            parts = [p.strip() for p in raw.strip().split("--")]
+            if len(parts) != 2 or not all(parts):
+                raise ProfileError(f"graph.txt line {lineno}: edge must be 'nodeX -- nodeY', got {raw.strip()!r}")
+            edges.append((parts[0], parts[1]))
+            continue
+        m = _NODE_RE.match(raw.strip())
+        if not m:
+            raise ProfileError(
+                f"graph.txt line {lineno}: expected 'nodeN -- desc -- forward_compute_time=F, backward_compute_time=B, "
+                f"activation_size=A, parameter_size=P', got {raw.strip()[:80]!r}"
+            )
+        nid, desc, fields, _stage = m.groups()
+        vals = {k: v for k, v in _FIELD_RE.findall(fields)}
+        for key in ("forward_compute_time", "backward_compute_time", "activation_size", "parameter_size"):
+            if key not in vals:
+                raise ProfileError(f"graph.txt line {lineno}: missing {key}")
+        nodes[nid] = {
+            "desc": desc,
+            "fwd": _number(vals["forward_compute_time"], lineno, "forward_compute_time") / 1e3,
+            "bwd": _number(vals["backward_compute_time"], lineno, "backward_compute_time") / 1e3,
+            "act": _number(vals["activation_size"], lineno, "activation_size"),
+            "params": _number(vals["parameter_size"], lineno, "parameter_size"),
+        }
+        order.append(nid)
+    if not nodes:
+        raise ProfileError(f"graph.txt {str(path)!r} has no nodes")
+    for a, b in edges:
+        for n in (a, b):
+            if n not in nodes:
+                raise ProfileError(f"graph.txt: edge {a} -- {b} names unknown node {n!r}")
+    topo = _topological(order, edges)
+    pos = {n: i for i, n in enumerate(topo)}
+    succ: dict[str, list[str]] = {n: [] for n in topo}
+    for a, b in edges:
+        succ[a].append(b)
+    # bytes crossing the cut after position k
+    last_use = {n: max((pos[s] for s in succ[n]), default=pos[n]) for n in topo}
+    layers = []
+    for k, n in enumerate(topo):
+        crossing = sum(nodes[u]["act"] for u in topo[: k + 1] if last_use[u] > k)
+        if k == len(topo) - 1:
+            crossing = nodes[n]["act"]
+        nd = nodes[n]
+        layers.append(Layer(f"{n}:{nd['desc'][:40]}", nd["fwd"], nd["bwd"], crossing, nd["act"], nd["params"]))
+    graph = ProfileGraph(tuple(topo), tuple(edges))
+    return ModelProfile(name=name or path.name.split(".")[0], layers=tuple(layers), microbatch_size=1, graph=graph)
+
+
+def _topological(order: list[str], edges: list[tuple[str, str]]) -> list[str]:
+    import heapq
+
+    rank = {n: i for i, n in enumerate(order)}
+    indeg = {n: 0 for n in order}
+    succ: dict[str, list[str]] = {n: [] for n in order}
+    for a, b in edges:
+        succ[a].append(b)
+        indeg[b] += 1
+    ready = [(rank[n], n) for n in order if indeg[n] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        out.append(n)
+        for s in succ[n]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                heapq.heappush(ready, (rank[s], s))
+    if len(out) != len(order):
+        raise ProfileError("graph.txt: the graph has a cycle; PipeDream profiles are DAGs")
+    return out
+
+
+def load_profile(source: str) -> ModelProfile:
+    """Load a profile from a path (``.json`` native, otherwise PipeDream graph.txt) or a ``uniform:`` spec."""
+    if source.startswith("uniform"):
+        return parse_uniform_spec(source)
+    p = Path(source)
+    if not p.exists():
+        raise ProfileError(f"profile {source!r} does not exist (give a .json profile, a graph.txt, or uniform:...)")
+    if p.suffix == ".json":
+        try:
+            return ModelProfile.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"profile {source!r} is not valid JSON: {e}") from None
+    return read_pipedream_graph(p)

@@ -1,0 +1,264 @@
+"""The program IR: per-worker ordered action lists that both interpreters run.
+
+An ``Action`` prints compactly and parses back::
+
+    2F0          stage 2, forward, microbatch 0 (weight version 0)
+    2B7v3        stage 2, backward, microbatch 7, weight version 3
+    1BI4 / 1BW4  input-gradient / weight-gradient halves of a split backward
+    0SEND3a>w1   stage 0 sends microbatch 3's activation to worker 1
+    1RECV3a<w0   stage 1 receives it from worker 0 ('g' instead of 'a': a gradient)
+    0ALLREDUCE2  all-reduce of stage 0's gradients, round 2, among the stage's replicas
+    0STEP2v3     stage 0 optimizer step number 2, producing weight version 3
+
+A ``Program`` holds ``actions: dict[worker, list[Action]]`` with the spec it was
+generated from and which workers hold which stage replica.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+
+class Kind(str, Enum):
+    F = "F"
+    B = "B"
+    BI = "BI"
+    BW = "BW"
+    SEND = "SEND"
+    RECV = "RECV"
+    ALLREDUCE = "ALLREDUCE"
+    STEP = "STEP"
+
+    def __str__(self) -> str:  # noqa: D105
+        return self.value
+
+
+COMPUTE = frozenset({Kind.F, Kind.B, Kind.BI, Kind.BW})
+BACKWARD = frozenset({Kind.B, Kind.BI})  # actions that produce the input gradient
+WEIGHT_GRAD = frozenset({Kind.B, Kind.BW})  # actions that finish a microbatch's weight gradient
+COMM = frozenset({Kind.SEND, Kind.RECV, Kind.ALLREDUCE})
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of one worker.
+
+    Attributes:
+        stage: the (virtual) stage the action belongs to.
+        kind: what it does.
+        mb: microbatch (minibatch for PipeDream) index; for ALLREDUCE and STEP, the round / step number.
+        version: weight version the action uses (for STEP: the version it produces).
+        peer: the other worker of a SEND or RECV.
+        grad: for SEND/RECV, True when the payload is a gradient (backward direction).
+        nbytes: payload bytes of a SEND/RECV/ALLREDUCE (0 when unknown).
+    """
+
+    stage: int
+    kind: Kind
+    mb: int
+    version: int = 0
+    peer: int | None = None
+    grad: bool = False
+    nbytes: int = 0
+
+    def __str__(self) -> str:
+        s = f"{self.stage}{self.kind.value}{self.mb}"
+        if self.version:
+            s += f"v{self.version}"
+        if self.kind in (Kind.SEND, Kind.RECV):
+            s += ("g" if self.grad else "a") + (">" if self.kind is Kind.SEND else "<") + f"w{self.peer}"
+        return s
+
+    __repr__ = __str__
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        m = _ACTION_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"cannot parse action {text!r} (examples: 2F0, 1B3v2, 0SEND3a>w1, 0STEP2v3)")
+        stage, kind, mb, version, payload, arrow, peer = m.groups()
+        k = Kind(kind)
+        if k in (Kind.SEND, Kind.RECV):
+            if payload is None or peer is None or (arrow == ">") != (k is Kind.SEND):
+                raise ValueError(f"action {text!r}: SEND needs 'a>wN' or 'g>wN', RECV 'a<wN' or 'g<wN'")
+        elif payload is not None:
+            raise ValueError(f"action {text!r}: only SEND/RECV carry a payload and peer")
+        return cls(
+            stage=int(stage),
+            kind=k,
+            mb=int(mb),
+            version=int(version or 0),
+            peer=int(peer) if peer is not None else None,
+            grad=payload == "g",
+        )
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE
+
+    def to_json(self) -> dict:
+        d = {"kind": self.kind.value, "stage": self.stage, "mb": self.mb, "version": self.version}
+        if self.peer is not None:
+            d["peer"] = self.peer
+            d["grad"] = self.grad
+        if self.nbytes:
+            d["bytes"] = self.nbytes
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Action":
+        return cls(
+            stage=int(d["stage"]),
+            kind=Kind(d["kind"]),
+            mb=int(d["mb"]),
+            version=int(d.get("version", 0)),
+            peer=d.get("peer"),
+            grad=bool(d.get("grad", False)),
+            nbytes=int(d.get("bytes", 0)),
+        )
+
+
+_ACTION_RE = re.compile(r"^(\d+)(ALLREDUCE|STEP|SEND|RECV|BI|BW|F|B)(\d+)(?:v(\d+))?(?:([ag])([<>])w(\d+))?$")
+
+FAMILIES = ("gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1")
+FLUSH_FAMILIES = frozenset({"gpipe", "1f1b", "interleaved", "zb-h1"})
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What a program was generated from.
+
+    Attributes:
+        family: one of FAMILIES.
+        stages: number of pipeline stages P (devices in the pipeline; for interleaved, devices).
+        microbatches: microbatches per batch M (for PipeDream: minibatches in the stream).
+        replicas: replicas per (virtual) stage.
+        chunks: model chunks per device V (interleaved only, else 1).
+        vertical_sync: PipeDream only: every stage uses the version stage 0 used.
+        batches: batches (optimizer steps per stage) for flush schedules and 2BW.
+    """
+
+    family: str
+    stages: int
+    microbatches: int
+    replicas: tuple[int, ...]
+    chunks: int = 1
+    vertical_sync: bool = False
+    batches: int = 1
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.stages * self.chunks
+
+    @property
+    def total_microbatches(self) -> int:
+        return self.microbatches if self.family == "pipedream" else self.microbatches * self.batches
+
+    def batch_of(self, mb: int) -> int:
+        return 0 if self.family == "pipedream" else mb // self.microbatches
+
+    def to_json(self) -> dict:
+        return {
+            "family": self.family,
+            "stages": self.stages,
+            "microbatches": self.microbatches,
+            "replicas": list(self.replicas),
+            "chunks": self.chunks,
+            "vertical_sync": self.vertical_sync,
+            "batches": self.batches,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ScheduleSpec":
+        return cls(
+            family=d["family"],
+            stages=int(d["stages"]),
+            microbatches=int(d["microbatches"]),
+            replicas=tuple(int(r) for r in d["replicas"]),
+            chunks=int(d.get("chunks", 1)),
+            vertical_sync=bool(d.get("vertical_sync", False)),
+            batches=int(d.get("batches", 1)),
+        )
+
+
+@dataclass(frozen=True)
+class Program:
+    """Per-worker action lists plus the spec and the stage → workers map.
+
+    Attributes:
+        spec: the schedule it came from.
+        stage_workers: for each (virtual) stage, the workers holding its replicas (replica r = index r).
+        actions: worker → ordered actions.
+    """
+
+    spec: ScheduleSpec
+    stage_workers: tuple[tuple[int, ...], ...]
+    actions: dict[int, list[Action]] = field(hash=False)
+
+    def __getitem__(self, worker: int) -> list[Action]:
+        return self.actions[worker]
+
+    @property
+    def workers(self) -> list[int]:
+        return sorted(self.actions)
+
+    def worker_of(self, stage: int, mb: int) -> int:
+        """Round robin: microbatch ``mb`` of ``stage`` runs on replica ``mb mod r``."""
+        ws = self.stage_workers[stage]
+        return ws[mb % len(ws)]
+
+    def stages_of(self, worker: int) -> list[int]:
+        return [s for s, ws in enumerate(self.stage_workers) if worker in ws]
+
+    def with_actions(self, actions: dict[int, list[Action]]) -> "Program":
+        return replace(self, actions=actions)
+
+    # --- text forms -----------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "spec": self.spec.to_json(),
+            "stage_workers": [list(ws) for ws in self.stage_workers],
+            "workers": {str(w): [a.to_json() for a in acts] for w, acts in sorted(self.actions.items())},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Program":
+        return cls(
+            spec=ScheduleSpec.from_json(d["spec"]),
+            stage_workers=tuple(tuple(ws) for ws in d["stage_workers"]),
+            actions={int(w): [Action.from_json(a) for a in acts] for w, acts in d["workers"].items()},
+        )
+
+    def to_csv(self) -> str:
+        """One row per worker: the worker id then its actions in order (hand-editable)."""
+        buf = io.StringIO()
+        wr = csv.writer(buf)
+        for w in self.workers:
+            wr.writerow([w, *map(str, self.actions[w])])
+        return buf.getvalue()
+
+    def with_csv(self, text: str) -> "Program":
+        """This program's spec and placement with the action lists read from ``to_csv`` text."""
+        actions = {}
+        for row in csv.reader(io.StringIO(text)):
+            if row:
+                actions[int(row[0])] = [Action.parse(x) for x in row[1:] if x.strip()]
+        return self.with_actions(actions)
+
+    def grid(self, mark: tuple[int, int] | None = None, compute_only: bool = False, width: int = 7) -> str:
+        """Rows = workers, columns = action index; ``mark=(worker, index)`` brackets one cell."""
+        lines = []
+        for w in self.workers:
+            cells = []
+            for i, a in enumerate(self.actions[w]):
+                if compute_only and not a.is_compute and (mark is None or mark != (w, i)):
+                    continue
+                t = str(a)
+                if mark == (w, i):
+                    t = f">>{t}<<"
+                cells.append(t.ljust(width))
+            lines.append(f"w{w:<3}| " + " ".join(cells).rstrip())
+        return "\n".join(lines)

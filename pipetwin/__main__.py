@@ -1,0 +1,5 @@
+import sys
+
+from pipetwin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""check(program): the schedule invariants, and a dependency-only dry run that finds deadlocks.
+
+Every failure raises ``ProgramError`` naming the first offending action and
+showing the worker × step grid with that action marked.
+
+Point-to-point semantics (shared with both interpreters): a SEND is posted
+without waiting (like ``isend``) and its payload is held until matched; a RECV
+blocks until the matching SEND has been posted and the payload has arrived; an
+ALLREDUCE blocks until every replica of its stage has reached the same round.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.program import Action, Kind, Program, FLUSH_FAMILIES
+from planner.trace import Trace
+
+
+class ProgramError(ValueError):
+    """A program that breaks an invariant. ``worker``/``index`` locate the offending action."""
+
+    def __init__(self, message: str, program: Program | None = None, worker: int | None = None, index: int | None = None):
+        self.worker, self.index = worker, index
+        self.action = program[worker][index] if program is not None and worker is not None and index is not None and index < len(program[worker]) else None
+        where = f"w{worker}[{index}] {self.action}: " if self.action is not None else ""
+        self.grid = program.grid(mark=(worker, index) if worker is not None and index is not None else None) if program is not None else ""
+        super().__init__(where + message)
+
+    def __str__(self) -> str:
+        return self.args[0] + ("\n" + self.grid if self.grid else "")
+
+
+def check(program: Program) -> None:
+    """Verify structure, order, data flow, matching, versions, in-flight bounds and deadlock freedom."""
+    _check_structure(program)
+    _check_local_order_and_dataflow(program)
+    _check_matching(program)
+    _check_versions(program)
+    _check_inflight(program)
+    dry_run(program)
+
+
+# --- structure -------------------------------------------------------------------------
+def _check_structure(p: Program) -> None:
+    S = len(p.stage_workers)
+    N = p.spec.total_microbatches
+    split = p.spec.family == "zb-h1"
+    seen: dict[tuple[Kind, int, int], tuple[int, int]] = {}
+    for w in p.workers:
+        held = set(p.stages_of(w))
+        for idx, a in enumerate(p[w]):
+            if a.stage < 0 or a.stage >= S:
+                raise ProgramError(f"stage {a.stage} does not exist (stages 0..{S - 1})", p, w, idx)
+            if a.stage not in held:
+                raise ProgramError(f"worker {w} does not hold stage {a.stage}", p, w, idx)
+            if not a.is_compute:
+                continue
+            if a.mb < 0 or a.mb >= N:
+                raise ProgramError(f"microbatch {a.mb} is outside 0..{N - 1}", p, w, idx)
+            if (a.kind is Kind.B and split) or (a.kind in (Kind.BI, Kind.BW) and not split):
+                raise ProgramError(f"{a.kind.value} does not belong to a {p.spec.family} program", p, w, idx)
+            expect = p.worker_of(a.stage, a.mb)
+            if expect != w:
+                raise ProgramError(f"round robin puts microbatch {a.mb} of stage {a.stage} on worker {expect}", p, w, idx)
+            key = (a.kind, a.stage, a.mb)
+            if key in seen:
+                raise ProgramError(f"duplicate: already at w{seen[key][0]}[{seen[key][1]}]", p, w, idx)
+            seen[key] = (w, idx)
+    kinds = (Kind.F, Kind.BI, Kind.BW) if split else (Kind.F, Kind.B)
+    for s in range(S):
+        for i in range(N):
+            for k in kinds:
+                if (k, s, i) not in seen:
+                    w = p.worker_of(s, i)
+                    raise ProgramError(f"missing {s}{k.value}{i}: every (stage, microbatch) needs one of each of {'/'.join(x.value for x in kinds)}", p, w, len(p[w]) - 1 if p[w] else None)
+
+
+# --- order and data flow on each worker --------------------------------------------------
+def _check_local_order_and_dataflow(p: Program) -> None:
+    S = len(p.stage_workers)
+    for w in p.workers:
+        have: set[tuple[str, int, int]] = set()  # ("act"|"grad"|"F"|"BI", stage, mb)
+        last_mb: dict[tuple[Kind, int], int] = {}
+        for idx, a in enumerate(p[w]):
+            s, i = a.stage, a.mb
+            if a.is_compute:
+                prev = last_mb.get((a.kind, s), -1)
+                if i <= prev:
+                    raise ProgramError(f"{a.kind.value} of stage {s} out of microbatch order (after microbatch {prev})", p, w, idx)
+                last_mb[(a.kind, s)] = i
+            if a.kind is Kind.F:
+                if s > 0 and ("act", s - 1, i) not in have:
+                    raise ProgramError(f"forward before its input: stage {s - 1}'s activation of microbatch {i} has not arrived on w{w}", p, w, idx)
+                have.add(("F", s, i))
+                have.add(("act", s, i))
+            elif a.kind in (Kind.B, Kind.BI):
+                if ("F", s, i) not in have:
+                    raise ProgramError(f"backward before its own forward {s}F{i}", p, w, idx)
+                if s < S - 1 and ("grad", s + 1, i) not in have:
+                    raise ProgramError(f"backward before its output gradient: stage {s + 1}'s gradient of microbatch {i} has not arrived on w{w}", p, w, idx)
+                have.add(("BI", s, i))
+                have.add(("grad", s, i))
+            elif a.kind is Kind.BW:
+                if ("BI", s, i) not in have:
+                    raise ProgramError(f"weight gradient before input gradient {s}BI{i}", p, w, idx)
+            elif a.kind is Kind.SEND:
+                item = ("grad" if a.grad else "act", s, i)
+                if item not in have:
+                    raise ProgramError(f"sends {'gradient' if a.grad else 'activation'} of microbatch {i} before computing it", p, w, idx)
+            elif a.kind is Kind.RECV:
+                have.add(("grad" if a.grad else "act", s + 1 if a.grad else s - 1, i))
+
+
+# --- send / receive matching ----------------------------------------------------------------
+def _check_matching(p: Program) -> None:
+    S = len(p.stage_workers)
+    sends: dict[tuple, tuple[int, int]] = {}
+    recvs: dict[tuple, tuple[int, int]] = {}
+    for w in p.workers:
+        for idx, a in enumerate(p[w]):
+            if a.kind is Kind.SEND:
+                dst_stage = a.stage - 1 if a.grad else a.stage + 1
+                if not 0 <= dst_stage < S:
+                    raise ProgramError(f"sends to stage {dst_stage}, which does not exist", p, w, idx)
+                want = p.worker_of(dst_stage, a.mb)
+                if a.peer != want:
+                    raise ProgramError(f"sends to w{a.peer} but stage {dst_stage} microbatch {a.mb} runs on w{want}", p, w, idx)
+                key = (w, a.peer, a.grad, a.stage, a.mb)
+                if key in sends:
+                    raise ProgramError("duplicate send", p, w, idx)
+                sends[key] = (w, idx)
+            elif a.kind is Kind.RECV:
+                src_stage = a.stage + 1 if a.grad else a.stage - 1
+                if not 0 <= src_stage < S:
+                    raise ProgramError(f"receives from stage {src_stage}, which does not exist", p, w, idx)
+                key = (a.peer, w, a.grad, src_stage, a.mb)
+                if key in recvs:
+                    raise ProgramError("duplicate receive", p, w, idx)
+                recvs[key] = (w, idx)
+    for key, (w, idx) in sends.items():
+        if key not in recvs:
+            raise ProgramError(f"send has no matching receive on w{key[1]}", p, w, idx)
+    for key, (w, idx) in recvs.items():
+        if key not in sends:
+            raise ProgramError(f"receive has no matching send on w{key[0]}", p, w, idx)
+    # all-reduce rounds: every replica of a stage runs the same rounds in the same order
+    for s, ws in enumerate(p.stage_workers):
+        seqs = {w: [a.mb for a in p[w] if a.kind is Kind.ALLREDUCE and a.stage == s] for w in ws}
+        ref = seqs[ws[0]]
+        for w in ws[1:]:
+            if seqs[w] != ref:
+                idx = next((j for j, a in enumerate(p[w]) if a.kind is Kind.ALLREDUCE and a.stage == s), len(p[w]) - 1)
+                raise ProgramError(f"all-reduce rounds of stage {s} differ from replica w{ws[0]}'s {ref[:6]}...", p, w, idx)
+        if len(ws) == 1 and ref:
+            idx = next(j for j, a in enumerate(p[ws[0]]) if a.kind is Kind.ALLREDUCE)
+            raise ProgramError(f"all-reduce on stage {s}, which has one replica", p, ws[0], idx)
+
+
+# --- weight versions ------------------------------------------------------------------------
+def _check_versions(p: Program) -> None:
+    fam = p.spec.family
+    f_version: dict[tuple[int, int], int] = {}
+    # forward versions first (vertical sync compares against stage 0)
+    for w in p.workers:
+        for a in p[w]:
+            if a.kind is Kind.F:
+                f_version[(a.stage, a.mb)] = a.version
+    for w in p.workers:
+        steps: dict[int, int] = {}
+        inflight: dict[int, dict[int, int]] = {}  # stage -> mb -> version (F done, weight grad not done)
+        for idx, a in enumerate(p[w]):
+            s = a.stage
+            cur = steps.get(s, 0)
+            if a.kind is Kind.STEP:
+                if a.version != cur + 1:
+                    raise ProgramError(f"step produces version {a.version}, expected {cur + 1}", p, w, idx)
+                steps[s] = a.version
+                continue
+            if not a.is_compute:
+                continue
+            if a.kind is Kind.F:
+                if fam in FLUSH_FAMILIES:
+                    want = p.spec.batch_of(a.mb)
+                    if a.version != want or cur != want:
+                        raise ProgramError(f"flush schedule: batch {want} must run on version {want} (tagged {a.version}, stage holds {cur})", p, w, idx)
+                elif fam == "2bw":
+                    want = max(0, p.spec.batch_of(a.mb) - 1)
+                    if a.version != want:
+                        raise ProgramError(f"2BW: batch {p.spec.batch_of(a.mb)} uses version {want}", p, w, idx)
+                elif p.spec.vertical_sync:
+                    want = f_version.get((0, a.mb), 0)
+                    if a.version != want:
+                        raise ProgramError(f"vertical sync: stage 0 used version {want} for minibatch {a.mb}", p, w, idx)
+                elif a.version != cur:
+                    raise ProgramError(f"PipeDream forward must use the latest version {cur}", p, w, idx)
+                if a.version > cur:
+                    raise ProgramError(f"uses version {a.version} before the stage has made it (has {cur})", p, w, idx)
+                inflight.setdefault(s, {})[a.mb] = a.version
+                live = set(inflight[s].values()) | {cur}
+                if fam == "2bw" and len(live) > 2:
+                    raise ProgramError(f"2BW holds {len(live)} weight versions {sorted(live)}; at most 2", p, w, idx)
+                stashed = set(inflight[s].values()) - {cur}
+                if len(stashed) > len(inflight[s]):
+                    raise ProgramError("more stashed versions than in-flight minibatches", p, w, idx)
+            else:
+                fv = f_version.get((s, a.mb))
+                if a.version != fv:
+                    raise ProgramError(f"backward uses version {a.version} but its forward used {fv} (weight stashing)", p, w, idx)
+                if a.kind in (Kind.B, Kind.BW):
+                    inflight.get(s, {}).pop(a.mb, None)
+
+
+def inflight_bound(p: Program, stage: int) -> int:
+    """The in-flight bound the family promises for one replica of ``stage``."""
+    from planner.schedules import inflight_limit
+
+    fam = p.spec.family
+    if fam == "gpipe":
+        return math.ceil(p.spec.microbatches / len(p.stage_workers[stage]))
+    if fam == "interleaved":
+        return p.spec.microbatches  # per chunk; Megatron's warm-up bound is checked by the dry run tests
+    return inflight_limit(p.spec, stage)
+
+
+def max_inflight(p: Program) -> dict[tuple[int, int], int]:
+    """Peak microbatches in flight (forward done, input gradient not yet) per (worker, stage)."""
+    out: dict[tuple[int, int], int] = {}
+    for w in p.workers:
+        cur: dict[int, int] = {}
+        for a in p[w]:
+            if a.kind is Kind.F:
+                cur[a.stage] = cur.get(a.stage, 0) + 1
+                out[(w, a.stage)] = max(out.get((w, a.stage), 0), cur[a.stage])
+            elif a.kind in (Kind.B, Kind.BI):
+                cur[a.stage] -= 1
+    return out
+
+
+def _check_inflight(p: Program) -> None:
+    """In flight = forward done, input gradient not; ZB-H1 also caps forward-done, weight-gradient-not at 1F1B's peak."""
+    from planner.schedules import inflight_limit
+
+    zb_cap = max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) if p.spec.family == "zb-h1" else None
+    for w in p.workers:
+        cur: dict[int, int] = {}
+        open_w = 0
+        for idx, a in enumerate(p[w]):
+            if a.kind is Kind.F:
+                cur[a.stage] = cur.get(a.stage, 0) + 1
+                open_w += 1
+                bound = inflight_bound(p, a.stage)
+                if cur[a.stage] > bound:
+                    raise ProgramError(f"{cur[a.stage]} microbatches in flight on stage {a.stage}; {p.spec.family} allows {bound}", p, w, idx)
+                if zb_cap is not None and open_w > zb_cap:
+                    raise ProgramError(f"{open_w} microbatches await their weight gradient; ZB-H1 keeps 1F1B's peak of {zb_cap}", p, w, idx)
+            elif a.kind in (Kind.B, Kind.BI):
+                cur[a.stage] -= 1
+            if a.kind in (Kind.B, Kind.BW):
+                open_w -= 1
+
+
+# --- dry run --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnitCosts:
+    """Dry-run costs per action (interleaved chunks take 1/V of them)."""
+
+    f: float = 1.0
+    b: float = 2.0
+    bi: float = 1.0
+    bw: float = 1.0
+    comm: float = 0.0
+    allreduce: float = 0.0
+    step: float = 0.0
+
+
+def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
+    """Run the program on dependency-only semantics and return its trace; raise on deadlock."""
+    p = program
+    V = p.spec.chunks
+    cost = {Kind.F: costs.f / V, Kind.B: costs.b / V, Kind.BI: costs.bi / V, Kind.BW: costs.bw / V,
+            Kind.SEND: 0.0, Kind.RECV: 0.0, Kind.ALLREDUCE: costs.allreduce, Kind.STEP: costs.step}
+    pos = {w: 0 for w in p.workers}
+    clock = {w: 0.0 for w in p.workers}
+    posted: dict[tuple, float] = {}  # (src, dst, grad, stage, mb) -> time the payload is available
+    at_allreduce: dict[tuple[int, int], dict[int, float]] = {}
+    trace = Trace(meta={"source": "dry-run", "family": p.spec.family, "microbatch_size": 1})
+    remaining = sum(len(v) for v in p.actions.values())
+    while remaining:
+        progressed = False
+        for w in p.workers:
+            acts = p[w]
+            while pos[w] < len(acts):
+                a = acts[pos[w]]
+                t = clock[w]
+                if a.kind is Kind.SEND:
+                    posted[(w, a.peer, a.grad, a.stage, a.mb)] = t + costs.comm
+                    end = t
+                elif a.kind is Kind.RECV:
+                    src_stage = a.stage + 1 if a.grad else a.stage - 1
+                    key = (a.peer, w, a.grad, src_stage, a.mb)
+                    if key not in posted:
+                        break
+                    t = max(t, posted[key])
+                    end = t
+                elif a.kind is Kind.ALLREDUCE:
+                    group = p.stage_workers[a.stage]
+                    arrived = at_allreduce.setdefault((a.stage, a.mb), {})
+                    arrived[w] = t
+                    if len(arrived) < len(group):
+                        break
+                    t = max(arrived.values())
+                    end = t + cost[a.kind]
+                else:
+                    end = t + cost[a.kind]
+                trace.events.append(_event(w, a, t, end))
+                clock[w] = end
+                pos[w] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            blocked = [(w, pos[w]) for w in p.workers if pos[w] < len(p[w])]
+            w0, i0 = blocked[0]
+            waits = ", ".join(f"w{w} at {p[w][i]}" for w, i in blocked[:8])
+            raise ProgramError(f"deadlock: no worker can proceed ({waits})", p, w0, i0)
+    return trace
+
+
+def _event(w: int, a: Action, start: float, end: float):
+    from planner.trace import Event
+
+    return Event(w, str(a), start, end, a.kind.value, a.nbytes)

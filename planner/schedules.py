@@ -1,0 +1,412 @@
+"""Schedule generators: every family's per-worker compute order, lowered into a checked Program.
+
+``generate(spec)`` is the one path: order compute → add steps (and all-reduces)
+→ assign weight versions → insert communication → ``check``. Each pass is a
+pure function over the action dict and is testable alone.
+
+Workers: stage s's replicas get consecutive worker ids (stage 0 first). For
+interleaved 1F1B, virtual stage c·P + d lives on device (worker) d.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Callable
+
+from planner.program import Action, Kind, Program, ScheduleSpec, FAMILIES, FLUSH_FAMILIES
+
+
+class ScheduleError(ValueError):
+    """Parameters no schedule of the family can satisfy; the message says what to change."""
+
+
+# --- layout ----------------------------------------------------------------------------
+def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
+    if spec.family == "interleaved":
+        return tuple((vs % spec.stages,) for vs in range(spec.virtual_stages))
+    out, w = [], 0
+    for r in spec.replicas:
+        out.append(tuple(range(w, w + r)))
+        w += r
+    return tuple(out)
+
+
+def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
+    """Microbatches a replica of ``stage`` keeps in flight in 1F1B steady state.
+
+    ⌈workers at or after the stage / replicas of the stage⌉: P − s without
+    replication; for stage 0, PipeDream's NOAM ⌈workers / replicas of stage 0⌉.
+    """
+    r = spec.replicas
+    return math.ceil(sum(r[stage:]) / r[stage])
+
+
+def validate_spec(spec: ScheduleSpec) -> None:
+    P, M = spec.stages, spec.microbatches
+    if spec.family not in FAMILIES:
+        raise ScheduleError(f"unknown schedule {spec.family!r}; choose one of {', '.join(FAMILIES)}")
+    if P < 1 or M < 1:
+        raise ScheduleError("stages and microbatches must be >= 1")
+    if spec.batches < 1:
+        raise ScheduleError("batches must be >= 1")
+    if spec.family == "interleaved":
+        if spec.chunks < 1:
+            raise ScheduleError("--chunks must be >= 1")
+        if any(r != 1 for r in spec.replicas):
+            raise ScheduleError("interleaved 1F1B does not replicate stages; drop --replicas or pick another schedule")
+        if len(spec.replicas) != spec.virtual_stages:
+            raise ScheduleError(f"interleaved needs one replica count per virtual stage ({spec.virtual_stages})")
+        if M % P:
+            raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages ({M} % {P} != 0); use {math.ceil(M / P) * P}")
+        return
+    if spec.chunks != 1:
+        raise ScheduleError(f"--chunks is for the interleaved schedule only (got {spec.chunks} with {spec.family})")
+    if len(spec.replicas) != P:
+        raise ScheduleError(f"--replicas gives {len(spec.replicas)} values for {P} stages")
+    if any(r < 1 for r in spec.replicas):
+        raise ScheduleError("every stage needs at least 1 replica")
+    if spec.vertical_sync and spec.family != "pipedream":
+        raise ScheduleError("--vertical-sync applies to the pipedream schedule only")
+    if spec.family != "pipedream" and max(spec.replicas) > M:
+        raise ScheduleError(f"a stage has {max(spec.replicas)} replicas but a batch has only {M} microbatches; use at least as many microbatches as replicas")
+    if spec.family == "2bw" and M < max(inflight_limit(spec, s) for s in range(P)):
+        need = max(inflight_limit(spec, s) for s in range(P))
+        raise ScheduleError(f"2BW needs microbatches per batch >= the pipeline's in-flight depth ({need}) to keep two weight versions; got {M}")
+
+
+def _replica_mbs(spec: ScheduleSpec, stage: int, replica: int, mbs: range) -> list[int]:
+    r = len(stage_workers(spec)[stage])
+    return [i for i in mbs if i % r == replica]
+
+
+def _one_f_one_b(mbs: list[int], limit: int) -> list[tuple[Kind, int]]:
+    """Warm-up of limit − 1 forwards, then one forward and one backward, then drain."""
+    w = min(limit - 1, len(mbs))
+    out = [(Kind.F, i) for i in mbs[:w]]
+    for j, i in enumerate(mbs):
+        if w + j < len(mbs):
+            out.append((Kind.F, mbs[w + j]))
+        out.append((Kind.B, i))
+    return out
+
+
+# --- compute orders per family ----------------------------------------------------------
+def _order_per_replica(spec: ScheduleSpec, body: Callable[[list[int], int], list[tuple[Kind, int]]], per_batch: bool) -> dict[int, list[Action]]:
+    sw = stage_workers(spec)
+    out: dict[int, list[Action]] = {}
+    N = spec.total_microbatches
+    for s, ws in enumerate(sw):
+        lim = inflight_limit(spec, s)
+        for rep, w in enumerate(ws):
+            seq: list[tuple[Kind, int]] = []
+            if per_batch:
+                for b in range(spec.batches):
+                    seq += body(_replica_mbs(spec, s, rep, range(b * spec.microbatches, (b + 1) * spec.microbatches)), lim)
+            else:
+                seq = body(_replica_mbs(spec, s, rep, range(N)), lim)
+            out[w] = [Action(s, k, i) for k, i in seq]
+    return out
+
+
+def order_gpipe(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    return _order_per_replica(spec, lambda mbs, _lim: [(Kind.F, i) for i in mbs] + [(Kind.B, i) for i in mbs], per_batch=True)
+
+
+def order_1f1b(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    return _order_per_replica(spec, _one_f_one_b, per_batch=True)
+
+
+def order_pipedream(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """1F1B-RR over the minibatch stream: no flush (steps are added per backward by ``add_steps``)."""
+    return _order_per_replica(spec, _one_f_one_b, per_batch=False)
+
+
+def order_2bw(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """1F1B over all batches' microbatches with no flush between batches."""
+    return _order_per_replica(spec, _one_f_one_b, per_batch=False)
+
+
+def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """Megatron's interleaved 1F1B: forwards cycle chunks in groups of P microbatches."""
+    P, V, M = spec.stages, spec.chunks, spec.microbatches
+    out: dict[int, list[Action]] = {d: [] for d in range(P)}
+    total = M * V
+
+    def fwd(d: int, k: int, base: int) -> Action:
+        c = (k // P) % V
+        return Action(c * P + d, Kind.F, base + (k // (P * V)) * P + k % P)
+
+    def bwd(d: int, k: int, base: int) -> Action:
+        c = V - 1 - (k // P) % V
+        return Action(c * P + d, Kind.B, base + (k // (P * V)) * P + k % P)
+
+    for d in range(P):
+        warm = total if M == P else min((P - d - 1) * 2 + (V - 1) * P, total)
+        for b in range(spec.batches):
+            base = b * M
+            seq = [fwd(d, k, base) for k in range(warm)]
+            for k in range(total - warm):
+                seq += [fwd(d, warm + k, base), bwd(d, k, base)]
+            seq += [bwd(d, k, base) for k in range(total - warm, total)]
+            out[d] += seq
+    return out
+
+
+def order_zb_h1(spec: ScheduleSpec, cost: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[int, list[Action]]:
+    """ZB-H1: backward split into BI (input gradient) and BW (weight gradient).
+
+    Orders are found by list scheduling at the given (F, BI, BW) costs with the
+    ZB-H1 priorities: a ready forward while fewer than the stage's 1F1B
+    in-flight limit (P − s) await their BI and fewer than 1F1B's peak (stage
+    0's limit) await their BW — so no stage holds more than 1F1B's peak
+    memory — then a ready BI, then a pending BW to fill what would otherwise
+    be a bubble. Later stages thus defer their BWs into the drain. With
+    tF = tBI = tBW this reaches makespan 3M + P − 1: a third of 1F1B's bubble.
+    Batches are flushed.
+    """
+    sw = stage_workers(spec)
+    S = len(sw)
+    out: dict[int, list[Action]] = {w: [] for ws in sw for w in ws}
+    tf, tbi, tbw = cost
+    for b in range(spec.batches):
+        mbs = range(b * spec.microbatches, (b + 1) * spec.microbatches)
+        worker_of = {(s, i): sw[s][i % len(sw[s])] for s in range(S) for i in mbs}
+        todo_f = {w: [] for w in out}
+        for s in range(S):
+            for i in mbs:
+                todo_f[worker_of[s, i]].append((s, i))
+        done_at: dict[tuple[Kind, int, int], float] = {}
+        pending_bi: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
+        pending_bw: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
+        open_mb: dict[int, int] = {w: 0 for w in out}
+        act_limit = {w: inflight_limit(spec, s) for s, ws in enumerate(sw) for w in ws}
+        mem_limit = max(act_limit.values())
+        free_at = {w: 0.0 for w in out}
+        events: list[float] = [0.0]
+        remaining = sum(3 * len(v) for v in todo_f.values())
+        now = 0.0
+        while remaining:
+            progressed = False
+            for w in sorted(out, key=lambda w: (free_at[w], w)):
+                if free_at[w] > now + 1e-12:
+                    continue
+                choice = None
+                ready_bi = [x for x in pending_bi[w] if _bi_ready(x, S, done_at, now)]
+                if (todo_f[w] and len(pending_bi[w]) < act_limit[w] and open_mb[w] < mem_limit
+                        and _f_ready(todo_f[w][0], done_at, now)):
+                    choice = (Kind.F, todo_f[w][0])
+                elif ready_bi:
+                    choice = (Kind.BI, min(ready_bi, key=lambda x: x[1]))
+                elif pending_bw[w]:
+                    choice = (Kind.BW, pending_bw[w][0])
+                if choice is None:
+                    continue
+                kind, (s, i) = choice
+                dur = {Kind.F: tf, Kind.BI: tbi, Kind.BW: tbw}[kind]
+                end = now + dur
+                out[w].append(Action(s, kind, i))
+                done_at[(kind, s, i)] = end
+                free_at[w] = end
+                heapq.heappush(events, end)
+                remaining -= 1
+                progressed = True
+                if kind is Kind.F:
+                    todo_f[w].pop(0)
+                    pending_bi[w].append((s, i))
+                    open_mb[w] += 1
+                elif kind is Kind.BI:
+                    pending_bi[w].remove((s, i))
+                    pending_bw[w].append((s, i))
+                else:
+                    pending_bw[w].pop(0)
+                    open_mb[w] -= 1
+            if remaining and not progressed:
+                nxt = [t for t in events if t > now + 1e-12]
+                if not nxt:
+                    raise ScheduleError("ZB-H1 list scheduling made no progress (internal error)")
+                now = min(nxt)
+                events = [t for t in events if t > now + 1e-12]
+    return out
+
+
+def _f_ready(si: tuple[int, int], done_at: dict, now: float) -> bool:
+    s, i = si
+    return s == 0 or done_at.get((Kind.F, s - 1, i), math.inf) <= now + 1e-12
+
+
+def _bi_ready(si: tuple[int, int], S: int, done_at: dict, now: float) -> bool:
+    s, i = si
+    if s == S - 1:
+        return done_at.get((Kind.F, s, i), math.inf) <= now + 1e-12
+    return done_at.get((Kind.BI, s + 1, i), math.inf) <= now + 1e-12
+
+
+ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
+    "gpipe": order_gpipe,
+    "1f1b": order_1f1b,
+    "interleaved": order_interleaved,
+    "pipedream": order_pipedream,
+    "2bw": order_2bw,
+    "zb-h1": order_zb_h1,
+}
+
+
+# --- passes ----------------------------------------------------------------------------
+def _finishes_weight_grad(a: Action) -> bool:
+    return a.kind in (Kind.B, Kind.BW)
+
+
+def add_steps(spec: ScheduleSpec, sw: tuple[tuple[int, ...], ...], actions: dict[int, list[Action]]) -> dict[int, list[Action]]:
+    """Insert ALLREDUCE (when a stage is replicated) and STEP after each update point.
+
+    Flush schedules and 2BW: after a replica's last backward of each batch.
+    PipeDream: after every backward (round k = the replica's k-th backward);
+    replicas with fewer minibatches join the last rounds with no gradient.
+    """
+    out: dict[int, list[Action]] = {}
+    for w, acts in actions.items():
+        new: list[Action] = []
+        if spec.family == "pipedream":
+            rounds: dict[int, int] = {}
+            for a in acts:
+                new.append(a)
+                if _finishes_weight_grad(a):
+                    k = rounds.get(a.stage, 0)
+                    rounds[a.stage] = k + 1
+                    new += _update(a.stage, k, len(sw[a.stage]) > 1)
+            for s in {a.stage for a in acts}:
+                r = len(sw[s])
+                total_rounds = math.ceil(spec.microbatches / r)
+                for k in range(rounds.get(s, 0), total_rounds):
+                    new += _update(s, k, r > 1)
+        else:
+            last: dict[tuple[int, int], int] = {}
+            for idx, a in enumerate(acts):
+                if _finishes_weight_grad(a):
+                    last[(a.stage, spec.batch_of(a.mb))] = idx
+            after = {idx: key for key, idx in last.items()}
+            for idx, a in enumerate(acts):
+                new.append(a)
+                if idx in after:
+                    s, b = after[idx]
+                    new += _update(s, b, len(sw[s]) > 1)
+        out[w] = new
+    return out
+
+
+def _update(stage: int, k: int, replicated: bool) -> list[Action]:
+    acts = [Action(stage, Kind.ALLREDUCE, k)] if replicated else []
+    return acts + [Action(stage, Kind.STEP, k, version=k + 1)]
+
+
+def add_versions(spec: ScheduleSpec, actions: dict[int, list[Action]]) -> dict[int, list[Action]]:
+    """Tag each compute action with the weight version it uses.
+
+    Flush schedules: the batch index. 2BW: max(0, batch − 1) (one-step-stale
+    gradients). PipeDream: the version current at the forward (steps done so far
+    on that stage), kept by the backward (weight stashing); with vertical sync,
+    the version stage 0 used for that minibatch.
+    """
+    fam = spec.family
+    if fam in FLUSH_FAMILIES:
+        rule = lambda a, steps, fv: spec.batch_of(a.mb)
+    elif fam == "2bw":
+        rule = lambda a, steps, fv: max(0, spec.batch_of(a.mb) - 1)
+    else:
+        rule = None
+    out: dict[int, list[Action]] = {}
+    fwd_version: dict[tuple[int, int], int] = {}
+    if rule is None:
+        # PipeDream: stage-0 versions first (vertical sync reads them)
+        order = sorted(actions, key=lambda w: min((a.stage for a in actions[w]), default=0))
+        for w in order:
+            steps: dict[int, int] = {}
+            new = []
+            for a in actions[w]:
+                if a.kind is Kind.STEP:
+                    steps[a.stage] = a.version
+                    new.append(a)
+                elif a.kind is Kind.F:
+                    v = fwd_version[(0, a.mb)] if spec.vertical_sync and a.stage > 0 else steps.get(a.stage, 0)
+                    fwd_version[(a.stage, a.mb)] = v
+                    new.append(_with_version(a, v))
+                elif a.is_compute:
+                    new.append(_with_version(a, fwd_version[(a.stage, a.mb)]))
+                else:
+                    new.append(a)
+            out[w] = new
+        return out
+    for w, acts in actions.items():
+        out[w] = [_with_version(a, rule(a, None, None)) if a.is_compute else a for a in acts]
+    return out
+
+
+def _with_version(a: Action, v: int) -> Action:
+    return Action(a.stage, a.kind, a.mb, v, a.peer, a.grad, a.nbytes)
+
+
+def add_communication(
+    spec: ScheduleSpec,
+    sw: tuple[tuple[int, ...], ...],
+    actions: dict[int, list[Action]],
+    act_bytes: Callable[[int], int] | None = None,
+    allreduce_bytes: Callable[[int], int] | None = None,
+) -> dict[int, list[Action]]:
+    """Insert RECV right before each consumer and SEND right after each producer.
+
+    A forward of stage s > 0 receives stage s − 1's activation; a backward (or
+    BI) of stage s < S − 1 receives stage s + 1's gradient. Nothing is sent when
+    producer and consumer share a worker. ``act_bytes(s)`` gives the bytes
+    crossing the boundary after stage s; ``allreduce_bytes(s)`` the gradient
+    bytes of stage s.
+    """
+    S = len(sw)
+    of = lambda s, i: sw[s][i % len(sw[s])]
+    nb = act_bytes or (lambda s: 0)
+    ab = allreduce_bytes or (lambda s: 0)
+    out: dict[int, list[Action]] = {}
+    for w, acts in actions.items():
+        new: list[Action] = []
+        for a in acts:
+            s, i, v = a.stage, a.mb, a.version
+            if a.kind is Kind.F and s > 0 and of(s - 1, i) != w:
+                new.append(Action(s, Kind.RECV, i, v, of(s - 1, i), False, int(nb(s - 1))))
+            elif a.kind in (Kind.B, Kind.BI) and s < S - 1 and of(s + 1, i) != w:
+                new.append(Action(s, Kind.RECV, i, v, of(s + 1, i), True, int(nb(s))))
+            if a.kind is Kind.ALLREDUCE:
+                a = Action(s, a.kind, a.mb, a.version, None, False, int(ab(s)))
+            new.append(a)
+            if a.kind is Kind.F and s < S - 1 and of(s + 1, i) != w:
+                new.append(Action(s, Kind.SEND, i, v, of(s + 1, i), False, int(nb(s))))
+            elif a.kind in (Kind.B, Kind.BI) and s > 0 and of(s - 1, i) != w:
+                new.append(Action(s, Kind.SEND, i, v, of(s - 1, i), True, int(nb(s - 1))))
+        out[w] = new
+    return out
+
+
+def generate(
+    spec: ScheduleSpec,
+    act_bytes: Callable[[int], int] | None = None,
+    allreduce_bytes: Callable[[int], int] | None = None,
+    check_program: bool = True,
+) -> Program:
+    """The one path from a spec to a checked program."""
+    validate_spec(spec)
+    sw = stage_workers(spec)
+    compute = ORDERS[spec.family](spec)
+    acts = add_steps(spec, sw, compute)
+    acts = add_versions(spec, acts)
+    acts = add_communication(spec, sw, acts, act_bytes, allreduce_bytes)
+    prog = Program(spec=spec, stage_workers=sw, actions=acts)
+    if check_program:
+        from planner.check import check
+
+        check(prog)
+    return prog
+
+
+def make_spec(family: str, stages: int, microbatches: int, replicas: tuple[int, ...] | None = None,
+              chunks: int = 1, vertical_sync: bool = False, batches: int = 1) -> ScheduleSpec:
+    """A spec with defaults filled in (one replica per stage; P·V virtual stages for interleaved)."""
+    n = stages * chunks if family == "interleaved" else stages
+    return ScheduleSpec(family, stages, microbatches, tuple(replicas) if replicas else (1,) * n, chunks, vertical_sync, batches)

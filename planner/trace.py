@@ -1,0 +1,211 @@
+"""Trace: what ran where and when, and every metric computed from it.
+
+Both interpreters (and the dry run) write a ``Trace``; metrics are functions of a
+trace, never stored beside it. On disk a trace is Chrome trace JSON (Perfetto
+opens it): one process per trace source, one thread lane per worker (and per
+link when a simulator records them), memory as counter tracks.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from planner.program import Action, Kind, COMPUTE
+
+
+@dataclass(frozen=True)
+class Event:
+    """One action's execution: ``lane`` is a worker id (int) or a link name (str)."""
+
+    lane: int | str
+    action: str
+    start_s: float
+    end_s: float
+    kind: str = ""
+    nbytes: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in {k.value for k in COMPUTE}
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    worker: int
+    time_s: float
+    nbytes: float
+
+
+@dataclass
+class Trace:
+    """Events plus memory samples; ``meta`` holds what produced it (source, samples per microbatch, ...)."""
+
+    events: list[Event] = field(default_factory=list)
+    memory: list[MemorySample] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def add(self, lane: int | str, action: Action | str, start_s: float, end_s: float, nbytes: int = 0) -> None:
+        kind = action.kind.value if isinstance(action, Action) else Action.parse(action).kind.value if lane is not None and isinstance(lane, int) else ""
+        self.events.append(Event(lane, str(action), start_s, end_s, kind, nbytes or getattr(action, "nbytes", 0)))
+
+    # --- Chrome trace JSON -----------------------------------------------------------
+    def to_chrome(self, pid: int = 0, process_name: str | None = None) -> list[dict]:
+        name = process_name or self.meta.get("source", "pipetwin")
+        out: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}]
+        lanes = sorted({e.lane for e in self.events}, key=lambda l: (isinstance(l, str), str(l) if isinstance(l, str) else l))
+        tids = {}
+        for i, lane in enumerate(lanes):
+            tids[lane] = i
+            label = f"worker {lane}" if isinstance(lane, int) else f"link {lane}"
+            out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": i, "args": {"name": label}})
+            out.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": i, "args": {"sort_index": i}})
+        for e in self.events:
+            out.append({
+                "ph": "X", "pid": pid, "tid": tids[e.lane], "name": e.action, "cat": e.kind or "link",
+                "ts": e.start_s * 1e6, "dur": max(e.duration_s, 0.0) * 1e6,
+                "args": {"lane": e.lane, "kind": e.kind, "bytes": e.nbytes},
+            })
+        for m in self.memory:
+            out.append({"ph": "C", "pid": pid, "name": f"memory w{m.worker}", "ts": m.time_s * 1e6,
+                        "args": {"bytes": m.nbytes}})
+        return out
+
+    def save(self, path: str | Path) -> None:
+        doc = {"traceEvents": self.to_chrome(), "displayTimeUnit": "ms", "otherData": self.meta}
+        Path(path).write_text(json.dumps(doc))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        doc = json.loads(Path(path).read_text())
+        t = cls(meta=doc.get("otherData", {}))
+        for ev in doc["traceEvents"]:
+            if ev.get("ph") == "X":
+                a = ev["args"]
+                t.events.append(Event(a["lane"], ev["name"], ev["ts"] / 1e6, (ev["ts"] + ev["dur"]) / 1e6, a.get("kind", ""), a.get("bytes", 0)))
+            elif ev.get("ph") == "C" and ev["name"].startswith("memory w"):
+                t.memory.append(MemorySample(int(ev["name"][8:]), ev["ts"] / 1e6, ev["args"]["bytes"]))
+        return t
+
+
+def save_side_by_side(traces: dict[str, Trace], path: str | Path) -> None:
+    """Several traces in one Chrome trace file, one process group each (e.g. predicted and measured)."""
+    events: list[dict] = []
+    for pid, (name, tr) in enumerate(traces.items()):
+        events += tr.to_chrome(pid=pid, process_name=name)
+    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
+# --- metrics -------------------------------------------------------------------------
+def worker_events(trace: Trace) -> dict[int, list[Event]]:
+    out: dict[int, list[Event]] = {}
+    for e in trace.events:
+        if isinstance(e.lane, int):
+            out.setdefault(e.lane, []).append(e)
+    return out
+
+
+def span_s(trace: Trace) -> tuple[float, float]:
+    evs = [e for e in trace.events if isinstance(e.lane, int)]
+    if not evs:
+        return (0.0, 0.0)
+    return (min(e.start_s for e in evs), max(e.end_s for e in evs))
+
+
+def makespan_s(trace: Trace) -> float:
+    a, b = span_s(trace)
+    return b - a
+
+
+def busy_s(trace: Trace) -> dict[int, float]:
+    """Seconds each worker spent in compute actions."""
+    return {w: sum(e.duration_s for e in evs if e.is_compute) for w, evs in sorted(worker_events(trace).items())}
+
+
+def bubble_fractions(trace: Trace) -> dict[int, float]:
+    """Per worker: 1 − compute busy time / makespan."""
+    total = makespan_s(trace)
+    if total <= 0:
+        return {w: 0.0 for w in busy_s(trace)}
+    return {w: 1.0 - b / total for w, b in busy_s(trace).items()}
+
+
+def bubble_fraction(trace: Trace) -> float:
+    fr = bubble_fractions(trace)
+    return sum(fr.values()) / len(fr) if fr else 0.0
+
+
+def peak_memory_bytes(trace: Trace) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for m in trace.memory:
+        out[m.worker] = max(out.get(m.worker, 0.0), m.nbytes)
+    return out
+
+
+def step_times_s(trace: Trace) -> list[float]:
+    """End time of each optimizer step round (the last STEP of each step number across workers)."""
+    ends: dict[int, float] = {}
+    for e in trace.events:
+        if e.kind == Kind.STEP.value:
+            n = Action.parse(e.action).mb
+            ends[n] = max(ends.get(n, 0.0), e.end_s)
+    return [ends[k] for k in sorted(ends)]
+
+
+def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = None, exclude_warmup: bool = True) -> float:
+    """Samples per second; in steady state when the trace has several steps.
+
+    With several optimizer steps, the rate is measured between the end of the
+    first step and the end of the last (warm-up excluded); otherwise over the
+    whole makespan. Samples are counted from the last stage's backwards.
+    """
+    spm = samples_per_microbatch or trace.meta.get("microbatch_size", 1)
+    comp = [e for e in trace.events if isinstance(e.lane, int) and e.kind in ("B", "BW")]
+    if not comp:
+        return 0.0
+    last_stage = max(Action.parse(e.action).stage for e in comp)
+    done = sorted(e.end_s for e in comp if Action.parse(e.action).stage == 0)  # a microbatch is finished when stage 0 finished it
+    start, _ = span_s(trace)
+    steps = step_times_s(trace)
+    if exclude_warmup and trace.meta.get("family") != "pipedream" and len(steps) >= 3:
+        t0, t1 = steps[0], steps[-1]
+        n = sum(1 for t in done if t0 < t <= t1 + 1e-15)
+        return n * spm / (t1 - t0) if t1 > t0 else 0.0
+    if exclude_warmup and len(done) >= 4:
+        # stream (PipeDream): rate over the second half of completions
+        h = len(done) // 2
+        t0, t1 = done[h - 1], done[-1]
+        return (len(done) - h) * spm / (t1 - t0) if t1 > t0 else 0.0
+    del last_stage
+    total = done[-1] - start
+    return len(done) * spm / total if total > 0 else 0.0
+
+
+def time_per_batch_s(trace: Trace) -> float:
+    steps = step_times_s(trace)
+    if len(steps) >= 2:
+        return (steps[-1] - steps[0]) / (len(steps) - 1) if trace.meta.get("family") != "pipedream" else makespan_s(trace)
+    return makespan_s(trace)
+
+
+def summary(trace: Trace) -> dict:
+    """The metric keys every command's ``--json`` shares."""
+    bf = bubble_fractions(trace)
+    busy = busy_s(trace)
+    peak = peak_memory_bytes(trace)
+    per = {
+        str(w): {"busy_s": busy[w], "bubble_fraction": bf[w], "peak_memory_bytes": peak.get(w, 0.0)}
+        for w in sorted(busy)
+    }
+    return {
+        "throughput_samples_per_s": throughput_samples_per_s(trace),
+        "time_per_batch_s": time_per_batch_s(trace),
+        "makespan_s": makespan_s(trace),
+        "bubble_fraction": bubble_fraction(trace),
+        "per_device": per,
+        "events": len(trace.events),
+    }

@@ -50,8 +50,11 @@ class Trace:
     meta: dict = field(default_factory=dict)
 
     def add(self, lane: int | str, action: Action | str, start_s: float, end_s: float, nbytes: int = 0) -> None:
-        kind = action.kind.value if isinstance(action, Action) else Action.parse(action).kind.value if lane is not None and isinstance(lane, int) else ""
-        self.events.append(Event(lane, str(action), start_s, end_s, kind, nbytes or getattr(action, "nbytes", 0)))
+        """Record one event; ``action`` is an Action (worker lanes) or a label (link lanes)."""
+        if isinstance(action, Action):
+            self.events.append(Event(lane, str(action), start_s, end_s, action.kind.value, nbytes or action.nbytes))
+        else:
+            self.events.append(Event(lane, action, start_s, end_s, "", nbytes))
 
     # --- Chrome trace JSON -----------------------------------------------------------
     def to_chrome(self, pid: int = 0, process_name: str | None = None) -> list[dict]:
@@ -157,38 +160,39 @@ def step_times_s(trace: Trace) -> list[float]:
 
 
 def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = None, exclude_warmup: bool = True) -> float:
-    """Samples per second; in steady state when the trace has several steps.
+    """Samples per second, in steady state where the trace allows it.
 
-    With several optimizer steps, the rate is measured between the end of the
-    first step and the end of the last (warm-up excluded); otherwise over the
-    whole makespan. Samples are counted from the last stage's backwards.
+    A microbatch is finished when stage 0 finishes its backward (B, or BW when
+    split). Flush schedules with three or more steps: the rate between the end
+    of the first and of the last step (warm-up and the first flush excluded).
+    A stream (PipeDream, 2BW): the rate over the second half of completions.
+    Otherwise: all samples over the whole makespan.
     """
     spm = samples_per_microbatch or trace.meta.get("microbatch_size", 1)
-    comp = [e for e in trace.events if isinstance(e.lane, int) and e.kind in ("B", "BW")]
-    if not comp:
+    done = sorted(e.end_s for e in trace.events
+                  if isinstance(e.lane, int) and e.kind in ("B", "BW") and Action.parse(e.action).stage == 0)
+    if not done:
         return 0.0
-    last_stage = max(Action.parse(e.action).stage for e in comp)
-    done = sorted(e.end_s for e in comp if Action.parse(e.action).stage == 0)  # a microbatch is finished when stage 0 finished it
     start, _ = span_s(trace)
     steps = step_times_s(trace)
-    if exclude_warmup and trace.meta.get("family") != "pipedream" and len(steps) >= 3:
+    streaming = trace.meta.get("family") in ("pipedream", "2bw")
+    if exclude_warmup and not streaming and len(steps) >= 3:
         t0, t1 = steps[0], steps[-1]
-        n = sum(1 for t in done if t0 < t <= t1 + 1e-15)
+        n = sum(1 for t in done if t0 < t <= t1)
         return n * spm / (t1 - t0) if t1 > t0 else 0.0
-    if exclude_warmup and len(done) >= 4:
-        # stream (PipeDream): rate over the second half of completions
+    if exclude_warmup and streaming and len(done) >= 4:
         h = len(done) // 2
         t0, t1 = done[h - 1], done[-1]
         return (len(done) - h) * spm / (t1 - t0) if t1 > t0 else 0.0
-    del last_stage
     total = done[-1] - start
     return len(done) * spm / total if total > 0 else 0.0
 
 
 def time_per_batch_s(trace: Trace) -> float:
+    """Seconds per optimizer step in steady state (between step ends); the makespan with one step."""
     steps = step_times_s(trace)
     if len(steps) >= 2:
-        return (steps[-1] - steps[0]) / (len(steps) - 1) if trace.meta.get("family") != "pipedream" else makespan_s(trace)
+        return (steps[-1] - steps[0]) / (len(steps) - 1)
     return makespan_s(trace)
 
 

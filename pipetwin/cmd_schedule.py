@@ -1,0 +1,74 @@
+"""`pipetwin schedule`: generate one family's program, check it, dry-run it, show it."""
+from __future__ import annotations
+
+import json
+
+from planner.check import UnitCosts, dry_run
+from planner.schedules import generate, make_spec
+from planner.trace import bubble_fraction, makespan_s
+from pipetwin.errors import UserError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--replicas expects comma-separated integers like 2,1,1, got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("schedule", help="print a schedule family's program as a time x worker grid",
+                       description="Generate a schedule, check its invariants, dry-run it at unit costs.")
+    p.add_argument("--kind", required=True, choices=["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"])
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages P (devices along the pipeline)")
+    p.add_argument("--microbatches", type=int, required=True, help="microbatches per batch M (PipeDream: minibatches)")
+    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
+    p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved)")
+    p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
+    p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    p.add_argument("--fwd", type=float, default=1.0, help="forward cost units (default 1)")
+    p.add_argument("--bwd", type=float, default=2.0, help="backward cost units (default 2; BI and BW half each)")
+    p.add_argument("--comm", type=float, default=0.0, help="point-to-point cost units (default 0)")
+    p.add_argument("--json", action="store_true", help="print the program and its dry-run figures as JSON")
+    p.add_argument("--chart", metavar="PNG", help="write a Gantt chart of the dry run")
+    p.add_argument("--actions", action="store_true", help="also print every worker's full action list")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.stages < 1 or args.microbatches < 1:
+        raise UserError("--stages and --microbatches must be >= 1")
+    if args.kind == "interleaved" and args.chunks < 2:
+        args.chunks = 2
+    spec = make_spec(args.kind, args.stages, args.microbatches, args.replicas, args.chunks,
+                     args.vertical_sync, args.batches)
+    program = generate(spec)
+    costs = UnitCosts(f=args.fwd, b=args.bwd, bi=args.bwd / 2, bw=args.bwd / 2, comm=args.comm)
+    trace = dry_run(program, costs)
+    span, bubble = makespan_s(trace), bubble_fraction(trace)
+    if args.chart:
+        from pipetwin.charts import gantt
+
+        gantt(trace, args.chart, title=f"{args.kind} P={args.stages} M={args.microbatches} "
+              f"bubble={bubble:.3f}", time_unit="units")
+    if args.json:
+        doc = {
+            "workers": {str(w): [a.to_json() for a in program[w]] for w in program.workers},
+            "stage_workers": [list(ws) for ws in program.stage_workers],
+            "makespan_units": span,
+            "bubble_fraction": bubble,
+        }
+        print(json.dumps(doc))
+        return 0
+    from pipetwin.charts import text_grid
+
+    print(f"{args.kind}: {args.stages} stages, {args.microbatches} microbatches"
+          + (f", replicas {','.join(map(str, spec.replicas))}" if args.replicas else "")
+          + (f", {args.chunks} chunks" if args.kind == "interleaved" else ""))
+    print(text_grid(trace, unit=min(args.fwd, args.bwd / 2) / spec.chunks))
+    print(f"makespan {span:g} units, bubble fraction {bubble:.4f}")
+    if args.actions:
+        print(program.grid())
+    if args.chart:
+        print(f"chart written to {args.chart}")
+    return 0

@@ -136,7 +136,6 @@ class Topology:
         self._route_cache: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._cost_cache: dict[tuple[str, str], tuple[float, float]] = {}
         self._tree: tuple[dict[str, str | None], dict[str, int]] | None | bool = False  # False = not computed
-        self._sssp: dict[str, dict[str, str | None]] = {}
         self._hier: list[list[list[str]]] | None = None
         self._levels: list[tuple[int, float]] | None = None
 
@@ -322,40 +321,35 @@ class Topology:
                 down.append(y)
             down.pop()  # the common ancestor is already last in `up`
             return up + down[::-1]
-        pred = self._sssp.get(a)
-        if pred is None:
-            pred = self._dijkstra(a)
-            if len(self._sssp) >= 4096:
-                self._sssp.clear()
-            self._sssp[a] = pred
-        if b not in pred:
+        path = self._dijkstra(a, b)
+        if path is None:
             raise TopologyError(f"no route from {a!r} to {b!r} in topology {self.name!r}; link the two parts of the graph")
-        path = [b]
-        while path[-1] != a:
-            path.append(pred[path[-1]])  # type: ignore[arg-type]
-        return path[::-1]
+        return path
 
-    def _dijkstra(self, src: str) -> dict[str, str | None]:
-        """Predecessors of the routes from src: key (latency in picoseconds, hops, node-name path)."""
+    def _dijkstra(self, src: str, dst: str) -> list[str] | None:
+        """The route src->dst: least latency (in integer picoseconds, so sums are exact), then
+        fewest hops, then the lexicographically smallest sequence of node names."""
         g = self.graph
         best: dict[str, tuple[int, int, tuple[str, ...]]] = {}
-        pred: dict[str, str | None] = {}
+        done: set[str] = set()
         heap: list[tuple[int, int, tuple[str, ...]]] = [(0, 0, (src,))]
         while heap:
             lat, hops, path = heapq.heappop(heap)
             u = path[-1]
-            if u in pred:
+            if u == dst:
+                return list(path)
+            if u in done:
                 continue
-            pred[u] = path[-2] if len(path) > 1 else None
+            done.add(u)
             for v, data in g.adj[u].items():
-                if v in pred:
+                if v in done:
                     continue
                 key = (lat + int(round(data["link"].latency_s * 1e12)), hops + 1, path + (v,))
                 old = best.get(v)
                 if old is None or key < old:
                     best[v] = key
                     heapq.heappush(heap, key)
-        return pred
+        return None
 
     # ------------------------------------------------------------------ hierarchy
     def _hierarchy(self) -> list[list[list[str]]]:

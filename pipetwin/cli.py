@@ -21,7 +21,7 @@ def _bad_input_types() -> tuple[type, ...]:
 
     types: list[type] = [UserError, ProfileError, PlanError, FileNotFoundError]
     for mod, name in (("planner.check", "ProgramError"), ("planner.schedules", "ScheduleError"),
-                      ("topologies.topology", "TopologyError"), ("executor.errors", "ExecutorError")):
+                      ("topologies.topology", "TopologyError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError")):
         try:
             types.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -29,8 +29,15 @@ def _bad_input_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipetwin", description="Plan, simulate, run and validate pipeline-parallel training.")
+    parser = _Parser(prog="pipetwin", description="Plan, simulate, run and validate pipeline-parallel training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

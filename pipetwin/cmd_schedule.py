@@ -1,6 +1,7 @@
 """`pipetwin schedule`: generate one family's program, check it, dry-run it, show it."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from planner.check import UnitCosts, dry_run
@@ -13,7 +14,7 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise UserError(f"--replicas expects comma-separated integers like 2,1,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expects comma-separated integers like 2,1,1, got {text!r}") from None
 
 
 def register(sub) -> None:

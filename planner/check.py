@@ -22,7 +22,7 @@ class ProgramError(ValueError):
 
     def __init__(self, message: str, program: Program | None = None, worker: int | None = None, index: int | None = None):
         self.worker, self.index = worker, index
-        self.action = program[worker][index] if program is not None and worker is not None and index is not None and index < len(program[worker]) else None
+        self.action = program[worker][index] if program is not None and worker is not None and index is not None and 0 <= index < len(program[worker]) else None
         where = f"w{worker}[{index}] {self.action}: " if self.action is not None else ""
         self.grid = program.grid(mark=(worker, index) if worker is not None and index is not None else None) if program is not None else ""
         super().__init__(where + message)
@@ -37,6 +37,7 @@ def check(program: Program) -> None:
     _check_local_order_and_dataflow(program)
     _check_matching(program)
     _check_versions(program)
+    _check_update_points(program)
     _check_inflight(program)
     dry_run(program)
 
@@ -209,6 +210,35 @@ def _check_versions(p: Program) -> None:
                     raise ProgramError(f"backward uses version {a.version} but its forward used {fv} (weight stashing)", p, w, idx)
                 if a.kind in (Kind.B, Kind.BW):
                     inflight.get(s, {}).pop(a.mb, None)
+
+
+def _check_update_points(p: Program) -> None:
+    """An ALLREDUCE / STEP of round k comes after every backward it covers; a replicated STEP after its ALLREDUCE."""
+    fam = p.spec.family
+    N = p.spec.total_microbatches
+    for w in p.workers:
+        done: set[tuple[int, int]] = set()
+        reduced: set[tuple[int, int]] = set()
+        for idx, a in enumerate(p[w]):
+            if a.kind in (Kind.B, Kind.BW):
+                done.add((a.stage, a.mb))
+            if a.kind not in (Kind.ALLREDUCE, Kind.STEP):
+                continue
+            s, k = a.stage, a.mb
+            reps = p.stage_workers[s]
+            if fam == "pipedream":
+                i = k * len(reps) + reps.index(w)
+                need = [i] if i < N else []
+            else:
+                lo = k * p.spec.microbatches
+                need = [i for i in range(lo, min(lo + p.spec.microbatches, N)) if p.worker_of(s, i) == w]
+            for i in need:
+                if (s, i) not in done:
+                    raise ProgramError(f"{a.kind.value} of round {k} before the backward of microbatch {i} it covers", p, w, idx)
+            if a.kind is Kind.ALLREDUCE:
+                reduced.add((s, k))
+            elif len(reps) > 1 and (s, k) not in reduced:
+                raise ProgramError(f"step of a replicated stage before its all-reduce {s}ALLREDUCE{k}", p, w, idx)
 
 
 def inflight_bound(p: Program, stage: int) -> int:

@@ -67,6 +67,9 @@ def validate_spec(spec: ScheduleSpec) -> None:
         raise ScheduleError("every stage needs at least 1 replica")
     if spec.vertical_sync and spec.family != "pipedream":
         raise ScheduleError("--vertical-sync applies to the pipedream schedule only")
+    if spec.vertical_sync and len(set(spec.replicas)) > 1:
+        raise ScheduleError("vertical sync needs the same replica count on every stage (versions advance once per "
+                            "all-reduce round, so unequal replication makes stage versions incomparable)")
     if spec.family != "pipedream" and max(spec.replicas) > M:
         raise ScheduleError(f"a stage has {max(spec.replicas)} replicas but a batch has only {M} microbatches; use at least as many microbatches as replicas")
     if spec.family == "2bw" and M < max(inflight_limit(spec, s) for s in range(P)):
@@ -191,12 +194,12 @@ def order_zb_h1(spec: ScheduleSpec, cost: tuple[float, float, float] = (1.0, 1.0
                 if free_at[w] > now + 1e-12:
                     continue
                 choice = None
-                ready_bi = [x for x in pending_bi[w] if _bi_ready(x, S, done_at, now)]
+                ready_bi = pending_bi[w][:1] if pending_bi[w] and _bi_ready(pending_bi[w][0], S, done_at, now) else []
                 if (todo_f[w] and len(pending_bi[w]) < act_limit[w] and open_mb[w] < mem_limit
                         and _f_ready(todo_f[w][0], done_at, now)):
                     choice = (Kind.F, todo_f[w][0])
                 elif ready_bi:
-                    choice = (Kind.BI, min(ready_bi, key=lambda x: x[1]))
+                    choice = (Kind.BI, ready_bi[0])
                 elif pending_bw[w]:
                     choice = (Kind.BW, pending_bw[w][0])
                 if choice is None:
@@ -274,7 +277,7 @@ def add_steps(spec: ScheduleSpec, sw: tuple[tuple[int, ...], ...], actions: dict
                     k = rounds.get(a.stage, 0)
                     rounds[a.stage] = k + 1
                     new += _update(a.stage, k, len(sw[a.stage]) > 1)
-            for s in {a.stage for a in acts}:
+            for s in (s for s, ws in enumerate(sw) if w in ws):
                 r = len(sw[s])
                 total_rounds = math.ceil(spec.microbatches / r)
                 for k in range(rounds.get(s, 0), total_rounds):

@@ -1,0 +1,454 @@
+"""Reference models as ordered chains of layers, named by a spec string.
+
+A spec is ``kind:key=value,key=value`` (every parameter optional):
+
+* ``mlp:layers=8,width=512`` — each layer ``Linear(width, width) + ReLU``, the
+  last one ``Linear`` only; MSE loss to a random target.
+* ``gpt:layers=4,hidden=256,heads=4,seq=128,vocab=512`` — layer 0 token +
+  position embedding, then ``layers`` pre-LN transformer blocks (causal
+  self-attention, MLP of 4 x hidden), then final LayerNorm + LM head;
+  next-token cross-entropy. Inputs are int64 token ids (microbatch, seq).
+* ``cnn:blocks=4,channels=32,size=32,classes=10`` — stem conv-bn-relu, residual
+  blocks (conv-bn-relu-conv-bn + skip, relu; one chain layer each), then
+  global average pooling + linear head; cross-entropy. Inputs (mb, 3, size, size).
+* ``uniform:layers=8,fwd=1e-3,bwd=2e-3,act=0,params=0`` — emulated accelerator
+  layers (:mod:`executor.emulated`): forward waits ``fwd`` s and backward
+  ``bwd`` s per microbatch while moving real tensors of ``act`` bytes per
+  sample (``act/4`` float32 values, at least 1) and a real parameter of
+  ``params`` bytes. MSE loss. Defaults as :func:`planner.profile.parse_uniform_spec`.
+* ``package.module:function`` or ``path/to/file.py:function`` — a user model:
+  ``function()`` returns an ``nn.Sequential`` or a list of modules (the chain).
+  It is called with torch's global RNG seeded by ``seed`` (and restored after).
+  The same module may define, next to it (``NAME`` is the function's name):
+
+  - ``NAME_batch(microbatch_size, index, seed) -> (input, target)`` — the data;
+  - otherwise ``NAME_input_shape``: a tuple (per sample, without the batch
+    dimension) or a function of no arguments returning one; inputs are then
+    standard normal float32 and the target standard normal of the model's
+    output shape (found by one no-grad forward pass);
+  - ``NAME_loss(output, target) -> scalar`` — the loss; default MSE (mean).
+
+Weights are deterministic given ``seed``: each layer ``i`` is built from its own
+seed, so :func:`build_stage` gives exactly the weights :func:`build_layers`
+gives for the same layers without building the others. Microbatch ``index`` of
+:func:`make_batch` is deterministic given ``seed`` and independent of the
+microbatch size of other calls.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from executor.emulated import EmulatedLayer
+
+__all__ = [
+    "ModelSpecError", "build_layers", "build_stage", "input_shape", "make_batch", "loss_fn", "num_layers",
+    "parse_spec", "ModelSpec", "KINDS",
+]
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names no known model or has a bad parameter; the message says what to do."""
+
+
+# kind -> {key: (type, default)}
+KINDS: dict[str, dict[str, tuple[type, object]]] = {
+    "mlp": {"layers": (int, 8), "width": (int, 512)},
+    "gpt": {"layers": (int, 4), "hidden": (int, 256), "heads": (int, 4), "seq": (int, 128), "vocab": (int, 512)},
+    "cnn": {"blocks": (int, 4), "channels": (int, 32), "size": (int, 32), "classes": (int, 10)},
+    "uniform": {"layers": (int, 8), "fwd": (float, 1e-3), "bwd": (float, None), "act": (float, 0.0),
+                "params": (float, 0.0)},
+}
+_MINIMUM = {"layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "blocks": 0,
+            "channels": 1, "size": 1, "classes": 2, "fwd": 0.0, "bwd": 0.0, "act": 0.0, "params": 0.0}
+_HELP = "known models: " + "; ".join(
+    f"{k}:" + ",".join(f"{p}={d if d is not None else '2*fwd'}" for p, (_, d) in v.items()) for k, v in KINDS.items()
+) + "; or package.module:function / path/to/file.py:function"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed spec: ``kind`` is a built-in name or ``"user"``; ``params`` the resolved parameters.
+
+    For a user model, ``params`` holds ``target`` (module path or file path) and ``function``.
+    """
+
+    kind: str
+    params: tuple[tuple[str, object], ...]
+    text: str
+
+    def get(self, key: str):
+        return dict(self.params)[key]
+
+    @property
+    def name(self) -> str:
+        if self.kind == "user":
+            return f"{self.get('target')}:{self.get('function')}"
+        return self.kind + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse a model spec; raises :class:`ModelSpecError` naming the problem and the known models."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"empty model spec ({_HELP})")
+    text = spec.strip()
+    head, _, body = text.partition(":")
+    head = head.strip()
+    if head in KINDS:
+        return _parse_builtin(head, body, text)
+    if body and (head.endswith(".py") or "/" in head or "." in head):
+        fn = body.strip()
+        if not fn.isidentifier():
+            raise ModelSpecError(f"model {text!r}: {fn!r} is not a function name (use module.path:function)")
+        return ModelSpec("user", (("target", head), ("function", fn)), text)
+    raise ModelSpecError(f"unknown model {text!r} ({_HELP})")
+
+
+def _parse_builtin(kind: str, body: str, text: str) -> ModelSpec:
+    keys = KINDS[kind]
+    values: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        if "=" not in part:
+            raise ModelSpecError(f"model {text!r}: {part!r} is not key=value (keys for {kind}: {', '.join(keys)})")
+        k, v = (s.strip() for s in part.split("=", 1))
+        if k not in keys:
+            raise ModelSpecError(f"model {text!r}: unknown parameter {k!r} (keys for {kind}: {', '.join(keys)})")
+        typ = keys[k][0]
+        try:
+            x = float(v)
+            if typ is int:
+                if not x.is_integer():
+                    raise ValueError
+                x = int(x)
+        except ValueError:
+            want = "an integer" if typ is int else "a number"
+            raise ModelSpecError(f"model {text!r}: {k}={v!r} is not {want}") from None
+        if not math.isfinite(x) or x < _MINIMUM[k]:
+            raise ModelSpecError(f"model {text!r}: {k}={v} must be >= {_MINIMUM[k]}")
+        values[k] = x
+    for k, (typ, default) in keys.items():
+        if k not in values:
+            values[k] = default
+    if kind == "uniform" and values["bwd"] is None:
+        values["bwd"] = 2 * float(values["fwd"])
+    if kind == "gpt" and values["hidden"] % values["heads"]:
+        raise ModelSpecError(f"model {text!r}: hidden={values['hidden']} must be a multiple of heads={values['heads']}")
+    return ModelSpec(kind, tuple((k, values[k]) for k in keys), text)
+
+
+# --- layers of the built-in models -----------------------------------------------------
+class GPTEmbedding(nn.Module):
+    """Token + learned position embedding: (mb, seq) int64 -> (mb, seq, hidden)."""
+
+    def __init__(self, vocab: int, seq: int, hidden: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, hidden)
+        self.pos = nn.Embedding(seq, hidden)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.tok(ids) + self.pos(positions)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).split(h, dim=2)
+        shape = (b, t, self.heads, h // self.heads)
+        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(shape[-1]))
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, h)
+        return self.proj(y)
+
+
+class GPTBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)) with a 4x GELU MLP."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = CausalSelfAttention(hidden, heads)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPTHead(nn.Module):
+    """Final LayerNorm + LM head: (mb, seq, hidden) -> logits (mb, seq, vocab)."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(hidden)
+        self.lm = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm(self.ln(x))
+
+
+class ResidualBlock(nn.Module):
+    """relu(x + bn(conv(relu(bn(conv(x))))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(y)))
+
+
+def _elems(nbytes: float) -> int:
+    return max(1, int(nbytes // 4))
+
+
+def _layer_seed(seed: int, i: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * (i + 1)) % (2**63 - 1)
+
+
+def _build_one(ms: ModelSpec, i: int, seed: int) -> nn.Module:
+    p = dict(ms.params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_layer_seed(seed, i))
+        if ms.kind == "mlp":
+            lin = nn.Linear(p["width"], p["width"])
+            return lin if i == p["layers"] - 1 else nn.Sequential(lin, nn.ReLU())
+        if ms.kind == "gpt":
+            if i == 0:
+                return GPTEmbedding(p["vocab"], p["seq"], p["hidden"])
+            if i <= p["layers"]:
+                return GPTBlock(p["hidden"], p["heads"])
+            return GPTHead(p["hidden"], p["vocab"])
+        if ms.kind == "cnn":
+            c = p["channels"]
+            if i == 0:
+                return nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+            if i <= p["blocks"]:
+                return ResidualBlock(c)
+            return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, p["classes"]))
+        if ms.kind == "uniform":
+            gen = torch.Generator().manual_seed(_layer_seed(seed, i))
+            act = _elems(p["act"])
+            return EmulatedLayer(act, act, int(p["params"] // 4), p["fwd"], p["bwd"], generator=gen)
+    raise AssertionError(ms.kind)
+
+
+def num_layers(spec: str) -> int:
+    """Number of chain layers of the model ``spec`` (builds nothing for built-in models)."""
+    ms = parse_spec(spec)
+    p = dict(ms.params)
+    if ms.kind in ("mlp", "uniform"):
+        return p["layers"]
+    if ms.kind == "gpt":
+        return p["layers"] + 2
+    if ms.kind == "cnn":
+        return p["blocks"] + 2
+    return len(build_layers(spec))
+
+
+def build_stage(spec: str, first: int, last: int, seed: int = 0) -> list[nn.Module]:
+    """Layers ``first..last`` (inclusive) of the chain, with the weights :func:`build_layers` gives them."""
+    n = num_layers(spec)
+    if not (0 <= first <= last < n):
+        raise ModelSpecError(f"model {spec!r} has layers 0..{n - 1}; cannot build {first}..{last}")
+    ms = parse_spec(spec)
+    if ms.kind == "user":
+        return build_layers(spec, seed)[first : last + 1]
+    return [_build_one(ms, i, seed) for i in range(first, last + 1)]
+
+
+def build_layers(spec: str, seed: int = 0) -> list[nn.Module]:
+    """The model as an ordered chain of layers; deterministic given ``seed``. Modules are in training mode."""
+    ms = parse_spec(spec)
+    if ms.kind == "user":
+        return _user_layers(ms, seed)
+    n = num_layers(spec)
+    return [_build_one(ms, i, seed) for i in range(n)]
+
+
+def input_shape(spec: str, microbatch_size: int) -> tuple[int, ...]:
+    """Shape of one microbatch input tensor."""
+    _check_mb(microbatch_size)
+    ms = parse_spec(spec)
+    p = dict(ms.params)
+    if ms.kind == "mlp":
+        return (microbatch_size, p["width"])
+    if ms.kind == "gpt":
+        return (microbatch_size, p["seq"])
+    if ms.kind == "cnn":
+        return (microbatch_size, 3, p["size"], p["size"])
+    if ms.kind == "uniform":
+        return (microbatch_size, _elems(p["act"]))
+    return tuple(make_batch(spec, microbatch_size, 0)[0].shape)
+
+
+def _check_mb(microbatch_size: int) -> None:
+    if int(microbatch_size) != microbatch_size or microbatch_size < 1:
+        raise ModelSpecError(f"microbatch size must be an integer >= 1, got {microbatch_size!r}")
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    digest = hashlib.sha256(f"pipetwin-batch:{int(seed)}:{int(index)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def make_batch(spec: str, microbatch_size: int, index: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(input, target)`` for microbatch ``index``; deterministic given (spec, size, index, seed)."""
+    _check_mb(microbatch_size)
+    ms = parse_spec(spec)
+    p = dict(ms.params)
+    g = _generator(seed, index)
+    mb = microbatch_size
+    if ms.kind == "mlp":
+        return torch.randn(mb, p["width"], generator=g), torch.randn(mb, p["width"], generator=g)
+    if ms.kind == "uniform":
+        a = _elems(p["act"])
+        return torch.randn(mb, a, generator=g), torch.randn(mb, a, generator=g)
+    if ms.kind == "gpt":
+        tokens = torch.randint(0, p["vocab"], (mb, p["seq"] + 1), generator=g, dtype=torch.int64)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if ms.kind == "cnn":
+        x = torch.randn(mb, 3, p["size"], p["size"], generator=g)
+        return x, torch.randint(0, p["classes"], (mb,), generator=g, dtype=torch.int64)
+    return _user_batch(ms, mb, index, seed, g)
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(output, target)
+
+
+def _gpt_ce(output: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+def _ce(output: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(output, target)
+
+
+def loss_fn(spec: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss applied to the last layer's output and the target; a mean over the microbatch."""
+    ms = parse_spec(spec)
+    if ms.kind in ("mlp", "uniform"):
+        return _mse
+    if ms.kind == "gpt":
+        return _gpt_ce
+    if ms.kind == "cnn":
+        return _ce
+    return getattr(_user_module(ms), f"{ms.get('function')}_loss", _mse)
+
+
+# --- user models -----------------------------------------------------------------------
+def _user_module(ms: ModelSpec):
+    return _import_target(ms.get("target"), ms.text)
+
+
+@functools.lru_cache(maxsize=64)
+def _import_target(target: str, text: str):
+    if target.endswith(".py") or "/" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ModelSpecError(f"model {text!r}: no file {str(path)!r}")
+        name = "pipetwin_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ModelSpecError(f"model {text!r}: cannot import {str(path)!r} as Python")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ModelSpecError(f"model {text!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}") from None
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise ModelSpecError(f"model {text!r}: cannot import module {target!r} ({e}); "
+                             f"check the name or use path/to/file.py:function") from None
+
+
+def _user_function(ms: ModelSpec, suffix: str = ""):
+    module = _user_module(ms)
+    name = ms.get("function") + suffix
+    return getattr(module, name, None)
+
+
+def _user_layers(ms: ModelSpec, seed: int) -> list[nn.Module]:
+    fn = _user_function(ms)
+    if not callable(fn):
+        raise ModelSpecError(f"model {ms.text!r}: {ms.get('target')} has no function {ms.get('function')!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = fn()
+    if isinstance(model, nn.Sequential):
+        layers = list(model.children())
+    elif isinstance(model, (list, tuple)):
+        layers = list(model)
+    else:
+        raise ModelSpecError(f"model {ms.text!r}: {ms.get('function')}() must return nn.Sequential or a list of "
+                             f"modules, got {type(model).__name__}")
+    if not layers or not all(isinstance(m, nn.Module) for m in layers):
+        raise ModelSpecError(f"model {ms.text!r}: {ms.get('function')}() returned no layers or a non-module")
+    return layers
+
+
+def _user_batch(ms: ModelSpec, mb: int, index: int, seed: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    batch_fn = _user_function(ms, "_batch")
+    if callable(batch_fn):
+        out = batch_fn(mb, index, seed)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+            raise ModelSpecError(f"model {ms.text!r}: {ms.get('function')}_batch must return (input, target) tensors")
+        return out[0], out[1]
+    shape = _user_function(ms, "_input_shape")
+    if callable(shape):
+        shape = shape()
+    if shape is None:
+        fn = ms.get("function")
+        raise ModelSpecError(f"model {ms.text!r}: define {fn}_batch(microbatch_size, index, seed) or "
+                             f"{fn}_input_shape (per-sample shape) next to {fn}")
+    try:
+        per_sample = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ModelSpecError(f"model {ms.text!r}: {ms.get('function')}_input_shape must be a tuple of ints") from None
+    x = torch.randn((mb, *per_sample), generator=g)
+    out_shape = _user_output_shape(ms.text, per_sample)
+    return x, torch.randn((mb, *out_shape), generator=g)
+
+
+@functools.lru_cache(maxsize=32)
+def _user_output_shape(spec: str, per_sample: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sample output shape of a user model, found by one no-grad forward pass of a 1-sample input."""
+    x = torch.zeros((1, *per_sample))
+    with torch.no_grad():
+        for layer in build_layers(spec):
+            x = layer(x)
+    return tuple(x.shape[1:])

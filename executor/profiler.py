@@ -1,0 +1,168 @@
+"""Per-layer profiler: measures a model spec into a :class:`planner.profile.ModelProfile`.
+
+For every chain layer of :func:`executor.models.build_layers` it measures, at
+one microbatch size, on one CPU thread:
+
+* forward and backward seconds: the median over ``repeats`` runs after
+  ``warmup`` runs. The layer's input is the real output of the layers before it
+  (one no-grad pass over a real microbatch). The backward of a layer is the
+  gradient of its output with respect to its parameters and its input (no input
+  gradient for layer 0, as the first stage of a pipeline computes none). The
+  last layer's forward and backward include the loss, as the last stage does.
+* activation bytes per sample: bytes of the layer's output / microbatch size.
+* saved bytes per sample: the exact bytes of the tensors autograd saves for the
+  layer's backward, caught with ``torch.autograd.graph.saved_tensors_hooks``,
+  counted once per storage, parameters and buffers excluded (they are counted
+  as parameter bytes), divided by the microbatch size.
+* parameter bytes: ``sum(p.numel() * p.element_size())``.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from executor.models import build_layers, loss_fn, make_batch, parse_spec
+from planner.profile import Layer, ModelProfile
+
+__all__ = ["profile_model", "saved_tensor_bytes", "layer_param_bytes", "single_thread"]
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one intra-op torch thread, restoring the previous setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tensor_bytes(t) -> int:
+    if isinstance(t, Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, (tuple, list)):
+        return sum(_tensor_bytes(x) for x in t)
+    return 0
+
+
+def layer_param_bytes(layer: nn.Module) -> int:
+    """Bytes of the layer's parameters."""
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+class _SavedBytes:
+    """A saved_tensors_hooks pair that records each saved storage once, skipping excluded storages."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: Tensor):
+        try:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self.exclude and key not in self.storages:
+                self.storages[key] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, ...)
+            key = id(t)
+            self.storages.setdefault(key, _tensor_bytes(t))
+        return t
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def saved_tensor_bytes(layer: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """Run ``layer(x)`` and return (output, bytes of distinct storages saved for backward, params excluded)."""
+    exclude = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    exclude |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
+    exclude.discard(0)
+    rec = _SavedBytes(exclude)
+    with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+        out = layer(x)
+    return out, rec.total
+
+
+def _grad_like(out) -> Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(out.shape, generator=g, dtype=out.dtype) if out.is_floating_point() else None
+
+
+def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup: int = 2, seed: int = 0,
+                  name: str | None = None) -> ModelProfile:
+    """Measure every chain layer of ``spec`` (see the module docstring) into a ModelProfile."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError("profile_model needs repeats >= 1 and warmup >= 0")
+    ms = parse_spec(spec)
+    with single_thread():
+        layers = build_layers(spec, seed)
+        x, target = make_batch(spec, microbatch_size, 0, seed)
+        loss = loss_fn(spec)
+        inputs: list[Tensor] = []
+        with torch.no_grad():
+            h = x
+            for layer in layers:
+                inputs.append(h.detach())
+                h = layer(h)
+        result = []
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            fwd, bwd = [], []
+            xi = inputs[i].detach().requires_grad_(i > 0 and inputs[i].is_floating_point())
+            out, saved = saved_tensor_bytes(layer, xi)  # an untimed pass: the hooks cost time
+            act = _tensor_bytes(out)
+            del out, xi
+            gc_was = gc.isenabled()
+            gc.disable()
+            try:
+                for r in range(warmup + repeats):
+                    xi = inputs[i].detach()
+                    if i > 0 and xi.is_floating_point():
+                        xi.requires_grad_(True)
+                    for p in layer.parameters():
+                        p.grad = None
+                    t0 = time.perf_counter()
+                    out = layer(xi)
+                    root = loss(out, target) if last else out
+                    t1 = time.perf_counter()
+                    grad = None if last else _grad_like(out)
+                    t2 = time.perf_counter()
+                    if isinstance(root, Tensor) and root.requires_grad:
+                        torch.autograd.backward(root, grad)
+                    t3 = time.perf_counter()
+                    if r >= warmup:
+                        fwd.append(t1 - t0)
+                        bwd.append(t3 - t2)
+                    del out, root, grad, xi
+            finally:
+                if gc_was:
+                    gc.enable()
+            for p in layer.parameters():
+                p.grad = None
+            result.append(Layer(
+                name=f"{i}:{_layer_name(layer)}",
+                forward_s=statistics.median(fwd),
+                backward_s=statistics.median(bwd),
+                activation_bytes=act / microbatch_size,
+                saved_bytes=saved / microbatch_size,
+                param_bytes=float(layer_param_bytes(layer)),
+            ))
+    return ModelProfile(name=name or ms.name, layers=tuple(result), microbatch_size=microbatch_size, device="cpu")
+
+
+def _layer_name(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Sequential):
+        return "+".join(type(m).__name__ for m in layer)
+    return type(layer).__name__

@@ -1,0 +1,54 @@
+"""The program IR prints compactly and parses back; programs survive JSON and CSV."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from planner.program import Action, Kind, Program
+from planner.schedules import generate, make_spec
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("2F0", Action(2, Kind.F, 0)),
+    ("1B7v3", Action(1, Kind.B, 7, 3)),
+    ("0BI4", Action(0, Kind.BI, 4)),
+    ("3BW12v1", Action(3, Kind.BW, 12, 1)),
+    ("0SEND3a>w1", Action(0, Kind.SEND, 3, peer=1)),
+    ("1RECV3g<w2", Action(1, Kind.RECV, 3, peer=2, grad=True)),
+    ("0ALLREDUCE2", Action(0, Kind.ALLREDUCE, 2)),
+    ("0STEP2v3", Action(0, Kind.STEP, 2, 3)),
+])
+def test_action_prints_and_parses_back(text, expect):
+    assert Action.parse(text) == expect
+    assert str(expect) == text
+
+
+@given(st.integers(0, 99), st.sampled_from(list(Kind)), st.integers(0, 999), st.integers(0, 50),
+       st.integers(0, 63), st.booleans())
+def test_any_action_round_trips(stage, kind, mb, version, peer, grad):
+    comm = kind in (Kind.SEND, Kind.RECV)
+    a = Action(stage, kind, mb, version, peer if comm else None, grad if comm else False)
+    assert Action.parse(str(a)) == a
+    assert Action.from_json(json.loads(json.dumps(a.to_json()))) == a
+
+
+@pytest.mark.parametrize("bad", ["", "F0", "2X0", "0SEND3", "0F3a>w1", "0RECV1a>w2"])
+def test_malformed_action_text_is_refused(bad):
+    with pytest.raises(ValueError):
+        Action.parse(bad)
+
+
+def test_program_round_trips_through_json_and_csv():
+    p = generate(make_spec("pipedream", 3, 8, replicas=(2, 1, 1)))
+    q = Program.from_json(json.loads(json.dumps(p.to_json())))
+    assert q.actions == p.actions and q.spec == p.spec and q.stage_workers == p.stage_workers
+    r = p.with_csv(p.to_csv())
+    assert {w: [str(a) for a in acts] for w, acts in r.actions.items()} == {w: [str(a) for a in acts] for w, acts in p.actions.items()}
+
+
+def test_grid_marks_one_action():
+    p = generate(make_spec("1f1b", 2, 2))
+    g = p.grid(mark=(1, 1))
+    assert f">>{p[1][1]}<<" in g and g.count(">>") == 1

@@ -1,0 +1,242 @@
+"""Hypothesis: the schedule invariants hold for every family, verified independently of check().
+
+Each property recomputes what it claims from the program or from the dry-run
+timeline with its own code, then also asserts that check() accepts the program.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from planner.check import UnitCosts, check, dry_run
+from planner.program import Action, Kind, Program
+from planner.schedules import generate, make_spec
+
+FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def specs(draw, family: str):
+    P = draw(st.integers(1, 16))
+    if family == "interleaved":
+        V = draw(st.integers(1, 4))
+        M = P * draw(st.integers(1, max(1, 64 // P)))
+        return make_spec(family, P, M, chunks=V, batches=draw(st.integers(1, 2)))
+    replicas = tuple(draw(st.lists(st.integers(1, 4), min_size=P, max_size=P)))
+    if family == "pipedream":
+        M = draw(st.integers(1, 64))
+        vs = draw(st.booleans())
+        if vs:
+            replicas = (replicas[0],) * P
+        return make_spec(family, P, M, replicas, vertical_sync=vs)
+    lo = max(replicas)
+    if family == "2bw":
+        lo = max(math.ceil(sum(replicas[s:]) / replicas[s]) for s in range(P))
+        lo = max(lo, max(replicas))
+    M = draw(st.integers(lo, max(lo, 64)))
+    return make_spec(family, P, M, replicas, batches=draw(st.integers(1, 2)))
+
+
+def _compute_events(prog: Program):
+    """(kind, stage, mb) -> (worker, start, end) from the dry run at F=1, B=2 (BI=BW=1)."""
+    trace = dry_run(prog, UnitCosts())
+    out = {}
+    for e in trace.events:
+        if e.is_compute:
+            a = Action.parse(e.action)
+            out[(a.kind, a.stage, a.mb)] = (e.lane, e.start_s, e.end_s)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@SETTINGS
+@given(data=st.data())
+def test_every_microbatch_runs_once_in_dependency_order_without_deadlock(family, data):
+    spec = data.draw(specs(family))
+    prog = generate(spec)  # runs check() too
+    ev = _compute_events(prog)  # the dry run raises on deadlock
+    S, N = len(prog.stage_workers), spec.total_microbatches
+    split = family == "zb-h1"
+    bwd = Kind.BI if split else Kind.B
+    n_compute = sum(1 for acts in prog.actions.values() for a in acts if a.is_compute)
+    assert n_compute == S * N * (3 if split else 2)
+    for s in range(S):
+        reps = prog.stage_workers[s]
+        for i in range(N):
+            wf, f0, f1 = ev[(Kind.F, s, i)]
+            wb, b0, b1 = ev[(bwd, s, i)]
+            assert wf == wb == reps[i % len(reps)]  # round robin on a worker holding the stage
+            assert f1 <= b0  # backward after its own forward
+            if s > 0:
+                assert ev[(Kind.F, s - 1, i)][2] <= f0  # forward after the previous stage's
+            if s < S - 1:
+                assert ev[(bwd, s + 1, i)][2] <= b0  # backward after the next stage's
+            if split:
+                assert b1 <= ev[(Kind.BW, s, i)][1]  # BW after BI
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@SETTINGS
+@given(data=st.data())
+def test_every_send_has_exactly_one_matching_receive(family, data):
+    prog = generate(data.draw(specs(family)))
+    sends, recvs = [], []
+    for w, acts in prog.actions.items():
+        for a in acts:
+            if a.kind is Kind.SEND:
+                sends.append((w, a.peer, a.grad, a.mb, a.stage + (-1 if a.grad else 1)))
+            elif a.kind is Kind.RECV:
+                recvs.append((a.peer, w, a.grad, a.mb, a.stage))
+    assert sorted(sends) == sorted(recvs)
+    assert len(set(sends)) == len(sends)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@SETTINGS
+@given(data=st.data())
+def test_weight_versions_follow_the_family_rule(family, data):
+    spec = data.draw(specs(family))
+    prog = generate(spec)
+    fver = {}
+    for acts in prog.actions.values():
+        for a in acts:
+            if a.kind is Kind.F:
+                fver[(a.stage, a.mb)] = a.version
+    for w, acts in prog.actions.items():
+        steps: dict[int, int] = {}
+        live: dict[int, dict[int, int]] = {}
+        for a in acts:
+            if a.kind is Kind.STEP:
+                steps[a.stage] = steps.get(a.stage, 0) + 1
+                assert a.version == steps[a.stage]
+            if not a.is_compute:
+                continue
+            assert a.version == fver[(a.stage, a.mb)]  # stashing: backward uses its forward's version
+            b = a.mb // spec.microbatches
+            if family in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+                assert a.version == b  # one version per batch
+            elif family == "2bw":
+                assert a.version == max(0, b - 1)
+            elif spec.vertical_sync:
+                assert a.version == fver[(0, a.mb)]
+            if a.kind is Kind.F:
+                assert a.version <= steps.get(a.stage, 0)  # a version is used only once it exists
+                live.setdefault(a.stage, {})[a.mb] = a.version
+                held = set(live[a.stage].values()) | {steps.get(a.stage, 0)}
+                if family == "2bw":
+                    assert len(held) <= 2
+                stashed = set(live[a.stage].values())
+                assert len(stashed) <= len(live[a.stage])
+            elif a.kind in (Kind.B, Kind.BW):
+                live[a.stage].pop(a.mb)
+
+
+@pytest.mark.parametrize("family", ["gpipe", "1f1b", "pipedream", "zb-h1"])
+@SETTINGS
+@given(data=st.data())
+def test_in_flight_microbatches_respect_the_family_bound(family, data):
+    spec = data.draw(specs(family))
+    prog = generate(spec)
+    W = sum(spec.replicas)
+    for s, reps in enumerate(prog.stage_workers):
+        r = len(reps)
+        for rep, w in enumerate(reps):
+            cur = peak = 0
+            for a in prog[w]:
+                if a.kind is Kind.F:
+                    cur += 1
+                    peak = max(peak, cur)
+                elif a.kind in (Kind.B, Kind.BI):
+                    cur -= 1
+            if family == "pipedream":
+                mine = len(range(rep, spec.total_microbatches, r))
+            else:  # flushed batches: the replica's largest share of one batch
+                M = spec.microbatches
+                mine = max(sum(1 for i in range(b * M, (b + 1) * M) if i % r == rep) for b in range(spec.batches))
+            if family == "gpipe":
+                assert peak == mine  # all of its microbatches of a batch
+            elif r == 1 and all(x == 1 for x in spec.replicas):
+                assert peak == min(spec.stages - s, mine)  # P - s
+            elif family == "zb-h1":  # list-scheduled: never above the 1F1B bound
+                assert peak <= min(math.ceil(sum(spec.replicas[s:]) / r), mine)
+            else:
+                assert peak == min(math.ceil(sum(spec.replicas[s:]) / r), mine)
+            if family == "pipedream" and s == 0:
+                assert peak == min(math.ceil(W / r), mine)  # PipeDream's NOAM
+
+
+# --- mutations: a broken program is rejected and the error names the action --------------
+def _mutants(prog: Program, rnd):
+    w = rnd.choice([w for w in prog.workers if len(prog[w]) > 1])
+    acts = list(prog[w])
+    return w, acts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_swapping_a_dependent_pair_is_rejected_naming_the_action(family, data):
+    prog = generate(data.draw(specs(family)))
+    # pairs (i, i+1) on one worker where the second depends on the first
+    cands = []
+    for w in prog.workers:
+        acts = prog[w]
+        for i in range(len(acts) - 1):
+            a, b = acts[i], acts[i + 1]
+            dep = (
+                (a.kind is Kind.RECV and b.is_compute and b.mb == a.mb)
+                or (a.is_compute and b.kind is Kind.SEND and b.mb == a.mb)
+                or (a.kind is Kind.F and b.kind in (Kind.B, Kind.BI) and (a.stage, a.mb) == (b.stage, b.mb))
+                or (a.kind is Kind.BI and b.kind is Kind.BW and (a.stage, a.mb) == (b.stage, b.mb))
+                or (a.is_compute and b.kind is a.kind and a.stage == b.stage)
+                or (b.kind is Kind.STEP and a.kind in (Kind.B, Kind.BW, Kind.ALLREDUCE) and a.stage == b.stage)
+                or (b.kind is Kind.ALLREDUCE and a.kind in (Kind.B, Kind.BW) and a.stage == b.stage)
+                or (a.kind is Kind.STEP and b.is_compute and b.stage == a.stage and b.version >= a.version)
+            )
+            if dep:
+                cands.append((w, i))
+    if not cands:
+        return
+    w, i = data.draw(st.sampled_from(cands))
+    acts = list(prog[w])
+    acts[i], acts[i + 1] = acts[i + 1], acts[i]
+    bad = prog.with_actions({**prog.actions, w: acts})
+    with pytest.raises(Exception) as err:
+        check(bad)
+    assert err.value.worker is not None and err.value.action is not None
+    assert str(err.value.action) in str(err.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_dropping_a_send_is_rejected_naming_the_action(family, data):
+    prog = generate(data.draw(specs(family)))
+    sends = [(w, i) for w in prog.workers for i, a in enumerate(prog[w]) if a.kind is Kind.SEND]
+    if not sends:
+        return
+    w, i = data.draw(st.sampled_from(sends))
+    acts = list(prog[w])
+    del acts[i]
+    with pytest.raises(Exception) as err:
+        check(prog.with_actions({**prog.actions, w: acts}))
+    assert err.value.action is not None and err.value.action.kind is Kind.RECV
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_changing_a_version_is_rejected_naming_the_action(family, data):
+    prog = generate(data.draw(specs(family)))
+    comp = [(w, i) for w in prog.workers for i, a in enumerate(prog[w]) if a.is_compute]
+    w, i = data.draw(st.sampled_from(comp))
+    acts = list(prog[w])
+    a = acts[i]
+    acts[i] = Action(a.stage, a.kind, a.mb, a.version + data.draw(st.integers(1, 3)), a.peer, a.grad, a.nbytes)
+    with pytest.raises(Exception) as err:
+        check(prog.with_actions({**prog.actions, w: acts}))
+    assert err.value.action is not None
+    assert (err.value.action.stage, err.value.action.mb) == (a.stage, a.mb)

@@ -213,3 +213,23 @@ def summary(trace: Trace) -> dict:
         "per_device": per,
         "events": len(trace.events),
     }
+
+
+def steady_bubble_fraction(trace: Trace) -> float:
+    """Idle fraction inside the steady window: from the last worker's first backward to the first worker's last forward.
+
+    Warm-up and drain are outside the window, so an asynchronous PipeDream
+    stream scores 0 while flushed schedules keep their per-batch bubbles.
+    Returns 0.0 when the window is empty.
+    """
+    per = worker_events(trace)
+    comp = {w: [e for e in evs if e.is_compute] for w, evs in per.items()}
+    comp = {w: evs for w, evs in comp.items() if evs}
+    if not comp:
+        return 0.0
+    t0 = max(min(e.start_s for e in evs if e.kind in ("B", "BI")) for evs in comp.values())
+    t1 = min(max(e.end_s for e in evs if e.kind == "F") for evs in comp.values())
+    if t1 <= t0:
+        return 0.0
+    busy = sum(max(0.0, min(e.end_s, t1) - max(e.start_s, t0)) for evs in comp.values() for e in evs)
+    return 1.0 - busy / ((t1 - t0) * len(comp))

@@ -62,3 +62,13 @@ def test_pipedream_with_replicated_first_stage_keeps_noam_in_flight():
             cur -= a.kind is Kind.B
             peak = max(peak, cur)
         assert peak == 2  # ceil(4 workers / 2 replicas)
+
+
+def test_steady_bubble_is_zero_for_pipedream_and_positive_for_flushed_batches():
+    from planner.trace import steady_bubble_fraction
+
+    pd = dry_run(generate(make_spec("pipedream", 4, 32)), UnitCosts())
+    fl = dry_run(generate(make_spec("1f1b", 4, 8, batches=4)), UnitCosts())
+    assert steady_bubble_fraction(pd) == pytest.approx(0.0, abs=1e-12)
+    # three flushes inside the window, each idles (P-1)(tF+tB) per worker
+    assert steady_bubble_fraction(fl) > 0.2

@@ -12,7 +12,9 @@ used), while it moves real tensors of the sizes a real layer would:
 * saved for backward: the layer's input and its parameter, as ``nn.Linear``
   keeps its input and weight — so, as with a real layer, updating the
   parameter in place between a forward and its backward is caught by
-  autograd's version check (weight stashing has to keep the old version).
+  autograd's version check (weight stashing has to keep the old version);
+  optionally ``extra_saved_elems`` more values per sample (an uninitialised
+  tensor: real memory, no CPU spent filling it).
 
 The arithmetic is cheap, deterministic and depends on both the input and the
 parameter, so numerical parity between a pipelined run and a single-process
@@ -73,11 +75,15 @@ def _resize_back(g: torch.Tensor, in_elems: int) -> torch.Tensor:
 
 class _EmulatedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, param: torch.Tensor, out_elems: int, forward_s: float, backward_s: float):
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, out_elems: int, forward_s: float, backward_s: float,
+                extra_saved_elems: int = 0):
         deadline = time.perf_counter() + forward_s
         t = torch.tanh(param.sum())
         y = _resize(x, out_elems) * (1.0 + GAIN * t)
-        ctx.save_for_backward(x, param)
+        if extra_saved_elems > 0:  # more kept for backward than the input: real (unused, unfilled) memory
+            ctx.save_for_backward(x, param, x.new_empty(x.shape[0], extra_saved_elems))
+        else:
+            ctx.save_for_backward(x, param)
         ctx.backward_s = backward_s
         ctx.out_elems = out_elems
         _wait_until(deadline)
@@ -86,7 +92,7 @@ class _EmulatedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         deadline = time.perf_counter() + ctx.backward_s
-        x, param = ctx.saved_tensors
+        x, param = ctx.saved_tensors[:2]
         t = torch.tanh(param.sum())
         grad_x = grad_p = None
         if ctx.needs_input_grad[0]:
@@ -95,7 +101,7 @@ class _EmulatedFn(torch.autograd.Function):
             g = GAIN * (1.0 - t * t) * (grad_out * _resize(x, ctx.out_elems)).sum()
             grad_p = g.expand(param.shape).contiguous()
         _wait_until(deadline)
-        return grad_x, grad_p, None, None, None
+        return grad_x, grad_p, None, None, None, None
 
 
 class EmulatedLayer(nn.Module):
@@ -108,10 +114,12 @@ class EmulatedLayer(nn.Module):
         forward_s: wall seconds of one forward call (per microbatch).
         backward_s: wall seconds of one backward call (per microbatch).
         generator: the generator the parameter is initialised from (deterministic weights).
+        extra_saved_elems: float32 values per sample kept for backward beyond the input (an
+            uninitialised tensor), to emulate a layer that saves more than its input.
     """
 
     def __init__(self, in_elems: int, out_elems: int, param_elems: int, forward_s: float, backward_s: float,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, extra_saved_elems: int = 0) -> None:
         super().__init__()
         if in_elems < 1 or out_elems < 1 or param_elems < 0:
             raise ValueError("EmulatedLayer needs in_elems >= 1, out_elems >= 1, param_elems >= 0")
@@ -119,13 +127,15 @@ class EmulatedLayer(nn.Module):
             raise ValueError("EmulatedLayer needs non-negative forward_s and backward_s")
         self.in_elems, self.out_elems = int(in_elems), int(out_elems)
         self.forward_s, self.backward_s = float(forward_s), float(backward_s)
+        self.extra_saved_elems = max(0, int(extra_saved_elems))
         init = torch.randn(int(param_elems), generator=generator) * (1.0 / max(1, param_elems) ** 0.5)
         self.weight = nn.Parameter(init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_elems:
             raise ValueError(f"EmulatedLayer expects input (microbatch, {self.in_elems}), got {tuple(x.shape)}")
-        return _EmulatedFn.apply(x, self.weight, self.out_elems, self.forward_s, self.backward_s)
+        return _EmulatedFn.apply(x, self.weight, self.out_elems, self.forward_s, self.backward_s,
+                                 self.extra_saved_elems)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_elems}, out={self.out_elems}, params={self.weight.numel()}, "

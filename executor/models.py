@@ -15,7 +15,10 @@ A spec is ``kind:key=value,key=value`` (every parameter optional):
   layers (:mod:`executor.emulated`): forward waits ``fwd`` s and backward
   ``bwd`` s per microbatch while moving real tensors of ``act`` bytes per
   sample (``act/4`` float32 values, at least 1) and a real parameter of
-  ``params`` bytes. MSE loss. Defaults as :func:`planner.profile.parse_uniform_spec`.
+  ``params`` bytes. MSE loss. Defaults as :func:`planner.profile.parse_uniform_spec`,
+  whose optional ``saved=B`` (bytes kept for backward per sample) is honoured
+  too: a layer keeps its input (``act``) and, when ``saved`` is larger, an
+  extra tensor of the difference; a ``saved`` below ``act`` still keeps the input.
 * ``package.module:function`` or ``path/to/file.py:function`` — a user model:
   ``function()`` returns an ``nn.Sequential`` or a list of modules (the chain).
   It is called with torch's global RNG seeded by ``seed`` (and restored after).
@@ -68,12 +71,13 @@ KINDS: dict[str, dict[str, tuple[type, object]]] = {
     "gpt": {"layers": (int, 4), "hidden": (int, 256), "heads": (int, 4), "seq": (int, 128), "vocab": (int, 512)},
     "cnn": {"blocks": (int, 4), "channels": (int, 32), "size": (int, 32), "classes": (int, 10)},
     "uniform": {"layers": (int, 8), "fwd": (float, 1e-3), "bwd": (float, None), "act": (float, 0.0),
-                "params": (float, 0.0)},
+                "params": (float, 0.0), "saved": (float, None)},
 }
-_MINIMUM = {"layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "blocks": 0,
+_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "blocks": 0,
             "channels": 1, "size": 1, "classes": 2, "fwd": 0.0, "bwd": 0.0, "act": 0.0, "params": 0.0}
 _HELP = "known models: " + "; ".join(
-    f"{k}:" + ",".join(f"{p}={d if d is not None else '2*fwd'}" for p, (_, d) in v.items()) for k, v in KINDS.items()
+    f"{k}:" + ",".join(f"{p}={d if d is not None else {'bwd': '2*fwd', 'saved': 'act'}[p]}" for p, (_, d) in v.items())
+    for k, v in KINDS.items()
 ) + "; or package.module:function / path/to/file.py:function"
 
 
@@ -95,7 +99,8 @@ class ModelSpec:
     def name(self) -> str:
         if self.kind == "user":
             return f"{self.get('target')}:{self.get('function')}"
-        return self.kind + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
+        return self.kind + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in self.params if v is not None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -256,7 +261,9 @@ def _build_one(ms: ModelSpec, i: int, seed: int) -> nn.Module:
         if ms.kind == "uniform":
             gen = torch.Generator().manual_seed(_layer_seed(seed, i))
             act = _elems(p["act"])
-            return EmulatedLayer(act, act, int(p["params"] // 4), p["fwd"], p["bwd"], generator=gen)
+            extra = 0 if p["saved"] is None else max(0, int(p["saved"] // 4) - act)
+            return EmulatedLayer(act, act, int(p["params"] // 4), p["fwd"], p["bwd"], generator=gen,
+                                 extra_saved_elems=extra)
     raise AssertionError(ms.kind)
 
 

@@ -51,8 +51,9 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{profile.name}  (microbatch {profile.microbatch_size}, {profile.device}, 1 thread; "
-                        f"bytes per sample)")
+    table = Table(title=f"{profile.name} — microbatch {profile.microbatch_size}",
+                  caption=f"times per microbatch ({profile.device}, 1 thread, median of {args.repeats}); "
+                          f"bytes per sample")
     for col in ("layer", "fwd ms", "bwd ms", "act", "saved", "params"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for l in profile.layers:

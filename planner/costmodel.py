@@ -1,0 +1,321 @@
+"""pipetwin's analytic cost model: schedule-aware time per batch and full memory per device of a placed plan.
+
+The model, per stage s of a plan (replicas r, devices in placement order):
+
+* compute_s   = (forward + backward [+ forward again when recomputing]) seconds of the
+  stage's layers at the plan's microbatch size, on its slowest replica (``Device.speed``),
+  divided by r (replicas take microbatches round-robin);
+* allreduce_s = ring all-reduce of the stage's parameter bytes over its devices
+  (``Topology.ring_allreduce_time_s``), once per update: per microbatch that is
+  ``/ r`` for PipeDream (a replica updates after each of its minibatches) and ``/ M``
+  for the flush schedules and 2BW (one update per batch);
+* comm_s      = (cut in + cut out) / r, where a cut's time is ``Topology.p2p_time_s``
+  from the last device of the sending stage to the first device of the receiving one
+  for one microbatch's boundary activation (the gradient goes the other way on the
+  full-duplex link at the same time);
+* time_s      = max(compute + allreduce, comm) when communication overlaps compute,
+  else their sum.
+
+The bottleneck t = max time_s. Flush schedules pay their bubble:
+``T_batch = t·(M + (P − 1)·f)`` with f = 1 (GPipe, 1F1B), 1/V (interleaved) and
+(F + BI − BW)/(F + B) for ZB-H1 (one third at F = BI = BW). PipeDream and 2BW pay
+none in steady state: ``T_batch = t·M``.
+
+Memory per device: weights × stashed versions (flush 1, 2BW 2, PipeDream its in-flight
+count), gradients 1×, optimizer state (SGD with momentum 1×, Adam 2× of the parameter
+bytes), and in-flight activations (GPipe: its ⌈M/r⌉ microbatches; 1F1B, ZB-H1, 2BW and
+PipeDream: ``planner.schedules.inflight_limit``, P − s without replication; interleaved:
+Megatron's warm-up depth in chunk-microbatches) of saved bytes — or, with
+recomputation, of the stage's input only, plus one microbatch's saved bytes being
+rebuilt.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from planner.plan import Plan, PlanError
+from planner.profile import ModelProfile
+
+#: Optimizer state bytes per parameter byte.
+OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
+
+#: What can limit a stage.
+BINDINGS = ("compute", "communication", "all-reduce", "memory")
+
+#: A stage whose memory is at least this fraction of its device's limit is memory-bound.
+MEMORY_BOUND_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """How a plan is costed.
+
+    Attributes:
+        overlap_comm: point-to-point transfers overlap compute (else they add to it).
+        recompute: keep only each stage's input activations and recompute the rest in backward.
+        optimizer: "sgd" (with momentum, 1× state), "adam" (2×) or "none".
+        memory_limit_bytes: per-device memory limit; None uses each device's own memory.
+    """
+
+    overlap_comm: bool = True
+    recompute: bool = False
+    optimizer: str = "sgd"
+    memory_limit_bytes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZER_STATE:
+            raise PlanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATE)}")
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """The cost model's view of one (virtual) stage.
+
+    Attributes:
+        stage: index in the plan.
+        layers: (first, last) layer, inclusive.
+        replicas: data-parallel replicas.
+        devices: its devices.
+        compute_s: compute seconds per microbatch, amortised over the replicas.
+        comm_s: point-to-point seconds per microbatch, amortised over the replicas.
+        allreduce_s: all-reduce seconds per microbatch (amortised over the update interval).
+        time_s: the stage's seconds per microbatch (see the module docstring).
+        memory_bytes: peak bytes on each of its devices.
+        memory_limit_bytes: the limit of its smallest device.
+        slack: fraction of the bottleneck time this stage leaves idle (0 for the bottleneck).
+        binding: what limits it: "compute", "communication", "all-reduce" or "memory".
+    """
+
+    stage: int
+    layers: tuple[int, int]
+    replicas: int
+    devices: tuple[str, ...]
+    compute_s: float
+    comm_s: float
+    allreduce_s: float
+    time_s: float
+    memory_bytes: float
+    memory_limit_bytes: float
+    slack: float
+    binding: str
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage, "layers": list(self.layers), "replicas": self.replicas, "devices": list(self.devices),
+            "compute_s": self.compute_s, "comm_s": self.comm_s, "allreduce_s": self.allreduce_s, "time_s": self.time_s,
+            "memory_bytes": self.memory_bytes, "memory_limit_bytes": self.memory_limit_bytes,
+            "slack": self.slack, "binding": self.binding,
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A costed plan.
+
+    Attributes:
+        plan: the plan (its ``predicted`` filled with the figures below).
+        bottleneck_s: the slowest stage's seconds per microbatch.
+        time_per_batch_s: seconds per batch of ``plan.microbatches`` microbatches, bubble included.
+        time_per_sample_s: time_per_batch_s / samples per batch.
+        throughput_samples_per_s: its inverse.
+        bubble_fraction: idle share of the batch time on the bottleneck stage.
+        peak_memory_bytes: device name → peak bytes.
+        fits: every device stays within its memory limit.
+        stages: per-stage breakdown.
+        score: what a scoring hook (e.g. a simulation) said, when one ranked the candidates.
+    """
+
+    plan: Plan
+    bottleneck_s: float
+    time_per_batch_s: float
+    time_per_sample_s: float
+    throughput_samples_per_s: float
+    bubble_fraction: float
+    peak_memory_bytes: dict[str, float]
+    fits: bool
+    stages: tuple[StageCost, ...]
+    score: float | None = field(default=None, compare=False)
+
+    def predicted(self) -> dict:
+        """The figures a plan file keeps under ``predicted``."""
+        return {
+            "cost_model": "pipetwin",
+            "time_per_sample_s": self.time_per_sample_s,
+            "throughput_samples_per_s": self.throughput_samples_per_s,
+            "time_per_batch_s": self.time_per_batch_s,
+            "bottleneck_s": self.bottleneck_s,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_memory_bytes": dict(self.peak_memory_bytes),
+            **({"score": self.score} if self.score is not None else {}),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "schedule": self.plan.schedule,
+            "microbatch_size": self.plan.microbatch_size,
+            "microbatches": self.plan.microbatches,
+            "chunks": self.plan.chunks,
+            "stages": [s.to_dict() for s in self.stages],
+            "predicted": self.predicted(),
+            "fits": self.fits,
+        }
+
+
+# --- the formulas, shared with the partition search -----------------------------------
+def update_interval(family: str, microbatches: int, replicas: int) -> int:
+    """Microbatches between two all-reduces of a stage, seen per microbatch of the pipeline."""
+    return replicas if family == "pipedream" else microbatches
+
+
+def inflight(family: str, microbatches: int, workers_at_or_after: int, replicas: int) -> int:
+    """Microbatches whose activations a replica keeps at its peak (non-interleaved families)."""
+    per_replica = math.ceil(microbatches / replicas)
+    if family == "gpipe":
+        return per_replica
+    limit = math.ceil(workers_at_or_after / replicas)
+    if family in ("pipedream", "2bw"):
+        return limit
+    return min(limit, per_replica)
+
+
+def weight_versions(family: str, inflight_count: int) -> int:
+    """Weight versions a stage keeps: PipeDream stashes one per in-flight minibatch, 2BW two, flush one."""
+    if family == "pipedream":
+        return max(1, inflight_count)
+    return 2 if family == "2bw" else 1
+
+
+def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
+    """Weights (× versions) + gradients + optimizer state, per parameter byte."""
+    return versions + 1.0 + OPTIMIZER_STATE[optimizer]
+
+
+def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0) -> float:
+    """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times."""
+    if family in ("pipedream", "2bw"):
+        return 0.0
+    if family == "interleaved":
+        return 1.0 / chunks
+    if family == "zb-h1":
+        total = forward_s + backward_s
+        return forward_s / total if total > 0 else 1.0 / 3.0  # (F + BI − BW)/(F + B) with BI = BW = B/2
+    return 1.0
+
+
+def stage_input_bytes(profile: ModelProfile, first: int) -> float:
+    """Bytes per sample entering a stage (what recomputation keeps): the previous cut, or the first layer's saved input."""
+    return profile.boundary_bytes(first - 1) if first > 0 else profile.layers[0].saved_bytes
+
+
+# --- evaluation of a placed plan -------------------------------------------------------
+def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions = CostOptions()) -> Candidate:
+    """Cost a plan whose stages name topology devices. Raises PlanError on a plan the profile cannot cost."""
+    if plan.num_layers != len(profile):
+        raise PlanError(f"the plan covers {plan.num_layers} layers but the profile {profile.name!r} has {len(profile)}; re-plan for this model")
+    for s in plan.stages:
+        if not s.devices:
+            raise PlanError("the plan names no devices; place it on a topology first (pipetwin plan does)")
+    prof = profile.scaled(plan.microbatch_size) if plan.microbatch_size != profile.microbatch_size else profile
+    if plan.schedule == "interleaved":
+        return _evaluate_interleaved(plan, prof, topology, options)
+    fam, M, mb = plan.schedule, plan.microbatches, plan.microbatch_size
+    S = len(plan.stages)
+    workers_after = [sum(s.replicas for s in plan.stages[i:]) for i in range(S)]
+    cuts = [_cut_s(topology, prof, plan.stages[i].last_layer, plan.stages[i].devices[-1], plan.stages[i + 1].devices[0], mb)
+            for i in range(S - 1)]
+    raw = []
+    for i, st in enumerate(plan.stages):
+        r = st.replicas
+        speed = min(topology.device(d).speed for d in st.devices)
+        f, b = prof.forward_s(*st.layers), prof.backward_s(*st.layers)
+        compute = (f + b + (f if options.recompute else 0.0)) / speed / r
+        params = prof.param_bytes(*st.layers)
+        ar = topology.ring_allreduce_time_s(list(st.devices), params) / update_interval(fam, M, r) if r > 1 else 0.0
+        comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
+        t = max(compute + ar, comm) if options.overlap_comm else compute + ar + comm
+        n_in = inflight(fam, M, workers_after[i], r)
+        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_in, weight_versions(fam, n_in), options)
+        raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
+    return _candidate(plan, raw, options, fam, chunks=1)
+
+
+def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> Candidate:
+    """Interleaved 1F1B: device d holds virtual stages d, d + P, ...; its time is the sum over its chunks."""
+    P, V, M, mb = plan.pipeline_depth, plan.chunks, plan.microbatches, plan.microbatch_size
+    S = len(plan.stages)
+    cuts = [_cut_s(topology, prof, plan.stages[i].last_layer, plan.stages[i].devices[-1], plan.stages[i + 1].devices[0], mb)
+            for i in range(S - 1)]
+    per_dev: dict[int, list[int]] = {d: list(range(d, S, P)) for d in range(P)}
+    raw_dev = {}
+    for d, vs in per_dev.items():
+        dev = plan.stages[vs[0]].devices[0]
+        speed = topology.device(dev).speed
+        f = sum(prof.forward_s(*plan.stages[v].layers) for v in vs)
+        b = sum(prof.backward_s(*plan.stages[v].layers) for v in vs)
+        compute = (f + b + (f if options.recompute else 0.0)) / speed
+        comm = sum((cuts[v - 1] if v > 0 else 0.0) + (cuts[v] if v < S - 1 else 0.0) for v in vs)
+        t = max(compute, comm) if options.overlap_comm else compute + comm
+        warm = M * V if M == P else min((P - d - 1) * 2 + (V - 1) * P, M * V)
+        depth = min(warm + 1, M * V)
+        params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
+        if options.recompute:
+            per_chunk = sum(stage_input_bytes(prof, plan.stages[v].first_layer) for v in vs) / V
+            act = depth * per_chunk * mb + max(prof.saved_bytes(*plan.stages[v].layers) for v in vs) * mb
+        else:
+            act = depth * sum(prof.saved_bytes(*plan.stages[v].layers) for v in vs) / V * mb
+        mem = params * static_bytes_per_param_byte(1, options.optimizer) + act
+        raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
+    raw = []
+    for i, st in enumerate(plan.stages):
+        compute, comm, t, mem, lim, f, b = raw_dev[i % P]
+        raw.append((st, compute, comm, 0.0, t, mem, lim, f, b))
+    return _candidate(plan, raw, options, "interleaved", chunks=V)
+
+
+def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: int) -> Candidate:
+    M, P = plan.microbatches, plan.pipeline_depth
+    bott = max(r[4] for r in raw)
+    worst = max(range(len(raw)), key=lambda i: raw[i][4])
+    factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8])
+    batch = bott * (M + (P - 1) * factor)
+    samples = M * plan.microbatch_size
+    per_sample = batch / samples
+    peak: dict[str, float] = {}
+    stages = []
+    fits = True
+    for i, (st, compute, comm, ar, t, mem, lim, _f, _b) in enumerate(raw):
+        for d in st.devices:
+            peak[d] = mem  # interleaved: every chunk of a device carries the device's figure
+        fits = fits and mem <= lim * (1 + 1e-9)
+        slack = (bott - t) / bott if bott > 0 else 0.0
+        if mem >= MEMORY_BOUND_FRACTION * lim:
+            binding = "memory"
+        else:
+            terms = {"compute": compute, "communication": comm, "all-reduce": ar}
+            binding = max(terms, key=terms.__getitem__)
+        stages.append(StageCost(i, st.layers, st.replicas, st.devices, compute, comm, ar, t, mem, lim, slack, binding))
+    bubble = (batch - bott * M) / batch if batch > 0 else 0.0
+    cand = Candidate(plan, bott, batch, per_sample, 1.0 / per_sample if per_sample > 0 else math.inf, bubble,
+                     peak, fits, tuple(stages))
+    return replace(cand, plan=replace(plan, predicted=cand.predicted()))
+
+
+def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_inflight: int, versions: int,
+                  options: CostOptions) -> float:
+    params = prof.param_bytes(first, last)
+    static = params * static_bytes_per_param_byte(versions, options.optimizer)
+    saved = prof.saved_bytes(first, last) * mb
+    if options.recompute:
+        return static + n_inflight * stage_input_bytes(prof, first) * mb + saved
+    return static + n_inflight * saved
+
+
+def _cut_s(topology, prof: ModelProfile, last_layer: int, src: str, dst: str, mb: int) -> float:
+    return topology.p2p_time_s(src, dst, prof.boundary_bytes(last_layer) * mb)
+
+
+def _limit(topology, devices, options: CostOptions) -> float:
+    if options.memory_limit_bytes is not None:
+        return float(options.memory_limit_bytes)
+    return min(topology.device(d).memory_bytes for d in devices)

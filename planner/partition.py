@@ -1,0 +1,507 @@
+"""Partition search: contiguous layer ranges × contiguous device blocks (replicas) minimising the bottleneck stage.
+
+Devices are taken in *placement order* (the topology's device order, which every
+preset lays out domain by domain), and a plan on N devices uses the first N of
+them: stage s holds a block ``[k0, k)`` of that order, so its ``k − k0`` replicas
+sit in the smallest domain that can hold them whenever the block is aligned, and
+the search prefers aligned blocks because the all-reduce of a misaligned one
+crosses a slower link. The stage costs are exactly ``planner.costmodel``'s, so
+the value the search returns is the bottleneck ``costmodel.evaluate`` reports for
+the plan it builds.
+
+``solve_flat`` is an exact dynamic programme over (first layer, first device) for
+every candidate N (all N when the topology has at most ``EXACT_DEVICES``
+devices). ``solve_hierarchical`` plans level by level (as PipeDream's
+hierarchical optimizer does) over layer blocks, for clusters too large for the
+flat programme; its plan is then costed by the cost model like any other.
+``brute_force`` enumerates every plan: the reference the tests hold the
+programme to.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, inflight, stage_input_bytes, update_interval,
+                               weight_versions)
+from planner.plan import PlanError
+from planner.profile import ModelProfile
+
+#: Up to this many devices, every device count N is searched (the exact regime).
+EXACT_DEVICES = 16
+#: Above this many devices the flat programme gives way to the hierarchical one.
+FLAT_MAX_DEVICES = 64
+#: Layers are grouped into at most this many blocks for the hierarchical programme.
+HIER_MAX_BLOCKS = 40
+#: Beyond this many layers the flat programme plans over blocks of near-equal work.
+FLAT_MAX_BLOCKS = 48
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One partition problem: a profile at its microbatch size on devices in placement order.
+
+    Attributes:
+        profile: the model at the plan's microbatch size.
+        devices: device names in placement order.
+        family: schedule family (non-interleaved).
+        microbatches: microbatches per batch M.
+        options: the cost options.
+    """
+
+    profile: ModelProfile
+    devices: tuple[str, ...]
+    family: str
+    microbatches: int
+    options: CostOptions
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A solution: stages as (first_layer, last_layer, device indices into placement order).
+
+    Attributes:
+        value: the bottleneck (seconds per microbatch, or bytes for the memory objective).
+        stages: (first_layer, last_layer, indices); the flat search gives each stage a block ``range(k0, k)``.
+        devices_used: N.
+    """
+
+    value: float
+    stages: tuple[tuple[int, int, tuple[int, ...]], ...]
+    devices_used: int
+
+
+class _Tables:
+    """Prefix sums over layers and per-block device figures, shared by every N."""
+
+    def __init__(self, pb: Problem, topology):
+        prof, opt = pb.profile, pb.options
+        L, D = len(prof), len(pb.devices)
+        self.L, self.D = L, D
+        mb = prof.microbatch_size
+        fb = np.array([l.forward_s + l.backward_s + (l.forward_s if opt.recompute else 0.0) for l in prof.layers])
+        self.work = np.concatenate([[0.0], np.cumsum(fb)])
+        self.params = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in prof.layers])])
+        self.saved = np.concatenate([[0.0], np.cumsum([l.saved_bytes for l in prof.layers])]) * mb
+        self.inbytes = np.array([stage_input_bytes(prof, i) for i in range(L)] + [0.0]) * mb
+        self.bbytes = np.array([prof.boundary_bytes(j - 1) * mb if 0 < j < L else 0.0 for j in range(L + 1)])
+        devs = pb.devices
+        speed = np.array([topology.device(d).speed for d in devs])
+        if opt.memory_limit_bytes is not None:
+            mem = np.full(D, float(opt.memory_limit_bytes))
+        else:
+            mem = np.array([topology.device(d).memory_bytes for d in devs])
+        inf = math.inf
+        self.smin = np.full((D + 1, D + 1), inf)
+        self.mlim = np.full((D + 1, D + 1), -inf)
+        self.ar_lat = np.zeros((D + 1, D + 1))
+        self.ar_bw = np.full((D + 1, D + 1), inf)
+        for k0 in range(D):
+            s, m = inf, inf
+            chain_lat, chain_bw = 0.0, inf
+            for k in range(k0 + 1, D + 1):
+                s, m = min(s, speed[k - 1]), min(m, mem[k - 1])
+                self.smin[k0, k], self.mlim[k0, k] = s, m
+                n = k - k0
+                if n >= 2:
+                    a, b = devs[k - 2], devs[k - 1]
+                    chain_lat = max(chain_lat, topology.path_latency(a, b))
+                    chain_bw = min(chain_bw, topology.path_bandwidth(a, b))
+                    wrap_lat = topology.path_latency(devs[k - 1], devs[k0])
+                    wrap_bw = topology.path_bandwidth(devs[k - 1], devs[k0])
+                    self.ar_lat[k0, k] = 2 * (n - 1) * max(chain_lat, wrap_lat)
+                    self.ar_bw[k0, k] = min(chain_bw, wrap_bw)
+        # the cut before device k: from devices[k-1] to devices[k]
+        self.cut_lat = np.zeros(D + 1)
+        self.cut_bw = np.full(D + 1, inf)
+        for k in range(1, D):
+            self.cut_lat[k] = topology.path_latency(devs[k - 1], devs[k])
+            self.cut_bw[k] = topology.path_bandwidth(devs[k - 1], devs[k])
+        self.opt_state = OPTIMIZER_STATE[opt.optimizer]
+
+    def cut(self, j, k):
+        """Seconds of one microbatch's boundary transfer for a cut before layer j at device k (0 at the ends)."""
+        j, k = np.asarray(j), np.asarray(k)
+        t = self.cut_lat[k] + self.bbytes[j] / self.cut_bw[k]
+        return np.where((j > 0) & (j < self.L) & (k > 0) & (k < self.D), t, 0.0)
+
+
+def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
+    """Time and memory of the stage layers [i, j) on devices [k0, k) (broadcast arrays), as the cost model has them."""
+    opt, fam, M = pb.options, pb.family, pb.microbatches
+    r = k - k0
+    rr = np.maximum(r, 1)
+    compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / rr
+    params = tb.params[j] - tb.params[i]
+    n = k - k0
+    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * params / tb.ar_bw[k0, k]
+    U = rr if fam == "pipedream" else M
+    ar = np.where(r > 1, ar_full / U, 0.0)
+    cin = tb.cut(i, k0) if i > 0 else 0.0
+    cout = tb.cut(j, k)
+    comm = (cin + cout) / rr
+    t = np.maximum(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
+    # memory
+    after = N - k0
+    per_rep = -(-M // rr)
+    lim = -(-after // rr)
+    if fam == "gpipe":
+        nin = per_rep
+    elif fam in ("pipedream", "2bw"):
+        nin = lim
+    else:
+        nin = np.minimum(lim, per_rep)
+    if fam == "pipedream":
+        versions = np.maximum(1, nin)
+    else:
+        versions = 2 if fam == "2bw" else 1
+    static = params * (versions + 1.0 + tb.opt_state)
+    saved = tb.saved[j] - tb.saved[i]
+    act = nin * tb.inbytes[i] + saved if opt.recompute else nin * saved
+    ok = _schedulable(fam, M, r, lim)
+    return np.where(ok, t, math.inf), np.where(ok, static + act, math.inf), tb.mlim[k0, k]
+
+
+def _schedulable(family: str, M: int, replicas, limit):
+    """What planner.schedules accepts: replicas ≤ M (except PipeDream); 2BW needs M ≥ the in-flight depth."""
+    ok = (replicas <= M) | (family == "pipedream")
+    if family == "2bw":
+        ok = ok & (limit <= M)
+    return ok
+
+
+def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | None:
+    L = tb.L
+    inf = math.inf
+    f = np.full((L + 1, N + 1), inf)
+    f[L, N] = 0.0
+    depth = np.zeros((L + 1, N + 1))  # stages of the chosen suffix: ties go to the shallower pipeline
+    choice: dict[tuple[int, int], tuple[int, int]] = {}
+    ks = np.arange(N + 1)
+    for i in range(L - 1, -1, -1):
+        k0s = np.array([0]) if i == 0 else np.arange(1, N)
+        if k0s.size == 0:
+            continue
+        js = np.arange(i + 1, L + 1)
+        K0, J, K = np.meshgrid(k0s, js, ks, indexing="ij")
+        valid = K > K0
+        Kc = np.where(valid, K, np.minimum(K0 + 1, N))
+        t, mem, lim = _stage_arrays(tb, pb, N, i, K0, J, Kc)
+        if objective == "memory":
+            stage_val = mem
+        else:
+            stage_val = np.where(mem <= lim * (1 + 1e-9), t, inf)
+        val = np.maximum(stage_val, f[J, Kc])
+        val = np.where(valid, val, inf)
+        flat = val.reshape(len(k0s), -1)
+        vmin = flat.min(axis=1, keepdims=True)
+        ties = np.where(flat <= vmin * (1 + 1e-12), depth[J, Kc].reshape(len(k0s), -1), inf)
+        best = np.argmin(ties, axis=1)
+        for a, k0 in enumerate(k0s):
+            v = flat[a, best[a]]
+            if v < inf:
+                jj, kk = np.unravel_index(best[a], val.shape[1:])
+                f[i, k0] = v
+                depth[i, k0] = depth[js[jj], kk] + 1
+                choice[(i, int(k0))] = (int(js[jj]), int(kk))
+    if not f[0, 0] < inf:
+        return None
+    stages, i, k0 = [], 0, 0
+    while i < L:
+        j, k = choice[(i, k0)]
+        stages.append((i, j - 1, tuple(range(k0, k))))
+        i, k0 = j, k
+    return Partition(float(f[0, 0]), tuple(stages), N)
+
+
+def device_counts(topology, devices: tuple[str, ...]) -> list[int]:
+    """The N a flat search tries: all up to EXACT_DEVICES, then powers of two, domain sizes and all devices."""
+    D = len(devices)
+    if D <= EXACT_DEVICES:
+        return list(range(1, D + 1))
+    out = set(range(1, EXACT_DEVICES + 1)) | {D}
+    p = 1
+    while p <= D:
+        out.add(p)
+        p *= 2
+    size = 1
+    for count, _bw in topology.levels():
+        size *= count
+        for m in range(1, 5):
+            if m * size <= D:
+                out.add(m * size)
+    return sorted(n for n in out if n <= D)
+
+
+def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int] | None = None) -> Partition | None:
+    """The best partition over the first N devices for each candidate N (exact for each N); None if nothing fits.
+
+    ``objective`` "time" minimises the bottleneck seconds subject to memory; "memory"
+    minimises the largest per-device memory (the smallest limit anything fits in).
+    """
+    tb = _Tables(pb, topology)
+    best: Partition | None = None
+    for N in counts or device_counts(topology, pb.devices):
+        part = _solve_n(tb, pb, N, objective)
+        if part is not None and (best is None or part.value < best.value * (1 - 1e-12)):
+            best = part
+    return best
+
+
+# --- the reference: every plan, one by one ---------------------------------------------------
+def _compositions(total: int, parts: int):
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        b = (0,) + cuts + (total,)
+        yield [(b[x], b[x + 1]) for x in range(parts)]
+
+
+def brute_force(pb: Problem, topology, objective: str = "time", counts: list[int] | None = None) -> Partition | None:
+    """Enumerate every contiguous layer partition × device-block split over the first N devices; the DP's reference."""
+    tb = _Tables(pb, topology)
+    L = tb.L
+    best: Partition | None = None
+    for N in counts or device_counts(topology, pb.devices):
+        memo: dict = {}
+
+        def cost(i, j, k0, k):
+            key = (i, j, k0, k)
+            if key not in memo:
+                t, mem, lim = _stage_scalar(tb, pb, N, i, j, k0, k)
+                memo[key] = mem if objective == "memory" else (t if mem <= lim * (1 + 1e-9) else math.inf)
+            return memo[key]
+
+        for P in range(1, min(L, N) + 1):
+            for lay in _compositions(L, P):
+                for dev in _compositions(N, P):
+                    v = max(cost(a, b, c, d) for (a, b), (c, d) in zip(lay, dev))
+                    if v < math.inf and (best is None or v < best.value * (1 - 1e-12)):
+                        best = Partition(v, tuple((a, b - 1, tuple(range(c, d))) for (a, b), (c, d) in zip(lay, dev)), N)
+    return best
+
+
+def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: int):
+    """The same stage figures as ``_stage_arrays``, written out in scalars for the reference."""
+    opt, fam, M = pb.options, pb.family, pb.microbatches
+    r = k - k0
+    compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / r
+    params = tb.params[j] - tb.params[i]
+    ar = (tb.ar_lat[k0, k] + 2 * (r - 1) / r * params / tb.ar_bw[k0, k]) / update_interval(fam, M, r) if r > 1 else 0.0
+    cin = float(tb.cut(i, k0)) if i > 0 else 0.0
+    comm = (cin + float(tb.cut(j, k))) / r
+    t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
+    nin = inflight(fam, M, N - k0, r)
+    static = params * (weight_versions(fam, nin) + 1.0 + tb.opt_state)
+    saved = tb.saved[j] - tb.saved[i]
+    act = nin * tb.inbytes[i] + saved if opt.recompute else nin * saved
+    if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
+        return math.inf, math.inf, tb.mlim[k0, k]
+    return t, static + act, tb.mlim[k0, k]
+
+
+# --- equal-work split (interleaved chunks) ---------------------------------------------------
+def split_even(profile: ModelProfile, parts: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``parts`` stages minimising the largest forward+backward time.
+
+    Bisection on the cap with a greedy fill (the classic linear-partition test), to
+    within 1e-9 of the optimum; greedy parts are then split until there are ``parts``.
+    """
+    L = len(profile)
+    if parts > L:
+        raise PlanError(f"{parts} stages but only {L} layers: use fewer stages or a deeper model")
+    w = np.concatenate([[0.0], np.cumsum([l.forward_s + l.backward_s for l in profile.layers])])
+
+    def greedy(cap: float) -> list[int] | None:
+        bounds, i = [0], 0
+        while i < L:
+            j = int(np.searchsorted(w, w[i] + cap * (1 + 1e-12), side="right")) - 1
+            j = max(j, i + 1)
+            if w[j] - w[i] > cap * (1 + 1e-12) or len(bounds) > parts:
+                return None
+            bounds.append(j)
+            i = j
+        return bounds if len(bounds) - 1 <= parts else None
+
+    lo = max(float(np.max(np.diff(w))), w[-1] / parts)
+    hi = float(w[-1])
+    for _ in range(100):
+        if hi - lo <= 1e-9 * hi:
+            break
+        mid = (lo + hi) / 2
+        if greedy(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    bounds = greedy(hi) or [round(x * L / parts) for x in range(parts + 1)]
+    while len(bounds) - 1 < parts:
+        x = max((b for b in range(len(bounds) - 1) if bounds[b + 1] - bounds[b] > 1),
+                key=lambda b: w[bounds[b + 1]] - w[bounds[b]])
+        mid = (bounds[x] + bounds[x + 1]) // 2
+        bounds.insert(x + 1, mid)
+    return [(bounds[x], bounds[x + 1] - 1) for x in range(parts)]
+
+
+# --- the hierarchical programme ----------------------------------------------------------------
+def _blocks(profile: ModelProfile, max_blocks: int) -> list[int]:
+    """Layer boundaries of at most ``max_blocks`` blocks of near-equal work (the state-space reduction)."""
+    L = len(profile)
+    if L <= max_blocks:
+        return list(range(L + 1))
+    w = np.cumsum([l.forward_s + l.backward_s for l in profile.layers])
+    total = w[-1]
+    bounds = [0]
+    for b in range(1, max_blocks):
+        j = int(np.searchsorted(w, total * b / max_blocks, side="left")) + 1
+        if bounds[-1] < j < L:
+            bounds.append(j)
+    bounds.append(L)
+    return bounds
+
+
+def coarsen(profile: ModelProfile, max_blocks: int) -> tuple[ModelProfile, list[int]]:
+    """The profile with consecutive layers merged into at most ``max_blocks`` blocks of near-equal work, and the
+    block bounds (block b is layers ``bounds[b] .. bounds[b+1] − 1``). Times, parameter and saved bytes add up; a
+    block's activation bytes are its last layer's (what a cut after it sends)."""
+    from dataclasses import replace as _replace
+
+    from planner.profile import Layer
+
+    bounds = _blocks(profile, max_blocks)
+    if len(bounds) - 1 == len(profile):
+        return profile, bounds
+    layers = []
+    for b in range(len(bounds) - 1):
+        a, z = bounds[b], bounds[b + 1] - 1
+        layers.append(Layer(f"block{b}", profile.forward_s(a, z), profile.backward_s(a, z), profile.boundary_bytes(z),
+                            profile.saved_bytes(a, z), profile.param_bytes(a, z)))
+    return _replace(profile, layers=tuple(layers), graph=None), bounds
+
+
+@dataclass(frozen=True)
+class _Level:
+    count: int  # units per group at this level
+    unit: int  # devices per unit
+    ar_lat: np.ndarray  # [m] latency term of a ring over m units
+    ar_bw: np.ndarray  # [m] bottleneck bandwidth of that ring
+    cut_lat: float
+    cut_bw: float
+
+
+def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS) -> Partition | None:
+    """Plan level by level (innermost first), over layer blocks; None when nothing fits.
+
+    At level 0 the units are devices; at level ℓ they are level-(ℓ−1) domains, each
+    running a layer range with the sub-plan found for it one level down. A stage at
+    level ℓ is a range replicated over m units; its time is the unit's time / m plus
+    the all-reduce of the range's parameters over m units on that level's links;
+    cuts cost one microbatch's boundary transfer on that level's links. Memory is
+    checked for the weights, gradients and optimizer state of each device's layers;
+    activations are checked afterwards by the cost model. Assumes every domain of a
+    level holds the same number of units.
+    """
+    prof, opt, M = pb.profile, pb.options, pb.microbatches
+    devs = pb.devices
+    bounds = _blocks(prof, max_blocks)
+    B = len(bounds) - 1
+    fb = np.array([l.forward_s + l.backward_s + (l.forward_s if opt.recompute else 0.0) for l in prof.layers])
+    work = np.concatenate([[0.0], np.cumsum(fb)])[bounds]
+    params = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in prof.layers])])[bounds]
+    bb = np.array([prof.boundary_bytes(bounds[x] - 1) * prof.microbatch_size if 0 < x < B else 0.0 for x in range(B + 1)])
+    speed = min(topology.device(d).speed for d in devs)
+    memlim = opt.memory_limit_bytes if opt.memory_limit_bytes is not None else min(topology.device(d).memory_bytes for d in devs)
+    versions = 2 if pb.family == "2bw" else 1
+    static_per_param = versions + 1.0 + OPTIMIZER_STATE[opt.optimizer]
+    levels = []
+    unit = 1
+    for count, _bw in topology.levels():
+        count = min(count, len(devs) // unit)
+        if count < 1:
+            break
+        lat = np.zeros(count + 1)
+        bw = np.full(count + 1, math.inf)
+        firsts = [devs[u * unit] for u in range(count)]
+        for m in range(2, count + 1):
+            ring = firsts[:m]
+            lat[m] = 2 * (m - 1) * max(topology.path_latency(ring[x], ring[(x + 1) % m]) for x in range(m))
+            bw[m] = min(topology.path_bandwidth(ring[x], ring[(x + 1) % m]) for x in range(m))
+        cl = topology.path_latency(firsts[0], firsts[1]) if count > 1 else 0.0
+        cb = topology.path_bandwidth(firsts[0], firsts[1]) if count > 1 else math.inf
+        levels.append(_Level(count, unit, lat, bw, cl, cb))
+        unit *= count
+    inf = math.inf
+    ii, jj = np.meshgrid(np.arange(B + 1), np.arange(B + 1), indexing="ij")
+    valid = jj > ii
+    rng_work = np.where(valid, work[jj] - work[ii], inf)
+    rng_params = np.where(valid, params[jj] - params[ii], 0.0)
+    fits_static = rng_params * static_per_param <= memlim
+    prev_full = None  # time of each range on one whole unit of the level below
+    tables = []
+    for lv in levels:
+        C = lv.count
+        single = np.full((B + 1, B + 1, C + 1), inf)
+        for m in range(1, C + 1):
+            base = rng_work / speed if prev_full is None else prev_full
+            U = m if pb.family == "pipedream" else M
+            ar = (lv.ar_lat[m] + 2 * (m - 1) / m * rng_params / lv.ar_bw[m]) / U if m > 1 else 0.0
+            single[:, :, m] = np.where(valid, base / m + ar, inf)
+            if prev_full is None:
+                single[:, :, m] = np.where(fits_static, single[:, :, m], inf)
+        cut = lv.cut_lat + bb / lv.cut_bw
+        cut[0] = cut[B] = 0.0
+        A = single.copy()
+        arg = np.full((B + 1, B + 1, C + 1, 2), -1, dtype=int)
+        upper = np.arange(B + 1)[None, :] > np.arange(B + 1)[:, None]  # k > i
+        for j in range(1, B + 1):
+            ok = upper[:j, :j, None]
+            for m in range(2, C + 1):
+                # prefix [i, k) on m − m2 units, last stage [k, j) on m2 units, for every k and m2 at once
+                m2 = np.arange(1, m)
+                left = A[:j, :j, m - m2]  # (i, k, m2)
+                last = single[:j, j, 1:m]  # (k, m2)
+                cand = np.maximum(np.maximum(left, cut[None, :j, None]), last[None, :, :])
+                cand = np.where(ok, cand, inf).reshape(j, -1)
+                a = np.argmin(cand, axis=1)
+                v = cand[np.arange(j), a]
+                better = v < A[:j, j, m]
+                A[:j, j, m] = np.where(better, v, A[:j, j, m])
+                arg[:j, j, m, 0] = np.where(better, a // (m - 1), arg[:j, j, m, 0])
+                arg[:j, j, m, 1] = np.where(better, a % (m - 1) + 1, arg[:j, j, m, 1])
+        tables.append((A, arg))
+        prev_full = A[:, :, C]
+    if not levels:
+        return None
+    top = len(levels) - 1
+    A_top = tables[top][0]
+    m_best = int(np.argmin(A_top[0, B, 1:]) + 1)
+    if not A_top[0, B, m_best] < inf:
+        return None
+
+    def expand(level: int, i: int, j: int, m: int, offset: int) -> list[tuple[int, int, list[int]]]:
+        """Flat stages (block_i, block_j, device indices) of range [i, j) on m units of ``level`` from ``offset``."""
+        A, arg = tables[level]
+        k, m2 = arg[i, j, m]
+        if k >= 0:
+            left = expand(level, i, int(k), m - int(m2), offset)
+            right = _single(level, int(k), j, int(m2), offset + (m - int(m2)) * levels[level].unit)
+            return left + right
+        return _single(level, i, j, m, offset)
+
+    def _single(level: int, i: int, j: int, m: int, offset: int) -> list[tuple[int, int, list[int]]]:
+        u = levels[level].unit
+        if level == 0:
+            return [(i, j, list(range(offset, offset + m)))]
+        merged: list[tuple[int, int, list[int]]] | None = None
+        for x in range(m):
+            sub = expand(level - 1, i, j, levels[level - 1].count, offset + x * u)
+            if merged is None:
+                merged = [(a, b, list(d)) for a, b, d in sub]
+            else:
+                for s, (_a, _b, d) in zip(merged, sub):
+                    s[2].extend(d)
+        return merged or []
+
+    flat = expand(top, 0, B, m_best, 0)
+    stages = tuple((bounds[a], bounds[b] - 1, tuple(d)) for a, b, d in flat)
+    return Partition(float(A_top[0, B, m_best]), stages, sum(len(d) for _a, _b, d in flat))

@@ -1,0 +1,320 @@
+"""Planning: search partitions, placements, schedule families and microbatch counts; rank; answer capacity queries.
+
+Two entry points:
+
+* ``plan_model(profile, topology, ...)`` → ``PlanResult`` (the best plan, the ranked
+  candidates with their cost breakdowns, and a sentence on why);
+* ``capacity(profile, topology, target_throughput, ...)`` → ``CapacityResult`` (the
+  fewest devices, in placement order, that reach a throughput).
+
+The planner never imports the simulator: pass ``score`` (a plan → seconds per
+sample, lower is better) to re-rank the cost model's top-k by simulation.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from planner import partition as part
+from planner.costmodel import Candidate, CostOptions, evaluate
+from planner.plan import Plan, PlanError, StagePlan
+from planner.profile import ModelProfile
+from planner.program import FAMILIES
+
+#: Families ``schedule="auto"`` scores, in the order ties are broken.
+AUTO_FAMILIES = ("1f1b", "zb-h1", "interleaved", "gpipe", "2bw", "pipedream")
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What ``plan_model`` found.
+
+    Attributes:
+        best: the chosen plan (its ``predicted`` holds the cost model's figures).
+        candidates: the ranked candidates, best first (at most top_k), the best included.
+        explanation: one paragraph: why this plan, and what the runner-up would cost.
+        elapsed_s: seconds the search took.
+    """
+
+    best: Plan
+    candidates: list[Candidate]
+    explanation: str
+    elapsed_s: float = 0.0
+
+    @property
+    def best_candidate(self) -> Candidate:
+        return self.candidates[0]
+
+
+@dataclass(frozen=True)
+class CapacityResult:
+    """The answer to "how many devices reach X samples/s".
+
+    Attributes:
+        target_samples_per_s: what was asked.
+        reachable: whether some prefix of the devices reaches it.
+        devices: the fewest devices that do (or, when unreachable, the count of the best plan).
+        candidate: the plan on that many devices.
+        memory_per_device_bytes: the largest per-device memory that plan needs.
+        best_samples_per_s: the best throughput found with all the devices.
+    """
+
+    target_samples_per_s: float
+    reachable: bool
+    devices: int
+    candidate: Candidate
+    memory_per_device_bytes: float
+    best_samples_per_s: float
+
+
+def plan_model(
+    profile: ModelProfile,
+    topology,
+    *,
+    schedule: str = "auto",
+    microbatch_size: int = 1,
+    global_batch: int | None = None,
+    microbatches: int | None = None,
+    memory_limit_bytes: float | None = None,
+    cost_model: str = "pipetwin",
+    top_k: int = 5,
+    score: Callable[[Plan], float] | None = None,
+    overlap_comm: bool = True,
+    recompute: bool = False,
+    optimizer: str = "sgd",
+    stages: int | None = None,
+    devices: list[str] | None = None,
+    model_name: str | None = None,
+) -> PlanResult:
+    """Plan ``profile`` on ``topology``: the best plan that fits memory, with runner-ups.
+
+    Args:
+        schedule: a family of planner.program.FAMILIES, or "auto" to score them all.
+        microbatch_size: samples per microbatch.
+        global_batch: samples per batch (fixes microbatches = global_batch / microbatch_size).
+        microbatches: microbatches per batch; when neither this nor global_batch is given,
+            several counts (at least the device count) are tried.
+        memory_limit_bytes: per-device limit (default: each device's memory).
+        cost_model: "pipetwin" (PipeDream's own model lives in planner.pipedream).
+        top_k: candidates kept (and, with ``score``, re-ranked by it).
+        score: plan → seconds per sample (lower is better), e.g. a simulation.
+        stages: fix the pipeline depth (no replication, layers split by work).
+        devices: the devices to plan on, in placement order (default: all of the topology's).
+        model_name: what the plan's ``model`` field records (default: the profile's name).
+
+    Raises:
+        PlanError: an unknown schedule or cost model, inconsistent batch sizes, more stages
+            than layers, or no plan fitting in memory (the message says the smallest memory
+            that would fit).
+    """
+    t0 = time.perf_counter()
+    if cost_model != "pipetwin":
+        raise PlanError(f"plan_model costs plans with the pipetwin model; for cost_model={cost_model!r} "
+                        "use planner.pipedream.optimize_pipedream (pipetwin plan --cost-model pipedream)")
+    families = _families(schedule)
+    if microbatch_size < 1:
+        raise PlanError("--microbatch-size must be >= 1")
+    devs = tuple(devices) if devices is not None else tuple(topology.devices)
+    if not devs:
+        raise PlanError("no devices to plan on")
+    for d in devs:
+        topology.device(d)
+    L = len(profile)
+    if stages is not None and stages > L:
+        raise PlanError(f"{stages} stages but the model {profile.name!r} has only {L} layers: use at most {L} stages")
+    if stages is not None and stages > len(devs):
+        raise PlanError(f"{stages} stages but only {len(devs)} devices: use at most {len(devs)} stages or a larger topology")
+    opts = CostOptions(overlap_comm=overlap_comm, recompute=recompute, optimizer=optimizer,
+                       memory_limit_bytes=memory_limit_bytes)
+    prof = profile.scaled(microbatch_size) if microbatch_size != profile.microbatch_size else profile
+    name = model_name or profile.name
+    mcounts = _microbatch_counts(global_batch, microbatch_size, microbatches, len(devs))
+    cands: list[Candidate] = []
+    cache: dict = {}
+    for fam in families:
+        for M in mcounts:
+            for plan in _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache):
+                cands.append(evaluate(plan, profile, topology, opts))
+    fitting = [c for c in cands if c.fits]
+    if not fitting:
+        raise PlanError(_nothing_fits(prof, topology, devs, opts, families, mcounts, memory_limit_bytes, cands))
+    fitting = _dedupe(sorted(fitting, key=_rank_key))
+    top = fitting[:max(1, top_k)]
+    if score is not None:
+        top = sorted((replace(c, score=float(score(c.plan))) for c in top),
+                     key=lambda c: (c.score if c.score is not None and math.isfinite(c.score) else math.inf,
+                                    c.time_per_sample_s))
+        top = [replace(c, plan=replace(c.plan, predicted=c.predicted())) for c in top]
+    text = _explain(top, score is not None)
+    if len(devs) > part.FLAT_MAX_DEVICES:
+        text += f" Planned level by level over the topology's hierarchy ({len(devs)} devices), layers in at most {part.HIER_MAX_BLOCKS} blocks."
+    elif "reduction" in cache:
+        text += f" State space reduced: {cache['reduction']}."
+    return PlanResult(top[0].plan, top, text, time.perf_counter() - t0)
+
+
+def capacity(profile: ModelProfile, topology, target_samples_per_s: float, **kw) -> CapacityResult:
+    """The fewest devices (a prefix of the placement order) whose best plan reaches the target throughput.
+
+    Keywords are ``plan_model``'s. Device counts are searched by bisection over
+    the candidate counts (every count up to 16, then powers of two, domain sizes
+    and all devices), taking the best plan on *at most* that many devices.
+    """
+    if not target_samples_per_s > 0:
+        raise PlanError("--target-throughput must be a positive number of samples/s")
+    order = list(kw.pop("devices", None) or topology.devices)
+    kw.pop("top_k", None)
+    counts = part.device_counts(topology, tuple(order))
+
+    def best_on(n: int) -> Candidate | None:
+        try:
+            return plan_model(profile, topology, devices=order[:n], top_k=1, **kw).best_candidate
+        except PlanError:
+            return None
+
+    full = best_on(len(order))
+    if full is None:
+        plan_model(profile, topology, devices=order, top_k=1, **kw)  # raises the clear memory error
+    if full.throughput_samples_per_s < target_samples_per_s:
+        return CapacityResult(target_samples_per_s, False, len(full.plan.devices), full,
+                              max(full.peak_memory_bytes.values()), full.throughput_samples_per_s)
+    lo, hi = 0, len(counts) - 1
+    found = full
+    while lo < hi:
+        mid = (lo + hi) // 2
+        c = best_on(counts[mid])
+        if c is not None and c.throughput_samples_per_s >= target_samples_per_s:
+            hi, found = mid, c
+        else:
+            lo = mid + 1
+    if counts[hi] == len(order):
+        found = full
+    return CapacityResult(target_samples_per_s, True, len(found.plan.devices), found,
+                          max(found.peak_memory_bytes.values()), full.throughput_samples_per_s)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _families(schedule: str) -> tuple[str, ...]:
+    if schedule == "auto":
+        return AUTO_FAMILIES
+    if schedule not in FAMILIES:
+        raise PlanError(f"unknown schedule {schedule!r}; choose auto or one of {', '.join(FAMILIES)}")
+    return (schedule,)
+
+
+def _microbatch_counts(global_batch: int | None, mb: int, microbatches: int | None, n_devices: int) -> list[int]:
+    if global_batch is not None:
+        if global_batch < 1 or global_batch % mb:
+            raise PlanError(f"--global-batch {global_batch} is not a positive multiple of --microbatch-size {mb}")
+        M = global_batch // mb
+        if microbatches is not None and microbatches != M:
+            raise PlanError(f"--global-batch {global_batch} / --microbatch-size {mb} = {M} microbatches, "
+                            f"but --microbatches says {microbatches}; give one of them")
+        return [M]
+    if microbatches is not None:
+        if microbatches < 1:
+            raise PlanError("--microbatches must be >= 1")
+        return [microbatches]
+    base = max(4, 1 << max(0, math.ceil(math.log2(n_devices))))
+    return [base, 2 * base, 4 * base]
+
+
+def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, ...], opts: CostOptions,
+               stages: int | None, name: str, mb: int, cache: dict) -> list[Plan]:
+    kw = dict(schedule=fam, microbatch_size=mb, microbatches=M, topology=topology.name)
+    L, D = len(prof), len(devs)
+    if fam == "interleaved":
+        out = []
+        depths = [stages] if stages else sorted({p for p in part.device_counts(topology, devs) if 2 <= p <= L // 2})
+        for P in depths:
+            if P < 2 or M % P:
+                continue
+            for V in (2, 4):
+                if P * V > L:
+                    continue
+                ranges = part.split_even(prof, P * V)
+                sp = tuple(StagePlan(a, b, 1, (devs[x % P],)) for x, (a, b) in enumerate(ranges))
+                out.append(Plan(model=name, stages=sp, chunks=V, **kw))
+        return out
+    if stages is not None:
+        ranges = part.split_even(prof, stages)
+        return [Plan(model=name, stages=tuple(StagePlan(a, b, 1, (devs[x],)) for x, (a, b) in enumerate(ranges)), **kw)]
+    # the 1F1B-like families share one search; PipeDream's does not depend on M
+    key = ("pipedream",) if fam == "pipedream" else ("1f1b" if fam == "zb-h1" else fam, M)
+    if D > part.FLAT_MAX_DEVICES and fam in ("1f1b", "zb-h1", "gpipe"):
+        key = ("hier-flush", M)  # the hierarchical search sees only weights, not activations
+    if key not in cache:
+        if D > part.FLAT_MAX_DEVICES:
+            sol, bounds = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology), None
+        else:
+            blocked, bounds = part.coarsen(prof, part.FLAT_MAX_BLOCKS)
+            sol = part.solve_flat(part.Problem(blocked, devs, fam, M, opts), topology)
+            if len(blocked) == len(prof):
+                bounds = None
+            else:
+                cache["reduction"] = f"layers grouped into {len(blocked)} blocks of near-equal work"
+        cache[key] = (sol, bounds)
+    sol, bounds = cache[key]
+    if sol is None:
+        return []
+    if bounds is not None:
+        sol = part.Partition(sol.value, tuple((bounds[a], bounds[b + 1] - 1, idx) for a, b, idx in sol.stages), sol.devices_used)
+    sp = tuple(StagePlan(a, b, len(idx), tuple(devs[x] for x in idx)) for a, b, idx in sol.stages)
+    if fam != "pipedream" and max(s.replicas for s in sp) > M:
+        return []
+    return [Plan(model=name, stages=sp, **kw)]
+
+
+def _rank_key(c: Candidate):
+    return (c.time_per_sample_s, len(c.plan.devices), AUTO_FAMILIES.index(c.plan.schedule), c.plan.microbatches)
+
+
+def _dedupe(cands: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in cands:
+        key = (c.plan.schedule, c.plan.microbatches, c.plan.chunks,
+               tuple((s.first_layer, s.last_layer, s.devices) for s in c.plan.stages))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands) -> str:
+    """The one line for "no plan fits": the smallest per-device memory any plan needs."""
+    need = math.inf
+    for fam in families:
+        if fam == "interleaved":
+            continue
+        for M in mcounts:
+            pb = part.Problem(prof, devs, fam, M, replace(opts, memory_limit_bytes=None))
+            if len(devs) <= part.FLAT_MAX_DEVICES:
+                sol = part.solve_flat(pb, topology, objective="memory")
+                if sol is not None:
+                    need = min(need, sol.value)
+    for c in cands:
+        need = min(need, max(c.peak_memory_bytes.values()))
+    what = f"{limit:.4g} bytes per device" if limit is not None else "the devices' memory"
+    hint = "" if not math.isfinite(need) else f"; the smallest per-device memory any plan needs is {need:.4g} bytes ({need / 2**30:.2f} GiB)"
+    more = "" if opts.recompute else ", or use --recompute"
+    return f"no plan fits in {what}{hint} — raise --memory-limit, use more devices or smaller microbatches{more}"
+
+
+def _explain(top: list[Candidate], scored: bool) -> str:
+    best = top[0]
+    p = best.plan
+    worst = max(best.stages, key=lambda s: s.time_s)
+    text = (f"{p.schedule} with {p.microbatches} microbatches of {p.microbatch_size} on {len(p.devices)} devices, "
+            f"{p.pipeline_depth} pipeline stages: {best.throughput_samples_per_s:.4g} samples/s; the bottleneck is "
+            f"stage {worst.stage} (layers {worst.layers[0]}-{worst.layers[1]}, {worst.replicas} replicas), bound by "
+            f"{worst.binding}; bubble {best.bubble_fraction:.1%}")
+    if len(top) > 1:
+        nxt = top[1]
+        slower = nxt.time_per_sample_s / best.time_per_sample_s - 1 if best.time_per_sample_s > 0 else 0.0
+        text += (f". Runner-up: {nxt.plan.schedule} with {nxt.plan.microbatches} microbatches on "
+                 f"{len(nxt.plan.devices)} devices, {slower:+.1%} time per sample")
+    if scored:
+        text += ". Ranked by the scoring function (e.g. simulation) over the cost model's top candidates"
+    return text + "."

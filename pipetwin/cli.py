@@ -21,7 +21,7 @@ def _bad_input_types() -> tuple[type, ...]:
 
     types: list[type] = [UserError, ProfileError, PlanError, FileNotFoundError]
     for mod, name in (("planner.check", "ProgramError"), ("planner.schedules", "ScheduleError"),
-                      ("topologies.topology", "TopologyError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError")):
+                      ("topologies.topology", "TopologyError"), ("sim.params", "SimError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError")):
         try:
             types.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

@@ -1,1 +1,10 @@
-"""pipetwin: sim package."""
+"""pipetwin's SimPy cluster model: runs a program on a topology and predicts its trace.
+
+Public API: ``simulate`` (a program), ``simulate_plan`` (a plan), ``SimParams``,
+``SimError``; ``bytes_per_link`` (a metric of a simulated trace's link lanes).
+"""
+from sim.engine import simulate, simulate_plan
+from sim.network import bytes_per_link
+from sim.params import SimError, SimParams
+
+__all__ = ["simulate", "simulate_plan", "SimParams", "SimError", "bytes_per_link"]

@@ -1,0 +1,75 @@
+"""Checkpoints: each stage's weights, optimizer state and version counter, every N optimizer steps.
+
+Layout: ``DIR/step{k}/stage{s}.pt``, one file per stage, written by replica 0
+of the stage right after its k-th optimizer step (atomically: a temporary file
+then a rename). A step is *complete* when every stage's file exists; resuming
+starts from the newest complete step, so a run killed while writing one resumes
+from the step before.
+
+Checkpoints are taken at flush boundaries, where no microbatch is in flight,
+so a resumed run is the same computation as an uninterrupted one. PipeDream and
+2BW keep minibatches in flight across steps; their runs cannot be checkpointed
+mid-stream (the launcher says so).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from executor.errors import ExecutorError
+
+_STEP_RE = re.compile(r"^step(\d+)$")
+
+
+def stage_path(directory: str | Path, step: int, stage: int) -> Path:
+    return Path(directory) / f"step{step}" / f"stage{stage}.pt"
+
+
+def save_stage(directory: str | Path, step: int, stage: int, weights: dict[str, torch.Tensor], *,
+               model: str, layers: tuple[int, int], family: str, lr: float) -> Path:
+    """Write one stage's state after its ``step``-th optimizer step (version ``step``)."""
+    path = stage_path(directory, step, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "stage": stage,
+        "version": step,
+        "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+        "optimizer": {"kind": "sgd", "lr": lr, "state": {}},  # plain SGD keeps no per-parameter state
+        "model": model,
+        "layers": list(layers),
+        "family": family,
+    }
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(doc, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def latest_complete_step(directory: str | Path, num_stages: int) -> int | None:
+    """The newest step for which every stage 0..num_stages-1 has a file, or None."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    steps = sorted((int(m.group(1)) for p in d.iterdir() if (m := _STEP_RE.match(p.name))), reverse=True)
+    for k in steps:
+        if all(stage_path(d, k, s).is_file() for s in range(num_stages)):
+            return k
+    return None
+
+
+def load_stage(directory: str | Path, step: int, stage: int, *, model: str, layers: tuple[int, int]) -> dict:
+    """Read one stage's state, checking it was written for this model and partition."""
+    path = stage_path(directory, step, stage)
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise ExecutorError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); "
+                            f"delete the step{step} folder to resume from an earlier step") from None
+    if doc.get("model") != model or tuple(doc.get("layers", ())) != tuple(layers):
+        raise ExecutorError(f"checkpoint {str(path)!r} holds layers {doc.get('layers')} of model {doc.get('model')!r}, "
+                            f"but the plan's stage {stage} is layers {list(layers)} of {model!r}; "
+                            f"use a fresh --checkpoint-dir or the plan it was written with")
+    return doc

@@ -1,0 +1,320 @@
+"""Local launcher: one process per worker of a plan on this machine, a watchdog, and the merged result.
+
+``run_plan(plan)`` checks the plan against its model (bad input raises
+``ExecutorError`` before any process starts), hosts the rendezvous store on a
+free port, forks one process per worker from a forkserver that has torch
+imported already, and watches them: when one exits non-zero the others are
+stopped at once and ONE ``WorkerFailed`` names the rank, the stage and the
+action to blame (the worker's own error record, or — for a worker that was
+killed — the action it was executing, which every worker publishes in a shared
+array). Every blocking call also has the run's timeout (process-group
+timeout). On success rank 0 has gathered every worker's results; they are
+merged into one measured ``Trace`` (times since a common barrier), the final
+weights (``stage{s}.{param}``) and the losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from executor.errors import ExecutorError, WorkerFailed
+from executor.runtime import (FAULT_ENV, Prepared, RunConfig, merge_losses, merge_trace, merge_weights,
+                              p2p_orders_agree, prepare, resolve_backend, weights_from_checkpoint)
+from planner.plan import Plan, PlanError
+from planner.program import Kind, Program
+from planner.trace import Trace, summary
+
+_STOP_GRACE_S = 3.0
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        trace: the measured trace (lane = worker id; meta source "measured").
+        weights: final weights of every stage, keys ``stage{s}.{param}`` (CPU tensors).
+        losses: loss of every (global) microbatch index that ran.
+        plan: the plan that ran.
+        program: the program of this run (the batches left after a resume).
+        start_step: optimizer steps already done by a checkpoint this run resumed from.
+        backend: the process-group backend used.
+        wall_s: seconds from launch to the merged result.
+    """
+
+    trace: Trace
+    weights: dict[str, torch.Tensor]
+    losses: dict[int, float]
+    plan: Plan
+    program: Program | None
+    start_step: int = 0
+    backend: str = "gloo"
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """``planner.trace.summary`` of the trace plus the run's own keys."""
+        out = summary(self.trace)
+        out["final_loss"] = list(self.losses.values())[-1] if self.losses else None
+        out["backend"] = self.backend
+        out["start_step"] = self.start_step
+        out["wall_s"] = self.wall_s
+        return out
+
+
+def result_from_parts(parts: list[dict], prep: Prepared, backend: str, wall_s: float = 0.0) -> RunResult:
+    return RunResult(trace=merge_trace(prep.program, prep.plan, parts), weights=merge_weights(parts),
+                     losses=merge_losses(parts), plan=prep.plan, program=prep.program, start_step=prep.start_step,
+                     backend=backend, wall_s=wall_s)
+
+
+def _as_plan(plan: Plan | dict | str | os.PathLike) -> Plan:
+    try:
+        if isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, dict):
+            return Plan.from_dict(plan)
+        return Plan.load(plan)
+    except PlanError as e:
+        raise ExecutorError(f"bad plan: {e}") from None
+
+
+def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", timeout_s: float = 60.0,
+             save_weights: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
+             checkpoint_every: int = 0, resume: bool = False, seed: int = 0, dtype: str = "float32",
+             track_memory: bool = True, keep_dir: str | os.PathLike | None = None) -> RunResult:
+    """Run ``plan`` for real: one process per worker on this machine.
+
+    Args:
+        plan: a Plan, its dict, or a plan JSON path. The world size is the plan's worker count.
+        backend: "auto" (NCCL when there is a GPU per worker, else gloo), "gloo" or "nccl".
+        timeout_s: how long any blocking call (receive, all-reduce, rendezvous) may wait.
+        save_weights: write the final weights (``stage{s}.{param}``) here with ``torch.save``.
+        checkpoint_dir: write checkpoints here (and read them with ``resume``).
+        checkpoint_every: a checkpoint every N optimizer steps (flush schedules); the last step is always saved.
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir``.
+        seed: weights and data seed.
+        dtype: "float32" (default) or "float64" (exact parity checks).
+        track_memory: record memory samples.
+        keep_dir: keep the workers' files (results, error records, stderr logs) in this folder.
+
+    Returns:
+        RunResult with the merged measured trace, final weights and losses.
+
+    Raises:
+        ExecutorError: bad plan or model (before launch); WorkerFailed (a subclass) when a worker failed.
+    """
+    t_start = time.perf_counter()
+    plan = _as_plan(plan)
+    if checkpoint_every < 0:
+        raise ExecutorError("--checkpoint-every must be >= 0")
+    if timeout_s <= 0:
+        raise ExecutorError("--timeout must be > 0 seconds")
+    cfg = RunConfig(plan=plan.to_dict(), backend="gloo", timeout_s=float(timeout_s), seed=int(seed), dtype=dtype,
+                    checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory)
+    prep = prepare(cfg)
+    if prep.program is None:
+        weights = weights_from_checkpoint(prep, cfg)
+        res = RunResult(Trace(meta={"source": "measured", "family": plan.schedule, "microbatch_size": plan.microbatch_size}),
+                        weights, {}, plan, None, prep.start_step, "none", time.perf_counter() - t_start)
+        _save_weights(res, save_weights)
+        return res
+    world = len(prep.program.workers)
+    cfg = replace(cfg, backend=resolve_backend(backend, world))
+    if cfg.backend == "nccl":
+        problem = p2p_orders_agree(prep.program)
+        if problem:
+            raise ExecutorError(f"NCCL matches messages in order, but in this program {problem}; use --backend gloo")
+        if torch.cuda.device_count() < world:
+            raise ExecutorError(f"NCCL needs one GPU per worker: the plan has {world} workers, this machine "
+                                f"{torch.cuda.device_count()} GPUs; use --backend gloo or launch with torchrun on more nodes")
+    if keep_dir:
+        out_dir = Path(keep_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in list(out_dir.glob("error-rank*.json")) + list(out_dir.glob("result.pt")):
+            f.unlink()
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="pipetwin-run-"))
+    try:
+        parts = _launch(cfg, prep, world, out_dir)
+    finally:
+        if not keep_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    res = result_from_parts(parts, prep, cfg.backend, time.perf_counter() - t_start)
+    _save_weights(res, save_weights)
+    return res
+
+
+def _save_weights(res: RunResult, path) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(res.weights, path)
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["executor.worker", "executor.models", "torch.fx.experimental.symbolic_shapes"])
+    return ctx
+
+
+def _launch(cfg: RunConfig, prep: Prepared, world: int, out_dir: Path) -> list[dict]:
+    import torch.distributed as dist
+
+    from executor import worker as worker_mod
+
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, True, timeout=timedelta(seconds=cfg.timeout_s),
+                          wait_for_workers=False)
+    ctx = _context()
+    progress = ctx.Array("q", [-1] * world, lock=False)
+    env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    if FAULT_ENV in os.environ:
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    procs = [ctx.Process(target=worker_mod.local_entry, name=f"pipetwin-w{r}",
+                         args=(cfg, r, world, "127.0.0.1", store.port, str(out_dir), progress, env), daemon=True)
+             for r in range(world)]
+    try:
+        with _main_module_hidden():
+            for p in procs:
+                p.start()
+        first = _watch(procs)
+        if first is not None:
+            still_running = [r for r, p in enumerate(procs) if p.exitcode is None]
+            _stop(procs)
+            raise _blame(first, procs, still_running, progress, prep.program, out_dir)
+    finally:
+        _stop(procs)
+        del store
+    path = out_dir / "result.pt"
+    if not path.exists():
+        raise ExecutorError("the workers finished but rank 0 wrote no result; run again with keep_dir to inspect their logs")
+    return torch.load(path, weights_only=False)["parts"]
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Start processes without making them re-import the caller's ``__main__``.
+
+    The workers need nothing from it (their target and arguments live in
+    ``executor``), and re-importing a script that calls ``run_plan`` at top
+    level would start the run again inside every worker. multiprocessing
+    records the main module when a process starts, so a blank stand-in is
+    put in its place for that moment.
+    """
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+def _watch(procs) -> int | None:
+    """Wait for every process; the rank of the first one to exit non-zero (None when all succeed)."""
+    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    while pending:
+        ready = mp.connection.wait(list(pending), timeout=1.0)
+        for s in ready:
+            r = pending.pop(s)
+            procs[r].join(0.1)
+            if procs[r].exitcode not in (0, None):
+                return r
+    return None
+
+
+def _stop(procs) -> None:
+    live = [p for p in procs if p.is_alive()]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in live:
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+def _read_errors(out_dir: Path) -> dict[int, dict]:
+    errs = {}
+    for f in out_dir.glob("error-rank*.json"):
+        try:
+            d = json.loads(f.read_text())
+            errs[int(d["rank"])] = d
+        except (ValueError, KeyError, OSError):
+            pass
+    return errs
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _blame(first: int, procs, still_running: list[int], progress, program: Program, out_dir: Path) -> WorkerFailed:
+    """One WorkerFailed naming the rank, stage and action most likely at the root of the failure."""
+    errs = _read_errors(out_dir)
+    primary = sorted((d for d in errs.values() if not d.get("comm")), key=lambda d: d["time"])
+
+    def at(rank: int) -> tuple[int | None, str | None, int | None]:
+        i = progress[rank]
+        acts = program[rank]
+        if 0 <= i < len(acts):
+            return acts[i].stage, str(acts[i]), i
+        stages = program.stages_of(rank)
+        return (stages[0] if stages else None), None, None
+
+    def grid(rank, index):
+        return program.grid(mark=(rank, index)) if index is not None else ""
+
+    def where(rank, stage, action, index):
+        w = f"worker {rank} (stage {stage})"
+        return w + (f" at action {action} (#{index})" if action is not None else " before its first action")
+
+    if first not in errs:  # killed, or died without a word
+        stage, action, index = at(first)
+        msg = f"{where(first, stage, action, index)} {_exit_text(procs[first].exitcode)}; the other workers were stopped"
+        log = out_dir / f"stderr-rank{first}.log"
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+        if tail and tail[0].strip():
+            msg += f" (last stderr line: {tail[0][:200]})"
+        return WorkerFailed(msg, first, stage, action, index, grid(first, index))
+    d = primary[0] if primary else errs[first]
+    r = int(d["rank"])
+    if d.get("comm") and not primary:
+        # every error is a communication error: a worker that is still computing (hung) is the likelier culprit
+        for q in still_running:
+            stage, action, index = at(q)
+            if action is not None and program[q][index].kind in (Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.STEP):
+                msg = (f"{where(q, stage, action, index)} stopped making progress; worker {r} gave up waiting at "
+                       f"{d['action']}: {d['type']}: {d['message']}")
+                return WorkerFailed(msg, q, stage, action, index, grid(q, index))
+    stage, action, index = d.get("stage"), d.get("action"), d.get("index")
+    what = "failed" if not d.get("comm") else "lost its peers"
+    msg = f"{where(r, stage, action, index)} {what}: {d['type']}: {d['message']}; the other workers were stopped"
+    if d.get("setup") and action is None:
+        msg = f"worker {r} (stage {stage}) failed while starting: {d['type']}: {d['message']}; the other workers were stopped"
+    err = WorkerFailed(msg, r, stage, action, index, grid(r, index))
+    err.traceback = d.get("traceback", "")
+    return err

@@ -1,0 +1,158 @@
+"""Single-process reference trainer: each schedule family's update rule written out directly.
+
+It does not interpret a program. It builds the same layers (same seed), the
+same microbatches, and applies, per family:
+
+* Flush (GPipe, 1F1B, interleaved, ZB-H1): for each batch b, the gradient is
+  the mean over its M microbatches (each microbatch's loss divided by M,
+  accumulated) at ``W(b)``; then ``W(b+1) = W(b) − lr·g``. Partition and
+  replication do not change the arithmetic.
+* 2BW: batch b's gradient is taken at ``W(max(0, b − 1))`` (one step stale):
+  ``W(t+1) = W(t) − lr·∇f_t(W(t−1))``, with ``W(−1) = W(0)``.
+* PipeDream (1F1B-RR, weight stashing): minibatch i runs stage s on the
+  stage's version ``v(s, i)`` (below); stage s steps once per round k, with
+  the mean of the gradients of the round's minibatches (one per replica):
+  ``W_s(k+1) = W_s(k) − lr·mean_j ∇_s f_{k·r_s + j}``. Each minibatch's
+  gradient for stage s flows through every stage at its own version ``v(·, i)``.
+
+Where ``v(s, i)`` comes from. Stage s has ``r_s`` replicas; minibatch i goes to
+replica ``i mod r_s`` as that replica's local minibatch ``n = ⌊i / r_s⌋``.
+1F1B-RR gives each replica the in-flight limit ``L_s = ⌈(r_s + … + r_{P−1}) / r_s⌉``
+(``P − s`` without replication): a warm-up of ``L_s − 1`` forwards, then each
+forward ``F(n)`` comes right before ``B(n − L_s + 1)``. So when ``F(n)`` runs,
+the replica has finished exactly ``max(0, n − L_s + 1)`` backwards, each
+followed by its round's all-reduce and step — a round completes on every
+replica together — hence the stage holds version
+
+    v(s, i) = max(0, ⌊i / r_s⌋ − L_s + 1)
+
+and weight stashing makes the backward use it too. Without replication this is
+``max(0, i − (P − s) + 1)``: stage P−1 always uses the newest weights, stage 0
+weights that are P − 1 minibatches stale. With vertical sync every stage uses
+stage 0's version: ``v(s, i) = v(0, i)``.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from executor.runtime import DTYPES
+from planner.plan import Plan
+from planner.program import FLUSH_FAMILIES
+
+
+def pipedream_version(plan: Plan, stage: int, i: int) -> int:
+    """Weight version stage ``stage`` uses for minibatch ``i`` under PipeDream (see the module docstring)."""
+    if plan.vertical_sync and stage > 0:
+        return pipedream_version(plan, 0, i)
+    r = plan.replicas
+    limit = math.ceil(sum(r[stage:]) / r[stage])
+    return max(0, i // r[stage] - limit + 1)
+
+
+def _stage_modules(plan: Plan, seed: int, dtype: torch.dtype) -> list[nn.Sequential]:
+    from executor.models import build_stage
+
+    out = []
+    for sp in plan.stages:
+        layers = build_stage(plan.model, sp.first_layer, sp.last_layer, seed=seed)
+        mod = nn.Sequential(OrderedDict((str(sp.first_layer + j), m) for j, m in enumerate(layers)))
+        out.append(mod.to(dtype=dtype))
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+class _Model:
+    """The chain split as the plan splits it, run with explicit per-stage parameter tuples."""
+
+    def __init__(self, plan: Plan, seed: int, dtype: torch.dtype) -> None:
+        from executor.models import loss_fn, make_batch
+
+        self.plan, self.seed, self.dtype = plan, seed, dtype
+        self.mods = _stage_modules(plan, seed, dtype)
+        self.names = [tuple(n for n, _ in m.named_parameters()) for m in self.mods]
+        self.loss = loss_fn(plan.model)
+        self.make_batch = make_batch
+
+    def initial(self) -> list[tuple[torch.Tensor, ...]]:
+        return [tuple(p.detach().clone() for p in m.parameters()) for m in self.mods]
+
+    def grads(self, weights: list[tuple[torch.Tensor, ...]], index: int, scale: float) -> list[tuple[torch.Tensor, ...]]:
+        """Per-stage gradients of ``scale · loss`` of microbatch ``index``, stage s evaluated at ``weights[s]``."""
+        x, y = self.make_batch(self.plan.model, self.plan.microbatch_size, index, self.seed)
+        h, y = _cast(x, self.dtype), _cast(y, self.dtype)
+        leaves = [tuple(p.detach().requires_grad_(True) for p in w) for w in weights]
+        for mod, names, ps in zip(self.mods, self.names, leaves):
+            h = functional_call(mod, dict(zip(names, ps)), (h,))
+        loss = self.loss(h, y) * scale
+        flat = [p for ps in leaves for p in ps]
+        g = torch.autograd.grad(loss, flat, allow_unused=True, materialize_grads=True)
+        out, k = [], 0
+        for ps in leaves:
+            out.append(tuple(g[k:k + len(ps)]))
+            k += len(ps)
+        return out
+
+    def state_dict(self, weights: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+        return {f"stage{s}.{n}": t.detach().clone() for s, (names, w) in enumerate(zip(self.names, weights))
+                for n, t in zip(names, w)}
+
+
+def _sgd(w: tuple[torch.Tensor, ...], g: tuple[torch.Tensor, ...], lr: float) -> tuple[torch.Tensor, ...]:
+    return tuple(p - lr * d for p, d in zip(w, g))
+
+
+def _add(a, b):
+    return b if a is None else tuple(x + y for x, y in zip(a, b))
+
+
+def reference_weights(plan: Plan, *, seed: int = 0, dtype: str = "float32", first_batch: int = 0,
+                      start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Final weights (keys ``stage{s}.{param}``) after the plan's training under its family's update rule.
+
+    Args:
+        plan: the plan (model, partition, replicas, family, microbatches, batches, lr).
+        seed: weights and data seed (as the executor's).
+        dtype: "float32" or "float64".
+        first_batch: flush and 2BW: the batch index the run starts at (data offset), for resumed runs.
+        start: weights to start from instead of the seed's initial weights.
+    """
+    dt = DTYPES[dtype]
+    model = _Model(plan, seed, dt)
+    W = model.initial()
+    if start is not None:
+        W = [tuple(_cast(start[f"stage{s}.{n}"], dt) for n in names) for s, names in enumerate(model.names)]
+    S, M, lr = len(W), plan.microbatches, plan.lr
+    if plan.schedule in FLUSH_FAMILIES or plan.schedule == "2bw":
+        history = [W]  # history[t] = W(t), all stages
+        for b in range(plan.batches):
+            at = history[-1] if plan.schedule != "2bw" else history[max(0, len(history) - 2)]
+            g = [None] * S
+            for j in range(M):
+                gi = model.grads(at, (first_batch + b) * M + j, 1.0 / M)
+                g = [_add(a, x) for a, x in zip(g, gi)]
+            history.append([_sgd(w, d, lr) for w, d in zip(history[-1], g)])
+        return model.state_dict(history[-1])
+    if plan.schedule != "pipedream":
+        raise ValueError(f"no reference for schedule {plan.schedule!r}")
+    N, r = M, plan.replicas
+    versions = [[w] for w in W]  # versions[s][v]
+    acc: list[dict[int, tuple]] = [{} for _ in range(S)]
+    for i in range(N):
+        at = [versions[s][pipedream_version(plan, s, i)] for s in range(S)]
+        gi = model.grads(at, i, 1.0)
+        for s in range(S):
+            k = i // r[s]
+            acc[s][k] = _add(acc[s].get(k), gi[s])
+            members = min(N, (k + 1) * r[s]) - k * r[s]
+            if i == min(N, (k + 1) * r[s]) - 1:  # the round's last minibatch: all-reduce (mean) and step
+                mean = tuple(t / members for t in acc[s].pop(k))
+                versions[s].append(_sgd(versions[s][-1], mean, lr))
+    return model.state_dict([v[-1] for v in versions])

@@ -1,0 +1,112 @@
+"""`pipetwin run`: run a plan for real (one process per worker, torch.distributed) and report what it measured."""
+from __future__ import annotations
+
+import json
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    from pipetwin.errors import UserError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--replicas expects comma-separated integers like 2,1,1, got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a plan for real with torch.distributed and measure it",
+                       description="Run a plan on this machine, one process per worker (gloo on CPU, NCCL on GPUs), "
+                                   "and print the measured throughput, bubble and memory. Give --plan, or --model "
+                                   "and --stages to split the model evenly.")
+    p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
+    p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
+    p.add_argument("--stages", type=int, help="pipeline stages P (devices along the pipeline)")
+    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1")
+    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"])
+    p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
+    p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
+    p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
+    p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
+    p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds any blocking call may wait (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print the measured metrics as JSON")
+    p.add_argument("--trace", metavar="JSON", help="write the measured trace (Chrome trace JSON, opens in Perfetto)")
+    p.add_argument("--save-weights", metavar="FILE", help="write the final weights (stage{s}.{param}) with torch.save")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="write each stage's weights and optimizer state here")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="a checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --checkpoint-dir")
+    p.set_defaults(func=run)
+
+
+def _plan_for(args):
+    """The plan to run: the --plan file, or the model split evenly (the hook the planner wiring replaces)."""
+    from executor.models import num_layers
+    from pipetwin.errors import UserError
+    from planner.plan import Plan, even_plan
+
+    if args.plan:
+        if args.model or args.stages:
+            raise UserError("give either --plan or --model/--stages, not both")
+        plan = Plan.load(args.plan)
+        if args.lr is not None:
+            from dataclasses import replace
+
+            plan = replace(plan, lr=args.lr)
+        return plan
+    if not args.model or not args.stages:
+        raise UserError("give --plan plan.json, or --model and --stages (e.g. --model mlp:layers=8,width=512 --stages 2)")
+    if args.stages < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
+        raise UserError("--stages, --microbatches, --microbatch-size and --batches must be >= 1")
+    chunks = args.chunks if args.schedule == "interleaved" else 1
+    if args.schedule == "interleaved" and args.chunks < 2:
+        chunks = 2
+    if chunks != 1 and args.schedule != "interleaved":
+        raise UserError("--chunks is for --schedule interleaved only")
+    virtual = args.stages * chunks
+    replicas = args.replicas
+    if replicas is not None and len(replicas) != args.stages:
+        raise UserError(f"--replicas gives {len(replicas)} values for {args.stages} stages")
+    if replicas is not None and chunks > 1:
+        raise UserError("interleaved 1F1B does not replicate stages; drop --replicas")
+    kw = dict(schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
+              batches=args.batches, chunks=chunks, vertical_sync=args.vertical_sync)
+    if args.lr is not None:
+        kw["lr"] = args.lr
+    return even_plan(args.model, num_layers(args.model), virtual, replicas, **kw)
+
+
+def run(args) -> int:
+    from executor.launch import run_plan
+    from pipetwin.cmd_profile import human_bytes
+
+    plan = _plan_for(args)
+    res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
+                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   seed=args.seed, dtype=args.dtype)
+    if args.trace:
+        res.trace.save(args.trace)
+    s = res.summary()
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    workers = len(res.program.workers) if res.program else 0
+    what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
+            else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
+    print(f"ran {plan.schedule} of {plan.model} on {workers} workers ({res.backend}): {what} of "
+          f"{plan.microbatch_size} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
+    print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "
+          f"makespan {s['makespan_s'] * 1e3:.1f} ms, bubble {s['bubble_fraction'] * 100:.1f}%")
+    for w, d in s["per_device"].items():
+        print(f"  worker {w}: busy {d['busy_s'] * 1e3:.1f} ms, bubble {d['bubble_fraction'] * 100:.1f}%, "
+              f"peak memory {human_bytes(d['peak_memory_bytes'])}")
+    if s["final_loss"] is not None:
+        print(f"final loss {s['final_loss']:.6g}")
+    if args.trace:
+        print(f"trace written to {args.trace}")
+    if args.save_weights:
+        print(f"weights written to {args.save_weights}")
+    return 0

@@ -1,0 +1,152 @@
+"""`pipetwin simulate`: predict how a plan runs on a topology with the SimPy cluster model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects comma-separated integers like 2,1,1, got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("simulate", help="predict a plan's trace and metrics with the SimPy cluster model",
+                       description="Simulate a plan (--plan) or an even split of a model (--model, --topology).")
+    p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
+    p.add_argument("--model", metavar="SPEC", help="profile: .json, graph.txt or uniform:layers=L,fwd=S,bwd=S,act=B,params=B "
+                   "(default with --plan: the plan's model)")
+    p.add_argument("--topology", metavar="SPEC", help="preset (ideal:8, dgx:servers=2, hier:8x4, ...) or file "
+                   "(default with --plan: the plan's topology)")
+    p.add_argument("--schedule", default="1f1b", choices=FAMILIES, help="schedule family (default 1f1b)")
+    p.add_argument("--stages", type=int, help="pipeline stages P (default: min(4, layers, devices))")
+    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
+    p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
+    p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
+    p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
+    p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="batches (optimizer steps) to simulate")
+    p.add_argument("--overhead", type=float, default=0.0, metavar="S", help="seconds of fixed cost per action (default 0)")
+    p.add_argument("--no-overlap", action="store_true", help="devices wait for their sends to be delivered")
+    p.add_argument("--allreduce", default="auto", choices=["auto", "ring", "hierarchical"], help="all-reduce algorithm")
+    p.add_argument("--optimizer-state", type=float, default=1.0, metavar="X",
+                   help="optimizer state in parameter-bytes multiples (SGD momentum 1, Adam 2; default 1)")
+    p.add_argument("--jitter", type=float, default=0.0, help="relative noise on compute times (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the jitter (default 0)")
+    p.add_argument("--no-symmetry", action="store_true", help="simulate every replica even when symmetric")
+    p.add_argument("--trace", metavar="JSON", help="write the predicted trace (Chrome trace JSON, opens in Perfetto)")
+    p.add_argument("--chart", metavar="PNG", help="write a Gantt chart of the predicted run")
+    p.add_argument("--json", action="store_true", help="print the predicted metrics as JSON")
+    p.add_argument("--progress", action="store_true", help="show the simulation's progress on stderr")
+    p.set_defaults(func=run)
+
+
+def _plan_for(args, profile, topology):
+    """The plan the shortcut (--model/--topology) simulates.
+
+    Hook for the planner: today an even split of the profile's layers over the
+    topology's first devices.
+    """
+    from pipetwin.errors import UserError
+    from planner.plan import even_plan
+
+    chunks = args.chunks if args.schedule != "interleaved" else max(args.chunks, 2)
+    depth = args.stages or min(4, len(profile), len(topology.devices))
+    stages = depth * chunks if args.schedule == "interleaved" else depth
+    replicas = args.replicas or (1,) * stages
+    plan = even_plan(args.model, len(profile), stages, replicas, schedule=args.schedule,
+                     microbatches=args.microbatches, microbatch_size=args.microbatch_size, chunks=chunks,
+                     vertical_sync=args.vertical_sync, batches=args.steps or 1, topology=args.topology)
+    names = plan.devices
+    if len(names) > len(topology.devices):
+        raise UserError(f"the plan needs {len(names)} devices but topology {topology.name!r} has "
+                        f"{len(topology.devices)}; use fewer --stages/--replicas or a larger topology")
+    rename = dict(zip(names, topology.devices))
+    return plan.with_devices([tuple(rename[d] for d in s.devices) for s in plan.stages])
+
+
+def _inputs(args):
+    from dataclasses import replace
+
+    from pipetwin.errors import UserError
+    from planner.plan import Plan
+    from planner.profile import load_profile
+    from topologies.presets import load_topology
+
+    if args.plan:
+        plan = Plan.load(args.plan)
+        model = args.model or plan.model
+        topo_spec = args.topology or plan.topology
+        if not topo_spec:
+            raise UserError(f"plan {args.plan!r} names no topology; give --topology")
+        profile, topology = load_profile(model), load_topology(topo_spec)
+        if args.steps:
+            plan = replace(plan, batches=args.steps)
+        return plan, profile, topology
+    if not args.model or not args.topology:
+        raise UserError("give --plan plan.json, or --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
+    for name in ("microbatches", "microbatch_size", "chunks"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stages is not None and args.stages < 1:
+        raise UserError("--stages must be >= 1")
+    profile, topology = load_profile(args.model), load_topology(args.topology)
+    return _plan_for(args, profile, topology), profile, topology
+
+
+def run(args) -> int:
+    from planner.trace import summary
+    from sim import SimParams, bytes_per_link, simulate_plan
+
+    plan, profile, topology = _inputs(args)
+    params = SimParams(overhead_s=args.overhead, overlap_comm=not args.no_overlap, allreduce=args.allreduce,
+                       optimizer_state_factor=args.optimizer_state, jitter=args.jitter, seed=args.seed,
+                       use_symmetry=not args.no_symmetry)
+    progress = _progress_printer() if args.progress else None
+    trace = simulate_plan(plan, profile, topology, params, progress=progress)
+    if progress:
+        print(file=sys.stderr)
+    if args.trace:
+        trace.save(args.trace)
+    title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
+    if args.chart:
+        from pipetwin.charts import gantt
+
+        gantt(trace, args.chart, title=title, time_unit="ms")
+    s = summary(trace)
+    if args.json:
+        s["symmetry"] = trace.meta.get("symmetry")
+        s["allreduce"] = trace.meta.get("allreduce")
+        s["bytes_per_link"] = bytes_per_link(trace)
+        print(json.dumps(s))
+        return 0
+    print(f"simulated {title}")
+    print(f"  throughput {s['throughput_samples_per_s']:.4g} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.4g} ms, "
+          f"makespan {s['makespan_s'] * 1e3:.4g} ms, bubble fraction {s['bubble_fraction']:.3f}")
+    sym = trace.meta.get("symmetry") or {}
+    if sym.get("used"):
+        print(f"  symmetry: one of {sym['replicas']} identical replicas per stage simulated")
+    for w, d in s["per_device"].items():
+        print(f"  w{w:<4} busy {d['busy_s'] * 1e3:10.4g} ms  bubble {d['bubble_fraction']:.3f}  "
+              f"peak memory {d['peak_memory_bytes'] / 1e9:.4g} GB")
+    for what, path in (("trace", args.trace), ("chart", args.chart)):
+        if path:
+            print(f"{what} written to {path}")
+    return 0
+
+
+def _progress_printer():
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct != shown[0]:
+            shown[0] = pct
+            print(f"\rsimulating: {pct:3d}% of {total} actions", end="", file=sys.stderr, flush=True)
+
+    return show

@@ -1,0 +1,101 @@
+"""All-reduce among a stage's replicas as phases of concurrent flows on the link model.
+
+A collective is a list of phases; a phase is a set of (src, dst, bytes) flows
+started together, and the next phase starts when every flow of the previous
+one is delivered. Its cost is whatever the network makes of those flows.
+
+- ring: 2(n − 1) phases of n flows of S/n bytes, replica i to replica i + 1.
+- hierarchical, replicas spread evenly over g-device groups (servers) of the
+  topology's innermost level: reduce inside each server (a ring reduce-scatter,
+  g − 1 phases of S/g), ring across servers (g parallel rings, one per shard,
+  2(k − 1) phases of S/(g·k)), broadcast inside (a ring all-gather, g − 1 phases
+  of S/g). Uneven groups: every member sends S to its server's leader, a ring
+  across the leaders, the leader sends S back to every member.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sim.network import Network
+from topologies.topology import Topology
+
+Phase = list[tuple[str, str, float]]
+
+
+def server_groups(topology: Topology, devices: list[str]) -> list[list[str]]:
+    """``devices`` grouped by the topology's innermost domain, groups in first-appearance order."""
+    where = {d: i for i, dom in enumerate(topology.domains(0)) for d in dom}
+    groups: dict[int, list[str]] = {}
+    for d in devices:
+        groups.setdefault(where.get(d, -1 - len(groups)), []).append(d)
+    return list(groups.values())
+
+
+def ring_phases(devices: list[str], nbytes: float) -> list[Phase]:
+    n = len(devices)
+    if n < 2:
+        return []
+    chunk = nbytes / n
+    step = [(devices[i], devices[(i + 1) % n], chunk) for i in range(n)]
+    return [step] * (2 * (n - 1))
+
+
+def hierarchical_phases(groups: list[list[str]], nbytes: float) -> list[Phase]:
+    k = len(groups)
+    sizes = {len(g) for g in groups}
+    if k == 1:
+        return ring_phases(groups[0], nbytes)
+    if len(sizes) == 1:
+        g = sizes.pop()
+        if g == 1:
+            return ring_phases([grp[0] for grp in groups], nbytes)
+        inside = [(grp[i], grp[(i + 1) % g], nbytes / g) for grp in groups for i in range(g)]
+        across = [(groups[c][j], groups[(c + 1) % k][j], nbytes / (g * k)) for j in range(g) for c in range(k)]
+        return [inside] * (g - 1) + [across] * (2 * (k - 1)) + [inside] * (g - 1)
+    leaders = [grp[0] for grp in groups]
+    reduce = [(m, grp[0], nbytes) for grp in groups for m in grp[1:]]
+    bcast = [(grp[0], m, nbytes) for grp in groups for m in grp[1:]]
+    return ([reduce] if reduce else []) + ring_phases(leaders, nbytes) + ([bcast] if bcast else [])
+
+
+def allreduce_phases(topology: Topology, devices: list[str], nbytes: float, algorithm: str) -> tuple[list[Phase], str]:
+    """The phases of an all-reduce of ``nbytes`` among ``devices`` and the algorithm chosen."""
+    groups = server_groups(topology, devices)
+    spread = len(groups) > 1 and max(len(g) for g in groups) > 1
+    if algorithm == "hierarchical" or (algorithm == "auto" and spread):
+        return hierarchical_phases(groups, nbytes), "hierarchical"
+    return ring_phases([d for g in groups for d in g], nbytes), "ring"
+
+
+class Collective:
+    """Runs phases one after another on a network; ``done(arg)`` at the end (unless it finished at once)."""
+
+    __slots__ = ("net", "phases", "done", "arg", "label", "k", "waiting")
+
+    def __init__(self, net: Network, phases: list[Phase], done: Callable[[Any], None], arg: Any, label: Any):
+        self.net, self.phases, self.done, self.arg, self.label = net, phases, done, arg, label
+        self.k = 0
+        self.waiting = 0
+
+    def start(self) -> bool:
+        """Start; True when the whole collective completed at once (``done`` is then not called)."""
+        return self._advance()
+
+    def _advance(self) -> bool:
+        transfer, label, flow_done = self.net.transfer, self.label, self._flow_done
+        while self.k < len(self.phases):
+            phase = self.phases[self.k]
+            self.k += 1
+            pending = 0
+            for src, dst, nbytes in phase:
+                if not transfer(src, dst, nbytes, flow_done, None, label):
+                    pending += 1
+            if pending:
+                self.waiting = pending
+                return False
+        return True
+
+    def _flow_done(self, _arg: Any) -> None:
+        self.waiting -= 1
+        if self.waiting == 0 and self._advance():
+            self.done(self.arg)

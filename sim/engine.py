@@ -1,0 +1,420 @@
+"""The SimPy interpreter of a program: every worker is a process that walks its action list.
+
+- F/B/BI/BW take the stage's profile time at the run's microbatch size, divided
+  by the device's speed, plus ``overhead_s`` (every action pays it);
+- SEND starts a transfer on the link model and moves on (or waits for delivery
+  when communication does not overlap); RECV waits until its payload is delivered;
+- ALLREDUCE waits until every replica of its stage has arrived, then runs the
+  collective on the links (``sim.collectives``); STEP takes ``step_time_s``.
+
+Symmetry: when every stage has R replicas whose action lists are the same up to
+relabelling, on devices of the same speed, and each replica pipeline's
+point-to-point links are private to it, isomorphic to the first pipeline's and
+used by no all-reduce, the R pipelines run identically. Then only pipeline 0 is
+simulated (all-reduces still run over every replica's links) and its events are
+copied to the other replicas: the trace is the one a full run gives.
+"""
+from __future__ import annotations
+
+import gc
+import random
+from dataclasses import asdict
+from typing import Callable
+
+import simpy
+
+from planner.program import Action, Kind, Program
+from planner.profile import ModelProfile
+from planner.trace import Event, MemorySample, Trace
+from sim.collectives import Collective, Phase, allreduce_phases
+from sim.memory import memory_levels
+from sim.network import Network, link_events
+from sim.params import SimError, SimParams
+from topologies.topology import Topology
+
+_COMPUTE, _SEND, _RECV, _ALLREDUCE, _STEP = range(5)
+_KF, _KB, _KBI, _KBW = Kind.F, Kind.B, Kind.BI, Kind.BW
+_KSEND, _KRECV, _KALLREDUCE = Kind.SEND, Kind.RECV, Kind.ALLREDUCE
+_ARRIVED = True
+
+Progress = Callable[[int, int], None]
+
+
+def simulate(program: Program, profile: ModelProfile, topology: Topology, devices: dict[int, str], *,
+             microbatch_size: int = 1, params: SimParams = SimParams(), progress: Progress | None = None,
+             stage_layers: list[tuple[int, int]] | None = None, check_program: bool = True) -> Trace:
+    """Predict how ``program`` runs on ``topology`` and return its trace.
+
+    Args:
+        program: the per-worker action lists (checked first unless ``check_program`` is False).
+        profile: per-layer costs; stage times scale by microbatch_size / profile.microbatch_size.
+        topology: devices and links.
+        devices: worker → topology device name.
+        microbatch_size: samples per microbatch.
+        params: the model's knobs (``SimParams``).
+        progress: called now and then as ``progress(actions_done, actions_total)``.
+        stage_layers: (first, last) layer of every stage; default: the profile's layers split
+            evenly over the program's stages.
+        check_program: run ``planner.check.check`` first.
+
+    Returns:
+        A Trace: worker lanes, link lanes "u->v", memory samples; meta says what ran.
+    """
+    if check_program:
+        from planner.check import check
+
+        check(program)
+    if microbatch_size < 1:
+        raise SimError(f"microbatch_size must be >= 1 (got {microbatch_size})")
+    layers = _stage_layers(program, profile, stage_layers)
+    _check_devices(program, topology, devices)
+    collecting = gc.isenabled()
+    gc.disable()  # the run allocates many small objects that live until the trace is written; cycles there are none
+    try:
+        return _Run(program, profile, topology, devices, microbatch_size, params, layers).run(progress)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimParams = SimParams(),
+                  progress: Progress | None = None) -> Trace:
+    """Lower ``plan`` (``planner.lowering``) and simulate its program on ``topology``."""
+    from planner.lowering import plan_to_program, worker_devices
+
+    if plan.num_layers > len(profile):
+        raise SimError(f"the plan covers {plan.num_layers} layers but the profile {profile.name!r} has "
+                       f"{len(profile)}; re-plan for this model")
+    program = plan_to_program(plan, profile)
+    trace = simulate(program, profile, topology, worker_devices(plan, program), microbatch_size=plan.microbatch_size,
+                     params=params, progress=progress, stage_layers=[s.layers for s in plan.stages],
+                     check_program=False)
+    trace.meta["plan_model"] = plan.model
+    return trace
+
+
+# --- input checks -------------------------------------------------------------------------
+def _stage_layers(program: Program, profile: ModelProfile, given) -> list[tuple[int, int]]:
+    S = len(program.stage_workers)
+    if given is None:
+        L = len(profile)
+        if S > L:
+            raise SimError(f"the program has {S} stages but the profile {profile.name!r} has only {L} layers; "
+                           "give stage_layers or a deeper profile")
+        bounds = [round(i * L / S) for i in range(S + 1)]
+        return [(bounds[i], bounds[i + 1] - 1) for i in range(S)]
+    given = [tuple(x) for x in given]
+    if len(given) != S:
+        raise SimError(f"stage_layers names {len(given)} stages but the program has {S}")
+    for s, (a, b) in enumerate(given):
+        if not 0 <= a <= b < len(profile):
+            raise SimError(f"stage {s} covers layers {a}..{b} but the profile {profile.name!r} has layers "
+                           f"0..{len(profile) - 1}; re-plan for this model")
+    return given
+
+
+def _check_devices(program: Program, topology: Topology, devices: dict[int, str]) -> None:
+    owner: dict[str, int] = {}
+    for w in program.workers:
+        d = devices.get(w)
+        if d is None:
+            raise SimError(f"worker {w} has no device; give every worker a device of topology {topology.name!r}")
+        if not topology.has_device(d):
+            some = ", ".join(topology.devices[:4]) + (", ..." if len(topology.devices) > 4 else "")
+            raise SimError(f"worker {w}'s device {d!r} is not in topology {topology.name!r} ({some}); "
+                           "place the plan on this topology's devices")
+        if d in owner:
+            raise SimError(f"workers {owner[d]} and {w} both sit on device {d!r}; give each worker its own device")
+        owner[d] = w
+
+
+# --- one run --------------------------------------------------------------------------------
+class _Run:
+    def __init__(self, program: Program, profile: ModelProfile, topology: Topology, devices: dict[int, str],
+                 microbatch_size: int, params: SimParams, layers: list[tuple[int, int]]):
+        self.p, self.topology, self.dev, self.params = program, topology, devices, params
+        self.env = simpy.Environment()
+        self.net = Network(self.env, topology)
+        k = microbatch_size / profile.microbatch_size
+        self.fwd = [profile.forward_s(a, b) * k for a, b in layers]
+        self.bwd = [profile.backward_s(a, b) * k for a, b in layers]
+        self.params_b = [profile.param_bytes(a, b) for a, b in layers]
+        self.saved_b = [profile.saved_bytes(a, b) * microbatch_size for a, b in layers]
+        self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
+                     "topology": topology.name, "params": asdict(params)}
+        self.box: dict[tuple, object] = {}
+        self.groups: dict[tuple[int, int], list] = {}
+        self.phases: dict[tuple[int, float], list[Phase]] = {}
+        self.rec: list[tuple[int, int, float, float]] = []
+        self.mem: list[tuple[int, float, float]] = []
+        self.algorithms: set[str] = set()
+        self.replicas, reason = _symmetry(self) if params.use_symmetry else (1, "turned off (use_symmetry=False)")
+        self.meta["symmetry"] = {"used": self.replicas > 1, "replicas": self.replicas}
+        if self.replicas == 1:
+            self.meta["symmetry"]["reason"] = reason
+        sw = program.stage_workers
+        reps = {ws[0] for ws in sw}
+        self.workers = [w for w in program.workers if self.replicas == 1 or w in reps]
+        self.arrivals = [1 if self.replicas > 1 else len(ws) for ws in sw]
+
+    # --- compile each worker's actions into plain tuples ------------------------------
+    def _ops(self, w: int, rng: random.Random) -> tuple[float, list[tuple]]:
+        prm, dev = self.params, self.dev
+        speed = self.topology.device(dev[w]).speed
+        ovh, jit, bi = prm.overhead_s, prm.jitter, prm.bi_fraction
+        fwd, bwd = self.fwd, self.bwd
+        acts = self.p[w]
+        stages = self.p.stages_of(w)
+        static, levels = memory_levels(acts, {s: self.params_b[s] for s in stages},
+                                       {s: self.saved_b[s] for s in stages}, prm.optimizer_state_factor)
+        ops = []
+        for i, a in enumerate(acts):
+            m0, m1 = levels[i]
+            k, s = a.kind, a.stage
+            if k is _KF or k is _KB or k is _KBI or k is _KBW:
+                base = fwd[s] if k is _KF else bwd[s] if k is _KB else bwd[s] * bi if k is _KBI else bwd[s] * (1.0 - bi)
+                base /= speed
+                if jit:
+                    base *= max(0.0, 1.0 + jit * rng.gauss(0.0, 1.0))
+                ops.append((_COMPUTE, i, base + ovh, m0, m1))
+            elif k is _KSEND:
+                ops.append((_SEND, i, ovh, m0, m1, (w, a.peer, a.grad, s, a.mb), dev[w], dev[a.peer], a.nbytes))
+            elif k is _KRECV:
+                ops.append((_RECV, i, ovh, m0, m1, (a.peer, w, a.grad, s + 1 if a.grad else s - 1, a.mb)))
+            elif k is _KALLREDUCE:
+                ops.append((_ALLREDUCE, i, ovh, m0, m1, (s, a.mb), self.arrivals[s], s, a.nbytes))
+            else:
+                ops.append((_STEP, i, prm.step_time_s + ovh, m0, m1))
+        return static, ops
+
+    # --- the device process -------------------------------------------------------------
+    def _device(self, w: int, static: float, ops: list[tuple]):
+        env, rec, mem, box = self.env, self.rec, self.mem, self.box
+        timeout, transfer = env.timeout, self.net.transfer
+        overlap = self.params.overlap_comm
+        cur = static
+        mem.append((w, 0.0, static))
+        for op in ops:
+            code, i, dur, m0 = op[0], op[1], op[2], op[3]
+            t0 = env._now
+            if m0 != cur:
+                cur = m0
+                mem.append((w, t0, cur))
+            if code == _COMPUTE or code == _STEP:
+                if dur > 0.0:
+                    yield timeout(dur)
+            else:
+                if dur > 0.0:
+                    yield timeout(dur)
+                if code == _SEND:
+                    key = op[5]
+                    if overlap:
+                        if transfer(op[6], op[7], op[8], self._deliver, key, (w, i)):
+                            self._deliver(key)
+                    else:
+                        ev = env.event()
+                        if transfer(op[6], op[7], op[8], self._deliver_and_wake, (key, ev), (w, i)):
+                            self._deliver(key)
+                        else:
+                            yield ev
+                elif code == _RECV:
+                    if box.pop(op[5], None) is None:
+                        ev = box[op[5]] = env.event()
+                        yield ev
+                else:  # _ALLREDUCE
+                    st = self.groups.get(op[5])
+                    if st is None:
+                        st = self.groups[op[5]] = [0, env.event(), 0.0]
+                    st[0] += 1
+                    if st[0] == op[6]:
+                        st[2] = env._now
+                        coll = Collective(self.net, self._phases(op[7], op[8]), _succeed, st[1], f"{op[7]}ALLREDUCE{op[5][1]}")
+                        if coll.start():
+                            st[1].succeed()
+                        else:
+                            yield st[1]
+                    else:
+                        yield st[1]
+                    t0 = st[2]
+            rec.append((w, i, t0, env._now))
+            m1 = op[4]
+            if m1 != cur:
+                cur = m1
+                mem.append((w, env._now, cur))
+
+    def _deliver(self, key: tuple) -> None:
+        waiter = self.box.get(key)
+        if waiter is None:
+            self.box[key] = _ARRIVED
+        else:
+            del self.box[key]
+            waiter.succeed()
+
+    def _deliver_and_wake(self, arg: tuple) -> None:
+        key, ev = arg
+        self._deliver(key)
+        ev.succeed()
+
+    def _phases(self, stage: int, nbytes: float) -> list[Phase]:
+        key = (stage, nbytes)
+        ph = self.phases.get(key)
+        if ph is None:
+            devs = [self.dev[w] for w in self.p.stage_workers[stage]]
+            ph, algo = allreduce_phases(self.topology, devs, nbytes, self.params.allreduce)
+            self.phases[key] = ph
+            self.algorithms.add(algo)
+        return ph
+
+    # --- run and write the trace -------------------------------------------------------
+    def run(self, progress: Progress | None) -> Trace:
+        rng = random.Random(self.params.seed)
+        procs = {}
+        total = 0
+        for w in self.workers:
+            static, ops = self._ops(w, rng)
+            procs[w] = self.env.process(self._device(w, static, ops))
+            total += len(ops)
+        if progress is None:
+            self.env.run()
+        else:
+            step, n = self.env.step, 0
+            try:
+                while True:
+                    step()
+                    n += 1
+                    if not n & 4095:
+                        progress(len(self.rec), total)
+            except simpy.core.EmptySchedule:
+                pass
+            progress(len(self.rec), total)
+        stuck = [w for w, pr in procs.items() if pr.is_alive]
+        if stuck:
+            done = {w: 0 for w in stuck}
+            for w, *_ in self.rec:
+                if w in done:
+                    done[w] += 1
+            waits = ", ".join(f"w{w} at {self.p[w][done[w]]}" for w in stuck[:6])
+            raise SimError(f"deadlock: no worker can proceed ({waits}); run planner.check.check on the program")
+        return self._trace()
+
+    def _trace(self) -> Trace:
+        p, sw = self.p, self.p.stage_workers
+        image = {w: [w] for w in self.workers}
+        if self.replicas > 1:
+            image = {ws[0]: list(ws) for ws in sw}
+        acts = p.actions
+        if self.replicas == 1:
+            events = [Event(w, _text(a), t0, t1, a.kind._value_, a.nbytes)
+                      for w, i, t0, t1 in self.rec for a in (acts[w][i],)]
+        else:
+            events = [Event(w, _text(a), t0, t1, a.kind._value_, a.nbytes)
+                      for w0, i, t0, t1 in self.rec for w in image[w0] for a in (acts[w][i],)]
+        memory = [MemorySample(w, t, b) for w0, t, b in self.mem for w in image[w0]]
+        if self.params.link_events:
+            log = self.net.log
+            if self.replicas > 1:
+                log = self._mirror_log(log, image)
+            events += link_events(self.topology, log, self._label)
+        self.meta["allreduce"] = sorted(self.algorithms)
+        self.meta["workers_simulated"] = len(self.workers)
+        return Trace(events=events, memory=memory, meta=self.meta)
+
+    def _label(self, lab) -> str:
+        if isinstance(lab, tuple):
+            w, i = lab
+            return _text(self.p[w][i])
+        return str(lab)
+
+    def _mirror_log(self, log, image):
+        """Point-to-point transfers of pipeline 0 copied onto every replica pipeline."""
+        out = []
+        for entry in log:
+            lab = entry[5]
+            if not isinstance(lab, tuple):
+                out.append(entry)
+                continue
+            w0, i = lab
+            for w in image[w0]:
+                a = self.p[w][i]
+                out.append((self.dev[w], self.dev[a.peer], entry[2], entry[3], entry[4], (w, i)))
+        return out
+
+
+def _text(a: Action) -> str:
+    """``str(a)`` (planner.program's compact form), without the enum lookups: traces hold one per action."""
+    k = a.kind
+    t = f"{a.stage}{k._value_}{a.mb}"
+    if a.version:
+        t += f"v{a.version}"
+    if k is _KSEND:
+        t += f"{'g' if a.grad else 'a'}>w{a.peer}"
+    elif k is _KRECV:
+        t += f"{'g' if a.grad else 'a'}<w{a.peer}"
+    return t
+
+
+def _succeed(ev: simpy.Event) -> None:
+    ev.succeed()
+
+
+# --- symmetry -------------------------------------------------------------------------------
+def _symmetry(run: _Run) -> tuple[int, str]:
+    """(R, "") when the R replica pipelines are exact copies of pipeline 0, else (1, why not)."""
+    p, topo, dev = run.p, run.topology, run.dev
+    sw = p.stage_workers
+    R = len(sw[0])
+    if R == 1:
+        return 1, "stages are not replicated"
+    if run.params.jitter:
+        return 1, "compute jitter differs between replicas"
+    if any(len(ws) != R for ws in sw) or any(len(p.stages_of(w)) != 1 for w in p.workers):
+        return 1, "stages have different replica counts"
+    for ws in sw:
+        speed = topo.device(dev[ws[0]]).speed
+        if any(topo.device(dev[w]).speed != speed for w in ws):
+            return 1, "replicas of a stage run on devices of different speeds"
+    rank = {w: (s, r) for s, ws in enumerate(sw) for r, w in enumerate(ws)}
+    edges = topo.graph.edges
+    owner: dict[tuple[str, str], int] = {}   # finite p2p hop -> pipeline using it
+    to0: list[dict[tuple[str, str], tuple[str, str]]] = [{} for _ in range(R)]
+    for s, ws in enumerate(sw):
+        ref = p[ws[0]]
+        for r, w in enumerate(ws):
+            acts = p[w]
+            if len(acts) != len(ref):
+                return 1, f"replica {r} of stage {s} runs {len(acts)} actions, replica 0 {len(ref)}"
+            for a, b in zip(acts, ref):
+                if (a.kind, a.stage, a.version, a.grad, a.nbytes) != (b.kind, b.stage, b.version, b.grad, b.nbytes):
+                    return 1, f"replica {r} of stage {s} differs from replica 0 at {a}"
+                if a.kind in (Kind.ALLREDUCE, Kind.STEP):
+                    if a.mb != b.mb:
+                        return 1, f"replica {r} of stage {s} differs from replica 0 at {a}"
+                    continue
+                if a.mb != b.mb + r or (a.peer is not None and rank[a.peer] != (rank[b.peer][0], r)):
+                    return 1, f"replica {r} of stage {s} is no relabelled copy of replica 0 at {a}"
+                if a.kind is not Kind.SEND:
+                    continue
+                hops_a, hops_b = topo.route(dev[w], dev[a.peer]), topo.route(dev[ws[0]], dev[b.peer])
+                if [edges[h]["link"] for h in hops_a] != [edges[h]["link"] for h in hops_b]:
+                    return 1, f"pipeline {r}'s link from stage {s} differs from pipeline 0's"
+                for ha, hb in zip(hops_a, hops_b):
+                    if edges[ha]["link"].bandwidth_bytes_per_s == float("inf"):
+                        continue
+                    if owner.setdefault(ha, r) != r:
+                        return 1, f"pipelines {owner[ha]} and {r} share link {ha[0]}->{ha[1]}"
+                    if to0[r].setdefault(ha, hb) != hb:
+                        return 1, f"pipeline {r}'s links are not a copy of pipeline 0's"
+    for r in range(R):
+        if len(set(to0[r].values())) != len(to0[r]):
+            return 1, f"pipeline {r}'s links are not a copy of pipeline 0's"
+    if owner:
+        for s, ws in enumerate(sw):
+            nbytes = next((a.nbytes for a in p[ws[0]] if a.kind is Kind.ALLREDUCE), None)
+            if nbytes is None:
+                continue
+            phases, _ = allreduce_phases(topo, [dev[w] for w in ws], nbytes, run.params.allreduce)
+            for src, dst in dict.fromkeys((a, b) for ph in phases for a, b, _ in ph):
+                for h in run.net.finite_hops(src, dst):
+                    if h in owner:
+                        return 1, f"stage {s}'s all-reduce shares link {h[0]}->{h[1]} with point-to-point traffic"
+    return R, ""

@@ -1,0 +1,55 @@
+"""SimParams, the knobs of the cluster model, and SimError, the simulator's bad-input error."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALLREDUCE_ALGORITHMS = ("ring", "hierarchical", "auto")
+
+
+class SimError(ValueError):
+    """Input the simulator cannot run (a device missing from the topology, a profile too short, ...)."""
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """How the simulated cluster behaves beyond what the profile and topology say.
+
+    Attributes:
+        overhead_s: fixed device time added to every action (kernel launch and framework cost);
+            calibration fits it.
+        overlap_comm: True (as on GPUs): a SEND is posted and the device moves on while the
+            transfer runs. False: the device waits until its SEND is delivered.
+        bi_fraction: share of a stage's backward time spent in BI (input gradient) when the
+            backward is split; BW gets the rest.
+        optimizer_state_factor: optimizer state in multiples of parameter bytes (SGD with
+            momentum 1, Adam 2, plain SGD 0).
+        step_time_s: device time of one optimizer STEP.
+        jitter: relative standard deviation of seeded Gaussian noise on compute times (0: none).
+        seed: seed of that noise.
+        allreduce: "ring" over all replicas, "hierarchical" (reduce inside each server, ring
+            across servers, broadcast inside), or "auto" (hierarchical when the replicas span
+            several servers and some server holds more than one).
+        use_symmetry: simulate one representative per set of identical stage replicas when
+            that is exact (see ``sim.engine``); the trace is the same either way.
+        link_events: record one event per link hop of every transfer (link lanes "u->v").
+    """
+
+    overhead_s: float = 0.0
+    overlap_comm: bool = True
+    bi_fraction: float = 0.5
+    optimizer_state_factor: float = 1.0
+    step_time_s: float = 0.0
+    jitter: float = 0.0
+    seed: int = 0
+    allreduce: str = "auto"
+    use_symmetry: bool = True
+    link_events: bool = True
+
+    def __post_init__(self) -> None:
+        if self.allreduce not in ALLREDUCE_ALGORITHMS:
+            raise SimError(f"unknown all-reduce algorithm {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_ALGORITHMS)}")
+        if not 0.0 <= self.bi_fraction <= 1.0:
+            raise SimError(f"bi_fraction must lie in [0, 1] (got {self.bi_fraction})")
+        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "jitter"):
+            if getattr(self, name) < 0:
+                raise SimError(f"{name} must be >= 0 (got {getattr(self, name)})")

@@ -1,0 +1,85 @@
+"""Measured traces, memory, the CLI and the torchrun entry point of the executor."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from executor.launch import run_plan
+from planner.plan import even_plan
+from planner.trace import Trace, peak_memory_bytes, summary
+
+pytestmark = pytest.mark.dist
+MODEL = "mlp:layers=6,width=32"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(60)
+def test_trace_has_every_action_timed_on_its_worker_lane():
+    plan = even_plan(MODEL, 6, 3, schedule="zb-h1", microbatches=4, batches=2, microbatch_size=4)
+    res = run_plan(plan)
+    n_actions = sum(len(v) for v in res.program.actions.values())
+    assert len(res.trace.events) == n_actions
+    assert res.trace.meta["source"] == "measured" and res.trace.meta["family"] == "zb-h1"
+    assert res.trace.meta["microbatch_size"] == 4
+    for w, acts in res.program.actions.items():
+        evs = [e for e in res.trace.events if e.lane == w]
+        assert sorted(e.action for e in evs) == sorted(str(a) for a in acts)
+        assert all(e.end_s >= e.start_s >= 0 for e in evs)
+    sends = [e for e in res.trace.events if e.kind == "SEND"]
+    assert all(e.nbytes == 4 * 32 * 4 for e in sends)  # microbatch x width x float32
+    assert set(summary(res.trace)) <= set(res.summary())
+    assert sorted(res.losses) == list(range(8))
+
+
+@pytest.mark.timeout(60)
+def test_measured_memory_follows_microbatches_in_flight():
+    kw = dict(microbatches=6, batches=1, microbatch_size=8)
+    gpipe = peak_memory_bytes(run_plan(even_plan(MODEL, 6, 3, schedule="gpipe", **kw)).trace)
+    one_f = peak_memory_bytes(run_plan(even_plan(MODEL, 6, 3, schedule="1f1b", **kw)).trace)
+    params = 2 * (32 * 32 + 32) * 4  # two layers per stage
+    assert all(v > params for v in one_f.values())
+    assert gpipe[0] > one_f[0]  # GPipe keeps all 6 microbatches, 1F1B's stage 0 at most 3
+    assert one_f[0] > one_f[2]  # 1F1B: stage s keeps P - s
+
+
+@pytest.mark.timeout(90)
+def test_cli_run_json_trace_and_weights(tmp_path):
+    trace, weights = tmp_path / "t.json", tmp_path / "w.pt"
+    cmd = [sys.executable, "-m", "pipetwin", "run", "--model", MODEL, "--stages", "2", "--schedule", "pipedream",
+           "--microbatches", "8", "--json", "--trace", str(trace), "--save-weights", str(weights)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    for key in ("throughput_samples_per_s", "time_per_batch_s", "makespan_s", "bubble_fraction", "per_device", "events"):
+        assert key in doc
+    assert set(doc["per_device"]) == {"0", "1"}
+    assert Trace.load(trace).events
+    w = torch.load(weights, weights_only=True)
+    assert {k.split(".")[0] for k in w} == {"stage0", "stage1"} and "stage1.5.weight" in w
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_worker_runs_under_torchrun(tmp_path):
+    plan = even_plan(MODEL, 6, 2, schedule="1f1b", microbatches=4, batches=2, lr=0.05)
+    plan.save(tmp_path / "plan.json")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nnodes", "1", "--nproc-per-node", "2", "-m", "executor.worker",
+                           str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--save-weights",
+                           str(tmp_path / "w.pt")], capture_output=True, text=True, timeout=110, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["events"] > 0
+    from executor.reference import reference_weights
+
+    want = reference_weights(plan)
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -23,10 +23,11 @@ def register(sub) -> None:
                    "(default with --plan: the plan's model)")
     p.add_argument("--topology", metavar="SPEC", help="preset (ideal:8, dgx:servers=2, hier:8x4, ...) or file "
                    "(default with --plan: the plan's topology)")
-    p.add_argument("--schedule", default="1f1b", choices=FAMILIES, help="schedule family (default 1f1b)")
+    p.add_argument("--schedule", default="auto", choices=("auto", *FAMILIES),
+                   help="schedule family; auto (default) lets the planner score every family")
     p.add_argument("--stages", type=int, help="pipeline stages P (default: min(4, layers, devices))")
     p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
-    p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
+    p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (PipeDream: minibatches); overrides the planner")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
@@ -49,18 +50,31 @@ def register(sub) -> None:
 def _plan_for(args, profile, topology):
     """The plan the shortcut (--model/--topology) simulates.
 
-    Hook for the planner: today an even split of the profile's layers over the
-    topology's first devices.
+    The planner chooses (partition, replication, placement, schedule, microbatches)
+    unless --stages or --replicas override it; then the layers are split evenly
+    over the topology's first devices.
     """
+    from dataclasses import replace
+
     from pipetwin.errors import UserError
     from planner.plan import even_plan
 
-    chunks = args.chunks if args.schedule != "interleaved" else max(args.chunks, 2)
-    depth = args.stages or min(4, len(profile), len(topology.devices))
-    stages = depth * chunks if args.schedule == "interleaved" else depth
+    if args.stages is None and args.replicas is None:
+        from planner.search import plan_model
+
+        result = plan_model(profile, topology, schedule=args.schedule, microbatch_size=args.microbatch_size,
+                            microbatches=args.microbatches, model_name=args.model)
+        plan = replace(result.best, batches=args.steps or result.best.batches, topology=args.topology)
+        if args.vertical_sync and plan.schedule == "pipedream":
+            plan = replace(plan, vertical_sync=True)
+        return plan
+    schedule = "1f1b" if args.schedule == "auto" else args.schedule
+    chunks = args.chunks if schedule != "interleaved" else max(args.chunks, 2)
+    depth = args.stages or len(args.replicas)
+    stages = depth * chunks if schedule == "interleaved" else depth
     replicas = args.replicas or (1,) * stages
-    plan = even_plan(args.model, len(profile), stages, replicas, schedule=args.schedule,
-                     microbatches=args.microbatches, microbatch_size=args.microbatch_size, chunks=chunks,
+    plan = even_plan(args.model, len(profile), stages, replicas, schedule=schedule,
+                     microbatches=args.microbatches or 4, microbatch_size=args.microbatch_size, chunks=chunks,
                      vertical_sync=args.vertical_sync, batches=args.steps or 1, topology=args.topology)
     names = plan.devices
     if len(names) > len(topology.devices):
@@ -84,18 +98,22 @@ def _inputs(args):
         topo_spec = args.topology or plan.topology
         if not topo_spec:
             raise UserError(f"plan {args.plan!r} names no topology; give --topology")
-        profile, topology = load_profile(model), load_topology(topo_spec)
+        from pipetwin.cmd_plan import resolve_model
+
+        profile, topology = resolve_model(model), load_topology(topo_spec)
         if args.steps:
             plan = replace(plan, batches=args.steps)
         return plan, profile, topology
     if not args.model or not args.topology:
         raise UserError("give --plan plan.json, or --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
     for name in ("microbatches", "microbatch_size", "chunks"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.stages is not None and args.stages < 1:
         raise UserError("--stages must be >= 1")
-    profile, topology = load_profile(args.model), load_topology(args.topology)
+    from pipetwin.cmd_plan import resolve_model
+
+    profile, topology = resolve_model(args.model), load_topology(args.topology)
     return _plan_for(args, profile, topology), profile, topology
 
 

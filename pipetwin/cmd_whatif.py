@@ -1,0 +1,219 @@
+"""`pipetwin whatif`: sweep clusters (device counts × kinds × interconnects × schedules × microbatch sizes) for one model."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from pipetwin.errors import UserError
+from pipetwin.whatif import (INTERCONNECT_HELP, SweepConfig, WhatIfError, cost_per_sample, fewest_devices_for,
+                             plot_sweep, run_sweep, stage_table)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("whatif", help="capacity planning: sweep cluster sizes, device kinds and interconnects",
+                       description="Plan a model on every combination of device count, device kind, interconnect, "
+                                   "schedule and microbatch size; print the Pareto front (throughput, devices, memory "
+                                   "per device, cost per sample) and the fewest devices that reach a target.")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="gpt3-13b, gpt:layers=40,hidden=5120,heads=40,seq=2048,vocab=50257, vgg16, a profile path, ...")
+    p.add_argument("--devices", required=True, type=_counts, metavar="LIST",
+                   help="device counts: 8,16,64 or 8,16,...,512 (geometric, ratio of the first two) or 8:64:8 (range)")
+    p.add_argument("--device-kinds", type=_words, default=None, metavar="LIST",
+                   help="catalogue kinds, e.g. a100-80gb,h100 (default: the model's @kind, else a100-80gb)")
+    p.add_argument("--interconnects", type=_words, default=("dgx-ib200",), metavar="LIST", help=INTERCONNECT_HELP)
+    p.add_argument("--schedules", type=_words, default=("auto",), metavar="LIST",
+                   help="auto (the planner chooses) or families, e.g. 1f1b,gpipe,interleaved,2bw,pipedream,zb-h1")
+    p.add_argument("--microbatch-sizes", type=_counts, default=(1,), metavar="LIST", help="samples per microbatch (default 1)")
+    p.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="samples per optimizer step, the same at every size (default: the planner chooses)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
+                   help="optimizer state in the memory accounting (default adam: 16 bytes/parameter)")
+    p.add_argument("--recompute", action="store_true", help="activation recomputation")
+    p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="samples/s to reach with the fewest devices")
+    p.add_argument("--price", type=_prices, default=None, metavar="KIND=$,..",
+                   help="dollars per device-hour, e.g. a100-80gb=1.5,h100=2.5 (adds cost per sample)")
+    p.add_argument("--simulate", default="pareto", choices=["pareto", "all", "none"],
+                   help="simulate the Pareto points (default), every feasible point, or none")
+    p.add_argument("--sim-batches", type=int, default=1, metavar="N",
+                   help="batches per simulation of a flush schedule (default 1: each batch pays fill and drain; "
+                        "3 adds the overlap between batches)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes (default: all cores)")
+    p.add_argument("--cache", default=None, metavar="FILE", help="JSON-lines cache of finished points; resumes a sweep")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write throughput and memory against devices")
+    p.add_argument("--json", action="store_true", help="print points, pareto (and target) as JSON")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+# --- argument types ------------------------------------------------------------------------------
+def _words(text: str) -> tuple[str, ...]:
+    out = tuple(w.strip() for w in text.split(",") if w.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("expects a comma-separated list")
+    return out
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``8,16,64``; ``8,16,...,512`` (geometric with the first two's ratio, or arithmetic when that ratio is not whole);
+    ``8:64:8`` (start:stop:step, inclusive)."""
+    t = text.replace(" ", "")
+    try:
+        if re.fullmatch(r"\d+:\d+(:\d+)?", t):
+            a, b, *st = (int(x) for x in t.split(":"))
+            step = st[0] if st else 1
+            if step < 1 or a < 1 or b < a:
+                raise ValueError
+            return tuple(range(a, b + 1, step))
+        parts = t.split(",")
+        if "..." in parts:
+            i = parts.index("...")
+            head, tail = [int(x) for x in parts[:i]], [int(x) for x in parts[i + 1:]]
+            if len(head) < 2 or len(tail) != 1 or head[0] < 1 or head[1] <= head[0]:
+                raise ValueError
+            out = list(head)
+            geometric = head[1] % head[0] == 0
+            while True:
+                nxt = out[-1] * (head[1] // head[0]) if geometric else out[-1] + (head[1] - head[0])
+                if nxt > tail[0]:
+                    break
+                out.append(nxt)
+            if out[-1] != tail[0]:
+                raise ValueError
+            return tuple(out)
+        vals = tuple(int(x) for x in parts if x)
+        if not vals or min(vals) < 1:
+            raise ValueError
+        return vals
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expects positive counts like 8,16,64, 8,16,...,512 or 8:64:8, got {text!r}") from None
+
+
+def _prices(text: str) -> dict[str, float]:
+    from topologies.devices import device_kind
+
+    out: dict[str, float] = {}
+    for part in _words(text):
+        k, eq, v = part.partition("=")
+        try:
+            out[device_kind(k).name] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects KIND=DOLLARS_PER_HOUR pairs like h100=2.5, got {part!r}") from None
+    return out
+
+
+# --- the command ---------------------------------------------------------------------------------
+def run(args) -> int:
+    from planner.analytic import split_device_suffix
+
+    model, suffix = split_device_suffix(args.model)
+    kinds = args.device_kinds or ((suffix,) if suffix else ("a100-80gb",))
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError("--jobs must be >= 1")
+    if args.target_throughput is not None and not args.target_throughput > 0:
+        raise UserError("--target-throughput must be a positive number of samples/s")
+    from planner.analytic import load_model
+
+    load_model(model, kinds[0])  # an unknown model fails here, in one line, before any worker starts
+    config = SweepConfig(model=model, devices=tuple(sorted(set(args.devices))), device_kinds=kinds,
+                         interconnects=args.interconnects, schedules=args.schedules,
+                         microbatch_sizes=tuple(sorted(set(args.microbatch_sizes))), global_batch=args.global_batch,
+                         optimizer=args.optimizer, recompute=args.recompute, simulate=args.simulate,
+                         sim_batches=args.sim_batches)
+    result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=args.progress)
+    if not any(r["status"] == "ok" for r in result.records):
+        raise WhatIfError(_nothing_fits(result.records, model))
+    if args.plot:
+        plot_sweep(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_json(args.target_throughput), allow_nan=False))
+        return 0
+    _print(result, args)
+    return 0
+
+
+def _nothing_fits(records: list[dict], model: str) -> str:
+    """One line: no point of the sweep fits; the least memory per device a plan would need, and where."""
+    nofit = [r for r in records if r["status"] == "no-fit" and r["memory_needed_bytes"]]
+    if not nofit:
+        reasons = sorted({r["reason"] for r in records if r["reason"]})
+        return f"no configuration of the sweep can run {model}: {reasons[0] if reasons else 'no valid point'}"
+    r = min(nofit, key=lambda r: (r["memory_needed_bytes"] / r["memory_limit_bytes"], -r["devices"]))
+    return (f"{model} fits on no configuration of this sweep: it would need {r['memory_needed_bytes'] / 1e9:.1f} GB "
+            f"per device at best ({r['devices']}×{r['device_kind']}, {r['interconnect']}) but a {r['device_kind']} "
+            f"has {r['memory_limit_bytes'] / 1e9:.0f} GB; add devices, use --recompute, a smaller --microbatch-sizes "
+            f"or a larger-memory kind")
+
+
+def _print(result, args) -> None:
+    from rich.table import Table
+
+    from pipetwin.whatif import console
+
+    con = console()
+    recs = result.records
+    ok = [r for r in recs if r["status"] == "ok"]
+    bad = [r for r in recs if r["status"] != "ok"]
+    con.print(f"[bold]{result.config.model}[/]: {len(recs)} configurations, {len(ok)} feasible, "
+              f"{len(result.pareto)} on the Pareto front" + (f" ({result.cached} from the cache)" if result.cached else ""))
+    t = Table(title="Pareto front (throughput ↑, devices ↓, memory per device ↓" + (", cost per sample ↓)" if args.price else ")"),
+              title_justify="left")
+    cols = ["devices", "kind", "interconnect", "schedule", "mb×M", "stages×replicas", "samples/s", "simulated",
+            "peak GB", "bound by"] + (["$ per 1M samples"] if args.price else [])
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("kind", "interconnect", "schedule", "bound by", "stages×replicas") else "right")
+    for i in result.pareto:
+        t.add_row(*_row(recs[i], args.price))
+    con.print(t)
+    if bad:
+        kinds: dict[str, int] = {}
+        for r in bad:
+            kinds[r["status"]] = kinds.get(r["status"], 0) + 1
+        first = next(r for r in bad)
+        con.print(f"not plannable: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                  + f" (e.g. {first['devices']}×{first['device_kind']} {first['interconnect']}: {first['reason']})")
+    if args.target_throughput is not None:
+        hit, best = fewest_devices_for(recs, args.target_throughput, args.price)
+        if hit is not None:
+            con.print(f"\n[bold]target {args.target_throughput:g} samples/s[/]: fewest devices {hit['devices']} "
+                      f"({hit['device_kind']}, {hit['interconnect']}, {hit['plan']['schedule']}) at "
+                      f"{hit['throughput_samples_per_s']:.4g} samples/s" + _sim_note(hit, args.target_throughput))
+            shown = hit
+        else:
+            con.print(f"\n[bold]target {args.target_throughput:g} samples/s is not reachable[/] in this sweep: the best "
+                      f"reachable is {best['throughput_samples_per_s']:.4g} samples/s with {best['devices']}×"
+                      f"{best['device_kind']} on {best['interconnect']} ({best['plan']['schedule']})")
+            shown = best
+    else:
+        shown = max(ok, key=lambda r: r["throughput_samples_per_s"])
+        con.print(f"\nhighest throughput: {shown['devices']}×{shown['device_kind']} on {shown['interconnect']}")
+    if shown.get("explanation"):
+        con.print(shown["explanation"])
+    con.print(stage_table(shown["stages"], title="per stage (compute, communication, memory, slack, binding constraint)"))
+    if args.plot:
+        con.print(f"plot written to {args.plot}")
+
+
+def _sim_note(rec: dict, target: float) -> str:
+    sim = rec.get("simulated")
+    if not sim:
+        return ""
+    x = sim["throughput_samples_per_s"]
+    return f"; simulated {x:.4g} samples/s" + ("" if x >= target else " — [yellow]below the target in simulation[/]")
+
+
+def _row(r: dict, prices) -> list[str]:
+    plan = r["plan"]
+    reps = [s["replicas"] for s in plan["stages"]]
+    shape = f"{len(reps)}×{reps[0]}" if len(set(reps)) == 1 else f"{len(reps)}×({','.join(map(str, reps))})"
+    sim = r.get("simulated")
+    row = [str(r["devices"]) + ("" if r["devices_used"] == r["devices"] else f" ({r['devices_used']} used)"),
+           r["device_kind"], r["interconnect"], plan["schedule"] + (f" v={plan['chunks']}" if plan["chunks"] > 1 else ""),
+           f"{plan['microbatch_size']}×{plan['microbatches']}", shape, f"{r['throughput_samples_per_s']:.4g}",
+           f"{sim['throughput_samples_per_s']:.4g}" if sim else ("error" if r.get("simulation_error") else "–"),
+           f"{r['peak_memory_bytes'] / 1e9:.1f}", r["binding"] or ""]
+    if prices:
+        c = cost_per_sample(r, prices)
+        row.append("–" if c is None else f"{c * 1e6:.2f}")
+    return row

@@ -1,0 +1,439 @@
+"""Analytic model profiles: per-layer costs from FLOPs, parameters and activation bytes, no profiling run.
+
+A what-if needs a profile for a model nobody has run on a device nobody has.
+This module builds one from closed forms:
+
+* **GPT/BERT-style transformers** given (layers, hidden, heads, sequence,
+  vocabulary[, ffn]). Layers: the embedding, each transformer block as one
+  layer, and the final layer norm + output head.
+* **The CNNs of the PipeDream paper** (``vgg16``, ``resnet50``). Where
+  PipeDream's measured ``graph.txt`` for that model is on disk (see
+  :func:`pipedream_profiles_dir`) the name resolves to it; otherwise to a
+  layer-by-layer FLOP count (``vgg16-analytic``, ``resnet50-analytic`` force
+  the latter). Times in a graph.txt are scaled from the V100 to the requested
+  kind by achievable FLOP/s, and its per-minibatch bytes become per-sample
+  bytes using the batch size it was profiled at (``PIPEDREAM_BATCH``).
+
+Units and conventions (per reference microbatch of one sample = one sequence
+for a transformer, one 224×224 image for a CNN):
+
+* time = FLOPs / (peak_flops × achievable_fraction) of the device kind
+  (``topologies.devices.DEVICE_KINDS``); backward = 2 × forward FLOPs.
+* Transformer forward FLOPs per block per sequence (Narayanan et al., 2021):
+  ``24·s·h² + 4·s²·h`` for ffn = 4h (generally ``8·s·h² + 4·s·h·ffn + 4·s²·h``);
+  the head adds ``2·s·h·V``. So training FLOPs per token ≈ 6·N·(1 + s/6h).
+* Parameters per block: ``4h² + 2h·ffn + 9h + ffn`` (= 12h² + 13h for ffn = 4h);
+  embedding ``V·h + s·h`` (learned positions); the head holds a copy of the
+  word embedding (tied weights live on both ends of a pipeline, as Megatron
+  keeps them) plus the final layer norm. :func:`transformer_param_count`
+  counts the tied matrix once.
+* Bytes: mixed precision. A layer's ``param_bytes`` counts **4 bytes per
+  parameter** (:data:`BYTES_PER_PARAM`): the size of the fp32 main gradient
+  a data-parallel all-reduce sends (Megatron's default), and the unit the
+  cost model (``planner.costmodel``) multiplies by weights 1× + gradients 1× +
+  optimizer state (momentum 1×, Adam 2×). That yields the well-known training
+  state per parameter (:data:`STATE_BYTES_PER_PARAM`): bf16 weight 2 + bf16
+  gradient 2 + fp32 master copy 4 + optimizer (Adam m and v 8) = **16 bytes**
+  with Adam, 12 with SGD + momentum (the cost model's "sgd"), 8 with none.
+* Activation bytes at a block boundary per sample: ``s·h·2`` (one bf16 hidden
+  state per token).
+* Saved-for-backward bytes per block per sample, Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", eq. 1,
+  16-bit activations, no tensor or sequence parallelism, no recomputation):
+  ``s·h·(34 + 5·a·s/h)`` bytes. The head saves ``4·s·h`` (layer-norm input
+  and output) plus ``4·s·V`` (fp32 logits for the cross entropy); the
+  embedding saves its dropout mask ``s·h`` bytes plus the token ids.
+* CNN layers: conv FLOPs ``2·k²·Cin·Cout·Hout·Wout``; saved bytes ≈ the
+  convolution input plus batch-norm input and ReLU output, 2 bytes each.
+
+Spec strings (:func:`load_model`, used by every command)::
+
+    gpt3-13b                        a preset (see PRESETS)
+    gpt3-13b@h100                   ... timed on a device kind (default a100-80gb)
+    gpt3-13b:seq=4096               a preset with overrides
+    gpt:layers=40,hidden=5120,heads=40,seq=2048,vocab=50257[,ffn=20480]
+    bert:layers=24,hidden=1024,heads=16,seq=512,vocab=30522
+    vgg16, resnet50                 PipeDream graph.txt when present, else analytic
+    vgg16-analytic, resnet50-analytic
+    alexnet, gnmt, resnet101, ...   any PipeDream graph.txt by name (per sample where its batch is known)
+    PATH.json | PATH graph.txt | uniform:...   as planner.profile.load_profile
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from planner.profile import Layer, ModelProfile, ProfileError, load_profile, read_pipedream_graph
+from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
+from topologies.topology import TopologyError
+
+__all__ = [
+    "TransformerConfig", "PRESETS", "CNNS", "STATE_BYTES_PER_PARAM", "BYTES_PER_PARAM", "DEFAULT_DEVICE_KIND",
+    "transformer_profile", "transformer_param_count", "transformer_flops_per_token", "block_saved_bytes",
+    "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
+    "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device",
+]
+
+#: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
+BYTES_PER_PARAM = 4
+#: Training-state bytes per parameter under mixed precision: bf16 weight + bf16 grad + fp32 master + optimizer.
+STATE_BYTES_PER_PARAM: dict[str, int] = {"none": 8, "sgd": 12, "momentum": 12, "adam": 16}
+#: Device kind an analytic profile is timed on when the spec names none.
+DEFAULT_DEVICE_KIND = "a100-80gb"
+#: Reference device PipeDream's graph.txt times are scaled from (its clusters are V100s).
+PIPEDREAM_REFERENCE_KIND = "v100"
+
+
+class ModelSpecError(ProfileError):
+    """A model spec that names no known model or has a bad field; the message lists what is accepted."""
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of a GPT- or BERT-style transformer.
+
+    Attributes:
+        layers: transformer blocks L.
+        hidden: hidden size h.
+        heads: attention heads a.
+        seq: sequence length s (tokens per sample).
+        vocab: vocabulary size V.
+        ffn: feed-forward inner size (0 means 4h).
+        family: "gpt" or "bert" (same costs; the name only).
+    """
+
+    layers: int
+    hidden: int
+    heads: int
+    seq: int
+    vocab: int
+    ffn: int = 0
+    family: str = "gpt"
+
+    def __post_init__(self) -> None:
+        for key in ("layers", "hidden", "heads", "seq", "vocab"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ModelSpecError(f"{self.family}: {key} must be a positive integer (got {v!r})")
+        if self.ffn < 0:
+            raise ModelSpecError(f"{self.family}: ffn must be >= 0 (0 means 4×hidden)")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn or 4 * self.hidden
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this config."""
+        f = f",ffn={self.ffn}" if self.ffn else ""
+        return f"{self.family}:layers={self.layers},hidden={self.hidden},heads={self.heads},seq={self.seq},vocab={self.vocab}{f}"
+
+
+_GPT2 = dict(seq=1024, vocab=50257)
+_GPT3 = dict(seq=2048, vocab=50257)
+_BERT = dict(seq=512, vocab=30522, family="bert")
+
+#: Named transformers. GPT-3 shapes from Brown et al. 2020, Table 2.1 (13B with h = 5120,
+#: 1.3B with 16 heads of 128 so that heads divide h).
+PRESETS: dict[str, TransformerConfig] = {
+    "gpt2-small": TransformerConfig(12, 768, 12, **_GPT2),
+    "gpt2-medium": TransformerConfig(24, 1024, 16, **_GPT2),
+    "gpt2-large": TransformerConfig(36, 1280, 20, **_GPT2),
+    "gpt2-xl": TransformerConfig(48, 1600, 25, **_GPT2),
+    "gpt3-125m": TransformerConfig(12, 768, 12, **_GPT3),
+    "gpt3-350m": TransformerConfig(24, 1024, 16, **_GPT3),
+    "gpt3-760m": TransformerConfig(24, 1536, 16, **_GPT3),
+    "gpt3-1.3b": TransformerConfig(24, 2048, 16, **_GPT3),
+    "gpt3-2.7b": TransformerConfig(32, 2560, 32, **_GPT3),
+    "gpt3-6.7b": TransformerConfig(32, 4096, 32, **_GPT3),
+    "gpt3-13b": TransformerConfig(40, 5120, 40, **_GPT3),
+    "gpt3-175b": TransformerConfig(96, 12288, 96, **_GPT3),
+    "bert-base": TransformerConfig(12, 768, 12, **_BERT),
+    "bert-large": TransformerConfig(24, 1024, 16, **_BERT),
+}
+_ALIASES = {"gpt2": "gpt2-small", "gpt3-xl": "gpt3-1.3b", "gpt3": "gpt3-175b"}
+_SPEC_KEYS = ("layers", "hidden", "heads", "seq", "vocab", "ffn")
+
+#: CNNs with an analytic fallback (``NAME-analytic``).
+CNNS = ("vgg16", "resnet50")
+#: PipeDream profile name -> the batch size its graph.txt was profiled at (its README's table);
+#: other names in the directory are read as they are (one "sample" = one profiled minibatch).
+PIPEDREAM_BATCH: dict[str, int] = {"alexnet": 256, "vgg16": 128, "resnet18": 256, "resnet50": 128, "resnext50": 128,
+                                   "resnet101": 64, "resnext101": 64, "densenet121": 64, "inception_v3": 128}
+
+
+# ---------------------------------------------------------------------- closed forms
+def _block_params(c: TransformerConfig) -> int:
+    h, f = c.hidden, c.ffn_size
+    return 4 * h * h + 2 * h * f + 9 * h + f
+
+
+def transformer_param_count(c: TransformerConfig, tied: bool = True) -> int:
+    """Parameters N: blocks + embeddings (+ final LN); the head's matrix counted once when ``tied``."""
+    h = c.hidden
+    n = c.layers * _block_params(c) + c.vocab * h + c.seq * h + 2 * h
+    return n if tied else n + c.vocab * h
+
+
+def _block_flops(c: TransformerConfig) -> float:
+    """Forward FLOPs of one block for one sequence."""
+    s, h, f = c.seq, c.hidden, c.ffn_size
+    return 8.0 * s * h * h + 4.0 * s * h * f + 4.0 * s * s * h
+
+
+def _head_flops(c: TransformerConfig) -> float:
+    s, h, v = c.seq, c.hidden, c.vocab
+    return 2.0 * s * h * v + 5.0 * s * h + 5.0 * s * v  # logits + layer norm + softmax/cross entropy
+
+
+def transformer_flops_per_token(c: TransformerConfig) -> float:
+    """Training FLOPs (forward + 2× backward) per token."""
+    fwd = c.layers * _block_flops(c) + _head_flops(c) + 2.0 * c.seq * c.hidden
+    return 3.0 * fwd / c.seq
+
+
+def block_saved_bytes(c: TransformerConfig) -> float:
+    """Korthikanti et al. 2022: bytes saved for backward per block per sample, s·h·(34 + 5·a·s/h)."""
+    s, h, a = c.seq, c.hidden, c.heads
+    return s * h * (34.0 + 5.0 * a * s / h)
+
+
+def state_bytes(params: float, optimizer: str = "adam") -> float:
+    """Training-state bytes (weights, gradients, master copy, optimizer) of ``params`` parameters."""
+    try:
+        return params * STATE_BYTES_PER_PARAM[optimizer]
+    except KeyError:
+        raise ModelSpecError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(STATE_BYTES_PER_PARAM)}") from None
+
+
+def _seconds(flops: float, kind: DeviceKind) -> float:
+    return flops / kind.achievable_flops
+
+
+def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, name: str | None = None) -> ModelProfile:
+    """A chain profile of ``c`` timed on device ``kind``: embedding, L blocks, final LN + head."""
+    k = device_kind(kind)
+    s, h, v = c.seq, c.hidden, c.vocab
+    boundary = s * h * 2.0
+    emb_flops = 2.0 * s * h
+    layers = [Layer("embedding", _seconds(emb_flops, k), 2 * _seconds(emb_flops, k), boundary,
+                    s * h + 8.0 * s, BYTES_PER_PARAM * (v * h + s * h))]
+    bf, saved, bp = _block_flops(c), block_saved_bytes(c), BYTES_PER_PARAM * _block_params(c)
+    for i in range(c.layers):
+        layers.append(Layer(f"block{i}", _seconds(bf, k), 2 * _seconds(bf, k), boundary, saved, bp))
+    hf = _head_flops(c)
+    layers.append(Layer("ln_f+head", _seconds(hf, k), 2 * _seconds(hf, k), 4.0, 4.0 * s * h + 4.0 * s * v,
+                        BYTES_PER_PARAM * (v * h + 2 * h)))
+    return ModelProfile(name=name or c.spec(), layers=tuple(layers), microbatch_size=1, device=k.name)
+
+
+# ---------------------------------------------------------------------- CNNs
+def _conv(cin: int, cout: int, k: int, hw_out: int) -> tuple[float, int, int]:
+    """(forward FLOPs, params, output elements) of a k×k convolution with bias-free BN after it."""
+    return 2.0 * k * k * cin * cout * hw_out * hw_out, k * k * cin * cout + 2 * cout, cout * hw_out * hw_out
+
+
+def _vgg16_layers() -> list[tuple[str, float, int, float, float]]:
+    """(name, fwd FLOPs, params, output elements, saved elements) per chain node of VGG-16 at 224²."""
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    out, cin, hw = [], 3, 224
+    for i, c in enumerate(cfg):
+        if c == "M":
+            continue
+        pooled = i + 1 < len(cfg) and cfg[i + 1] == "M"
+        flops = 2.0 * 9 * cin * c * hw * hw
+        params = 9 * cin * c + c
+        saved = cin * hw * hw + c * hw * hw  # conv input + ReLU output
+        hw_out = hw // 2 if pooled else hw
+        out.append((f"conv{len(out)}{'+pool' if pooled else ''}", flops, params, c * hw_out * hw_out, saved))
+        cin, hw = c, hw_out
+    dims = [cin * hw * hw, 4096, 4096, 1000]
+    for j in range(3):
+        out.append((f"fc{j}", 2.0 * dims[j] * dims[j + 1], dims[j] * dims[j + 1] + dims[j + 1], dims[j + 1],
+                    dims[j] + dims[j + 1]))
+    return out
+
+
+def _resnet50_layers() -> list[tuple[str, float, int, float, float]]:
+    """Chain nodes of ResNet-50 v1.5 at 224²: stem, 16 bottleneck blocks, pool + fc."""
+    f, p, o = _conv(3, 64, 7, 112)
+    out = [("stem", f, p, 64 * 56 * 56, 3 * 224 * 224 + 3 * o)]
+    cin, hw = 64, 56
+    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for b in range(blocks):
+            stride = 2 if (b == 0 and stage > 0) else 1
+            hw_out = hw // stride
+            parts = [_conv(cin, width, 1, hw), _conv(width, width, 3, hw_out), _conv(width, 4 * width, 1, hw_out)]
+            if b == 0:
+                parts.append(_conv(cin, 4 * width, 1, hw_out))
+            flops = sum(x[0] for x in parts)
+            params = sum(x[1] for x in parts)
+            saved = cin * hw * hw + 3 * sum(x[2] for x in parts)  # conv inputs, BN inputs, ReLU outputs
+            out.append((f"layer{stage + 1}.{b}", flops, params, 4 * width * hw_out * hw_out, saved))
+            cin, hw = 4 * width, hw_out
+    out.append(("pool+fc", 2.0 * cin * 1000 + cin * hw * hw, cin * 1000 + 1000, 1000, cin * hw * hw))
+    return out
+
+
+_CNN_BUILDERS = {"vgg16": _vgg16_layers, "resnet50": _resnet50_layers}
+
+
+def cnn_profile(model: str, kind: str = DEFAULT_DEVICE_KIND) -> ModelProfile:
+    """The analytic chain profile of a PipeDream-paper CNN (``vgg16``, ``resnet50``) on device ``kind``."""
+    try:
+        nodes = _CNN_BUILDERS[model]()
+    except KeyError:
+        raise ModelSpecError(f"no analytic CNN {model!r}; known: {', '.join(_CNN_BUILDERS)}") from None
+    k = device_kind(kind)
+    layers = tuple(Layer(n, _seconds(fl, k), 2 * _seconds(fl, k), 2.0 * act, 2.0 * saved, BYTES_PER_PARAM * params)
+                   for n, fl, params, act, saved in nodes)
+    return ModelProfile(name=f"{model}-analytic@{k.name}", layers=layers, microbatch_size=1, device=k.name)
+
+
+def pipedream_profiles_dir() -> Path | None:
+    """Where PipeDream's graph.txt profiles are: $PIPETWIN_PIPEDREAM_PROFILES, else shared/data beside the repo."""
+    env = os.environ.get("PIPETWIN_PIPEDREAM_PROFILES")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "pipedream_profiles")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+def _pipedream(model: str, kind: str | None) -> ModelProfile | None:
+    """PipeDream's measured profile for ``model`` (None if absent): per sample where its batch size is known,
+    times rescaled from the V100 to ``kind`` by achievable FLOP/s."""
+    d = pipedream_profiles_dir()
+    if d is None or not (d / f"{model}.graph.txt").exists():
+        return None
+    raw = read_pipedream_graph(d / f"{model}.graph.txt", name=model)
+    batch = PIPEDREAM_BATCH.get(model, 1)
+    ref, target = device_kind(PIPEDREAM_REFERENCE_KIND), device_kind(kind or PIPEDREAM_REFERENCE_KIND)
+    speed = ref.achievable_flops / target.achievable_flops
+    # graph.txt bytes are per profiled minibatch; the ModelProfile convention is per sample
+    layers = tuple(replace(l, forward_s=l.forward_s * speed, backward_s=l.backward_s * speed,
+                           activation_bytes=l.activation_bytes / batch, saved_bytes=l.saved_bytes / batch)
+                   for l in raw.layers)
+    return replace(raw, name=f"{model}@{target.name}", layers=layers, microbatch_size=batch, device=target.name)
+
+
+def _pipedream_names() -> list[str]:
+    d = pipedream_profiles_dir()
+    return sorted(p.name[: -len(".graph.txt")] for p in d.glob("*.graph.txt")) if d else []
+
+
+# ---------------------------------------------------------------------- spec strings
+def model_names() -> list[str]:
+    """Every model name a spec may use."""
+    extra = sorted(set(CNNS) | set(_pipedream_names()))
+    return sorted(PRESETS) + sorted(_ALIASES) + extra + [f"{m}-analytic" for m in sorted(_CNN_BUILDERS)]
+
+
+def split_device_suffix(spec: str) -> tuple[str, str | None]:
+    """``gpt3-13b@h100`` -> (``gpt3-13b``, ``h100``); no known kind after the last ``@`` -> (spec, None)."""
+    head, sep, tail = spec.rpartition("@")
+    if not sep or not head:
+        return spec, None
+    try:
+        return head, device_kind(tail).name
+    except TopologyError:
+        if "/" in tail or "." in tail:  # looks like a path, not a kind
+            return spec, None
+        raise ModelSpecError(f"model {spec!r}: unknown device kind {tail!r} after '@'; known: {', '.join(DEVICE_KINDS)}") from None
+
+
+def _overrides(text: str, where: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, val = part.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in _SPEC_KEYS:
+            raise ModelSpecError(f"{where}: {part!r} is not KEY=VALUE with KEY one of {', '.join(_SPEC_KEYS)}")
+        try:
+            out[key] = int(float(val))
+        except ValueError:
+            raise ModelSpecError(f"{where}: {key}={val.strip()!r} is not a number") from None
+        if out[key] != float(val):
+            raise ModelSpecError(f"{where}: {key}={val.strip()!r} must be a whole number")
+    return out
+
+
+def _transformer(spec: str) -> TransformerConfig | None:
+    head, _, rest = spec.partition(":")
+    name = head.strip().lower()
+    name = _ALIASES.get(name, name)
+    if name in PRESETS:
+        return replace(PRESETS[name], **_overrides(rest, name)) if rest else PRESETS[name]
+    if name in ("gpt", "bert"):
+        kw = _overrides(rest, name)
+        missing = [k for k in _SPEC_KEYS[:5] if k not in kw]
+        if missing:
+            raise ModelSpecError(f"{name}: missing {', '.join(missing)}; write {name}:layers=L,hidden=H,heads=A,seq=S,vocab=V")
+        return TransformerConfig(family=name, **kw)
+    return None
+
+
+def load_model(spec: str, device_kind_name: str | None = None) -> ModelProfile:
+    """Any model spec (see the module docstring) as a ModelProfile.
+
+    ``device_kind_name`` times an analytic model on that kind (a ``@kind``
+    suffix in the spec does the same; the two must agree). Measured profiles
+    (paths, ``uniform:``) are returned as they are.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError("give a model: a name like gpt3-13b, gpt:layers=...,hidden=..., or a profile path")
+    text, suffix = split_device_suffix(spec.strip())
+    if suffix and device_kind_name and device_kind(device_kind_name).name != suffix:
+        raise ModelSpecError(f"model {spec!r} names device {suffix} but --device-kind is {device_kind_name}; give one")
+    kind = suffix or (device_kind(device_kind_name).name if device_kind_name else None)
+    cfg = _transformer(text)
+    if cfg is not None:
+        base = text.partition(":")[0].strip().lower()
+        name = text if ":" in text else _ALIASES.get(base, base)
+        kind = kind or DEFAULT_DEVICE_KIND
+        return transformer_profile(cfg, kind, name=f"{name}@{device_kind(kind).name}")
+    low = text.lower()
+    measured = _pipedream(low, kind) if re.fullmatch(r"[a-z0-9_]+", low) else None
+    if measured is not None:
+        return measured
+    if low in CNNS:
+        return cnn_profile(low, kind or DEFAULT_DEVICE_KIND)
+    if low.endswith("-analytic") and low[: -len("-analytic")] in _CNN_BUILDERS:
+        return cnn_profile(low[: -len("-analytic")], kind or DEFAULT_DEVICE_KIND)
+    if low.startswith("uniform") or Path(text).exists():
+        return load_profile(text)
+    raise ModelSpecError(f"unknown model {text!r}: not a profile file and not one of {', '.join(model_names())} "
+                         f"(or gpt:/bert:layers=..,hidden=..,heads=..,seq=..,vocab=..)")
+
+
+def total_params(profile: ModelProfile) -> float:
+    """Parameters stored across the chain (tied matrices counted on both ends), from param_bytes."""
+    return sum(l.param_bytes for l in profile.layers) / BYTES_PER_PARAM
+
+
+def min_memory_per_device_bytes(profile: ModelProfile, devices: int, optimizer: str = "adam",
+                                microbatch_size: int = 1) -> float:
+    """A lower bound on per-device memory for ``devices`` pipeline stages: training state split evenly,
+    plus one microbatch's saved activations of the largest layer (no recomputation)."""
+    st = state_bytes(total_params(profile), optimizer) / max(1, min(devices, len(profile)))
+    act = max(l.saved_bytes for l in profile.layers) * microbatch_size
+    return st + act
+
+
+
+def on_device(profile: ModelProfile, kind: str) -> ModelProfile:
+    """``profile`` timed on device ``kind``: times scaled by the ratio of achievable FLOP/s when the
+    profile's own device is a catalogued kind; a profile from an uncatalogued device is returned as is."""
+    target = device_kind(kind)
+    try:
+        source = device_kind(profile.device)
+    except TopologyError:
+        return profile
+    if source.name == target.name:
+        return profile
+    k = source.achievable_flops / target.achievable_flops
+    layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k) for l in profile.layers)
+    name, _, _ = profile.name.rpartition("@") if "@" in profile.name else (profile.name, "", "")
+    return replace(profile, name=f"{name}@{target.name}", layers=layers, device=target.name)

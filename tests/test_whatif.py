@@ -1,0 +1,146 @@
+"""pipetwin.whatif and the whatif/search commands: clusters, sweeps (deterministic, cached, re-plannable), answers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipetwin.cli import main
+from pipetwin.cmd_whatif import _counts
+from pipetwin.whatif import (SweepConfig, SweepPoint, WhatIfError, build_cluster, fewest_devices_for, pareto_front,
+                             parse_interconnect, plan_point, run_sweep, search)
+
+MODEL = "gpt:layers=8,hidden=256,heads=4,seq=128,vocab=1000"
+SMALL = SweepConfig(model=MODEL, devices=(2, 4, 8), device_kinds=("a100-80gb", "h100"),
+                    interconnects=("dgx-ib200", "pcie-eth100"), global_batch=32, simulate="pareto")
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return run_sweep(SMALL, jobs=1)
+
+
+def test_interconnect_vocabulary_builds_the_named_clusters():
+    assert parse_interconnect("DGX-IB400").gbps == 400
+    t = build_cluster("dgx-ib200", 16, "h100")
+    assert len(t.devices) == 16 and t.device("s1g7").kind == "h100"
+    assert len(build_cluster("pcie-eth100", 8, "v100").devices) == 8
+    assert len(build_cluster("fattree-ib400", 64, "h100").devices) == 64
+    assert len(build_cluster("ideal", 3, "h100").devices) == 3
+    with pytest.raises(WhatIfError, match="whole 4-device servers"):
+        build_cluster("pcie-eth100", 6, "v100")
+    with pytest.raises(WhatIfError, match="dgx-ib"):
+        parse_interconnect("dgx-eth100")
+
+
+def test_device_count_lists():
+    assert _counts("8,16,...,128") == (8, 16, 32, 64, 128)
+    assert _counts("8:32:8") == (8, 16, 24, 32)
+    assert _counts("2,3") == (2, 3)
+
+
+def test_sweep_output_does_not_depend_on_jobs(sweep):
+    again = run_sweep(SMALL, jobs=2)
+    assert again.to_json() == sweep.to_json()
+
+
+def test_every_pareto_point_replanned_alone_gives_the_same_answer(sweep):
+    assert sweep.pareto
+    for i in sweep.pareto:
+        rec = sweep.records[i]
+        point = SweepPoint(**{k: v for k, v in json.loads(rec["key"]).items() if k != "v"})
+        alone = plan_point(point)
+        for k in ("status", "plan", "throughput_samples_per_s", "peak_memory_bytes", "stages"):
+            assert alone[k] == rec[k], k
+        assert rec.get("simulated") and rec["simulated"]["throughput_samples_per_s"] > 0
+
+
+def test_cache_resumes_and_gives_identical_output(tmp_path, sweep):
+    cache = tmp_path / "c.jsonl"
+    part = SweepConfig(**{**SMALL.__dict__, "devices": (2, 4)})
+    run_sweep(part, jobs=1, cache=cache)
+    with cache.open("a") as f:
+        f.write('{"key": "cut sho')  # an interrupted write
+    full = run_sweep(SMALL, jobs=1, cache=cache)
+    assert full.cached == len(part.points())
+    assert full.to_json() | {"cached": 0} == sweep.to_json() | {"cached": 0}
+    assert run_sweep(SMALL, jobs=1, cache=cache).cached == len(SMALL.points())
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated():
+    mk = lambda n, thr, mem: {"status": "ok", "devices": n, "throughput_samples_per_s": thr,
+                              "peak_memory_bytes": mem, "device_kind": "h100"}
+    recs = [mk(8, 100, 10), mk(8, 90, 10), mk(16, 150, 10), mk(16, 150, 5), mk(4, 10, 1), mk(4, 10, 1),
+            {"status": "no-fit", "devices": 2}]
+    assert pareto_front(recs) == [0, 3, 4]
+    # with prices, a cheaper-per-sample point can join the front
+    assert pareto_front(recs, {"h100": 2.0}) == [0, 3, 4]
+
+
+def test_fewest_devices_for_a_target_and_the_best_reachable(sweep):
+    recs = sweep.records
+    top = max(r["throughput_samples_per_s"] for r in recs if r["status"] == "ok")
+    hit, best = fewest_devices_for(recs, top / 3)
+    assert hit is not None and hit["throughput_samples_per_s"] >= top / 3
+    assert all(r["devices"] >= hit["devices"] for r in recs if r["status"] == "ok" and r["throughput_samples_per_s"] >= top / 3)
+    none, best = fewest_devices_for(recs, top * 10)
+    assert none is None and best["throughput_samples_per_s"] == top
+
+
+def test_whatif_json_has_points_and_pareto(capsys, tmp_path):
+    png = tmp_path / "w.png"
+    rc = main(["whatif", "--model", MODEL, "--devices", "2,4", "--interconnects", "dgx-ib200", "--global-batch", "16",
+               "--price", "a100-80gb=1.5", "--target-throughput", "1e12", "--jobs", "1", "--json", "--plot", str(png)])
+    assert rc == 0 and png.exists()
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["points"]) == 2 and doc["pareto"]
+    for p in doc["points"]:
+        assert {"devices", "device_kind", "interconnect", "plan", "throughput_samples_per_s", "peak_memory_bytes"} <= set(p)
+    assert doc["target"]["reached"] is False and doc["target"]["best_reachable"]["throughput_samples_per_s"] > 0
+    assert doc["pareto"][0]["cost_per_sample"] > 0
+
+
+def test_whatif_text_names_the_best_reachable_when_the_target_is_impossible(capsys):
+    rc = main(["whatif", "--model", MODEL, "--devices", "2", "--global-batch", "16", "--jobs", "1",
+               "--simulate", "none", "--target-throughput", "1e12"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "not reachable" in out and "best reachable" in out and "binding" in out
+
+
+def test_a_model_that_fits_nowhere_says_the_memory_it_needs(capsys):
+    rc = main(["whatif", "--model", "gpt3-175b", "--devices", "2,4", "--jobs", "1", "--global-batch", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fits on no configuration" in err and "would need" in err and "GB" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [(["--interconnects", "infiniband9"], "unknown interconnect"),
+                                         (["--device-kinds", "tpu"], "unknown device kind"),
+                                         (["--model", "nosuch"], "unknown model")])
+def test_whatif_bad_input_is_one_line(capsys, argv, needle):
+    base = {"--model": MODEL, "--devices": "2"}
+    for k, v in zip(argv[::2], argv[1::2]):
+        base[k] = v
+    rc = main(["whatif", *[x for kv in base.items() for x in kv], "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_malformed_cluster_file_names_the_field(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("devices:\n  - {name: a, kind: h100}\nlinks:\n  - {a: a, kind: nvlink}\n")
+    rc = main(["search", "--model", MODEL, "--topology", str(bad), "--top-k", "2", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "links[0].b" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_reranks_by_simulation_and_explains(capsys):
+    res = search(MODEL, "dgx:servers=1,gpus=4,kind=h100,ib=200", top_k=6, microbatch_sizes=(1, 2), jobs=1)
+    ranks = sorted(r["simulated_rank"] for r in res.rows)
+    assert ranks == list(range(1, len(res.rows) + 1)) and len(res.rows) >= 2
+    assert [r["analytic_rank"] for r in res.rows] == list(range(1, len(res.rows) + 1))
+    assert all(r["cause"] and r["stages"] and "binding" in r["stages"][0] for r in res.rows)
+    rc = main(["search", "--model", MODEL, "--topology", "dgx:servers=1,gpus=4,kind=h100,ib=200", "--top-k", "3",
+               "--microbatch-sizes", "1", "--jobs", "1", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(doc["candidates"]) <= 3 and doc["best_simulated"]["simulated_rank"] == 1

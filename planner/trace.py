@@ -165,7 +165,7 @@ def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = 
     A microbatch is finished when stage 0 finishes its backward (B, or BW when
     split). Flush schedules with three or more steps: the rate between the end
     of the first and of the last step (warm-up and the first flush excluded).
-    A stream (PipeDream, 2BW): the rate over the second half of completions.
+    A stream (PipeDream, 2BW): the least-squares rate over the second half of completions.
     Otherwise: all samples over the whole makespan.
     """
     spm = samples_per_microbatch or trace.meta.get("microbatch_size", 1)
@@ -181,9 +181,16 @@ def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = 
         n = sum(1 for t in done if t0 < t <= t1)
         return n * spm / (t1 - t0) if t1 > t0 else 0.0
     if exclude_warmup and streaming and len(done) >= 4:
-        h = len(done) // 2
-        t0, t1 = done[h - 1], done[-1]
-        return (len(done) - h) * spm / (t1 - t0) if t1 > t0 else 0.0
+        # least-squares slope of completions against time over the second half: robust to
+        # replicas that finish in bursts (an endpoint difference over-reads there)
+        import numpy as np
+
+        tail = np.asarray(done[len(done) // 2:])
+        if tail[-1] > tail[0]:
+            n = np.arange(len(tail), dtype=float)
+            slope = np.polyfit(tail - tail[0], n, 1)[0]
+            return float(slope) * spm
+        return 0.0
     total = done[-1] - start
     return len(done) * spm / total if total > 0 else 0.0
 

@@ -72,3 +72,19 @@ def test_steady_bubble_is_zero_for_pipedream_and_positive_for_flushed_batches():
     assert steady_bubble_fraction(pd) == pytest.approx(0.0, abs=1e-12)
     # three flushes inside the window, each idles (P-1)(tF+tB) per worker
     assert steady_bubble_fraction(fl) > 0.2
+
+
+@pytest.mark.parametrize("P,M", [(2, 32), (4, 64), (8, 64)])
+def test_stream_throughput_is_one_minibatch_per_stage_time(P, M):
+    from planner.trace import throughput_samples_per_s
+
+    t = dry_run(generate(make_spec("pipedream", P, M)), UnitCosts(f=1, b=2))
+    assert throughput_samples_per_s(t) == pytest.approx(1 / 3, rel=1e-9)
+
+
+def test_flush_throughput_excludes_the_first_batch():
+    from planner.trace import throughput_samples_per_s
+
+    P, M = 4, 8
+    t = dry_run(generate(make_spec("1f1b", P, M, batches=4)), UnitCosts(f=1, b=2))
+    assert throughput_samples_per_s(t) == pytest.approx(M / ((M + P - 1) * 3), rel=1e-9)

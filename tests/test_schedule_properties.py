@@ -51,12 +51,7 @@ def _compute_events(prog: Program):
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@SETTINGS
-@given(data=st.data())
-def test_every_microbatch_runs_once_in_dependency_order_without_deadlock(family, data):
-    spec = data.draw(specs(family))
-    prog = generate(spec)  # runs check() too
+def every_microbatch_runs_once_in_dependency_order_without_deadlock(family, spec, prog):
     ev = _compute_events(prog)  # the dry run raises on deadlock
     S, N = len(prog.stage_workers), spec.total_microbatches
     split = family == "zb-h1"
@@ -78,11 +73,7 @@ def test_every_microbatch_runs_once_in_dependency_order_without_deadlock(family,
                 assert b1 <= ev[(Kind.BW, s, i)][1]  # BW after BI
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@SETTINGS
-@given(data=st.data())
-def test_every_send_has_exactly_one_matching_receive(family, data):
-    prog = generate(data.draw(specs(family)))
+def every_send_has_exactly_one_matching_receive(family, spec, prog):
     sends, recvs = [], []
     for w, acts in prog.actions.items():
         for a in acts:
@@ -94,12 +85,7 @@ def test_every_send_has_exactly_one_matching_receive(family, data):
     assert len(set(sends)) == len(sends)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@SETTINGS
-@given(data=st.data())
-def test_weight_versions_follow_the_family_rule(family, data):
-    spec = data.draw(specs(family))
-    prog = generate(spec)
+def weight_versions_follow_the_family_rule(family, spec, prog):
     fver = {}
     for acts in prog.actions.values():
         for a in acts:
@@ -134,12 +120,9 @@ def test_weight_versions_follow_the_family_rule(family, data):
                 live[a.stage].pop(a.mb)
 
 
-@pytest.mark.parametrize("family", ["gpipe", "1f1b", "pipedream", "zb-h1"])
-@SETTINGS
-@given(data=st.data())
-def test_in_flight_microbatches_respect_the_family_bound(family, data):
-    spec = data.draw(specs(family))
-    prog = generate(spec)
+def in_flight_microbatches_respect_the_family_bound(family, spec, prog):
+    if family not in ("gpipe", "1f1b", "pipedream", "zb-h1"):
+        return
     W = sum(spec.replicas)
     for s, reps in enumerate(prog.stage_workers):
         r = len(reps)
@@ -168,13 +151,20 @@ def test_in_flight_microbatches_respect_the_family_bound(family, data):
                 assert peak == min(math.ceil(W / r), mine)  # PipeDream's NOAM
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@SETTINGS
+@given(data=st.data())
+def test_every_generated_program_keeps_every_invariant(family, data):
+    """One program per example (generate() also runs check()), held against each invariant above."""
+    spec = data.draw(specs(family))
+    prog = generate(spec)
+    every_microbatch_runs_once_in_dependency_order_without_deadlock(family, spec, prog)
+    every_send_has_exactly_one_matching_receive(family, spec, prog)
+    weight_versions_follow_the_family_rule(family, spec, prog)
+    in_flight_microbatches_respect_the_family_bound(family, spec, prog)
+
+
 # --- mutations: a broken program is rejected and the error names the action --------------
-def _mutants(prog: Program, rnd):
-    w = rnd.choice([w for w in prog.workers if len(prog[w]) > 1])
-    acts = list(prog[w])
-    return w, acts
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())

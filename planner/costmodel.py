@@ -16,6 +16,14 @@ The model, per stage s of a plan (replicas r, devices in placement order):
 * time_s      = max(compute + allreduce, comm) when communication overlaps compute,
   else their sum.
 
+Shared links (``link_loads``): every microbatch's activation (replica i mod r_s of stage s to
+replica i mod r_{s+1} of stage s + 1) and gradient, and every all-reduce (the simulator's
+ring or hierarchical collective), is routed hop by hop; bytes per batch add up on each
+directed link. The busiest link's bytes / bandwidth is a lower bound on the batch time
+(``Candidate.link_bound_s``); the plan is charged that plus ``CostOptions.link_serial_*`` of
+the opposite direction's time on the same link, and ``T_batch = max(compute bound, link time)``.
+When the link binds, the plan and the stages using the link say "communication (link u->v)".
+
 The bottleneck t = max time_s. Flush schedules pay their bubble:
 ``T_batch = t·(M + (P − 1)·f)`` with f = 1 (GPipe, 1F1B), 1/V (interleaved) and
 (F + BI − BW)/(F + B) for ZB-H1 (one third at F = BI = BW). PipeDream and 2BW pay
@@ -43,6 +51,9 @@ OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
 #: What can limit a stage.
 BINDINGS = ("compute", "communication", "all-reduce", "memory")
 
+#: All-reduce algorithms the link-load bound knows (the simulator's: sim.params.ALLREDUCE_ALGORITHMS).
+ALLREDUCE_ALGORITHMS = ("ring", "hierarchical", "auto")
+
 #: A stage whose memory is at least this fraction of its device's limit is memory-bound.
 MEMORY_BOUND_FRACTION = 0.9
 
@@ -56,16 +67,31 @@ class CostOptions:
         recompute: keep only each stage's input activations and recompute the rest in backward.
         optimizer: "sgd" (with momentum, 1× state), "adam" (2×) or "none".
         memory_limit_bytes: per-device memory limit; None uses each device's own memory.
+        allreduce: the all-reduce the link-load bound routes: "ring", "hierarchical" or "auto"
+            (the simulator's default: hierarchical when replicas span servers, some holding several).
+        link_load: add the shared-link bound (see ``link_loads``); False costs stages alone.
+        link_serial_flush, link_serial_async: how much of the opposite direction's traffic on the
+            busiest link adds to the link time (0: full duplex overlaps perfectly, 1: the two
+            directions take turns). Activations and their gradients form a closed loop through
+            the pipeline, so the two directions of a link rarely run at full rate together;
+            flush schedules (fill, then drain) overlap them less than PipeDream and 2BW. The
+            defaults are fitted to the SimPy simulator on PipeDream's profiles and clusters.
     """
 
     overlap_comm: bool = True
     recompute: bool = False
     optimizer: str = "sgd"
     memory_limit_bytes: float | None = None
+    allreduce: str = "auto"
+    link_load: bool = True
+    link_serial_flush: float = 0.8
+    link_serial_async: float = 0.6
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZER_STATE:
             raise PlanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATE)}")
+        if self.allreduce not in ALLREDUCE_ALGORITHMS:
+            raise PlanError(f"unknown all-reduce algorithm {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_ALGORITHMS)}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,13 @@ class Candidate:
         fits: every device stays within its memory limit.
         stages: per-stage breakdown.
         score: what a scoring hook (e.g. a simulation) said, when one ranked the candidates.
+        compute_time_per_batch_s: the per-stage (compute, all-reduce, own cuts) bound with the bubble.
+        link_time_per_batch_s: the link time charged per batch: on the busiest link, its busier direction's
+            bytes / bandwidth plus a share of the other direction's (``CostOptions.link_serial_*``).
+        link_bound_s: the plain link-load lower bound: max over directed links of bytes per batch / bandwidth.
+        binding_link: the busiest link, "u->v" (None when no transfer crosses a finite link).
+        binding: what limits the plan: the bottleneck stage's binding, or "communication (link u->v)"
+            when the link-load bound is the larger one.
     """
 
     plan: Plan
@@ -136,6 +169,11 @@ class Candidate:
     fits: bool
     stages: tuple[StageCost, ...]
     score: float | None = field(default=None, compare=False)
+    compute_time_per_batch_s: float = 0.0
+    link_time_per_batch_s: float = 0.0
+    link_bound_s: float = 0.0
+    binding_link: str | None = None
+    binding: str = "compute"
 
     def predicted(self) -> dict:
         """The figures a plan file keeps under ``predicted``."""
@@ -146,6 +184,11 @@ class Candidate:
             "time_per_batch_s": self.time_per_batch_s,
             "bottleneck_s": self.bottleneck_s,
             "bubble_fraction": self.bubble_fraction,
+            "compute_time_per_batch_s": self.compute_time_per_batch_s,
+            "link_time_per_batch_s": self.link_time_per_batch_s,
+            "link_bound_s": self.link_bound_s,
+            "binding_link": self.binding_link,
+            "binding": self.binding,
             "peak_memory_bytes": dict(self.peak_memory_bytes),
             **({"score": self.score} if self.score is not None else {}),
         }
@@ -237,7 +280,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         n_in = inflight(fam, M, workers_after[i], r)
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_in, weight_versions(fam, n_in), options)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
-    return _candidate(plan, raw, options, fam, chunks=1)
+    return _candidate(plan, raw, options, fam, chunks=1, links=_link_bound(plan, prof, topology, options))
 
 
 def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> Candidate:
@@ -270,15 +313,19 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
     for i, st in enumerate(plan.stages):
         compute, comm, t, mem, lim, f, b = raw_dev[i % P]
         raw.append((st, compute, comm, 0.0, t, mem, lim, f, b))
-    return _candidate(plan, raw, options, "interleaved", chunks=V)
+    return _candidate(plan, raw, options, "interleaved", chunks=V, links=_link_bound(plan, prof, topology, options))
 
 
-def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: int) -> Candidate:
+def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: int,
+               links: tuple[float, float, str | None, frozenset[int]] = (0.0, 0.0, None, frozenset())) -> Candidate:
     M, P = plan.microbatches, plan.pipeline_depth
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
     factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8])
-    batch = bott * (M + (P - 1) * factor)
+    compute_batch = bott * (M + (P - 1) * factor)
+    link_lower, link_batch, link_name, link_stages = links
+    batch = max(compute_batch, link_batch)
+    link_binds = link_name is not None and link_batch > compute_batch
     samples = M * plan.microbatch_size
     per_sample = batch / samples
     peak: dict[str, float] = {}
@@ -291,13 +338,18 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
         slack = (bott - t) / bott if bott > 0 else 0.0
         if mem >= MEMORY_BOUND_FRACTION * lim:
             binding = "memory"
+        elif link_binds and i in link_stages:
+            binding = f"communication (link {link_name})"
         else:
             terms = {"compute": compute, "communication": comm, "all-reduce": ar}
             binding = max(terms, key=terms.__getitem__)
         stages.append(StageCost(i, st.layers, st.replicas, st.devices, compute, comm, ar, t, mem, lim, slack, binding))
     bubble = (batch - bott * M) / batch if batch > 0 else 0.0
+    plan_binding = f"communication (link {link_name})" if link_binds else stages[worst].binding
     cand = Candidate(plan, bott, batch, per_sample, 1.0 / per_sample if per_sample > 0 else math.inf, bubble,
-                     peak, fits, tuple(stages))
+                     peak, fits, tuple(stages), compute_time_per_batch_s=compute_batch,
+                     link_time_per_batch_s=link_batch, link_bound_s=link_lower, binding_link=link_name,
+                     binding=plan_binding)
     return replace(cand, plan=replace(plan, predicted=cand.predicted()))
 
 
@@ -309,6 +361,162 @@ def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_inflight
     if options.recompute:
         return static + n_inflight * stage_input_bytes(prof, first) * mb + saved
     return static + n_inflight * saved
+
+
+# --- the link-load bound ------------------------------------------------------------------
+def allreduce_flows(topology, devices: list[str], nbytes: float, algorithm: str = "auto") -> dict[tuple[str, str], float]:
+    """Bytes each (src, dst) device pair sends during one all-reduce of ``nbytes`` among ``devices``.
+
+    The same collectives the simulator runs (``sim.collectives``): a ring over the replicas
+    (grouped by server) carries 2(n − 1)/n·S on every neighbour pair; the hierarchical one
+    (default when the replicas span several servers and some server holds more than one)
+    reduces inside each server (2(g − 1)/g·S per intra-server neighbour pair), runs g rings
+    across the k servers (2(k − 1)/(g·k)·S per pair) and broadcasts inside; uneven groups
+    send S to and from their leader around a ring of leaders.
+    """
+    out: dict[tuple[str, str], float] = {}
+    n = len(devices)
+    if n < 2 or nbytes <= 0:
+        return out
+
+    def add(a: str, b: str, x: float) -> None:
+        if a != b and x > 0:
+            out[(a, b)] = out.get((a, b), 0.0) + x
+
+    def ring(ds: list[str], total: float) -> None:
+        m = len(ds)
+        for i in range(m):
+            add(ds[i], ds[(i + 1) % m], 2 * (m - 1) / m * total)
+
+    groups = _server_groups(topology, devices)
+    spread = len(groups) > 1 and max(len(g) for g in groups) > 1
+    if not (algorithm == "hierarchical" or (algorithm == "auto" and spread)) or len(groups) == 1:
+        ring([d for g in groups for d in g], nbytes)
+        return out
+    k, sizes = len(groups), {len(g) for g in groups}
+    if len(sizes) == 1:
+        g = sizes.pop()
+        if g == 1:
+            ring([grp[0] for grp in groups], nbytes)
+            return out
+        for grp in groups:
+            for i in range(g):
+                add(grp[i], grp[(i + 1) % g], 2 * (g - 1) * nbytes / g)
+        for j in range(g):
+            for c in range(k):
+                add(groups[c][j], groups[(c + 1) % k][j], 2 * (k - 1) * nbytes / (g * k))
+        return out
+    for grp in groups:
+        for m in grp[1:]:
+            add(m, grp[0], nbytes)
+            add(grp[0], m, nbytes)
+    ring([grp[0] for grp in groups], nbytes)
+    return out
+
+
+def _server_groups(topology, devices: list[str]) -> list[list[str]]:
+    """``devices`` grouped by the topology's innermost domain (servers), groups in first-appearance order."""
+    try:
+        where = {d: i for i, dom in enumerate(topology.domains(0)) for d in dom}
+    except Exception:  # a topology without a hierarchy: every device its own group
+        where = {}
+    groups: dict[int, list[str]] = {}
+    for d in devices:
+        groups.setdefault(where.get(d, -1 - len(groups)), []).append(d)
+    return list(groups.values())
+
+
+def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = CostOptions()) -> dict[tuple[str, str], tuple[float, set[int]]]:
+    """Bytes per batch on every directed finite-bandwidth link, and the stages whose traffic crosses it.
+
+    ``prof`` is at the plan's microbatch size. Microbatch i goes from replica i mod r_s of
+    stage s to replica i mod r_{s+1} of stage s + 1 (its activation) and back (its
+    gradient), each on its own direction of every hop of ``topology.route``; each stage
+    all-reduces its parameter bytes once per batch (flush schedules, 2BW) or once per
+    round of r minibatches (PipeDream: ⌈M / r⌉ per batch of M).
+    """
+    M, mb = plan.microbatches, plan.microbatch_size
+    pair_bytes: dict[tuple[str, str], list] = {}
+
+    def add(a: str, b: str, x: float, s: int) -> None:
+        if a == b or x <= 0:
+            return
+        e = pair_bytes.get((a, b))
+        if e is None:
+            e = pair_bytes[(a, b)] = [0.0, set()]
+        e[0] += x
+        e[1].add(s)
+
+    st = plan.stages
+    for s in range(len(st) - 1):
+        a_devs, b_devs = st[s].devices, st[s + 1].devices
+        nbytes = prof.boundary_bytes(st[s].last_layer) * mb
+        if nbytes <= 0:
+            continue
+        ra, rb = len(a_devs), len(b_devs)
+        period = ra * rb // math.gcd(ra, rb)
+        for i in range(min(M, period)):  # microbatch i, i + period, ... take the same pair of replicas
+            n = (M - 1 - i) // period + 1
+            a, b = a_devs[i % ra], b_devs[i % rb]
+            add(a, b, n * nbytes, s)
+            add(b, a, n * nbytes, s + 1)
+    for s, stage in enumerate(st):
+        r = stage.replicas
+        if r < 2:
+            continue
+        rounds = math.ceil(M / r) if plan.schedule == "pipedream" else 1
+        for (a, b), x in allreduce_flows(topology, list(stage.devices), prof.param_bytes(*stage.layers),
+                                         options.allreduce).items():
+            add(a, b, x * rounds, s)
+    edges = topology.graph.edges
+    out: dict[tuple[str, str], tuple[float, set[int]]] = {}
+    for (a, b), (x, stages) in pair_bytes.items():
+        for u, v in topology.route(a, b):
+            if not math.isfinite(edges[u, v]["link"].bandwidth_bytes_per_s):
+                continue
+            cur = out.get((u, v))
+            out[(u, v)] = (x, set(stages)) if cur is None else (cur[0] + x, cur[1] | stages)
+    return out
+
+
+def link_bound_s(loads: dict[tuple[str, str], tuple[float, set[int]]], topology) -> tuple[float, str | None]:
+    """The link-load lower bound on seconds per batch: max over directed links of bytes / bandwidth, and that link."""
+    edges = topology.graph.edges
+    best, name = 0.0, None
+    for (u, v), (x, _ss) in loads.items():
+        t = x / edges[u, v]["link"].bandwidth_bytes_per_s
+        if t > best:
+            best, name = t, f"{u}->{v}"
+    return best, name
+
+
+def _link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> tuple[float, float, str | None, frozenset[int]]:
+    """(the link-load lower bound, the link time per batch the plan is charged, the binding link "u->v",
+    the stages whose traffic crosses it).
+
+    The charged time adds, on each link, ``link_serial_*`` of the opposite direction's
+    seconds to the busier direction's (see ``CostOptions``); the binding link is the one
+    with the largest charged time.
+    """
+    if not options.link_load:
+        return 0.0, 0.0, None, frozenset()
+    loads = link_loads(plan, prof, topology, options)
+    bound, _ = link_bound_s(loads, topology)
+    phi = options.link_serial_async if plan.schedule in ("pipedream", "2bw") else options.link_serial_flush
+    edges = topology.graph.edges
+    best, name, stages = 0.0, None, frozenset()
+    for (u, v), (x, ss) in loads.items():
+        bw = edges[u, v]["link"].bandwidth_bytes_per_s
+        back = loads.get((v, u))
+        t_uv = x / bw
+        t_vu = back[0] / edges[v, u]["link"].bandwidth_bytes_per_s if back else 0.0
+        if t_uv < t_vu or (t_uv == t_vu and (v, u) < (u, v)):
+            continue  # the busier direction names the link
+        t = t_uv + phi * t_vu
+        if t > best:
+            best, name = t, f"{u}->{v}"
+            stages = frozenset(ss | (back[1] if back else set()))
+    return bound, max(best, bound), name, stages
 
 
 def _cut_s(topology, prof: ModelProfile, last_layer: int, src: str, dst: str, mb: int) -> float:

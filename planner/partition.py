@@ -251,6 +251,22 @@ def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int]
     return best
 
 
+def solve_flat_per_count(pb: Problem, topology, counts: list[int] | None = None) -> list[Partition]:
+    """The DP's best partition for each candidate device count N (those where something fits).
+
+    The same programme as ``solve_flat``, kept per N: the search ranks them all by the full
+    cost model (with the shared-link bound the programme does not see), so a plan on fewer
+    devices whose traffic stays off a slow link can win.
+    """
+    tb = _Tables(pb, topology)
+    out = []
+    for N in counts or device_counts(topology, pb.devices):
+        part = _solve_n(tb, pb, N, "time")
+        if part is not None:
+            out.append(part)
+    return out
+
+
 # --- the reference: every plan, one by one ---------------------------------------------------
 def _compositions(total: int, parts: int):
     for cuts in itertools.combinations(range(1, total), parts - 1):

@@ -247,24 +247,62 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
         key = ("hier-flush", M)  # the hierarchical search sees only weights, not activations
     if key not in cache:
         if D > part.FLAT_MAX_DEVICES:
-            sol, bounds = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology), None
+            sol = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology)
+            sols, bounds = ([sol] if sol is not None else []), None
         else:
             blocked, bounds = part.coarsen(prof, part.FLAT_MAX_BLOCKS)
-            sol = part.solve_flat(part.Problem(blocked, devs, fam, M, opts), topology)
+            # the DP's best plan for every device count: the full cost model (shared links included) ranks them
+            sols = part.solve_flat_per_count(part.Problem(blocked, devs, fam, M, opts), topology)
             if len(blocked) == len(prof):
                 bounds = None
             else:
                 cache["reduction"] = f"layers grouped into {len(blocked)} blocks of near-equal work"
-        cache[key] = (sol, bounds)
-    sol, bounds = cache[key]
-    if sol is None:
+        cache[key] = (sols, bounds)
+    sols, bounds = cache[key]
+    out = []
+    for sol in sols:
+        if bounds is not None:
+            sol = part.Partition(sol.value, tuple((bounds[a], bounds[b + 1] - 1, idx) for a, b, idx in sol.stages), sol.devices_used)
+        sp = tuple(StagePlan(a, b, len(idx), tuple(devs[x] for x in idx)) for a, b, idx in sol.stages)
+        if fam != "pipedream" and max(s.replicas for s in sp) > M:
+            continue
+        out.append(Plan(model=name, stages=sp, **kw))
+    out += _regular_plans(fam, M, prof, topology, devs, name, kw, cache)
+    return out
+
+
+def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, ...], name: str, kw: dict,
+                   cache: dict) -> list[Plan]:
+    """Plans the bottleneck programme never prefers but shared links may: P equal-work stages, each replicated
+    r times on a block of consecutive devices, for the device counts the search tries (r = 1: straight
+    pipelines; P = 1: pure data parallelism, whose only traffic is the all-reduce)."""
+    L = len(prof)
+    if len(devs) > part.FLAT_MAX_DEVICES:
         return []
-    if bounds is not None:
-        sol = part.Partition(sol.value, tuple((bounds[a], bounds[b + 1] - 1, idx) for a, b, idx in sol.stages), sol.devices_used)
-    sp = tuple(StagePlan(a, b, len(idx), tuple(devs[x] for x in idx)) for a, b, idx in sol.stages)
-    if fam != "pipedream" and max(s.replicas for s in sp) > M:
-        return []
-    return [Plan(model=name, stages=sp, **kw)]
+    key = ("regular-shapes",)
+    if key not in cache:
+        shapes = []
+        counts = part.device_counts(topology, devs)
+        for n in counts:
+            for P in range(1, min(n, L, 32) + 1):
+                if n % P:
+                    continue
+                r = n // P
+                if P > 8 and r > 1:
+                    continue
+                shapes.append((P, r))
+        cache[key] = shapes
+        cache[("split",)] = {}
+    splits = cache[("split",)]
+    out = []
+    for P, r in cache[key]:
+        if fam != "pipedream" and r > M:
+            continue
+        if P not in splits:
+            splits[P] = part.split_even(prof, P)
+        sp = tuple(StagePlan(a, b, r, tuple(devs[x * r + y] for y in range(r))) for x, (a, b) in enumerate(splits[P]))
+        out.append(Plan(model=name, stages=sp, **kw))
+    return out
 
 
 def _rank_key(c: Candidate):
@@ -309,7 +347,8 @@ def _explain(top: list[Candidate], scored: bool) -> str:
     text = (f"{p.schedule} with {p.microbatches} microbatches of {p.microbatch_size} on {len(p.devices)} devices, "
             f"{p.pipeline_depth} pipeline stages: {best.throughput_samples_per_s:.4g} samples/s; the bottleneck is "
             f"stage {worst.stage} (layers {worst.layers[0]}-{worst.layers[1]}, {worst.replicas} replicas), bound by "
-            f"{worst.binding}; bubble {best.bubble_fraction:.1%}")
+            f"{best.binding if best.binding.startswith('communication (link') else worst.binding}; "
+            f"bubble {best.bubble_fraction:.1%}")
     if len(top) > 1:
         nxt = top[1]
         slower = nxt.time_per_sample_s / best.time_per_sample_s - 1 if best.time_per_sample_s > 0 else 0.0

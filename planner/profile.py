@@ -46,6 +46,10 @@ class ProfileGraph:
 
     nodes: tuple[str, ...]
     edges: tuple[tuple[str, str], ...]
+    #: node ids in the order the file lists them (PipeDream's own node order); empty when unknown.
+    file_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    #: per node (in ``nodes`` order) the file's (forward_ms, backward_ms), for exact PipeDream arithmetic; empty when unknown.
+    raw_ms: tuple[tuple[float, float], ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -233,10 +237,14 @@ def read_pipedream_graph(path: str | Path, name: str | None = None) -> ModelProf
         for key in ("forward_compute_time", "backward_compute_time", "activation_size", "parameter_size"):
             if key not in vals:
                 raise ProfileError(f"graph.txt line {lineno}: missing {key}")
+        fwd_ms = _number(vals["forward_compute_time"], lineno, "forward_compute_time")
+        bwd_ms = _number(vals["backward_compute_time"], lineno, "backward_compute_time")
         nodes[nid] = {
             "desc": desc,
-            "fwd": _number(vals["forward_compute_time"], lineno, "forward_compute_time") / 1e3,
-            "bwd": _number(vals["backward_compute_time"], lineno, "backward_compute_time") / 1e3,
+            "fwd_ms": fwd_ms,
+            "bwd_ms": bwd_ms,
+            "fwd": fwd_ms / 1e3,
+            "bwd": bwd_ms / 1e3,
             "act": _number(vals["activation_size"], lineno, "activation_size"),
             "params": _number(vals["parameter_size"], lineno, "parameter_size"),
         }
@@ -261,7 +269,8 @@ def read_pipedream_graph(path: str | Path, name: str | None = None) -> ModelProf
             crossing = nodes[n]["act"]
         nd = nodes[n]
         layers.append(Layer(f"{n}:{nd['desc'][:40]}", nd["fwd"], nd["bwd"], crossing, nd["act"], nd["params"]))
-    graph = ProfileGraph(tuple(topo), tuple(edges))
+    raw_ms = tuple((nodes[n]["fwd_ms"], nodes[n]["bwd_ms"]) for n in topo)
+    graph = ProfileGraph(tuple(topo), tuple(edges), file_order=tuple(order), raw_ms=raw_ms)
     return ModelProfile(name=name or path.name.split(".")[0], layers=tuple(layers), microbatch_size=1, graph=graph)
 
 

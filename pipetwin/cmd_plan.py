@@ -46,9 +46,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     spec = args.profile or args.model
-    profile = resolve_model(spec)
     if args.cost_model == "pipedream":
-        return _run_pipedream(args, spec, profile)
+        # PipeDream's optimizer reads graph.txt as it is: times per profiled minibatch
+        return _run_pipedream(args, spec, resolve_model(spec, raw=True))
+    profile = resolve_model(spec)
     if not args.topology:
         raise UserError("--topology is required (a preset such as ideal:4, dgx:servers=2, pipedream-b, or a YAML/JSON file)")
     from topologies.presets import load_topology
@@ -92,19 +93,24 @@ def _profiles_dir(root: Path | None = None) -> Path:
     return ((root or Path(__file__).resolve().parents[1]) / PIPEDREAM_PROFILES).resolve()
 
 
-def resolve_model(spec: str) -> ModelProfile:
-    """A uniform: spec, a profile path (.json or graph.txt), or a PipeDream profile name → ModelProfile."""
-    if spec.startswith("uniform"):
-        return load_profile(spec)
-    if Path(spec).exists():
-        return load_profile(spec)
-    candidate = _profiles_dir() / f"{spec}.graph.txt"
-    if candidate.exists():
-        return read_pipedream_graph(candidate, name=spec)
-    names = pipedream_profile_names()
-    known = f"PipeDream profiles: {', '.join(names)}" if names else "no PipeDream profiles found next to the repository"
-    raise ProfileError(f"unknown model {spec!r}: give uniform:layers=L,fwd=S,bwd=S,act=B,params=B, a profile path "
-                       f"(.json or graph.txt), or a name ({known})")
+def resolve_model(spec: str, raw: bool = False) -> ModelProfile:
+    """Any model spec every command accepts → ModelProfile (one grammar: ``planner.analytic.load_model``).
+
+    Analytic presets (gpt3-13b, gpt:..., bert-large), PipeDream profile names
+    (per sample, scaled from their profiled batch size), profile paths and
+    uniform: specs. ``raw`` reads a PipeDream profile as its file states it
+    (per profiled minibatch), as PipeDream's own optimizer does.
+    """
+    if raw and not spec.startswith("uniform") and not Path(spec).exists():
+        candidate = _profiles_dir() / f"{spec}.graph.txt"
+        if candidate.exists():
+            return read_pipedream_graph(candidate, name=spec)
+    from planner.analytic import ModelSpecError, load_model
+
+    try:
+        return load_model(spec)
+    except ModelSpecError as e:
+        raise ProfileError(str(e)) from None
 
 
 def _bytes(text: str) -> float:

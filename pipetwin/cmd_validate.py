@@ -1,0 +1,57 @@
+"""`pipetwin validate`: calibrate, then simulate and measure the validation matrix, and compare."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("validate", help="run the validation matrix: predicted against measured",
+                       description="Calibrate every model of the matrix on its calibration runs, then simulate "
+                                   "(calibrated) and measure every held-out configuration and compare throughput, "
+                                   "time per batch, bubble, busy time and peak memory.")
+    p.add_argument("--quick", action="store_true", help="a small held-out set (about a minute on two cores)")
+    p.add_argument("--report", metavar="DIR", help="write report.md, validation.json, plots, the timeline pair and "
+                                                  "the calibration files here")
+    p.add_argument("--no-netbench", action="store_true", help="fit links from the calibration runs only")
+    p.add_argument("--json", action="store_true", help="print {configs, summary, calibration} as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from validation.matrix import run_matrix, save_calibrations
+    from validation.report import to_json, write_report
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
+    result = run_matrix(quick=args.quick, links=not args.no_netbench, log=log)
+    if args.report:
+        write_report(result, args.report)
+        save_calibrations(result, args.report)
+    if args.json:
+        print(json.dumps(to_json(result)))
+        return 0
+    _print_table(result)
+    if args.report:
+        print(f"report written to {args.report}/report.md")
+    return 0
+
+
+def _print_table(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="predicted against measured (held-out configurations)")
+    for col in ("configuration", "thr pred", "thr meas", "thr err", "t/batch err", "bubble p/m", "mem err"):
+        t.add_column(col, justify="left" if col == "configuration" else "right")
+    for r in result.rows:
+        p, m, e = r["predicted"], r["measured"], r["error"]
+        t.add_row(r["name"], f"{p['throughput_samples_per_s']:.4g}", f"{m['throughput_samples_per_s']:.4g}",
+                  f"{e['throughput_samples_per_s'] * 100:+.1f}%", f"{e['time_per_batch_s'] * 100:+.1f}%",
+                  f"{p['bubble_fraction']:.2f}/{m['bubble_fraction']:.2f}", f"{e['memory_abs_error'] * 100:.1f}%")
+    c = Console()
+    c.print(t)
+    s = result.summary
+    c.print(f"{s['n_configs']} configurations: mean |throughput error| {s['mean_abs_throughput_error'] * 100:.1f}%, "
+            f"worst {s['max_abs_throughput_error'] * 100:.1f}%; mean |memory error| {s['mean_abs_memory_error'] * 100:.1f}%; "
+            f"Spearman {s['spearman']:.3f}; measured-best predicted best in every model: "
+            f"{s['best_predicted_best_all_models']} ({result.elapsed_s:.0f} s)")

@@ -1,0 +1,150 @@
+"""Validation: calibration recovers known parameters, the comparison math, the report's keys, `validate --quick` end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from planner.plan import even_plan
+from planner.profile import uniform_profile
+from sim.engine import simulate_plan
+from sim.params import SimParams
+from topologies.presets import load_topology
+from validation.calibrate import (Calibration, ComputeRow, LinkSegment, compute_rows, fit_compute, fit_links,
+                                  with_action_cost)
+from validation.compare import best_agrees, compare_traces, rel_error, spearman, summarize
+from validation.configs import CALIBRATION, FULL, QUICK, check_hold_out
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(30)
+def test_compute_fit_recovers_the_overhead_of_a_simulated_trace():
+    prof = uniform_profile(12, 2e-3, 4e-3, act=1024)
+    rows = []
+    for stages in (2, 4, 6):  # 6, 3 and 2 layers per stage
+        plan = even_plan("m", 12, stages, schedule="1f1b", microbatches=6, batches=2)
+        tr = simulate_plan(plan, prof, load_topology(f"local:{stages}"), SimParams(overhead_s=3e-4))
+        rows += compute_rows(tr, plan, prof)
+    fit = fit_compute(rows)
+    assert fit.overhead_s == pytest.approx(3e-4, rel=1e-6)
+    assert fit.scale == pytest.approx(1.0, rel=1e-3)
+    assert fit.per_layer_s == pytest.approx(0.0, abs=1e-7) and fit.action_s == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.timeout(30)
+def test_compute_fit_recovers_scale_per_layer_and_per_action_costs():
+    truth = dict(scale=1.7, per_layer=5e-5, action=2e-4, overhead=1e-4)
+    rows = [ComputeRow("send", 0.0, 0, truth["overhead"], 10)]
+    for n in (2, 3, 6):
+        for base in (n * 1e-3, n * 2e-3):
+            y = truth["scale"] * base + truth["per_layer"] * n + truth["action"] + truth["overhead"]
+            rows.append(ComputeRow(f"{n}:{base}", base, n, y, 8))
+    fit = fit_compute(rows)
+    assert fit.scale == pytest.approx(truth["scale"], rel=1e-4)
+    assert fit.per_layer_s == pytest.approx(truth["per_layer"], rel=1e-3)
+    assert fit.action_s == pytest.approx(truth["action"], rel=1e-3)
+    assert fit.rms_relative_error < 1e-6
+
+
+@pytest.mark.timeout(30)
+def test_link_fit_finds_latency_bandwidth_and_a_size_break():
+    lat, bw = 30e-6, 2e9
+    pts = [(b, lat + b / bw) for b in (64, 1024, 16384, 262144, 4 << 20)]
+    segs, err = fit_links(pts)
+    assert len(segs) == 1 and err < 1e-6
+    assert segs[0].latency_s == pytest.approx(lat, rel=1e-4) and segs[0].bandwidth_bytes_per_s == pytest.approx(bw, rel=1e-4)
+    small = [(b, 100e-6 + b / 1e8) for b in (64, 256, 1024, 4096)]
+    large = [(b, 2e-3 + b / 5e9) for b in (1 << 20, 4 << 20, 16 << 20, 64 << 20)]
+    segs, err = fit_links(small + large)
+    assert len(segs) == 2 and err < 1e-3
+    assert segs[0].bandwidth_bytes_per_s == pytest.approx(1e8, rel=1e-3)
+    assert segs[1].bandwidth_bytes_per_s == pytest.approx(5e9, rel=1e-3)
+
+
+@pytest.mark.timeout(30)
+def test_action_cost_is_spread_over_each_stage_exactly():
+    prof = uniform_profile(6, 1e-3, 2e-3)
+    plan = even_plan("m", 6, 2)
+    out = with_action_cost(prof, plan, 3e-4)
+    assert out.forward_s(0, 2) == pytest.approx(3e-3 + 3e-4)
+    assert out.backward_s(3, 5) == pytest.approx(6e-3 + 3e-4)
+
+
+@pytest.mark.timeout(30)
+def test_calibration_files_round_trip(tmp_path):
+    cal = Calibration("uniform:layers=4", uniform_profile(4, 1e-3, 2e-3), SimParams(overhead_s=1e-4),
+                      [LinkSegment(4096, 1e-5, 1e9), LinkSegment(math.inf, 5e-5, 3e9)], devices=4,
+                      residuals={"x": 1}, used=["a"], action_s=2e-4,
+                      reference_plan=even_plan("uniform:layers=4", 4, 2).to_dict())
+    files = cal.save(tmp_path)
+    assert {Path(f).name for f in files.values()} >= {"profile.json", "topology.json", "sim_params.json"}
+    back = Calibration.load(tmp_path)
+    assert back.params == cal.params and back.links == cal.links and back.action_s == cal.action_s
+    assert back.topology(1e6).link("d0", "localhost").latency_s == pytest.approx(2.5e-5)
+    SimParams(**json.loads((tmp_path / "sim_params.json").read_text()))
+
+
+def test_relative_error_and_rank_statistics():
+    assert rel_error(110.0, 100.0) == pytest.approx(0.1)
+    assert rel_error(90.0, 100.0) == pytest.approx(-0.1)
+    assert math.isnan(rel_error(1.0, 0.0))
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert best_agrees([1, 5, 3], [2, 9, 1]) and not best_agrees([5, 1, 3], [2, 9, 1])
+
+
+def test_compare_and_summary_keys():
+    prof = uniform_profile(4, 1e-3, 2e-3, act=1024, params=4096)
+    plan = even_plan("m", 4, 2, microbatches=4, batches=3)
+    a = simulate_plan(plan, prof, load_topology("local:2"))
+    b = simulate_plan(plan, prof, load_topology("local:2"), SimParams(overhead_s=1e-4))
+    c = compare_traces(a, b)
+    assert set(c) == {"predicted", "measured", "error"}
+    assert c["error"]["throughput_samples_per_s"] > 0  # no overhead predicts faster
+    assert set(c["error"]["peak_memory_bytes"]) == {"0", "1"}
+    row = {"name": "x", "model": "m", "schedule": "1f1b", **c}
+    s = summarize([row, dict(row, name="y"), dict(row, name="z", model="n")])
+    for k in ("mean_abs_throughput_error", "max_abs_throughput_error", "mean_abs_memory_error", "spearman", "n_configs"):
+        assert k in s
+    assert s["n_configs"] == 3
+
+
+def test_matrix_holds_out_the_calibration_runs_and_spans_the_ranges():
+    check_hold_out()
+    assert len(FULL) >= 30 and set(QUICK) <= set(FULL)
+    assert {c.schedule for c in FULL} == {"gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"}
+    assert min(c.stages for c in FULL) == 2 and max(c.stages for c in FULL) == 8
+    assert {c.replicas for c in FULL} == {1, 2}
+    assert min(c.microbatches for c in FULL) == 1 and max(c.microbatches for c in FULL) == 32
+    assert len({c.model for c in FULL}) >= 2
+    used = {c.name for cs in CALIBRATION.values() for c in cs}
+    assert not used & {c.name for c in FULL}
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_validate_quick_end_to_end(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "pipetwin", "validate", "--quick", "--json", "--report", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=230)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert set(doc) >= {"configs", "summary"}
+    s = doc["summary"]
+    assert s["n_configs"] == len(doc["configs"]) == len(QUICK)
+    for k in ("mean_abs_throughput_error", "max_abs_throughput_error", "mean_abs_memory_error", "spearman"):
+        assert s[k] is not None and math.isfinite(s[k]), k
+    for c in doc["configs"]:
+        assert set(c) >= {"name", "predicted", "measured", "error"}
+        assert math.isfinite(c["error"]["throughput_samples_per_s"])
+        assert c["measured"]["throughput_samples_per_s"] > 0 and c["predicted"]["throughput_samples_per_s"] > 0
+    for f in ("report.md", "validation.json", "scatter.png", "error_by_schedule.png", "timeline.json", "timeline.png"):
+        assert (out / f).exists(), f
+    assert (out / "calibration" / "emu" / "sim_params.json").exists()
+    assert "hold-out" in (out / "report.md").read_text()

@@ -1,0 +1,103 @@
+"""Comparison math: predicted against measured, per configuration and over the matrix."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from planner.trace import Trace, summary
+
+#: Scalar metrics compared by relative error.
+RELATIVE = ("throughput_samples_per_s", "time_per_batch_s")
+
+
+def rel_error(predicted: float, measured: float) -> float:
+    """(predicted − measured) / measured; NaN when the measurement is 0 or either side is not finite."""
+    if not (math.isfinite(predicted) and math.isfinite(measured)) or measured == 0:
+        return float("nan")
+    return (predicted - measured) / measured
+
+
+def _metrics(trace: Trace) -> dict:
+    s = summary(trace)
+    return {
+        "throughput_samples_per_s": s["throughput_samples_per_s"],
+        "time_per_batch_s": s["time_per_batch_s"],
+        "bubble_fraction": s["bubble_fraction"],
+        "busy_s": {w: d["busy_s"] for w, d in s["per_device"].items()},
+        "peak_memory_bytes": {w: d["peak_memory_bytes"] for w, d in s["per_device"].items()},
+    }
+
+
+def compare_traces(predicted: Trace, measured: Trace) -> dict:
+    """``{"predicted", "measured", "error"}``: throughput and time per batch (relative error), bubble fraction
+    (absolute difference, a fraction already), per-device busy time and peak memory (relative errors), and
+    ``memory_abs_error`` (the largest per-device one)."""
+    p, m = _metrics(predicted), _metrics(measured)
+    err = {k: rel_error(p[k], m[k]) for k in RELATIVE}
+    err["bubble_fraction"] = p["bubble_fraction"] - m["bubble_fraction"]
+    devs = sorted(set(p["busy_s"]) & set(m["busy_s"]), key=int)
+    err["busy_s"] = {w: rel_error(p["busy_s"][w], m["busy_s"][w]) for w in devs}
+    err["peak_memory_bytes"] = {w: rel_error(p["peak_memory_bytes"][w], m["peak_memory_bytes"][w]) for w in devs}
+    mem = [abs(e) for e in err["peak_memory_bytes"].values() if math.isfinite(e)]
+    err["memory_abs_error"] = max(mem) if mem else float("nan")
+    return {"predicted": p, "measured": m, "error": err}
+
+
+def spearman(predicted: list[float], measured: list[float]) -> float:
+    """Spearman rank correlation (scipy.stats.spearmanr); NaN with fewer than 3 pairs or a constant side."""
+    from scipy.stats import spearmanr
+
+    if len(predicted) < 3 or len(set(predicted)) < 2 or len(set(measured)) < 2:
+        return float("nan")
+    return float(spearmanr(predicted, measured).statistic)
+
+
+def best_agrees(predicted: list[float], measured: list[float]) -> bool:
+    """Whether the configuration measured fastest is also predicted fastest."""
+    return bool(predicted) and int(np.argmax(predicted)) == int(np.argmax(measured))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Matrix figures from rows ``{"name", "model", "schedule", "predicted", "measured", "error"}``.
+
+    Spearman and best-agreement are over all configurations and within each model (throughputs of different
+    models differ by orders of magnitude, so the within-model figures are the demanding ones).
+    """
+    thr = [abs(r["error"]["throughput_samples_per_s"]) for r in rows]
+    thr = [e for e in thr if math.isfinite(e)]
+    mem = [abs(e) for r in rows for e in r["error"]["peak_memory_bytes"].values() if math.isfinite(e)]
+    tpb = [abs(r["error"]["time_per_batch_s"]) for r in rows if math.isfinite(r["error"]["time_per_batch_s"])]
+    bub = [abs(r["error"]["bubble_fraction"]) for r in rows if math.isfinite(r["error"]["bubble_fraction"])]
+    p = [r["predicted"]["throughput_samples_per_s"] for r in rows]
+    m = [r["measured"]["throughput_samples_per_s"] for r in rows]
+    by_model: dict[str, dict] = {}
+    for key in sorted({r["model"] for r in rows}):
+        sub = [r for r in rows if r["model"] == key]
+        sp = [r["predicted"]["throughput_samples_per_s"] for r in sub]
+        sm = [r["measured"]["throughput_samples_per_s"] for r in sub]
+        by_model[key] = {"n_configs": len(sub), "spearman": spearman(sp, sm), "best_predicted_best": best_agrees(sp, sm),
+                         "measured_best": sub[int(np.argmax(sm))]["name"] if sub else None,
+                         "predicted_best": sub[int(np.argmax(sp))]["name"] if sub else None,
+                         "mean_abs_throughput_error": float(np.mean([abs(r["error"]["throughput_samples_per_s"]) for r in sub]))}
+    by_schedule: dict[str, float] = {}
+    for fam in sorted({r["schedule"] for r in rows}):
+        es = [abs(r["error"]["throughput_samples_per_s"]) for r in rows if r["schedule"] == fam]
+        by_schedule[fam] = float(np.mean(es))
+    worst = sorted(rows, key=lambda r: -abs(r["error"]["throughput_samples_per_s"]))[:5]
+    nan = float("nan")
+    return {
+        "n_configs": len(rows),
+        "mean_abs_throughput_error": float(np.mean(thr)) if thr else nan,
+        "max_abs_throughput_error": float(np.max(thr)) if thr else nan,
+        "mean_abs_time_per_batch_error": float(np.mean(tpb)) if tpb else nan,
+        "mean_abs_bubble_fraction_error": float(np.mean(bub)) if bub else nan,
+        "mean_abs_memory_error": float(np.mean(mem)) if mem else nan,
+        "max_abs_memory_error": float(np.max(mem)) if mem else nan,
+        "spearman": spearman(p, m),
+        "best_predicted_best": best_agrees(p, m),
+        "best_predicted_best_all_models": all(v["best_predicted_best"] for v in by_model.values()) if by_model else False,
+        "by_model": by_model,
+        "throughput_error_by_schedule": by_schedule,
+        "worst": [{"name": r["name"], "throughput_error": r["error"]["throughput_samples_per_s"]} for r in worst],
+    }

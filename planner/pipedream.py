@@ -582,22 +582,29 @@ def _base(pb: _Problem, Tc_rows: np.ndarray, rows: np.ndarray, M: int, B: float,
     return A
 
 
-def _last_stage(pb: _Problem, Tc: np.ndarray, M: int, m: int, mp: int, B: float) -> np.ndarray:
-    """G[k, j]: the cost of a last stage k+1..j on m' workers (with in/out transfers), inf where not allowed."""
+def _last_stage(pb: _Problem, Tc: np.ndarray, M: int, m: int, mp: int, B: float, j: int | None = None) -> np.ndarray:
+    """G[k, j]: the cost of a last stage k+1..j on m' workers (with in/out transfers), inf where not allowed.
+
+    With ``j`` given, only column j (the same element-wise arithmetic, so the same floats).
+    """
     n = pb.n
-    T = Tc[1:, :]                      # [k, j] = range k+1..j
-    P = pb.ParR[1:, :]
+    cols = slice(None) if j is None else j
+    T = Tc[1:, cols]                   # [k, j] = range k+1..j
+    P = pb.ParR[1:, cols]
     last = (T + (4 * (mp - 1) * P) / (B * mp)) / mp
-    ok = pb.predM & np.isfinite(T)
+    ok = pb.predM[:, cols] & np.isfinite(T)
     if pb.mem is not None:
-        stashed = pb.need[1:, :] * math.ceil((M - (m + 1)) / mp)
+        stashed = pb.need[1:, cols] * math.ceil((M - (m + 1)) / mp)
         ok &= ~(stashed > pb.mem)
     G = np.where(ok, last, _INF)
     if pb.acr is not None:
         tin = ((2.0 * pb.oact) / (B * mp)) / pb.acr
         tout = ((2.0 * pb.oact) / (B * mp)) / pb.acr
         tout[n - 1] = -_INF  # no output transfer after the last state
-        G = np.maximum(np.maximum(G, tin[:, None]), tout[None, :])
+        if j is None:
+            G = np.maximum(np.maximum(G, tin[:, None]), tout[None, :])
+        else:
+            G = np.maximum(np.maximum(G, tin), tout[j])
     return G
 
 
@@ -623,8 +630,83 @@ def _minmax_dense(Ac: np.ndarray, G: np.ndarray, rows_first: np.ndarray) -> np.n
 _TILE = 8
 
 
-def _minmax_columns(Ac: np.ndarray, G: np.ndarray, best: np.ndarray, pred_lists: list[np.ndarray]) -> None:
+def _minmax_columns(Ac: np.ndarray, G: np.ndarray, best: np.ndarray, pred_lists: list[np.ndarray],
+                    AT: np.ndarray | None = None, rows_of: list[np.ndarray] | None = None) -> None:
     """best = min(best, Ac ⊗ G) column by column over each state's predecessors (for sparse antichain DAGs).
+
+    Column j only needs its predecessors k with G[k, j] below the largest best of the rows at hand, and rows
+    r <= k (A[r, k] is None for k < r); rows are taken in bands, each band gathering only the ks at or after
+    its first row whose G is below that band's largest best. ``AT`` is ``Ac.T`` made contiguous (given, it is
+    reused; a band's gather then reads contiguous row pieces). ``rows_of[j]``, given, restricts column j to
+    those rows (sorted): the others are left as they are.
+    """
+    n = G.shape[0]
+    if AT is None:
+        AT = np.ascontiguousarray(Ac.T)
+    for j in range(1, n):
+        K = pred_lists[j]
+        if len(K) == 0:
+            continue
+        g = G[K, j]
+        if rows_of is not None:
+            rows = rows_of[j]
+            if len(rows) == 0:
+                continue
+            U = best[rows, j]
+            sel = g < U.max()
+            if not sel.any():
+                continue
+            K, g = K[sel], g[sel]
+            rows = rows[rows <= K[-1]]
+            if len(rows) == 0:
+                continue
+            bands = max(1, min(8, len(rows) // 16))
+            cuts = np.linspace(0, len(rows), bands + 1).astype(int)
+            for b in range(bands):
+                rs = rows[cuts[b]: cuts[b + 1]]
+                if len(rs) == 0:
+                    continue
+                s = int(np.searchsorted(K, rs[0]))
+                if s == len(K):
+                    break
+                Ks, gs = K[s:], g[s:]
+                f = gs < best[rs, j].max()
+                if not f.all():
+                    Ks, gs = Ks[f], gs[f]
+                    if len(Ks) == 0:
+                        continue
+                X = AT[Ks[:, None], rs[None, :]]
+                np.maximum(X, gs[:, None], out=X)
+                best[rs, j] = np.minimum(best[rs, j], X.min(axis=0))
+            continue
+        rmax = int(K[-1]) + 1
+        sel = g < best[:rmax, j].max()
+        if not sel.any():
+            continue
+        K, g = K[sel], g[sel]
+        rmax = int(K[-1]) + 1
+        bands = max(1, min(16, len(K) // 16))
+        cuts = np.linspace(0, rmax, bands + 1).astype(int)
+        for b in range(bands):
+            r0, r1 = int(cuts[b]), int(cuts[b + 1])
+            if r1 <= r0:
+                continue
+            s = int(np.searchsorted(K, r0))
+            if s == len(K):
+                break
+            Ks, gs = K[s:], g[s:]
+            f = gs < best[r0:r1, j].max()
+            if not f.all():
+                Ks, gs = Ks[f], gs[f]
+                if len(Ks) == 0:
+                    continue
+            X = AT[Ks, r0:r1]
+            np.maximum(X, gs[:, None], out=X)
+            np.minimum(best[r0:r1, j], X.min(axis=0), out=best[r0:r1, j])
+
+
+def _minmax_columns_reference(Ac: np.ndarray, G: np.ndarray, best: np.ndarray, pred_lists: list[np.ndarray]) -> None:
+    """The pre-2x kernel (kept as the reference path): best = min(best, Ac ⊗ G) column by column over each state's predecessors (for sparse antichain DAGs).
 
     Column j only needs its predecessors k with G[k, j] below the column's largest best, and rows r <= k
     (A[r, k] is None for k < r); rows are taken in bands so each band gathers only the ks at or after it.
@@ -716,14 +798,22 @@ def _minmax_pruned(At: _Tiled, Gt: _Tiled, best: np.ndarray, b: int, stats: list
     best[:, :] = full[:R, :n]
 
 
-def _solve_level(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, final: bool, stats=None) -> _Level:
+def _solve_level(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, final: bool, stats=None,
+                 need_all: bool = True, reference: bool = False) -> _Level:
+    """Solve one level. ``need_all`` False (the next level is the top, which reads only row 0 and the rows
+    after a predecessor of each end state): A[:, :, M-1] is exact on those cells only (the others keep an
+    upper bound, never read). ``reference``: the pre-vectorised column kernel on every cell (for tests)."""
     n = pb.n
     rows = np.arange(1) if final else np.arange(n + 1)
     A = _base(pb, Tc[rows], rows, M, B, n_in)
     dense = final or n <= 2 * _TILE
-    sparse = not dense and pb.pred_density < 0.5
+    sparse = not dense and pb.pred_density < SPARSE_DENSITY
     tiledA: dict[int, _Tiled] = {}
+    transposed: dict[int, np.ndarray] = {}
     gcache: dict[int, tuple] = {}   # without a memory constraint a last stage's cost does not depend on m
+    rows_of = None
+    if sparse and not need_all and not reference:
+        rows_of = [np.r_[0, pl + 1].astype(np.intp) for pl in pb.pred_lists]
 
     def last(m: int, mp: int):
         key = mp if pb.mem is None else (m, mp)
@@ -738,12 +828,17 @@ def _solve_level(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, fina
         best = np.ascontiguousarray(A[:, :, m])
         for mp in range(1, (2 if pb.straight else m + 1)):
             G, Gt = last(m, mp)
+            c = m - mp
             if dense:
-                np.minimum(best, _minmax_dense(A[:, :, m - mp], G, rows), out=best)
+                np.minimum(best, _minmax_dense(A[:, :, c], G, rows), out=best)
+            elif sparse and reference:
+                _minmax_columns_reference(A[:, :, c], G, best, pb.pred_lists)
             elif sparse:
-                _minmax_columns(A[:, :, m - mp], G, best, pb.pred_lists)
+                if c not in transposed:
+                    transposed[c] = np.ascontiguousarray(A[:, :, c].T)
+                _minmax_columns(A[:, :, c], G, best, pb.pred_lists, AT=transposed[c],
+                                rows_of=rows_of if m == M - 1 else None)
             else:
-                c = m - mp
                 if c not in tiledA:
                     tiledA[c] = _Tiled(A[:, :, c], _TILE)
                 _minmax_pruned(tiledA[c], Gt, best, _TILE, stats)
@@ -765,7 +860,7 @@ def _choice(pb: _Problem, lv: _Level, row_index: int, row: int, j: int, m: int) 
         mps = list(range(1, (2 if pb.straight else m + 1)))
         vals = np.empty((pb.n, len(mps)))
         for c, mp in enumerate(mps):
-            G = _last_stage(pb, lv.Tc, lv.M, m, mp, lv.B)[:, j]
+            G = _last_stage(pb, lv.Tc, lv.M, m, mp, lv.B, j)
             vals[:, c] = np.maximum(lv.A[row_index, :, m - mp], G)
         flat = int(np.argmin(vals))  # k-major: k ascending, then m' ascending
         k, c = divmod(flat, len(mps))
@@ -837,13 +932,20 @@ def _check_levels(levels) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
+#: Below this predecessor density an inner level uses the column kernel (else the tiled one).
+SPARSE_DENSITY = 0.5
+#: True: solve with the pre-vectorised column kernel on every cell (the slow reference path tests compare with).
+REFERENCE_PATH = False
+
+
 def _solve(st: States, levels: tuple[tuple[int, float], ...], straight: bool, acr, mem):
     pb = _Problem(st, straight, acr, mem)
     Tc = pb.Tc
     solved = []
     n_in = 1
     for li, (M, B) in enumerate(levels):
-        lv = _solve_level(pb, Tc, M, B, n_in, final=(li == len(levels) - 1))
+        lv = _solve_level(pb, Tc, M, B, n_in, final=(li == len(levels) - 1),
+                          need_all=(li < len(levels) - 2), reference=REFERENCE_PATH)
         solved.append(lv)
         if not lv.final:
             Tc = lv.A[:, :, M - 1]

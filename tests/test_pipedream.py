@@ -149,6 +149,19 @@ def test_pruned_minmax_kernels_are_exact(n, seed, holes):
     cols = U.copy()
     pd._minmax_columns(Ac, G, cols, [np.flatnonzero(pred[:, j]) for j in range(n)])
     assert np.array_equal(cols, want)
+    ref = U.copy()
+    pd._minmax_columns_reference(Ac, G, ref, [np.flatnonzero(pred[:, j]) for j in range(n)])
+    assert np.array_equal(ref, want)
+    # restricted to some rows per column: those rows exact, the others untouched
+    rows_of = [np.flatnonzero(rng.random(R) < 0.4) for _ in range(n)]
+    sub = U.copy()
+    pd._minmax_columns(Ac, G, sub, [np.flatnonzero(pred[:, j]) for j in range(n)], rows_of=rows_of)
+    for j in range(n):
+        mask = np.zeros(R, dtype=bool)
+        mask[rows_of[j]] = True
+        if j == 0:
+            mask[:] = False  # column 0 has no predecessors
+        assert np.array_equal(sub[mask, j], want[mask, j]) and np.array_equal(sub[~mask, j], U[~mask, j])
 
 
 def _reference_level_loops(pb, Tc, M, B, n_in, final):
@@ -191,6 +204,28 @@ def test_vectorised_levels_match_loops_on_gnmt8(acr, mem):
     Tc2 = lv1.A[:, :, 2]
     lv2 = pd._solve_level(pb, Tc2, 2, 1e9, 3, final=True)
     assert np.array_equal(lv2.A, _reference_level_loops(pb, Tc2, 2, 1e9, 3, final=True))
+
+
+@needs_profiles
+@pytest.mark.parametrize("levels,kw", [
+    ([(4, 10e9), (4, 1.25e9)], {}),
+    ([(2, 10e9), (8, 1.25e9)], {}),
+    ([(3, 25e9), (2, 10e9), (2, 1.25e9)], {}),
+    ([(4, 10e9), (2, 1.25e9)], {"activation_compression_ratio": 2.0}),
+    ([(4, 10e9), (2, 1.25e9)], {"memory_size": 3e9}),
+])
+@pytest.mark.parametrize("column_kernel", [False, True])
+def test_gnmt8_hierarchical_equals_reference_path(monkeypatch, levels, kw, column_kernel):
+    """The fast path (transposed column kernel, top-level-only cells, column-wise reconstruction) gives the
+    pre-change implementation's answer bit for bit (GNMT-8's density is 0.68: column_kernel forces that path)."""
+    p = _profile("gnmt")
+    if column_kernel:
+        monkeypatch.setattr(pd, "SPARSE_DENSITY", 1.0)
+    fast = optimize_pipedream(p, levels, **kw)
+    monkeypatch.setattr(pd, "REFERENCE_PATH", True)
+    ref = optimize_pipedream(p, levels, **kw)
+    assert fast.pipeline_time_s == ref.pipeline_time_s
+    assert fast.stages == ref.stages
 
 
 # ---------------------------------------------------------------- reductions

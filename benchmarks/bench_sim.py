@@ -34,19 +34,20 @@ def _best(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def _bare_simpy_run(processes: int = 64, per_process: int = 4000) -> None:
+    env = simpy.Environment()
+
+    def proc():
+        for _ in range(per_process):
+            yield env.timeout(1.0)
+
+    for _ in range(processes):
+        env.process(proc())
+    env.run()
+
+
 def bare_simpy_events_per_s(processes: int = 64, per_process: int = 4000) -> float:
-    def run():
-        env = simpy.Environment()
-
-        def proc():
-            for _ in range(per_process):
-                yield env.timeout(1.0)
-
-        for _ in range(processes):
-            env.process(proc())
-        env.run()
-
-    return processes * per_process / _best(run)
+    return processes * per_process / _best(lambda: _bare_simpy_run(processes, per_process))
 
 
 def sim_actions_per_s(P: int = 64, M: int = 128) -> tuple[float, int]:
@@ -56,6 +57,28 @@ def sim_actions_per_s(P: int = 64, M: int = 128) -> tuple[float, int]:
     devs = {w: f"d{w}" for w in prog.workers}
     n = sum(len(a) for a in prog.actions.values())
     return n / _best(lambda: simulate(prog, prof, topo, devs, check_program=False)), n
+
+
+def sim_and_bare(P: int = 64, M: int = 128, repeat: int = 5) -> tuple[float, float, int]:
+    """(bare SimPy timeouts/s, simulator actions/s, actions): the two timed alternately, best of each.
+
+    Alternating keeps both under the same machine load (on a shared machine a
+    load change between two separate measurements skews their ratio).
+    """
+    prog = generate(make_spec("1f1b", P, M), check_program=False)
+    prof = uniform_profile(P, 1.0, 2.0)
+    topo = load_topology(f"ideal:{P}")
+    devs = {w: f"d{w}" for w in prog.workers}
+    n = sum(len(a) for a in prog.actions.values())
+    bare, sim = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _bare_simpy_run()
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        simulate(prog, prof, topo, devs, check_program=False)  # the trace is freed inside the timing, as a caller's would be
+        sim.append(time.perf_counter() - t0)
+    return 64 * 4000 / min(bare), n / min(sim), n
 
 
 def placed(plan, topo):
@@ -85,8 +108,7 @@ def big_cluster(spec: str) -> tuple[float, dict, int]:
 
 
 def main() -> None:
-    bare = bare_simpy_events_per_s()
-    rate, n = sim_actions_per_s()
+    bare, rate, n = sim_and_bare()
     e2e, alone = small_pipeline()
     table = Table(title="pipetwin simulator speed")
     for col in ("measure", "value", "goal", "met"):

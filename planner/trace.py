@@ -10,13 +10,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from planner.program import Action, Kind, COMPUTE
 
 
-@dataclass(frozen=True)
-class Event:
-    """One action's execution: ``lane`` is a worker id (int) or a link name (str)."""
+_COMPUTE_KINDS = frozenset(k.value for k in COMPUTE)
+
+
+class Event(NamedTuple):
+    """One action's execution: ``lane`` is a worker id (int) or a link name (str).
+
+    An immutable record (a named tuple, so that simulators can write hundreds of
+    thousands of them cheaply: ``tuple.__new__(Event, (lane, action, start_s, end_s, kind, nbytes))``).
+    """
 
     lane: int | str
     action: str
@@ -31,7 +38,7 @@ class Event:
 
     @property
     def is_compute(self) -> bool:
-        return self.kind in {k.value for k in COMPUTE}
+        return self.kind in _COMPUTE_KINDS
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import gc
 import random
+from itertools import count, repeat
+from operator import attrgetter
 from dataclasses import asdict
 from typing import Callable
 
@@ -27,15 +29,17 @@ from planner.program import Action, Kind, Program
 from planner.profile import ModelProfile
 from planner.trace import Event, MemorySample, Trace
 from sim.collectives import Collective, Phase, allreduce_phases
-from sim.memory import memory_levels
+from sim.memory import memory_marks
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
 from topologies.topology import Topology
 
-_COMPUTE, _SEND, _RECV, _ALLREDUCE, _STEP = range(5)
+_COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE = range(5)  # _COMPUTE (0) also stands for STEP
 _KF, _KB, _KBI, _KBW = Kind.F, Kind.B, Kind.BI, Kind.BW
 _KSEND, _KRECV, _KALLREDUCE = Kind.SEND, Kind.RECV, Kind.ALLREDUCE
 _ARRIVED = True
+_tnew = tuple.__new__  # _tnew(Event, (lane, action, start_s, end_s, kind, nbytes)) builds an Event without __new__'s call
+_fields = attrgetter("kind", "stage", "mb", "version", "grad", "peer", "nbytes")
 
 Progress = Callable[[int, int], None]
 
@@ -159,76 +163,103 @@ class _Run:
 
     # --- compile each worker's actions into plain tuples ------------------------------
     def _ops(self, w: int, rng: random.Random) -> tuple[float, list[tuple]]:
+        """(static bytes, one op per action).
+
+        An op is ``(code, dur, mem_at_start, mem_at_end, text, kind, nbytes, x, y)``:
+        the memory levels are None where the level does not change; text, kind and
+        nbytes are the action's trace event fields; x and y depend on the code.
+        """
         prm, dev = self.params, self.dev
         speed = self.topology.device(dev[w]).speed
         ovh, jit, bi = prm.overhead_s, prm.jitter, prm.bi_fraction
+        step_dur = prm.step_time_s + ovh
         fwd, bwd = self.fwd, self.bwd
+        arrivals, free = self.arrivals, self.net.free_route
         acts = self.p[w]
         stages = self.p.stages_of(w)
-        static, levels = memory_levels(acts, {s: self.params_b[s] for s in stages},
-                                       {s: self.saved_b[s] for s in stages}, prm.optimizer_state_factor)
+        static, marks = memory_marks(acts, {s: self.params_b[s] for s in stages},
+                                     {s: self.saved_b[s] for s in stages}, prm.optimizer_state_factor)
+        src = dev[w]
+        to: dict[int, tuple[str, bool]] = {}       # peer -> (its device, free route?)
+        heads: dict[tuple, tuple[str, str]] = {}   # (stage, kind, version, grad, peer) -> text around the mb
         ops = []
-        for i, a in enumerate(acts):
-            m0, m1 = levels[i]
-            k, s = a.kind, a.stage
+        append = ops.append
+        for i, a, (ms, me) in zip(count(), acts, repeat((None, None)) if marks is None else marks):
+            k, s, mb, v, g, peer, nb = _fields(a)
+            hkey = (s, k, v, g, peer)
+            head = heads.get(hkey)
+            if head is None:
+                head = heads[hkey] = _head(s, k, v, g, peer)
+            text = f"{head[0]}{mb}{head[1]}"
+            kv = k._value_
             if k is _KF or k is _KB or k is _KBI or k is _KBW:
                 base = fwd[s] if k is _KF else bwd[s] if k is _KB else bwd[s] * bi if k is _KBI else bwd[s] * (1.0 - bi)
                 base /= speed
                 if jit:
                     base *= max(0.0, 1.0 + jit * rng.gauss(0.0, 1.0))
-                ops.append((_COMPUTE, i, base + ovh, m0, m1))
+                append((_COMPUTE, base + ovh, ms, me, text, kv, nb, None, None))
             elif k is _KSEND:
-                ops.append((_SEND, i, ovh, m0, m1, (w, a.peer, a.grad, s, a.mb), dev[w], dev[a.peer], a.nbytes))
+                dst = to.get(peer)
+                if dst is None:
+                    dst = to[peer] = (dev[peer], free(src, dev[peer]))
+                if dst[1]:  # delivered at once; a transfer of no bytes leaves no trace on the links
+                    append((_SEND_FREE, ovh, ms, me, text, kv, nb, (w, peer, g, s, mb),
+                            (src, dst[0], nb, (w, i)) if nb > 0 else None))
+                else:
+                    append((_SEND, ovh, ms, me, text, kv, nb, (w, peer, g, s, mb), (src, dst[0], nb, (w, i))))
             elif k is _KRECV:
-                ops.append((_RECV, i, ovh, m0, m1, (a.peer, w, a.grad, s + 1 if a.grad else s - 1, a.mb)))
+                append((_RECV, ovh, ms, me, text, kv, nb, (peer, w, g, s + 1 if g else s - 1, mb), None))
             elif k is _KALLREDUCE:
-                ops.append((_ALLREDUCE, i, ovh, m0, m1, (s, a.mb), self.arrivals[s], s, a.nbytes))
+                append((_ALLREDUCE, ovh, ms, me, text, kv, nb, (s, mb), (arrivals[s], s, nb)))
             else:
-                ops.append((_STEP, i, prm.step_time_s + ovh, m0, m1))
+                append((_COMPUTE, step_dur, ms, me, text, kv, nb, None, None))
         return static, ops
 
     # --- the device process -------------------------------------------------------------
     def _device(self, w: int, static: float, ops: list[tuple]):
-        env, rec, mem, box = self.env, self.rec, self.mem, self.box
-        timeout, transfer = env.timeout, self.net.transfer
+        env, rec, mem, box, log = self.env, self.rec, self.mem, self.box, self.net.log
+        timeout, transfer, new_event = env.timeout, self.net.transfer, env.event
         overlap = self.params.overlap_comm
-        cur = static
+        groups = self.groups
         mem.append((w, 0.0, static))
-        for op in ops:
-            code, i, dur, m0 = op[0], op[1], op[2], op[3]
+        for code, dur, ms, me, text, kind, nb, x, y in ops:
             t0 = env._now
-            if m0 != cur:
-                cur = m0
-                mem.append((w, t0, cur))
-            if code == _COMPUTE or code == _STEP:
-                if dur > 0.0:
-                    yield timeout(dur)
-            else:
-                if dur > 0.0:
-                    yield timeout(dur)
-                if code == _SEND:
-                    key = op[5]
-                    if overlap:
-                        if transfer(op[6], op[7], op[8], self._deliver, key, (w, i)):
-                            self._deliver(key)
+            if ms is not None:
+                mem.append((w, t0, ms))
+            if dur > 0.0:
+                yield timeout(dur)
+            if code:
+                if code == _RECV:
+                    if box.pop(x, None) is None:
+                        ev = box[x] = new_event()
+                        yield ev
+                elif code == _SEND_FREE:  # delivered at once: transfer() would only log it
+                    if y is not None:
+                        now = env._now
+                        log.append((y[0], y[1], now, now, y[2], y[3]))
+                    waiter = box.pop(x, None)
+                    if waiter is None:
+                        box[x] = _ARRIVED
                     else:
-                        ev = env.event()
-                        if transfer(op[6], op[7], op[8], self._deliver_and_wake, (key, ev), (w, i)):
-                            self._deliver(key)
+                        waiter.succeed()
+                elif code == _SEND:
+                    if overlap:
+                        if transfer(y[0], y[1], y[2], self._deliver, x, y[3]):
+                            self._deliver(x)
+                    else:
+                        ev = new_event()
+                        if transfer(y[0], y[1], y[2], self._deliver_and_wake, (x, ev), y[3]):
+                            self._deliver(x)
                         else:
                             yield ev
-                elif code == _RECV:
-                    if box.pop(op[5], None) is None:
-                        ev = box[op[5]] = env.event()
-                        yield ev
                 else:  # _ALLREDUCE
-                    st = self.groups.get(op[5])
+                    st = groups.get(x)
                     if st is None:
-                        st = self.groups[op[5]] = [0, env.event(), 0.0]
+                        st = groups[x] = [0, new_event(), 0.0]
                     st[0] += 1
-                    if st[0] == op[6]:
+                    if st[0] == y[0]:
                         st[2] = env._now
-                        coll = Collective(self.net, self._phases(op[7], op[8]), _succeed, st[1], f"{op[7]}ALLREDUCE{op[5][1]}")
+                        coll = Collective(self.net, self._phases(y[1], y[2]), _succeed, st[1], f"{y[1]}ALLREDUCE{x[1]}")
                         if coll.start():
                             st[1].succeed()
                         else:
@@ -236,11 +267,9 @@ class _Run:
                     else:
                         yield st[1]
                     t0 = st[2]
-            rec.append((w, i, t0, env._now))
-            m1 = op[4]
-            if m1 != cur:
-                cur = m1
-                mem.append((w, env._now, cur))
+            rec.append(_tnew(Event, (w, text, t0, env._now, kind, nb)))
+            if me is not None:
+                mem.append((w, env._now, me))
 
     def _deliver(self, key: tuple) -> None:
         waiter = self.box.get(key)
@@ -290,7 +319,8 @@ class _Run:
         stuck = [w for w, pr in procs.items() if pr.is_alive]
         if stuck:
             done = {w: 0 for w in stuck}
-            for w, *_ in self.rec:
+            for e in self.rec:
+                w = e[0]
                 if w in done:
                     done[w] += 1
             waits = ", ".join(f"w{w} at {self.p[w][done[w]]}" for w in stuck[:6])
@@ -304,11 +334,18 @@ class _Run:
             image = {ws[0]: list(ws) for ws in sw}
         acts = p.actions
         if self.replicas == 1:
-            events = [Event(w, _text(a), t0, t1, a.kind._value_, a.nbytes)
-                      for w, i, t0, t1 in self.rec for a in (acts[w][i],)]
+            events = self.rec  # already the events, in the order they finished
         else:
-            events = [Event(w, _text(a), t0, t1, a.kind._value_, a.nbytes)
-                      for w0, i, t0, t1 in self.rec for w in image[w0] for a in (acts[w][i],)]
+            # the k-th record of worker w0 is its k-th action; replicas copy its times
+            events, pos = [], dict.fromkeys(self.workers, 0)
+            append = events.append
+            for e in self.rec:
+                w0 = e[0]
+                i = pos[w0]
+                pos[w0] = i + 1
+                for w in image[w0]:
+                    a = acts[w][i]
+                    append(_tnew(Event, (w, _text(a), e[2], e[3], a.kind._value_, a.nbytes)))
         memory = [MemorySample(w, t, b) for w0, t, b in self.mem for w in image[w0]]
         if self.params.link_events:
             log = self.net.log
@@ -351,6 +388,16 @@ def _text(a: Action) -> str:
     elif k is _KRECV:
         t += f"{'g' if a.grad else 'a'}<w{a.peer}"
     return t
+
+
+def _head(stage: int, k: Kind, version: int, grad: bool, peer) -> tuple[str, str]:
+    """``_text`` of an action of these fields split around its microbatch number."""
+    tail = f"v{version}" if version else ""
+    if k is _KSEND:
+        tail += f"{'g' if grad else 'a'}>w{peer}"
+    elif k is _KRECV:
+        tail += f"{'g' if grad else 'a'}<w{peer}"
+    return f"{stage}{k._value_}", tail
 
 
 def _succeed(ev: simpy.Event) -> None:

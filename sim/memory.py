@@ -14,9 +14,12 @@ simulator only stamps times on it:
 """
 from __future__ import annotations
 
+from operator import attrgetter
+
 from planner.program import Action, Kind
 
 _F, _B, _BI, _BW, _RECV, _STEP = Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.RECV, Kind.STEP
+_nbytes = attrgetter("nbytes")
 
 
 class _Versions:
@@ -82,3 +85,30 @@ def memory_levels(actions: list[Action], param_bytes: dict[int, float], saved_by
             dynamic += a.nbytes
         out.append((static + start, static + dynamic))
     return static, out
+
+
+def memory_marks(actions: list[Action], param_bytes: dict[int, float], saved_bytes: dict[int, float],
+                 optimizer_state_factor: float) -> tuple[float, list[tuple[float | None, float | None]] | None]:
+    """(static bytes, [(new level at the action's start, new level at its end)] per action).
+
+    The samples a worker's memory track needs, starting from ``static`` at time 0: an
+    entry is None where the level does not change. Marks are None when nothing
+    ever changes (no parameters, saved activations or received payloads).
+    """
+    if not any(param_bytes.values()) and not any(saved_bytes.values()) and not any(map(_nbytes, actions)):
+        # every level is static + 0.0 == static: versions, activations and buffers all weigh 0
+        return sum(p * (2.0 + optimizer_state_factor) for p in param_bytes.values()), None
+    static, levels = memory_levels(actions, param_bytes, saved_bytes, optimizer_state_factor)
+    marks = []
+    cur = static
+    for m0, m1 in levels:
+        if m0 != cur:
+            cur = ms = m0
+        else:
+            ms = None
+        if m1 != cur:
+            cur = me = m1
+        else:
+            me = None
+        marks.append((ms, me))
+    return static, marks

@@ -57,6 +57,7 @@ class Network:
         self._cap: list[float] = []
         self._on_link: list[dict[_Flow, None]] = []
         self._paths: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
+        self._free: dict[tuple[str, str], bool] = {}
         self._dirty: dict[int, None] = {}
         self._pending = False
         self._gen = 0
@@ -82,6 +83,24 @@ class Network:
                     ids.append(lid)
             p = self._paths[key] = (tuple(ids), lat)
         return p
+
+    def free_route(self, src: str, dst: str) -> bool:
+        """True when every hop of src->dst has infinite bandwidth and the route no latency.
+
+        A transfer on such a route is delivered at once whatever its size (``transfer``
+        returns True). Unlike ``path``, this registers no links.
+        """
+        key = (src, dst)
+        free = self._free.get(key)
+        if free is None:
+            edges = self.topology.graph.edges
+            lat, finite = 0.0, False
+            for u, v in self.topology.route(src, dst):
+                link = edges[u, v]["link"]
+                lat += link.latency_s
+                finite = finite or math.isfinite(link.bandwidth_bytes_per_s)
+            free = self._free[key] = not finite and lat <= 0.0
+        return free
 
     def finite_hops(self, src: str, dst: str) -> list[tuple[str, str]]:
         """The directed hops of the route src->dst that have a finite bandwidth."""

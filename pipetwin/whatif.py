@@ -303,9 +303,12 @@ def _gb(x: float | None) -> str:
 
 # ---------------------------------------------------------------------- simulation
 def simulate_record(rec: dict, batches: int = 1) -> dict:
-    """The simulator's figures for a planned record: throughput, bubble and peak memory, a few batches long."""
-    from planner.trace import bubble_fraction, peak_memory_bytes, throughput_samples_per_s
-    from sim import simulate_plan
+    """The simulator's figures for a planned record: throughput, bubble and peak memory, a few batches long.
+
+    A one-batch flush schedule with many microbatches is not simulated at its full count: its figures
+    are affine in the microbatch count M along M ≡ M_real (mod the replicas' round-robin period), once
+    the pipeline is full, so two shorter runs fix them (:func:`_flush_extrapolated`).
+    """
     from sim.params import SimParams
     from planner.costmodel import OPTIMIZER_STATE
 
@@ -313,11 +316,116 @@ def simulate_record(rec: dict, batches: int = 1) -> dict:
     profile = _profile(rec["model"], rec["device_kind"])
     topo = _cluster(rec["interconnect"], rec["devices"], rec["device_kind"])
     params = SimParams(optimizer_state_factor=OPTIMIZER_STATE.get(_optimizer_of(rec), 1.0), link_events=False)
-    trace = simulate_plan(plan, profile, topo, params=params)
+    pair = _extrapolation_pair(plan)
+    if pair is not None:
+        out = _flush_extrapolated(plan, profile, topo, params, pair)
+        if out is not None:
+            return out
+    return _figures(_simulate(plan, profile, topo, params))
+
+
+def _simulate(plan: Plan, profile: ModelProfile, topo: Topology, params):
+    from sim import simulate_plan
+
+    return simulate_plan(plan, profile, topo, params=params)
+
+
+def _figures(trace) -> dict:
+    from planner.trace import bubble_fraction, peak_memory_bytes, throughput_samples_per_s
+
     peaks = peak_memory_bytes(trace)
     return {"throughput_samples_per_s": throughput_samples_per_s(trace),
             "bubble_fraction": bubble_fraction(trace),
             "peak_memory_bytes": max(peaks.values()) if peaks else None}
+
+
+#: Flush schedules whose one-batch figures are affine in the microbatch count once the pipeline is full.
+_AFFINE_FAMILIES = ("gpipe", "1f1b", "zb-h1", "interleaved")
+
+
+def _extrapolation_pair(plan: Plan) -> tuple[int, int] | None:
+    """(M1, M2), both ≡ M (mod the round-robin period) and past the fill, when two runs there are cheaper
+    than one at M; else None (simulate M itself).
+
+    Period: every stage's replicas take microbatches round-robin, so the schedule repeats every
+    lcm(replicas) microbatches (interleaved: every P, its group size). Fill: a replicated pipeline keeps
+    about as many microbatches in flight as it has workers; M1 and M2 are each at least twice that apart.
+    """
+    if plan.schedule not in _AFFINE_FAMILIES or plan.batches != 1:
+        return None
+    M = plan.microbatches
+    period = plan.pipeline_depth if plan.schedule == "interleaved" else math.lcm(*plan.replicas)
+    fill = 2 * max(sum(plan.replicas) // max(1, plan.chunks), plan.pipeline_depth)
+    m1 = _at_least(fill, M, period)
+    m2 = _at_least(m1 + fill, M, period)
+    if m2 >= M or m1 + m2 > 0.75 * M:
+        return None
+    return m1, m2
+
+
+def _at_least(lo: int, M: int, period: int) -> int:
+    """The least m >= lo with m ≡ M (mod period)."""
+    return lo + (M - lo) % period
+
+
+def _flush_quantities(trace) -> dict | None:
+    """What the figures are made of, each affine in M: the completion window, makespan, busy time and peak
+    memory per worker; None when the trace is not the one-batch kind ``_figures`` reads that way."""
+    from planner.trace import busy_s, peak_memory_bytes, span_s, step_times_s
+
+    if len(step_times_s(trace)) >= 3 or trace.meta.get("family") in ("pipedream", "2bw"):
+        return None
+    start, end = span_s(trace)
+    done = [e.end_s for e in trace.events if isinstance(e.lane, int) and e.kind in ("B", "BW")
+            and e.action.split("B")[0].isdigit() and int(e.action.split("B")[0]) == 0]
+    if not done:
+        return None
+    return {"window": max(done) - start, "makespan": end - start, "busy": busy_s(trace),
+            "peak": peak_memory_bytes(trace), "done": len(done)}
+
+
+def _flush_extrapolated(plan: Plan, profile: ModelProfile, topo: Topology, params, pair: tuple[int, int]) -> dict | None:
+    """The one-batch figures at plan.microbatches from runs at M1 and M2 (see ``_extrapolation_pair``).
+
+    Throughput is M × microbatch size over the completion window, bubble is 1 − busy / makespan averaged
+    over workers, peak memory the largest worker's peak: each piece is fitted as a + b·M from the two
+    runs and evaluated at M. None (simulate in full) when a run does not have the expected shape.
+    """
+    M = plan.microbatches
+    (m1, m2), qs = pair, []
+    for m in pair:
+        trace = _simulate(replace(plan, microbatches=m), profile, topo, params)
+        q = _flush_quantities(trace)
+        if q is None or q["done"] != m:
+            return None
+        if not qs:  # the pieces must give the simulator's own figures at M1
+            got = _combine(q, m, plan.microbatch_size)
+            ref = _figures(trace)
+            if not all(_close(got[k], ref[k]) for k in ref):
+                return None
+        qs.append(q)
+    q1, q2 = qs
+    if set(q1["busy"]) != set(q2["busy"]) or set(q1["peak"]) != set(q2["peak"]):
+        return None
+    fit = lambda a, b: a + (b - a) * (M - m1) / (m2 - m1)
+    q = {"window": fit(q1["window"], q2["window"]), "makespan": fit(q1["makespan"], q2["makespan"]),
+         "busy": {w: fit(q1["busy"][w], q2["busy"][w]) for w in q1["busy"]},
+         "peak": {w: fit(q1["peak"][w], q2["peak"][w]) for w in q1["peak"]}}
+    return _combine(q, M, plan.microbatch_size)
+
+
+def _combine(q: dict, M: int, mb: int) -> dict:
+    """``_figures`` from its pieces (the same arithmetic as planner.trace's metrics)."""
+    fr = [1.0 - b / q["makespan"] if q["makespan"] > 0 else 0.0 for b in q["busy"].values()]
+    return {"throughput_samples_per_s": M * mb / q["window"] if q["window"] > 0 else 0.0,
+            "bubble_fraction": sum(fr) / len(fr) if fr else 0.0,
+            "peak_memory_bytes": max(q["peak"].values()) if q["peak"] else None}
+
+
+def _close(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _sim_plan(plan: Plan, batches: int) -> Plan:

@@ -186,7 +186,8 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
         if k0s.size == 0:
             continue
         js = np.arange(i + 1, L + 1)
-        K0, J, K = np.meshgrid(k0s, js, ks, indexing="ij")
+        # broadcast views instead of meshgrid copies: K0 (a,1,1), J (1,b,1), K (1,1,c)
+        K0, J, K = k0s[:, None, None], js[None, :, None], ks[None, None, :]
         valid = K > K0
         Kc = np.where(valid, K, np.minimum(K0 + 1, N))
         t, mem, lim = _stage_arrays(tb, pb, N, i, K0, J, Kc)
@@ -196,6 +197,7 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
             stage_val = np.where(mem <= lim * (1 + 1e-9), t, inf)
         val = np.maximum(stage_val, f[J, Kc])
         val = np.where(valid, val, inf)
+        J, Kc = np.broadcast_arrays(J, Kc)
         flat = val.reshape(len(k0s), -1)
         vmin = flat.min(axis=1, keepdims=True)
         ties = np.where(flat <= vmin * (1 + 1e-12), depth[J, Kc].reshape(len(k0s), -1), inf)

@@ -144,3 +144,23 @@ def test_search_reranks_by_simulation_and_explains(capsys):
                "--microbatch-sizes", "1", "--jobs", "1", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(doc["candidates"]) <= 3 and doc["best_simulated"]["simulated_rank"] == 1
+
+
+@pytest.mark.parametrize("interconnect,schedule,mb,gb,tol", [
+    ("ideal", "1f1b", 1, 64, 1e-6), ("ideal", "gpipe", 1, 64, 1e-6), ("ideal", "zb-h1", 1, 64, 1e-6),
+    ("ideal", "interleaved", 1, 64, 1e-6), ("dgx-ib200", "1f1b", 1, 96, 1e-2)])
+def test_flush_figures_extrapolated_from_two_short_runs_match_the_full_run(monkeypatch, interconnect, schedule, mb, gb, tol):
+    """A one-batch flush schedule is simulated at two short microbatch counts and fitted a + b·M: on ideal
+    links that is the full run's figures to 1e-6; on contended links to within a percent."""
+    import pipetwin.whatif as w
+
+    point = SweepPoint(MODEL, 4 if interconnect == "ideal" else 16, "h100", interconnect, schedule, mb, gb)
+    rec = plan_point(point)
+    assert rec["status"] == "ok", rec["reason"]
+    plan = w._sim_plan(w.Plan.from_dict(rec["plan"]), 1)
+    assert w._extrapolation_pair(plan) is not None, "the case must exercise the extrapolation"
+    fast = w.simulate_record(rec)
+    monkeypatch.setattr(w, "_extrapolation_pair", lambda plan: None)
+    full = w.simulate_record(rec)
+    for k in ("throughput_samples_per_s", "bubble_fraction", "peak_memory_bytes"):
+        assert fast[k] == pytest.approx(full[k], rel=tol), k

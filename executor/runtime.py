@@ -1,16 +1,20 @@
 """The stage worker: one process interprets its action list of a program with torch.distributed.
 
 The program is the source of truth. Every compute action runs on the weight
-version it carries; a STEP makes the version it names. Weights are never
-swapped in place: a stage keeps ``versions: dict[version, (params, by_name)]``
-of parameter tensors, forwards run through them with
-``torch.func.functional_call``, and the autograd graph of a microbatch already
-references the tensors of the version its forward used, so its backward needs
-no restore (weight stashing). A version is dropped right after its last use in
-this worker's action list (a forward or backward tagged with it, or the STEP
-that reads it), so a stage holds exactly the versions its in-flight
-microbatches (and, under vertical sync, its future forwards) need, plus the
-newest.
+version it carries; a STEP makes the version it names. A stage keeps
+``versions: dict[version, (params, by_name)]`` of parameter tensors; a forward
+binds its version's tensors into the module (as ``torch.func.functional_call``
+would, without its per-call cost) and the autograd graph of a microbatch
+already references the tensors of the version its forward used, so its
+backward needs no restore (weight stashing). A version is dropped right after
+its last use in this worker's action list (a forward or backward tagged with
+it, or the STEP that reads it), so a stage holds exactly the versions its
+in-flight microbatches (and, under vertical sync, its future forwards) need,
+plus the newest. A STEP that is itself the last use of the version it reads
+updates that version's tensors in place (every STEP of a flush schedule; under
+PipeDream, a stage none of whose in-flight microbatches still uses it);
+otherwise it writes into the tensors of a version freed earlier (one is kept
+per stage) or into new ones.
 
 Actions:
 
@@ -26,7 +30,9 @@ Actions:
   parameter gradient. Stage 0 computes no input gradient, so its BI is empty
   and its BW does the whole backward.
 * ``SEND``: ``isend`` of a tensor that stays alive with its handle until it
-  completes; RECV: an ``irecv`` into a pooled buffer, posted ahead of time
+  completes; on gloo, messages of 32 KiB and more are handed to a sender
+  thread (a gloo ``isend`` can hold its caller for milliseconds), so the main
+  thread never blocks on them. RECV: an ``irecv`` into a pooled buffer, posted ahead of time
   (a few receives of lookahead on gloo) and waited for at the RECV. Gloo
   matches by tag = (sending stage, microbatch, direction), unique in the run;
   NCCL matches in order, on one communicator per direction.
@@ -34,8 +40,9 @@ Actions:
   contribution count on the stage's replica group; PipeDream divides by the
   count (replicas average their minibatch gradients), flush and 2BW sum
   (each replica's gradients are already scaled by 1/M).
-* ``STEP``: SGD out of place, ``W(v+1) = W(v) − lr·g``, on the newest
-  version; the gradient may come from an older (stashed) version.
+* ``STEP``: SGD, ``W(v+1) = W(v) − lr·g``, on the newest version (in place
+  when nothing else reads ``W(v)``, see above); the gradient may come from an
+  older (stashed) version.
 
 Every action is timed (``time.perf_counter``; CUDA events for compute on a
 GPU). Memory on CPU is counted exactly: bytes autograd saves for backward
@@ -46,16 +53,18 @@ optimizer state (plain SGD: none); on a GPU, ``torch.cuda`` allocator figures.
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import sys
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
 
 from executor import checkpoint as ckpt
 from executor.errors import ExecutorError
@@ -65,6 +74,10 @@ from planner.program import Action, Kind, Program, FLUSH_FAMILIES
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAULT_ENV = "PIPETWIN_FAULT"  # "RANK:ACTION:MODE", MODE one of raise|exit|kill|hang (tests inject failures with it)
 _RECV_LOOKAHEAD = int(os.environ.get("PIPETWIN_RECV_LOOKAHEAD", "8"))
+_SEND_THREAD = os.environ.get("PIPETWIN_SEND_THREAD", "1") != "0"  # gloo sends from a thread of their own (0: inline)
+# smaller messages are sent inline: they seldom block, and a thread hand-off adds a wake-up to their latency
+_SEND_THREAD_MIN_BYTES = int(os.environ.get("PIPETWIN_SEND_THREAD_MIN_BYTES", str(32 * 2**10)))
+_SWITCH_INTERVAL_S = 2e-4  # GIL switch interval while a sender thread runs (Python's default: 5 ms)
 _DATA_PREFETCH_BYTES = 256 * 2**20
 
 
@@ -196,15 +209,45 @@ class _Stage:
         self.group = None
         self.param_bytes = sum(p.numel() * p.element_size() for _, p in named)
         self.numel = sum(p.numel() for _, p in named)
+        self.spare: list[tuple[torch.Tensor, ...]] = []  # at most one freed version's tensors, reused by the next STEP
+        self.slots: list = []
+        self.bound = None
 
     def set_version(self, v: int, params) -> None:
         params = tuple(params)
         self.versions[v] = (params, dict(zip(self.names, params)))
 
     def release_module_params(self) -> None:
-        """Drop the module's own parameter storage: every forward passes a version's tensors."""
+        """Drop the module's own parameter storage and learn where each parameter lives, for :meth:`bind`.
+
+        ``slots`` lists (submodule, attribute, index into a version's tensors) for every
+        parameter reference, tied ones included (``remove_duplicate=False``).
+        """
+        index = {id(p): j for j, (_, p) in enumerate(self.module.named_parameters())}
+        self.slots = []
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            self.slots.append((self.module.get_submodule(owner) if owner else self.module, attr, index[id(p)]))
         for p in self.module.parameters():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.bound = None
+
+    def bind(self, v: int) -> None:
+        """Make the module compute with version ``v``'s tensors.
+
+        The same as ``torch.func.functional_call`` with the version's tensors, at a
+        dict store per parameter and only when the version changes: the tensors are
+        put into the submodules' ``_parameters`` directly (they are leaves that
+        require grad, not ``nn.Parameter``), and stay there until another version
+        is bound. Autograd records the tensors a forward used, so a backward never
+        needs a rebind.
+        """
+        params = self.versions[v][0]
+        if self.bound is params:
+            return
+        for mod, attr, j in self.slots:
+            mod._parameters[attr] = params[j]
+        self.bound = params
 
     def weights(self, v: int | None = None) -> dict[str, torch.Tensor]:
         return dict(self.versions[self.current if v is None else v][1])
@@ -236,6 +279,69 @@ class _SavedCounter:
     def start(self) -> None:
         self.seen.clear()
         self.nbytes = 0
+
+
+class _SendFailed(Exception):
+    """A send issued by the sender thread failed; ``index`` is its SEND action, ``__cause__`` the error."""
+
+    def __init__(self, index: int | None) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+class _Sender:
+    """Issues this worker's gloo sends from a thread of its own, in program order.
+
+    A gloo ``isend`` can hold its caller for milliseconds (the transport's pair
+    lock, a loaded machine), which on the main thread delays the next compute
+    action. The main thread only queues ``(action index, tensor, peer, tag)``;
+    the thread issues ``isend`` and keeps each tensor alive until its send has
+    completed. The first error is kept with its action index and raised on the
+    main thread by :meth:`check` (at the next SEND) or :meth:`close` (end of
+    the run), so a failure still names the action. The thread is a daemon: a
+    worker that fails exits without waiting for it.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: tuple[int, BaseException] | None = None
+        self.thread = threading.Thread(target=self._loop, name="pipetwin-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, index: int, t: torch.Tensor, peer: int, tag: int) -> None:
+        self.queue.put((index, t, peer, tag))
+
+    def _loop(self) -> None:
+        pending: deque = deque()
+        index = None
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    break
+                index, t, peer, tag = item
+                pending.append((dist.isend(t, dst=peer, tag=tag), t, index))
+                while pending and pending[0][0].is_completed():
+                    work, _, index = pending.popleft()
+                    work.wait()  # returns at once; raises if the send failed
+            while pending:
+                work, _, index = pending.popleft()
+                work.wait()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = (index, e)
+
+    def check(self) -> None:
+        if self.error is not None:
+            index, e = self.error
+            raise _SendFailed(index) from e
+
+    def close(self, timeout_s: float) -> None:
+        """Wait until every queued send has completed; raise the first error."""
+        self.queue.put(None)
+        self.thread.join(timeout_s)
+        self.check()
+        if self.thread.is_alive():
+            raise TimeoutError(f"the sends of this worker did not complete within {timeout_s:g} s")
 
 
 class ActionFailed(Exception):
@@ -272,6 +378,7 @@ class StageWorker:
         self.outbox: dict[tuple[int, int, bool], torch.Tensor] = {}
         self.pool: dict[tuple, list[torch.Tensor]] = {}
         self.pending_sends: list = []
+        self.sender: _Sender | None = None
         self.losses: dict[int, torch.Tensor] = {}
         self.times: list[tuple[int, float, float, int]] = []
         self.cuda_events: list = []
@@ -349,7 +456,8 @@ class StageWorker:
                 was = st.module.training
                 st.module.eval()
                 with torch.no_grad():
-                    y = functional_call(st.module, st.versions[0][1], (torch.zeros(shape, dtype=dt, device=self.device),))
+                    st.bind(0)
+                    y = st.module(torch.zeros(shape, dtype=dt, device=self.device))
                 st.module.train(was)
                 if not isinstance(y, torch.Tensor):
                     raise ExecutorError(f"stage {s} (layers {st.first}..{st.last}) returns {type(y).__name__}; "
@@ -398,6 +506,9 @@ class StageWorker:
         for (s, v), i in last.items():
             if v != newest.get(s, 0):
                 self.frees.setdefault(i, []).append((s, v))
+        # a STEP that is the last use of the version it reads updates it in place (always so for flush schedules)
+        self.step_in_place = frozenset(i for i, a in enumerate(self.acts)
+                                       if a.kind is Kind.STEP and last.get((a.stage, a.version - 1)) == i)
 
     def _plan_recvs(self) -> None:
         """Every RECV in program order with its tag and buffer shape; the first few are posted now."""
@@ -479,18 +590,18 @@ class StageWorker:
             x = self.inbox.pop((a.stage, mb, False))
             bufs = x
             xin = x.detach().requires_grad_(x.is_floating_point())
-        params = st.versions[a.version][1]
+        st.bind(a.version)
         if self.cfg.track_memory and not self.cuda:
             sc = self.saved
             sc.start()
             with torch.autograd.graph.saved_tensors_hooks(sc.pack, sc.unpack):
-                out = functional_call(st.module, params, (xin,))
+                out = st.module(xin)
                 if st.is_last:
                     out = self._loss(out, mb)
             saved = sc.nbytes
             self.mem_saved += saved
         else:
-            out = functional_call(st.module, params, (xin,))
+            out = st.module(xin)
             if st.is_last:
                 out = self._loss(out, mb)
             saved = 0
@@ -571,6 +682,12 @@ class StageWorker:
 
     def _send(self, a: Action) -> int:
         t = self.outbox.pop((a.stage, a.mb, a.grad))
+        sender = self.sender
+        nbytes = t.numel() * t.element_size()
+        if sender is not None and nbytes >= _SEND_THREAD_MIN_BYTES:
+            sender.check()
+            sender.put(self._index, t, a.peer, self._tag(a.stage, a.mb, a.grad))
+            return nbytes
         if self.nccl:
             work = dist.isend(t, dst=a.peer, group=self.p2p_groups[a.grad])
         else:
@@ -612,20 +729,39 @@ class StageWorker:
         return flat.numel() * flat.element_size()
 
     def _step(self, a: Action) -> int:
+        """``W(v+1) = W(v) - lr * g``: in place when this STEP is the last use of W(v) on this worker, else into
+        a spare (freed) version's tensors or new ones. Same arithmetic either way (``a + alpha * b``)."""
         st = self.stages[a.stage]
         grads = st.acc.pop(a.mb, None)
         st.count.pop(a.mb, None)
-        cur = st.versions[st.current][0]
+        old_v = st.current
+        cur = st.versions[old_v][0]
+        if grads is not None:
+            self.mem_grads -= st.param_bytes
         with torch.no_grad():
-            if grads is None:
-                new = [p.detach().clone() for p in cur]
+            if self._index in self.step_in_place:
+                # nothing on this worker reads W(v) after this action, and every backward that used it is done
+                del st.versions[old_v]
+                if grads is not None:
+                    torch._foreach_add_(list(cur), grads, alpha=-self.lr)
+                st.set_version(a.version, cur)
+                new = None
+            elif st.spare:
+                new = st.spare.pop()
+                if grads is None:
+                    torch._foreach_copy_(list(new), list(cur))
+                else:
+                    for n, c, g in zip(new, cur, grads):
+                        torch.add(c, g, alpha=-self.lr, out=n)
+            elif grads is None:
+                new = [p.detach().clone().requires_grad_(True) for p in cur]
             else:
-                new = list(torch._foreach_add(list(cur), grads, alpha=-self.lr))
-                self.mem_grads -= st.param_bytes
-        st.set_version(a.version, (t.requires_grad_(True) for t in new))
+                new = [t.requires_grad_(True) for t in torch._foreach_add(list(cur), grads, alpha=-self.lr)]
+        if new is not None:
+            st.set_version(a.version, new)
+            if self.cfg.track_memory and not self.cuda:
+                self.saved.exclude.update(t.untyped_storage().data_ptr() for t in new)
         st.current = a.version
-        if self.cfg.track_memory and not self.cuda:
-            self.saved.exclude.update(t.untyped_storage().data_ptr() for t in new)
         self._maybe_checkpoint(st, a.version)
         return 0
 
@@ -643,8 +779,13 @@ class StageWorker:
     def _free(self, i: int) -> None:
         for s, v in self.frees[i]:
             st = self.stages[s]
-            ps, _ = st.versions.pop(v)
-            if self.cfg.track_memory and not self.cuda:
+            got = st.versions.pop(v, None)
+            if got is None:  # renamed to the next version by an in-place STEP
+                continue
+            ps = got[0]
+            if not st.spare:  # kept (as an allocator would cache it) for the next STEP to write into
+                st.spare.append(ps)
+            elif self.cfg.track_memory and not self.cuda:
                 for p in ps:
                     self.saved.exclude.discard(p.untyped_storage().data_ptr())
 
@@ -659,6 +800,18 @@ class StageWorker:
     def run(self) -> None:
         """Interpret the action list; raise ActionFailed(index) with the cause chained."""
         self._post_recvs(self.lookahead)
+        switch_s = sys.getswitchinterval()
+        if not self.nccl and _SEND_THREAD and any(k is Kind.SEND for k in self.kinds):
+            self.sender = _Sender()
+            # the sender thread needs the GIL for a few microseconds per send; with the default 5 ms switch
+            # interval it can wait that long whenever the main thread is between torch ops
+            sys.setswitchinterval(min(switch_s, _SWITCH_INTERVAL_S))
+        try:
+            self._run()
+        finally:
+            sys.setswitchinterval(switch_s)
+
+    def _run(self) -> None:
         dist.barrier()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -703,8 +856,12 @@ class StageWorker:
             for work, _ in self.pending_sends:
                 work.wait()
             self.pending_sends.clear()
+            if self.sender is not None:
+                self.sender.close(float(self.cfg.timeout_s) + 5.0)
             self.cpu_s = time.process_time() - cpu0
             self.wall_s = pc() - t0
+        except _SendFailed as e:
+            raise ActionFailed(e.index, True) from e.__cause__
         except BaseException as e:  # noqa: BLE001 - annotated and re-raised
             idx = self._index if self._index is not None else None
             comm = idx is None or self.acts[idx].kind in (Kind.SEND, Kind.RECV, Kind.ALLREDUCE)
@@ -775,9 +932,34 @@ def resolve_backend(backend: str, local_world: int) -> str:
     return "gloo"
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    Every backward returns fresh gradient tensors of a stage's parameter size;
+    with glibc's defaults such allocations are mmapped (or the heap is trimmed
+    when they are freed), so each one page-faults its memory in again — about
+    0.7 ms per backward of a 4 x Linear(512) stage, a fifth of its time. A
+    fixed mmap threshold (32 MiB, glibc's maximum) and no trimming keep the
+    freed blocks in the heap. Process-wide, done once per worker process; a
+    no-op off glibc or with ``PIPETWIN_MALLOC_TUNE=0``.
+    """
+    if os.environ.get("PIPETWIN_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)
+        libc.mallopt(m_trim_threshold, 2**30)
+    except (OSError, AttributeError):
+        pass
+
+
 def init_process_group(cfg: RunConfig, rank: int, world: int, store=None) -> torch.device:
     """Join the run's process group with the run's timeout; the device this rank computes on."""
     torch.set_num_threads(1)
+    _keep_freed_memory()
     timeout = timedelta(seconds=float(cfg.timeout_s))
     if cfg.backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank)) % max(1, torch.cuda.device_count())

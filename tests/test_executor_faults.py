@@ -71,3 +71,15 @@ def test_cli_bad_plan_file_exits_2_with_one_line(tmp_path, content, needle):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pipetwin run: error:") and needle in lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_peer_of_a_sender_thread_dies_and_the_dead_worker_is_named(monkeypatch):
+    # 32 x 1024 float32 activations (128 KiB): rank 0 sends them from its sender thread
+    monkeypatch.setenv(FAULT_ENV, "1:1F2:kill")
+    plan = even_plan("mlp:layers=4,width=1024", 4, 2, schedule="1f1b", microbatches=4, batches=2, microbatch_size=32)
+    t = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        run_plan(plan, timeout_s=10)
+    assert (info.value.rank, info.value.stage, info.value.action) == (1, 1, "1F2")
+    assert time.monotonic() - t < 30

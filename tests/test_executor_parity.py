@@ -83,3 +83,18 @@ def test_flush_reference_is_independent_of_partition_and_replication():
     b = reference_weights(_plan(stages=3, schedule="1f1b", replicas=(2, 1, 1)), dtype="float64")
     flat = lambda d: torch.cat([v.flatten() for _, v in sorted(d.items(), key=lambda kv: kv[0].split(".", 1)[1])])
     torch.testing.assert_close(flat(a), flat(b))
+
+
+# Messages of 8 x 1024 float64 values (64 KiB) go through the worker's sender thread; weight updates are done
+# in place where the STEP is the last use of its version, else into a freed version's tensors.
+WIDE = "mlp:layers=4,width=1024"
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("schedule,kw", [("pipedream", dict(microbatches=7)), ("1f1b", dict(microbatches=3, batches=2)),
+                                         ("2bw", dict(microbatches=2, batches=3))])
+def test_large_messages_and_in_place_steps_keep_the_reference_update_rule(schedule, kw):
+    plan = even_plan(WIDE, 4, 2, schedule=schedule, microbatch_size=8, lr=0.05, **kw)
+    result = run_plan(plan, dtype="float64", timeout_s=30)
+    _assert_weights_equal(result.weights, reference_weights(plan, dtype="float64"))

@@ -33,7 +33,8 @@ import torch
 
 from executor.errors import ExecutorError, WorkerFailed
 from executor.runtime import (FAULT_ENV, Prepared, RunConfig, merge_losses, merge_trace, merge_weights,
-                              p2p_orders_agree, prepare, resolve_backend, weights_from_checkpoint)
+                              p2p_orders_agree, prepare, resolve_backend, resolve_device,
+                              weights_from_checkpoint)
 from planner.plan import Plan, PlanError
 from planner.program import Kind, Program
 from planner.trace import Trace, summary
@@ -71,6 +72,7 @@ class RunResult:
         out = summary(self.trace)
         out["final_loss"] = list(self.losses.values())[-1] if self.losses else None
         out["backend"] = self.backend
+        out["device"] = self.trace.meta.get("device_kind", "cpu")
         out["start_step"] = self.start_step
         out["wall_s"] = self.wall_s
         return out
@@ -96,12 +98,14 @@ def _as_plan(plan: Plan | dict | str | os.PathLike) -> Plan:
 def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", timeout_s: float = 60.0,
              save_weights: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 0, resume: bool = False, seed: int = 0, dtype: str = "float32",
-             track_memory: bool = True, keep_dir: str | os.PathLike | None = None) -> RunResult:
+             track_memory: bool = True, keep_dir: str | os.PathLike | None = None, device: str = "auto") -> RunResult:
     """Run ``plan`` for real: one process per worker on this machine.
 
     Args:
         plan: a Plan, its dict, or a plan JSON path. The world size is the plan's worker count.
         backend: "auto" (NCCL when there is a GPU per worker, else gloo), "gloo" or "nccl".
+        device: "auto" (the GPUs under NCCL, else the CPU), "cpu" or "cuda" (with gloo: the workers share
+            the GPUs there are, and messages go through host memory).
         timeout_s: how long any blocking call (receive, all-reduce, rendezvous) may wait.
         save_weights: write the final weights (``stage{s}.{param}``) here with ``torch.save``.
         checkpoint_dir: write checkpoints here (and read them with ``resume``).
@@ -136,6 +140,7 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         return res
     world = len(prep.program.workers)
     cfg = replace(cfg, backend=resolve_backend(backend, world))
+    cfg = replace(cfg, device=resolve_device(device, cfg.backend))
     if cfg.backend == "nccl":
         problem = p2p_orders_agree(prep.program)
         if problem:

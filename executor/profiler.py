@@ -1,10 +1,11 @@
 """Per-layer profiler: measures a model spec into a :class:`planner.profile.ModelProfile`.
 
 For every chain layer of :func:`executor.models.build_layers` it measures, at
-one microbatch size, on one CPU thread:
+one microbatch size, on one CPU thread or on a GPU (``device="cuda"``):
 
 * forward and backward seconds: the median over ``repeats`` runs after
-  ``warmup`` runs. The layer's input is the real output of the layers before it
+  ``warmup`` runs (wall clock on the CPU; CUDA events around the layer's kernels
+  on a GPU, so the time is the GPU's, not the launch's). The layer's input is the real output of the layers before it
   (one no-grad pass over a real microbatch). The backward of a layer is the
   gradient of its output with respect to its parameters and its input (no input
   gradient for layer 0, as the first stage of a pipeline computes none). The
@@ -97,18 +98,49 @@ def saved_tensor_bytes(layer: nn.Module, x: Tensor) -> tuple[Tensor, int]:
 
 def _grad_like(out) -> Tensor:
     g = torch.Generator().manual_seed(1234)
-    return torch.randn(out.shape, generator=g, dtype=out.dtype) if out.is_floating_point() else None
+    if not out.is_floating_point():
+        return None
+    return torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+
+
+class _Clock:
+    """Marks points in time: ``perf_counter`` on the CPU, CUDA events on a GPU (read after a synchronize)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
 
 def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup: int = 2, seed: int = 0,
-                  name: str | None = None) -> ModelProfile:
-    """Measure every chain layer of ``spec`` (see the module docstring) into a ModelProfile."""
+                  name: str | None = None, device: str = "cpu") -> ModelProfile:
+    """Measure every chain layer of ``spec`` (see the module docstring) into a ModelProfile.
+
+    ``device``: "cpu" (one thread) or "cuda" (the current GPU; times from CUDA events).
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError("profile_model needs repeats >= 1 and warmup >= 0")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+    dev = torch.device(device)
+    clock = _Clock(dev)
     ms = parse_spec(spec)
     with single_thread():
         layers = build_layers(spec, seed)
+        for layer in layers:
+            layer.to(dev)
         x, target = make_batch(spec, microbatch_size, 0, seed)
+        x, target = x.to(dev), target.to(dev)
         loss = loss_fn(spec)
         inputs: list[Tensor] = []
         with torch.no_grad():
@@ -119,7 +151,7 @@ def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup:
         result = []
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1
-            fwd, bwd = [], []
+            fwd, bwd, marks = [], [], []
             xi = inputs[i].detach().requires_grad_(i > 0 and inputs[i].is_floating_point())
             out, saved = saved_tensor_bytes(layer, xi)  # an untimed pass: the hooks cost time
             act = _tensor_bytes(out)
@@ -133,19 +165,23 @@ def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup:
                         xi.requires_grad_(True)
                     for p in layer.parameters():
                         p.grad = None
-                    t0 = time.perf_counter()
+                    t0 = clock.mark()
                     out = layer(xi)
                     root = loss(out, target) if last else out
-                    t1 = time.perf_counter()
+                    t1 = clock.mark()
                     grad = None if last else _grad_like(out)
-                    t2 = time.perf_counter()
+                    t2 = clock.mark()
                     if isinstance(root, Tensor) and root.requires_grad:
                         torch.autograd.backward(root, grad)
-                    t3 = time.perf_counter()
+                    t3 = clock.mark()
                     if r >= warmup:
-                        fwd.append(t1 - t0)
-                        bwd.append(t3 - t2)
+                        marks.append((t0, t1, t2, t3))
                     del out, root, grad, xi
+                if clock.cuda:
+                    torch.cuda.synchronize(dev)
+                for t0, t1, t2, t3 in marks:
+                    fwd.append(clock.seconds(t0, t1))
+                    bwd.append(clock.seconds(t2, t3))
             finally:
                 if gc_was:
                     gc.enable()
@@ -159,7 +195,8 @@ def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup:
                 saved_bytes=saved / microbatch_size,
                 param_bytes=float(layer_param_bytes(layer)),
             ))
-    return ModelProfile(name=name or ms.name, layers=tuple(result), microbatch_size=microbatch_size, device="cpu")
+    label = torch.cuda.get_device_name(dev) if clock.cuda else "cpu"
+    return ModelProfile(name=name or ms.name, layers=tuple(result), microbatch_size=microbatch_size, device=label)
 
 
 def _layer_name(layer: nn.Module) -> str:

@@ -88,6 +88,9 @@ class RunConfig:
     Attributes:
         plan: the plan as a dict (``Plan.to_dict``).
         backend: "gloo" or "nccl" (the launcher resolves "auto").
+        device: where stages compute: "cpu" or "cuda" (the launcher resolves "auto"). NCCL implies
+            "cuda" with one GPU per worker; gloo with "cuda" lets workers share the GPUs there are
+            (rank modulo the GPU count) and stages every message and all-reduce through host memory.
         timeout_s: limit of every blocking call (process-group timeout).
         seed: model weights and data seed.
         dtype: parameter and activation dtype name (see DTYPES).
@@ -100,6 +103,7 @@ class RunConfig:
 
     plan: dict
     backend: str = "gloo"
+    device: str = "cpu"
     timeout_s: float = 60.0
     seed: int = 0
     dtype: str = "float32"
@@ -373,6 +377,9 @@ class StageWorker:
         self.base_version = prepared.start_step
         self.cuda = device.type == "cuda"
         self.nccl = cfg.backend == "nccl"
+        # gloo moves host memory only: on a GPU, messages and all-reduces go through host copies
+        self.staged = self.cuda and not self.nccl
+        self.comm_device = torch.device("cpu") if self.staged else device
         self.stages: dict[int, _Stage] = {}
         self.inbox: dict[tuple[int, int, bool], torch.Tensor] = {}
         self.outbox: dict[tuple[int, int, bool], torch.Tensor] = {}
@@ -549,21 +556,22 @@ class StageWorker:
             Kind.SEND: self._send, Kind.RECV: self._recv, Kind.ALLREDUCE: self._allreduce, Kind.STEP: self._step,
         }[a.kind]
 
-    def _acquire(self, shape, dt) -> torch.Tensor:
-        free = self.pool.get((shape, dt))
+    def _acquire(self, shape, dt, device=None) -> torch.Tensor:
+        device = self.device if device is None else device
+        free = self.pool.get((shape, dt, device.type))
         if free:
             return free.pop()
-        return torch.empty(shape, dtype=dt, device=self.device)
+        return torch.empty(shape, dtype=dt, device=device)
 
     def _release(self, buf: torch.Tensor) -> None:
-        self.pool.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+        self.pool.setdefault((tuple(buf.shape), buf.dtype, buf.device.type), []).append(buf)
 
     def _post_recvs(self, upto: int) -> None:
         upto = min(upto, len(self.recvs))
         while self.next_post < upto:
             j = self.next_post
             peer, tag, shape, dt, grad = self.recvs[j]
-            buf = self._acquire(shape, dt)
+            buf = self._acquire(shape, dt, self.comm_device)
             if self.nccl:
                 work = dist.irecv(buf, src=peer, group=self.p2p_groups[grad])
             else:
@@ -682,6 +690,8 @@ class StageWorker:
 
     def _send(self, a: Action) -> int:
         t = self.outbox.pop((a.stage, a.mb, a.grad))
+        if self.staged:
+            t = t.to("cpu")  # waits for the kernels that made it
         sender = self.sender
         nbytes = t.numel() * t.element_size()
         if sender is not None and nbytes >= _SEND_THREAD_MIN_BYTES:
@@ -704,8 +714,13 @@ class StageWorker:
         work, buf = self.posted.pop(j)
         work.wait()
         self._post_recvs(j + 1 + self.lookahead)
+        nbytes = buf.numel() * buf.element_size()
+        if self.staged:
+            host, buf = buf, self._acquire(tuple(buf.shape), buf.dtype)
+            buf.copy_(host)  # from pageable memory: done when copy_ returns, so the host buffer is free again
+            self._release(host)
         self.inbox[(a.stage, a.mb, a.grad)] = buf
-        return buf.numel() * buf.element_size()
+        return nbytes
 
     def _allreduce(self, a: Action) -> int:
         st = self.stages[a.stage]
@@ -717,7 +732,12 @@ class StageWorker:
         else:
             count = torch.tensor([float(st.count[k])], dtype=self.dtype, device=self.device)
             flat = torch.cat([g.reshape(-1) for g in acc] + [count])
-        dist.all_reduce(flat, group=st.group)
+        if self.staged:
+            host = flat.to("cpu")
+            dist.all_reduce(host, group=st.group)
+            flat.copy_(host)
+        else:
+            dist.all_reduce(flat, group=st.group)
         if self.family == "pipedream":
             flat[:-1].div_(flat[-1].clamp(min=1.0))
         views, off = [], 0
@@ -932,6 +952,21 @@ def resolve_backend(backend: str, local_world: int) -> str:
     return "gloo"
 
 
+def resolve_device(device: str, backend: str) -> str:
+    """"cpu" or "cuda" for a requested device ("auto": the GPUs when the backend is NCCL, else the CPU)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ExecutorError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if backend == "nccl":
+        if device == "cpu":
+            raise ExecutorError("NCCL communicates between GPUs: use --device cuda (or auto), or --backend gloo")
+        return "cuda"
+    if device == "auto":  # gloo: the CPU unless asked (several workers sharing a GPU is a choice to make)
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExecutorError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+    return device
+
+
 def _keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -961,14 +996,15 @@ def init_process_group(cfg: RunConfig, rank: int, world: int, store=None) -> tor
     torch.set_num_threads(1)
     _keep_freed_memory()
     timeout = timedelta(seconds=float(cfg.timeout_s))
-    if cfg.backend == "nccl":
+    kw = {}
+    if cfg.backend == "nccl" or cfg.device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank)) % max(1, torch.cuda.device_count())
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        kw = {"device_id": device}
+        if cfg.backend == "nccl":
+            kw = {"device_id": device}
     else:
         device = torch.device("cpu")
-        kw = {}
     if store is not None:
         dist.init_process_group(cfg.backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)
     else:
@@ -989,6 +1025,7 @@ def merge_trace(program: Program, plan: Plan, parts: list[dict]):
 
     trace = Trace(meta={"source": "measured", "family": plan.schedule, "microbatch_size": plan.microbatch_size,
                         "model": plan.model, "devices": {str(p["rank"]): p["device"] for p in parts},
+                        "device_kind": "cuda" if any(str(p["device"]).startswith("cuda") for p in parts) else "cpu",
                         "cpu_s": {str(p["rank"]): p.get("cpu_s", 0.0) for p in parts}})
     for p in parts:
         w = p["rank"]

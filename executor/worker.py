@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from executor.errors import ExecutorError
 from executor.runtime import (ActionFailed, Prepared, RunConfig, StageWorker, gather_results, init_process_group,
-                              prepare, resolve_backend)
+                              prepare, resolve_backend, resolve_device)
 
 
 def _error_doc(rank: int, prep: Prepared | None, exc: BaseException, index: int | None, comm: bool) -> dict:
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("plan", help="plan JSON file")
     ap.add_argument("--out", help="folder for rank 0's results (result.pt, trace.json, summary.json) and error files")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: the GPUs under NCCL, else the CPU; cuda with gloo shares this node's GPUs")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds any blocking call may wait (default 60)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
@@ -129,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = Plan.load(args.plan)
-        cfg = RunConfig(plan=plan.to_dict(), backend=resolve_backend(args.backend, local_world), timeout_s=args.timeout,
+        backend = resolve_backend(args.backend, local_world)
+        cfg = RunConfig(plan=plan.to_dict(), backend=backend, device=resolve_device(args.device, backend),
+                        timeout_s=args.timeout,
                         seed=args.seed, dtype=args.dtype, checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume)
         prep = prepare(cfg)

@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per layer; the median is kept (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per layer first (default 2)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="measure on the CPU (one thread, wall clock) or the GPU (CUDA events); default cpu")
     p.add_argument("-o", "--output", metavar="JSON", help="write the profile (ModelProfile JSON) here")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     p.set_defaults(func=run)
@@ -40,8 +42,13 @@ def run(args) -> int:
         raise ModelSpecError("--microbatch-size must be >= 1")
     if args.repeats < 1 or args.warmup < 0:
         raise ModelSpecError("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelSpecError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
     profile = profile_model(args.model, microbatch_size=args.microbatch_size, repeats=args.repeats,
-                            warmup=args.warmup, seed=args.seed)
+                            warmup=args.warmup, seed=args.seed, device=args.device)
     if args.output:
         profile.save(args.output)
     if args.json:
@@ -52,7 +59,8 @@ def run(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"{profile.name} — microbatch {profile.microbatch_size}",
-                  caption=f"times per microbatch ({profile.device}, 1 thread, median of {args.repeats}); "
+                  caption=f"times per microbatch ({profile.device}{', 1 thread' if args.device == 'cpu' else ''}, "
+                          f"median of {args.repeats}); "
                           f"bytes per sample")
     for col in ("layer", "fwd ms", "bwd ms", "act", "saved", "params"):
         table.add_column(col, justify="left" if col == "layer" else "right")

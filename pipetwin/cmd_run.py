@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where stages compute (default: the GPUs under NCCL, else the CPU); cuda with gloo lets "
+                        "workers share this machine's GPUs, messages staged through host memory")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any blocking call may wait (default 60)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
@@ -86,7 +89,7 @@ def run(args) -> int:
     plan = _plan_for(args)
     res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   seed=args.seed, dtype=args.dtype)
+                   seed=args.seed, dtype=args.dtype, device=args.device)
     if args.trace:
         res.trace.save(args.trace)
     s = res.summary()
@@ -96,7 +99,7 @@ def run(args) -> int:
     workers = len(res.program.workers) if res.program else 0
     what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
             else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
-    print(f"ran {plan.schedule} of {plan.model} on {workers} workers ({res.backend}): {what} of "
+    print(f"ran {plan.schedule} of {plan.model} on {workers} workers ({res.backend}, {s['device']}): {what} of "
           f"{plan.microbatch_size} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
     print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "
           f"makespan {s['makespan_s'] * 1e3:.1f} ms, bubble {s['bubble_fraction'] * 100:.1f}%")

@@ -38,6 +38,31 @@ def test_trace_has_every_action_timed_on_its_worker_lane():
     assert sorted(res.losses) == list(range(8))
 
 
+@pytest.mark.timeout(120)
+def test_zb_h1_on_emulated_layers_takes_the_time_the_simulator_predicts():
+    """Each emulated layer's backward is spent once over BI and BW (it used to be spent in each of them)."""
+    from planner.profile import parse_uniform_spec
+    from sim.engine import simulate_plan
+    from topologies.presets import load_topology
+
+    fwd, bwd = 0.005, 0.02
+    spec = f"uniform:layers=4,fwd={fwd},bwd={bwd},act=64,params=64"
+    plan = even_plan(spec, 4, 2, schedule="zb-h1", microbatches=4, batches=1, microbatch_size=1)
+    res = run_plan(plan, timeout_s=60)
+    measured = summary(res.trace)["makespan_s"]
+    topo = load_topology("ideal:2")
+    placed = plan.with_devices([(d,) for d in topo.devices])
+    predicted = summary(simulate_plan(placed, parse_uniform_spec(spec), topo))["makespan_s"]
+    # the same plan if BI and BW each took the whole backward: a profile with twice the backward time
+    inflated = summary(simulate_plan(placed, parse_uniform_spec(spec.replace(f"bwd={bwd}", f"bwd={2 * bwd}")),
+                                     topo))["makespan_s"]
+    assert 0.95 * predicted <= measured < (predicted + inflated) / 2, (measured, predicted, inflated)
+    dur = {k: [e.duration_s for e in res.trace.events if e.lane == 1 and e.kind == k] for k in ("BI", "BW")}
+    half = 2 * bwd / 2  # two layers on stage 1, split half and half (SimParams' default bi_fraction)
+    for k, ds in dur.items():
+        assert len(ds) == 4 and half <= sum(ds) / 4 < 1.5 * half, (k, ds)
+
+
 @pytest.mark.timeout(60)
 def test_measured_memory_follows_microbatches_in_flight():
     kw = dict(microbatches=6, batches=1, microbatch_size=8)

@@ -181,6 +181,58 @@ def test_emulated_layer_waits_without_cpu_and_moves_real_tensors():
     assert not torch.allclose(layer(x), out)
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def test_split_backward_of_emulated_layers_spends_the_backward_time_once():
+    """ZB-H1's BI (input gradient, graph kept) then BW (weight gradient), as the executor calls them, on a
+    3-layer stage: BI waits bi_fraction of each layer's backward and BW the rest, so BI + BW is one backward
+    (each used to wait a whole backward: twice the time). An unsplit backward, and a first stage's BW
+    (no input gradient, so no BI before it), wait the whole backward."""
+    L, bwd = 3, 0.04
+    layers = M.build_stage(f"uniform:layers={L},fwd=0,bwd={bwd},act=64,params=64", 0, L - 1)
+    params = [layer.weight for layer in layers]
+    w = torch.ones(2, requires_grad=True)  # torch's lazy imports of a first grad with gradient tensors, off the clock
+    torch.autograd.grad(w * 2.0, (w,), torch.ones(2))
+    whole = L * bwd
+    xin = torch.randn(2, 16).requires_grad_(True)
+    out = _forward(layers, xin)
+    g = torch.ones_like(out)
+    bi = _timed(lambda: torch.autograd.grad(out, (xin,), g, retain_graph=True))
+    bw = _timed(lambda: torch.autograd.grad(out, params, g))
+    assert 0.5 * whole <= bi < 0.5 * whole + 0.03  # sleeps overshoot, never undershoot
+    assert 0.5 * whole <= bw < 0.5 * whole + 0.03
+    assert bi + bw < 1.25 * whole  # was 2 x whole
+    out = _forward(layers, xin)
+    b = _timed(lambda: torch.autograd.grad(out, params + [xin], torch.ones_like(out)))
+    assert whole <= b < whole + 0.03
+    out = _forward(layers, torch.randn(2, 16))  # a first stage: the input needs no gradient
+    bw0 = _timed(lambda: torch.autograd.grad(out, params, torch.ones_like(out)))
+    assert whole <= bw0 < whole + 0.03
+    assert all(layer.bi_fraction == 0.5 for layer in layers)  # SimParams' default split
+
+
+def test_emulated_split_follows_the_layer_bi_fraction_and_changes_no_value():
+    layer = EmulatedLayer(4, 4, 8, 0.0, 0.1, generator=torch.Generator().manual_seed(0), bi_fraction=0.25)
+    w = torch.ones(2, requires_grad=True)
+    torch.autograd.grad(w * 2.0, (w,), torch.ones(2))
+    xin = torch.randn(1, 4).requires_grad_(True)
+    out = layer(xin)
+    g = torch.ones_like(out)
+    bi = _timed(lambda: torch.autograd.grad(out, (xin,), g, retain_graph=True))
+    got = []
+    bw = _timed(lambda: got.extend(torch.autograd.grad(out, (layer.weight,), g)))
+    assert 0.025 <= bi < 0.045 and 0.075 <= bw < 0.095
+    out = layer(xin)
+    (gp_whole, _) = torch.autograd.grad(out, (layer.weight, xin), g)
+    assert torch.equal(got[0], gp_whole)  # the split BW's weight gradient is the unsplit backward's
+    with pytest.raises(ValueError, match="bi_fraction"):
+        EmulatedLayer(4, 4, 8, 0.0, 0.1, bi_fraction=1.5)
+
+
 @pytest.mark.parametrize("in_elems,out_elems,params", [(5, 5, 7), (6, 3, 2), (3, 8, 4), (4, 4, 0)])
 def test_emulated_backward_is_the_true_gradient(in_elems, out_elems, params):
     x = torch.randn(2, in_elems, dtype=torch.float64, requires_grad=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
 
@@ -32,13 +33,16 @@ def register(sub) -> None:
     p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="batches (optimizer steps) to simulate")
-    p.add_argument("--overhead", type=float, default=0.0, metavar="S", help="seconds of fixed cost per action (default 0)")
+    p.add_argument("--params", metavar="JSON",
+                   help="simulator parameters (sim_params.json from `pipetwin calibrate`); the flags below override it")
+    p.add_argument("--overhead", type=float, default=None, metavar="S", help="seconds of fixed cost per action (default 0)")
     p.add_argument("--no-overlap", action="store_true", help="devices wait for their sends to be delivered")
-    p.add_argument("--allreduce", default="auto", choices=["auto", "ring", "hierarchical"], help="all-reduce algorithm")
-    p.add_argument("--optimizer-state", type=float, default=1.0, metavar="X",
+    p.add_argument("--allreduce", default=None, choices=["auto", "ring", "hierarchical"],
+                   help="all-reduce algorithm (default auto)")
+    p.add_argument("--optimizer-state", type=float, default=None, metavar="X",
                    help="optimizer state in parameter-bytes multiples (SGD momentum 1, Adam 2; default 1)")
-    p.add_argument("--jitter", type=float, default=0.0, help="relative noise on compute times (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the jitter (default 0)")
+    p.add_argument("--jitter", type=float, default=None, help="relative noise on compute times (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the jitter (default 0)")
     p.add_argument("--no-symmetry", action="store_true", help="simulate every replica even when symmetric")
     p.add_argument("--trace", metavar="JSON", help="write the predicted trace (Chrome trace JSON, opens in Perfetto)")
     p.add_argument("--chart", metavar="PNG", help="write a Gantt chart of the predicted run")
@@ -117,14 +121,44 @@ def _inputs(args):
     return _plan_for(args, profile, topology), profile, topology
 
 
+def _params(args):
+    """SimParams from --params (if given) with the explicit flags on top."""
+    from dataclasses import fields
+
+    from pipetwin.errors import UserError
+    from sim import SimParams
+
+    base: dict = {}
+    if args.params:
+        try:
+            base = json.loads(Path(args.params).read_text())
+        except OSError as e:
+            raise UserError(f"--params {args.params}: cannot read it ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"--params {args.params}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        known = {f.name for f in fields(SimParams)}
+        if not isinstance(base, dict) or set(base) - known:
+            extra = sorted(set(base) - known) if isinstance(base, dict) else "not an object"
+            raise UserError(f"--params {args.params}: unknown simulator parameters {extra}; known: {', '.join(sorted(known))}")
+    flags = {"overhead_s": args.overhead, "allreduce": args.allreduce, "optimizer_state_factor": args.optimizer_state,
+             "jitter": args.jitter, "seed": args.seed}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_overlap:
+        base["overlap_comm"] = False
+    if args.no_symmetry:
+        base["use_symmetry"] = False
+    try:
+        return SimParams(**base)
+    except TypeError as e:
+        raise UserError(f"--params {args.params}: {e}") from None
+
+
 def run(args) -> int:
     from planner.trace import summary
     from sim import SimParams, bytes_per_link, simulate_plan
 
     plan, profile, topology = _inputs(args)
-    params = SimParams(overhead_s=args.overhead, overlap_comm=not args.no_overlap, allreduce=args.allreduce,
-                       optimizer_state_factor=args.optimizer_state, jitter=args.jitter, seed=args.seed,
-                       use_symmetry=not args.no_symmetry)
+    params = _params(args)
     progress = _progress_printer() if args.progress else None
     trace = simulate_plan(plan, profile, topology, params, progress=progress)
     if progress:

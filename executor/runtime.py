@@ -45,10 +45,17 @@ Actions:
   older (stashed) version.
 
 Every action is timed (``time.perf_counter``; CUDA events for compute on a
-GPU). Memory on CPU is counted exactly: bytes autograd saves for backward
-(``saved_tensors_hooks``, parameters excluded, each storage once) of the
-microbatches in flight, plus live parameter versions, gradient buffers and
-optimizer state (plain SGD: none); on a GPU, ``torch.cuda`` allocator figures.
+GPU). Memory on CPU is counted exactly, in bytes held between actions, and
+sampled after every action that changes it (and once at the start): for the
+microbatches in flight, the bytes autograd saves for backward
+(``saved_tensors_hooks``, parameters and receive buffers excluded, each
+storage once) and the stage's output (the root of the backward); live
+parameter versions plus the freed one kept for reuse; gradient buffers;
+optimizer state (plain SGD: none); input gradients waiting for their SEND;
+and every pooled receive buffer (the pool never frees one, and receives are
+posted ahead). Transients inside one action and messages the transport holds
+are not counted. ``sim.memory`` models the same quantity. On a GPU,
+``torch.cuda`` allocator figures.
 """
 from __future__ import annotations
 
@@ -393,6 +400,8 @@ class StageWorker:
         self.saved = _SavedCounter()
         self.mem_saved = 0
         self.mem_grads = 0
+        self.mem_pool = 0  # pooled receive buffers: the pool keeps every buffer it ever handed out
+        self.pool_storages: set[int] = set()
         self.t0 = 0.0
         self.fault_index, self.fault_mode = None, None
 
@@ -431,7 +440,6 @@ class StageWorker:
         _warm_up_autograd()
         self.handlers = [self._handler(a) for a in self.acts]
         self.kinds = [a.kind for a in self.acts]
-        self.mem_kinds = frozenset({Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.STEP, Kind.ALLREDUCE})
         self.saved.exclude = {p.untyped_storage().data_ptr() for st in self.stages.values()
                               for ps, _ in st.versions.values() for p in ps}
 
@@ -561,9 +569,22 @@ class StageWorker:
         free = self.pool.get((shape, dt, device.type))
         if free:
             return free.pop()
-        return torch.empty(shape, dtype=dt, device=device)
+        buf = torch.empty(shape, dtype=dt, device=device)
+        self._count_pooled(buf)
+        return buf
+
+    def _count_pooled(self, buf: torch.Tensor) -> None:
+        """Count a buffer the pool now owns (once; it is never freed) and keep it out of the saved bytes."""
+        if not self.cfg.track_memory or self.cuda:
+            return
+        key = buf.untyped_storage().data_ptr()
+        if key not in self.pool_storages:
+            self.pool_storages.add(key)
+            self.mem_pool += buf.untyped_storage().nbytes()
+            self.saved.exclude.add(key)
 
     def _release(self, buf: torch.Tensor) -> None:
+        self._count_pooled(buf)  # a tensor passed on this worker (not received) joins the pool here
         self.pool.setdefault((tuple(buf.shape), buf.dtype, buf.device.type), []).append(buf)
 
     def _post_recvs(self, upto: int) -> None:
@@ -606,6 +627,8 @@ class StageWorker:
                 out = st.module(xin)
                 if st.is_last:
                     out = self._loss(out, mb)
+            if not st.is_last:
+                sc.pack(out)  # held until the backward, its root (counted once if autograd saved it too)
             saved = sc.nbytes
             self.mem_saved += saved
         else:
@@ -812,9 +835,13 @@ class StageWorker:
     def _memory_bytes(self) -> float:
         if self.cuda:
             return float(torch.cuda.memory_allocated(self.device))
-        params = sum(st.param_bytes * len(st.versions) for st in self.stages.values())
+        # every live version plus the freed one kept for the next STEP to write into
+        params = sum(st.param_bytes * (len(st.versions) + len(st.spare)) for st in self.stages.values())
         optimizer_state = 0  # plain SGD
-        return float(self.mem_saved + params + self.mem_grads + optimizer_state)
+        # input gradients made by a backward and not yet handed to the transport by their SEND (an output
+        # activation waiting in the outbox is the forward's output, already in mem_saved)
+        outgoing = sum(t.untyped_storage().nbytes() for (_, _, grad), t in self.outbox.items() if grad)
+        return float(self.mem_saved + params + self.mem_grads + optimizer_state + self.mem_pool + outgoing)
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> None:
@@ -844,7 +871,10 @@ class StageWorker:
         frees, times, memory = self.frees, self.times, self.memory
         progress, rank = self.progress, self.rank
         track = self.cfg.track_memory
-        mem_kinds = self.mem_kinds
+        held = None
+        if track:  # at the start: the weights and the receive buffers posted ahead
+            held = self._memory_bytes()
+            memory.append((0.0, held))
         fault = self.fault_index if self.fault_index is not None else -1
         t0 = self.t0
         i = -1
@@ -870,8 +900,11 @@ class StageWorker:
                 times.append((i, t_start - t0, t_end - t0, nbytes))
                 if i in frees:
                     self._free(i)
-                if track and kinds[i] in mem_kinds:
-                    memory.append((t_end - t0, self._memory_bytes()))
+                if track:  # after every action that changes what is held (a RECV can grow the pool, a SEND
+                    m = self._memory_bytes()  # hand a gradient over), so that no peak falls between samples
+                    if m != held:
+                        memory.append((t_end - t0, m))
+                        held = m
             self._index = None
             for work, _ in self.pending_sends:
                 work.wait()

@@ -29,7 +29,7 @@ from planner.program import Action, Kind, Program
 from planner.profile import ModelProfile
 from planner.trace import Event, MemorySample, Trace
 from sim.collectives import Collective, Phase, allreduce_phases
-from sim.memory import memory_marks
+from sim.memory import memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
 from topologies.topology import Topology
@@ -142,8 +142,8 @@ class _Run:
         k = microbatch_size / profile.microbatch_size
         self.fwd = [profile.forward_s(a, b) * k for a, b in layers]
         self.bwd = [profile.backward_s(a, b) * k for a, b in layers]
-        self.params_b = [profile.param_bytes(a, b) for a, b in layers]
-        self.saved_b = [profile.saved_bytes(a, b) * microbatch_size for a, b in layers]
+        self.stage_bytes = stage_bytes(profile, layers, microbatch_size)
+        self.round_of = round_function(program)
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
                      "topology": topology.name, "params": asdict(params)}
         self.box: dict[tuple, object] = {}
@@ -177,8 +177,8 @@ class _Run:
         arrivals, free = self.arrivals, self.net.free_route
         acts = self.p[w]
         stages = self.p.stages_of(w)
-        static, marks = memory_marks(acts, {s: self.params_b[s] for s in stages},
-                                     {s: self.saved_b[s] for s in stages}, prm.optimizer_state_factor)
+        static, marks = memory_marks(acts, {s: self.stage_bytes[s] for s in stages}, prm.optimizer_state_factor,
+                                     self.round_of, prm.recv_lookahead)
         src = dev[w]
         to: dict[int, tuple[str, bool]] = {}       # peer -> (its device, free route?)
         heads: dict[tuple, tuple[str, str]] = {}   # (stage, kind, version, grad, peer) -> text around the mb

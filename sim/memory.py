@@ -1,106 +1,250 @@
 """Device memory along a worker's action list: what each action allocates and frees.
 
-What is held depends only on the order of a worker's actions, not on their
-timing, so the level before and after every action is computed up front and the
-simulator only stamps times on it:
+The model replays the executor's own bookkeeping (``executor.runtime``) on the
+action list. What a worker holds depends only on the order of its actions, not
+on their timing, so the level at the start and end of every action is computed
+up front and the simulator only stamps times on it. Held between actions:
 
-- static: weights + gradients + optimizer state (``optimizer_state_factor`` × parameters) of every stage held;
-- stashed weight versions: every distinct version used by an in-flight
-  microbatch other than the current one costs another copy of the stage's weights;
-- activations: saved bytes × microbatch size from a forward's start until its
-  backward (BW when split) ends;
-- receive buffers: a received payload from its RECV's end until the end of the
-  compute action that consumes it.
+- weights: every live weight version of every stage the worker holds. A version
+  lives from the STEP that makes it (version 0: from the start) until its last
+  use on this worker (a compute action tagged with it, or the STEP that reads
+  it); the newest is never dropped. A STEP that is the last use of the version
+  it reads updates it in place; otherwise it writes into the one dropped version
+  a stage keeps for reuse (the executor's spare) or into a new copy;
+- optimizer state: ``optimizer_state_factor`` × parameters per stage, from the start;
+- gradients: one buffer of the stage's parameter bytes per open round, from the
+  round's first backward (B or BW; its ALLREDUCE when no backward contributed)
+  until its STEP (flush schedules and 2BW: round = batch; PipeDream: a
+  replica's k-th minibatch is round k);
+- activations: from a forward's start until its backward (BW when split) ends,
+  the bytes the stage keeps for backward (``StageBytes.saved``: the received
+  input excluded, it is a receive buffer) plus the stage's output, which the
+  executor keeps as the root of the backward (``StageBytes.output``; see
+  :func:`stage_bytes` for how they come from a profile);
+- outgoing gradients: an input gradient from the end of the B/BI that makes it
+  until its SEND hands it to the transport;
+- receive buffers: receives are posted ``recv_lookahead`` ahead, each into a
+  pooled buffer of its payload's size, and the pool never frees: it holds the
+  most buffers of each size ever in use at once. A buffer is in use from its
+  post until its payload is consumed: a gradient by its B (by the BW after its
+  BI), an activation by the backward of its microbatch (the forward keeps it).
+
+Not counted, here as in the executor: transients inside one action (autograd's
+fresh gradients before they are accumulated, an all-reduce's flat copy), a
+message once the transport has it, the data set's inputs and targets until a
+forward takes them, the loss scalar.
 """
 from __future__ import annotations
 
-from operator import attrgetter
+from typing import Callable, NamedTuple
 
-from planner.program import Action, Kind
+from planner.profile import ModelProfile
+from planner.program import Action, Kind, Program
 
-_F, _B, _BI, _BW, _RECV, _STEP = Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.RECV, Kind.STEP
-_nbytes = attrgetter("nbytes")
+_F, _B, _BI, _BW = Kind.F, Kind.B, Kind.BI, Kind.BW
+_SEND, _RECV, _ALLREDUCE, _STEP = Kind.SEND, Kind.RECV, Kind.ALLREDUCE, Kind.STEP
+_COMPUTE = (_F, _B, _BI, _BW)
+
+#: receives the executor posts ahead on gloo (``PIPETWIN_RECV_LOOKAHEAD``; NCCL posts 1)
+RECV_LOOKAHEAD = 8
 
 
-class _Versions:
-    """The weight versions a stage holds: the current one and those of in-flight microbatches."""
+class StageBytes(NamedTuple):
+    """What one stage weighs: parameter bytes, and per microbatch in flight the bytes kept for backward
+    (the received input excluded) and the output kept until backward (0 on the last stage)."""
 
-    __slots__ = ("current", "used", "of_mb")
+    params: float
+    saved: float
+    output: float = 0.0
+
+
+def round_function(program: Program) -> Callable[[int, int], int]:
+    """``round_of(stage, mb)``: the optimizer round a backward's gradient joins, as the executor counts rounds."""
+    if program.spec.family == "pipedream":  # a replica's k-th minibatch
+        reps = [len(ws) for ws in program.stage_workers]
+        return lambda stage, mb: mb // reps[stage]
+    m = program.spec.microbatches  # a batch
+    return lambda stage, mb: mb // m
+
+
+def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch_size: int) -> list[StageBytes]:
+    """Per stage: parameter bytes, and per microbatch the bytes kept for backward and the output kept until then.
+
+    A stage after the first gets its input in a receive buffer, which ``sim.memory`` counts as such;
+    its first layer's saved bytes are taken to include that input (up to the input's size), as a layer
+    that keeps its input for backward does (linear, convolution, normalisation, emulated layers).
+    The last stage's output is the loss, a scalar, and is not counted.
+    """
+    out = []
+    last = len(layers) - 1
+    for s, (a, b) in enumerate(layers):
+        saved = profile.saved_bytes(a, b)
+        if s > 0:
+            saved -= min(profile.layers[a].saved_bytes, profile.layers[a - 1].activation_bytes)
+        output = profile.layers[b].activation_bytes if s < last else 0.0
+        out.append(StageBytes(profile.param_bytes(a, b), saved * microbatch_size, output * microbatch_size))
+    return out
+
+
+class _Pool:
+    """Pooled receive buffers: per size, how many are in use and how many were ever allocated."""
+
+    __slots__ = ("in_use", "allocated", "nbytes")
 
     def __init__(self) -> None:
-        self.current = 0
-        self.used: dict[int, int] = {}   # version -> in-flight microbatches using it
-        self.of_mb: dict[int, int] = {}
+        self.in_use: dict[float, int] = {}
+        self.allocated: dict[float, int] = {}
+        self.nbytes = 0.0
 
-    def extra(self) -> int:
-        """Copies held beyond the current weights."""
-        return len(self.used) - (1 if self.current in self.used else 0)
+    def acquire(self, size: float) -> None:
+        n = self.in_use.get(size, 0) + 1
+        self.in_use[size] = n
+        if n > self.allocated.get(size, 0):
+            self.allocated[size] = n
+            self.nbytes += size
+
+    def release(self, size: float) -> None:
+        self.in_use[size] -= 1
 
 
-def memory_levels(actions: list[Action], param_bytes: dict[int, float], saved_bytes: dict[int, float],
-                  optimizer_state_factor: float) -> tuple[float, list[tuple[float, float]]]:
-    """(static bytes, [(level after the action starts, level after it ends)] per action).
+def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimizer_state_factor: float,
+                  round_of: Callable[[int, int], int] | None = None, recv_lookahead: int = RECV_LOOKAHEAD,
+                  ) -> tuple[float, list[tuple[float, float]]]:
+    """(bytes at the start, [(level after the action starts, level after it ends)] per action).
 
-    ``param_bytes``/``saved_bytes``: per stage the worker holds; saved bytes per microbatch.
+    ``stages``: the stages this worker holds. ``round_of(stage, mb)``: the optimizer round a
+    backward's gradient goes to (default: one round for the whole run).
     """
-    static = sum(p * (2.0 + optimizer_state_factor) for p in param_bytes.values())
-    versions = {s: _Versions() for s in param_bytes}
-    buffers: dict[tuple, float] = {}
-    dynamic = 0.0
-    out: list[tuple[float, float]] = []
-    for a in actions:
-        k, s = a.kind, a.stage
-        start = dynamic
-        if k is _F:
-            v = versions[s]
-            before = v.extra()
-            v.of_mb[a.mb] = a.version
-            v.used[a.version] = v.used.get(a.version, 0) + 1
-            dynamic += saved_bytes[s] + (v.extra() - before) * param_bytes[s]
-            start = dynamic
-            dynamic -= buffers.pop((0, s, a.mb), 0.0)
-        elif k is _B or k is _BW:
-            v = versions[s]
-            before = v.extra()
-            ver = v.of_mb.pop(a.mb, None)
-            if ver is not None:
-                n = v.used[ver] - 1
-                if n:
-                    v.used[ver] = n
-                else:
-                    del v.used[ver]
-            dynamic += (v.extra() - before) * param_bytes[s] - saved_bytes[s]
-            if k is _B:
-                dynamic -= buffers.pop((1, s, a.mb), 0.0)
-        elif k is _BI:
-            dynamic -= buffers.pop((1, s, a.mb), 0.0)
+    round_of = round_of or (lambda stage, mb: 0)
+    # version lifetimes, as the executor plans them: the last use of each (stage, version)
+    last: dict[tuple[int, int], int] = {}
+    newest: dict[int, int] = {}
+    grad_sends: dict[tuple[int, int], float] = {}   # (stage, mb) -> bytes of the input gradient it sends
+    recv_sizes: list[float] = []
+    for i, a in enumerate(actions):
+        k = a.kind
+        if k in _COMPUTE:
+            last[(a.stage, a.version)] = i
         elif k is _STEP:
-            v = versions[s]
-            before = v.extra()
-            v.current = a.version
-            dynamic += (v.extra() - before) * param_bytes[s]
-        elif k is _RECV and a.nbytes:
-            key = (1 if a.grad else 0, s, a.mb)  # 0: input of F, 1: input of B/BI
-            buffers[key] = buffers.get(key, 0.0) + a.nbytes
-            dynamic += a.nbytes
-        out.append((static + start, static + dynamic))
-    return static, out
+            last[(a.stage, a.version - 1)] = i
+            newest[a.stage] = max(newest.get(a.stage, 0), a.version)
+        elif k is _SEND and a.grad:
+            grad_sends[(a.stage, a.mb)] = float(a.nbytes)
+        elif k is _RECV:
+            recv_sizes.append(float(a.nbytes))
+    frees: dict[int, list[tuple[int, int]]] = {}
+    for (s, v), i in last.items():
+        if v != newest.get(s, 0):
+            frees.setdefault(i, []).append((s, v))
+
+    versions = {s: {0} for s in stages}
+    spare = dict.fromkeys(stages, 0)
+    rounds: dict[int, set[int]] = {s: set() for s in stages}
+    entries: dict[tuple[int, int], list] = {}   # (stage, mb) -> [bytes, buffer sizes it holds]
+    inbox: dict[tuple[int, int, bool], float] = {}
+    outbox: dict[tuple[int, int], float] = {}
+    pool = _Pool()
+    posted = 0
+
+    def post(upto: int) -> None:
+        nonlocal posted
+        upto = min(upto, len(recv_sizes))
+        while posted < upto:
+            pool.acquire(recv_sizes[posted])
+            posted += 1
+
+    post(recv_lookahead)
+    fixed = sum(b.params * (1.0 + optimizer_state_factor) for b in stages.values())
+    held = fixed  # weights, optimizer state, gradients, activations, outgoing gradients; the pool apart
+    initial = held + pool.nbytes
+    out: list[tuple[float, float]] = []
+    n_recv = 0
+    for i, a in enumerate(actions):
+        k, s, mb = a.kind, a.stage, a.mb
+        if k is _F:
+            sb = stages[s]
+            ent = entries[(s, mb)] = [sb.saved + sb.output, []]
+            buf = inbox.pop((s, mb, False), None)
+            if buf is not None:
+                ent[1].append(buf)
+            held += ent[0]
+            start = held + pool.nbytes
+        else:
+            start = held + pool.nbytes
+            if k is _B or k is _BW:
+                r = round_of(s, mb)
+                if r not in rounds[s]:
+                    rounds[s].add(r)
+                    held += stages[s].params
+                ent = entries.pop((s, mb), None)
+                if ent is not None:
+                    held -= ent[0]
+                    for buf in ent[1]:
+                        pool.release(buf)
+                if k is _B:
+                    buf = inbox.pop((s, mb, True), None)
+                    if buf is not None:
+                        pool.release(buf)
+            if (k is _B or k is _BI) and (s, mb) in grad_sends:
+                size = outbox[(s, mb)] = grad_sends[(s, mb)]
+                held += size
+            if k is _BI:
+                buf = inbox.pop((s, mb, True), None)
+                ent = entries.get((s, mb))
+                if buf is not None:
+                    if ent is not None:
+                        ent[1].append(buf)  # kept for the BW
+                    else:
+                        pool.release(buf)
+            elif k is _SEND:
+                if a.grad:
+                    held -= outbox.pop((s, mb), 0.0)
+            elif k is _RECV:
+                post(n_recv + 1)
+                inbox[(s, mb, a.grad)] = recv_sizes[n_recv]
+                n_recv += 1
+                post(n_recv + recv_lookahead)
+            elif k is _ALLREDUCE:
+                if mb not in rounds[s]:
+                    rounds[s].add(mb)
+                    held += stages[s].params
+            elif k is _STEP:
+                old = a.version - 1
+                if last.get((s, old)) == i:  # in place: version old becomes the new one
+                    versions[s].discard(old)
+                elif spare[s]:
+                    spare[s] = 0
+                else:
+                    held += stages[s].params
+                versions[s].add(a.version)
+                if mb in rounds[s]:
+                    rounds[s].discard(mb)
+                    held -= stages[s].params
+        for fs, fv in frees.get(i, ()):
+            if fv in versions[fs]:
+                versions[fs].discard(fv)
+                if spare[fs]:
+                    held -= stages[fs].params
+                else:
+                    spare[fs] = 1
+        out.append((start, held + pool.nbytes))
+    return initial, out
 
 
-def memory_marks(actions: list[Action], param_bytes: dict[int, float], saved_bytes: dict[int, float],
-                 optimizer_state_factor: float) -> tuple[float, list[tuple[float | None, float | None]] | None]:
-    """(static bytes, [(new level at the action's start, new level at its end)] per action).
+def memory_marks(actions: list[Action], stages: dict[int, StageBytes], optimizer_state_factor: float,
+                 round_of: Callable[[int, int], int] | None = None, recv_lookahead: int = RECV_LOOKAHEAD,
+                 ) -> tuple[float, list[tuple[float | None, float | None]] | None]:
+    """(bytes at time 0, [(new level at the action's start, new level at its end)] per action).
 
-    The samples a worker's memory track needs, starting from ``static`` at time 0: an
-    entry is None where the level does not change. Marks are None when nothing
-    ever changes (no parameters, saved activations or received payloads).
+    The samples a worker's memory track needs, starting from the first value at time 0: an
+    entry is None where the level does not change. Marks are None when nothing ever changes
+    (no parameters, saved activations, outputs or payloads).
     """
-    if not any(param_bytes.values()) and not any(saved_bytes.values()) and not any(map(_nbytes, actions)):
-        # every level is static + 0.0 == static: versions, activations and buffers all weigh 0
-        return sum(p * (2.0 + optimizer_state_factor) for p in param_bytes.values()), None
-    static, levels = memory_levels(actions, param_bytes, saved_bytes, optimizer_state_factor)
+    if not any(any(b) for b in stages.values()) and not any(a.nbytes for a in actions):
+        return 0.0, None
+    initial, levels = memory_levels(actions, stages, optimizer_state_factor, round_of, recv_lookahead)
     marks = []
-    cur = static
+    cur = initial
     for m0, m1 in levels:
         if m0 != cur:
             cur = ms = m0
@@ -111,4 +255,4 @@ def memory_marks(actions: list[Action], param_bytes: dict[int, float], saved_byt
         else:
             me = None
         marks.append((ms, me))
-    return static, marks
+    return initial, marks

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sim.memory import RECV_LOOKAHEAD
+
 ALLREDUCE_ALGORITHMS = ("ring", "hierarchical", "auto")
 
 
@@ -23,6 +25,8 @@ class SimParams:
             backward is split; BW gets the rest.
         optimizer_state_factor: optimizer state in multiples of parameter bytes (SGD with
             momentum 1, Adam 2, plain SGD 0).
+        recv_lookahead: receives a worker posts ahead, each holding a pooled buffer from its post
+            (the executor's: 8 on gloo, ``PIPETWIN_RECV_LOOKAHEAD``; 1 on NCCL); see ``sim.memory``.
         step_time_s: device time of one optimizer STEP.
         jitter: relative standard deviation of seeded Gaussian noise on compute times (0: none).
         seed: seed of that noise.
@@ -38,6 +42,7 @@ class SimParams:
     overlap_comm: bool = True
     bi_fraction: float = 0.5
     optimizer_state_factor: float = 1.0
+    recv_lookahead: int = RECV_LOOKAHEAD
     step_time_s: float = 0.0
     jitter: float = 0.0
     seed: int = 0
@@ -50,6 +55,8 @@ class SimParams:
             raise SimError(f"unknown all-reduce algorithm {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_ALGORITHMS)}")
         if not 0.0 <= self.bi_fraction <= 1.0:
             raise SimError(f"bi_fraction must lie in [0, 1] (got {self.bi_fraction})")
+        if self.recv_lookahead < 0 or int(self.recv_lookahead) != self.recv_lookahead:
+            raise SimError(f"recv_lookahead must be a whole number >= 0 (got {self.recv_lookahead})")
         for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "jitter"):
             if getattr(self, name) < 0:
                 raise SimError(f"{name} must be >= 0 (got {getattr(self, name)})")

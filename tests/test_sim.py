@@ -16,6 +16,7 @@ from planner.schedules import generate, make_spec
 from planner.trace import bubble_fraction, makespan_s, peak_memory_bytes, worker_events
 from sim import SimError, SimParams, bytes_per_link, simulate, simulate_plan
 from sim.collectives import Collective, ring_phases
+from sim.memory import StageBytes, memory_levels, round_function
 from sim.network import Network
 from topologies.presets import load_topology
 from topologies.topology import Device, Link, Topology
@@ -248,24 +249,59 @@ def test_peak_activations_per_stage_match_the_schedule_bound(family, P, M):
 
 
 def test_weight_stashing_costs_a_weight_copy_per_stashed_version():
+    """PipeDream's stage 0 holds P - 1 versions (those its in-flight minibatches used, the newest among them),
+    the one its last backward freed (kept for the next STEP to write into) and, between a B and its STEP,
+    one gradient buffer; the last stage steps in place and stashes nothing; flush holds one version."""
     P, M, pbytes = 4, 16, 1000.0
     prog = generate(make_spec("pipedream", P, M), check_program=False)
     t = simulate(prog, uniform_profile(P, 1.0, 2.0, params=pbytes), load_topology(f"ideal:{P}"), _devices(prog),
                  params=SimParams(optimizer_state_factor=2.0), check_program=False)
     peak = peak_memory_bytes(t)
-    static = pbytes * (1 + 1 + 2)  # weights, gradients, Adam state
-    assert peak[0] == pytest.approx(static + (P - 1) * pbytes)   # stage 0 keeps P - 1 older versions
-    assert peak[P - 1] == pytest.approx(static)                  # the last stage never stashes
+    adam = 2 * pbytes
+    assert peak[0] == pytest.approx(adam + (P - 1) * pbytes + pbytes + pbytes)  # versions, the spare, gradients
+    assert peak[P - 1] == pytest.approx(adam + pbytes + pbytes)  # weights, gradients
     flush = generate(make_spec("1f1b", P, M), check_program=False)
     t2 = simulate(flush, uniform_profile(P, 1.0, 2.0, params=pbytes), load_topology(f"ideal:{P}"), _devices(flush),
                   params=SimParams(optimizer_state_factor=2.0), check_program=False)
-    assert max(peak_memory_bytes(t2).values()) == pytest.approx(static)
+    assert max(peak_memory_bytes(t2).values()) == pytest.approx(adam + pbytes + pbytes)
 
 
-def test_receive_buffers_are_counted_until_consumed():
+def test_gradients_live_from_a_batch_first_backward_to_its_step():
+    P, M, pbytes = 2, 4, 1000.0
+    prog = generate(make_spec("1f1b", P, M, batches=2), check_program=False)
+    for w in prog.workers:
+        init, levels = memory_levels(prog[w], {w: StageBytes(pbytes, 0.0)}, 0.0, round_function(prog))
+        assert init == pbytes  # weights only: no gradient before the first backward
+        acts = prog[w]
+        first_b = [i for i, a in enumerate(acts) if a.kind is Kind.B and a.mb % M == 0]
+        steps = [i for i, a in enumerate(acts) if a.kind is Kind.STEP]
+        for i, (a, (_, end)) in enumerate(zip(acts, levels)):
+            open_ = any(b <= i < s for b, s in zip(first_b, steps))
+            assert end == pbytes * (2 if open_ else 1), (w, str(a))
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 2, 3, 8])
+def test_receive_buffers_are_pooled_and_posted_ahead(lookahead):
+    """GPipe, 2 stages, 4 microbatches, 100-byte messages. Stage 1 keeps every received activation until its
+    backward: 4 buffers whatever the lookahead, plus an input gradient between its B and its SEND. Stage 0
+    frees a gradient's buffer at its B, right after the RECV: posted ahead, min(lookahead + 1, 4) in use."""
     prog = generate(make_spec("gpipe", 2, 4), lambda s: 100, check_program=False)
-    t = simulate(prog, uniform_profile(2, 1.0, 2.0), load_topology("ideal:2"), _devices(prog), check_program=False)
-    assert peak_memory_bytes(t)[1] == pytest.approx(100.0)  # one activation waits at a time at most
+    t = simulate(prog, uniform_profile(2, 1.0, 2.0), load_topology("ideal:2"), _devices(prog), check_program=False,
+                 params=SimParams(recv_lookahead=lookahead))
+    peak = peak_memory_bytes(t)
+    assert peak[1] == pytest.approx(4 * 100 + 100)
+    assert peak[0] == pytest.approx(min(lookahead + 1, 4) * 100)
+
+
+def test_stage_bytes_count_the_received_input_once_and_the_output_until_backward():
+    from planner.profile import Layer, ModelProfile
+    from sim.memory import stage_bytes
+
+    layers = (Layer("a", 1, 1, 3.0, 10.0, 7.0), Layer("b", 1, 1, 5.0, 2.0, 0.0), Layer("c", 1, 1, 4.0, 9.0, 1.0))
+    got = stage_bytes(ModelProfile("m", layers), [(0, 0), (1, 1), (2, 2)], microbatch_size=2)
+    assert got[0] == StageBytes(7.0, 10.0 * 2, 3.0 * 2)       # its input is the data, counted in saved
+    assert got[1] == StageBytes(0.0, 0.0, 5.0 * 2)           # keeps only part of its (3-byte) input
+    assert got[2] == StageBytes(1.0, (9.0 - 5.0) * 2, 0.0)   # the last stage's output is the loss
 
 
 # --- determinism, symmetry, errors ------------------------------------------------------------

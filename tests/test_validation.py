@@ -14,8 +14,8 @@ from planner.profile import uniform_profile
 from sim.engine import simulate_plan
 from sim.params import SimParams
 from topologies.presets import load_topology
-from validation.calibrate import (Calibration, ComputeRow, LinkSegment, compute_rows, fit_compute, fit_links,
-                                  with_action_cost)
+from validation.calibrate import (Calibration, ComputeRow, LinkSegment, chain_saved_bytes, compute_rows, fit_compute,
+                                  fit_links, with_action_cost)
 from validation.compare import best_agrees, compare_traces, rel_error, spearman, summarize
 from validation.configs import CALIBRATION, FULL, QUICK, check_hold_out
 
@@ -73,6 +73,21 @@ def test_action_cost_is_spread_over_each_stage_exactly():
     out = with_action_cost(prof, plan, 3e-4)
     assert out.forward_s(0, 2) == pytest.approx(3e-3 + 3e-4)
     assert out.backward_s(3, 5) == pytest.approx(6e-3 + 3e-4)
+
+
+@pytest.mark.timeout(60)
+def test_chain_saved_bytes_count_each_kept_tensor_once():
+    """mlp, 3 layers of width W: a forward keeps the input x, the two ReLU outputs (each also the next Linear's
+    input), the last Linear's output and the target (MSE): 5 tensors of 4W bytes per sample. Each goes to the last
+    layer that keeps it; the profiler, layer by layer, counts each ReLU output twice."""
+    from executor.profiler import profile_model
+
+    W, mbs = 16, 3
+    spec = f"mlp:layers=3,width={W}"
+    got = chain_saved_bytes(spec, mbs)
+    assert got == [4 * W, 4 * W, 3 * 4 * W]  # x; ReLU 1's output; ReLU 2's output, the output and the target
+    per_layer = [l.saved_bytes for l in profile_model(spec, microbatch_size=mbs, repeats=1, warmup=0).layers]
+    assert per_layer == [2 * 4 * W, 2 * 4 * W, 4 * W]
 
 
 @pytest.mark.timeout(30)
@@ -144,6 +159,7 @@ def test_validate_quick_end_to_end(tmp_path):
         assert set(c) >= {"name", "predicted", "measured", "error"}
         assert math.isfinite(c["error"]["throughput_samples_per_s"])
         assert c["measured"]["throughput_samples_per_s"] > 0 and c["predicted"]["throughput_samples_per_s"] > 0
+        assert c["error"]["memory_abs_error"] <= 0.05, c["name"]  # the simulator and the executor count the same bytes
     for f in ("report.md", "validation.json", "scatter.png", "error_by_schedule.png", "timeline.json", "timeline.png"):
         assert (out / f).exists(), f
     assert (out / "calibration" / "emu" / "sim_params.json").exists()

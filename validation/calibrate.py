@@ -23,9 +23,12 @@ What is fitted (``scipy.optimize.least_squares`` throughout):
 * the overlap slowdown: compute actions that ran while a message of theirs was
   in flight against those that did not (reported; the simulator has no knob
   for it, so a real slowdown stays inside ``scale``);
-* memory: the optimizer state factor is 0 (the executor's SGD keeps none) and
-  the last layer's saved bytes gain what the loss saves for backward (the
-  executor counts it, the profiler does not).
+* memory: the optimizer state factor is 0 (the executor's SGD keeps none), and
+  saved bytes are taken from one forward of the whole chain and its loss
+  (:func:`chain_saved_bytes`): the last layer's gain what the loss saves for
+  backward (the executor counts it, the profiler does not), and a tensor two
+  neighbouring layers both save (one's output, the next one's input) counts
+  once, as in the executor, not once per layer as the profiler has it.
 
 A :class:`Calibration` saves as ``profile.json``, ``topology.json`` and
 ``sim_params.json`` (the files every command accepts) plus ``calibration.json``
@@ -227,18 +230,18 @@ def layer_corrections(rows: list[ComputeRow], fit: ComputeFit, profile: ModelPro
     return {kind: [s / c if c else 1.0 for s, c in v] for kind, v in acc.items()}
 
 
-def calibrated_profile(profile: ModelProfile, fit: ComputeFit, extra_last_saved_bytes: float = 0.0,
+def calibrated_profile(profile: ModelProfile, fit: ComputeFit, saved_bytes: list[float] | None = None,
                        corrections: dict[str, list[float]] | None = None) -> ModelProfile:
-    """Every layer time ``c · (scale · t + per_layer_s)`` (c: the layer's correction), the loss's saved bytes on the last layer."""
+    """Every layer time ``c · (scale · t + per_layer_s)`` (c: the layer's correction); ``saved_bytes`` (per layer,
+    per sample; :func:`chain_saved_bytes`) replace the profile's."""
     layers = []
-    last = len(profile.layers) - 1
     cf = (corrections or {}).get("F") or [1.0] * len(profile.layers)
     cb = (corrections or {}).get("B") or [1.0] * len(profile.layers)
     for i, l in enumerate(profile.layers):
         l2 = replace(l, forward_s=cf[i] * (fit.scale * l.forward_s + fit.per_layer_s),
                      backward_s=cb[i] * (fit.scale * l.backward_s + fit.per_layer_s))
-        if i == last and extra_last_saved_bytes:
-            l2 = replace(l2, saved_bytes=l2.saved_bytes + extra_last_saved_bytes)
+        if saved_bytes is not None:
+            l2 = replace(l2, saved_bytes=float(saved_bytes[i]))
         layers.append(l2)
     return replace(profile, layers=tuple(layers), device=f"{profile.device} (calibrated)")
 
@@ -369,37 +372,47 @@ def transfer_points(trace: Trace) -> list[tuple[float, float]]:
 
 
 # --- memory -------------------------------------------------------------------------------------
-def loss_saved_bytes(spec: str, microbatch_size: int = 1, seed: int = 0) -> float:
-    """Bytes per sample the loss keeps for backward (output and target, say), each storage once, parameters excluded."""
+def chain_saved_bytes(spec: str, microbatch_size: int = 1, seed: int = 0) -> list[float]:
+    """Per layer, the bytes per sample a forward of the whole chain and its loss keeps for backward.
+
+    One forward of every layer and the loss under ``saved_tensors_hooks``; every saved storage is counted
+    once (parameters and buffers excluded) and goes to the last layer that saves it, the loss counting as
+    the last layer. A boundary tensor that a layer keeps as its output and the next as its input (a
+    ReLU, then a Linear) is so counted once, where a stage boundary there puts it: with the consumer,
+    whose copy arrives in a receive buffer, while the producer's stage keeps its output anyway until the
+    backward (``sim.memory``). The profiler measures layers one by one and counts it in both.
+    """
     import torch
 
     from executor.models import build_stage, loss_fn, make_batch, num_layers
-    from executor.profiler import saved_tensor_bytes
 
     n = num_layers(spec)
     layers = build_stage(spec, 0, n - 1, seed)
     x, y = make_batch(spec, microbatch_size, 0, seed)
-    with torch.no_grad():
-        for layer in layers[:-1]:
-            x = layer(x)
-    x = x.detach().requires_grad_(x.is_floating_point())
-    out = layers[-1](x)
-    loss = loss_fn(spec)
-    exclude = {p.untyped_storage().data_ptr() for p in layers[-1].parameters()}
-    counted: dict[int, int] = {}
+    exclude = {t.untyped_storage().data_ptr() for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    exclude.discard(0)
+    owner: dict[int, tuple[int, int]] = {}  # storage -> (last layer that saved it, bytes)
+    at = 0
 
     def pack(t):
         try:
-            s = t.untyped_storage()
-            if s.data_ptr() not in exclude:
-                counted.setdefault(s.data_ptr(), s.nbytes())
+            st = t.untyped_storage()
+            if st.data_ptr() not in exclude:
+                owner[st.data_ptr()] = (at, st.nbytes())
         except (RuntimeError, NotImplementedError):
             pass
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss(out, y)
-    return sum(counted.values()) / microbatch_size
+        h = x
+        for at, layer in enumerate(layers):
+            h = layer(h)
+        at = n - 1
+        loss_fn(spec)(h, y)
+    out = [0.0] * n
+    for i, nbytes in owner.values():
+        out[i] += nbytes / microbatch_size
+    return out
 
 
 # --- the calibration --------------------------------------------------------------------------
@@ -568,9 +581,9 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     step = step_time_s(traces, fit.overhead_s)
     pipe_points = [p for tr in traces for p in transfer_points(tr)]
     links, link_info = fit_link_model(bench_points, pipe_points, fit.overhead_s)
-    extra = loss_saved_bytes(model, microbatch_size)
+    saved = chain_saved_bytes(model, microbatch_size)
     corr = layer_corrections(rows, fit, base, microbatch_size)
-    prof = calibrated_profile(base, fit, extra, corr)
+    prof = calibrated_profile(base, fit, saved, corr)
     params = SimParams(overhead_s=fit.overhead_s, step_time_s=step, bi_fraction=0.5 if bi is None else bi,
                        optimizer_state_factor=0.0)
     cal = Calibration(model, prof, params, links, devices, used=list(names or []), action_s=fit.action_s,
@@ -584,7 +597,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         "links": link_info,
         "step_time_s": step,
         "bi_fraction": bi,
-        "loss_saved_bytes_per_sample": extra,
+        "saved_bytes_per_sample": saved,
         "overlap_slowdown": overlap_slowdown(traces),
         "refined": {"overhead_s": cal.params.overhead_s, "action_s": cal.action_s,
                     "latency_s": [s.latency_s for s in cal.links]},

@@ -1,6 +1,9 @@
 """Benchmark: pipetwin's PipeDream-compatible optimizer on PipeDream's profiles and a 4,096-device chain.
 
-    .venv/bin/python benchmarks/bench_planner.py
+    .venv/bin/python benchmarks/bench_planner.py [--repeat N]
+
+Each case runs N times (default 3); the table shows the median wall and CPU (process) seconds, since a
+shared machine makes single wall timings noisy.
 
 Profiles are read from ../shared/data/pipedream_profiles (beside the repo) or $PIPETWIN_PIPEDREAM_PROFILES;
 missing ones are skipped. Bandwidths (bytes/s): two-level "AxB" runs use A workers per server over 10e9
@@ -9,7 +12,9 @@ optimizer on these sizes takes 37 s (resnet50 4x4) to > 12 min (gnmt_large 4x4).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,10 +65,14 @@ CASES = [
 
 
 def main() -> None:
-    console = Console()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is shown (default 3)")
+    args = ap.parse_args()
+    console = Console(width=max(140, Console().width))
     d = profiles_dir()
-    table = Table(title="PipeDream optimizer (pipetwin)")
-    for col in ("model", "workers", "bandwidths B/s", "states", "reduction", "our s", "pipeline_time_s", "stages"):
+    table = Table(title=f"PipeDream optimizer (pipetwin), median of {args.repeat}")
+    for col in ("model", "workers", "bandwidths B/s", "states", "reduction", "wall s", "cpu s", "pipeline_time_s",
+                "stages"):
         table.add_column(col, justify="right" if col not in ("model", "reduction") else "left")
     for label, model, levels, kw in CASES:
         if model == "chain1000":
@@ -74,16 +83,20 @@ def main() -> None:
                 console.print(f"[yellow]skip {label}: {path} not found[/yellow]")
                 continue
             prof = read_pipedream_graph(path)
-        t = time.perf_counter()
-        r = optimize_pipedream(prof, levels, **kw)
-        wall = time.perf_counter() - t
+        walls, cpus = [], []
+        for _ in range(max(1, args.repeat)):
+            t, c = time.perf_counter(), time.process_time()
+            r = optimize_pipedream(prof, levels, **kw)
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
         table.add_row(
             label,
             "x".join(str(w) for w, _ in levels),
             ", ".join(f"{b:.3g}" for _, b in levels),
             str(r.num_states),
             r.reduction or "-",
-            f"{wall:.2f}",
+            f"{statistics.median(walls):.2f}",
+            f"{statistics.median(cpus):.2f}",
             f"{r.pipeline_time_s:.10g}",
             str(len(r.stages)),
         )

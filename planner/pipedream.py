@@ -568,9 +568,9 @@ class _Problem:
         upper_strict = np.triu(np.ones((n, n), dtype=bool), 1)  # [r-1, j]: j >= r  <=> j > r-1
         self.valid = np.vstack([np.ones((1, n), dtype=bool), upper_strict])
         self.Tc = np.where(self.valid, np.vstack([comp[None, :], comp[None, :] - comp[:, None]]), _INF)
-        self.ActR = np.vstack([act[None, :], act[None, :] - act[:, None]])
         self.ParR = np.vstack([par[None, :], par[None, :] - par[:, None]])
-        self.need = self.ActR + self.ParR
+        # activation + parameter bytes of each range (read only under a memory constraint)
+        self.need = (np.vstack([act[None, :], act[None, :] - act[:, None]]) + self.ParR) if mem is not None else None
         self.oact = st.output_activation_bytes
         # predM[k, j]: state k is a predecessor of state j (a split after k may end a stage at j)
         pm = np.zeros((n, n), dtype=bool)
@@ -624,25 +624,28 @@ class _Problem:
         return self._row_order
 
 
-def _base_values(pb: _Problem, T: np.ndarray, P: np.ndarray, need: np.ndarray, M: int, B: float, n_in: int):
-    """(m, value) of replicating each range on m+1 workers, element-wise over ranges given in any layout:
-    T, P and need are the ranges' compute seconds, parameter bytes and activation+parameter bytes."""
+def _base_into(pb: _Problem, T: np.ndarray, P: np.ndarray, need: np.ndarray | None, M: int, B: float, n_in: int,
+               dest) -> None:
+    """Write the value of replicating each range on m+1 workers into ``dest(m)`` for every m, element-wise over
+    ranges given in any layout: T, P and need are the ranges' compute seconds, parameter bytes and
+    activation+parameter bytes. The arithmetic is PipeDream's, in its order: (T + 4mP/(B(m+1))/n_in)/(m+1)."""
     for m in range(1 if pb.straight else M):
-        dp = (4 * m * P) / (B * (m + 1))
-        dp = dp / n_in
-        v = (T + dp) / (m + 1)
+        out = dest(m)
+        np.multiply(4 * m, P, out=out)
+        np.divide(out, B * (m + 1), out=out)
+        np.divide(out, n_in, out=out)
+        np.add(T, out, out=out)
+        np.divide(out, m + 1, out=out)
         if pb.mem is not None:
-            stashed = math.ceil((M - (m + 1)) / (m + 1)) * need
-            v = np.where(stashed > pb.mem, _INF, v)
-        yield m, v
+            out[math.ceil((M - (m + 1)) / (m + 1)) * need > pb.mem] = _INF
 
 
 def _base(pb: _Problem, Tc_rows: np.ndarray, rows: np.ndarray, M: int, B: float, n_in: int) -> np.ndarray:
     """A[row, j, m] of replicating the whole range on m+1 workers (PipeDream's initialisation)."""
     R, n = Tc_rows.shape
     A = np.full((R, n, M), _INF)
-    for m, v in _base_values(pb, Tc_rows, pb.ParR[rows], pb.need[rows], M, B, n_in):
-        A[:, :, m] = v
+    need = pb.need[rows] if pb.mem is not None else None
+    _base_into(pb, Tc_rows, pb.ParR[rows], need, M, B, n_in, lambda m: A[:, :, m])
     return A
 
 
@@ -769,7 +772,7 @@ class _PairCosts:
 #: Rows per band of the banded kernel (a band's bound prunes a candidate for all its rows at once).
 _BAND = 32
 #: Elements (candidates x bands, or gathered values) the banded kernel handles per numpy step.
-_BAND_CHUNK = 1 << 21
+_BAND_CHUNK = 1 << 19
 
 
 def _banded_update(flat: np.ndarray, bi: np.ndarray, ci: np.ndarray, src: np.ndarray, g: np.ndarray,
@@ -823,8 +826,8 @@ def _solve_inner_banded(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: in
     Rp = nb * W
     perm = pb.row_order()
     AT = np.full((M, n, Rp), _INF)               # AT[m, j, p] = A[perm[p], j, m]
-    for m, v in _base_values(pb, Tc[perm].T, pb.ParR[perm].T, pb.need[perm].T, M, B, n_in):
-        AT[m, :, :R] = v
+    need = pb.need[perm].T if pb.mem is not None else None
+    _base_into(pb, Tc[perm].T, pb.ParR[perm].T, need, M, B, n_in, lambda m: AT[m, :, :R])
     flat = AT.reshape(M * n * nb, W)              # row (c*n + k)*nb + b: band b of A[:, k, c]
     valid = np.zeros((n, Rp), dtype=bool)         # cells that can hold a range (row <= j); pads never
     valid[:, :R] = perm[None, :] <= np.arange(n)[:, None]
@@ -852,10 +855,13 @@ def _solve_inner_banded(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: in
             bi, ci = np.nonzero(ok.T)             # by band, then column, then k
             if len(bi):
                 _banded_update(flat, bi, ci + c0, src, g, cj, m * n, nb, W)
-        Amin[m * n:(m + 1) * n] = _fold(AT[m].reshape(n, nb, W), np.minimum)
+        if m < M - 1:
+            Amin[m * n:(m + 1) * n] = _fold(AT[m].reshape(n, nb, W), np.minimum)
     pos = np.empty(R, dtype=np.intp)
     pos[perm] = np.arange(R)
-    return np.take(AT, pos, axis=2).transpose(2, 1, 0)
+    for m in range(M):  # rows back in their own order, one m at a time
+        AT[m, :, :R] = np.take(AT[m, :, :R], pos, axis=1)
+    return AT[:, :, :R].transpose(2, 1, 0)
 
 
 def _solve_top_pairs(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from planner.program import Action, Kind, Program
 from planner.profile import ModelProfile
 from planner.trace import Event, MemorySample, Trace
 from sim.collectives import Collective, Phase, allreduce_phases
-from sim.memory import memory_marks, round_function, stage_bytes
+from sim.memory import memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
 from topologies.topology import Topology
@@ -95,6 +95,24 @@ def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimPa
                      check_program=False)
     trace.meta["plan_model"] = plan.model
     return trace
+
+
+def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int = 1, params: SimParams = SimParams(),
+                stage_layers: list[tuple[int, int]] | None = None) -> dict[int, float]:
+    """Per worker, the peak bytes a simulation of ``program`` reports, without simulating it.
+
+    What a worker holds depends only on the order of its actions (``sim.memory``), so this is exact
+    and takes one pass over the action lists: no SimPy, no links. Arguments as :func:`simulate`.
+    """
+    layers = _stage_layers(program, profile, stage_layers)
+    weights = stage_bytes(profile, layers, microbatch_size)
+    round_of = round_function(program)
+    out = {}
+    for w in program.workers:
+        initial, levels = memory_levels(program[w], {s: weights[s] for s in program.stages_of(w)},
+                                        params.optimizer_state_factor, round_of, params.recv_lookahead)
+        out[w] = max(initial, max((max(pair) for pair in levels), default=initial))
+    return out
 
 
 # --- input checks -------------------------------------------------------------------------

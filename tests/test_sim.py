@@ -293,6 +293,24 @@ def test_receive_buffers_are_pooled_and_posted_ahead(lookahead):
     assert peak[0] == pytest.approx(min(lookahead + 1, 4) * 100)
 
 
+@pytest.mark.parametrize("schedule,stages,replicas,chunks", [
+    ("gpipe", 3, None, 1), ("1f1b", 4, None, 1), ("zb-h1", 3, None, 1), ("interleaved", 4, None, 2),
+    ("pipedream", 3, (2, 1, 1), 1), ("2bw", 2, (2, 2), 1)])
+def test_peak_memory_without_simulating_is_the_simulated_peak(schedule, stages, replicas, chunks):
+    from planner.lowering import plan_to_program
+    from sim import peak_memory
+
+    prof = uniform_profile(8, 1e-3, 2e-3, act=3000.0, params=5e4, saved=7000.0)
+    plan = even_plan("m", 8, stages * chunks, replicas, schedule=schedule, microbatches=8, microbatch_size=2,
+                     batches=2, chunks=chunks)
+    topo = load_topology(f"ideal:{sum(s.replicas for s in plan.stages) // chunks}")
+    params = SimParams(optimizer_state_factor=1.0, recv_lookahead=3)
+    trace = simulate_plan(plan, prof, topo, params)
+    got = peak_memory(plan_to_program(plan, prof), prof, microbatch_size=2, params=params,
+                      stage_layers=[s.layers for s in plan.stages])
+    assert got == peak_memory_bytes(trace)
+
+
 def test_stage_bytes_count_the_received_input_once_and_the_output_until_backward():
     from planner.profile import Layer, ModelProfile
     from sim.memory import stage_bytes

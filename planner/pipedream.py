@@ -23,13 +23,14 @@ of PipeDream's Python loops:
 How it stays exact and fast (every shortcut drops only candidates that provably
 cannot be the minimum, so every cell is the same float PipeDream computes):
 
-* within one m, the columns of ``A[:, :, m]`` depend only on smaller m, so each m is
-  one batch of (min, max) products over all splits (j, k, m');
+* within one m, the columns of ``A[:, :, m]`` depend only on smaller m, so each
+  (m, m') is one batch of (min, max) products over all splits (j, k);
 * states with the same cumulative figures (they differ by nodes that cost nothing,
   as GNMT's getitem nodes) dominate one another along the DAG: a split after the
   later one is never worse, so the earlier one is dropped (GNMT-16: 283k splits to 57k);
 * rows are banded in order of their start's compute; a split is evaluated on a band
-  only when its lower bound there is below the band's largest base value;
+  only when its lower bound there is below the band's largest best so far (the m'
+  before it tighten the bounds for the m' after it);
 * the top level evaluates only predecessor pairs.
 
 Where the antichain count explodes (inception_v3 has 221,564), the states are
@@ -759,15 +760,6 @@ class _PairCosts:
         self._cache[key] = G
         return G
 
-    def candidates(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every (j, k, m') split of A[., j, m] over the pairs, pair-major (each pair with m' = 1, 2, ...):
-        columns, splits, m' and the last stage's costs."""
-        mps = np.arange(1, 2 if self.pb.straight else m + 1)
-        cj, ck, cm = np.repeat(self.j, len(mps)), np.repeat(self.k, len(mps)), np.tile(mps, len(self.j))
-        if len(mps) == 1:
-            return cj, ck, cm, self(m, 1)
-        return cj, ck, cm, np.stack([self(m, int(mp)) for mp in mps], axis=1).ravel()
-
 
 #: Rows per band of the banded kernel (a band's bound prunes a candidate for all its rows at once).
 _BAND = 32
@@ -776,9 +768,10 @@ _BAND_CHUNK = 1 << 19
 
 
 def _banded_update(flat: np.ndarray, bi: np.ndarray, ci: np.ndarray, src: np.ndarray, g: np.ndarray,
-                   cj: np.ndarray, dst0: int, nb: int, W: int) -> None:
+                   cj: np.ndarray, dst0: int, nb: int, W: int, thr: np.ndarray, mask: np.ndarray) -> None:
     """Evaluate the surviving (band, candidate) pairs, sorted by (band, column): each group's minimum of
-    max(A's band piece, G) goes into its column's band (``flat`` row ``(dst0 + j) * nb + band``).
+    max(A's band piece, G) goes into its column's band (``flat`` row ``(dst0 + j) * nb + band``), and that
+    band's bound ``thr[j * nb + band]`` becomes the largest of its new values where ``mask`` (by bands).
 
     Pieces are taken a bounded number at a time; a group cut between two steps is updated twice (the
     minimum is the same).
@@ -793,8 +786,11 @@ def _banded_update(flat: np.ndarray, bi: np.ndarray, ci: np.ndarray, src: np.nda
         key = b * (len(flat) // nb) + j
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
         V = np.minimum.reduceat(X, starts, axis=0)
-        dst = (dst0 + j[starts]) * nb + b[starts]
-        flat[dst] = np.minimum(flat[dst], V)
+        band = j[starts] * nb + b[starts]
+        dst = dst0 * nb + band
+        V = np.minimum(flat[dst], V)
+        flat[dst] = V
+        thr[band] = np.where(mask[band], V, -_INF).max(axis=1)
 
 
 def _fold(x: np.ndarray, op) -> np.ndarray:
@@ -808,13 +804,13 @@ def _fold(x: np.ndarray, op) -> np.ndarray:
 
 def _solve_inner_banded(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, cand: np.ndarray,
                         needed: np.ndarray | None) -> np.ndarray:
-    """A[r, j, m] of an inner level (all rows), the products of every m' for one m at once, pruned by row bands.
+    """A[r, j, m] of an inner level (all rows), one (m, m') product at a time over all splits, pruned by row bands.
 
-    Rows are taken in ``pb.row_order()`` and cut into bands of ``_BAND``. For each m, every candidate
-    (j, k, m') (k a split of column j in ``cand``, m' <= m) and every band gets a lower bound,
-    max(G[k, j], the band's least A[., k, m - m']); only pairs whose bound is below the band's largest base
-    value in column j can improve a cell of the band, and only those are evaluated: contiguous pieces of A
-    (stored transposed, by bands) are gathered, and each (band, column) takes the least of its candidates.
+    Rows are taken in ``pb.row_order()`` and cut into bands of ``_BAND``. For each (m, m'), every candidate
+    (j, k) (k a split of column j in ``cand``) and every band gets a lower bound, max(G[k, j], the band's
+    least A[., k, m - m']); only pairs whose bound is below the band's largest best so far in column j can
+    improve a cell of the band, and only those are evaluated: contiguous pieces of A (stored transposed, by
+    bands) are gathered, and each (band, column) takes the least of its candidates (and its bound follows).
     The skipped pairs change nothing, so each cell is the exact minimum, float for float. ``needed``
     (n, n+1) given marks the cells of the last m that must be exact (the others keep an upper bound):
     there, bands are bounded by their needed cells only. Returns A as a (rows, n, M) view.
@@ -840,21 +836,22 @@ def _solve_inner_banded(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: in
     jj, kk = np.nonzero(cand.T)                   # candidate splits, by column j, then k
     costs = _PairCosts(pb, Tc, M, B, kk, jj)
     for m in range(1, M):
-        cj, ck, cm, g = costs.candidates(m)
-        mask = last_mask if m == M - 1 else valid
-        thr = _fold(np.where(mask, AT[m], -_INF).reshape(n, nb, W), np.maximum)   # (n, nb)
-        keep = g < thr.max(axis=1)[cj]            # below no band's bound: cannot improve the column
-        if not keep.all():
-            cj, ck, cm, g = cj[keep], ck[keep], cm[keep], g[keep]
-        src = (m - cm) * n + ck
-        step = max(1, _BAND_CHUNK // nb)
-        for c0 in range(0, len(g), step):
-            c1 = min(len(g), c0 + step)
-            lb = np.maximum(np.take(Amin, src[c0:c1], axis=0), g[c0:c1, None])
-            ok = lb < np.take(thr, cj[c0:c1], axis=0)
-            bi, ci = np.nonzero(ok.T)             # by band, then column, then k
-            if len(bi):
-                _banded_update(flat, bi, ci + c0, src, g, cj, m * n, nb, W)
+        mask = (last_mask if m == M - 1 else valid).reshape(n * nb, W)
+        # each band's bound: the largest best of its cells, kept current as the groups of m' improve them
+        thr = _fold(np.where(mask, flat[m * n * nb:(m + 1) * n * nb], -_INF), np.maximum)   # (n * nb,)
+        thr2 = thr.reshape(n, nb)
+        for mp in range(1, 2 if pb.straight else m + 1):   # each m' prunes with what those before it found
+            g = costs(m, mp)
+            sel = np.flatnonzero(g < thr2.max(axis=1)[jj])   # below no band's bound: cannot improve the column
+            cj, src, g = jj[sel], (m - mp) * n + kk[sel], g[sel]
+            step = max(1, _BAND_CHUNK // nb)
+            for c0 in range(0, len(g), step):
+                c1 = min(len(g), c0 + step)
+                lb = np.maximum(np.take(Amin, src[c0:c1], axis=0), g[c0:c1, None])
+                ok = lb < np.take(thr2, cj[c0:c1], axis=0)
+                bi, ci = np.nonzero(ok.T)         # by band, then column, then k
+                if len(bi):
+                    _banded_update(flat, bi, ci + c0, src, g, cj, m * n, nb, W, thr, mask)
         if m < M - 1:
             Amin[m * n:(m + 1) * n] = _fold(AT[m].reshape(n, nb, W), np.minimum)
     pos = np.empty(R, dtype=np.intp)
@@ -865,21 +862,23 @@ def _solve_inner_banded(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: in
 
 
 def _solve_top_pairs(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int) -> np.ndarray:
-    """A[0, j, m] of the top level (row 0 only) over the predecessor pairs alone: for each m, every
-    (j, k, m') with k a predecessor of j is evaluated once and each column takes its least (a split after a
-    non-predecessor costs inf, so leaving it out changes no minimum)."""
-    n = pb.n
+    """A[0, j, m] of the top level (row 0 only) over the predecessor pairs alone (a split after a
+    non-predecessor costs inf): for each m and m', only the splits whose last stage costs less than the
+    column's best so far are evaluated, and each column takes its least."""
     A = _base(pb, Tc[:1], np.arange(1), M, B, n_in)
     jj, kk = np.nonzero(pb.predM.T)               # by column j, then k
     costs = _PairCosts(pb, Tc, M, B, kk, jj)
     for m in range(1, M):
-        cj, ck, cm, g = costs.candidates(m)
-        v = np.maximum(A[0, ck, m - cm], g)
-        if len(v) == 0:
-            continue
-        starts = np.flatnonzero(np.r_[True, cj[1:] != cj[:-1]])
-        cols = cj[starts]
-        A[0, cols, m] = np.minimum(A[0, cols, m], np.minimum.reduceat(v, starts))
+        for mp in range(1, 2 if pb.straight else m + 1):
+            g = costs(m, mp)
+            sel = np.flatnonzero(g < A[0, jj, m])
+            if len(sel) == 0:
+                continue
+            cj = jj[sel]
+            v = np.maximum(A[0, kk[sel], m - mp], g[sel])
+            starts = np.flatnonzero(np.r_[True, cj[1:] != cj[:-1]])
+            cols = cj[starts]
+            A[0, cols, m] = np.minimum(A[0, cols, m], np.minimum.reduceat(v, starts))
     return A
 
 

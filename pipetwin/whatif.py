@@ -316,7 +316,7 @@ def simulate_record(rec: dict, batches: int = 1) -> dict:
     profile = _profile(rec["model"], rec["device_kind"])
     topo = _cluster(rec["interconnect"], rec["devices"], rec["device_kind"])
     params = SimParams(optimizer_state_factor=OPTIMIZER_STATE.get(_optimizer_of(rec), 1.0), link_events=False)
-    pair = _extrapolation_pair(plan)
+    pair = _extrapolation_pair(plan, params.recv_lookahead)
     if pair is not None:
         out = _flush_extrapolated(plan, profile, topo, params, pair)
         if out is not None:
@@ -343,20 +343,22 @@ def _figures(trace) -> dict:
 _AFFINE_FAMILIES = ("gpipe", "1f1b", "zb-h1", "interleaved")
 
 
-def _extrapolation_pair(plan: Plan) -> tuple[int, int] | None:
+def _extrapolation_pair(plan: Plan, lookahead: int = 0) -> tuple[int, int] | None:
     """(M1, M2), both ≡ M (mod the round-robin period) and past the fill, when two runs there are cheaper
     than one at M; else None (simulate M itself).
 
     Period: every stage's replicas take microbatches round-robin, so the schedule repeats every
     lcm(replicas) microbatches (interleaved: every P, its group size). Fill: a replicated pipeline keeps
-    about as many microbatches in flight as it has workers; M1 and M2 are each at least twice that apart.
+    about as many microbatches in flight as it has workers; M1 and M2 are each at least twice that apart,
+    and M1 is ``lookahead`` more (receives are posted that many ahead into a buffer pool that only grows,
+    so memory levels off that much later).
     """
     if plan.schedule not in _AFFINE_FAMILIES or plan.batches != 1:
         return None
     M = plan.microbatches
     period = plan.pipeline_depth if plan.schedule == "interleaved" else math.lcm(*plan.replicas)
     fill = 2 * max(sum(plan.replicas) // max(1, plan.chunks), plan.pipeline_depth)
-    m1 = _at_least(fill, M, period)
+    m1 = _at_least(fill + lookahead, M, period)
     m2 = _at_least(m1 + fill, M, period)
     if m2 >= M or m1 + m2 > 0.75 * M:
         return None
@@ -389,7 +391,9 @@ def _flush_extrapolated(plan: Plan, profile: ModelProfile, topo: Topology, param
 
     Throughput is M × microbatch size over the completion window, bubble is 1 − busy / makespan averaged
     over workers, peak memory the largest worker's peak: each piece is fitted as a + b·M from the two
-    runs and evaluated at M. None (simulate in full) when a run does not have the expected shape.
+    runs and evaluated at M; a worker whose peak is the same in both runs has levelled off and keeps it
+    (1F1B-like schedules), one whose peak grows keeps growing with M (GPipe). None (simulate in full)
+    when a run does not have the expected shape.
     """
     M = plan.microbatches
     (m1, m2), qs = pair, []
@@ -410,7 +414,8 @@ def _flush_extrapolated(plan: Plan, profile: ModelProfile, topo: Topology, param
     fit = lambda a, b: a + (b - a) * (M - m1) / (m2 - m1)
     q = {"window": fit(q1["window"], q2["window"]), "makespan": fit(q1["makespan"], q2["makespan"]),
          "busy": {w: fit(q1["busy"][w], q2["busy"][w]) for w in q1["busy"]},
-         "peak": {w: fit(q1["peak"][w], q2["peak"][w]) for w in q1["peak"]}}
+         "peak": {w: q1["peak"][w] if q1["peak"][w] == q2["peak"][w] else fit(q1["peak"][w], q2["peak"][w])
+                  for w in q1["peak"]}}
     return _combine(q, M, plan.microbatch_size)
 
 

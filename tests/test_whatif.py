@@ -9,6 +9,7 @@ from pipetwin.cli import main
 from pipetwin.cmd_whatif import _counts
 from pipetwin.whatif import (SweepConfig, SweepPoint, WhatIfError, build_cluster, fewest_devices_for, pareto_front,
                              parse_interconnect, plan_point, run_sweep, search)
+from sim.params import SimParams
 
 MODEL = "gpt:layers=8,hidden=256,heads=4,seq=128,vocab=1000"
 SMALL = SweepConfig(model=MODEL, devices=(2, 4, 8), device_kinds=("a100-80gb", "h100"),
@@ -158,9 +159,9 @@ def test_flush_figures_extrapolated_from_two_short_runs_match_the_full_run(monke
     rec = plan_point(point)
     assert rec["status"] == "ok", rec["reason"]
     plan = w._sim_plan(w.Plan.from_dict(rec["plan"]), 1)
-    assert w._extrapolation_pair(plan) is not None, "the case must exercise the extrapolation"
+    assert w._extrapolation_pair(plan, SimParams().recv_lookahead) is not None, "the case must exercise the extrapolation"
     fast = w.simulate_record(rec)
-    monkeypatch.setattr(w, "_extrapolation_pair", lambda plan: None)
+    monkeypatch.setattr(w, "_extrapolation_pair", lambda plan, *a: None)
     full = w.simulate_record(rec)
     for k in ("throughput_samples_per_s", "bubble_fraction", "peak_memory_bytes"):
         assert fast[k] == pytest.approx(full[k], rel=tol), k

@@ -571,21 +571,49 @@ def _open_cache(path: Path):
     return sink
 
 
-def _map(fn: Callable[[object], dict], items: list, jobs: int, on_done: Callable[[int, dict], None]) -> list[dict]:
-    """fn over items, in a process pool when jobs > 1; results in item order."""
+def _map(fn: Callable[[object], dict], items: list, jobs: int, on_done: Callable[[int, dict], None],
+         work: Callable[[object], float] | None = None) -> list[dict]:
+    """fn over items, in a process pool when jobs > 1; results in item order.
+
+    ``work`` estimates an item's cost: the pool is handed the largest first, so that it ends on small
+    items instead of one worker finishing a long one while the other idles. Only the order of
+    submission changes; each result is fn(item), whichever process computes it.
+    """
     out: list[dict | None] = [None] * len(items)
     if jobs <= 1 or len(items) <= 1:
         for i, it in enumerate(items):
             out[i] = fn(it)
             on_done(i, out[i])
         return out  # type: ignore[return-value]
+    order = list(range(len(items)))
+    if work is not None:
+        order.sort(key=lambda i: -work(items[i]))  # stable: equal estimates keep item order
     with ProcessPoolExecutor(max_workers=min(jobs, len(items))) as pool:
-        futures = {pool.submit(fn, it): i for i, it in enumerate(items)}
+        futures = {pool.submit(fn, items[i]): i for i in order}
         for f in as_completed(futures):
             i = futures[f]
             out[i] = f.result()
             on_done(i, out[i])
     return out  # type: ignore[return-value]
+
+
+def _plan_group(points: tuple[SweepPoint, ...]) -> list[dict]:
+    """plan_point over points that share a cluster, in one worker: the topology, its routes and the profile
+    are built once for all of them."""
+    return [plan_point(p) for p in points]
+
+
+def _plan_work(points: tuple[SweepPoint, ...]) -> float:
+    """A rough planning cost for ordering the pool: the devices to plan over, per point."""
+    return float(sum(p.devices for p in points))
+
+
+def _sim_work(task: tuple[dict, int]) -> float:
+    """A rough simulation cost for ordering the pool: the actions of the simulated program, about
+    microbatches × stages (an extrapolated run simulates fewer; the estimate only orders the work)."""
+    rec, batches = task
+    plan = _sim_plan(Plan.from_dict(rec["plan"]), batches)
+    return float(plan.microbatches * plan.batches * len(plan.stages))
 
 
 def _sim_task(args: tuple[dict, int]) -> dict:
@@ -618,16 +646,26 @@ def run_sweep(config: SweepConfig, *, jobs: int | None = None, cache: str | Path
     records: list[dict | None] = [known.get(p.key()) for p in points]
     cached = len(points) - len(todo)
     sink = _open_cache(cache_path) if cache_path else None
+    # points on the same cluster (they differ in schedule or microbatch size) are planned together, in
+    # groups small enough to leave every worker several
+    groups: dict[tuple, list[int]] = {}
+    for i in todo:
+        p = points[i]
+        groups.setdefault((p.interconnect, p.devices, p.device_kind, p.model), []).append(i)
+    cap = max(1, len(todo) // (4 * jobs))
+    group_idx = [g[k:k + cap] for g in groups.values() for k in range(0, len(g), cap)]
     bar = _Bar(progress, len(todo), "planning")
     try:
-        def done(k: int, rec: dict) -> None:
-            records[todo[k]] = rec
+        def done(k: int, recs_k: list[dict]) -> None:
+            for i, rec in zip(group_idx[k], recs_k):
+                records[i] = rec
+                if sink:
+                    sink.write(json.dumps({"key": rec["key"], "record": rec}) + "\n")
+                bar.advance()
             if sink:
-                sink.write(json.dumps({"key": rec["key"], "record": rec}) + "\n")
                 sink.flush()
-            bar.advance()
 
-        _map(plan_point, [points[i] for i in todo], jobs, done)
+        _map(_plan_group, [tuple(points[i] for i in g) for g in group_idx], jobs, done, work=_plan_work)
         bar.close()
         recs: list[dict] = records  # type: ignore[assignment]
         front = pareto_front(recs, prices)
@@ -649,7 +687,7 @@ def run_sweep(config: SweepConfig, *, jobs: int | None = None, cache: str | Path
                 sink.flush()
             bar.advance()
 
-        _map(_sim_task, [(recs[i], config.sim_batches) for i in sim_todo], jobs, sim_done)
+        _map(_sim_task, [(recs[i], config.sim_batches) for i in sim_todo], jobs, sim_done, work=_sim_work)
     finally:
         bar.close()
         if sink:

@@ -305,9 +305,16 @@ def _gb(x: float | None) -> str:
 def simulate_record(rec: dict, batches: int = 1) -> dict:
     """The simulator's figures for a planned record: throughput, bubble and peak memory, a few batches long.
 
-    A one-batch flush schedule with many microbatches is not simulated at its full count: its figures
-    are affine in the microbatch count M along M ≡ M_real (mod the replicas' round-robin period), once
-    the pipeline is full, so two shorter runs fix them (:func:`_flush_extrapolated`).
+    Long runs are not simulated at their full count:
+
+    * a one-batch flush schedule with many microbatches: its figures are affine in the microbatch count
+      M along M ≡ M_real (mod the replicas' round-robin period), once the pipeline is full, so two
+      shorter runs fix them (:func:`_flush_extrapolated`);
+    * a one-batch stream (2BW, PipeDream) much longer than its pipeline: its steady state repeats every
+      lcm(replicas) microbatches, so one shorter run, its steady block repeated, gives the long run's
+      completions, busy time, makespan and peak (:func:`_stream_extrapolated`).
+
+    Either falls back to the full run when the short runs do not have the expected shape.
     """
     from sim.params import SimParams
     from planner.costmodel import OPTIMIZER_STATE
@@ -316,12 +323,14 @@ def simulate_record(rec: dict, batches: int = 1) -> dict:
     profile = _profile(rec["model"], rec["device_kind"])
     topo = _cluster(rec["interconnect"], rec["devices"], rec["device_kind"])
     params = SimParams(optimizer_state_factor=OPTIMIZER_STATE.get(_optimizer_of(rec), 1.0), link_events=False)
-    pair = _extrapolation_pair(plan, params.recv_lookahead)
-    if pair is not None:
-        out = _flush_extrapolated(plan, profile, topo, params, pair)
-        if out is not None:
-            return out
-    return _figures(_simulate(plan, profile, topo, params))
+    out = None
+    if plan.schedule in _STREAM_FAMILIES:
+        out = _stream_extrapolated(plan, profile, topo, params)
+    else:
+        pair = _extrapolation_pair(plan, params.recv_lookahead)
+        if pair is not None:
+            out = _flush_extrapolated(plan, profile, topo, params, pair)
+    return out if out is not None else _figures(_simulate(plan, profile, topo, params))
 
 
 def _simulate(plan: Plan, profile: ModelProfile, topo: Topology, params):
@@ -431,6 +440,133 @@ def _close(a, b) -> bool:
     if a is None or b is None:
         return a is b
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+#: Streams: no flush, so the steady state runs from the fill to the drain.
+_STREAM_FAMILIES = ("2bw", "pipedream")
+#: Steady blocks a stream's short run measures its period over.
+_SPLICE_BLOCKS = 2
+#: Block lengths tried, in periods of the round-robin (contention can make a stream repeat only every
+#: few of them); the short run is made long enough for the longest that keeps it short.
+_SPLICE_MULTIPLES = (1, 2, 4)
+#: The largest difference between two consecutive steady blocks, as a share of the period, for which a
+#: stream counts as periodic. Exactly periodic streams (most on uncontended links) splice to the full
+#: run's figures within rounding; contended ones settle into nearly periodic states, and within this
+#: bound their spliced throughput stays within 1% of the full run's (tests/test_whatif.py).
+PERIOD_TOL = 1e-2
+
+
+def _splice_length(plan: Plan, lookahead: int = 0) -> tuple[int, int] | None:
+    """(N1, q): the short run's microbatch count for a one-batch stream and the most periods q a block
+    may span in it; None when a short run would not save much.
+
+    Period K = lcm(replicas): microbatch i goes to replica i mod r of each stage, so the stream's steady
+    state repeats every K microbatches, or every few K when links are contended. The short run holds
+    the fill (about one microbatch per worker, plus ``lookahead``: memory levels off that much later),
+    ``_SPLICE_BLOCKS`` + 1 steady blocks of q·K, and the drain (what stage 0 holds in flight: its
+    replicas × ⌈workers / replicas⌉); it is ≡ N (mod q·K), so the full run is the short one with whole
+    blocks added.
+    """
+    if plan.schedule not in _STREAM_FAMILIES or plan.batches != 1 or plan.chunks != 1:
+        return None
+    N, reps = plan.microbatches, plan.replicas
+    K, W = math.lcm(*reps), sum(reps)
+    drain = reps[0] * math.ceil(W / reps[0])
+    best = None
+    for q in _SPLICE_MULTIPLES:
+        n1 = _at_least(W + lookahead + drain + (_SPLICE_BLOCKS + 1) * q * K, N, q * K)
+        if n1 <= 0.6 * N:
+            best = (n1, q)
+    return best
+
+
+def _stream_pieces(trace) -> dict:
+    """What a stream's figures are made of: stage 0's completions (sorted), the span, busy time and peak
+    memory per worker, and every worker's memory samples in time order."""
+    from planner.trace import busy_s, peak_memory_bytes, span_s
+
+    done = sorted(e.end_s for e in trace.events if isinstance(e.lane, int) and e.kind in ("B", "BW")
+                  and e.action.split("B")[0] == "0")
+    mem: dict[int, list[tuple[float, float]]] = {}
+    for m in trace.memory:
+        mem.setdefault(m.worker, []).append((m.time_s, m.nbytes))
+    for v in mem.values():
+        v.sort(key=lambda x: x[0])
+    return {"done": done, "span": span_s(trace), "busy": busy_s(trace), "peak": peak_memory_bytes(trace), "mem": mem}
+
+
+def _stream_figures(done, makespan: float, busy: dict, peak: dict, mb: int) -> dict:
+    """``_figures`` of a stream from its pieces, with planner.trace's arithmetic: the least-squares rate
+    over the second half of the completions, 1 − busy / makespan averaged over workers, the largest peak."""
+    import numpy as np
+
+    tail = np.asarray(done[len(done) // 2:], dtype=float)
+    thr = 0.0
+    if len(done) >= 4 and tail[-1] > tail[0]:
+        thr = float(np.polyfit(tail - tail[0], np.arange(len(tail), dtype=float), 1)[0]) * mb
+    fr = [1.0 - b / makespan if makespan > 0 else 0.0 for b in busy.values()]
+    return {"throughput_samples_per_s": thr, "bubble_fraction": sum(fr) / len(fr) if fr else 0.0,
+            "peak_memory_bytes": max(peak.values()) if peak else None}
+
+
+def _level_max(samples: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """The highest memory level of a worker over [t0, t1] (the level entering the window included)."""
+    import bisect
+
+    i = max(0, bisect.bisect_right(samples, (t0, math.inf)) - 1)
+    j = bisect.bisect_right(samples, (t1, math.inf))
+    return max((b for _, b in samples[i:j]), default=0.0)
+
+
+def _stream_extrapolated(plan: Plan, profile: ModelProfile, topo: Topology, params) -> dict | None:
+    """A one-batch stream's figures at plan.microbatches = N from one run at N1 < N (``_splice_length``).
+
+    In the short run's completions d (stage 0's backward ends, sorted) the drain is the last ``drain``;
+    just before it, ``_SPLICE_BLOCKS`` blocks of K (the shortest of q·lcm(replicas) that repeats) give
+    the period T (seconds per K completions). The full run is the short one with (N − N1) / K copies of
+    the last steady block inserted before the drain, each T later than the one before, and everything
+    after shifted by as much: completions, and so the makespan; each worker computes for
+    n_w(N) / n_w(N1) times as long (its microbatches, round-robin over its stage's replicas); memory
+    repeats the steady block's levels, so the peak is the short run's. None (simulate in full) when the
+    run is not periodic to ``PERIOD_TOL``, memory still grows from block to block, or the pieces do not
+    give the simulator's own figures at N1.
+    """
+    import numpy as np
+
+    size = _splice_length(plan, params.recv_lookahead)
+    if size is None or params.jitter:
+        return None
+    n1, q_max = size
+    N, reps, mb = plan.microbatches, plan.replicas, plan.microbatch_size
+    W, m = sum(reps), _SPLICE_BLOCKS
+    drain = reps[0] * math.ceil(W / reps[0])
+    trace = _simulate(replace(plan, microbatches=n1), profile, topo, params)
+    q = _stream_pieces(trace)
+    d = np.asarray(q["done"], dtype=float)
+    if len(d) != n1 or len(q["busy"]) != W:
+        return None
+    a, b = q["span"]
+    got, ref = _stream_figures(d, b - a, q["busy"], q["peak"], mb), _figures(trace)
+    if not all(_close(got[k], ref[k]) for k in ref):  # the pieces must give the simulator's own figures
+        return None
+    c = n1 - drain  # the drain's first completion
+    for mult in (x for x in _SPLICE_MULTIPLES if x <= q_max):  # the shortest block that repeats
+        K = mult * math.lcm(*reps)
+        T = (d[c - 1] - d[c - 1 - m * K]) / m
+        if T > 0 and float(np.max(np.abs(d[c - K:c] - d[c - 2 * K:c - K] - T))) <= PERIOD_TOL * T:
+            break
+    else:
+        return None
+    t_prev, t_mid, t_last = d[c - 1 - 2 * K], d[c - 1 - K], d[c - 1]
+    for samples in q["mem"].values():  # memory must have levelled off: the last block peaks no higher
+        if _level_max(samples, t_mid, t_last) > _level_max(samples, t_prev, t_mid):
+            return None
+    n = (N - n1) // K
+    block = d[c - K:c]
+    done = np.concatenate([d[:c], *(block + j * T for j in range(1, n + 1)), d[c:] + n * T])
+    workers = [(r, j) for r in reps for j in range(r)]  # worker ids run stage by stage, replica by replica
+    busy = {w: q["busy"][w] * len(range(j, N, r)) / len(range(j, n1, r)) for w, (r, j) in enumerate(workers)}
+    return _stream_figures(done, b - a + n * T, busy, q["peak"], mb)
 
 
 def _sim_plan(plan: Plan, batches: int) -> Plan:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from planner.costmodel import OPTIMIZER_STATE
 from pipetwin.cli import main
 from pipetwin.cmd_whatif import _counts
 from pipetwin.whatif import (SweepConfig, SweepPoint, WhatIfError, build_cluster, fewest_devices_for, pareto_front,
@@ -165,3 +166,59 @@ def test_flush_figures_extrapolated_from_two_short_runs_match_the_full_run(monke
     full = w.simulate_record(rec)
     for k in ("throughput_samples_per_s", "bubble_fraction", "peak_memory_bytes"):
         assert fast[k] == pytest.approx(full[k], rel=tol), k
+
+
+def _stream_plan(interconnect: str, devices: int, schedule: str, replicas: tuple[int, ...], microbatches: int,
+                 layers: list[tuple[int, int]]):
+    """A stream plan of MODEL with the given stage shape, on the first devices of a preset cluster."""
+    import pipetwin.whatif as w
+    from planner.plan import Plan, StagePlan
+
+    topo = w._cluster(interconnect, devices, "h100")
+    devs = iter(topo.devices)
+    stages = tuple(StagePlan(a, b, r, tuple(next(devs) for _ in range(r))) for (a, b), r in zip(layers, replicas))
+    return Plan(model=MODEL, stages=stages, schedule=schedule, microbatches=microbatches, topology=topo.name), topo
+
+
+THIRDS = [(0, 3), (4, 7), (8, 9)]
+
+
+@pytest.mark.parametrize("interconnect,devices,schedule,replicas,layers,tol", [
+    # exactly periodic: the spliced run is the full run, to rounding
+    ("ideal", 8, "2bw", (2, 3, 1), THIRDS, 1e-9),
+    ("ideal", 8, "pipedream", (1, 2, 1, 2), [(0, 2), (3, 5), (6, 7), (8, 9)], 1e-9),
+    ("dgx-ib200", 16, "2bw", (2, 4, 2), THIRDS, 1e-9),
+    ("dgx-ib100", 16, "2bw", (4, 4, 4, 4), [(0, 2), (3, 5), (6, 7), (8, 9)], 1e-9),  # repeats every 2·lcm
+    # contended links, nearly periodic (consecutive blocks within PERIOD_TOL): within a percent
+    ("pcie-eth100", 8, "2bw", (1, 2, 3), THIRDS, 1e-2),
+    ("pcie-eth100", 16, "2bw", (3, 4, 3), THIRDS, 1e-2),
+    ("dgx-ib200", 16, "2bw", (3, 4, 2), THIRDS, 1e-2)])
+def test_stream_figures_spliced_from_one_short_run_match_the_full_run(interconnect, devices, schedule, replicas, layers, tol):
+    """A long one-batch stream is simulated once, shorter, and its steady block repeated: throughput and
+    bubble agree with the full simulation to ``tol`` and the peak memory exactly."""
+    import pipetwin.whatif as w
+    plan, topo = _stream_plan(interconnect, devices, schedule, replicas, 512, layers)
+    profile, params = w._profile(MODEL, "h100"), SimParams(link_events=False)
+    n1, _ = w._splice_length(plan, params.recv_lookahead)
+    assert n1 <= 0.6 * plan.microbatches
+    fast = w._stream_extrapolated(plan, profile, topo, params)
+    assert fast is not None, "the case must exercise the splice"
+    full = w._figures(w._simulate(plan, profile, topo, params))
+    assert fast["throughput_samples_per_s"] == pytest.approx(full["throughput_samples_per_s"], rel=tol)
+    assert fast["bubble_fraction"] == pytest.approx(full["bubble_fraction"], rel=tol, abs=1e-12)
+    assert fast["peak_memory_bytes"] == pytest.approx(full["peak_memory_bytes"], rel=1e-12)
+
+
+def test_a_stream_that_does_not_settle_is_simulated_in_full(monkeypatch):
+    """On shared Ethernet links this stream has no steady block within PERIOD_TOL: no splice, the full run."""
+    import pipetwin.whatif as w
+
+    plan, topo = _stream_plan("pcie-eth100", 8, "2bw", (2, 3, 3), 512, THIRDS)
+    profile = w._profile(MODEL, "h100")
+    params = SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"], link_events=False)
+    assert w._splice_length(plan, params.recv_lookahead) is not None
+    assert w._stream_extrapolated(plan, profile, topo, params) is None
+    rec = {"plan": plan.to_dict(), "model": MODEL, "device_kind": "h100", "interconnect": "pcie-eth100",
+           "devices": 8, "key": json.dumps({"optimizer": "sgd"})}
+    monkeypatch.setattr(w, "_sim_plan", lambda plan, batches: plan)  # simulate the plan as it is
+    assert w.simulate_record(rec) == w._figures(w._simulate(plan, profile, topo, params))

@@ -19,11 +19,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/validation")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="launches per calibration run and per configuration (default 1 with --quick, else 3)")
     args = ap.parse_args()
     from validation.matrix import run_matrix, save_calibrations
     from validation.report import write_report
 
-    res = run_matrix(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+    res = run_matrix(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True), repeats=args.repeats)
     write_report(res, args.out)
     save_calibrations(res, args.out)
     s = res.summary

@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a small held-out set (about a minute on two cores)")
     p.add_argument("--report", metavar="DIR", help="write report.md, validation.json, plots, the timeline pair and "
                                                   "the calibration files here")
+    p.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="launches per calibration run and per configuration, the median one scored "
+                        "(default 1 with --quick, else 3)")
     p.add_argument("--no-netbench", action="store_true", help="fit links from the calibration runs only")
     p.add_argument("--json", action="store_true", help="print {configs, summary, calibration} as JSON")
     p.set_defaults(func=run)
@@ -23,7 +26,11 @@ def run(args) -> int:
     from validation.report import to_json, write_report
 
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    result = run_matrix(quick=args.quick, links=not args.no_netbench, log=log)
+    if args.repeats is not None and args.repeats < 1:
+        from pipetwin.errors import UserError
+
+        raise UserError("--repeats must be >= 1")
+    result = run_matrix(quick=args.quick, links=not args.no_netbench, log=log, repeats=args.repeats)
     if args.report:
         write_report(result, args.report)
         save_calibrations(result, args.report)

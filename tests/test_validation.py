@@ -164,3 +164,28 @@ def test_validate_quick_end_to_end(tmp_path):
         assert (out / f).exists(), f
     assert (out / "calibration" / "emu" / "sim_params.json").exists()
     assert "hold-out" in (out / "report.md").read_text()
+
+
+def test_repeated_launches_score_the_median_throughput_run(monkeypatch):
+    """run_config(repeats=3) launches three times and scores the launch of median throughput."""
+    import types
+
+    import executor.launch
+    import planner.trace
+    from validation import matrix
+    from validation.configs import QUICK
+
+    rates = iter([30.0, 10.0, 20.0])
+    launched = []
+
+    def fake_run(plan, timeout_s):
+        t = types.SimpleNamespace(rate=next(rates))
+        launched.append(t)
+        return types.SimpleNamespace(trace=t)
+
+    monkeypatch.setattr(executor.launch, "run_plan", fake_run)
+    monkeypatch.setattr(planner.trace, "throughput_samples_per_s", lambda t: t.rate)
+    monkeypatch.setattr(matrix, "compare_traces", lambda pred, meas: {"measured_rate": meas.rate})
+    cal = types.SimpleNamespace(simulate=lambda plan: "predicted")
+    row, pred, meas = matrix.run_config(QUICK[0], cal, repeats=3)
+    assert len(launched) == 3 and meas.rate == 20.0 and row["measured_rate"] == 20.0 and pred == "predicted"

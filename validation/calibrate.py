@@ -551,7 +551,7 @@ def fit_link_model(bench_points, pipeline_points, overhead_s: float) -> tuple[li
 
 def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, microbatch_size: int = 1,
               bench_points=None, devices: int = 8, profile_repeats: int = 5, timeout_s: float = 120.0,
-              log=None) -> Calibration:
+              log=None, repeats: int = 1) -> Calibration:
     """Profile ``model``, run ``plans`` for real, and fit a :class:`Calibration` (see the module docstring).
 
     Args:
@@ -562,6 +562,8 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         microbatch_size: the microbatch size the profile is taken at.
         bench_points: link benchmark points (``measure_links()``); None: links from the runs alone.
         devices: devices of the calibrated ``local:N`` topology.
+        repeats: launches of every calibration plan; each launch is one more set of rows for the fits
+            (the machine's run-to-run spread averages out).
     """
     from executor.launch import run_plan
     from executor.profiler import profile_model
@@ -571,11 +573,18 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2)
     traces = []
     rows: list[ComputeRow] = []
+    if repeats < 1:
+        raise CalibrationError("repeats must be >= 1")
+    names = list(names) if names else [str(i) for i in range(len(plans))]
+    used = list(names)
+    if repeats > 1:
+        plans = [p for p in plans for _ in range(repeats)]
+        names = [f"{n}#{r + 1}" for n in names for r in range(repeats)]
     for i, plan in enumerate(plans):
-        say(f"calibration run {names[i] if names else i}")
+        say(f"calibration run {names[i]}")
         tr = run_plan(plan, timeout_s=timeout_s).trace
         traces.append(tr)
-        rows += compute_rows(tr, plan, base, tag=f"{names[i] if names else i}: ")
+        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ")
     fit = fit_compute(rows)
     bi = fit_bi_fraction(traces)
     step = step_time_s(traces, fit.overhead_s)
@@ -586,7 +595,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     prof = calibrated_profile(base, fit, saved, corr)
     params = SimParams(overhead_s=fit.overhead_s, step_time_s=step, bi_fraction=0.5 if bi is None else bi,
                        optimizer_state_factor=0.0)
-    cal = Calibration(model, prof, params, links, devices, used=list(names or []), action_s=fit.action_s,
+    cal = Calibration(model, prof, params, links, devices, used=used, action_s=fit.action_s,
                       reference_plan=plans[0].to_dict())
     before = in_sample_errors(cal, plans, traces, names)
     cal = refine(cal, plans, traces)

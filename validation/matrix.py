@@ -31,7 +31,7 @@ class MatrixResult:
     elapsed_s: float = 0.0
 
 
-def calibrate_models(keys, *, links: bool = True, log=None) -> dict[str, Calibration]:
+def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1) -> dict[str, Calibration]:
     """Calibrate every model in ``keys`` on its calibration runs (``validation.configs.CALIBRATION``)."""
     say = log or (lambda *_: None)
     points = None
@@ -43,17 +43,24 @@ def calibrate_models(keys, *, links: bool = True, log=None) -> dict[str, Calibra
         m = MODELS[key]
         cs = CALIBRATION[key]
         out[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
-                             microbatch_size=m.microbatch_size, bench_points=points, log=say)
+                             microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats)
     return out
 
 
-def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0) -> tuple[dict, Trace, Trace]:
-    """Simulate (calibrated) and measure one configuration; the comparison row and both traces."""
+def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats: int = 1) -> tuple[dict, Trace, Trace]:
+    """Simulate (calibrated) and measure one configuration; the comparison row and both traces.
+
+    With ``repeats`` > 1 the configuration is launched that many times and the launch of median
+    throughput is the measurement (run-to-run spread on a shared CPU is tens of percent).
+    """
     from executor.launch import run_plan
+    from planner.trace import throughput_samples_per_s
 
     plan = cfg.plan()
     predicted = cal.simulate(plan)
-    measured = run_plan(plan, timeout_s=timeout_s).trace
+    runs = sorted((run_plan(plan, timeout_s=timeout_s).trace for _ in range(max(1, repeats))),
+                  key=throughput_samples_per_s)
+    measured = runs[(len(runs) - 1) // 2]
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
            "replicas": cfg.replicas, "chunks": cfg.chunks, "microbatches": cfg.microbatches,
            "workers": cfg.workers, **compare_traces(predicted, measured)}
@@ -61,8 +68,14 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0) -> tuple
 
 
 def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: bool = True,
-               calibrations: dict[str, Calibration] | None = None, log=None) -> MatrixResult:
-    """Calibrate, then simulate and measure every held-out configuration (``QUICK`` or ``FULL`` by default)."""
+               calibrations: dict[str, Calibration] | None = None, log=None, repeats: int | None = None) -> MatrixResult:
+    """Calibrate, then simulate and measure every held-out configuration (``QUICK`` or ``FULL`` by default).
+
+    ``repeats``: launches per calibration run and per scored configuration (the median-throughput launch
+    is scored); default 1 with ``quick``, else 3.
+    """
+    if repeats is None:
+        repeats = 1 if quick else 3
     say = log or (lambda *_: None)
     t0 = time.perf_counter()
     configs = list(configs or (QUICK if quick else FULL))
@@ -78,11 +91,11 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
         if key not in cals:
             m, cs = MODELS[key], CALIBRATION[key]
             cals[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
-                                  microbatch_size=m.microbatch_size, bench_points=points, log=say)
+                                  microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats)
         for cfg in (c for c in configs if c.model == key):
             done += 1
             say(f"[{done}/{len(configs)}] {cfg.name}")
-            row, pred, meas = run_config(cfg, cals[cfg.model])
+            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats)
             rows.append(row)
             traces[cfg.name] = {"predicted": pred, "measured": meas}
     return MatrixResult(rows, summarize(rows), cals, traces, time.perf_counter() - t0)

@@ -75,6 +75,7 @@ def run(args) -> int:
         upto = "all sizes" if s.max_bytes == float("inf") else f"< {s.max_bytes:.0f} B"
         print(f"  link {upto}: latency {s.latency_s * 1e6:.1f} us, bandwidth {s.bandwidth_bytes_per_s / 1e9:.3g} GB/s")
     print(f"  step {cal.params.step_time_s * 1e6:.1f} us, BI share {cal.params.bi_fraction:.2f}, "
+          f"split backward x{cal.params.split_factor:.2f}, "
           f"overlap slowdown {res['overlap_slowdown']}")
     for name, e in res["runs"].items():
         print(f"  in-sample {name}: throughput {e['throughput_samples_per_s'] * 100:+.1f}%, "

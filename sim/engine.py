@@ -189,7 +189,8 @@ class _Run:
         """
         prm, dev = self.params, self.dev
         speed = self.topology.device(dev[w]).speed
-        ovh, jit, bi = prm.overhead_s, prm.jitter, prm.bi_fraction
+        ovh, jit, bi, split = prm.overhead_s, prm.jitter, prm.bi_fraction, prm.split_factor
+        bi0_free = prm.first_stage_bi_free
         step_dur = prm.step_time_s + ovh
         fwd, bwd = self.fwd, self.bwd
         arrivals, free = self.arrivals, self.net.free_route
@@ -211,7 +212,14 @@ class _Run:
             text = f"{head[0]}{mb}{head[1]}"
             kv = k._value_
             if k is _KF or k is _KB or k is _KBI or k is _KBW:
-                base = fwd[s] if k is _KF else bwd[s] if k is _KB else bwd[s] * bi if k is _KBI else bwd[s] * (1.0 - bi)
+                if k is _KF:
+                    base = fwd[s]
+                elif k is _KB:
+                    base = bwd[s]
+                elif s == 0 and bi0_free:
+                    base = 0.0 if k is _KBI else bwd[s]
+                else:
+                    base = bwd[s] * split * (bi if k is _KBI else 1.0 - bi)
                 base /= speed
                 if jit:
                     base *= max(0.0, 1.0 + jit * rng.gauss(0.0, 1.0))

@@ -23,6 +23,11 @@ class SimParams:
             transfer runs. False: the device waits until its SEND is delivered.
         bi_fraction: share of a stage's backward time spent in BI (input gradient) when the
             backward is split; BW gets the rest.
+        split_factor: BI + BW of a stage that computes an input gradient take this multiple of its
+            backward (a split backward walks the graph twice; calibration fits it, 1 by default).
+        first_stage_bi_free: stage 0 computes no input gradient, so its BI takes no compute and its BW
+            the whole backward, as the executor runs it (False: stage 0 splits like the others, as the
+            closed forms assume).
         optimizer_state_factor: optimizer state in multiples of parameter bytes (SGD with
             momentum 1, Adam 2, plain SGD 0).
         recv_lookahead: receives a worker posts ahead, each holding a pooled buffer from its post
@@ -41,6 +46,8 @@ class SimParams:
     overhead_s: float = 0.0
     overlap_comm: bool = True
     bi_fraction: float = 0.5
+    split_factor: float = 1.0
+    first_stage_bi_free: bool = False
     optimizer_state_factor: float = 1.0
     recv_lookahead: int = RECV_LOOKAHEAD
     step_time_s: float = 0.0
@@ -57,6 +64,8 @@ class SimParams:
             raise SimError(f"bi_fraction must lie in [0, 1] (got {self.bi_fraction})")
         if self.recv_lookahead < 0 or int(self.recv_lookahead) != self.recv_lookahead:
             raise SimError(f"recv_lookahead must be a whole number >= 0 (got {self.recv_lookahead})")
+        if self.split_factor <= 0:
+            raise SimError(f"split_factor must be > 0 (got {self.split_factor})")
         for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "jitter"):
             if getattr(self, name) < 0:
                 raise SimError(f"{name} must be >= 0 (got {getattr(self, name)})")

@@ -427,3 +427,23 @@ def test_an_unchecked_program_that_deadlocks_ends_in_a_sim_error():
     with pytest.raises(SimError, match="deadlock: .*w1 at 1RECV0a<w0"):
         simulate(prog.with_actions({0: no_send, 1: prog[1]}), uniform_profile(2, 1.0, 2.0), load_topology("ideal:2"),
                  _devices(prog), check_program=False)
+
+
+def test_split_backward_factor_and_free_first_stage_bi():
+    """BI/BW durations: bi share x split factor on stages > 0; stage 0's BI free and its BW whole when asked."""
+    plan = even_plan("m", 3, 3, schedule="zb-h1", microbatches=4, topology="ideal:3")
+    prof = uniform_profile(3, 1e-3, 2e-3)
+    prm = SimParams(bi_fraction=0.25, split_factor=1.5, first_stage_bi_free=True)
+    t = simulate_plan(plan, prof, load_topology("ideal:3"), prm)
+    for e in t.events:
+        if e.kind not in ("BI", "BW"):
+            continue
+        s = Action.parse(e.action).stage
+        want = {("BI", True): 0.0, ("BW", True): 2e-3,
+                ("BI", False): 2e-3 * 1.5 * 0.25, ("BW", False): 2e-3 * 1.5 * 0.75}[(e.kind, s == 0)]
+        assert e.end_s - e.start_s == pytest.approx(want, abs=1e-12), e
+    # the defaults keep the closed-form model: every stage splits, nothing scaled
+    t0 = simulate_plan(plan, prof, load_topology("ideal:3"), SimParams(bi_fraction=0.25))
+    assert {round(e.end_s - e.start_s, 12) for e in t0.events if e.kind == "BI"} == {5e-4}
+    with pytest.raises(SimError, match="split_factor"):
+        SimParams(split_factor=0)

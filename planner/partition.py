@@ -16,9 +16,18 @@ hierarchical optimizer does) over layer blocks, for clusters too large for the
 flat programme; its plan is then costed by the cost model like any other.
 ``brute_force`` enumerates every plan: the reference the tests hold the
 programme to.
+
+A :class:`PartitionCache` passed to the solvers reuses their answers across
+searches (a sweep plans one model on many clusters). Keys are digests of exactly
+what a solver reads — the layer tables at the microbatch size, the options and
+schedule figures it uses, and the device tables of the first N devices (speeds,
+memory, the latency and bandwidth of every path it costs) — never names or
+sizes, so two clusters share an answer only when the search could not tell them
+apart, and a cached answer is bit-identical to a fresh one.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -122,11 +131,80 @@ class _Tables:
             self.cut_bw[k] = topology.path_bandwidth(devs[k - 1], devs[k])
         self.opt_state = OPTIMIZER_STATE[opt.optimizer]
 
+    def prefix(self, n: int) -> "_Tables":
+        """The tables of the first ``n`` devices alone — equal, array for array, to ``_Tables`` built on them.
+
+        A search over n devices reads only these: every device figure and path it costs lies among the
+        first n (the cut after device n − 1 ends the pipeline, so it costs nothing, as on an n-device cluster).
+        """
+        if n == self.D:
+            return self
+        t = object.__new__(_Tables)
+        t.__dict__.update(self.__dict__)
+        t.D = n
+        for name in ("smin", "mlim", "ar_lat", "ar_bw"):
+            setattr(t, name, getattr(self, name)[:n + 1, :n + 1])
+        t.cut_lat, t.cut_bw = self.cut_lat[:n + 1].copy(), self.cut_bw[:n + 1].copy()
+        t.cut_lat[n], t.cut_bw[n] = 0.0, math.inf
+        return t
+
+    def key(self, pb: Problem, objective: str) -> bytes:
+        """A digest of everything ``_solve_n`` reads for a search over all of these tables' devices.
+
+        Layer tables, the options the stage costs use (overlap, recomputation, optimizer state), the
+        schedule family and microbatch count (PipeDream's stage costs do not use M), the objective, and
+        the device tables. ``memory_limit_bytes`` is in ``mlim``; device names are not read.
+        """
+        opt = pb.options
+        M = None if pb.family == "pipedream" else pb.microbatches
+        return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, self.L,
+                       self.D, self.work, self.params, self.saved, self.inbytes, self.bbytes,
+                       self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
+
     def cut(self, j, k):
         """Seconds of one microbatch's boundary transfer for a cut before layer j at device k (0 at the ends)."""
         j, k = np.asarray(j), np.asarray(k)
         t = self.cut_lat[k] + self.bbytes[j] / self.cut_bw[k]
         return np.where((j > 0) & (j < self.L) & (k > 0) & (k < self.D), t, 0.0)
+
+
+def _digest(*parts) -> bytes:
+    """A collision-resistant digest of scalars (by ``repr``, exact for floats) and arrays (dtype, shape, bytes)."""
+    h = hashlib.blake2b(digest_size=24)
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"<{a.dtype.str}{a.shape}>".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(f"<{type(p).__name__}:{p!r}>".encode())
+    return h.digest()
+
+
+class PartitionCache:
+    """Solver answers kept across searches; pass one to ``solve_flat``, ``solve_flat_per_count`` and
+    ``solve_hierarchical`` (``planner.search.plan_model`` takes one too).
+
+    * flat: the best partition over the first N devices, keyed by ``_Tables.key`` of their tables;
+    * hierarchical: each level's dynamic-programme tables, keyed by the level's inputs (the cut costs
+      and the per-unit-count stage times). A level over C units is the same, for every unit count up to
+      C, as the level over fewer units with the same inputs, so a table is extended from the longest
+      stored prefix instead of being recomputed.
+
+    Not thread-safe; one per process (or per group of searches) is the intended use. ``hits`` and
+    ``misses`` count flat answers and hierarchical levels; ``extended`` counts the misses that started
+    from a stored prefix.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[bytes, Partition | None] = {}
+        self._levels: dict[bytes, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.extended = 0
+
+    def __len__(self) -> int:
+        return len(self._flat) + sum(len(v) for v in self._levels.values())
 
 
 def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
@@ -238,32 +316,49 @@ def device_counts(topology, devices: tuple[str, ...]) -> list[int]:
     return sorted(n for n in out if n <= D)
 
 
-def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int] | None = None) -> Partition | None:
+def _solve_prefix(tb: _Tables, pb: Problem, N: int, objective: str, cache: PartitionCache | None) -> Partition | None:
+    """``_solve_n`` over the first N devices, from ``cache`` when it has the answer for the same inputs."""
+    sub = tb.prefix(N)
+    if cache is None:
+        return _solve_n(sub, pb, N, objective)
+    key = sub.key(pb, objective)
+    if key in cache._flat:
+        cache.hits += 1
+        return cache._flat[key]
+    cache.misses += 1
+    cache._flat[key] = out = _solve_n(sub, pb, N, objective)
+    return out
+
+
+def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int] | None = None,
+               cache: PartitionCache | None = None) -> Partition | None:
     """The best partition over the first N devices for each candidate N (exact for each N); None if nothing fits.
 
     ``objective`` "time" minimises the bottleneck seconds subject to memory; "memory"
     minimises the largest per-device memory (the smallest limit anything fits in).
+    ``cache`` reuses answers for device prefixes it has seen (the same answer, bit for bit).
     """
     tb = _Tables(pb, topology)
     best: Partition | None = None
     for N in counts or device_counts(topology, pb.devices):
-        part = _solve_n(tb, pb, N, objective)
+        part = _solve_prefix(tb, pb, N, objective, cache)
         if part is not None and (best is None or part.value < best.value * (1 - 1e-12)):
             best = part
     return best
 
 
-def solve_flat_per_count(pb: Problem, topology, counts: list[int] | None = None) -> list[Partition]:
+def solve_flat_per_count(pb: Problem, topology, counts: list[int] | None = None,
+                         cache: PartitionCache | None = None) -> list[Partition]:
     """The DP's best partition for each candidate device count N (those where something fits).
 
     The same programme as ``solve_flat``, kept per N: the search ranks them all by the full
     cost model (with the shared-link bound the programme does not see), so a plan on fewer
-    devices whose traffic stays off a slow link can win.
+    devices whose traffic stays off a slow link can win. ``cache`` as in ``solve_flat``.
     """
     tb = _Tables(pb, topology)
     out = []
     for N in counts or device_counts(topology, pb.devices):
-        part = _solve_n(tb, pb, N, "time")
+        part = _solve_prefix(tb, pb, N, "time", cache)
         if part is not None:
             out.append(part)
     return out
@@ -283,11 +378,12 @@ def brute_force(pb: Problem, topology, objective: str = "time", counts: list[int
     best: Partition | None = None
     for N in counts or device_counts(topology, pb.devices):
         memo: dict = {}
+        sub = tb.prefix(N)
 
         def cost(i, j, k0, k):
             key = (i, j, k0, k)
             if key not in memo:
-                t, mem, lim = _stage_scalar(tb, pb, N, i, j, k0, k)
+                t, mem, lim = _stage_scalar(sub, pb, N, i, j, k0, k)
                 memo[key] = mem if objective == "memory" else (t if mem <= lim * (1 + 1e-9) else math.inf)
             return memo[key]
 
@@ -397,6 +493,60 @@ def coarsen(profile: ModelProfile, max_blocks: int) -> tuple[ModelProfile, list[
     return _replace(profile, layers=tuple(layers), graph=None), bounds
 
 
+def _level_tables(single: np.ndarray, cut: np.ndarray, cache: PartitionCache | None) -> tuple[np.ndarray, np.ndarray]:
+    """One level's programme: A[i, j, m], the best bottleneck of block range [i, j) on m units (a prefix on
+    m − m2 units, then a last stage on m2), and arg[i, j, m] = (k, m2) of the split (−1: one stage).
+
+    Reads only ``single`` (a range's time as one stage on m units, for every m ≤ C) and ``cut``. The
+    entries for m ≤ c read only ``single[..., :c + 1]``, so with ``cache`` the table is copied from the
+    stored one sharing the longest such prefix and extended from there, one m at a time, each (j, m)
+    computed exactly as the full programme computes it.
+    """
+    inf = math.inf
+    B, C = single.shape[0] - 1, single.shape[2] - 1
+    start, entry, entries = 1, None, None
+    if cache is not None:
+        entries = cache._levels.setdefault(_digest("level", cut, single[:, :, :2]), [])
+        bits = single.view(np.int64)
+        for e in entries:
+            n = min(C, e[0].shape[2] - 1)
+            same = (e[0][:, :, :n + 1].view(np.int64) == bits[:, :, :n + 1]).all(axis=(0, 1))
+            c = n if same.all() else int(np.argmin(same)) - 1
+            if c > start or entry is None and c >= start:
+                start, entry = c, e
+        if entry is not None and start == C:
+            cache.hits += 1
+            return entry[1][:, :, :C + 1], entry[2][:, :, :C + 1]
+        cache.misses += 1
+        cache.extended += start > 1
+    A = single.copy()
+    arg = np.full((B + 1, B + 1, C + 1, 2), -1, dtype=int)
+    if entry is not None:
+        A[:, :, :start + 1] = entry[1][:, :, :start + 1]
+        arg[:, :, :start + 1] = entry[2][:, :, :start + 1]
+    upper = np.arange(B + 1)[None, :] > np.arange(B + 1)[:, None]  # k > i
+    for j in range(1, B + 1):
+        ok = upper[:j, :j, None]
+        for m in range(max(2, start + 1), C + 1):
+            # prefix [i, k) on m − m2 units, last stage [k, j) on m2 units, for every k and m2 at once
+            m2 = np.arange(1, m)
+            left = A[:j, :j, m - m2]  # (i, k, m2)
+            last = single[:j, j, 1:m]  # (k, m2)
+            cand = np.maximum(np.maximum(left, cut[None, :j, None]), last[None, :, :])
+            cand = np.where(ok, cand, inf).reshape(j, -1)
+            a = np.argmin(cand, axis=1)
+            v = cand[np.arange(j), a]
+            better = v < A[:j, j, m]
+            A[:j, j, m] = np.where(better, v, A[:j, j, m])
+            arg[:j, j, m, 0] = np.where(better, a // (m - 1), arg[:j, j, m, 0])
+            arg[:j, j, m, 1] = np.where(better, a % (m - 1) + 1, arg[:j, j, m, 1])
+    if entries is not None:
+        if entry is not None and start == entry[0].shape[2] - 1:  # the new table holds all of the old one
+            entries[:] = [e for e in entries if e is not entry]
+        entries.append((single, A, arg))
+    return A, arg
+
+
 @dataclass(frozen=True)
 class _Level:
     count: int  # units per group at this level
@@ -407,7 +557,8 @@ class _Level:
     cut_bw: float
 
 
-def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS) -> Partition | None:
+def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
+                       cache: PartitionCache | None = None) -> Partition | None:
     """Plan level by level (innermost first), over layer blocks; None when nothing fits.
 
     At level 0 the units are devices; at level ℓ they are level-(ℓ−1) domains, each
@@ -417,7 +568,8 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS)
     cuts cost one microbatch's boundary transfer on that level's links. Memory is
     checked for the weights, gradients and optimizer state of each device's layers;
     activations are checked afterwards by the cost model. Assumes every domain of a
-    level holds the same number of units.
+    level holds the same number of units. ``cache`` reuses (and extends) the levels'
+    tables across searches; the answer is the same, bit for bit.
     """
     prof, opt, M = pb.profile, pb.options, pb.microbatches
     devs = pb.devices
@@ -468,24 +620,7 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS)
                 single[:, :, m] = np.where(fits_static, single[:, :, m], inf)
         cut = lv.cut_lat + bb / lv.cut_bw
         cut[0] = cut[B] = 0.0
-        A = single.copy()
-        arg = np.full((B + 1, B + 1, C + 1, 2), -1, dtype=int)
-        upper = np.arange(B + 1)[None, :] > np.arange(B + 1)[:, None]  # k > i
-        for j in range(1, B + 1):
-            ok = upper[:j, :j, None]
-            for m in range(2, C + 1):
-                # prefix [i, k) on m − m2 units, last stage [k, j) on m2 units, for every k and m2 at once
-                m2 = np.arange(1, m)
-                left = A[:j, :j, m - m2]  # (i, k, m2)
-                last = single[:j, j, 1:m]  # (k, m2)
-                cand = np.maximum(np.maximum(left, cut[None, :j, None]), last[None, :, :])
-                cand = np.where(ok, cand, inf).reshape(j, -1)
-                a = np.argmin(cand, axis=1)
-                v = cand[np.arange(j), a]
-                better = v < A[:j, j, m]
-                A[:j, j, m] = np.where(better, v, A[:j, j, m])
-                arg[:j, j, m, 0] = np.where(better, a // (m - 1), arg[:j, j, m, 0])
-                arg[:j, j, m, 1] = np.where(better, a % (m - 1) + 1, arg[:j, j, m, 1])
+        A, arg = _level_tables(single, cut, cache)
         tables.append((A, arg))
         prev_full = A[:, :, C]
     if not levels:

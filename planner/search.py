@@ -87,6 +87,7 @@ def plan_model(
     stages: int | None = None,
     devices: list[str] | None = None,
     model_name: str | None = None,
+    partition_cache: part.PartitionCache | None = None,
 ) -> PlanResult:
     """Plan ``profile`` on ``topology``: the best plan that fits memory, with runner-ups.
 
@@ -103,6 +104,8 @@ def plan_model(
         stages: fix the pipeline depth (no replication, layers split by work).
         devices: the devices to plan on, in placement order (default: all of the topology's).
         model_name: what the plan's ``model`` field records (default: the profile's name).
+        partition_cache: partition answers to reuse and add to (a sweep passes one to every point it
+            plans); the result is the same with or without it.
 
     Raises:
         PlanError: an unknown schedule or cost model, inconsistent batch sizes, more stages
@@ -135,11 +138,13 @@ def plan_model(
     cache: dict = {}
     for fam in families:
         for M in mcounts:
-            for plan in _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache):
+            for plan in _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache,
+                                   partition_cache):
                 cands.append(evaluate(plan, profile, topology, opts))
     fitting = [c for c in cands if c.fits]
     if not fitting:
-        raise PlanError(_nothing_fits(prof, topology, devs, opts, families, mcounts, memory_limit_bytes, cands))
+        raise PlanError(_nothing_fits(prof, topology, devs, opts, families, mcounts, memory_limit_bytes, cands,
+                                      partition_cache))
     fitting = _dedupe(sorted(fitting, key=_rank_key))
     top = fitting[:max(1, top_k)]
     if score is not None:
@@ -222,7 +227,8 @@ def _microbatch_counts(global_batch: int | None, mb: int, microbatches: int | No
 
 
 def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, ...], opts: CostOptions,
-               stages: int | None, name: str, mb: int, cache: dict) -> list[Plan]:
+               stages: int | None, name: str, mb: int, cache: dict,
+               pcache: part.PartitionCache | None = None) -> list[Plan]:
     kw = dict(schedule=fam, microbatch_size=mb, microbatches=M, topology=topology.name)
     L, D = len(prof), len(devs)
     if fam == "interleaved":
@@ -247,12 +253,12 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
         key = ("hier-flush", M)  # the hierarchical search sees only weights, not activations
     if key not in cache:
         if D > part.FLAT_MAX_DEVICES:
-            sol = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology)
+            sol = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology, cache=pcache)
             sols, bounds = ([sol] if sol is not None else []), None
         else:
             blocked, bounds = part.coarsen(prof, part.FLAT_MAX_BLOCKS)
             # the DP's best plan for every device count: the full cost model (shared links included) ranks them
-            sols = part.solve_flat_per_count(part.Problem(blocked, devs, fam, M, opts), topology)
+            sols = part.solve_flat_per_count(part.Problem(blocked, devs, fam, M, opts), topology, cache=pcache)
             if len(blocked) == len(prof):
                 bounds = None
             else:
@@ -320,7 +326,7 @@ def _dedupe(cands: list[Candidate]) -> list[Candidate]:
     return out
 
 
-def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands) -> str:
+def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands, pcache=None) -> str:
     """The one line for "no plan fits": the smallest per-device memory any plan needs."""
     need = math.inf
     for fam in families:
@@ -329,7 +335,7 @@ def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands) -
         for M in mcounts:
             pb = part.Problem(prof, devs, fam, M, replace(opts, memory_limit_bytes=None))
             if len(devs) <= part.FLAT_MAX_DEVICES:
-                sol = part.solve_flat(pb, topology, objective="memory")
+                sol = part.solve_flat(pb, topology, objective="memory", cache=pcache)
                 if sol is not None:
                     need = min(need, sol.value)
     for c in cands:

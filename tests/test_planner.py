@@ -213,6 +213,104 @@ def test_hierarchical_search_plans_a_thousand_layers_on_4096_devices_quickly():
     assert res.best.num_layers == 1000 and len(res.best.devices) <= 4096 and res.best_candidate.fits
 
 
+# --- the partition cache ---------------------------------------------------------------------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains(8), clusters(6), clusters(6), st.sampled_from(NON_INTERLEAVED), st.integers(1, 6), st.booleans())
+def test_a_cached_partition_is_what_a_fresh_search_finds_whatever_the_cache_saw(profile, a, b, family, M, recompute):
+    cache = part.PartitionCache()
+    for topo in (a, b, a):
+        pb = _problem(profile, topo, family, M, recompute=recompute)
+        assert part.solve_flat_per_count(pb, topo, cache=cache) == part.solve_flat_per_count(pb, topo)
+        assert part.solve_flat(pb, topo, "memory", cache=cache) == part.solve_flat(pb, topo, "memory")
+    assert cache.hits > 0
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains(8), clusters(6), st.integers(1, 6), st.integers(1, 6))
+def test_pipedream_partitions_do_not_depend_on_the_microbatch_count(profile, topo, M1, M2):
+    # the cache keys PipeDream's searches without M: this is why that is honest
+    a = part.solve_flat_per_count(_problem(profile, topo, "pipedream", M1), topo)
+    assert a == part.solve_flat_per_count(_problem(profile, topo, "pipedream", M2), topo)
+
+
+def _irregular(n=20):
+    return ModelProfile("irregular", tuple(
+        Layer(f"l{i}", 1e-3 * (1 + i % 3), 2e-3 * (1 + i % 5 / 2), 1e6 * (1 + i % 4), 2e6 * (1 + i % 2),
+              4e7 * (1 + (i * 7) % 5)) for i in range(n)))
+
+
+def test_plan_model_with_a_shared_partition_cache_plans_exactly_as_without():
+    from topologies.presets import dgx, fattree, pcie
+
+    prof = _irregular()
+    tops = ([dgx(s, 8, "a100-80gb", 200) for s in (1, 2, 4, 12, 16)] + [pcie(s, 4, "v100", 10) for s in (2, 24)]
+            + [fattree(g, kind="h100") for g in (64, 128)])
+    cache, want = part.PartitionCache(), {}
+    for x in list(range(len(tops))) + list(range(len(tops)))[::-1]:  # growing, then shrinking
+        for mb in (1, 2):
+            got = plan_model(prof, tops[x], microbatch_size=mb, global_batch=128, top_k=3, partition_cache=cache)
+            if (x, mb) not in want:
+                want[x, mb] = plan_model(prof, tops[x], microbatch_size=mb, global_batch=128, top_k=3)
+            assert got.candidates == want[x, mb].candidates, tops[x].name
+            assert got.explanation == want[x, mb].explanation, tops[x].name
+    assert cache.hits > cache.misses
+
+
+def _with_memory(topo, device, memory_bytes):
+    d = topo.to_dict()
+    for dev in d["devices"]:
+        if dev["name"] == device:
+            dev["memory_bytes"] = memory_bytes
+    return Topology.from_dict(d)
+
+
+def test_a_cluster_differing_in_one_link_or_device_memory_misses_the_cache_from_that_device_on():
+    from topologies.presets import dgx
+
+    prof = _irregular()
+    base = dgx(4, 8, "a100-80gb", 200)
+    variants = {  # the first device whose tables change
+        "slow NVSwitch port of s0g5": (base.with_link_params(edge=("s0g5", "s0-nvswitch"), bandwidth_bytes_per_s=1e9), 5),
+        "small memory on s0g3": (_with_memory(base, "s0g3", 1e9), 3),
+        "slow NIC of server 1": (base.with_link_params(edge=("s1-nvswitch", "ib-switch"), bandwidth_bytes_per_s=1e6), 8),
+        "small memory on s2g0": (_with_memory(base, "s2g0", 1e9), 16),
+    }
+    counts = part.device_counts(base, tuple(base.devices))
+    for fam in ("1f1b", "pipedream", "2bw"):
+        pb = part.Problem(prof, tuple(base.devices), fam, 16, CostOptions(optimizer="adam"))
+        for what, (topo, first) in variants.items():
+            cache = part.PartitionCache()
+            base_sols = part.solve_flat_per_count(pb, base, cache=cache)
+            cache.hits = cache.misses = 0
+            got = part.solve_flat_per_count(pb, topo, cache=cache)
+            assert got == part.solve_flat_per_count(pb, topo), what
+            assert cache.misses == sum(n > first for n in counts), what  # N devices include the changed one
+            assert cache.hits == sum(n <= first for n in counts), what
+            assert got != base_sols, what  # the change matters, so a stale hit would have shown
+
+
+def test_hierarchical_levels_from_the_cache_are_the_fresh_ones_and_a_changed_uplink_is_not_reused():
+    from topologies.presets import dgx
+
+    prof = _irregular(60)
+    opts = CostOptions(optimizer="adam")
+    cache = part.PartitionCache()
+    tops = [dgx(s, 8, "a100-80gb", 200) for s in (12, 16, 9, 24)] + [dgx(16, 8, "a100-80gb", 100)]
+    fast = dgx(16, 8, "a100-80gb", 200)
+    slow = [fast.with_link_params(edge=(f"s{s}-nvswitch", "ib-switch"), bandwidth_bytes_per_s=bw)
+            for s, bw in ((3, 1e9), (1, 1e7))]  # server 3's in some rings only; server 1's in every cut
+    got = {}
+    for x, topo in enumerate(tops + slow):
+        for fam in ("1f1b", "pipedream", "2bw"):
+            pb = part.Problem(prof, tuple(topo.devices), fam, 32, opts)
+            got[x, fam] = part.solve_hierarchical(pb, topo, cache=cache)
+            assert got[x, fam] == part.solve_hierarchical(pb, topo), (topo.name, fam)
+    assert got[len(tops) + 1, "1f1b"] != got[1, "1f1b"]  # the slow uplink matters: a stale level would show
+    # the servers' own level is the same on every cluster; the level over 16 servers extends the one over 12,
+    # 9 servers read 16's, 24 extend 16's; the 100 Gbit/s cluster and the slow uplink share only the servers' level
+    assert cache.hits >= 2 * len(tops) and cache.extended >= 2 * 3
+
+
 # --- the command line -------------------------------------------------------------------------
 def _one_line_error(capsys, argv):
     assert main(argv) == 2

@@ -225,19 +225,21 @@ def _cluster(interconnect: str, devices: int, kind: str) -> Topology:
 
 
 # ---------------------------------------------------------------------- the planner call
-def _plan_model(profile: ModelProfile, topology: Topology, point: SweepPoint):
+def _plan_model(profile: ModelProfile, topology: Topology, point: SweepPoint, partition_cache=None):
     """The one call into the planner (its cost model ranks; no simulation here)."""
     from planner.search import plan_model
 
     return plan_model(profile, topology, schedule=point.schedule, microbatch_size=point.microbatch_size,
                       global_batch=point.global_batch, top_k=point.top_k, recompute=point.recompute,
-                      optimizer=point.optimizer)
+                      optimizer=point.optimizer, partition_cache=partition_cache)
 
 
-def plan_point(point: SweepPoint) -> dict:
+def plan_point(point: SweepPoint, partition_cache=None) -> dict:
     """Plan one point; a JSON-ready record (``status`` ok, no-fit or invalid, and why).
 
-    Pure: the same point always gives the same record, alone or inside a sweep.
+    Pure: the same point always gives the same record, alone or inside a sweep. ``partition_cache``
+    (a ``planner.partition.PartitionCache``) only saves work: partition searches another point already
+    ran on the same inputs are read back, bit for bit what they would compute.
     """
     rec: dict = {"key": point.key(), "model": point.model, "devices": point.devices, "device_kind": point.device_kind,
                  "interconnect": point.interconnect, "schedule": point.schedule,
@@ -254,7 +256,7 @@ def plan_point(point: SweepPoint) -> dict:
         return rec
     rec["topology"] = topo.name
     try:
-        result = _plan_model(profile, topo, point)
+        result = _plan_model(profile, topo, point, partition_cache)
     except ValueError as e:  # the planner's bad-input errors (PlanError and friends) are ValueErrors
         msg = e.args[0] if e.args else str(e)
         nofit = "fit" in msg.lower()
@@ -734,9 +736,14 @@ def _map(fn: Callable[[object], dict], items: list, jobs: int, on_done: Callable
 
 
 def _plan_group(points: tuple[SweepPoint, ...]) -> list[dict]:
-    """plan_point over points that share a cluster, in one worker: the topology, its routes and the profile
-    are built once for all of them."""
-    return [plan_point(p) for p in points]
+    """plan_point over points of one interconnect, device kind and microbatch size, in one worker, with one
+    partition cache: the partition search over the first N devices reads the same inputs on every cluster
+    size of such a group (the presets lay devices out alike at every size), so each is run once; the cache
+    compares the inputs themselves, so a group that does not share them only loses the reuse."""
+    from planner.partition import PartitionCache
+
+    cache = PartitionCache()
+    return [plan_point(p, cache) for p in points]
 
 
 def _plan_work(points: tuple[SweepPoint, ...]) -> float:
@@ -782,12 +789,12 @@ def run_sweep(config: SweepConfig, *, jobs: int | None = None, cache: str | Path
     records: list[dict | None] = [known.get(p.key()) for p in points]
     cached = len(points) - len(todo)
     sink = _open_cache(cache_path) if cache_path else None
-    # points on the same cluster (they differ in schedule or microbatch size) are planned together, in
-    # groups small enough to leave every worker several
+    # points that differ only in device count (and schedule) are planned together, smallest clusters first,
+    # in groups small enough to leave every worker several: their partition searches share a cache
     groups: dict[tuple, list[int]] = {}
-    for i in todo:
+    for i in sorted(todo, key=lambda i: points[i].devices):
         p = points[i]
-        groups.setdefault((p.interconnect, p.devices, p.device_kind, p.model), []).append(i)
+        groups.setdefault((p.model, p.interconnect, p.device_kind, p.microbatch_size), []).append(i)
     cap = max(1, len(todo) // (4 * jobs))
     group_idx = [g[k:k + cap] for g in groups.values() for k in range(0, len(g), cap)]
     bar = _Bar(progress, len(todo), "planning")

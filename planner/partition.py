@@ -203,9 +203,6 @@ class PartitionCache:
         self.misses = 0
         self.extended = 0
 
-    def __len__(self) -> int:
-        return len(self._flat) + sum(len(v) for v in self._levels.values())
-
 
 def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
     """Time and memory of the stage layers [i, j) on devices [k0, k) (broadcast arrays), as the cost model has them."""

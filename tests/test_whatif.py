@@ -46,6 +46,27 @@ def test_sweep_output_does_not_depend_on_jobs(sweep):
     assert again.to_json() == sweep.to_json()
 
 
+def test_a_sweep_planned_with_partition_caches_equals_every_point_planned_alone(monkeypatch):
+    import pipetwin.whatif as w
+
+    big = SweepConfig(model=MODEL, devices=(8, 16, 64, 96, 128), device_kinds=("h100",),
+                      interconnects=("dgx-ib200", "fattree-ib400"), microbatch_sizes=(1, 2), global_batch=256,
+                      simulate="none")  # flat and hierarchical searches
+    caches = {}
+
+    def spy(point, cache=None):
+        caches[id(cache)] = cache
+        return plan_point(point, cache)
+
+    monkeypatch.setattr(w, "plan_point", spy)
+    cached = {c: run_sweep(c, jobs=1) for c in (SMALL, big)}
+    # one cache per interconnect, device kind and microbatch size, and some answers read back from it
+    assert len(caches) == 4 + 4 and sum(c.hits for c in caches.values()) > 0
+    monkeypatch.setattr(w, "_plan_group", lambda points: [plan_point(p) for p in points])
+    for c, res in cached.items():
+        assert run_sweep(c, jobs=1).to_json() == res.to_json()
+
+
 def test_every_pareto_point_replanned_alone_gives_the_same_answer(sweep):
     assert sweep.pareto
     for i in sweep.pareto:

@@ -186,6 +186,7 @@ class PartitionCache:
     ``solve_hierarchical`` (``planner.search.plan_model`` takes one too).
 
     * flat: the best partition over the first N devices, keyed by ``_Tables.key`` of their tables;
+    * equal-work splits (``split_even``), keyed by the layer times and the part count;
     * hierarchical: each level's dynamic-programme tables, keyed by the level's inputs (the cut costs
       and the per-unit-count stage times). A level over C units is the same, for every unit count up to
       C, as the level over fewer units with the same inputs, so a table is extended from the longest
@@ -199,6 +200,7 @@ class PartitionCache:
     def __init__(self) -> None:
         self._flat: dict[bytes, Partition | None] = {}
         self._levels: dict[bytes, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self._splits: dict[bytes, tuple[tuple[int, int], ...]] = {}
         self.hits = 0
         self.misses = 0
         self.extended = 0
@@ -413,16 +415,28 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
 
 
 # --- equal-work split (interleaved chunks) ---------------------------------------------------
-def split_even(profile: ModelProfile, parts: int) -> list[tuple[int, int]]:
+def split_even(profile: ModelProfile, parts: int, cache: PartitionCache | None = None) -> list[tuple[int, int]]:
     """Contiguous ranges of ``parts`` stages minimising the largest forward+backward time.
 
     Bisection on the cap with a greedy fill (the classic linear-partition test), to
     within 1e-9 of the optimum; greedy parts are then split until there are ``parts``.
+    ``cache`` keeps answers by the layer times and ``parts`` (all the split reads).
     """
     L = len(profile)
     if parts > L:
         raise PlanError(f"{parts} stages but only {L} layers: use fewer stages or a deeper model")
     w = np.concatenate([[0.0], np.cumsum([l.forward_s + l.backward_s for l in profile.layers])])
+    if cache is None:
+        return _split_even(w, parts)
+    key = _digest("split", w, parts)
+    if key not in cache._splits:
+        cache._splits[key] = tuple(_split_even(w, parts))
+    return list(cache._splits[key])
+
+
+def _split_even(w: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``split_even`` over the prefix sums ``w`` of the layers' forward+backward times."""
+    L = len(w) - 1
 
     def greedy(cap: float) -> list[int] | None:
         bounds, i = [0], 0

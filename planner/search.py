@@ -240,12 +240,12 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
             for V in (2, 4):
                 if P * V > L:
                     continue
-                ranges = part.split_even(prof, P * V)
+                ranges = part.split_even(prof, P * V, pcache)
                 sp = tuple(StagePlan(a, b, 1, (devs[x % P],)) for x, (a, b) in enumerate(ranges))
                 out.append(Plan(model=name, stages=sp, chunks=V, **kw))
         return out
     if stages is not None:
-        ranges = part.split_even(prof, stages)
+        ranges = part.split_even(prof, stages, pcache)
         return [Plan(model=name, stages=tuple(StagePlan(a, b, 1, (devs[x],)) for x, (a, b) in enumerate(ranges)), **kw)]
     # the 1F1B-like families share one search; PipeDream's does not depend on M
     key = ("pipedream",) if fam == "pipedream" else ("1f1b" if fam == "zb-h1" else fam, M)
@@ -273,12 +273,12 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
         if fam != "pipedream" and max(s.replicas for s in sp) > M:
             continue
         out.append(Plan(model=name, stages=sp, **kw))
-    out += _regular_plans(fam, M, prof, topology, devs, name, kw, cache)
+    out += _regular_plans(fam, M, prof, topology, devs, name, kw, cache, pcache)
     return out
 
 
 def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, ...], name: str, kw: dict,
-                   cache: dict) -> list[Plan]:
+                   cache: dict, pcache: part.PartitionCache | None = None) -> list[Plan]:
     """Plans the bottleneck programme never prefers but shared links may: P equal-work stages, each replicated
     r times on a block of consecutive devices, for the device counts the search tries (r = 1: straight
     pipelines; P = 1: pure data parallelism, whose only traffic is the all-reduce)."""
@@ -305,7 +305,7 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
         if fam != "pipedream" and r > M:
             continue
         if P not in splits:
-            splits[P] = part.split_even(prof, P)
+            splits[P] = part.split_even(prof, P, pcache)
         sp = tuple(StagePlan(a, b, r, tuple(devs[x * r + y] for y in range(r))) for x, (a, b) in enumerate(splits[P]))
         out.append(Plan(model=name, stages=sp, **kw))
     return out

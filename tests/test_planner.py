@@ -222,6 +222,9 @@ def test_a_cached_partition_is_what_a_fresh_search_finds_whatever_the_cache_saw(
         pb = _problem(profile, topo, family, M, recompute=recompute)
         assert part.solve_flat_per_count(pb, topo, cache=cache) == part.solve_flat_per_count(pb, topo)
         assert part.solve_flat(pb, topo, "memory", cache=cache) == part.solve_flat(pb, topo, "memory")
+    for P in range(1, len(profile) + 1):
+        assert part.split_even(profile, P, cache) == part.split_even(profile, P)
+        assert part.split_even(profile.scaled(2), P, cache) == part.split_even(profile.scaled(2), P)
     assert cache.hits > 0
 
 

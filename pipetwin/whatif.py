@@ -736,10 +736,11 @@ def _map(fn: Callable[[object], dict], items: list, jobs: int, on_done: Callable
 
 
 def _plan_group(points: tuple[SweepPoint, ...]) -> list[dict]:
-    """plan_point over points of one interconnect, device kind and microbatch size, in one worker, with one
-    partition cache: the partition search over the first N devices reads the same inputs on every cluster
-    size of such a group (the presets lay devices out alike at every size), so each is run once; the cache
-    compares the inputs themselves, so a group that does not share them only loses the reuse."""
+    """plan_point over points of one interconnect and device kind, in one worker, with one partition cache:
+    at one microbatch size the partition search over the first N devices reads the same inputs on every
+    cluster size of such a group (the presets lay devices out alike at every size), so each is run once; the
+    cache compares the inputs themselves, so points that do not share them only lose the reuse. Points on one
+    cluster also share its topology and routes (``_cluster``)."""
     from planner.partition import PartitionCache
 
     cache = PartitionCache()
@@ -789,12 +790,13 @@ def run_sweep(config: SweepConfig, *, jobs: int | None = None, cache: str | Path
     records: list[dict | None] = [known.get(p.key()) for p in points]
     cached = len(points) - len(todo)
     sink = _open_cache(cache_path) if cache_path else None
-    # points that differ only in device count (and schedule) are planned together, smallest clusters first,
-    # in groups small enough to leave every worker several: their partition searches share a cache
+    # points of one interconnect and device kind are planned together, smallest clusters first, in groups
+    # small enough to leave every worker several: their partition searches share a cache, and the points of
+    # one cluster (other microbatch sizes or schedules) its topology and routes
     groups: dict[tuple, list[int]] = {}
     for i in sorted(todo, key=lambda i: points[i].devices):
         p = points[i]
-        groups.setdefault((p.model, p.interconnect, p.device_kind, p.microbatch_size), []).append(i)
+        groups.setdefault((p.model, p.interconnect, p.device_kind), []).append(i)
     cap = max(1, len(todo) // (4 * jobs))
     group_idx = [g[k:k + cap] for g in groups.values() for k in range(0, len(g), cap)]
     bar = _Bar(progress, len(todo), "planning")

@@ -60,8 +60,8 @@ def test_a_sweep_planned_with_partition_caches_equals_every_point_planned_alone(
 
     monkeypatch.setattr(w, "plan_point", spy)
     cached = {c: run_sweep(c, jobs=1) for c in (SMALL, big)}
-    # one cache per interconnect, device kind and microbatch size, and some answers read back from it
-    assert len(caches) == 4 + 4 and sum(c.hits for c in caches.values()) > 0
+    # one cache per group of points (one interconnect and device kind), and some answers read back from it
+    assert len(caches) < len(SMALL.points()) + len(big.points()) and sum(c.hits for c in caches.values()) > 0
     monkeypatch.setattr(w, "_plan_group", lambda points: [plan_point(p) for p in points])
     for c, res in cached.items():
         assert run_sweep(c, jobs=1).to_json() == res.to_json()

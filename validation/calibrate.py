@@ -1,6 +1,7 @@
 """Calibration: fit what the cluster model needs from the profiler, the link benchmark and short measured runs.
 
-What is fitted (``scipy.optimize.least_squares`` throughout):
+What is fitted (least squares throughout: ``scipy.optimize.least_squares``, and for link lines the
+benchmark's own relative-residual fit, ``executor.netbench.fit_latency_bandwidth``):
 
 * compute, per model: a measured compute action lasts
   ``scale · profile_time + per_layer_s · layers + overhead_s`` — the profile's
@@ -332,17 +333,14 @@ class LinkSegment:
 
 
 def _fit_line(pts: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """(latency_s, bandwidth, rms relative error) by least squares on relative residuals, both >= 0."""
-    x = np.array([p[0] for p in pts], dtype=float)
-    t = np.array([p[1] for p in pts], dtype=float)
+    """(latency_s, bandwidth, rms relative error): the link benchmark's relative-residual line fit."""
+    from executor.netbench import NetbenchError, fit_latency_bandwidth
 
-    def resid(th):
-        return (th[0] + x * th[1] - t) / t
-
-    x0 = [float(np.min(t)) * 0.5, max(1e-15, float((np.max(t) - np.min(t)) / max(1.0, np.max(x) - np.min(x))))]
-    sol = least_squares(resid, x0, bounds=([0.0, 1e-15], [np.inf, np.inf]), x_scale="jac")
-    rel = resid(sol.x)
-    return float(sol.x[0]), float(1.0 / sol.x[1]), float(np.sqrt(np.mean(rel ** 2)))
+    try:
+        f = fit_latency_bandwidth(pts)
+    except NetbenchError as e:
+        raise CalibrationError(str(e)) from None
+    return f.latency_s, f.bandwidth_bytes_per_s, f.rms_relative_error
 
 
 def fit_links(points, improve: float = 1.5, good: float = 0.02) -> tuple[list[LinkSegment], float]:

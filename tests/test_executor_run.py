@@ -108,3 +108,28 @@ def test_worker_runs_under_torchrun(tmp_path):
     got = torch.load(tmp_path / "w.pt", weights_only=True)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sender_thread_priority_is_raised_for_that_thread_only():
+    """The sender thread asks for SCHED_FIFO; the compute (main) thread must keep normal priority."""
+    import threading
+
+    from executor import runtime
+
+    if not hasattr(os, "sched_getscheduler"):
+        pytest.skip("no POSIX scheduling policies on this platform")
+    main_policy = os.sched_getscheduler(0)
+    seen = {}
+
+    def body():
+        seen["raised"] = runtime._raise_priority()
+        seen["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(10)
+    assert os.sched_getscheduler(0) == main_policy
+    if seen["raised"]:
+        assert seen["policy"] == os.SCHED_FIFO
+    else:  # not permitted here: the thread is left as it was
+        assert seen["policy"] == main_policy

@@ -468,6 +468,12 @@ class StageWorker:
         self._plan_recvs()
         self._resolve_fault()
         _warm_up_autograd()
+        if self.cuda:  # cuBLAS handles, kernel loading and the caching allocator's first blocks, before the clock
+            for st in self.stages.values():
+                st.bind(0)
+                warm_up_stage(st.module, st.versions[0][0], self.in_meta[st.index], self.device)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.handlers = [self._handler(a) for a in self.acts]
         self.kinds = [a.kind for a in self.acts]
         self.saved.exclude = {p.untyped_storage().data_ptr() for st in self.stages.values()
@@ -1010,6 +1016,33 @@ class StageWorker:
             "cpu_s": self.cpu_s,
             "wall_s": self.wall_s,
         }
+
+
+def warm_up_stage(module: nn.Module, params, in_meta: tuple, device: torch.device) -> None:
+    """One forward and backward of ``module`` on a zero input of ``in_meta`` = (shape, dtype) that leaves no trace.
+
+    On a GPU the first forward and backward of a stage pay CUDA's lazy set-up
+    (cuBLAS handles, kernel loading, the caching allocator's first blocks),
+    which a timed run would otherwise count against its first microbatch.
+    Nothing the run computes changes: the gradients are returned and dropped
+    (``autograd.grad``, no ``.grad``), buffers such as batch-norm statistics
+    are put back, and the random number generators are forked, so dropout
+    masks later in the run are the ones they would have been.
+    """
+    shape, dt = in_meta
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        x = torch.zeros(shape, dtype=dt, device=device)
+        if x.is_floating_point():
+            x.requires_grad_(True)
+        out = module(x)
+        want = [p for p in params if p.requires_grad] + ([x] if x.requires_grad else [])
+        if want and out.requires_grad:
+            torch.autograd.grad(out.float().sum(), want, allow_unused=True)
+    with torch.no_grad():
+        for n, b in module.named_buffers():
+            b.copy_(buffers[n])
 
 
 def _warm_up_autograd() -> None:

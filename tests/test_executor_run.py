@@ -133,3 +133,31 @@ def test_sender_thread_priority_is_raised_for_that_thread_only():
         assert seen["policy"] == os.SCHED_FIFO
     else:  # not permitted here: the thread is left as it was
         assert seen["policy"] == main_policy
+
+
+def test_device_warm_up_leaves_weights_buffers_and_random_state_as_they_were():
+    """The GPU warm-up (run here on CPU) must not change anything a later forward or backward sees."""
+    import copy
+
+    from torch import nn
+
+    from executor.models import build_stage, input_shape
+    from executor.runtime import warm_up_stage
+
+    torch.manual_seed(3)
+    layers = build_stage("cnn:blocks=2,channels=8,size=8,classes=10", 0, 2)  # conv-bn stem and residual blocks
+    module = nn.Sequential(*layers, nn.Dropout(0.5))
+    module.train()
+    twin = copy.deepcopy(module)
+    x = torch.randn(input_shape("cnn:blocks=2,channels=8,size=8,classes=10", 4))
+    rng = torch.get_rng_state()
+    params = [p for p in module.parameters()]
+    warm_up_stage(module, params, (tuple(x.shape), x.dtype), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in module.parameters())
+    for (n, a), (_, b) in zip(module.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), n  # parameters and batch-norm statistics (num_batches_tracked too)
+    torch.manual_seed(5)
+    y = module(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, twin(x))  # the same dropout mask and the same normalisation

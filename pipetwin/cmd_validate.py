@@ -43,17 +43,24 @@ def run(args) -> int:
     return 0
 
 
+def _spread(x) -> str:
+    import math
+
+    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"
+
+
 def _print_table(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="predicted against measured (held-out configurations)")
-    for col in ("configuration", "thr pred", "thr meas", "thr err", "t/batch err", "bubble p/m", "mem err"):
+    for col in ("configuration", "thr pred", "thr meas", "thr err", "run spread", "t/batch err", "bubble p/m", "mem err"):
         t.add_column(col, justify="left" if col == "configuration" else "right")
     for r in result.rows:
         p, m, e = r["predicted"], r["measured"], r["error"]
         t.add_row(r["name"], f"{p['throughput_samples_per_s']:.4g}", f"{m['throughput_samples_per_s']:.4g}",
-                  f"{e['throughput_samples_per_s'] * 100:+.1f}%", f"{e['time_per_batch_s'] * 100:+.1f}%",
+                  f"{e['throughput_samples_per_s'] * 100:+.1f}%",
+                  _spread(r.get("run_spread")), f"{e['time_per_batch_s'] * 100:+.1f}%",
                   f"{p['bubble_fraction']:.2f}/{m['bubble_fraction']:.2f}", f"{e['memory_abs_error'] * 100:.1f}%")
     c = Console()
     c.print(t)
@@ -62,3 +69,6 @@ def _print_table(result) -> None:
             f"worst {s['max_abs_throughput_error'] * 100:.1f}%; mean |memory error| {s['mean_abs_memory_error'] * 100:.1f}%; "
             f"Spearman {s['spearman']:.3f}; measured-best predicted best in every model: "
             f"{s['best_predicted_best_all_models']} ({result.elapsed_s:.0f} s)")
+    if s.get("n_within_half_spread") is not None:
+        c.print(f"identical launches lay {s['median_run_spread'] * 100:.1f}% apart (median spread); "
+                f"{s['n_within_half_spread']} of {s['n_configs']} errors lie within half their configuration's spread")

@@ -189,3 +189,10 @@ def test_repeated_launches_score_the_median_throughput_run(monkeypatch):
     cal = types.SimpleNamespace(simulate=lambda plan: "predicted")
     row, pred, meas = matrix.run_config(QUICK[0], cal, repeats=3)
     assert len(launched) == 3 and meas.rate == 20.0 and row["measured_rate"] == 20.0 and pred == "predicted"
+    assert row["measured_runs"] == [10.0, 20.0, 30.0] and row["run_spread"] == pytest.approx(1.0)
+
+
+def test_run_to_run_spread_is_kept_with_every_launch():
+    from validation.compare import run_spread
+
+    assert run_spread([8.0, 10.0, 12.0]) == pytest.approx(0.4) and math.isnan(run_spread([5.0]))

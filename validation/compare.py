@@ -44,6 +44,15 @@ def compare_traces(predicted: Trace, measured: Trace) -> dict:
     return {"predicted": p, "measured": m, "error": err}
 
 
+def run_spread(rates: list[float]) -> float:
+    """(fastest − slowest) / median of identical launches' throughputs; NaN with fewer than two."""
+    xs = sorted(r for r in rates if math.isfinite(r))
+    if len(xs) < 2:
+        return float("nan")
+    med = float(np.median(xs))
+    return (xs[-1] - xs[0]) / med if med else float("nan")
+
+
 def spearman(predicted: list[float], measured: list[float]) -> float:
     """Spearman rank correlation (scipy.stats.spearmanr); NaN with fewer than 3 pairs or a constant side."""
     from scipy.stats import spearmanr
@@ -85,6 +94,14 @@ def summarize(rows: list[dict]) -> dict:
         es = [abs(r["error"]["throughput_samples_per_s"]) for r in rows if r["schedule"] == fam]
         by_schedule[fam] = float(np.mean(es))
     worst = sorted(rows, key=lambda r: -abs(r["error"]["throughput_samples_per_s"]))[:5]
+    # how far apart identical launches lay (fastest minus slowest over median), against which a throughput
+    # error is read: an error inside half the spread is no larger than what the machine itself varies
+    spreads = {r["name"]: r["run_spread"] for r in rows if math.isfinite(r.get("run_spread", float("nan")))}
+    within = [r for r in rows if r["name"] in spreads
+              and abs(r["error"]["throughput_samples_per_s"]) <= spreads[r["name"]] / 2]
+    for key, v in by_model.items():
+        sub = [spreads[r["name"]] for r in rows if r["model"] == key and r["name"] in spreads]
+        v["median_run_spread"] = float(np.median(sub)) if sub else float("nan")
     nan = float("nan")
     return {
         "n_configs": len(rows),
@@ -99,5 +116,8 @@ def summarize(rows: list[dict]) -> dict:
         "best_predicted_best_all_models": all(v["best_predicted_best"] for v in by_model.values()) if by_model else False,
         "by_model": by_model,
         "throughput_error_by_schedule": by_schedule,
-        "worst": [{"name": r["name"], "throughput_error": r["error"]["throughput_samples_per_s"]} for r in worst],
+        "worst": [{"name": r["name"], "throughput_error": r["error"]["throughput_samples_per_s"],
+                   "run_spread": r.get("run_spread", float("nan"))} for r in worst],
+        "median_run_spread": float(np.median(list(spreads.values()))) if spreads else float("nan"),
+        "n_within_half_spread": len(within) if spreads else None,
     }

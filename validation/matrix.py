@@ -7,7 +7,7 @@ from pathlib import Path
 
 from planner.trace import Trace
 from validation.calibrate import Calibration, calibrate, measure_links
-from validation.compare import compare_traces, summarize
+from validation.compare import compare_traces, run_spread, summarize
 from validation.configs import CALIBRATION, FULL, MODELS, QUICK, Config
 
 
@@ -51,7 +51,8 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats:
     """Simulate (calibrated) and measure one configuration; the comparison row and both traces.
 
     With ``repeats`` > 1 the configuration is launched that many times and the launch of median
-    throughput is the measurement (run-to-run spread on a shared CPU is tens of percent).
+    throughput is the measurement (run-to-run spread on a shared CPU is tens of percent); the row keeps
+    every launch's throughput (``measured_runs``) and their spread (``run_spread``).
     """
     from executor.launch import run_plan
     from planner.trace import throughput_samples_per_s
@@ -61,9 +62,12 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats:
     runs = sorted((run_plan(plan, timeout_s=timeout_s).trace for _ in range(max(1, repeats))),
                   key=throughput_samples_per_s)
     measured = runs[(len(runs) - 1) // 2]
+    rates = [throughput_samples_per_s(t) for t in runs]
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
            "replicas": cfg.replicas, "chunks": cfg.chunks, "microbatches": cfg.microbatches,
-           "workers": cfg.workers, **compare_traces(predicted, measured)}
+           "workers": cfg.workers, **compare_traces(predicted, measured),
+           # every launch's throughput, slowest first: how far identical launches of it lie apart
+           "measured_runs": rates, "run_spread": run_spread(rates)}
     return row, predicted, measured
 
 

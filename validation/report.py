@@ -27,6 +27,9 @@ def to_json(result) -> dict:
     """``{"configs": [...], "summary": {...}, "calibration": {...}, "elapsed_s"}`` of a MatrixResult."""
     configs = [{k: r[k] for k in ("name", "model", "schedule", "stages", "replicas", "chunks", "microbatches",
                                   "workers", "predicted", "measured", "error")} for r in result.rows]
+    for c, r in zip(configs, result.rows):
+        c["measured_runs"] = r.get("measured_runs", [])
+        c["run_spread"] = r.get("run_spread", float("nan"))
     cal = {k: {"used": c.used, "overhead_s": c.params.overhead_s, "action_s": c.action_s,
                "step_time_s": c.params.step_time_s, "bi_fraction": c.params.bi_fraction,
                "links": [{"max_bytes": s.max_bytes, "latency_s": s.latency_s,
@@ -38,6 +41,10 @@ def to_json(result) -> dict:
 
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x * 100:+.1f}%"
+
+
+def _spread(x) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"
 
 
 def _scatter(rows, path: Path) -> None:
@@ -125,23 +132,29 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
              f"| mean \\|peak memory error\\| (per device) | {_pct(s['mean_abs_memory_error'])} |",
              f"| worst \\|peak memory error\\| | {_pct(s['max_abs_memory_error'])} |",
              f"| Spearman (all configurations) | {s['spearman']:.3f} |",
-             f"| measured-best predicted best, every model | {s['best_predicted_best_all_models']} |", "",
-             "| model | configs | Spearman | mean \\|thr error\\| | measured best | predicted best |",
-             "|---|---|---|---|---|---|"]
+             f"| measured-best predicted best, every model | {s['best_predicted_best_all_models']} |",
+             f"| median run-to-run spread of identical launches | {_spread(s.get('median_run_spread'))} |",
+             f"| configurations whose error lies within half their spread | "
+             f"{'n/a' if s.get('n_within_half_spread') is None else s['n_within_half_spread']} of {s['n_configs']} |",
+             "",
+             "The spread of a configuration is (fastest − slowest) / median throughput of its identical launches; "
+             "an error inside half of it is no larger than the machine's own variation.", "",
+             "| model | configs | Spearman | mean \\|thr error\\| | median run spread | measured best | predicted best |",
+             "|---|---|---|---|---|---|---|"]
     for k, v in s["by_model"].items():
         sp = "n/a" if not math.isfinite(v["spearman"]) else f"{v['spearman']:.3f}"
         lines.append(f"| {k} | {v['n_configs']} | {sp} | {_pct(v['mean_abs_throughput_error'])} | "
-                     f"{v['measured_best']} | {v['predicted_best']} |")
+                     f"{_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} |")
     lines += ["", "![predicted against measured](scatter.png)", "", "![error by schedule](error_by_schedule.png)", "",
               "## Configurations", "",
-              "| configuration | workers | thr pred | thr meas | thr err | t/batch err | bubble pred/meas | "
-              "busy err (max) | memory err (max) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| configuration | workers | thr pred | thr meas | thr err | run spread | t/batch err | bubble pred/meas | "
+              "busy err (max) | memory err (max) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, m, e = r["predicted"], r["measured"], r["error"]
         busy = [abs(x) for x in e["busy_s"].values() if math.isfinite(x)]
         lines.append(f"| {r['name']} | {r['workers']} | {p['throughput_samples_per_s']:.4g} | "
                      f"{m['throughput_samples_per_s']:.4g} | {_pct(e['throughput_samples_per_s'])} | "
-                     f"{_pct(e['time_per_batch_s'])} | {p['bubble_fraction']:.3f} / {m['bubble_fraction']:.3f} | "
+                     f"{_spread(r.get('run_spread'))} | {_pct(e['time_per_batch_s'])} | {p['bubble_fraction']:.3f} / {m['bubble_fraction']:.3f} | "
                      f"{_pct(max(busy) if busy else float('nan'))} | {_pct(e['memory_abs_error'])} |")
     lines += ["", "## Calibration (hold-out)", "",
               "These runs were used to calibrate and are never scored:", ""]
@@ -164,7 +177,8 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
                   "open in Perfetto).", "", "![timeline](timeline.png)", ""]
     lines += ["## Worst configurations", ""]
     for w in s["worst"]:
-        lines.append(f"- {w['name']}: throughput error {_pct(w['throughput_error'])}")
+        lines.append(f"- {w['name']}: throughput error {_pct(w['throughput_error'])}, "
+                     f"run-to-run spread {_spread(w.get('run_spread'))}")
     lines += ["", "## Memory: what each side counts", "",
               "Prediction: the simulator's peak per device (weights, gradients and optimizer state from the start; "
               "saved activations from a forward to its backward; stashed versions; receive buffers from a RECV to "

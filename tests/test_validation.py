@@ -196,3 +196,38 @@ def test_run_to_run_spread_is_kept_with_every_launch():
     from validation.compare import run_spread
 
     assert run_spread([8.0, 10.0, 12.0]) == pytest.approx(0.4) and math.isnan(run_spread([5.0]))
+
+
+def test_calibration_and_scored_runs_are_launched_in_rounds(monkeypatch):
+    """launch_interleaved: every round launches each calibration run and each scored configuration once, and the
+    calibration traces come back grouped per run (the order calibrate() expects for repeats)."""
+    import types
+
+    import executor.launch
+    from validation import matrix
+    from validation.configs import Config
+
+    order = []
+
+    def fake_run(plan, timeout_s):
+        key = (plan.schedule, plan.microbatches)
+        order.append(key)
+        return types.SimpleNamespace(trace=(key, sum(1 for k in order if k == key)))
+
+    monkeypatch.setattr(executor.launch, "run_plan", fake_run)
+    cal = [Config("mlp", "1f1b", 2, 8), Config("mlp", "zb-h1", 2, 4)]
+    scored = [Config("mlp", "gpipe", 2, 8), Config("mlp", "2bw", 2, 4)]
+    cal_traces, runs = matrix.launch_interleaved(cal, scored, repeats=3)
+    one_round = [("1f1b", 8), ("zb-h1", 4), ("gpipe", 8), ("2bw", 4)]
+    assert order == one_round * 3
+    assert cal_traces == [(("1f1b", 8), 1), (("1f1b", 8), 2), (("1f1b", 8), 3),
+                          (("zb-h1", 4), 1), (("zb-h1", 4), 2), (("zb-h1", 4), 3)]
+    assert runs["mlp/2bw/P2/M4"] == [(("2bw", 4), 1), (("2bw", 4), 2), (("2bw", 4), 3)]
+
+
+def test_calibrate_refuses_traces_that_do_not_match_its_launches():
+    from validation.calibrate import CalibrationError, calibrate
+
+    plan = even_plan("uniform:layers=4,fwd=1e-3,bwd=2e-3", 4, 2, microbatches=4)
+    with pytest.raises(CalibrationError, match="2 traces given for 3 calibration launches"):
+        calibrate("uniform:layers=4,fwd=1e-3,bwd=2e-3", [plan], repeats=3, traces=[None, None], profile_repeats=1)

@@ -573,7 +573,7 @@ def fit_link_model(bench_points, pipeline_points, overhead_s: float) -> tuple[li
 
 def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, microbatch_size: int = 1,
               bench_points=None, devices: int = 8, profile_repeats: int = 5, timeout_s: float = 120.0,
-              log=None, repeats: int = 1) -> Calibration:
+              log=None, repeats: int = 1, traces: list[Trace] | None = None) -> Calibration:
     """Profile ``model``, run ``plans`` for real, and fit a :class:`Calibration` (see the module docstring).
 
     Args:
@@ -586,6 +586,9 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         devices: devices of the calibrated ``local:N`` topology.
         repeats: launches of every calibration plan; each launch is one more set of rows for the fits
             (the machine's run-to-run spread averages out).
+        traces: measured traces of the plans, already launched by the caller (``repeats`` of each, in the
+            order ``[p for p in plans for _ in range(repeats)]``); nothing is launched then. The validation
+            matrix launches its calibration runs interleaved with the scored ones this way.
     """
     from executor.launch import run_plan
     from executor.profiler import profile_model
@@ -593,7 +596,6 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     say = log or (lambda *_: None)
     say(f"profiling {model} at microbatch {microbatch_size}")
     base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2)
-    traces = []
     rows: list[ComputeRow] = []
     if repeats < 1:
         raise CalibrationError("repeats must be >= 1")
@@ -602,9 +604,16 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     if repeats > 1:
         plans = [p for p in plans for _ in range(repeats)]
         names = [f"{n}#{r + 1}" for n in names for r in range(repeats)]
+    given = traces
+    if given is not None and len(given) != len(plans):
+        raise CalibrationError(f"{len(given)} traces given for {len(plans)} calibration launches")
+    traces = []
     for i, plan in enumerate(plans):
-        say(f"calibration run {names[i]}")
-        tr = run_plan(plan, timeout_s=timeout_s).trace
+        if given is None:
+            say(f"calibration run {names[i]}")
+            tr = run_plan(plan, timeout_s=timeout_s).trace
+        else:
+            tr = given[i]
         traces.append(tr)
         rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ")
     fit = fit_compute(rows)

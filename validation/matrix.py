@@ -47,28 +47,56 @@ def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1) ->
     return out
 
 
-def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats: int = 1) -> tuple[dict, Trace, Trace]:
+def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats: int = 1,
+               measured: list[Trace] | None = None) -> tuple[dict, Trace, Trace]:
     """Simulate (calibrated) and measure one configuration; the comparison row and both traces.
 
     With ``repeats`` > 1 the configuration is launched that many times and the launch of median
     throughput is the measurement (run-to-run spread on a shared CPU is tens of percent); the row keeps
-    every launch's throughput (``measured_runs``) and their spread (``run_spread``).
+    every launch's throughput (``measured_runs``) and their spread (``run_spread``). ``measured``: traces
+    of launches already made (nothing is launched then).
     """
     from executor.launch import run_plan
     from planner.trace import throughput_samples_per_s
 
     plan = cfg.plan()
     predicted = cal.simulate(plan)
-    runs = sorted((run_plan(plan, timeout_s=timeout_s).trace for _ in range(max(1, repeats))),
-                  key=throughput_samples_per_s)
-    measured = runs[(len(runs) - 1) // 2]
+    if measured is None:
+        measured = [run_plan(plan, timeout_s=timeout_s).trace for _ in range(max(1, repeats))]
+    runs = sorted(measured, key=throughput_samples_per_s)
+    median_run = runs[(len(runs) - 1) // 2]
     rates = [throughput_samples_per_s(t) for t in runs]
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
            "replicas": cfg.replicas, "chunks": cfg.chunks, "microbatches": cfg.microbatches,
-           "workers": cfg.workers, **compare_traces(predicted, measured),
+           "workers": cfg.workers, **compare_traces(predicted, median_run),
            # every launch's throughput, slowest first: how far identical launches of it lie apart
            "measured_runs": rates, "run_spread": run_spread(rates)}
-    return row, predicted, measured
+    return row, predicted, median_run
+
+
+def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats: int, timeout_s: float = 120.0,
+                       log=None) -> tuple[list[Trace], dict[str, list[Trace]]]:
+    """Launch a model's calibration runs and scored configurations in ``repeats`` rounds, each round every one
+    of them once, so that a machine whose speed drifts over minutes weighs on calibration and scored runs alike.
+
+    Returns the calibration traces in ``calibrate``'s order (each calibration run's launches together) and
+    each scored configuration's traces by name.
+    """
+    from executor.launch import run_plan
+
+    say = log or (lambda *_: None)
+    cal_plans = [c.plan() for c in cal_configs]
+    plans = {c.name: c.plan() for c in configs}
+    cal_runs: list[list[Trace]] = [[] for _ in cal_configs]
+    runs: dict[str, list[Trace]] = {c.name: [] for c in configs}
+    for r in range(repeats):
+        for i, c in enumerate(cal_configs):
+            say(f"round {r + 1}/{repeats}: calibration run {c.name}")
+            cal_runs[i].append(run_plan(cal_plans[i], timeout_s=timeout_s).trace)
+        for c in configs:
+            say(f"round {r + 1}/{repeats}: {c.name}")
+            runs[c.name].append(run_plan(plans[c.name], timeout_s=timeout_s).trace)
+    return [t for ts in cal_runs for t in ts], runs
 
 
 def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: bool = True,
@@ -90,16 +118,19 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
         say("link benchmark (loopback, 2 processes)")
         points = measure_links()
     rows, traces = [], {}
-    done = 0
-    for key in keys:  # each model is calibrated right before its configurations run: the machine drifts
+    for key in keys:
+        mine = [c for c in configs if c.model == key]
+        measured: dict[str, list[Trace]] = {}
         if key not in cals:
+            # the machine drifts (this one: the same launches 25% faster half an hour later), so a model's
+            # calibration runs and its scored configurations are launched in rounds, each round all of them
             m, cs = MODELS[key], CALIBRATION[key]
+            cal_traces, measured = launch_interleaved(list(cs), mine, repeats, log=say)
             cals[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
-                                  microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats)
-        for cfg in (c for c in configs if c.model == key):
-            done += 1
-            say(f"[{done}/{len(configs)}] {cfg.name}")
-            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats)
+                                  microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats,
+                                  traces=cal_traces)
+        for cfg in mine:
+            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats, measured=measured.get(cfg.name))
             rows.append(row)
             traces[cfg.name] = {"predicted": pred, "measured": meas}
     return MatrixResult(rows, summarize(rows), cals, traces, time.perf_counter() - t0)

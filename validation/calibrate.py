@@ -663,11 +663,19 @@ def refine(cal: Calibration, plans: list[Plan], traces: list[Trace]) -> Calibrat
     and throughput match the measured ones (least squares on log ratios, the simulator in the loop).
 
     Compute actions keep the durations the compute fit gave them; only what communication costs moves.
+    A plan launched several times is one target, its launches' medians: a single slow launch (on this
+    machine one in six ran 25% slow) otherwise raised the per-action overhead fourfold, which every
+    held-out schedule with more actions per microbatch (PipeDream: a STEP each) then paid.
     """
     from planner.trace import summary
 
-    meas = [summary(t) for t in traces]
-    targets = [(m["time_per_batch_s"], m["throughput_samples_per_s"]) for m in meas]
+    groups: dict[str, tuple[Plan, list[dict]]] = {}
+    for plan, tr in zip(plans, traces):
+        key = json.dumps(plan.to_dict(), sort_keys=True)
+        groups.setdefault(key, (plan, []))[1].append(summary(tr))
+    plans = [p for p, _ in groups.values()]
+    targets = [(statistics.median(m["time_per_batch_s"] for m in ms),
+                statistics.median(m["throughput_samples_per_s"] for m in ms)) for _, ms in groups.values()]
     floor = -min(cal.profile_for(p).forward_s(*p.stages[0].layers) for p in plans) * 0.5
     o0, l0 = cal.params.overhead_s, cal.links[0].latency_s
 

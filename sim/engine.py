@@ -1,7 +1,10 @@
 """The SimPy interpreter of a program: every worker is a process that walks its action list.
 
 - F/B/BI/BW take the stage's profile time at the run's microbatch size, divided
-  by the device's speed, plus ``overhead_s`` (every action pays it);
+  by the device's speed, plus ``overhead_s`` (every action pays it); a B or BW
+  after the first of its optimizer round on a worker also pays
+  ``accumulate_s_per_byte`` per parameter byte of its stage (adding into the
+  round's gradient, as the executor does);
 - SEND starts a transfer on the link model and moves on (or waits for delivery
   when communication does not overlap); RECV waits until its payload is delivered;
 - ALLREDUCE waits until every replica of its stage has arrived, then runs the
@@ -193,6 +196,8 @@ class _Run:
         bi0_free = prm.first_stage_bi_free
         step_dur = prm.step_time_s + ovh
         fwd, bwd = self.fwd, self.bwd
+        acc_per_byte, round_of = prm.accumulate_s_per_byte, self.round_of
+        rounds: dict[int, set[int]] = {}  # stage -> optimizer rounds a backward on this worker has started
         arrivals, free = self.arrivals, self.net.free_route
         acts = self.p[w]
         stages = self.p.stages_of(w)
@@ -223,6 +228,13 @@ class _Run:
                 base /= speed
                 if jit:
                     base *= max(0.0, 1.0 + jit * rng.gauss(0.0, 1.0))
+                if acc_per_byte and (k is _KB or k is _KBW):  # the executor adds into the round's gradient
+                    seen = rounds.setdefault(s, set())
+                    r = round_of(s, mb)
+                    if r in seen:
+                        base += acc_per_byte * self.stage_bytes[s].params
+                    else:
+                        seen.add(r)
                 append((_COMPUTE, base + ovh, ms, me, text, kv, nb, None, None))
             elif k is _KSEND:
                 dst = to.get(peer)

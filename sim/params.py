@@ -33,6 +33,10 @@ class SimParams:
         recv_lookahead: receives a worker posts ahead, each holding a pooled buffer from its post
             (the executor's: 8 on gloo, ``PIPETWIN_RECV_LOOKAHEAD``; 1 on NCCL); see ``sim.memory``.
         step_time_s: device time of one optimizer STEP.
+        accumulate_s_per_byte: device time per parameter byte of adding a backward's gradients into its
+            round's (every B or BW after the first of its optimizer round on a worker and stage: flush
+            schedules and 2BW accumulate M/r − 1 times a batch, PipeDream never); memory-bound, so not
+            scaled by device speed. 0: free, as the closed forms assume.
         jitter: relative standard deviation of seeded Gaussian noise on compute times (0: none).
         seed: seed of that noise.
         allreduce: "ring" over all replicas, "hierarchical" (reduce inside each server, ring
@@ -51,6 +55,7 @@ class SimParams:
     optimizer_state_factor: float = 1.0
     recv_lookahead: int = RECV_LOOKAHEAD
     step_time_s: float = 0.0
+    accumulate_s_per_byte: float = 0.0
     jitter: float = 0.0
     seed: int = 0
     allreduce: str = "auto"
@@ -66,6 +71,6 @@ class SimParams:
             raise SimError(f"recv_lookahead must be a whole number >= 0 (got {self.recv_lookahead})")
         if self.split_factor <= 0:
             raise SimError(f"split_factor must be > 0 (got {self.split_factor})")
-        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "jitter"):
+        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "accumulate_s_per_byte", "jitter"):
             if getattr(self, name) < 0:
                 raise SimError(f"{name} must be >= 0 (got {getattr(self, name)})")

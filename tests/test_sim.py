@@ -447,3 +447,27 @@ def test_split_backward_factor_and_free_first_stage_bi():
     assert {round(e.end_s - e.start_s, 12) for e in t0.events if e.kind == "BI"} == {5e-4}
     with pytest.raises(SimError, match="split_factor"):
         SimParams(split_factor=0)
+
+
+@pytest.mark.parametrize("family,replicas", [("1f1b", 1), ("gpipe", 1), ("2bw", 1), ("zb-h1", 1),
+                                             ("pipedream", 1), ("pipedream", 2), ("1f1b", 2)])
+def test_gradient_accumulation_is_paid_by_every_backward_after_the_first_of_its_round(family, replicas):
+    """accumulate_s_per_byte: each B/BW after the first of its optimizer round on a worker pays it per
+    parameter byte of its stage. Closed form: a worker holding M/r microbatches of each of `batches` batches
+    adds M/r - 1 times a batch; PipeDream (one minibatch per replica round) never does."""
+    P, M, batches, pbytes, per_byte = 2, 4, 3, 8192, 1e-9
+    reps = (replicas,) * P if replicas > 1 else None
+    kw = {} if family == "pipedream" else {"batches": batches}
+    plan = even_plan("m", 4, P, reps, schedule=family, microbatches=M if family != "pipedream" else 8, **kw)
+    prof = uniform_profile(4, 1e-3, 2e-3, params=pbytes // 2)  # two layers per stage
+    topo = load_topology(f"ideal:{P * replicas}")
+    base = simulate_plan(plan, prof, topo, SimParams())
+    paid = simulate_plan(plan, prof, topo, SimParams(accumulate_s_per_byte=per_byte))
+    extra = {}
+    for a, b in zip(sorted(base.events, key=lambda e: (str(e.lane), e.action)),
+                    sorted(paid.events, key=lambda e: (str(e.lane), e.action))):
+        assert a.action == b.action
+        if isinstance(a.lane, int) and a.kind in ("B", "BW"):
+            extra[a.lane] = extra.get(a.lane, 0) + round((b.duration_s - a.duration_s) / (pbytes * per_byte))
+    adds = 0 if family == "pipedream" else (M // replicas - 1) * batches
+    assert extra == {w: adds for w in range(P * replicas)}

@@ -19,6 +19,11 @@ benchmark's own relative-residual fit, ``executor.netbench.fit_latency_bandwidth
   saw (SEND start to RECV end while the receiver was already waiting), since a
   pipeline's messages travel while both sides are busy, unlike a ping-pong;
 * the optimizer step: ``step_time_s`` from the measured STEP actions;
+* gradient accumulation: ``accumulate_s_per_byte``, timed on the model's parameter shapes
+  (:func:`accumulate_s_per_byte`). A backward after the first of its optimizer round adds its
+  gradients into the round's (flush schedules: M − 1 of M, PipeDream: none), about 0.2 ms on an
+  mlp stage of 4 MB; it is taken off those backwards before the compute fit and the simulator adds
+  it back, so a calibration on 1F1B does not charge it to PipeDream's backwards;
 * ``bi_fraction``: the input-gradient share of a split backward, when a
   calibration run splits it;
 * the overlap slowdown: compute actions that ran while a message of theirs was
@@ -162,17 +167,78 @@ def steady_events(trace: Trace, skip_fraction: float = 0.2):
     return [e for e in evs if e.start_s >= cut]
 
 
+def accumulating_backwards(trace: Trace, plan: Plan) -> set[tuple]:
+    """(worker, action) of every B and BW that adds its gradients into its round's, as the executor and the
+    simulator count them: each one after the first of its optimizer round on its worker and stage."""
+    from planner.lowering import plan_to_program
+    from sim.memory import round_function
+
+    round_of = round_function(plan_to_program(plan))
+    seen: set[tuple] = set()
+    out: set[tuple] = set()
+    for e in sorted((e for e in trace.events if e.kind in ("B", "BW") and isinstance(e.lane, int)),
+                    key=lambda e: e.start_s):
+        a = Action.parse(e.action)
+        key = (e.lane, a.stage, round_of(a.stage, a.mb))
+        if key in seen:
+            out.add((e.lane, e.action))
+        seen.add(key)
+    return out
+
+
+def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20, seed: int = 0) -> float:
+    """Seconds per parameter byte of adding a backward's gradients into a running sum, as the executor does.
+
+    Timed right after a backward of the whole model (``torch.autograd.grad``, one thread), on the gradients it
+    just made, median of ``repeats``: there the add costs about 1.5x what it costs on warm tensors alone
+    (mlp: 0.17 against 0.11 ms for 4 MB). The difference of backwards timed with and without the add says
+    the same on real compute but drowns in the timed waits of emulated layers.
+    """
+    import time
+
+    import torch
+
+    from executor.models import build_layers, loss_fn, make_batch
+
+    model = torch.nn.Sequential(*build_layers(spec, seed=seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    if not params or nbytes == 0:
+        return 0.0
+    x, y = make_batch(spec, microbatch_size, 0, seed)
+    loss = loss_fn(spec)
+    acc = [torch.zeros_like(p) for p in params]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        for _ in range(repeats + 2):
+            grads = list(torch.autograd.grad(loss(model(x), y), params))
+            t0 = time.perf_counter()
+            torch._foreach_add_(acc, grads)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.median(times[2:])) / nbytes
+
+
 def compute_rows(trace: Trace, plan: Plan, profile: ModelProfile, bi_fraction: float = 0.5,
-                 tag: str = "") -> list[ComputeRow]:
+                 tag: str = "", accumulate_s: list[float] | None = None) -> list[ComputeRow]:
     """Rows for :func:`fit_compute` from a trace of ``plan``: mean duration per (worker, stage, kind), and SENDs.
 
     Split backwards (BI/BW) are left out: their split is fitted apart (:func:`fit_bi_fraction`).
+    ``accumulate_s``: per stage, what a backward that adds into its round's gradient pays for that
+    (the simulator adds it back, ``SimParams.accumulate_s_per_byte``); taken off those backwards first.
     """
     groups: dict[tuple, list[float]] = {}
+    adding = accumulating_backwards(trace, plan) if accumulate_s else set()
     for e in steady_events(trace):
         if e.kind in ("F", "B"):
             st = Action.parse(e.action).stage
-            groups.setdefault((e.lane, st, e.kind), []).append(e.duration_s)
+            d = e.duration_s
+            if (e.lane, e.action) in adding:
+                d -= accumulate_s[st]
+            groups.setdefault((e.lane, st, e.kind), []).append(d)
         elif e.kind == "SEND":
             groups.setdefault((e.lane, -1, "SEND"), []).append(e.duration_s)
     rows = []
@@ -596,6 +662,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     say = log or (lambda *_: None)
     say(f"profiling {model} at microbatch {microbatch_size}")
     base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2)
+    acc_per_byte = accumulate_s_per_byte(model, microbatch_size)
     rows: list[ComputeRow] = []
     if repeats < 1:
         raise CalibrationError("repeats must be >= 1")
@@ -615,7 +682,8 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         else:
             tr = given[i]
         traces.append(tr)
-        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ")
+        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ",
+                             accumulate_s=[acc_per_byte * base.param_bytes(*sp.layers) for sp in plan.stages])
     fit = fit_compute(rows)
     bi = fit_bi_fraction(traces)
     step = step_time_s(traces, fit.overhead_s)
@@ -625,7 +693,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     corr = layer_corrections(rows, fit, base, microbatch_size)
     prof = calibrated_profile(base, fit, saved, corr)
     params = SimParams(overhead_s=fit.overhead_s, step_time_s=step, bi_fraction=0.5 if bi is None else bi,
-                       optimizer_state_factor=0.0, first_stage_bi_free=True)
+                       optimizer_state_factor=0.0, first_stage_bi_free=True, accumulate_s_per_byte=acc_per_byte)
     cal = Calibration(model, prof, params, links, devices, used=used, action_s=fit.action_s,
                       reference_plan=plans[0].to_dict())
     split = fit_split_factor(cal, plans, traces)
@@ -639,6 +707,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
                     "layer_corrections": corr},
         "links": link_info,
         "step_time_s": step,
+        "accumulate_s_per_byte": acc_per_byte,
         "bi_fraction": bi,
         "split_factor": split,
         "saved_bytes_per_sample": saved,

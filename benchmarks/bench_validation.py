@@ -20,7 +20,7 @@ def main() -> int:
     ap.add_argument("--out", default="out/validation")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="launches per calibration run and per configuration (default 1 with --quick, else 3)")
+                    help="launches per calibration run and per configuration (default 1 with --quick, else 5)")
     args = ap.parse_args()
     from validation.matrix import run_matrix, save_calibrations
     from validation.report import write_report

@@ -15,7 +15,7 @@ def register(sub) -> None:
                                                   "the calibration files here")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
                    help="launches per calibration run and per configuration, the median one scored "
-                        "(default 1 with --quick, else 3)")
+                        "(default 1 with --quick, else 5)")
     p.add_argument("--no-netbench", action="store_true", help="fit links from the calibration runs only")
     p.add_argument("--json", action="store_true", help="print {configs, summary, calibration} as JSON")
     p.set_defaults(func=run)

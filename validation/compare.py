@@ -89,6 +89,12 @@ def summarize(rows: list[dict]) -> dict:
                          "measured_best": sub[int(np.argmax(sm))]["name"] if sub else None,
                          "predicted_best": sub[int(np.argmax(sp))]["name"] if sub else None,
                          "mean_abs_throughput_error": float(np.mean([abs(r["error"]["throughput_samples_per_s"]) for r in sub]))}
+        if sub:  # how much slower, measured, the predicted best ran than the measured best, against the latter's spread
+            mb, pb = sub[int(np.argmax(sm))], sub[int(np.argmax(sp))]
+            gap = 1.0 - pb["measured"]["throughput_samples_per_s"] / mb["measured"]["throughput_samples_per_s"]
+            spread = mb.get("run_spread", float("nan"))
+            by_model[key]["best_gap"] = gap
+            by_model[key]["best_within_spread"] = bool(math.isfinite(spread) and gap <= spread / 2)
     by_schedule: dict[str, float] = {}
     for fam in sorted({r["schedule"] for r in rows}):
         es = [abs(r["error"]["throughput_samples_per_s"]) for r in rows if r["schedule"] == fam]

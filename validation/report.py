@@ -43,6 +43,9 @@ def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x * 100:+.1f}%"
 
 
+_INSIDE = " (inside half the measured best's spread)"
+
+
 def _spread(x) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"
 
@@ -139,12 +142,14 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
              "",
              "The spread of a configuration is (fastest − slowest) / median throughput of its identical launches; "
              "an error inside half of it is no larger than the machine's own variation.", "",
-             "| model | configs | Spearman | mean \\|thr error\\| | median run spread | measured best | predicted best |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | configs | Spearman | mean \\|thr error\\| | median run spread | measured best | predicted best | "
+             "predicted best's measured gap |",
+             "|---|---|---|---|---|---|---|---|"]
     for k, v in s["by_model"].items():
         sp = "n/a" if not math.isfinite(v["spearman"]) else f"{v['spearman']:.3f}"
         lines.append(f"| {k} | {v['n_configs']} | {sp} | {_pct(v['mean_abs_throughput_error'])} | "
-                     f"{_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} |")
+                     f"{_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} | "
+                     f"{_spread(v.get('best_gap'))}{_INSIDE if v.get('best_within_spread') else ''} |")
     lines += ["", "![predicted against measured](scatter.png)", "", "![error by schedule](error_by_schedule.png)", "",
               "## Configurations", "",
               "| configuration | workers | thr pred | thr meas | thr err | run spread | t/batch err | bubble pred/meas | "

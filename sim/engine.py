@@ -6,7 +6,8 @@
   ``accumulate_s_per_byte`` per parameter byte of its stage (adding into the
   round's gradient, as the executor does);
 - SEND starts a transfer on the link model and moves on (or waits for delivery
-  when communication does not overlap); RECV waits until its payload is delivered;
+  when communication does not overlap); RECV waits until its payload is delivered
+  (and ``recv_wake_s`` more when it had to wait: waking a blocked receiver);
 - ALLREDUCE waits until every replica of its stage has arrived, then runs the
   collective on the links (``sim.collectives``); STEP takes ``step_time_s``.
 
@@ -258,6 +259,7 @@ class _Run:
         env, rec, mem, box, log = self.env, self.rec, self.mem, self.box, self.net.log
         timeout, transfer, new_event = env.timeout, self.net.transfer, env.event
         overlap = self.params.overlap_comm
+        wake = self.params.recv_wake_s
         groups = self.groups
         mem.append((w, 0.0, static))
         for code, dur, ms, me, text, kind, nb, x, y in ops:
@@ -271,6 +273,8 @@ class _Run:
                     if box.pop(x, None) is None:
                         ev = box[x] = new_event()
                         yield ev
+                        if wake > 0.0:  # the receiver was blocked: waking it
+                            yield timeout(wake)
                 elif code == _SEND_FREE:  # delivered at once: transfer() would only log it
                     if y is not None:
                         now = env._now

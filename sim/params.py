@@ -33,6 +33,9 @@ class SimParams:
         recv_lookahead: receives a worker posts ahead, each holding a pooled buffer from its post
             (the executor's: 8 on gloo, ``PIPETWIN_RECV_LOOKAHEAD``; 1 on NCCL); see ``sim.memory``.
         step_time_s: device time of one optimizer STEP.
+        recv_wake_s: time a RECV that had to wait takes after its message arrives: waking a blocked
+            receiver (on a loaded CPU host: the futex wake-up and getting a core back, a few hundred us);
+            a message that arrives before its RECV costs no such time. 0: none.
         accumulate_s_per_byte: device time per parameter byte of adding a backward's gradients into its
             round's (every B or BW after the first of its optimizer round on a worker and stage: flush
             schedules and 2BW accumulate M/r − 1 times a batch, PipeDream never); memory-bound, so not
@@ -56,6 +59,7 @@ class SimParams:
     recv_lookahead: int = RECV_LOOKAHEAD
     step_time_s: float = 0.0
     accumulate_s_per_byte: float = 0.0
+    recv_wake_s: float = 0.0
     jitter: float = 0.0
     seed: int = 0
     allreduce: str = "auto"
@@ -71,6 +75,6 @@ class SimParams:
             raise SimError(f"recv_lookahead must be a whole number >= 0 (got {self.recv_lookahead})")
         if self.split_factor <= 0:
             raise SimError(f"split_factor must be > 0 (got {self.split_factor})")
-        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "accumulate_s_per_byte", "jitter"):
+        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "accumulate_s_per_byte", "recv_wake_s", "jitter"):
             if getattr(self, name) < 0:
                 raise SimError(f"{name} must be >= 0 (got {getattr(self, name)})")

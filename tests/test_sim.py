@@ -471,3 +471,24 @@ def test_gradient_accumulation_is_paid_by_every_backward_after_the_first_of_its_
             extra[a.lane] = extra.get(a.lane, 0) + round((b.duration_s - a.duration_s) / (pbytes * per_byte))
     adds = 0 if family == "pipedream" else (M // replicas - 1) * batches
     assert extra == {w: adds for w in range(P * replicas)}
+
+
+def test_a_receive_that_waits_pays_the_wake_up_and_one_that_does_not_is_free():
+    """recv_wake_s: GPipe on 2 stages with one microbatch blocks each stage once (stage 1 on the activation,
+    stage 0 on the gradient), so the makespan grows by exactly two wake-ups. With four microbatches stage 1's
+    later activations arrive while it still computes (forward 1 ms, messages instant): only its first RECV waits."""
+    prof = uniform_profile(2, 1e-3, 2e-3)
+    topo = load_topology("ideal:2")
+    wake = 3e-4
+    one = even_plan("m", 2, 2, schedule="gpipe", microbatches=1)
+    a = simulate_plan(one, prof, topo, SimParams())
+    b = simulate_plan(one, prof, topo, SimParams(recv_wake_s=wake))
+    span = lambda t: max(e.end_s for e in t.events) - min(e.start_s for e in t.events)  # noqa: E731
+    assert span(b) - span(a) == pytest.approx(2 * wake, abs=1e-12)
+    four = even_plan("m", 2, 2, schedule="gpipe", microbatches=4)
+    t = simulate_plan(four, prof, topo, SimParams(recv_wake_s=wake))
+    recv_act = sorted((e for e in t.events if e.lane == 1 and e.kind == "RECV" and "a<" in e.action),
+                      key=lambda e: e.start_s)
+    assert [round(e.duration_s, 9) for e in recv_act] == [round(1e-3 + wake, 9), 0.0, 0.0, 0.0]
+    with pytest.raises(SimError, match="recv_wake_s"):
+        SimParams(recv_wake_s=-1.0)

@@ -250,3 +250,19 @@ def test_compute_rows_take_the_accumulation_off_the_backwards_that_add():
         assert p.measured_s == pytest.approx(f.measured_s, rel=1e-9), p.label
         if p.kind == "B":
             assert r.measured_s > p.measured_s  # without the correction the adding backwards look slower
+
+
+def test_link_model_puts_the_pipeline_excess_into_the_receiver_wake_up():
+    """With benchmark points the links keep the benchmark's latency and bandwidth, and a pipeline message's
+    time beyond overhead + link time becomes recv_wake_s; without them the latency carries it all."""
+    from validation.calibrate import fit_link_model
+
+    lat, bw, ovh, wake = 5e-5, 5e9, 4e-5, 3e-4
+    bench = [(float(b), lat + b / bw) for b in (256, 4096, 65536, 1 << 20)]
+    pipe = [(65536.0, ovh + lat + 65536 / bw + wake)] * 20
+    segs, info = fit_link_model(bench, pipe, ovh)
+    assert segs[0].latency_s == pytest.approx(lat, rel=1e-3)
+    assert info["recv_wake_s"] == pytest.approx(wake, rel=1e-3)
+    segs2, info2 = fit_link_model(None, pipe, ovh)
+    assert "recv_wake_s" not in info2
+    assert segs2[0].latency_s + 65536 / segs2[0].bandwidth_bytes_per_s == pytest.approx(lat + 65536 / bw + wake, rel=1e-3)

@@ -173,7 +173,8 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
                   f"{comp.get('per_layer_s', 0) * 1e6:.0f} us, per compute action {c.action_s * 1e6:.0f} us, "
                   f"per action (every kind) {c.params.overhead_s * 1e6:.0f} us, step {c.params.step_time_s * 1e6:.0f} us, "
                   f"BI share {c.params.bi_fraction:.2f}, split backward x{c.params.split_factor:.2f}",
-                  f"  - links (one-way): {links}",
+                  f"  - links (one-way): {links}; a blocked receive wakes in {c.params.recv_wake_s * 1e6:.0f} us; "
+                  f"accumulating a gradient costs {c.params.accumulate_s_per_byte * 4e6 * 1e6:.0f} us per 4 MB",
                   f"  - overlap slowdown (compute during an own message in flight): "
                   f"{c.residuals.get('overlap_slowdown')}"]
     lines += ["", "## Timeline", ""]

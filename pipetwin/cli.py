@@ -19,7 +19,9 @@ def _bad_input_types() -> tuple[type, ...]:
     from planner.profile import ProfileError
     from planner.plan import PlanError
 
-    types: list[type] = [UserError, ProfileError, PlanError, FileNotFoundError]
+    # an input path that is missing, a directory, unreadable, or not text
+    types: list[type] = [UserError, ProfileError, PlanError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                         PermissionError, UnicodeDecodeError]
     for mod, name in (("planner.check", "ProgramError"), ("planner.schedules", "ScheduleError"),
                       ("topologies.topology", "TopologyError"), ("sim.params", "SimError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError")):
         try:
@@ -59,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _bad_input_types() as e:
-        msg = e.args[0] if e.args else str(e)
+        if isinstance(e, OSError) and e.strerror:  # raised by the OS: (errno, text, path)
+            where = f" {str(e.filename)!r}" if e.filename is not None else ""
+            msg = f"{e.strerror.lower()}:{where}; give the path of a readable file"
+        elif isinstance(e, UnicodeDecodeError):
+            msg = f"an input file is not text ({e.reason}); give a JSON file"
+        else:
+            msg = e.args[0] if e.args else str(e)
         print(f"pipetwin {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

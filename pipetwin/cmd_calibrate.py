@@ -9,13 +9,17 @@ def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit compute, link and overhead parameters to measured runs",
                        description="Profile a model, benchmark the loopback link and run a few short pipelines, "
                                    "then fit per-layer compute (scale, per-layer and per-action costs), link latency "
-                                   "and bandwidth (piecewise by message size), the optimizer step and the BI share. "
+                                   "and bandwidth (piecewise by message size), the wake-up of a blocked receive, "
+                                   "the cost of accumulating a gradient, the optimizer step and the BI share. "
                                    "Writes DIR/profile.json, DIR/topology.json, DIR/sim_params.json and "
                                    "DIR/calibration.json.")
     p.add_argument("--model", required=True, help="a matrix model key (mlp, emu, gpt) or a model spec")
     p.add_argument("--microbatch-size", type=int, default=None, help="microbatch size of the profile and runs")
     p.add_argument("-o", "--output", default="out/calibration", metavar="DIR", help="where to write (default out/calibration)")
     p.add_argument("--no-netbench", action="store_true", help="fit links from the calibration runs only")
+    p.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="launches of each calibration run, all fitted (default 3: identical launches on a shared "
+                        "CPU lie several percent apart)")
     p.add_argument("--json", action="store_true", help="print the residuals and the files as JSON")
     p.set_defaults(func=run)
 
@@ -53,10 +57,12 @@ def run(args) -> int:
 
     if args.microbatch_size is not None and args.microbatch_size < 1:
         raise UserError("--microbatch-size must be >= 1")
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
     spec, mbs, plans, names = _runs(args.model, args.microbatch_size)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
     points = None if args.no_netbench else measure_links()
-    cal = calibrate(spec, plans, names=names, microbatch_size=mbs, bench_points=points, log=log)
+    cal = calibrate(spec, plans, names=names, microbatch_size=mbs, bench_points=points, log=log, repeats=args.repeats)
     files = cal.save(args.output)
     res = cal.residuals
     if args.json:
@@ -77,6 +83,8 @@ def run(args) -> int:
     print(f"  step {cal.params.step_time_s * 1e6:.1f} us, BI share {cal.params.bi_fraction:.2f}, "
           f"split backward x{cal.params.split_factor:.2f}, "
           f"overlap slowdown {res['overlap_slowdown']}")
+    print(f"  a blocked receive wakes in {cal.params.recv_wake_s * 1e6:.1f} us; accumulating a gradient costs "
+          f"{cal.params.accumulate_s_per_byte * 1e12:.1f} us per MB")
     for name, e in res["runs"].items():
         print(f"  in-sample {name}: throughput {e['throughput_samples_per_s'] * 100:+.1f}%, "
               f"time per batch {e['time_per_batch_s'] * 100:+.1f}%")

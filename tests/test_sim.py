@@ -419,6 +419,13 @@ def test_cli_simulate_json_and_bad_input(tmp_path, capsys):
     assert main(["simulate", "--plan", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert "x0" in err and len(err.strip().splitlines()) == 1
+    # a directory or a binary file where a plan file belongs: one line naming the problem, exit 2
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "bin.json").write_bytes(bytes(range(128, 256)))
+    for path, says in ((tmp_path / "adir", "is a directory"), (tmp_path / "bin.json", "not text")):
+        assert main(["simulate", "--plan", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_an_unchecked_program_that_deadlocks_ends_in_a_sim_error():

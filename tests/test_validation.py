@@ -266,3 +266,24 @@ def test_link_model_puts_the_pipeline_excess_into_the_receiver_wake_up():
     segs2, info2 = fit_link_model(None, pipe, ovh)
     assert "recv_wake_s" not in info2
     assert segs2[0].latency_s + 65536 / segs2[0].bandwidth_bytes_per_s == pytest.approx(lat + 65536 / bw + wake, rel=1e-3)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_cli_calibrate_writes_files_that_simulate_takes(tmp_path):
+    """`pipetwin calibrate` end to end: the files it writes load in `simulate`, and the fitted wake-up and
+    accumulation costs are in sim_params.json."""
+    out = tmp_path / "cal"
+    proc = subprocess.run([sys.executable, "-m", "pipetwin", "calibrate", "--model", "mlp", "--repeats", "1",
+                           "-o", str(out), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    prm = doc["sim_params"]
+    assert prm["recv_wake_s"] >= 0 and prm["accumulate_s_per_byte"] > 0
+    SimParams(**json.loads((out / "sim_params.json").read_text()))
+    sim = subprocess.run([sys.executable, "-m", "pipetwin", "simulate", "--model", str(out / "profile.json"),
+                          "--topology", str(out / "topology.json"), "--params", str(out / "sim_params.json"),
+                          "--stages", "2", "--schedule", "pipedream", "--microbatches", "8", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    assert json.loads(sim.stdout)["throughput_samples_per_s"] > 0

@@ -14,8 +14,8 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="write report.md, validation.json, plots, the timeline pair and "
                                                   "the calibration files here")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="launches per calibration run and per configuration, the median one scored "
-                        "(default 1 with --quick, else 5)")
+                   help="rounds of launches: each round launches every calibration run and configuration of a "
+                        "model once; the median launch is scored (default 1 with --quick, else 5)")
     p.add_argument("--no-netbench", action="store_true", help="fit links from the calibration runs only")
     p.add_argument("--json", action="store_true", help="print {configs, summary, calibration} as JSON")
     p.set_defaults(func=run)

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_types() as e:
         if isinstance(e, OSError) and e.strerror:  # raised by the OS: (errno, text, path)
             where = f" {str(e.filename)!r}" if e.filename is not None else ""
-            msg = f"{e.strerror.lower()}:{where}; give the path of a readable file"
+            msg = f"{e.strerror.lower()}:{where}"
         elif isinstance(e, UnicodeDecodeError):
-            msg = f"an input file is not text ({e.reason}); give a JSON file"
+            msg = f"a file that should be text is not ({e.reason}); give a JSON file"
         else:
             msg = e.args[0] if e.args else str(e)
         print(f"pipetwin {args.command}: error: {msg}", file=sys.stderr)

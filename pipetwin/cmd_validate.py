@@ -43,14 +43,10 @@ def run(args) -> int:
     return 0
 
 
-def _spread(x) -> str:
-    import math
-
-    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"
-
-
 def _print_table(result) -> None:
     from rich.console import Console
+
+    from validation.compare import format_spread
     from rich.table import Table
 
     t = Table(title="predicted against measured (held-out configurations)")
@@ -60,7 +56,7 @@ def _print_table(result) -> None:
         p, m, e = r["predicted"], r["measured"], r["error"]
         t.add_row(r["name"], f"{p['throughput_samples_per_s']:.4g}", f"{m['throughput_samples_per_s']:.4g}",
                   f"{e['throughput_samples_per_s'] * 100:+.1f}%",
-                  _spread(r.get("run_spread")), f"{e['time_per_batch_s'] * 100:+.1f}%",
+                  format_spread(r.get("run_spread")), f"{e['time_per_batch_s'] * 100:+.1f}%",
                   f"{p['bubble_fraction']:.2f}/{m['bubble_fraction']:.2f}", f"{e['memory_abs_error'] * 100:.1f}%")
     c = Console()
     c.print(t)
@@ -71,4 +67,4 @@ def _print_table(result) -> None:
             f"{s['best_predicted_best_all_models']} ({result.elapsed_s:.0f} s)")
     if s.get("n_within_half_spread") is not None:
         c.print(f"identical launches lay {s['median_run_spread'] * 100:.1f}% apart (median spread); "
-                f"{s['n_within_half_spread']} of {s['n_configs']} errors lie within half their configuration's spread")
+                f"{s['n_within_half_spread']} of {s['n_with_spread']} errors lie within half their configuration's spread")

@@ -10,7 +10,8 @@ LAUNCHES = 3
 
 
 def demo_loop(out: Path) -> int:
-    """Plan an MLP on local:2, calibrate on two short runs, simulate and run a held-out plan, print both in one table.
+    """Plan an MLP on local:2, calibrate (link benchmark, three launches of each of two short runs), simulate a
+    held-out plan and run it three times, print the prediction against the median launch in one table.
 
     Writes ``out/loop_timeline.json`` (predicted and measured in one Chrome trace) and ``out/loop_timeline.png``.
     """

@@ -422,7 +422,7 @@ def test_cli_simulate_json_and_bad_input(tmp_path, capsys):
     # a directory or a binary file where a plan file belongs: one line naming the problem, exit 2
     (tmp_path / "adir").mkdir()
     (tmp_path / "bin.json").write_bytes(bytes(range(128, 256)))
-    for path, says in ((tmp_path / "adir", "is a directory"), (tmp_path / "bin.json", "not text")):
+    for path, says in ((tmp_path / "adir", "is a directory"), (tmp_path / "bin.json", "should be text")):
         assert main(["simulate", "--plan", str(path)]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

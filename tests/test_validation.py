@@ -287,3 +287,19 @@ def test_cli_calibrate_writes_files_that_simulate_takes(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert sim.returncode == 0, sim.stderr[-2000:]
     assert json.loads(sim.stdout)["throughput_samples_per_s"] > 0
+
+
+def test_split_backward_share_is_fitted_without_the_accumulation():
+    """A zb-h1 trace simulated with bi_fraction 0.3 and a gradient-accumulation cost on the adding BWs gives back
+    0.3 once those costs are taken off (and a smaller share without: the accumulation would count as BW)."""
+    from validation.calibrate import accumulation_s, fit_bi_fraction
+
+    prof = uniform_profile(4, 2e-3, 4e-3, act=1024, params=1 << 20)
+    plan = even_plan("m", 4, 2, schedule="zb-h1", microbatches=6, batches=2)
+    per_byte = 2e-10
+    tr = simulate_plan(plan, prof, load_topology("local:2"), SimParams(bi_fraction=0.3, accumulate_s_per_byte=per_byte))
+    acc = [per_byte * prof.param_bytes(*sp.layers) for sp in plan.stages]
+    add = accumulation_s(tr, plan, acc)
+    assert add and all(v == pytest.approx(acc[1]) or v == pytest.approx(acc[0]) for v in add.values())
+    assert fit_bi_fraction([tr], [add]) == pytest.approx(0.3, rel=1e-6)
+    assert fit_bi_fraction([tr]) < 0.29

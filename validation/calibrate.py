@@ -15,13 +15,14 @@ benchmark's own relative-residual fit, ``executor.netbench.fit_latency_bandwidth
   ``overhead_s`` into ``SimParams`` (every simulated action pays it);
 * links: one-way time ``latency_s + bytes / bandwidth_bytes_per_s``, fitted on
   the link benchmark's points, piecewise by message size where one line fits
-  badly; the latency is then re-based on the transfers the calibration runs
-  saw (SEND start to RECV end while the receiver was already waiting), since a
-  pipeline's messages travel while both sides are busy, unlike a ping-pong;
+  badly; what the calibration runs' transfers (SEND start to RECV end while the
+  receiver was already waiting) took beyond that becomes ``recv_wake_s``, the
+  wake-up of a blocked receiver, paid only by a RECV that waits (without
+  benchmark points the links are fitted on those transfers alone);
 * the optimizer step: ``step_time_s`` from the measured STEP actions;
 * gradient accumulation: ``accumulate_s_per_byte``, timed on the model's parameter shapes
   (:func:`accumulate_s_per_byte`). A backward after the first of its optimizer round adds its
-  gradients into the round's (flush schedules: M − 1 of M, PipeDream: none), about 0.2 ms on an
+  gradients into the round's (flush schedules and 2BW: M/r − 1 of a worker's M/r, PipeDream: none), about 0.2 ms on an
   mlp stage of 4 MB; it is taken off those backwards before the compute fit and the simulator adds
   it back, so a calibration on 1F1B does not charge it to PipeDream's backwards;
 * ``bi_fraction``: the input-gradient share of a split backward, when a
@@ -213,7 +214,7 @@ def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20
     times = []
     try:
         for _ in range(repeats + 2):
-            grads = list(torch.autograd.grad(loss(model(x), y), params))
+            grads = list(torch.autograd.grad(loss(model(x), y), params, allow_unused=True, materialize_grads=True))
             t0 = time.perf_counter()
             torch._foreach_add_(acc, grads)
             times.append(time.perf_counter() - t0)
@@ -252,13 +253,26 @@ def compute_rows(trace: Trace, plan: Plan, profile: ModelProfile, bi_fraction: f
     return rows
 
 
-def fit_bi_fraction(traces: list[Trace]) -> float | None:
-    """Share of BI in BI + BW over the split backwards of stages > 0 (stage 0 computes no input gradient); None without any."""
+def accumulation_s(trace: Trace, plan: Plan, per_stage_s: list[float] | None) -> dict[tuple, float]:
+    """(worker, action) → what each backward that adds into its round's gradient paid for that (``per_stage_s``
+    of its stage); empty without a cost."""
+    if not per_stage_s or not any(per_stage_s):
+        return {}
+    return {(w, act): per_stage_s[Action.parse(act).stage] for w, act in accumulating_backwards(trace, plan)}
+
+
+def fit_bi_fraction(traces: list[Trace], adds: list[dict[tuple, float]] | None = None) -> float | None:
+    """Share of BI in BI + BW over the split backwards of stages > 0 (stage 0 computes no input gradient); None without any.
+
+    ``adds``: per trace, the accumulation cost a BW paid (:func:`accumulation_s`), taken off it first: the
+    simulator charges it apart, so it is no part of the split.
+    """
     bi, bw = [], []
-    for tr in traces:
+    for i, tr in enumerate(traces):
+        add = adds[i] if adds else {}
         for e in steady_events(tr):
             if e.kind in ("BI", "BW") and Action.parse(e.action).stage > 0:
-                (bi if e.kind == "BI" else bw).append(e.duration_s)
+                (bi if e.kind == "BI" else bw).append(e.duration_s - add.get((e.lane, e.action), 0.0))
     if not bi or not bw:
         return None
     a, b = float(np.mean(bi)), float(np.mean(bw))
@@ -269,11 +283,15 @@ def fit_split_factor(cal: "Calibration", plans: list[Plan], traces: list[Trace])
     """BI + BW over the backward they split, on stages that compute an input gradient (stage > 0).
 
     The calibrated simulator (factor 1) predicts those actions; the factor is measured over predicted
-    compute, each side less its per-action overheads. None without split backwards.
+    compute, each side less its per-action overheads and the gradient accumulation that both charge to
+    the same BWs (the simulator per ``accumulate_s_per_byte``). None without split backwards.
     """
     ovh = cal.params.overhead_s
     meas_s = pred_s = 0.0
+    per_byte = cal.params.accumulate_s_per_byte
     for plan, tr in zip(plans, traces):
+        acc = [per_byte * cal.profile.param_bytes(*sp.layers) for sp in plan.stages]
+        add = accumulation_s(tr, plan, acc)
         split = [e for e in steady_events(tr) if e.kind in ("BI", "BW") and Action.parse(e.action).stage > 0]
         if not split:
             continue
@@ -282,8 +300,9 @@ def fit_split_factor(cal: "Calibration", plans: list[Plan], traces: list[Trace])
         p = [e for e in pred.events if (e.lane, e.action) in keys]
         if len(p) != len(split):
             continue
-        meas_s += sum(e.duration_s for e in split) - ovh * len(split)
-        pred_s += sum(e.duration_s for e in p) - ovh * len(p)
+        paid = sum(add.get((e.lane, e.action), 0.0) for e in split)
+        meas_s += sum(e.duration_s for e in split) - ovh * len(split) - paid
+        pred_s += sum(e.duration_s for e in p) - ovh * len(p) - paid
     if meas_s <= 0 or pred_s <= 0:
         return None
     return meas_s / pred_s
@@ -670,10 +689,6 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     from executor.profiler import profile_model
 
     say = log or (lambda *_: None)
-    say(f"profiling {model} at microbatch {microbatch_size}")
-    base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2)
-    acc_per_byte = accumulate_s_per_byte(model, microbatch_size)
-    rows: list[ComputeRow] = []
     if repeats < 1:
         raise CalibrationError("repeats must be >= 1")
     names = list(names) if names else [str(i) for i in range(len(plans))]
@@ -684,7 +699,11 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     given = traces
     if given is not None and len(given) != len(plans):
         raise CalibrationError(f"{len(given)} traces given for {len(plans)} calibration launches")
-    traces = []
+    say(f"profiling {model} at microbatch {microbatch_size}")
+    base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2)
+    acc_per_byte = accumulate_s_per_byte(model, microbatch_size)
+    rows: list[ComputeRow] = []
+    traces, adds = [], []
     for i, plan in enumerate(plans):
         if given is None:
             say(f"calibration run {names[i]}")
@@ -692,10 +711,11 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         else:
             tr = given[i]
         traces.append(tr)
-        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ",
-                             accumulate_s=[acc_per_byte * base.param_bytes(*sp.layers) for sp in plan.stages])
+        acc_s = [acc_per_byte * base.param_bytes(*sp.layers) for sp in plan.stages]
+        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ", accumulate_s=acc_s)
+        adds.append(accumulation_s(tr, plan, acc_s))
     fit = fit_compute(rows)
-    bi = fit_bi_fraction(traces)
+    bi = fit_bi_fraction(traces, adds)
     step = step_time_s(traces, fit.overhead_s)
     pipe_points = [p for tr in traces for p in transfer_points(tr)]
     links, link_info = fit_link_model(bench_points, pipe_points, fit.overhead_s)

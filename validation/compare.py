@@ -53,6 +53,11 @@ def run_spread(rates: list[float]) -> float:
     return (xs[-1] - xs[0]) / med if med else float("nan")
 
 
+def format_spread(x) -> str:
+    """A spread as a percentage; n/a where there is none (one launch)."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"
+
+
 def spearman(predicted: list[float], measured: list[float]) -> float:
     """Spearman rank correlation (scipy.stats.spearmanr); NaN with fewer than 3 pairs or a constant side."""
     from scipy.stats import spearmanr
@@ -126,4 +131,5 @@ def summarize(rows: list[dict]) -> dict:
                    "run_spread": r.get("run_spread", float("nan"))} for r in worst],
         "median_run_spread": float(np.median(list(spreads.values()))) if spreads else float("nan"),
         "n_within_half_spread": len(within) if spreads else None,
+        "n_with_spread": len(spreads),
     }

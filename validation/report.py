@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from planner.trace import save_side_by_side
+from validation.compare import format_spread
 
 #: Keys of ``summary`` in the JSON document that scripts may rely on.
 SUMMARY_KEYS = ("mean_abs_throughput_error", "max_abs_throughput_error", "mean_abs_memory_error", "spearman",
@@ -32,6 +33,7 @@ def to_json(result) -> dict:
         c["run_spread"] = r.get("run_spread", float("nan"))
     cal = {k: {"used": c.used, "overhead_s": c.params.overhead_s, "action_s": c.action_s,
                "step_time_s": c.params.step_time_s, "bi_fraction": c.params.bi_fraction,
+               "recv_wake_s": c.params.recv_wake_s, "accumulate_s_per_byte": c.params.accumulate_s_per_byte,
                "links": [{"max_bytes": s.max_bytes, "latency_s": s.latency_s,
                           "bandwidth_bytes_per_s": s.bandwidth_bytes_per_s} for s in c.links],
                "in_sample": c.residuals.get("runs", {})}
@@ -46,8 +48,6 @@ def _pct(x) -> str:
 _INSIDE = " (inside half the measured best's spread)"
 
 
-def _spread(x) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"
 
 
 def _scatter(rows, path: Path) -> None:
@@ -136,9 +136,10 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
              f"| worst \\|peak memory error\\| | {_pct(s['max_abs_memory_error'])} |",
              f"| Spearman (all configurations) | {s['spearman']:.3f} |",
              f"| measured-best predicted best, every model | {s['best_predicted_best_all_models']} |",
-             f"| median run-to-run spread of identical launches | {_spread(s.get('median_run_spread'))} |",
+             f"| median run-to-run spread of identical launches | {format_spread(s.get('median_run_spread'))} |",
              f"| configurations whose error lies within half their spread | "
-             f"{'n/a' if s.get('n_within_half_spread') is None else s['n_within_half_spread']} of {s['n_configs']} |",
+             f"{'n/a' if s.get('n_within_half_spread') is None else s['n_within_half_spread']} of "
+             f"{s.get('n_with_spread', s['n_configs'])} |",
              "",
              "The spread of a configuration is (fastest − slowest) / median throughput of its identical launches; "
              "an error inside half of it is no larger than the machine's own variation.", "",
@@ -148,8 +149,8 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
     for k, v in s["by_model"].items():
         sp = "n/a" if not math.isfinite(v["spearman"]) else f"{v['spearman']:.3f}"
         lines.append(f"| {k} | {v['n_configs']} | {sp} | {_pct(v['mean_abs_throughput_error'])} | "
-                     f"{_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} | "
-                     f"{_spread(v.get('best_gap'))}{_INSIDE if v.get('best_within_spread') else ''} |")
+                     f"{format_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} | "
+                     f"{format_spread(v.get('best_gap'))}{_INSIDE if v.get('best_within_spread') else ''} |")
     lines += ["", "![predicted against measured](scatter.png)", "", "![error by schedule](error_by_schedule.png)", "",
               "## Configurations", "",
               "| configuration | workers | thr pred | thr meas | thr err | run spread | t/batch err | bubble pred/meas | "
@@ -159,7 +160,7 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
         busy = [abs(x) for x in e["busy_s"].values() if math.isfinite(x)]
         lines.append(f"| {r['name']} | {r['workers']} | {p['throughput_samples_per_s']:.4g} | "
                      f"{m['throughput_samples_per_s']:.4g} | {_pct(e['throughput_samples_per_s'])} | "
-                     f"{_spread(r.get('run_spread'))} | {_pct(e['time_per_batch_s'])} | {p['bubble_fraction']:.3f} / {m['bubble_fraction']:.3f} | "
+                     f"{format_spread(r.get('run_spread'))} | {_pct(e['time_per_batch_s'])} | {p['bubble_fraction']:.3f} / {m['bubble_fraction']:.3f} | "
                      f"{_pct(max(busy) if busy else float('nan'))} | {_pct(e['memory_abs_error'])} |")
     lines += ["", "## Calibration (hold-out)", "",
               "These runs were used to calibrate and are never scored:", ""]
@@ -184,7 +185,7 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
     lines += ["## Worst configurations", ""]
     for w in s["worst"]:
         lines.append(f"- {w['name']}: throughput error {_pct(w['throughput_error'])}, "
-                     f"run-to-run spread {_spread(w.get('run_spread'))}")
+                     f"run-to-run spread {format_spread(w.get('run_spread'))}")
     lines += ["", "## Memory: what each side counts", "",
               "Prediction: the simulator's peak per device (weights, gradients and optimizer state from the start; "
               "saved activations from a forward to its backward; stashed versions; receive buffers from a RECV to "

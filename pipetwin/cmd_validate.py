@@ -45,9 +45,9 @@ def run(args) -> int:
 
 def _print_table(result) -> None:
     from rich.console import Console
+    from rich.table import Table
 
     from validation.compare import format_spread
-    from rich.table import Table
 
     t = Table(title="predicted against measured (held-out configurations)")
     for col in ("configuration", "thr pred", "thr meas", "thr err", "run spread", "t/batch err", "bubble p/m", "mem err"):

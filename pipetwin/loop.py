@@ -26,9 +26,8 @@ def demo_loop(out: Path) -> int:
     from planner.plan import even_plan
     from planner.search import plan_model
     from planner.trace import save_side_by_side
-    from planner.trace import throughput_samples_per_s
     from validation.calibrate import calibrate, measure_links
-    from validation.compare import compare_traces
+    from validation.compare import compare_traces, median_launch
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,10 +50,8 @@ def demo_loop(out: Path) -> int:
     console.print(f"  plan: {plan.schedule}, stages {[s.layers for s in plan.stages]}, "
                   f"{plan.microbatches} microbatches of {plan.microbatch_size} (held out from calibration)")
     predicted = cal.simulate(plan)
-    launches = sorted((run_plan(plan, timeout_s=60).trace for _ in range(LAUNCHES)), key=throughput_samples_per_s)
-    measured = launches[(len(launches) - 1) // 2]
-    console.print(f"  measured: the median of {LAUNCHES} launches "
-                  f"({', '.join(f'{throughput_samples_per_s(t):.0f}' for t in launches)} samples/s)")
+    measured, rates = median_launch([run_plan(plan, timeout_s=60).trace for _ in range(LAUNCHES)])
+    console.print(f"  measured: the median of {LAUNCHES} launches ({', '.join(f'{r:.0f}' for r in rates)} samples/s)")
     cmp = compare_traces(predicted, measured)
     p, m, e = cmp["predicted"], cmp["measured"], cmp["error"]
     table = Table(title=f"{MODEL}, {plan.schedule}, 2 stages: predicted against measured")

@@ -244,7 +244,9 @@ def test_compute_rows_take_the_accumulation_off_the_backwards_that_add():
     tr = simulate_plan(plan, prof, topo, SimParams(overhead_s=1e-4, accumulate_s_per_byte=per_byte))
     acc = [per_byte * prof.param_bytes(*sp.layers) for sp in plan.stages]
     assert acc[0] == pytest.approx(2 * (1 << 20) * per_byte)
-    paid = compute_rows(tr, plan, prof, accumulate_s=acc)
+    from validation.calibrate import accumulation_s
+
+    paid = compute_rows(tr, plan, prof, adds=accumulation_s(tr, plan, acc))
     raw = compute_rows(tr, plan, prof)
     for f, p, r in zip(free, paid, raw):
         assert p.measured_s == pytest.approx(f.measured_s, rel=1e-9), p.label

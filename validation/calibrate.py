@@ -224,22 +224,19 @@ def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20
 
 
 def compute_rows(trace: Trace, plan: Plan, profile: ModelProfile, bi_fraction: float = 0.5,
-                 tag: str = "", accumulate_s: list[float] | None = None) -> list[ComputeRow]:
+                 tag: str = "", adds: dict[tuple, float] | None = None) -> list[ComputeRow]:
     """Rows for :func:`fit_compute` from a trace of ``plan``: mean duration per (worker, stage, kind), and SENDs.
 
     Split backwards (BI/BW) are left out: their split is fitted apart (:func:`fit_bi_fraction`).
-    ``accumulate_s``: per stage, what a backward that adds into its round's gradient pays for that
-    (the simulator adds it back, ``SimParams.accumulate_s_per_byte``); taken off those backwards first.
+    ``adds``: what each backward that adds into its round's gradient paid for that (:func:`accumulation_s`;
+    the simulator adds it back, ``SimParams.accumulate_s_per_byte``); taken off those backwards first.
     """
     groups: dict[tuple, list[float]] = {}
-    adding = accumulating_backwards(trace, plan) if accumulate_s else set()
+    adds = adds or {}
     for e in steady_events(trace):
         if e.kind in ("F", "B"):
             st = Action.parse(e.action).stage
-            d = e.duration_s
-            if (e.lane, e.action) in adding:
-                d -= accumulate_s[st]
-            groups.setdefault((e.lane, st, e.kind), []).append(d)
+            groups.setdefault((e.lane, st, e.kind), []).append(e.duration_s - adds.get((e.lane, e.action), 0.0))
         elif e.kind == "SEND":
             groups.setdefault((e.lane, -1, "SEND"), []).append(e.duration_s)
     rows = []
@@ -279,19 +276,18 @@ def fit_bi_fraction(traces: list[Trace], adds: list[dict[tuple, float]] | None =
     return min(1.0, max(0.0, a / (a + b)))
 
 
-def fit_split_factor(cal: "Calibration", plans: list[Plan], traces: list[Trace]) -> float | None:
+def fit_split_factor(cal: "Calibration", plans: list[Plan], traces: list[Trace],
+                     adds: list[dict[tuple, float]] | None = None) -> float | None:
     """BI + BW over the backward they split, on stages that compute an input gradient (stage > 0).
 
     The calibrated simulator (factor 1) predicts those actions; the factor is measured over predicted
     compute, each side less its per-action overheads and the gradient accumulation that both charge to
-    the same BWs (the simulator per ``accumulate_s_per_byte``). None without split backwards.
+    the same BWs (``adds``, per trace: :func:`accumulation_s`). None without split backwards.
     """
     ovh = cal.params.overhead_s
     meas_s = pred_s = 0.0
-    per_byte = cal.params.accumulate_s_per_byte
-    for plan, tr in zip(plans, traces):
-        acc = [per_byte * cal.profile.param_bytes(*sp.layers) for sp in plan.stages]
-        add = accumulation_s(tr, plan, acc)
+    for i, (plan, tr) in enumerate(zip(plans, traces)):
+        add = adds[i] if adds else {}
         split = [e for e in steady_events(tr) if e.kind in ("BI", "BW") and Action.parse(e.action).stage > 0]
         if not split:
             continue
@@ -711,9 +707,8 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         else:
             tr = given[i]
         traces.append(tr)
-        acc_s = [acc_per_byte * base.param_bytes(*sp.layers) for sp in plan.stages]
-        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ", accumulate_s=acc_s)
-        adds.append(accumulation_s(tr, plan, acc_s))
+        adds.append(accumulation_s(tr, plan, [acc_per_byte * base.param_bytes(*sp.layers) for sp in plan.stages]))
+        rows += compute_rows(tr, plan, base, tag=f"{names[i]}: ", adds=adds[-1])
     fit = fit_compute(rows)
     bi = fit_bi_fraction(traces, adds)
     step = step_time_s(traces, fit.overhead_s)
@@ -727,7 +722,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
                        recv_wake_s=link_info.get("recv_wake_s", 0.0))
     cal = Calibration(model, prof, params, links, devices, used=used, action_s=fit.action_s,
                       reference_plan=plans[0].to_dict())
-    split = fit_split_factor(cal, plans, traces)
+    split = fit_split_factor(cal, plans, traces, adds)
     if split is not None:
         cal = replace(cal, params=replace(cal.params, split_factor=split))
     before = in_sample_errors(cal, plans, traces, names)

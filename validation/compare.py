@@ -53,6 +53,14 @@ def run_spread(rates: list[float]) -> float:
     return (xs[-1] - xs[0]) / med if med else float("nan")
 
 
+def median_launch(traces: list[Trace]) -> tuple[Trace, list[float]]:
+    """The launch of median throughput (the lower middle of an even count) and every launch's throughput, slowest first."""
+    from planner.trace import throughput_samples_per_s
+
+    runs = sorted(traces, key=throughput_samples_per_s)
+    return runs[(len(runs) - 1) // 2], [throughput_samples_per_s(t) for t in runs]
+
+
 def format_spread(x) -> str:
     """A spread as a percentage; n/a where there is none (one launch)."""
     return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from planner.trace import Trace
 from validation.calibrate import Calibration, calibrate, measure_links
-from validation.compare import compare_traces, run_spread, summarize
+from validation.compare import compare_traces, median_launch, run_spread, summarize
 from validation.configs import CALIBRATION, FULL, MODELS, QUICK, Config
 
 
@@ -57,15 +57,12 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats:
     of launches already made (nothing is launched then).
     """
     from executor.launch import run_plan
-    from planner.trace import throughput_samples_per_s
 
     plan = cfg.plan()
     predicted = cal.simulate(plan)
     if measured is None:
         measured = [run_plan(plan, timeout_s=timeout_s).trace for _ in range(max(1, repeats))]
-    runs = sorted(measured, key=throughput_samples_per_s)
-    median_run = runs[(len(runs) - 1) // 2]
-    rates = [throughput_samples_per_s(t) for t in runs]
+    median_run, rates = median_launch(measured)
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
            "replicas": cfg.replicas, "chunks": cfg.chunks, "microbatches": cfg.microbatches,
            "workers": cfg.workers, **compare_traces(predicted, median_run),

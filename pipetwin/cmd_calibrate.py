@@ -83,7 +83,8 @@ def run(args) -> int:
     print(f"  step {cal.params.step_time_s * 1e6:.1f} us, BI share {cal.params.bi_fraction:.2f}, "
           f"split backward x{cal.params.split_factor:.2f}, "
           f"overlap slowdown {res['overlap_slowdown']}")
-    print(f"  a blocked receive wakes in {cal.params.recv_wake_s * 1e6:.1f} us; accumulating a gradient costs "
+    print(f"  a blocked receive wakes in {cal.params.recv_wake_s * 1e6:.1f} us, an early one costs "
+          f"{cal.params.recv_ready_s * 1e6:.1f} us; accumulating a gradient costs "
           f"{cal.params.accumulate_s_per_byte * 1e12:.1f} us per MB")
     for name, e in res["runs"].items():
         print(f"  in-sample {name}: throughput {e['throughput_samples_per_s'] * 100:+.1f}%, "

@@ -7,7 +7,8 @@
   round's gradient, as the executor does);
 - SEND starts a transfer on the link model and moves on (or waits for delivery
   when communication does not overlap); RECV waits until its payload is delivered
-  (and ``recv_wake_s`` more when it had to wait: waking a blocked receiver);
+  (and ``recv_wake_s`` more when it had to wait: waking a blocked receiver;
+  ``recv_ready_s`` when its payload was already there);
 - ALLREDUCE waits until every replica of its stage has arrived, then runs the
   collective on the links (``sim.collectives``); STEP takes ``step_time_s``.
 
@@ -259,7 +260,7 @@ class _Run:
         env, rec, mem, box, log = self.env, self.rec, self.mem, self.box, self.net.log
         timeout, transfer, new_event = env.timeout, self.net.transfer, env.event
         overlap = self.params.overlap_comm
-        wake = self.params.recv_wake_s
+        wake, ready = self.params.recv_wake_s, self.params.recv_ready_s
         groups = self.groups
         mem.append((w, 0.0, static))
         for code, dur, ms, me, text, kind, nb, x, y in ops:
@@ -275,6 +276,8 @@ class _Run:
                         yield ev
                         if wake > 0.0:  # the receiver was blocked: waking it
                             yield timeout(wake)
+                    elif ready > 0.0:  # arrived before it was asked for: the host still copies it out
+                        yield timeout(ready)
                 elif code == _SEND_FREE:  # delivered at once: transfer() would only log it
                     if y is not None:
                         now = env._now

@@ -35,7 +35,12 @@ class SimParams:
         step_time_s: device time of one optimizer STEP.
         recv_wake_s: time a RECV that had to wait takes after its message arrives: waking a blocked
             receiver (on a loaded CPU host: the futex wake-up and getting a core back, a few hundred us);
-            a message that arrives before its RECV costs no such time. 0: none.
+            a message that arrives before its RECV costs no such time (but ``recv_ready_s``). 0: none.
+        recv_ready_s: time a RECV takes whose message had already arrived when it started. gloo's transfers
+            are rendezvous work done by a progress thread of each process; on a CPU its compute keeps busy
+            that thread gets a core only once the receiver blocks, so even an early message costs its
+            receiver the copy and a wake-up. 0: free, as on a GPU whose copy engines move data while it
+            computes.
         accumulate_s_per_byte: device time per parameter byte of adding a backward's gradients into its
             round's (every B or BW after the first of its optimizer round on a worker and stage: flush
             schedules and 2BW accumulate M/r − 1 times a batch, PipeDream never); memory-bound, so not
@@ -60,6 +65,7 @@ class SimParams:
     step_time_s: float = 0.0
     accumulate_s_per_byte: float = 0.0
     recv_wake_s: float = 0.0
+    recv_ready_s: float = 0.0
     jitter: float = 0.0
     seed: int = 0
     allreduce: str = "auto"
@@ -75,6 +81,6 @@ class SimParams:
             raise SimError(f"recv_lookahead must be a whole number >= 0 (got {self.recv_lookahead})")
         if self.split_factor <= 0:
             raise SimError(f"split_factor must be > 0 (got {self.split_factor})")
-        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "accumulate_s_per_byte", "recv_wake_s", "jitter"):
+        for name in ("overhead_s", "optimizer_state_factor", "step_time_s", "accumulate_s_per_byte", "recv_wake_s", "recv_ready_s", "jitter"):
             if getattr(self, name) < 0:
                 raise SimError(f"{name} must be >= 0 (got {getattr(self, name)})")

@@ -499,3 +499,22 @@ def test_a_receive_that_waits_pays_the_wake_up_and_one_that_does_not_is_free():
     assert [round(e.duration_s, 9) for e in recv_act] == [round(1e-3 + wake, 9), 0.0, 0.0, 0.0]
     with pytest.raises(SimError, match="recv_wake_s"):
         SimParams(recv_wake_s=-1.0)
+
+
+def test_a_receive_whose_message_is_already_there_pays_recv_ready():
+    """recv_ready_s: in GPipe on 2 stages with four microbatches stage 1's later activations arrive while it
+    still computes; each of those three RECVs takes exactly recv_ready_s, the first (which waits) none of it,
+    and the makespan grows by at least that much on the critical path of stage 1's forwards."""
+    prof = uniform_profile(2, 1e-3, 2e-3)
+    topo = load_topology("ideal:2")
+    ready = 2e-4
+    four = even_plan("m", 2, 2, schedule="gpipe", microbatches=4)
+    t = simulate_plan(four, prof, topo, SimParams(recv_ready_s=ready))
+    recv_act = sorted((e for e in t.events if e.lane == 1 and e.kind == "RECV" and "a<" in e.action),
+                      key=lambda e: e.start_s)
+    assert [round(e.duration_s, 9) for e in recv_act] == [round(1e-3, 9), ready, ready, ready]
+    base = simulate_plan(four, prof, topo, SimParams())
+    span = lambda tr: max(e.end_s for e in tr.events) - min(e.start_s for e in tr.events)  # noqa: E731
+    assert span(t) - span(base) >= 3 * ready - 1e-12
+    with pytest.raises(SimError, match="recv_ready_s"):
+        SimParams(recv_ready_s=-1.0)

@@ -270,6 +270,23 @@ def test_link_model_puts_the_pipeline_excess_into_the_receiver_wake_up():
     assert segs2[0].latency_s + 65536 / segs2[0].bandwidth_bytes_per_s == pytest.approx(lat + 65536 / bw + wake, rel=1e-3)
 
 
+def test_ready_durations_find_the_early_receives_and_their_cost():
+    """On a simulated trace whose early receives cost recv_ready_s, ready_durations returns exactly those
+    (and no receive that waited): GPipe's stage 1 gets its later activations while it computes."""
+    from validation.calibrate import ready_durations
+
+    prof = uniform_profile(2, 1e-3, 2e-3)
+    plan = even_plan("m", 2, 2, schedule="gpipe", microbatches=16)
+    ready = 2.5e-4
+    tr = simulate_plan(plan, prof, load_topology("ideal:2"), SimParams(recv_ready_s=ready))
+    got = ready_durations(tr, [LinkSegment(math.inf, 0.0, 1e12)])
+    early = [e for e in tr.events if e.kind == "RECV" and e.duration_s == pytest.approx(ready)]
+    assert got and all(d == pytest.approx(ready) for d in got)
+    assert len(got) <= len(early)
+    assert ready_durations(simulate_plan(even_plan("m", 2, 2, schedule="gpipe", microbatches=1), prof,
+                                         load_topology("ideal:2")), [LinkSegment(math.inf, 0.0, 1e12)]) == []
+
+
 @pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_cli_calibrate_writes_files_that_simulate_takes(tmp_path):
@@ -281,7 +298,7 @@ def test_cli_calibrate_writes_files_that_simulate_takes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     prm = doc["sim_params"]
-    assert prm["recv_wake_s"] >= 0 and prm["accumulate_s_per_byte"] > 0
+    assert prm["recv_wake_s"] >= 0 and prm["recv_ready_s"] >= 0 and prm["accumulate_s_per_byte"] > 0
     SimParams(**json.loads((out / "sim_params.json").read_text()))
     sim = subprocess.run([sys.executable, "-m", "pipetwin", "simulate", "--model", str(out / "profile.json"),
                           "--topology", str(out / "topology.json"), "--params", str(out / "sim_params.json"),

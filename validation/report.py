@@ -33,7 +33,7 @@ def to_json(result) -> dict:
         c["run_spread"] = r.get("run_spread", float("nan"))
     cal = {k: {"used": c.used, "overhead_s": c.params.overhead_s, "action_s": c.action_s,
                "step_time_s": c.params.step_time_s, "bi_fraction": c.params.bi_fraction,
-               "recv_wake_s": c.params.recv_wake_s, "accumulate_s_per_byte": c.params.accumulate_s_per_byte,
+               "recv_wake_s": c.params.recv_wake_s, "recv_ready_s": c.params.recv_ready_s, "accumulate_s_per_byte": c.params.accumulate_s_per_byte,
                "links": [{"max_bytes": s.max_bytes, "latency_s": s.latency_s,
                           "bandwidth_bytes_per_s": s.bandwidth_bytes_per_s} for s in c.links],
                "in_sample": c.residuals.get("runs", {})}
@@ -174,7 +174,8 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
                   f"{comp.get('per_layer_s', 0) * 1e6:.0f} us, per compute action {c.action_s * 1e6:.0f} us, "
                   f"per action (every kind) {c.params.overhead_s * 1e6:.0f} us, step {c.params.step_time_s * 1e6:.0f} us, "
                   f"BI share {c.params.bi_fraction:.2f}, split backward x{c.params.split_factor:.2f}",
-                  f"  - links (one-way): {links}; a blocked receive wakes in {c.params.recv_wake_s * 1e6:.0f} us; "
+                  f"  - links (one-way): {links}; a blocked receive wakes in {c.params.recv_wake_s * 1e6:.0f} us, an "
+                  f"early one costs {c.params.recv_ready_s * 1e6:.0f} us; "
                   f"accumulating a gradient costs {c.params.accumulate_s_per_byte * 4e6 * 1e6:.0f} us per 4 MB",
                   f"  - overlap slowdown (compute during an own message in flight): "
                   f"{c.residuals.get('overlap_slowdown')}"]

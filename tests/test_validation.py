@@ -270,6 +270,22 @@ def test_link_model_puts_the_pipeline_excess_into_the_receiver_wake_up():
     assert segs2[0].latency_s + 65536 / segs2[0].bandwidth_bytes_per_s == pytest.approx(lat + 65536 / bw + wake, rel=1e-3)
 
 
+def test_refine_moves_every_link_segment_alike_without_a_wake_up():
+    """Without a fitted wake-up refine moves the link latency; a piecewise link keeps the gap between its
+    segments' latencies (it used to get one latency on every segment)."""
+    from validation.calibrate import _with
+
+    prof = uniform_profile(2, 1e-3, 2e-3)
+    segs = [LinkSegment(65536.0, 5e-5, 1e9), LinkSegment(math.inf, 2e-4, 5e9)]
+    cal = Calibration("m", prof, SimParams(overhead_s=1e-5, recv_ready_s=3e-5), segs, 2)
+    moved = _with(cal, 2e-5, 8e-5)
+    assert [s.latency_s for s in moved.links] == pytest.approx([8e-5, 2.3e-4])
+    assert [s.bandwidth_bytes_per_s for s in moved.links] == [1e9, 5e9]
+    # compute actions and an early receive keep their totals: what the overhead gains, they give back
+    assert moved.action_s == pytest.approx(cal.action_s - 1e-5)
+    assert moved.params.recv_ready_s == pytest.approx(2e-5)
+
+
 def test_ready_durations_find_the_early_receives_and_their_cost():
     """On a simulated trace whose early receives cost recv_ready_s, ready_durations returns exactly those
     (and no receive that waited): GPipe's stage 1 gets its later activations while it computes."""

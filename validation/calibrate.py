@@ -789,14 +789,17 @@ def _lag(cal: Calibration) -> float:
 
 def _with(cal: Calibration, overhead_s: float, lag_s: float) -> Calibration:
     """The calibration with another per-action overhead (compute actions keep their fitted totals) and another
-    receiver wake-up (where it has one) or link latency (see :func:`_lag`)."""
+    receiver wake-up (where it has one) or link latency (see :func:`_lag`: the first segment's; the others
+    shift with it)."""
     delta = overhead_s - cal.params.overhead_s
     # an early message's RECV keeps its measured total as well
     ready = max(0.0, cal.params.recv_ready_s - delta)
     if cal.params.recv_wake_s > 0:
         return replace(cal, params=replace(cal.params, overhead_s=overhead_s, recv_wake_s=lag_s, recv_ready_s=ready),
                        action_s=cal.action_s - delta)
-    links = [replace(s, latency_s=lag_s) for s in cal.links]
+    # every segment moves by as much as the first, so a piecewise link keeps the shape its fit gave it
+    shift = lag_s - cal.links[0].latency_s
+    links = [replace(s, latency_s=max(0.0, s.latency_s + shift)) for s in cal.links]
     return replace(cal, params=replace(cal.params, overhead_s=overhead_s, recv_ready_s=ready), action_s=cal.action_s - delta,
                    links=links)
 

@@ -82,7 +82,7 @@ def run(args) -> int:
         print(f"  link {upto}: latency {s.latency_s * 1e6:.1f} us, bandwidth {s.bandwidth_bytes_per_s / 1e9:.3g} GB/s")
     print(f"  step {cal.params.step_time_s * 1e6:.1f} us, BI share {cal.params.bi_fraction:.2f}, "
           f"split backward x{cal.params.split_factor:.2f}, "
-          f"overlap slowdown {res['overlap_slowdown']}")
+          "overlap slowdown " + ("n/a" if res['overlap_slowdown'] is None else f"{res['overlap_slowdown']:.3f}x"))
     print(f"  a blocked receive wakes in {cal.params.recv_wake_s * 1e6:.1f} us, an early one costs "
           f"{cal.params.recv_ready_s * 1e6:.1f} us; accumulating a gradient costs "
           f"{cal.params.accumulate_s_per_byte * 1e12:.1f} us per MB")

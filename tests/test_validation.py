@@ -130,6 +130,22 @@ def test_compare_and_summary_keys():
     assert s["n_configs"] == 3
 
 
+def test_summary_names_the_configurations_the_model_calls_a_tie_with_its_best():
+    """Predicted 100, 99.5, 95: the first two tie (within 1%), the third does not. A measured best among the
+    ties counts, though it is not the predicted best; one outside them does not."""
+    def row(name, pred, meas):
+        return {"name": name, "model": "m", "schedule": "1f1b", "run_spread": 0.02,
+                "predicted": {"throughput_samples_per_s": pred}, "measured": {"throughput_samples_per_s": meas},
+                "error": {"throughput_samples_per_s": pred / meas - 1, "time_per_batch_s": 0.0, "bubble_fraction": 0.0,
+                          "peak_memory_bytes": {}}}
+
+    s = summarize([row("a", 100, 90), row("b", 99.5, 91), row("c", 95, 80)])["by_model"]["m"]
+    assert s["predicted_ties"] == ["a", "b"] and s["measured_best"] == "b"
+    assert not s["best_predicted_best"] and s["measured_best_among_predicted_ties"]
+    s = summarize([row("a", 100, 90), row("b", 99.5, 91), row("c", 95, 92)])["by_model"]["m"]
+    assert s["measured_best"] == "c" and not s["measured_best_among_predicted_ties"]
+
+
 def test_matrix_holds_out_the_calibration_runs_and_spans_the_ranges():
     check_hold_out()
     assert len(FULL) >= 30 and set(QUICK) <= set(FULL)

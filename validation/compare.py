@@ -75,6 +75,10 @@ def spearman(predicted: list[float], measured: list[float]) -> float:
     return float(spearmanr(predicted, measured).statistic)
 
 
+#: predicted throughputs within this share of the predicted best count as a tie with it (``summarize``)
+TIE = 0.01
+
+
 def best_agrees(predicted: list[float], measured: list[float]) -> bool:
     """Whether the configuration measured fastest is also predicted fastest."""
     return bool(predicted) and int(np.argmax(predicted)) == int(np.argmax(measured))
@@ -108,6 +112,13 @@ def summarize(rows: list[dict]) -> dict:
             spread = mb.get("run_spread", float("nan"))
             by_model[key]["best_gap"] = gap
             by_model[key]["best_within_spread"] = bool(math.isfinite(spread) and gap <= spread / 2)
+            # the configurations the model itself cannot tell from its best (predicted within TIE of it): when
+            # several share one steady-state rate (PipeDream and 2BW on the same stages) the pick among them is a
+            # coin toss, and what the prediction says is that the measured best is one of them
+            top = max(sp)
+            ties = [r["name"] for r, x in zip(sub, sp) if x >= top * (1.0 - TIE)]
+            by_model[key]["predicted_ties"] = ties
+            by_model[key]["measured_best_among_predicted_ties"] = mb["name"] in ties
     by_schedule: dict[str, float] = {}
     for fam in sorted({r["schedule"] for r in rows}):
         es = [abs(r["error"]["throughput_samples_per_s"]) for r in rows if r["schedule"] == fam]

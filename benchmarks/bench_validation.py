@@ -41,7 +41,7 @@ def main() -> int:
         print(f"{'met ' if ok else 'MISS'} {what}")
     ties = {k: (len(v["predicted_ties"]), v["measured_best_among_predicted_ties"]) for k, v in s["by_model"].items()}
     print("(not a target) measured best among the configurations predicted within 1% of the best: "
-          + ", ".join(f"{k} {'yes' if ok else 'no'} ({n} such)" for k, (n, ok) in ties.items()))
+          + ", ".join(f"{k} {'n/a' if ok is None else 'yes' if ok else 'no'} ({n} such)" for k, (n, ok) in ties.items()))
     print(f"{s['n_configs']} configurations in {res.elapsed_s:.0f} s; report: {args.out}/report.md")
     return 0
 

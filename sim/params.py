@@ -36,7 +36,8 @@ class SimParams:
         recv_wake_s: time a RECV that had to wait takes after its message arrives: waking a blocked
             receiver (on a loaded CPU host: the futex wake-up and getting a core back, a few hundred us);
             a message that arrives before its RECV costs no such time (but ``recv_ready_s``). 0: none.
-        recv_ready_s: time a RECV takes whose message had already arrived when it started. gloo's transfers
+        recv_ready_s: time a RECV takes, beyond ``overhead_s``, whose message had arrived by the time it
+            looked for it (its start plus ``overhead_s``). gloo's transfers
             are rendezvous work done by a progress thread of each process; on a CPU its compute keeps busy
             that thread gets a core only once the receiver blocks, so even an early message costs its
             receiver the copy and a wake-up. 0: free, as on a GPU whose copy engines move data while it

@@ -502,10 +502,13 @@ def test_a_receive_that_waits_pays_the_wake_up_and_one_that_does_not_is_free():
 
 
 def test_a_receive_whose_message_is_already_there_pays_recv_ready():
-    """recv_ready_s: in GPipe on 2 stages with four microbatches stage 1's later activations arrive while it
-    still computes; each of those three RECVs takes exactly recv_ready_s, the first (which waits) none of it,
-    and the makespan grows by at least that much on the critical path of stage 1's forwards."""
-    prof = uniform_profile(2, 1e-3, 2e-3)
+    """recv_ready_s: GPipe on 2 stages, four microbatches, stage 1's forward (2 ms) twice stage 0's (1 ms),
+    messages instant. Stage 1's first RECV waits (1 ms, none of recv_ready_s); its later activations arrive
+    while it still computes (a1 at 2 ms, wanted at 3 ms, ...), so each of those RECVs takes exactly
+    recv_ready_s, and they lie on stage 1's critical path: the makespan grows by three of them."""
+    from planner.profile import Layer, ModelProfile
+
+    prof = ModelProfile("two", (Layer("l0", 1e-3, 2e-3, 0.0, 0.0, 0.0), Layer("l1", 2e-3, 4e-3, 0.0, 0.0, 0.0)))
     topo = load_topology("ideal:2")
     ready = 2e-4
     four = even_plan("m", 2, 2, schedule="gpipe", microbatches=4)
@@ -515,6 +518,6 @@ def test_a_receive_whose_message_is_already_there_pays_recv_ready():
     assert [round(e.duration_s, 9) for e in recv_act] == [round(1e-3, 9), ready, ready, ready]
     base = simulate_plan(four, prof, topo, SimParams())
     span = lambda tr: max(e.end_s for e in tr.events) - min(e.start_s for e in tr.events)  # noqa: E731
-    assert span(t) - span(base) >= 3 * ready - 1e-12
+    assert span(t) - span(base) == pytest.approx(3 * ready, abs=1e-12)
     with pytest.raises(SimError, match="recv_ready_s"):
         SimParams(recv_ready_s=-1.0)

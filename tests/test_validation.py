@@ -144,6 +144,11 @@ def test_summary_names_the_configurations_the_model_calls_a_tie_with_its_best():
     assert not s["best_predicted_best"] and s["measured_best_among_predicted_ties"]
     s = summarize([row("a", 100, 90), row("b", 99.5, 91), row("c", 95, 92)])["by_model"]["m"]
     assert s["measured_best"] == "c" and not s["measured_best_among_predicted_ties"]
+    s = summarize([row("a", float("nan"), 90), row("b", 99.5, 91)])["by_model"]["m"]
+    assert s["predicted_ties"] == ["b"] and s["measured_best_among_predicted_ties"]  # no prediction, no tie
+    assert s["predicted_best"] == "b" and s["best_predicted_best"]
+    s = summarize([row("a", 0.0, 90), row("b", 0.0, 91)])["by_model"]["m"]
+    assert s["predicted_ties"] == [] and s["measured_best_among_predicted_ties"] is None
 
 
 def test_matrix_holds_out_the_calibration_runs_and_spans_the_ranges():
@@ -293,30 +298,55 @@ def test_refine_moves_every_link_segment_alike_without_a_wake_up():
 
     prof = uniform_profile(2, 1e-3, 2e-3)
     segs = [LinkSegment(65536.0, 5e-5, 1e9), LinkSegment(math.inf, 2e-4, 5e9)]
-    cal = Calibration("m", prof, SimParams(overhead_s=1e-5, recv_ready_s=3e-5), segs, 2)
+    cal = Calibration("m", prof, SimParams(overhead_s=1e-5, recv_ready_s=3e-5), segs, 2,
+                      residuals={"links": {"early_receive_mean_s": 4e-5}})
     moved = _with(cal, 2e-5, 8e-5)
     assert [s.latency_s for s in moved.links] == pytest.approx([8e-5, 2.3e-4])
     assert [s.bandwidth_bytes_per_s for s in moved.links] == [1e9, 5e9]
     # compute actions and an early receive keep their totals: what the overhead gains, they give back
     assert moved.action_s == pytest.approx(cal.action_s - 1e-5)
     assert moved.params.recv_ready_s == pytest.approx(2e-5)
+    assert _with(cal, 5e-5, 8e-5).params.recv_ready_s == 0.0  # the overhead alone exceeds the measured mean
+    # no early receive measured: a lower overhead does not invent an early-receive cost
+    bare = Calibration("m", prof, SimParams(overhead_s=2e-4), segs, 2)
+    assert _with(bare, 5e-5, 8e-5).params.recv_ready_s == 0.0
 
 
-def test_ready_durations_find_the_early_receives_and_their_cost():
-    """On a simulated trace whose early receives cost recv_ready_s, ready_durations returns exactly those
-    (and no receive that waited): GPipe's stage 1 gets its later activations while it computes."""
-    from validation.calibrate import ready_durations
+def test_ready_durations_find_exactly_the_receives_the_simulator_found_their_message_for():
+    """zb-h1 on 4 stages over real links (1 MB messages, 50 us + 1 GB/s) with an overhead, a wake-up and an
+    early-receive cost: the engine charges overhead + recv_ready_s exactly to the RECVs whose payload had
+    arrived, and ready_durations, given the same link, returns those RECVs' durations and no other RECV's,
+    activation and gradient receives alike."""
+    from planner.program import Action
+    from validation.calibrate import ready_durations, steady_events
 
-    prof = uniform_profile(2, 1e-3, 2e-3)
-    plan = even_plan("m", 2, 2, schedule="gpipe", microbatches=16)
-    ready = 2.5e-4
-    tr = simulate_plan(plan, prof, load_topology("ideal:2"), SimParams(recv_ready_s=ready))
-    got = ready_durations(tr, [LinkSegment(math.inf, 0.0, 1e12)])
-    early = [e for e in tr.events if e.kind == "RECV" and e.duration_s == pytest.approx(ready)]
-    assert got and all(d == pytest.approx(ready) for d in got)
-    assert len(got) <= len(early)
-    assert ready_durations(simulate_plan(even_plan("m", 2, 2, schedule="gpipe", microbatches=1), prof,
-                                         load_topology("ideal:2")), [LinkSegment(math.inf, 0.0, 1e12)]) == []
+    ovh, wake, ready = 2e-5, 1.4e-4, 2.7e-4
+    lat, bw = 5e-5, 1e9
+    prof = uniform_profile(8, 1e-3, 2e-3, act=1e6)
+    topo = load_topology("local:4").with_link_params(latency_s=lat, bandwidth_bytes_per_s=bw)
+    plan = even_plan("m", 8, 4, schedule="zb-h1", microbatches=8, batches=2)
+    tr = simulate_plan(plan, prof, topo, SimParams(overhead_s=ovh, recv_wake_s=wake, recv_ready_s=ready))
+    link = topo.p2p_time_s("d0", "d1", 1e6)
+    got = ready_durations(tr, [LinkSegment(math.inf, link - 1e6 / bw, bw)])
+    # the truth from the network's own log: a message arrived when its last hop ended
+    arrival = {}
+    for e in tr.events:
+        if isinstance(e.lane, str) and e.lane.startswith("localhost->"):
+            arrival[(e.action.split("SEND")[1].split(">")[0], e.action.split(">w")[1])] = e.end_s
+    early = []
+    for e in steady_events(tr):
+        if e.kind == "RECV":
+            tag, peer_of_sender = e.action.split("RECV")[1].split("<")[0], str(e.lane)
+            if arrival[(tag, peer_of_sender)] <= e.start_s + ovh + 1e-12:
+                early.append(e)
+    assert len(early) >= 10 and any(Action.parse(e.action).grad for e in early)
+    assert any(not Action.parse(e.action).grad for e in early)
+    assert all(e.duration_s == pytest.approx(ovh + ready, abs=1e-12) for e in early)  # the engine charged them
+    assert len(got) == len(early) and all(d == pytest.approx(ovh + ready, abs=1e-12) for d in got)
+    # ignoring the link's time would take in receives that waited for their message
+    assert len(ready_durations(tr, [LinkSegment(math.inf, 0.0, 1e15)])) > len(got)
+    assert ready_durations(simulate_plan(even_plan("m", 8, 2, schedule="gpipe", microbatches=1), prof, topo),
+                           [LinkSegment(math.inf, lat, bw)]) == []
 
 
 @pytest.mark.dist

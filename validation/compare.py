@@ -79,9 +79,15 @@ def spearman(predicted: list[float], measured: list[float]) -> float:
 TIE = 0.01
 
 
+def _argbest(xs: list[float]) -> int:
+    """Index of the largest finite value (NaN never wins; 0 when there is none)."""
+    vals = [x if math.isfinite(x) else -math.inf for x in xs]
+    return max(range(len(vals)), key=vals.__getitem__) if vals else 0
+
+
 def best_agrees(predicted: list[float], measured: list[float]) -> bool:
     """Whether the configuration measured fastest is also predicted fastest."""
-    return bool(predicted) and int(np.argmax(predicted)) == int(np.argmax(measured))
+    return bool(predicted) and _argbest(predicted) == _argbest(measured)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -103,11 +109,11 @@ def summarize(rows: list[dict]) -> dict:
         sp = [r["predicted"]["throughput_samples_per_s"] for r in sub]
         sm = [r["measured"]["throughput_samples_per_s"] for r in sub]
         by_model[key] = {"n_configs": len(sub), "spearman": spearman(sp, sm), "best_predicted_best": best_agrees(sp, sm),
-                         "measured_best": sub[int(np.argmax(sm))]["name"] if sub else None,
-                         "predicted_best": sub[int(np.argmax(sp))]["name"] if sub else None,
+                         "measured_best": sub[_argbest(sm)]["name"] if sub else None,
+                         "predicted_best": sub[_argbest(sp)]["name"] if sub else None,
                          "mean_abs_throughput_error": float(np.mean([abs(r["error"]["throughput_samples_per_s"]) for r in sub]))}
         if sub:  # how much slower, measured, the predicted best ran than the measured best, against the latter's spread
-            mb, pb = sub[int(np.argmax(sm))], sub[int(np.argmax(sp))]
+            mb, pb = sub[_argbest(sm)], sub[_argbest(sp)]
             gap = 1.0 - pb["measured"]["throughput_samples_per_s"] / mb["measured"]["throughput_samples_per_s"]
             spread = mb.get("run_spread", float("nan"))
             by_model[key]["best_gap"] = gap
@@ -115,10 +121,15 @@ def summarize(rows: list[dict]) -> dict:
             # the configurations the model itself cannot tell from its best (predicted within TIE of it): when
             # several share one steady-state rate (PipeDream and 2BW on the same stages) the pick among them is a
             # coin toss, and what the prediction says is that the measured best is one of them
-            top = max(sp)
-            ties = [r["name"] for r, x in zip(sub, sp) if x >= top * (1.0 - TIE)]
-            by_model[key]["predicted_ties"] = ties
-            by_model[key]["measured_best_among_predicted_ties"] = mb["name"] in ties
+            finite = [x for x in sp if math.isfinite(x)]
+            top = max(finite) if finite else float("nan")
+            if top > 0 and all(math.isfinite(x) for x in sm):
+                ties = [r["name"] for r, x in zip(sub, sp) if math.isfinite(x) and x >= top * (1.0 - TIE)]
+                by_model[key]["predicted_ties"] = ties
+                by_model[key]["measured_best_among_predicted_ties"] = mb["name"] in ties
+            else:  # no usable prediction (or measurement) to call anything a tie with
+                by_model[key]["predicted_ties"] = []
+                by_model[key]["measured_best_among_predicted_ties"] = None
     by_schedule: dict[str, float] = {}
     for fam in sorted({r["schedule"] for r in rows}):
         es = [abs(r["error"]["throughput_samples_per_s"]) for r in rows if r["schedule"] == fam]

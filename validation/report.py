@@ -13,6 +13,10 @@ SUMMARY_KEYS = ("mean_abs_throughput_error", "max_abs_throughput_error", "mean_a
                 "n_configs")
 
 
+def _yes_no(x) -> str:
+    return "n/a" if x is None else ("yes" if x else "no")
+
+
 def _times(x) -> str:
     """A ratio as "1.02x", or what stands for a ratio the runs could not give."""
     return "(not measurable: no compute overlapped a message)" if x is None else f"{x:.3f}x"
@@ -157,7 +161,7 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
                      f"{format_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} | "
                      f"{format_spread(v.get('best_gap'))}{_INSIDE if v.get('best_within_spread') else ''} | "
                      f"{len(v.get('predicted_ties', []))} "
-                     f"({'yes' if v.get('measured_best_among_predicted_ties') else 'no'}) |")
+                     f"({_yes_no(v.get('measured_best_among_predicted_ties'))}) |")
     lines += ["", "![predicted against measured](scatter.png)", "", "![error by schedule](error_by_schedule.png)", "",
               "## Configurations", "",
               "| configuration | workers | thr pred | thr meas | thr err | run spread | t/batch err | bubble pred/meas | "

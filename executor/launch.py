@@ -79,7 +79,9 @@ class RunResult:
 
 
 def result_from_parts(parts: list[dict], prep: Prepared, backend: str, wall_s: float = 0.0) -> RunResult:
-    return RunResult(trace=merge_trace(prep.program, prep.plan, parts), weights=merge_weights(parts),
+    trace = merge_trace(prep.program, prep.plan, parts)
+    trace.meta["backend"] = backend
+    return RunResult(trace=trace, weights=merge_weights(parts),
                      losses=merge_losses(parts), plan=prep.plan, program=prep.program, start_step=prep.start_step,
                      backend=backend, wall_s=wall_s)
 

@@ -23,7 +23,8 @@ def _bad_input_types() -> tuple[type, ...]:
     types: list[type] = [UserError, ProfileError, PlanError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                          PermissionError, UnicodeDecodeError]
     for mod, name in (("planner.check", "ProgramError"), ("planner.schedules", "ScheduleError"),
-                      ("topologies.topology", "TopologyError"), ("sim.params", "SimError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError")):
+                      ("topologies.topology", "TopologyError"), ("sim.params", "SimError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError"),
+                      ("validation.calibrate", "CalibrationError")):
         try:
             types.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

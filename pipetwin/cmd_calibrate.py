@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, metavar="N",
                    help="launches of each calibration run, all fitted (default 3: identical launches on a shared "
                         "CPU lie several percent apart)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the profile and the runs compute (default cpu; cuda: links from the runs alone)")
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="with --device cuda: NCCL needs a GPU per worker (auto: NCCL where there is one, else gloo)")
     p.add_argument("--json", action="store_true", help="print the residuals and the files as JSON")
     p.set_defaults(func=run)
 
@@ -53,7 +57,7 @@ def _runs(model: str, mbs: int | None):
 
 def run(args) -> int:
     from pipetwin.errors import UserError
-    from validation.calibrate import calibrate, measure_links
+    from validation.calibrate import calibrate, measure_links, run_options
 
     if args.microbatch_size is not None and args.microbatch_size < 1:
         raise UserError("--microbatch-size must be >= 1")
@@ -61,8 +65,10 @@ def run(args) -> int:
         raise UserError("--repeats must be >= 1")
     spec, mbs, plans, names = _runs(args.model, args.microbatch_size)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    points = None if args.no_netbench else measure_links()
-    cal = calibrate(spec, plans, names=names, microbatch_size=mbs, bench_points=points, log=log, repeats=args.repeats)
+    run_options(args.device, args.backend)  # a bad device or backend is said before anything runs
+    points = None if args.no_netbench or args.device == "cuda" else measure_links()
+    cal = calibrate(spec, plans, names=names, microbatch_size=mbs, bench_points=points, log=log, repeats=args.repeats,
+                    device=args.device, backend=args.backend)
     files = cal.save(args.output)
     res = cal.residuals
     if args.json:

@@ -17,6 +17,12 @@ def register(sub) -> None:
                    help="rounds of launches: each round launches every calibration run and configuration of a "
                         "model once; the median launch is scored (default 1 with --quick, else 5)")
     p.add_argument("--no-netbench", action="store_true", help="fit links from the calibration runs only")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where profiles and runs compute (default cpu; cuda: the links are fitted from the runs, "
+                        "since the loopback benchmark measures host memory)")
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="with --device cuda: NCCL needs a GPU per worker; auto takes it where there is one, "
+                        "else gloo with the workers sharing the GPUs (the CPU always uses gloo)")
     p.add_argument("--json", action="store_true", help="print {configs, summary, calibration} as JSON")
     p.set_defaults(func=run)
 
@@ -30,7 +36,8 @@ def run(args) -> int:
         from pipetwin.errors import UserError
 
         raise UserError("--repeats must be >= 1")
-    result = run_matrix(quick=args.quick, links=not args.no_netbench, log=log, repeats=args.repeats)
+    result = run_matrix(quick=args.quick, links=not args.no_netbench and args.device == "cpu", log=log,
+                        repeats=args.repeats, device=args.device, backend=args.backend)
     if args.report:
         write_report(result, args.report)
         save_calibrations(result, args.report)

@@ -128,3 +128,25 @@ def test_cuda_profile_has_the_cpu_profiles_bytes_and_event_times_that_add_up():
     whole = sorted(times)[2]
     parts = sum(l.forward_s for l in gpu.layers[:-1])
     assert 0.3 * whole <= parts <= 3.0 * whole, (parts, whole)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(420)
+def test_validation_on_the_gpu_profiles_and_runs_there():
+    """`validate --device cuda` for two quick configurations: every profile, calibration run and scored run
+    computes on the GPU (NCCL where there is a GPU per worker, else gloo with the workers sharing it)."""
+    import math
+
+    from validation.calibrate import accumulate_s_per_byte
+    from validation.configs import QUICK
+    from validation.matrix import run_matrix
+
+    assert accumulate_s_per_byte("mlp:layers=4,width=256", 8, repeats=3, device="cuda") > 0
+    configs = [c for c in QUICK if c.model == "mlp"][:2]
+    res = run_matrix(configs=configs, repeats=1, device="cuda")
+    assert len(res.rows) == 2
+    for r in res.rows:
+        assert r["device"] == "cuda", r["name"]
+        assert r["backend"] == ("nccl" if torch.cuda.device_count() >= r["workers"] else "gloo"), r["name"]
+        assert math.isfinite(r["error"]["throughput_samples_per_s"]) and r["measured"]["throughput_samples_per_s"] > 0
+    assert not res.calibrations["mlp"].profile.device.startswith("cpu")  # the GPU's name, from the CUDA profile

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from planner.plan import even_plan
 from planner.profile import uniform_profile
@@ -181,10 +183,46 @@ def test_validate_quick_end_to_end(tmp_path):
         assert math.isfinite(c["error"]["throughput_samples_per_s"])
         assert c["measured"]["throughput_samples_per_s"] > 0 and c["predicted"]["throughput_samples_per_s"] > 0
         assert c["error"]["memory_abs_error"] <= 0.05, c["name"]  # the simulator and the executor count the same bytes
+        assert (c["device"], c["backend"]) == ("cpu", "gloo"), c["name"]
     for f in ("report.md", "validation.json", "scatter.png", "error_by_schedule.png", "timeline.json", "timeline.png"):
         assert (out / f).exists(), f
     assert (out / "calibration" / "emu" / "sim_params.json").exists()
-    assert "hold-out" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "hold-out" in report and f"the CPU with gloo ({len(QUICK)})" in report
+
+
+def test_runs_compute_where_the_profile_was_taken():
+    """run_options: CPU runs always use gloo (on a machine with GPUs, "auto" would otherwise pick NCCL and the
+    GPUs for runs profiled on the CPU); a GPU keeps the asked backend; nonsense is refused with what to do."""
+    from validation.calibrate import CalibrationError, run_options
+
+    assert run_options("cpu", "auto") == {"device": "cpu", "backend": "gloo"}
+    assert run_options("cpu", "gloo") == {"device": "cpu", "backend": "gloo"}
+    with pytest.raises(CalibrationError, match="--device cuda, or --backend gloo"):
+        run_options("cpu", "nccl")
+    with pytest.raises(CalibrationError, match="choose cpu or cuda"):
+        run_options("tpu")
+    with pytest.raises(CalibrationError, match="choose auto, gloo or nccl"):
+        run_options("cpu", "mpi")
+    if torch.cuda.is_available():
+        assert run_options("cuda", "auto") == {"device": "cuda", "backend": "auto"}
+    else:
+        with pytest.raises(CalibrationError, match="no GPU that torch can use; use --device cpu"):
+            run_options("cuda", "auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("argv", [["validate", "--quick", "--device", "cuda"],
+                                  ["calibrate", "--model", "mlp", "--device", "cuda"],
+                                  ["validate", "--quick", "--backend", "nccl"]])
+def test_cli_refuses_a_device_it_cannot_use_in_one_line(argv, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipetwin", *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "use --device" in lines[0] or "--backend gloo" in lines[0]
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
 
 
 def test_repeated_launches_score_the_median_throughput_run(monkeypatch):
@@ -199,8 +237,9 @@ def test_repeated_launches_score_the_median_throughput_run(monkeypatch):
     rates = iter([30.0, 10.0, 20.0])
     launched = []
 
-    def fake_run(plan, timeout_s):
-        t = types.SimpleNamespace(rate=next(rates))
+    def fake_run(plan, timeout_s, **where):
+        assert where == {"device": "cpu", "backend": "gloo"}  # the CPU profile's runs stay on the CPU
+        t = types.SimpleNamespace(rate=next(rates), meta={"device_kind": "cpu", "backend": "gloo"})
         launched.append(t)
         return types.SimpleNamespace(trace=t)
 
@@ -230,7 +269,8 @@ def test_calibration_and_scored_runs_are_launched_in_rounds(monkeypatch):
 
     order = []
 
-    def fake_run(plan, timeout_s):
+    def fake_run(plan, timeout_s, **where):
+        assert where == {"device": "cpu", "backend": "gloo"}
         key = (plan.schedule, plan.microbatches)
         order.append(key)
         return types.SimpleNamespace(trace=(key, sum(1 for k in order if k == key)))

@@ -193,13 +193,15 @@ def accumulating_backwards(trace: Trace, plan: Plan) -> set[tuple]:
     return out
 
 
-def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20, seed: int = 0) -> float:
+def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20, seed: int = 0,
+                          device: str = "cpu") -> float:
     """Seconds per parameter byte of adding a backward's gradients into a running sum, as the executor does.
 
     Timed right after a backward of the whole model (``torch.autograd.grad``, one thread), on the gradients it
     just made, median of ``repeats``: there the add costs about 1.5x what it costs on warm tensors alone
     (mlp: 0.17 against 0.11 ms for 4 MB). The difference of backwards timed with and without the add says
-    the same on real compute but drowns in the timed waits of emulated layers.
+    the same on real compute but drowns in the timed waits of emulated layers. ``device="cuda"``: on the
+    current GPU, the add timed between synchronizations.
     """
     import time
 
@@ -207,12 +209,14 @@ def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20
 
     from executor.models import build_layers, loss_fn, make_batch
 
-    model = torch.nn.Sequential(*build_layers(spec, seed=seed))
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    model = torch.nn.Sequential(*build_layers(spec, seed=seed)).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     nbytes = sum(p.numel() * p.element_size() for p in params)
     if not params or nbytes == 0:
         return 0.0
-    x, y = make_batch(spec, microbatch_size, 0, seed)
+    x, y = (t.to(dev) for t in make_batch(spec, microbatch_size, 0, seed))
     loss = loss_fn(spec)
     acc = [torch.zeros_like(p) for p in params]
     threads = torch.get_num_threads()
@@ -221,12 +225,36 @@ def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20
     try:
         for _ in range(repeats + 2):
             grads = list(torch.autograd.grad(loss(model(x), y), params, allow_unused=True, materialize_grads=True))
+            if cuda:
+                torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
             torch._foreach_add_(acc, grads)
+            if cuda:
+                torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
     return float(np.median(times[2:])) / nbytes
+
+
+def run_options(device: str = "cpu", backend: str = "auto") -> dict:
+    """``run_plan`` keywords for runs on ``device``: the CPU always with gloo (a machine with GPUs would
+    otherwise pick NCCL and the GPUs for runs that were profiled on the CPU); "cuda" with ``backend``
+    ("auto": NCCL where there is a GPU per worker, else gloo with the workers sharing the GPUs)."""
+    if device not in ("cpu", "cuda"):
+        raise CalibrationError(f"unknown device {device!r}; choose cpu or cuda")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise CalibrationError(f"unknown backend {backend!r}; choose auto, gloo or nccl")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CalibrationError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+    if device == "cpu":
+        if backend == "nccl":
+            raise CalibrationError("NCCL communicates between GPUs: use --device cuda, or --backend gloo")
+        return {"device": "cpu", "backend": "gloo"}
+    return {"device": "cuda", "backend": backend}
 
 
 def compute_rows(trace: Trace, plan: Plan, profile: ModelProfile, bi_fraction: float = 0.5,
@@ -692,7 +720,8 @@ def fit_link_model(bench_points, pipeline_points, overhead_s: float) -> tuple[li
 
 def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, microbatch_size: int = 1,
               bench_points=None, devices: int = 8, profile_repeats: int = 5, timeout_s: float = 120.0,
-              log=None, repeats: int = 1, traces: list[Trace] | None = None) -> Calibration:
+              log=None, repeats: int = 1, traces: list[Trace] | None = None, device: str = "cpu",
+              backend: str = "auto") -> Calibration:
     """Profile ``model``, run ``plans`` for real, and fit a :class:`Calibration` (see the module docstring).
 
     Args:
@@ -708,6 +737,8 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
         traces: measured traces of the plans, already launched by the caller (``repeats`` of each, in the
             order ``[p for p in plans for _ in range(repeats)]``); nothing is launched then. The validation
             matrix launches its calibration runs interleaved with the scored ones this way.
+        device, backend: where the profile, the accumulation timing and the runs compute ("cpu" or
+            "cuda") and how the runs communicate (see :func:`run_options`).
     """
     from executor.launch import run_plan
     from executor.profiler import profile_model
@@ -715,6 +746,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     say = log or (lambda *_: None)
     if repeats < 1:
         raise CalibrationError("repeats must be >= 1")
+    where = run_options(device, backend)
     names = list(names) if names else [str(i) for i in range(len(plans))]
     used = list(names)
     if repeats > 1:
@@ -724,14 +756,14 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     if given is not None and len(given) != len(plans):
         raise CalibrationError(f"{len(given)} traces given for {len(plans)} calibration launches")
     say(f"profiling {model} at microbatch {microbatch_size}")
-    base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2)
-    acc_per_byte = accumulate_s_per_byte(model, microbatch_size)
+    base = profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2, device=device)
+    acc_per_byte = accumulate_s_per_byte(model, microbatch_size, device=device)
     rows: list[ComputeRow] = []
     traces, adds = [], []
     for i, plan in enumerate(plans):
         if given is None:
             say(f"calibration run {names[i]}")
-            tr = run_plan(plan, timeout_s=timeout_s).trace
+            tr = run_plan(plan, timeout_s=timeout_s, **where).trace
         else:
             tr = given[i]
         traces.append(tr)

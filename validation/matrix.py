@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.trace import Trace
-from validation.calibrate import Calibration, calibrate, measure_links
+from validation.calibrate import Calibration, calibrate, measure_links, run_options
 from validation.compare import compare_traces, median_launch, run_spread, summarize
 from validation.configs import CALIBRATION, FULL, MODELS, QUICK, Config
 
@@ -31,7 +31,8 @@ class MatrixResult:
     elapsed_s: float = 0.0
 
 
-def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1) -> dict[str, Calibration]:
+def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1, device: str = "cpu",
+                     backend: str = "auto") -> dict[str, Calibration]:
     """Calibrate every model in ``keys`` on its calibration runs (``validation.configs.CALIBRATION``)."""
     say = log or (lambda *_: None)
     points = None
@@ -43,36 +44,40 @@ def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1) ->
         m = MODELS[key]
         cs = CALIBRATION[key]
         out[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
-                             microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats)
+                             microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats,
+                             device=device, backend=backend)
     return out
 
 
 def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats: int = 1,
-               measured: list[Trace] | None = None) -> tuple[dict, Trace, Trace]:
+               measured: list[Trace] | None = None, device: str = "cpu", backend: str = "auto") -> tuple[dict, Trace, Trace]:
     """Simulate (calibrated) and measure one configuration; the comparison row and both traces.
 
     With ``repeats`` > 1 the configuration is launched that many times and the launch of median
     throughput is the measurement (run-to-run spread on a shared CPU is tens of percent); the row keeps
     every launch's throughput (``measured_runs``) and their spread (``run_spread``). ``measured``: traces
-    of launches already made (nothing is launched then).
+    of launches already made (nothing is launched then). ``device``, ``backend``: see
+    ``validation.calibrate.run_options``.
     """
     from executor.launch import run_plan
 
     plan = cfg.plan()
     predicted = cal.simulate(plan)
     if measured is None:
-        measured = [run_plan(plan, timeout_s=timeout_s).trace for _ in range(max(1, repeats))]
+        where = run_options(device, backend)
+        measured = [run_plan(plan, timeout_s=timeout_s, **where).trace for _ in range(max(1, repeats))]
     median_run, rates = median_launch(measured)
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
            "replicas": cfg.replicas, "chunks": cfg.chunks, "microbatches": cfg.microbatches,
-           "workers": cfg.workers, **compare_traces(predicted, median_run),
+           "workers": cfg.workers, "device": median_run.meta.get("device_kind", "cpu"),
+           "backend": median_run.meta.get("backend", "gloo"), **compare_traces(predicted, median_run),
            # every launch's throughput, slowest first: how far identical launches of it lie apart
            "measured_runs": rates, "run_spread": run_spread(rates)}
     return row, predicted, median_run
 
 
 def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats: int, timeout_s: float = 120.0,
-                       log=None) -> tuple[list[Trace], dict[str, list[Trace]]]:
+                       log=None, device: str = "cpu", backend: str = "auto") -> tuple[list[Trace], dict[str, list[Trace]]]:
     """Launch a model's calibration runs and scored configurations in ``repeats`` rounds, each round every one
     of them once, so that a machine whose speed drifts over minutes weighs on calibration and scored runs alike.
 
@@ -82,6 +87,7 @@ def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats
     from executor.launch import run_plan
 
     say = log or (lambda *_: None)
+    where = run_options(device, backend)
     cal_plans = [c.plan() for c in cal_configs]
     plans = {c.name: c.plan() for c in configs}
     cal_runs: list[list[Trace]] = [[] for _ in cal_configs]
@@ -89,20 +95,27 @@ def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats
     for r in range(repeats):
         for i, c in enumerate(cal_configs):
             say(f"round {r + 1}/{repeats}: calibration run {c.name}")
-            cal_runs[i].append(run_plan(cal_plans[i], timeout_s=timeout_s).trace)
+            cal_runs[i].append(run_plan(cal_plans[i], timeout_s=timeout_s, **where).trace)
         for c in configs:
             say(f"round {r + 1}/{repeats}: {c.name}")
-            runs[c.name].append(run_plan(plans[c.name], timeout_s=timeout_s).trace)
+            runs[c.name].append(run_plan(plans[c.name], timeout_s=timeout_s, **where).trace)
     return [t for ts in cal_runs for t in ts], runs
 
 
 def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: bool = True,
-               calibrations: dict[str, Calibration] | None = None, log=None, repeats: int | None = None) -> MatrixResult:
+               calibrations: dict[str, Calibration] | None = None, log=None, repeats: int | None = None,
+               device: str = "cpu", backend: str = "auto") -> MatrixResult:
     """Calibrate, then simulate and measure every held-out configuration (``QUICK`` or ``FULL`` by default).
 
     ``repeats``: launches per calibration run and per scored configuration (the median-throughput launch
     is scored); default 1 with ``quick``, else 5 (with 3, three full runs on the 2-core machine had worst errors of 13-20%).
+    ``device``: where the profiles, calibration runs and scored runs compute, "cpu" or "cuda"; ``backend``
+    how the runs communicate (``validation.calibrate.run_options``: the CPU always with gloo; "cuda" with
+    "auto" takes NCCL for a configuration with a GPU per worker, else gloo with the workers sharing the GPUs).
     """
+    where = run_options(device, backend)
+    if device == "cuda":
+        links = False  # the loopback benchmark times host memory and gloo, not the GPUs' links
     if repeats is None:
         repeats = 1 if quick else 5
     say = log or (lambda *_: None)
@@ -122,12 +135,12 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
             # the machine drifts (this one: the same launches 25% faster half an hour later), so a model's
             # calibration runs and its scored configurations are launched in rounds, each round all of them
             m, cs = MODELS[key], CALIBRATION[key]
-            cal_traces, measured = launch_interleaved(list(cs), mine, repeats, log=say)
+            cal_traces, measured = launch_interleaved(list(cs), mine, repeats, log=say, **where)
             cals[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
                                   microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats,
-                                  traces=cal_traces)
+                                  traces=cal_traces, **where)
         for cfg in mine:
-            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats, measured=measured.get(cfg.name))
+            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats, measured=measured.get(cfg.name), **where)
             rows.append(row)
             traces[cfg.name] = {"predicted": pred, "measured": meas}
     return MatrixResult(rows, summarize(rows), cals, traces, time.perf_counter() - t0)

@@ -33,10 +33,22 @@ def _clean(x):
     return x
 
 
+def _where(rows) -> str:
+    """Where the measured runs computed and how they talked: "the CPU with gloo (34)", or several such."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        key = (r.get("device", "cpu"), r.get("backend", "gloo"))
+        counts[key] = counts.get(key, 0) + 1
+    names = {"cpu": "the CPU", "cuda": "the GPU"}
+    return ", ".join(f"{names.get(d, d)} with {b} ({n})" for (d, b), n in sorted(counts.items())) or "nothing"
+
+
 def to_json(result) -> dict:
     """``{"configs": [...], "summary": {...}, "calibration": {...}, "elapsed_s"}`` of a MatrixResult."""
     configs = [{k: r[k] for k in ("name", "model", "schedule", "stages", "replicas", "chunks", "microbatches",
                                   "workers", "predicted", "measured", "error")} for r in result.rows]
+    for c, r in zip(configs, result.rows):  # where it ran: "cpu"/"cuda", "gloo"/"nccl"
+        c["device"], c["backend"] = r.get("device", "cpu"), r.get("backend", "gloo")
     for c, r in zip(configs, result.rows):
         c["measured_runs"] = r.get("measured_runs", [])
         c["run_spread"] = r.get("run_spread", float("nan"))
@@ -135,7 +147,7 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
               title=f"{name}: predicted (top) and measured (bottom)", time_unit="ms")
     lines = ["# pipetwin validation", "",
              f"{s['n_configs']} held-out configurations, simulated with calibrated parameters and measured on this "
-             f"machine ({result.elapsed_s:.0f} s with calibration).", "",
+             f"machine ({result.elapsed_s:.0f} s with calibration); they ran on {_where(result.rows)}.", "",
              "## Summary", "", "| figure | value |", "|---|---|",
              f"| mean \\|throughput error\\| | {_pct(s['mean_abs_throughput_error'])} |",
              f"| worst \\|throughput error\\| | {_pct(s['max_abs_throughput_error'])} |",

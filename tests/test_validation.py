@@ -153,6 +153,32 @@ def test_summary_names_the_configurations_the_model_calls_a_tie_with_its_best():
     assert s["predicted_ties"] == [] and s["measured_best_among_predicted_ties"] is None
 
 
+def test_a_missed_best_pick_is_tested_against_the_launches():
+    """best_gap_p_value against closed forms: 5 launches all faster than 5 others is the most extreme of the
+    C(10, 5) = 252 equally likely orderings (p = 1/252); identical sets are nowhere near significant; fewer than
+    3 launches test nothing. summarize tests only a miss."""
+    from validation.compare import best_gap_p_value
+
+    assert best_gap_p_value([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(1 / 252)
+    assert best_gap_p_value([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(1.0)
+    # one overlap (the slowest "best" launch below the fastest "picked" one): 2 of 252 orderings are as extreme
+    assert best_gap_p_value([4.5, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(2 / 252)
+    assert best_gap_p_value([1, 2, 3, 4, 5], [1.1, 2.1, 3.1, 4.1, 5.1]) > 0.3
+    assert best_gap_p_value([1, 2], [3, 4, 5]) is None and best_gap_p_value(None, [1, 2, 3]) is None
+
+    def row(name, pred, runs):
+        meas = sorted(runs)[len(runs) // 2]
+        return {"name": name, "model": "m", "schedule": "1f1b", "measured_runs": sorted(runs),
+                "predicted": {"throughput_samples_per_s": pred}, "measured": {"throughput_samples_per_s": meas},
+                "error": {"throughput_samples_per_s": pred / meas - 1, "time_per_batch_s": 0.0, "bubble_fraction": 0.0,
+                          "peak_memory_bytes": {}}}
+
+    s = summarize([row("a", 100, [90, 91, 92, 93, 94]), row("b", 99, [95, 96, 97, 98, 99])])["by_model"]["m"]
+    assert s["measured_best"] == "b" and s["best_gap_p_value"] == pytest.approx(1 / 252)
+    s = summarize([row("a", 100, [95, 96, 97, 98, 99]), row("b", 99, [90, 91, 92, 93, 94])])["by_model"]["m"]
+    assert s["best_predicted_best"] and s["best_gap_p_value"] is None
+
+
 def test_matrix_holds_out_the_calibration_runs_and_spans_the_ranges():
     check_hold_out()
     assert len(FULL) >= 30 and set(QUICK) <= set(FULL)

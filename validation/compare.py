@@ -90,6 +90,27 @@ def best_agrees(predicted: list[float], measured: list[float]) -> bool:
     return bool(predicted) and _argbest(predicted) == _argbest(measured)
 
 
+#: launches each side needs before ``best_gap_p_value`` tests anything
+MIN_LAUNCHES = 3
+
+
+def best_gap_p_value(best_runs, picked_runs) -> float | None:
+    """One-sided Mann-Whitney U p-value that the measured best's launches ran faster than the predicted best's.
+
+    Small (below 0.05, say): the miss is real, the predicted best is slower on this machine. Large: the two
+    sets of launches cannot be told apart, and which one measured best is the machine's noise. None with
+    fewer than ``MIN_LAUNCHES`` launches on either side. With 5 against 5 the smallest possible value is
+    1/252 (every launch of one faster than every launch of the other).
+    """
+    from scipy.stats import mannwhitneyu
+
+    a = [x for x in (best_runs or []) if math.isfinite(x)]
+    b = [x for x in (picked_runs or []) if math.isfinite(x)]
+    if len(a) < MIN_LAUNCHES or len(b) < MIN_LAUNCHES:
+        return None
+    return float(mannwhitneyu(a, b, alternative="greater", method="exact").pvalue)
+
+
 def summarize(rows: list[dict]) -> dict:
     """Matrix figures from rows ``{"name", "model", "schedule", "predicted", "measured", "error"}``.
 
@@ -118,6 +139,8 @@ def summarize(rows: list[dict]) -> dict:
             spread = mb.get("run_spread", float("nan"))
             by_model[key]["best_gap"] = gap
             by_model[key]["best_within_spread"] = bool(math.isfinite(spread) and gap <= spread / 2)
+            by_model[key]["best_gap_p_value"] = best_gap_p_value(mb.get("measured_runs"), pb.get("measured_runs")) \
+                if mb is not pb else None
             # the configurations the model itself cannot tell from its best (predicted within TIE of it): when
             # several share one steady-state rate (PipeDream and 2BW on the same stages) the pick among them is a
             # coin toss, and what the prediction says is that the measured best is one of them

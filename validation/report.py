@@ -33,6 +33,11 @@ def _clean(x):
     return x
 
 
+def _p(x) -> str:
+    """A p-value to three decimals; "-" where nothing was tested (the same configuration, or too few launches)."""
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
 def _where(rows) -> str:
     """Where the measured runs computed and how they talked: "the CPU with gloo (34)", or several such."""
     counts: dict[tuple[str, str], int] = {}
@@ -163,16 +168,19 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
              f"{s.get('n_with_spread', s['n_configs'])} |",
              "",
              "The spread of a configuration is (fastest − slowest) / median throughput of its identical launches; "
-             "an error inside half of it is no larger than the machine's own variation.", "",
+             "an error inside half of it is no larger than the machine's own variation. Where the predicted best is "
+             "not the measured best, p is a one-sided Mann-Whitney U test on their launches that the measured best "
+             "is faster (5 launches each: 0.004 at the smallest); a large p says the two cannot be told apart on "
+             "this machine.", "",
              "| model | configs | Spearman | mean \\|thr error\\| | median run spread | measured best | predicted best | "
-             "predicted best's measured gap | predicted within 1% of the best (measured best among them?) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "predicted best's measured gap | p (gap is noise) | predicted within 1% of the best (measured best among them?) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k, v in s["by_model"].items():
         sp = "n/a" if not math.isfinite(v["spearman"]) else f"{v['spearman']:.3f}"
         lines.append(f"| {k} | {v['n_configs']} | {sp} | {_pct(v['mean_abs_throughput_error'])} | "
                      f"{format_spread(v.get('median_run_spread'))} | {v['measured_best']} | {v['predicted_best']} | "
                      f"{format_spread(v.get('best_gap'))}{_INSIDE if v.get('best_within_spread') else ''} | "
-                     f"{len(v.get('predicted_ties', []))} "
+                     f"{_p(v.get('best_gap_p_value'))} | {len(v.get('predicted_ties', []))} "
                      f"({_yes_no(v.get('measured_best_among_predicted_ties'))}) |")
     lines += ["", "![predicted against measured](scatter.png)", "", "![error by schedule](error_by_schedule.png)", "",
               "## Configurations", "",

@@ -237,6 +237,47 @@ def test_runs_compute_where_the_profile_was_taken():
             run_options("cuda", "auto")
 
 
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_validate_on_cuda_profiles_times_and_runs_everything_there(monkeypatch):
+    """run_matrix(device="cuda") on this CPU machine with the device calls recorded (the runs themselves go to
+    the CPU): the profile, the accumulation timing and every launch ask for the GPU, the launches keep the asked
+    backend, and the loopback link benchmark (host memory, not the GPUs' links) is never run."""
+    import executor.launch
+    import executor.profiler
+    from validation import calibrate as cal_mod
+    from validation import matrix
+    from validation.configs import QUICK
+
+    asked = {"profile": [], "accumulate": [], "run": []}
+    real_profile, real_acc, real_run = executor.profiler.profile_model, cal_mod.accumulate_s_per_byte, executor.launch.run_plan
+
+    def profile(*a, device="cpu", **kw):
+        asked["profile"].append(device)
+        return real_profile(*a, **kw)
+
+    def accumulate(*a, device="cpu", **kw):
+        asked["accumulate"].append(device)
+        return real_acc(*a, **kw)
+
+    def run(plan, timeout_s=60.0, device="auto", backend="auto", **kw):
+        asked["run"].append((device, backend))
+        return real_run(plan, timeout_s=timeout_s, device="cpu", backend="gloo", **kw)
+
+    def no_links(*a, **kw):
+        raise AssertionError("the loopback link benchmark ran for a GPU matrix")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(executor.profiler, "profile_model", profile)
+    monkeypatch.setattr(cal_mod, "accumulate_s_per_byte", accumulate)
+    monkeypatch.setattr(executor.launch, "run_plan", run)
+    monkeypatch.setattr(matrix, "measure_links", no_links)
+    res = matrix.run_matrix(configs=[c for c in QUICK if c.model == "mlp"][:1], repeats=1, device="cuda", backend="auto")
+    assert asked["profile"] == ["cuda"] and asked["accumulate"] == ["cuda"]
+    assert len(asked["run"]) == 3 and set(asked["run"]) == {("cuda", "auto")}  # two calibration runs, one scored
+    assert len(res.rows) == 1 and math.isfinite(res.rows[0]["error"]["throughput_samples_per_s"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("argv", [["validate", "--quick", "--device", "cuda"],
                                   ["calibrate", "--model", "mlp", "--device", "cuda"],

@@ -65,10 +65,11 @@ def run(args) -> int:
         raise UserError("--repeats must be >= 1")
     spec, mbs, plans, names = _runs(args.model, args.microbatch_size)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    run_options(args.device, args.backend)  # a bad device or backend is said before anything runs
+    # a bad device or backend is said before anything runs; one backend for every calibration run
+    where = run_options(args.device, args.backend, max(len(p.devices) for p in plans))
     points = None if args.no_netbench or args.device == "cuda" else measure_links()
     cal = calibrate(spec, plans, names=names, microbatch_size=mbs, bench_points=points, log=log, repeats=args.repeats,
-                    device=args.device, backend=args.backend)
+                    **where)
     files = cal.save(args.output)
     res = cal.residuals
     if args.json:

@@ -27,7 +27,7 @@ def demo_loop(out: Path) -> int:
     from planner.plan import even_plan
     from planner.search import plan_model
     from planner.trace import save_side_by_side
-    from validation.calibrate import calibrate, measure_links
+    from validation.calibrate import calibrate, measure_links, run_options
     from validation.compare import compare_traces, median_launch
 
     out = Path(out)
@@ -51,7 +51,8 @@ def demo_loop(out: Path) -> int:
     console.print(f"  plan: {plan.schedule}, stages {[s.layers for s in plan.stages]}, "
                   f"{plan.microbatches} microbatches of {plan.microbatch_size} (held out from calibration)")
     predicted = cal.simulate(plan)
-    measured, rates = median_launch([run_plan(plan, timeout_s=60).trace for _ in range(LAUNCHES)])
+    # on the CPU with gloo like the calibration runs, even where there are GPUs
+    measured, rates = median_launch([run_plan(plan, timeout_s=60, **run_options("cpu")).trace for _ in range(LAUNCHES)])
     console.print(f"  measured: the median of {LAUNCHES} launches ({', '.join(f'{r:.0f}' for r in rates)} samples/s)")
     cmp = compare_traces(predicted, measured)
     p, m, e = cmp["predicted"], cmp["measured"], cmp["error"]

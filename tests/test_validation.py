@@ -155,8 +155,8 @@ def test_summary_names_the_configurations_the_model_calls_a_tie_with_its_best():
 
 def test_a_missed_best_pick_is_tested_against_the_launches():
     """best_gap_p_value against closed forms: 5 launches all faster than 5 others is the most extreme of the
-    C(10, 5) = 252 equally likely orderings (p = 1/252); identical sets are nowhere near significant; fewer than
-    3 launches test nothing. summarize tests only a miss."""
+    C(10, 5) = 252 equally likely orderings (p = 1/252); interleaved sets are nowhere near significant, nor are
+    identical ones (ties); fewer than 3 launches test nothing. summarize tests only a miss."""
     from validation.compare import best_gap_p_value
 
     assert best_gap_p_value([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(1 / 252)
@@ -164,6 +164,7 @@ def test_a_missed_best_pick_is_tested_against_the_launches():
     # one overlap (the slowest "best" launch below the fastest "picked" one): 2 of 252 orderings are as extreme
     assert best_gap_p_value([4.5, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(2 / 252)
     assert best_gap_p_value([1, 2, 3, 4, 5], [1.1, 2.1, 3.1, 4.1, 5.1]) > 0.3
+    assert best_gap_p_value([3, 3, 3], [3, 3, 3]) >= 0.5
     assert best_gap_p_value([1, 2], [3, 4, 5]) is None and best_gap_p_value(None, [1, 2, 3]) is None
 
     def row(name, pred, runs):
@@ -230,11 +231,25 @@ def test_runs_compute_where_the_profile_was_taken():
         run_options("tpu")
     with pytest.raises(CalibrationError, match="choose auto, gloo or nccl"):
         run_options("cpu", "mpi")
-    if torch.cuda.is_available():
-        assert run_options("cuda", "auto") == {"device": "cuda", "backend": "auto"}
-    else:
+    if not torch.cuda.is_available():
         with pytest.raises(CalibrationError, match="no GPU that torch can use; use --device cpu"):
             run_options("cuda", "auto")
+
+
+def test_one_backend_is_chosen_for_the_widest_run(monkeypatch):
+    """On GPUs "auto" resolves once, for the widest run: NCCL only when it has a GPU per worker, else gloo for
+    every run (a calibration must not fit NCCL and gloo messages as one link); "nccl" on too few GPUs is
+    refused with what to do instead."""
+    from validation.calibrate import CalibrationError, run_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert run_options("cuda", "auto", 4) == {"device": "cuda", "backend": "nccl"}
+    assert run_options("cuda", "auto", 8) == {"device": "cuda", "backend": "gloo"}
+    assert run_options("cuda", "gloo", 2) == {"device": "cuda", "backend": "gloo"}
+    assert run_options("cpu", "auto", 2) == {"device": "cpu", "backend": "gloo"}  # GPUs there or not
+    with pytest.raises(CalibrationError, match="largest run has 8 workers, this machine 4 GPUs; use --backend gloo"):
+        run_options("cuda", "nccl", 8)
 
 
 @pytest.mark.dist
@@ -268,13 +283,20 @@ def test_validate_on_cuda_profiles_times_and_runs_everything_there(monkeypatch):
         raise AssertionError("the loopback link benchmark ran for a GPU matrix")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(executor.profiler, "profile_model", profile)
     monkeypatch.setattr(cal_mod, "accumulate_s_per_byte", accumulate)
     monkeypatch.setattr(executor.launch, "run_plan", run)
     monkeypatch.setattr(matrix, "measure_links", no_links)
-    res = matrix.run_matrix(configs=[c for c in QUICK if c.model == "mlp"][:1], repeats=1, device="cuda", backend="auto")
+    mlp = [c for c in QUICK if c.model == "mlp"][:1]
+    with pytest.raises(cal_mod.CalibrationError, match="needs a GPU per worker"):  # emu's widest run has 8
+        matrix.run_matrix(configs=mlp + [c for c in QUICK if c.model == "emu"], repeats=1, device="cuda",
+                          backend="nccl")
+    assert not asked["run"] and not asked["profile"]  # refused before anything ran
+    res = matrix.run_matrix(configs=mlp, repeats=1, device="cuda", backend="auto")
     assert asked["profile"] == ["cuda"] and asked["accumulate"] == ["cuda"]
-    assert len(asked["run"]) == 3 and set(asked["run"]) == {("cuda", "auto")}  # two calibration runs, one scored
+    # two calibration runs and one scored, all on NCCL: 2 workers, 2 GPUs
+    assert len(asked["run"]) == 3 and set(asked["run"]) == {("cuda", "nccl")}
     assert len(res.rows) == 1 and math.isfinite(res.rows[0]["error"]["throughput_samples_per_s"])
 
 

@@ -117,7 +117,8 @@ def fit_compute(rows: list[ComputeRow], overhead_s: float | None = None) -> Comp
     comp = [r for r in rows if r.base_s > 0 or r.layers]
     pure = [r for r in rows if not (r.base_s > 0 or r.layers)]
     if not comp:
-        raise CalibrationError("no timed compute actions to fit: run a calibration configuration first")
+        raise CalibrationError("the calibration runs timed no compute action to fit: give calibrate() plans whose "
+                               "traces have F and B events (a run of at least one microbatch)")
     if overhead_s is None:
         n = sum(r.count for r in pure)
         overhead_s = sum(r.measured_s * r.count for r in pure) / n if n else 0.0
@@ -237,23 +238,34 @@ def accumulate_s_per_byte(spec: str, microbatch_size: int = 1, repeats: int = 20
     return float(np.median(times[2:])) / nbytes
 
 
-def run_options(device: str = "cpu", backend: str = "auto") -> dict:
-    """``run_plan`` keywords for runs on ``device``: the CPU always with gloo (a machine with GPUs would
-    otherwise pick NCCL and the GPUs for runs that were profiled on the CPU); "cuda" with ``backend``
-    ("auto": NCCL where there is a GPU per worker, else gloo with the workers sharing the GPUs)."""
+def run_options(device: str = "cpu", backend: str = "auto", workers: int | None = None) -> dict:
+    """``run_plan`` keywords for runs on ``device``, one backend for all of them.
+
+    The CPU always uses gloo (a machine with GPUs would otherwise pick NCCL and the GPUs for runs that were
+    profiled on the CPU). On "cuda", ``backend`` "auto" is resolved here once, for the largest run
+    (``workers``; None: NCCL as soon as there is a GPU): NCCL when there is a GPU per worker of it, else gloo
+    with the workers sharing the GPUs, so that calibration and scored runs never mix two backends' links.
+    An explicit "nccl" with fewer GPUs than ``workers`` is refused before anything runs.
+    """
     if device not in ("cpu", "cuda"):
         raise CalibrationError(f"unknown device {device!r}; choose cpu or cuda")
     if backend not in ("auto", "gloo", "nccl"):
         raise CalibrationError(f"unknown backend {backend!r}; choose auto, gloo or nccl")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CalibrationError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
     if device == "cpu":
         if backend == "nccl":
             raise CalibrationError("NCCL communicates between GPUs: use --device cuda, or --backend gloo")
         return {"device": "cpu", "backend": "gloo"}
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CalibrationError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+    gpus = torch.cuda.device_count()
+    need = workers or 1
+    if backend == "nccl" and gpus < need:
+        raise CalibrationError(f"--backend nccl needs a GPU per worker: the largest run has {need} workers, this "
+                               f"machine {gpus} GPUs; use --backend gloo (workers share the GPUs) or --backend auto")
+    if backend == "auto":
+        backend = "nccl" if gpus >= need else "gloo"
     return {"device": "cuda", "backend": backend}
 
 
@@ -746,7 +758,10 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     say = log or (lambda *_: None)
     if repeats < 1:
         raise CalibrationError("repeats must be >= 1")
-    where = run_options(device, backend)
+    where = run_options(device, backend, max(len(p.devices) for p in plans) if plans else None)
+    if device == "cuda" and bench_points:
+        raise CalibrationError("the loopback link benchmark times host memory, not the GPUs' links: calibrate a "
+                               "GPU without it (bench_points=None); its links are fitted from the runs")
     names = list(names) if names else [str(i) for i in range(len(plans))]
     used = list(names)
     if repeats > 1:

@@ -33,10 +33,12 @@ class MatrixResult:
 
 def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1, device: str = "cpu",
                      backend: str = "auto") -> dict[str, Calibration]:
-    """Calibrate every model in ``keys`` on its calibration runs (``validation.configs.CALIBRATION``)."""
+    """Calibrate every model in ``keys`` on its calibration runs (``validation.configs.CALIBRATION``); on a GPU
+    without the loopback link benchmark (it times host memory)."""
     say = log or (lambda *_: None)
+    where = run_options(device, backend, max(c.workers for k in keys for c in CALIBRATION[k]))
     points = None
-    if links:
+    if links and device == "cpu":
         say("link benchmark (loopback, 2 processes)")
         points = measure_links()
     out = {}
@@ -45,7 +47,7 @@ def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1, de
         cs = CALIBRATION[key]
         out[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
                              microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats,
-                             device=device, backend=backend)
+                             **where)
     return out
 
 
@@ -113,15 +115,18 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
     how the runs communicate (``validation.calibrate.run_options``: the CPU always with gloo; "cuda" with
     "auto" takes NCCL for a configuration with a GPU per worker, else gloo with the workers sharing the GPUs).
     """
-    where = run_options(device, backend)
-    if device == "cuda":
-        links = False  # the loopback benchmark times host memory and gloo, not the GPUs' links
     if repeats is None:
         repeats = 1 if quick else 5
     say = log or (lambda *_: None)
     t0 = time.perf_counter()
     configs = list(configs or (QUICK if quick else FULL))
     keys = sorted({c.model for c in configs}, key=list(MODELS).index)
+    # one backend for every launch of the matrix (resolved for its widest run), refused before anything runs
+    widest = max([c.workers for c in configs] + [c.workers for k in keys if k not in (calibrations or {})
+                                                 for c in CALIBRATION[k]])
+    where = run_options(device, backend, widest)
+    if device == "cuda":
+        links = False  # the loopback benchmark times host memory and gloo, not the GPUs' links
     cals = dict(calibrations or {})
     points = None
     if links and any(k not in cals for k in keys):

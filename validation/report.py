@@ -169,11 +169,12 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
              "",
              "The spread of a configuration is (fastest − slowest) / median throughput of its identical launches; "
              "an error inside half of it is no larger than the machine's own variation. Where the predicted best is "
-             "not the measured best, p is a one-sided Mann-Whitney U test on their launches that the measured best "
-             "is faster (5 launches each: 0.004 at the smallest); a large p says the two cannot be told apart on "
-             "this machine.", "",
+             "not the measured best, the MWU p is a one-sided Mann-Whitney U test on their launches that the measured "
+             "best is faster (n against m launches: 1 / C(n + m, n) at the smallest). A large p: no evidence that "
+             "the predicted best is slower; a small one overstates a real miss, since the measured best was picked "
+             "from the same launches.", "",
              "| model | configs | Spearman | mean \\|thr error\\| | median run spread | measured best | predicted best | "
-             "predicted best's measured gap | p (gap is noise) | predicted within 1% of the best (measured best among them?) |",
+             "predicted best's measured gap | one-sided MWU p | predicted within 1% of the best (measured best among them?) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for k, v in s["by_model"].items():
         sp = "n/a" if not math.isfinite(v["spearman"]) else f"{v['spearman']:.3f}"

@@ -42,10 +42,12 @@ def main() -> int:
     ties = {k: (len(v["predicted_ties"]), v["measured_best_among_predicted_ties"]) for k, v in s["by_model"].items()}
     print("(not a target) measured best among the configurations predicted within 1% of the best: "
           + ", ".join(f"{k} {'n/a' if ok is None else 'yes' if ok else 'no'} ({n} such)" for k, (n, ok) in ties.items()))
-    tested = {k: v.get("best_gap_p_value") for k, v in s["by_model"].items()}
+    def p_text(v) -> str:
+        p = v.get("best_gap_p_value")
+        return "same" if v["best_predicted_best"] else "n/a" if p is None else f"{p:.3f}"
+
     print("(not a target) where the predicted best is not the measured best, one-sided Mann-Whitney p that the "
-          "measured best is faster: " + ", ".join(f"{k} {'same' if p is None and s['by_model'][k]['best_predicted_best'] else 'n/a' if p is None else f'{p:.3f}'}"
-                                                for k, p in tested.items()))
+          "measured best is faster: " + ", ".join(f"{k} {p_text(v)}" for k, v in s["by_model"].items()))
     print(f"{s['n_configs']} configurations in {res.elapsed_s:.0f} s; report: {args.out}/report.md")
     return 0
 

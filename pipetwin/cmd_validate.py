@@ -36,8 +36,8 @@ def run(args) -> int:
         from pipetwin.errors import UserError
 
         raise UserError("--repeats must be >= 1")
-    result = run_matrix(quick=args.quick, links=not args.no_netbench and args.device == "cpu", log=log,
-                        repeats=args.repeats, device=args.device, backend=args.backend)
+    result = run_matrix(quick=args.quick, links=not args.no_netbench, log=log, repeats=args.repeats,
+                        device=args.device, backend=args.backend)
     if args.report:
         write_report(result, args.report)
         save_calibrations(result, args.report)

@@ -66,7 +66,7 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats:
     plan = cfg.plan()
     predicted = cal.simulate(plan)
     if measured is None:
-        where = run_options(device, backend)
+        where = run_options(device, backend, cfg.workers)
         measured = [run_plan(plan, timeout_s=timeout_s, **where).trace for _ in range(max(1, repeats))]
     median_run, rates = median_launch(measured)
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
@@ -89,7 +89,7 @@ def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats
     from executor.launch import run_plan
 
     say = log or (lambda *_: None)
-    where = run_options(device, backend)
+    where = run_options(device, backend, max(c.workers for c in [*cal_configs, *configs]))
     cal_plans = [c.plan() for c in cal_configs]
     plans = {c.name: c.plan() for c in configs}
     cal_runs: list[list[Trace]] = [[] for _ in cal_configs]
@@ -113,7 +113,8 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
     is scored); default 1 with ``quick``, else 5 (with 3, three full runs on the 2-core machine had worst errors of 13-20%).
     ``device``: where the profiles, calibration runs and scored runs compute, "cpu" or "cuda"; ``backend``
     how the runs communicate (``validation.calibrate.run_options``: the CPU always with gloo; "cuda" with
-    "auto" takes NCCL for a configuration with a GPU per worker, else gloo with the workers sharing the GPUs).
+    "auto" resolves once for the matrix's widest run: NCCL with a GPU per worker of it, else gloo with the
+    workers sharing the GPUs). On "cuda" the loopback link benchmark is not run (``links`` is ignored).
     """
     if repeats is None:
         repeats = 1 if quick else 5

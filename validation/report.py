@@ -52,9 +52,8 @@ def to_json(result) -> dict:
     """``{"configs": [...], "summary": {...}, "calibration": {...}, "elapsed_s"}`` of a MatrixResult."""
     configs = [{k: r[k] for k in ("name", "model", "schedule", "stages", "replicas", "chunks", "microbatches",
                                   "workers", "predicted", "measured", "error")} for r in result.rows]
-    for c, r in zip(configs, result.rows):  # where it ran: "cpu"/"cuda", "gloo"/"nccl"
-        c["device"], c["backend"] = r.get("device", "cpu"), r.get("backend", "gloo")
     for c, r in zip(configs, result.rows):
+        c["device"], c["backend"] = r.get("device", "cpu"), r.get("backend", "gloo")  # "cpu"/"cuda", "gloo"/"nccl"
         c["measured_runs"] = r.get("measured_runs", [])
         c["run_spread"] = r.get("run_spread", float("nan"))
     cal = {k: {"used": c.used, "overhead_s": c.params.overhead_s, "action_s": c.action_s,

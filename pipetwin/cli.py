@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("schedule", "plan", "simulate", "run", "profile", "netbench", "validate", "calibrate", "whatif", "search", "demo")
+COMMANDS = ("schedule", "plan", "simulate", "run", "profile", "netbench", "validate", "calibrate", "whatif", "search", "demo",
+            "groundtruth", "compare_schedules")
 
 
 def _bad_input_types() -> tuple[type, ...]:

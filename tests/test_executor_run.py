@@ -114,7 +114,7 @@ def test_sender_thread_priority_is_raised_for_that_thread_only():
     """The sender thread asks for SCHED_FIFO; the compute (main) thread must keep normal priority."""
     import threading
 
-    from executor import runtime
+    from executor import transport
 
     if not hasattr(os, "sched_getscheduler"):
         pytest.skip("no POSIX scheduling policies on this platform")
@@ -122,7 +122,7 @@ def test_sender_thread_priority_is_raised_for_that_thread_only():
     seen = {}
 
     def body():
-        seen["raised"] = runtime._raise_priority()
+        seen["raised"] = transport.raise_priority()
         seen["policy"] = os.sched_getscheduler(0)
 
     t = threading.Thread(target=body)
@@ -142,7 +142,7 @@ def test_device_warm_up_leaves_weights_buffers_and_random_state_as_they_were():
     from torch import nn
 
     from executor.models import build_stage, input_shape
-    from executor.runtime import warm_up_stage
+    from executor.timing import warm_up_stage
 
     torch.manual_seed(3)
     layers = build_stage("cnn:blocks=2,channels=8,size=8,classes=10", 0, 2)  # conv-bn stem and residual blocks

@@ -161,3 +161,28 @@ def test_device_warm_up_leaves_weights_buffers_and_random_state_as_they_were():
     y = module(x)
     torch.manual_seed(5)
     assert torch.equal(y, twin(x))  # the same dropout mask and the same normalisation
+
+
+def test_one_resolver_turns_auto_into_a_backend_and_device_by_the_stated_rules():
+    """The CPU always runs gloo; NCCL is refused on the CPU; names outside the choices are refused (CPU machine rules
+    here; the GPU rules are exercised by tests/test_gpu.py)."""
+    from executor import ExecutorError, resolve_backend_device
+
+    assert resolve_backend_device("auto", "cpu", 4) == ("gloo", "cpu")
+    assert resolve_backend_device("gloo", "cpu", 1) == ("gloo", "cpu")
+    with pytest.raises(ExecutorError, match="NCCL communicates between GPUs"):
+        resolve_backend_device("nccl", "cpu", 2)
+    with pytest.raises(ExecutorError, match="unknown backend"):
+        resolve_backend_device("mpi", "cpu")
+    with pytest.raises(ExecutorError, match="unknown device"):
+        resolve_backend_device("auto", "tpu")
+    if not torch.cuda.is_available():
+        assert resolve_backend_device("auto", "auto", 2) == ("gloo", "cpu")
+        with pytest.raises(ExecutorError, match="no GPU"):
+            resolve_backend_device("auto", "cuda", 2)
+    else:
+        gpus = torch.cuda.device_count()
+        assert resolve_backend_device("auto", "cuda", gpus) == ("nccl", "cuda")
+        assert resolve_backend_device("auto", "cuda", gpus + 1) == ("gloo", "cuda")
+        with pytest.raises(ExecutorError, match="one GPU per worker"):
+            resolve_backend_device("nccl", "cuda", gpus + 1)

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
 from planner.program import FAMILIES
+from topologies.errors import InputError
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan that is inconsistent or cannot be read; the message says what to change."""
 
 

@@ -243,3 +243,29 @@ def test_a_stream_that_does_not_settle_is_simulated_in_full(monkeypatch):
            "devices": 8, "key": json.dumps({"optimizer": "sgd"})}
     monkeypatch.setattr(w, "_sim_plan", lambda plan, batches: plan)  # simulate the plan as it is
     assert w.simulate_record(rec) == w._figures(w._simulate(plan, profile, topo, params))
+
+
+# ---------------------------------------------------------------------- golden files
+GOLDEN = __import__("pathlib").Path(__file__).parent / "golden"
+#: A small sweep through the public path: two interconnects (one with an invalid point: 6 devices are not whole
+#: 4-GPU PCIe servers), the planner's choice and 1F1B, every feasible point simulated (flush runs extrapolated,
+#: 2BW streams spliced), prices and a target.
+WHATIF_SMALL = ["whatif", "--model", MODEL, "--devices", "2,4,6", "--device-kinds", "h100",
+                "--interconnects", "dgx-ib200,pcie-eth100", "--schedules", "auto,1f1b", "--global-batch", "128",
+                "--price", "h100=2.5", "--target-throughput", "1000", "--simulate", "all", "--jobs", "1", "--json"]
+SEARCH_SMALL = ["search", "--model", MODEL, "--topology", "dgx:servers=1,gpus=4,kind=h100,ib=200", "--top-k", "6",
+                "--microbatch-sizes", "1,2", "--jobs", "1", "--json"]
+
+
+@pytest.mark.parametrize("argv,name", [(WHATIF_SMALL, "whatif_small.json"), (SEARCH_SMALL, "search_small.json")])
+def test_json_output_is_byte_identical_to_the_golden_file(capsys, argv, name):
+    """The --json document of a small sweep (and of a small search) is pinned byte for byte: moving code
+    between modules must not change a figure. ``PIPETWIN_UPDATE_GOLDEN=1`` rewrites the file on purpose."""
+    import os
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    path = GOLDEN / name
+    if os.environ.get("PIPETWIN_UPDATE_GOLDEN") == "1":
+        path.write_text(out)
+    assert out == path.read_text(), f"{name} changed; if on purpose, rerun with PIPETWIN_UPDATE_GOLDEN=1"

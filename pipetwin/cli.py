@@ -25,7 +25,7 @@ def _bad_input_types() -> tuple[type, ...]:
                          PermissionError, UnicodeDecodeError]
     for mod, name in (("planner.check", "ProgramError"), ("planner.schedules", "ScheduleError"),
                       ("topologies.topology", "TopologyError"), ("sim.params", "SimError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError"),
-                      ("validation.calibrate", "CalibrationError")):
+                      ("validation.calibrate", "CalibrationError"), ("whatif.errors", "WhatIfError")):
         try:
             types.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

@@ -30,6 +30,10 @@ class Layer:
         activation_bytes: output activation bytes per sample (what a stage boundary after this layer sends).
         saved_bytes: bytes kept for backward per sample (defaults to activation_bytes when unknown).
         param_bytes: parameter bytes.
+        selective_saved_bytes: the part of ``saved_bytes`` selective recomputation drops and rebuilds
+            (a transformer block's attention core); 0: nothing (see ``planner.recompute``).
+        selective_forward_s: forward seconds per reference microbatch of that part (what selective
+            recomputation re-runs before the backward).
     """
 
     name: str
@@ -38,6 +42,8 @@ class Layer:
     activation_bytes: float
     saved_bytes: float
     param_bytes: float
+    selective_saved_bytes: float = 0.0
+    selective_forward_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,8 @@ class ModelProfile:
     def scaled(self, microbatch_size: int) -> "ModelProfile":
         """The same model at another microbatch size (times scale linearly; bytes are per sample)."""
         k = microbatch_size / self.microbatch_size
-        layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k) for l in self.layers)
+        layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k,
+                               selective_forward_s=l.selective_forward_s * k) for l in self.layers)
         return replace(self, layers=layers, microbatch_size=microbatch_size)
 
     # --- native JSON ----------------------------------------------------------------
@@ -114,7 +121,7 @@ class ModelProfile:
             "name": self.name,
             "microbatch_size": self.microbatch_size,
             "device": self.device,
-            "layers": [asdict(l) for l in self.layers],
+            "layers": [_layer_dict(l) for l in self.layers],
         }
         if self.graph is not None:
             d["graph"] = {"nodes": list(self.graph.nodes), "edges": [list(e) for e in self.graph.edges]}
@@ -131,6 +138,7 @@ class ModelProfile:
                     activation_bytes=float(l["activation_bytes"]),
                     saved_bytes=float(l.get("saved_bytes", l["activation_bytes"])),
                     param_bytes=float(l["param_bytes"]),
+                    **{k: float(l[k]) for k in _OPTIONAL_LAYER_FIELDS if k in l},
                 )
                 for l in d["layers"]
             )
@@ -152,6 +160,18 @@ class ModelProfile:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+#: Layer fields with a default: written only when set, so profiles without them read and write unchanged.
+_OPTIONAL_LAYER_FIELDS = ("selective_saved_bytes", "selective_forward_s")
+
+
+def _layer_dict(layer: Layer) -> dict:
+    d = asdict(layer)
+    for k in _OPTIONAL_LAYER_FIELDS:
+        if not d[k]:
+            del d[k]
+    return d
 
 
 def uniform_profile(

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from planner.program import Action, Kind, Program, FLUSH_FAMILIES
 from planner.trace import Trace
+from topologies.errors import InputError
 
 
-class ProgramError(ValueError):
+class ProgramError(InputError):
     """A program that breaks an invariant. ``worker``/``index`` locate the offending action."""
 
     def __init__(self, message: str, program: Program | None = None, worker: int | None = None, index: int | None = None):

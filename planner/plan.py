@@ -16,9 +16,10 @@ from pathlib import Path
 
 from planner.program import FAMILIES
 from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
+from topologies.errors import InputError
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan that is inconsistent or cannot be read; the message says what to change."""
 
 

@@ -17,8 +17,9 @@ Transformer Models"):
 - ``"selective"``: only the part of each layer that is cheap to recompute and
   big to keep is dropped — in a transformer block the attention core (QKᵀ,
   softmax, dropout, attention over V: the 5·a·s/h term of s·h·(34 + 5·a·s/h)).
-  ``Layer.selective_saved_bytes`` says how many of the layer's saved bytes that
-  part is and ``Layer.selective_forward_s`` how long its forward takes. A
+  ``Layer.attention_saved_bytes`` says how many of the layer's saved bytes that
+  part is and ``Layer.attention_forward_s`` how long its forward takes
+  (``planner.analytic`` fills them for transformer blocks). A
   profile without those fields (every profile written before them, and
   non-transformer layers) has nothing selective recomputation can drop: there
   selective is the same as none, in time and in memory.
@@ -29,11 +30,12 @@ profile's own fields; callers scale by the microbatch size.
 from __future__ import annotations
 
 from planner.profile import Layer, ModelProfile
+from topologies.errors import InputError
 
 MODES = ("none", "selective", "full")
 
 
-class RecomputeError(ValueError):
+class RecomputeError(InputError):
     """An unknown recomputation mode."""
 
 
@@ -58,7 +60,7 @@ def layer_extra_forward_s(layer: Layer, mode: str) -> float:
     if mode == "full":
         return layer.forward_s
     if mode == "selective":
-        return layer.selective_forward_s
+        return layer.attention_forward_s
     return 0.0
 
 
@@ -76,7 +78,7 @@ def layer_kept_bytes(profile: ModelProfile, i: int, mode: str) -> float:
     if mode == "full":
         return layer_input_bytes(profile, i)
     if mode == "selective":
-        return layer.saved_bytes - min(layer.selective_saved_bytes, layer.saved_bytes)
+        return layer.saved_bytes - min(layer.attention_saved_bytes, layer.saved_bytes)
     return layer.saved_bytes
 
 
@@ -87,7 +89,7 @@ def layer_rebuilt_bytes(profile: ModelProfile, i: int, mode: str) -> float:
     if mode == "full":
         return max(0.0, layer.saved_bytes - layer_input_bytes(profile, i))
     if mode == "selective":
-        return min(layer.selective_saved_bytes, layer.saved_bytes)
+        return min(layer.attention_saved_bytes, layer.saved_bytes)
     return 0.0
 
 

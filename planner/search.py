@@ -125,6 +125,8 @@ def plan_model(
     for d in devs:
         topology.device(d)
     L = len(profile)
+    if stages is not None and stages < 1:
+        raise PlanError(f"--stages {stages}: a pipeline has at least 1 stage")
     if stages is not None and stages > L:
         raise PlanError(f"{stages} stages but the model {profile.name!r} has only {L} layers: use at most {L} stages")
     if stages is not None and stages > len(devs):

@@ -105,10 +105,10 @@ def _profile():
     """Three layers with different inputs, saved bytes and attention cores (bytes per sample)."""
     return ModelProfile("p", (
         Layer("a", 1.0, 2.0, activation_bytes=10, saved_bytes=30, param_bytes=0),
-        Layer("b", 2.0, 4.0, activation_bytes=20, saved_bytes=100, param_bytes=0, selective_saved_bytes=60,
-              selective_forward_s=0.5),
-        Layer("c", 3.0, 6.0, activation_bytes=5, saved_bytes=50, param_bytes=0, selective_saved_bytes=10,
-              selective_forward_s=0.25),
+        Layer("b", 2.0, 4.0, activation_bytes=20, saved_bytes=100, param_bytes=0, attention_saved_bytes=60,
+              attention_forward_s=0.5),
+        Layer("c", 3.0, 6.0, activation_bytes=5, saved_bytes=50, param_bytes=0, attention_saved_bytes=10,
+              attention_forward_s=0.25),
     ))
 
 
@@ -134,8 +134,8 @@ def test_a_profile_without_attention_cores_recomputes_nothing_selectively():
         == (0.0, kept_bytes(p, 0, 3, "none"), 0.0)
 
 
-def test_selective_fields_survive_json_and_old_profiles_write_unchanged():
+def test_attention_fields_survive_json_and_old_profiles_write_unchanged():
     p = _profile()
     assert ModelProfile.from_dict(p.to_dict()) == p
-    assert "selective_saved_bytes" not in p.to_dict()["layers"][0]
-    assert p.scaled(4).layers[1].selective_forward_s == 2.0
+    assert "attention_saved_bytes" not in p.to_dict()["layers"][0]
+    assert p.scaled(4).layers[1].attention_forward_s == 2.0

@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from planner.profile import ModelProfile
+from topologies.errors import InputError
 
 __all__ = [
     "PipeDreamError",
@@ -75,7 +76,7 @@ def _dp_work(n: int, levels, straight: bool) -> float:
     return work
 
 
-class PipeDreamError(ValueError):
+class PipeDreamError(InputError):
     """A PipeDream planning request that cannot be answered; the message says what to change."""
 
 

@@ -344,7 +344,7 @@ def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands, p
         need = min(need, max(c.peak_memory_bytes.values()))
     what = f"{limit:.4g} bytes per device" if limit is not None else "the devices' memory"
     hint = "" if not math.isfinite(need) else f"; the smallest per-device memory any plan needs is {need:.4g} bytes ({need / 2**30:.2f} GiB)"
-    more = "" if opts.recompute else ", or use --recompute"
+    more = "" if opts.recompute == "full" else ", or use --recompute"
     return f"no plan fits in {what}{hint} — raise --memory-limit, use more devices or smaller microbatches{more}"
 
 

@@ -49,7 +49,7 @@ def _plan_for(args):
     """The plan to run: the --plan file, or the model split evenly (the hook the planner wiring replaces)."""
     from executor.models import num_layers
     from pipetwin.errors import UserError
-    from planner.plan import Plan, even_plan
+    from planner.plan import Plan, plan_from_flags
 
     if args.plan:
         if args.model or args.stages:
@@ -64,22 +64,13 @@ def _plan_for(args):
         raise UserError("give --plan plan.json, or --model and --stages (e.g. --model mlp:layers=8,width=512 --stages 2)")
     if args.stages < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
         raise UserError("--stages, --microbatches, --microbatch-size and --batches must be >= 1")
-    chunks = args.chunks if args.schedule == "interleaved" else 1
-    if args.schedule == "interleaved" and args.chunks < 2:
-        chunks = 2
-    if chunks != 1 and args.schedule != "interleaved":
+    if args.chunks != 1 and args.schedule != "interleaved":
         raise UserError("--chunks is for --schedule interleaved only")
-    virtual = args.stages * chunks
-    replicas = args.replicas
-    if replicas is not None and len(replicas) != args.stages:
-        raise UserError(f"--replicas gives {len(replicas)} values for {args.stages} stages")
-    if replicas is not None and chunks > 1:
-        raise UserError("interleaved 1F1B does not replicate stages; drop --replicas")
-    kw = dict(schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
-              batches=args.batches, chunks=chunks, vertical_sync=args.vertical_sync)
-    if args.lr is not None:
-        kw["lr"] = args.lr
-    return even_plan(args.model, num_layers(args.model), virtual, replicas, **kw)
+    if args.replicas is not None and len(args.replicas) != args.stages:
+        raise UserError(f"--replicas gives {len(args.replicas)} values for {args.stages} stages")
+    return plan_from_flags(args.model, num_layers(args.model), pp=args.stages, dp=args.replicas or 1, vp=args.chunks,
+                           schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
+                           batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr)
 
 
 def run(args) -> int:

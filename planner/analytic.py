@@ -77,7 +77,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner.efficiency import EfficiencyParams, Gemm, Work, work_time_s
-from planner.profile import Layer, ModelProfile, ProfileError, load_profile, read_pipedream_graph
+from planner.profile import Layer, ModelProfile, ModelSpecError, ProfileError, load_profile, read_pipedream_graph
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
 from topologies.topology import TopologyError
 
@@ -97,10 +97,6 @@ STATE_BYTES_PER_PARAM: dict[str, int] = {"none": 8, "sgd": 12, "momentum": 12, "
 DEFAULT_DEVICE_KIND = "a100-80gb"
 #: Reference device PipeDream's graph.txt times are scaled from (its clusters are V100s).
 PIPEDREAM_REFERENCE_KIND = "v100"
-
-
-class ModelSpecError(ProfileError):
-    """A model spec that names no known model or has a bad field; the message lists what is accepted."""
 
 
 @dataclass(frozen=True)
@@ -615,7 +611,6 @@ def min_memory_per_device_bytes(profile: ModelProfile, devices: int, optimizer: 
     st = state_bytes(total_params(profile), optimizer) / max(1, min(devices, len(profile)))
     act = max(l.saved_bytes for l in profile.layers) * microbatch_size
     return st + act
-
 
 
 def on_device(profile: ModelProfile, kind: str) -> ModelProfile:

@@ -14,9 +14,18 @@ import re
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
+from topologies.errors import InputError
 
-class ProfileError(ValueError):
+
+class ProfileError(InputError):
     """A profile that cannot be read; the message names the line or field."""
+
+
+class ModelSpecError(ProfileError):
+    """A model spec that names no known model or has a bad field; the message lists what is accepted.
+
+    One type for every package's model grammar (``planner.analytic`` and ``executor.models``).
+    """
 
 
 @dataclass(frozen=True)

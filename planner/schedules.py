@@ -14,9 +14,10 @@ import math
 from typing import Callable
 
 from planner.program import Action, Kind, Program, ScheduleSpec, FAMILIES, FLUSH_FAMILIES
+from topologies.errors import InputError
 
 
-class ScheduleError(ValueError):
+class ScheduleError(InputError):
     """Parameters no schedule of the family can satisfy; the message says what to change."""
 
 

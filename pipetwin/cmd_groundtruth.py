@@ -27,16 +27,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pipetwin.errors import UserError
-    from planner.efficiency import CalibrationFileError, load_device_calibration
-    from validation.groundtruth import GroundTruthError, run as run_groundtruth
+    from planner.efficiency import load_device_calibration
+    from validation.groundtruth import run as run_groundtruth
     from validation.groundtruth_report import to_json, write_report
 
-    try:
-        cal = load_device_calibration(args.device_calibration)
-        g = run_groundtruth(args.data, calibration=cal, simulate=not args.no_simulate)
-    except (GroundTruthError, CalibrationFileError) as e:
-        raise UserError(str(e)) from None
+    cal = load_device_calibration(args.device_calibration)
+    g = run_groundtruth(args.data, calibration=cal, simulate=not args.no_simulate)
     if args.save_calibration:
         g.calibration.save(args.save_calibration)
     if args.report:

@@ -98,6 +98,9 @@ def test_every_real_row_shape_is_expressible_and_the_layers_split_as_megatron_sp
     plan = row_plan(r)
     assert plan.microbatches == 16 and plan.replicas == (2, 2, 2, 2)
     assert plan.stages[1].devices == ("d2", "d3")  # Megatron rank order: (pp·DP + dp)·TP + tp
+    grid = row_plan(_row(16, 16, 1, 2, 2, 4))
+    assert grid.tensor_parallel == 2 and grid.recompute == "full"
+    assert grid.stages[1].devices == ("d4", "d5", "d6", "d7")  # replica r holds devices[r·T:(r+1)·T]
     assert why_not_expressible(_row(8, 16, 3, 1, 2, 4)) .startswith("global batch")
     assert "heads" in why_not_expressible(_row(8, 16, 1, 8, 1, 1, heads=4))
 

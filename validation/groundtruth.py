@@ -48,6 +48,7 @@ from planner.efficiency import (DEFAULT_PARAMS, DeviceCalibration, EfficiencyPar
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
 from topologies.devices import device_kind
+from topologies.errors import InputError
 from topologies.presets import load_topology
 from topologies.topology import Topology
 
@@ -68,7 +69,7 @@ _COLUMNS = {"# GPUs": "gpus", "global batch": "global_batch", "micro batch": "mi
             "data parallelism": "dp", "pipeline parallelism": "pp", "iteration time (ms)": "measured_ms"}
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(InputError):
     """A ground-truth file that cannot be read; the message names file:line and what is wrong."""
 
 
@@ -225,12 +226,14 @@ def stage_layer_ranges(row: Row) -> list[tuple[int, int]]:
 
 
 def row_plan(row: Row) -> Plan:
-    """The row as a pipetwin plan (devices: tensor rank 0 of each DP replica, as the plan holds one
-    device per replica until plans carry a tensor grid)."""
-    stages = tuple(StagePlan(a, b, row.dp, tuple(device_of(row, s, d, 0) for d in range(row.dp)))
+    """The row as a pipetwin plan: P stages of DP replicas, each a TP group of T devices (Megatron's rank
+    order), full recomputation, 1F1B, global / micro microbatches per batch (the replicas take them
+    round-robin, so each runs global / (micro · DP))."""
+    stages = tuple(StagePlan(a, b, row.dp, tuple(device_of(row, s, d, t) for d in range(row.dp) for t in range(row.tp)))
                    for s, (a, b) in enumerate(stage_layer_ranges(row)))
     return Plan(model=row_config(row).spec(), stages=stages, schedule="1f1b", microbatch_size=row.micro_batch,
-                microbatches=row.microbatches * row.dp, topology=topology_spec(row.gpus))
+                microbatches=row.microbatches * row.dp, topology=topology_spec(row.gpus), tensor_parallel=row.tp,
+                recompute="full")
 
 
 # ---------------------------------------------------------------------- links
@@ -458,7 +461,7 @@ def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Top
                    kind: str = VTRAIN_KIND) -> float:
     """The row's iteration seconds by pipetwin's SimPy simulator: the plan lowered to its program, full
     recomputation folded into the blocks' backward, the Adam step as the slowest stage's, plus the fitted
-    per-iteration overhead."""
+    per-iteration overhead. TP = 1 only, until the simulator runs TP collectives."""
     from sim.engine import simulate_plan
     from sim.params import SimParams
     from planner.trace import makespan_s
@@ -474,7 +477,10 @@ def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Top
     prof = replace(prof, layers=folded)
     k = device_kind(kind)
     step = max(optimizer_step_s(prof.param_bytes(a, z) / 4.0, k, params) for a, z in stage_layer_ranges(row))
-    trace = simulate_plan(row_plan(row), prof, topo, SimParams(step_time_s=step, link_events=False))
+    # Megatron's full recomputation re-runs the blocks only (planner.recompute's "full" re-runs every layer,
+    # the embedding and the head too), so it is folded into the blocks' backward and the plan says "none"
+    plan = replace(row_plan(row), recompute="none")
+    trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
     return makespan_s(trace) + params.iteration_overhead_s
 
 

@@ -310,7 +310,8 @@ def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: 
     bias-dropout-adds 7·N·h each, Llama: two residual adds 6·N·h each; QKV layout copies
     4·N·(h + 2·kv)/T and the output's 4·N·h/T; Llama's rotary 4·N·(h + kv)/T; the fused
     scale-mask-softmax 4·b·a·s²/T and (GPT) the attention dropout 5·b·a·s²/T; the MLP activation
-    (bias-GeLU 4·N·f/T, SwiGLU's product 6·N·f/T).
+    (bias-GeLU 4·N·f/T, SwiGLU's product 6·N·f/T). Kernels: 17 (GPT) or 16 (Llama) launches; the TP
+    all-reduces are not work here (the interpreters add their time on the links).
     """
     b, s, h, f, kv, a, t = microbatch_size, c.seq, c.hidden, c.ffn_size, c.kv_size, c.heads, tensor_parallel
     n = b * s

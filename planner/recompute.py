@@ -93,6 +93,12 @@ def layer_rebuilt_bytes(profile: ModelProfile, i: int, mode: str) -> float:
     return 0.0
 
 
+def recomputed_tp_allreduces(layer: Layer, mode: str) -> int:
+    """TP all-reduces a layer's backward adds by re-running its forward: full recomputation re-runs them all;
+    selective re-runs only the attention core, which has none."""
+    return layer.tp_forward_allreduces if mode == "full" else 0
+
+
 def kept_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
     """Bytes per sample layers first..last keep from forward until backward (the stage input included)."""
     mode = recompute_mode(mode)

@@ -273,3 +273,19 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
         assert Plan.from_dict(rec.plan) == plan
         assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
         assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
+
+
+def test_full_recomputation_leaves_layers_that_are_not_recomputable_alone():
+    """Megatron checkpoints the blocks; the embedding and the head keep their activations (planner.analytic)."""
+    from dataclasses import replace
+
+    p = _profile()
+    q = replace(p, layers=(replace(p.layers[0], recomputable=False),) + p.layers[1:])
+    assert extra_forward_s(q, 0, 2, "full") == 5.0
+    assert kept_bytes(q, 0, 2, "full") == 30 + 10 + 20
+    assert kept_bytes(q, 0, 0, "full") == 30 and rebuilt_bytes(q, 0, 0, "full") == 0.0
+    assert ModelProfile.from_dict(q.to_dict()) == q and "recomputable" not in p.to_dict()["layers"][0]
+    from planner.analytic import load_model
+
+    gpt = load_model("gpt3-125m")
+    assert [l.recomputable for l in (gpt.layers[0], gpt.layers[1], gpt.layers[-1])] == [False, True, False]

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from executor.backend import resolve_backend_device
 from executor.errors import ExecutorError, WorkerFailed
 from executor.faults import FAULT_ENV
+from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import RunResult, result_from_parts, weights_from_checkpoint
 from executor.transport import p2p_orders_agree
@@ -145,8 +146,9 @@ def _launch(cfg: RunConfig, prep: Prepared, world: int, out_dir: Path) -> list[d
     ctx = _context()
     progress = ctx.Array("q", [-1] * world, lock=False)
     env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    if FAULT_ENV in os.environ:
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for name in (FAULT_ENV, TP_FAULT_ENV):
+        if name in os.environ:
+            env[name] = os.environ[name]
     procs = [ctx.Process(target=local_entry, name=f"pipetwin-w{r}",
                          args=(cfg, r, world, "127.0.0.1", store.port, str(out_dir), progress, env), daemon=True)
              for r in range(world)]

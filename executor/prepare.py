@@ -85,6 +85,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     if plan.num_layers != n:
         raise ExecutorError(f"the plan covers {plan.num_layers} layers but model {plan.model!r} has {n}; "
                             f"re-plan for this model (or fix the stages' layer ranges)")
+    if plan.tensor_parallel > 1:
+        from executor.tensor_parallel import check_model
+
+        check_model(plan.model, plan.tensor_parallel)
     if cfg.dtype not in DTYPES:
         raise ExecutorError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     streaming = plan.schedule not in FLUSH_FAMILIES

@@ -7,7 +7,7 @@ recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
 * **Model**: ``planner.analytic.transformer_profile`` per TP rank (vocabulary 50,257 padded as
   Megatron pads it, to a multiple of 128·T), timed by the fitted kernel-level efficiency model
   (``planner.efficiency``) at the row's microbatch size.
-* **Cluster**: ``hier:8@nvswitch:150e9,N@ib:100e9,kind=a100-80gb`` — 8 A100s per node on
+* **Cluster**: ``hier:8@nvswitch:1.5e+11,N@ib:1e+11,kind=a100-80gb`` — 8 A100s per node on
   NVLink at ~150 GB/s, one 800 Gbit/s link per node. The 80 GB part: the 175B rows keep
   2.7B parameters × 16 bytes per GPU, more than a 40 GB A100 holds.
 * **Placement**: Megatron's rank order (TP fastest, then DP, then PP; rank r on device ``d{r}``,

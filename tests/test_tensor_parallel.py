@@ -161,15 +161,16 @@ def _compute_events(trace):
 
 @pytest.mark.parametrize("T", [2, 3, 4, 8])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_tp_all_reduces_inside_compute_cost_the_ring_closed_form(T, recompute):
-    from sim import simulate_plan
+@pytest.mark.parametrize("tp_ring", ["fused", "phases"])
+def test_tp_all_reduces_inside_compute_cost_the_ring_closed_form(T, recompute, tp_ring):
+    from sim import SimParams, simulate_plan
     from tests.test_sim import star
 
     S = 4e6
     prof = _tp_profile(T, attn_s=0.25, attn_bytes=10.0)
     topo = star(T, bandwidth=1e9, latency=1e-6)
     plan = plan_from_flags("m", 1, pp=1, tp=T, microbatches=2, recompute=recompute, devices=topo.devices)
-    trace = simulate_plan(plan, prof, topo)
+    trace = simulate_plan(plan, prof, topo, SimParams(tp_ring=tp_ring))
     ar = _ring_s(T, S)
     redo = {"none": 0.0, "selective": 0.25, "full": 1.0 + 2 * ar}  # full re-runs the forward with its all-reduces
     events = _compute_events(trace)

@@ -398,7 +398,8 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     ef, eb = times(emb_flops, embedding_work(c, mb, t, sequence_parallel, vocab_multiple))
     positions = 0 if c.llama else s * h
     layers = [Layer("embedding", ef, eb, boundary, (0.0 if c.llama else s * h * rep) + 8.0 * s,
-                    BYTES_PER_PARAM * (vp * h / t + positions), tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=ar)]
+                    BYTES_PER_PARAM * (vp * h / t + positions), tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=ar,
+                    recomputable=False)]
     sharded, replicated = _block_param_split(c)
     bp = BYTES_PER_PARAM * (sharded / t + replicated)
     saved = block_saved_bytes(c, t, sequence_parallel)
@@ -414,7 +415,7 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     hfw, hbw = times(hf, head_work(c, mb, t, sequence_parallel, vocab_multiple))
     layers.append(Layer("ln_f+head", hfw, hbw, 4.0, 4.0 * s * h * rep + 4.0 * s * vp / t,
                         BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), tp_allreduce_bytes=tp_bytes,
-                        tp_backward_allreduces=ar))
+                        tp_backward_allreduces=ar, recomputable=False))
     return ModelProfile(name=name or c.spec(), layers=tuple(layers), microbatch_size=mb, device=k.name,
                         tensor_parallel=t, sequence_parallel=sequence_parallel)
 

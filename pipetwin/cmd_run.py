@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import json
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    from pipetwin.errors import UserError
-
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--replicas expects comma-separated integers like 2,1,1, got {text!r}") from None
+from pipetwin.args import int_list
 
 
 def register(sub) -> None:
@@ -23,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
     p.add_argument("--pp", "--stages", dest="stages", type=int, help="pipeline stages P (devices along the pipeline)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas of every stage D (default 1)")
-    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
+    p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks per stage replica T (Megatron; the zoo's gpt model only; default 1)")
     p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"])

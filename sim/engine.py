@@ -45,7 +45,7 @@ from planner.program import Action, Kind, Program
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
-from sim.collectives import Collective, Phase, allreduce_phases
+from sim.collectives import Collective, Phase, allreduce_phases, fused_ring_phases, ring_phases
 from sim.memory import memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
@@ -365,7 +365,8 @@ class _Run:
                         st[0] += 1
                         if st[0] == y[3]:
                             del groups[key]
-                            coll = Collective(self.net, self._tp_phases(y[0], nbytes), _succeed, st[1], text + "/TP")
+                            phases, tail = self._tp_phases(y[0], nbytes)
+                            coll = Collective(self.net, phases, _succeed, st[1], text + "/TP", tail)
                             if coll.start():
                                 continue
                         yield st[1]
@@ -414,13 +415,18 @@ class _Run:
             self.algorithms.add(algo)
         return ph
 
-    def _tp_phases(self, leader: int, nbytes: float) -> list[Phase]:
-        """A TP all-reduce (or reduce-scatter + all-gather: the same ring) among the group of worker ``leader``."""
+    def _tp_phases(self, leader: int, nbytes: float) -> tuple[list[Phase], float]:
+        """(phases, tail seconds) of a TP all-reduce (or reduce-scatter + all-gather: the same ring) among the
+        group of worker ``leader``: a ring, fused into one phase unless ``SimParams.tp_ring`` says "phases"."""
         key = ("tp", leader, nbytes)
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.tp_group(leader)]
-            ph, _ = allreduce_phases(self.topology, devs, nbytes, "ring")
+            if self.params.tp_ring == "phases":
+                ph = (ring_phases(devs, nbytes), 0.0)
+            else:
+                lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))
+                ph = fused_ring_phases(devs, nbytes, lat)
             self.phases[key] = ph
         return ph
 

@@ -161,15 +161,16 @@ def _compute_events(trace):
 
 @pytest.mark.parametrize("T", [2, 3, 4, 8])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_tp_all_reduces_inside_compute_cost_the_ring_closed_form(T, recompute):
-    from sim import simulate_plan
+@pytest.mark.parametrize("tp_ring", ["fused", "phases"])
+def test_tp_all_reduces_inside_compute_cost_the_ring_closed_form(T, recompute, tp_ring):
+    from sim import SimParams, simulate_plan
     from tests.test_sim import star
 
     S = 4e6
     prof = _tp_profile(T, attn_s=0.25, attn_bytes=10.0)
     topo = star(T, bandwidth=1e9, latency=1e-6)
     plan = plan_from_flags("m", 1, pp=1, tp=T, microbatches=2, recompute=recompute, devices=topo.devices)
-    trace = simulate_plan(plan, prof, topo)
+    trace = simulate_plan(plan, prof, topo, SimParams(tp_ring=tp_ring))
     ar = _ring_s(T, S)
     redo = {"none": 0.0, "selective": 0.25, "full": 1.0 + 2 * ar}  # full re-runs the forward with its all-reduces
     events = _compute_events(trace)
@@ -273,3 +274,19 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
         assert Plan.from_dict(rec.plan) == plan
         assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
         assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
+
+
+def test_full_recomputation_leaves_layers_that_are_not_recomputable_alone():
+    """Megatron checkpoints the blocks; the embedding and the head keep their activations (planner.analytic)."""
+    from dataclasses import replace
+
+    p = _profile()
+    q = replace(p, layers=(replace(p.layers[0], recomputable=False),) + p.layers[1:])
+    assert extra_forward_s(q, 0, 2, "full") == 5.0
+    assert kept_bytes(q, 0, 2, "full") == 30 + 10 + 20
+    assert kept_bytes(q, 0, 0, "full") == 30 and rebuilt_bytes(q, 0, 0, "full") == 0.0
+    assert ModelProfile.from_dict(q.to_dict()) == q and "recomputable" not in p.to_dict()["layers"][0]
+    from planner.analytic import load_model
+
+    gpt = load_model("gpt3-125m")
+    assert [l.recomputable for l in (gpt.layers[0], gpt.layers[1], gpt.layers[-1])] == [False, True, False]

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from pipetwin.args import int_list
+from pipetwin.show import Progress
 
 FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
 
@@ -144,10 +144,9 @@ def run(args) -> int:
 
     plan, profile, topology = _inputs(args)
     params = _params(args)
-    progress = _progress_printer() if args.progress else None
-    trace = simulate_plan(plan, profile, topology, params, progress=progress)
-    if progress:
-        print(file=sys.stderr)
+    with Progress(args.progress) as bar:
+        trace = simulate_plan(plan, profile, topology, params,
+                              progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
     if args.trace:
         trace.save(args.trace)
     title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
@@ -176,14 +175,3 @@ def run(args) -> int:
             print(f"{what} written to {path}")
     return 0
 
-
-def _progress_printer():
-    shown = [-1]
-
-    def show(done: int, total: int) -> None:
-        pct = int(100 * done / total) if total else 100
-        if pct != shown[0]:
-            shown[0] = pct
-            print(f"\rsimulating: {pct:3d}% of {total} actions", end="", file=sys.stderr, flush=True)
-
-    return show

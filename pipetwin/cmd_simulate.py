@@ -1,19 +1,13 @@
 """`pipetwin simulate`: predict how a plan runs on a topology with the SimPy cluster model."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
+from pipetwin.args import int_list
+from pipetwin.show import Progress
+
 FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects comma-separated integers like 2,1,1, got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -27,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--schedule", default="auto", choices=("auto", *FAMILIES),
                    help="schedule family; auto (default) lets the planner score every family")
     p.add_argument("--stages", type=int, help="pipeline stages P (default: min(4, layers, devices))")
-    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
+    p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (PipeDream: minibatches); overrides the planner")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
@@ -150,10 +144,9 @@ def run(args) -> int:
 
     plan, profile, topology = _inputs(args)
     params = _params(args)
-    progress = _progress_printer() if args.progress else None
-    trace = simulate_plan(plan, profile, topology, params, progress=progress)
-    if progress:
-        print(file=sys.stderr)
+    with Progress(args.progress) as bar:
+        trace = simulate_plan(plan, profile, topology, params,
+                              progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
     if args.trace:
         trace.save(args.trace)
     title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
@@ -182,14 +175,3 @@ def run(args) -> int:
             print(f"{what} written to {path}")
     return 0
 
-
-def _progress_printer():
-    shown = [-1]
-
-    def show(done: int, total: int) -> None:
-        pct = int(100 * done / total) if total else 100
-        if pct != shown[0]:
-            shown[0] = pct
-            print(f"\rsimulating: {pct:3d}% of {total} actions", end="", file=sys.stderr, flush=True)
-
-    return show

@@ -16,8 +16,11 @@ from planner.profile import uniform_profile
 from sim.engine import simulate_plan
 from sim.params import SimParams
 from topologies.presets import load_topology
-from validation.calibrate import (Calibration, ComputeRow, LinkSegment, chain_saved_bytes, compute_rows, fit_compute,
-                                  fit_links, with_action_cost)
+from topologies.errors import InputError
+from validation.calibrate import Calibration
+from validation.compute import ComputeRow, compute_rows, fit_compute, with_action_cost
+from validation.links import LinkSegment, fit_links
+from validation.measure import chain_saved_bytes
 from validation.compare import best_agrees, compare_traces, rel_error, spearman, summarize
 from validation.configs import CALIBRATION, FULL, QUICK, check_hold_out
 
@@ -221,18 +224,18 @@ def test_validate_quick_end_to_end(tmp_path):
 def test_runs_compute_where_the_profile_was_taken():
     """run_options: CPU runs always use gloo (on a machine with GPUs, "auto" would otherwise pick NCCL and the
     GPUs for runs profiled on the CPU); a GPU keeps the asked backend; nonsense is refused with what to do."""
-    from validation.calibrate import CalibrationError, run_options
+    from validation.measure import run_options
 
     assert run_options("cpu", "auto") == {"device": "cpu", "backend": "gloo"}
     assert run_options("cpu", "gloo") == {"device": "cpu", "backend": "gloo"}
-    with pytest.raises(CalibrationError, match="--device cuda, or --backend gloo"):
+    with pytest.raises(InputError, match="use --device cuda .*or --backend gloo"):
         run_options("cpu", "nccl")
-    with pytest.raises(CalibrationError, match="choose cpu or cuda"):
+    with pytest.raises(InputError, match="choose cpu or cuda"):
         run_options("tpu")
-    with pytest.raises(CalibrationError, match="choose auto, gloo or nccl"):
+    with pytest.raises(InputError, match="choose auto, gloo or nccl"):
         run_options("cpu", "mpi")
     if not torch.cuda.is_available():
-        with pytest.raises(CalibrationError, match="no GPU that torch can use; use --device cpu"):
+        with pytest.raises(InputError, match="no GPU that torch can use; use --device cpu"):
             run_options("cuda", "auto")
 
 
@@ -240,7 +243,7 @@ def test_one_backend_is_chosen_for_the_widest_run(monkeypatch):
     """On GPUs "auto" resolves once, for the widest run: NCCL only when it has a GPU per worker, else gloo for
     every run (a calibration must not fit NCCL and gloo messages as one link); "nccl" on too few GPUs is
     refused with what to do instead."""
-    from validation.calibrate import CalibrationError, run_options
+    from validation.measure import run_options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -248,7 +251,7 @@ def test_one_backend_is_chosen_for_the_widest_run(monkeypatch):
     assert run_options("cuda", "auto", 8) == {"device": "cuda", "backend": "gloo"}
     assert run_options("cuda", "gloo", 2) == {"device": "cuda", "backend": "gloo"}
     assert run_options("cpu", "auto", 2) == {"device": "cpu", "backend": "gloo"}  # GPUs there or not
-    with pytest.raises(CalibrationError, match="largest run has 8 workers, this machine 4 GPUs; use --backend gloo"):
+    with pytest.raises(InputError, match="the run has 8 workers, this machine 4 GPUs; use --backend gloo"):
         run_options("cuda", "nccl", 8)
 
 
@@ -289,7 +292,7 @@ def test_validate_on_cuda_profiles_times_and_runs_everything_there(monkeypatch):
     monkeypatch.setattr(executor.launch, "run_plan", run)
     monkeypatch.setattr(matrix, "measure_links", no_links)
     mlp = [c for c in QUICK if c.model == "mlp"][:1]
-    with pytest.raises(cal_mod.CalibrationError, match="needs a GPU per worker"):  # emu's widest run has 8
+    with pytest.raises(InputError, match="needs one GPU per worker"):  # emu's widest run has 8
         matrix.run_matrix(configs=mlp + [c for c in QUICK if c.model == "emu"], repeats=1, device="cuda",
                           backend="nccl")
     assert not asked["run"] and not asked["profile"]  # refused before anything ran
@@ -394,7 +397,7 @@ def test_compute_rows_take_the_accumulation_off_the_backwards_that_add():
     tr = simulate_plan(plan, prof, topo, SimParams(overhead_s=1e-4, accumulate_s_per_byte=per_byte))
     acc = [per_byte * prof.param_bytes(*sp.layers) for sp in plan.stages]
     assert acc[0] == pytest.approx(2 * (1 << 20) * per_byte)
-    from validation.calibrate import accumulation_s
+    from validation.accumulation import accumulation_s
 
     paid = compute_rows(tr, plan, prof, adds=accumulation_s(tr, plan, acc))
     raw = compute_rows(tr, plan, prof)
@@ -407,7 +410,7 @@ def test_compute_rows_take_the_accumulation_off_the_backwards_that_add():
 def test_link_model_puts_the_pipeline_excess_into_the_receiver_wake_up():
     """With benchmark points the links keep the benchmark's latency and bandwidth, and a pipeline message's
     time beyond overhead + link time becomes recv_wake_s; without them the latency carries it all."""
-    from validation.calibrate import fit_link_model
+    from validation.links import fit_link_model
 
     lat, bw, ovh, wake = 5e-5, 5e9, 4e-5, 3e-4
     bench = [(float(b), lat + b / bw) for b in (256, 4096, 65536, 1 << 20)]
@@ -447,7 +450,8 @@ def test_ready_durations_find_exactly_the_receives_the_simulator_found_their_mes
     arrived, and ready_durations, given the same link, returns those RECVs' durations and no other RECV's,
     activation and gradient receives alike."""
     from planner.program import Action
-    from validation.calibrate import ready_durations, steady_events
+    from validation.events import steady_events
+    from validation.links import ready_durations
 
     ovh, wake, ready = 2e-5, 1.4e-4, 2.7e-4
     lat, bw = 5e-5, 1e9
@@ -502,7 +506,8 @@ def test_cli_calibrate_writes_files_that_simulate_takes(tmp_path):
 def test_split_backward_share_is_fitted_without_the_accumulation():
     """A zb-h1 trace simulated with bi_fraction 0.3 and a gradient-accumulation cost on the adding BWs gives back
     0.3 once those costs are taken off (and a smaller share without: the accumulation would count as BW)."""
-    from validation.calibrate import accumulation_s, fit_bi_fraction
+    from validation.accumulation import accumulation_s
+    from validation.compute import fit_bi_fraction
 
     prof = uniform_profile(4, 2e-3, 4e-3, act=1024, params=1 << 20)
     plan = even_plan("m", 4, 2, schedule="zb-h1", microbatches=6, batches=2)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.trace import Trace
-from validation.calibrate import Calibration, calibrate, measure_links, run_options
+from validation.calibrate import Calibration, calibrate
+from validation.measure import measure_links, run_options
 from validation.compare import compare_traces, median_launch, run_spread, summarize
 from validation.configs import CALIBRATION, FULL, MODELS, QUICK, Config
 
@@ -59,7 +60,7 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats:
     throughput is the measurement (run-to-run spread on a shared CPU is tens of percent); the row keeps
     every launch's throughput (``measured_runs``) and their spread (``run_spread``). ``measured``: traces
     of launches already made (nothing is launched then). ``device``, ``backend``: see
-    ``validation.calibrate.run_options``.
+    ``validation.measure.run_options``.
     """
     from executor.launch import run_plan
 
@@ -112,7 +113,7 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
     ``repeats``: launches per calibration run and per scored configuration (the median-throughput launch
     is scored); default 1 with ``quick``, else 5 (with 3, three full runs on the 2-core machine had worst errors of 13-20%).
     ``device``: where the profiles, calibration runs and scored runs compute, "cpu" or "cuda"; ``backend``
-    how the runs communicate (``validation.calibrate.run_options``: the CPU always with gloo; "cuda" with
+    how the runs communicate (``validation.measure.run_options``: the CPU always with gloo; "cuda" with
     "auto" resolves once for the matrix's widest run: NCCL with a GPU per worker of it, else gloo with the
     workers sharing the GPUs). On "cuda" the loopback link benchmark is not run (``links`` is ignored).
     """

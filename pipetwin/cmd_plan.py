@@ -23,7 +23,9 @@ def register(sub) -> None:
     src.add_argument("--profile", metavar="PATH", help="a profile file (.json, or PipeDream graph.txt)")
     src.add_argument("--model", metavar="NAME",
                      help="uniform:layers=L,fwd=S,bwd=S,act=B,params=B, a profile path, or a PipeDream profile name (vgg16, resnet50, gnmt, ...)")
-    p.add_argument("--topology", metavar="PRESET|FILE", help="cluster preset (ideal:4, dgx:servers=2, pipedream-b, hier:...) or a YAML/JSON file")
+    from topologies.presets import presets_help
+
+    p.add_argument("--topology", metavar="PRESET|FILE", help="the cluster: " + presets_help().replace("%", "%%"))
     p.add_argument("--schedule", default="auto", choices=["auto", *FAMILIES], help="schedule family, or auto to score them all (default)")
     p.add_argument("--microbatch-size", type=int, default=None, metavar="N",
                    help="samples per microbatch (default: a PipeDream profile's profiled batch, as PipeDream plans "
@@ -76,6 +78,13 @@ def run(args) -> int:
         return _show_capacity(args, cap)
     result = plan_model(profile, topology, **kw)
     best = result.best_candidate
+    dp = None
+    if args.compare == "dp":
+        from planner.search import best_data_parallel
+
+        dp = best_data_parallel(profile, topology, microbatch_size=mb, memory_limit_bytes=args.memory_limit,
+                                optimizer=args.optimizer, recompute=args.recompute, overlap_comm=not args.no_overlap,
+                                overlap_allreduce=args.dp_overlap, model_name=spec)
     if args.output:
         result.best.save(args.output)
     if args.json:
@@ -84,9 +93,13 @@ def run(args) -> int:
                    candidates=[_candidate_summary(c) for c in result.candidates], elapsed_s=result.elapsed_s)
         if args.output:
             doc["plan_file"] = args.output
+        if dp is not None:
+            doc["compare"] = _compare_json(best, dp, args.dp_overlap)
         print(json.dumps(doc))
         return 0
     _print_result(result, spec, topology.name)
+    if dp is not None:
+        _console().print(_compare_text(best, dp, args.dp_overlap), highlight=False)
     if args.output:
         print(f"plan written to {args.output}")
     return 0
@@ -238,6 +251,32 @@ def _run_pipedream(args, spec: str, profile: ModelProfile) -> int:
 
 
 # --- output ----------------------------------------------------------------------------------
+def _bound_by(c) -> str:
+    """What limits a candidate, naming the link: the binding link, or the busiest one beside what binds."""
+    if c.binding.startswith("communication (link"):
+        return c.binding
+    return c.binding + (f" (busiest link {c.binding_link})" if c.binding_link else " (no transfer crosses a link)")
+
+
+def _compare_json(best, dp, overlap: bool) -> dict:
+    return {"data_parallel": {"devices": len(dp.plan.devices), "samples_per_batch": dp.plan.microbatches * dp.plan.microbatch_size,
+                              "throughput_samples_per_s": dp.throughput_samples_per_s,
+                              "time_per_sample_s": dp.time_per_sample_s, "binding": dp.binding,
+                              "binding_link": dp.binding_link, "allreduce_overlaps_backward": overlap},
+            "pipeline": {"devices": len(best.plan.devices), "throughput_samples_per_s": best.throughput_samples_per_s,
+                         "binding": best.binding, "binding_link": best.binding_link},
+            "speedup": dp.time_per_sample_s / best.time_per_sample_s if best.time_per_sample_s > 0 else math.inf}
+
+
+def _compare_text(best, dp, overlap: bool) -> str:
+    speedup = dp.time_per_sample_s / best.time_per_sample_s if best.time_per_sample_s > 0 else math.inf
+    how = "overlapped with backward, as DDP's buckets" if overlap else "after backward (--dp-overlap: under it, as DDP)"
+    return (f"data parallel, the same cost model: {len(dp.plan.devices)} devices, {dp.throughput_samples_per_s:.4g} samples/s "
+            f"(all-reduce {how}), bound by {_bound_by(dp)}. The pipeline plan: {best.throughput_samples_per_s:.4g} "
+            f"samples/s on {len(best.plan.devices)} devices, bound by {_bound_by(best)}: {speedup:.2f}x data parallelism.")
+
+
+
 def _candidate_json(c) -> dict:
     p = c.plan
     return {

@@ -64,6 +64,23 @@ def all_reduce(t: torch.Tensor, group, staged: bool) -> None:
         dist.all_reduce(t, group=group)
 
 
+def all_gather_dim(t: torch.Tensor, dim: int, group, size: int, staged: bool) -> torch.Tensor:
+    """Every rank's ``t`` of ``group`` (``size`` ranks), concatenated along ``dim`` in rank order."""
+    local = t.detach().to("cpu") if staged else t.detach()
+    pieces = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(pieces, local.contiguous(), group=group)
+    return torch.cat(pieces, dim=dim).to(t.device)
+
+
+def reduce_scatter_dim(t: torch.Tensor, dim: int, group, size: int, rank: int, staged: bool) -> torch.Tensor:
+    """The sum over ``group`` of ``t``, this rank's ``1/size`` along ``dim`` only."""
+    local = t.detach().to("cpu") if staged else t.detach()
+    chunks = [c.contiguous() for c in local.chunk(size, dim=dim)]
+    out = torch.empty_like(chunks[rank])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out.to(t.device)
+
+
 def reduce_gradients(grads: Sequence[torch.Tensor] | None, count: int, like: Sequence[torch.Tensor], group,
                      staged: bool, average: bool, dtype: torch.dtype, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """All-reduce a round's gradients (None: this replica had none) and its contribution count.

@@ -41,7 +41,8 @@ from executor.errors import ExecutorError
 from executor.faults import fault_at, inject
 from executor.memory import HeldBytes
 from executor.prepare import DTYPES, Prepared, RunConfig
-from executor.tensor_parallel import TPContext, gather_weights, parallelize, shard, shard_specs, skip_from_env
+from executor.tensor_parallel import (TPContext, gather_weights, parallelize, reduce_sequence_parallel_grads,
+                                      sequence_parallel_params, shard, shard_specs, skip_from_env)
 from executor.timing import CudaActionTimes, warm_up_autograd, warm_up_stage
 from executor.transport import (SWITCH_INTERVAL_S, BufferPool, Receives, Sender, SendFailed, Sends, TransportOptions,
                                 message_tag, p2p_groups)
@@ -106,7 +107,8 @@ class StageWorker:
 
         self.groups = replica_groups(self.program, self.rank)
         tp_group = tensor_group(self.program, self.rank)
-        self.tp = None if tp_group is None else TPContext(tp_group, self.tp_rank, self.T, self.staged, skip_from_env())
+        self.tp = None if tp_group is None else TPContext(tp_group, self.tp_rank, self.T, self.staged, skip_from_env(),
+                                                          self.cfg.sequence_parallel)
         self.p2p = p2p_groups(self.nccl)
         for s in self.program.stages_of(self.rank):
             self.stages[s] = self._build_stage(s)
@@ -145,6 +147,9 @@ class StageWorker:
             layers = parallelize(layers, self.tp)
         st = StageState(s, sp.first_layer, sp.last_layer, layers, self.S)
         st.shards = shard_specs(st.module)
+        if self.tp is not None and self.tp.sequence:
+            partial = sequence_parallel_params(st.module)
+            st.sequence_partial = [j for j, n in enumerate(st.names) if n in partial]
         st.module.to(device=self.device, dtype=self.dtype)
         st.param_bytes = sum(p.numel() * p.element_size() for p in st.module.parameters())
         if self.prep.start_step:
@@ -433,6 +438,8 @@ class StageWorker:
         st.count.pop(a.mb, None)
         if grads is not None:
             self.held.grads -= st.param_bytes
+            if st.sequence_partial:  # sequence parallelism: norms and row-parallel biases saw 1/T of the tokens
+                reduce_sequence_parallel_grads(grads, st.sequence_partial, self.tp)
         new = st.step(a.version, grads, self.lr, self._index in self.step_in_place)
         if new is not None:
             self.held.add_params(new)

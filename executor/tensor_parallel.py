@@ -20,14 +20,26 @@ Layer norms, the embedding and the LM head are replicated on every TP rank
 (the embedding and head are not vocabulary-parallel): their inputs and
 output gradients are the same on every rank after the reductions above, so
 their gradients agree without a reduction of their own and the ranks' copies
-stay equal. Weights are built whole from the seed (as the single-process
+stay equal.
+
+Sequence parallelism (Korthikanti et al. 2022), optional: between the
+tensor-parallel regions each rank keeps only its 1/T of the sequence. ``f``
+becomes an all-gather along the sequence (backward: reduce-scatter) and ``g``
+a reduce-scatter (backward: all-gather); the embedding's output is split
+along the sequence (backward: all-gather) and the head gathers it back
+(backward: the rank's own part, as every rank computes the same loss). Stage
+boundaries then carry 1/T of the sequence, TP rank t to TP rank t. The block
+norms and the row-parallel biases see only their rank's tokens, so their
+gradients are summed over the TP group once per optimizer step, before it
+(as Megatron does), by :func:`reduce_sequence_parallel_grads`. Weights are built whole from the seed (as the single-process
 reference builds them) and sliced, so a TP run starts from the reference's
 weights; :func:`unshard` puts a parameter's shards back together for
 checkpoints and the final weights.
 
-``PIPETWIN_TP_FAULT`` (``forward`` or ``backward``; tests use it) skips the
-forward (``g``) or backward (``f``) all-reduces, to show that parity checks
-catch a missing reduction.
+``PIPETWIN_TP_FAULT`` (tests use it) skips the forward (``g``: ``forward``)
+or backward (``f``: ``backward``) reductions, or sequence parallelism's
+per-step sum of the norms' and biases' gradients (``sequence-grads``), to
+show that parity checks catch a missing reduction.
 """
 from __future__ import annotations
 
@@ -54,7 +66,8 @@ class TPContext:
         rank: this worker's TP rank t (0..T-1).
         size: T.
         staged: collectives go through host copies (gloo on a GPU).
-        skip: "forward" / "backward" skips that direction's all-reduces (fault injection; "" normally).
+        skip: "forward" / "backward" skips that direction's reductions (fault injection; "" normally).
+        sequence: sequence parallelism (see the module docstring).
     """
 
     group: object
@@ -62,6 +75,7 @@ class TPContext:
     size: int
     staged: bool = False
     skip: str = ""
+    sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,12 +124,73 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
+def _gather(x: Tensor, tp: TPContext) -> Tensor:
+    from executor.collectives import all_gather_dim
+
+    return all_gather_dim(x, 1, tp.group, tp.size, tp.staged)
+
+
+def _own(x: Tensor, tp: TPContext) -> Tensor:
+    return x.chunk(tp.size, dim=1)[tp.rank].contiguous()
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """This rank's part of the sequence in forward; the parts gathered back in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tp: TPContext) -> Tensor:
+        ctx.tp = tp
+        return _own(x, tp)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _gather(g, ctx.tp), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """The whole sequence from every rank's part in forward; in backward a reduce-scatter when the consumer is
+    tensor-parallel (each rank's gradient is a partial sum), else the rank's own part (the gradients agree)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tp: TPContext, partial: bool) -> Tensor:
+        ctx.tp, ctx.partial = tp, partial
+        return _gather(x, tp)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        tp = ctx.tp
+        if ctx.partial and tp.skip != "backward":
+            from executor.collectives import reduce_scatter_dim
+
+            return reduce_scatter_dim(g, 1, tp.group, tp.size, tp.rank, tp.staged), None, None
+        return _own(g, tp), None, None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """The partial outputs summed over the TP group, this rank's part of the sequence kept; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tp: TPContext) -> Tensor:
+        from executor.collectives import reduce_scatter_dim
+
+        ctx.tp = tp
+        if tp.skip == "forward":
+            return _own(x, tp)
+        return reduce_scatter_dim(x, 1, tp.group, tp.size, tp.rank, tp.staged)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _gather(g, ctx.tp), None
+
+
 def copy_to_tp(x: Tensor, tp: TPContext) -> Tensor:
-    return _CopyToTP.apply(x, tp)
+    """Into a column-parallel layer: ``f`` (all-gather of the sequence under sequence parallelism)."""
+    return _GatherSeq.apply(x, tp, True) if tp.sequence else _CopyToTP.apply(x, tp)
 
 
 def reduce_from_tp(x: Tensor, tp: TPContext) -> Tensor:
-    return _ReduceFromTP.apply(x, tp)
+    """Out of a row-parallel layer: ``g`` (reduce-scatter along the sequence under sequence parallelism)."""
+    return _ReduceScatterSeq.apply(x, tp) if tp.sequence else _ReduceFromTP.apply(x, tp)
 
 
 def shard(full: Tensor, spec: ShardSpec, rank: int, size: int) -> Tensor:
@@ -151,9 +226,10 @@ class TPAttention(nn.Module):
             self.proj.bias.copy_(full.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = copy_to_tp(x, self.tp)
         b, t, _ = x.shape
         local = self.heads * self.head_dim
-        q, k, v = self.qkv(copy_to_tp(x, self.tp)).split(local, dim=2)
+        q, k, v = self.qkv(x).split(local, dim=2)
         shape = (b, t, self.heads, self.head_dim)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
@@ -187,8 +263,9 @@ class TPMLP(nn.Module):
         return reduce_from_tp(F.linear(h, fc2.weight), self.tp) + fc2.bias
 
 
-def check_model(spec: str, size: int) -> None:
-    """Raise ExecutorError unless ``spec`` is a gpt model whose heads split over ``size`` TP ranks."""
+def check_model(spec: str, size: int, sequence: bool = False) -> None:
+    """Raise ExecutorError unless ``spec`` is a gpt model whose heads (and, with ``sequence``, sequence) split
+    over ``size`` TP ranks."""
     from executor.models import parse_spec
 
     ms = parse_spec(spec)
@@ -198,17 +275,50 @@ def check_model(spec: str, size: int) -> None:
     heads = ms.get("heads")
     if heads % size:
         raise ExecutorError(f"--tp {size} must divide the model's {heads} attention heads; choose a divisor of {heads}")
+    if sequence and ms.get("seq") % size:
+        raise ExecutorError(f"sequence parallelism splits the sequence: --tp {size} must divide seq={ms.get('seq')}")
 
 
 def parallelize(layers: list[nn.Module], tp: TPContext) -> list[nn.Module]:
-    """The stage's gpt layers with every block's attention and MLP replaced by this rank's TP shard (in place)."""
-    from executor.models import GPTBlock
+    """The stage's gpt layers with every block's attention and MLP replaced by this rank's TP shard (in place);
+    under sequence parallelism the embedding's output is split along the sequence and the head's input gathered."""
+    from executor.models import GPTBlock, GPTEmbedding, GPTHead
 
     for layer in layers:
         if isinstance(layer, GPTBlock):
             layer.attn = TPAttention(layer.attn, tp)
             layer.mlp = TPMLP(layer.mlp, tp)
+        elif tp.sequence and isinstance(layer, GPTEmbedding):
+            layer.register_forward_hook(lambda mod, args, out: _ScatterSeq.apply(out, tp))
+        elif tp.sequence and isinstance(layer, GPTHead):
+            layer.register_forward_pre_hook(lambda mod, args: (_GatherSeq.apply(args[0], tp, False),))
     return layers
+
+
+def sequence_parallel_params(module: nn.Module) -> set[str]:
+    """Names of the parameters whose gradients are partial sums under sequence parallelism (block norms and
+    row-parallel biases)."""
+    from executor.models import GPTBlock
+
+    out = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, GPTBlock):
+            for local in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "attn.proj.bias", "mlp.2.bias"):
+                out.add(f"{name}.{local}")
+    return out
+
+
+def reduce_sequence_parallel_grads(grads, index: list[int], tp: TPContext) -> None:
+    """Sum ``grads[j]`` for ``j`` in ``index`` over the TP group, in place (one flat all-reduce)."""
+    if not index or tp.skip == "sequence-grads":
+        return
+    flat = torch.cat([grads[j].reshape(-1) for j in index])
+    _all_reduce(flat, tp)
+    off = 0
+    for j in index:
+        n = grads[j].numel()
+        grads[j].copy_(flat[off:off + n].view_as(grads[j]))
+        off += n
 
 
 def shard_specs(module: nn.Module) -> dict[str, ShardSpec]:
@@ -224,8 +334,8 @@ def shard_specs(module: nn.Module) -> dict[str, ShardSpec]:
 def skip_from_env() -> str:
     """The all-reduce direction ``PIPETWIN_TP_FAULT`` asks to skip ("" when unset)."""
     value = os.environ.get(TP_FAULT_ENV, "")
-    if value not in ("", "forward", "backward"):
-        raise ExecutorError(f"{TP_FAULT_ENV}={value!r}: use forward or backward (or leave it unset)")
+    if value not in ("", "forward", "backward", "sequence-grads"):
+        raise ExecutorError(f"{TP_FAULT_ENV}={value!r}: use forward, backward or sequence-grads (or leave it unset)")
     return value
 
 

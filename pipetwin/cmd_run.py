@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: Megatron's sequence parallelism (reduce-scatter/all-gather, 1/T of the sequence "
+                        "between the tensor-parallel regions)")
     p.add_argument("--vp", "--chunks", dest="chunks", type=int, default=1,
                    help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
@@ -81,7 +84,7 @@ def run(args) -> int:
     plan = _plan_for(args)
     res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   seed=args.seed, dtype=args.dtype, device=args.device)
+                   seed=args.seed, dtype=args.dtype, device=args.device, sequence_parallel=args.sequence_parallel)
     if args.trace:
         res.trace.save(args.trace)
     s = res.summary()
@@ -92,6 +95,8 @@ def run(args) -> int:
     what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
             else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
     grid = f" (tensor-parallel groups of {plan.tensor_parallel})" if plan.tensor_parallel > 1 else ""
+    if args.sequence_parallel:
+        grid = grid[:-1] + ", sequence-parallel)"
     print(f"ran {plan.schedule} of {plan.model} on {workers} workers{grid} ({res.backend}, {s['device']}): {what} of "
           f"{plan.microbatch_size} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
     print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "

@@ -76,7 +76,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from planner.efficiency import EfficiencyParams, Gemm, Work, work_time_s
+from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, work_time_s
 from planner.profile import Layer, ModelProfile, ModelSpecError, ProfileError, load_profile, read_pipedream_graph
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
 from topologies.topology import TopologyError
@@ -567,12 +567,20 @@ def _transformer(spec: str) -> TransformerConfig | None:
     return None
 
 
-def load_model(spec: str, device_kind_name: str | None = None) -> ModelProfile:
+def load_model(spec: str, device_kind_name: str | None = None, *, calibration: DeviceCalibration | None = None,
+               tensor_parallel: int = 1, sequence_parallel: bool = False, microbatch_size: int = 1) -> ModelProfile:
     """Any model spec (see the module docstring) as a ModelProfile.
 
     ``device_kind_name`` times an analytic model on that kind (a ``@kind``
     suffix in the spec does the same; the two must agree). Measured profiles
     (paths, ``uniform:``) are returned as they are.
+
+    An analytic transformer is built per TP rank of ``tensor_parallel`` (the vocabulary then padded to
+    a multiple of 128·T, as Megatron pads it). With a device ``calibration``
+    (``planner.efficiency.load_device_calibration``: what every ``--device-calibration FILE`` reads) it
+    is timed by the fitted efficiency model on the calibration's device kind at ``microbatch_size``
+    (its reference microbatch; the model is not linear in it) instead of at a fixed fraction of peak.
+    CNNs and measured profiles ignore the calibration.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("give a model: a name like gpt3-13b, gpt:layers=...,hidden=..., or a profile path")
@@ -584,8 +592,18 @@ def load_model(spec: str, device_kind_name: str | None = None) -> ModelProfile:
     if cfg is not None:
         base = text.partition(":")[0].strip().lower()
         name = text if ":" in text else _ALIASES.get(base, base)
+        if calibration is not None:
+            if kind and kind != calibration.kind.name:
+                raise ModelSpecError(f"model {spec!r} is timed on {kind} but the device calibration is for "
+                                     f"{calibration.kind.name}; give a calibration of that kind or drop the kind")
+            kind = calibration.kind.name
         kind = kind or DEFAULT_DEVICE_KIND
-        return transformer_profile(cfg, kind, name=f"{name}@{device_kind(kind).name}")
+        multiple = MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
+        return transformer_profile(cfg, kind, name=f"{name}@{device_kind(kind).name}", tensor_parallel=tensor_parallel,
+                                   sequence_parallel=sequence_parallel,
+                                   microbatch_size=microbatch_size if calibration is not None else 1,
+                                   efficiency=calibration.params if calibration is not None else None,
+                                   vocab_multiple=multiple)
     low = text.lower()
     measured = _pipedream(low, kind) if re.fullmatch(r"[a-z0-9_]+", low) else None
     if measured is not None:

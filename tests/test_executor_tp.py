@@ -147,3 +147,33 @@ def test_cli_runs_tp_by_pp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on 4 workers (tensor-parallel groups of 2)" in proc.stdout
     _assert_weights_equal(torch.load(out, weights_only=True), reference_weights(_plan("1f1b"), dtype="float64"))
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_sequence_parallel_equals_the_reference_and_sends_a_tp_share_of_the_sequence(schedule):
+    plan = _plan(schedule)
+    res = run_plan(plan, dtype="float64", timeout_s=60, sequence_parallel=True)
+    _assert_weights_equal(res.weights, reference_weights(plan, dtype="float64"))
+    h, seq, mbs, T, f64 = 16, 8, 2, 2, 8
+    sends = {e.nbytes for e in res.trace.events if e.kind == "SEND"}
+    assert sends == {mbs * (seq // T) * h * f64}  # a stage boundary carries its TP rank's half of the tokens
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("direction", ["forward", "backward", "sequence-grads"])
+def test_sequence_parallel_parity_fails_without_each_of_its_reductions(direction, monkeypatch):
+    plan = _plan("1f1b")
+    monkeypatch.setenv(TP_FAULT_ENV, direction)
+    res = run_plan(plan, dtype="float64", timeout_s=60, sequence_parallel=True)
+    assert _max_diff(res.weights, reference_weights(plan, dtype="float64")) > 1e-4
+
+
+def test_sequence_parallel_needs_tp_and_a_divisible_sequence():
+    with pytest.raises(ExecutorError, match="needs --tp 2 or more"):
+        run_plan(_plan(tp=1), sequence_parallel=True)
+    m = "gpt:layers=2,hidden=16,heads=2,seq=7,vocab=16"
+    with pytest.raises(ExecutorError, match="must divide seq=7"):
+        run_plan(plan_from_flags(m, num_layers(m), pp=2, tp=2), sequence_parallel=True)

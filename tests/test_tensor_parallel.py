@@ -290,3 +290,41 @@ def test_full_recomputation_leaves_layers_that_are_not_recomputable_alone():
 
     gpt = load_model("gpt3-125m")
     assert [l.recomputable for l in (gpt.layers[0], gpt.layers[1], gpt.layers[-1])] == [False, True, False]
+
+
+# --- interleaved 1F1B with replicas --------------------------------------------------------------
+@pytest.mark.parametrize("P,V,R,M", [(2, 2, 2, 8), (4, 2, 2, 16), (2, 3, 3, 12)])
+def test_interleaved_replicas_each_run_the_unreplicated_schedule_on_their_own_microbatches(P, V, R, M):
+    from planner.schedules import generate, make_spec
+
+    one = generate(make_spec("interleaved", P, M // R, chunks=V))
+    rep = generate(make_spec("interleaved", P, M, replicas=(R,) * (P * V), chunks=V))
+    for d in range(P):
+        for r in range(R):
+            got = [(a.stage, a.kind, a.mb) for a in rep[d * R + r] if a.is_compute]
+            want = [(a.stage, a.kind, a.mb * R + r) for a in one[d] if a.is_compute]
+            assert got == want
+            assert sum(a.kind is Kind.ALLREDUCE for a in rep[d * R + r]) == V  # one per chunk per batch
+
+
+def test_interleaved_with_replicas_and_tp_simulates_as_its_replica_pipeline_alone():
+    from dataclasses import replace
+
+    from planner.trace import time_per_batch_s
+    from sim import simulate_plan
+
+    prof = uniform_profile(8, 1e-3, 2e-3)
+    topo = load_topology("ideal:8")
+    one = plan_from_flags("m", 8, pp=2, vp=2, schedule="interleaved", microbatches=4, devices=topo.devices)
+    grid = plan_from_flags("m", 8, pp=2, dp=2, tp=2, vp=2, schedule="interleaved", microbatches=8, devices=topo.devices)
+    assert time_per_batch_s(simulate_plan(grid, replace(prof, tensor_parallel=2), topo)) == \
+        pytest.approx(time_per_batch_s(simulate_plan(one, prof, topo)), rel=1e-12)
+
+
+def test_interleaved_refuses_uneven_replicas_in_one_line():
+    from planner.schedules import ScheduleError, generate, make_spec
+
+    with pytest.raises(ScheduleError, match="same replica count"):
+        generate(make_spec("interleaved", 2, 8, replicas=(2, 1, 2, 1), chunks=2))
+    with pytest.raises(ScheduleError, match="divisible by stages x replicas .* use 8"):
+        generate(make_spec("interleaved", 2, 6, replicas=(2,) * 4, chunks=2))

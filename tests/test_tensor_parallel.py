@@ -351,3 +351,13 @@ def test_the_cost_model_prices_tp_all_reduces_as_the_simulator_runs_them(recompu
     per_stage = 2 * (3e-3 + 4 * ar) + (2 * (1e-3 + 2 * ar) if recompute == "full" else 0.0)  # 2 layers
     assert cand.time_per_batch_s == pytest.approx(per_stage * (6 + 1), rel=1e-9)
     assert max(peak_memory_bytes(trace).values()) == pytest.approx(max(cand.peak_memory_bytes.values()), rel=1e-9)
+
+
+def test_tp_all_reduces_on_free_links_cost_nothing_and_every_rank_goes_on():
+    from planner.trace import time_per_batch_s
+    from sim import simulate_plan
+
+    topo = load_topology("ideal:8")
+    plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
+    trace = simulate_plan(plan, _tp_profile(2, layers=2), topo)
+    assert time_per_batch_s(trace) == pytest.approx((4 // 2 + 1) * 3.0)  # 1F1B of 2 microbatches per replica

@@ -23,6 +23,9 @@ def register(sub) -> None:
                    help="use this device calibration instead of fitting one (the calibration rows stay unscored)")
     p.add_argument("--save-calibration", metavar="FILE", help="write the fitted device calibration JSON here")
     p.add_argument("--no-simulate", action="store_true", help="predict every row by the closed form")
+    p.add_argument("--korthikanti", metavar="FILE", default=None,
+                   help="also predict Korthikanti et al. 2022's Table 5 (default: "
+                        "DATA/../published/korthikanti22_table5_via_calculon.csv when it exists; 'none' to skip)")
     p.set_defaults(func=run)
 
 
@@ -31,16 +34,26 @@ def run(args) -> int:
     from validation.groundtruth import run as run_groundtruth
     from validation.groundtruth_report import to_json, write_report
 
+    from validation.groundtruth_published import KORTHIKANTI_FILE, score_korthikanti
+
     cal = load_device_calibration(args.device_calibration)
     g = run_groundtruth(args.data, calibration=cal, simulate=not args.no_simulate)
+    table5 = args.korthikanti or str(Path(args.data) / ".." / "published" / KORTHIKANTI_FILE)
+    extra = None
+    if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):
+        extra = score_korthikanti(table5, g.calibration)
     if args.save_calibration:
         g.calibration.save(args.save_calibration)
     if args.report:
-        write_report(g, args.report)
+        write_report(g, args.report, extra)
     if args.json:
-        print(json.dumps(to_json(g)))
+        print(json.dumps(to_json(g, extra)))
         return 0
     _print(g)
+    if extra:
+        from validation.groundtruth_report import extra_markdown
+
+        print("\n".join(extra_markdown(extra)))
     if args.report:
         print(f"report written to {args.report}/report.md")
     return 0

@@ -5,7 +5,8 @@
 pure function over the action dict and is testable alone.
 
 Workers: stage s's replicas get consecutive worker ids (stage 0 first). For
-interleaved 1F1B, virtual stage c·P + d lives on device (worker) d.
+interleaved 1F1B, virtual stage c·P + d lives on device position d, whose
+replica r is worker d·R + r.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ class ScheduleError(InputError):
 
 # --- layout ----------------------------------------------------------------------------
 def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
-    if spec.family == "interleaved":
-        return tuple((vs % spec.stages,) for vs in range(spec.virtual_stages))
+    if spec.family == "interleaved":  # device position d's replicas are workers d·R .. d·R + R − 1
+        R = spec.replicas[0]
+        return tuple(tuple((vs % spec.stages) * R + r for r in range(R)) for vs in range(spec.virtual_stages))
     out, w = [], 0
     for r in spec.replicas:
         out.append(tuple(range(w, w + r)))
@@ -53,12 +55,15 @@ def validate_spec(spec: ScheduleSpec) -> None:
     if spec.family == "interleaved":
         if spec.chunks < 1:
             raise ScheduleError("--chunks must be >= 1")
-        if any(r != 1 for r in spec.replicas):
-            raise ScheduleError("interleaved 1F1B does not replicate stages; drop --replicas or pick another schedule")
         if len(spec.replicas) != spec.virtual_stages:
             raise ScheduleError(f"interleaved needs one replica count per virtual stage ({spec.virtual_stages})")
-        if M % P:
-            raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages ({M} % {P} != 0); use {math.ceil(M / P) * P}")
+        R = spec.replicas[0]
+        if R < 1 or any(r != R for r in spec.replicas):
+            raise ScheduleError("interleaved 1F1B replicates every stage alike (each replica runs its own interleaved "
+                                f"pipeline); give every stage the same replica count (got {list(spec.replicas)})")
+        if M % (P * R):
+            raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages x replicas ({M} % {P * R} != 0); "
+                                f"use {math.ceil(M / (P * R)) * P * R}")
         return
     if spec.chunks != 1:
         raise ScheduleError(f"--chunks is for the interleaved schedule only (got {spec.chunks} with {spec.family})")
@@ -131,28 +136,34 @@ def order_2bw(spec: ScheduleSpec) -> dict[int, list[Action]]:
 
 
 def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
-    """Megatron's interleaved 1F1B: forwards cycle chunks in groups of P microbatches."""
-    P, V, M = spec.stages, spec.chunks, spec.microbatches
-    out: dict[int, list[Action]] = {d: [] for d in range(P)}
-    total = M * V
+    """Megatron's interleaved 1F1B: forwards cycle chunks in groups of P microbatches.
 
-    def fwd(d: int, k: int, base: int) -> Action:
+    With R replicas, replica r of every device position runs the same schedule over its own microbatches
+    (those with mb mod R = r, round robin), as Megatron's data-parallel ranks each run their pipeline.
+    """
+    P, V, M, R = spec.stages, spec.chunks, spec.microbatches, spec.replicas[0]
+    out: dict[int, list[Action]] = {d * R + r: [] for d in range(P) for r in range(R)}
+    Mr = M // R
+    total = Mr * V
+
+    def fwd(d: int, k: int, mbs: list[int]) -> Action:
         c = (k // P) % V
-        return Action(c * P + d, Kind.F, base + (k // (P * V)) * P + k % P)
+        return Action(c * P + d, Kind.F, mbs[(k // (P * V)) * P + k % P])
 
-    def bwd(d: int, k: int, base: int) -> Action:
+    def bwd(d: int, k: int, mbs: list[int]) -> Action:
         c = V - 1 - (k // P) % V
-        return Action(c * P + d, Kind.B, base + (k // (P * V)) * P + k % P)
+        return Action(c * P + d, Kind.B, mbs[(k // (P * V)) * P + k % P])
 
     for d in range(P):
-        warm = total if M == P else min((P - d - 1) * 2 + (V - 1) * P, total)
-        for b in range(spec.batches):
-            base = b * M
-            seq = [fwd(d, k, base) for k in range(warm)]
-            for k in range(total - warm):
-                seq += [fwd(d, warm + k, base), bwd(d, k, base)]
-            seq += [bwd(d, k, base) for k in range(total - warm, total)]
-            out[d] += seq
+        warm = total if Mr == P else min((P - d - 1) * 2 + (V - 1) * P, total)
+        for r in range(R):
+            for b in range(spec.batches):
+                mbs = list(range(b * M + r, (b + 1) * M, R))
+                seq = [fwd(d, k, mbs) for k in range(warm)]
+                for k in range(total - warm):
+                    seq += [fwd(d, warm + k, mbs), bwd(d, k, mbs)]
+                seq += [bwd(d, k, mbs) for k in range(total - warm, total)]
+                out[d * R + r] += seq
     return out
 
 

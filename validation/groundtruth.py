@@ -33,6 +33,10 @@ a row is a **calibration row** iff the SHA-256 of its canonical config string
 (:func:`canonical_config`), read as a big-endian integer, is 0 mod 5 — a fixed, seeded ~20%
 split over both files. The efficiency model is fitted on calibration rows only and every
 other row is scored; a calibration row is never scored.
+
+One module, longer than most, because the rule, the rows, their plans, the closed form and the
+scoring are one argument read top to bottom; the report lives in ``validation.groundtruth_report``
+and the extra published table in ``validation.groundtruth_published``.
 """
 from __future__ import annotations
 

@@ -7,12 +7,32 @@ from pathlib import Path
 from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored
 
 
-def to_json(g: GroundTruth) -> dict:
-    """``{"rows": [...], "summary": {...}}``: every expressed row (calibration rows flagged, never scored)."""
+def to_json(g: GroundTruth, extra: list[dict] | None = None) -> dict:
+    """``{"rows": [...], "summary": {...}}``: every expressed row (calibration rows flagged, never scored);
+    ``extra`` (Korthikanti et al.'s Table 5 rows) goes into the summary as ``korthikanti_table5``."""
     summary = dict(g.summary())
     summary["calibration"] = g.calibration.to_dict()
     summary["skipped"] = [{"source": r.source, "line": r.line, "why": why} for r, why in g.skipped]
+    if extra:
+        summary["korthikanti_table5"] = {"mape": sum(abs(x["error"]) for x in extra) / len(extra), "rows": extra}
     return {"rows": [s.to_dict() for s in g.scored], "summary": summary}
+
+
+def extra_markdown(extra: list[dict]) -> list[str]:
+    """The Table 5 section: predicted with the vTrain-fitted calibration, no fitting on these rows."""
+    if not extra:
+        return []
+    mape = sum(abs(x["error"]) for x in extra) / len(extra)
+    lines = ["## Extra: Korthikanti et al. 2022, Table 5 (Selene, TP 8; not fitted on)", "",
+             f"Predicted by the closed form with the calibration fitted on vTrain's rows (another cluster and code "
+             f"base): MAPE {_pct(mape)}.", "",
+             "| model | GPUs | TP·PP·DP | v | micro | batch | recompute | measured s | predicted s | error |",
+             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    for x in extra:
+        lines.append(f"| {x['model']} | {x['gpus']} | {x['tp']}·{x['pp']}·{x['dp']} | {x['chunks']} | {x['micro_batch']} | "
+                     f"{x['global_batch']} | {x['recompute']} | {x['measured_s']:.2f} | {x['predicted_s']:.2f} | "
+                     f"{x['error'] * 100:+.1f}% |")
+    return lines + [""]
 
 
 def breakdown(g: GroundTruth, key) -> list[tuple[str, int, float, float]]:
@@ -88,7 +108,7 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
-def markdown(g: GroundTruth, plot: str | None = "scatter.png") -> str:
+def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict] | None = None) -> str:
     s = g.summary()
     p = g.calibration.params
     lines = [
@@ -146,16 +166,17 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png") -> str:
                                                f"{t.row.measured_ms:.1f} measured)" for t in top))
     lines += ["", "## Rows that cannot be expressed", ""]
     lines += [f"- {r.source}:{r.line}: {why}" for r, why in g.skipped] or ["None: every row is a pipetwin plan."]
+    lines += [""] + extra_markdown(extra or [])
     return "\n".join(lines) + "\n"
 
 
-def write_report(g: GroundTruth, out: str | Path) -> Path:
+def write_report(g: GroundTruth, out: str | Path, extra: list[dict] | None = None) -> Path:
     """report.md, scatter.png, groundtruth.json and device-calibration.json into ``out``."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     scatter(g, d / "scatter.png")
-    (d / "report.md").write_text(markdown(g, "scatter.png"))
-    (d / "groundtruth.json").write_text(json.dumps(to_json(g), indent=1) + "\n")
+    (d / "report.md").write_text(markdown(g, "scatter.png", extra))
+    (d / "groundtruth.json").write_text(json.dumps(to_json(g, extra), indent=1) + "\n")
     g.calibration.save(d / "device-calibration.json")
     return d / "report.md"
 

@@ -274,6 +274,13 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
         assert Plan.from_dict(rec.plan) == plan
         assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
         assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
+    # the planner's choice there is data parallel; a pipeline (plan --stages 4) is costed the same way too
+    piped = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd",
+                       stages=4).best_candidate
+    assert piped.plan.pipeline_depth == 4 and piped.plan.recompute == plan.recompute
+    trace = simulate_plan(piped.plan, profile, topo, SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"]))
+    assert time_per_batch_s(trace) == pytest.approx(piped.time_per_batch_s, rel=1e-9)
+    assert max(peak_memory_bytes(trace).values()) == pytest.approx(max(piped.peak_memory_bytes.values()), rel=1e-9)
 
 
 def test_full_recomputation_leaves_layers_that_are_not_recomputable_alone():

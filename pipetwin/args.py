@@ -148,4 +148,5 @@ def grid_plan(args, model: str, profile, devices: list[str] | None, *, schedule:
     return plan_from_flags(model, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=schedule,
                            microbatches=microbatches, microbatch_size=microbatch_size, batches=batches,
                            vertical_sync=vertical_sync, recompute=getattr(args, "recompute", "none") or "none",
-                           topology=topology, devices=devices, lr=lr)
+                           topology=topology, devices=devices, lr=lr,
+                           sequence_parallel=getattr(args, "sequence_parallel", False))

@@ -26,11 +26,13 @@ def test_a_plan_without_tensor_parallelism_or_recomputation_writes_the_json_it_a
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_a_tensor_parallel_plan_round_trips_through_json(recompute, tmp_path):
-    plan = plan_from_flags("m", 8, pp=2, dp=2, tp=4, recompute=recompute, microbatches=4)
+    plan = plan_from_flags("m", 8, pp=2, dp=2, tp=4, recompute=recompute, microbatches=4,
+                           sequence_parallel=recompute == "selective")
     path = tmp_path / "plan.json"
     plan.save(path)
     back = Plan.load(path)
     assert back == plan and back.tensor_parallel == 4 and back.recompute == recompute
+    assert back.sequence_parallel == (recompute == "selective")
     assert json.loads(path.read_text()).get("tensor_parallel") == 4
 
 
@@ -45,6 +47,8 @@ def test_bad_grids_are_one_line_plan_errors():
         Plan("m", (StagePlan(0, 3, 2, ("a", "b")),), tensor_parallel=2)
     with pytest.raises(PlanError, match="tensor_parallel must be"):
         Plan("m", (StagePlan(0, 3),), tensor_parallel=0)
+    with pytest.raises(PlanError, match="sequence parallelism .* needs tensor_parallel >= 2"):
+        Plan("m", (StagePlan(0, 3),), sequence_parallel=True)
     with pytest.raises(PlanError, match="recompute mode 'some'"):
         Plan("m", (StagePlan(0, 3),), recompute="some")
     with pytest.raises(PlanError, match="needs 8 devices .* only 4"):

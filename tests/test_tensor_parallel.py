@@ -395,3 +395,15 @@ def test_plan_model_costs_a_fixed_grid_for_every_family_the_schedule_takes():
         plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=6, schedule="interleaved")
     with pytest.raises(PlanError, match="per rank of 1"):
         plan_model(load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"), topo, grid=(2, 2, 2, 1))
+
+
+def test_throughput_counts_each_microbatch_once_whatever_the_tp_degree():
+    from planner.trace import summary
+    from sim import simulate_plan
+
+    topo = load_topology("ideal:8")
+    base = summary(simulate_plan(plan_from_flags("m", 2, pp=2, dp=1, microbatches=4, devices=topo.devices),
+                                 _tp_profile(1, layers=2, tp_bytes=0.0), topo))
+    tp = summary(simulate_plan(plan_from_flags("m", 2, pp=2, tp=4, microbatches=4, devices=topo.devices),
+                               _tp_profile(4, layers=2, tp_bytes=0.0), topo))
+    assert tp["throughput_samples_per_s"] == base["throughput_samples_per_s"] == pytest.approx(4 / ((4 + 1) * 3.0))

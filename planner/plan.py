@@ -216,6 +216,29 @@ def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...
     return Plan(model=model, stages=tuple(out), **kw)
 
 
+def fill_degrees(devices: int | None, tp: int | None = None, pp: int | None = None, dp: int | None = None,
+                 vp: int | None = None) -> tuple[int, int, int, int]:
+    """(tp, pp, dp, vp) with the missing degrees filled so that tp·pp·dp = ``devices`` (when known).
+
+    tp and vp default to 1; with neither pp nor dp given, the devices go to the pipeline (pp), else the
+    missing one takes what is left. Raises PlanError when the product cannot be ``devices``.
+    """
+    tp, vp = tp or 1, vp or 1
+    if devices is None:
+        return tp, pp or 1, dp or 1, vp
+    given = tp * (pp or 1) * (dp or 1)
+    if pp is None and dp is None:
+        pp, dp = (devices // tp if devices % tp == 0 else 0), 1
+    elif pp is None:
+        pp = devices // (tp * dp) if devices % (tp * dp) == 0 else 0
+    elif dp is None:
+        dp = devices // (tp * pp) if devices % (tp * pp) == 0 else 0
+    if not pp or not dp or tp * pp * dp != devices:
+        raise PlanError(f"--tp {tp} x --pp {pp or '?'} x --dp {dp or '?'} does not make {devices} devices "
+                        f"(the degrees given multiply to {given}); give degrees whose product is {devices}")
+    return tp, pp, dp, vp
+
+
 def plan_from_flags(model: str, num_layers: int, *, pp: int, dp: int | tuple[int, ...] = 1, tp: int = 1, vp: int = 1,
                     schedule: str = "1f1b", microbatches: int | None = None, microbatch_size: int = 1, batches: int = 1,
                     vertical_sync: bool = False, recompute: str | bool = "none", topology: str | None = None,

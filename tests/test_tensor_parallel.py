@@ -407,3 +407,14 @@ def test_throughput_counts_each_microbatch_once_whatever_the_tp_degree():
     tp = summary(simulate_plan(plan_from_flags("m", 2, pp=2, tp=4, microbatches=4, devices=topo.devices),
                                _tp_profile(4, layers=2, tp_bytes=0.0), topo))
     assert tp["throughput_samples_per_s"] == base["throughput_samples_per_s"] == pytest.approx(4 / ((4 + 1) * 3.0))
+
+
+def test_missing_degrees_are_filled_from_the_device_count():
+    from planner.plan import fill_degrees
+
+    assert fill_degrees(64, tp=8) == (8, 8, 1, 1)
+    assert fill_degrees(64, tp=8, pp=2) == (8, 2, 4, 1)
+    assert fill_degrees(64, tp=8, dp=2, vp=3) == (8, 4, 2, 3)
+    assert fill_degrees(None, pp=2) == (1, 2, 1, 1)
+    with pytest.raises(PlanError, match="--tp 3 x --pp \\? x --dp 1 does not make 64 devices"):
+        fill_degrees(64, tp=3)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from planner.program import FAMILIES, chunks_for, family
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     from pipetwin.errors import UserError
@@ -22,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
     p.add_argument("--stages", type=int, help="pipeline stages P (devices along the pipeline)")
     p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1")
-    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"])
+    p.add_argument("--schedule", default="1f1b", choices=FAMILIES)
     p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
@@ -64,17 +66,16 @@ def _plan_for(args):
         raise UserError("give --plan plan.json, or --model and --stages (e.g. --model mlp:layers=8,width=512 --stages 2)")
     if args.stages < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
         raise UserError("--stages, --microbatches, --microbatch-size and --batches must be >= 1")
-    chunks = args.chunks if args.schedule == "interleaved" else 1
-    if args.schedule == "interleaved" and args.chunks < 2:
-        chunks = 2
-    if chunks != 1 and args.schedule != "interleaved":
-        raise UserError("--chunks is for --schedule interleaved only")
+    multi = family(args.schedule).multi_stage
+    chunks = chunks_for(args.schedule, args.chunks) if multi else 1
+    if args.chunks != 1 and not multi:
+        raise UserError("--chunks is for the schedules that place several stages on a rank (e.g. interleaved) only")
     virtual = args.stages * chunks
     replicas = args.replicas
     if replicas is not None and len(replicas) != args.stages:
         raise UserError(f"--replicas gives {len(replicas)} values for {args.stages} stages")
-    if replicas is not None and chunks > 1:
-        raise UserError("interleaved 1F1B does not replicate stages; drop --replicas")
+    if replicas is not None and not family(args.schedule).replicable:
+        raise UserError(f"{family(args.schedule).title} does not replicate stages; drop --replicas")
     kw = dict(schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
               batches=args.batches, chunks=chunks, vertical_sync=args.vertical_sync)
     if args.lr is not None:

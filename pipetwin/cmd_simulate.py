@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
+from planner.program import FAMILIES, chunks_for, family
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -73,9 +73,9 @@ def _plan_for(args, profile, topology):
             plan = replace(plan, vertical_sync=True)
         return plan
     schedule = "1f1b" if args.schedule == "auto" else args.schedule
-    chunks = args.chunks if schedule != "interleaved" else max(args.chunks, 2)
+    chunks = chunks_for(schedule, args.chunks)
     depth = args.stages or len(args.replicas)
-    stages = depth * chunks if schedule == "interleaved" else depth
+    stages = depth * chunks if family(schedule).multi_stage else depth
     replicas = args.replicas or (1,) * stages
     plan = even_plan(args.model, len(profile), stages, replicas, schedule=schedule,
                      microbatches=args.microbatches or 4, microbatch_size=args.microbatch_size, chunks=chunks,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, FLUSH_FAMILIES
+from planner.program import Action, Kind, Program, inflight_limit
 from planner.trace import Trace
 
 
@@ -46,7 +46,7 @@ def check(program: Program) -> None:
 def _check_structure(p: Program) -> None:
     S = len(p.stage_workers)
     N = p.spec.total_microbatches
-    split = p.spec.family == "zb-h1"
+    split = p.spec.traits.backward == "split"
     seen: dict[tuple[Kind, int, int], tuple[int, int]] = {}
     for w in p.workers:
         held = set(p.stages_of(w))
@@ -160,7 +160,7 @@ def _check_matching(p: Program) -> None:
 
 # --- weight versions ------------------------------------------------------------------------
 def _check_versions(p: Program) -> None:
-    fam = p.spec.family
+    fam = p.spec.traits
     f_version: dict[tuple[int, int], int] = {}
     # forward versions first (vertical sync compares against stage 0)
     for w in p.workers:
@@ -181,11 +181,11 @@ def _check_versions(p: Program) -> None:
             if not a.is_compute:
                 continue
             if a.kind is Kind.F:
-                if fam in FLUSH_FAMILIES:
+                if fam.versions == "batch":
                     want = p.spec.batch_of(a.mb)
                     if a.version != want or cur != want:
                         raise ProgramError(f"flush schedule: batch {want} must run on version {want} (tagged {a.version}, stage holds {cur})", p, w, idx)
-                elif fam == "2bw":
+                elif fam.versions == "stale":
                     want = max(0, p.spec.batch_of(a.mb) - 1)
                     if a.version != want:
                         raise ProgramError(f"2BW: batch {p.spec.batch_of(a.mb)} uses version {want}", p, w, idx)
@@ -199,8 +199,8 @@ def _check_versions(p: Program) -> None:
                     raise ProgramError(f"uses version {a.version} before the stage has made it (has {cur})", p, w, idx)
                 inflight.setdefault(s, {})[a.mb] = a.version
                 live = set(inflight[s].values()) | {cur}
-                if fam == "2bw" and len(live) > 2:
-                    raise ProgramError(f"2BW holds {len(live)} weight versions {sorted(live)}; at most 2", p, w, idx)
+                if fam.weight_copies and len(live) > fam.weight_copies:
+                    raise ProgramError(f"{fam.title} holds {len(live)} weight versions {sorted(live)}; at most {fam.weight_copies}", p, w, idx)
                 stashed = set(inflight[s].values()) - {cur}
                 if len(stashed) > len(inflight[s]):
                     raise ProgramError("more stashed versions than in-flight minibatches", p, w, idx)
@@ -214,7 +214,7 @@ def _check_versions(p: Program) -> None:
 
 def _check_update_points(p: Program) -> None:
     """An ALLREDUCE / STEP of round k comes after every backward it covers; a replicated STEP after its ALLREDUCE."""
-    fam = p.spec.family
+    per_backward = not p.spec.traits.batched
     N = p.spec.total_microbatches
     for w in p.workers:
         done: set[tuple[int, int]] = set()
@@ -226,7 +226,7 @@ def _check_update_points(p: Program) -> None:
                 continue
             s, k = a.stage, a.mb
             reps = p.stage_workers[s]
-            if fam == "pipedream":
+            if per_backward:
                 i = k * len(reps) + reps.index(w)
                 need = [i] if i < N else []
             else:
@@ -243,13 +243,13 @@ def _check_update_points(p: Program) -> None:
 
 def inflight_bound(p: Program, stage: int) -> int:
     """The in-flight bound the family promises for one replica of ``stage``."""
-    from planner.schedules import inflight_limit
-
-    fam = p.spec.family
-    if fam == "gpipe":
+    rule = p.spec.traits.inflight
+    if rule == "batch":
         return math.ceil(p.spec.microbatches / len(p.stage_workers[stage]))
-    if fam == "interleaved":
+    if rule == "chunk":
         return p.spec.microbatches  # per chunk; Megatron's warm-up bound is checked by the dry run tests
+    if rule == "none":
+        return p.spec.total_microbatches
     return inflight_limit(p.spec, stage)
 
 
@@ -269,9 +269,8 @@ def max_inflight(p: Program) -> dict[tuple[int, int], int]:
 
 def _check_inflight(p: Program) -> None:
     """In flight = forward done, input gradient not; ZB-H1 also caps forward-done, weight-gradient-not at 1F1B's peak."""
-    from planner.schedules import inflight_limit
-
-    zb_cap = max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) if p.spec.family == "zb-h1" else None
+    fam = p.spec.traits
+    zb_cap = max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) if fam.open_cap == "1f1b-peak" else None
     for w in p.workers:
         cur: dict[int, int] = {}
         open_w = 0
@@ -283,7 +282,7 @@ def _check_inflight(p: Program) -> None:
                 if cur[a.stage] > bound:
                     raise ProgramError(f"{cur[a.stage]} microbatches in flight on stage {a.stage}; {p.spec.family} allows {bound}", p, w, idx)
                 if zb_cap is not None and open_w > zb_cap:
-                    raise ProgramError(f"{open_w} microbatches await their weight gradient; ZB-H1 keeps 1F1B's peak of {zb_cap}", p, w, idx)
+                    raise ProgramError(f"{open_w} microbatches await their weight gradient; {fam.title} keeps 1F1B's peak of {zb_cap}", p, w, idx)
             elif a.kind in (Kind.B, Kind.BI):
                 cur[a.stage] -= 1
             if a.kind in (Kind.B, Kind.BW):

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-from planner.program import FAMILIES
+from planner.program import FAMILIES, FAMILY, rank_of
 
 
 class PlanError(ValueError):
@@ -163,7 +163,9 @@ def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...
     depth = stages // chunks
     for i in range(stages):
         if chunks > 1:
-            devs = tuple(f"d{i % depth}" for _ in range(replicas[i]))
+            fam = FAMILY.get(kw.get("schedule", "1f1b"))
+            rank = rank_of(fam, depth, i) if fam else i % depth
+            devs = tuple(f"d{rank}" for _ in range(replicas[i]))
         else:
             devs = tuple(f"d{dev + r}" for r in range(replicas[i]))
             dev += replicas[i]

@@ -4,8 +4,14 @@
 → assign weight versions → insert communication → ``check``. Each pass is a
 pure function over the action dict and is testable alone.
 
-Workers: stage s's replicas get consecutive worker ids (stage 0 first). For
-interleaved 1F1B, virtual stage c·P + d lives on device (worker) d.
+Workers and placement come from the family's traits (planner.program.FAMILY and
+``stage_workers``): stage s's replicas get consecutive worker ids (stage 0 first);
+a looped family puts virtual stage c·P + d on worker d, a V-shaped one chunk c on
+worker d going down the ranks when c is even and back up when it is odd.
+
+A new family is its order function in ``ORDERS`` (and, if it needs more of a spec
+than the shared checks, a line in ``REQUIRES``), its line in the registry, its golden
+file and its tests; the passes, ``check`` and both interpreters read its traits.
 """
 from __future__ import annotations
 
@@ -13,68 +19,12 @@ import heapq
 import math
 from typing import Callable
 
-from planner.program import Action, Kind, Program, ScheduleSpec, FAMILIES, FLUSH_FAMILIES
+from planner.check import check
+from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, make_spec,
+                             stage_workers, validate_spec)
 
-
-class ScheduleError(ValueError):
-    """Parameters no schedule of the family can satisfy; the message says what to change."""
-
-
-# --- layout ----------------------------------------------------------------------------
-def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
-    if spec.family == "interleaved":
-        return tuple((vs % spec.stages,) for vs in range(spec.virtual_stages))
-    out, w = [], 0
-    for r in spec.replicas:
-        out.append(tuple(range(w, w + r)))
-        w += r
-    return tuple(out)
-
-
-def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
-    """Microbatches a replica of ``stage`` keeps in flight in 1F1B steady state.
-
-    ⌈workers at or after the stage / replicas of the stage⌉: P − s without
-    replication; for stage 0, PipeDream's NOAM ⌈workers / replicas of stage 0⌉.
-    """
-    r = spec.replicas
-    return math.ceil(sum(r[stage:]) / r[stage])
-
-
-def validate_spec(spec: ScheduleSpec) -> None:
-    P, M = spec.stages, spec.microbatches
-    if spec.family not in FAMILIES:
-        raise ScheduleError(f"unknown schedule {spec.family!r}; choose one of {', '.join(FAMILIES)}")
-    if P < 1 or M < 1:
-        raise ScheduleError("stages and microbatches must be >= 1")
-    if spec.batches < 1:
-        raise ScheduleError("batches must be >= 1")
-    if spec.family == "interleaved":
-        if spec.chunks < 1:
-            raise ScheduleError("--chunks must be >= 1")
-        if any(r != 1 for r in spec.replicas):
-            raise ScheduleError("interleaved 1F1B does not replicate stages; drop --replicas or pick another schedule")
-        if len(spec.replicas) != spec.virtual_stages:
-            raise ScheduleError(f"interleaved needs one replica count per virtual stage ({spec.virtual_stages})")
-        if M % P:
-            raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages ({M} % {P} != 0); use {math.ceil(M / P) * P}")
-        return
-    if spec.chunks != 1:
-        raise ScheduleError(f"--chunks is for the interleaved schedule only (got {spec.chunks} with {spec.family})")
-    if len(spec.replicas) != P:
-        raise ScheduleError(f"--replicas gives {len(spec.replicas)} values for {P} stages")
-    if any(r < 1 for r in spec.replicas):
-        raise ScheduleError("every stage needs at least 1 replica")
-    if spec.vertical_sync and spec.family != "pipedream":
-        raise ScheduleError("--vertical-sync applies to the pipedream schedule only")
-    if spec.vertical_sync and len(set(spec.replicas)) > 1:
-        raise ScheduleError("vertical sync needs the same replica count on every stage (versions advance once per "
-                            "all-reduce round, so unequal replication makes stage versions incomparable)")
-    if spec.family != "pipedream" and max(spec.replicas) > M:
-        raise ScheduleError(f"a stage has {max(spec.replicas)} replicas but a batch has only {M} microbatches; use at least as many microbatches as replicas")
-    if spec.family == "2bw" and M < max(inflight_limit(spec, s) for s in range(P)):
-        need = max(inflight_limit(spec, s) for s in range(P))
-        raise ScheduleError(f"2BW needs microbatches per batch >= the pipeline's in-flight depth ({need}) to keep two weight versions; got {M}")
+__all__ = ["generate", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
+           "validate_spec", "add_steps", "add_versions", "add_communication"]
 
 
 def _replica_mbs(spec: ScheduleSpec, stage: int, replica: int, mbs: range) -> list[int]:
@@ -244,6 +194,19 @@ def _bi_ready(si: tuple[int, int], S: int, done_at: dict, now: float) -> bool:
     return done_at.get((Kind.BI, s + 1, i), math.inf) <= now + 1e-12
 
 
+def _requires_interleaved(spec: ScheduleSpec) -> None:
+    P, M = spec.stages, spec.microbatches
+    if M % P:
+        raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages ({M} % {P} != 0); use {math.ceil(M / P) * P}")
+
+
+def _requires_2bw(spec: ScheduleSpec) -> None:
+    need = max(inflight_limit(spec, s) for s in range(spec.stages))
+    if spec.microbatches < need:
+        raise ScheduleError(f"2BW needs microbatches per batch >= the pipeline's in-flight depth ({need}) to keep two weight versions; got {spec.microbatches}")
+
+
+#: Each family's compute order (its line in planner.program.FAMILY says what it promises).
 ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "gpipe": order_gpipe,
     "1f1b": order_1f1b,
@@ -251,6 +214,12 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "pipedream": order_pipedream,
     "2bw": order_2bw,
     "zb-h1": order_zb_h1,
+}
+
+#: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.
+REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
+    "interleaved": _requires_interleaved,
+    "2bw": _requires_2bw,
 }
 
 
@@ -267,9 +236,10 @@ def add_steps(spec: ScheduleSpec, sw: tuple[tuple[int, ...], ...], actions: dict
     replicas with fewer minibatches join the last rounds with no gradient.
     """
     out: dict[int, list[Action]] = {}
+    per_backward = not spec.traits.batched
     for w, acts in actions.items():
         new: list[Action] = []
-        if spec.family == "pipedream":
+        if per_backward:
             rounds: dict[int, int] = {}
             for a in acts:
                 new.append(a)
@@ -310,10 +280,10 @@ def add_versions(spec: ScheduleSpec, actions: dict[int, list[Action]]) -> dict[i
     on that stage), kept by the backward (weight stashing); with vertical sync,
     the version stage 0 used for that minibatch.
     """
-    fam = spec.family
-    if fam in FLUSH_FAMILIES:
+    versions = spec.traits.versions
+    if versions == "batch":
         rule = lambda a, steps, fv: spec.batch_of(a.mb)
-    elif fam == "2bw":
+    elif versions == "stale":
         rule = lambda a, steps, fv: max(0, spec.batch_of(a.mb) - 1)
     else:
         rule = None
@@ -395,6 +365,8 @@ def generate(
 ) -> Program:
     """The one path from a spec to a checked program."""
     validate_spec(spec)
+    if spec.family in REQUIRES:
+        REQUIRES[spec.family](spec)
     sw = stage_workers(spec)
     compute = ORDERS[spec.family](spec)
     acts = add_steps(spec, sw, compute)
@@ -402,14 +374,5 @@ def generate(
     acts = add_communication(spec, sw, acts, act_bytes, allreduce_bytes)
     prog = Program(spec=spec, stage_workers=sw, actions=acts)
     if check_program:
-        from planner.check import check
-
         check(prog)
     return prog
-
-
-def make_spec(family: str, stages: int, microbatches: int, replicas: tuple[int, ...] | None = None,
-              chunks: int = 1, vertical_sync: bool = False, batches: int = 1) -> ScheduleSpec:
-    """A spec with defaults filled in (one replica per stage; P·V virtual stages for interleaved)."""
-    n = stages * chunks if family == "interleaved" else stages
-    return ScheduleSpec(family, stages, microbatches, tuple(replicas) if replicas else (1,) * n, chunks, vertical_sync, batches)

@@ -28,7 +28,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipetwin.whatif import SweepConfig, run_sweep, search
+from pipetwin.scoring import run_sweep, search
+from whatif import SweepConfig
 
 SWEEP = SweepConfig(model="gpt3-13b", devices=(8, 16, 32, 48, 64, 96, 128, 256, 384, 512),
                     device_kinds=("a100-80gb", "h100"),
@@ -56,13 +57,13 @@ def main() -> int:
         res = run_sweep(cfg, jobs=args.jobs, cache=cache)  # the points come from the cache: only the front is simulated
         t_sim, c_sim = time.perf_counter() - t0, _cpu() - c0
         wall = t_plan + t_sim
-        ok = sum(r["status"] == "ok" for r in res.records)
-        sims = sum(1 for i in res.pareto if res.records[i].get("simulated"))
-        slowest = max(planned.records, key=lambda r: r["devices"])
+        ok = sum(r.ok for r in res.records)
+        sims = sum(1 for i in res.pareto if res.records[i].simulated)
+        slowest = max(planned.records, key=lambda r: r.devices)
         table.add_row("  planning every point", f"{n} configurations", f"{t_plan:.1f}", f"{c_plan:.1f}", "", "",
                       f"{ok} feasible ({n - ok} no-fit or invalid)")
         table.add_row("  simulating the Pareto front", f"{sims} plans", f"{t_sim:.1f}", f"{c_sim:.1f}", "", "",
-                      f"largest cluster {slowest['devices']} devices")
+                      f"largest cluster {slowest.devices} devices")
         table.add_row("whatif sweep gpt3-13b", f"{n} configurations", f"{wall:.1f}", f"{c_plan + c_sim:.1f}", "60",
                       _ok(wall <= 60 or args.quick), f"front {len(res.pareto)}")
         t0, c0 = time.perf_counter(), _cpu()

@@ -7,8 +7,10 @@ by ``str(err)`` only when asked for with ``err.details()``).
 """
 from __future__ import annotations
 
+from topologies.errors import InputError
 
-class ExecutorError(ValueError):
+
+class ExecutorError(InputError):
     """A run that cannot start or did not finish; the message says what went wrong and what to do."""
 
 

@@ -25,65 +25,25 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from executor.backend import resolve_backend_device
 from executor.errors import ExecutorError, WorkerFailed
-from executor.runtime import (FAULT_ENV, Prepared, RunConfig, merge_losses, merge_trace, merge_weights,
-                              p2p_orders_agree, prepare, resolve_backend, resolve_device,
-                              weights_from_checkpoint)
+from executor.faults import FAULT_ENV
+from executor.prepare import Prepared, RunConfig, prepare
+from executor.results import RunResult, result_from_parts, weights_from_checkpoint
+from executor.transport import p2p_orders_agree
+from executor.worker import local_entry
 from planner.plan import Plan, PlanError
 from planner.program import Kind, Program
-from planner.trace import Trace, summary
+from planner.trace import Trace
 
 _STOP_GRACE_S = 3.0
-
-
-@dataclass
-class RunResult:
-    """What a run produced.
-
-    Attributes:
-        trace: the measured trace (lane = worker id; meta source "measured").
-        weights: final weights of every stage, keys ``stage{s}.{param}`` (CPU tensors).
-        losses: loss of every (global) microbatch index that ran.
-        plan: the plan that ran.
-        program: the program of this run (the batches left after a resume).
-        start_step: optimizer steps already done by a checkpoint this run resumed from.
-        backend: the process-group backend used.
-        wall_s: seconds from launch to the merged result.
-    """
-
-    trace: Trace
-    weights: dict[str, torch.Tensor]
-    losses: dict[int, float]
-    plan: Plan
-    program: Program | None
-    start_step: int = 0
-    backend: str = "gloo"
-    wall_s: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        """``planner.trace.summary`` of the trace plus the run's own keys."""
-        out = summary(self.trace)
-        out["final_loss"] = list(self.losses.values())[-1] if self.losses else None
-        out["backend"] = self.backend
-        out["device"] = self.trace.meta.get("device_kind", "cpu")
-        out["start_step"] = self.start_step
-        out["wall_s"] = self.wall_s
-        return out
-
-
-def result_from_parts(parts: list[dict], prep: Prepared, backend: str, wall_s: float = 0.0) -> RunResult:
-    trace = merge_trace(prep.program, prep.plan, parts)
-    trace.meta["backend"] = backend
-    return RunResult(trace=trace, weights=merge_weights(parts),
-                     losses=merge_losses(parts), plan=prep.plan, program=prep.program, start_step=prep.start_step,
-                     backend=backend, wall_s=wall_s)
 
 
 def _as_plan(plan: Plan | dict | str | os.PathLike) -> Plan:
@@ -141,8 +101,8 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         _save_weights(res, save_weights)
         return res
     world = len(prep.program.workers)
-    cfg = replace(cfg, backend=resolve_backend(backend, world))
-    cfg = replace(cfg, device=resolve_device(device, cfg.backend))
+    backend, device = resolve_backend_device(backend, device, world)
+    cfg = replace(cfg, backend=backend, device=device)
     if cfg.backend == "nccl":
         problem = p2p_orders_agree(prep.program)
         if problem:
@@ -180,10 +140,6 @@ def _context():
 
 
 def _launch(cfg: RunConfig, prep: Prepared, world: int, out_dir: Path) -> list[dict]:
-    import torch.distributed as dist
-
-    from executor import worker as worker_mod
-
     store = dist.TCPStore("127.0.0.1", 0, world + 1, True, timeout=timedelta(seconds=cfg.timeout_s),
                           wait_for_workers=False)
     ctx = _context()
@@ -191,7 +147,7 @@ def _launch(cfg: RunConfig, prep: Prepared, world: int, out_dir: Path) -> list[d
     env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     if FAULT_ENV in os.environ:
         env[FAULT_ENV] = os.environ[FAULT_ENV]
-    procs = [ctx.Process(target=worker_mod.local_entry, name=f"pipetwin-w{r}",
+    procs = [ctx.Process(target=local_entry, name=f"pipetwin-w{r}",
                          args=(cfg, r, world, "127.0.0.1", store.port, str(out_dir), progress, env), daemon=True)
              for r in range(world)]
     try:

@@ -54,15 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from executor.emulated import EmulatedLayer
+from planner.profile import ModelSpecError
 
 __all__ = [
     "ModelSpecError", "build_layers", "build_stage", "input_shape", "make_batch", "loss_fn", "num_layers",
     "parse_spec", "ModelSpec", "KINDS",
 ]
-
-
-class ModelSpecError(ValueError):
-    """A model spec that names no known model or has a bad parameter; the message says what to do."""
 
 
 # kind -> {key: (type, default)}

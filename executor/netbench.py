@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from topologies.errors import InputError
+
 __all__ = ["NetbenchError", "LinkFit", "fit_latency_bandwidth", "run_netbench", "to_topology", "DEFAULT_SIZES",
            "parse_sizes"]
 
@@ -40,7 +42,7 @@ DEFAULT_SIZES: tuple[int, ...] = tuple(4**k for k in range(13))
 _RESULT_TAG = "NETBENCH-RESULT "
 
 
-class NetbenchError(ValueError):
+class NetbenchError(InputError):
     """The link benchmark could not run or got bad input; the message says what to do."""
 
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from executor.memory import SavedBytes, storage_keys, tensor_bytes
 from executor.models import build_layers, loss_fn, make_batch, parse_spec
+from executor.timing import Clock
 from planner.profile import Layer, ModelProfile
 
 __all__ = ["profile_model", "saved_tensor_bytes", "layer_param_bytes", "single_thread"]
@@ -45,55 +46,17 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _tensor_bytes(t) -> int:
-    if isinstance(t, Tensor):
-        return t.numel() * t.element_size()
-    if isinstance(t, (tuple, list)):
-        return sum(_tensor_bytes(x) for x in t)
-    return 0
-
-
 def layer_param_bytes(layer: nn.Module) -> int:
     """Bytes of the layer's parameters."""
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-class _SavedBytes:
-    """A saved_tensors_hooks pair that records each saved storage once, skipping excluded storages."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude = exclude
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: Tensor):
-        try:
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key not in self.exclude and key not in self.storages:
-                self.storages[key] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, ...)
-            key = id(t)
-            self.storages.setdefault(key, _tensor_bytes(t))
-        return t
-
-    @staticmethod
-    def unpack(t: Tensor) -> Tensor:
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def saved_tensor_bytes(layer: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     """Run ``layer(x)`` and return (output, bytes of distinct storages saved for backward, params excluded)."""
-    exclude = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    exclude |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
-    exclude.discard(0)
-    rec = _SavedBytes(exclude)
-    with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+    exclude = storage_keys([*layer.parameters(), *layer.buffers()])
+    with SavedBytes(exclude).counting() as rec:
         out = layer(x)
-    return out, rec.total
+    return out, rec.nbytes
 
 
 def _grad_like(out) -> Tensor:
@@ -101,23 +64,6 @@ def _grad_like(out) -> Tensor:
     if not out.is_floating_point():
         return None
     return torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
-
-
-class _Clock:
-    """Marks points in time: ``perf_counter`` on the CPU, CUDA events on a GPU (read after a synchronize)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
 
 def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup: int = 2, seed: int = 0,
@@ -133,7 +79,7 @@ def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
     dev = torch.device(device)
-    clock = _Clock(dev)
+    clock = Clock(dev)
     ms = parse_spec(spec)
     with single_thread():
         layers = build_layers(spec, seed)
@@ -154,7 +100,7 @@ def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup:
             fwd, bwd, marks = [], [], []
             xi = inputs[i].detach().requires_grad_(i > 0 and inputs[i].is_floating_point())
             out, saved = saved_tensor_bytes(layer, xi)  # an untimed pass: the hooks cost time
-            act = _tensor_bytes(out)
+            act = tensor_bytes(out)
             del out, xi
             gc_was = gc.isenabled()
             gc.disable()

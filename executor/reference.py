@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from executor.runtime import DTYPES
+from executor.prepare import DTYPES
 from planner.plan import Plan
 from planner.program import FLUSH_FAMILIES
 

@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from executor.backend import init_process_group, resolve_backend_device
 from executor.errors import ExecutorError
-from executor.runtime import (ActionFailed, Prepared, RunConfig, StageWorker, gather_results, init_process_group,
-                              prepare, resolve_backend, resolve_device)
+from executor.faults import FAULT_ENV
+from executor.prepare import Prepared, RunConfig, prepare
+from executor.results import gather_results, result_from_parts
+from executor.runtime import ActionFailed, StageWorker
 
 
 def _error_doc(rank: int, prep: Prepared | None, exc: BaseException, index: int | None, comm: bool) -> dict:
@@ -64,7 +67,7 @@ def run_rank(cfg: RunConfig, rank: int, world: int, out_dir: str | None, store=N
         if len(prep.program.workers) != world:
             raise ExecutorError(f"the plan needs {len(prep.program.workers)} workers but the run has {world} "
                                 f"processes; launch with --nproc-per-node x --nnodes = {len(prep.program.workers)}")
-        device = init_process_group(cfg, rank, world, store)
+        device = init_process_group(cfg.backend, cfg.device, cfg.timeout_s, rank, world, store)
         worker = StageWorker(cfg, prep, rank, device, progress)
         worker.setup()
         worker.run()
@@ -90,8 +93,6 @@ def run_rank(cfg: RunConfig, rank: int, world: int, out_dir: str | None, store=N
 
 def local_entry(cfg: RunConfig, rank: int, world: int, host: str, port: int, out_dir: str, progress, env: dict) -> None:
     """Target of the local launcher's processes: quiet stderr into a file, join the launcher's store, run."""
-    from executor.runtime import FAULT_ENV
-
     os.environ.pop(FAULT_ENV, None)  # the forkserver's environment dates from its start; the launcher's env decides
     os.environ.update(env)
     log = open(Path(out_dir) / f"stderr-rank{rank}.log", "w")
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = Plan.load(args.plan)
-        backend = resolve_backend(args.backend, local_world)
-        cfg = RunConfig(plan=plan.to_dict(), backend=backend, device=resolve_device(args.device, backend),
+        backend, device = resolve_backend_device(args.backend, args.device, local_world)
+        cfg = RunConfig(plan=plan.to_dict(), backend=backend, device=device,
                         timeout_s=args.timeout,
                         seed=args.seed, dtype=args.dtype, checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -153,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     if rank == 0 and out:
-        from executor.launch import result_from_parts
-
         res = result_from_parts(torch.load(Path(out) / "result.pt", weights_only=False)["parts"], prep, cfg.backend)
         res.trace.save(Path(out) / "trace.json")
         _write_json(Path(out) / "summary.json", res.summary())

@@ -51,6 +51,10 @@ def gantt(traces: dict[str, Trace] | Trace, path: str | Path, title: str = "", t
     plt.close(fig)
 
 
+#: The widest text grid drawn, in slots; a longer schedule is drawn with longer slots.
+GRID_MAX_SLOTS = 400
+
+
 def text_grid(trace: Trace, unit: float | None = None) -> str:
     """The schedule as the PipeDream papers draw it: rows are workers, columns time slots.
 
@@ -64,7 +68,9 @@ def text_grid(trace: Trace, unit: float | None = None) -> str:
         return ""
     unit = unit or min(e.duration_s for e in comp)
     t0 = min(e.start_s for e in comp)
-    slots = int(round((max(e.end_s for e in comp) - t0) / unit))
+    span = max(e.end_s for e in comp) - t0
+    unit = max(unit, span / GRID_MAX_SLOTS)  # costs far apart (--fwd 1e12 --bwd 2) would need billions of slots
+    slots = int(round(span / unit))
     width = max(len(str(Action.parse(e.action).mb)) for e in comp) + 1
     short = {"F": "F", "B": "B", "BI": "I", "BW": "W"}
     lines = []

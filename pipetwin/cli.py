@@ -2,13 +2,14 @@
 
 Each ``pipetwin/cmd_<name>.py`` exposes ``register(subparsers)`` which adds its
 parser and sets ``func`` to a callable ``(args) -> int``. Bad input of any kind
-(the ``*Error`` value errors of the packages and ``UserError``) ends in one line
-on stderr and exit code 2.
+(every package's error type derives from ``topologies.errors.InputError``, the
+face's ``UserError`` included) ends in one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 COMMANDS = ("schedule", "plan", "simulate", "run", "profile", "netbench", "validate", "calibrate", "whatif", "search", "demo",
@@ -16,21 +17,49 @@ COMMANDS = ("schedule", "plan", "simulate", "run", "profile", "netbench", "valid
 
 
 def _bad_input_types() -> tuple[type, ...]:
-    from pipetwin.errors import UserError
-    from planner.profile import ProfileError
-    from planner.plan import PlanError
+    """What ends in one line and exit 2: every package's bad-input error (by rule: they derive from
+    ``topologies.errors.InputError``) and an input path the OS refuses (missing, a directory,
+    unreadable, not text)."""
+    from topologies.errors import InputError
 
-    # an input path that is missing, a directory, unreadable, or not text
-    types: list[type] = [UserError, ProfileError, PlanError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                         PermissionError, UnicodeDecodeError]
-    for mod, name in (("planner.check", "ProgramError"), ("planner.schedules", "ScheduleError"),
-                      ("topologies.topology", "TopologyError"), ("sim.params", "SimError"), ("executor.errors", "ExecutorError"), ("executor.models", "ModelSpecError"), ("executor.netbench", "NetbenchError"),
-                      ("validation.calibrate", "CalibrationError")):
-        try:
-            types.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
+    return (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError)
+
+
+#: The largest integer a numeric flag takes (counts, sizes, seeds); past it a flag is refused at parse time.
+INT_FLAG_MAX = 2**31 - 1
+
+
+def _checked(convert):
+    """``convert`` (an argparse ``type``) whose numeric results must be finite, non-negative and, for integers,
+    at most INT_FLAG_MAX: the rule every numeric flag of every command keeps, checked when the command line
+    is parsed, before anything runs (so a command that launches processes or a long sweep never starts on a
+    NaN, an infinity, a negative or an absurd count). Non-numeric results pass through unchanged."""
+
+    def check(text: str):
+        value = convert(text)
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+            if v < 0:
+                raise argparse.ArgumentTypeError(f"{text!r} is negative; give a number >= 0")
+            if isinstance(v, int) and v > INT_FLAG_MAX:
+                raise argparse.ArgumentTypeError(f"{text!r} is too large (at most {INT_FLAG_MAX})")
+        return value
+
+    check.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in "invalid int value"
+    return check
+
+
+def _check_numeric_flags(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _check_numeric_flags(sub)
+        elif action.type is not None and not getattr(action.type, "_pipetwin_checked", False):
+            action.type = _checked(action.type)
+            action.type._pipetwin_checked = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
+    _check_numeric_flags(parser)
     return parser
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from planner.plan import Plan, StagePlan
@@ -24,7 +25,9 @@ def register(sub) -> None:
                      help="uniform:layers=L,fwd=S,bwd=S,act=B,params=B, a profile path, or a PipeDream profile name (vgg16, resnet50, gnmt, ...)")
     p.add_argument("--topology", metavar="PRESET|FILE", help="cluster preset (ideal:4, dgx:servers=2, pipedream-b, hier:...) or a YAML/JSON file")
     p.add_argument("--schedule", default="auto", choices=["auto", *FAMILIES], help="schedule family, or auto to score them all (default)")
-    p.add_argument("--microbatch-size", type=int, default=1, metavar="N", help="samples per microbatch (default 1)")
+    p.add_argument("--microbatch-size", type=int, default=None, metavar="N",
+                   help="samples per microbatch (default: a PipeDream profile's profiled batch, as PipeDream plans "
+                        "it, e.g. 128 for vgg16; otherwise 1)")
     p.add_argument("--global-batch", type=int, default=None, metavar="N", help="samples per batch (fixes the microbatch count)")
     p.add_argument("--microbatches", type=int, default=None, metavar="M", help="microbatches per batch (default: try several)")
     p.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES", help="per-device memory limit, e.g. 16e9 or 16GiB (default: each device's memory)")
@@ -39,7 +42,12 @@ def register(sub) -> None:
     p.add_argument("--activation-compression-ratio", type=float, default=None, metavar="R", help="PipeDream model: count activation transfers, compressed R times")
     p.add_argument("--memory-size", type=float, default=None, metavar="BYTES", help="PipeDream model: per-worker memory")
     p.add_argument("--straight", action="store_true", help="PipeDream model: no replication (straight pipelines)")
-    p.add_argument("--json", action="store_true", help="print the plan and its prediction as JSON")
+    p.add_argument("--compare", choices=["dp"], default=None,
+                   help="dp: also the same cluster's best pure data-parallel plan under the same cost model, and the speedup")
+    p.add_argument("--dp-overlap", action="store_true",
+                   help="with --compare dp: the data-parallel all-reduce overlaps backward (as DDP's gradient buckets do)")
+    p.add_argument("--json", action="store_true", help="print the plan and its prediction as JSON; throughputs are "
+                   "samples per second, and predicted.samples_per_batch says the batch they assume")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan (what `pipetwin simulate --plan` and `run --plan` read)")
     p.set_defaults(func=run)
 
@@ -57,7 +65,9 @@ def run(args) -> int:
 
     topology = load_topology(args.topology)
     topology.validate()
-    kw = dict(schedule=args.schedule, microbatch_size=args.microbatch_size, global_batch=args.global_batch,
+    # a PipeDream profile is planned at its profiled batch unless told otherwise (PipeDream's convention)
+    mb = args.microbatch_size or profile.microbatch_size
+    kw = dict(schedule=args.schedule, microbatch_size=mb, global_batch=args.global_batch,
               microbatches=args.microbatches, memory_limit_bytes=args.memory_limit, top_k=args.top_k,
               overlap_comm=not args.no_overlap, recompute=args.recompute, optimizer=args.optimizer,
               stages=args.stages, model_name=spec)
@@ -157,34 +167,38 @@ def _levels(args) -> list[tuple[int, float]]:
 
 
 def _run_pipedream(args, spec: str, profile: ModelProfile) -> int:
-    from planner.pipedream import optimize_pipedream, pipedream_chain_profile
+    from planner.analytic import PIPEDREAM_BATCH
+    from planner.pipedream import optimize_pipedream, to_plan
 
+    known = PIPEDREAM_BATCH.get(spec)
+    if args.microbatch_size is not None and known is not None and args.microbatch_size != known:
+        raise UserError(f"the PipeDream model costs {spec}'s profiled minibatch of {known} samples; "
+                        f"drop --microbatch-size or give {known}")
+    batch = known or args.microbatch_size or 1
+    batch_note = (f"the profiled minibatch ({known} samples)" if known else
+                  f"--microbatch-size {batch}" if args.microbatch_size else
+                  "1 sample per profiled minibatch (the profile records no batch size; give --microbatch-size)")
     levels = _levels(args)
     res = optimize_pipedream(profile, levels, memory_size=args.memory_size, straight=args.straight,
                              activation_compression_ratio=args.activation_compression_ratio)
-    chain, ranges = pipedream_chain_profile(profile, res)
-    workers = 0
-    stages = []
     topo_devices = None
     if args.topology:
         from topologies.presets import load_topology
 
         topo_devices = load_topology(args.topology).devices
-    for st, (a, b) in zip(res.stages, ranges):
-        r = int(st.replicas)
-        if topo_devices is not None and workers + r <= len(topo_devices):
-            devs = tuple(topo_devices[workers:workers + r])
-        else:
-            devs = tuple(f"d{w}" for w in range(workers, workers + r))
-        workers += r
-        stages.append(StagePlan(int(a), int(b), r, devs))
-    M = args.microbatches or max(4, workers)
-    samples = args.microbatch_size
-    predicted = {"cost_model": "pipedream", "pipeline_time_s": res.pipeline_time_s,
-                 "time_per_sample_s": res.pipeline_time_s / samples,
-                 "throughput_samples_per_s": samples / res.pipeline_time_s if res.pipeline_time_s > 0 else math.inf}
-    plan = Plan(model=spec, stages=tuple(stages), schedule="pipedream", microbatch_size=args.microbatch_size,
-                microbatches=M, topology=args.topology, predicted=predicted)
+    placed, chain = to_plan(res, profile, topo_devices, model=spec, microbatch_size=batch,
+                            microbatches=args.microbatches, topology=args.topology)
+    stages = list(placed.stages)
+    workers = sum(s.replicas for s in stages)
+    t_mb = res.pipeline_time_s
+    # graph.txt times are per profiled minibatch, PipeDream's microbatch: throughput counts its samples
+    predicted = {"cost_model": "pipedream", "seconds_per_minibatch": t_mb, "pipeline_time_s": t_mb,
+                 "samples_per_minibatch": batch, "batch_assumed": batch_note,
+                 "time_per_sample_s": t_mb / batch,
+                 "throughput_samples_per_s": batch / t_mb if t_mb > 0 else math.inf,
+                 "data_parallel_seconds_per_minibatch": res.data_parallel_time_s,
+                 "speedup_over_data_parallel": res.data_parallel_time_s / t_mb if t_mb > 0 else math.inf}
+    plan = replace(placed, microbatch_size=batch, predicted=predicted)
     if args.output:
         plan.save(args.output)
     reduction = getattr(res, "reduction", None)
@@ -210,8 +224,12 @@ def _run_pipedream(args, spec: str, profile: ModelProfile) -> int:
     for i, (s, st) in enumerate(zip(stages, res.stages)):
         t.add_row(str(i), f"{st.first_state}-{st.last_state}", f"{s.first_layer}-{s.last_layer}", str(s.replicas), _devices_text(s.devices))
     con.print(t)
-    con.print(f"pipeline time {_secs(res.pipeline_time_s)} per minibatch ({len(stages)} stages on {workers} workers, "
-              f"{getattr(res, 'num_states', '?')} states)")
+    con.print(f"pipeline time {_secs(t_mb)} per minibatch of {batch} samples: {predicted['throughput_samples_per_s']:.4g} "
+              f"samples/s ({len(stages)} stages on {workers} workers, {getattr(res, 'num_states', '?')} states)")
+    if args.compare == "dp":
+        con.print(f"data parallel on all {workers} workers (PipeDream's figure: ring all-reduce of every weight, "
+                  f"not overlapped, on each level's link): {_secs(res.data_parallel_time_s)} per minibatch; "
+                  f"the pipeline is {predicted['speedup_over_data_parallel']:.2f}x faster")
     if reduction:
         con.print(f"the state space was reduced: {reduction}")
     if args.output:

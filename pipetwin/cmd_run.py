@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from planner.program import FAMILIES, chunks_for, family
+from planner.program import FAMILIES, family
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -51,7 +51,7 @@ def _plan_for(args):
     """The plan to run: the --plan file, or the model split evenly (the hook the planner wiring replaces)."""
     from executor.models import num_layers
     from pipetwin.errors import UserError
-    from planner.plan import Plan, even_plan
+    from planner.plan import Plan, plan_from_flags
 
     if args.plan:
         if args.model or args.stages:
@@ -66,21 +66,13 @@ def _plan_for(args):
         raise UserError("give --plan plan.json, or --model and --stages (e.g. --model mlp:layers=8,width=512 --stages 2)")
     if args.stages < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
         raise UserError("--stages, --microbatches, --microbatch-size and --batches must be >= 1")
-    multi = family(args.schedule).multi_stage
-    chunks = chunks_for(args.schedule, args.chunks) if multi else 1
-    if args.chunks != 1 and not multi:
+    if args.chunks != 1 and not family(args.schedule).multi_stage:
         raise UserError("--chunks is for the schedules that place several stages on a rank (e.g. interleaved) only")
-    virtual = args.stages * chunks
-    replicas = args.replicas
-    if replicas is not None and len(replicas) != args.stages:
-        raise UserError(f"--replicas gives {len(replicas)} values for {args.stages} stages")
-    if replicas is not None and not family(args.schedule).replicable:
-        raise UserError(f"{family(args.schedule).title} does not replicate stages; drop --replicas")
-    kw = dict(schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
-              batches=args.batches, chunks=chunks, vertical_sync=args.vertical_sync)
-    if args.lr is not None:
-        kw["lr"] = args.lr
-    return even_plan(args.model, num_layers(args.model), virtual, replicas, **kw)
+    if args.replicas is not None and len(args.replicas) != args.stages:
+        raise UserError(f"--replicas gives {len(args.replicas)} values for {args.stages} stages")
+    return plan_from_flags(args.model, num_layers(args.model), pp=args.stages, dp=args.replicas or 1, vp=args.chunks,
+                           schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
+                           batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr)
 
 
 def run(args) -> int:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 
-from pipetwin.cmd_whatif import _counts, _words
-from pipetwin.whatif import search, stage_table
+from pipetwin.args import counts, words
+from pipetwin.scoring import search
+from pipetwin.show import Progress, console, stage_table
 
 
 def register(sub) -> None:
@@ -16,8 +17,8 @@ def register(sub) -> None:
     p.add_argument("--topology", required=True, metavar="PRESET|FILE", help="cluster preset (dgx:servers=8,kind=h100) or a YAML/JSON file")
     p.add_argument("--device-kind", default=None, metavar="KIND", help="time an analytic model on this kind (default: the cluster's)")
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="candidates to simulate (default 50)")
-    p.add_argument("--schedules", type=_words, default=("auto",), metavar="LIST", help="auto or families, e.g. 1f1b,2bw")
-    p.add_argument("--microbatch-sizes", type=_counts, default=(1, 2, 4), metavar="LIST", help="microbatch sizes to plan (default 1,2,4)")
+    p.add_argument("--schedules", type=words, default=("auto",), metavar="LIST", help="auto or families, e.g. 1f1b,2bw")
+    p.add_argument("--microbatch-sizes", type=counts, default=(1, 2, 4), metavar="LIST", help="microbatch sizes to plan (default 1,2,4)")
     p.add_argument("--global-batch", type=int, default=None, metavar="N", help="samples per optimizer step (default: the planner tries several)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "none"], help="optimizer state in the memory accounting")
     p.add_argument("--recompute", action="store_true", help="activation recomputation")
@@ -30,10 +31,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    result = search(args.model, args.topology, top_k=args.top_k, schedules=args.schedules,
-                    microbatch_sizes=args.microbatch_sizes, global_batch=args.global_batch, optimizer=args.optimizer,
-                    recompute=args.recompute, device_kind_name=args.device_kind, sim_batches=args.sim_batches,
-                    jobs=args.jobs, progress=args.progress)
+    with Progress(args.progress) as progress:
+        result = search(args.model, args.topology, top_k=args.top_k, schedules=args.schedules,
+                        microbatch_sizes=args.microbatch_sizes, global_batch=args.global_batch,
+                        optimizer=args.optimizer, recompute=args.recompute, device_kind_name=args.device_kind,
+                        sim_batches=args.sim_batches, jobs=args.jobs, progress=progress)
     if args.json:
         print(json.dumps(result.to_json(), allow_nan=False))
         return 0
@@ -43,8 +45,6 @@ def run(args) -> int:
 
 def _print(result, show: int) -> None:
     from rich.table import Table
-
-    from pipetwin.whatif import console
 
     con = console()
     rows = result.rows

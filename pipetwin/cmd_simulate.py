@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from planner.program import FAMILIES, chunks_for, family
+from planner.program import FAMILIES
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -60,8 +60,7 @@ def _plan_for(args, profile, topology):
     """
     from dataclasses import replace
 
-    from pipetwin.errors import UserError
-    from planner.plan import even_plan
+    from planner.plan import plan_from_flags
 
     if args.stages is None and args.replicas is None:
         from planner.search import plan_model
@@ -73,19 +72,11 @@ def _plan_for(args, profile, topology):
             plan = replace(plan, vertical_sync=True)
         return plan
     schedule = "1f1b" if args.schedule == "auto" else args.schedule
-    chunks = chunks_for(schedule, args.chunks)
     depth = args.stages or len(args.replicas)
-    stages = depth * chunks if family(schedule).multi_stage else depth
-    replicas = args.replicas or (1,) * stages
-    plan = even_plan(args.model, len(profile), stages, replicas, schedule=schedule,
-                     microbatches=args.microbatches or 4, microbatch_size=args.microbatch_size, chunks=chunks,
-                     vertical_sync=args.vertical_sync, batches=args.steps or 1, topology=args.topology)
-    names = plan.devices
-    if len(names) > len(topology.devices):
-        raise UserError(f"the plan needs {len(names)} devices but topology {topology.name!r} has "
-                        f"{len(topology.devices)}; use fewer --stages/--replicas or a larger topology")
-    rename = dict(zip(names, topology.devices))
-    return plan.with_devices([tuple(rename[d] for d in s.devices) for s in plan.stages])
+    return plan_from_flags(args.model, len(profile), pp=depth, dp=args.replicas or 1, vp=args.chunks, schedule=schedule,
+                           microbatches=args.microbatches or 4, microbatch_size=args.microbatch_size,
+                           vertical_sync=args.vertical_sync, batches=args.steps or 1, topology=args.topology,
+                           devices=topology.devices)
 
 
 def _inputs(args):

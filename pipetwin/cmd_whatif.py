@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
+from pipetwin.args import counts as _counts, words as _words
 from pipetwin.errors import UserError
-from pipetwin.whatif import (INTERCONNECT_HELP, SweepConfig, WhatIfError, cost_per_sample, fewest_devices_for,
-                             plot_sweep, run_sweep, stage_table)
+from pipetwin.scoring import run_sweep
+from pipetwin.show import Progress, console, plot_sweep, stage_table
+from topologies.clusters import INTERCONNECT_HELP
+from whatif import SweepConfig, WhatIfError, cost_per_sample, fewest_devices_for, why_nothing_fits
 
 
 def register(sub) -> None:
@@ -47,49 +49,6 @@ def register(sub) -> None:
 
 
 # --- argument types ------------------------------------------------------------------------------
-def _words(text: str) -> tuple[str, ...]:
-    out = tuple(w.strip() for w in text.split(",") if w.strip())
-    if not out:
-        raise argparse.ArgumentTypeError("expects a comma-separated list")
-    return out
-
-
-def _counts(text: str) -> tuple[int, ...]:
-    """``8,16,64``; ``8,16,...,512`` (geometric with the first two's ratio, or arithmetic when that ratio is not whole);
-    ``8:64:8`` (start:stop:step, inclusive)."""
-    t = text.replace(" ", "")
-    try:
-        if re.fullmatch(r"\d+:\d+(:\d+)?", t):
-            a, b, *st = (int(x) for x in t.split(":"))
-            step = st[0] if st else 1
-            if step < 1 or a < 1 or b < a:
-                raise ValueError
-            return tuple(range(a, b + 1, step))
-        parts = t.split(",")
-        if "..." in parts:
-            i = parts.index("...")
-            head, tail = [int(x) for x in parts[:i]], [int(x) for x in parts[i + 1:]]
-            if len(head) < 2 or len(tail) != 1 or head[0] < 1 or head[1] <= head[0]:
-                raise ValueError
-            out = list(head)
-            geometric = head[1] % head[0] == 0
-            while True:
-                nxt = out[-1] * (head[1] // head[0]) if geometric else out[-1] + (head[1] - head[0])
-                if nxt > tail[0]:
-                    break
-                out.append(nxt)
-            if out[-1] != tail[0]:
-                raise ValueError
-            return tuple(out)
-        vals = tuple(int(x) for x in parts if x)
-        if not vals or min(vals) < 1:
-            raise ValueError
-        return vals
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expects positive counts like 8,16,64, 8,16,...,512 or 8:64:8, got {text!r}") from None
-
-
 def _prices(text: str) -> dict[str, float]:
     from topologies.devices import device_kind
 
@@ -121,9 +80,10 @@ def run(args) -> int:
                          microbatch_sizes=tuple(sorted(set(args.microbatch_sizes))), global_batch=args.global_batch,
                          optimizer=args.optimizer, recompute=args.recompute, simulate=args.simulate,
                          sim_batches=args.sim_batches)
-    result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=args.progress)
-    if not any(r["status"] == "ok" for r in result.records):
-        raise WhatIfError(_nothing_fits(result.records, model))
+    with Progress(args.progress) as progress:
+        result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=progress)
+    if not any(r.ok for r in result.records):
+        raise WhatIfError(why_nothing_fits(result.records, model))
     if args.plot:
         plot_sweep(result, args.plot)
     if args.json:
@@ -133,28 +93,13 @@ def run(args) -> int:
     return 0
 
 
-def _nothing_fits(records: list[dict], model: str) -> str:
-    """One line: no point of the sweep fits; the least memory per device a plan would need, and where."""
-    nofit = [r for r in records if r["status"] == "no-fit" and r["memory_needed_bytes"]]
-    if not nofit:
-        reasons = sorted({r["reason"] for r in records if r["reason"]})
-        return f"no configuration of the sweep can run {model}: {reasons[0] if reasons else 'no valid point'}"
-    r = min(nofit, key=lambda r: (r["memory_needed_bytes"] / r["memory_limit_bytes"], -r["devices"]))
-    return (f"{model} fits on no configuration of this sweep: it would need {r['memory_needed_bytes'] / 1e9:.1f} GB "
-            f"per device at best ({r['devices']}×{r['device_kind']}, {r['interconnect']}) but a {r['device_kind']} "
-            f"has {r['memory_limit_bytes'] / 1e9:.0f} GB; add devices, use --recompute, a smaller --microbatch-sizes "
-            f"or a larger-memory kind")
-
-
 def _print(result, args) -> None:
     from rich.table import Table
 
-    from pipetwin.whatif import console
-
     con = console()
     recs = result.records
-    ok = [r for r in recs if r["status"] == "ok"]
-    bad = [r for r in recs if r["status"] != "ok"]
+    ok = [r for r in recs if r.ok]
+    bad = [r for r in recs if not r.ok]
     con.print(f"[bold]{result.config.model}[/]: {len(recs)} configurations, {len(ok)} feasible, "
               f"{len(result.pareto)} on the Pareto front" + (f" ({result.cached} from the cache)" if result.cached else ""))
     t = Table(title="Pareto front (throughput ↑, devices ↓, memory per device ↓" + (", cost per sample ↓)" if args.price else ")"),
@@ -169,50 +114,50 @@ def _print(result, args) -> None:
     if bad:
         kinds: dict[str, int] = {}
         for r in bad:
-            kinds[r["status"]] = kinds.get(r["status"], 0) + 1
+            kinds[r.status] = kinds.get(r.status, 0) + 1
         first = next(r for r in bad)
         con.print(f"not plannable: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-                  + f" (e.g. {first['devices']}×{first['device_kind']} {first['interconnect']}: {first['reason']})")
+                  + f" (e.g. {first.devices}×{first.device_kind} {first.interconnect}: {first.reason})")
     if args.target_throughput is not None:
         hit, best = fewest_devices_for(recs, args.target_throughput, args.price)
         if hit is not None:
-            con.print(f"\n[bold]target {args.target_throughput:g} samples/s[/]: fewest devices {hit['devices']} "
-                      f"({hit['device_kind']}, {hit['interconnect']}, {hit['plan']['schedule']}) at "
-                      f"{hit['throughput_samples_per_s']:.4g} samples/s" + _sim_note(hit, args.target_throughput))
+            con.print(f"\n[bold]target {args.target_throughput:g} samples/s[/]: fewest devices {hit.devices} "
+                      f"({hit.device_kind}, {hit.interconnect}, {hit.plan['schedule']}) at "
+                      f"{hit.throughput_samples_per_s:.4g} samples/s" + _sim_note(hit, args.target_throughput))
             shown = hit
         else:
             con.print(f"\n[bold]target {args.target_throughput:g} samples/s is not reachable[/] in this sweep: the best "
-                      f"reachable is {best['throughput_samples_per_s']:.4g} samples/s with {best['devices']}×"
-                      f"{best['device_kind']} on {best['interconnect']} ({best['plan']['schedule']})")
+                      f"reachable is {best.throughput_samples_per_s:.4g} samples/s with {best.devices}×"
+                      f"{best.device_kind} on {best.interconnect} ({best.plan['schedule']})")
             shown = best
     else:
-        shown = max(ok, key=lambda r: r["throughput_samples_per_s"])
-        con.print(f"\nhighest throughput: {shown['devices']}×{shown['device_kind']} on {shown['interconnect']}")
-    if shown.get("explanation"):
-        con.print(shown["explanation"])
-    con.print(stage_table(shown["stages"], title="per stage (compute, communication, memory, slack, binding constraint)"))
+        shown = max(ok, key=lambda r: r.throughput_samples_per_s)
+        con.print(f"\nhighest throughput: {shown.devices}×{shown.device_kind} on {shown.interconnect}")
+    if shown.explanation:
+        con.print(shown.explanation)
+    con.print(stage_table(shown.stages, title="per stage (compute, communication, memory, slack, binding constraint)"))
     if args.plot:
         con.print(f"plot written to {args.plot}")
 
 
-def _sim_note(rec: dict, target: float) -> str:
-    sim = rec.get("simulated")
+def _sim_note(rec, target: float) -> str:
+    sim = rec.simulated
     if not sim:
         return ""
     x = sim["throughput_samples_per_s"]
     return f"; simulated {x:.4g} samples/s" + ("" if x >= target else " — [yellow]below the target in simulation[/]")
 
 
-def _row(r: dict, prices) -> list[str]:
-    plan = r["plan"]
+def _row(r, prices) -> list[str]:
+    plan = r.plan
     reps = [s["replicas"] for s in plan["stages"]]
     shape = f"{len(reps)}×{reps[0]}" if len(set(reps)) == 1 else f"{len(reps)}×({','.join(map(str, reps))})"
-    sim = r.get("simulated")
-    row = [str(r["devices"]) + ("" if r["devices_used"] == r["devices"] else f" ({r['devices_used']} used)"),
-           r["device_kind"], r["interconnect"], plan["schedule"] + (f" v={plan['chunks']}" if plan["chunks"] > 1 else ""),
-           f"{plan['microbatch_size']}×{plan['microbatches']}", shape, f"{r['throughput_samples_per_s']:.4g}",
-           f"{sim['throughput_samples_per_s']:.4g}" if sim else ("error" if r.get("simulation_error") else "–"),
-           f"{r['peak_memory_bytes'] / 1e9:.1f}", r["binding"] or ""]
+    sim = r.simulated
+    row = [str(r.devices) + ("" if r.devices_used == r.devices else f" ({r.devices_used} used)"),
+           r.device_kind, r.interconnect, plan["schedule"] + (f" v={plan['chunks']}" if plan["chunks"] > 1 else ""),
+           f"{plan['microbatch_size']}×{plan['microbatches']}", shape, f"{r.throughput_samples_per_s:.4g}",
+           f"{sim['throughput_samples_per_s']:.4g}" if sim else ("error" if r.simulation_error else "–"),
+           f"{r.peak_memory_bytes / 1e9:.1f}", r.binding or ""]
     if prices:
         c = cost_per_sample(r, prices)
         row.append("–" if c is None else f"{c * 1e6:.2f}")

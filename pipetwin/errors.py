@@ -1,5 +1,8 @@
-"""The one error type the CLI turns into a clear line and exit code 2."""
+"""The face's own bad-input error (flag combinations the CLI checks itself); the CLI catches every InputError."""
+from __future__ import annotations
+
+from topologies.errors import InputError
 
 
-class UserError(Exception):
+class UserError(InputError):
     """Bad input: the message says what is wrong and what to do."""

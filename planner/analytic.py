@@ -4,8 +4,14 @@ A what-if needs a profile for a model nobody has run on a device nobody has.
 This module builds one from closed forms:
 
 * **GPT/BERT-style transformers** given (layers, hidden, heads, sequence,
-  vocabulary[, ffn]). Layers: the embedding, each transformer block as one
-  layer, and the final layer norm + output head.
+  vocabulary[, ffn]), and **Llama-style** ones (RMSNorm, SwiGLU, grouped-query
+  attention with ``kv_heads``, rotary positions, untied head; presets
+  ``llama3-8b``, ``llama3-70b``). Layers: the embedding, each transformer block
+  as one layer, and the final norm + output head. Any of them **per
+  tensor-parallel rank** (``transformer_profile(..., tensor_parallel=T)``: FLOPs,
+  weights and activations split as Megatron splits them, each layer's TP
+  all-reduces in its ``tp_*`` fields), and timed either at a fixed fraction of
+  peak or by the fitted kernel-level efficiency model (``planner.efficiency``).
 * **The CNNs of the PipeDream paper** (``vgg16``, ``resnet50``). Where
   PipeDream's measured ``graph.txt`` for that model is on disk (see
   :func:`pipedream_profiles_dir`) the name resolves to it; otherwise to a
@@ -13,6 +19,10 @@ This module builds one from closed forms:
   the latter). Times in a graph.txt are scaled from the V100 to the requested
   kind by achievable FLOP/s, and its per-minibatch bytes become per-sample
   bytes using the batch size it was profiled at (``PIPEDREAM_BATCH``).
+
+The module is longer than most because it holds the closed forms of three model
+families (transformers per TP rank, CNNs, PipeDream's measured profiles) and the one
+spec grammar that names them all; splitting them would split that grammar.
 
 Units and conventions (per reference microbatch of one sample = one sequence
 for a transformer, one 224×224 image for a CNN):
@@ -52,6 +62,7 @@ Spec strings (:func:`load_model`, used by every command)::
     gpt3-13b@h100                   ... timed on a device kind (default a100-80gb)
     gpt3-13b:seq=4096               a preset with overrides
     gpt:layers=40,hidden=5120,heads=40,seq=2048,vocab=50257[,ffn=20480]
+    llama:layers=32,hidden=4096,heads=32,seq=8192,vocab=128256,ffn=14336,kv_heads=8
     bert:layers=24,hidden=1024,heads=16,seq=512,vocab=30522
     vgg16, resnet50                 PipeDream graph.txt when present, else analytic
     vgg16-analytic, resnet50-analytic
@@ -65,7 +76,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from planner.profile import Layer, ModelProfile, ProfileError, load_profile, read_pipedream_graph
+from planner.efficiency import EfficiencyParams, Gemm, Work, work_time_s
+from planner.profile import Layer, ModelProfile, ModelSpecError, ProfileError, load_profile, read_pipedream_graph
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
 from topologies.topology import TopologyError
 
@@ -73,7 +85,8 @@ __all__ = [
     "TransformerConfig", "PRESETS", "CNNS", "STATE_BYTES_PER_PARAM", "BYTES_PER_PARAM", "DEFAULT_DEVICE_KIND",
     "transformer_profile", "transformer_param_count", "transformer_flops_per_token", "block_saved_bytes",
     "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
-    "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device",
+    "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
+    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE",
 ]
 
 #: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
@@ -86,13 +99,9 @@ DEFAULT_DEVICE_KIND = "a100-80gb"
 PIPEDREAM_REFERENCE_KIND = "v100"
 
 
-class ModelSpecError(ProfileError):
-    """A model spec that names no known model or has a bad field; the message lists what is accepted."""
-
-
 @dataclass(frozen=True)
 class TransformerConfig:
-    """Shape of a GPT- or BERT-style transformer.
+    """Shape of a GPT-, BERT- or Llama-style transformer.
 
     Attributes:
         layers: transformer blocks L.
@@ -101,7 +110,10 @@ class TransformerConfig:
         seq: sequence length s (tokens per sample).
         vocab: vocabulary size V.
         ffn: feed-forward inner size (0 means 4h).
-        family: "gpt" or "bert" (same costs; the name only).
+        family: "gpt" or "bert" (LayerNorm, GeLU MLP, learned positions, biases, dropout, tied
+            embedding; same costs, the name only) or "llama" (RMSNorm, SwiGLU MLP of three
+            matrices, rotary positions, no biases or dropout, untied output head).
+        kv_heads: key/value heads of grouped-query attention (0 means ``heads``: multi-head).
     """
 
     layers: int
@@ -111,6 +123,7 @@ class TransformerConfig:
     vocab: int
     ffn: int = 0
     family: str = "gpt"
+    kv_heads: int = 0
 
     def __post_init__(self) -> None:
         for key in ("layers", "hidden", "heads", "seq", "vocab"):
@@ -119,23 +132,46 @@ class TransformerConfig:
                 raise ModelSpecError(f"{self.family}: {key} must be a positive integer (got {v!r})")
         if self.ffn < 0:
             raise ModelSpecError(f"{self.family}: ffn must be >= 0 (0 means 4×hidden)")
+        if self.family not in FAMILIES:
+            raise ModelSpecError(f"unknown transformer family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.hidden % self.heads:
+            raise ModelSpecError(f"{self.family}: heads={self.heads} must divide hidden={self.hidden}")
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise ModelSpecError(f"{self.family}: kv_heads={self.kv_heads} must divide heads={self.heads} (0: as many as heads)")
 
     @property
     def ffn_size(self) -> int:
         return self.ffn or 4 * self.hidden
 
+    @property
+    def kv_size(self) -> int:
+        """Width of the key (and of the value) projection: kv_heads × head dimension."""
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
+
+    @property
+    def llama(self) -> bool:
+        return self.family == "llama"
+
     def spec(self) -> str:
         """The spec string that rebuilds this config."""
         f = f",ffn={self.ffn}" if self.ffn else ""
-        return f"{self.family}:layers={self.layers},hidden={self.hidden},heads={self.heads},seq={self.seq},vocab={self.vocab}{f}"
+        kv = f",kv_heads={self.kv_heads}" if self.kv_heads else ""
+        return (f"{self.family}:layers={self.layers},hidden={self.hidden},heads={self.heads},seq={self.seq},"
+                f"vocab={self.vocab}{f}{kv}")
 
+
+#: Transformer families: "gpt" and "bert" cost the same; "llama" is RMSNorm + SwiGLU + GQA + rotary, untied.
+FAMILIES = ("gpt", "bert", "llama")
 
 _GPT2 = dict(seq=1024, vocab=50257)
 _GPT3 = dict(seq=2048, vocab=50257)
 _BERT = dict(seq=512, vocab=30522, family="bert")
+_LLAMA3 = dict(seq=8192, vocab=128256, family="llama", kv_heads=8)
 
 #: Named transformers. GPT-3 shapes from Brown et al. 2020, Table 2.1 (13B with h = 5120,
-#: 1.3B with 16 heads of 128 so that heads divide h).
+#: 1.3B with 16 heads of 128 so that heads divide h). Llama 3 from Meta's model cards
+#: (8B: 32 × 4096, 32 heads, 8 KV heads, SwiGLU 14336; 70B: 80 × 8192, 64 heads, 8 KV heads,
+#: SwiGLU 28672; vocabulary 128,256; sequence 8192).
 PRESETS: dict[str, TransformerConfig] = {
     "gpt2-small": TransformerConfig(12, 768, 12, **_GPT2),
     "gpt2-medium": TransformerConfig(24, 1024, 16, **_GPT2),
@@ -151,9 +187,12 @@ PRESETS: dict[str, TransformerConfig] = {
     "gpt3-175b": TransformerConfig(96, 12288, 96, **_GPT3),
     "bert-base": TransformerConfig(12, 768, 12, **_BERT),
     "bert-large": TransformerConfig(24, 1024, 16, **_BERT),
+    "llama3-8b": TransformerConfig(32, 4096, 32, ffn=14336, **_LLAMA3),
+    "llama3-70b": TransformerConfig(80, 8192, 64, ffn=28672, **_LLAMA3),
 }
-_ALIASES = {"gpt2": "gpt2-small", "gpt3-xl": "gpt3-1.3b", "gpt3": "gpt3-175b"}
-_SPEC_KEYS = ("layers", "hidden", "heads", "seq", "vocab", "ffn")
+_ALIASES = {"gpt2": "gpt2-small", "gpt3-xl": "gpt3-1.3b", "gpt3": "gpt3-175b", "llama3.1-8b": "llama3-8b",
+            "llama3.1-70b": "llama3-70b"}
+_SPEC_KEYS = ("layers", "hidden", "heads", "seq", "vocab", "ffn", "kv_heads")
 
 #: CNNs with an analytic fallback (``NAME-analytic``).
 CNNS = ("vgg16", "resnet50")
@@ -161,30 +200,64 @@ CNNS = ("vgg16", "resnet50")
 #: other names in the directory are read as they are (one "sample" = one profiled minibatch).
 PIPEDREAM_BATCH: dict[str, int] = {"alexnet": 256, "vgg16": 128, "resnet18": 256, "resnet50": 128, "resnext50": 128,
                                    "resnet101": 64, "resnext101": 64, "densenet121": 64, "inception_v3": 128}
+#: Megatron pads the vocabulary to a multiple of this × the tensor-parallel degree
+#: (``--make-vocab-size-divisible-by``, default 128); :func:`padded_vocab`.
+MEGATRON_VOCAB_MULTIPLE = 128
 
 
 # ---------------------------------------------------------------------- closed forms
+def padded_vocab(vocab: int, tensor_parallel: int = 1, multiple: int = 1) -> int:
+    """The vocabulary rounded up to a multiple of ``multiple × tensor_parallel`` (Megatron: multiple=128)."""
+    q = max(1, multiple) * tensor_parallel
+    return -(-vocab // q) * q
+
+
+def _check_tp(c: TransformerConfig, t: int) -> None:
+    if not isinstance(t, int) or t < 1:
+        raise ModelSpecError(f"tensor parallel degree must be a positive integer (got {t!r})")
+    kv = c.kv_heads or c.heads
+    if c.heads % t or kv % t or c.ffn_size % t:
+        raise ModelSpecError(f"{c.spec()}: tensor parallelism {t} must divide heads={c.heads}, kv_heads={kv} and "
+                             f"ffn={c.ffn_size} (Megatron splits heads and the MLP over the TP ranks); pick a divisor")
+
+
+def _block_param_split(c: TransformerConfig) -> tuple[int, int]:
+    """(parameters split over the TP ranks, parameters every TP rank holds) of one block."""
+    h, f, kv = c.hidden, c.ffn_size, c.kv_size
+    if c.llama:  # QKV, output projection, gate/up/down; two RMSNorm weights
+        return h * (h + 2 * kv) + h * h + 3 * h * f, 2 * h
+    # QKV weight + bias, projection weight, fc1 weight + bias, fc2 weight | projection bias, fc2 bias, 2 LayerNorms
+    return h * (h + 2 * kv) + (h + 2 * kv) + h * h + h * f + f + f * h, h + h + 4 * h
+
+
 def _block_params(c: TransformerConfig) -> int:
-    h, f = c.hidden, c.ffn_size
-    return 4 * h * h + 2 * h * f + 9 * h + f
+    sharded, replicated = _block_param_split(c)
+    return sharded + replicated
+
+
+def _norm_params(c: TransformerConfig) -> int:
+    return c.hidden if c.llama else 2 * c.hidden
 
 
 def transformer_param_count(c: TransformerConfig, tied: bool = True) -> int:
-    """Parameters N: blocks + embeddings (+ final LN); the head's matrix counted once when ``tied``."""
+    """Parameters N: blocks + embeddings (+ final norm); the head's matrix counted once when ``tied``
+    (a Llama head is never tied, so it always counts)."""
     h = c.hidden
-    n = c.layers * _block_params(c) + c.vocab * h + c.seq * h + 2 * h
-    return n if tied else n + c.vocab * h
+    positions = 0 if c.llama else c.seq * h
+    n = c.layers * _block_params(c) + c.vocab * h + positions + _norm_params(c)
+    return n if (tied and not c.llama) else n + c.vocab * h
 
 
 def _block_flops(c: TransformerConfig) -> float:
-    """Forward FLOPs of one block for one sequence."""
-    s, h, f = c.seq, c.hidden, c.ffn_size
-    return 8.0 * s * h * h + 4.0 * s * h * f + 4.0 * s * s * h
+    """Forward FLOPs of one block for one sequence: QKV, scores and values, projection, MLP."""
+    s, h, f, kv = c.seq, c.hidden, c.ffn_size, c.kv_size
+    mlp = (6.0 if c.llama else 4.0) * s * h * f
+    return 2.0 * s * h * (h + 2 * kv) + 2.0 * s * h * h + mlp + 4.0 * s * s * h
 
 
-def _head_flops(c: TransformerConfig) -> float:
-    s, h, v = c.seq, c.hidden, c.vocab
-    return 2.0 * s * h * v + 5.0 * s * h + 5.0 * s * v  # logits + layer norm + softmax/cross entropy
+def _head_flops(c: TransformerConfig, vocab: int | None = None) -> float:
+    s, h, v = c.seq, c.hidden, vocab or c.vocab
+    return 2.0 * s * h * v + 5.0 * s * h + 5.0 * s * v  # logits + final norm + softmax/cross entropy
 
 
 def transformer_flops_per_token(c: TransformerConfig) -> float:
@@ -193,10 +266,26 @@ def transformer_flops_per_token(c: TransformerConfig) -> float:
     return 3.0 * fwd / c.seq
 
 
-def block_saved_bytes(c: TransformerConfig) -> float:
-    """Korthikanti et al. 2022: bytes saved for backward per block per sample, s·h·(34 + 5·a·s/h)."""
-    s, h, a = c.seq, c.hidden, c.heads
-    return s * h * (34.0 + 5.0 * a * s / h)
+def _attention_saved_bytes(c: TransformerConfig, t: int = 1) -> float:
+    """Bytes per sample of the attention scores kept for backward: softmax output (2·a·s²), and for GPT
+    the dropout mask (a·s²) and dropout output (2·a·s²); split over the TP ranks."""
+    return (2.0 if c.llama else 5.0) * c.heads * c.seq * c.seq / t
+
+
+def block_saved_bytes(c: TransformerConfig, tensor_parallel: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes saved for backward per block per sample on one TP rank (Korthikanti et al. 2022, eq. 1–3):
+    GPT ``s·h·(10 + 24/T) + 5·a·s²/T`` (``s·h·34/T + 5·a·s²/T`` with sequence parallelism; no TP:
+    ``s·h·(34 + 5·a·s/h)``). Llama by the same accounting: no dropout masks, SwiGLU keeps three ``s·f``
+    tensors, grouped-query K and V are ``s·kv`` wide."""
+    s, h, f, kv, t = c.seq, c.hidden, c.ffn_size, c.kv_size, tensor_parallel
+    rep = 1.0 / t if sequence_parallel else 1.0
+    if c.llama:  # two norm inputs, the QKV input, the MLP input | Q, K, V, projection input, 3 MLP tensors
+        replicated = 4 * s * h + 2 * s * h + 2 * s * h
+        sharded = 2 * s * h + 4 * s * kv + 2 * s * h + 6 * s * f
+    else:  # + the two dropout masks | fc1 output (GeLU input), fc2 input
+        replicated = 4 * s * h + 2 * s * h + s * h + 2 * s * h + s * h
+        sharded = 2 * s * h + 4 * s * kv + 2 * s * h + 4 * s * f
+    return replicated * rep + sharded / t + _attention_saved_bytes(c, t)
 
 
 def state_bytes(params: float, optimizer: str = "adam") -> float:
@@ -211,21 +300,122 @@ def _seconds(flops: float, kind: DeviceKind) -> float:
     return flops / kind.achievable_flops
 
 
-def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, name: str | None = None) -> ModelProfile:
-    """A chain profile of ``c`` timed on device ``kind``: embedding, L blocks, final LN + head."""
+# ---------------------------------------------------------------------- kernel inventory (efficiency model)
+def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: int = 1,
+               sequence_parallel: bool = False) -> tuple[Work, Work]:
+    """(the whole block's forward work, its attention-core part) on one TP rank for one microbatch.
+
+    Streamed bytes of the memory-bound kernels (16-bit elements, N = b·s tokens, replicated widths
+    split by T only with sequence parallelism): two norms 4·N·h each; GPT: two fused
+    bias-dropout-adds 7·N·h each, Llama: two residual adds 6·N·h each; QKV layout copies
+    4·N·(h + 2·kv)/T and the output's 4·N·h/T; Llama's rotary 4·N·(h + kv)/T; the fused
+    scale-mask-softmax 4·b·a·s²/T and (GPT) the attention dropout 5·b·a·s²/T; the MLP activation
+    (bias-GeLU 4·N·f/T, SwiGLU's product 6·N·f/T).
+    """
+    b, s, h, f, kv, a, t = microbatch_size, c.seq, c.hidden, c.ffn_size, c.kv_size, c.heads, tensor_parallel
+    n = b * s
+    d = h // a
+    rep = 1.0 / t if sequence_parallel else 1.0
+    weight_gemms = (Gemm(n, (h + 2 * kv) // t, h), Gemm(n, h, h // t),
+                    Gemm(n, (2 if c.llama else 1) * f // t, h), Gemm(n, h, f // t))
+    heads_here = b * a // t
+    attn_gemms = (Gemm(s, s, d, heads_here), Gemm(s, d, s, heads_here))
+    scores = float(heads_here) * s * s
+    attn_bytes = 4.0 * scores + (0.0 if c.llama else 5.0 * scores)
+    attn = Work(attn_gemms, attn_bytes, 4 if c.llama else 5, weight_gemms=0)
+    adds = (12.0 if c.llama else 14.0) * n * h
+    stream = (8.0 * n * h + adds) * rep + 4.0 * n * (h + 2 * kv) / t + 4.0 * n * h / t
+    stream += 4.0 * n * (h + kv) / t if c.llama else 0.0
+    stream += (6.0 if c.llama else 4.0) * n * f / t
+    kernels = 16 if c.llama else 17
+    sharded, replicated = _block_param_split(c)
+    work = Work(weight_gemms + attn_gemms, stream + attn_bytes, kernels, weight_gemms=len(weight_gemms),
+                weight_elements=sharded / t + replicated)
+    return work, attn
+
+
+def embedding_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: int = 1,
+                   sequence_parallel: bool = False, vocab_multiple: int = 1) -> Work:
+    """Forward work of the (vocabulary-parallel) embedding: the gather, GPT's position add and dropout."""
+    n, h = microbatch_size * c.seq, c.hidden
+    rep = 1.0 / tensor_parallel if sequence_parallel else 1.0
+    stream = 4.0 * n * h + (0.0 if c.llama else 11.0 * n * h * rep)
+    vp = padded_vocab(c.vocab, tensor_parallel, vocab_multiple)
+    elems = vp * h / tensor_parallel + (0 if c.llama else c.seq * h)
+    return Work((), stream, 1 if c.llama else 3, input_grad=False, weight_elements=elems)
+
+
+def head_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: int = 1,
+              sequence_parallel: bool = False, vocab_multiple: int = 1) -> Work:
+    """Forward work of the final norm, the (column-parallel) logits GEMM and the vocabulary-parallel cross
+    entropy (fp32 softmax over the rank's logits: about 20 bytes streamed per logit)."""
+    n, h, t = microbatch_size * c.seq, c.hidden, tensor_parallel
+    rep = 1.0 / t if sequence_parallel else 1.0
+    vp = padded_vocab(c.vocab, t, vocab_multiple)
+    logits = float(n) * vp / t
+    return Work((Gemm(n, vp // t, h),), 4.0 * n * h * rep + 20.0 * logits, 8, weight_gemms=1,
+                weight_elements=vp * h / t + _norm_params(c))
+
+
+def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, name: str | None = None, *,
+                        tensor_parallel: int = 1, sequence_parallel: bool = False, microbatch_size: int = 1,
+                        efficiency: EfficiencyParams | None = None, vocab_multiple: int = 1) -> ModelProfile:
+    """A chain profile of ``c`` on one tensor-parallel rank, timed on device ``kind``: embedding, L blocks,
+    final norm + head.
+
+    Megatron's split for TP degree T: the QKV and MLP-up GEMMs column-parallel and the projection and
+    MLP-down row-parallel (FLOPs and weights / T), attention heads split, the embedding and the output
+    head vocabulary-parallel (the vocabulary padded to a multiple of ``vocab_multiple × T``; 128 is
+    Megatron's), norms, residual adds and row-parallel biases replicated (split by T only with
+    ``sequence_parallel``). Each layer carries its TP all-reduces (a block: 2 in forward and 2 in
+    backward of ``s·h·2`` bytes per sample; the embedding 1 in forward; the head 1 in backward).
+
+    Times: ``efficiency`` given, each layer's kernels (:func:`block_work`) are timed by
+    ``planner.efficiency.work_time_s`` at ``microbatch_size`` (the profile's reference microbatch);
+    otherwise FLOPs / the kind's achievable FLOP/s, per sample (T = 1 then gives the profile this module
+    always gave). TP collective time is not in ``forward_s``/``backward_s``: the interpreters add it.
+    """
     k = device_kind(kind)
-    s, h, v = c.seq, c.hidden, c.vocab
-    boundary = s * h * 2.0
+    t = tensor_parallel
+    _check_tp(c, t)
+    if microbatch_size < 1:
+        raise ModelSpecError(f"microbatch_size must be >= 1 (got {microbatch_size})")
+    s, h = c.seq, c.hidden
+    vp = padded_vocab(c.vocab, t, vocab_multiple)
+    rep = 1.0 / t if sequence_parallel else 1.0
+    mb = microbatch_size
+    tp_bytes = s * h * 2.0 if t > 1 else 0.0
+    ar = 1 if t > 1 else 0
+    boundary = s * h * 2.0 * rep
+
+    def times(flops: float, work: Work) -> tuple[float, float]:
+        if efficiency is None:
+            return mb * _seconds(flops, k), 2 * mb * _seconds(flops, k)
+        return work_time_s(work, k, efficiency), work_time_s(work.backward(), k, efficiency)
+
     emb_flops = 2.0 * s * h
-    layers = [Layer("embedding", _seconds(emb_flops, k), 2 * _seconds(emb_flops, k), boundary,
-                    s * h + 8.0 * s, BYTES_PER_PARAM * (v * h + s * h))]
-    bf, saved, bp = _block_flops(c), block_saved_bytes(c), BYTES_PER_PARAM * _block_params(c)
+    ef, eb = times(emb_flops, embedding_work(c, mb, t, sequence_parallel, vocab_multiple))
+    positions = 0 if c.llama else s * h
+    layers = [Layer("embedding", ef, eb, boundary, (0.0 if c.llama else s * h * rep) + 8.0 * s,
+                    BYTES_PER_PARAM * (vp * h / t + positions), tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=ar)]
+    sharded, replicated = _block_param_split(c)
+    bp = BYTES_PER_PARAM * (sharded / t + replicated)
+    saved = block_saved_bytes(c, t, sequence_parallel)
+    bwork, awork = block_work(c, mb, t, sequence_parallel)
+    bf, bb = times(_block_flops(c) / t, bwork)
+    attn_flops = 4.0 * s * s * h / t
+    attn_s = mb * _seconds(attn_flops, k) if efficiency is None else work_time_s(awork, k, efficiency, layer=False)
     for i in range(c.layers):
-        layers.append(Layer(f"block{i}", _seconds(bf, k), 2 * _seconds(bf, k), boundary, saved, bp))
-    hf = _head_flops(c)
-    layers.append(Layer("ln_f+head", _seconds(hf, k), 2 * _seconds(hf, k), 4.0, 4.0 * s * h + 4.0 * s * v,
-                        BYTES_PER_PARAM * (v * h + 2 * h)))
-    return ModelProfile(name=name or c.spec(), layers=tuple(layers), microbatch_size=1, device=k.name)
+        layers.append(Layer(f"block{i}", bf, bb, boundary, saved, bp, tp_allreduce_bytes=tp_bytes,
+                            tp_forward_allreduces=2 * ar, tp_backward_allreduces=2 * ar,
+                            attention_saved_bytes=_attention_saved_bytes(c, t), attention_forward_s=attn_s))
+    hf = _head_flops(c, vp) / t
+    hfw, hbw = times(hf, head_work(c, mb, t, sequence_parallel, vocab_multiple))
+    layers.append(Layer("ln_f+head", hfw, hbw, 4.0, 4.0 * s * h * rep + 4.0 * s * vp / t,
+                        BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), tp_allreduce_bytes=tp_bytes,
+                        tp_backward_allreduces=ar))
+    return ModelProfile(name=name or c.spec(), layers=tuple(layers), microbatch_size=mb, device=k.name,
+                        tensor_parallel=t, sequence_parallel=sequence_parallel)
 
 
 # ---------------------------------------------------------------------- CNNs
@@ -366,7 +556,7 @@ def _transformer(spec: str) -> TransformerConfig | None:
     name = _ALIASES.get(name, name)
     if name in PRESETS:
         return replace(PRESETS[name], **_overrides(rest, name)) if rest else PRESETS[name]
-    if name in ("gpt", "bert"):
+    if name in FAMILIES:
         kw = _overrides(rest, name)
         missing = [k for k in _SPEC_KEYS[:5] if k not in kw]
         if missing:
@@ -405,7 +595,7 @@ def load_model(spec: str, device_kind_name: str | None = None) -> ModelProfile:
     if low.startswith("uniform") or Path(text).exists():
         return load_profile(text)
     raise ModelSpecError(f"unknown model {text!r}: not a profile file and not one of {', '.join(model_names())} "
-                         f"(or gpt:/bert:layers=..,hidden=..,heads=..,seq=..,vocab=..)")
+                         f"(or gpt:/bert:/llama:layers=..,hidden=..,heads=..,seq=..,vocab=..[,ffn=..,kv_heads=..])")
 
 
 def total_params(profile: ModelProfile) -> float:
@@ -422,7 +612,6 @@ def min_memory_per_device_bytes(profile: ModelProfile, devices: int, optimizer: 
     return st + act
 
 
-
 def on_device(profile: ModelProfile, kind: str) -> ModelProfile:
     """``profile`` timed on device ``kind``: times scaled by the ratio of achievable FLOP/s when the
     profile's own device is a catalogued kind; a profile from an uncatalogued device is returned as is."""
@@ -434,6 +623,7 @@ def on_device(profile: ModelProfile, kind: str) -> ModelProfile:
     if source.name == target.name:
         return profile
     k = source.achievable_flops / target.achievable_flops
-    layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k) for l in profile.layers)
+    layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k,
+                           attention_forward_s=l.attention_forward_s * k) for l in profile.layers)
     name, _, _ = profile.name.rpartition("@") if "@" in profile.name else (profile.name, "", "")
     return replace(profile, name=f"{name}@{target.name}", layers=layers, device=target.name)

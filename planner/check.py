@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from planner.program import Action, Kind, Program, inflight_limit
 from planner.trace import Trace
+from topologies.errors import InputError
 
 
-class ProgramError(ValueError):
+class ProgramError(InputError):
     """A program that breaks an invariant. ``worker``/``index`` locate the offending action."""
 
     def __init__(self, message: str, program: Program | None = None, worker: int | None = None, index: int | None = None):
@@ -32,7 +33,17 @@ class ProgramError(ValueError):
 
 
 def check(program: Program) -> None:
-    """Verify structure, order, data flow, matching, versions, in-flight bounds and deadlock freedom."""
+    """Verify structure, order, data flow, matching, versions, in-flight bounds and deadlock freedom.
+
+    With tensor parallelism: the TP groups are consistent and each TP rank's workers form a program
+    that passes every check (TP ranks of a group run the same actions, so one rank's slice is
+    the whole pipeline's behaviour; the TP collectives inside compute actions never block apart).
+    """
+    if program.tensor_parallel > 1:
+        _check_tensor_groups(program)
+        for t in range(program.tensor_parallel):
+            check(program.tp_slice(t))
+        return
     _check_structure(program)
     _check_local_order_and_dataflow(program)
     _check_matching(program)
@@ -75,6 +86,37 @@ def _check_structure(p: Program) -> None:
                 if (k, s, i) not in seen:
                     w = p.worker_of(s, i)
                     raise ProgramError(f"missing {s}{k.value}{i}: every (stage, microbatch) needs one of each of {'/'.join(x.value for x in kinds)}", p, w, len(p[w]) - 1 if p[w] else None)
+
+
+def _check_tensor_groups(p: Program) -> None:
+    """Every stage has whole TP groups, a worker keeps one group and TP rank, and a group's ranks run the
+    same actions, each talking to its own TP rank of the peer group."""
+    T = p.tensor_parallel
+    group: dict[int, tuple[int, ...]] = {}
+    for s, ws in enumerate(p.stage_workers):
+        if len(ws) % T:
+            w = ws[0] if ws else None
+            raise ProgramError(f"stage {s} has {len(ws)} workers, not whole groups of {T} tensor-parallel ranks", p, w, 0 if w is not None else None)
+        for r in range(len(ws) // T):
+            g = ws[r * T:(r + 1) * T]
+            for w in g:
+                if group.setdefault(w, g) != g:
+                    raise ProgramError(f"worker {w} is in TP group {list(group[w])} and in {list(g)}", p, w, 0)
+    for w in p.workers:
+        if w not in group:
+            raise ProgramError(f"worker {w} holds no stage", p, w, 0 if p[w] else None)
+    for g in dict.fromkeys(group.values()):
+        ref = p[g[0]]
+        for t, w in enumerate(g[1:], 1):
+            acts = p[w]
+            for idx, (a, b) in enumerate(zip(acts, ref)):
+                if b.peer is not None and b.peer not in group:
+                    raise ProgramError(f"peer w{b.peer} holds no stage", p, g[0], idx)
+                want = b if b.peer is None else Action(b.stage, b.kind, b.mb, b.version, group[b.peer][t], b.grad, b.nbytes)
+                if a != want:
+                    raise ProgramError(f"TP rank {t} of group {list(g)} runs {a} where rank 0 runs {b} (expected {want})", p, w, idx)
+            if len(acts) != len(ref):
+                raise ProgramError(f"TP rank {t} of group {list(g)} runs {len(acts)} actions, rank 0 {len(ref)}", p, w, min(len(acts), len(ref)) - 1 if acts else None)
 
 
 # --- order and data flow on each worker --------------------------------------------------

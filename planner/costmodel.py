@@ -2,7 +2,7 @@
 
 The model, per stage s of a plan (replicas r, devices in placement order):
 
-* compute_s   = (forward + backward [+ forward again when recomputing]) seconds of the
+* compute_s   = (forward + backward [+ what recomputation re-runs, ``planner.recompute``]) seconds of the
   stage's layers at the plan's microbatch size, on its slowest replica (``Device.speed``),
   divided by r (replicas take microbatches round-robin);
 * allreduce_s = ring all-reduce of the stage's parameter bytes over its devices
@@ -34,8 +34,8 @@ count), gradients 1×, optimizer state (SGD with momentum 1×, Adam 2× of the p
 bytes), and in-flight activations (GPipe: its ⌈M/r⌉ microbatches; 1F1B, ZB-H1, 2BW and
 PipeDream: ``planner.schedules.inflight_limit``, P − s without replication; interleaved:
 Megatron's warm-up depth in chunk-microbatches) of saved bytes — or, with
-recomputation, of the stage's input only, plus one microbatch's saved bytes being
-rebuilt.
+recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
+selective: all but the attention core), plus what one layer's backward rebuilds.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
+from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -65,7 +66,8 @@ class CostOptions:
 
     Attributes:
         overlap_comm: point-to-point transfers overlap compute (else they add to it).
-        recompute: keep only each stage's input activations and recompute the rest in backward.
+        recompute: activation recomputation, "none", "selective" or "full" (True means "full"); what it
+            keeps and re-runs is ``planner.recompute``'s.
         optimizer: "sgd" (with momentum, 1× state), "adam" (2×) or "none".
         memory_limit_bytes: per-device memory limit; None uses each device's own memory.
         allreduce: the all-reduce the link-load bound routes: "ring", "hierarchical" or "auto"
@@ -80,7 +82,7 @@ class CostOptions:
     """
 
     overlap_comm: bool = True
-    recompute: bool = False
+    recompute: str = "none"
     optimizer: str = "sgd"
     memory_limit_bytes: float | None = None
     allreduce: str = "auto"
@@ -89,6 +91,10 @@ class CostOptions:
     link_serial_async: float = 0.6
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "recompute", recompute_mode(self.recompute))
+        except ValueError as e:
+            raise PlanError(str(e)) from None
         if self.optimizer not in OPTIMIZER_STATE:
             raise PlanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATE)}")
         if self.allreduce not in ALLREDUCE_ALGORITHMS:
@@ -250,7 +256,7 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
 
 def stage_input_bytes(profile: ModelProfile, first: int) -> float:
     """Bytes per sample entering a stage (what recomputation keeps): the previous cut, or the first layer's saved input."""
-    return profile.boundary_bytes(first - 1) if first > 0 else profile.layers[0].saved_bytes
+    return layer_input_bytes(profile, first)
 
 
 # --- evaluation of a placed plan -------------------------------------------------------
@@ -262,6 +268,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         if not s.devices:
             raise PlanError("the plan names no devices; place it on a topology first (pipetwin plan does)")
     prof = profile.scaled(plan.microbatch_size) if plan.microbatch_size != profile.microbatch_size else profile
+    if plan.recompute != "none" and options.recompute == "none":  # a plan that asks for recomputation is costed with it
+        options = replace(options, recompute=plan.recompute)
     if FAMILY[plan.schedule].multi_stage:
         return _evaluate_interleaved(plan, prof, topology, options)
     fam, M, mb = plan.schedule, plan.microbatches, plan.microbatch_size
@@ -274,7 +282,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         r = st.replicas
         speed = min(topology.device(d).speed for d in st.devices)
         f, b = prof.forward_s(*st.layers), prof.backward_s(*st.layers)
-        compute = (f + b + (f if options.recompute else 0.0)) / speed / r
+        compute = (f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed / r
         params = prof.param_bytes(*st.layers)
         ar = topology.ring_allreduce_time_s(list(st.devices), params) / update_interval(fam, M, r) if r > 1 else 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
@@ -298,17 +306,14 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         speed = topology.device(dev).speed
         f = sum(prof.forward_s(*plan.stages[v].layers) for v in vs)
         b = sum(prof.backward_s(*plan.stages[v].layers) for v in vs)
-        compute = (f + b + (f if options.recompute else 0.0)) / speed
+        compute = (f + b + sum(extra_forward_s(prof, *plan.stages[v].layers, options.recompute) for v in vs)) / speed
         comm = sum((cuts[v - 1] if v > 0 else 0.0) + (cuts[v] if v < S - 1 else 0.0) for v in vs)
         t = max(compute, comm) if options.overlap_comm else compute + comm
         warm = M * V if M == P else min((P - d - 1) * 2 + (V - 1) * P, M * V)
         depth = min(warm + 1, M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
-        if options.recompute:
-            per_chunk = sum(stage_input_bytes(prof, plan.stages[v].first_layer) for v in vs) / V
-            act = depth * per_chunk * mb + max(prof.saved_bytes(*plan.stages[v].layers) for v in vs) * mb
-        else:
-            act = depth * sum(prof.saved_bytes(*plan.stages[v].layers) for v in vs) / V * mb
+        per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
+        act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
         mem = params * static_bytes_per_param_byte(1, options.optimizer) + act
         raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
     raw = []
@@ -352,17 +357,15 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
                      peak, fits, tuple(stages), compute_time_per_batch_s=compute_batch,
                      link_time_per_batch_s=link_batch, link_bound_s=link_lower, binding_link=link_name,
                      binding=plan_binding)
-    return replace(cand, plan=replace(plan, predicted=cand.predicted()))
+    return replace(cand, plan=replace(plan, predicted=cand.predicted(), recompute=options.recompute))
 
 
 def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_inflight: int, versions: int,
                   options: CostOptions) -> float:
     params = prof.param_bytes(first, last)
     static = params * static_bytes_per_param_byte(versions, options.optimizer)
-    saved = prof.saved_bytes(first, last) * mb
-    if options.recompute:
-        return static + n_inflight * stage_input_bytes(prof, first) * mb + saved
-    return static + n_inflight * saved
+    mode = options.recompute
+    return static + (n_inflight * kept_bytes(prof, first, last, mode) + rebuilt_bytes(prof, first, last, mode)) * mb
 
 
 # --- the link-load bound ------------------------------------------------------------------

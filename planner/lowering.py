@@ -1,9 +1,16 @@
-"""Plan → Program: the bridge both interpreters cross, with payload bytes from the profile."""
+"""Plan → Program: the bridge both interpreters cross, with payload bytes from the profile.
+
+Tensor parallelism: the schedule is generated for the stage replicas, then every
+replica worker w becomes T workers w·T + t (``tensor_expand``), each running the
+replica's action list, its SEND/RECV peers the peer replica's TP rank t. The TP
+collectives are no actions of their own: they run inside each compute action of
+a TP group, and the interpreters read their bytes from the (per-TP-rank) profile.
+"""
 from __future__ import annotations
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.program import Program, ScheduleSpec
+from planner.program import Action, Program, ScheduleSpec
 from planner.schedules import generate
 
 
@@ -32,7 +39,31 @@ def plan_to_program(plan: Plan, profile: ModelProfile | None = None) -> Program:
     if profile is not None:
         act = lambda s: profile.boundary_bytes(plan.stages[s].last_layer) * plan.microbatch_size
         ar = lambda s: profile.param_bytes(*plan.stages[s].layers)
-    return generate(plan_spec(plan), act, ar)
+    T = plan.tensor_parallel
+    program = generate(plan_spec(plan), act, ar, check_program=T == 1)
+    if T == 1:
+        return program
+    from planner.check import check
+
+    program = tensor_expand(program, T)
+    check(program)
+    return program
+
+
+def tensor_expand(program: Program, T: int) -> Program:
+    """Each worker w of a (T = 1) program becomes the TP group w·T, ..., w·T + T − 1 running w's actions;
+    a SEND/RECV of TP rank t goes to TP rank t of its peer."""
+    if program.tensor_parallel != 1:
+        raise PlanError("tensor_expand takes a program without tensor parallelism")
+    if T == 1:
+        return program
+    actions: dict[int, list[Action]] = {}
+    for w, acts in program.actions.items():
+        for t in range(T):
+            actions[w * T + t] = [a if a.peer is None else
+                                  Action(a.stage, a.kind, a.mb, a.version, a.peer * T + t, a.grad, a.nbytes) for a in acts]
+    sw = tuple(tuple(w * T + t for w in ws for t in range(T)) for ws in program.stage_workers)
+    return Program(program.spec, sw, actions, tensor_parallel=T)
 
 
 def worker_devices(plan: Plan, program: Program) -> dict[int, str]:

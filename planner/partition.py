@@ -38,6 +38,7 @@ from planner.costmodel import (CostOptions, OPTIMIZER_STATE, inflight, stage_inp
                                weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
+from planner.recompute import layer_extra_forward_s, layer_kept_bytes, layer_rebuilt_bytes
 
 #: Up to this many devices, every device count N is searched (the exact regime).
 EXACT_DEVICES = 16
@@ -91,8 +92,15 @@ class _Tables:
         L, D = len(prof), len(pb.devices)
         self.L, self.D = L, D
         mb = prof.microbatch_size
-        fb = np.array([l.forward_s + l.backward_s + (l.forward_s if opt.recompute else 0.0) for l in prof.layers])
+        fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
         self.work = np.concatenate([[0.0], np.cumsum(fb)])
+        # what recomputation keeps per layer (prefix sums) and the most one layer of [i, j) rebuilds (rebuilt[i, j])
+        self.kept = np.concatenate([[0.0], np.cumsum([layer_kept_bytes(prof, i, opt.recompute) for i in range(L)])]) * mb
+        per_layer = self.rebuilt_layer = np.array([layer_rebuilt_bytes(prof, i, opt.recompute) for i in range(L)]) * mb
+        self.rebuilt = np.zeros((L + 1, L + 1))
+        if per_layer.any():
+            for i in range(L):
+                self.rebuilt[i, i + 1:] = np.maximum.accumulate(per_layer[i:])
         self.params = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in prof.layers])])
         self.saved = np.concatenate([[0.0], np.cumsum([l.saved_bytes for l in prof.layers])]) * mb
         self.inbytes = np.array([stage_input_bytes(prof, i) for i in range(L)] + [0.0]) * mb
@@ -158,7 +166,7 @@ class _Tables:
         opt = pb.options
         M = None if pb.family == "pipedream" else pb.microbatches
         return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, self.L,
-                       self.D, self.work, self.params, self.saved, self.inbytes, self.bbytes,
+                       self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
     def cut(self, j, k):
@@ -236,8 +244,7 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     else:
         versions = 2 if fam == "2bw" else 1
     static = params * (versions + 1.0 + tb.opt_state)
-    saved = tb.saved[j] - tb.saved[i]
-    act = nin * tb.inbytes[i] + saved if opt.recompute else nin * saved
+    act = nin * (tb.kept[j] - tb.kept[i]) + tb.rebuilt[i, j]
     ok = _schedulable(fam, M, r, lim)
     return np.where(ok, t, math.inf), np.where(ok, static + act, math.inf), tb.mlim[k0, k]
 
@@ -407,8 +414,7 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
     nin = inflight(fam, M, N - k0, r)
     static = params * (weight_versions(fam, nin) + 1.0 + tb.opt_state)
-    saved = tb.saved[j] - tb.saved[i]
-    act = nin * tb.inbytes[i] + saved if opt.recompute else nin * saved
+    act = nin * (tb.kept[j] - tb.kept[i]) + tb.rebuilt[i, j]
     if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
         return math.inf, math.inf, tb.mlim[k0, k]
     return t, static + act, tb.mlim[k0, k]
@@ -499,8 +505,11 @@ def coarsen(profile: ModelProfile, max_blocks: int) -> tuple[ModelProfile, list[
     layers = []
     for b in range(len(bounds) - 1):
         a, z = bounds[b], bounds[b + 1] - 1
+        part = profile.layers[a:z + 1]
         layers.append(Layer(f"block{b}", profile.forward_s(a, z), profile.backward_s(a, z), profile.boundary_bytes(z),
-                            profile.saved_bytes(a, z), profile.param_bytes(a, z)))
+                            profile.saved_bytes(a, z), profile.param_bytes(a, z),
+                            attention_saved_bytes=sum(l.attention_saved_bytes for l in part),
+                            attention_forward_s=sum(l.attention_forward_s for l in part)))
     return _replace(profile, layers=tuple(layers), graph=None), bounds
 
 
@@ -586,7 +595,7 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
     devs = pb.devices
     bounds = _blocks(prof, max_blocks)
     B = len(bounds) - 1
-    fb = np.array([l.forward_s + l.backward_s + (l.forward_s if opt.recompute else 0.0) for l in prof.layers])
+    fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
     work = np.concatenate([[0.0], np.cumsum(fb)])[bounds]
     params = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in prof.layers])])[bounds]
     bb = np.array([prof.boundary_bytes(bounds[x] - 1) * prof.microbatch_size if 0 < x < B else 0.0 for x in range(B + 1)])

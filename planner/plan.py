@@ -1,7 +1,12 @@
-"""Plan: what the planner decides — stages, replicas, devices, schedule and optimizer semantics.
+"""Plan: what the planner decides — stages, replicas, tensor parallelism, devices, schedule and optimizer semantics.
 
 A plan is data (JSON on disk). ``planner.lowering.plan_to_program`` turns it into
 the ``Program`` both interpreters run.
+
+Devices form a grid, pipeline × data × tensor: with tensor parallelism T a stage
+with R replicas names R·T devices, replica r's tensor group being
+``devices[r*T:(r+1)*T]`` and its TP rank t ``devices[r*T + t]``. Every device is
+one worker. ``plan_from_flags`` is the one rule from (pp, dp, tp, vp) flags to a plan.
 """
 from __future__ import annotations
 
@@ -9,10 +14,12 @@ import json
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-from planner.program import FAMILIES, FAMILY, rank_of
+from planner.program import FAMILIES, FAMILY, chunks_for, rank_of
+from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
+from topologies.errors import InputError
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan that is inconsistent or cannot be read; the message says what to change."""
 
 
@@ -24,7 +31,8 @@ class StagePlan:
         first_layer: index of its first layer in the profile chain.
         last_layer: index of its last layer (inclusive).
         replicas: data-parallel replicas of this stage.
-        devices: topology device names, one per replica (replica r on devices[r]).
+        devices: topology device names, replicas × T of them (T: the plan's tensor parallelism);
+            replica r's tensor group is devices[r*T:(r+1)*T] (with T = 1: replica r on devices[r]).
     """
 
     first_layer: int
@@ -35,6 +43,10 @@ class StagePlan:
     @property
     def layers(self) -> tuple[int, int]:
         return (self.first_layer, self.last_layer)
+
+    def tensor_group(self, replica: int, tensor_parallel: int = 1) -> tuple[str, ...]:
+        """The devices of one replica's tensor-parallel group (TP rank t at index t)."""
+        return self.devices[replica * tensor_parallel:(replica + 1) * tensor_parallel]
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class Plan:
         batches: batches (optimizer steps) a run executes.
         lr: learning rate of the SGD update the executor and reference apply.
         topology: the topology spec or file the devices come from.
+        tensor_parallel: T, the tensor-parallel degree of every stage replica (Megatron: one T for the plan).
+        recompute: activation recomputation, one of planner.recompute.MODES ("none", "selective", "full").
         predicted: what the planner predicted (free-form keys, e.g. time_per_sample_s).
     """
 
@@ -66,8 +80,16 @@ class Plan:
     lr: float = 0.01
     topology: str | None = None
     predicted: dict = field(default_factory=dict, hash=False, compare=False)
+    tensor_parallel: int = 1
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
+        if isinstance(self.recompute, bool) or self.recompute is None:
+            object.__setattr__(self, "recompute", recompute_mode(self.recompute))
+        if self.recompute not in RECOMPUTE_MODES:
+            raise PlanError(f"unknown recompute mode {self.recompute!r}; choose one of {', '.join(RECOMPUTE_MODES)}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise PlanError(f"tensor_parallel must be a whole number >= 1 (got {self.tensor_parallel!r})")
         if self.schedule not in FAMILIES:
             raise PlanError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(FAMILIES)}")
         if not self.stages:
@@ -78,8 +100,10 @@ class Plan:
                 raise PlanError(f"stage {i} covers layers {s.first_layer}..{s.last_layer}; stages must be contiguous from layer 0")
             if s.replicas < 1:
                 raise PlanError(f"stage {i} has {s.replicas} replicas; need >= 1")
-            if s.devices and len(s.devices) != s.replicas:
-                raise PlanError(f"stage {i} has {s.replicas} replicas but {len(s.devices)} devices")
+            T = self.tensor_parallel
+            if s.devices and len(s.devices) != s.replicas * T:
+                grid = f" x {T} tensor-parallel ranks = {s.replicas * T} devices" if T > 1 else ""
+                raise PlanError(f"stage {i} has {s.replicas} replicas{grid} but names {len(s.devices)} devices")
             prev = s.last_layer
         if self.microbatches < 1 or self.microbatch_size < 1:
             raise PlanError("microbatches and microbatch_size must be >= 1")
@@ -114,6 +138,9 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for k, default in (("tensor_parallel", 1), ("recompute", "none")):  # absent at their defaults: old plans stay byte-identical
+            if d[k] == default:
+                del d[k]
         d["stages"] = [
             {"layers": [s.first_layer, s.last_layer], "replicas": s.replicas, "devices": list(s.devices)}
             for s in self.stages
@@ -128,7 +155,7 @@ class Plan:
                 for s in d["stages"]
             )
             kw = {k: d[k] for k in ("schedule", "microbatch_size", "microbatches", "chunks", "vertical_sync",
-                                    "batches", "lr", "topology", "predicted") if k in d}
+                                    "batches", "lr", "topology", "predicted", "tensor_parallel", "recompute") if k in d}
             return cls(model=str(d["model"]), stages=stages, **kw)
         except (KeyError, IndexError, TypeError) as e:
             raise PlanError(f"plan JSON is missing or has a malformed field ({e}); see `pipetwin plan -o plan.json` for the shape") from None
@@ -151,23 +178,90 @@ class Plan:
 
 
 def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...] | None = None, **kw) -> Plan:
-    """Split ``num_layers`` into ``stages`` contiguous near-equal ranges on devices d0, d1, ... (for tests and CLI overrides)."""
+    """Split ``num_layers`` into ``stages`` contiguous near-equal ranges on devices d0, d1, ... (for tests and CLI overrides).
+
+    Devices are numbered along the grid with the tensor rank fastest, then the replica, then the
+    pipeline position (Megatron's order): stage (position) p's replica r, TP rank t is
+    ``d{offset(p) + r*T + t}``. Interleaved: virtual stage s sits on position s mod P.
+    """
     if stages > num_layers:
         raise PlanError(f"{stages} stages but only {num_layers} layers: reduce --stages or use a deeper model")
     replicas = replicas or (1,) * stages
     if len(replicas) != stages:
         raise PlanError(f"--replicas gives {len(replicas)} values for {stages} stages")
     chunks = kw.get("chunks", 1)
-    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    out, dev = [], 0
+    T = kw.get("tensor_parallel", 1)
+    if chunks < 1 or stages % chunks:
+        raise PlanError(f"{stages} stages do not split into {chunks} chunks per device")
     depth = stages // chunks
+    fam = FAMILY.get(kw.get("schedule", "1f1b"))
+    position = (lambda i: rank_of(fam, depth, i)) if fam is not None and fam.multi_stage else (lambda i: i % depth)
+    for i in range(depth, stages):
+        if replicas[i] != replicas[position(i)]:
+            raise PlanError(f"virtual stages {position(i)} and {i} share devices but have {replicas[position(i)]} and "
+                            f"{replicas[i]} replicas; give every chunk of a device the same replica count")
+    offset = [0]
+    for p in range(depth):
+        offset.append(offset[-1] + replicas[p] * T)
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    out = []
     for i in range(stages):
-        if chunks > 1:
-            fam = FAMILY.get(kw.get("schedule", "1f1b"))
-            rank = rank_of(fam, depth, i) if fam else i % depth
-            devs = tuple(f"d{rank}" for _ in range(replicas[i]))
-        else:
-            devs = tuple(f"d{dev + r}" for r in range(replicas[i]))
-            dev += replicas[i]
+        base = offset[position(i)]
+        devs = tuple(f"d{base + j}" for j in range(replicas[i] * T))
         out.append(StagePlan(bounds[i], bounds[i + 1] - 1, replicas[i], devs))
     return Plan(model=model, stages=tuple(out), **kw)
+
+
+def plan_from_flags(model: str, num_layers: int, *, pp: int, dp: int | tuple[int, ...] = 1, tp: int = 1, vp: int = 1,
+                    schedule: str = "1f1b", microbatches: int | None = None, microbatch_size: int = 1, batches: int = 1,
+                    vertical_sync: bool = False, recompute: str | bool = "none", topology: str | None = None,
+                    devices: list[str] | None = None, lr: float | None = None) -> Plan:
+    """The plan that explicit degrees ask for: ``pp`` pipeline positions × ``dp`` data-parallel replicas × ``tp``
+    tensor-parallel ranks, ``vp`` model chunks per position (interleaved), layers split evenly.
+
+    Args:
+        model: the model spec the plan is for; ``num_layers``: its profile's layer count.
+        pp: pipeline depth P (devices along the pipeline).
+        dp: replicas of every stage, or one count per position (``--replicas 2,1``).
+        tp: tensor-parallel degree T.
+        vp: chunks per device V; more than 1 needs the interleaved schedule (which then gets P·V virtual stages).
+        microbatches: per batch (default: 4, or the smallest multiple of pp·dp that interleaved accepts).
+        devices: topology devices to place the grid on, in order (tensor rank fastest, then replica, then
+            position); default d0, d1, ... The plan takes the first pp·dp·tp of them.
+        Other arguments are the plan's fields.
+
+    Raises:
+        PlanError: a degree below 1, chunks without the interleaved schedule, more stages than layers,
+        or fewer devices than the grid needs.
+    """
+    reps = tuple(dp) if isinstance(dp, (tuple, list)) else (dp,) * pp
+    for name, v in (("pp", pp), ("tp", tp), ("vp", vp)):
+        if not isinstance(v, int) or v < 1:
+            raise PlanError(f"--{name} must be a whole number >= 1 (got {v!r})")
+    if len(reps) != pp or any(r < 1 for r in reps):
+        raise PlanError(f"--dp/--replicas must give {pp} replica counts >= 1 (got {list(reps)})")
+    fam = FAMILY.get(schedule)
+    multi = fam is not None and fam.multi_stage
+    vp = chunks_for(schedule, vp)
+    if vp > 1 and not multi:
+        multis = ", ".join(n for n, f in FAMILY.items() if f.multi_stage)
+        raise PlanError(f"--vp {vp} (chunks per device) needs a schedule that places several stages on a device ({multis}; got {schedule})")
+    if microbatches is None:
+        microbatches = 4
+        if multi:
+            step = pp * max(reps)
+            microbatches = -(-max(microbatches, step) // step) * step
+    kw = dict(schedule=schedule, microbatches=microbatches, microbatch_size=microbatch_size, batches=batches,
+              chunks=vp, vertical_sync=vertical_sync, topology=topology, tensor_parallel=tp,
+              recompute=recompute_mode(recompute))
+    if lr is not None:
+        kw["lr"] = lr
+    plan = even_plan(model, num_layers, pp * vp, reps * vp, **kw)
+    if devices is None:
+        return plan
+    names = plan.devices
+    if len(names) > len(devices):
+        raise PlanError(f"the plan needs {len(names)} devices (pp {pp} x dp {'/'.join(map(str, sorted(set(reps))))} x "
+                        f"tp {tp}) but only {len(devices)} are given; use smaller degrees or a larger topology")
+    rename = dict(zip(names, devices))
+    return plan.with_devices([tuple(rename[d] for d in s.devices) for s in plan.stages])

@@ -14,9 +14,18 @@ import re
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
+from topologies.errors import InputError
 
-class ProfileError(ValueError):
+
+class ProfileError(InputError):
     """A profile that cannot be read; the message names the line or field."""
+
+
+class ModelSpecError(ProfileError):
+    """A model spec that names no known model or has a bad field; the message lists what is accepted.
+
+    One type for every package's model grammar (``planner.analytic`` and ``executor.models``).
+    """
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,17 @@ class Layer:
         activation_bytes: output activation bytes per sample (what a stage boundary after this layer sends).
         saved_bytes: bytes kept for backward per sample (defaults to activation_bytes when unknown).
         param_bytes: parameter bytes.
+        tp_allreduce_bytes: bytes per sample of each tensor-parallel all-reduce this layer runs (the full,
+            unsharded tensor: s·h·2 for a transformer block); 0 without tensor parallelism.
+        tp_forward_allreduces: TP all-reduces inside one forward (a Megatron block: 2, one after attention,
+            one after the MLP; a vocabulary-parallel embedding: 1). With sequence parallelism each one runs
+            as a reduce-scatter + all-gather pair of the same ring volume (``ModelProfile.sequence_parallel``).
+        tp_backward_allreduces: TP all-reduces inside one backward, not counting a recomputed forward's
+            (a block: 2; the output head: 1, its input gradient).
+        attention_saved_bytes: the part of ``saved_bytes`` that selective recomputation discards (the
+            attention scores, softmax and dropout outputs: Korthikanti et al.'s 5·a·s²/T per sample).
+        attention_forward_s: forward seconds (per reference microbatch) of that part: what selective
+            recomputation adds to the backward.
     """
 
     name: str
@@ -38,6 +58,11 @@ class Layer:
     activation_bytes: float
     saved_bytes: float
     param_bytes: float
+    tp_allreduce_bytes: float = 0.0
+    tp_forward_allreduces: int = 0
+    tp_backward_allreduces: int = 0
+    attention_saved_bytes: float = 0.0
+    attention_forward_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,9 @@ class ModelProfile:
         microbatch_size: samples per reference microbatch the times were taken at.
         device: the reference device the times were taken on.
         graph: the DAG the chain was folded from (None for a true chain).
+        tensor_parallel: the tensor-parallel degree T the costs are per rank for (1: no TP).
+        sequence_parallel: Megatron sequence parallelism (norms and dropouts split over the TP ranks,
+            each TP all-reduce run as reduce-scatter + all-gather).
     """
 
     name: str
@@ -69,12 +97,16 @@ class ModelProfile:
     microbatch_size: int = 1
     device: str = "reference"
     graph: ProfileGraph | None = None
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ProfileError(f"profile {self.name!r} has no layers")
         if self.microbatch_size < 1:
             raise ProfileError(f"profile {self.name!r}: microbatch_size must be >= 1")
+        if self.tensor_parallel < 1:
+            raise ProfileError(f"profile {self.name!r}: tensor_parallel must be >= 1")
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -105,7 +137,8 @@ class ModelProfile:
     def scaled(self, microbatch_size: int) -> "ModelProfile":
         """The same model at another microbatch size (times scale linearly; bytes are per sample)."""
         k = microbatch_size / self.microbatch_size
-        layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k) for l in self.layers)
+        layers = tuple(replace(l, forward_s=l.forward_s * k, backward_s=l.backward_s * k,
+                               attention_forward_s=l.attention_forward_s * k) for l in self.layers)
         return replace(self, layers=layers, microbatch_size=microbatch_size)
 
     # --- native JSON ----------------------------------------------------------------
@@ -114,8 +147,11 @@ class ModelProfile:
             "name": self.name,
             "microbatch_size": self.microbatch_size,
             "device": self.device,
-            "layers": [asdict(l) for l in self.layers],
+            "layers": [_layer_dict(l) for l in self.layers],
         }
+        if self.tensor_parallel != 1 or self.sequence_parallel:
+            d["tensor_parallel"] = self.tensor_parallel
+            d["sequence_parallel"] = self.sequence_parallel
         if self.graph is not None:
             d["graph"] = {"nodes": list(self.graph.nodes), "edges": [list(e) for e in self.graph.edges]}
         return d
@@ -131,6 +167,7 @@ class ModelProfile:
                     activation_bytes=float(l["activation_bytes"]),
                     saved_bytes=float(l.get("saved_bytes", l["activation_bytes"])),
                     param_bytes=float(l["param_bytes"]),
+                    **{k: conv(l[k]) for k, conv in _OPTIONAL_LAYER_FIELDS.items() if k in l},
                 )
                 for l in d["layers"]
             )
@@ -148,10 +185,26 @@ class ModelProfile:
             microbatch_size=int(d.get("microbatch_size", 1)),
             device=str(d.get("device", "reference")),
             graph=graph,
+            tensor_parallel=int(d.get("tensor_parallel", 1)),
+            sequence_parallel=bool(d.get("sequence_parallel", False)),
         )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+#: Layer fields that older profiles lack (each read with its type; absent means the default).
+_OPTIONAL_LAYER_FIELDS = {"tp_allreduce_bytes": float, "tp_forward_allreduces": int, "tp_backward_allreduces": int,
+                          "attention_saved_bytes": float, "attention_forward_s": float}
+
+
+def _layer_dict(layer: Layer) -> dict:
+    """A layer as JSON, leaving out optional fields at their defaults (so old profiles print as before)."""
+    d = asdict(layer)
+    for k in _OPTIONAL_LAYER_FIELDS:
+        if d[k] == 0:
+            del d[k]
+    return d
 
 
 def uniform_profile(

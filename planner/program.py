@@ -11,7 +11,11 @@ An ``Action`` prints compactly and parses back::
     0STEP2v3     stage 0 optimizer step number 2, producing weight version 3
 
 A ``Program`` holds ``actions: dict[worker, list[Action]]`` with the spec it was
-generated from and which workers hold which stage replica.
+generated from and which workers hold which stage replica. With tensor
+parallelism T, every stage replica is a group of T workers that run the same
+compute actions (the TP collectives run inside each F/B/BI/BW); point-to-point
+goes from TP rank t to TP rank t of the peer replica, and a stage's all-reduce
+runs among the replicas' workers of one TP rank.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
+
+from topologies.errors import InputError
 
 
 class Kind(str, Enum):
@@ -124,7 +130,7 @@ class Action:
 
 _ACTION_RE = re.compile(r"^(\d+)(ALLREDUCE|STEP|SEND|RECV|BI|BW|F|B)(\d+)(?:v(\d+))?(?:([ag])([<>])w(\d+))?$")
 
-class ScheduleError(ValueError):
+class ScheduleError(InputError):
     """Parameters no schedule of the family can satisfy; the message says what to change."""
 
 
@@ -356,13 +362,16 @@ class Program:
 
     Attributes:
         spec: the schedule it came from.
-        stage_workers: for each (virtual) stage, the workers holding its replicas (replica r = index r).
+        stage_workers: for each (virtual) stage, the workers holding its replicas: replica r's TP rank t
+            at index r·T + t (with T = 1: replica r = index r).
         actions: worker → ordered actions.
+        tensor_parallel: T, workers per stage replica (its tensor-parallel group).
     """
 
     spec: ScheduleSpec
     stage_workers: tuple[tuple[int, ...], ...]
     actions: dict[int, list[Action]] = field(hash=False)
+    tensor_parallel: int = 1
 
     def __getitem__(self, worker: int) -> list[Action]:
         return self.actions[worker]
@@ -371,10 +380,38 @@ class Program:
     def workers(self) -> list[int]:
         return sorted(self.actions)
 
-    def worker_of(self, stage: int, mb: int) -> int:
-        """Round robin: microbatch ``mb`` of ``stage`` runs on replica ``mb mod r``."""
-        ws = self.stage_workers[stage]
+    def replica_workers(self, stage: int, tp_rank: int = 0) -> tuple[int, ...]:
+        """The workers of TP rank ``tp_rank`` of every replica of ``stage`` (its data-parallel group)."""
+        T = self.tensor_parallel
+        return self.stage_workers[stage][tp_rank::T] if T > 1 else self.stage_workers[stage]
+
+    def replica_count(self, stage: int) -> int:
+        return len(self.stage_workers[stage]) // self.tensor_parallel
+
+    def worker_of(self, stage: int, mb: int, tp_rank: int = 0) -> int:
+        """Round robin: microbatch ``mb`` of ``stage`` runs on replica ``mb mod r`` (its TP rank ``tp_rank``)."""
+        ws = self.replica_workers(stage, tp_rank)
         return ws[mb % len(ws)]
+
+    def tp_group(self, worker: int) -> tuple[int, ...]:
+        """The workers of ``worker``'s stage replica, TP rank t at index t (just ``(worker,)`` when T = 1)."""
+        T = self.tensor_parallel
+        if T == 1:
+            return (worker,)
+        for ws in self.stage_workers:
+            if worker in ws:
+                r = ws.index(worker) // T
+                return ws[r * T:(r + 1) * T]
+        raise KeyError(f"worker {worker} holds no stage")
+
+    def tp_rank(self, worker: int) -> int:
+        return self.tp_group(worker).index(worker)
+
+    def tp_slice(self, tp_rank: int) -> "Program":
+        """The program of one TP rank's workers: an ordinary (T = 1) program whose peers are that rank's."""
+        sw = tuple(self.replica_workers(s, tp_rank) for s in range(len(self.stage_workers)))
+        mine = {w for ws in sw for w in ws}
+        return Program(self.spec, sw, {w: a for w, a in self.actions.items() if w in mine})
 
     def stages_of(self, worker: int) -> list[int]:
         return [s for s, ws in enumerate(self.stage_workers) if worker in ws]
@@ -384,11 +421,14 @@ class Program:
 
     # --- text forms -----------------------------------------------------------------
     def to_json(self) -> dict:
-        return {
+        d = {
             "spec": self.spec.to_json(),
             "stage_workers": [list(ws) for ws in self.stage_workers],
             "workers": {str(w): [a.to_json() for a in acts] for w, acts in sorted(self.actions.items())},
         }
+        if self.tensor_parallel > 1:
+            d["tensor_parallel"] = self.tensor_parallel
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Program":
@@ -396,6 +436,7 @@ class Program:
             spec=ScheduleSpec.from_json(d["spec"]),
             stage_workers=tuple(tuple(ws) for ws in d["stage_workers"]),
             actions={int(w): [Action.from_json(a) for a in acts] for w, acts in d["workers"].items()},
+            tensor_parallel=int(d.get("tensor_parallel", 1)),
         )
 
     def to_csv(self) -> str:

@@ -125,6 +125,8 @@ def plan_model(
     for d in devs:
         topology.device(d)
     L = len(profile)
+    if stages is not None and stages < 1:
+        raise PlanError(f"--stages {stages}: a pipeline has at least 1 stage")
     if stages is not None and stages > L:
         raise PlanError(f"{stages} stages but the model {profile.name!r} has only {L} layers: use at most {L} stages")
     if stages is not None and stages > len(devs):
@@ -342,7 +344,7 @@ def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands, p
         need = min(need, max(c.peak_memory_bytes.values()))
     what = f"{limit:.4g} bytes per device" if limit is not None else "the devices' memory"
     hint = "" if not math.isfinite(need) else f"; the smallest per-device memory any plan needs is {need:.4g} bytes ({need / 2**30:.2f} GiB)"
-    more = "" if opts.recompute else ", or use --recompute"
+    more = "" if opts.recompute == "full" else ", or use --recompute"
     return f"no plan fits in {what}{hint} — raise --memory-limit, use more devices or smaller microbatches{more}"
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sim.memory import RECV_LOOKAHEAD
+from topologies.errors import InputError
 
 ALLREDUCE_ALGORITHMS = ("ring", "hierarchical", "auto")
 
 
-class SimError(ValueError):
+class SimError(InputError):
     """Input the simulator cannot run (a device missing from the topology, a profile too short, ...)."""
 
 

@@ -103,3 +103,87 @@ def test_pipedream_names_resolve_to_graph_txt_per_sample():
     h = load_model("vgg16@h100")
     assert h.total_s < p.total_s
     assert load_model("vgg16-analytic").name.startswith("vgg16-analytic")
+
+
+# ---------------------------------------------------------------------- tensor parallelism, Llama
+from planner.analytic import TransformerConfig, padded_vocab  # noqa: E402
+from planner.profile import ModelProfile  # noqa: E402
+
+GPT_EVEN = TransformerConfig(8, 1024, 16, seq=1024, vocab=51200)  # vocabulary divisible by 8·128: no padding
+
+
+@pytest.mark.parametrize("t", [2, 4, 8])
+def test_tp_rank_holds_the_sharded_weights_over_T_and_the_replicated_ones_whole(t):
+    c = GPT_EVEN
+    one, rank = transformer_profile(c), transformer_profile(c, tensor_parallel=t)
+    h = c.hidden
+    replicated_per_block = 6 * h  # projection bias, fc2 bias, two LayerNorms (weight + bias)
+    replicated = c.layers * replicated_per_block + c.seq * h + 2 * h  # + learned positions + final LN
+    assert total_params(rank) * t - (t - 1) * replicated == pytest.approx(total_params(one), rel=1e-12)
+
+
+@pytest.mark.parametrize("t", [2, 8])
+def test_tp_rank_does_one_T_th_of_the_flops_at_a_fixed_fraction_of_peak(t):
+    one, rank = transformer_profile(GPT_EVEN), transformer_profile(GPT_EVEN, tensor_parallel=t)
+    for a, b in zip(one.layers[1:], rank.layers[1:]):
+        assert b.forward_s * t == pytest.approx(a.forward_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("t,sp", [(1, False), (2, False), (8, False), (4, True), (8, True)])
+def test_block_saved_bytes_are_korthikanti_eq_2_and_3(t, sp):
+    c = GPT3_13B
+    s, h, a = c.seq, c.hidden, c.heads
+    expected = s * h * 34 / t + 5 * a * s * s / t if sp else s * h * (10 + 24 / t) + 5 * a * s * s / t
+    assert block_saved_bytes(c, t, sp) == pytest.approx(expected, rel=1e-12)
+    p = transformer_profile(c, tensor_parallel=t, sequence_parallel=sp, vocab_multiple=128)
+    assert p.layers[1].saved_bytes == pytest.approx(expected, rel=1e-12)
+    assert p.layers[1].attention_saved_bytes == pytest.approx(5 * a * s * s / t, rel=1e-12)
+
+
+def test_tp_collectives_two_per_block_each_way_one_for_embedding_forward_and_head_backward():
+    c = GPT3_13B
+    p = transformer_profile(c, tensor_parallel=4, vocab_multiple=128)
+    emb, block, head = p.layers[0], p.layers[1], p.layers[-1]
+    assert (emb.tp_forward_allreduces, emb.tp_backward_allreduces) == (1, 0)
+    assert (block.tp_forward_allreduces, block.tp_backward_allreduces) == (2, 2)
+    assert (head.tp_forward_allreduces, head.tp_backward_allreduces) == (0, 1)
+    assert block.tp_allreduce_bytes == c.seq * c.hidden * 2
+    assert p.tensor_parallel == 4
+    one = transformer_profile(c)
+    assert all(l.tp_forward_allreduces == l.tp_backward_allreduces == 0 and l.tp_allreduce_bytes == 0 for l in one.layers)
+
+
+def test_megatron_pads_the_vocabulary_to_128_T():
+    assert padded_vocab(50257, 1, 128) == 50304
+    assert padded_vocab(50257, 2, 128) == 50432
+    assert padded_vocab(50257, 8, 128) == 51200
+    assert padded_vocab(50257) == 50257
+
+
+def test_tp_degree_that_does_not_divide_the_heads_is_refused():
+    with pytest.raises(ModelSpecError, match="must divide heads"):
+        transformer_profile(PRESETS["gpt3-2.7b"], tensor_parallel=3)
+
+
+@pytest.mark.parametrize("name,billions", [("llama3-8b", 8.03), ("llama3-70b", 70.55)])
+def test_llama3_presets_have_their_published_parameter_counts(name, billions):
+    assert transformer_param_count(PRESETS[name]) / 1e9 == pytest.approx(billions, rel=0.003)
+
+
+def test_llama_block_flops_count_gqa_and_three_swiglu_matrices():
+    c = PRESETS["llama3-8b"]
+    s, h, f, kv = c.seq, c.hidden, c.ffn_size, 8 * 128
+    closed = 2 * s * h * (h + 2 * kv) + 2 * s * h * h + 6 * s * h * f + 4 * s * s * h
+    p = transformer_profile(c)
+    assert p.layers[1].forward_s == pytest.approx(closed / DEVICE_KINDS["a100-80gb"].achievable_flops, rel=1e-12)
+    assert load_model("llama3-8b").layers[1] == p.layers[1]
+
+
+def test_profile_with_tp_fields_round_trips_and_an_old_profile_loads_with_defaults():
+    p = transformer_profile(GPT_EVEN, tensor_parallel=2, sequence_parallel=True)
+    assert ModelProfile.from_dict(p.to_dict()) == p
+    old = {"name": "m", "layers": [{"name": "l", "forward_s": 1, "backward_s": 2, "activation_bytes": 3,
+                                     "saved_bytes": 4, "param_bytes": 5}]}
+    q = ModelProfile.from_dict(old)
+    assert q.tensor_parallel == 1 and q.layers[0].tp_forward_allreduces == 0
+    assert "tp_forward_allreduces" not in transformer_profile(GPT_EVEN).to_dict()["layers"][0]

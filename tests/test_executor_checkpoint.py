@@ -7,7 +7,7 @@ import torch
 from executor.checkpoint import latest_complete_step, stage_path
 from executor.errors import ExecutorError, WorkerFailed
 from executor.launch import run_plan
-from executor.runtime import FAULT_ENV
+from executor.faults import FAULT_ENV
 from planner.plan import even_plan
 
 pytestmark = pytest.mark.dist

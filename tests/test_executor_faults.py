@@ -10,7 +10,7 @@ import pytest
 
 from executor.errors import ExecutorError, WorkerFailed
 from executor.launch import run_plan
-from executor.runtime import FAULT_ENV
+from executor.faults import FAULT_ENV
 from planner.plan import even_plan
 
 pytestmark = pytest.mark.dist

@@ -114,7 +114,7 @@ def test_sender_thread_priority_is_raised_for_that_thread_only():
     """The sender thread asks for SCHED_FIFO; the compute (main) thread must keep normal priority."""
     import threading
 
-    from executor import runtime
+    from executor import transport
 
     if not hasattr(os, "sched_getscheduler"):
         pytest.skip("no POSIX scheduling policies on this platform")
@@ -122,7 +122,7 @@ def test_sender_thread_priority_is_raised_for_that_thread_only():
     seen = {}
 
     def body():
-        seen["raised"] = runtime._raise_priority()
+        seen["raised"] = transport.raise_priority()
         seen["policy"] = os.sched_getscheduler(0)
 
     t = threading.Thread(target=body)
@@ -142,7 +142,7 @@ def test_device_warm_up_leaves_weights_buffers_and_random_state_as_they_were():
     from torch import nn
 
     from executor.models import build_stage, input_shape
-    from executor.runtime import warm_up_stage
+    from executor.timing import warm_up_stage
 
     torch.manual_seed(3)
     layers = build_stage("cnn:blocks=2,channels=8,size=8,classes=10", 0, 2)  # conv-bn stem and residual blocks
@@ -161,3 +161,28 @@ def test_device_warm_up_leaves_weights_buffers_and_random_state_as_they_were():
     y = module(x)
     torch.manual_seed(5)
     assert torch.equal(y, twin(x))  # the same dropout mask and the same normalisation
+
+
+def test_one_resolver_turns_auto_into_a_backend_and_device_by_the_stated_rules():
+    """The CPU always runs gloo; NCCL is refused on the CPU; names outside the choices are refused (CPU machine rules
+    here; the GPU rules are exercised by tests/test_gpu.py)."""
+    from executor import ExecutorError, resolve_backend_device
+
+    assert resolve_backend_device("auto", "cpu", 4) == ("gloo", "cpu")
+    assert resolve_backend_device("gloo", "cpu", 1) == ("gloo", "cpu")
+    with pytest.raises(ExecutorError, match="NCCL communicates between GPUs"):
+        resolve_backend_device("nccl", "cpu", 2)
+    with pytest.raises(ExecutorError, match="unknown backend"):
+        resolve_backend_device("mpi", "cpu")
+    with pytest.raises(ExecutorError, match="unknown device"):
+        resolve_backend_device("auto", "tpu")
+    if not torch.cuda.is_available():
+        assert resolve_backend_device("auto", "auto", 2) == ("gloo", "cpu")
+        with pytest.raises(ExecutorError, match="no GPU"):
+            resolve_backend_device("auto", "cuda", 2)
+    else:
+        gpus = torch.cuda.device_count()
+        assert resolve_backend_device("auto", "cuda", gpus) == ("nccl", "cuda")
+        assert resolve_backend_device("auto", "cuda", gpus + 1) == ("gloo", "cuda")
+        with pytest.raises(ExecutorError, match="one GPU per worker"):
+            resolve_backend_device("nccl", "cuda", gpus + 1)

@@ -1,16 +1,28 @@
-"""pipetwin.whatif and the whatif/search commands: clusters, sweeps (deterministic, cached, re-plannable), answers."""
+"""The what-if room and the whatif/search commands: clusters, sweeps (deterministic, cached, re-plannable), answers,
+and the simulator's long-run extrapolation they lean on."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 
 from planner.costmodel import OPTIMIZER_STATE
+from planner.plan import Plan, StagePlan
+from pipetwin.args import counts as _counts
 from pipetwin.cli import main
-from pipetwin.cmd_whatif import _counts
-from pipetwin.whatif import (SweepConfig, SweepPoint, WhatIfError, build_cluster, fewest_devices_for, pareto_front,
-                             parse_interconnect, plan_point, run_sweep, search)
+from pipetwin.scoring import search, sweep_figures
+from sim import simulate_plan
+from sim.extrapolate import extrapolation_pair, figures, long_run_figures, splice_length, stream_extrapolated
 from sim.params import SimParams
+from topologies.clusters import build_cluster, parse_interconnect
+from topologies.topology import TopologyError
+from whatif import (SweepConfig, SweepPoint, SweepRecord, fewest_devices_for, pareto_front, plan_point,
+                    simulated_plan)
+from whatif import run_sweep as _run_sweep
+from whatif.points import point_cluster, point_profile
+
+run_sweep = partial(_run_sweep, simulate=sweep_figures)
 
 MODEL = "gpt:layers=8,hidden=256,heads=4,seq=128,vocab=1000"
 SMALL = SweepConfig(model=MODEL, devices=(2, 4, 8), device_kinds=("a100-80gb", "h100"),
@@ -29,9 +41,9 @@ def test_interconnect_vocabulary_builds_the_named_clusters():
     assert len(build_cluster("pcie-eth100", 8, "v100").devices) == 8
     assert len(build_cluster("fattree-ib400", 64, "h100").devices) == 64
     assert len(build_cluster("ideal", 3, "h100").devices) == 3
-    with pytest.raises(WhatIfError, match="whole 4-device servers"):
+    with pytest.raises(TopologyError, match="whole 4-device servers"):
         build_cluster("pcie-eth100", 6, "v100")
-    with pytest.raises(WhatIfError, match="dgx-ib"):
+    with pytest.raises(TopologyError, match="dgx-ib"):
         parse_interconnect("dgx-eth100")
 
 
@@ -46,36 +58,26 @@ def test_sweep_output_does_not_depend_on_jobs(sweep):
     assert again.to_json() == sweep.to_json()
 
 
-def test_a_sweep_planned_with_partition_caches_equals_every_point_planned_alone(monkeypatch):
-    import pipetwin.whatif as w
-
+def test_a_sweep_planned_with_partition_caches_equals_every_point_planned_alone():
     big = SweepConfig(model=MODEL, devices=(8, 16, 64, 96, 128), device_kinds=("h100",),
                       interconnects=("dgx-ib200", "fattree-ib400"), microbatch_sizes=(1, 2), global_batch=256,
                       simulate="none")  # flat and hierarchical searches
-    caches = {}
-
-    def spy(point, cache=None):
-        caches[id(cache)] = cache
-        return plan_point(point, cache)
-
-    monkeypatch.setattr(w, "plan_point", spy)
-    cached = {c: run_sweep(c, jobs=1) for c in (SMALL, big)}
-    # one cache per group of points (one interconnect and device kind), and some answers read back from it
-    assert len(caches) < len(SMALL.points()) + len(big.points()) and sum(c.hits for c in caches.values()) > 0
-    monkeypatch.setattr(w, "_plan_group", lambda points: [plan_point(p) for p in points])
-    for c, res in cached.items():
-        assert run_sweep(c, jobs=1).to_json() == res.to_json()
+    for c in (SMALL, big):
+        shared = run_sweep(c, jobs=1)
+        alone = run_sweep(c, jobs=1, share_partition_cache=False)
+        assert alone.partition_hits == 0
+        assert shared.to_json() == alone.to_json()
+    assert shared.partition_hits > 0  # some answers were read back from a group's cache
 
 
 def test_every_pareto_point_replanned_alone_gives_the_same_answer(sweep):
     assert sweep.pareto
     for i in sweep.pareto:
         rec = sweep.records[i]
-        point = SweepPoint(**{k: v for k, v in json.loads(rec["key"]).items() if k != "v"})
-        alone = plan_point(point)
+        alone = plan_point(rec.point)
         for k in ("status", "plan", "throughput_samples_per_s", "peak_memory_bytes", "stages"):
-            assert alone[k] == rec[k], k
-        assert rec.get("simulated") and rec["simulated"]["throughput_samples_per_s"] > 0
+            assert getattr(alone, k) == getattr(rec, k), k
+        assert rec.simulated and rec.simulated["throughput_samples_per_s"] > 0
 
 
 def test_cache_resumes_and_gives_identical_output(tmp_path, sweep):
@@ -91,10 +93,10 @@ def test_cache_resumes_and_gives_identical_output(tmp_path, sweep):
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated():
-    mk = lambda n, thr, mem: {"status": "ok", "devices": n, "throughput_samples_per_s": thr,
-                              "peak_memory_bytes": mem, "device_kind": "h100"}
+    mk = lambda n, thr, mem, status="ok": SweepRecord("k", MODEL, n, "h100", "ideal", "auto", 1, None, status=status,
+                                                      throughput_samples_per_s=thr, peak_memory_bytes=mem)
     recs = [mk(8, 100, 10), mk(8, 90, 10), mk(16, 150, 10), mk(16, 150, 5), mk(4, 10, 1), mk(4, 10, 1),
-            {"status": "no-fit", "devices": 2}]
+            mk(2, 0.0, None, "no-fit")]
     assert pareto_front(recs) == [0, 3, 4]
     # with prices, a cheaper-per-sample point can join the front
     assert pareto_front(recs, {"h100": 2.0}) == [0, 3, 4]
@@ -102,12 +104,12 @@ def test_pareto_front_keeps_exactly_the_non_dominated():
 
 def test_fewest_devices_for_a_target_and_the_best_reachable(sweep):
     recs = sweep.records
-    top = max(r["throughput_samples_per_s"] for r in recs if r["status"] == "ok")
+    top = max(r.throughput_samples_per_s for r in recs if r.ok)
     hit, best = fewest_devices_for(recs, top / 3)
-    assert hit is not None and hit["throughput_samples_per_s"] >= top / 3
-    assert all(r["devices"] >= hit["devices"] for r in recs if r["status"] == "ok" and r["throughput_samples_per_s"] >= top / 3)
+    assert hit is not None and hit.throughput_samples_per_s >= top / 3
+    assert all(r.devices >= hit.devices for r in recs if r.ok and r.throughput_samples_per_s >= top / 3)
     none, best = fewest_devices_for(recs, top * 10)
-    assert none is None and best["throughput_samples_per_s"] == top
+    assert none is None and best.throughput_samples_per_s == top
 
 
 def test_whatif_json_has_points_and_pareto(capsys, tmp_path):
@@ -172,19 +174,18 @@ def test_search_reranks_by_simulation_and_explains(capsys):
 @pytest.mark.parametrize("interconnect,schedule,mb,gb,tol", [
     ("ideal", "1f1b", 1, 64, 1e-6), ("ideal", "gpipe", 1, 64, 1e-6), ("ideal", "zb-h1", 1, 64, 1e-6),
     ("ideal", "interleaved", 1, 64, 1e-6), ("dgx-ib200", "1f1b", 1, 96, 1e-2)])
-def test_flush_figures_extrapolated_from_two_short_runs_match_the_full_run(monkeypatch, interconnect, schedule, mb, gb, tol):
+def test_flush_figures_extrapolated_from_two_short_runs_match_the_full_run(interconnect, schedule, mb, gb, tol):
     """A one-batch flush schedule is simulated at two short microbatch counts and fitted a + b·M: on ideal
     links that is the full run's figures to 1e-6; on contended links to within a percent."""
-    import pipetwin.whatif as w
-
     point = SweepPoint(MODEL, 4 if interconnect == "ideal" else 16, "h100", interconnect, schedule, mb, gb)
     rec = plan_point(point)
-    assert rec["status"] == "ok", rec["reason"]
-    plan = w._sim_plan(w.Plan.from_dict(rec["plan"]), 1)
-    assert w._extrapolation_pair(plan, SimParams().recv_lookahead) is not None, "the case must exercise the extrapolation"
-    fast = w.simulate_record(rec)
-    monkeypatch.setattr(w, "_extrapolation_pair", lambda plan, *a: None)
-    full = w.simulate_record(rec)
+    assert rec.ok, rec.reason
+    plan = simulated_plan(Plan.from_dict(rec.plan), 1)
+    profile, topo = point_profile(MODEL, "h100"), point_cluster(interconnect, point.devices, "h100")
+    params = SimParams(optimizer_state_factor=OPTIMIZER_STATE["adam"], link_events=False)
+    assert extrapolation_pair(plan, params.recv_lookahead) is not None, "the case must exercise the extrapolation"
+    fast = long_run_figures(plan, profile, topo, params)
+    full = figures(simulate_plan(plan, profile, topo, params=params))
     for k in ("throughput_samples_per_s", "bubble_fraction", "peak_memory_bytes"):
         assert fast[k] == pytest.approx(full[k], rel=tol), k
 
@@ -192,10 +193,7 @@ def test_flush_figures_extrapolated_from_two_short_runs_match_the_full_run(monke
 def _stream_plan(interconnect: str, devices: int, schedule: str, replicas: tuple[int, ...], microbatches: int,
                  layers: list[tuple[int, int]]):
     """A stream plan of MODEL with the given stage shape, on the first devices of a preset cluster."""
-    import pipetwin.whatif as w
-    from planner.plan import Plan, StagePlan
-
-    topo = w._cluster(interconnect, devices, "h100")
+    topo = point_cluster(interconnect, devices, "h100")
     devs = iter(topo.devices)
     stages = tuple(StagePlan(a, b, r, tuple(next(devs) for _ in range(r))) for (a, b), r in zip(layers, replicas))
     return Plan(model=MODEL, stages=stages, schedule=schedule, microbatches=microbatches, topology=topo.name), topo
@@ -217,29 +215,49 @@ THIRDS = [(0, 3), (4, 7), (8, 9)]
 def test_stream_figures_spliced_from_one_short_run_match_the_full_run(interconnect, devices, schedule, replicas, layers, tol):
     """A long one-batch stream is simulated once, shorter, and its steady block repeated: throughput and
     bubble agree with the full simulation to ``tol`` and the peak memory exactly."""
-    import pipetwin.whatif as w
     plan, topo = _stream_plan(interconnect, devices, schedule, replicas, 512, layers)
-    profile, params = w._profile(MODEL, "h100"), SimParams(link_events=False)
-    n1, _ = w._splice_length(plan, params.recv_lookahead)
+    profile, params = point_profile(MODEL, "h100"), SimParams(link_events=False)
+    n1, _ = splice_length(plan, params.recv_lookahead)
     assert n1 <= 0.6 * plan.microbatches
-    fast = w._stream_extrapolated(plan, profile, topo, params)
+    fast = stream_extrapolated(plan, profile, topo, params)
     assert fast is not None, "the case must exercise the splice"
-    full = w._figures(w._simulate(plan, profile, topo, params))
+    full = figures(simulate_plan(plan, profile, topo, params=params))
     assert fast["throughput_samples_per_s"] == pytest.approx(full["throughput_samples_per_s"], rel=tol)
     assert fast["bubble_fraction"] == pytest.approx(full["bubble_fraction"], rel=tol, abs=1e-12)
     assert fast["peak_memory_bytes"] == pytest.approx(full["peak_memory_bytes"], rel=1e-12)
 
 
-def test_a_stream_that_does_not_settle_is_simulated_in_full(monkeypatch):
+def test_a_stream_that_does_not_settle_is_simulated_in_full():
     """On shared Ethernet links this stream has no steady block within PERIOD_TOL: no splice, the full run."""
-    import pipetwin.whatif as w
-
     plan, topo = _stream_plan("pcie-eth100", 8, "2bw", (2, 3, 3), 512, THIRDS)
-    profile = w._profile(MODEL, "h100")
+    profile = point_profile(MODEL, "h100")
     params = SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"], link_events=False)
-    assert w._splice_length(plan, params.recv_lookahead) is not None
-    assert w._stream_extrapolated(plan, profile, topo, params) is None
-    rec = {"plan": plan.to_dict(), "model": MODEL, "device_kind": "h100", "interconnect": "pcie-eth100",
-           "devices": 8, "key": json.dumps({"optimizer": "sgd"})}
-    monkeypatch.setattr(w, "_sim_plan", lambda plan, batches: plan)  # simulate the plan as it is
-    assert w.simulate_record(rec) == w._figures(w._simulate(plan, profile, topo, params))
+    assert splice_length(plan, params.recv_lookahead) is not None
+    assert stream_extrapolated(plan, profile, topo, params) is None
+    assert sweep_figures(plan, profile, topo, "sgd") == figures(simulate_plan(plan, profile, topo, params=params))
+
+
+# ---------------------------------------------------------------------- golden files
+GOLDEN = __import__("pathlib").Path(__file__).parent / "golden"
+#: A small sweep through the public path: two interconnects (one with an invalid point: 6 devices are not whole
+#: 4-GPU PCIe servers), the planner's choice and 1F1B, every feasible point simulated (flush runs extrapolated,
+#: 2BW streams spliced), prices and a target.
+WHATIF_SMALL = ["whatif", "--model", MODEL, "--devices", "2,4,6", "--device-kinds", "h100",
+                "--interconnects", "dgx-ib200,pcie-eth100", "--schedules", "auto,1f1b", "--global-batch", "128",
+                "--price", "h100=2.5", "--target-throughput", "1000", "--simulate", "all", "--jobs", "1", "--json"]
+SEARCH_SMALL = ["search", "--model", MODEL, "--topology", "dgx:servers=1,gpus=4,kind=h100,ib=200", "--top-k", "6",
+                "--microbatch-sizes", "1,2", "--jobs", "1", "--json"]
+
+
+@pytest.mark.parametrize("argv,name", [(WHATIF_SMALL, "whatif_small.json"), (SEARCH_SMALL, "search_small.json")])
+def test_json_output_is_byte_identical_to_the_golden_file(capsys, argv, name):
+    """The --json document of a small sweep (and of a small search) is pinned byte for byte: moving code
+    between modules must not change a figure. ``PIPETWIN_UPDATE_GOLDEN=1`` rewrites the file on purpose."""
+    import os
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    path = GOLDEN / name
+    if os.environ.get("PIPETWIN_UPDATE_GOLDEN") == "1":
+        path.write_text(out)
+    assert out == path.read_text(), f"{name} changed; if on purpose, rerun with PIPETWIN_UPDATE_GOLDEN=1"

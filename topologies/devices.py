@@ -1,6 +1,7 @@
-"""Catalogue of device kinds: peak dense FLOP/s, typical achievable fraction, memory, NVLink bandwidth.
+"""Catalogue of device kinds: peak dense FLOP/s, typical achievable fraction, memory, NVLink and memory bandwidth.
 
-Figures are vendor datasheet values (dense bf16/fp16 tensor throughput, SXM parts); the
+Figures are vendor datasheet values (dense bf16/fp16 tensor throughput, SXM parts, HBM
+bandwidth: A100 40 GB 1.555 TB/s, 80 GB 2.039 TB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s); the
 achievable fraction is a typical training model-FLOPs utilisation, a starting point that
 calibration replaces with measurements.
 """
@@ -22,6 +23,7 @@ class DeviceKind:
     achievable_fraction: float  # typical fraction of peak reached in training
     memory_bytes: float
     nvlink_bytes_per_s: float   # per-GPU NVLink bandwidth, one direction; 0 where there is none
+    memory_bytes_per_s: float = 1e12  # device memory (HBM) bandwidth, what memory-bound kernels stream at
 
     @property
     def achievable_flops(self) -> float:
@@ -29,16 +31,16 @@ class DeviceKind:
 
 
 DEVICE_KINDS: dict[str, DeviceKind] = {k.name: k for k in (
-    DeviceKind("v100", 125e12, 0.40, 32e9, 150e9),
-    DeviceKind("a100-40gb", 312e12, 0.50, 40e9, 300e9),
-    DeviceKind("a100-80gb", 312e12, 0.50, 80e9, 300e9),
-    DeviceKind("h100", 989e12, 0.45, 80e9, 450e9),
-    DeviceKind("h200", 989e12, 0.45, 141e9, 450e9),
-    DeviceKind("cpu", 1e11, 0.50, 16e9, 0.0),
+    DeviceKind("v100", 125e12, 0.40, 32e9, 150e9, 900e9),
+    DeviceKind("a100-40gb", 312e12, 0.50, 40e9, 300e9, 1.555e12),
+    DeviceKind("a100-80gb", 312e12, 0.50, 80e9, 300e9, 2.039e12),
+    DeviceKind("h100", 989e12, 0.45, 80e9, 450e9, 3.35e12),
+    DeviceKind("h200", 989e12, 0.45, 141e9, 450e9, 4.8e12),
+    DeviceKind("cpu", 1e11, 0.50, 16e9, 0.0, 50e9),
     # an emulated accelerator: compute is a timed wait, so it reaches its nominal rate
-    DeviceKind("emulated", 1e12, 1.0, 16e9, 0.0),
+    DeviceKind("emulated", 1e12, 1.0, 16e9, 0.0, 1e12),
     # the default of topologies.Device
-    DeviceKind("gpu-generic", 1e14, 0.50, 16e9, 0.0),
+    DeviceKind("gpu-generic", 1e14, 0.50, 16e9, 0.0, 1e12),
 )}
 
 #: Other spellings accepted by ``device_kind``.

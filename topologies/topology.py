@@ -47,6 +47,8 @@ from typing import Any, Callable, Iterator
 
 import networkx as nx
 
+from topologies.errors import InputError
+
 __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
 
 #: Link kinds a topology may use.
@@ -55,7 +57,7 @@ LINK_KINDS = ("nvlink", "nvswitch", "pcie", "infiniband", "ethernet", "loopback"
 _ROUTE_CACHE_MAX = 1 << 18
 
 
-class TopologyError(ValueError):
+class TopologyError(InputError):
     """Bad topology input; the message is one line: what is wrong and what to do."""
 
 

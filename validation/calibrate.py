@@ -64,9 +64,10 @@ from planner.program import Action
 from planner.trace import Trace
 from sim.params import SimParams
 from topologies.topology import Topology
+from topologies.errors import InputError
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError):
     """Calibration input that cannot be fitted; the message says what to measure or change."""
 
 

@@ -1,0 +1,115 @@
+"""Results of a run: what each worker reports, gathered on rank 0 and merged into one RunResult.
+
+Each worker's part is a dict: ``rank``, ``times`` (action index, start s, end s,
+bytes; seconds since the common barrier), ``memory`` (time s, bytes),
+``losses`` (global microbatch -> loss), ``weights`` (``stage{s}.{param}`` of
+the stages whose replica 0 it holds), ``device``, ``cpu_s`` and ``wall_s``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from executor import checkpoint as ckpt
+from executor.prepare import Prepared, RunConfig
+from planner.plan import Plan
+from planner.program import Program
+from planner.trace import Event, MemorySample, Trace, summary
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        trace: the measured trace (lane = worker id; meta source "measured").
+        weights: final weights of every stage, keys ``stage{s}.{param}`` (CPU tensors).
+        losses: loss of every (global) microbatch index that ran.
+        plan: the plan that ran.
+        program: the program of this run (the batches left after a resume).
+        start_step: optimizer steps already done by a checkpoint this run resumed from.
+        backend: the process-group backend used.
+        wall_s: seconds from launch to the merged result.
+    """
+
+    trace: Trace
+    weights: dict[str, torch.Tensor]
+    losses: dict[int, float]
+    plan: Plan
+    program: Program | None
+    start_step: int = 0
+    backend: str = "gloo"
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """``planner.trace.summary`` of the trace plus the run's own keys."""
+        out = summary(self.trace)
+        out["final_loss"] = list(self.losses.values())[-1] if self.losses else None
+        out["backend"] = self.backend
+        out["device"] = self.trace.meta.get("device_kind", "cpu")
+        out["start_step"] = self.start_step
+        out["wall_s"] = self.wall_s
+        return out
+
+
+def gather_results(payload: dict, rank: int) -> list[dict] | None:
+    """Every worker's results on rank 0 (None elsewhere)."""
+    out = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(payload, out, dst=0)
+    return out
+
+
+def result_from_parts(parts: list[dict], prep: Prepared, backend: str, wall_s: float = 0.0) -> RunResult:
+    """One RunResult from every worker's part."""
+    trace = merge_trace(prep.program, prep.plan, parts)
+    trace.meta["backend"] = backend
+    return RunResult(trace=trace, weights=merge_weights(parts),
+                     losses=merge_losses(parts), plan=prep.plan, program=prep.program, start_step=prep.start_step,
+                     backend=backend, wall_s=wall_s)
+
+
+def merge_trace(program: Program, plan: Plan, parts: list[dict]) -> Trace:
+    """One measured Trace from every worker's results (times are seconds since the common barrier)."""
+    trace = Trace(meta={"source": "measured", "family": plan.schedule, "microbatch_size": plan.microbatch_size,
+                        "model": plan.model, "devices": {str(p["rank"]): p["device"] for p in parts},
+                        "device_kind": "cuda" if any(str(p["device"]).startswith("cuda") for p in parts) else "cpu",
+                        "cpu_s": {str(p["rank"]): p.get("cpu_s", 0.0) for p in parts}})
+    for p in parts:
+        w = p["rank"]
+        acts = program[w]
+        for i, s, e, nb in p["times"]:
+            a = acts[i]
+            trace.events.append(Event(w, str(a), s, e, a.kind.value, int(nb)))
+        for t, b in p["memory"]:
+            trace.memory.append(MemorySample(w, t, b))
+    trace.events.sort(key=lambda e: (e.start_s, str(e.lane)))
+    return trace
+
+
+def merge_weights(parts: list[dict]) -> dict[str, torch.Tensor]:
+    """Every part's weights, ordered by stage then name."""
+    out: dict[str, torch.Tensor] = {}
+    for p in parts:
+        out.update(p["weights"])
+    return dict(sorted(out.items(), key=lambda kv: (int(kv[0].split(".")[0][5:]), kv[0])))
+
+
+def merge_losses(parts: list[dict]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for p in parts:
+        out.update(p["losses"])
+    return dict(sorted(out.items()))
+
+
+def weights_from_checkpoint(prep: Prepared, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Final weights of a resumed run that had nothing left to do."""
+    out = {}
+    for s, sp in enumerate(prep.plan.stages):
+        doc = ckpt.load_stage(cfg.checkpoint_dir, prep.start_step, s, model=prep.plan.model,
+                              layers=(sp.first_layer, sp.last_layer))
+        for n, t in doc["weights"].items():
+            out[f"stage{s}.{n}"] = t
+    return out

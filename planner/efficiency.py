@@ -1,0 +1,275 @@
+"""Compute efficiency: achieved time of a layer's kernels from their shapes, fitted per device kind.
+
+A fixed fraction of peak makes small models look too fast: a GEMM whose sides are a
+few hundred wide, a softmax over ``b·a·s²`` scores, a layer norm — each is limited by
+memory bandwidth or by the cost of launching it, not by the tensor cores. This module
+times a layer's **work** (:class:`Work`: its GEMMs with their shapes, the bytes its
+memory-bound kernels move, how many kernels it launches) on a device with five
+physically meaningful parameters (:class:`EfficiencyParams`):
+
+* ``gemm_efficiency`` — the fraction of the device's dense bf16/fp16 peak a large GEMM
+  reaches;
+* ``memory_efficiency`` — the fraction of its memory bandwidth a streaming kernel reaches;
+* ``kernel_launch_s`` — time per kernel launched (launch and the gap to the next);
+* ``layer_overhead_s`` — framework time per layer per forward or backward (hooks, Python);
+* ``iteration_overhead_s`` — fixed time per training iteration (data loading, timers, logging).
+
+A GEMM of F FLOPs moving B bytes (bf16 operands and result) takes
+``√(t_c² + t_m²)`` with ``t_c = F / (peak · gemm_efficiency)`` and
+``t_m = B / (bandwidth · memory_efficiency)``: the compute-bound time for wide GEMMs,
+the memory-bound one for skinny ones, and a smooth join near the ridge (the exponent 2 is
+a fixed choice, not fitted). Memory-bound kernels take ``bytes / (bandwidth ·
+memory_efficiency)``. A layer's time is the sum of its GEMMs, its streaming bytes, its
+launches and its overhead. Backward work (:meth:`Work.backward`) is each GEMM's two
+gradient GEMMs (input and weight), twice the streamed bytes and twice the launches.
+
+:func:`fit` finds the parameters by ``scipy.optimize.least_squares`` on relative errors of
+whatever prediction the caller builds from them (pipetwin's ground truth fits on a fixed
+calibration subset of measured iterations); a :class:`DeviceCalibration` holds the result
+with what it was fitted on and by which rule, and is saved as JSON that commands take as
+``--device-calibration FILE`` (:func:`load_device_calibration`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+from planner.profile import ProfileError
+from topologies.devices import DeviceKind, device_kind
+
+__all__ = ["Gemm", "Work", "EfficiencyParams", "DeviceCalibration", "CalibrationFileError", "work_time_s",
+           "optimizer_step_s", "fit", "load_device_calibration", "PARAM_BOUNDS", "DEFAULT_PARAMS",
+           "OPTIMIZER_BYTES_PER_PARAM", "BYTES_PER_ELEMENT", "GRAD_ACCUM_BYTES_PER_PARAM", "FitResult"]
+
+#: bf16/fp16 operands.
+BYTES_PER_ELEMENT = 2
+#: HBM traffic of one fused Adam step per parameter under mixed precision: read the fp32 gradient (4),
+#: read and write the fp32 master weight (8), the moments m and v (16), write the 16-bit weight (2),
+#: plus reading the gradient again for the global norm (4) and zeroing it (4).
+OPTIMIZER_BYTES_PER_PARAM = 38
+#: Gradient accumulation traffic per weight per backward: the 16-bit weight gradient written, then added
+#: into the fp32 main gradient (read 2 + 4, write 4).
+GRAD_ACCUM_BYTES_PER_PARAM = 12
+
+
+class CalibrationFileError(ProfileError):
+    """A device calibration file that cannot be read; the message says which field is wrong."""
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """A (batched) matrix product ``[m, k] @ [k, n]`` repeated ``batch`` times."""
+
+    m: int
+    n: int
+    k: int
+    batch: int = 1
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k * self.batch
+
+    @property
+    def bytes(self) -> float:
+        """Operand and result bytes (16-bit), each read or written once."""
+        return float(BYTES_PER_ELEMENT * self.batch * (self.m * self.k + self.k * self.n + self.m * self.n))
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one forward of a layer does on one device for one microbatch.
+
+    Attributes:
+        gemms: its matrix products, with shapes.
+        memory_bytes: bytes moved by its memory-bound kernels (norms, softmax, dropout, bias and
+            activation functions, residual adds, layout copies).
+        kernels: kernels launched (GEMMs included).
+        weight_gemms: how many of ``gemms`` (the first ones) multiply by a weight, so their backward has a
+            weight gradient; the rest (attention's score and value products) have two input gradients.
+        input_grad: False where the backward needs no gradient of the layer's input (an embedding).
+        weight_elements: weights whose gradients the backward accumulates into fp32 main gradients
+            (``GRAD_ACCUM_BYTES_PER_PARAM`` streamed per weight per backward).
+    """
+
+    gemms: tuple[Gemm, ...] = ()
+    memory_bytes: float = 0.0
+    kernels: int = 0
+    weight_gemms: int | None = None
+    input_grad: bool = True
+    weight_elements: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return sum(g.flops for g in self.gemms)
+
+    def backward(self) -> "Work":
+        """The backward's work: per GEMM ``Y = X W``, ``dX = dY Wᵀ`` ([m, n] @ [n, k]) and
+        ``dW = Xᵀ dY`` ([k, m] @ [m, n]); twice the streamed bytes and the launches, plus the
+        accumulation of the weight gradients."""
+        out: list[Gemm] = []
+        nw = len(self.gemms) if self.weight_gemms is None else self.weight_gemms
+        for i, g in enumerate(self.gemms):
+            if self.input_grad or i >= nw:
+                out.append(Gemm(g.m, g.k, g.n, g.batch))
+            out.append(Gemm(g.k, g.n, g.m, g.batch))
+        accumulate = GRAD_ACCUM_BYTES_PER_PARAM * self.weight_elements
+        return Work(tuple(out), 2.0 * self.memory_bytes + accumulate, 2 * self.kernels, None, True, 0.0)
+
+
+@dataclass(frozen=True)
+class EfficiencyParams:
+    """The fitted parameters of one device kind (see the module docstring)."""
+
+    gemm_efficiency: float = 0.70
+    memory_efficiency: float = 0.70
+    kernel_launch_s: float = 5e-6
+    layer_overhead_s: float = 50e-6
+    iteration_overhead_s: float = 10e-3
+
+    def as_vector(self) -> list[float]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def from_vector(cls, x: Sequence[float]) -> "EfficiencyParams":
+        return cls(*[float(v) for v in x])
+
+
+#: Starting point of a fit, and what a command uses when it is given no calibration file.
+DEFAULT_PARAMS = EfficiencyParams()
+#: (lower, upper) bound of each parameter in a fit, in EfficiencyParams field order.
+PARAM_BOUNDS: tuple[tuple[float, float], ...] = ((0.05, 1.0), (0.05, 1.0), (0.0, 1e-4), (0.0, 5e-3), (0.0, 1.0))
+
+
+def work_time_s(work: Work, kind: DeviceKind, p: EfficiencyParams, layer: bool = True) -> float:
+    """Seconds ``work`` takes on a device of ``kind`` (``layer``: add the per-layer overhead)."""
+    peak = kind.peak_flops * p.gemm_efficiency
+    bw = kind.memory_bytes_per_s * p.memory_efficiency
+    t = 0.0
+    for g in work.gemms:
+        tc, tm = g.flops / peak, g.bytes / bw
+        t += math.sqrt(tc * tc + tm * tm)
+    t += work.memory_bytes / bw + work.kernels * p.kernel_launch_s
+    return t + (p.layer_overhead_s if layer else 0.0)
+
+
+def optimizer_step_s(params_per_device: float, kind: DeviceKind, p: EfficiencyParams) -> float:
+    """Seconds of one fused mixed-precision Adam step over ``params_per_device`` parameters (memory-bound)."""
+    return OPTIMIZER_BYTES_PER_PARAM * params_per_device / (kind.memory_bytes_per_s * p.memory_efficiency)
+
+
+@dataclass(frozen=True)
+class DeviceCalibration:
+    """A device kind's fitted efficiency parameters and where they came from.
+
+    Attributes:
+        device_kind: the catalogue kind (``topologies.devices``) the parameters are for.
+        params: the fitted parameters.
+        fitted_on: what the fit used (e.g. "vtrain ground_truth_*.csv calibration rows").
+        rule: the rule that chose the fitting rows (so nobody scores on them).
+        n_rows: rows fitted on.
+        rms_relative_error: root-mean-square relative error of the fit on those rows.
+    """
+
+    device_kind: str
+    params: EfficiencyParams
+    fitted_on: str = ""
+    rule: str = ""
+    n_rows: int = 0
+    rms_relative_error: float = 0.0
+
+    @property
+    def kind(self) -> DeviceKind:
+        return device_kind(self.device_kind)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format"] = "pipetwin-device-calibration/1"
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "device calibration") -> "DeviceCalibration":
+        if not isinstance(d, dict) or not isinstance(d.get("params"), dict):
+            raise CalibrationFileError(f"{where}: expected a JSON object with 'device_kind' and 'params' "
+                                       f"(write one with `pipetwin groundtruth --save-calibration FILE`)")
+        names = [f.name for f in fields(EfficiencyParams)]
+        missing = [n for n in names if n not in d["params"]]
+        if missing:
+            raise CalibrationFileError(f"{where}: params lacks {', '.join(missing)}")
+        try:
+            params = EfficiencyParams(**{n: float(d["params"][n]) for n in names})
+            kind = device_kind(str(d["device_kind"])).name
+        except (TypeError, ValueError, KeyError) as e:
+            raise CalibrationFileError(f"{where}: bad field ({e})") from None
+        for (lo, hi), n in zip(PARAM_BOUNDS, names):
+            v = getattr(params, n)
+            if not (lo <= v <= hi):
+                raise CalibrationFileError(f"{where}: {n}={v} lies outside [{lo}, {hi}]")
+        return cls(kind, params, str(d.get("fitted_on", "")), str(d.get("rule", "")), int(d.get("n_rows", 0)),
+                   float(d.get("rms_relative_error", 0.0)))
+
+
+def load_device_calibration(path: str | Path | None) -> DeviceCalibration | None:
+    """The calibration in ``path`` (None → None): the one loader every ``--device-calibration`` flag uses."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationFileError(f"device calibration {str(p)!r} does not exist; "
+                                   f"write one with `pipetwin groundtruth --save-calibration FILE`")
+    try:
+        return DeviceCalibration.from_dict(json.loads(p.read_text()), where=f"device calibration {str(p)!r}")
+    except json.JSONDecodeError as e:
+        raise CalibrationFileError(f"device calibration {str(p)!r} is not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fit's parameters, its relative residuals and whether the optimiser converged."""
+
+    params: EfficiencyParams
+    residuals: tuple[float, ...] = field(repr=False)
+    success: bool = True
+
+    @property
+    def rms_relative_error(self) -> float:
+        r = self.residuals
+        return math.sqrt(sum(x * x for x in r) / len(r)) if r else 0.0
+
+
+def fit(predict: Callable[[EfficiencyParams], Sequence[float]], measured: Sequence[float],
+        start: EfficiencyParams = DEFAULT_PARAMS, fixed: dict[str, float] | None = None) -> FitResult:
+    """Least-squares fit of the parameters so that ``predict(params)`` (one time per measured row)
+    matches ``measured`` in relative terms. ``fixed`` holds parameters that are not fitted."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    names = [f.name for f in fields(EfficiencyParams)]
+    fixed = dict(fixed or {})
+    free = [i for i, n in enumerate(names) if n not in fixed]
+    meas = np.asarray(measured, dtype=float)
+    base = start.as_vector()
+    # scale each free parameter to its bound width so the optimiser sees comparable steps
+    lo = np.array([PARAM_BOUNDS[i][0] for i in free])
+    hi = np.array([PARAM_BOUNDS[i][1] for i in free])
+    width = hi - lo
+
+    def params_of(z) -> EfficiencyParams:
+        x = list(base)
+        for n, v in fixed.items():
+            x[names.index(n)] = v
+        for j, i in enumerate(free):
+            x[i] = lo[j] + width[j] * z[j]
+        return EfficiencyParams.from_vector(x)
+
+    def residual(z):
+        return np.asarray(predict(params_of(z)), dtype=float) / meas - 1.0
+
+    z0 = np.clip((np.array([base[i] for i in free]) - lo) / width, 1e-6, 1 - 1e-6)
+    res = least_squares(residual, z0, bounds=(0.0, 1.0), x_scale="jac", diff_step=1e-4, max_nfev=400)
+    return FitResult(params_of(res.x), tuple(float(v) for v in res.fun), bool(res.success))

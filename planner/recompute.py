@@ -1,0 +1,116 @@
+"""Activation recomputation: for a layer range and a mode, the time it adds before backward and the bytes it keeps.
+
+The one source of truth the cost model, the partitioner, the simulator's timing
+and memory and the executor read, so a plan is costed the same wherever it is.
+
+Modes (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models"):
+
+- ``"none"``: every layer keeps its ``saved_bytes`` per sample from its forward
+  until its backward.
+- ``"full"``: every profile layer is a checkpoint (Megatron's uniform method with
+  one layer per checkpoint): a layer keeps only its input between forward and
+  backward, and its backward first re-runs its forward, which rebuilds its saved
+  bytes for the duration of that layer's backward (one layer at a time). The
+  input of layer i is layer i − 1's output (``activation_bytes``); layer 0's is
+  taken as its own ``saved_bytes`` (what a first layer keeps is its input).
+- ``"selective"``: only the part of each layer that is cheap to recompute and
+  big to keep is dropped — in a transformer block the attention core (QKᵀ,
+  softmax, dropout, attention over V: the 5·a·s/h term of s·h·(34 + 5·a·s/h)).
+  ``Layer.attention_saved_bytes`` says how many of the layer's saved bytes that
+  part is and ``Layer.attention_forward_s`` how long its forward takes
+  (``planner.analytic`` fills them for transformer blocks). A
+  profile without those fields (every profile written before them, and
+  non-transformer layers) has nothing selective recomputation can drop: there
+  selective is the same as none, in time and in memory.
+
+Amounts are per sample (bytes) and per reference microbatch (seconds), like the
+profile's own fields; callers scale by the microbatch size.
+"""
+from __future__ import annotations
+
+from planner.profile import Layer, ModelProfile
+from topologies.errors import InputError
+
+MODES = ("none", "selective", "full")
+
+
+class RecomputeError(InputError):
+    """An unknown recomputation mode."""
+
+
+def recompute_mode(value: str | bool | None) -> str:
+    """Normalise a mode: True (the old boolean ``--recompute``) means "full", False/None "none"."""
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    if value not in MODES:
+        raise RecomputeError(f"unknown recomputation mode {value!r}; choose one of {', '.join(MODES)}")
+    return value
+
+
+def layer_input_bytes(profile: ModelProfile, i: int) -> float:
+    """Bytes per sample of layer ``i``'s input: the previous layer's output, or layer 0's own saved bytes."""
+    return profile.layers[i - 1].activation_bytes if i > 0 else profile.layers[0].saved_bytes
+
+
+def layer_extra_forward_s(layer: Layer, mode: str) -> float:
+    """Seconds per reference microbatch a layer's backward spends re-running (part of) its forward."""
+    if mode == "full":
+        return layer.forward_s
+    if mode == "selective":
+        return layer.attention_forward_s
+    return 0.0
+
+
+def extra_forward_s(profile: ModelProfile, first: int, last: int, mode: str) -> float:
+    """Seconds per reference microbatch that layers first..last add before (inside) their backward."""
+    mode = recompute_mode(mode)
+    if mode == "none":
+        return 0.0
+    return sum(layer_extra_forward_s(l, mode) for l in profile.layers[first:last + 1])
+
+
+def layer_kept_bytes(profile: ModelProfile, i: int, mode: str) -> float:
+    """Bytes per sample layer ``i`` keeps from its forward until its backward."""
+    layer = profile.layers[i]
+    if mode == "full":
+        return layer_input_bytes(profile, i)
+    if mode == "selective":
+        return layer.saved_bytes - min(layer.attention_saved_bytes, layer.saved_bytes)
+    return layer.saved_bytes
+
+
+def layer_rebuilt_bytes(profile: ModelProfile, i: int, mode: str) -> float:
+    """Bytes per sample layer ``i``'s backward rebuilds and holds beyond what it kept (full: its saved bytes
+    less its input, which is kept; selective: its attention core; none: nothing)."""
+    layer = profile.layers[i]
+    if mode == "full":
+        return max(0.0, layer.saved_bytes - layer_input_bytes(profile, i))
+    if mode == "selective":
+        return min(layer.attention_saved_bytes, layer.saved_bytes)
+    return 0.0
+
+
+def kept_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
+    """Bytes per sample layers first..last keep from forward until backward (the stage input included)."""
+    mode = recompute_mode(mode)
+    if mode == "none":
+        return profile.saved_bytes(first, last)
+    return sum(layer_kept_bytes(profile, i, mode) for i in range(first, last + 1))
+
+
+def rebuilt_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
+    """Bytes per sample a backward of layers first..last holds at its peak beyond ``kept_bytes``: the most any
+    one layer rebuilds, since layers are recomputed one at a time just before their own backward."""
+    mode = recompute_mode(mode)
+    if mode == "none":
+        return 0.0
+    return max(layer_rebuilt_bytes(profile, i, mode) for i in range(first, last + 1))
+
+
+def all_rebuilt_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
+    """Bytes per sample rebuilt for a whole stage (saved − kept): what a split backward (BI, then BW
+    later) holds from its BI until its BW, since the weight gradients need every layer's activations."""
+    return max(0.0, profile.saved_bytes(first, last) - kept_bytes(profile, first, last, mode))

@@ -292,7 +292,16 @@ def inflight_bound(p: Program, stage: int) -> int:
         return p.spec.microbatches  # per chunk; Megatron's warm-up bound is checked by the dry run tests
     if rule == "none":
         return p.spec.total_microbatches
-    return inflight_limit(p.spec, stage)
+    a, b = p.spec.traits.inflight_scale
+    return a * inflight_limit(p.spec, stage) + b
+
+
+def open_cap(p: Program) -> int | None:
+    """Microbatch-chunks a worker may hold awaiting their weight gradient under the family's convention (None: no cap)."""
+    cap = p.spec.traits.open_cap
+    if cap is None:
+        return None
+    return cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:
@@ -310,9 +319,9 @@ def max_inflight(p: Program) -> dict[tuple[int, int], int]:
 
 
 def _check_inflight(p: Program) -> None:
-    """In flight = forward done, input gradient not; ZB-H1 also caps forward-done, weight-gradient-not at 1F1B's peak."""
+    """In flight = forward done, input gradient not; a split family also caps forward-done, weight-gradient-not."""
     fam = p.spec.traits
-    zb_cap = max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) if fam.open_cap == "1f1b-peak" else None
+    zb_cap = open_cap(p)
     for w in p.workers:
         cur: dict[int, int] = {}
         open_w = 0
@@ -324,7 +333,7 @@ def _check_inflight(p: Program) -> None:
                 if cur[a.stage] > bound:
                     raise ProgramError(f"{cur[a.stage]} microbatches in flight on stage {a.stage}; {p.spec.family} allows {bound}", p, w, idx)
                 if zb_cap is not None and open_w > zb_cap:
-                    raise ProgramError(f"{open_w} microbatches await their weight gradient; {fam.title} keeps 1F1B's peak of {zb_cap}", p, w, idx)
+                    raise ProgramError(f"{open_w} microbatches await their weight gradient; {fam.title} allows {zb_cap}", p, w, idx)
             elif a.kind in (Kind.B, Kind.BI):
                 cur[a.stage] -= 1
             if a.kind in (Kind.B, Kind.BW):

@@ -151,10 +151,12 @@ class Family:
         chunks: stages per rank the family fixes (2 for V shapes); 0: the spec's ``chunks`` (≥ 1).
         replicable: stages may have data-parallel replicas.
         inflight: the family's in-flight bound per stage (forward done, input gradient not): "batch"
-            (a whole batch, GPipe), "1f1b" (⌈workers at or after the stage / replicas⌉, P − s),
-            "chunk" (a batch per chunk) or "none" (only the laws).
-        open_cap: a cap on microbatches awaiting their weight gradient per worker: "1f1b-peak"
-            (ZB-H1: 1F1B's peak) or "none".
+            (a whole batch, GPipe), "1f1b" (a·L + b with L = ⌈workers at or after the stage / replicas⌉,
+            P − s, and (a, b) = ``inflight_scale``), "chunk" (a batch per chunk) or "none" (only the laws).
+        inflight_scale: (a, b) of the "1f1b" bound: (1, 0) for 1F1B itself, (2, −1) for ZB-H2.
+        open_cap: (a, b): at most a·L₀ + b microbatch-chunks per worker await their weight gradient
+            (forward done, B or BW not), L₀ the "1f1b" bound of stage 0 (1F1B's peak; 2P for a V
+            over 2P virtual stages); None: no cap.
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
     """
@@ -168,7 +170,8 @@ class Family:
     chunks: int = 1
     replicable: bool = True
     inflight: str = "1f1b"
-    open_cap: str = "none"
+    inflight_scale: tuple[int, int] = (1, 0)
+    open_cap: tuple[int, int] | None = None
     in_order: bool = True
     weight_copies: int = 1
 
@@ -195,7 +198,7 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("interleaved", "interleaved 1F1B", placement="looped", chunks=0, replicable=False, inflight="chunk"),
     Family("pipedream", "PipeDream", flush=False, versions="stash", weight_copies=0),
     Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2),
-    Family("zb-h1", "ZB-H1", backward="split", open_cap="1f1b-peak"),
+    Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0)),
 )}
 FAMILIES = tuple(FAMILY)
 FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)

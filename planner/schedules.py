@@ -79,119 +79,154 @@ def order_2bw(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return _order_per_replica(spec, _one_f_one_b, per_batch=False)
 
 
+def interleaved_groups(P: int, M: int) -> list[int]:
+    """Microbatch group sizes for interleaved 1F1B: ⌊M/P⌋ groups (at least one) of ⌊M/groups⌋ or one more.
+
+    Forwards cycle the chunks once per group, so every group must hold at least P
+    microbatches for a chunk's output to be back on device 0 when its next chunk
+    starts; with M a multiple of P every group is exactly P (Megatron's order).
+    """
+    rounds = max(1, M // P)
+    base, extra = divmod(M, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
+
+
 def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
-    """Megatron's interleaved 1F1B: forwards cycle chunks in groups of P microbatches."""
+    """Megatron's interleaved 1F1B for any M: forwards cycle the chunks within groups of about P microbatches.
+
+    Device d runs (V − 1)·g + 2(P − 1 − d) forwards of warm-up (g: the first group's
+    size; P when P divides M, as Megatron), then one forward and one backward,
+    then the drain; backwards cycle the chunks in reverse.
+    """
     P, V, M = spec.stages, spec.chunks, spec.microbatches
     out: dict[int, list[Action]] = {d: [] for d in range(P)}
     total = M * V
-
-    def fwd(d: int, k: int, base: int) -> Action:
-        c = (k // P) % V
-        return Action(c * P + d, Kind.F, base + (k // (P * V)) * P + k % P)
-
-    def bwd(d: int, k: int, base: int) -> Action:
-        c = V - 1 - (k // P) % V
-        return Action(c * P + d, Kind.B, base + (k // (P * V)) * P + k % P)
-
+    order: list[tuple[int, int]] = []  # (chunk step, microbatch offset) of the k-th forward
+    start = 0
+    for g in interleaved_groups(P, M):
+        order += [(c, start + j) for c in range(V) for j in range(g)]
+        start += g
+    g0 = interleaved_groups(P, M)[0]
     for d in range(P):
-        warm = total if M == P else min((P - d - 1) * 2 + (V - 1) * P, total)
+        warm = total if M == P else min((P - d - 1) * 2 + (V - 1) * g0, total)
         for b in range(spec.batches):
             base = b * M
-            seq = [fwd(d, k, base) for k in range(warm)]
+            fwd = [Action(c * P + d, Kind.F, base + i) for c, i in order]
+            bwd = [Action((V - 1 - c) * P + d, Kind.B, base + i) for c, i in order]
+            seq = fwd[:warm]
             for k in range(total - warm):
-                seq += [fwd(d, warm + k, base), bwd(d, k, base)]
-            seq += [bwd(d, k, base) for k in range(total - warm, total)]
+                seq += [fwd[warm + k], bwd[k]]
+            seq += bwd[total - warm:]
             out[d] += seq
     return out
 
 
 def order_zb_h1(spec: ScheduleSpec, cost: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[int, list[Action]]:
-    """ZB-H1: backward split into BI (input gradient) and BW (weight gradient).
+    """ZB-H1: backward split into BI (input gradient) and BW (weight gradient), at 1F1B's memory.
 
-    Orders are found by list scheduling at the given (F, BI, BW) costs with the
-    ZB-H1 priorities: a ready forward while fewer than the stage's 1F1B
-    in-flight limit (P − s) await their BI and fewer than 1F1B's peak (stage
-    0's limit) await their BW — so no stage holds more than 1F1B's peak
-    memory — then a ready BI, then a pending BW to fill what would otherwise
-    be a bubble. Later stages thus defer their BWs into the drain. With
+    List scheduling (``_list_schedule``) admits a forward while fewer than the
+    stage's 1F1B in-flight limit (P − s) await their BI and fewer than 1F1B's
+    peak (stage 0's limit) await their BW — so no stage holds more than 1F1B's
+    peak memory. Later stages thus defer their BWs into the drain. With
     tF = tBI = tBW this reaches makespan 3M + P − 1: a third of 1F1B's bubble.
-    Batches are flushed.
+    """
+    limit = [inflight_limit(spec, s) for s in range(spec.stages)]
+    peak = max(limit)
+    return _list_schedule(spec, lambda w, s, open_n, waiting: waiting < limit[s] and open_n < peak, cost)
+
+
+# --- list scheduling: the zero-bubble families --------------------------------------------
+def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
+                   cost: tuple[float, float, float] = (1.0, 1.0, 1.0), entry_cap: int | None = None) -> dict[int, list[Action]]:
+    """Greedy list scheduling of split backwards at unit costs, one flushed batch after another.
+
+    At every instant each idle worker takes, in this order of preference: a ready
+    forward that ``admits(worker, stage, open, waiting)`` lets in (``open``: microbatch-chunks
+    on the worker whose forward is done and weight gradient is not; ``waiting``: those of
+    the stage whose forward is done and input gradient is not), the ready input
+    gradient (BI) of the oldest microbatch, then a pending weight gradient (BW) to
+    fill what would be a bubble. ``entry_cap`` also limits the microbatches in the
+    pipe (stage 0's forward started, some weight gradient not yet done) when a new one
+    would enter: what keeps a tight memory budget free of deadlock, since every
+    microbatch already inside may always move on.
+    Among ready forwards and BIs the later stage goes first, so microbatches already
+    in the pipe drain before new ones enter. Each stage runs each kind in microbatch
+    order. Costs are per full stage; a chunk costs 1/V of them, as in the dry run.
     """
     sw = stage_workers(spec)
-    S = len(sw)
+    S, V = len(sw), spec.chunks
     out: dict[int, list[Action]] = {w: [] for ws in sw for w in ws}
-    tf, tbi, tbw = cost
+    dur = {Kind.F: cost[0] / V, Kind.BI: cost[1] / V, Kind.BW: cost[2] / V}
+    eps = 1e-9
     for b in range(spec.batches):
         mbs = range(b * spec.microbatches, (b + 1) * spec.microbatches)
-        worker_of = {(s, i): sw[s][i % len(sw[s])] for s in range(S) for i in mbs}
-        todo_f = {w: [] for w in out}
-        for s in range(S):
-            for i in mbs:
-                todo_f[worker_of[s, i]].append((s, i))
-        done_at: dict[tuple[Kind, int, int], float] = {}
-        pending_bi: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
+        todo_f = {(s, w): [i for i in mbs if sw[s][i % len(sw[s])] == w] for s in range(S) for w in sw[s]}
+        todo_bi = {k: list(v) for k, v in todo_f.items()}
+        stages_of = {w: sorted((s for s in range(S) if w in sw[s]), reverse=True) for w in out}
+        done: dict[tuple[Kind, int, int], float] = {}
         pending_bw: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
-        open_mb: dict[int, int] = {w: 0 for w in out}
-        act_limit = {w: inflight_limit(spec, s) for s, ws in enumerate(sw) for w in ws}
-        mem_limit = max(act_limit.values())
+        open_n = {w: 0 for w in out}
+        in_pipe: dict[int, int] = {}  # microbatch -> weight gradients still to do
         free_at = {w: 0.0 for w in out}
-        events: list[float] = [0.0]
-        remaining = sum(3 * len(v) for v in todo_f.values())
+        ends: list[float] = []
+        remaining = 3 * sum(len(v) for v in todo_f.values())
         now = 0.0
         while remaining:
-            progressed = False
             for w in sorted(out, key=lambda w: (free_at[w], w)):
-                if free_at[w] > now + 1e-12:
+                if free_at[w] > now + eps:
                     continue
                 choice = None
-                ready_bi = pending_bi[w][:1] if pending_bi[w] and _bi_ready(pending_bi[w][0], S, done_at, now) else []
-                if (todo_f[w] and len(pending_bi[w]) < act_limit[w] and open_mb[w] < mem_limit
-                        and _f_ready(todo_f[w][0], done_at, now)):
-                    choice = (Kind.F, todo_f[w][0])
-                elif ready_bi:
-                    choice = (Kind.BI, ready_bi[0])
-                elif pending_bw[w]:
+                for s in stages_of[w]:
+                    q = todo_f[(s, w)]
+                    if (q and (s > 0 or entry_cap is None or len(in_pipe) < entry_cap)
+                            and (s == 0 or done.get((Kind.F, s - 1, q[0]), math.inf) <= now + eps)
+                            and admits(w, s, open_n[w], len(todo_bi[(s, w)]) - len(q))):
+                        choice = (Kind.F, (s, q[0]))
+                        break
+                if choice is None:
+                    ready = [(todo_bi[(s, w)][0], -s, s) for s in stages_of[w] if todo_bi[(s, w)]
+                             and _bi_input_done(s, todo_bi[(s, w)][0], S, done, now)]
+                    if ready:
+                        i, _, s = min(ready)
+                        choice = (Kind.BI, (s, i))
+                if choice is None and pending_bw[w]:
                     choice = (Kind.BW, pending_bw[w][0])
                 if choice is None:
                     continue
                 kind, (s, i) = choice
-                dur = {Kind.F: tf, Kind.BI: tbi, Kind.BW: tbw}[kind]
-                end = now + dur
+                end = now + dur[kind]
                 out[w].append(Action(s, kind, i))
-                done_at[(kind, s, i)] = end
+                done[(kind, s, i)] = end
                 free_at[w] = end
-                heapq.heappush(events, end)
+                heapq.heappush(ends, end)
                 remaining -= 1
-                progressed = True
                 if kind is Kind.F:
-                    todo_f[w].pop(0)
-                    pending_bi[w].append((s, i))
-                    open_mb[w] += 1
+                    todo_f[(s, w)].pop(0)
+                    open_n[w] += 1
+                    if s == 0:
+                        in_pipe[i] = S
                 elif kind is Kind.BI:
-                    pending_bi[w].remove((s, i))
+                    todo_bi[(s, w)].pop(0)
                     pending_bw[w].append((s, i))
                 else:
                     pending_bw[w].pop(0)
-                    open_mb[w] -= 1
-            if remaining and not progressed:
-                nxt = [t for t in events if t > now + 1e-12]
-                if not nxt:
-                    raise ScheduleError("ZB-H1 list scheduling made no progress (internal error)")
-                now = min(nxt)
-                events = [t for t in events if t > now + 1e-12]
+                    open_n[w] -= 1
+                    in_pipe[i] -= 1
+                    if not in_pipe[i]:
+                        del in_pipe[i]
+            while ends and ends[0] <= now + eps:
+                heapq.heappop(ends)
+            if remaining:
+                if not ends:
+                    raise ScheduleError(f"{spec.family}: list scheduling made no progress at P={spec.stages}, "
+                                        f"M={spec.microbatches} (its admission rule starves the pipeline)")
+                now = heapq.heappop(ends)
     return out
 
 
-def _f_ready(si: tuple[int, int], done_at: dict, now: float) -> bool:
-    s, i = si
-    return s == 0 or done_at.get((Kind.F, s - 1, i), math.inf) <= now + 1e-12
-
-
-def _bi_ready(si: tuple[int, int], S: int, done_at: dict, now: float) -> bool:
-    s, i = si
-    if s == S - 1:
-        return done_at.get((Kind.F, s, i), math.inf) <= now + 1e-12
-    return done_at.get((Kind.BI, s + 1, i), math.inf) <= now + 1e-12
+def _bi_input_done(s: int, i: int, S: int, done: dict, now: float) -> bool:
+    key = (Kind.F, s, i) if s == S - 1 else (Kind.BI, s + 1, i)
+    return done.get(key, math.inf) <= now + 1e-9
 
 
 def _requires_interleaved(spec: ScheduleSpec) -> None:

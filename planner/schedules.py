@@ -229,12 +229,6 @@ def _bi_input_done(s: int, i: int, S: int, done: dict, now: float) -> bool:
     return done.get(key, math.inf) <= now + 1e-9
 
 
-def _requires_interleaved(spec: ScheduleSpec) -> None:
-    P, M = spec.stages, spec.microbatches
-    if M % P:
-        raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages ({M} % {P} != 0); use {math.ceil(M / P) * P}")
-
-
 def _requires_2bw(spec: ScheduleSpec) -> None:
     need = max(inflight_limit(spec, s) for s in range(spec.stages))
     if spec.microbatches < need:
@@ -253,7 +247,6 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.
 REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
-    "interleaved": _requires_interleaved,
     "2bw": _requires_2bw,
 }
 

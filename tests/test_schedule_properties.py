@@ -126,7 +126,7 @@ def weight_versions_follow_the_family_rule(family, spec, prog):
 
 
 def in_flight_microbatches_respect_the_family_bound(family, spec, prog):
-    """GPipe holds a whole batch; the 1F1B-bound families ⌈workers at or after / replicas⌉ (P − s)."""
+    """GPipe holds a whole batch; the 1F1B-bound families a·⌈workers at or after / replicas⌉ + b (P − s for 1F1B)."""
     fam = FAMILY[family]
     if fam.inflight not in ("batch", "1f1b") or fam.versions == "stale":  # 2BW streams across batches
         return
@@ -146,14 +146,15 @@ def in_flight_microbatches_respect_the_family_bound(family, spec, prog):
             else:  # flushed batches: the replica's largest share of one batch
                 M = spec.microbatches
                 mine = max(sum(1 for i in range(b * M, (b + 1) * M) if i % r == rep) for b in range(spec.batches))
+            a, b = fam.inflight_scale  # (1, 0): 1F1B's own limit; (2, -1): ZB-H2's doubled warm-up
             if fam.inflight == "batch":
                 assert peak == mine  # all of its microbatches of a batch
             elif r == 1 and all(x == 1 for x in spec.replicas):
-                assert peak == min(spec.stages - s, mine)  # P - s
+                assert peak == min(a * (spec.stages - s) + b, mine)  # P - s
             elif fam.backward == "split":  # list-scheduled: never above the 1F1B bound
-                assert peak <= min(math.ceil(sum(spec.replicas[s:]) / r), mine)
+                assert peak <= min(a * math.ceil(sum(spec.replicas[s:]) / r) + b, mine)
             else:
-                assert peak == min(math.ceil(sum(spec.replicas[s:]) / r), mine)
+                assert peak == min(a * math.ceil(sum(spec.replicas[s:]) / r) + b, mine)
             if not fam.batched and s == 0:
                 assert peak == min(math.ceil(W / r), mine)  # PipeDream's NOAM
 

@@ -133,6 +133,18 @@ def order_zb_h1(spec: ScheduleSpec, cost: tuple[float, float, float] = (1.0, 1.0
     limit = [inflight_limit(spec, s) for s in range(spec.stages)]
     peak = max(limit)
     return _list_schedule(spec, lambda w, s, open_n, waiting: waiting < limit[s] and open_n < peak, cost)
+def order_zb_h2(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """ZB-H2: ZB-H1's list scheduling with twice the warm-up, for no bubble at twice the memory.
+
+    A forward is admitted while fewer than 2·(P − s) − 1 microbatches await their BI
+    on the stage and fewer than 2P − 1 their BW on the worker (replication scales both
+    as 1F1B's limit does). Stage s then starts its first backward the moment the
+    gradient arrives, and with tF = tBI = tBW one batch follows another with no idle
+    time: M·(tF + tBI + tBW) per batch once M ≥ 2P − 1.
+    """
+    limit = [inflight_limit(spec, s) for s in range(spec.stages)]
+    peak = max(limit)
+    return _list_schedule(spec, lambda w, s, open_n, waiting: waiting < 2 * limit[s] - 1 and open_n < 2 * peak - 1)
 
 
 # --- list scheduling: the zero-bubble families --------------------------------------------
@@ -243,6 +255,7 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "pipedream": order_pipedream,
     "2bw": order_2bw,
     "zb-h1": order_zb_h1,
+    "zb-h2": order_zb_h2,
 }
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.

@@ -147,6 +147,19 @@ def order_zb_h2(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return _list_schedule(spec, lambda w, s, open_n, waiting: waiting < 2 * limit[s] - 1 and open_n < 2 * peak - 1)
 
 
+
+def order_zb_v(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """ZB-V: two half stages per rank in a V (rank r holds r and 2P − 1 − r), split backwards.
+
+    A forward is admitted while the rank holds fewer than 2P half-stage microbatches
+    awaiting their BW (1F1B's peak, P whole ones). Rank 0 holds the last stage too, so
+    backwards start as soon as a microbatch has crossed the V and every rank stays busy
+    after its first input: makespan 3M + (P − 1)/2 at tF = tBI = tBW = 1, M ≥ 2P.
+    """
+    peak = inflight_limit(spec, 0)  # 2P: the V's 1F1B limit over its 2P virtual stages
+    return _list_schedule(spec, lambda w, s, open_n, waiting: open_n < peak)
+
+
 # --- list scheduling: the zero-bubble families --------------------------------------------
 def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
                    cost: tuple[float, float, float] = (1.0, 1.0, 1.0), entry_cap: int | None = None) -> dict[int, list[Action]]:
@@ -256,6 +269,7 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "2bw": order_2bw,
     "zb-h1": order_zb_h1,
     "zb-h2": order_zb_h2,
+    "zb-v": order_zb_v,
 }
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from executor.backend import resolve_backend_device
 from executor.errors import ExecutorError, WorkerFailed
 from executor.faults import FAULT_ENV
+from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import RunResult, result_from_parts, weights_from_checkpoint
 from executor.transport import p2p_orders_agree
@@ -60,7 +61,8 @@ def _as_plan(plan: Plan | dict | str | os.PathLike) -> Plan:
 def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", timeout_s: float = 60.0,
              save_weights: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 0, resume: bool = False, seed: int = 0, dtype: str = "float32",
-             track_memory: bool = True, keep_dir: str | os.PathLike | None = None, device: str = "auto") -> RunResult:
+             track_memory: bool = True, keep_dir: str | os.PathLike | None = None, device: str = "auto",
+             sequence_parallel: bool = False) -> RunResult:
     """Run ``plan`` for real: one process per worker on this machine.
 
     Args:
@@ -77,6 +79,7 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         dtype: "float32" (default) or "float64" (exact parity checks).
         track_memory: record memory samples.
         keep_dir: keep the workers' files (results, error records, stderr logs) in this folder.
+        sequence_parallel: with tensor parallelism (``plan.tensor_parallel`` > 1), Megatron's sequence parallelism.
 
     Returns:
         RunResult with the merged measured trace, final weights and losses.
@@ -92,7 +95,8 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         raise ExecutorError("--timeout must be > 0 seconds")
     cfg = RunConfig(plan=plan.to_dict(), backend="gloo", timeout_s=float(timeout_s), seed=int(seed), dtype=dtype,
                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory)
+                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory,
+                    sequence_parallel=bool(sequence_parallel))
     prep = prepare(cfg)
     if prep.program is None:
         weights = weights_from_checkpoint(prep, cfg)
@@ -145,8 +149,9 @@ def _launch(cfg: RunConfig, prep: Prepared, world: int, out_dir: Path) -> list[d
     ctx = _context()
     progress = ctx.Array("q", [-1] * world, lock=False)
     env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    if FAULT_ENV in os.environ:
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for name in (FAULT_ENV, TP_FAULT_ENV):
+        if name in os.environ:
+            env[name] = os.environ[name]
     procs = [ctx.Process(target=local_entry, name=f"pipetwin-w{r}",
                          args=(cfg, r, world, "127.0.0.1", store.port, str(out_dir), progress, env), daemon=True)
              for r in range(world)]

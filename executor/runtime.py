@@ -36,11 +36,14 @@ import torch
 import torch.distributed as dist
 
 from executor import checkpoint as ckpt
-from executor.collectives import reduce_gradients, replica_groups
+from executor.collectives import reduce_gradients, replica_groups, tensor_group
 from executor.errors import ExecutorError
 from executor.faults import fault_at, inject
 from executor.memory import HeldBytes
 from executor.prepare import DTYPES, Prepared, RunConfig
+from executor.recompute import apply_recompute
+from executor.tensor_parallel import (TPContext, gather_weights, parallelize, reduce_sequence_parallel_grads,
+                                      sequence_parallel_params, shard, shard_specs, skip_from_env)
 from executor.timing import CudaActionTimes, warm_up_autograd, warm_up_stage
 from executor.transport import (SWITCH_INTERVAL_S, BufferPool, Receives, Sender, SendFailed, Sends, TransportOptions,
                                 message_tag, p2p_groups)
@@ -77,6 +80,8 @@ class StageWorker:
         self.mbs = self.plan.microbatch_size
         self.mb_offset = prepared.start_step * self.M
         self.base_version = prepared.start_step
+        self.T = self.program.tensor_parallel
+        self.tp_rank = self.program.tp_rank(rank)
         self.cuda = device.type == "cuda"
         self.nccl = cfg.backend == "nccl"
         # gloo moves host memory only: on a GPU, messages and all-reduces go through host copies
@@ -102,6 +107,9 @@ class StageWorker:
         from executor.models import loss_fn, make_batch
 
         self.groups = replica_groups(self.program, self.rank)
+        tp_group = tensor_group(self.program, self.rank)
+        self.tp = None if tp_group is None else TPContext(tp_group, self.tp_rank, self.T, self.staged, skip_from_env(),
+                                                          self.cfg.sequence_parallel)
         self.p2p = p2p_groups(self.nccl)
         for s in self.program.stages_of(self.rank):
             self.stages[s] = self._build_stage(s)
@@ -127,12 +135,23 @@ class StageWorker:
                 self.held.add_params(ps)
 
     def _build_stage(self, s: int) -> StageState:
-        """Stage ``s``'s module with its version 0: the seed's weights, or the checkpoint a resumed run starts from."""
+        """Stage ``s``'s module with its version 0: the seed's weights, or the checkpoint a resumed run starts from.
+
+        With tensor parallelism the module holds this TP rank's shard (``st.shards`` says how each sharded
+        parameter is split), cut from the whole weights; the plan's recomputation mode is applied to its layers.
+        """
         from executor.models import build_stage
 
         plan, sp = self.plan, self.plan.stages[s]
         layers = build_stage(plan.model, sp.first_layer, sp.last_layer, seed=self.cfg.seed)
+        if self.tp is not None:
+            layers = parallelize(layers, self.tp)
+        apply_recompute(layers, self.plan.recompute)
         st = StageState(s, sp.first_layer, sp.last_layer, layers, self.S)
+        st.shards = shard_specs(st.module)
+        if self.tp is not None and self.tp.sequence:
+            partial = sequence_parallel_params(st.module)
+            st.sequence_partial = [j for j, n in enumerate(st.names) if n in partial]
         st.module.to(device=self.device, dtype=self.dtype)
         st.param_bytes = sum(p.numel() * p.element_size() for p in st.module.parameters())
         if self.prep.start_step:
@@ -141,7 +160,8 @@ class StageWorker:
             w = doc["weights"]
             if set(w) != set(st.names):
                 raise ExecutorError(f"checkpoint stage {s} has parameters {sorted(w)[:4]}..., the model {sorted(st.names)[:4]}...")
-            params = [w[n].to(device=self.device, dtype=self.dtype) for n in st.names]
+            params = [(shard(w[n], st.shards[n], self.tp_rank, self.T) if n in st.shards else w[n])
+                      .to(device=self.device, dtype=self.dtype) for n in st.names]
         else:
             params = [p.detach().clone() for p in st.module.parameters()]
         st.set_version(0, (p.requires_grad_(True) for p in params))
@@ -150,14 +170,15 @@ class StageWorker:
         return st
 
     def _exchange_shapes(self) -> None:
-        """Learn every stage boundary's (shape, dtype): each stage's replica 0 runs one no-grad eval-mode forward and broadcasts."""
+        """Learn every stage boundary's (shape, dtype): each stage's replica 0 runs one no-grad eval-mode forward
+        (every TP rank of it, as the forward's TP collectives need them all) and its first worker broadcasts."""
         x, _ = self.make_batch(self.plan.model, self.mbs, 0, self.cfg.seed)
         meta = (tuple(x.shape), self._cast_dtype(x.dtype))
         self.in_meta: dict[int, tuple] = {0: meta}
         for s in range(self.S - 1):
             src = self.program.stage_workers[s][0]
             obj = [None]
-            if self.rank == src:
+            if self.rank in self.program.tp_group(src):
                 st = self.stages[s]
                 shape, dt = self.in_meta[s]
                 was = st.module.training
@@ -169,7 +190,8 @@ class StageWorker:
                 if not isinstance(y, torch.Tensor):
                     raise ExecutorError(f"stage {s} (layers {st.first}..{st.last}) returns {type(y).__name__}; "
                                         f"a stage boundary must be one tensor")
-                obj = [(tuple(y.shape), y.dtype)]
+                if self.rank == src:
+                    obj = [(tuple(y.shape), y.dtype)]
             dist.broadcast_object_list(obj, src=src, device=self.device if self.nccl else None)
             self.in_meta[s + 1] = obj[0]
 
@@ -370,14 +392,14 @@ class StageWorker:
     def _deliver(self, s_from: int, mb: int, grad: bool, t: torch.Tensor) -> None:
         """Hand a stage's output (or input gradient) to its consumer: the outbox for a SEND, or a local stage."""
         dst_stage = s_from - 1 if grad else s_from + 1
-        if self.program.worker_of(dst_stage, mb) == self.rank:
+        if self.program.worker_of(dst_stage, mb, self.tp_rank) == self.rank:
             self.inbox[(dst_stage, mb, grad)] = t
         else:
             self.outbox[(s_from, mb, grad)] = t
 
     def _round(self, st: StageState, mb: int) -> int:
         if self.family == "pipedream":
-            return mb // len(self.program.stage_workers[st.index])
+            return mb // self.program.replica_count(st.index)
         return mb // self.M
 
     def _accumulate(self, st: StageState, mb: int, grads) -> None:
@@ -418,6 +440,8 @@ class StageWorker:
         st.count.pop(a.mb, None)
         if grads is not None:
             self.held.grads -= st.param_bytes
+            if st.sequence_partial:  # sequence parallelism: norms and row-parallel biases saw 1/T of the tokens
+                reduce_sequence_parallel_grads(grads, st.sequence_partial, self.tp)
         new = st.step(a.version, grads, self.lr, self._index in self.step_in_place)
         if new is not None:
             self.held.add_params(new)
@@ -426,14 +450,28 @@ class StageWorker:
 
     def _maybe_checkpoint(self, st: StageState, version: int) -> None:
         cfg = self.cfg
-        if not cfg.checkpoint_dir or self.program.stage_workers[st.index][0] != self.rank:
+        if not cfg.checkpoint_dir or not self._holds_replica_0(st.index):
             return
         step = self.base_version + version
         final = version == self.spec.batches
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or final:
+            weights = self._whole_weights(st)
+            if weights is None:  # a TP rank other than 0: its shards went to rank 0
+                return
             sp = self.plan.stages[st.index]
-            ckpt.save_stage(cfg.checkpoint_dir, step, st.index, st.weights(), model=self.plan.model,
+            ckpt.save_stage(cfg.checkpoint_dir, step, st.index, weights, model=self.plan.model,
                             layers=(sp.first_layer, sp.last_layer), family=self.family, lr=self.lr)
+
+    def _holds_replica_0(self, s: int) -> bool:
+        """This worker is (a TP rank of) stage ``s``'s replica 0, which saves and reports the stage's weights."""
+        return self.rank in self.program.stage_workers[s][:self.T]
+
+    def _whole_weights(self, st: StageState) -> dict[str, torch.Tensor] | None:
+        """The stage's current weights, whole: with tensor parallelism gathered on TP rank 0 (None on the others;
+        a collective over the replica's TP group)."""
+        if self.tp is None:
+            return st.weights()
+        return gather_weights(st.names, st.versions[st.current][0], st.shards, self.tp)
 
     def _free(self, i: int) -> None:
         for s, v in self.frees[i]:
@@ -458,9 +496,9 @@ class StageWorker:
         weights = {}
         if self.cfg.collect_weights:
             for s, st in self.stages.items():
-                if self.program.stage_workers[s][0] == self.rank:
-                    for n, t in st.weights().items():
-                        weights[f"stage{s}.{n}"] = t.detach().to("cpu").clone()
+                whole = self._whole_weights(st) if self._holds_replica_0(s) else None
+                for n, t in (whole or {}).items():
+                    weights[f"stage{s}.{n}"] = t.detach().to("cpu").clone()
         return {
             "rank": self.rank,
             "times": self.times,

@@ -70,6 +70,8 @@ class StageState:
         self.forwards = 0
         self.slots: list = []
         self.bound = None
+        self.shards: dict = {}  # parameter name -> ShardSpec, for a tensor-parallel shard (executor.tensor_parallel)
+        self.sequence_partial: list[int] = []  # parameters whose gradients sequence parallelism leaves partial
 
     def set_version(self, v: int, params) -> None:
         params = tuple(params)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from executor.backend import init_process_group, resolve_backend_device
 from executor.errors import ExecutorError
 from executor.faults import FAULT_ENV
+from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import gather_results, result_from_parts
 from executor.runtime import ActionFailed, StageWorker
@@ -93,7 +94,8 @@ def run_rank(cfg: RunConfig, rank: int, world: int, out_dir: str | None, store=N
 
 def local_entry(cfg: RunConfig, rank: int, world: int, host: str, port: int, out_dir: str, progress, env: dict) -> None:
     """Target of the local launcher's processes: quiet stderr into a file, join the launcher's store, run."""
-    os.environ.pop(FAULT_ENV, None)  # the forkserver's environment dates from its start; the launcher's env decides
+    for name in (FAULT_ENV, TP_FAULT_ENV):  # the forkserver's environment dates from its start; the launcher's env decides
+        os.environ.pop(name, None)
     os.environ.update(env)
     log = open(Path(out_dir) / f"stderr-rank{rank}.log", "w")
     os.dup2(log.fileno(), 2)

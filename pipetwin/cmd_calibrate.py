@@ -57,7 +57,8 @@ def _runs(model: str, mbs: int | None):
 
 def run(args) -> int:
     from pipetwin.errors import UserError
-    from validation.calibrate import calibrate, measure_links, run_options
+    from validation.calibrate import calibrate
+    from validation.measure import measure_links, run_options
 
     if args.microbatch_size is not None and args.microbatch_size < 1:
         raise UserError("--microbatch-size must be >= 1")

@@ -1,21 +1,14 @@
 """`pipetwin schedule`: generate one family's program, check it, dry-run it, show it."""
 from __future__ import annotations
 
-import argparse
 import json
 
 from planner.check import UnitCosts, dry_run
 from planner.program import FAMILIES, chunks_for, family
 from planner.schedules import generate, make_spec
 from planner.trace import bubble_fraction, makespan_s
+from pipetwin.args import int_list
 from pipetwin.errors import UserError
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects comma-separated integers like 2,1,1, got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -24,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--kind", required=True, choices=FAMILIES)
     p.add_argument("--stages", type=int, required=True, help="pipeline stages P (devices along the pipeline)")
     p.add_argument("--microbatches", type=int, required=True, help="microbatches per batch M (PipeDream: minibatches)")
-    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
+    p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
     p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")

@@ -1,19 +1,13 @@
 """`pipetwin simulate`: predict how a plan runs on a topology with the SimPy cluster model."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
+from pipetwin.args import add_grid_flags, add_recompute_flag, grid_degrees, grid_given, grid_plan, int_list
+from pipetwin.show import Progress
+
 from planner.program import FAMILIES
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects comma-separated integers like 2,1,1, got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -27,11 +21,13 @@ def register(sub) -> None:
     p.add_argument("--schedule", default="auto", choices=("auto", *FAMILIES),
                    help="schedule family; auto (default) lets the planner score every family")
     p.add_argument("--stages", type=int, help="pipeline stages P (default: min(4, layers, devices))")
-    p.add_argument("--replicas", type=_int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
+    p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (PipeDream: minibatches); overrides the planner")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    add_recompute_flag(p)
+    add_grid_flags(p)
     p.add_argument("--steps", type=int, default=None, metavar="N", help="batches (optimizer steps) to simulate")
     p.add_argument("--params", metavar="JSON",
                    help="simulator parameters (sim_params.json from `pipetwin calibrate`); the flags below override it")
@@ -62,11 +58,15 @@ def _plan_for(args, profile, topology):
 
     from planner.plan import plan_from_flags
 
+    if grid_given(args):
+        return grid_plan(args, args.model, profile, topology.devices, schedule=args.schedule,
+                         microbatches=args.microbatches, microbatch_size=args.microbatch_size, batches=args.steps or 1,
+                         vertical_sync=args.vertical_sync, topology=args.topology)
     if args.stages is None and args.replicas is None:
         from planner.search import plan_model
 
         result = plan_model(profile, topology, schedule=args.schedule, microbatch_size=args.microbatch_size,
-                            microbatches=args.microbatches, model_name=args.model)
+                            microbatches=args.microbatches, model_name=args.model, recompute=args.recompute)
         plan = replace(result.best, batches=args.steps or result.best.batches, topology=args.topology)
         if args.vertical_sync and plan.schedule == "pipedream":
             plan = replace(plan, vertical_sync=True)
@@ -76,7 +76,7 @@ def _plan_for(args, profile, topology):
     return plan_from_flags(args.model, len(profile), pp=depth, dp=args.replicas or 1, vp=args.chunks, schedule=schedule,
                            microbatches=args.microbatches or 4, microbatch_size=args.microbatch_size,
                            vertical_sync=args.vertical_sync, batches=args.steps or 1, topology=args.topology,
-                           devices=topology.devices)
+                           devices=topology.devices, recompute=args.recompute)
 
 
 def _inputs(args):
@@ -95,9 +95,13 @@ def _inputs(args):
             raise UserError(f"plan {args.plan!r} names no topology; give --topology")
         from pipetwin.cmd_plan import resolve_model
 
-        profile, topology = resolve_model(model), load_topology(topo_spec)
+        if grid_given(args) or args.stages or args.replicas:
+            raise UserError("give either --plan or a plan's shape (--tp/--pp/--dp/--vp, --stages/--replicas), not both")
+        profile, topology = resolve_model(model, tensor_parallel=plan.tensor_parallel), load_topology(topo_spec)
         if args.steps:
             plan = replace(plan, batches=args.steps)
+        if args.recompute is not None:
+            plan = replace(plan, recompute=args.recompute)
         return plan, profile, topology
     if not args.model or not args.topology:
         raise UserError("give --plan plan.json, or --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
@@ -108,7 +112,13 @@ def _inputs(args):
         raise UserError("--stages must be >= 1")
     from pipetwin.cmd_plan import resolve_model
 
-    profile, topology = resolve_model(args.model), load_topology(args.topology)
+    topology = load_topology(args.topology)
+    tp = 1
+    if grid_given(args):
+        if args.stages is not None or args.replicas is not None or args.chunks != 1:
+            raise UserError("give the plan's shape one way: --tp/--pp/--dp/--vp, or --stages/--replicas/--chunks")
+        tp = grid_degrees(args, len(topology.devices))[0]
+    profile = resolve_model(args.model, tensor_parallel=tp, sequence_parallel=args.sequence_parallel)
     return _plan_for(args, profile, topology), profile, topology
 
 
@@ -150,10 +160,9 @@ def run(args) -> int:
 
     plan, profile, topology = _inputs(args)
     params = _params(args)
-    progress = _progress_printer() if args.progress else None
-    trace = simulate_plan(plan, profile, topology, params, progress=progress)
-    if progress:
-        print(file=sys.stderr)
+    with Progress(args.progress) as bar:
+        trace = simulate_plan(plan, profile, topology, params,
+                              progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
     if args.trace:
         trace.save(args.trace)
     title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
@@ -182,14 +191,3 @@ def run(args) -> int:
             print(f"{what} written to {path}")
     return 0
 
-
-def _progress_printer():
-    shown = [-1]
-
-    def show(done: int, total: int) -> None:
-        pct = int(100 * done / total) if total else 100
-        if pct != shown[0]:
-            shown[0] = pct
-            print(f"\rsimulating: {pct:3d}% of {total} actions", end="", file=sys.stderr, flush=True)
-
-    return show

@@ -27,7 +27,8 @@ def demo_loop(out: Path) -> int:
     from planner.plan import even_plan
     from planner.search import plan_model
     from planner.trace import save_side_by_side
-    from validation.calibrate import calibrate, measure_links, run_options
+    from validation.calibrate import calibrate
+    from validation.measure import measure_links, run_options
     from validation.compare import compare_traces, median_launch
 
     out = Path(out)

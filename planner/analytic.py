@@ -76,7 +76,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from planner.efficiency import EfficiencyParams, Gemm, Work, work_time_s
+from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, work_time_s
 from planner.profile import Layer, ModelProfile, ModelSpecError, ProfileError, load_profile, read_pipedream_graph
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
 from topologies.topology import TopologyError
@@ -310,7 +310,8 @@ def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: 
     bias-dropout-adds 7·N·h each, Llama: two residual adds 6·N·h each; QKV layout copies
     4·N·(h + 2·kv)/T and the output's 4·N·h/T; Llama's rotary 4·N·(h + kv)/T; the fused
     scale-mask-softmax 4·b·a·s²/T and (GPT) the attention dropout 5·b·a·s²/T; the MLP activation
-    (bias-GeLU 4·N·f/T, SwiGLU's product 6·N·f/T).
+    (bias-GeLU 4·N·f/T, SwiGLU's product 6·N·f/T). Kernels: 17 (GPT) or 16 (Llama) launches; the TP
+    all-reduces are not work here (the interpreters add their time on the links).
     """
     b, s, h, f, kv, a, t = microbatch_size, c.seq, c.hidden, c.ffn_size, c.kv_size, c.heads, tensor_parallel
     n = b * s
@@ -397,7 +398,8 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     ef, eb = times(emb_flops, embedding_work(c, mb, t, sequence_parallel, vocab_multiple))
     positions = 0 if c.llama else s * h
     layers = [Layer("embedding", ef, eb, boundary, (0.0 if c.llama else s * h * rep) + 8.0 * s,
-                    BYTES_PER_PARAM * (vp * h / t + positions), tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=ar)]
+                    BYTES_PER_PARAM * (vp * h / t + positions), tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=ar,
+                    recomputable=False)]
     sharded, replicated = _block_param_split(c)
     bp = BYTES_PER_PARAM * (sharded / t + replicated)
     saved = block_saved_bytes(c, t, sequence_parallel)
@@ -413,7 +415,7 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     hfw, hbw = times(hf, head_work(c, mb, t, sequence_parallel, vocab_multiple))
     layers.append(Layer("ln_f+head", hfw, hbw, 4.0, 4.0 * s * h * rep + 4.0 * s * vp / t,
                         BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), tp_allreduce_bytes=tp_bytes,
-                        tp_backward_allreduces=ar))
+                        tp_backward_allreduces=ar, recomputable=False))
     return ModelProfile(name=name or c.spec(), layers=tuple(layers), microbatch_size=mb, device=k.name,
                         tensor_parallel=t, sequence_parallel=sequence_parallel)
 
@@ -565,12 +567,20 @@ def _transformer(spec: str) -> TransformerConfig | None:
     return None
 
 
-def load_model(spec: str, device_kind_name: str | None = None) -> ModelProfile:
+def load_model(spec: str, device_kind_name: str | None = None, *, calibration: DeviceCalibration | None = None,
+               tensor_parallel: int = 1, sequence_parallel: bool = False, microbatch_size: int = 1) -> ModelProfile:
     """Any model spec (see the module docstring) as a ModelProfile.
 
     ``device_kind_name`` times an analytic model on that kind (a ``@kind``
     suffix in the spec does the same; the two must agree). Measured profiles
     (paths, ``uniform:``) are returned as they are.
+
+    An analytic transformer is built per TP rank of ``tensor_parallel`` (the vocabulary then padded to
+    a multiple of 128·T, as Megatron pads it). With a device ``calibration``
+    (``planner.efficiency.load_device_calibration``: what every ``--device-calibration FILE`` reads) it
+    is timed by the fitted efficiency model on the calibration's device kind at ``microbatch_size``
+    (its reference microbatch; the model is not linear in it) instead of at a fixed fraction of peak.
+    CNNs and measured profiles ignore the calibration.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("give a model: a name like gpt3-13b, gpt:layers=...,hidden=..., or a profile path")
@@ -582,8 +592,18 @@ def load_model(spec: str, device_kind_name: str | None = None) -> ModelProfile:
     if cfg is not None:
         base = text.partition(":")[0].strip().lower()
         name = text if ":" in text else _ALIASES.get(base, base)
+        if calibration is not None:
+            if kind and kind != calibration.kind.name:
+                raise ModelSpecError(f"model {spec!r} is timed on {kind} but the device calibration is for "
+                                     f"{calibration.kind.name}; give a calibration of that kind or drop the kind")
+            kind = calibration.kind.name
         kind = kind or DEFAULT_DEVICE_KIND
-        return transformer_profile(cfg, kind, name=f"{name}@{device_kind(kind).name}")
+        multiple = MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
+        return transformer_profile(cfg, kind, name=f"{name}@{device_kind(kind).name}", tensor_parallel=tensor_parallel,
+                                   sequence_parallel=sequence_parallel,
+                                   microbatch_size=microbatch_size if calibration is not None else 1,
+                                   efficiency=calibration.params if calibration is not None else None,
+                                   vocab_multiple=multiple)
     low = text.lower()
     measured = _pipedream(low, kind) if re.fullmatch(r"[a-z0-9_]+", low) else None
     if measured is not None:

@@ -4,7 +4,7 @@ A fixed fraction of peak makes small models look too fast: a GEMM whose sides ar
 few hundred wide, a softmax over ``b·a·s²`` scores, a layer norm — each is limited by
 memory bandwidth or by the cost of launching it, not by the tensor cores. This module
 times a layer's **work** (:class:`Work`: its GEMMs with their shapes, the bytes its
-memory-bound kernels move, how many kernels it launches) on a device with five
+memory-bound kernels move, how many kernels it launches) on a device with six
 physically meaningful parameters (:class:`EfficiencyParams`):
 
 * ``gemm_efficiency`` — the fraction of the device's dense bf16/fp16 peak a large GEMM
@@ -12,15 +12,17 @@ physically meaningful parameters (:class:`EfficiencyParams`):
 * ``memory_efficiency`` — the fraction of its memory bandwidth a streaming kernel reaches;
 * ``kernel_launch_s`` — time per kernel launched (launch and the gap to the next);
 * ``layer_overhead_s`` — framework time per layer per forward or backward (hooks, Python);
-* ``iteration_overhead_s`` — fixed time per training iteration (data loading, timers, logging).
+* ``iteration_overhead_s`` — fixed time per training iteration (data loading, timers, logging);
+* ``overlap_exponent`` — how completely the host's launch work hides behind the device's
+  (launches are asynchronous: a layer whose kernels are short is host-bound).
 
-A GEMM of F FLOPs moving B bytes (bf16 operands and result) takes
+The device side: a GEMM of F FLOPs moving B bytes (bf16 operands and result) takes
 ``√(t_c² + t_m²)`` with ``t_c = F / (peak · gemm_efficiency)`` and
 ``t_m = B / (bandwidth · memory_efficiency)``: the compute-bound time for wide GEMMs,
 the memory-bound one for skinny ones, and a smooth join near the ridge (the exponent 2 is
 a fixed choice, not fitted). Memory-bound kernels take ``bytes / (bandwidth ·
-memory_efficiency)``. A layer's time is the sum of its GEMMs, its streaming bytes, its
-launches and its overhead. Backward work (:meth:`Work.backward`) is each GEMM's two
+memory_efficiency)``. The host side: launches × ``kernel_launch_s`` + ``layer_overhead_s``.
+A layer's time joins the two by a smooth maximum (:func:`work_time_s`). Backward work (:meth:`Work.backward`) is each GEMM's two
 gradient GEMMs (input and weight), twice the streamed bytes and twice the launches.
 
 :func:`fit` finds the parameters by ``scipy.optimize.least_squares`` on relative errors of
@@ -128,6 +130,7 @@ class EfficiencyParams:
     kernel_launch_s: float = 5e-6
     layer_overhead_s: float = 50e-6
     iteration_overhead_s: float = 10e-3
+    overlap_exponent: float = 4.0
 
     def as_vector(self) -> list[float]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -140,19 +143,30 @@ class EfficiencyParams:
 #: Starting point of a fit, and what a command uses when it is given no calibration file.
 DEFAULT_PARAMS = EfficiencyParams()
 #: (lower, upper) bound of each parameter in a fit, in EfficiencyParams field order.
-PARAM_BOUNDS: tuple[tuple[float, float], ...] = ((0.05, 1.0), (0.05, 1.0), (0.0, 1e-4), (0.0, 5e-3), (0.0, 1.0))
+PARAM_BOUNDS: tuple[tuple[float, float], ...] = ((0.05, 1.0), (0.05, 1.0), (0.0, 1e-4), (0.0, 5e-3), (0.0, 1.0),
+                                                 (1.0, 16.0))
 
 
 def work_time_s(work: Work, kind: DeviceKind, p: EfficiencyParams, layer: bool = True) -> float:
-    """Seconds ``work`` takes on a device of ``kind`` (``layer``: add the per-layer overhead)."""
+    """Seconds ``work`` takes on a device of ``kind`` (``layer``: the host also pays the per-layer overhead).
+
+    The device time (GEMMs and streamed bytes) and the host time (launches and per-layer overhead)
+    overlap, as asynchronous launches let them: ``(device^q + host^q)^(1/q)`` with ``q`` the fitted
+    ``overlap_exponent`` (1: they add up; large: the longer one alone).
+    """
     peak = kind.peak_flops * p.gemm_efficiency
     bw = kind.memory_bytes_per_s * p.memory_efficiency
-    t = 0.0
+    dev = 0.0
     for g in work.gemms:
         tc, tm = g.flops / peak, g.bytes / bw
-        t += math.sqrt(tc * tc + tm * tm)
-    t += work.memory_bytes / bw + work.kernels * p.kernel_launch_s
-    return t + (p.layer_overhead_s if layer else 0.0)
+        dev += math.sqrt(tc * tc + tm * tm)
+    dev += work.memory_bytes / bw
+    host = work.kernels * p.kernel_launch_s + (p.layer_overhead_s if layer else 0.0)
+    q = p.overlap_exponent
+    if host <= 0.0 or dev <= 0.0:
+        return dev + host
+    big = max(dev, host)
+    return big * ((dev / big) ** q + (host / big) ** q) ** (1.0 / q)
 
 
 def optimizer_step_s(params_per_device: float, kind: DeviceKind, p: EfficiencyParams) -> float:

@@ -509,7 +509,8 @@ def coarsen(profile: ModelProfile, max_blocks: int) -> tuple[ModelProfile, list[
         layers.append(Layer(f"block{b}", profile.forward_s(a, z), profile.backward_s(a, z), profile.boundary_bytes(z),
                             profile.saved_bytes(a, z), profile.param_bytes(a, z),
                             attention_saved_bytes=sum(l.attention_saved_bytes for l in part),
-                            attention_forward_s=sum(l.attention_forward_s for l in part)))
+                            attention_forward_s=sum(l.attention_forward_s for l in part),
+                            recomputable=all(l.recomputable for l in part)))
     return _replace(profile, layers=tuple(layers), graph=None), bounds
 
 

@@ -245,7 +245,8 @@ def plan_from_flags(model: str, num_layers: int, *, pp: int, dp: int | tuple[int
     vp = chunks_for(schedule, vp)
     if vp > 1 and not multi:
         multis = ", ".join(n for n, f in FAMILY.items() if f.multi_stage)
-        raise PlanError(f"--vp {vp} (chunks per device) needs a schedule that places several stages on a device ({multis}; got {schedule})")
+        raise PlanError(f"--vp {vp} (chunks per device) needs --schedule interleaved or another that places several "
+                        f"stages on a device ({multis}; got {schedule})")
     if microbatches is None:
         microbatches = 4
         if multi:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, asdict, replace
+from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 
 from topologies.errors import InputError
@@ -50,6 +50,8 @@ class Layer:
             attention scores, softmax and dropout outputs: Korthikanti et al.'s 5·a·s²/T per sample).
         attention_forward_s: forward seconds (per reference microbatch) of that part: what selective
             recomputation adds to the backward.
+        recomputable: full recomputation checkpoints and re-runs this layer (Megatron: the transformer
+            blocks; the embedding and the output head keep their activations); see ``planner.recompute``.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Layer:
     tp_backward_allreduces: int = 0
     attention_saved_bytes: float = 0.0
     attention_forward_s: float = 0.0
+    recomputable: bool = True
 
 
 @dataclass(frozen=True)
@@ -195,14 +198,17 @@ class ModelProfile:
 
 #: Layer fields that older profiles lack (each read with its type; absent means the default).
 _OPTIONAL_LAYER_FIELDS = {"tp_allreduce_bytes": float, "tp_forward_allreduces": int, "tp_backward_allreduces": int,
-                          "attention_saved_bytes": float, "attention_forward_s": float}
+                          "attention_saved_bytes": float, "attention_forward_s": float, "recomputable": bool}
+
+
+_LAYER_DEFAULTS = {f.name: f.default for f in fields(Layer)}
 
 
 def _layer_dict(layer: Layer) -> dict:
     """A layer as JSON, leaving out optional fields at their defaults (so old profiles print as before)."""
     d = asdict(layer)
     for k in _OPTIONAL_LAYER_FIELDS:
-        if d[k] == 0:
+        if d[k] == _LAYER_DEFAULTS[k]:
             del d[k]
     return d
 

@@ -149,7 +149,8 @@ class Family:
             consecutive workers), "looped" (rank j holds j, j + P, ...) or "v" (chunk c runs down the
             ranks when c is even and back up when odd: rank r holds r and 2P − 1 − r).
         chunks: stages per rank the family fixes (2 for V shapes); 0: the spec's ``chunks`` (≥ 1).
-        replicable: stages may have data-parallel replicas.
+        replicable: stages may have data-parallel replicas (with several stages per rank, every stage
+            the same count R: replica r of each rank runs the pipeline over microbatches mb mod R = r).
         inflight: the family's in-flight bound per stage (forward done, input gradient not): "batch"
             (a whole batch, GPipe), "1f1b" (a·L + b with L = ⌈workers at or after the stage / replicas⌉,
             P − s, and (a, b) = ``inflight_scale``), "chunk" (a batch per chunk) or "none" (only the laws).
@@ -195,7 +196,7 @@ class Family:
 FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("gpipe", "GPipe", inflight="batch"),
     Family("1f1b", "1F1B"),
-    Family("interleaved", "interleaved 1F1B", placement="looped", chunks=0, replicable=False, inflight="chunk"),
+    Family("interleaved", "interleaved 1F1B", placement="looped", chunks=0, inflight="chunk"),
     Family("pipedream", "PipeDream", flush=False, versions="stash", weight_copies=0),
     Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2),
     Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0)),
@@ -285,10 +286,14 @@ def rank_of(fam: Family, stages: int, virtual_stage: int) -> int:
 
 
 def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
-    """For each (virtual) stage, the workers holding its replicas (stage 0's first)."""
+    """For each (virtual) stage, the workers holding its replicas (stage 0's first).
+
+    Several stages per rank: rank d's replica r is worker d·R + r (R replicas of every stage).
+    """
     fam = spec.traits
     if fam.multi_stage:
-        return tuple((rank_of(fam, spec.stages, vs),) for vs in range(spec.virtual_stages))
+        R = spec.replicas[0] if spec.replicas else 1
+        return tuple(tuple(rank_of(fam, spec.stages, vs) * R + r for r in range(R)) for vs in range(spec.virtual_stages))
     out, w = [], 0
     for r in spec.replicas:
         out.append(tuple(range(w, w + r)))
@@ -330,6 +335,9 @@ def validate_spec(spec: ScheduleSpec) -> None:
         raise ScheduleError(f"--replicas gives {len(spec.replicas)} values for {P} stages")
     if any(r < 1 for r in spec.replicas):
         raise ScheduleError("every stage needs at least 1 replica")
+    if fam.multi_stage and len(set(spec.replicas)) > 1:
+        raise ScheduleError(f"{fam.title} replicates every stage alike (each replica runs its own pipeline); give every "
+                            f"stage the same replica count (got {list(spec.replicas)})")
     if spec.vertical_sync and fam.versions != "stash":
         raise ScheduleError("--vertical-sync applies to the pipedream schedule only")
     if spec.vertical_sync and len(set(spec.replicas)) > 1:

@@ -8,10 +8,12 @@ Transformer Models"):
 
 - ``"none"``: every layer keeps its ``saved_bytes`` per sample from its forward
   until its backward.
-- ``"full"``: every profile layer is a checkpoint (Megatron's uniform method with
-  one layer per checkpoint): a layer keeps only its input between forward and
-  backward, and its backward first re-runs its forward, which rebuilds its saved
-  bytes for the duration of that layer's backward (one layer at a time). The
+- ``"full"``: every recomputable profile layer (``Layer.recomputable``: Megatron
+  checkpoints the transformer blocks, not the embedding or the output head) is a
+  checkpoint (Megatron's uniform method with one layer per checkpoint): it keeps
+  only its input between forward and backward, and its backward first re-runs its
+  forward (with that forward's TP all-reduces), which rebuilds its saved bytes for
+  the duration of that layer's backward (one layer at a time). The
   input of layer i is layer i − 1's output (``activation_bytes``); layer 0's is
   taken as its own ``saved_bytes`` (what a first layer keeps is its input).
 - ``"selective"``: only the part of each layer that is cheap to recompute and
@@ -58,7 +60,7 @@ def layer_input_bytes(profile: ModelProfile, i: int) -> float:
 def layer_extra_forward_s(layer: Layer, mode: str) -> float:
     """Seconds per reference microbatch a layer's backward spends re-running (part of) its forward."""
     if mode == "full":
-        return layer.forward_s
+        return layer.forward_s if layer.recomputable else 0.0
     if mode == "selective":
         return layer.attention_forward_s
     return 0.0
@@ -75,7 +77,7 @@ def extra_forward_s(profile: ModelProfile, first: int, last: int, mode: str) -> 
 def layer_kept_bytes(profile: ModelProfile, i: int, mode: str) -> float:
     """Bytes per sample layer ``i`` keeps from its forward until its backward."""
     layer = profile.layers[i]
-    if mode == "full":
+    if mode == "full" and layer.recomputable:
         return layer_input_bytes(profile, i)
     if mode == "selective":
         return layer.saved_bytes - min(layer.attention_saved_bytes, layer.saved_bytes)
@@ -87,10 +89,21 @@ def layer_rebuilt_bytes(profile: ModelProfile, i: int, mode: str) -> float:
     less its input, which is kept; selective: its attention core; none: nothing)."""
     layer = profile.layers[i]
     if mode == "full":
-        return max(0.0, layer.saved_bytes - layer_input_bytes(profile, i))
+        return max(0.0, layer.saved_bytes - layer_input_bytes(profile, i)) if layer.recomputable else 0.0
     if mode == "selective":
         return min(layer.attention_saved_bytes, layer.saved_bytes)
     return 0.0
+
+
+def recomputed_tp_allreduces(layer: Layer, mode: str) -> int:
+    """TP all-reduces a layer's backward adds by re-running its forward: full recomputation re-runs them all;
+    selective re-runs only the attention core, which has none."""
+    return layer.tp_forward_allreduces if mode == "full" and layer.recomputable else 0
+
+
+def tp_allreduces(layer: Layer, mode: str) -> int:
+    """TP all-reduces one microbatch of a layer runs: its forward's, its backward's and what recomputation re-runs."""
+    return layer.tp_forward_allreduces + layer.tp_backward_allreduces + recomputed_tp_allreduces(layer, mode)
 
 
 def kept_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:

@@ -96,28 +96,30 @@ def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
 
     Device d runs (V − 1)·g + 2(P − 1 − d) forwards of warm-up (g: the first group's
     size; P when P divides M, as Megatron), then one forward and one backward,
-    then the drain; backwards cycle the chunks in reverse.
+    then the drain; backwards cycle the chunks in reverse. With R replicas, replica r
+    of every device runs this schedule over its own microbatches (mb mod R = r), as
+    Megatron's data-parallel ranks each run their pipeline.
     """
-    P, V, M = spec.stages, spec.chunks, spec.microbatches
-    out: dict[int, list[Action]] = {d: [] for d in range(P)}
-    total = M * V
-    order: list[tuple[int, int]] = []  # (chunk step, microbatch offset) of the k-th forward
-    start = 0
-    for g in interleaved_groups(P, M):
-        order += [(c, start + j) for c in range(V) for j in range(g)]
-        start += g
-    g0 = interleaved_groups(P, M)[0]
-    for d in range(P):
-        warm = total if M == P else min((P - d - 1) * 2 + (V - 1) * g0, total)
+    P, V, M, R = spec.stages, spec.chunks, spec.microbatches, spec.replicas[0]
+    out: dict[int, list[Action]] = {d * R + r: [] for d in range(P) for r in range(R)}
+    for r in range(R):
         for b in range(spec.batches):
-            base = b * M
-            fwd = [Action(c * P + d, Kind.F, base + i) for c, i in order]
-            bwd = [Action((V - 1 - c) * P + d, Kind.B, base + i) for c, i in order]
-            seq = fwd[:warm]
-            for k in range(total - warm):
-                seq += [fwd[warm + k], bwd[k]]
-            seq += bwd[total - warm:]
-            out[d] += seq
+            mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
+            n, groups = len(mbs), interleaved_groups(P, len(mbs))
+            order: list[tuple[int, int]] = []  # (chunk, index into mbs) of the k-th forward
+            start = 0
+            for g in groups:
+                order += [(c, start + j) for c in range(V) for j in range(g)]
+                start += g
+            total = n * V
+            for d in range(P):
+                warm = total if n == P else min((P - d - 1) * 2 + (V - 1) * groups[0], total)
+                fwd = [Action(c * P + d, Kind.F, mbs[i]) for c, i in order]
+                bwd = [Action((V - 1 - c) * P + d, Kind.B, mbs[i]) for c, i in order]
+                seq = fwd[:warm]
+                for k in range(total - warm):
+                    seq += [fwd[warm + k], bwd[k]]
+                out[d * R + r] += seq + bwd[total - warm:]
     return out
 
 

@@ -9,10 +9,21 @@
   when communication does not overlap); RECV waits until its payload is delivered
   (and ``recv_wake_s`` more when it had to wait: waking a blocked receiver;
   ``recv_ready_s`` when its payload was already there);
-- ALLREDUCE waits until every replica of its stage has arrived, then runs the
-  collective on the links (``sim.collectives``); STEP takes ``step_time_s``.
+- ALLREDUCE waits until every replica of its stage (of the worker's TP rank) has
+  arrived, then runs the collective on the links (``sim.collectives``); STEP
+  takes ``step_time_s``.
 
-Symmetry: when every stage has R replicas whose action lists are the same up to
+Tensor parallelism (``Program.tensor_parallel`` T > 1; the profile is per TP
+rank): a compute action of a TP group runs its layers' TP all-reduces
+(``Layer.tp_*``) inside it, each after its share of the compute, as a ring among
+the group's T devices on the real links (waiting for every rank to get there),
+contending with pipeline sends and data-parallel all-reduces. With sequence
+parallelism each all-reduce is a reduce-scatter + all-gather pair: the same ring
+phases. Recomputation (``planner.recompute``, the plan's mode) adds its re-run
+forward (and, for full recomputation, that forward's TP all-reduces) to each B
+(BI when split) and keeps what that module says in memory.
+
+Symmetry (not used with tensor parallelism: each TP rank is simulated): when every stage has R replicas whose action lists are the same up to
 relabelling, on devices of the same speed, and each replica pipeline's
 point-to-point links are private to it, isomorphic to the first pipeline's and
 used by no all-reduce, the R pipelines run identically. Then only pipeline 0 is
@@ -32,14 +43,15 @@ import simpy
 
 from planner.program import Action, Kind, Program
 from planner.profile import ModelProfile
+from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
-from sim.collectives import Collective, Phase, allreduce_phases
+from sim.collectives import Collective, Phase, allreduce_phases, fused_ring_phases, ring_phases
 from sim.memory import memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
 from topologies.topology import Topology
 
-_COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE = range(5)  # _COMPUTE (0) also stands for STEP
+_COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE, _TP = range(6)  # _COMPUTE (0) also stands for STEP
 _KF, _KB, _KBI, _KBW = Kind.F, Kind.B, Kind.BI, Kind.BW
 _KSEND, _KRECV, _KALLREDUCE = Kind.SEND, Kind.RECV, Kind.ALLREDUCE
 _ARRIVED = True
@@ -51,7 +63,8 @@ Progress = Callable[[int, int], None]
 
 def simulate(program: Program, profile: ModelProfile, topology: Topology, devices: dict[int, str], *,
              microbatch_size: int = 1, params: SimParams = SimParams(), progress: Progress | None = None,
-             stage_layers: list[tuple[int, int]] | None = None, check_program: bool = True) -> Trace:
+             stage_layers: list[tuple[int, int]] | None = None, check_program: bool = True,
+             recompute: str = "none") -> Trace:
     """Predict how ``program`` runs on ``topology`` and return its trace.
 
     Args:
@@ -65,6 +78,7 @@ def simulate(program: Program, profile: ModelProfile, topology: Topology, device
         stage_layers: (first, last) layer of every stage; default: the profile's layers split
             evenly over the program's stages.
         check_program: run ``planner.check.check`` first.
+        recompute: activation recomputation, "none", "selective" or "full" (``planner.recompute``).
 
     Returns:
         A Trace: worker lanes, link lanes "u->v", memory samples; meta says what ran.
@@ -77,10 +91,12 @@ def simulate(program: Program, profile: ModelProfile, topology: Topology, device
         raise SimError(f"microbatch_size must be >= 1 (got {microbatch_size})")
     layers = _stage_layers(program, profile, stage_layers)
     _check_devices(program, topology, devices)
+    _check_tensor_parallel(program, profile)
+    recompute = _mode(recompute)
     collecting = gc.isenabled()
     gc.disable()  # the run allocates many small objects that live until the trace is written; cycles there are none
     try:
-        return _Run(program, profile, topology, devices, microbatch_size, params, layers).run(progress)
+        return _Run(program, profile, topology, devices, microbatch_size, params, layers, recompute).run(progress)
     finally:
         if collecting:
             gc.enable()
@@ -97,20 +113,20 @@ def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimPa
     program = plan_to_program(plan, profile)
     trace = simulate(program, profile, topology, worker_devices(plan, program), microbatch_size=plan.microbatch_size,
                      params=params, progress=progress, stage_layers=[s.layers for s in plan.stages],
-                     check_program=False)
+                     check_program=False, recompute=plan.recompute)
     trace.meta["plan_model"] = plan.model
     return trace
 
 
 def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int = 1, params: SimParams = SimParams(),
-                stage_layers: list[tuple[int, int]] | None = None) -> dict[int, float]:
+                stage_layers: list[tuple[int, int]] | None = None, recompute: str = "none") -> dict[int, float]:
     """Per worker, the peak bytes a simulation of ``program`` reports, without simulating it.
 
     What a worker holds depends only on the order of its actions (``sim.memory``), so this is exact
     and takes one pass over the action lists: no SimPy, no links. Arguments as :func:`simulate`.
     """
     layers = _stage_layers(program, profile, stage_layers)
-    weights = stage_bytes(profile, layers, microbatch_size)
+    weights = stage_bytes(profile, layers, microbatch_size, _mode(recompute))
     round_of = round_function(program)
     out = {}
     for w in program.workers:
@@ -121,6 +137,20 @@ def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int
 
 
 # --- input checks -------------------------------------------------------------------------
+def _mode(recompute) -> str:
+    try:
+        return recompute_mode(recompute)
+    except ValueError as e:
+        raise SimError(str(e)) from None
+
+
+def _check_tensor_parallel(program: Program, profile: ModelProfile) -> None:
+    T, pt = program.tensor_parallel, profile.tensor_parallel
+    if T != pt:
+        raise SimError(f"the program runs tensor parallelism {T} but the profile {profile.name!r} is per rank of "
+                       f"tensor parallelism {pt}; build the profile for {T} (planner.analytic's tensor_parallel={T})")
+
+
 def _stage_layers(program: Program, profile: ModelProfile, given) -> list[tuple[int, int]]:
     S = len(program.stage_workers)
     if given is None:
@@ -158,17 +188,24 @@ def _check_devices(program: Program, topology: Topology, devices: dict[int, str]
 # --- one run --------------------------------------------------------------------------------
 class _Run:
     def __init__(self, program: Program, profile: ModelProfile, topology: Topology, devices: dict[int, str],
-                 microbatch_size: int, params: SimParams, layers: list[tuple[int, int]]):
+                 microbatch_size: int, params: SimParams, layers: list[tuple[int, int]], recompute: str = "none"):
         self.p, self.topology, self.dev, self.params = program, topology, devices, params
         self.env = simpy.Environment()
         self.net = Network(self.env, topology)
         k = microbatch_size / profile.microbatch_size
         self.fwd = [profile.forward_s(a, b) * k for a, b in layers]
         self.bwd = [profile.backward_s(a, b) * k for a, b in layers]
-        self.stage_bytes = stage_bytes(profile, layers, microbatch_size)
+        self.extra = [sum(layer_extra_forward_s(l, recompute) for l in profile.layers[a:b + 1]) * k for a, b in layers]
+        self.T = program.tensor_parallel
+        self.tp = [_tp_segments(profile, a, b, k, microbatch_size, recompute) for a, b in layers] if self.T > 1 else None
+        self.stage_bytes = stage_bytes(profile, layers, microbatch_size, recompute)
         self.round_of = round_function(program)
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
                      "topology": topology.name, "params": asdict(params)}
+        if recompute != "none":
+            self.meta["recompute"] = recompute
+        if self.T > 1:
+            self.meta["tensor_parallel"] = self.T
         self.box: dict[tuple, object] = {}
         self.groups: dict[tuple[int, int], list] = {}
         self.phases: dict[tuple[int, float], list[Phase]] = {}
@@ -182,7 +219,8 @@ class _Run:
         sw = program.stage_workers
         reps = {ws[0] for ws in sw}
         self.workers = [w for w in program.workers if self.replicas == 1 or w in reps]
-        self.arrivals = [1 if self.replicas > 1 else len(ws) for ws in sw]
+        self.tp_rank = {w: program.tp_rank(w) for w in program.workers} if self.T > 1 else dict.fromkeys(program.workers, 0)
+        self.arrivals = [1 if self.replicas > 1 else program.replica_count(s) for s in range(len(sw))]
 
     # --- compile each worker's actions into plain tuples ------------------------------
     def _ops(self, w: int, rng: random.Random) -> tuple[float, list[tuple]]:
@@ -197,10 +235,13 @@ class _Run:
         ovh, jit, bi, split = prm.overhead_s, prm.jitter, prm.bi_fraction, prm.split_factor
         bi0_free = prm.first_stage_bi_free
         step_dur = prm.step_time_s + ovh
-        fwd, bwd = self.fwd, self.bwd
+        fwd, bwd, extra, tp = self.fwd, self.bwd, self.extra, self.tp
+        tp_key = self.p.tp_group(w)[0] if tp is not None else None  # the group's rank 0 names its collectives
+        tp_arrivals = self.T
         acc_per_byte, round_of = prm.accumulate_s_per_byte, self.round_of
         rounds: dict[int, set[int]] = {}  # stage -> optimizer rounds a backward on this worker has started
         arrivals, free = self.arrivals, self.net.free_route
+        tp_rank = self.tp_rank
         acts = self.p[w]
         stages = self.p.stages_of(w)
         static, marks = memory_marks(acts, {s: self.stage_bytes[s] for s in stages}, prm.optimizer_state_factor,
@@ -227,17 +268,32 @@ class _Run:
                     base = 0.0 if k is _KBI else bwd[s]
                 else:
                     base = bwd[s] * split * (bi if k is _KBI else 1.0 - bi)
+                # the backward that re-runs the forward (recomputation) and runs the backward's TP all-reduces
+                if k is _KB or k is _KF:
+                    redo = k is _KB
+                else:  # split: BI, or BW where stage 0's BI is free
+                    redo = (k is _KBI) != (s == 0 and bi0_free)
+                if redo:
+                    base += extra[s]
                 base /= speed
                 if jit:
                     base *= max(0.0, 1.0 + jit * rng.gauss(0.0, 1.0))
+                acc = 0.0
                 if acc_per_byte and (k is _KB or k is _KBW):  # the executor adds into the round's gradient
                     seen = rounds.setdefault(s, set())
                     r = round_of(s, mb)
                     if r in seen:
-                        base += acc_per_byte * self.stage_bytes[s].params
+                        acc = acc_per_byte * self.stage_bytes[s].params
                     else:
                         seen.add(r)
-                append((_COMPUTE, base + ovh, ms, me, text, kv, nb, None, None))
+                seg = None if tp is None else tp[s][0] if k is _KF else tp[s][1] if redo else None
+                if seg is None or not seg[0]:
+                    append((_COMPUTE, base + acc + ovh, ms, me, text, kv, nb, None, None))
+                else:  # TP all-reduces inside: each after its share of the compute
+                    pieces, raw = seg
+                    f = base / raw if raw > 0 else 0.0
+                    append((_TP, ovh, ms, me, text, kv, nb, tuple((d * f, n) for d, n in pieces),
+                            (tp_key, i, (raw - sum(d for d, _ in pieces)) * f + acc, tp_arrivals)))
             elif k is _KSEND:
                 dst = to.get(peer)
                 if dst is None:
@@ -250,7 +306,8 @@ class _Run:
             elif k is _KRECV:
                 append((_RECV, ovh, ms, me, text, kv, nb, (peer, w, g, s + 1 if g else s - 1, mb), None))
             elif k is _KALLREDUCE:
-                append((_ALLREDUCE, ovh, ms, me, text, kv, nb, (s, mb), (arrivals[s], s, nb)))
+                t = tp_rank[w]
+                append((_ALLREDUCE, ovh, ms, me, text, kv, nb, (s, mb, t), (arrivals[s], s, nb, t)))
             else:
                 append((_COMPUTE, step_dur, ms, me, text, kv, nb, None, None))
         return static, ops
@@ -297,6 +354,25 @@ class _Run:
                             self._deliver(x)
                         else:
                             yield ev
+                elif code == _TP:
+                    for j, (d, nbytes) in enumerate(x):
+                        if d > 0.0:
+                            yield timeout(d)
+                        key = (y[0], y[1], j)
+                        st = groups.get(key)
+                        if st is None:
+                            st = groups[key] = [0, new_event()]
+                        st[0] += 1
+                        if st[0] == y[3]:
+                            del groups[key]
+                            phases, tail = self._tp_phases(y[0], nbytes)
+                            coll = Collective(self.net, phases, _succeed, st[1], text + "/TP", tail)
+                            if coll.start():  # free links: done at once, for the ranks waiting too
+                                st[1].succeed()
+                                continue
+                        yield st[1]
+                    if y[2] > 0.0:
+                        yield timeout(y[2])
                 else:  # _ALLREDUCE
                     st = groups.get(x)
                     if st is None:
@@ -304,7 +380,7 @@ class _Run:
                     st[0] += 1
                     if st[0] == y[0]:
                         st[2] = env._now
-                        coll = Collective(self.net, self._phases(y[1], y[2]), _succeed, st[1], f"{y[1]}ALLREDUCE{x[1]}")
+                        coll = Collective(self.net, self._phases(y[1], y[2], y[3]), _succeed, st[1], f"{y[1]}ALLREDUCE{x[1]}")
                         if coll.start():
                             st[1].succeed()
                         else:
@@ -329,14 +405,30 @@ class _Run:
         self._deliver(key)
         ev.succeed()
 
-    def _phases(self, stage: int, nbytes: float) -> list[Phase]:
-        key = (stage, nbytes)
+    def _phases(self, stage: int, nbytes: float, tp_rank: int = 0) -> list[Phase]:
+        """The data-parallel all-reduce of one stage's TP rank ``tp_rank`` among its replicas."""
+        key = (stage, nbytes, tp_rank)
         ph = self.phases.get(key)
         if ph is None:
-            devs = [self.dev[w] for w in self.p.stage_workers[stage]]
+            devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
             ph, algo = allreduce_phases(self.topology, devs, nbytes, self.params.allreduce)
             self.phases[key] = ph
             self.algorithms.add(algo)
+        return ph
+
+    def _tp_phases(self, leader: int, nbytes: float) -> tuple[list[Phase], float]:
+        """(phases, tail seconds) of a TP all-reduce (or reduce-scatter + all-gather: the same ring) among the
+        group of worker ``leader``: a ring, fused into one phase unless ``SimParams.tp_ring`` says "phases"."""
+        key = ("tp", leader, nbytes)
+        ph = self.phases.get(key)
+        if ph is None:
+            devs = [self.dev[w] for w in self.p.tp_group(leader)]
+            if self.params.tp_ring == "phases":
+                ph = (ring_phases(devs, nbytes), 0.0)
+            else:
+                lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))
+                ph = fused_ring_phases(devs, nbytes, lat)
+            self.phases[key] = ph
         return ph
 
     # --- run and write the trace -------------------------------------------------------
@@ -445,6 +537,34 @@ def _head(stage: int, k: Kind, version: int, grad: bool, peer) -> tuple[str, str
     return f"{stage}{k._value_}", tail
 
 
+def _tp_segments(profile: ModelProfile, first: int, last: int, k: float, microbatch_size: int, recompute: str):
+    """Per stage, the TP all-reduces inside a forward and inside a backward (with what recomputation re-runs):
+    ((pieces, raw_s) forward, (pieces, raw_s) backward), each piece (seconds of compute before it, bytes),
+    raw_s the action's compute seconds at the run's microbatch (before speed and splitting)."""
+    from planner.recompute import recomputed_tp_allreduces
+
+    def build(parts):
+        pieces, pending, total = [], 0.0, 0.0
+        for t, n, nbytes in parts:
+            total += t
+            if n == 0:
+                pending += t
+                continue
+            for _ in range(n):
+                pieces.append((pending + t / n, nbytes))
+                pending = 0.0
+        return tuple(pieces), total
+
+    layers = profile.layers[first:last + 1]
+    fwd = build([(l.forward_s * k, l.tp_forward_allreduces, l.tp_allreduce_bytes * microbatch_size) for l in layers])
+    bwd_parts = []
+    for l in reversed(layers):  # each layer re-runs its forward (recomputation) just before its own backward
+        bwd_parts.append((layer_extra_forward_s(l, recompute) * k, recomputed_tp_allreduces(l, recompute),
+                          l.tp_allreduce_bytes * microbatch_size))
+        bwd_parts.append((l.backward_s * k, l.tp_backward_allreduces, l.tp_allreduce_bytes * microbatch_size))
+    return fwd, build(bwd_parts)
+
+
 def _succeed(ev: simpy.Event) -> None:
     ev.succeed()
 
@@ -455,6 +575,8 @@ def _symmetry(run: _Run) -> tuple[int, str]:
     p, topo, dev = run.p, run.topology, run.dev
     sw = p.stage_workers
     R = len(sw[0])
+    if p.tensor_parallel > 1:
+        return 1, "tensor parallelism: every TP rank is simulated"
     if R == 1:
         return 1, "stages are not replicated"
     if run.params.jitter:

@@ -20,7 +20,11 @@ up front and the simulator only stamps times on it. Held between actions:
   the bytes the stage keeps for backward (``StageBytes.saved``: the received
   input excluded, it is a receive buffer) plus the stage's output, which the
   executor keeps as the root of the backward (``StageBytes.output``; see
-  :func:`stage_bytes` for how they come from a profile);
+  :func:`stage_bytes` for how they come from a profile). With recomputation
+  (``planner.recompute``) the stage keeps less, and a B holds what one layer
+  rebuilds (``StageBytes.rebuilt``) while it runs; a split backward rebuilds the
+  whole stage's activations in its BI and holds them until its BW ends
+  (``StageBytes.rebuilt_split``), since the weight gradients need them;
 - outgoing gradients: an input gradient from the end of the B/BI that makes it
   until its SEND hands it to the transport;
 - receive buffers: receives are posted ``recv_lookahead`` ahead, each into a
@@ -40,6 +44,7 @@ from typing import Callable, NamedTuple
 
 from planner.profile import ModelProfile
 from planner.program import Action, Kind, Program
+from planner.recompute import all_rebuilt_bytes, kept_bytes, layer_kept_bytes, rebuilt_bytes
 
 _F, _B, _BI, _BW = Kind.F, Kind.B, Kind.BI, Kind.BW
 _SEND, _RECV, _ALLREDUCE, _STEP = Kind.SEND, Kind.RECV, Kind.ALLREDUCE, Kind.STEP
@@ -51,38 +56,46 @@ RECV_LOOKAHEAD = 8
 
 class StageBytes(NamedTuple):
     """What one stage weighs: parameter bytes, and per microbatch in flight the bytes kept for backward
-    (the received input excluded) and the output kept until backward (0 on the last stage)."""
+    (the received input excluded) and the output kept until backward (0 on the last stage); with
+    recomputation, what a B holds beyond that while it runs (``rebuilt``) and what a BI rebuilds and holds
+    until its BW ends (``rebuilt_split``)."""
 
     params: float
     saved: float
     output: float = 0.0
+    rebuilt: float = 0.0
+    rebuilt_split: float = 0.0
 
 
 def round_function(program: Program) -> Callable[[int, int], int]:
     """``round_of(stage, mb)``: the optimizer round a backward's gradient joins, as the executor counts rounds."""
     if program.spec.family == "pipedream":  # a replica's k-th minibatch
-        reps = [len(ws) for ws in program.stage_workers]
+        reps = [program.replica_count(s) for s in range(len(program.stage_workers))]
         return lambda stage, mb: mb // reps[stage]
     m = program.spec.microbatches  # a batch
     return lambda stage, mb: mb // m
 
 
-def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch_size: int) -> list[StageBytes]:
+def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch_size: int,
+                recompute: str = "none") -> list[StageBytes]:
     """Per stage: parameter bytes, and per microbatch the bytes kept for backward and the output kept until then.
 
     A stage after the first gets its input in a receive buffer, which ``sim.memory`` counts as such;
-    its first layer's saved bytes are taken to include that input (up to the input's size), as a layer
+    its first layer's kept bytes are taken to include that input (up to the input's size), as a layer
     that keeps its input for backward does (linear, convolution, normalisation, emulated layers).
-    The last stage's output is the loss, a scalar, and is not counted.
+    The last stage's output is the loss, a scalar, and is not counted. ``recompute``: what the stage
+    keeps and rebuilds (``planner.recompute``).
     """
     out = []
     last = len(layers) - 1
     for s, (a, b) in enumerate(layers):
-        saved = profile.saved_bytes(a, b)
+        saved = kept_bytes(profile, a, b, recompute)
         if s > 0:
-            saved -= min(profile.layers[a].saved_bytes, profile.layers[a - 1].activation_bytes)
+            saved -= min(layer_kept_bytes(profile, a, recompute), profile.layers[a - 1].activation_bytes)
         output = profile.layers[b].activation_bytes if s < last else 0.0
-        out.append(StageBytes(profile.param_bytes(a, b), saved * microbatch_size, output * microbatch_size))
+        k = microbatch_size
+        out.append(StageBytes(profile.param_bytes(a, b), saved * k, output * k, rebuilt_bytes(profile, a, b, recompute) * k,
+                              all_rebuilt_bytes(profile, a, b, recompute) * k))
     return out
 
 
@@ -170,7 +183,12 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
             held += ent[0]
             start = held + pool.nbytes
         else:
+            if k is _BI and (s, mb) in entries and stages[s].rebuilt_split:  # rebuilt now, freed with the entry
+                entries[(s, mb)][0] += stages[s].rebuilt_split
+                held += stages[s].rebuilt_split
             start = held + pool.nbytes
+            if k is _B:
+                start += stages[s].rebuilt
             if k is _B or k is _BW:
                 r = round_of(s, mb)
                 if r not in rounds[s]:

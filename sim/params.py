@@ -7,6 +7,7 @@ from sim.memory import RECV_LOOKAHEAD
 from topologies.errors import InputError
 
 ALLREDUCE_ALGORITHMS = ("ring", "hierarchical", "auto")
+TP_RINGS = ("fused", "phases")
 
 
 class SimError(InputError):
@@ -52,6 +53,10 @@ class SimParams:
         allreduce: "ring" over all replicas, "hierarchical" (reduce inside each server, ring
             across servers, broadcast inside), or "auto" (hierarchical when the replicas span
             several servers and some server holds more than one).
+        tp_ring: how a tensor-parallel all-reduce inside a compute action runs on the links: "fused" (one
+            phase of 2(T − 1)/T of the bytes per neighbour pair plus the later phases' latencies: the ring's
+            cost on free links, one flow event per pair) or "phases" (the ring's 2(T − 1) phases one after
+            another); see ``sim.collectives``.
         use_symmetry: simulate one representative per set of identical stage replicas when
             that is exact (see ``sim.engine``); the trace is the same either way.
         link_events: record one event per link hop of every transfer (link lanes "u->v").
@@ -71,12 +76,15 @@ class SimParams:
     jitter: float = 0.0
     seed: int = 0
     allreduce: str = "auto"
+    tp_ring: str = "fused"
     use_symmetry: bool = True
     link_events: bool = True
 
     def __post_init__(self) -> None:
         if self.allreduce not in ALLREDUCE_ALGORITHMS:
             raise SimError(f"unknown all-reduce algorithm {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_ALGORITHMS)}")
+        if self.tp_ring not in TP_RINGS:
+            raise SimError(f"unknown tp_ring {self.tp_ring!r}; choose one of {', '.join(TP_RINGS)}")
         if not 0.0 <= self.bi_fraction <= 1.0:
             raise SimError(f"bi_fraction must lie in [0, 1] (got {self.bi_fraction})")
         if self.recv_lookahead < 0 or int(self.recv_lookahead) != self.recv_lookahead:

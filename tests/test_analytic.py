@@ -187,3 +187,16 @@ def test_profile_with_tp_fields_round_trips_and_an_old_profile_loads_with_defaul
     q = ModelProfile.from_dict(old)
     assert q.tensor_parallel == 1 and q.layers[0].tp_forward_allreduces == 0
     assert "tp_forward_allreduces" not in transformer_profile(GPT_EVEN).to_dict()["layers"][0]
+
+
+def test_load_model_with_a_device_calibration_times_by_the_efficiency_model_per_tp_rank():
+    from planner.efficiency import DeviceCalibration, EfficiencyParams
+
+    cal = DeviceCalibration("h100", EfficiencyParams(0.7, 0.8, 5e-6, 20e-6, 0.0, 4.0))
+    p = load_model("gpt3-1.3b", calibration=cal, tensor_parallel=2, microbatch_size=4)
+    ref = transformer_profile(PRESETS["gpt3-1.3b"], "h100", tensor_parallel=2, microbatch_size=4,
+                              efficiency=cal.params, vocab_multiple=128)
+    assert p.layers == ref.layers and p.device == "h100" and p.microbatch_size == 4
+    assert load_model("gpt3-1.3b") == transformer_profile(PRESETS["gpt3-1.3b"], name="gpt3-1.3b@a100-80gb")
+    with pytest.raises(ModelSpecError, match="calibration is for h100"):
+        load_model("gpt3-1.3b@a100", calibration=cal)

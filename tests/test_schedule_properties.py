@@ -23,9 +23,10 @@ def specs(draw, family: str):
     P = draw(st.integers(1, 16))
     if fam.multi_stage:
         V = fam.chunks or draw(st.integers(1, 4))
-        M = draw(st.integers(1, 64))
-        spec = make_spec(family, P, M, chunks=V, batches=draw(st.integers(1, 2)))
-        try:  # what the family needs beyond the shared checks (e.g. M a multiple of P)
+        R = draw(st.integers(1, 3)) if fam.replicable else 1
+        M = draw(st.integers(R, 64))
+        spec = make_spec(family, P, M, (R,) * (P * V), chunks=V, batches=draw(st.integers(1, 2)))
+        try:  # what the family needs beyond the shared checks
             REQUIRES.get(family, lambda s: None)(spec)
         except ScheduleError:
             assume(False)

@@ -10,6 +10,7 @@ from planner.lowering import plan_to_program, tensor_expand, worker_devices
 from planner.plan import Plan, PlanError, StagePlan, even_plan, plan_from_flags
 from planner.profile import Layer, ModelProfile, uniform_profile
 from planner.program import Action, Kind, Program
+from topologies.presets import load_topology
 from planner.recompute import extra_forward_s, kept_bytes, rebuilt_bytes, recompute_mode
 
 FAMILIES = ("gpipe", "1f1b", "pipedream", "2bw", "zb-h1")
@@ -139,3 +140,248 @@ def test_attention_fields_survive_json_and_old_profiles_write_unchanged():
     assert ModelProfile.from_dict(p.to_dict()) == p
     assert "attention_saved_bytes" not in p.to_dict()["layers"][0]
     assert p.scaled(4).layers[1].attention_forward_s == 2.0
+
+
+# --- the simulator ------------------------------------------------------------------------------
+def _tp_profile(T, layers=1, fwd=1.0, bwd=2.0, tp_bytes=4e6, act=0.0, params=0.0, attn_s=0.0, attn_bytes=0.0):
+    """Per-TP-rank layers like a Megatron block: 2 TP all-reduces in forward and 2 in backward."""
+    layer = Layer("block", fwd, bwd, act, act, params, tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=2,
+                  tp_backward_allreduces=2, attention_saved_bytes=attn_bytes, attention_forward_s=attn_s)
+    return ModelProfile("tp", (layer,) * layers, tensor_parallel=T)
+
+
+def _ring_s(n, nbytes, bw=1e9, hop_latency=1e-6):
+    """Ring all-reduce on a star: 2(n − 1) phases, each a device → switch → device hop pair and S/n bytes."""
+    return 2 * (n - 1) * (2 * hop_latency + nbytes / n / bw)
+
+
+def _compute_events(trace):
+    return [e for e in trace.events if isinstance(e.lane, int) and e.is_compute]
+
+
+@pytest.mark.parametrize("T", [2, 3, 4, 8])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("tp_ring", ["fused", "phases"])
+def test_tp_all_reduces_inside_compute_cost_the_ring_closed_form(T, recompute, tp_ring):
+    from sim import SimParams, simulate_plan
+    from tests.test_sim import star
+
+    S = 4e6
+    prof = _tp_profile(T, attn_s=0.25, attn_bytes=10.0)
+    topo = star(T, bandwidth=1e9, latency=1e-6)
+    plan = plan_from_flags("m", 1, pp=1, tp=T, microbatches=2, recompute=recompute, devices=topo.devices)
+    trace = simulate_plan(plan, prof, topo, SimParams(tp_ring=tp_ring))
+    ar = _ring_s(T, S)
+    redo = {"none": 0.0, "selective": 0.25, "full": 1.0 + 2 * ar}  # full re-runs the forward with its all-reduces
+    events = _compute_events(trace)
+    assert len(events) == 2 * 2 * T
+    for e in events:
+        want = 1.0 + 2 * ar if e.kind == "F" else 2.0 + 2 * ar + redo[recompute]
+        assert e.duration_s == pytest.approx(want, rel=1e-9), e
+    assert trace.meta["tensor_parallel"] == T
+    # the flows are on the links: each device sends 2(T − 1)/T · S per all-reduce, 4 + (2 under full) per microbatch
+    n_ar = 2 * (4 + (2 if recompute == "full" else 0))
+    from sim import bytes_per_link
+
+    assert bytes_per_link(trace)["d0->sw"] == pytest.approx(n_ar * 2 * (T - 1) / T * S)
+
+
+def test_data_parallel_all_reduce_runs_among_the_replicas_of_one_tp_rank():
+    from sim import simulate_plan
+    from tests.test_sim import star
+
+    P_BYTES = 8e6
+    prof = _tp_profile(2, tp_bytes=0.0, params=P_BYTES)
+    topo = star(4, bandwidth=1e9, latency=1e-6)
+    plan = plan_from_flags("m", 1, pp=1, dp=2, tp=2, microbatches=2, devices=topo.devices)
+    trace = simulate_plan(plan, prof, topo)
+    ar = [e for e in trace.events if e.kind == "ALLREDUCE"]
+    assert sorted(e.lane for e in ar) == [0, 1, 2, 3]
+    for e in ar:  # two concurrent rings of 2 (w0-w2, w1-w3) on disjoint links: each the closed form
+        assert e.duration_s == pytest.approx(_ring_s(2, P_BYTES), rel=1e-9)
+
+
+def test_tp_all_reduces_contend_with_pipeline_sends_on_shared_links():
+    from sim import simulate_plan
+    from tests.test_sim import star
+
+    T, S = 2, 4e6
+    topo = star(4, bandwidth=1e9, latency=1e-6)
+    durations = {}
+    for act in (0.0, 400e6):  # stage 1's device links carry the next microbatch's activation (0.4 s) while it computes
+        prof = _tp_profile(T, layers=2, fwd=0.1, bwd=0.2, tp_bytes=S, act=act)
+        plan = plan_from_flags("m", 2, pp=2, tp=T, microbatches=4, devices=topo.devices)
+        trace = simulate_plan(plan, prof, topo)
+        durations[act] = max(e.duration_s for e in _compute_events(trace) if e.lane == 2 and e.kind == "F")
+    assert durations[0.0] == pytest.approx(0.1 + 2 * _ring_s(T, S), rel=1e-9)
+    assert durations[400e6] > durations[0.0] * 1.01
+
+
+def test_a_profile_for_another_tp_degree_is_refused():
+    from sim import SimError, simulate_plan
+
+    plan = plan_from_flags("m", 1, pp=1, tp=2, microbatches=1)
+    with pytest.raises(SimError, match="tensor parallelism 2 but the profile 'tp' is per rank of tensor parallelism 4"):
+        simulate_plan(plan, _tp_profile(4), load_topology("ideal:2"))
+
+
+def test_recomputation_changes_simulated_memory_as_planner_recompute_says():
+    from sim import simulate_plan
+
+    # 4 layers, each keeps 100 bytes and rebuilds 60 under selective; its input (activation of the previous layer) is 10
+    layer = Layer("l", 1.0, 2.0, 10.0, 100.0, 0.0, attention_saved_bytes=60.0, attention_forward_s=0.5)
+    prof = ModelProfile("m", (layer,) * 4)
+    topo = load_topology("ideal:1")
+    peaks = {}
+    for mode in ("none", "selective", "full"):
+        plan = plan_from_flags("m", 4, pp=1, microbatches=3, schedule="gpipe", recompute=mode, devices=topo.devices)
+        peaks[mode] = max(m.nbytes for m in simulate_plan(plan, prof, topo).memory)
+    # GPipe on one device: 3 microbatches in flight, then one layer's rebuild during a backward
+    assert peaks == {"none": 3 * 400, "selective": 3 * 4 * 40 + 60, "full": 3 * (100 + 3 * 10) + (100 - 10)}
+
+
+# --- plan, whatif and simulate cost a recomputed plan the same -------------------------------------
+@pytest.mark.parametrize("recompute", [True, "selective"])
+def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp_path):
+    """The functions behind `pipetwin plan` (planner.search.plan_model), `pipetwin whatif` (whatif.plan_point,
+    then the simulator on its plan) and `pipetwin simulate` (sim.simulate_plan) on one recomputed plan.
+
+    Layers send no activations (no receive buffers or stage outputs, which only the simulator counts), so the
+    cost model's closed forms are exact here: time t·(M + P − 1) with t the stage's forward, backward and
+    re-run forward; memory weights, gradients, momentum and what planner.recompute keeps and rebuilds."""
+    from planner.costmodel import OPTIMIZER_STATE
+    from planner.search import plan_model
+    from planner.trace import peak_memory_bytes, time_per_batch_s
+    from sim import SimParams, simulate_plan
+    from whatif.points import SweepPoint, plan_point, point_cluster, point_profile
+
+    layer = Layer("l", 1e-3, 2e-3, 0.0, 5e8, 1e9, attention_saved_bytes=3e8, attention_forward_s=4e-4)
+    path = tmp_path / "model.json"
+    ModelProfile("m", (layer,) * 8).save(path)
+    point = SweepPoint(str(path), 4, "a100-80gb", "ideal", schedule="1f1b", global_batch=16, optimizer="sgd",
+                       recompute=recompute is True)
+    profile, topo = point_profile(point.model, point.device_kind), point_cluster("ideal", 4, "a100-80gb")
+    planned = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd")
+    best = planned.best_candidate
+    plan = best.plan
+    assert plan.recompute == ("full" if recompute is True else "selective")
+    trace = simulate_plan(plan, profile, topo, SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"]))
+    sim_peak = max(peak_memory_bytes(trace).values())
+    assert time_per_batch_s(trace) == pytest.approx(best.time_per_batch_s, rel=1e-9)
+    assert sim_peak == pytest.approx(max(best.peak_memory_bytes.values()), rel=1e-9)
+    if recompute is True:  # whatif's own planning of the point, and its simulation of the plan it chose
+        rec = plan_point(point)
+        assert Plan.from_dict(rec.plan) == plan
+        assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
+        assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
+
+
+def test_full_recomputation_leaves_layers_that_are_not_recomputable_alone():
+    """Megatron checkpoints the blocks; the embedding and the head keep their activations (planner.analytic)."""
+    from dataclasses import replace
+
+    p = _profile()
+    q = replace(p, layers=(replace(p.layers[0], recomputable=False),) + p.layers[1:])
+    assert extra_forward_s(q, 0, 2, "full") == 5.0
+    assert kept_bytes(q, 0, 2, "full") == 30 + 10 + 20
+    assert kept_bytes(q, 0, 0, "full") == 30 and rebuilt_bytes(q, 0, 0, "full") == 0.0
+    assert ModelProfile.from_dict(q.to_dict()) == q and "recomputable" not in p.to_dict()["layers"][0]
+    from planner.analytic import load_model
+
+    gpt = load_model("gpt3-125m")
+    assert [l.recomputable for l in (gpt.layers[0], gpt.layers[1], gpt.layers[-1])] == [False, True, False]
+
+
+# --- interleaved 1F1B with replicas --------------------------------------------------------------
+@pytest.mark.parametrize("P,V,R,M", [(2, 2, 2, 8), (4, 2, 2, 16), (2, 3, 3, 12)])
+def test_interleaved_replicas_each_run_the_unreplicated_schedule_on_their_own_microbatches(P, V, R, M):
+    from planner.schedules import generate, make_spec
+
+    one = generate(make_spec("interleaved", P, M // R, chunks=V))
+    rep = generate(make_spec("interleaved", P, M, replicas=(R,) * (P * V), chunks=V))
+    for d in range(P):
+        for r in range(R):
+            got = [(a.stage, a.kind, a.mb) for a in rep[d * R + r] if a.is_compute]
+            want = [(a.stage, a.kind, a.mb * R + r) for a in one[d] if a.is_compute]
+            assert got == want
+            assert sum(a.kind is Kind.ALLREDUCE for a in rep[d * R + r]) == V  # one per chunk per batch
+
+
+def test_interleaved_with_replicas_and_tp_simulates_as_its_replica_pipeline_alone():
+    from dataclasses import replace
+
+    from planner.trace import time_per_batch_s
+    from sim import simulate_plan
+
+    prof = uniform_profile(8, 1e-3, 2e-3)
+    topo = load_topology("ideal:8")
+    one = plan_from_flags("m", 8, pp=2, vp=2, schedule="interleaved", microbatches=4, devices=topo.devices)
+    grid = plan_from_flags("m", 8, pp=2, dp=2, tp=2, vp=2, schedule="interleaved", microbatches=8, devices=topo.devices)
+    assert time_per_batch_s(simulate_plan(grid, replace(prof, tensor_parallel=2), topo)) == \
+        pytest.approx(time_per_batch_s(simulate_plan(one, prof, topo)), rel=1e-12)
+
+
+def test_interleaved_refuses_uneven_replicas_in_one_line():
+    from planner.schedules import ScheduleError, generate, make_spec
+
+    with pytest.raises(ScheduleError, match="same replica count"):
+        generate(make_spec("interleaved", 2, 8, replicas=(2, 1, 2, 1), chunks=2))
+    # interleaved takes any M now (h3): 6 microbatches over 2 replicas of a 2-deep pipeline run, 3 per replica
+    prog = generate(make_spec("interleaved", 2, 6, replicas=(2,) * 4, chunks=2))
+    assert sorted(a.mb for a in prog[1] if a.kind is Kind.F and a.stage == 0) == [1, 3, 5]
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_the_cost_model_prices_tp_all_reduces_as_the_simulator_runs_them(recompute):
+    """Two stages of two TP ranks on a star, no activations crossing: each stage's TP rings use their own
+    device links, so the simulator is the cost model's closed form t·(M + P − 1), t with the rings in it."""
+    from planner.costmodel import CostOptions, evaluate
+    from planner.trace import peak_memory_bytes, time_per_batch_s
+    from sim import SimParams, simulate_plan
+    from tests.test_sim import star
+
+    prof = _tp_profile(2, layers=4, fwd=1e-3, bwd=2e-3, tp_bytes=4e6, params=1e6)
+    topo = star(4, bandwidth=1e9, latency=1e-6)
+    plan = plan_from_flags("m", 4, pp=2, tp=2, microbatches=6, recompute=recompute, devices=topo.devices)
+    cand = evaluate(plan, prof, topo, CostOptions(optimizer="none", link_load=False))
+    trace = simulate_plan(plan, prof, topo, SimParams(optimizer_state_factor=0.0))
+    # the pipeline's (empty) messages still pay their 2 us route latency on the fill and drain, which the
+    # cost model's bubble leaves out: 12 us of 266 ms
+    assert time_per_batch_s(trace) == pytest.approx(cand.time_per_batch_s, abs=12.5e-6)
+    ar = _ring_s(2, 4e6)
+    per_stage = 2 * (3e-3 + 4 * ar) + (2 * (1e-3 + 2 * ar) if recompute == "full" else 0.0)  # 2 layers
+    assert cand.time_per_batch_s == pytest.approx(per_stage * (6 + 1), rel=1e-9)
+    assert max(peak_memory_bytes(trace).values()) == pytest.approx(max(cand.peak_memory_bytes.values()), rel=1e-9)
+
+
+def test_tp_all_reduces_on_free_links_cost_nothing_and_every_rank_goes_on():
+    from planner.trace import time_per_batch_s
+    from sim import simulate_plan
+
+    topo = load_topology("ideal:8")
+    plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
+    trace = simulate_plan(plan, _tp_profile(2, layers=2), topo)
+    assert time_per_batch_s(trace) == pytest.approx((4 // 2 + 1) * 3.0)  # 1F1B of 2 microbatches per replica
+
+
+def test_plan_model_costs_a_fixed_grid_for_every_family_the_schedule_takes():
+    from planner.analytic import load_model
+    from planner.costmodel import CostOptions, evaluate
+    from planner.search import plan_model
+
+    prof = load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128", tensor_parallel=2)
+    topo = load_topology("dgx:servers=2,gpus=4")
+    res = plan_model(prof, topo, grid=(2, 2, 2, 1), microbatches=4, recompute="full", optimizer="adam", top_k=10)
+    fams = {c.plan.schedule for c in res.candidates}
+    assert fams == {"gpipe", "1f1b", "pipedream", "2bw", "zb-h1"}
+    for c in res.candidates:
+        want = plan_from_flags(prof.name, len(prof), pp=2, dp=2, tp=2, schedule=c.plan.schedule, microbatches=4,
+                               recompute="full", devices=topo.devices)
+        assert c.plan.stages == want.stages and c.plan.tensor_parallel == 2 and c.plan.recompute == "full"
+        assert c.time_per_batch_s == evaluate(want, prof, topo, CostOptions(recompute="full", optimizer="adam")).time_per_batch_s
+    inter = plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=4, schedule="auto")
+    assert {c.plan.schedule for c in inter.candidates} == {"interleaved"} and inter.best.chunks == 2
+    with pytest.raises(PlanError, match="no schedule of interleaved runs --tp 2 --pp 2 --dp 2 --vp 2"):
+        plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=1, schedule="interleaved")  # 2 replicas, 1 microbatch (any M >= replicas runs since h3)
+    with pytest.raises(PlanError, match="per rank of 1"):
+        plan_model(load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"), topo, grid=(2, 2, 2, 1))

@@ -16,8 +16,11 @@ from planner.profile import uniform_profile
 from sim.engine import simulate_plan
 from sim.params import SimParams
 from topologies.presets import load_topology
-from validation.calibrate import (Calibration, ComputeRow, LinkSegment, chain_saved_bytes, compute_rows, fit_compute,
-                                  fit_links, with_action_cost)
+from topologies.errors import InputError
+from validation.calibrate import Calibration
+from validation.compute import ComputeRow, compute_rows, fit_compute, with_action_cost
+from validation.links import LinkSegment, fit_links
+from validation.measure import chain_saved_bytes
 from validation.compare import best_agrees, compare_traces, rel_error, spearman, summarize
 from validation.configs import CALIBRATION, FULL, QUICK, check_hold_out
 
@@ -221,18 +224,18 @@ def test_validate_quick_end_to_end(tmp_path):
 def test_runs_compute_where_the_profile_was_taken():
     """run_options: CPU runs always use gloo (on a machine with GPUs, "auto" would otherwise pick NCCL and the
     GPUs for runs profiled on the CPU); a GPU keeps the asked backend; nonsense is refused with what to do."""
-    from validation.calibrate import CalibrationError, run_options
+    from validation.measure import run_options
 
     assert run_options("cpu", "auto") == {"device": "cpu", "backend": "gloo"}
     assert run_options("cpu", "gloo") == {"device": "cpu", "backend": "gloo"}
-    with pytest.raises(CalibrationError, match="--device cuda, or --backend gloo"):
+    with pytest.raises(InputError, match="use --device cuda .*or --backend gloo"):
         run_options("cpu", "nccl")
-    with pytest.raises(CalibrationError, match="choose cpu or cuda"):
+    with pytest.raises(InputError, match="choose cpu or cuda"):
         run_options("tpu")
-    with pytest.raises(CalibrationError, match="choose auto, gloo or nccl"):
+    with pytest.raises(InputError, match="choose auto, gloo or nccl"):
         run_options("cpu", "mpi")
     if not torch.cuda.is_available():
-        with pytest.raises(CalibrationError, match="no GPU that torch can use; use --device cpu"):
+        with pytest.raises(InputError, match="no GPU that torch can use; use --device cpu"):
             run_options("cuda", "auto")
 
 
@@ -240,7 +243,7 @@ def test_one_backend_is_chosen_for_the_widest_run(monkeypatch):
     """On GPUs "auto" resolves once, for the widest run: NCCL only when it has a GPU per worker, else gloo for
     every run (a calibration must not fit NCCL and gloo messages as one link); "nccl" on too few GPUs is
     refused with what to do instead."""
-    from validation.calibrate import CalibrationError, run_options
+    from validation.measure import run_options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -248,7 +251,7 @@ def test_one_backend_is_chosen_for_the_widest_run(monkeypatch):
     assert run_options("cuda", "auto", 8) == {"device": "cuda", "backend": "gloo"}
     assert run_options("cuda", "gloo", 2) == {"device": "cuda", "backend": "gloo"}
     assert run_options("cpu", "auto", 2) == {"device": "cpu", "backend": "gloo"}  # GPUs there or not
-    with pytest.raises(CalibrationError, match="largest run has 8 workers, this machine 4 GPUs; use --backend gloo"):
+    with pytest.raises(InputError, match="the run has 8 workers, this machine 4 GPUs; use --backend gloo"):
         run_options("cuda", "nccl", 8)
 
 
@@ -258,42 +261,38 @@ def test_validate_on_cuda_profiles_times_and_runs_everything_there(monkeypatch):
     """run_matrix(device="cuda") on this CPU machine with the device calls recorded (the runs themselves go to
     the CPU): the profile, the accumulation timing and every launch ask for the GPU, the launches keep the asked
     backend, and the loopback link benchmark (host memory, not the GPUs' links) is never run."""
-    import executor.launch
-    import executor.profiler
-    from validation import calibrate as cal_mod
+    from executor.launch import run_plan
+    from executor.profiler import profile_model
     from validation import matrix
     from validation.configs import QUICK
+    from validation.measure import Instruments, accumulate_s_per_byte
 
     asked = {"profile": [], "accumulate": [], "run": []}
-    real_profile, real_acc, real_run = executor.profiler.profile_model, cal_mod.accumulate_s_per_byte, executor.launch.run_plan
 
     def profile(*a, device="cpu", **kw):
         asked["profile"].append(device)
-        return real_profile(*a, **kw)
+        return profile_model(*a, **kw)
 
     def accumulate(*a, device="cpu", **kw):
         asked["accumulate"].append(device)
-        return real_acc(*a, **kw)
+        return accumulate_s_per_byte(*a, **kw)
 
     def run(plan, timeout_s=60.0, device="auto", backend="auto", **kw):
         asked["run"].append((device, backend))
-        return real_run(plan, timeout_s=timeout_s, device="cpu", backend="gloo", **kw)
+        return run_plan(plan, timeout_s=timeout_s, device="cpu", backend="gloo", **kw)
 
     def no_links(*a, **kw):
         raise AssertionError("the loopback link benchmark ran for a GPU matrix")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    recording = Instruments(launch=run, profile=profile, accumulate=accumulate, links=no_links)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs, as torch sees it
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(executor.profiler, "profile_model", profile)
-    monkeypatch.setattr(cal_mod, "accumulate_s_per_byte", accumulate)
-    monkeypatch.setattr(executor.launch, "run_plan", run)
-    monkeypatch.setattr(matrix, "measure_links", no_links)
     mlp = [c for c in QUICK if c.model == "mlp"][:1]
-    with pytest.raises(cal_mod.CalibrationError, match="needs a GPU per worker"):  # emu's widest run has 8
+    with pytest.raises(InputError, match="needs one GPU per worker"):  # emu's widest run has 8
         matrix.run_matrix(configs=mlp + [c for c in QUICK if c.model == "emu"], repeats=1, device="cuda",
-                          backend="nccl")
+                          backend="nccl", instruments=recording)
     assert not asked["run"] and not asked["profile"]  # refused before anything ran
-    res = matrix.run_matrix(configs=mlp, repeats=1, device="cuda", backend="auto")
+    res = matrix.run_matrix(configs=mlp, repeats=1, device="cuda", backend="auto", instruments=recording)
     assert asked["profile"] == ["cuda"] and asked["accumulate"] == ["cuda"]
     # two calibration runs and one scored, all on NCCL: 2 workers, 2 GPUs
     assert len(asked["run"]) == 3 and set(asked["run"]) == {("cuda", "nccl")}
@@ -314,31 +313,38 @@ def test_cli_refuses_a_device_it_cannot_use_in_one_line(argv, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
 
 
-def test_repeated_launches_score_the_median_throughput_run(monkeypatch):
-    """run_config(repeats=3) launches three times and scores the launch of median throughput."""
+def test_repeated_launches_score_the_median_throughput_run():
+    """run_config(repeats=3) launches three times and scores the launch of median throughput: three real traces
+    of the configuration's plan (simulated at three speeds) stand in for the launches."""
     import types
 
-    import executor.launch
-    import planner.trace
+    from planner.trace import throughput_samples_per_s
     from validation import matrix
     from validation.configs import QUICK
+    from validation.measure import Instruments
 
-    rates = iter([30.0, 10.0, 20.0])
-    launched = []
+    cfg = QUICK[0]
+    plan = cfg.plan()
+    topo = load_topology(f"local:{len(plan.devices)}")
+    layers = plan.stages[-1].last_layer + 1
+    traces = [simulate_plan(plan, uniform_profile(layers, 1e-3 * k, 2e-3 * k, act=1024), topo)
+              for k in (1.0, 3.0, 1.5)]  # fastest, slowest, the median
+    launches = iter(traces)
+    asked = []
 
-    def fake_run(plan, timeout_s, **where):
-        assert where == {"device": "cpu", "backend": "gloo"}  # the CPU profile's runs stay on the CPU
-        t = types.SimpleNamespace(rate=next(rates), meta={"device_kind": "cpu", "backend": "gloo"})
-        launched.append(t)
-        return types.SimpleNamespace(trace=t)
+    def launch(p, timeout_s, **where):
+        asked.append(where)
+        return types.SimpleNamespace(trace=next(launches))
 
-    monkeypatch.setattr(executor.launch, "run_plan", fake_run)
-    monkeypatch.setattr(planner.trace, "throughput_samples_per_s", lambda t: t.rate)
-    monkeypatch.setattr(matrix, "compare_traces", lambda pred, meas: {"measured_rate": meas.rate})
-    cal = types.SimpleNamespace(simulate=lambda plan: "predicted")
-    row, pred, meas = matrix.run_config(QUICK[0], cal, repeats=3)
-    assert len(launched) == 3 and meas.rate == 20.0 and row["measured_rate"] == 20.0 and pred == "predicted"
-    assert row["measured_runs"] == [10.0, 20.0, 30.0] and row["run_spread"] == pytest.approx(1.0)
+    cal = types.SimpleNamespace(simulate=lambda p: traces[0])
+    row, pred, meas = matrix.run_config(cfg, cal, repeats=3, instruments=Instruments(launch=launch))
+    assert asked == [{"device": "cpu", "backend": "gloo"}] * 3  # the CPU profile's runs stay on the CPU
+    rates = [throughput_samples_per_s(t) for t in traces]
+    assert rates[1] < rates[2] < rates[0]
+    assert meas is traces[2] and pred is traces[0]
+    assert row["measured_runs"] == sorted(rates)
+    assert row["error"]["throughput_samples_per_s"] == pytest.approx(rates[0] / rates[2] - 1)
+    assert row["run_spread"] == pytest.approx((rates[0] - rates[1]) / rates[2])
 
 
 def test_run_to_run_spread_is_kept_with_every_launch():
@@ -394,7 +400,7 @@ def test_compute_rows_take_the_accumulation_off_the_backwards_that_add():
     tr = simulate_plan(plan, prof, topo, SimParams(overhead_s=1e-4, accumulate_s_per_byte=per_byte))
     acc = [per_byte * prof.param_bytes(*sp.layers) for sp in plan.stages]
     assert acc[0] == pytest.approx(2 * (1 << 20) * per_byte)
-    from validation.calibrate import accumulation_s
+    from validation.accumulation import accumulation_s
 
     paid = compute_rows(tr, plan, prof, adds=accumulation_s(tr, plan, acc))
     raw = compute_rows(tr, plan, prof)
@@ -407,7 +413,7 @@ def test_compute_rows_take_the_accumulation_off_the_backwards_that_add():
 def test_link_model_puts_the_pipeline_excess_into_the_receiver_wake_up():
     """With benchmark points the links keep the benchmark's latency and bandwidth, and a pipeline message's
     time beyond overhead + link time becomes recv_wake_s; without them the latency carries it all."""
-    from validation.calibrate import fit_link_model
+    from validation.links import fit_link_model
 
     lat, bw, ovh, wake = 5e-5, 5e9, 4e-5, 3e-4
     bench = [(float(b), lat + b / bw) for b in (256, 4096, 65536, 1 << 20)]
@@ -447,7 +453,8 @@ def test_ready_durations_find_exactly_the_receives_the_simulator_found_their_mes
     arrived, and ready_durations, given the same link, returns those RECVs' durations and no other RECV's,
     activation and gradient receives alike."""
     from planner.program import Action
-    from validation.calibrate import ready_durations, steady_events
+    from validation.events import steady_events
+    from validation.links import ready_durations
 
     ovh, wake, ready = 2e-5, 1.4e-4, 2.7e-4
     lat, bw = 5e-5, 1e9
@@ -502,7 +509,8 @@ def test_cli_calibrate_writes_files_that_simulate_takes(tmp_path):
 def test_split_backward_share_is_fitted_without_the_accumulation():
     """A zb-h1 trace simulated with bi_fraction 0.3 and a gradient-accumulation cost on the adding BWs gives back
     0.3 once those costs are taken off (and a smaller share without: the accumulation would count as BW)."""
-    from validation.calibrate import accumulation_s, fit_bi_fraction
+    from validation.accumulation import accumulation_s
+    from validation.compute import fit_bi_fraction
 
     prof = uniform_profile(4, 2e-3, 4e-3, act=1024, params=1 << 20)
     plan = even_plan("m", 4, 2, schedule="zb-h1", microbatches=6, batches=2)

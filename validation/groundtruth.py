@@ -1,20 +1,82 @@
 """Ground truth on real GPUs: vTrain's published A100 runs expressed as pipetwin plans, predicted and scored.
 
-The calibration rule (fixed before any row was scored, never changed by looking at
-errors): a row is a **calibration row** iff the SHA-256 of its canonical config string
-(:func:`canonical_config`), read as a big-endian integer, is 0 mod 5 — a fixed, seeded
-~20% split over both files. The efficiency model is fitted on calibration rows only and
-every other row is scored; a calibration row is never scored.
+Each row of ``ground_truth_single.csv`` (2–8 A100s) and ``ground_truth_multi.csv`` (64–512)
+is a Megatron-DeepSpeed GPT run: TP × DP × PP, micro and global batch, full activation
+recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
+
+* **Model**: ``planner.analytic.transformer_profile`` per TP rank (vocabulary 50,257 padded as
+  Megatron pads it, to a multiple of 128·T), timed by the fitted kernel-level efficiency model
+  (``planner.efficiency``) at the row's microbatch size.
+* **Cluster**: ``hier:8@nvswitch:1.5e+11,N@ib:1e+11,kind=a100-80gb`` — 8 A100s per node on
+  NVLink at ~150 GB/s, one 800 Gbit/s link per node. The 80 GB part: the 175B rows keep
+  2.7B parameters × 16 bytes per GPU, more than a 40 GB A100 holds.
+* **Placement**: Megatron's rank order (TP fastest, then DP, then PP; rank r on device ``d{r}``,
+  node r // 8). Layers: Megatron's even split of the L blocks over the P stages, the embedding
+  on the first, the final norm and head on the last.
+* **Iteration** (1F1B with flush): stage s's forward F_s (its layers plus its TP all-reduces on
+  the real links) and backward B_s (the recomputed forward of its blocks, with their TP
+  all-reduces, plus the backward and its TP all-reduces); p2p c_s between stage s and s + 1
+  (every DP replica's and TP rank's activation at once, on the links they share);
+  ``pipe = Σ(F_s + B_s) + (m − 1)·max(F_s + B_s) + 2·Σ c_s`` (warm-up, steady state, drain);
+  stage s's last backward ends ``Σ_{j<s}(B_j + c_j)`` before the pipe ends; then its DP gradient
+  all-reduce (fp32 gradients, all DP groups of the stage at once, ring or hierarchical as the
+  simulator chooses) and its Adam step; plus the fitted per-iteration overhead. This is the
+  **closed form**; where the simulator can run a row within the time budget it runs the same
+  plan (``sim``, symmetry reductions on) and its figure is the prediction — each row says which.
+  The command simulates the TP = 1 rows whose program fits the budget; TP > 1 rows take the closed
+  form, which equals the simulator (TP collectives as flows on the links) to rounding on small cases.
+  Megatron's full recomputation re-runs the blocks only, so the simulated profile carries it folded
+  into each block's backward (its forward time and its forward's TP all-reduces).
+
+The calibration rule (fixed before any row was scored, never changed by looking at errors):
+a row is a **calibration row** iff the SHA-256 of its canonical config string
+(:func:`canonical_config`), read as a big-endian integer, is 0 mod 5 — a fixed, seeded ~20%
+split over both files. The efficiency model is fitted on calibration rows only and every
+other row is scored; a calibration row is never scored.
+
+One module, longer than most, because the rule, the rows, their plans, the closed form and the
+scoring are one argument read top to bottom; the report lives in ``validation.groundtruth_report``
+and the extra published table in ``validation.groundtruth_published``.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from planner.analytic import (MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_work, embedding_work, head_work,
+                              transformer_profile)
+from planner.efficiency import (DEFAULT_PARAMS, DeviceCalibration, EfficiencyParams, Work, fit, optimizer_step_s,
+                                work_time_s)
+from planner.plan import Plan, StagePlan
+from planner.profile import ModelProfile
+from topologies.devices import device_kind
+from topologies.errors import InputError
+from topologies.presets import load_topology
+from topologies.topology import Topology
 
 #: A row is a calibration row iff sha256(canonical config) mod CALIBRATION_MODULUS == 0.
 CALIBRATION_MODULUS = 5
 #: The rule, in words, as reports and calibration files record it.
 CALIBRATION_RULE = ("calibration iff int(sha256(canonical config string), 16) % 5 == 0 "
                     "(canonical: file|gpus|global|micro|hidden|heads|layers|seq|tp|dp|pp)")
+#: What every vTrain run shares (its README and the issue): A100s, 8 per node, vocabulary 50,257.
+VTRAIN_KIND = "a100-80gb"
+GPUS_PER_NODE = 8
+NVLINK_BYTES_PER_S = 150e9
+NODE_LINK_BYTES_PER_S = 800e9 / 8
+VOCAB = 50257
+FILES = {"single": "ground_truth_single.csv", "multi": "ground_truth_multi.csv"}
+_COLUMNS = {"# GPUs": "gpus", "global batch": "global_batch", "micro batch": "micro_batch", "hidden size": "hidden",
+            "attention heads": "heads", "# layers": "layers", "sequence length": "seq", "tensor parallelism": "tp",
+            "data parallelism": "dp", "pipeline parallelism": "pp", "iteration time (ms)": "measured_ms"}
+
+
+class GroundTruthError(InputError):
+    """A ground-truth file that cannot be read; the message names file:line and what is wrong."""
 
 
 def canonical_config(source: str, gpus: int, global_batch: int, micro_batch: int, hidden: int, heads: int,
@@ -28,3 +90,516 @@ def canonical_config(source: str, gpus: int, global_batch: int, micro_batch: int
 def is_calibration(canonical: str) -> bool:
     """True iff the row whose canonical config string is ``canonical`` belongs to the calibration set."""
     return int(hashlib.sha256(canonical.encode("utf-8")).hexdigest(), 16) % CALIBRATION_MODULUS == 0
+
+
+# ---------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Row:
+    """One measured run."""
+
+    source: str  # "single" or "multi"
+    line: int
+    gpus: int
+    global_batch: int
+    micro_batch: int
+    hidden: int
+    heads: int
+    layers: int
+    seq: int
+    tp: int
+    dp: int
+    pp: int
+    measured_ms: float
+
+    @property
+    def canonical(self) -> str:
+        return canonical_config(self.source, self.gpus, self.global_batch, self.micro_batch, self.hidden, self.heads,
+                                self.layers, self.seq, self.tp, self.dp, self.pp)
+
+    @property
+    def calibration(self) -> bool:
+        return is_calibration(self.canonical)
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def shape(self) -> str:
+        return f"TP{self.tp}·DP{self.dp}·PP{self.pp}"
+
+    @property
+    def parallelism(self) -> str:
+        """Which degrees exceed 1: "DP", "TP+PP", ...; "none" for one GPU."""
+        used = [n for n, v in (("TP", self.tp), ("DP", self.dp), ("PP", self.pp)) if v > 1]
+        return "+".join(used) or "none"
+
+    @property
+    def model(self) -> str:
+        return f"h{self.hidden}·L{self.layers}·a{self.heads}·s{self.seq}"
+
+    def config(self) -> dict:
+        return {"source": self.source, "line": self.line, "gpus": self.gpus, "global_batch": self.global_batch,
+                "micro_batch": self.micro_batch, "hidden": self.hidden, "heads": self.heads, "layers": self.layers,
+                "seq": self.seq, "tp": self.tp, "dp": self.dp, "pp": self.pp}
+
+
+def read_rows(path: Path, source: str) -> list[Row]:
+    """The rows of one vTrain CSV (UTF-8 with or without BOM); a malformed line raises GroundTruthError naming it."""
+    if not path.is_file():
+        raise GroundTruthError(f"{path}: no such file; give --data the folder holding {', '.join(FILES.values())}")
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise GroundTruthError(f"{path}:1: the file is empty; expected a header with {', '.join(_COLUMNS)}") from None
+        missing = [c for c in _COLUMNS if c not in header]
+        if missing:
+            raise GroundTruthError(f"{path}:1: the header lacks {', '.join(repr(m) for m in missing)}")
+        index = {_COLUMNS[c]: header.index(c) for c in _COLUMNS}
+        rows = []
+        for lineno, cells in enumerate(reader, 2):
+            if not cells or not any(c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                raise GroundTruthError(f"{path}:{lineno}: {len(cells)} fields, the header has {len(header)}")
+            vals: dict = {}
+            for key, i in index.items():
+                text = cells[i].strip()
+                try:
+                    v = float(text)
+                except ValueError:
+                    raise GroundTruthError(f"{path}:{lineno}: {key}={text!r} is not a number") from None
+                if key != "measured_ms":
+                    if v != int(v) or v < 1:
+                        raise GroundTruthError(f"{path}:{lineno}: {key}={text!r} must be a positive whole number")
+                    v = int(v)
+                elif not (v > 0 and math.isfinite(v)):
+                    raise GroundTruthError(f"{path}:{lineno}: iteration time {text!r} must be a positive number of ms")
+                vals[key] = v
+            rows.append(Row(source, lineno, **vals))
+    return rows
+
+
+def load_rows(data: str | Path) -> list[Row]:
+    """Both vTrain files from the folder ``data``, single-node rows first."""
+    d = Path(data)
+    if not d.is_dir():
+        raise GroundTruthError(f"{d}: not a folder; give --data the folder holding {', '.join(FILES.values())}")
+    return [r for source, name in FILES.items() for r in read_rows(d / name, source)]
+
+
+def why_not_expressible(row: Row) -> str | None:
+    """None when pipetwin can express ``row`` as a plan, else why not."""
+    if row.tp * row.dp * row.pp != row.gpus:
+        return f"TP·DP·PP = {row.tp * row.dp * row.pp} is not the {row.gpus} GPUs"
+    if row.global_batch % (row.micro_batch * row.dp):
+        return f"global batch {row.global_batch} is not a multiple of micro {row.micro_batch} × DP {row.dp}"
+    if row.heads % row.tp or row.hidden % row.heads:
+        return f"TP {row.tp} does not divide the {row.heads} heads (or heads do not divide hidden {row.hidden})"
+    if row.layers < row.pp:
+        return f"{row.layers} layers cannot fill {row.pp} pipeline stages"
+    return None
+
+
+# ---------------------------------------------------------------------- the plan
+def row_config(row: Row) -> TransformerConfig:
+    return TransformerConfig(row.layers, row.hidden, row.heads, seq=row.seq, vocab=VOCAB)
+
+
+def topology_spec(gpus: int) -> str:
+    nodes = -(-gpus // GPUS_PER_NODE)
+    inter = f",{nodes}@ib:{NODE_LINK_BYTES_PER_S:g}" if nodes > 1 else ""
+    return f"hier:{GPUS_PER_NODE}@nvswitch:{NVLINK_BYTES_PER_S:g}{inter},kind={VTRAIN_KIND}"
+
+
+def device_of(row: Row, pp: int, dp: int, tp: int) -> str:
+    """Megatron's rank order: TP fastest, then DP, then PP; rank r on device d{r}."""
+    return f"d{(pp * row.dp + dp) * row.tp + tp}"
+
+
+def stage_layer_ranges(row: Row) -> list[tuple[int, int]]:
+    """(first, last) chain index per stage: Megatron's even split of the blocks (a remainder goes to the
+    first stages), the embedding (index 0) on the first stage and the head (index L + 1) on the last."""
+    base, extra = divmod(row.layers, row.pp)
+    out, first = [], 1
+    for s in range(row.pp):
+        n = base + (1 if s < extra else 0)
+        out.append((0 if s == 0 else first, first + n - 1 + (1 if s == row.pp - 1 else 0)))
+        first += n
+    return out
+
+
+def row_plan(row: Row) -> Plan:
+    """The row as a pipetwin plan: P stages of DP replicas, each a TP group of T devices (Megatron's rank
+    order), full recomputation, 1F1B, global / micro microbatches per batch (the replicas take them
+    round-robin, so each runs global / (micro · DP))."""
+    stages = tuple(StagePlan(a, b, row.dp, tuple(device_of(row, s, d, t) for d in range(row.dp) for t in range(row.tp)))
+                   for s, (a, b) in enumerate(stage_layer_ranges(row)))
+    return Plan(model=row_config(row).spec(), stages=stages, schedule="1f1b", microbatch_size=row.micro_batch,
+                microbatches=row.microbatches * row.dp, topology=topology_spec(row.gpus), tensor_parallel=row.tp,
+                recompute="full")
+
+
+# ---------------------------------------------------------------------- links
+def phases_time_s(topology: Topology, phases: list[list[tuple[str, str, float]]]) -> float:
+    """Time of collective phases on the real links, each phase's flows started together: per phase, the
+    slowest flow's route latency plus its most loaded link's bytes over that link's bandwidth (the
+    max-min fair share of equal flows). A phase object repeated in ``phases`` is timed once."""
+    edges = topology.graph.edges
+    links: dict[tuple[str, str], tuple[float, float]] = {}
+    memo: dict[int, float] = {}
+    total = 0.0
+    for phase in phases:
+        t_phase = memo.get(id(phase))
+        if t_phase is None:
+            load: dict[tuple[str, str], float] = {}
+            routes = []
+            for src, dst, nbytes in phase:
+                hops = topology.route(src, dst)
+                routes.append(hops)
+                for hop in hops:
+                    load[hop] = load.get(hop, 0.0) + nbytes
+                    if hop not in links:
+                        link = edges[hop]["link"]
+                        links[hop] = (link.bandwidth_bytes_per_s, link.latency_s)
+            t_phase = 0.0
+            for hops in routes:
+                t = 0.0
+                lat = 0.0
+                for hop in hops:
+                    bw, l = links[hop]
+                    lat += l
+                    t = max(t, load[hop] / bw)
+                t_phase = max(t_phase, lat + t)
+            memo[id(phase)] = t_phase
+        total += t_phase
+    return total
+
+
+def _ring(devices: list[str], nbytes: float) -> list[list[tuple[str, str, float]]]:
+    from sim.collectives import ring_phases
+
+    return ring_phases(devices, nbytes)
+
+
+def _merged(groups: list[list[list[tuple[str, str, float]]]]) -> list[list[tuple[str, str, float]]]:
+    """Phases of several same-shaped collectives run at once: phase k holds every group's phase k
+    (phases that repeat in every group stay one object, so ``phases_time_s`` times them once)."""
+    n = max((len(g) for g in groups), default=0)
+    made: dict[tuple[int, ...], list] = {}
+    out = []
+    for k in range(n):
+        key = tuple(id(g[k]) if k < len(g) else 0 for g in groups)
+        if key not in made:
+            made[key] = [f for g in groups if k < len(g) for f in g[k]]
+        out.append(made[key])
+    return out
+
+
+@dataclass(frozen=True)
+class Links:
+    """A row's communication times (independent of the efficiency parameters).
+
+    Attributes:
+        tp_allreduce_s: per stage, one TP all-reduce of one microbatch's block output (ring over the TP
+            group of replica 0, the other groups on private links).
+        p2p_s: per stage boundary s → s + 1, every replica's and TP rank's activation at once.
+        dp_allreduce_s: per stage, the gradient all-reduce of all its DP groups at once.
+        algorithm: the all-reduce algorithm (the simulator's choice).
+    """
+
+    tp_allreduce_s: tuple[float, ...]
+    p2p_s: tuple[float, ...]
+    dp_allreduce_s: tuple[float, ...]
+    algorithm: str
+
+
+def row_links(row: Row, profile: ModelProfile, topology: Topology) -> Links:
+    from sim.collectives import allreduce_phases
+
+    ranges = stage_layer_ranges(row)
+    tp, p2p, dp = [], [], []
+    algorithm = "ring"
+    block = profile.layers[1]
+    for s, (a, b) in enumerate(ranges):
+        group = [device_of(row, s, 0, t) for t in range(row.tp)]
+        tp.append(phases_time_s(topology, _ring(group, block.tp_allreduce_bytes * row.micro_batch)) if row.tp > 1 else 0.0)
+        if s + 1 < row.pp:
+            nbytes = profile.boundary_bytes(b) * row.micro_batch
+            flows = [(device_of(row, s, d, t), device_of(row, s + 1, d, t), nbytes)
+                     for d in range(row.dp) for t in range(row.tp)]
+            p2p.append(phases_time_s(topology, [flows]))
+        grad = profile.param_bytes(a, b)
+        if row.dp > 1:
+            groups = []
+            for t in range(row.tp):
+                ph, algorithm = allreduce_phases(topology, [device_of(row, s, d, t) for d in range(row.dp)], grad, "auto")
+                groups.append(ph)
+            dp.append(phases_time_s(topology, _merged(groups)))
+        else:
+            dp.append(0.0)
+    return Links(tuple(tp), tuple(p2p), tuple(dp), algorithm)
+
+
+# ---------------------------------------------------------------------- the closed form
+@dataclass(frozen=True)
+class StageCosts:
+    """Per stage: forward and backward seconds per microbatch (TP collectives and recomputation in),
+    p2p seconds to the next stage, DP all-reduce and optimizer step seconds."""
+
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    p2p_s: tuple[float, ...]
+    allreduce_s: tuple[float, ...]
+    step_s: tuple[float, ...]
+
+
+def one_f_one_b_s(c: StageCosts, microbatches: int) -> float:
+    """1F1B with flush: warm-up, steady state at the slowest stage, drain, then each stage's all-reduce
+    and step after its last backward (see the module docstring)."""
+    fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
+    pipe = sum(fb) + (microbatches - 1) * max(fb) + 2.0 * sum(c.p2p_s)
+    end, back = 0.0, 0.0
+    for s in range(len(fb)):
+        end = max(end, pipe - back + c.allreduce_s[s] + c.step_s[s])
+        back += c.backward_s[s] + (c.p2p_s[s] if s < len(c.p2p_s) else 0.0)
+    return end
+
+
+def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind_name: str,
+                             params: EfficiencyParams) -> StageCosts:
+    """Stage costs from a per-rank profile (timed at the row's microbatch) with full recomputation of the blocks."""
+    kind = device_kind(kind_name)
+    fs, bs, steps = [], [], []
+    for s, (a, b) in enumerate(stage_layer_ranges(row)):
+        f = bwd = 0.0
+        nparams = 0.0
+        for layer in profile.layers[a:b + 1]:
+            tf = layer.forward_s + layer.tp_forward_allreduces * links.tp_allreduce_s[s]
+            f += tf
+            bwd += layer.backward_s + layer.tp_backward_allreduces * links.tp_allreduce_s[s]
+            if layer.name.startswith("block"):
+                bwd += tf  # full recomputation: the block's forward again, with its TP all-reduces
+            nparams += layer.param_bytes / 4.0
+        fs.append(f)
+        bs.append(bwd)
+        steps.append(optimizer_step_s(nparams, kind, params))
+    return StageCosts(tuple(fs), tuple(bs), links.p2p_s, links.dp_allreduce_s, tuple(steps))
+
+
+def row_profile(row: Row, params: EfficiencyParams, kind: str = VTRAIN_KIND) -> ModelProfile:
+    return transformer_profile(row_config(row), kind, tensor_parallel=row.tp, microbatch_size=row.micro_batch,
+                               efficiency=params, vocab_multiple=MEGATRON_VOCAB_MULTIPLE)
+
+
+@dataclass
+class RowModel:
+    """A row made ready for fast repeated prediction: its kernel inventories and link times, computed once."""
+
+    row: Row
+    links: Links
+    works: tuple[Work, Work, Work]  # embedding, block, head (forward)
+    params_per_stage: tuple[float, ...]
+    blocks_per_stage: tuple[int, ...]
+    kind: str = VTRAIN_KIND
+    _bwd: tuple[Work, Work, Work] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._bwd = tuple(w.backward() for w in self.works)
+
+    def stage_costs(self, p: EfficiencyParams) -> StageCosts:
+        k = device_kind(self.kind)
+        (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
+        tp = self.links.tp_allreduce_s
+        P = self.row.pp
+        fs, bs, steps = [], [], []
+        for s in range(P):
+            n = self.blocks_per_stage[s]
+            block_f = bf + 2 * tp[s] if self.row.tp > 1 else bf
+            block_b = bb + 2 * tp[s] if self.row.tp > 1 else bb
+            f = n * block_f
+            b = n * (block_f + block_b)  # full recomputation
+            if s == 0:
+                f += ef + (tp[s] if self.row.tp > 1 else 0.0)
+                b += eb
+            if s == P - 1:
+                f += hf
+                b += hb + (tp[s] if self.row.tp > 1 else 0.0)
+            fs.append(f)
+            bs.append(b)
+            steps.append(optimizer_step_s(self.params_per_stage[s], k, p))
+        return StageCosts(tuple(fs), tuple(bs), self.links.p2p_s, self.links.dp_allreduce_s, tuple(steps))
+
+    def predict_s(self, p: EfficiencyParams) -> float:
+        return one_f_one_b_s(self.stage_costs(p), self.row.microbatches) + p.iteration_overhead_s
+
+
+def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowModel:
+    """Precompute ``row``'s link times and kernel inventories (the link times do not depend on the fit)."""
+    spec = topology_spec(row.gpus)
+    topologies = {} if topologies is None else topologies
+    topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
+    prof = row_profile(row, DEFAULT_PARAMS)
+    links = row_links(row, prof, topo)
+    c, b, t = row_config(row), row.micro_batch, row.tp
+    works = (embedding_work(c, b, t, False, MEGATRON_VOCAB_MULTIPLE), block_work(c, b, t)[0],
+             head_work(c, b, t, False, MEGATRON_VOCAB_MULTIPLE))
+    ranges = stage_layer_ranges(row)
+    params = tuple(prof.param_bytes(a, z) / 4.0 for a, z in ranges)
+    blocks = tuple(sum(1 for i in range(a, z + 1) if 1 <= i <= row.layers) for a, z in ranges)
+    return RowModel(row, links, works, params, blocks)
+
+
+# ---------------------------------------------------------------------- the simulator
+#: Simulate a row only when the simulator would walk at most this many compute actions (2 per microbatch per
+#: stage per simulated worker: one pipeline with T = 1, where the replicas are symmetric; every worker with
+#: T > 1, where each TP rank is simulated) — the 2-core time budget.
+SIMULATE_MAX_ACTIONS = 1200
+
+
+def simulated_actions(row: Row) -> int:
+    """Compute actions the simulator walks for ``row``."""
+    workers = 1 if row.tp == 1 and row.gpus <= GPUS_PER_NODE else row.dp * row.tp
+    return 2 * row.microbatches * row.pp * workers
+
+
+def simulable(row: Row, tp_in_simulator: bool = False) -> bool:
+    """Whether the simulator runs ``row`` within the budget. TP > 1 only with ``tp_in_simulator``: the
+    simulator then runs every TP rank and every ring phase of every TP all-reduce as flows (about 10 s for
+    a 24-layer TP 4–8 row on one core), so the command's default leaves those rows to the closed form,
+    which the tests hold equal to the simulator."""
+    return (row.tp == 1 or tp_in_simulator) and simulated_actions(row) <= SIMULATE_MAX_ACTIONS
+
+
+def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
+                   kind: str = VTRAIN_KIND) -> float:
+    """The row's iteration seconds by pipetwin's SimPy simulator: the plan lowered to its program, full
+    recomputation folded into the blocks' backward, the Adam step as the slowest stage's, plus the fitted
+    per-iteration overhead."""
+    from sim.engine import simulate_plan
+    from sim.params import SimParams
+    from planner.trace import makespan_s
+
+    spec = topology_spec(row.gpus)
+    topologies = {} if topologies is None else topologies
+    topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
+    prof = row_profile(row, params, kind)
+    # Megatron's full recomputation re-runs the blocks only (planner.recompute's "full" re-runs every layer,
+    # the embedding and the head too): fold each block's forward, with its TP all-reduces, into its backward
+    folded = tuple(replace(l, backward_s=l.backward_s + l.forward_s,
+                           tp_backward_allreduces=l.tp_backward_allreduces + l.tp_forward_allreduces)
+                   if l.name.startswith("block") else l for l in prof.layers)
+    prof = replace(prof, layers=folded)
+    k = device_kind(kind)
+    step = max(optimizer_step_s(prof.param_bytes(a, z) / 4.0, k, params) for a, z in stage_layer_ranges(row))
+    plan = replace(row_plan(row), recompute="none")  # recomputation is in the folded profile
+    trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
+    return makespan_s(trace) + params.iteration_overhead_s
+
+
+# ---------------------------------------------------------------------- scoring
+@dataclass(frozen=True)
+class Scored:
+    row: Row
+    predicted_ms: float
+    method: str  # "simulated" or "closed-form"
+    closed_form_ms: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ms / self.row.measured_ms - 1.0
+
+    def to_dict(self) -> dict:
+        d = self.row.config()
+        d.update(measured_ms=self.row.measured_ms, predicted_ms=round(self.predicted_ms, 4), error=round(self.error, 6),
+                 calibration=self.row.calibration, method=self.method, closed_form_ms=round(self.closed_form_ms, 4),
+                 shape=self.row.shape, parallelism=self.row.parallelism)
+        return d
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    scored: tuple[Scored, ...]
+    skipped: tuple[tuple[Row, str], ...]
+    calibration: DeviceCalibration
+    seconds: float
+
+    def rows(self, calibration: bool | None = None, source: str | None = None) -> list[Scored]:
+        return [s for s in self.scored if (calibration is None or s.row.calibration == calibration)
+                and (source is None or s.row.source == source)]
+
+    def summary(self) -> dict:
+        test = self.rows(calibration=False)
+        mape = lambda xs: (sum(abs(x.error) for x in xs) / len(xs)) if xs else float("nan")
+        sim = [s for s in self.scored if s.method == "simulated"]
+        worst = max(test, key=lambda s: abs(s.error), default=None)
+        hits, groups = best_pick(test)
+        return {
+            "mape_single": mape(self.rows(False, "single")),
+            "mape_multi": mape(self.rows(False, "multi")),
+            "max_abs_error": abs(worst.error) if worst else float("nan"),
+            "n_scored": len(test),
+            "n_calibration": len(self.rows(calibration=True)),
+            "n_skipped": len(self.skipped),
+            "n_simulated": len(sim),
+            "n_closed_form": len(self.scored) - len(sim),
+            "max_sim_vs_closed_form": max((abs(s.predicted_ms / s.closed_form_ms - 1) for s in sim), default=0.0),
+            "best_in_top3": hits,
+            "best_groups": groups,
+            "calibration_rms": self.calibration.rms_relative_error,
+            "seconds": self.seconds,
+        }
+
+
+def best_pick(scored: list[Scored]) -> tuple[int, int]:
+    """(groups whose measured-fastest row is among the three predicted fastest, groups): a group is the
+    scored rows of one model, GPU count and global batch (the same work done differently) with 2+ rows."""
+    groups: dict[tuple, list[Scored]] = {}
+    for s in scored:
+        groups.setdefault((s.row.source, s.row.model, s.row.gpus, s.row.global_batch), []).append(s)
+    hits = n = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        n += 1
+        best = min(members, key=lambda s: s.row.measured_ms)
+        top = sorted(members, key=lambda s: s.predicted_ms)[:3]
+        hits += best in top
+    return hits, n
+
+
+def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND) -> DeviceCalibration:
+    """Fit the efficiency parameters on the calibration rows' closed-form predictions."""
+    cal = [m for m in models if m.row.calibration]
+    if not cal:
+        raise GroundTruthError("no calibration rows: the rule picked none of the given rows; give more rows")
+    res = fit(lambda p: [m.predict_s(p) for m in cal], [m.row.measured_ms / 1e3 for m in cal])
+    return DeviceCalibration(kind, res.params, fitted_on="vTrain ground_truth_single/multi.csv calibration rows",
+                             rule=CALIBRATION_RULE, n_rows=len(cal), rms_relative_error=res.rms_relative_error)
+
+
+def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True,
+        tp_in_simulator: bool = False) -> GroundTruth:
+    """Load, express, fit (unless ``calibration`` is given), predict and score every row."""
+    t0 = time.perf_counter()
+    rows = load_rows(data)
+    skipped, models = [], []
+    topologies: dict[str, Topology] = {}
+    for r in rows:
+        why = why_not_expressible(r)
+        if why:
+            skipped.append((r, why))
+        else:
+            models.append(row_model(r, topologies))
+    cal = calibration or fit_calibration(models)
+    p = cal.params
+    out = []
+    for m in models:
+        closed = m.predict_s(p) * 1e3
+        if simulate and simulable(m.row, tp_in_simulator):
+            out.append(Scored(m.row, simulate_row_s(m.row, p, topologies) * 1e3, "simulated", closed))
+        else:
+            out.append(Scored(m.row, closed, "closed-form", closed))
+    return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)

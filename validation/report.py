@@ -7,6 +7,7 @@ from pathlib import Path
 
 from planner.trace import save_side_by_side
 from validation.compare import format_spread
+from validation.plots import gantt
 
 #: Keys of ``summary`` in the JSON document that scripts may rely on.
 SUMMARY_KEYS = ("mean_abs_throughput_error", "max_abs_throughput_error", "mean_abs_memory_error", "spearman",
@@ -129,8 +130,6 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
     Returns:
         What was written, by role.
     """
-    from pipetwin.charts import gantt
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, s = result.rows, result.summary

@@ -1,5 +1,7 @@
-"""pipetwin's what-if room: plan one model on many candidate clusters; the Pareto front, the fewest devices for a target,
-and plans re-ranked by simulation with why they moved.
+"""pipetwin's what-if room: one model planned on many candidate clusters, their Pareto front, target queries, re-ranking.
+
+It answers the fewest devices for a target throughput, and shows plans re-ranked by simulation with
+why they moved.
 
     from whatif import SweepConfig, run_sweep
     result = run_sweep(SweepConfig("gpt3-13b", devices=(8, 16, 32)), simulate=my_simulator)

@@ -1,0 +1,88 @@
+"""`pipetwin groundtruth`: predict vTrain's published A100 runs with pipetwin's own plans and score them."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+_DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtrain"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("groundtruth", help="score predictions against vTrain's measured A100 iteration times",
+                       description="Express every row of ground_truth_single.csv and ground_truth_multi.csv as a "
+                                   "pipetwin plan (TP × DP × PP, full recomputation, 1F1B), fit the compute-efficiency "
+                                   "model on the calibration rows (sha256 of the config mod 5 == 0), predict every row "
+                                   "(simulated where affordable, else the 1F1B closed form) and score the others.")
+    p.add_argument("--data", default=str(_DEFAULT_DATA), metavar="DIR",
+                   help="folder holding ground_truth_single.csv and ground_truth_multi.csv (default ../shared/data/vtrain)")
+    p.add_argument("--report", metavar="DIR", help="write report.md, scatter.png, groundtruth.json and "
+                                                  "device-calibration.json here")
+    p.add_argument("--json", action="store_true", help="print {rows, summary} as JSON")
+    p.add_argument("--device-calibration", metavar="FILE",
+                   help="use this device calibration instead of fitting one (the calibration rows stay unscored)")
+    p.add_argument("--save-calibration", metavar="FILE", help="write the fitted device calibration JSON here")
+    p.add_argument("--no-simulate", action="store_true", help="predict every row by the closed form")
+    p.add_argument("--korthikanti", metavar="FILE", default=None,
+                   help="also predict Korthikanti et al. 2022's Table 5 (default: "
+                        "DATA/../published/korthikanti22_table5_via_calculon.csv when it exists; 'none' to skip)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from planner.efficiency import load_device_calibration
+    from validation.groundtruth import run as run_groundtruth
+    from validation.groundtruth_report import to_json, write_report
+
+    from validation.groundtruth_published import KORTHIKANTI_FILE, score_korthikanti
+
+    cal = load_device_calibration(args.device_calibration)
+    g = run_groundtruth(args.data, calibration=cal, simulate=not args.no_simulate)
+    table5 = args.korthikanti or str(Path(args.data) / ".." / "published" / KORTHIKANTI_FILE)
+    extra = None
+    if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):
+        extra = score_korthikanti(table5, g.calibration)
+    if args.save_calibration:
+        g.calibration.save(args.save_calibration)
+    if args.report:
+        write_report(g, args.report, extra)
+    if args.json:
+        print(json.dumps(to_json(g, extra)))
+        return 0
+    _print(g)
+    if extra:
+        from validation.groundtruth_report import extra_markdown
+
+        print("\n".join(extra_markdown(extra)))
+    if args.report:
+        print(f"report written to {args.report}/report.md")
+    return 0
+
+
+def _print(g) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from validation.groundtruth_report import breakdown, worst_rows
+
+    c = Console(width=None if sys.stdout.isatty() else 130)
+    t = Table(title="pipetwin against vTrain's measured A100 runs (scored rows only)")
+    for col in ("group", "rows", "MAPE", "worst"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    for k, n, m, w in breakdown(g, lambda r: f"{r.source} {r.parallelism}"):
+        t.add_row(k, str(n), f"{m * 100:.1f}%", f"{w * 100:.1f}%")
+    c.print(t)
+    w = Table(title="worst scored rows")
+    for col in ("file:line", "model", "shape", "micro", "measured ms", "predicted ms", "error", "method"):
+        w.add_column(col, justify="left" if col in ("file:line", "model", "shape", "method") else "right")
+    for x in worst_rows(g, 8):
+        r = x.row
+        w.add_row(f"{r.source}:{r.line}", r.model, r.shape, str(r.micro_batch), f"{r.measured_ms:.1f}",
+                  f"{x.predicted_ms:.1f}", f"{x.error * 100:+.1f}%", x.method)
+    c.print(w)
+    s = g.summary()
+    c.print(f"MAPE {s['mape_single'] * 100:.2f}% single-node, {s['mape_multi'] * 100:.2f}% multi-node; worst "
+            f"{s['max_abs_error'] * 100:.1f}%; {s['n_scored']} scored, {s['n_calibration']} calibration, "
+            f"{s['n_skipped']} skipped; measured-fastest in the predicted top three in {s['best_in_top3']} of "
+            f"{s['best_groups']} groups; {s['n_simulated']} rows simulated, {s['n_closed_form']} by the closed form "
+            f"(they differ by at most {s['max_sim_vs_closed_form'] * 100:.2f}% where both ran); {s['seconds']:.1f} s")

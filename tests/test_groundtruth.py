@@ -1,0 +1,237 @@
+"""validation.groundtruth: the vTrain loader, the calibration rule, the plans, the closed form against the
+simulator, the scoring, and `pipetwin groundtruth`'s outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipetwin.cli import main
+from planner.efficiency import EfficiencyParams
+from validation.groundtruth import (CALIBRATION_MODULUS, FILES, GroundTruthError, Row, canonical_config, is_calibration,
+                                    load_rows, read_rows, row_model, row_plan, row_profile, simulate_row_s,
+                                    stage_costs_from_profile, stage_layer_ranges, why_not_expressible)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtrain"
+real_data = pytest.mark.skipif(not (DATA / FILES["single"]).is_file(), reason="vTrain data not beside the repo")
+
+SINGLE_HEADER = ("\ufeff# GPUs,global batch,micro batch,hidden size,attention heads,# layers,sequence length,"
+                 "tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n")
+MULTI_HEADER = ("\ufeffParameters (billion),# GPUs,global batch,micro batch,hidden size,attention heads,# layers,"
+                "sequence length,tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n")
+P = EfficiencyParams(0.8, 0.8, 10e-6, 50e-6, 0.005, 4.0)
+
+
+def _row(gpus, gb, micro, tp, dp, pp, hidden=512, heads=8, layers=8, seq=256, source="single"):
+    return Row(source, 2, gpus, gb, micro, hidden, heads, layers, seq, tp, dp, pp, 100.0)
+
+
+def _write(d: Path, single: list[str], multi: list[str]) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / FILES["single"]).write_text(SINGLE_HEADER + "".join(l + "\n" for l in single), encoding="utf-8")
+    (d / FILES["multi"]).write_text(MULTI_HEADER + "".join(l + "\n" for l in multi), encoding="utf-8")
+    return d
+
+
+# ---------------------------------------------------------------------- loading
+def test_loader_reads_both_files_with_their_bom(tmp_path):
+    d = _write(tmp_path, ["8,32,4,1024,16,24,1024,2,2,2,219.7"], ["3.6,64,512,8,3072,32,30,2048,1,64,1,3566.5"])
+    rows = load_rows(d)
+    assert [r.source for r in rows] == ["single", "multi"]
+    assert (rows[0].tp, rows[0].dp, rows[0].pp, rows[0].measured_ms, rows[0].line) == (2, 2, 2, 219.7, 2)
+    assert rows[1].gpus == 64 and rows[1].microbatches == 1
+
+
+@pytest.mark.parametrize("line,what", [("8,32,4,1024,16,24,1024,2,2,2", "10 fields"),
+                                       ("8,32,x,1024,16,24,1024,2,2,2,219.7", "micro_batch='x' is not a number"),
+                                       ("8,32,4.5,1024,16,24,1024,2,2,2,219.7", "positive whole number"),
+                                       ("8,32,4,1024,16,24,1024,2,2,2,-3", "positive number of ms")])
+def test_a_malformed_line_is_named_by_file_and_line(tmp_path, line, what):
+    d = _write(tmp_path, ["8,32,4,1024,16,24,1024,2,2,2,219.7", line], [])
+    with pytest.raises(GroundTruthError, match=what) as e:
+        load_rows(d)
+    assert f"{FILES['single']}:3:" in str(e.value)
+
+
+def test_cli_reports_a_malformed_line_in_one_line_and_exits_2(tmp_path, capsys):
+    d = _write(tmp_path, ["8,32,4,1024,16,24,1024,2,2,2,oops"], [])
+    assert main(["groundtruth", "--data", str(d), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{FILES['single']}:2:" in err and "not a number" in err
+
+
+def test_cli_refuses_a_missing_data_folder_and_a_bad_calibration_file(tmp_path, capsys):
+    assert main(["groundtruth", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    d = _write(tmp_path / "d", ["8,32,4,1024,16,24,1024,2,2,2,219.7"], [])
+    (tmp_path / "cal.json").write_text("[]")
+    assert main(["groundtruth", "--data", str(d), "--device-calibration", str(tmp_path / "cal.json")]) == 2
+    assert "device_kind" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the calibration rule
+def test_calibration_membership_is_the_hash_of_the_config_never_the_measurement():
+    c = canonical_config("single", 8, 32, 4, 1024, 16, 24, 1024, 2, 2, 2)
+    import hashlib
+
+    assert is_calibration(c) == (int(hashlib.sha256(c.encode()).hexdigest(), 16) % CALIBRATION_MODULUS == 0)
+    a = Row("single", 2, 8, 32, 4, 1024, 16, 24, 1024, 2, 2, 2, 219.7)
+    b = Row("single", 9, 8, 32, 4, 1024, 16, 24, 1024, 2, 2, 2, 999.0)
+    assert a.calibration == b.calibration and a.canonical == b.canonical == c
+
+
+@real_data
+def test_the_rule_picks_about_a_fifth_of_each_file():
+    rows = load_rows(DATA)
+    for source in FILES:
+        xs = [r for r in rows if r.source == source]
+        share = sum(r.calibration for r in xs) / len(xs)
+        assert 0.12 < share < 0.3
+
+
+# ---------------------------------------------------------------------- plans
+def test_every_real_row_shape_is_expressible_and_the_layers_split_as_megatron_splits_them():
+    r = _row(8, 16, 1, 1, 2, 4, layers=10)
+    assert why_not_expressible(r) is None
+    assert stage_layer_ranges(r) == [(0, 3), (4, 6), (7, 8), (9, 11)]  # 3,3,2,2 blocks; embedding 0, head 11
+    plan = row_plan(r)
+    assert plan.microbatches == 16 and plan.replicas == (2, 2, 2, 2)
+    assert plan.stages[1].devices == ("d2", "d3")  # Megatron rank order: (pp·DP + dp)·TP + tp
+    grid = row_plan(_row(16, 16, 1, 2, 2, 4))
+    assert grid.tensor_parallel == 2 and grid.recompute == "full"
+    assert grid.stages[1].devices == ("d4", "d5", "d6", "d7")  # replica r holds devices[r·T:(r+1)·T]
+    assert why_not_expressible(_row(8, 16, 3, 1, 2, 4)) .startswith("global batch")
+    assert "heads" in why_not_expressible(_row(8, 16, 1, 8, 1, 1, heads=4))
+
+
+def test_row_profile_pads_the_vocabulary_to_128_T_and_splits_weights_by_T():
+    one = row_profile(_row(2, 8, 1, 1, 2, 1), P)
+    eight = row_profile(_row(8, 8, 1, 8, 1, 1), P)
+    assert one.layers[0].param_bytes == 4 * (50304 * 512 + 256 * 512)
+    assert eight.layers[0].param_bytes == 4 * (51200 * 512 / 8 + 256 * 512)
+    assert eight.tensor_parallel == 8 and eight.layers[1].tp_forward_allreduces == 2
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 2, 2, 2, 2), (8, 16, 1, 4, 1, 2), (8, 64, 2, 8, 1, 1), (64, 64, 2, 4, 4, 4)])
+def test_fast_stage_costs_equal_the_costs_summed_from_the_per_rank_profile(shape):
+    gpus, gb, micro, tp, dp, pp = shape
+    r = _row(gpus, gb, micro, tp, dp, pp)
+    m = row_model(r)
+    fast = m.stage_costs(P)
+    slow = stage_costs_from_profile(r, row_profile(r, P), m.links, "a100-80gb", P)
+    for a, b in zip((fast.forward_s, fast.backward_s, fast.step_s), (slow.forward_s, slow.backward_s, slow.step_s)):
+        assert a == pytest.approx(b, rel=1e-9)
+
+
+# ---------------------------------------------------------------------- closed form against the simulator
+@pytest.mark.parametrize("shape", [(2, 16, 2, 1, 1, 2), (4, 16, 1, 1, 1, 4), (4, 32, 2, 1, 4, 1), (8, 32, 1, 1, 2, 4),
+                                   (8, 64, 4, 1, 8, 1), (8, 24, 1, 1, 2, 4)])
+def test_1f1b_closed_form_equals_the_simulator_on_small_tp1_plans(shape):
+    gpus, gb, micro, tp, dp, pp = shape
+    r = _row(gpus, gb, micro, tp, dp, pp)
+    assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 1, 2, 1, 1), (4, 8, 2, 2, 1, 2), (8, 16, 1, 4, 2, 1), (8, 8, 1, 8, 1, 1),
+                                   (16, 16, 2, 8, 1, 2)])
+def test_1f1b_closed_form_equals_the_simulator_with_tp_collectives_on_the_links(shape):
+    gpus, gb, micro, tp, dp, pp = shape
+    r = _row(gpus, gb, micro, tp, dp, pp, layers=2 * pp)  # the simulator runs every TP rank: keep it small
+    assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
+
+
+def test_closed_form_equals_the_simulator_across_nodes():
+    r = _row(32, 64, 2, 1, 16, 2, hidden=1024, heads=16)  # 4 nodes: DP rings and p2p on the node links
+    assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
+
+
+# ---------------------------------------------------------------------- scoring and the command
+@real_data
+def test_json_has_exactly_rows_and_summary_and_calibration_rows_are_never_scored(tmp_path, capsys):
+    lines = (DATA / FILES["single"]).read_text(encoding="utf-8-sig").splitlines()[1:]
+    multi = (DATA / FILES["multi"]).read_text(encoding="utf-8-sig").splitlines()[1:]
+    d = _write(tmp_path / "d", lines[:40], multi[:6])
+    assert main(["groundtruth", "--data", str(d), "--json", "--save-calibration", str(tmp_path / "c.json")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"rows", "summary"}
+    s = doc["summary"]
+    for key in ("mape_single", "mape_multi", "max_abs_error", "n_scored", "n_calibration", "n_skipped"):
+        assert key in s
+    rows = doc["rows"]
+    assert len(rows) == 46 and s["n_skipped"] == 0
+    for r in rows:
+        assert {"measured_ms", "predicted_ms", "error", "calibration", "tp", "dp", "pp", "micro_batch"} <= set(r)
+        assert r["calibration"] == is_calibration(canonical_config(r["source"], r["gpus"], r["global_batch"],
+                                                                   r["micro_batch"], r["hidden"], r["heads"],
+                                                                   r["layers"], r["seq"], r["tp"], r["dp"], r["pp"]))
+    scored = [r for r in rows if not r["calibration"]]
+    assert s["n_scored"] == len(scored) and s["n_calibration"] == len(rows) - len(scored) > 0
+    single = [abs(r["error"]) for r in scored if r["source"] == "single"]
+    assert s["mape_single"] == pytest.approx(sum(single) / len(single), rel=1e-4)
+    assert s["max_abs_error"] == pytest.approx(max(abs(r["error"]) for r in scored), rel=1e-4)
+    # the calibration the fit wrote scores the same rows the same way when given back
+    assert main(["groundtruth", "--data", str(d), "--json", "--device-calibration", str(tmp_path / "c.json")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["predicted_ms"] for r in again["rows"]] == [r["predicted_ms"] for r in rows]
+
+
+@real_data
+def test_a_few_real_rows_are_predicted_within_a_quarter_by_a_calibration_fitted_on_others(tmp_path, capsys):
+    lines = (DATA / FILES["single"]).read_text(encoding="utf-8-sig").splitlines()[1:]
+    d = _write(tmp_path / "d", lines[:120], [])
+    assert main(["groundtruth", "--data", str(d), "--json", "--no-simulate"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    scored = [r for r in doc["rows"] if not r["calibration"]]
+    assert all(r["method"] == "closed-form" for r in doc["rows"])
+    assert doc["summary"]["mape_single"] < 0.15
+    assert sorted(abs(r["error"]) for r in scored)[len(scored) // 2] < 0.1  # the median row
+
+
+@real_data
+def test_report_writes_markdown_plot_json_and_the_calibration(tmp_path, capsys):
+    lines = (DATA / FILES["single"]).read_text(encoding="utf-8-sig").splitlines()[1:]
+    d = _write(tmp_path / "d", lines[:30], [])
+    out = tmp_path / "report"
+    assert main(["groundtruth", "--data", str(d), "--report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "MAPE" in text and "scatter.png" in text and "Worst scored rows" in text
+    assert (out / "scatter.png").stat().st_size > 10_000
+    assert set(json.loads((out / "groundtruth.json").read_text())) == {"rows", "summary"}
+    assert json.loads((out / "device-calibration.json").read_text())["device_kind"] == "a100-80gb"
+    assert "MAPE" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- Korthikanti et al.'s Table 5 (extra)
+TABLE5 = DATA.parent / "published" / "korthikanti22_table5_via_calculon.csv"
+
+
+@pytest.mark.skipif(not TABLE5.is_file(), reason="published data not beside the repo")
+def test_table5_selective_recomputation_with_sequence_parallelism_is_predicted_cheaper_than_full():
+    from validation.groundtruth_published import score_korthikanti
+    from planner.efficiency import DeviceCalibration
+
+    rows = score_korthikanti(TABLE5, DeviceCalibration("a100-80gb", P))
+    assert len(rows) == 8
+    by = {(r["model"], r["recompute"]): r for r in rows}
+    for model in {r["model"] for r in rows}:
+        full, sel = by[(model, "full")], by[(model, "seqsel")]
+        assert sel["predicted_s"] < full["predicted_s"]
+        # the measured saving is 22-24%; the model's comes from dropping three of four forward passes' worth
+        assert 1.1 < full["predicted_s"] / sel["predicted_s"] < 1.6
+
+
+def test_table5_closed_form_without_pipeline_is_microbatches_times_forward_and_backward(tmp_path):
+    from planner.analytic import TransformerConfig, transformer_profile
+    from planner.efficiency import DeviceCalibration, optimizer_step_s
+    from topologies.devices import device_kind
+    from validation.groundtruth_published import PublishedRow, predict_published_s
+
+    r = PublishedRow("m", 1024, 4096, 16, 4, 512, 1, 1, 1, 1, 8, 2, 1, "full", 1.0)
+    cal = DeviceCalibration("a100-80gb", P)
+    prof = transformer_profile(TransformerConfig(4, 1024, 16, seq=512, vocab=51200, ffn=4096), "a100-80gb",
+                               microbatch_size=2, efficiency=P, vocab_multiple=128)
+    b = prof.layers[1]
+    fb = 4 * (2 * b.forward_s + b.backward_s) + sum(l.forward_s + l.backward_s for l in (prof.layers[0], prof.layers[-1]))
+    step = optimizer_step_s(sum(l.param_bytes for l in prof.layers[:-1]) / 4, device_kind("a100-80gb"), P)
+    assert predict_published_s(r, cal) == pytest.approx(4 * fb + step + P.iteration_overhead_s, rel=1e-9)

@@ -97,7 +97,8 @@ def _inputs(args):
 
         if grid_given(args) or args.stages or args.replicas:
             raise UserError("give either --plan or a plan's shape (--tp/--pp/--dp/--vp, --stages/--replicas), not both")
-        profile, topology = resolve_model(model, tensor_parallel=plan.tensor_parallel), load_topology(topo_spec)
+        profile = resolve_model(model, tensor_parallel=plan.tensor_parallel, sequence_parallel=plan.sequence_parallel)
+        topology = load_topology(topo_spec)
         if args.steps:
             plan = replace(plan, batches=args.steps)
         if args.recompute is not None:

@@ -286,8 +286,10 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         compute = ((f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed
                    + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb)) / r
         params = prof.param_bytes(*st.layers)
-        dp_group = list(st.devices[::T])  # TP rank 0's replicas (every rank's group all-reduces at once)
-        ar = topology.ring_allreduce_time_s(dp_group, params) / update_interval(fam, M, r) if r > 1 else 0.0
+        dp_group = list(st.devices[::T])  # TP rank 0's replicas; every TP rank's group all-reduces at the same time,
+        # so where the groups cross servers the T rings share each server's links: T times the bytes on them
+        shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
+        ar = topology.ring_allreduce_time_s(dp_group, params * shared) / update_interval(fam, M, r) if r > 1 else 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
         t = max(compute + ar, comm) if options.overlap_comm else compute + ar + comm
         n_in = inflight(fam, M, workers_after[i], r)

@@ -110,6 +110,10 @@ def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimPa
     if plan.num_layers > len(profile):
         raise SimError(f"the plan covers {plan.num_layers} layers but the profile {profile.name!r} has "
                        f"{len(profile)}; re-plan for this model")
+    if plan.sequence_parallel != profile.sequence_parallel:
+        raise SimError(f"the plan {'uses' if plan.sequence_parallel else 'does not use'} sequence parallelism but the "
+                       f"profile {profile.name!r} is built {'without' if plan.sequence_parallel else 'with'} it; build "
+                       "the profile as the plan runs")
     program = plan_to_program(plan, profile)
     trace = simulate(program, profile, topology, worker_devices(plan, program), microbatch_size=plan.microbatch_size,
                      params=params, progress=progress, stage_layers=[s.layers for s in plan.stages],

@@ -7,7 +7,7 @@ from pathlib import Path
 from pipetwin.args import add_grid_flags, add_recompute_flag, grid_degrees, grid_given, grid_plan, int_list
 from pipetwin.show import Progress
 
-FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
+from planner.program import FAMILIES
 
 
 def register(sub) -> None:

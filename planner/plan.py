@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-from planner.program import FAMILIES
+from planner.program import FAMILIES, FAMILY, chunks_for, rank_of
 from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
 from topologies.errors import InputError
 
@@ -200,9 +200,11 @@ def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...
     if chunks < 1 or stages % chunks:
         raise PlanError(f"{stages} stages do not split into {chunks} chunks per device")
     depth = stages // chunks
+    fam = FAMILY.get(kw.get("schedule", "1f1b"))
+    position = (lambda i: rank_of(fam, depth, i)) if fam is not None and fam.multi_stage else (lambda i: i % depth)
     for i in range(depth, stages):
-        if replicas[i] != replicas[i % depth]:
-            raise PlanError(f"virtual stages {i % depth} and {i} share devices but have {replicas[i % depth]} and "
+        if replicas[i] != replicas[position(i)]:
+            raise PlanError(f"virtual stages {position(i)} and {i} share devices but have {replicas[position(i)]} and "
                             f"{replicas[i]} replicas; give every chunk of a device the same replica count")
     offset = [0]
     for p in range(depth):
@@ -210,7 +212,7 @@ def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...
     bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
     out = []
     for i in range(stages):
-        base = offset[i % depth]
+        base = offset[position(i)]
         devs = tuple(f"d{base + j}" for j in range(replicas[i] * T))
         out.append(StagePlan(bounds[i], bounds[i + 1] - 1, replicas[i], devs))
     return Plan(model=model, stages=tuple(out), **kw)
@@ -267,13 +269,16 @@ def plan_from_flags(model: str, num_layers: int, *, pp: int, dp: int | tuple[int
             raise PlanError(f"--{name} must be a whole number >= 1 (got {v!r})")
     if len(reps) != pp or any(r < 1 for r in reps):
         raise PlanError(f"--dp/--replicas must give {pp} replica counts >= 1 (got {list(reps)})")
-    if schedule == "interleaved" and vp < 2:
-        vp = 2
-    if vp > 1 and schedule != "interleaved":
-        raise PlanError(f"--vp {vp} (chunks per device) needs --schedule interleaved (got {schedule})")
+    fam = FAMILY.get(schedule)
+    multi = fam is not None and fam.multi_stage
+    vp = chunks_for(schedule, vp)
+    if vp > 1 and not multi:
+        multis = ", ".join(n for n, f in FAMILY.items() if f.multi_stage)
+        raise PlanError(f"--vp {vp} (chunks per device) needs --schedule interleaved or another that places several "
+                        f"stages on a device ({multis}; got {schedule})")
     if microbatches is None:
         microbatches = 4
-        if schedule == "interleaved":
+        if multi:
             step = pp * max(reps)
             microbatches = -(-max(microbatches, step) // step) * step
     kw = dict(schedule=schedule, microbatches=microbatches, microbatch_size=microbatch_size, batches=batches,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from planner.program import Action, Kind, COMPUTE
+from planner.program import Action, Kind, COMPUTE, FAMILY
 
 
 _COMPUTE_KINDS = frozenset(k.value for k in COMPUTE)
@@ -188,7 +188,8 @@ def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = 
         return 0.0
     start, _ = span_s(trace)
     steps = step_times_s(trace)
-    streaming = trace.meta.get("family") in ("pipedream", "2bw")
+    fam = FAMILY.get(trace.meta.get("family"))
+    streaming = fam is not None and fam.stream
     if exclude_warmup and not streaming and len(steps) >= 3:
         t0, t1 = steps[0], steps[-1]
         n = sum(1 for t in done if t0 < t <= t1)

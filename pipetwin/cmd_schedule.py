@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from planner.check import UnitCosts, dry_run
+from planner.program import FAMILIES, chunks_for, family
 from planner.schedules import generate, make_spec
 from planner.trace import bubble_fraction, makespan_s
 from pipetwin.args import int_list
@@ -13,7 +14,7 @@ from pipetwin.errors import UserError
 def register(sub) -> None:
     p = sub.add_parser("schedule", help="print a schedule family's program as a time x worker grid",
                        description="Generate a schedule, check its invariants, dry-run it at unit costs.")
-    p.add_argument("--kind", required=True, choices=["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"])
+    p.add_argument("--kind", required=True, choices=FAMILIES)
     p.add_argument("--stages", type=int, required=True, help="pipeline stages P (devices along the pipeline)")
     p.add_argument("--microbatches", type=int, required=True, help="microbatches per batch M (PipeDream: minibatches)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1,1,1")
@@ -32,8 +33,7 @@ def register(sub) -> None:
 def run(args) -> int:
     if args.stages < 1 or args.microbatches < 1:
         raise UserError("--stages and --microbatches must be >= 1")
-    if args.kind == "interleaved" and args.chunks < 2:
-        args.chunks = 2
+    args.chunks = chunks_for(args.kind, args.chunks)
     spec = make_spec(args.kind, args.stages, args.microbatches, args.replicas, args.chunks,
                      args.vertical_sync, args.batches)
     program = generate(spec)
@@ -58,7 +58,7 @@ def run(args) -> int:
 
     print(f"{args.kind}: {args.stages} stages, {args.microbatches} microbatches"
           + (f", replicas {','.join(map(str, spec.replicas))}" if args.replicas else "")
-          + (f", {args.chunks} chunks" if args.kind == "interleaved" else ""))
+          + (f", {args.chunks} chunks" if family(args.kind).multi_stage else ""))
     print(text_grid(trace, unit=min(args.fwd, args.bwd / 2) / spec.chunks))
     print(f"makespan {span:g} units, bubble fraction {bubble:.4f}")
     if args.actions:

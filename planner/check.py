@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, FLUSH_FAMILIES
+from planner.program import Action, Kind, Program, inflight_limit
 from planner.trace import Trace
 from topologies.errors import InputError
 
@@ -57,7 +57,7 @@ def check(program: Program) -> None:
 def _check_structure(p: Program) -> None:
     S = len(p.stage_workers)
     N = p.spec.total_microbatches
-    split = p.spec.family == "zb-h1"
+    split = p.spec.traits.backward == "split"
     seen: dict[tuple[Kind, int, int], tuple[int, int]] = {}
     for w in p.workers:
         held = set(p.stages_of(w))
@@ -202,7 +202,7 @@ def _check_matching(p: Program) -> None:
 
 # --- weight versions ------------------------------------------------------------------------
 def _check_versions(p: Program) -> None:
-    fam = p.spec.family
+    fam = p.spec.traits
     f_version: dict[tuple[int, int], int] = {}
     # forward versions first (vertical sync compares against stage 0)
     for w in p.workers:
@@ -223,11 +223,11 @@ def _check_versions(p: Program) -> None:
             if not a.is_compute:
                 continue
             if a.kind is Kind.F:
-                if fam in FLUSH_FAMILIES:
+                if fam.versions == "batch":
                     want = p.spec.batch_of(a.mb)
                     if a.version != want or cur != want:
                         raise ProgramError(f"flush schedule: batch {want} must run on version {want} (tagged {a.version}, stage holds {cur})", p, w, idx)
-                elif fam == "2bw":
+                elif fam.versions == "stale":
                     want = max(0, p.spec.batch_of(a.mb) - 1)
                     if a.version != want:
                         raise ProgramError(f"2BW: batch {p.spec.batch_of(a.mb)} uses version {want}", p, w, idx)
@@ -241,8 +241,8 @@ def _check_versions(p: Program) -> None:
                     raise ProgramError(f"uses version {a.version} before the stage has made it (has {cur})", p, w, idx)
                 inflight.setdefault(s, {})[a.mb] = a.version
                 live = set(inflight[s].values()) | {cur}
-                if fam == "2bw" and len(live) > 2:
-                    raise ProgramError(f"2BW holds {len(live)} weight versions {sorted(live)}; at most 2", p, w, idx)
+                if fam.weight_copies and len(live) > fam.weight_copies:
+                    raise ProgramError(f"{fam.title} holds {len(live)} weight versions {sorted(live)}; at most {fam.weight_copies}", p, w, idx)
                 stashed = set(inflight[s].values()) - {cur}
                 if len(stashed) > len(inflight[s]):
                     raise ProgramError("more stashed versions than in-flight minibatches", p, w, idx)
@@ -256,7 +256,7 @@ def _check_versions(p: Program) -> None:
 
 def _check_update_points(p: Program) -> None:
     """An ALLREDUCE / STEP of round k comes after every backward it covers; a replicated STEP after its ALLREDUCE."""
-    fam = p.spec.family
+    per_backward = not p.spec.traits.batched
     N = p.spec.total_microbatches
     for w in p.workers:
         done: set[tuple[int, int]] = set()
@@ -268,7 +268,7 @@ def _check_update_points(p: Program) -> None:
                 continue
             s, k = a.stage, a.mb
             reps = p.stage_workers[s]
-            if fam == "pipedream":
+            if per_backward:
                 i = k * len(reps) + reps.index(w)
                 need = [i] if i < N else []
             else:
@@ -285,14 +285,23 @@ def _check_update_points(p: Program) -> None:
 
 def inflight_bound(p: Program, stage: int) -> int:
     """The in-flight bound the family promises for one replica of ``stage``."""
-    from planner.schedules import inflight_limit
-
-    fam = p.spec.family
-    if fam == "gpipe":
+    rule = p.spec.traits.inflight
+    if rule == "batch":
         return math.ceil(p.spec.microbatches / len(p.stage_workers[stage]))
-    if fam == "interleaved":
+    if rule == "chunk":
         return p.spec.microbatches  # per chunk; Megatron's warm-up bound is checked by the dry run tests
-    return inflight_limit(p.spec, stage)
+    if rule == "none":
+        return p.spec.total_microbatches
+    a, b = p.spec.traits.inflight_scale
+    return a * inflight_limit(p.spec, stage) + b
+
+
+def open_cap(p: Program) -> int | None:
+    """Microbatch-chunks a worker may hold awaiting their weight gradient under the family's convention (None: no cap)."""
+    cap = p.spec.traits.open_cap
+    if cap is None:
+        return None
+    return cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:
@@ -310,10 +319,9 @@ def max_inflight(p: Program) -> dict[tuple[int, int], int]:
 
 
 def _check_inflight(p: Program) -> None:
-    """In flight = forward done, input gradient not; ZB-H1 also caps forward-done, weight-gradient-not at 1F1B's peak."""
-    from planner.schedules import inflight_limit
-
-    zb_cap = max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) if p.spec.family == "zb-h1" else None
+    """In flight = forward done, input gradient not; a split family also caps forward-done, weight-gradient-not."""
+    fam = p.spec.traits
+    zb_cap = open_cap(p)
     for w in p.workers:
         cur: dict[int, int] = {}
         open_w = 0
@@ -325,7 +333,7 @@ def _check_inflight(p: Program) -> None:
                 if cur[a.stage] > bound:
                     raise ProgramError(f"{cur[a.stage]} microbatches in flight on stage {a.stage}; {p.spec.family} allows {bound}", p, w, idx)
                 if zb_cap is not None and open_w > zb_cap:
-                    raise ProgramError(f"{open_w} microbatches await their weight gradient; ZB-H1 keeps 1F1B's peak of {zb_cap}", p, w, idx)
+                    raise ProgramError(f"{open_w} microbatches await their weight gradient; {fam.title} allows {zb_cap}", p, w, idx)
             elif a.kind in (Kind.B, Kind.BI):
                 cur[a.stage] -= 1
             if a.kind in (Kind.B, Kind.BW):

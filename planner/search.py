@@ -93,6 +93,7 @@ def plan_model(
     devices: list[str] | None = None,
     model_name: str | None = None,
     partition_cache: part.PartitionCache | None = None,
+    grid: tuple[int, int, int, int] | None = None,
 ) -> PlanResult:
     """Plan ``profile`` on ``topology``: the best plan that fits memory, with runner-ups.
 
@@ -111,6 +112,10 @@ def plan_model(
         model_name: what the plan's ``model`` field records (default: the profile's name).
         partition_cache: partition answers to reuse and add to (a sweep passes one to every point it
             plans); the result is the same with or without it.
+        grid: (tp, pp, dp, vp), a fixed plan (``planner.plan.plan_from_flags`` on the first tp·pp·dp
+            devices, layers split evenly) instead of the partition search; each family and microbatch
+            count the search would try is costed, combinations the schedule refuses left out. The
+            profile must be per TP rank of tp.
 
     Raises:
         PlanError: an unknown schedule or cost model, inconsistent batch sizes, more stages
@@ -146,18 +151,23 @@ def plan_model(
     exact: set[tuple[str, int]] = set()
     for fam in families:
         for M in mcounts:
-            for plan in _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache,
-                                   partition_cache):
+            plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size) if grid is not None else
+                     _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache, partition_cache))
+            for plan in plans:
                 if fam == "interleaved" or refine.schedulable(fam, M, tuple(st.replicas for st in plan.stages)):
                     cands.append(evaluate(plan, profile, topology, opts))
-            if stages is None and fam != "interleaved" and len(devs) <= part.FLAT_MAX_DEVICES:
+            if grid is None and stages is None and fam != "interleaved" and len(devs) <= part.FLAT_MAX_DEVICES:
                 base = dict(model=name, schedule=fam, microbatch_size=microbatch_size, microbatches=M,
                             topology=topology.name)
                 found = refine.exhaustive(prof, topology, devs, fam, M, opts, base)
                 if found is not None:
                     cands.extend(found)
                     exact.add((fam, M))
-    if stages is None and len(devs) <= part.FLAT_MAX_DEVICES:
+    if grid is not None and not cands:
+        raise PlanError(f"no schedule of {', '.join(families)} runs --tp {grid[0]} --pp {grid[1]} --dp {grid[2]}"
+                        + (f" --vp {grid[3]}" if grid[3] > 1 else "") + f" with microbatch counts {mcounts}; "
+                        "give --microbatches a multiple of pp x dp, or another --schedule")
+    if grid is None and stages is None and len(devs) <= part.FLAT_MAX_DEVICES:
         cands.extend(_refined(cands, prof, topology, devs, opts, exact))
     fitting = [c for c in cands if c.fits]
     if not fitting:
@@ -248,6 +258,28 @@ def best_data_parallel(profile: ModelProfile, topology, *, microbatch_size: int 
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: ModelProfile, devs: tuple[str, ...],
+                opts: CostOptions, name: str, mb: int) -> list[Plan]:
+    """The fixed plan ``grid`` = (tp, pp, dp, vp) asks for under family ``fam`` and M microbatches, if the schedule takes it."""
+    from planner.lowering import plan_spec
+    from planner.plan import plan_from_flags
+    from planner.schedules import ScheduleError, validate_spec
+
+    tp, pp, dp, vp = grid
+    if profile.tensor_parallel != tp:
+        raise PlanError(f"tensor parallelism {tp} needs the profile per TP rank of {tp} (planner.analytic builds it "
+                        f"for transformers); {profile.name!r} is per rank of {profile.tensor_parallel}")
+    if (vp > 1) != (fam == "interleaved"):
+        return []
+    plan = plan_from_flags(name, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=fam, microbatches=M,
+                           microbatch_size=mb, recompute=opts.recompute, devices=list(devs))
+    try:
+        validate_spec(plan_spec(plan))
+    except ScheduleError:
+        return []
+    return [plan]
+
+
 def _families(schedule: str) -> tuple[str, ...]:
     if schedule == "auto":
         return AUTO_FAMILIES

@@ -33,7 +33,7 @@ def test_schedule_grid_and_chart(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--kind", "interleaved", "--stages", "4", "--microbatches", "6"], "divisible"),
+    (["--kind", "interleaved", "--stages", "4", "--microbatches", "6", "--replicas", "2,1,1,1"], "per virtual stage"),
     (["--kind", "1f1b", "--stages", "3", "--microbatches", "4", "--replicas", "1,2"], "3 stages"),
     (["--kind", "gpipe", "--stages", "0", "--microbatches", "4"], ">= 1"),
     (["--kind", "2bw", "--stages", "4", "--microbatches", "2"], "2BW"),

@@ -274,6 +274,13 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
         assert Plan.from_dict(rec.plan) == plan
         assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
         assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
+    # the planner's choice there is data parallel; a pipeline (plan --stages 4) is costed the same way too
+    piped = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd",
+                       stages=4).best_candidate
+    assert piped.plan.pipeline_depth == 4 and piped.plan.recompute == plan.recompute
+    trace = simulate_plan(piped.plan, profile, topo, SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"]))
+    assert time_per_batch_s(trace) == pytest.approx(piped.time_per_batch_s, rel=1e-9)
+    assert max(peak_memory_bytes(trace).values()) == pytest.approx(max(piped.peak_memory_bytes.values()), rel=1e-9)
 
 
 def test_full_recomputation_leaves_layers_that_are_not_recomputable_alone():
@@ -361,3 +368,26 @@ def test_tp_all_reduces_on_free_links_cost_nothing_and_every_rank_goes_on():
     plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
     trace = simulate_plan(plan, _tp_profile(2, layers=2), topo)
     assert time_per_batch_s(trace) == pytest.approx((4 // 2 + 1) * 3.0)  # 1F1B of 2 microbatches per replica
+
+
+def test_plan_model_costs_a_fixed_grid_for_every_family_the_schedule_takes():
+    from planner.analytic import load_model
+    from planner.costmodel import CostOptions, evaluate
+    from planner.search import plan_model
+
+    prof = load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128", tensor_parallel=2)
+    topo = load_topology("dgx:servers=2,gpus=4")
+    res = plan_model(prof, topo, grid=(2, 2, 2, 1), microbatches=4, recompute="full", optimizer="adam", top_k=10)
+    fams = {c.plan.schedule for c in res.candidates}
+    assert fams == {"gpipe", "1f1b", "pipedream", "2bw", "zb-h1"}
+    for c in res.candidates:
+        want = plan_from_flags(prof.name, len(prof), pp=2, dp=2, tp=2, schedule=c.plan.schedule, microbatches=4,
+                               recompute="full", devices=topo.devices)
+        assert c.plan.stages == want.stages and c.plan.tensor_parallel == 2 and c.plan.recompute == "full"
+        assert c.time_per_batch_s == evaluate(want, prof, topo, CostOptions(recompute="full", optimizer="adam")).time_per_batch_s
+    inter = plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=4, schedule="auto")
+    assert {c.plan.schedule for c in inter.candidates} == {"interleaved"} and inter.best.chunks == 2
+    with pytest.raises(PlanError, match="no schedule of interleaved runs --tp 2 --pp 2 --dp 2 --vp 2"):
+        plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=6, schedule="interleaved")
+    with pytest.raises(PlanError, match="per rank of 1"):
+        plan_model(load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"), topo, grid=(2, 2, 2, 1))

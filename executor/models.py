@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from executor.emulated import EmulatedLayer
+from executor.recompute import attention_core
 from planner.profile import ModelSpecError
 
 __all__ = [
@@ -167,21 +168,21 @@ class GPTEmbedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; ``recompute_core``: the attention core is recomputed in backward."""
+
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        self.recompute_core = False
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, h = x.shape
         q, k, v = self.qkv(x).split(h, dim=2)
         shape = (b, t, self.heads, h // self.heads)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(shape[-1]))
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, h)
+        y = attention_core(q, k, v, self.recompute_core).transpose(1, 2).reshape(b, t, h)
         return self.proj(y)
 
 

@@ -41,6 +41,7 @@ from executor.errors import ExecutorError
 from executor.faults import fault_at, inject
 from executor.memory import HeldBytes
 from executor.prepare import DTYPES, Prepared, RunConfig
+from executor.recompute import apply_recompute
 from executor.tensor_parallel import (TPContext, gather_weights, parallelize, reduce_sequence_parallel_grads,
                                       sequence_parallel_params, shard, shard_specs, skip_from_env)
 from executor.timing import CudaActionTimes, warm_up_autograd, warm_up_stage
@@ -137,7 +138,7 @@ class StageWorker:
         """Stage ``s``'s module with its version 0: the seed's weights, or the checkpoint a resumed run starts from.
 
         With tensor parallelism the module holds this TP rank's shard (``st.shards`` says how each sharded
-        parameter is split), cut from the whole weights.
+        parameter is split), cut from the whole weights; the plan's recomputation mode is applied to its layers.
         """
         from executor.models import build_stage
 
@@ -145,6 +146,7 @@ class StageWorker:
         layers = build_stage(plan.model, sp.first_layer, sp.last_layer, seed=self.cfg.seed)
         if self.tp is not None:
             layers = parallelize(layers, self.tp)
+        apply_recompute(layers, self.plan.recompute)
         st = StageState(s, sp.first_layer, sp.last_layer, layers, self.S)
         st.shards = shard_specs(st.module)
         if self.tp is not None and self.tp.sequence:

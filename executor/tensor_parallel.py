@@ -43,7 +43,6 @@ show that parity checks catch a missing reduction.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from executor.errors import ExecutorError
+from executor.recompute import attention_core
 
 TP_FAULT_ENV = "PIPETWIN_TP_FAULT"
 
@@ -215,6 +215,7 @@ class TPAttention(nn.Module):
         hidden = full.proj.in_features
         self.tp = tp
         self.heads = full.heads // tp.size
+        self.recompute_core = full.recompute_core
         self.head_dim = hidden // full.heads
         local = self.heads * self.head_dim
         self.qkv = nn.Linear(hidden, 3 * local)
@@ -232,10 +233,7 @@ class TPAttention(nn.Module):
         q, k, v = self.qkv(x).split(local, dim=2)
         shape = (b, t, self.heads, self.head_dim)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, local)
+        y = attention_core(q, k, v, self.recompute_core).transpose(1, 2).reshape(b, t, local)
         return reduce_from_tp(F.linear(y, self.proj.weight), self.tp) + self.proj.bias
 
 

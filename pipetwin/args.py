@@ -1,10 +1,12 @@
-"""Argument types the commands share: comma lists of words, of integers, and of device counts (one spelling each)."""
+"""Arguments the commands share: comma lists of words, of integers and of device counts (one spelling each), and a
+fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``)."""
 from __future__ import annotations
 
 import argparse
 import re
 
-__all__ = ["words", "int_list", "counts"]
+__all__ = ["words", "int_list", "counts", "add_grid_flags", "add_recompute_flag", "grid_given", "grid_degrees",
+           "grid_plan", "check_grid_profile"]
 
 
 def words(text: str) -> tuple[str, ...]:
@@ -57,3 +59,93 @@ def counts(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expects positive counts like 8,16,64, 8,16,...,512 or 8:64:8, got {text!r}") from None
+
+
+# --- a fixed plan: tensor x pipeline x data parallel -------------------------------------------------
+def _degree(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1 or v >= 2**31:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}")
+    return v
+
+
+def add_grid_flags(p: argparse.ArgumentParser, *, sequence_parallel: bool = True) -> None:
+    """``--tp T --pp P --dp D [--vp V]``: a fixed plan, the layers split evenly, TP ranks fastest along the devices."""
+    g = p.add_argument_group("fixed plan (tensor x pipeline x data parallel; T*P*D = the devices)")
+    g.add_argument("--tp", type=_degree, default=None, metavar="T",
+                   help="tensor-parallel degree: each stage replica is T devices (consecutive: inside a server)")
+    g.add_argument("--pp", type=_degree, default=None, metavar="P", help="pipeline stages (devices along the pipeline)")
+    g.add_argument("--dp", type=_degree, default=None, metavar="D", help="data-parallel replicas of every stage")
+    g.add_argument("--vp", type=_degree, default=None, metavar="V",
+                   help="model chunks per device (interleaved 1F1B; default 2 with --schedule interleaved)")
+    if sequence_parallel:
+        g.add_argument("--sequence-parallel", action="store_true",
+                       help="Megatron sequence parallelism inside each TP group (needs --tp > 1)")
+
+
+def add_recompute_flag(p: argparse.ArgumentParser) -> None:
+    """``--recompute`` (full, as it always meant) or ``--recompute none|selective|full``."""
+    from planner.recompute import MODES
+
+    p.add_argument("--recompute", nargs="?", const="full", default=None, choices=MODES, metavar="MODE",
+                   help="activation recomputation: full (bare --recompute), selective (the attention core) or none "
+                        "(default: none, or what a --plan file says)")
+
+
+def grid_given(args) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("tp", "pp", "dp", "vp"))
+
+
+def grid_degrees(args, devices: int | None) -> tuple[int, int, int, int]:
+    """(tp, pp, dp, vp) from the flags, the missing ones filled so that T·P·D = ``devices`` (when known).
+
+    Raises UserError (one line) when the product does not match the devices or cannot be filled.
+    """
+    from pipetwin.errors import UserError
+
+    tp, pp, dp, vp = (getattr(args, k, None) for k in ("tp", "pp", "dp", "vp"))
+    tp = tp or 1
+    if devices is not None:
+        known = tp * (pp or 1) * (dp or 1)
+        if pp is None and dp is None:
+            pp, dp = devices // tp if devices % tp == 0 else 0, 1
+        elif pp is None:
+            pp = devices // (tp * dp) if devices % (tp * dp) == 0 else 0
+        elif dp is None:
+            dp = devices // (tp * pp) if devices % (tp * pp) == 0 else 0
+        if not pp or not dp or tp * pp * dp != devices:
+            raise UserError(f"--tp {tp} x --pp {pp or '?'} x --dp {dp or '?'} does not make {devices} devices "
+                            f"(tp x pp x dp = {known} so far); give degrees whose product is {devices}")
+    else:
+        pp, dp = pp or 1, dp or 1
+    return tp, pp, dp, vp or 1
+
+
+def check_grid_profile(profile, tp: int, sequence_parallel: bool = False) -> None:
+    """A grid with T > 1 needs a profile per TP rank of T (an analytic transformer built for it)."""
+    from pipetwin.errors import UserError
+
+    if profile.tensor_parallel != tp:
+        raise UserError(f"--tp {tp} needs a transformer model (a preset like gpt3-13b or gpt:/bert:/llama:...) whose "
+                        f"profile is split per TP rank; {profile.name!r} is not one: drop --tp or give such a model")
+    if sequence_parallel and tp < 2:
+        raise UserError("--sequence-parallel splits activations over the TP ranks; it needs --tp 2 or more")
+
+
+def grid_plan(args, model: str, profile, devices: list[str] | None, *, schedule: str, microbatches: int | None,
+              microbatch_size: int = 1, batches: int = 1, vertical_sync: bool = False, topology: str | None = None,
+              lr: float | None = None):
+    """The plan ``--tp --pp --dp [--vp]`` ask for (``planner.plan.plan_from_flags``) on ``devices`` (all of them)."""
+    from planner.plan import plan_from_flags
+
+    tp, pp, dp, vp = grid_degrees(args, len(devices) if devices is not None else None)
+    check_grid_profile(profile, tp, getattr(args, "sequence_parallel", False))
+    if schedule == "auto":
+        schedule = "interleaved" if vp > 1 else "1f1b"
+    return plan_from_flags(model, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=schedule,
+                           microbatches=microbatches, microbatch_size=microbatch_size, batches=batches,
+                           vertical_sync=vertical_sync, recompute=getattr(args, "recompute", "none") or "none",
+                           topology=topology, devices=devices, lr=lr)

@@ -103,7 +103,7 @@ def _profiles_dir(root: Path | None = None) -> Path:
     return ((root or Path(__file__).resolve().parents[1]) / PIPEDREAM_PROFILES).resolve()
 
 
-def resolve_model(spec: str, raw: bool = False) -> ModelProfile:
+def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False) -> ModelProfile:
     """Any model spec every command accepts → ModelProfile (one grammar: ``planner.analytic.load_model``).
 
     Analytic presets (gpt3-13b, gpt:..., bert-large), PipeDream profile names
@@ -118,7 +118,7 @@ def resolve_model(spec: str, raw: bool = False) -> ModelProfile:
     from planner.analytic import ModelSpecError, load_model
 
     try:
-        return load_model(spec)
+        return load_model(spec, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel)
     except ModelSpecError as e:
         raise ProfileError(str(e)) from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipetwin.args import int_list
+from pipetwin.args import add_grid_flags, add_recompute_flag, grid_degrees, grid_given, grid_plan, int_list
 from pipetwin.show import Progress
 
 FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--chunks", type=int, default=1, help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    add_recompute_flag(p)
+    add_grid_flags(p)
     p.add_argument("--steps", type=int, default=None, metavar="N", help="batches (optimizer steps) to simulate")
     p.add_argument("--params", metavar="JSON",
                    help="simulator parameters (sim_params.json from `pipetwin calibrate`); the flags below override it")
@@ -56,11 +58,15 @@ def _plan_for(args, profile, topology):
 
     from planner.plan import plan_from_flags
 
+    if grid_given(args):
+        return grid_plan(args, args.model, profile, topology.devices, schedule=args.schedule,
+                         microbatches=args.microbatches, microbatch_size=args.microbatch_size, batches=args.steps or 1,
+                         vertical_sync=args.vertical_sync, topology=args.topology)
     if args.stages is None and args.replicas is None:
         from planner.search import plan_model
 
         result = plan_model(profile, topology, schedule=args.schedule, microbatch_size=args.microbatch_size,
-                            microbatches=args.microbatches, model_name=args.model)
+                            microbatches=args.microbatches, model_name=args.model, recompute=args.recompute)
         plan = replace(result.best, batches=args.steps or result.best.batches, topology=args.topology)
         if args.vertical_sync and plan.schedule == "pipedream":
             plan = replace(plan, vertical_sync=True)
@@ -70,7 +76,7 @@ def _plan_for(args, profile, topology):
     return plan_from_flags(args.model, len(profile), pp=depth, dp=args.replicas or 1, vp=args.chunks, schedule=schedule,
                            microbatches=args.microbatches or 4, microbatch_size=args.microbatch_size,
                            vertical_sync=args.vertical_sync, batches=args.steps or 1, topology=args.topology,
-                           devices=topology.devices)
+                           devices=topology.devices, recompute=args.recompute)
 
 
 def _inputs(args):
@@ -89,9 +95,13 @@ def _inputs(args):
             raise UserError(f"plan {args.plan!r} names no topology; give --topology")
         from pipetwin.cmd_plan import resolve_model
 
-        profile, topology = resolve_model(model), load_topology(topo_spec)
+        if grid_given(args) or args.stages or args.replicas:
+            raise UserError("give either --plan or a plan's shape (--tp/--pp/--dp/--vp, --stages/--replicas), not both")
+        profile, topology = resolve_model(model, tensor_parallel=plan.tensor_parallel), load_topology(topo_spec)
         if args.steps:
             plan = replace(plan, batches=args.steps)
+        if args.recompute is not None:
+            plan = replace(plan, recompute=args.recompute)
         return plan, profile, topology
     if not args.model or not args.topology:
         raise UserError("give --plan plan.json, or --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
@@ -102,7 +112,13 @@ def _inputs(args):
         raise UserError("--stages must be >= 1")
     from pipetwin.cmd_plan import resolve_model
 
-    profile, topology = resolve_model(args.model), load_topology(args.topology)
+    topology = load_topology(args.topology)
+    tp = 1
+    if grid_given(args):
+        if args.stages is not None or args.replicas is not None or args.chunks != 1:
+            raise UserError("give the plan's shape one way: --tp/--pp/--dp/--vp, or --stages/--replicas/--chunks")
+        tp = grid_degrees(args, len(topology.devices))[0]
+    profile = resolve_model(args.model, tensor_parallel=tp, sequence_parallel=args.sequence_parallel)
     return _plan_for(args, profile, topology), profile, topology
 
 

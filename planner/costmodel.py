@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode
+from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -276,13 +276,16 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
     cuts = [_cut_s(topology, prof, plan.stages[i].last_layer, plan.stages[i].devices[-1], plan.stages[i + 1].devices[0], mb)
             for i in range(S - 1)]
     raw = []
+    T = plan.tensor_parallel
     for i, st in enumerate(plan.stages):
         r = st.replicas
         speed = min(topology.device(d).speed for d in st.devices)
         f, b = prof.forward_s(*st.layers), prof.backward_s(*st.layers)
-        compute = (f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed / r
+        compute = ((f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed
+                   + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb)) / r
         params = prof.param_bytes(*st.layers)
-        ar = topology.ring_allreduce_time_s(list(st.devices), params) / update_interval(fam, M, r) if r > 1 else 0.0
+        dp_group = list(st.devices[::T])  # TP rank 0's replicas (every rank's group all-reduces at once)
+        ar = topology.ring_allreduce_time_s(dp_group, params) / update_interval(fam, M, r) if r > 1 else 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
         t = max(compute + ar, comm) if options.overlap_comm else compute + ar + comm
         n_in = inflight(fam, M, workers_after[i], r)
@@ -304,7 +307,10 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         speed = topology.device(dev).speed
         f = sum(prof.forward_s(*plan.stages[v].layers) for v in vs)
         b = sum(prof.backward_s(*plan.stages[v].layers) for v in vs)
-        compute = (f + b + sum(extra_forward_s(prof, *plan.stages[v].layers, options.recompute) for v in vs)) / speed
+        T, r = plan.tensor_parallel, plan.stages[vs[0]].replicas  # interleaved replicas each run the whole schedule
+        compute = ((f + b + sum(extra_forward_s(prof, *plan.stages[v].layers, options.recompute) for v in vs)) / speed
+                   + sum(tp_collective_s(prof, *plan.stages[v].layers, options.recompute, topology,
+                                         plan.stages[v].tensor_group(0, T), mb) for v in vs)) / r
         comm = sum((cuts[v - 1] if v > 0 else 0.0) + (cuts[v] if v < S - 1 else 0.0) for v in vs)
         t = max(compute, comm) if options.overlap_comm else compute + comm
         warm = M * V if M == P else min((P - d - 1) * 2 + (V - 1) * P, M * V)
@@ -356,6 +362,16 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
                      link_time_per_batch_s=link_batch, link_bound_s=link_lower, binding_link=link_name,
                      binding=plan_binding)
     return replace(cand, plan=replace(plan, predicted=cand.predicted(), recompute=options.recompute))
+
+
+def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, topology, group: tuple[str, ...],
+                    mb: int) -> float:
+    """Seconds per microbatch of the TP all-reduces of layers first..last (``Layer.tp_*``; with full
+    recomputation its re-run forward's too) as rings over ``group``, one replica's tensor group."""
+    if len(group) < 2:
+        return 0.0
+    return sum(tp_allreduces(l, recompute) * topology.ring_allreduce_time_s(list(group), l.tp_allreduce_bytes * mb)
+               for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
 
 
 def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_inflight: int, versions: int,
@@ -451,26 +467,37 @@ def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = 
         e[1].add(s)
 
     st = plan.stages
+    T = plan.tensor_parallel
     for s in range(len(st) - 1):
-        a_devs, b_devs = st[s].devices, st[s + 1].devices
         nbytes = prof.boundary_bytes(st[s].last_layer) * mb
         if nbytes <= 0:
             continue
-        ra, rb = len(a_devs), len(b_devs)
-        period = ra * rb // math.gcd(ra, rb)
-        for i in range(min(M, period)):  # microbatch i, i + period, ... take the same pair of replicas
-            n = (M - 1 - i) // period + 1
-            a, b = a_devs[i % ra], b_devs[i % rb]
-            add(a, b, n * nbytes, s)
-            add(b, a, n * nbytes, s + 1)
+        for t in range(T):  # TP rank t sends to TP rank t
+            a_devs, b_devs = st[s].devices[t::T], st[s + 1].devices[t::T]
+            ra, rb = len(a_devs), len(b_devs)
+            period = ra * rb // math.gcd(ra, rb)
+            for i in range(min(M, period)):  # microbatch i, i + period, ... take the same pair of replicas
+                n = (M - 1 - i) // period + 1
+                a, b = a_devs[i % ra], b_devs[i % rb]
+                add(a, b, n * nbytes, s)
+                add(b, a, n * nbytes, s + 1)
     for s, stage in enumerate(st):
         r = stage.replicas
+        if T > 1:  # every microbatch of a replica runs its TP all-reduces as rings over its tensor group
+            per_mb = sum(tp_allreduces(l, options.recompute) * l.tp_allreduce_bytes * mb
+                         for l in prof.layers[stage.first_layer:stage.last_layer + 1])
+            for rep in range(r):
+                group = stage.tensor_group(rep, T)
+                n_mb = len(range(rep, M, r))
+                for j in range(T):
+                    add(group[j], group[(j + 1) % T], 2 * (T - 1) / T * per_mb * n_mb, s)
         if r < 2:
             continue
         rounds = math.ceil(M / r) if plan.schedule == "pipedream" else 1
-        for (a, b), x in allreduce_flows(topology, list(stage.devices), prof.param_bytes(*stage.layers),
-                                         options.allreduce).items():
-            add(a, b, x * rounds, s)
+        for t in range(T):
+            for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), prof.param_bytes(*stage.layers),
+                                             options.allreduce).items():
+                add(a, b, x * rounds, s)
     edges = topology.graph.edges
     out: dict[tuple[str, str], tuple[float, set[int]]] = {}
     for (a, b), (x, stages) in pair_bytes.items():

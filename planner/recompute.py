@@ -101,6 +101,11 @@ def recomputed_tp_allreduces(layer: Layer, mode: str) -> int:
     return layer.tp_forward_allreduces if mode == "full" and layer.recomputable else 0
 
 
+def tp_allreduces(layer: Layer, mode: str) -> int:
+    """TP all-reduces one microbatch of a layer runs: its forward's, its backward's and what recomputation re-runs."""
+    return layer.tp_forward_allreduces + layer.tp_backward_allreduces + recomputed_tp_allreduces(layer, mode)
+
+
 def kept_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
     """Bytes per sample layers first..last keep from forward until backward (the stage input included)."""
     mode = recompute_mode(mode)

@@ -88,6 +88,7 @@ def plan_model(
     devices: list[str] | None = None,
     model_name: str | None = None,
     partition_cache: part.PartitionCache | None = None,
+    grid: tuple[int, int, int, int] | None = None,
 ) -> PlanResult:
     """Plan ``profile`` on ``topology``: the best plan that fits memory, with runner-ups.
 
@@ -106,6 +107,10 @@ def plan_model(
         model_name: what the plan's ``model`` field records (default: the profile's name).
         partition_cache: partition answers to reuse and add to (a sweep passes one to every point it
             plans); the result is the same with or without it.
+        grid: (tp, pp, dp, vp), a fixed plan (``planner.plan.plan_from_flags`` on the first tp·pp·dp
+            devices, layers split evenly) instead of the partition search; each family and microbatch
+            count the search would try is costed, combinations the schedule refuses left out. The
+            profile must be per TP rank of tp.
 
     Raises:
         PlanError: an unknown schedule or cost model, inconsistent batch sizes, more stages
@@ -140,9 +145,14 @@ def plan_model(
     cache: dict = {}
     for fam in families:
         for M in mcounts:
-            for plan in _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache,
-                                   partition_cache):
+            plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size) if grid is not None else
+                     _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache, partition_cache))
+            for plan in plans:
                 cands.append(evaluate(plan, profile, topology, opts))
+    if grid is not None and not cands:
+        raise PlanError(f"no schedule of {', '.join(families)} runs --tp {grid[0]} --pp {grid[1]} --dp {grid[2]}"
+                        + (f" --vp {grid[3]}" if grid[3] > 1 else "") + f" with microbatch counts {mcounts}; "
+                        "give --microbatches a multiple of pp x dp, or another --schedule")
     fitting = [c for c in cands if c.fits]
     if not fitting:
         raise PlanError(_nothing_fits(prof, topology, devs, opts, families, mcounts, memory_limit_bytes, cands,
@@ -203,6 +213,28 @@ def capacity(profile: ModelProfile, topology, target_samples_per_s: float, **kw)
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: ModelProfile, devs: tuple[str, ...],
+                opts: CostOptions, name: str, mb: int) -> list[Plan]:
+    """The fixed plan ``grid`` = (tp, pp, dp, vp) asks for under family ``fam`` and M microbatches, if the schedule takes it."""
+    from planner.lowering import plan_spec
+    from planner.plan import plan_from_flags
+    from planner.schedules import ScheduleError, validate_spec
+
+    tp, pp, dp, vp = grid
+    if profile.tensor_parallel != tp:
+        raise PlanError(f"tensor parallelism {tp} needs the profile per TP rank of {tp} (planner.analytic builds it "
+                        f"for transformers); {profile.name!r} is per rank of {profile.tensor_parallel}")
+    if (vp > 1) != (fam == "interleaved"):
+        return []
+    plan = plan_from_flags(name, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=fam, microbatches=M,
+                           microbatch_size=mb, recompute=opts.recompute, devices=list(devs))
+    try:
+        validate_spec(plan_spec(plan))
+    except ScheduleError:
+        return []
+    return [plan]
+
+
 def _families(schedule: str) -> tuple[str, ...]:
     if schedule == "auto":
         return AUTO_FAMILIES

@@ -367,7 +367,8 @@ class _Run:
                             del groups[key]
                             phases, tail = self._tp_phases(y[0], nbytes)
                             coll = Collective(self.net, phases, _succeed, st[1], text + "/TP", tail)
-                            if coll.start():
+                            if coll.start():  # free links: done at once, for the ranks waiting too
+                                st[1].succeed()
                                 continue
                         yield st[1]
                     if y[2] > 0.0:

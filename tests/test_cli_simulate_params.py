@@ -41,3 +41,54 @@ def test_bad_params_file_is_one_line_exit_2(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     assert main(BASE + ["--params", str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# --- a fixed plan from --tp --pp --dp [--vp] -----------------------------------------------------------
+GPT = "gpt:layers=4,hidden=64,heads=8,seq=32,vocab=100"
+
+
+def _sim_json(capsys, *flags) -> dict:
+    assert main(["simulate", "--model", GPT, "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_fixed_grid_simulates_the_plan_plan_from_flags_makes(capsys):
+    from planner.analytic import load_model
+    from planner.plan import plan_from_flags
+    from planner.trace import summary
+    from sim import simulate_plan
+    from topologies.presets import load_topology
+
+    topo = load_topology("dgx:servers=2,gpus=4")
+    got = _sim_json(capsys, "--topology", "dgx:servers=2,gpus=4", "--tp", "2", "--pp", "2", "--dp", "2",
+                    "--microbatches", "4", "--recompute")
+    plan = plan_from_flags(GPT, 6, pp=2, dp=2, tp=2, microbatches=4, recompute="full", devices=topo.devices,
+                           topology="dgx:servers=2,gpus=4")
+    want = summary(simulate_plan(plan, load_model(GPT, tensor_parallel=2), topo))
+    assert got["time_per_batch_s"] == want["time_per_batch_s"] and len(got["per_device"]) == 8
+    # interleaved with replicas and TP; --dp filled in from the device count
+    got = _sim_json(capsys, "--topology", "ideal:8", "--tp", "2", "--pp", "2", "--vp", "2", "--schedule",
+                    "interleaved", "--microbatches", "8")
+    assert len(got["per_device"]) == 8 and got["time_per_batch_s"] > 0
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        return e.code
+
+
+@pytest.mark.parametrize("model,flags,msg", [
+    (GPT, ["--tp", "3", "--pp", "2", "--dp", "1"], "does not make 8 devices"),
+    (GPT, ["--tp", "2", "--pp", "2", "--dp", "3"], "does not make 8 devices"),
+    (GPT, ["--tp", "0"], "expects a whole number >= 1"),
+    ("gpt:layers=4,hidden=48,heads=6,seq=32,vocab=96", ["--tp", "4", "--pp", "2"], "tensor parallelism 4 must divide heads=6"),
+    (GPT, ["--tp", "2", "--stages", "2"], "give the plan's shape one way"),
+    (GPT, ["--tp", "2", "--pp", "2", "--vp", "2", "--schedule", "1f1b"], "needs --schedule interleaved"),
+    ("uniform:layers=8", ["--tp", "2"], "--tp 2 needs a transformer model"),
+])
+def test_bad_grids_are_one_line_and_exit_2(model, flags, msg, capsys):
+    assert _exit_code(["simulate", "--model", model, "--topology", "ideal:8", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err

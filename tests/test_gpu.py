@@ -137,7 +137,7 @@ def test_validation_on_the_gpu_profiles_and_runs_there():
     computes on the GPU (NCCL where there is a GPU per worker, else gloo with the workers sharing it)."""
     import math
 
-    from validation.calibrate import accumulate_s_per_byte
+    from validation.measure import accumulate_s_per_byte
     from validation.configs import QUICK
     from validation.matrix import run_matrix
 

@@ -261,42 +261,38 @@ def test_validate_on_cuda_profiles_times_and_runs_everything_there(monkeypatch):
     """run_matrix(device="cuda") on this CPU machine with the device calls recorded (the runs themselves go to
     the CPU): the profile, the accumulation timing and every launch ask for the GPU, the launches keep the asked
     backend, and the loopback link benchmark (host memory, not the GPUs' links) is never run."""
-    import executor.launch
-    import executor.profiler
-    from validation import calibrate as cal_mod
+    from executor.launch import run_plan
+    from executor.profiler import profile_model
     from validation import matrix
     from validation.configs import QUICK
+    from validation.measure import Instruments, accumulate_s_per_byte
 
     asked = {"profile": [], "accumulate": [], "run": []}
-    real_profile, real_acc, real_run = executor.profiler.profile_model, cal_mod.accumulate_s_per_byte, executor.launch.run_plan
 
     def profile(*a, device="cpu", **kw):
         asked["profile"].append(device)
-        return real_profile(*a, **kw)
+        return profile_model(*a, **kw)
 
     def accumulate(*a, device="cpu", **kw):
         asked["accumulate"].append(device)
-        return real_acc(*a, **kw)
+        return accumulate_s_per_byte(*a, **kw)
 
     def run(plan, timeout_s=60.0, device="auto", backend="auto", **kw):
         asked["run"].append((device, backend))
-        return real_run(plan, timeout_s=timeout_s, device="cpu", backend="gloo", **kw)
+        return run_plan(plan, timeout_s=timeout_s, device="cpu", backend="gloo", **kw)
 
     def no_links(*a, **kw):
         raise AssertionError("the loopback link benchmark ran for a GPU matrix")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    recording = Instruments(launch=run, profile=profile, accumulate=accumulate, links=no_links)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs, as torch sees it
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(executor.profiler, "profile_model", profile)
-    monkeypatch.setattr(cal_mod, "accumulate_s_per_byte", accumulate)
-    monkeypatch.setattr(executor.launch, "run_plan", run)
-    monkeypatch.setattr(matrix, "measure_links", no_links)
     mlp = [c for c in QUICK if c.model == "mlp"][:1]
     with pytest.raises(InputError, match="needs one GPU per worker"):  # emu's widest run has 8
         matrix.run_matrix(configs=mlp + [c for c in QUICK if c.model == "emu"], repeats=1, device="cuda",
-                          backend="nccl")
+                          backend="nccl", instruments=recording)
     assert not asked["run"] and not asked["profile"]  # refused before anything ran
-    res = matrix.run_matrix(configs=mlp, repeats=1, device="cuda", backend="auto")
+    res = matrix.run_matrix(configs=mlp, repeats=1, device="cuda", backend="auto", instruments=recording)
     assert asked["profile"] == ["cuda"] and asked["accumulate"] == ["cuda"]
     # two calibration runs and one scored, all on NCCL: 2 workers, 2 GPUs
     assert len(asked["run"]) == 3 and set(asked["run"]) == {("cuda", "nccl")}
@@ -317,31 +313,38 @@ def test_cli_refuses_a_device_it_cannot_use_in_one_line(argv, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
 
 
-def test_repeated_launches_score_the_median_throughput_run(monkeypatch):
-    """run_config(repeats=3) launches three times and scores the launch of median throughput."""
+def test_repeated_launches_score_the_median_throughput_run():
+    """run_config(repeats=3) launches three times and scores the launch of median throughput: three real traces
+    of the configuration's plan (simulated at three speeds) stand in for the launches."""
     import types
 
-    import executor.launch
-    import planner.trace
+    from planner.trace import throughput_samples_per_s
     from validation import matrix
     from validation.configs import QUICK
+    from validation.measure import Instruments
 
-    rates = iter([30.0, 10.0, 20.0])
-    launched = []
+    cfg = QUICK[0]
+    plan = cfg.plan()
+    topo = load_topology(f"local:{len(plan.devices)}")
+    layers = plan.stages[-1].last_layer + 1
+    traces = [simulate_plan(plan, uniform_profile(layers, 1e-3 * k, 2e-3 * k, act=1024), topo)
+              for k in (1.0, 3.0, 1.5)]  # fastest, slowest, the median
+    launches = iter(traces)
+    asked = []
 
-    def fake_run(plan, timeout_s, **where):
-        assert where == {"device": "cpu", "backend": "gloo"}  # the CPU profile's runs stay on the CPU
-        t = types.SimpleNamespace(rate=next(rates), meta={"device_kind": "cpu", "backend": "gloo"})
-        launched.append(t)
-        return types.SimpleNamespace(trace=t)
+    def launch(p, timeout_s, **where):
+        asked.append(where)
+        return types.SimpleNamespace(trace=next(launches))
 
-    monkeypatch.setattr(executor.launch, "run_plan", fake_run)
-    monkeypatch.setattr(planner.trace, "throughput_samples_per_s", lambda t: t.rate)
-    monkeypatch.setattr(matrix, "compare_traces", lambda pred, meas: {"measured_rate": meas.rate})
-    cal = types.SimpleNamespace(simulate=lambda plan: "predicted")
-    row, pred, meas = matrix.run_config(QUICK[0], cal, repeats=3)
-    assert len(launched) == 3 and meas.rate == 20.0 and row["measured_rate"] == 20.0 and pred == "predicted"
-    assert row["measured_runs"] == [10.0, 20.0, 30.0] and row["run_spread"] == pytest.approx(1.0)
+    cal = types.SimpleNamespace(simulate=lambda p: traces[0])
+    row, pred, meas = matrix.run_config(cfg, cal, repeats=3, instruments=Instruments(launch=launch))
+    assert asked == [{"device": "cpu", "backend": "gloo"}] * 3  # the CPU profile's runs stay on the CPU
+    rates = [throughput_samples_per_s(t) for t in traces]
+    assert rates[1] < rates[2] < rates[0]
+    assert meas is traces[2] and pred is traces[0]
+    assert row["measured_runs"] == sorted(rates)
+    assert row["error"]["throughput_samples_per_s"] == pytest.approx(rates[0] / rates[2] - 1)
+    assert row["run_spread"] == pytest.approx((rates[0] - rates[1]) / rates[2])
 
 
 def test_run_to_run_spread_is_kept_with_every_launch():

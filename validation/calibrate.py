@@ -26,7 +26,7 @@ benchmark's own relative-residual fit, ``executor.netbench.fit_latency_bandwidth
   on average;
 * the optimizer step: ``step_time_s`` from the measured STEP actions;
 * gradient accumulation: ``accumulate_s_per_byte``, timed on the model's parameter shapes
-  (:func:`accumulate_s_per_byte`). A backward after the first of its optimizer round adds its
+  (``validation.measure.accumulate_s_per_byte``). A backward after the first of its optimizer round adds its
   gradients into the round's (flush schedules and 2BW: M/r − 1 of a worker's M/r, PipeDream: none), about 0.2 ms on an
   mlp stage of 4 MB; it is taken off those backwards before the compute fit and the simulator adds
   it back, so a calibration on 1F1B does not charge it to PipeDream's backwards;
@@ -58,8 +58,6 @@ from pathlib import Path
 
 from scipy.optimize import least_squares
 
-import executor.launch
-import executor.profiler
 from planner.plan import Plan
 from planner.profile import ModelProfile, load_profile
 from planner.trace import Trace, summary
@@ -72,7 +70,7 @@ from validation.compute import (ComputeRow, calibrated_profile, compute_rows, fi
                                 fit_split_factor, layer_corrections, overlap_slowdown, step_time_s, with_action_cost)
 from validation.errors import CalibrationError
 from validation.links import LinkSegment, early_receive_cost, fit_link_model, segment_for, transfer_points
-from validation.measure import accumulate_s_per_byte, chain_saved_bytes, measure_links, run_options
+from validation.measure import Instruments, chain_saved_bytes, run_options
 
 __all__ = ["Calibration", "calibrate", "refine", "in_sample_errors", "CalibrationError"]
 
@@ -162,7 +160,7 @@ class Calibration:
 def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, microbatch_size: int = 1,
               bench_points=None, devices: int = 8, profile_repeats: int = 5, timeout_s: float = 120.0,
               log=None, repeats: int = 1, traces: list[Trace] | None = None, device: str = "cpu",
-              backend: str = "auto") -> Calibration:
+              backend: str = "auto", instruments: Instruments = Instruments()) -> Calibration:
     """Profile ``model``, run ``plans`` for real, and fit a :class:`Calibration` (see the module docstring).
 
     Args:
@@ -171,7 +169,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
             per-layer and per-action costs separate).
         names: how the report names those runs.
         microbatch_size: the microbatch size the profile is taken at.
-        bench_points: link benchmark points (``measure_links()``); None: links from the runs alone.
+        bench_points: link benchmark points (``validation.measure.measure_links()``); None: links from the runs alone.
         devices: devices of the calibrated ``local:N`` topology.
         repeats: launches of every calibration plan; each launch is one more set of rows for the fits
             (the machine's run-to-run spread averages out).
@@ -179,7 +177,8 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
             order ``[p for p in plans for _ in range(repeats)]``); nothing is launched then. The validation
             matrix launches its calibration runs interleaved with the scored ones this way.
         device, backend: where the profile, the accumulation timing and the runs compute ("cpu" or
-            "cuda") and how the runs communicate (see :func:`run_options`).
+            "cuda") and how the runs communicate (see ``validation.measure.run_options``).
+        instruments: what launches, profiles and times (``validation.measure.Instruments``; the real ones).
     """
     say = log or (lambda *_: None)
     if repeats < 1:
@@ -197,14 +196,14 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     if given is not None and len(given) != len(plans):
         raise CalibrationError(f"{len(given)} traces given for {len(plans)} calibration launches")
     say(f"profiling {model} at microbatch {microbatch_size}")
-    base = executor.profiler.profile_model(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2, device=device)
-    acc_per_byte = accumulate_s_per_byte(model, microbatch_size, device=device)
+    base = instruments.profile(model, microbatch_size=microbatch_size, repeats=profile_repeats, warmup=2, device=device)
+    acc_per_byte = instruments.accumulate(model, microbatch_size, device=device)
     rows: list[ComputeRow] = []
     traces, adds = [], []
     for i, plan in enumerate(plans):
         if given is None:
             say(f"calibration run {names[i]}")
-            tr = executor.launch.run_plan(plan, timeout_s=timeout_s, **where).trace
+            tr = instruments.launch(plan, timeout_s=timeout_s, **where).trace
         else:
             tr = given[i]
         traces.append(tr)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from planner.trace import Trace
 from validation.calibrate import Calibration, calibrate
-from validation.measure import measure_links, run_options
+from validation.measure import Instruments, run_options
 from validation.compare import compare_traces, median_launch, run_spread, summarize
 from validation.configs import CALIBRATION, FULL, MODELS, QUICK, Config
 
@@ -33,7 +33,7 @@ class MatrixResult:
 
 
 def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1, device: str = "cpu",
-                     backend: str = "auto") -> dict[str, Calibration]:
+                     backend: str = "auto", instruments: Instruments = Instruments()) -> dict[str, Calibration]:
     """Calibrate every model in ``keys`` on its calibration runs (``validation.configs.CALIBRATION``); on a GPU
     without the loopback link benchmark (it times host memory)."""
     say = log or (lambda *_: None)
@@ -41,34 +41,33 @@ def calibrate_models(keys, *, links: bool = True, log=None, repeats: int = 1, de
     points = None
     if links and device == "cpu":
         say("link benchmark (loopback, 2 processes)")
-        points = measure_links()
+        points = instruments.links()
     out = {}
     for key in keys:
         m = MODELS[key]
         cs = CALIBRATION[key]
         out[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
                              microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats,
-                             **where)
+                             instruments=instruments, **where)
     return out
 
 
 def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats: int = 1,
-               measured: list[Trace] | None = None, device: str = "cpu", backend: str = "auto") -> tuple[dict, Trace, Trace]:
+               measured: list[Trace] | None = None, device: str = "cpu", backend: str = "auto",
+               instruments: Instruments = Instruments()) -> tuple[dict, Trace, Trace]:
     """Simulate (calibrated) and measure one configuration; the comparison row and both traces.
 
     With ``repeats`` > 1 the configuration is launched that many times and the launch of median
     throughput is the measurement (run-to-run spread on a shared CPU is tens of percent); the row keeps
     every launch's throughput (``measured_runs``) and their spread (``run_spread``). ``measured``: traces
     of launches already made (nothing is launched then). ``device``, ``backend``: see
-    ``validation.measure.run_options``.
+    ``validation.measure.run_options``; ``instruments``: what launches (``validation.measure.Instruments``).
     """
-    from executor.launch import run_plan
-
     plan = cfg.plan()
     predicted = cal.simulate(plan)
     if measured is None:
         where = run_options(device, backend, cfg.workers)
-        measured = [run_plan(plan, timeout_s=timeout_s, **where).trace for _ in range(max(1, repeats))]
+        measured = [instruments.launch(plan, timeout_s=timeout_s, **where).trace for _ in range(max(1, repeats))]
     median_run, rates = median_launch(measured)
     row = {"name": cfg.name, "model": cfg.model, "schedule": cfg.schedule, "stages": cfg.stages,
            "replicas": cfg.replicas, "chunks": cfg.chunks, "microbatches": cfg.microbatches,
@@ -80,15 +79,14 @@ def run_config(cfg: Config, cal: Calibration, timeout_s: float = 120.0, repeats:
 
 
 def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats: int, timeout_s: float = 120.0,
-                       log=None, device: str = "cpu", backend: str = "auto") -> tuple[list[Trace], dict[str, list[Trace]]]:
+                       log=None, device: str = "cpu", backend: str = "auto",
+                       instruments: Instruments = Instruments()) -> tuple[list[Trace], dict[str, list[Trace]]]:
     """Launch a model's calibration runs and scored configurations in ``repeats`` rounds, each round every one
     of them once, so that a machine whose speed drifts over minutes weighs on calibration and scored runs alike.
 
     Returns the calibration traces in ``calibrate``'s order (each calibration run's launches together) and
     each scored configuration's traces by name.
     """
-    from executor.launch import run_plan
-
     say = log or (lambda *_: None)
     where = run_options(device, backend, max(c.workers for c in [*cal_configs, *configs]))
     cal_plans = [c.plan() for c in cal_configs]
@@ -98,16 +96,16 @@ def launch_interleaved(cal_configs: list[Config], configs: list[Config], repeats
     for r in range(repeats):
         for i, c in enumerate(cal_configs):
             say(f"round {r + 1}/{repeats}: calibration run {c.name}")
-            cal_runs[i].append(run_plan(cal_plans[i], timeout_s=timeout_s, **where).trace)
+            cal_runs[i].append(instruments.launch(cal_plans[i], timeout_s=timeout_s, **where).trace)
         for c in configs:
             say(f"round {r + 1}/{repeats}: {c.name}")
-            runs[c.name].append(run_plan(plans[c.name], timeout_s=timeout_s, **where).trace)
+            runs[c.name].append(instruments.launch(plans[c.name], timeout_s=timeout_s, **where).trace)
     return [t for ts in cal_runs for t in ts], runs
 
 
 def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: bool = True,
                calibrations: dict[str, Calibration] | None = None, log=None, repeats: int | None = None,
-               device: str = "cpu", backend: str = "auto") -> MatrixResult:
+               device: str = "cpu", backend: str = "auto", instruments: Instruments = Instruments()) -> MatrixResult:
     """Calibrate, then simulate and measure every held-out configuration (``QUICK`` or ``FULL`` by default).
 
     ``repeats``: launches per calibration run and per scored configuration (the median-throughput launch
@@ -116,6 +114,7 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
     how the runs communicate (``validation.measure.run_options``: the CPU always with gloo; "cuda" with
     "auto" resolves once for the matrix's widest run: NCCL with a GPU per worker of it, else gloo with the
     workers sharing the GPUs). On "cuda" the loopback link benchmark is not run (``links`` is ignored).
+    ``instruments``: what launches, profiles, times and benchmarks (``validation.measure.Instruments``).
     """
     if repeats is None:
         repeats = 1 if quick else 5
@@ -133,7 +132,7 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
     points = None
     if links and any(k not in cals for k in keys):
         say("link benchmark (loopback, 2 processes)")
-        points = measure_links()
+        points = instruments.links()
     rows, traces = [], {}
     for key in keys:
         mine = [c for c in configs if c.model == key]
@@ -142,12 +141,14 @@ def run_matrix(quick: bool = False, configs: list[Config] | None = None, links: 
             # the machine drifts (this one: the same launches 25% faster half an hour later), so a model's
             # calibration runs and its scored configurations are launched in rounds, each round all of them
             m, cs = MODELS[key], CALIBRATION[key]
-            cal_traces, measured = launch_interleaved(list(cs), mine, repeats, log=say, **where)
+            cal_traces, measured = launch_interleaved(list(cs), mine, repeats, log=say, instruments=instruments,
+                                                      **where)
             cals[key] = calibrate(m.spec, [c.plan() for c in cs], names=[c.name for c in cs],
                                   microbatch_size=m.microbatch_size, bench_points=points, log=say, repeats=repeats,
-                                  traces=cal_traces, **where)
+                                  traces=cal_traces, instruments=instruments, **where)
         for cfg in mine:
-            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats, measured=measured.get(cfg.name), **where)
+            row, pred, meas = run_config(cfg, cals[cfg.model], repeats=repeats, measured=measured.get(cfg.name),
+                                         instruments=instruments, **where)
             rows.append(row)
             traces[cfg.name] = {"predicted": pred, "measured": meas}
     return MatrixResult(rows, summarize(rows), cals, traces, time.perf_counter() - t0)

@@ -6,13 +6,18 @@ resolved once for the widest run so that calibration and scored runs share one b
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from executor.backend import resolve_backend_device
+from executor.launch import run_plan
+from executor.memory import storage_keys, tensor_bytes
 from executor.models import build_layers, build_stage, loss_fn, make_batch, num_layers
 from executor.netbench import run_netbench
+from executor.profiler import profile_model
 from validation.errors import CalibrationError
 
 
@@ -63,22 +68,23 @@ def chain_saved_bytes(spec: str, microbatch_size: int = 1, seed: int = 0) -> lis
     ReLU, then a Linear) is so counted once, where a stage boundary there puts it: with the consumer,
     whose copy arrives in a receive buffer, while the producer's stage keeps its output anyway until the
     backward (``sim.memory``). The profiler measures layers one by one and counts it in both.
+    (``executor.memory.SavedBytes`` counts the same storages, once per count, but cannot say which layer
+    saved one last: it keeps a total, not bytes per storage.)
     """
     n = num_layers(spec)
     layers = build_stage(spec, 0, n - 1, seed)
     x, y = make_batch(spec, microbatch_size, 0, seed)
-    exclude = {t.untyped_storage().data_ptr() for layer in layers for t in (*layer.parameters(), *layer.buffers())}
-    exclude.discard(0)
+    exclude = storage_keys(t for layer in layers for t in (*layer.parameters(), *layer.buffers()))
     owner: dict[int, tuple[int, int]] = {}  # storage -> (last layer that saved it, bytes)
     at = 0
 
-    def pack(t):
+    def pack(t):  # the keys and sizes of executor.memory.SavedBytes (which counts per stage, not per layer)
         try:
             st = t.untyped_storage()
             if st.data_ptr() not in exclude:
                 owner[st.data_ptr()] = (at, st.nbytes())
-        except (RuntimeError, NotImplementedError):
-            pass
+        except (RuntimeError, NotImplementedError):  # a tensor without storage: its own elements
+            owner[-id(t)] = (at, tensor_bytes(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -113,3 +119,21 @@ def measure_links(sizes=(256, 4096, 65536, 1 << 20, 4 << 20), repeats: int = 8) 
     rep = run_netbench(workers=2, sizes=sizes, repeats=repeats, warmup=2)
     return [(float(b), float(t)) for link in rep["links"] for b, t in link["points"]]
 
+
+@dataclass(frozen=True)
+class Instruments:
+    """How validation measures: what launches a plan, profiles a model, times a gradient add, benchmarks the links.
+
+    The real ones by default; a test hands in recorders or fakes instead of patching modules.
+
+    Attributes:
+        launch: ``executor.run_plan``-like: (plan, timeout_s=..., device=..., backend=...) → a result with ``.trace``.
+        profile: ``executor.profile_model``-like: (spec, microbatch_size=..., repeats=..., warmup=..., device=...).
+        accumulate: ``accumulate_s_per_byte``-like: (spec, microbatch_size, device=...) → seconds per byte.
+        links: ``measure_links``-like: () → (bytes, one-way seconds) points.
+    """
+
+    launch: Callable = run_plan
+    profile: Callable = profile_model
+    accumulate: Callable = accumulate_s_per_byte
+    links: Callable = measure_links

@@ -47,3 +47,26 @@ def test_bad_schedule_input_is_one_line_exit_2(argv, needle, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_schedule_writes_torch_csv_and_reads_it_back_checked_by_the_laws(tmp_path, capsys):
+    csv_path, prog_path = tmp_path / "zbv.csv", tmp_path / "zbv.json"
+    assert main(["schedule", "--kind", "zb-v", "--stages", "2", "--microbatches", "4", "--to-torch", str(csv_path),
+                 "-o", str(prog_path)]) == 0
+    first = capsys.readouterr().out
+    assert csv_path.read_text().splitlines()[0].startswith("0F0,0F1,")
+    assert json.loads(prog_path.read_text())["spec"]["family"] == "zb-v"
+    assert main(["schedule", "--from-torch", str(csv_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["family"] == "custom" and doc["measured_bounds"]["backward"] == "split"
+    assert f"makespan {doc['makespan_units']:g} units" in first  # the same program, the same dry run
+
+
+@pytest.mark.parametrize("text,needle", [("0F0,0REDUCE_GRAD,7I0\n", "never compute"), ("0F0,0Q1\n", "cannot read torch action"),
+                                         ("1B0,1F0\n0F0,0B0\n", "backward before its own forward")])
+def test_bad_torch_csv_is_one_line_exit_2(tmp_path, capsys, text, needle):
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    assert main(["schedule", "--from-torch", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

@@ -100,28 +100,11 @@ def grid_given(args) -> bool:
 
 
 def grid_degrees(args, devices: int | None) -> tuple[int, int, int, int]:
-    """(tp, pp, dp, vp) from the flags, the missing ones filled so that T·P·D = ``devices`` (when known).
+    """(tp, pp, dp, vp) from the flags, the missing ones filled so that T·P·D = ``devices`` (when known)
+    (``planner.plan.fill_degrees``; a PlanError, one line, when they cannot)."""
+    from planner.plan import fill_degrees
 
-    Raises UserError (one line) when the product does not match the devices or cannot be filled.
-    """
-    from pipetwin.errors import UserError
-
-    tp, pp, dp, vp = (getattr(args, k, None) for k in ("tp", "pp", "dp", "vp"))
-    tp = tp or 1
-    if devices is not None:
-        known = tp * (pp or 1) * (dp or 1)
-        if pp is None and dp is None:
-            pp, dp = devices // tp if devices % tp == 0 else 0, 1
-        elif pp is None:
-            pp = devices // (tp * dp) if devices % (tp * dp) == 0 else 0
-        elif dp is None:
-            dp = devices // (tp * pp) if devices % (tp * pp) == 0 else 0
-        if not pp or not dp or tp * pp * dp != devices:
-            raise UserError(f"--tp {tp} x --pp {pp or '?'} x --dp {dp or '?'} does not make {devices} devices "
-                            f"(tp x pp x dp = {known} so far); give degrees whose product is {devices}")
-    else:
-        pp, dp = pp or 1, dp or 1
-    return tp, pp, dp, vp or 1
+    return fill_degrees(devices, *(getattr(args, k, None) for k in ("tp", "pp", "dp", "vp")))
 
 
 def check_grid_profile(profile, tp: int, sequence_parallel: bool = False) -> None:
@@ -148,4 +131,5 @@ def grid_plan(args, model: str, profile, devices: list[str] | None, *, schedule:
     return plan_from_flags(model, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=schedule,
                            microbatches=microbatches, microbatch_size=microbatch_size, batches=batches,
                            vertical_sync=vertical_sync, recompute=getattr(args, "recompute", "none") or "none",
-                           topology=topology, devices=devices, lr=lr)
+                           topology=topology, devices=devices, lr=lr,
+                           sequence_parallel=getattr(args, "sequence_parallel", False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from pipetwin.args import int_list
+from planner.program import FAMILIES, family
 
 
 def register(sub) -> None:
@@ -19,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks per stage replica T (Megatron; the zoo's gpt model only; default 1)")
-    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"])
+    p.add_argument("--schedule", default="1f1b", choices=FAMILIES)
     p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
@@ -67,8 +68,8 @@ def _plan_for(args):
         raise UserError("--pp, --microbatches, --microbatch-size and --batches must be >= 1")
     if args.dp is not None and args.replicas is not None:
         raise UserError("give --dp (the same replicas for every stage) or --replicas (one count per stage), not both")
-    if args.chunks != 1 and args.schedule != "interleaved":
-        raise UserError("--chunks is for --schedule interleaved only")
+    if args.chunks != 1 and not family(args.schedule).multi_stage:
+        raise UserError("--chunks is for the schedules that place several stages on a rank (e.g. interleaved) only")
     if args.replicas is not None and len(args.replicas) != args.stages:
         raise UserError(f"--replicas gives {len(args.replicas)} values for {args.stages} stages")
     dp = args.replicas if args.replicas is not None else (args.dp or 1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, FLUSH_FAMILIES
+from planner.program import Action, Kind, Program, inflight_limit
 from planner.trace import Trace
 from topologies.errors import InputError
 
@@ -33,7 +33,14 @@ class ProgramError(InputError):
 
 
 def check(program: Program) -> None:
-    """Verify structure, order, data flow, matching, versions, in-flight bounds and deadlock freedom.
+    """Verify the laws always and a family's conventions when the program declares that family.
+
+    Laws (every program): one F and one B, or one BI and one BW, per (stage, microbatch) on a
+    worker holding the stage; dependency order and data flow; every send matched; the weight
+    versions a backward reads (its forward's); update points after what they cover; no deadlock.
+    Conventions (only what ``program.spec.traits`` declares): B only or BI/BW only, microbatch
+    order per stage, in-flight bounds, the weight-gradient cap. A program of the ``custom``
+    family (an imported one) declares none; :func:`measured_bounds` reports what it does.
 
     With tensor parallelism: the TP groups are consistent and each TP rank's workers form a program
     that passes every check (TP ranks of a group run the same actions, so one rank's slice is
@@ -57,7 +64,8 @@ def check(program: Program) -> None:
 def _check_structure(p: Program) -> None:
     S = len(p.stage_workers)
     N = p.spec.total_microbatches
-    split = p.spec.family == "zb-h1"
+    backward = p.spec.traits.backward  # "full" (B only), "split" (BI + BW only) or "mixed" (either, per microbatch)
+    split = backward == "split"
     seen: dict[tuple[Kind, int, int], tuple[int, int]] = {}
     for w in p.workers:
         held = set(p.stages_of(w))
@@ -70,7 +78,7 @@ def _check_structure(p: Program) -> None:
                 continue
             if a.mb < 0 or a.mb >= N:
                 raise ProgramError(f"microbatch {a.mb} is outside 0..{N - 1}", p, w, idx)
-            if (a.kind is Kind.B and split) or (a.kind in (Kind.BI, Kind.BW) and not split):
+            if backward != "mixed" and ((a.kind is Kind.B and split) or (a.kind in (Kind.BI, Kind.BW) and not split)):
                 raise ProgramError(f"{a.kind.value} does not belong to a {p.spec.family} program", p, w, idx)
             expect = p.worker_of(a.stage, a.mb)
             if expect != w:
@@ -79,9 +87,16 @@ def _check_structure(p: Program) -> None:
             if key in seen:
                 raise ProgramError(f"duplicate: already at w{seen[key][0]}[{seen[key][1]}]", p, w, idx)
             seen[key] = (w, idx)
-    kinds = (Kind.F, Kind.BI, Kind.BW) if split else (Kind.F, Kind.B)
     for s in range(S):
         for i in range(N):
+            if backward == "mixed":  # the law: one F and one B, or one BI and one BW
+                full = (Kind.B, s, i) in seen
+                if full and ((Kind.BI, s, i) in seen or (Kind.BW, s, i) in seen):
+                    w, idx = seen[(Kind.B, s, i)]
+                    raise ProgramError(f"microbatch {i} of stage {s} has both a full backward and a split one", p, w, idx)
+                kinds = (Kind.F, Kind.B) if full else (Kind.F, Kind.BI, Kind.BW)
+            else:
+                kinds = (Kind.F, Kind.BI, Kind.BW) if split else (Kind.F, Kind.B)
             for k in kinds:
                 if (k, s, i) not in seen:
                     w = p.worker_of(s, i)
@@ -125,9 +140,10 @@ def _check_local_order_and_dataflow(p: Program) -> None:
     for w in p.workers:
         have: set[tuple[str, int, int]] = set()  # ("act"|"grad"|"F"|"BI", stage, mb)
         last_mb: dict[tuple[Kind, int], int] = {}
+        in_order = p.spec.traits.in_order  # a family's convention, not a law
         for idx, a in enumerate(p[w]):
             s, i = a.stage, a.mb
-            if a.is_compute:
+            if a.is_compute and in_order:
                 prev = last_mb.get((a.kind, s), -1)
                 if i <= prev:
                     raise ProgramError(f"{a.kind.value} of stage {s} out of microbatch order (after microbatch {prev})", p, w, idx)
@@ -202,7 +218,7 @@ def _check_matching(p: Program) -> None:
 
 # --- weight versions ------------------------------------------------------------------------
 def _check_versions(p: Program) -> None:
-    fam = p.spec.family
+    fam = p.spec.traits
     f_version: dict[tuple[int, int], int] = {}
     # forward versions first (vertical sync compares against stage 0)
     for w in p.workers:
@@ -223,11 +239,11 @@ def _check_versions(p: Program) -> None:
             if not a.is_compute:
                 continue
             if a.kind is Kind.F:
-                if fam in FLUSH_FAMILIES:
+                if fam.versions == "batch":
                     want = p.spec.batch_of(a.mb)
                     if a.version != want or cur != want:
                         raise ProgramError(f"flush schedule: batch {want} must run on version {want} (tagged {a.version}, stage holds {cur})", p, w, idx)
-                elif fam == "2bw":
+                elif fam.versions == "stale":
                     want = max(0, p.spec.batch_of(a.mb) - 1)
                     if a.version != want:
                         raise ProgramError(f"2BW: batch {p.spec.batch_of(a.mb)} uses version {want}", p, w, idx)
@@ -241,8 +257,8 @@ def _check_versions(p: Program) -> None:
                     raise ProgramError(f"uses version {a.version} before the stage has made it (has {cur})", p, w, idx)
                 inflight.setdefault(s, {})[a.mb] = a.version
                 live = set(inflight[s].values()) | {cur}
-                if fam == "2bw" and len(live) > 2:
-                    raise ProgramError(f"2BW holds {len(live)} weight versions {sorted(live)}; at most 2", p, w, idx)
+                if fam.weight_copies and len(live) > fam.weight_copies:
+                    raise ProgramError(f"{fam.title} holds {len(live)} weight versions {sorted(live)}; at most {fam.weight_copies}", p, w, idx)
                 stashed = set(inflight[s].values()) - {cur}
                 if len(stashed) > len(inflight[s]):
                     raise ProgramError("more stashed versions than in-flight minibatches", p, w, idx)
@@ -256,7 +272,7 @@ def _check_versions(p: Program) -> None:
 
 def _check_update_points(p: Program) -> None:
     """An ALLREDUCE / STEP of round k comes after every backward it covers; a replicated STEP after its ALLREDUCE."""
-    fam = p.spec.family
+    per_backward = not p.spec.traits.batched
     N = p.spec.total_microbatches
     for w in p.workers:
         done: set[tuple[int, int]] = set()
@@ -268,7 +284,7 @@ def _check_update_points(p: Program) -> None:
                 continue
             s, k = a.stage, a.mb
             reps = p.stage_workers[s]
-            if fam == "pipedream":
+            if per_backward:
                 i = k * len(reps) + reps.index(w)
                 need = [i] if i < N else []
             else:
@@ -285,14 +301,23 @@ def _check_update_points(p: Program) -> None:
 
 def inflight_bound(p: Program, stage: int) -> int:
     """The in-flight bound the family promises for one replica of ``stage``."""
-    from planner.schedules import inflight_limit
-
-    fam = p.spec.family
-    if fam == "gpipe":
+    rule = p.spec.traits.inflight
+    if rule == "batch":
         return math.ceil(p.spec.microbatches / len(p.stage_workers[stage]))
-    if fam == "interleaved":
+    if rule == "chunk":
         return p.spec.microbatches  # per chunk; Megatron's warm-up bound is checked by the dry run tests
-    return inflight_limit(p.spec, stage)
+    if rule == "none":
+        return p.spec.total_microbatches
+    a, b = p.spec.traits.inflight_scale
+    return a * inflight_limit(p.spec, stage) + b
+
+
+def open_cap(p: Program) -> int | None:
+    """Microbatch-chunks a worker may hold awaiting their weight gradient under the family's convention (None: no cap)."""
+    cap = p.spec.traits.open_cap
+    if cap is None:
+        return None
+    return cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:
@@ -309,11 +334,42 @@ def max_inflight(p: Program) -> dict[tuple[int, int], int]:
     return out
 
 
-def _check_inflight(p: Program) -> None:
-    """In flight = forward done, input gradient not; ZB-H1 also caps forward-done, weight-gradient-not at 1F1B's peak."""
-    from planner.schedules import inflight_limit
+def measured_bounds(p: Program) -> dict:
+    """What a program does where a family would promise something: reported, never asserted.
 
-    zb_cap = max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) if p.spec.family == "zb-h1" else None
+    Keys: ``inflight`` (stage → peak microbatches with forward done and input gradient not),
+    ``awaiting_weight_grad`` (worker → peak forward done and weight gradient not),
+    ``in_microbatch_order`` (every stage runs each kind in increasing microbatch order),
+    ``backward`` ("full", "split" or "mixed").
+    """
+    peak_stage: dict[int, int] = {}
+    for (w, s), n in max_inflight(p).items():
+        peak_stage[s] = max(peak_stage.get(s, 0), n)
+    open_peak: dict[int, int] = {}
+    ordered = True
+    kinds: set[Kind] = set()
+    for w in p.workers:
+        cur = peak = 0
+        last: dict[tuple[Kind, int], int] = {}
+        for a in p[w]:
+            if not a.is_compute:
+                continue
+            kinds.add(a.kind)
+            ordered = ordered and a.mb > last.get((a.kind, a.stage), -1)
+            last[(a.kind, a.stage)] = a.mb
+            cur += a.kind is Kind.F
+            cur -= a.kind in (Kind.B, Kind.BW)
+            peak = max(peak, cur)
+        open_peak[w] = peak
+    backward = "mixed" if Kind.B in kinds and Kind.BI in kinds else "split" if Kind.BI in kinds else "full"
+    return {"inflight": dict(sorted(peak_stage.items())), "awaiting_weight_grad": open_peak,
+            "in_microbatch_order": ordered, "backward": backward}
+
+
+def _check_inflight(p: Program) -> None:
+    """In flight = forward done, input gradient not; a split family also caps forward-done, weight-gradient-not."""
+    fam = p.spec.traits
+    zb_cap = open_cap(p)
     for w in p.workers:
         cur: dict[int, int] = {}
         open_w = 0
@@ -325,7 +381,7 @@ def _check_inflight(p: Program) -> None:
                 if cur[a.stage] > bound:
                     raise ProgramError(f"{cur[a.stage]} microbatches in flight on stage {a.stage}; {p.spec.family} allows {bound}", p, w, idx)
                 if zb_cap is not None and open_w > zb_cap:
-                    raise ProgramError(f"{open_w} microbatches await their weight gradient; ZB-H1 keeps 1F1B's peak of {zb_cap}", p, w, idx)
+                    raise ProgramError(f"{open_w} microbatches await their weight gradient; {fam.title} allows {zb_cap}", p, w, idx)
             elif a.kind in (Kind.B, Kind.BI):
                 cur[a.stage] -= 1
             if a.kind in (Kind.B, Kind.BW):

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
+from planner.program import FAMILY
 from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
@@ -214,25 +215,25 @@ class Candidate:
 # --- the formulas, shared with the partition search -----------------------------------
 def update_interval(family: str, microbatches: int, replicas: int) -> int:
     """Microbatches between two all-reduces of a stage, seen per microbatch of the pipeline."""
-    return replicas if family == "pipedream" else microbatches
+    return microbatches if FAMILY[family].batched else replicas
 
 
 def inflight(family: str, microbatches: int, workers_at_or_after: int, replicas: int) -> int:
     """Microbatches whose activations a replica keeps at its peak (non-interleaved families)."""
     per_replica = math.ceil(microbatches / replicas)
-    if family == "gpipe":
+    fam = FAMILY[family]
+    if fam.inflight == "batch":
         return per_replica
     limit = math.ceil(workers_at_or_after / replicas)
-    if family in ("pipedream", "2bw"):
+    if fam.stream:
         return limit
     return min(limit, per_replica)
 
 
 def weight_versions(family: str, inflight_count: int) -> int:
     """Weight versions a stage keeps: PipeDream stashes one per in-flight minibatch, 2BW two, flush one."""
-    if family == "pipedream":
-        return max(1, inflight_count)
-    return 2 if family == "2bw" else 1
+    copies = FAMILY[family].weight_copies
+    return max(1, inflight_count) if copies == 0 else copies
 
 
 def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
@@ -242,11 +243,12 @@ def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
 
 def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0) -> float:
     """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times."""
-    if family in ("pipedream", "2bw"):
+    fam = FAMILY[family]
+    if fam.stream:
         return 0.0
-    if family == "interleaved":
+    if fam.placement == "looped":
         return 1.0 / chunks
-    if family == "zb-h1":
+    if fam.backward == "split":
         total = forward_s + backward_s
         return forward_s / total if total > 0 else 1.0 / 3.0  # (F + BI − BW)/(F + B) with BI = BW = B/2
     return 1.0
@@ -268,7 +270,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
     prof = profile.scaled(plan.microbatch_size) if plan.microbatch_size != profile.microbatch_size else profile
     if plan.recompute != "none" and options.recompute == "none":  # a plan that asks for recomputation is costed with it
         options = replace(options, recompute=plan.recompute)
-    if plan.schedule == "interleaved":
+    if FAMILY[plan.schedule].multi_stage:
         return _evaluate_interleaved(plan, prof, topology, options)
     fam, M, mb = plan.schedule, plan.microbatches, plan.microbatch_size
     S = len(plan.stages)
@@ -284,8 +286,10 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         compute = ((f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed
                    + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb)) / r
         params = prof.param_bytes(*st.layers)
-        dp_group = list(st.devices[::T])  # TP rank 0's replicas (every rank's group all-reduces at once)
-        ar = topology.ring_allreduce_time_s(dp_group, params) / update_interval(fam, M, r) if r > 1 else 0.0
+        dp_group = list(st.devices[::T])  # TP rank 0's replicas; every TP rank's group all-reduces at the same time,
+        # so where the groups cross servers the T rings share each server's links: T times the bytes on them
+        shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
+        ar = topology.ring_allreduce_time_s(dp_group, params * shared) / update_interval(fam, M, r) if r > 1 else 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
         t = max(compute + ar, comm) if options.overlap_comm else compute + ar + comm
         n_in = inflight(fam, M, workers_after[i], r)
@@ -493,7 +497,7 @@ def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = 
                     add(group[j], group[(j + 1) % T], 2 * (T - 1) / T * per_mb * n_mb, s)
         if r < 2:
             continue
-        rounds = math.ceil(M / r) if plan.schedule == "pipedream" else 1
+        rounds = 1 if FAMILY[plan.schedule].batched else math.ceil(M / r)
         for t in range(T):
             for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), prof.param_bytes(*stage.layers),
                                              options.allreduce).items():
@@ -532,7 +536,7 @@ def _link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) 
         return 0.0, 0.0, None, frozenset()
     loads = link_loads(plan, prof, topology, options)
     bound, _ = link_bound_s(loads, topology)
-    phi = options.link_serial_async if plan.schedule in ("pipedream", "2bw") else options.link_serial_flush
+    phi = options.link_serial_async if FAMILY[plan.schedule].stream else options.link_serial_flush
     edges = topology.graph.edges
     best, name, stages = 0.0, None, frozenset()
     for (u, v), (x, ss) in loads.items():

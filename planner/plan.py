@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-from planner.program import FAMILIES
+from planner.program import FAMILIES, FAMILY, chunks_for, rank_of
 from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
 from topologies.errors import InputError
 
@@ -66,6 +66,7 @@ class Plan:
         topology: the topology spec or file the devices come from.
         tensor_parallel: T, the tensor-parallel degree of every stage replica (Megatron: one T for the plan).
         recompute: activation recomputation, one of planner.recompute.MODES ("none", "selective", "full").
+        sequence_parallel: Megatron sequence parallelism inside each tensor group (needs tensor_parallel > 1).
         predicted: what the planner predicted (free-form keys, e.g. time_per_sample_s).
     """
 
@@ -82,6 +83,7 @@ class Plan:
     predicted: dict = field(default_factory=dict, hash=False, compare=False)
     tensor_parallel: int = 1
     recompute: str = "none"
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.recompute, bool) or self.recompute is None:
@@ -90,6 +92,9 @@ class Plan:
             raise PlanError(f"unknown recompute mode {self.recompute!r}; choose one of {', '.join(RECOMPUTE_MODES)}")
         if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
             raise PlanError(f"tensor_parallel must be a whole number >= 1 (got {self.tensor_parallel!r})")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise PlanError("sequence parallelism splits activations over the tensor-parallel ranks; it needs "
+                            "tensor_parallel >= 2")
         if self.schedule not in FAMILIES:
             raise PlanError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(FAMILIES)}")
         if not self.stages:
@@ -138,7 +143,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k, default in (("tensor_parallel", 1), ("recompute", "none")):  # absent at their defaults: old plans stay byte-identical
+        for k, default in (("tensor_parallel", 1), ("recompute", "none"), ("sequence_parallel", False)):  # absent at their defaults: old plans stay byte-identical
             if d[k] == default:
                 del d[k]
         d["stages"] = [
@@ -155,7 +160,8 @@ class Plan:
                 for s in d["stages"]
             )
             kw = {k: d[k] for k in ("schedule", "microbatch_size", "microbatches", "chunks", "vertical_sync",
-                                    "batches", "lr", "topology", "predicted", "tensor_parallel", "recompute") if k in d}
+                                    "batches", "lr", "topology", "predicted", "tensor_parallel", "recompute",
+                                    "sequence_parallel") if k in d}
             return cls(model=str(d["model"]), stages=stages, **kw)
         except (KeyError, IndexError, TypeError) as e:
             raise PlanError(f"plan JSON is missing or has a malformed field ({e}); see `pipetwin plan -o plan.json` for the shape") from None
@@ -194,9 +200,11 @@ def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...
     if chunks < 1 or stages % chunks:
         raise PlanError(f"{stages} stages do not split into {chunks} chunks per device")
     depth = stages // chunks
+    fam = FAMILY.get(kw.get("schedule", "1f1b"))
+    position = (lambda i: rank_of(fam, depth, i)) if fam is not None and fam.multi_stage else (lambda i: i % depth)
     for i in range(depth, stages):
-        if replicas[i] != replicas[i % depth]:
-            raise PlanError(f"virtual stages {i % depth} and {i} share devices but have {replicas[i % depth]} and "
+        if replicas[i] != replicas[position(i)]:
+            raise PlanError(f"virtual stages {position(i)} and {i} share devices but have {replicas[position(i)]} and "
                             f"{replicas[i]} replicas; give every chunk of a device the same replica count")
     offset = [0]
     for p in range(depth):
@@ -204,16 +212,39 @@ def even_plan(model: str, num_layers: int, stages: int, replicas: tuple[int, ...
     bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
     out = []
     for i in range(stages):
-        base = offset[i % depth]
+        base = offset[position(i)]
         devs = tuple(f"d{base + j}" for j in range(replicas[i] * T))
         out.append(StagePlan(bounds[i], bounds[i + 1] - 1, replicas[i], devs))
     return Plan(model=model, stages=tuple(out), **kw)
 
 
+def fill_degrees(devices: int | None, tp: int | None = None, pp: int | None = None, dp: int | None = None,
+                 vp: int | None = None) -> tuple[int, int, int, int]:
+    """(tp, pp, dp, vp) with the missing degrees filled so that tp·pp·dp = ``devices`` (when known).
+
+    tp and vp default to 1; with neither pp nor dp given, the devices go to the pipeline (pp), else the
+    missing one takes what is left. Raises PlanError when the product cannot be ``devices``.
+    """
+    tp, vp = tp or 1, vp or 1
+    if devices is None:
+        return tp, pp or 1, dp or 1, vp
+    given = tp * (pp or 1) * (dp or 1)
+    if pp is None and dp is None:
+        pp, dp = (devices // tp if devices % tp == 0 else 0), 1
+    elif pp is None:
+        pp = devices // (tp * dp) if devices % (tp * dp) == 0 else 0
+    elif dp is None:
+        dp = devices // (tp * pp) if devices % (tp * pp) == 0 else 0
+    if not pp or not dp or tp * pp * dp != devices:
+        raise PlanError(f"--tp {tp} x --pp {pp or '?'} x --dp {dp or '?'} does not make {devices} devices "
+                        f"(the degrees given multiply to {given}); give degrees whose product is {devices}")
+    return tp, pp, dp, vp
+
+
 def plan_from_flags(model: str, num_layers: int, *, pp: int, dp: int | tuple[int, ...] = 1, tp: int = 1, vp: int = 1,
                     schedule: str = "1f1b", microbatches: int | None = None, microbatch_size: int = 1, batches: int = 1,
                     vertical_sync: bool = False, recompute: str | bool = "none", topology: str | None = None,
-                    devices: list[str] | None = None, lr: float | None = None) -> Plan:
+                    devices: list[str] | None = None, lr: float | None = None, sequence_parallel: bool = False) -> Plan:
     """The plan that explicit degrees ask for: ``pp`` pipeline positions × ``dp`` data-parallel replicas × ``tp``
     tensor-parallel ranks, ``vp`` model chunks per position (interleaved), layers split evenly.
 
@@ -238,18 +269,21 @@ def plan_from_flags(model: str, num_layers: int, *, pp: int, dp: int | tuple[int
             raise PlanError(f"--{name} must be a whole number >= 1 (got {v!r})")
     if len(reps) != pp or any(r < 1 for r in reps):
         raise PlanError(f"--dp/--replicas must give {pp} replica counts >= 1 (got {list(reps)})")
-    if schedule == "interleaved" and vp < 2:
-        vp = 2
-    if vp > 1 and schedule != "interleaved":
-        raise PlanError(f"--vp {vp} (chunks per device) needs --schedule interleaved (got {schedule})")
+    fam = FAMILY.get(schedule)
+    multi = fam is not None and fam.multi_stage
+    vp = chunks_for(schedule, vp)
+    if vp > 1 and not multi:
+        multis = ", ".join(n for n, f in FAMILY.items() if f.multi_stage)
+        raise PlanError(f"--vp {vp} (chunks per device) needs --schedule interleaved or another that places several "
+                        f"stages on a device ({multis}; got {schedule})")
     if microbatches is None:
         microbatches = 4
-        if schedule == "interleaved":
+        if multi:
             step = pp * max(reps)
             microbatches = -(-max(microbatches, step) // step) * step
     kw = dict(schedule=schedule, microbatches=microbatches, microbatch_size=microbatch_size, batches=batches,
               chunks=vp, vertical_sync=vertical_sync, topology=topology, tensor_parallel=tp,
-              recompute=recompute_mode(recompute))
+              recompute=recompute_mode(recompute), sequence_parallel=sequence_parallel)
     if lr is not None:
         kw["lr"] = lr
     plan = even_plan(model, num_layers, pp * vp, reps * vp, **kw)

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
+
+from topologies.errors import InputError
 
 
 class Kind(str, Enum):
@@ -127,8 +130,94 @@ class Action:
 
 _ACTION_RE = re.compile(r"^(\d+)(ALLREDUCE|STEP|SEND|RECV|BI|BW|F|B)(\d+)(?:v(\d+))?(?:([ag])([<>])w(\d+))?$")
 
-FAMILIES = ("gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1")
-FLUSH_FAMILIES = frozenset({"gpipe", "1f1b", "interleaved", "zb-h1"})
+class ScheduleError(InputError):
+    """Parameters no schedule of the family can satisfy; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a schedule family promises: every consumer reads these traits, never the family's name.
+
+    Attributes:
+        name: the spelling on the command line and in plans.
+        title: the name in messages.
+        flush: each batch ends in a flush and one optimizer step (False: a stream, PipeDream and 2BW).
+        versions: the weight version a microbatch uses: "batch" (batch b on version b),
+            "stale" (2BW: max(0, b − 1)) or "stash" (PipeDream: the latest at its forward, kept by its backward).
+        backward: "full" (B), "split" (BI then BW) or "mixed" (either, per (stage, microbatch)).
+        placement: where virtual stage s = c·P + j lives: "linear" (one stage per rank, replicas on
+            consecutive workers), "looped" (rank j holds j, j + P, ...) or "v" (chunk c runs down the
+            ranks when c is even and back up when odd: rank r holds r and 2P − 1 − r).
+        chunks: stages per rank the family fixes (2 for V shapes); 0: the spec's ``chunks`` (≥ 1).
+        replicable: stages may have data-parallel replicas (with several stages per rank, every stage
+            the same count R: replica r of each rank runs the pipeline over microbatches mb mod R = r).
+        inflight: the family's in-flight bound per stage (forward done, input gradient not): "batch"
+            (a whole batch, GPipe), "1f1b" (a·L + b with L = ⌈workers at or after the stage / replicas⌉,
+            P − s, and (a, b) = ``inflight_scale``), "chunk" (a batch per chunk) or "none" (only the laws).
+        inflight_scale: (a, b) of the "1f1b" bound: (1, 0) for 1F1B itself, (2, −1) for ZB-H2.
+        open_cap: (a, b): at most a·L₀ + b microbatch-chunks per worker await their weight gradient
+            (forward done, B or BW not), L₀ the "1f1b" bound of stage 0 (1F1B's peak; 2P for a V
+            over 2P virtual stages); None: no cap.
+        in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
+        weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
+        generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
+            CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
+    """
+
+    name: str
+    title: str
+    flush: bool = True
+    versions: str = "batch"
+    backward: str = "full"
+    placement: str = "linear"
+    chunks: int = 1
+    replicable: bool = True
+    inflight: str = "1f1b"
+    inflight_scale: tuple[int, int] = (1, 0)
+    open_cap: tuple[int, int] | None = None
+    in_order: bool = True
+    weight_copies: int = 1
+    generated: bool = True
+
+    @property
+    def stream(self) -> bool:
+        """No flush: a step per backward (PipeDream) or per batch of a stream (2BW)."""
+        return not self.flush
+
+    @property
+    def batched(self) -> bool:
+        """Microbatches come in batches of M (all but PipeDream, whose M is the stream's length)."""
+        return self.versions != "stash"
+
+    @property
+    def multi_stage(self) -> bool:
+        """A rank may hold more than one stage."""
+        return self.placement != "linear"
+
+
+#: The registry: one line per family. A new family adds its line here and its order in planner.schedules.
+FAMILY: dict[str, Family] = {f.name: f for f in (
+    Family("gpipe", "GPipe", inflight="batch"),
+    Family("1f1b", "1F1B"),
+    Family("interleaved", "interleaved 1F1B", placement="looped", chunks=0, inflight="chunk"),
+    Family("pipedream", "PipeDream", flush=False, versions="stash", weight_copies=0),
+    Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2),
+    Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0)),
+    Family("zb-h2", "ZB-H2", backward="split", inflight_scale=(2, -1), open_cap=(2, -1)),
+    Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
+           in_order=False, generated=False),
+    Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0)),
+)}
+FAMILIES = tuple(n for n, f in FAMILY.items() if f.generated)
+FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)
+
+
+def family(name: str) -> Family:
+    """The registered family ``name``; ScheduleError naming the choices otherwise."""
+    try:
+        return FAMILY[name]
+    except KeyError:
+        raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(FAMILIES)}") from None
 
 
 @dataclass(frozen=True)
@@ -140,7 +229,7 @@ class ScheduleSpec:
         stages: number of pipeline stages P (devices in the pipeline; for interleaved, devices).
         microbatches: microbatches per batch M (for PipeDream: minibatches in the stream).
         replicas: replicas per (virtual) stage.
-        chunks: model chunks per device V (interleaved only, else 1).
+        chunks: model chunks (stages) per device V (families that place several stages on a rank, else 1).
         vertical_sync: PipeDream only: every stage uses the version stage 0 used.
         batches: batches (optimizer steps per stage) for flush schedules and 2BW.
     """
@@ -158,11 +247,15 @@ class ScheduleSpec:
         return self.stages * self.chunks
 
     @property
+    def traits(self) -> Family:
+        return family(self.family)
+
+    @property
     def total_microbatches(self) -> int:
-        return self.microbatches if self.family == "pipedream" else self.microbatches * self.batches
+        return self.microbatches * self.batches if self.traits.batched else self.microbatches
 
     def batch_of(self, mb: int) -> int:
-        return 0 if self.family == "pipedream" else mb // self.microbatches
+        return mb // self.microbatches if self.traits.batched else 0
 
     def to_json(self) -> dict:
         return {
@@ -186,6 +279,99 @@ class ScheduleSpec:
             vertical_sync=bool(d.get("vertical_sync", False)),
             batches=int(d.get("batches", 1)),
         )
+
+
+# --- spec helpers: layout, bounds and the checks every family shares ---------------------
+def rank_of(fam: Family, stages: int, virtual_stage: int) -> int:
+    """The pipeline rank (device index along the pipeline) holding ``virtual_stage`` under the family's placement."""
+    c, j = divmod(virtual_stage, stages)
+    if fam.placement == "v" and c % 2:
+        return stages - 1 - j
+    return j
+
+
+def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
+    """For each (virtual) stage, the workers holding its replicas (stage 0's first).
+
+    Several stages per rank: rank d's replica r is worker d·R + r (R replicas of every stage).
+    """
+    fam = spec.traits
+    if fam.multi_stage:
+        R = spec.replicas[0] if spec.replicas else 1
+        return tuple(tuple(rank_of(fam, spec.stages, vs) * R + r for r in range(R)) for vs in range(spec.virtual_stages))
+    out, w = [], 0
+    for r in spec.replicas:
+        out.append(tuple(range(w, w + r)))
+        w += r
+    return tuple(out)
+
+
+def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
+    """Microbatches a replica of ``stage`` keeps in flight in 1F1B steady state.
+
+    ⌈workers at or after the stage / replicas of the stage⌉: P − s without
+    replication; for stage 0, PipeDream's NOAM ⌈workers / replicas of stage 0⌉.
+    """
+    r = spec.replicas
+    return math.ceil(sum(r[stage:]) / r[stage])
+
+
+def validate_spec(spec: ScheduleSpec) -> None:
+    """The checks every family shares, read from its traits (a family's own needs: planner.schedules)."""
+    fam = family(spec.family)
+    P, M = spec.stages, spec.microbatches
+    if P < 1 or M < 1:
+        raise ScheduleError("stages and microbatches must be >= 1")
+    if spec.batches < 1:
+        raise ScheduleError("batches must be >= 1")
+    if fam.multi_stage:
+        if fam.chunks and spec.chunks != fam.chunks:
+            raise ScheduleError(f"{fam.title} places {fam.chunks} stages on each rank; use --chunks {fam.chunks} (got {spec.chunks})")
+        if spec.chunks < 1:
+            raise ScheduleError("--chunks must be >= 1")
+    elif spec.chunks != 1:
+        multi = ", ".join(n for n, f in FAMILY.items() if f.multi_stage)
+        raise ScheduleError(f"--chunks is for the schedules that place several stages on a rank ({multi}); got {spec.chunks} with {spec.family}")
+    if not fam.replicable and any(r != 1 for r in spec.replicas):
+        raise ScheduleError(f"{fam.title} does not replicate stages; drop --replicas or pick another schedule")
+    if len(spec.replicas) != spec.virtual_stages:
+        if fam.multi_stage:
+            raise ScheduleError(f"{spec.family} needs one replica count per virtual stage ({spec.virtual_stages})")
+        raise ScheduleError(f"--replicas gives {len(spec.replicas)} values for {P} stages")
+    if any(r < 1 for r in spec.replicas):
+        raise ScheduleError("every stage needs at least 1 replica")
+    if fam.multi_stage and len(set(spec.replicas)) > 1:
+        raise ScheduleError(f"{fam.title} replicates every stage alike (each replica runs its own pipeline); give every "
+                            f"stage the same replica count (got {list(spec.replicas)})")
+    if spec.vertical_sync and fam.versions != "stash":
+        raise ScheduleError("--vertical-sync applies to the pipedream schedule only")
+    if spec.vertical_sync and len(set(spec.replicas)) > 1:
+        raise ScheduleError("vertical sync needs the same replica count on every stage (versions advance once per "
+                            "all-reduce round, so unequal replication makes stage versions incomparable)")
+    if fam.batched and max(spec.replicas) > M:
+        raise ScheduleError(f"a stage has {max(spec.replicas)} replicas but a batch has only {M} microbatches; use at least as many microbatches as replicas")
+
+
+def chunks_for(family_name: str, chunks: int = 1) -> int:
+    """Stages per rank a command should use: the family's fixed count, at least 2 for looped families, else ``chunks``."""
+    fam = FAMILY.get(family_name)
+    if fam is None or not fam.multi_stage:
+        return chunks
+    return fam.chunks or max(chunks, 2)
+
+
+def make_spec(family_name: str, stages: int, microbatches: int, replicas: tuple[int, ...] | None = None,
+              chunks: int = 1, vertical_sync: bool = False, batches: int = 1) -> ScheduleSpec:
+    """A spec with defaults filled in (one replica per stage; P·V virtual stages for multi-stage placements).
+
+    A family that fixes its stages per rank (the V shapes) gets that many chunks whatever ``chunks`` says
+    when ``chunks`` is left at 1.
+    """
+    fam = FAMILY.get(family_name)
+    if fam is not None and fam.chunks and chunks == 1:
+        chunks = fam.chunks
+    n = stages * chunks if fam is not None and fam.multi_stage else stages
+    return ScheduleSpec(family_name, stages, microbatches, tuple(replicas) if replicas else (1,) * n, chunks, vertical_sync, batches)
 
 
 @dataclass(frozen=True)

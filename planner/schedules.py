@@ -4,9 +4,14 @@
 → assign weight versions → insert communication → ``check``. Each pass is a
 pure function over the action dict and is testable alone.
 
-Workers: stage s's replicas get consecutive worker ids (stage 0 first). For
-interleaved 1F1B, virtual stage c·P + d lives on device position d, whose
-replica r is worker d·R + r.
+Workers and placement come from the family's traits (planner.program.FAMILY and
+``stage_workers``): stage s's replicas get consecutive worker ids (stage 0 first);
+a looped family puts virtual stage c·P + d on worker d, a V-shaped one chunk c on
+worker d going down the ranks when c is even and back up when it is odd.
+
+A new family is its order function in ``ORDERS`` (and, if it needs more of a spec
+than the shared checks, a line in ``REQUIRES``), its line in the registry, its golden
+file and its tests; the passes, ``check`` and both interpreters read its traits.
 """
 from __future__ import annotations
 
@@ -14,73 +19,12 @@ import heapq
 import math
 from typing import Callable
 
-from planner.program import Action, Kind, Program, ScheduleSpec, FAMILIES, FLUSH_FAMILIES
-from topologies.errors import InputError
+from planner.check import check
+from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, make_spec,
+                             stage_workers, validate_spec)
 
-
-class ScheduleError(InputError):
-    """Parameters no schedule of the family can satisfy; the message says what to change."""
-
-
-# --- layout ----------------------------------------------------------------------------
-def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
-    if spec.family == "interleaved":  # device position d's replicas are workers d·R .. d·R + R − 1
-        R = spec.replicas[0]
-        return tuple(tuple((vs % spec.stages) * R + r for r in range(R)) for vs in range(spec.virtual_stages))
-    out, w = [], 0
-    for r in spec.replicas:
-        out.append(tuple(range(w, w + r)))
-        w += r
-    return tuple(out)
-
-
-def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
-    """Microbatches a replica of ``stage`` keeps in flight in 1F1B steady state.
-
-    ⌈workers at or after the stage / replicas of the stage⌉: P − s without
-    replication; for stage 0, PipeDream's NOAM ⌈workers / replicas of stage 0⌉.
-    """
-    r = spec.replicas
-    return math.ceil(sum(r[stage:]) / r[stage])
-
-
-def validate_spec(spec: ScheduleSpec) -> None:
-    P, M = spec.stages, spec.microbatches
-    if spec.family not in FAMILIES:
-        raise ScheduleError(f"unknown schedule {spec.family!r}; choose one of {', '.join(FAMILIES)}")
-    if P < 1 or M < 1:
-        raise ScheduleError("stages and microbatches must be >= 1")
-    if spec.batches < 1:
-        raise ScheduleError("batches must be >= 1")
-    if spec.family == "interleaved":
-        if spec.chunks < 1:
-            raise ScheduleError("--chunks must be >= 1")
-        if len(spec.replicas) != spec.virtual_stages:
-            raise ScheduleError(f"interleaved needs one replica count per virtual stage ({spec.virtual_stages})")
-        R = spec.replicas[0]
-        if R < 1 or any(r != R for r in spec.replicas):
-            raise ScheduleError("interleaved 1F1B replicates every stage alike (each replica runs its own interleaved "
-                                f"pipeline); give every stage the same replica count (got {list(spec.replicas)})")
-        if M % (P * R):
-            raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages x replicas ({M} % {P * R} != 0); "
-                                f"use {math.ceil(M / (P * R)) * P * R}")
-        return
-    if spec.chunks != 1:
-        raise ScheduleError(f"--chunks is for the interleaved schedule only (got {spec.chunks} with {spec.family})")
-    if len(spec.replicas) != P:
-        raise ScheduleError(f"--replicas gives {len(spec.replicas)} values for {P} stages")
-    if any(r < 1 for r in spec.replicas):
-        raise ScheduleError("every stage needs at least 1 replica")
-    if spec.vertical_sync and spec.family != "pipedream":
-        raise ScheduleError("--vertical-sync applies to the pipedream schedule only")
-    if spec.vertical_sync and len(set(spec.replicas)) > 1:
-        raise ScheduleError("vertical sync needs the same replica count on every stage (versions advance once per "
-                            "all-reduce round, so unequal replication makes stage versions incomparable)")
-    if spec.family != "pipedream" and max(spec.replicas) > M:
-        raise ScheduleError(f"a stage has {max(spec.replicas)} replicas but a batch has only {M} microbatches; use at least as many microbatches as replicas")
-    if spec.family == "2bw" and M < max(inflight_limit(spec, s) for s in range(P)):
-        need = max(inflight_limit(spec, s) for s in range(P))
-        raise ScheduleError(f"2BW needs microbatches per batch >= the pipeline's in-flight depth ({need}) to keep two weight versions; got {M}")
+__all__ = ["generate", "lower", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
+           "validate_spec", "add_steps", "add_versions", "add_communication"]
 
 
 def _replica_mbs(spec: ScheduleSpec, stage: int, replica: int, mbs: range) -> list[int]:
@@ -135,127 +79,190 @@ def order_2bw(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return _order_per_replica(spec, _one_f_one_b, per_batch=False)
 
 
-def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
-    """Megatron's interleaved 1F1B: forwards cycle chunks in groups of P microbatches.
+def interleaved_groups(P: int, M: int) -> list[int]:
+    """Microbatch group sizes for interleaved 1F1B: ⌊M/P⌋ groups (at least one) of ⌊M/groups⌋ or one more.
 
-    With R replicas, replica r of every device position runs the same schedule over its own microbatches
-    (those with mb mod R = r, round robin), as Megatron's data-parallel ranks each run their pipeline.
+    Forwards cycle the chunks once per group, so every group must hold at least P
+    microbatches for a chunk's output to be back on device 0 when its next chunk
+    starts; with M a multiple of P every group is exactly P (Megatron's order).
+    """
+    rounds = max(1, M // P)
+    base, extra = divmod(M, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
+
+
+def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """Megatron's interleaved 1F1B for any M: forwards cycle the chunks within groups of about P microbatches.
+
+    Device d runs (V − 1)·g + 2(P − 1 − d) forwards of warm-up (g: the first group's
+    size; P when P divides M, as Megatron), then one forward and one backward,
+    then the drain; backwards cycle the chunks in reverse. With R replicas, replica r
+    of every device runs this schedule over its own microbatches (mb mod R = r), as
+    Megatron's data-parallel ranks each run their pipeline.
     """
     P, V, M, R = spec.stages, spec.chunks, spec.microbatches, spec.replicas[0]
     out: dict[int, list[Action]] = {d * R + r: [] for d in range(P) for r in range(R)}
-    Mr = M // R
-    total = Mr * V
-
-    def fwd(d: int, k: int, mbs: list[int]) -> Action:
-        c = (k // P) % V
-        return Action(c * P + d, Kind.F, mbs[(k // (P * V)) * P + k % P])
-
-    def bwd(d: int, k: int, mbs: list[int]) -> Action:
-        c = V - 1 - (k // P) % V
-        return Action(c * P + d, Kind.B, mbs[(k // (P * V)) * P + k % P])
-
-    for d in range(P):
-        warm = total if Mr == P else min((P - d - 1) * 2 + (V - 1) * P, total)
-        for r in range(R):
-            for b in range(spec.batches):
-                mbs = list(range(b * M + r, (b + 1) * M, R))
-                seq = [fwd(d, k, mbs) for k in range(warm)]
+    for r in range(R):
+        for b in range(spec.batches):
+            mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
+            n, groups = len(mbs), interleaved_groups(P, len(mbs))
+            order: list[tuple[int, int]] = []  # (chunk, index into mbs) of the k-th forward
+            start = 0
+            for g in groups:
+                order += [(c, start + j) for c in range(V) for j in range(g)]
+                start += g
+            total = n * V
+            for d in range(P):
+                warm = total if n == P else min((P - d - 1) * 2 + (V - 1) * groups[0], total)
+                fwd = [Action(c * P + d, Kind.F, mbs[i]) for c, i in order]
+                bwd = [Action((V - 1 - c) * P + d, Kind.B, mbs[i]) for c, i in order]
+                seq = fwd[:warm]
                 for k in range(total - warm):
-                    seq += [fwd(d, warm + k, mbs), bwd(d, k, mbs)]
-                seq += [bwd(d, k, mbs) for k in range(total - warm, total)]
-                out[d * R + r] += seq
+                    seq += [fwd[warm + k], bwd[k]]
+                out[d * R + r] += seq + bwd[total - warm:]
     return out
 
 
 def order_zb_h1(spec: ScheduleSpec, cost: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[int, list[Action]]:
-    """ZB-H1: backward split into BI (input gradient) and BW (weight gradient).
+    """ZB-H1: backward split into BI (input gradient) and BW (weight gradient), at 1F1B's memory.
 
-    Orders are found by list scheduling at the given (F, BI, BW) costs with the
-    ZB-H1 priorities: a ready forward while fewer than the stage's 1F1B
-    in-flight limit (P − s) await their BI and fewer than 1F1B's peak (stage
-    0's limit) await their BW — so no stage holds more than 1F1B's peak
-    memory — then a ready BI, then a pending BW to fill what would otherwise
-    be a bubble. Later stages thus defer their BWs into the drain. With
+    List scheduling (``_list_schedule``) admits a forward while fewer than the
+    stage's 1F1B in-flight limit (P − s) await their BI and fewer than 1F1B's
+    peak (stage 0's limit) await their BW — so no stage holds more than 1F1B's
+    peak memory. Later stages thus defer their BWs into the drain. With
     tF = tBI = tBW this reaches makespan 3M + P − 1: a third of 1F1B's bubble.
-    Batches are flushed.
+    """
+    limit = [inflight_limit(spec, s) for s in range(spec.stages)]
+    peak = max(limit)
+    return _list_schedule(spec, lambda w, s, open_n, waiting: waiting < limit[s] and open_n < peak, cost)
+def order_zb_h2(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """ZB-H2: ZB-H1's list scheduling with twice the warm-up, for no bubble at twice the memory.
+
+    A forward is admitted while fewer than 2·(P − s) − 1 microbatches await their BI
+    on the stage and fewer than 2P − 1 their BW on the worker (replication scales both
+    as 1F1B's limit does). Stage s then starts its first backward the moment the
+    gradient arrives, and with tF = tBI = tBW one batch follows another with no idle
+    time: M·(tF + tBI + tBW) per batch once M ≥ 2P − 1.
+    """
+    limit = [inflight_limit(spec, s) for s in range(spec.stages)]
+    peak = max(limit)
+    return _list_schedule(spec, lambda w, s, open_n, waiting: waiting < 2 * limit[s] - 1 and open_n < 2 * peak - 1)
+
+
+
+def order_zb_v(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """ZB-V: two half stages per rank in a V (rank r holds r and 2P − 1 − r), split backwards.
+
+    A forward is admitted while the rank holds fewer than 2P half-stage microbatches
+    awaiting their BW (1F1B's peak, P whole ones). Rank 0 holds the last stage too, so
+    backwards start as soon as a microbatch has crossed the V and every rank stays busy
+    after its first input: makespan 3M + (P − 1)/2 at tF = tBI = tBW = 1, M ≥ 2P.
+    """
+    peak = inflight_limit(spec, 0)  # 2P: the V's 1F1B limit over its 2P virtual stages
+    return _list_schedule(spec, lambda w, s, open_n, waiting: open_n < peak)
+
+
+# --- list scheduling: the zero-bubble families --------------------------------------------
+def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
+                   cost: tuple[float, float, float] = (1.0, 1.0, 1.0), entry_cap: int | None = None) -> dict[int, list[Action]]:
+    """Greedy list scheduling of split backwards at unit costs, one flushed batch after another.
+
+    At every instant each idle worker takes, in this order of preference: a ready
+    forward that ``admits(worker, stage, open, waiting)`` lets in (``open``: microbatch-chunks
+    on the worker whose forward is done and weight gradient is not; ``waiting``: those of
+    the stage whose forward is done and input gradient is not), the ready input
+    gradient (BI) of the oldest microbatch, then a pending weight gradient (BW) to
+    fill what would be a bubble. ``entry_cap`` also limits the microbatches in the
+    pipe (stage 0's forward started, some weight gradient not yet done) when a new one
+    would enter: what keeps a tight memory budget free of deadlock, since every
+    microbatch already inside may always move on.
+    Among ready forwards and BIs the later stage goes first, so microbatches already
+    in the pipe drain before new ones enter. Each stage runs each kind in microbatch
+    order. Costs are per full stage; a chunk costs 1/V of them, as in the dry run.
     """
     sw = stage_workers(spec)
-    S = len(sw)
+    S, V = len(sw), spec.chunks
     out: dict[int, list[Action]] = {w: [] for ws in sw for w in ws}
-    tf, tbi, tbw = cost
+    dur = {Kind.F: cost[0] / V, Kind.BI: cost[1] / V, Kind.BW: cost[2] / V}
+    eps = 1e-9
     for b in range(spec.batches):
         mbs = range(b * spec.microbatches, (b + 1) * spec.microbatches)
-        worker_of = {(s, i): sw[s][i % len(sw[s])] for s in range(S) for i in mbs}
-        todo_f = {w: [] for w in out}
-        for s in range(S):
-            for i in mbs:
-                todo_f[worker_of[s, i]].append((s, i))
-        done_at: dict[tuple[Kind, int, int], float] = {}
-        pending_bi: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
+        todo_f = {(s, w): [i for i in mbs if sw[s][i % len(sw[s])] == w] for s in range(S) for w in sw[s]}
+        todo_bi = {k: list(v) for k, v in todo_f.items()}
+        stages_of = {w: sorted((s for s in range(S) if w in sw[s]), reverse=True) for w in out}
+        done: dict[tuple[Kind, int, int], float] = {}
         pending_bw: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
-        open_mb: dict[int, int] = {w: 0 for w in out}
-        act_limit = {w: inflight_limit(spec, s) for s, ws in enumerate(sw) for w in ws}
-        mem_limit = max(act_limit.values())
+        open_n = {w: 0 for w in out}
+        in_pipe: dict[int, int] = {}  # microbatch -> weight gradients still to do
         free_at = {w: 0.0 for w in out}
-        events: list[float] = [0.0]
-        remaining = sum(3 * len(v) for v in todo_f.values())
+        ends: list[float] = []
+        remaining = 3 * sum(len(v) for v in todo_f.values())
         now = 0.0
         while remaining:
-            progressed = False
             for w in sorted(out, key=lambda w: (free_at[w], w)):
-                if free_at[w] > now + 1e-12:
+                if free_at[w] > now + eps:
                     continue
                 choice = None
-                ready_bi = pending_bi[w][:1] if pending_bi[w] and _bi_ready(pending_bi[w][0], S, done_at, now) else []
-                if (todo_f[w] and len(pending_bi[w]) < act_limit[w] and open_mb[w] < mem_limit
-                        and _f_ready(todo_f[w][0], done_at, now)):
-                    choice = (Kind.F, todo_f[w][0])
-                elif ready_bi:
-                    choice = (Kind.BI, ready_bi[0])
-                elif pending_bw[w]:
+                for s in stages_of[w]:
+                    q = todo_f[(s, w)]
+                    if (q and (s > 0 or entry_cap is None or len(in_pipe) < entry_cap)
+                            and (s == 0 or done.get((Kind.F, s - 1, q[0]), math.inf) <= now + eps)
+                            and admits(w, s, open_n[w], len(todo_bi[(s, w)]) - len(q))):
+                        choice = (Kind.F, (s, q[0]))
+                        break
+                if choice is None:
+                    ready = [(todo_bi[(s, w)][0], -s, s) for s in stages_of[w] if todo_bi[(s, w)]
+                             and _bi_input_done(s, todo_bi[(s, w)][0], S, done, now)]
+                    if ready:
+                        i, _, s = min(ready)
+                        choice = (Kind.BI, (s, i))
+                if choice is None and pending_bw[w]:
                     choice = (Kind.BW, pending_bw[w][0])
                 if choice is None:
                     continue
                 kind, (s, i) = choice
-                dur = {Kind.F: tf, Kind.BI: tbi, Kind.BW: tbw}[kind]
-                end = now + dur
+                end = now + dur[kind]
                 out[w].append(Action(s, kind, i))
-                done_at[(kind, s, i)] = end
+                done[(kind, s, i)] = end
                 free_at[w] = end
-                heapq.heappush(events, end)
+                heapq.heappush(ends, end)
                 remaining -= 1
-                progressed = True
                 if kind is Kind.F:
-                    todo_f[w].pop(0)
-                    pending_bi[w].append((s, i))
-                    open_mb[w] += 1
+                    todo_f[(s, w)].pop(0)
+                    open_n[w] += 1
+                    if s == 0:
+                        in_pipe[i] = S
                 elif kind is Kind.BI:
-                    pending_bi[w].remove((s, i))
+                    todo_bi[(s, w)].pop(0)
                     pending_bw[w].append((s, i))
                 else:
                     pending_bw[w].pop(0)
-                    open_mb[w] -= 1
-            if remaining and not progressed:
-                nxt = [t for t in events if t > now + 1e-12]
-                if not nxt:
-                    raise ScheduleError("ZB-H1 list scheduling made no progress (internal error)")
-                now = min(nxt)
-                events = [t for t in events if t > now + 1e-12]
+                    open_n[w] -= 1
+                    in_pipe[i] -= 1
+                    if not in_pipe[i]:
+                        del in_pipe[i]
+            while ends and ends[0] <= now + eps:
+                heapq.heappop(ends)
+            if remaining:
+                if not ends:
+                    raise ScheduleError(f"{spec.family}: list scheduling made no progress at P={spec.stages}, "
+                                        f"M={spec.microbatches} (its admission rule starves the pipeline)")
+                now = heapq.heappop(ends)
     return out
 
 
-def _f_ready(si: tuple[int, int], done_at: dict, now: float) -> bool:
-    s, i = si
-    return s == 0 or done_at.get((Kind.F, s - 1, i), math.inf) <= now + 1e-12
+def _bi_input_done(s: int, i: int, S: int, done: dict, now: float) -> bool:
+    key = (Kind.F, s, i) if s == S - 1 else (Kind.BI, s + 1, i)
+    return done.get(key, math.inf) <= now + 1e-9
 
 
-def _bi_ready(si: tuple[int, int], S: int, done_at: dict, now: float) -> bool:
-    s, i = si
-    if s == S - 1:
-        return done_at.get((Kind.F, s, i), math.inf) <= now + 1e-12
-    return done_at.get((Kind.BI, s + 1, i), math.inf) <= now + 1e-12
+def _requires_2bw(spec: ScheduleSpec) -> None:
+    need = max(inflight_limit(spec, s) for s in range(spec.stages))
+    if spec.microbatches < need:
+        raise ScheduleError(f"2BW needs microbatches per batch >= the pipeline's in-flight depth ({need}) to keep two weight versions; got {spec.microbatches}")
 
 
+#: Each family's compute order (its line in planner.program.FAMILY says what it promises).
 ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "gpipe": order_gpipe,
     "1f1b": order_1f1b,
@@ -263,6 +270,13 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "pipedream": order_pipedream,
     "2bw": order_2bw,
     "zb-h1": order_zb_h1,
+    "zb-h2": order_zb_h2,
+    "zb-v": order_zb_v,
+}
+
+#: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.
+REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
+    "2bw": _requires_2bw,
 }
 
 
@@ -279,9 +293,10 @@ def add_steps(spec: ScheduleSpec, sw: tuple[tuple[int, ...], ...], actions: dict
     replicas with fewer minibatches join the last rounds with no gradient.
     """
     out: dict[int, list[Action]] = {}
+    per_backward = not spec.traits.batched
     for w, acts in actions.items():
         new: list[Action] = []
-        if spec.family == "pipedream":
+        if per_backward:
             rounds: dict[int, int] = {}
             for a in acts:
                 new.append(a)
@@ -322,10 +337,10 @@ def add_versions(spec: ScheduleSpec, actions: dict[int, list[Action]]) -> dict[i
     on that stage), kept by the backward (weight stashing); with vertical sync,
     the version stage 0 used for that minibatch.
     """
-    fam = spec.family
-    if fam in FLUSH_FAMILIES:
+    versions = spec.traits.versions
+    if versions == "batch":
         rule = lambda a, steps, fv: spec.batch_of(a.mb)
-    elif fam == "2bw":
+    elif versions == "stale":
         rule = lambda a, steps, fv: max(0, spec.batch_of(a.mb) - 1)
     else:
         rule = None
@@ -407,21 +422,24 @@ def generate(
 ) -> Program:
     """The one path from a spec to a checked program."""
     validate_spec(spec)
-    sw = stage_workers(spec)
-    compute = ORDERS[spec.family](spec)
+    if spec.family in REQUIRES:
+        REQUIRES[spec.family](spec)
+    return lower(spec, stage_workers(spec), ORDERS[spec.family](spec), act_bytes, allreduce_bytes, check_program)
+
+
+def lower(
+    spec: ScheduleSpec,
+    sw: tuple[tuple[int, ...], ...],
+    compute: dict[int, list[Action]],
+    act_bytes: Callable[[int], int] | None = None,
+    allreduce_bytes: Callable[[int], int] | None = None,
+    check_program: bool = True,
+) -> Program:
+    """Compute orders (a generator's, or an imported program's) → steps → versions → communication → check."""
     acts = add_steps(spec, sw, compute)
     acts = add_versions(spec, acts)
     acts = add_communication(spec, sw, acts, act_bytes, allreduce_bytes)
     prog = Program(spec=spec, stage_workers=sw, actions=acts)
     if check_program:
-        from planner.check import check
-
         check(prog)
     return prog
-
-
-def make_spec(family: str, stages: int, microbatches: int, replicas: tuple[int, ...] | None = None,
-              chunks: int = 1, vertical_sync: bool = False, batches: int = 1) -> ScheduleSpec:
-    """A spec with defaults filled in (one replica per stage; P·V virtual stages for interleaved)."""
-    n = stages * chunks if family == "interleaved" else stages
-    return ScheduleSpec(family, stages, microbatches, tuple(replicas) if replicas else (1,) * n, chunks, vertical_sync, batches)

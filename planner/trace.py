@@ -8,11 +8,12 @@ link when a simulator records them), memory as counter tracks.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from planner.program import Action, Kind, COMPUTE
+from planner.program import Action, Kind, COMPUTE, FAMILY
 
 
 _COMPUTE_KINDS = frozenset(k.value for k in COMPUTE)
@@ -170,19 +171,25 @@ def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = 
     """Samples per second, in steady state where the trace allows it.
 
     A microbatch is finished when stage 0 finishes its backward (B, or BW when
-    split). Flush schedules with three or more steps: the rate between the end
+    split; with tensor parallelism, on the last of its TP ranks). Flush schedules with three or more steps: the rate between the end
     of the first and of the last step (warm-up and the first flush excluded).
     A stream (PipeDream, 2BW): the least-squares rate over the second half of completions.
     Otherwise: all samples over the whole makespan.
     """
     spm = samples_per_microbatch or trace.meta.get("microbatch_size", 1)
-    done = sorted(e.end_s for e in trace.events
-                  if isinstance(e.lane, int) and e.kind in ("B", "BW") and Action.parse(e.action).stage == 0)
+    finished: dict[int, float] = {}  # microbatch -> when stage 0 finished it (the last of its TP ranks)
+    for e in trace.events:
+        if isinstance(e.lane, int) and e.kind in ("B", "BW"):
+            a = Action.parse(e.action)
+            if a.stage == 0 and e.end_s > finished.get(a.mb, -math.inf):
+                finished[a.mb] = e.end_s
+    done = sorted(finished.values())
     if not done:
         return 0.0
     start, _ = span_s(trace)
     steps = step_times_s(trace)
-    streaming = trace.meta.get("family") in ("pipedream", "2bw")
+    fam = FAMILY.get(trace.meta.get("family"))
+    streaming = fam is not None and fam.stream
     if exclude_warmup and not streaming and len(steps) >= 3:
         t0, t1 = steps[0], steps[-1]
         n = sum(1 for t in done if t0 < t <= t1)

@@ -23,12 +23,11 @@ phases. Recomputation (``planner.recompute``, the plan's mode) adds its re-run
 forward (and, for full recomputation, that forward's TP all-reduces) to each B
 (BI when split) and keeps what that module says in memory.
 
-Symmetry (not used with tensor parallelism: each TP rank is simulated): when every stage has R replicas whose action lists are the same up to
-relabelling, on devices of the same speed, and each replica pipeline's
-point-to-point links are private to it, isomorphic to the first pipeline's and
-used by no all-reduce, the R pipelines run identically. Then only pipeline 0 is
-simulated (all-reduces still run over every replica's links) and its events are
-copied to the other replicas: the trace is the one a full run gives.
+Symmetry: identical replica pipelines are simulated once and copied (``sim.symmetry``).
+
+The module is longer than most because compiling a worker's actions into plain
+tuples and the device process that runs them are one hot loop, kept together and
+flat for speed (``benchmarks/bench_sim.py``'s goals).
 """
 from __future__ import annotations
 
@@ -49,6 +48,8 @@ from sim.collectives import Collective, Phase, allreduce_phases, fused_ring_phas
 from sim.memory import memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
+from sim.symmetry import symmetry
+from sim.tensor import tp_segments
 from topologies.topology import Topology
 
 _COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE, _TP = range(6)  # _COMPUTE (0) also stands for STEP
@@ -110,6 +111,10 @@ def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimPa
     if plan.num_layers > len(profile):
         raise SimError(f"the plan covers {plan.num_layers} layers but the profile {profile.name!r} has "
                        f"{len(profile)}; re-plan for this model")
+    if plan.sequence_parallel != profile.sequence_parallel:
+        raise SimError(f"the plan {'uses' if plan.sequence_parallel else 'does not use'} sequence parallelism but the "
+                       f"profile {profile.name!r} is built {'without' if plan.sequence_parallel else 'with'} it; build "
+                       "the profile as the plan runs")
     program = plan_to_program(plan, profile)
     trace = simulate(program, profile, topology, worker_devices(plan, program), microbatch_size=plan.microbatch_size,
                      params=params, progress=progress, stage_layers=[s.layers for s in plan.stages],
@@ -197,7 +202,7 @@ class _Run:
         self.bwd = [profile.backward_s(a, b) * k for a, b in layers]
         self.extra = [sum(layer_extra_forward_s(l, recompute) for l in profile.layers[a:b + 1]) * k for a, b in layers]
         self.T = program.tensor_parallel
-        self.tp = [_tp_segments(profile, a, b, k, microbatch_size, recompute) for a, b in layers] if self.T > 1 else None
+        self.tp = [tp_segments(profile, a, b, k, microbatch_size, recompute) for a, b in layers] if self.T > 1 else None
         self.stage_bytes = stage_bytes(profile, layers, microbatch_size, recompute)
         self.round_of = round_function(program)
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
@@ -212,7 +217,7 @@ class _Run:
         self.rec: list[tuple[int, int, float, float]] = []
         self.mem: list[tuple[int, float, float]] = []
         self.algorithms: set[str] = set()
-        self.replicas, reason = _symmetry(self) if params.use_symmetry else (1, "turned off (use_symmetry=False)")
+        self.replicas, reason = symmetry(self) if params.use_symmetry else (1, "turned off (use_symmetry=False)")
         self.meta["symmetry"] = {"used": self.replicas > 1, "replicas": self.replicas}
         if self.replicas == 1:
             self.meta["symmetry"]["reason"] = reason
@@ -537,98 +542,5 @@ def _head(stage: int, k: Kind, version: int, grad: bool, peer) -> tuple[str, str
     return f"{stage}{k._value_}", tail
 
 
-def _tp_segments(profile: ModelProfile, first: int, last: int, k: float, microbatch_size: int, recompute: str):
-    """Per stage, the TP all-reduces inside a forward and inside a backward (with what recomputation re-runs):
-    ((pieces, raw_s) forward, (pieces, raw_s) backward), each piece (seconds of compute before it, bytes),
-    raw_s the action's compute seconds at the run's microbatch (before speed and splitting)."""
-    from planner.recompute import recomputed_tp_allreduces
-
-    def build(parts):
-        pieces, pending, total = [], 0.0, 0.0
-        for t, n, nbytes in parts:
-            total += t
-            if n == 0:
-                pending += t
-                continue
-            for _ in range(n):
-                pieces.append((pending + t / n, nbytes))
-                pending = 0.0
-        return tuple(pieces), total
-
-    layers = profile.layers[first:last + 1]
-    fwd = build([(l.forward_s * k, l.tp_forward_allreduces, l.tp_allreduce_bytes * microbatch_size) for l in layers])
-    bwd_parts = []
-    for l in reversed(layers):  # each layer re-runs its forward (recomputation) just before its own backward
-        bwd_parts.append((layer_extra_forward_s(l, recompute) * k, recomputed_tp_allreduces(l, recompute),
-                          l.tp_allreduce_bytes * microbatch_size))
-        bwd_parts.append((l.backward_s * k, l.tp_backward_allreduces, l.tp_allreduce_bytes * microbatch_size))
-    return fwd, build(bwd_parts)
-
-
 def _succeed(ev: simpy.Event) -> None:
     ev.succeed()
-
-
-# --- symmetry -------------------------------------------------------------------------------
-def _symmetry(run: _Run) -> tuple[int, str]:
-    """(R, "") when the R replica pipelines are exact copies of pipeline 0, else (1, why not)."""
-    p, topo, dev = run.p, run.topology, run.dev
-    sw = p.stage_workers
-    R = len(sw[0])
-    if p.tensor_parallel > 1:
-        return 1, "tensor parallelism: every TP rank is simulated"
-    if R == 1:
-        return 1, "stages are not replicated"
-    if run.params.jitter:
-        return 1, "compute jitter differs between replicas"
-    if any(len(ws) != R for ws in sw) or any(len(p.stages_of(w)) != 1 for w in p.workers):
-        return 1, "stages have different replica counts"
-    for ws in sw:
-        speed = topo.device(dev[ws[0]]).speed
-        if any(topo.device(dev[w]).speed != speed for w in ws):
-            return 1, "replicas of a stage run on devices of different speeds"
-    rank = {w: (s, r) for s, ws in enumerate(sw) for r, w in enumerate(ws)}
-    edges = topo.graph.edges
-    owner: dict[tuple[str, str], int] = {}   # finite p2p hop -> pipeline using it
-    to0: list[dict[tuple[str, str], tuple[str, str]]] = [{} for _ in range(R)]
-    for s, ws in enumerate(sw):
-        ref = p[ws[0]]
-        for r, w in enumerate(ws):
-            acts = p[w]
-            if len(acts) != len(ref):
-                return 1, f"replica {r} of stage {s} runs {len(acts)} actions, replica 0 {len(ref)}"
-            for a, b in zip(acts, ref):
-                if (a.kind, a.stage, a.version, a.grad, a.nbytes) != (b.kind, b.stage, b.version, b.grad, b.nbytes):
-                    return 1, f"replica {r} of stage {s} differs from replica 0 at {a}"
-                if a.kind in (Kind.ALLREDUCE, Kind.STEP):
-                    if a.mb != b.mb:
-                        return 1, f"replica {r} of stage {s} differs from replica 0 at {a}"
-                    continue
-                if a.mb != b.mb + r or (a.peer is not None and rank[a.peer] != (rank[b.peer][0], r)):
-                    return 1, f"replica {r} of stage {s} is no relabelled copy of replica 0 at {a}"
-                if a.kind is not Kind.SEND:
-                    continue
-                hops_a, hops_b = topo.route(dev[w], dev[a.peer]), topo.route(dev[ws[0]], dev[b.peer])
-                if [edges[h]["link"] for h in hops_a] != [edges[h]["link"] for h in hops_b]:
-                    return 1, f"pipeline {r}'s link from stage {s} differs from pipeline 0's"
-                for ha, hb in zip(hops_a, hops_b):
-                    if edges[ha]["link"].bandwidth_bytes_per_s == float("inf"):
-                        continue
-                    if owner.setdefault(ha, r) != r:
-                        return 1, f"pipelines {owner[ha]} and {r} share link {ha[0]}->{ha[1]}"
-                    if to0[r].setdefault(ha, hb) != hb:
-                        return 1, f"pipeline {r}'s links are not a copy of pipeline 0's"
-    for r in range(R):
-        if len(set(to0[r].values())) != len(to0[r]):
-            return 1, f"pipeline {r}'s links are not a copy of pipeline 0's"
-    if owner:
-        for s, ws in enumerate(sw):
-            nbytes = next((a.nbytes for a in p[ws[0]] if a.kind is Kind.ALLREDUCE), None)
-            if nbytes is None:
-                continue
-            phases, _ = allreduce_phases(topo, [dev[w] for w in ws], nbytes, run.params.allreduce)
-            for src, dst in dict.fromkeys((a, b) for ph in phases for a, b, _ in ph):
-                for h in run.net.finite_hops(src, dst):
-                    if h in owner:
-                        return 1, f"stage {s}'s all-reduce shares link {h[0]}->{h[1]} with point-to-point traffic"
-    return R, ""

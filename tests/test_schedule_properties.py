@@ -8,23 +8,29 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from planner.check import UnitCosts, check, dry_run
-from planner.program import Action, Kind, Program
-from planner.schedules import generate, make_spec
+from planner.program import FAMILIES, FAMILY, Action, Kind, Program, ScheduleError
+from planner.schedules import REQUIRES, generate, make_spec
 
-FAMILIES = ["gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zb-h1"]
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
 @st.composite
 def specs(draw, family: str):
+    fam = FAMILY[family]
     P = draw(st.integers(1, 16))
-    if family == "interleaved":
-        V = draw(st.integers(1, 4))
-        M = P * draw(st.integers(1, max(1, 64 // P)))
-        return make_spec(family, P, M, chunks=V, batches=draw(st.integers(1, 2)))
+    if fam.multi_stage:
+        V = fam.chunks or draw(st.integers(1, 4))
+        R = draw(st.integers(1, 3)) if fam.replicable else 1
+        M = draw(st.integers(R, 64))
+        spec = make_spec(family, P, M, (R,) * (P * V), chunks=V, batches=draw(st.integers(1, 2)))
+        try:  # what the family needs beyond the shared checks
+            REQUIRES.get(family, lambda s: None)(spec)
+        except ScheduleError:
+            assume(False)
+        return spec
     replicas = tuple(draw(st.lists(st.integers(1, 4), min_size=P, max_size=P)))
     if family == "pipedream":
         M = draw(st.integers(1, 64))
@@ -54,7 +60,7 @@ def _compute_events(prog: Program):
 def every_microbatch_runs_once_in_dependency_order_without_deadlock(family, spec, prog):
     ev = _compute_events(prog)  # the dry run raises on deadlock
     S, N = len(prog.stage_workers), spec.total_microbatches
-    split = family == "zb-h1"
+    split = FAMILY[family].backward == "split"
     bwd = Kind.BI if split else Kind.B
     n_compute = sum(1 for acts in prog.actions.values() for a in acts if a.is_compute)
     assert n_compute == S * N * (3 if split else 2)
@@ -102,9 +108,9 @@ def weight_versions_follow_the_family_rule(family, spec, prog):
                 continue
             assert a.version == fver[(a.stage, a.mb)]  # stashing: backward uses its forward's version
             b = a.mb // spec.microbatches
-            if family in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+            if FAMILY[family].versions == "batch":
                 assert a.version == b  # one version per batch
-            elif family == "2bw":
+            elif FAMILY[family].versions == "stale":
                 assert a.version == max(0, b - 1)
             elif spec.vertical_sync:
                 assert a.version == fver[(0, a.mb)]
@@ -112,8 +118,8 @@ def weight_versions_follow_the_family_rule(family, spec, prog):
                 assert a.version <= steps.get(a.stage, 0)  # a version is used only once it exists
                 live.setdefault(a.stage, {})[a.mb] = a.version
                 held = set(live[a.stage].values()) | {steps.get(a.stage, 0)}
-                if family == "2bw":
-                    assert len(held) <= 2
+                if FAMILY[family].weight_copies:
+                    assert len(held) <= FAMILY[family].weight_copies
                 stashed = set(live[a.stage].values())
                 assert len(stashed) <= len(live[a.stage])
             elif a.kind in (Kind.B, Kind.BW):
@@ -121,7 +127,9 @@ def weight_versions_follow_the_family_rule(family, spec, prog):
 
 
 def in_flight_microbatches_respect_the_family_bound(family, spec, prog):
-    if family not in ("gpipe", "1f1b", "pipedream", "zb-h1"):
+    """GPipe holds a whole batch; the 1F1B-bound families a·⌈workers at or after / replicas⌉ + b (P − s for 1F1B)."""
+    fam = FAMILY[family]
+    if fam.inflight not in ("batch", "1f1b") or fam.versions == "stale":  # 2BW streams across batches
         return
     W = sum(spec.replicas)
     for s, reps in enumerate(prog.stage_workers):
@@ -134,20 +142,21 @@ def in_flight_microbatches_respect_the_family_bound(family, spec, prog):
                     peak = max(peak, cur)
                 elif a.kind in (Kind.B, Kind.BI):
                     cur -= 1
-            if family == "pipedream":
+            if not fam.batched:  # PipeDream: one stream
                 mine = len(range(rep, spec.total_microbatches, r))
             else:  # flushed batches: the replica's largest share of one batch
                 M = spec.microbatches
                 mine = max(sum(1 for i in range(b * M, (b + 1) * M) if i % r == rep) for b in range(spec.batches))
-            if family == "gpipe":
+            a, b = fam.inflight_scale  # (1, 0): 1F1B's own limit; (2, -1): ZB-H2's doubled warm-up
+            if fam.inflight == "batch":
                 assert peak == mine  # all of its microbatches of a batch
             elif r == 1 and all(x == 1 for x in spec.replicas):
-                assert peak == min(spec.stages - s, mine)  # P - s
-            elif family == "zb-h1":  # list-scheduled: never above the 1F1B bound
-                assert peak <= min(math.ceil(sum(spec.replicas[s:]) / r), mine)
+                assert peak == min(a * (spec.stages - s) + b, mine)  # P - s
+            elif fam.backward == "split":  # list-scheduled: never above the 1F1B bound
+                assert peak <= min(a * math.ceil(sum(spec.replicas[s:]) / r) + b, mine)
             else:
-                assert peak == min(math.ceil(sum(spec.replicas[s:]) / r), mine)
-            if family == "pipedream" and s == 0:
+                assert peak == min(a * math.ceil(sum(spec.replicas[s:]) / r) + b, mine)
+            if not fam.batched and s == 0:
                 assert peak == min(math.ceil(W / r), mine)  # PipeDream's NOAM
 
 

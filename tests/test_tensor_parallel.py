@@ -26,11 +26,13 @@ def test_a_plan_without_tensor_parallelism_or_recomputation_writes_the_json_it_a
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_a_tensor_parallel_plan_round_trips_through_json(recompute, tmp_path):
-    plan = plan_from_flags("m", 8, pp=2, dp=2, tp=4, recompute=recompute, microbatches=4)
+    plan = plan_from_flags("m", 8, pp=2, dp=2, tp=4, recompute=recompute, microbatches=4,
+                           sequence_parallel=recompute == "selective")
     path = tmp_path / "plan.json"
     plan.save(path)
     back = Plan.load(path)
     assert back == plan and back.tensor_parallel == 4 and back.recompute == recompute
+    assert back.sequence_parallel == (recompute == "selective")
     assert json.loads(path.read_text()).get("tensor_parallel") == 4
 
 
@@ -45,6 +47,8 @@ def test_bad_grids_are_one_line_plan_errors():
         Plan("m", (StagePlan(0, 3, 2, ("a", "b")),), tensor_parallel=2)
     with pytest.raises(PlanError, match="tensor_parallel must be"):
         Plan("m", (StagePlan(0, 3),), tensor_parallel=0)
+    with pytest.raises(PlanError, match="sequence parallelism .* needs tensor_parallel >= 2"):
+        Plan("m", (StagePlan(0, 3),), sequence_parallel=True)
     with pytest.raises(PlanError, match="recompute mode 'some'"):
         Plan("m", (StagePlan(0, 3),), recompute="some")
     with pytest.raises(PlanError, match="needs 8 devices .* only 4"):
@@ -333,8 +337,9 @@ def test_interleaved_refuses_uneven_replicas_in_one_line():
 
     with pytest.raises(ScheduleError, match="same replica count"):
         generate(make_spec("interleaved", 2, 8, replicas=(2, 1, 2, 1), chunks=2))
-    with pytest.raises(ScheduleError, match="divisible by stages x replicas .* use 8"):
-        generate(make_spec("interleaved", 2, 6, replicas=(2,) * 4, chunks=2))
+    # interleaved takes any M now (h3): 6 microbatches over 2 replicas of a 2-deep pipeline run, 3 per replica
+    prog = generate(make_spec("interleaved", 2, 6, replicas=(2,) * 4, chunks=2))
+    assert sorted(a.mb for a in prog[1] if a.kind is Kind.F and a.stage == 0) == [1, 3, 5]
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
@@ -388,6 +393,29 @@ def test_plan_model_costs_a_fixed_grid_for_every_family_the_schedule_takes():
     inter = plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=4, schedule="auto")
     assert {c.plan.schedule for c in inter.candidates} == {"interleaved"} and inter.best.chunks == 2
     with pytest.raises(PlanError, match="no schedule of interleaved runs --tp 2 --pp 2 --dp 2 --vp 2"):
-        plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=6, schedule="interleaved")
+        plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=1, schedule="interleaved")  # 2 replicas, 1 microbatch (any M >= replicas runs since h3)
     with pytest.raises(PlanError, match="per rank of 1"):
         plan_model(load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"), topo, grid=(2, 2, 2, 1))
+
+
+def test_throughput_counts_each_microbatch_once_whatever_the_tp_degree():
+    from planner.trace import summary
+    from sim import simulate_plan
+
+    topo = load_topology("ideal:8")
+    base = summary(simulate_plan(plan_from_flags("m", 2, pp=2, dp=1, microbatches=4, devices=topo.devices),
+                                 _tp_profile(1, layers=2, tp_bytes=0.0), topo))
+    tp = summary(simulate_plan(plan_from_flags("m", 2, pp=2, tp=4, microbatches=4, devices=topo.devices),
+                               _tp_profile(4, layers=2, tp_bytes=0.0), topo))
+    assert tp["throughput_samples_per_s"] == base["throughput_samples_per_s"] == pytest.approx(4 / ((4 + 1) * 3.0))
+
+
+def test_missing_degrees_are_filled_from_the_device_count():
+    from planner.plan import fill_degrees
+
+    assert fill_degrees(64, tp=8) == (8, 8, 1, 1)
+    assert fill_degrees(64, tp=8, pp=2) == (8, 2, 4, 1)
+    assert fill_degrees(64, tp=8, dp=2, vp=3) == (8, 4, 2, 3)
+    assert fill_degrees(None, pp=2) == (1, 2, 1, 1)
+    with pytest.raises(PlanError, match="--tp 3 x --pp \\? x --dp 1 does not make 64 devices"):
+        fill_degrees(64, tp=3)

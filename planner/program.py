@@ -160,6 +160,8 @@ class Family:
             over 2P virtual stages); None: no cap.
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
+        generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
+            CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
 
     name: str
@@ -175,6 +177,7 @@ class Family:
     open_cap: tuple[int, int] | None = None
     in_order: bool = True
     weight_copies: int = 1
+    generated: bool = True
 
     @property
     def stream(self) -> bool:
@@ -201,9 +204,11 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2),
     Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0)),
     Family("zb-h2", "ZB-H2", backward="split", inflight_scale=(2, -1), open_cap=(2, -1)),
+    Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
+           in_order=False, generated=False),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0)),
 )}
-FAMILIES = tuple(FAMILY)
+FAMILIES = tuple(n for n, f in FAMILY.items() if f.generated)
 FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)
 
 

@@ -23,7 +23,7 @@ from planner.check import check
 from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, make_spec,
                              stage_workers, validate_spec)
 
-__all__ = ["generate", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
+__all__ = ["generate", "lower", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
            "validate_spec", "add_steps", "add_versions", "add_communication"]
 
 
@@ -424,8 +424,18 @@ def generate(
     validate_spec(spec)
     if spec.family in REQUIRES:
         REQUIRES[spec.family](spec)
-    sw = stage_workers(spec)
-    compute = ORDERS[spec.family](spec)
+    return lower(spec, stage_workers(spec), ORDERS[spec.family](spec), act_bytes, allreduce_bytes, check_program)
+
+
+def lower(
+    spec: ScheduleSpec,
+    sw: tuple[tuple[int, ...], ...],
+    compute: dict[int, list[Action]],
+    act_bytes: Callable[[int], int] | None = None,
+    allreduce_bytes: Callable[[int], int] | None = None,
+    check_program: bool = True,
+) -> Program:
+    """Compute orders (a generator's, or an imported program's) → steps → versions → communication → check."""
     acts = add_steps(spec, sw, compute)
     acts = add_versions(spec, acts)
     acts = add_communication(spec, sw, acts, act_bytes, allreduce_bytes)

@@ -353,14 +353,14 @@ def test_run_to_run_spread_is_kept_with_every_launch():
     assert run_spread([8.0, 10.0, 12.0]) == pytest.approx(0.4) and math.isnan(run_spread([5.0]))
 
 
-def test_calibration_and_scored_runs_are_launched_in_rounds(monkeypatch):
+def test_calibration_and_scored_runs_are_launched_in_rounds():
     """launch_interleaved: every round launches each calibration run and each scored configuration once, and the
     calibration traces come back grouped per run (the order calibrate() expects for repeats)."""
     import types
 
-    import executor.launch
     from validation import matrix
     from validation.configs import Config
+    from validation.measure import Instruments
 
     order = []
 
@@ -370,10 +370,9 @@ def test_calibration_and_scored_runs_are_launched_in_rounds(monkeypatch):
         order.append(key)
         return types.SimpleNamespace(trace=(key, sum(1 for k in order if k == key)))
 
-    monkeypatch.setattr(executor.launch, "run_plan", fake_run)
     cal = [Config("mlp", "1f1b", 2, 8), Config("mlp", "zb-h1", 2, 4)]
     scored = [Config("mlp", "gpipe", 2, 8), Config("mlp", "2bw", 2, 4)]
-    cal_traces, runs = matrix.launch_interleaved(cal, scored, repeats=3)
+    cal_traces, runs = matrix.launch_interleaved(cal, scored, repeats=3, instruments=Instruments(launch=fake_run))
     one_round = [("1f1b", 8), ("zb-h1", 4), ("gpipe", 8), ("2bw", 4)]
     assert order == one_round * 3
     assert cal_traces == [(("1f1b", 8), 1), (("1f1b", 8), 2), (("1f1b", 8), 3),

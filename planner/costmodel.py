@@ -25,7 +25,8 @@ the opposite direction's time on the same link, and ``T_batch = max(compute boun
 When the link binds, the plan and the stages using the link say "communication (link u->v)".
 
 The bottleneck t = max time_s. Flush schedules pay their bubble:
-``T_batch = t·(M + (P − 1)·f)`` with f = 1 (GPipe, 1F1B), 1/V (interleaved) and
+``T_batch = t·(M + (P − 1)·f·r)`` (r: the bottleneck stage's replicas, each of which fills and
+drains the pipeline with its own M/r microbatches) with f = 1 (GPipe, 1F1B), 1/V (interleaved) and
 (F + BI − BW)/(F + B) for ZB-H1 (one third at F = BI = BW). PipeDream and 2BW pay
 none in steady state: ``T_batch = t·M``.
 
@@ -337,7 +338,9 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
     factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8])
-    compute_batch = bott * (M + (P - 1) * factor)
+    # each replica of the bottleneck stage runs its own M/r microbatches through the fill and drain, which
+    # take (P − 1)·factor of its per-microbatch time, r·bott (bott is amortised over the r replicas)
+    compute_batch = bott * (M + (P - 1) * factor * raw[worst][0].replicas)
     link_lower, link_batch, link_name, link_stages = links
     batch = max(compute_batch, link_batch)
     link_binds = link_name is not None and link_batch > compute_batch

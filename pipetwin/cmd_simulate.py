@@ -14,6 +14,8 @@ def register(sub) -> None:
     p = sub.add_parser("simulate", help="predict a plan's trace and metrics with the SimPy cluster model",
                        description="Simulate a plan (--plan) or an even split of a model (--model, --topology).")
     p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
+    p.add_argument("--program", metavar="JSON", help="program file (from `pipetwin schedule -o`, e.g. an imported torch "
+                   "schedule): run as it is, layers split evenly over its stages, worker w on the topology's w-th device")
     p.add_argument("--model", metavar="SPEC", help="profile: .json, graph.txt or uniform:layers=L,fwd=S,bwd=S,act=B,params=B "
                    "(default with --plan: the plan's model)")
     p.add_argument("--topology", metavar="SPEC", help="preset (ideal:8, dgx:servers=2, hier:8x4, ...) or file "
@@ -155,18 +157,48 @@ def _params(args):
         raise UserError(f"--params {args.params}: {e}") from None
 
 
+def _simulate_program(args, params):
+    """``--program``: the program file as it is, on --model and --topology."""
+    from pipetwin.cmd_plan import resolve_model
+    from pipetwin.errors import UserError
+    from planner.program import Program
+    from sim import simulate
+    from topologies.presets import load_topology
+
+    if args.plan or grid_given(args) or args.stages or args.replicas:
+        raise UserError("--program brings its own schedule and shape; drop --plan and the shape flags")
+    if not args.model or not args.topology:
+        raise UserError("--program needs --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
+    try:
+        program = Program.from_json(json.loads(Path(args.program).read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--program {args.program}: not a program file ({e}); write one with `pipetwin schedule -o`") from None
+    topology = load_topology(args.topology)
+    if len(program.workers) > len(topology.devices):
+        raise UserError(f"the program has {len(program.workers)} workers but topology {topology.name!r} has "
+                        f"{len(topology.devices)} devices; use a larger topology")
+    devices = {w: topology.devices[i] for i, w in enumerate(program.workers)}
+    trace = simulate(program, resolve_model(args.model), topology, devices, microbatch_size=args.microbatch_size,
+                     params=params)
+    spec = program.spec
+    return trace, f"{spec.family} program {len(program.workers)} workers x {spec.microbatches} microbatches on {topology.name}"
+
+
 def run(args) -> int:
     from planner.trace import summary
     from sim import SimParams, bytes_per_link, simulate_plan
 
-    plan, profile, topology = _inputs(args)
     params = _params(args)
-    with Progress(args.progress) as bar:
-        trace = simulate_plan(plan, profile, topology, params,
-                              progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
+    if args.program:
+        trace, title = _simulate_program(args, params)
+    else:
+        plan, profile, topology = _inputs(args)
+        with Progress(args.progress) as bar:
+            trace = simulate_plan(plan, profile, topology, params,
+                                  progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
+        title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
     if args.trace:
         trace.save(args.trace)
-    title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
     if args.chart:
         from pipetwin.charts import gantt
 

@@ -33,7 +33,14 @@ class ProgramError(InputError):
 
 
 def check(program: Program) -> None:
-    """Verify structure, order, data flow, matching, versions, in-flight bounds and deadlock freedom.
+    """Verify the laws always and a family's conventions when the program declares that family.
+
+    Laws (every program): one F and one B, or one BI and one BW, per (stage, microbatch) on a
+    worker holding the stage; dependency order and data flow; every send matched; the weight
+    versions a backward reads (its forward's); update points after what they cover; no deadlock.
+    Conventions (only what ``program.spec.traits`` declares): B only or BI/BW only, microbatch
+    order per stage, in-flight bounds, the weight-gradient cap. A program of the ``custom``
+    family (an imported one) declares none; :func:`measured_bounds` reports what it does.
 
     With tensor parallelism: the TP groups are consistent and each TP rank's workers form a program
     that passes every check (TP ranks of a group run the same actions, so one rank's slice is
@@ -57,7 +64,8 @@ def check(program: Program) -> None:
 def _check_structure(p: Program) -> None:
     S = len(p.stage_workers)
     N = p.spec.total_microbatches
-    split = p.spec.traits.backward == "split"
+    backward = p.spec.traits.backward  # "full" (B only), "split" (BI + BW only) or "mixed" (either, per microbatch)
+    split = backward == "split"
     seen: dict[tuple[Kind, int, int], tuple[int, int]] = {}
     for w in p.workers:
         held = set(p.stages_of(w))
@@ -70,7 +78,7 @@ def _check_structure(p: Program) -> None:
                 continue
             if a.mb < 0 or a.mb >= N:
                 raise ProgramError(f"microbatch {a.mb} is outside 0..{N - 1}", p, w, idx)
-            if (a.kind is Kind.B and split) or (a.kind in (Kind.BI, Kind.BW) and not split):
+            if backward != "mixed" and ((a.kind is Kind.B and split) or (a.kind in (Kind.BI, Kind.BW) and not split)):
                 raise ProgramError(f"{a.kind.value} does not belong to a {p.spec.family} program", p, w, idx)
             expect = p.worker_of(a.stage, a.mb)
             if expect != w:
@@ -79,9 +87,16 @@ def _check_structure(p: Program) -> None:
             if key in seen:
                 raise ProgramError(f"duplicate: already at w{seen[key][0]}[{seen[key][1]}]", p, w, idx)
             seen[key] = (w, idx)
-    kinds = (Kind.F, Kind.BI, Kind.BW) if split else (Kind.F, Kind.B)
     for s in range(S):
         for i in range(N):
+            if backward == "mixed":  # the law: one F and one B, or one BI and one BW
+                full = (Kind.B, s, i) in seen
+                if full and ((Kind.BI, s, i) in seen or (Kind.BW, s, i) in seen):
+                    w, idx = seen[(Kind.B, s, i)]
+                    raise ProgramError(f"microbatch {i} of stage {s} has both a full backward and a split one", p, w, idx)
+                kinds = (Kind.F, Kind.B) if full else (Kind.F, Kind.BI, Kind.BW)
+            else:
+                kinds = (Kind.F, Kind.BI, Kind.BW) if split else (Kind.F, Kind.B)
             for k in kinds:
                 if (k, s, i) not in seen:
                     w = p.worker_of(s, i)
@@ -125,9 +140,10 @@ def _check_local_order_and_dataflow(p: Program) -> None:
     for w in p.workers:
         have: set[tuple[str, int, int]] = set()  # ("act"|"grad"|"F"|"BI", stage, mb)
         last_mb: dict[tuple[Kind, int], int] = {}
+        in_order = p.spec.traits.in_order  # a family's convention, not a law
         for idx, a in enumerate(p[w]):
             s, i = a.stage, a.mb
-            if a.is_compute:
+            if a.is_compute and in_order:
                 prev = last_mb.get((a.kind, s), -1)
                 if i <= prev:
                     raise ProgramError(f"{a.kind.value} of stage {s} out of microbatch order (after microbatch {prev})", p, w, idx)
@@ -316,6 +332,38 @@ def max_inflight(p: Program) -> dict[tuple[int, int], int]:
             elif a.kind in (Kind.B, Kind.BI):
                 cur[a.stage] -= 1
     return out
+
+
+def measured_bounds(p: Program) -> dict:
+    """What a program does where a family would promise something: reported, never asserted.
+
+    Keys: ``inflight`` (stage → peak microbatches with forward done and input gradient not),
+    ``awaiting_weight_grad`` (worker → peak forward done and weight gradient not),
+    ``in_microbatch_order`` (every stage runs each kind in increasing microbatch order),
+    ``backward`` ("full", "split" or "mixed").
+    """
+    peak_stage: dict[int, int] = {}
+    for (w, s), n in max_inflight(p).items():
+        peak_stage[s] = max(peak_stage.get(s, 0), n)
+    open_peak: dict[int, int] = {}
+    ordered = True
+    kinds: set[Kind] = set()
+    for w in p.workers:
+        cur = peak = 0
+        last: dict[tuple[Kind, int], int] = {}
+        for a in p[w]:
+            if not a.is_compute:
+                continue
+            kinds.add(a.kind)
+            ordered = ordered and a.mb > last.get((a.kind, a.stage), -1)
+            last[(a.kind, a.stage)] = a.mb
+            cur += a.kind is Kind.F
+            cur -= a.kind in (Kind.B, Kind.BW)
+            peak = max(peak, cur)
+        open_peak[w] = peak
+    backward = "mixed" if Kind.B in kinds and Kind.BI in kinds else "split" if Kind.BI in kinds else "full"
+    return {"inflight": dict(sorted(peak_stage.items())), "awaiting_weight_grad": open_peak,
+            "in_microbatch_order": ordered, "backward": backward}
 
 
 def _check_inflight(p: Program) -> None:

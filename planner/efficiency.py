@@ -185,6 +185,8 @@ class DeviceCalibration:
         rule: the rule that chose the fitting rows (so nobody scores on them).
         n_rows: rows fitted on.
         rms_relative_error: root-mean-square relative error of the fit on those rows.
+        gradient_bytes_per_param: bytes per parameter the data-parallel gradient all-reduce sent in the
+            fitted runs (4: fp32 main gradients, 2: fp16), as the fit chose it.
     """
 
     device_kind: str
@@ -193,6 +195,7 @@ class DeviceCalibration:
     rule: str = ""
     n_rows: int = 0
     rms_relative_error: float = 0.0
+    gradient_bytes_per_param: int = 4
 
     @property
     def kind(self) -> DeviceKind:
@@ -224,8 +227,11 @@ class DeviceCalibration:
             v = getattr(params, n)
             if not (lo <= v <= hi):
                 raise CalibrationFileError(f"{where}: {n}={v} lies outside [{lo}, {hi}]")
+        grad = d.get("gradient_bytes_per_param", 4)
+        if grad not in (2, 4):
+            raise CalibrationFileError(f"{where}: gradient_bytes_per_param must be 2 or 4 (got {grad!r})")
         return cls(kind, params, str(d.get("fitted_on", "")), str(d.get("rule", "")), int(d.get("n_rows", 0)),
-                   float(d.get("rms_relative_error", 0.0)))
+                   float(d.get("rms_relative_error", 0.0)), int(grad))
 
 
 def load_device_calibration(path: str | Path | None) -> DeviceCalibration | None:

@@ -127,6 +127,11 @@ def test_calibration_file_round_trips_and_bad_files_say_what_is_wrong(tmp_path):
     (tmp_path / "range.json").write_text(json.dumps(d))
     with pytest.raises(CalibrationFileError, match="outside"):
         load_device_calibration(tmp_path / "range.json")
+    d = cal.to_dict()
+    d["gradient_bytes_per_param"] = 3
+    (tmp_path / "grad.json").write_text(json.dumps(d))
+    with pytest.raises(CalibrationFileError, match="2 or 4"):
+        load_device_calibration(tmp_path / "grad.json")
 
 
 def test_default_parameters_lie_inside_the_fit_bounds():

@@ -141,9 +141,12 @@ def test_1f1b_closed_form_equals_the_simulator_with_tp_collectives_on_the_links(
     assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
 
 
-def test_closed_form_equals_the_simulator_across_nodes():
+@pytest.mark.parametrize("grad", [4, 2])
+def test_closed_form_equals_the_simulator_across_nodes(grad):
     r = _row(32, 64, 2, 1, 16, 2, hidden=1024, heads=16)  # 4 nodes: DP rings and p2p on the node links
-    assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
+    assert row_model(r).predict_s(P, grad) == pytest.approx(simulate_row_s(r, P, gradient_bytes=grad), rel=5e-4)
+    if grad == 2:  # half the gradient bytes: a shorter all-reduce
+        assert row_model(r).predict_s(P, 2) < row_model(r).predict_s(P, 4)
 
 
 # ---------------------------------------------------------------------- scoring and the command

@@ -419,3 +419,18 @@ def test_missing_degrees_are_filled_from_the_device_count():
     assert fill_degrees(None, pp=2) == (1, 2, 1, 1)
     with pytest.raises(PlanError, match="--tp 3 x --pp \\? x --dp 1 does not make 64 devices"):
         fill_degrees(64, tp=3)
+
+
+@pytest.mark.parametrize("family", ["gpipe", "1f1b", "zb-h1"])
+def test_a_replicated_pipeline_pays_its_fill_and_drain_once_per_replica_in_the_cost_model_as_simulated(family):
+    """Each of r replicas runs M/r microbatches through a P-stage pipeline: (M/r + (P − 1)·f) stage times."""
+    from planner.costmodel import CostOptions, evaluate
+    from planner.trace import time_per_batch_s
+    from sim import simulate_plan
+
+    prof = uniform_profile(8, 1e-3, 2e-3)
+    topo = load_topology("ideal:8")
+    for dp in (1, 2, 4):
+        plan = plan_from_flags("m", 8, pp=2, dp=dp, schedule=family, microbatches=16, devices=topo.devices)
+        cand = evaluate(plan, prof, topo, CostOptions(link_load=False))
+        assert cand.time_per_batch_s == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)

@@ -19,8 +19,8 @@ recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
   (every DP replica's and TP rank's activation at once, on the links they share);
   ``pipe = Σ(F_s + B_s) + (m − 1)·max(F_s + B_s) + 2·Σ c_s`` (warm-up, steady state, drain);
   stage s's last backward ends ``Σ_{j<s}(B_j + c_j)`` before the pipe ends; then its DP gradient
-  all-reduce (fp32 gradients, all DP groups of the stage at once, ring or hierarchical as the
-  simulator chooses) and its Adam step; plus the fitted per-iteration overhead. This is the
+  all-reduce (fp32 or fp16 gradients, whichever the fit on the calibration rows prefers; all DP
+  groups of the stage at once, ring or hierarchical as the simulator chooses) and its Adam step; plus the fitted per-iteration overhead. This is the
   **closed form**; where the simulator can run a row within the time budget it runs the same
   plan (``sim``, symmetry reductions on) and its figure is the prediction — each row says which.
   The command simulates the TP = 1 rows whose program fits the budget; TP > 1 rows take the closed
@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from planner.analytic import (MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_work, embedding_work, head_work,
+from planner.analytic import (BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_work, embedding_work, head_work,
                               transformer_profile)
 from planner.efficiency import (DEFAULT_PARAMS, DeviceCalibration, EfficiencyParams, Work, fit, optimizer_step_s,
                                 work_time_s)
@@ -69,6 +69,9 @@ GPUS_PER_NODE = 8
 NVLINK_BYTES_PER_S = 150e9
 NODE_LINK_BYTES_PER_S = 800e9 / 8
 VOCAB = 50257
+#: Gradient bytes per parameter the DP all-reduce may send: fp32 main gradients (Megatron) or fp16
+#: (DeepSpeed's fp16 engine); the fit picks one on the calibration rows (``fit_calibration``).
+GRADIENT_BYTES_CHOICES = (4, 2)
 FILES = {"single": "ground_truth_single.csv", "multi": "ground_truth_multi.csv"}
 _COLUMNS = {"# GPUs": "gpus", "global batch": "global_batch", "micro batch": "micro_batch", "hidden size": "hidden",
             "attention heads": "heads", "# layers": "layers", "sequence length": "seq", "tensor parallelism": "tp",
@@ -306,21 +309,24 @@ class Links:
         tp_allreduce_s: per stage, one TP all-reduce of one microbatch's block output (ring over the TP
             group of replica 0, the other groups on private links).
         p2p_s: per stage boundary s → s + 1, every replica's and TP rank's activation at once.
-        dp_allreduce_s: per stage, the gradient all-reduce of all its DP groups at once.
+        dp_allreduce_s: per gradient bytes per parameter (4: fp32, 2: fp16), per stage, the gradient
+            all-reduce of all its DP groups at once.
         algorithm: the all-reduce algorithm (the simulator's choice).
     """
 
     tp_allreduce_s: tuple[float, ...]
     p2p_s: tuple[float, ...]
-    dp_allreduce_s: tuple[float, ...]
+    dp_allreduce_s: dict[int, tuple[float, ...]]
     algorithm: str
 
 
-def row_links(row: Row, profile: ModelProfile, topology: Topology) -> Links:
+def row_links(row: Row, profile: ModelProfile, topology: Topology,
+              gradient_bytes: tuple[int, ...] = GRADIENT_BYTES_CHOICES) -> Links:
     from sim.collectives import allreduce_phases
 
     ranges = stage_layer_ranges(row)
-    tp, p2p, dp = [], [], []
+    tp, p2p = [], []
+    dp: dict[int, list[float]] = {g: [] for g in gradient_bytes}
     algorithm = "ring"
     block = profile.layers[1]
     for s, (a, b) in enumerate(ranges):
@@ -331,16 +337,18 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology) -> Links:
             flows = [(device_of(row, s, d, t), device_of(row, s + 1, d, t), nbytes)
                      for d in range(row.dp) for t in range(row.tp)]
             p2p.append(phases_time_s(topology, [flows]))
-        grad = profile.param_bytes(a, b)
-        if row.dp > 1:
-            groups = []
-            for t in range(row.tp):
-                ph, algorithm = allreduce_phases(topology, [device_of(row, s, d, t) for d in range(row.dp)], grad, "auto")
-                groups.append(ph)
-            dp.append(phases_time_s(topology, _merged(groups)))
-        else:
-            dp.append(0.0)
-    return Links(tuple(tp), tuple(p2p), tuple(dp), algorithm)
+        for g in gradient_bytes:
+            grad = profile.param_bytes(a, b) / BYTES_PER_PARAM * g
+            if row.dp > 1:
+                groups = []
+                for t in range(row.tp):
+                    ph, algorithm = allreduce_phases(topology, [device_of(row, s, d, t) for d in range(row.dp)], grad,
+                                                     "auto")
+                    groups.append(ph)
+                dp[g].append(phases_time_s(topology, _merged(groups)))
+            else:
+                dp[g].append(0.0)
+    return Links(tuple(tp), tuple(p2p), {g: tuple(v) for g, v in dp.items()}, algorithm)
 
 
 # ---------------------------------------------------------------------- the closed form
@@ -369,7 +377,7 @@ def one_f_one_b_s(c: StageCosts, microbatches: int) -> float:
 
 
 def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind_name: str,
-                             params: EfficiencyParams) -> StageCosts:
+                             params: EfficiencyParams, gradient_bytes: int = 4) -> StageCosts:
     """Stage costs from a per-rank profile (timed at the row's microbatch) with full recomputation of the blocks."""
     kind = device_kind(kind_name)
     fs, bs, steps = [], [], []
@@ -382,11 +390,11 @@ def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind
             bwd += layer.backward_s + layer.tp_backward_allreduces * links.tp_allreduce_s[s]
             if layer.name.startswith("block"):
                 bwd += tf  # full recomputation: the block's forward again, with its TP all-reduces
-            nparams += layer.param_bytes / 4.0
+            nparams += layer.param_bytes / BYTES_PER_PARAM
         fs.append(f)
         bs.append(bwd)
         steps.append(optimizer_step_s(nparams, kind, params))
-    return StageCosts(tuple(fs), tuple(bs), links.p2p_s, links.dp_allreduce_s, tuple(steps))
+    return StageCosts(tuple(fs), tuple(bs), links.p2p_s, links.dp_allreduce_s[gradient_bytes], tuple(steps))
 
 
 def row_profile(row: Row, params: EfficiencyParams, kind: str = VTRAIN_KIND) -> ModelProfile:
@@ -409,7 +417,7 @@ class RowModel:
     def __post_init__(self) -> None:
         self._bwd = tuple(w.backward() for w in self.works)
 
-    def stage_costs(self, p: EfficiencyParams) -> StageCosts:
+    def stage_costs(self, p: EfficiencyParams, gradient_bytes: int = 4) -> StageCosts:
         k = device_kind(self.kind)
         (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
         tp = self.links.tp_allreduce_s
@@ -430,10 +438,11 @@ class RowModel:
             fs.append(f)
             bs.append(b)
             steps.append(optimizer_step_s(self.params_per_stage[s], k, p))
-        return StageCosts(tuple(fs), tuple(bs), self.links.p2p_s, self.links.dp_allreduce_s, tuple(steps))
+        return StageCosts(tuple(fs), tuple(bs), self.links.p2p_s, self.links.dp_allreduce_s[gradient_bytes],
+                          tuple(steps))
 
-    def predict_s(self, p: EfficiencyParams) -> float:
-        return one_f_one_b_s(self.stage_costs(p), self.row.microbatches) + p.iteration_overhead_s
+    def predict_s(self, p: EfficiencyParams, gradient_bytes: int = 4) -> float:
+        return one_f_one_b_s(self.stage_costs(p, gradient_bytes), self.row.microbatches) + p.iteration_overhead_s
 
 
 def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowModel:
@@ -447,7 +456,7 @@ def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowMod
     works = (embedding_work(c, b, t, False, MEGATRON_VOCAB_MULTIPLE), block_work(c, b, t)[0],
              head_work(c, b, t, False, MEGATRON_VOCAB_MULTIPLE))
     ranges = stage_layer_ranges(row)
-    params = tuple(prof.param_bytes(a, z) / 4.0 for a, z in ranges)
+    params = tuple(prof.param_bytes(a, z) / BYTES_PER_PARAM for a, z in ranges)
     blocks = tuple(sum(1 for i in range(a, z + 1) if 1 <= i <= row.layers) for a, z in ranges)
     return RowModel(row, links, works, params, blocks)
 
@@ -474,10 +483,12 @@ def simulable(row: Row, tp_in_simulator: bool = False) -> bool:
 
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
-                   kind: str = VTRAIN_KIND) -> float:
+                   kind: str = VTRAIN_KIND, gradient_bytes: int = 4) -> float:
     """The row's iteration seconds by pipetwin's SimPy simulator: the plan lowered to its program, full
     recomputation folded into the blocks' backward, the Adam step as the slowest stage's, plus the fitted
-    per-iteration overhead."""
+    per-iteration overhead. The simulator all-reduces a stage's ``param_bytes`` (4 per parameter); with
+    ``gradient_bytes`` 2 the simulated profile's ``param_bytes`` are scaled to the gradient's size (its
+    memory figures, unused here, then count 2 bytes per parameter)."""
     from sim.engine import simulate_plan
     from sim.params import SimParams
     from planner.trace import makespan_s
@@ -488,12 +499,13 @@ def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Top
     prof = row_profile(row, params, kind)
     # Megatron's full recomputation re-runs the blocks only (planner.recompute's "full" re-runs every layer,
     # the embedding and the head too): fold each block's forward, with its TP all-reduces, into its backward
+    k = device_kind(kind)
+    step = max(optimizer_step_s(prof.param_bytes(a, z) / BYTES_PER_PARAM, k, params) for a, z in stage_layer_ranges(row))
     folded = tuple(replace(l, backward_s=l.backward_s + l.forward_s,
                            tp_backward_allreduces=l.tp_backward_allreduces + l.tp_forward_allreduces)
                    if l.name.startswith("block") else l for l in prof.layers)
+    folded = tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM) for l in folded)
     prof = replace(prof, layers=folded)
-    k = device_kind(kind)
-    step = max(optimizer_step_s(prof.param_bytes(a, z) / 4.0, k, params) for a, z in stage_layer_ranges(row))
     plan = replace(row_plan(row), recompute="none")  # recomputation is in the folded profile
     trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
     return makespan_s(trace) + params.iteration_overhead_s
@@ -571,13 +583,22 @@ def best_pick(scored: list[Scored]) -> tuple[int, int]:
 
 
 def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND) -> DeviceCalibration:
-    """Fit the efficiency parameters on the calibration rows' closed-form predictions."""
+    """Fit the efficiency parameters on the calibration rows' closed-form predictions, once per gradient
+    width the DP all-reduce might send (fp32 4 bytes per parameter, Megatron's main gradients; fp16 2,
+    DeepSpeed's fp16 engine), keeping the width whose fit leaves the smaller rms error on those rows."""
     cal = [m for m in models if m.row.calibration]
     if not cal:
         raise GroundTruthError("no calibration rows: the rule picked none of the given rows; give more rows")
-    res = fit(lambda p: [m.predict_s(p) for m in cal], [m.row.measured_ms / 1e3 for m in cal])
+    measured = [m.row.measured_ms / 1e3 for m in cal]
+    best = None
+    for g in GRADIENT_BYTES_CHOICES:
+        res = fit(lambda p, g=g: [m.predict_s(p, g) for m in cal], measured)
+        if best is None or res.rms_relative_error < best[1].rms_relative_error:
+            best = (g, res)
+    g, res = best
     return DeviceCalibration(kind, res.params, fitted_on="vTrain ground_truth_single/multi.csv calibration rows",
-                             rule=CALIBRATION_RULE, n_rows=len(cal), rms_relative_error=res.rms_relative_error)
+                             rule=CALIBRATION_RULE, n_rows=len(cal), rms_relative_error=res.rms_relative_error,
+                             gradient_bytes_per_param=g)
 
 
 def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True,
@@ -594,12 +615,12 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
         else:
             models.append(row_model(r, topologies))
     cal = calibration or fit_calibration(models)
-    p = cal.params
+    p, g = cal.params, cal.gradient_bytes_per_param
     out = []
     for m in models:
-        closed = m.predict_s(p) * 1e3
+        closed = m.predict_s(p, g) * 1e3
         if simulate and simulable(m.row, tp_in_simulator):
-            out.append(Scored(m.row, simulate_row_s(m.row, p, topologies) * 1e3, "simulated", closed))
+            out.append(Scored(m.row, simulate_row_s(m.row, p, topologies, gradient_bytes=g) * 1e3, "simulated", closed))
         else:
             out.append(Scored(m.row, closed, "closed-form", closed))
     return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)

@@ -205,12 +205,12 @@ def run_sweep(config: SweepConfig, *, simulate: Simulate | None = None, jobs: in
                 recs[i] = replace(recs[i], **known[sim_keys[i]])
 
         def sim_done(k: int, extra: dict) -> None:
+            nonlocal simulated
             i = sim_todo[k]
             recs[i] = replace(recs[i], **extra)
             if sink:
                 sink.write(json.dumps({"key": sim_keys[i], "record": extra}) + "\n")
                 sink.flush()
-            nonlocal simulated
             simulated += 1
             report("simulating", simulated, len(sim_todo))
 

@@ -569,7 +569,9 @@ def _level_tables(single: np.ndarray, cut: np.ndarray, cache: PartitionCache | N
 
 
 @dataclass(frozen=True)
-class _Level:
+class _LevelLinks:
+    """One level of the hierarchy as the hierarchical programme costs it: its unit counts and links."""
+
     count: int  # units per group at this level
     unit: int  # devices per unit
     ar_lat: np.ndarray  # [m] latency term of a ring over m units
@@ -619,7 +621,7 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
             bw[m] = min(topology.path_bandwidth(ring[x], ring[(x + 1) % m]) for x in range(m))
         cl = topology.path_latency(firsts[0], firsts[1]) if count > 1 else 0.0
         cb = topology.path_bandwidth(firsts[0], firsts[1]) if count > 1 else math.inf
-        levels.append(_Level(count, unit, lat, bw, cl, cb))
+        levels.append(_LevelLinks(count, unit, lat, bw, cl, cb))
         unit *= count
     inf = math.inf
     ii, jj = np.meshgrid(np.arange(B + 1), np.arange(B + 1), indexing="ij")

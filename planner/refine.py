@@ -30,8 +30,8 @@ from planner.profile import ModelProfile
 
 #: The exhaustive search runs when at most this many placed plans exist (after symmetry).
 EXACT_PLANS = 20000
-#: Plans a local search costs at most, per seed.
-LOCAL_PLANS = 600
+#: Plans the local search of one ``plan_model`` call costs at most (its seeds share them).
+LOCAL_PLANS = 900
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import ModelProfile
 from planner.program import FAMILIES
 
-#: Plans (the best of as many family × microbatch-count pairs) a search refines by local search under the full
-#: cost model when the exhaustive search does not apply.
+#: Plans a search refines by local search under the full cost model when the exhaustive search does not apply:
+#: each family's best, and the best of other shapes up to this many.
 LOCAL_SEEDS = 3
 
 #: Families ``schedule="auto"`` scores, in the order ties are broken.
@@ -392,21 +392,23 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
 
 def _refined(cands: list[Candidate], prof: ModelProfile, topology, devs: tuple[str, ...], opts: CostOptions,
              exact: set[tuple[str, int]], seeds: int = LOCAL_SEEDS) -> list[Candidate]:
-    """Local search under the full cost model (``planner.refine.local_search``) from the ``seeds`` best fitting
-    plans of different shapes among the families and microbatch counts the exhaustive search did not settle."""
+    """Local search under the full cost model (``planner.refine.local_search``) from the best fitting plan of each
+    family the exhaustive search did not settle, and from the next best plans of other shapes up to ``seeds``."""
     picked: list[Candidate] = []
     shapes: set = set()
-    for c in sorted((c for c in cands if c.fits and c.plan.schedule != "interleaved"
-                     and (c.plan.schedule, c.plan.microbatches) not in exact), key=_rank_key):
+    families: set[str] = set()
+    ranked = sorted((c for c in cands if c.fits and c.plan.schedule != "interleaved"
+                     and (c.plan.schedule, c.plan.microbatches) not in exact), key=_rank_key)
+    for c in ranked:
         shape = tuple((s.first_layer, s.last_layer, s.devices) for s in c.plan.stages)
-        if shape not in shapes:
+        if c.plan.schedule not in families or (len(picked) < seeds and shape not in shapes):
+            families.add(c.plan.schedule)
             shapes.add(shape)
             picked.append(c)
-        if len(picked) == seeds:
-            break
     out = []
-    for c in picked:
-        out += refine.local_search([c], prof, topology, devs, c.plan.schedule, c.plan.microbatches, opts)
+    for c in picked:  # one budget for the whole search, shared by the seeds
+        out += refine.local_search([c], prof, topology, devs, c.plan.schedule, c.plan.microbatches, opts,
+                                   budget=max(1, refine.LOCAL_PLANS // len(picked)))
     return out
 
 

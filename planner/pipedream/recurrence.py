@@ -23,7 +23,7 @@ _INF = float("inf")
 
 
 @dataclass
-class _Level:
+class _SolvedLevel:
     """One solved level: A[row, j, m] (rows: all n+1 for inner levels, row 0 only for the top)."""
 
     M: int
@@ -363,7 +363,7 @@ def _solve_top_pairs(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int) 
 
 
 def _solve_level(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, final: bool,
-                 need_all: bool = True, kernel: str = "auto") -> _Level:
+                 need_all: bool = True, kernel: str = "auto") -> _SolvedLevel:
     """Solve one level: the top (``final``) for row 0 only, an inner level for every row.
 
     ``need_all`` False (the next level is the top, which reads only row 0 and the rows after a predecessor
@@ -376,10 +376,10 @@ def _solve_level(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, fina
     dense_max = DENSE_MAX_STATES if kernel == "auto" else 0
     if kernel != "reference" and n > dense_max:
         if final:
-            return _Level(M, B, n_in, final, Tc, _solve_top_pairs(pb, Tc, M, B, n_in))
+            return _SolvedLevel(M, B, n_in, final, Tc, _solve_top_pairs(pb, Tc, M, B, n_in))
         cand = pb.reduced_preds() if Tc is pb.Tc else pb.predM
         needed = None if need_all else np.hstack([np.ones((n, 1), dtype=bool), pb.predM.T])
-        return _Level(M, B, n_in, final, Tc, _solve_inner_banded(pb, Tc, M, B, n_in, cand, needed))
+        return _SolvedLevel(M, B, n_in, final, Tc, _solve_inner_banded(pb, Tc, M, B, n_in, cand, needed))
     dense = final or n <= dense_max
     rows = np.arange(1) if final else np.arange(n + 1)
     A = _base(pb, Tc[rows], rows, M, B, n_in)
@@ -392,10 +392,10 @@ def _solve_level(pb: _Problem, Tc: np.ndarray, M: int, B: float, n_in: int, fina
             else:
                 _minmax_columns_reference(A[:, :, m - mp], G, best, pb.pred_lists)
         A[:, :, m] = best
-    return _Level(M, B, n_in, final, Tc, A)
+    return _SolvedLevel(M, B, n_in, final, Tc, A)
 
 
-def _choice(pb: _Problem, lv: _Level, row_index: int, row: int, j: int, m: int) -> tuple[int | None, int]:
+def _choice(pb: _Problem, lv: _SolvedLevel, row_index: int, row: int, j: int, m: int) -> tuple[int | None, int]:
     """PipeDream's choice for A[row][j][m]: (split k or None for the base case, workers of the last stage).
 
     Candidates in PipeDream's order (base case first, then k ascending, m' ascending), first strict minimum.
@@ -418,7 +418,7 @@ def _choice(pb: _Problem, lv: _Level, row_index: int, row: int, j: int, m: int) 
     return best_choice
 
 
-def _analyze(pb: _Problem, lv: _Level, start: int, end: int) -> list[tuple[int, int, int]]:
+def _analyze(pb: _Problem, lv: _SolvedLevel, start: int, end: int) -> list[tuple[int, int, int]]:
     """Stages (first_state, last_state, workers) of states start..end-1 on one machine of this level."""
     row_index = 0 if lv.final else start
     if lv.final and start != 0:

@@ -152,3 +152,26 @@ def test_the_cost_model_cannot_tell_devices_of_a_server_or_two_servers_apart(spe
     other = evaluate(plan([rename[d] for d in devs]), prof, topo)
     assert other.time_per_sample_s == pytest.approx(base.time_per_sample_s, rel=1e-12)
     assert sorted(other.peak_memory_bytes.values()) == pytest.approx(sorted(base.peak_memory_bytes.values()))
+
+
+def test_vgg16_on_pipedream_a_beats_every_wide_replication_with_a_small_tail():
+    """Issue 17's example: the search used to return 14-1 (2,060 samples/s) while plans replicating the
+    convolutions widely with the classifier on one or two workers rated better. Now no such plan beats it."""
+    from planner.analytic import load_model, pipedream_profiles_dir
+
+    if pipedream_profiles_dir() is None:
+        pytest.skip("PipeDream profiles not beside the repo")
+    prof = load_model("vgg16")
+    topo = load_topology("pipedream-a")
+    got = plan_model(prof, topo, schedule="pipedream", microbatch_size=128, microbatches=16, top_k=1).best_candidate
+    devs = topo.devices
+    L = len(prof)
+    for cut in range(1, L):
+        for r0 in range(12, 16):
+            for r1 in range(1, 17 - r0):
+                stages = (StagePlan(0, cut - 1, r0, tuple(devs[:r0])), StagePlan(cut, L - 1, r1, tuple(devs[r0:r0 + r1])))
+                c = evaluate(Plan(model="vgg16", stages=stages, schedule="pipedream", microbatch_size=128,
+                                  microbatches=16), prof, topo)
+                if c.fits:
+                    assert got.time_per_sample_s <= c.time_per_sample_s * (1 + 1e-12), (cut, r0, r1)
+    assert got.throughput_samples_per_s > 2060 * 1.1

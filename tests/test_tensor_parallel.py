@@ -434,3 +434,12 @@ def test_a_replicated_pipeline_pays_its_fill_and_drain_once_per_replica_in_the_c
         plan = plan_from_flags("m", 8, pp=2, dp=dp, schedule=family, microbatches=16, devices=topo.devices)
         cand = evaluate(plan, prof, topo, CostOptions(link_load=False))
         assert cand.time_per_batch_s == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)
+
+
+def test_symmetry_is_not_used_with_tensor_parallelism_and_says_why():
+    from sim import simulate_plan
+
+    topo = load_topology("ideal:8")
+    plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
+    sym = simulate_plan(plan, _tp_profile(2, layers=2), topo).meta["symmetry"]
+    assert sym == {"used": False, "replicas": 1, "reason": "tensor parallelism: every TP rank is simulated"}

@@ -204,6 +204,7 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2),
     Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0)),
     Family("zb-h2", "ZB-H2", backward="split", inflight_scale=(2, -1), open_cap=(2, -1)),
+    Family("looped-bfs", "looped BFS", placement="looped", chunks=0, inflight="chunk", in_order=False),
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0)),

@@ -162,6 +162,26 @@ def order_zb_v(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return _list_schedule(spec, lambda w, s, open_n, waiting: open_n < peak)
 
 
+
+def order_looped_bfs(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """Looped BFS (Lamy-Poirier's breadth-first schedule, torch's ScheduleLoopedBFS): chunk by chunk, a batch at a time.
+
+    Device d runs every microbatch's forward of its first chunk, then of its next, ...;
+    then the backwards, last chunk first and each chunk's microbatches in reverse (the
+    one that finished its forward last starts back first). GPipe's bubble spread over
+    V chunks at GPipe's memory: a whole batch in flight on every chunk.
+    """
+    P, V, M, R = spec.stages, spec.chunks, spec.microbatches, spec.replicas[0]
+    out: dict[int, list[Action]] = {d * R + r: [] for d in range(P) for r in range(R)}
+    for r in range(R):
+        for b in range(spec.batches):
+            mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
+            for d in range(P):
+                out[d * R + r] += [Action(c * P + d, Kind.F, i) for c in range(V) for i in mbs]
+                out[d * R + r] += [Action(c * P + d, Kind.B, i) for c in reversed(range(V)) for i in reversed(mbs)]
+    return out
+
+
 # --- list scheduling: the zero-bubble families --------------------------------------------
 def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
                    cost: tuple[float, float, float] = (1.0, 1.0, 1.0), entry_cap: int | None = None) -> dict[int, list[Action]]:
@@ -272,6 +292,7 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "zb-h1": order_zb_h1,
     "zb-h2": order_zb_h2,
     "zb-v": order_zb_v,
+    "looped-bfs": order_looped_bfs,
 }
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.

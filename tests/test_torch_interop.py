@@ -10,9 +10,6 @@ Version differences (2.11 vs 2.13): a schedule class torch lacks is skipped.
 """
 from __future__ import annotations
 
-import csv
-import io
-
 import pytest
 
 from planner.check import ProgramError, UnitCosts, dry_run, measured_bounds
@@ -22,61 +19,19 @@ from planner.torch_interop import (TorchAction, TorchFormatError, parse_torch_ac
                                    read_torch_csv, to_torch_rows, write_torch_csv)
 from planner.trace import makespan_s
 
-torch = pytest.importorskip("torch")
-S = pytest.importorskip("torch.distributed.pipelining.schedules")
-from torch.distributed.pipelining.stage import _PipelineStageBase  # noqa: E402
+pytest.importorskip("torch")
+from tests.torch_schedules import S, TORCH_SCHEDULES, order_csv as _csv, torch_schedule  # noqa: E402
 
 U = UnitCosts(f=1, b=2, bi=1, bw=1)
 
 
-class _Stage(_PipelineStageBase):
-    """Just the indices a schedule's constructor reads; no process group, no module to run."""
-
-    def __init__(self, stage_index: int, num_stages: int, group_size: int):
-        self.stage_index, self.num_stages, self.group_size, self.group_rank = stage_index, num_stages, group_size, 0
-        self.submod = torch.nn.Identity()
-        self.stage_index_to_group_rank = {}
-        self.has_backward = True
-        self.dw_builder = None
-
-    def _create_grad_recv_info(self, *a, **k):
-        return ()
-
-    def _prepare_forward_infra(self, *a, **k):
-        return ()
-
-    def _prepare_backward_infra(self, *a, **k):
-        return ()
-
-    @property
-    def is_first(self):
-        return self.stage_index == 0
-
-    @property
-    def is_last(self):
-        return self.stage_index == self.num_stages - 1
-
-
 def _torch_schedule(name: str, P: int, M: int, V: int = 2):
-    cls = getattr(S, f"Schedule{name}", None)
-    if cls is None:
+    sch = torch_schedule(name, P, M, V)
+    if sch is None:
+        import torch
+
         pytest.skip(f"this torch ({torch.__version__}) has no Schedule{name}")
-    if issubclass(cls, S.PipelineScheduleMulti):
-        from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
-
-        style = "v" if name in ("ZBVZeroBubble", "DualPipeV") else "loop"
-        placement = generate_stage_to_rank_mapping(P, P * V, style=style)
-        return cls([_Stage(s, P * V, P) for s in range(P * V) if placement[s] == 0], n_microbatches=M, loss_fn=lambda a, b: a)
-    return cls(_Stage(0, P, P), n_microbatches=M, loss_fn=lambda a, b: a)
-
-
-def _csv(order: dict) -> str:
-    """torch's CSV of a pipeline order: one row per rank, as its ``_dump_csv`` writes."""
-    buf = io.StringIO()
-    wr = csv.writer(buf)
-    for r in sorted(order):
-        wr.writerow(["" if a is None else str(a) for a in order[r]])
-    return buf.getvalue()
+    return sch
 
 
 # --- reading cells and rows --------------------------------------------------------------
@@ -113,9 +68,6 @@ def test_a_torch_order_that_breaks_a_law_is_refused_naming_the_action():
 
 
 # --- torch -> pipetwin: every schedule torch ships --------------------------------------------
-TORCH_SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
-
-
 @pytest.mark.parametrize("name", TORCH_SCHEDULES)
 @pytest.mark.parametrize("P,M", [(2, 4), (4, 8), (4, 12), (8, 16)])
 def test_every_torch_schedule_imports_checks_and_dry_runs(name, P, M):

@@ -1,0 +1,101 @@
+"""Unit-cost makespan of every schedule family against its closed form and against torch's own schedules.
+
+For P in {2, 4, 8, 16} and M in {P, 2P, 4P, 3P+1}, at tF = 1, tB = 2 (tBI = tBW = 1; a chunk
+of a multi-stage placement costs 1/V of these), the dry run's makespan of:
+
+* pipetwin's generated program (``ours``),
+* the published or derived closed form where one exists (``closed``; '-' where none):
+  GPipe/1F1B (M + P − 1)·3; interleaved 3M + 3(P − 1)/V when P divides M; ZB-H1 3M + P − 1;
+  ZB-H2 one batch 3M + P − 1 (batch after batch 3M once M ≥ 2P − 1, column ``steady``);
+  ZB-V 3M + (P − 1)/2 once M ≥ 2P,
+* torch's schedule of the same family imported into pipetwin and dry-run the same way
+  (``torch``), and torch's own timer (``torch steps``: ``_simulate_comms_compute``'s step
+  count, where every action, SEND and RECV included, takes one step: a different cost
+  model, printed for reference),
+* torch's schedules pipetwin has no generator for (looped BFS, interleaved zero bubble,
+  DualPipeV), imported and dry-run.
+
+Run: ``PYTHONPATH=. python benchmarks/bench_schedules.py``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner.check import UnitCosts, dry_run  # noqa: E402
+from planner.schedules import generate, make_spec  # noqa: E402
+from planner.torch_interop import program_from_torch, read_torch_csv  # noqa: E402
+from planner.trace import makespan_s, time_per_batch_s  # noqa: E402
+
+U = UnitCosts(f=1, b=2, bi=1, bw=1)
+V = 2
+
+
+def closed_form(family: str, P: int, M: int) -> float | None:
+    if family in ("gpipe", "1f1b"):
+        return (M + P - 1) * 3.0
+    if family == "interleaved":
+        return 3 * M + 3 * (P - 1) / V if M % P == 0 else None
+    if family in ("zb-h1", "zb-h2"):
+        return 3 * M + P - 1.0
+    if family == "zb-v":
+        return 3 * M + (P - 1) / 2 if M >= 2 * P else None
+    return None
+
+
+TORCH_OF = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb-v": "ZBVZeroBubble"}
+TORCH_ONLY = ["LoopedBFS", "InterleavedZeroBubble", "DualPipeV"]
+
+
+def _torch(name: str, P: int, M: int):
+    """(our dry run of torch's program, torch's step count), or a reason string."""
+    try:
+        from tests.torch_schedules import order_csv, torch_schedule, torch_steps
+    except ImportError:
+        return "no torch", ""
+    try:
+        sch = torch_schedule(name, P, M, V)
+    except ValueError as e:  # torch refuses the size (e.g. DualPipeV with M < 2P)
+        return "refused", str(e).split(",")[0][:20]
+    if sch is None:
+        return "absent", ""
+    try:
+        prog = program_from_torch(read_torch_csv(order_csv(sch.pipeline_order)))
+        ours = f"{makespan_s(dry_run(prog, U)):g}"
+    except ValueError as e:
+        ours = "invalid IR"
+    try:
+        steps = torch_steps(sch, len(sch.stage_index_to_group_rank) or P) if hasattr(sch, "pipeline_order_with_comms") else "-"
+    except Exception:  # torch's timer stops on some of its own programs
+        steps = "stops"
+    return ours, steps
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def main() -> None:
+    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"]
+    print(f"{'family':<24} {'P':>3} {'M':>4} {'ours':>8} {'closed':>8} {'steady':>7} {'torch':>10} {'torch steps':>11}")
+    for P in (2, 4, 8, 16):
+        for M in (P, 2 * P, 4 * P, 3 * P + 1):
+            for fam in families:
+                prog = generate(make_spec(fam, P, M, chunks=V if fam == "interleaved" else 1))
+                ours = makespan_s(dry_run(prog, U))
+                steady = None
+                if fam == "zb-h2":
+                    steady = time_per_batch_s(dry_run(generate(make_spec(fam, P, M, batches=3)), U))
+                t_ours, t_steps = _torch(TORCH_OF[fam], P, M) if fam in TORCH_OF else ("-", "-")
+                cf = closed_form(fam, P, M)
+                mark = "" if cf is None or abs(cf - ours) < 1e-9 else "  <- differs"
+                print(f"{fam:<24} {P:>3} {M:>4} {ours:>8g} {fmt(cf):>8} {fmt(steady):>7} {t_ours:>10} {fmt(t_steps):>11}{mark}")
+            for name in TORCH_ONLY:
+                t_ours, t_steps = _torch(name, P, M)
+                print(f"{'torch ' + name:<24} {P:>3} {M:>4} {'-':>8} {'-':>8} {'-':>7} {t_ours:>10} {fmt(t_steps):>11}")
+
+
+if __name__ == "__main__":
+    main()

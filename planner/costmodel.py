@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.program import FAMILY
+from planner.program import FAMILY, rank_of
 from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
@@ -80,6 +80,8 @@ class CostOptions:
             the pipeline, so the two directions of a link rarely run at full rate together;
             flush schedules (fill, then drain) overlap them less than PipeDream and 2BW. The
             defaults are fitted to the SimPy simulator on PipeDream's profiles and clusters.
+        overlap_allreduce: a stage's all-reduce runs under its backward pass (PyTorch DDP's gradient buckets):
+            its time is forward + max(backward, all-reduce) instead of their sum (``pipetwin plan --dp-overlap``).
     """
 
     overlap_comm: bool = True
@@ -90,6 +92,7 @@ class CostOptions:
     link_load: bool = True
     link_serial_flush: float = 0.8
     link_serial_async: float = 0.6
+    overlap_allreduce: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -187,6 +190,8 @@ class Candidate:
         """The figures a plan file keeps under ``predicted``."""
         return {
             "cost_model": "pipetwin",
+            "samples_per_microbatch": self.plan.microbatch_size,
+            "samples_per_batch": self.plan.microbatches * self.plan.microbatch_size,
             "time_per_sample_s": self.time_per_sample_s,
             "throughput_samples_per_s": self.throughput_samples_per_s,
             "time_per_batch_s": self.time_per_batch_s,
@@ -244,14 +249,18 @@ def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
 
 def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0) -> float:
     """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times."""
-    fam = FAMILY[family]
-    if fam.stream:
+    kind = FAMILY[family].bubble  # the registry says what each family's fill and drain cost
+    total = forward_s + backward_s
+    if kind == "none":
         return 0.0
-    if fam.placement == "looped":
+    if kind == "chunk":
         return 1.0 / chunks
-    if fam.backward == "split":
-        total = forward_s + backward_s
+    if kind == "split":
         return forward_s / total if total > 0 else 1.0 / 3.0  # (F + BI − BW)/(F + B) with BI = BW = B/2
+    if kind == "split2":
+        return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
+    if kind == "v":
+        return forward_s / chunks / total if total > 0 else 1.0 / 6.0  # rank P − 1 waits one chunk forward per rank
     return 1.0
 
 
@@ -292,7 +301,12 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
         ar = topology.ring_allreduce_time_s(dp_group, params * shared) / update_interval(fam, M, r) if r > 1 else 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
-        t = max(compute + ar, comm) if options.overlap_comm else compute + ar + comm
+        if options.overlap_allreduce:  # the all-reduce runs under the backward pass (DDP's gradient buckets)
+            fwd = f / speed / r
+            core = fwd + max(compute - fwd, ar)
+        else:
+            core = compute + ar
+        t = max(core, comm) if options.overlap_comm else core + comm
         n_in = inflight(fam, M, workers_after[i], r)
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_in, weight_versions(fam, n_in), options)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
@@ -300,12 +314,14 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
 
 
 def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> Candidate:
-    """Interleaved 1F1B: device d holds virtual stages d, d + P, ...; its time is the sum over its chunks."""
+    """Several stages per device (interleaved, looped BFS, ZB-V): device d holds the virtual stages its family's
+    placement gives it (looped: d, d + P, ...; V: d and 2P − 1 − d); its time is the sum over its chunks."""
     P, V, M, mb = plan.pipeline_depth, plan.chunks, plan.microbatches, plan.microbatch_size
     S = len(plan.stages)
     cuts = [_cut_s(topology, prof, plan.stages[i].last_layer, plan.stages[i].devices[-1], plan.stages[i + 1].devices[0], mb)
             for i in range(S - 1)]
-    per_dev: dict[int, list[int]] = {d: list(range(d, S, P)) for d in range(P)}
+    fam = FAMILY[plan.schedule]
+    per_dev: dict[int, list[int]] = {d: [v for v in range(S) if rank_of(fam, P, v) == d] for d in range(P)}
     raw_dev = {}
     for d, vs in per_dev.items():
         dev = plan.stages[vs[0]].devices[0]
@@ -320,6 +336,10 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         t = max(compute, comm) if options.overlap_comm else compute + comm
         warm = M * V if M == P else min((P - d - 1) * 2 + (V - 1) * P, M * V)
         depth = min(warm + 1, M * V)
+        if fam.inflight == "batch":  # looped BFS: a whole batch on every chunk
+            depth = M * V
+        elif fam.open_cap:  # ZB-V: the chunk-microbatches a rank may hold awaiting BW
+            depth = min(fam.open_cap[0] * P * V + fam.open_cap[1], M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
@@ -327,9 +347,9 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
     raw = []
     for i, st in enumerate(plan.stages):
-        compute, comm, t, mem, lim, f, b = raw_dev[i % P]
+        compute, comm, t, mem, lim, f, b = raw_dev[rank_of(fam, P, i)]
         raw.append((st, compute, comm, 0.0, t, mem, lim, f, b))
-    return _candidate(plan, raw, options, "interleaved", chunks=V, links=_link_bound(plan, prof, topology, options))
+    return _candidate(plan, raw, options, plan.schedule, chunks=V, links=_link_bound(plan, prof, topology, options))
 
 
 def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: int,

@@ -160,6 +160,10 @@ class Family:
             over 2P virtual stages); None: no cap.
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
+        bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
+            F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
+            ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
+            F + B: ZB-V) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
@@ -177,6 +181,7 @@ class Family:
     open_cap: tuple[int, int] | None = None
     in_order: bool = True
     weight_copies: int = 1
+    bubble: str = "full"
     generated: bool = True
 
     @property
@@ -199,15 +204,16 @@ class Family:
 FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("gpipe", "GPipe", inflight="batch"),
     Family("1f1b", "1F1B"),
-    Family("interleaved", "interleaved 1F1B", placement="looped", chunks=0, inflight="chunk"),
-    Family("pipedream", "PipeDream", flush=False, versions="stash", weight_copies=0),
-    Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2),
-    Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0)),
-    Family("zb-h2", "ZB-H2", backward="split", inflight_scale=(2, -1), open_cap=(2, -1)),
-    Family("looped-bfs", "looped BFS", placement="looped", chunks=0, inflight="chunk", in_order=False),
+    Family("interleaved", "interleaved 1F1B", placement="looped", chunks=0, inflight="chunk", bubble="chunk"),
+    Family("pipedream", "PipeDream", flush=False, versions="stash", weight_copies=0, bubble="none"),
+    Family("2bw", "2BW", flush=False, versions="stale", weight_copies=2, bubble="none"),
+    Family("zb-h1", "ZB-H1", backward="split", open_cap=(1, 0), bubble="split"),
+    Family("zb-h2", "ZB-H2", backward="split", inflight_scale=(2, -1), open_cap=(2, -1), bubble="split2"),
+    Family("looped-bfs", "looped BFS", placement="looped", chunks=0, inflight="batch", in_order=False, bubble="chunk"),
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
-    Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0)),
+    Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
+           bubble="v"),
 )}
 FAMILIES = tuple(n for n, f in FAMILY.items() if f.generated)
 FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)

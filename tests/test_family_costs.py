@@ -1,0 +1,50 @@
+"""The cost model reads each family's traits: its time per batch equals the simulator's where both are exact.
+
+On an ideal topology with no bytes on the wire, a uniform model's simulated time per batch
+is the dry run's closed form; the analytic T_batch = t·(M + (P − 1)·f) with the family's
+bubble factor f must give the same number, and the memory model must see the V's
+placement (rank r holds stages r and 2P − 1 − r) and its 2P-chunk activation cap.
+"""
+from __future__ import annotations
+
+import pytest
+
+from planner.costmodel import CostOptions, evaluate
+from planner.plan import plan_from_flags
+from planner.profile import uniform_profile
+from sim import simulate_plan
+from planner.trace import time_per_batch_s
+from topologies.presets import load_topology
+
+
+@pytest.mark.parametrize("family,P,M", [("zb-v", 4, 8), ("zb-v", 2, 8), ("looped-bfs", 4, 8), ("interleaved", 4, 8),
+                                        ("zb-h1", 4, 8), ("1f1b", 4, 8)])
+def test_cost_model_time_per_batch_is_the_simulators_for_one_batch(family, P, M):
+    prof = uniform_profile(4 * P, 1e-3, 2e-3)
+    topo = load_topology(f"ideal:{P}")
+    plan = plan_from_flags("m", len(prof), pp=P, schedule=family, microbatches=M, devices=topo.devices)
+    predicted = evaluate(plan, prof, topo, CostOptions()).time_per_batch_s
+    simulated = time_per_batch_s(simulate_plan(plan, prof, topo))
+    assert predicted == pytest.approx(simulated, rel=1e-9)
+
+
+def test_zb_h2_costs_no_bubble_batch_after_batch():
+    P, M = 4, 8
+    prof = uniform_profile(4 * P, 1e-3, 2e-3)
+    topo = load_topology(f"ideal:{P}")
+    plan = plan_from_flags("m", len(prof), pp=P, schedule="zb-h2", microbatches=M, batches=3, devices=topo.devices)
+    per_stage = 4 * 3e-3
+    assert evaluate(plan, prof, topo, CostOptions()).time_per_batch_s == pytest.approx(M * per_stage)
+    assert time_per_batch_s(simulate_plan(plan, prof, topo)) == pytest.approx(M * per_stage)
+
+
+def test_the_cost_model_sees_zb_vs_placement_and_balanced_activations():
+    P, M = 4, 16
+    prof = uniform_profile(2 * P, 1e-3, 2e-3, act=0.0, saved=1e6)
+    topo = load_topology(f"ideal:{P}")
+    v = evaluate(plan_from_flags("m", 2 * P, pp=P, schedule="zb-v", microbatches=M, devices=topo.devices), prof, topo)
+    one = evaluate(plan_from_flags("m", 2 * P, pp=P, schedule="1f1b", microbatches=M, devices=topo.devices), prof, topo)
+    v_mem = [s.memory_bytes for s in v.stages]
+    one_mem = [s.memory_bytes for s in one.stages]
+    assert v_mem[0] == v_mem[-1]  # stages 0 and 2P - 1 share rank 0
+    assert max(v_mem) <= max(one_mem) + 1e-6

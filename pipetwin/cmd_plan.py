@@ -9,6 +9,8 @@ from pathlib import Path
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile, ProfileError, load_profile, read_pipedream_graph
 from planner.program import FAMILIES
+from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
+                           grid_degrees, grid_given)
 from pipetwin.errors import UserError
 
 #: Where PipeDream's shipped profiles live, relative to the repository root.
@@ -35,8 +37,10 @@ def register(sub) -> None:
     p.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES", help="per-device memory limit, e.g. 16e9 or 16GiB (default: each device's memory)")
     p.add_argument("--stages", type=int, default=None, metavar="P", help="fix the pipeline depth (no replication)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "none"], help="optimizer state to count: sgd (momentum, 1x params), adam (2x)")
-    p.add_argument("--recompute", action="store_true", help="keep only stage inputs; recompute activations in backward")
+    add_recompute_flag(p)
+    add_grid_flags(p)
     p.add_argument("--no-overlap", action="store_true", help="communication does not overlap compute")
+    add_device_calibration_flag(p)
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="candidates to list (default 5)")
     p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="find the fewest devices reaching X samples/s")
     p.add_argument("--cost-model", default="pipetwin", choices=["pipetwin", "pipedream"], help="pipetwin (schedule-aware, default) or PipeDream's optimizer")
@@ -57,9 +61,10 @@ def register(sub) -> None:
 def run(args) -> int:
     spec = args.profile or args.model
     if args.cost_model == "pipedream":
+        if grid_given(args):
+            raise UserError("--tp/--pp/--dp fix the plan; PipeDream's optimizer searches its own: drop them or use --cost-model pipetwin")
         # PipeDream's optimizer reads graph.txt as it is: times per profiled minibatch
         return _run_pipedream(args, spec, resolve_model(spec, raw=True))
-    profile = resolve_model(spec)
     if not args.topology:
         raise UserError("--topology is required (a preset such as ideal:4, dgx:servers=2, pipedream-b, or a YAML/JSON file)")
     from topologies.presets import load_topology
@@ -67,12 +72,25 @@ def run(args) -> int:
 
     topology = load_topology(args.topology)
     topology.validate()
+    check_calibration_topology(args.device_calibration, topology)
+    grid = None
+    if grid_given(args):
+        if args.stages is not None or args.target_throughput is not None:
+            raise UserError("--tp/--pp/--dp fix the plan's shape; drop --stages and --target-throughput")
+        from pipetwin.args import check_grid_profile
+
+        grid = grid_degrees(args, len(topology.devices))
+    tp = grid[0] if grid else 1
+    profile = resolve_model(spec, tensor_parallel=tp, sequence_parallel=args.sequence_parallel,
+                            calibration=args.device_calibration, microbatch_size=args.microbatch_size or 1)
+    if grid:
+        check_grid_profile(profile, tp, args.sequence_parallel)
     # a PipeDream profile is planned at its profiled batch unless told otherwise (PipeDream's convention)
     mb = args.microbatch_size or profile.microbatch_size
     kw = dict(schedule=args.schedule, microbatch_size=mb, global_batch=args.global_batch,
               microbatches=args.microbatches, memory_limit_bytes=args.memory_limit, top_k=args.top_k,
               overlap_comm=not args.no_overlap, recompute=args.recompute, optimizer=args.optimizer,
-              stages=args.stages, model_name=spec)
+              stages=args.stages, model_name=spec, **({"grid": grid} if grid else {}))
     if args.target_throughput is not None:
         cap = capacity(profile, topology, args.target_throughput, **kw)
         return _show_capacity(args, cap)
@@ -116,13 +134,16 @@ def _profiles_dir(root: Path | None = None) -> Path:
     return ((root or Path(__file__).resolve().parents[1]) / PIPEDREAM_PROFILES).resolve()
 
 
-def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False) -> ModelProfile:
+def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False,
+                  calibration=None, microbatch_size: int = 1) -> ModelProfile:
     """Any model spec every command accepts → ModelProfile (one grammar: ``planner.analytic.load_model``).
 
     Analytic presets (gpt3-13b, gpt:..., bert-large), PipeDream profile names
     (per sample, scaled from their profiled batch size), profile paths and
     uniform: specs. ``raw`` reads a PipeDream profile as its file states it
-    (per profiled minibatch), as PipeDream's own optimizer does.
+    (per profiled minibatch), as PipeDream's own optimizer does. A device
+    ``calibration`` (``--device-calibration``) times an analytic transformer by
+    its efficiency model at ``microbatch_size`` (which is ignored without one).
     """
     if raw and not spec.startswith("uniform") and not Path(spec).exists():
         candidate = _profiles_dir() / f"{spec}.graph.txt"
@@ -131,7 +152,8 @@ def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequen
     from planner.analytic import ModelSpecError, load_model
 
     try:
-        return load_model(spec, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel)
+        return load_model(spec, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel,
+                          calibration=calibration, microbatch_size=microbatch_size)
     except ModelSpecError as e:
         raise ProfileError(str(e)) from None
 

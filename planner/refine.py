@@ -20,6 +20,7 @@ shared link — over placed plans:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -51,12 +52,20 @@ class Shape:
         return frozenset(x for d in self.devices for x in d)
 
 
+@functools.lru_cache(maxsize=65536)
 def schedulable(family: str, microbatches: int, replicas: tuple[int, ...]) -> bool:
-    """What ``planner.schedules.validate_spec`` accepts: replicas ≤ M (not PipeDream); 2BW: M ≥ the in-flight depth."""
-    if family != "pipedream" and max(replicas) > microbatches:
+    """Whether the schedule generator takes this family, microbatch count and replication: ``validate_spec`` and the
+    family's own requirement (``planner.schedules.REQUIRES``), e.g. replicas ≤ M except under PipeDream, 2BW
+    M ≥ its in-flight depth."""
+    from planner.schedules import REQUIRES, ScheduleError, make_spec, validate_spec
+
+    spec = make_spec(family, len(replicas), microbatches, replicas)
+    try:
+        validate_spec(spec)
+        if family in REQUIRES:
+            REQUIRES[family](spec)
+    except ScheduleError:
         return False
-    if family == "2bw":
-        return all(math.ceil(sum(replicas[s:]) / replicas[s]) <= microbatches for s in range(len(replicas)))
     return True
 
 

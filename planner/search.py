@@ -154,9 +154,9 @@ def plan_model(
             plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size) if grid is not None else
                      _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache, partition_cache))
             for plan in plans:
-                if fam == "interleaved" or refine.schedulable(fam, M, tuple(st.replicas for st in plan.stages)):
+                if not _linear(fam) or refine.schedulable(fam, M, tuple(st.replicas for st in plan.stages)):
                     cands.append(evaluate(plan, profile, topology, opts))
-            if grid is None and stages is None and fam != "interleaved" and len(devs) <= part.FLAT_MAX_DEVICES:
+            if grid is None and stages is None and _linear(fam) and len(devs) <= part.FLAT_MAX_DEVICES:
                 base = dict(model=name, schedule=fam, microbatch_size=microbatch_size, microbatches=M,
                             topology=topology.name)
                 found = refine.exhaustive(prof, topology, devs, fam, M, opts, base)
@@ -390,6 +390,13 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
     return out
 
 
+def _linear(family: str) -> bool:
+    """A family whose stages sit one per device set (the refinement's plans), not several per rank."""
+    from planner.program import FAMILY
+
+    return family in FAMILY and FAMILY[family].placement == "linear"
+
+
 def _refined(cands: list[Candidate], prof: ModelProfile, topology, devs: tuple[str, ...], opts: CostOptions,
              exact: set[tuple[str, int]], seeds: int = LOCAL_SEEDS) -> list[Candidate]:
     """Local search under the full cost model (``planner.refine.local_search``) from the best fitting plan of each
@@ -397,7 +404,7 @@ def _refined(cands: list[Candidate], prof: ModelProfile, topology, devs: tuple[s
     picked: list[Candidate] = []
     shapes: set = set()
     families: set[str] = set()
-    ranked = sorted((c for c in cands if c.fits and c.plan.schedule != "interleaved"
+    ranked = sorted((c for c in cands if c.fits and _linear(c.plan.schedule)
                      and (c.plan.schedule, c.plan.microbatches) not in exact), key=_rank_key)
     for c in ranked:
         shape = tuple((s.first_layer, s.last_layer, s.devices) for s in c.plan.stages)

@@ -2,12 +2,13 @@
 
 The oracle enumerates every placed plan of small clusters of servers behind a shared NIC (contiguous
 layer ranges, any replica counts, every assignment of each replica to a server) and costs each with
-``planner.costmodel.evaluate``, the figure a plan reports; schedulability comes from
-``planner.schedules.validate_spec``. It places a server's replicas on its devices in order, which
+``planner.costmodel.evaluate``, the figure a plan reports; whether a schedule runs it is what
+``planner.schedules.generate`` says. It places a server's replicas on its devices in order, which
 is exact because the cost model cannot tell two devices of a server apart (checked below).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from planner.costmodel import CostOptions, evaluate
 from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import Layer, ModelProfile
-from planner.schedules import ScheduleError, make_spec, validate_spec
+from planner.schedules import ScheduleError, generate, make_spec
 from planner.search import plan_model
 from topologies.presets import load_topology
 
@@ -48,6 +49,16 @@ def _oracle_count(L: int, servers: list[list[str]]) -> int:
                for P in range(1, min(L, D) + 1) for N in range(P, D + 1))
 
 
+@functools.lru_cache(maxsize=None)
+def _runs(family: str, M: int, reps: tuple[int, ...]) -> bool:
+    """The schedules room's own answer: does the generator run this family, M and replication?"""
+    try:
+        generate(make_spec(family, len(reps), M, reps))
+    except ScheduleError:
+        return False
+    return True
+
+
 def oracle(prof: ModelProfile, topo, family: str, M: int, options: CostOptions) -> float:
     """The least time per sample of any placed plan that the schedules accept and that fits (inf if none)."""
     servers = _servers(topo)
@@ -59,9 +70,7 @@ def oracle(prof: ModelProfile, topo, family: str, M: int, options: CostOptions) 
             for rcuts in itertools.combinations(range(1, N), P - 1):
                 rb = (0,) + rcuts + (N,)
                 reps = tuple(rb[i + 1] - rb[i] for i in range(P))
-                try:
-                    validate_spec(make_spec(family, P, M, reps))
-                except ScheduleError:
+                if not _runs(family, M, reps):
                     continue
                 for lcuts in itertools.combinations(range(1, L), P - 1):
                     lb = (0,) + lcuts + (L,)

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from planner.analytic import load_model, min_memory_per_device_bytes, on_device
+from planner.efficiency import DeviceCalibration
 from planner.partition import PartitionCache
 from planner.plan import Plan
 from planner.profile import ModelProfile
@@ -45,6 +46,9 @@ class SweepPoint:
         optimizer: optimizer whose state the memory accounting carries.
         recompute: activation recomputation.
         top_k: candidates the planner keeps (the record keeps the best).
+        calibration: a device calibration of ``device_kind`` (``--device-calibration``): an analytic
+            transformer is then timed by its efficiency model at ``microbatch_size``; None: a fixed
+            fraction of the kind's peak.
     """
 
     model: str
@@ -57,15 +61,25 @@ class SweepPoint:
     optimizer: str = "adam"
     recompute: bool = False
     top_k: int = 1
+    calibration: DeviceCalibration | None = None
 
     def key(self) -> str:
-        """The cache key: every parameter that changes the answer, as canonical JSON."""
-        return json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        """The cache key: every parameter that changes the answer, as canonical JSON (no calibration: the
+        key points had before calibrations)."""
+        d = asdict(self)
+        if self.calibration is None:
+            del d["calibration"]
+        else:
+            d["calibration"] = self.calibration.to_dict()
+        return json.dumps({"v": CACHE_VERSION, **d}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_key(cls, key: str) -> "SweepPoint":
         """The point a cache key was made from."""
-        return cls(**{k: v for k, v in json.loads(key).items() if k != "v"})
+        d = {k: v for k, v in json.loads(key).items() if k != "v"}
+        if d.get("calibration") is not None:
+            d["calibration"] = DeviceCalibration.from_dict(d["calibration"], where="a cached point's calibration")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class SweepConfig:
         recompute: activation recomputation.
         simulate: "pareto" (simulate the front), "all" or "none".
         sim_batches: optimizer steps each simulation runs.
+        calibration: a device calibration (``SweepPoint.calibration``); every kind swept must be its kind.
     """
 
     model: str
@@ -97,6 +112,7 @@ class SweepConfig:
     recompute: bool = False
     simulate: str = "pareto"
     sim_batches: int = 1
+    calibration: DeviceCalibration | None = None
 
     def points(self) -> list[SweepPoint]:
         """Every point, in a fixed order: interconnect, kind, devices, schedule, microbatch size."""
@@ -107,7 +123,7 @@ class SweepConfig:
         if self.simulate not in ("pareto", "all", "none"):
             raise WhatIfError(f"simulate must be pareto, all or none (got {self.simulate!r})")
         return [SweepPoint(self.model, n, device_kind(k).name, parse_interconnect(ic).name, s, mb,
-                           self.global_batch, self.optimizer, self.recompute)
+                           self.global_batch, self.optimizer, self.recompute, calibration=self.calibration)
                 for ic in self.interconnects for k in self.device_kinds for n in self.devices
                 for s in self.schedules for mb in self.microbatch_sizes]
 
@@ -190,9 +206,12 @@ _NAMES = tuple(f.name for f in _FIELDS)
 
 
 @lru_cache(maxsize=64)
-def point_profile(model: str, kind: str) -> ModelProfile:
-    """The model timed on ``kind`` (a measured profile file is read as it is)."""
-    return on_device(load_model(model, kind if is_analytic(model) else None), kind)
+def point_profile(model: str, kind: str, calibration: DeviceCalibration | None = None,
+                  microbatch_size: int = 1) -> ModelProfile:
+    """The model timed on ``kind`` (a measured profile file is read as it is); with a ``calibration`` of that
+    kind, an analytic transformer is timed by its efficiency model at ``microbatch_size``."""
+    return on_device(load_model(model, kind if is_analytic(model) else None, calibration=calibration,
+                                microbatch_size=microbatch_size if calibration is not None else 1), kind)
 
 
 def is_analytic(model: str) -> bool:
@@ -217,7 +236,7 @@ def plan_point(point: SweepPoint, partition_cache: PartitionCache | None = None)
                       memory_limit_bytes=device_kind(point.device_kind).memory_bytes)
     try:
         topo = point_cluster(point.interconnect, point.devices, point.device_kind)
-        profile = point_profile(point.model, point.device_kind)
+        profile = point_profile(point.model, point.device_kind, point.calibration, point.microbatch_size)
     except (WhatIfError, TopologyError) as e:
         return replace(rec, reason=e.args[0] if e.args else str(e))
     rec = replace(rec, topology=topo.name)

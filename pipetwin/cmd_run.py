@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from pipetwin.args import add_recompute_flag, int_list
+from pipetwin.args import add_grid_flags, add_recompute_flag, int_list
 from planner.program import FAMILIES, family
 
 
@@ -15,20 +15,12 @@ def register(sub) -> None:
                                    "evenly.")
     p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
-    p.add_argument("--pp", "--stages", dest="stages", type=int, help="pipeline stages P (devices along the pipeline)")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas of every stage D (default 1)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks per stage replica T (Megatron; the zoo's gpt model only; default 1)")
+    add_grid_flags(p, aliases=True)  # --tp (the zoo's gpt model only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
     p.add_argument("--schedule", default="1f1b", choices=FAMILIES)
     p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
-    p.add_argument("--sequence-parallel", action="store_true",
-                   help="with --tp: Megatron's sequence parallelism (reduce-scatter/all-gather, 1/T of the sequence "
-                        "between the tensor-parallel regions)")
-    p.add_argument("--vp", "--chunks", dest="chunks", type=int, default=1,
-                   help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     add_recompute_flag(p)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
@@ -55,7 +47,7 @@ def _plan_for(args):
     from planner.plan import Plan, plan_from_flags
 
     if args.plan:
-        if args.model or args.stages:
+        if args.model or args.pp:
             raise UserError("give either --plan or --model/--pp, not both")
         plan = Plan.load(args.plan)
         from dataclasses import replace
@@ -67,18 +59,18 @@ def _plan_for(args):
         if args.sequence_parallel:
             plan = replace(plan, sequence_parallel=True)
         return plan
-    if not args.model or not args.stages:
+    if not args.model or not args.pp:
         raise UserError("give --plan plan.json, or --model and --pp (e.g. --model mlp:layers=8,width=512 --pp 2)")
-    if args.stages < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
+    if args.pp < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
         raise UserError("--pp, --microbatches, --microbatch-size and --batches must be >= 1")
     if args.dp is not None and args.replicas is not None:
         raise UserError("give --dp (the same replicas for every stage) or --replicas (one count per stage), not both")
-    if args.chunks != 1 and not family(args.schedule).multi_stage:
+    if (args.vp or 1) != 1 and not family(args.schedule).multi_stage:
         raise UserError("--chunks is for the schedules that place several stages on a rank (e.g. interleaved) only")
-    if args.replicas is not None and len(args.replicas) != args.stages:
-        raise UserError(f"--replicas gives {len(args.replicas)} values for {args.stages} stages")
+    if args.replicas is not None and len(args.replicas) != args.pp:
+        raise UserError(f"--replicas gives {len(args.replicas)} values for {args.pp} stages")
     dp = args.replicas if args.replicas is not None else (args.dp or 1)
-    return plan_from_flags(args.model, num_layers(args.model), pp=args.stages, dp=dp, tp=args.tp, vp=args.chunks,
+    return plan_from_flags(args.model, num_layers(args.model), pp=args.pp, dp=dp, tp=args.tp or 1, vp=args.vp or 1,
                            schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
                            batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr,
                            recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)

@@ -74,14 +74,19 @@ def _degree(text: str) -> int:
     return v
 
 
-def add_grid_flags(p: argparse.ArgumentParser, *, sequence_parallel: bool = True) -> None:
-    """``--tp T --pp P --dp D [--vp V]``: a fixed plan, the layers split evenly, TP ranks fastest along the devices."""
+def add_grid_flags(p: argparse.ArgumentParser, *, sequence_parallel: bool = True, aliases: bool = False) -> None:
+    """``--tp T --pp P --dp D [--vp V]``: a fixed plan, the layers split evenly, TP ranks fastest along the devices.
+
+    ``aliases``: ``--stages`` also names ``--pp`` and ``--chunks`` ``--vp`` (for a command with no other
+    meaning for them).
+    """
     g = p.add_argument_group("fixed plan (tensor x pipeline x data parallel; T*P*D = the devices)")
     g.add_argument("--tp", type=_degree, default=None, metavar="T",
                    help="tensor-parallel degree: each stage replica is T devices (consecutive: inside a server)")
-    g.add_argument("--pp", type=_degree, default=None, metavar="P", help="pipeline stages (devices along the pipeline)")
+    g.add_argument("--pp", *(("--stages",) if aliases else ()), dest="pp", type=_degree, default=None, metavar="P",
+                   help="pipeline stages (devices along the pipeline)")
     g.add_argument("--dp", type=_degree, default=None, metavar="D", help="data-parallel replicas of every stage")
-    g.add_argument("--vp", type=_degree, default=None, metavar="V",
+    g.add_argument("--vp", *(("--chunks",) if aliases else ()), dest="vp", type=_degree, default=None, metavar="V",
                    help="model chunks per device (interleaved 1F1B; default 2 with --schedule interleaved)")
     if sequence_parallel:
         g.add_argument("--sequence-parallel", action="store_true",

@@ -9,7 +9,8 @@ from pathlib import Path
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile, ProfileError, load_profile, read_pipedream_graph
 from planner.program import FAMILIES
-from pipetwin.args import add_device_calibration_flag, check_calibration_topology
+from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
+                           grid_degrees, grid_given)
 from pipetwin.errors import UserError
 
 #: Where PipeDream's shipped profiles live, relative to the repository root.
@@ -36,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES", help="per-device memory limit, e.g. 16e9 or 16GiB (default: each device's memory)")
     p.add_argument("--stages", type=int, default=None, metavar="P", help="fix the pipeline depth (no replication)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "none"], help="optimizer state to count: sgd (momentum, 1x params), adam (2x)")
-    p.add_argument("--recompute", action="store_true", help="keep only stage inputs; recompute activations in backward")
+    add_recompute_flag(p)
+    add_grid_flags(p)
     p.add_argument("--no-overlap", action="store_true", help="communication does not overlap compute")
     add_device_calibration_flag(p)
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="candidates to list (default 5)")
@@ -59,9 +61,10 @@ def register(sub) -> None:
 def run(args) -> int:
     spec = args.profile or args.model
     if args.cost_model == "pipedream":
+        if grid_given(args):
+            raise UserError("--tp/--pp/--dp fix the plan; PipeDream's optimizer searches its own: drop them or use --cost-model pipetwin")
         # PipeDream's optimizer reads graph.txt as it is: times per profiled minibatch
         return _run_pipedream(args, spec, resolve_model(spec, raw=True))
-    profile = resolve_model(spec, calibration=args.device_calibration, microbatch_size=args.microbatch_size or 1)
     if not args.topology:
         raise UserError("--topology is required (a preset such as ideal:4, dgx:servers=2, pipedream-b, or a YAML/JSON file)")
     from topologies.presets import load_topology
@@ -70,12 +73,24 @@ def run(args) -> int:
     topology = load_topology(args.topology)
     topology.validate()
     check_calibration_topology(args.device_calibration, topology)
+    grid = None
+    if grid_given(args):
+        if args.stages is not None or args.target_throughput is not None:
+            raise UserError("--tp/--pp/--dp fix the plan's shape; drop --stages and --target-throughput")
+        from pipetwin.args import check_grid_profile
+
+        grid = grid_degrees(args, len(topology.devices))
+    tp = grid[0] if grid else 1
+    profile = resolve_model(spec, tensor_parallel=tp, sequence_parallel=args.sequence_parallel,
+                            calibration=args.device_calibration, microbatch_size=args.microbatch_size or 1)
+    if grid:
+        check_grid_profile(profile, tp, args.sequence_parallel)
     # a PipeDream profile is planned at its profiled batch unless told otherwise (PipeDream's convention)
     mb = args.microbatch_size or profile.microbatch_size
     kw = dict(schedule=args.schedule, microbatch_size=mb, global_batch=args.global_batch,
               microbatches=args.microbatches, memory_limit_bytes=args.memory_limit, top_k=args.top_k,
               overlap_comm=not args.no_overlap, recompute=args.recompute, optimizer=args.optimizer,
-              stages=args.stages, model_name=spec)
+              stages=args.stages, model_name=spec, **({"grid": grid} if grid else {}))
     if args.target_throughput is not None:
         cap = capacity(profile, topology, args.target_throughput, **kw)
         return _show_capacity(args, cap)

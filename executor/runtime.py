@@ -26,6 +26,10 @@ the versions and decides where each is freed).
 Every action is timed (:mod:`executor.timing`). Memory on the CPU is counted
 exactly (:mod:`executor.memory`) and sampled after every action that changes
 it, and once at the start; on a GPU, ``torch.cuda`` allocator figures.
+
+The module is one class of about 500 lines: its setup (groups, stages, shapes,
+data) and one handler per action kind, which read best side by side; what the
+handlers call lives in the modules named above.
 """
 from __future__ import annotations
 

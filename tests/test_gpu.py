@@ -152,3 +152,33 @@ def test_validation_on_the_gpu_profiles_and_runs_there():
         assert r["backend"] == ("nccl" if torch.cuda.device_count() >= 2 else "gloo"), r["name"]
         assert math.isfinite(r["error"]["throughput_samples_per_s"]) and r["measured"]["throughput_samples_per_s"] > 0
     assert not res.calibrations["mlp"].profile.device.startswith("cpu")  # the GPU's name, from the CUDA profile
+
+
+def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = "none"):
+    from executor.models import num_layers
+    from planner.plan import plan_from_flags
+
+    model = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32"
+    return plan_from_flags(model, num_layers(model), pp=pp, tp=tp, schedule=schedule, microbatches=4, batches=2,
+                           microbatch_size=2, lr=0.1, recompute=recompute)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_gpu_tensor_parallel_workers_sharing_the_gpu_match_the_reference(sequence_parallel):
+    """2 stages x 2 TP ranks on CUDA with gloo: TP collectives staged through host memory."""
+    plan = _tp_plan()
+    result = run_plan(plan, dtype="float64", timeout_s=60, backend="gloo", device="cuda",
+                      sequence_parallel=sequence_parallel)
+    _assert_weights_equal(result.weights, reference_weights(plan, dtype="float64"))
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per worker")
+def test_nccl_tensor_parallel_group_matches_the_reference():
+    """One stage x 2 TP ranks on NCCL (2 GPUs), full recomputation re-running the TP all-reduces in backward."""
+    plan = _tp_plan(pp=1, recompute="full")
+    result = run_plan(plan, dtype="float64", timeout_s=60, backend="nccl")
+    _assert_weights_equal(result.weights, reference_weights(plan, dtype="float64"))

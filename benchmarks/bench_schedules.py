@@ -81,7 +81,7 @@ def fmt(x) -> str:
 
 
 def main() -> None:
-    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "looped-bfs"]
+    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "looped-bfs"]
     print(f"{'family':<24} {'P':>3} {'M':>4} {'ours':>8} {'closed':>8} {'steady':>7} {'torch':>10} {'torch steps':>11}")
     for P in (2, 4, 8, 16):
         for M in (P, 2 * P, 4 * P, 3 * P + 1):

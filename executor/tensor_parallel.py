@@ -22,7 +22,7 @@ output gradients are the same on every rank after the reductions above, so
 their gradients agree without a reduction of their own and the ranks' copies
 stay equal.
 
-Sequence parallelism (Korthikanti et al. 2022), optional: between the
+Sequence parallelism (Korthikanti et al. 2022; ``Plan.sequence_parallel``): between the
 tensor-parallel regions each rank keeps only its 1/T of the sequence. ``f``
 becomes an all-gather along the sequence (backward: reduce-scatter) and ``g``
 a reduce-scatter (backward: all-gather); the embedding's output is split

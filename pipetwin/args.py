@@ -1,12 +1,14 @@
 """Arguments the commands share: comma lists of words, of integers and of device counts (one spelling each), and a
-fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``)."""
+fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``), and the device
+calibration every command that times an analytic model takes (``--device-calibration FILE``)."""
 from __future__ import annotations
 
 import argparse
 import re
 
 __all__ = ["words", "int_list", "counts", "add_grid_flags", "add_recompute_flag", "grid_given", "grid_degrees",
-           "grid_plan", "check_grid_profile"]
+           "grid_plan", "check_grid_profile", "add_device_calibration_flag", "check_calibration_kinds",
+           "check_calibration_topology"]
 
 
 def words(text: str) -> tuple[str, ...]:
@@ -72,14 +74,19 @@ def _degree(text: str) -> int:
     return v
 
 
-def add_grid_flags(p: argparse.ArgumentParser, *, sequence_parallel: bool = True) -> None:
-    """``--tp T --pp P --dp D [--vp V]``: a fixed plan, the layers split evenly, TP ranks fastest along the devices."""
+def add_grid_flags(p: argparse.ArgumentParser, *, sequence_parallel: bool = True, aliases: bool = False) -> None:
+    """``--tp T --pp P --dp D [--vp V]``: a fixed plan, the layers split evenly, TP ranks fastest along the devices.
+
+    ``aliases``: ``--stages`` also names ``--pp`` and ``--chunks`` ``--vp`` (for a command with no other
+    meaning for them).
+    """
     g = p.add_argument_group("fixed plan (tensor x pipeline x data parallel; T*P*D = the devices)")
     g.add_argument("--tp", type=_degree, default=None, metavar="T",
                    help="tensor-parallel degree: each stage replica is T devices (consecutive: inside a server)")
-    g.add_argument("--pp", type=_degree, default=None, metavar="P", help="pipeline stages (devices along the pipeline)")
+    g.add_argument("--pp", *(("--stages",) if aliases else ()), dest="pp", type=_degree, default=None, metavar="P",
+                   help="pipeline stages (devices along the pipeline)")
     g.add_argument("--dp", type=_degree, default=None, metavar="D", help="data-parallel replicas of every stage")
-    g.add_argument("--vp", type=_degree, default=None, metavar="V",
+    g.add_argument("--vp", *(("--chunks",) if aliases else ()), dest="vp", type=_degree, default=None, metavar="V",
                    help="model chunks per device (interleaved 1F1B; default 2 with --schedule interleaved)")
     if sequence_parallel:
         g.add_argument("--sequence-parallel", action="store_true",
@@ -133,3 +140,51 @@ def grid_plan(args, model: str, profile, devices: list[str] | None, *, schedule:
                            vertical_sync=vertical_sync, recompute=getattr(args, "recompute", "none") or "none",
                            topology=topology, devices=devices, lr=lr,
                            sequence_parallel=getattr(args, "sequence_parallel", False))
+
+
+# --- a device calibration (the compute-efficiency model fitted per device kind) ----------------------
+def _calibration_file(text: str):
+    """``--device-calibration FILE`` → a ``planner.efficiency.DeviceCalibration``, read when the command line is
+    parsed, so a missing, malformed or out-of-range file is one line (argparse's exit 2) before anything runs."""
+    from planner.efficiency import CalibrationFileError, load_device_calibration
+
+    try:
+        return load_device_calibration(text)
+    except CalibrationFileError as e:
+        raise argparse.ArgumentTypeError(e.args[0]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"device calibration {text!r} cannot be read ({e}); give the JSON file "
+                                         f"`pipetwin groundtruth --save-calibration FILE` wrote") from None
+
+
+def add_device_calibration_flag(p: argparse.ArgumentParser) -> None:
+    """``--device-calibration FILE``: time analytic transformer models by the fitted efficiency model
+    (``planner.efficiency``) of the file's device kind instead of a fixed fraction of peak; ``args.device_calibration``
+    is the loaded ``DeviceCalibration`` or None."""
+    p.add_argument("--device-calibration", type=_calibration_file, default=None, metavar="FILE",
+                   help="device calibration JSON (from `pipetwin groundtruth --save-calibration FILE`): analytic "
+                        "transformer models are timed by its fitted efficiency model on its device kind, at the "
+                        "microbatch size used (default: a fixed fraction of the kind's peak)")
+
+
+def check_calibration_kinds(calibration, kinds, where: str) -> None:
+    """A UserError (one line) unless every device kind in ``kinds`` is the calibration's (``gpu-generic``, what a
+    topology that names no device kind holds, takes the calibration's kind). ``where`` names what the kinds
+    came from (e.g. "topology 'dgx:servers=2'"). No calibration: nothing to check."""
+    if calibration is None:
+        return
+    from pipetwin.errors import UserError
+    from topologies.devices import device_kind
+
+    cal = calibration.kind.name
+    other = sorted({device_kind(k).name for k in kinds} - {cal, "gpu-generic"})
+    if other:
+        raise UserError(f"the device calibration is for {cal} but {where} has {', '.join(other)} devices; give a "
+                        f"calibration fitted on that kind, or devices of kind {cal}")
+
+
+def check_calibration_topology(calibration, topology) -> None:
+    """``check_calibration_kinds`` on the devices of ``topology``."""
+    if calibration is not None:
+        check_calibration_kinds(calibration, [topology.device(d).kind for d in topology.devices],
+                                f"topology {topology.name!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from pipetwin.args import add_device_calibration_flag, check_calibration_topology
+
 
 def register(sub) -> None:
     p = sub.add_parser("compare-schedules", help="simulate every schedule family on one plan and compare them",
@@ -24,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--batches", type=int, default=2, help="batches simulated (default 2: the second shows overlap)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.add_argument("--chart", metavar="PNG", help="write a chart: throughput, and peak memory per stage")
+    add_device_calibration_flag(p)
     p.set_defaults(func=run)
 
 
@@ -63,8 +66,9 @@ def run(args) -> int:
     from pipetwin.errors import UserError
     from topologies.presets import load_topology
 
-    profile = resolve_model(args.model)
+    profile = resolve_model(args.model, calibration=args.device_calibration, microbatch_size=args.microbatch_size)
     topology = load_topology(args.topology)
+    check_calibration_topology(args.device_calibration, topology)
     P = args.stages if args.stages is not None else min(4, len(profile), len(topology.devices))
     M = args.microbatches if args.microbatches is not None else 2 * P
     if P < 1 or M < 1 or args.batches < 1 or args.microbatch_size < 1:

@@ -9,6 +9,8 @@ from pathlib import Path
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile, ProfileError, load_profile, read_pipedream_graph
 from planner.program import FAMILIES
+from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
+                           grid_degrees, grid_given)
 from pipetwin.errors import UserError
 
 #: Where PipeDream's shipped profiles live, relative to the repository root.
@@ -23,7 +25,9 @@ def register(sub) -> None:
     src.add_argument("--profile", metavar="PATH", help="a profile file (.json, or PipeDream graph.txt)")
     src.add_argument("--model", metavar="NAME",
                      help="uniform:layers=L,fwd=S,bwd=S,act=B,params=B, a profile path, or a PipeDream profile name (vgg16, resnet50, gnmt, ...)")
-    p.add_argument("--topology", metavar="PRESET|FILE", help="cluster preset (ideal:4, dgx:servers=2, pipedream-b, hier:...) or a YAML/JSON file")
+    from topologies.presets import presets_help
+
+    p.add_argument("--topology", metavar="PRESET|FILE", help="the cluster: " + presets_help().replace("%", "%%"))
     p.add_argument("--schedule", default="auto", choices=["auto", *FAMILIES], help="schedule family, or auto to score them all (default)")
     p.add_argument("--microbatch-size", type=int, default=None, metavar="N",
                    help="samples per microbatch (default: a PipeDream profile's profiled batch, as PipeDream plans "
@@ -33,8 +37,10 @@ def register(sub) -> None:
     p.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES", help="per-device memory limit, e.g. 16e9 or 16GiB (default: each device's memory)")
     p.add_argument("--stages", type=int, default=None, metavar="P", help="fix the pipeline depth (no replication)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "none"], help="optimizer state to count: sgd (momentum, 1x params), adam (2x)")
-    p.add_argument("--recompute", action="store_true", help="keep only stage inputs; recompute activations in backward")
+    add_recompute_flag(p)
+    add_grid_flags(p)
     p.add_argument("--no-overlap", action="store_true", help="communication does not overlap compute")
+    add_device_calibration_flag(p)
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="candidates to list (default 5)")
     p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="find the fewest devices reaching X samples/s")
     p.add_argument("--cost-model", default="pipetwin", choices=["pipetwin", "pipedream"], help="pipetwin (schedule-aware, default) or PipeDream's optimizer")
@@ -55,9 +61,10 @@ def register(sub) -> None:
 def run(args) -> int:
     spec = args.profile or args.model
     if args.cost_model == "pipedream":
+        if grid_given(args):
+            raise UserError("--tp/--pp/--dp fix the plan; PipeDream's optimizer searches its own: drop them or use --cost-model pipetwin")
         # PipeDream's optimizer reads graph.txt as it is: times per profiled minibatch
         return _run_pipedream(args, spec, resolve_model(spec, raw=True))
-    profile = resolve_model(spec)
     if not args.topology:
         raise UserError("--topology is required (a preset such as ideal:4, dgx:servers=2, pipedream-b, or a YAML/JSON file)")
     from topologies.presets import load_topology
@@ -65,17 +72,37 @@ def run(args) -> int:
 
     topology = load_topology(args.topology)
     topology.validate()
+    check_calibration_topology(args.device_calibration, topology)
+    grid = None
+    if grid_given(args):
+        if args.stages is not None or args.target_throughput is not None:
+            raise UserError("--tp/--pp/--dp fix the plan's shape; drop --stages and --target-throughput")
+        from pipetwin.args import check_grid_profile
+
+        grid = grid_degrees(args, len(topology.devices))
+    tp = grid[0] if grid else 1
+    profile = resolve_model(spec, tensor_parallel=tp, sequence_parallel=args.sequence_parallel,
+                            calibration=args.device_calibration, microbatch_size=args.microbatch_size or 1)
+    if grid:
+        check_grid_profile(profile, tp, args.sequence_parallel)
     # a PipeDream profile is planned at its profiled batch unless told otherwise (PipeDream's convention)
     mb = args.microbatch_size or profile.microbatch_size
     kw = dict(schedule=args.schedule, microbatch_size=mb, global_batch=args.global_batch,
               microbatches=args.microbatches, memory_limit_bytes=args.memory_limit, top_k=args.top_k,
               overlap_comm=not args.no_overlap, recompute=args.recompute, optimizer=args.optimizer,
-              stages=args.stages, model_name=spec)
+              stages=args.stages, model_name=spec, **({"grid": grid} if grid else {}))
     if args.target_throughput is not None:
         cap = capacity(profile, topology, args.target_throughput, **kw)
         return _show_capacity(args, cap)
     result = plan_model(profile, topology, **kw)
     best = result.best_candidate
+    dp = None
+    if args.compare == "dp":
+        from planner.search import best_data_parallel
+
+        dp = best_data_parallel(profile, topology, microbatch_size=mb, memory_limit_bytes=args.memory_limit,
+                                optimizer=args.optimizer, recompute=args.recompute, overlap_comm=not args.no_overlap,
+                                overlap_allreduce=args.dp_overlap, model_name=spec)
     if args.output:
         result.best.save(args.output)
     if args.json:
@@ -84,9 +111,13 @@ def run(args) -> int:
                    candidates=[_candidate_summary(c) for c in result.candidates], elapsed_s=result.elapsed_s)
         if args.output:
             doc["plan_file"] = args.output
+        if dp is not None:
+            doc["compare"] = _compare_json(best, dp, args.dp_overlap)
         print(json.dumps(doc))
         return 0
     _print_result(result, spec, topology.name)
+    if dp is not None:
+        _console().print(_compare_text(best, dp, args.dp_overlap), highlight=False)
     if args.output:
         print(f"plan written to {args.output}")
     return 0
@@ -103,13 +134,16 @@ def _profiles_dir(root: Path | None = None) -> Path:
     return ((root or Path(__file__).resolve().parents[1]) / PIPEDREAM_PROFILES).resolve()
 
 
-def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False) -> ModelProfile:
+def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False,
+                  calibration=None, microbatch_size: int = 1) -> ModelProfile:
     """Any model spec every command accepts → ModelProfile (one grammar: ``planner.analytic.load_model``).
 
     Analytic presets (gpt3-13b, gpt:..., bert-large), PipeDream profile names
     (per sample, scaled from their profiled batch size), profile paths and
     uniform: specs. ``raw`` reads a PipeDream profile as its file states it
-    (per profiled minibatch), as PipeDream's own optimizer does.
+    (per profiled minibatch), as PipeDream's own optimizer does. A device
+    ``calibration`` (``--device-calibration``) times an analytic transformer by
+    its efficiency model at ``microbatch_size`` (which is ignored without one).
     """
     if raw and not spec.startswith("uniform") and not Path(spec).exists():
         candidate = _profiles_dir() / f"{spec}.graph.txt"
@@ -118,7 +152,8 @@ def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequen
     from planner.analytic import ModelSpecError, load_model
 
     try:
-        return load_model(spec, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel)
+        return load_model(spec, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel,
+                          calibration=calibration, microbatch_size=microbatch_size)
     except ModelSpecError as e:
         raise ProfileError(str(e)) from None
 
@@ -238,6 +273,32 @@ def _run_pipedream(args, spec: str, profile: ModelProfile) -> int:
 
 
 # --- output ----------------------------------------------------------------------------------
+def _bound_by(c) -> str:
+    """What limits a candidate, naming the link: the binding link, or the busiest one beside what binds."""
+    if c.binding.startswith("communication (link"):
+        return c.binding
+    return c.binding + (f" (busiest link {c.binding_link})" if c.binding_link else " (no transfer crosses a link)")
+
+
+def _compare_json(best, dp, overlap: bool) -> dict:
+    return {"data_parallel": {"devices": len(dp.plan.devices), "samples_per_batch": dp.plan.microbatches * dp.plan.microbatch_size,
+                              "throughput_samples_per_s": dp.throughput_samples_per_s,
+                              "time_per_sample_s": dp.time_per_sample_s, "binding": dp.binding,
+                              "binding_link": dp.binding_link, "allreduce_overlaps_backward": overlap},
+            "pipeline": {"devices": len(best.plan.devices), "throughput_samples_per_s": best.throughput_samples_per_s,
+                         "binding": best.binding, "binding_link": best.binding_link},
+            "speedup": dp.time_per_sample_s / best.time_per_sample_s if best.time_per_sample_s > 0 else math.inf}
+
+
+def _compare_text(best, dp, overlap: bool) -> str:
+    speedup = dp.time_per_sample_s / best.time_per_sample_s if best.time_per_sample_s > 0 else math.inf
+    how = "overlapped with backward, as DDP's buckets" if overlap else "after backward (--dp-overlap: under it, as DDP)"
+    return (f"data parallel, the same cost model: {len(dp.plan.devices)} devices, {dp.throughput_samples_per_s:.4g} samples/s "
+            f"(all-reduce {how}), bound by {_bound_by(dp)}. The pipeline plan: {best.throughput_samples_per_s:.4g} "
+            f"samples/s on {len(best.plan.devices)} devices, bound by {_bound_by(best)}: {speedup:.2f}x data parallelism.")
+
+
+
 def _candidate_json(c) -> dict:
     p = c.plan
     return {

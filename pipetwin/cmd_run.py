@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from pipetwin.args import int_list
+from pipetwin.args import add_grid_flags, add_recompute_flag, int_list
 from planner.program import FAMILIES, family
 
 
@@ -15,21 +15,14 @@ def register(sub) -> None:
                                    "evenly.")
     p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
-    p.add_argument("--pp", "--stages", dest="stages", type=int, help="pipeline stages P (devices along the pipeline)")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas of every stage D (default 1)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks per stage replica T (Megatron; the zoo's gpt model only; default 1)")
+    add_grid_flags(p, aliases=True)  # --tp (the zoo's gpt model only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
     p.add_argument("--schedule", default="1f1b", choices=FAMILIES)
     p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
-    p.add_argument("--sequence-parallel", action="store_true",
-                   help="with --tp: Megatron's sequence parallelism (reduce-scatter/all-gather, 1/T of the sequence "
-                        "between the tensor-parallel regions)")
-    p.add_argument("--vp", "--chunks", dest="chunks", type=int, default=1,
-                   help="model chunks per device (interleaved; default 2 there)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    add_recompute_flag(p)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -54,28 +47,33 @@ def _plan_for(args):
     from planner.plan import Plan, plan_from_flags
 
     if args.plan:
-        if args.model or args.stages:
+        if args.model or args.pp:
             raise UserError("give either --plan or --model/--pp, not both")
         plan = Plan.load(args.plan)
-        if args.lr is not None:
-            from dataclasses import replace
+        from dataclasses import replace
 
+        if args.lr is not None:
             plan = replace(plan, lr=args.lr)
+        if args.recompute is not None:
+            plan = replace(plan, recompute=args.recompute)
+        if args.sequence_parallel:
+            plan = replace(plan, sequence_parallel=True)
         return plan
-    if not args.model or not args.stages:
+    if not args.model or not args.pp:
         raise UserError("give --plan plan.json, or --model and --pp (e.g. --model mlp:layers=8,width=512 --pp 2)")
-    if args.stages < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
+    if args.pp < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:
         raise UserError("--pp, --microbatches, --microbatch-size and --batches must be >= 1")
     if args.dp is not None and args.replicas is not None:
         raise UserError("give --dp (the same replicas for every stage) or --replicas (one count per stage), not both")
-    if args.chunks != 1 and not family(args.schedule).multi_stage:
+    if (args.vp or 1) != 1 and not family(args.schedule).multi_stage:
         raise UserError("--chunks is for the schedules that place several stages on a rank (e.g. interleaved) only")
-    if args.replicas is not None and len(args.replicas) != args.stages:
-        raise UserError(f"--replicas gives {len(args.replicas)} values for {args.stages} stages")
+    if args.replicas is not None and len(args.replicas) != args.pp:
+        raise UserError(f"--replicas gives {len(args.replicas)} values for {args.pp} stages")
     dp = args.replicas if args.replicas is not None else (args.dp or 1)
-    return plan_from_flags(args.model, num_layers(args.model), pp=args.stages, dp=dp, tp=args.tp, vp=args.chunks,
+    return plan_from_flags(args.model, num_layers(args.model), pp=args.pp, dp=dp, tp=args.tp or 1, vp=args.vp or 1,
                            schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
-                           batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr)
+                           batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr,
+                           recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)
 
 
 def run(args) -> int:
@@ -85,7 +83,7 @@ def run(args) -> int:
     plan = _plan_for(args)
     res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   seed=args.seed, dtype=args.dtype, device=args.device, sequence_parallel=args.sequence_parallel)
+                   seed=args.seed, dtype=args.dtype, device=args.device)
     if args.trace:
         res.trace.save(args.trace)
     s = res.summary()
@@ -96,8 +94,10 @@ def run(args) -> int:
     what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
             else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
     grid = f" (tensor-parallel groups of {plan.tensor_parallel})" if plan.tensor_parallel > 1 else ""
-    if args.sequence_parallel:
+    if plan.sequence_parallel:
         grid = grid[:-1] + ", sequence-parallel)"
+    if plan.recompute != "none":
+        grid += f" with {plan.recompute} recomputation"
     print(f"ran {plan.schedule} of {plan.model} on {workers} workers{grid} ({res.backend}, {s['device']}): {what} of "
           f"{plan.microbatch_size} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
     print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "

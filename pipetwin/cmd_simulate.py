@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipetwin.args import add_grid_flags, add_recompute_flag, grid_degrees, grid_given, grid_plan, int_list
+from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
+                           grid_degrees, grid_given, grid_plan, int_list)
 from pipetwin.show import Progress
 
 from planner.program import FAMILIES
@@ -30,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     add_recompute_flag(p)
     add_grid_flags(p)
+    add_device_calibration_flag(p)
     p.add_argument("--steps", type=int, default=None, metavar="N", help="batches (optimizer steps) to simulate")
     p.add_argument("--params", metavar="JSON",
                    help="simulator parameters (sim_params.json from `pipetwin calibrate`); the flags below override it")
@@ -99,8 +101,10 @@ def _inputs(args):
 
         if grid_given(args) or args.stages or args.replicas:
             raise UserError("give either --plan or a plan's shape (--tp/--pp/--dp/--vp, --stages/--replicas), not both")
-        profile = resolve_model(model, tensor_parallel=plan.tensor_parallel, sequence_parallel=plan.sequence_parallel)
+        profile = resolve_model(model, tensor_parallel=plan.tensor_parallel, sequence_parallel=plan.sequence_parallel,
+                                calibration=args.device_calibration, microbatch_size=plan.microbatch_size)
         topology = load_topology(topo_spec)
+        check_calibration_topology(args.device_calibration, topology)
         if args.steps:
             plan = replace(plan, batches=args.steps)
         if args.recompute is not None:
@@ -121,7 +125,9 @@ def _inputs(args):
         if args.stages is not None or args.replicas is not None or args.chunks != 1:
             raise UserError("give the plan's shape one way: --tp/--pp/--dp/--vp, or --stages/--replicas/--chunks")
         tp = grid_degrees(args, len(topology.devices))[0]
-    profile = resolve_model(args.model, tensor_parallel=tp, sequence_parallel=args.sequence_parallel)
+    check_calibration_topology(args.device_calibration, topology)
+    profile = resolve_model(args.model, tensor_parallel=tp, sequence_parallel=args.sequence_parallel,
+                            calibration=args.device_calibration, microbatch_size=args.microbatch_size)
     return _plan_for(args, profile, topology), profile, topology
 
 
@@ -178,7 +184,9 @@ def _simulate_program(args, params):
         raise UserError(f"the program has {len(program.workers)} workers but topology {topology.name!r} has "
                         f"{len(topology.devices)} devices; use a larger topology")
     devices = {w: topology.devices[i] for i, w in enumerate(program.workers)}
-    trace = simulate(program, resolve_model(args.model), topology, devices, microbatch_size=args.microbatch_size,
+    check_calibration_topology(args.device_calibration, topology)
+    profile = resolve_model(args.model, calibration=args.device_calibration, microbatch_size=args.microbatch_size)
+    trace = simulate(program, profile, topology, devices, microbatch_size=args.microbatch_size,
                      params=params)
     spec = program.spec
     return trace, f"{spec.family} program {len(program.workers)} workers x {spec.microbatches} microbatches on {topology.name}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipetwin.args import counts as _counts, words as _words
+from pipetwin.args import add_grid_flags, counts as _counts, grid_given, words as _words
 from pipetwin.errors import UserError
 from pipetwin.scoring import run_sweep
 from pipetwin.show import Progress, console, plot_sweep, stage_table
@@ -32,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
                    help="optimizer state in the memory accounting (default adam: 16 bytes/parameter)")
     p.add_argument("--recompute", action="store_true", help="activation recomputation")
+    add_grid_flags(p, sequence_parallel=False)
     p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="samples/s to reach with the fewest devices")
     p.add_argument("--price", type=_prices, default=None, metavar="KIND=$,..",
                    help="dollars per device-hour, e.g. a100-80gb=1.5,h100=2.5 (adds cost per sample)")
@@ -79,7 +80,8 @@ def run(args) -> int:
                          interconnects=args.interconnects, schedules=args.schedules,
                          microbatch_sizes=tuple(sorted(set(args.microbatch_sizes))), global_batch=args.global_batch,
                          optimizer=args.optimizer, recompute=args.recompute, simulate=args.simulate,
-                         sim_batches=args.sim_batches)
+                         sim_batches=args.sim_batches,
+                         grid=(args.tp, args.pp, args.dp, args.vp) if grid_given(args) else None)
     with Progress(args.progress) as progress:
         result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=progress)
     if not any(r.ok for r in result.records):

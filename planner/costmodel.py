@@ -80,6 +80,8 @@ class CostOptions:
             the pipeline, so the two directions of a link rarely run at full rate together;
             flush schedules (fill, then drain) overlap them less than PipeDream and 2BW. The
             defaults are fitted to the SimPy simulator on PipeDream's profiles and clusters.
+        overlap_allreduce: a stage's all-reduce runs under its backward pass (PyTorch DDP's gradient buckets):
+            its time is forward + max(backward, all-reduce) instead of their sum (``pipetwin plan --dp-overlap``).
     """
 
     overlap_comm: bool = True
@@ -90,6 +92,7 @@ class CostOptions:
     link_load: bool = True
     link_serial_flush: float = 0.8
     link_serial_async: float = 0.6
+    overlap_allreduce: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -187,6 +190,8 @@ class Candidate:
         """The figures a plan file keeps under ``predicted``."""
         return {
             "cost_model": "pipetwin",
+            "samples_per_microbatch": self.plan.microbatch_size,
+            "samples_per_batch": self.plan.microbatches * self.plan.microbatch_size,
             "time_per_sample_s": self.time_per_sample_s,
             "throughput_samples_per_s": self.throughput_samples_per_s,
             "time_per_batch_s": self.time_per_batch_s,
@@ -296,7 +301,12 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
         ar = topology.ring_allreduce_time_s(dp_group, params * shared) / update_interval(fam, M, r) if r > 1 else 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
-        t = max(compute + ar, comm) if options.overlap_comm else compute + ar + comm
+        if options.overlap_allreduce:  # the all-reduce runs under the backward pass (DDP's gradient buckets)
+            fwd = f / speed / r
+            core = fwd + max(compute - fwd, ar)
+        else:
+            core = compute + ar
+        t = max(core, comm) if options.overlap_comm else core + comm
         n_in = inflight(fam, M, workers_after[i], r)
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_in, weight_versions(fam, n_in), options)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))

@@ -266,7 +266,9 @@ def read_pipedream_graph(path: str | Path, name: str | None = None) -> ModelProf
     """Read a PipeDream ``graph.txt`` profile into a chain ModelProfile (keeping its DAG).
 
     Nodes are ordered topologically (ties by file order); times are milliseconds
-    per minibatch at the profiled batch size and become seconds. The chain's
+    per minibatch at the profiled batch size and become seconds. A source node
+    whose description starts with ``Input`` (data loading) gets no compute time,
+    as in PipeDream's optimizer (``graph.raw_ms`` keeps the file's figures). The chain's
     ``activation_bytes`` at position k is the sum of outputs of nodes at or before
     k that feed a node after k (what a cut there must send).
     """
@@ -321,13 +323,17 @@ def read_pipedream_graph(path: str | Path, name: str | None = None) -> ModelProf
         succ[a].append(b)
     # bytes crossing the cut after position k
     last_use = {n: max((pos[s] for s in succ[n]), default=pos[n]) for n in topo}
+    fed = {b for _a, b in edges}
     layers = []
     for k, n in enumerate(topo):
         crossing = sum(nodes[u]["act"] for u in topo[: k + 1] if last_use[u] > k)
         if k == len(topo) - 1:
             crossing = nodes[n]["act"]
         nd = nodes[n]
-        layers.append(Layer(f"{n}:{nd['desc'][:40]}", nd["fwd"], nd["bwd"], crossing, nd["act"], nd["params"]))
+        # a source that loads data (PipeDream's "Input" node) is no compute: PipeDream's optimizer drops it
+        free = nd["desc"].startswith("Input") and n not in fed
+        fwd, bwd = (0.0, 0.0) if free else (nd["fwd"], nd["bwd"])
+        layers.append(Layer(f"{n}:{nd['desc'][:40]}", fwd, bwd, crossing, nd["act"], nd["params"]))
     raw_ms = tuple((nodes[n]["fwd_ms"], nodes[n]["bwd_ms"]) for n in topo)
     graph = ProfileGraph(tuple(topo), tuple(edges), file_order=tuple(order), raw_ms=raw_ms)
     return ModelProfile(name=name or path.name.split(".")[0], layers=tuple(layers), microbatch_size=1, graph=graph)

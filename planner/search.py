@@ -18,10 +18,15 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from planner import partition as part
+from planner import refine
 from planner.costmodel import Candidate, CostOptions, evaluate
 from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import ModelProfile
 from planner.program import FAMILIES
+
+#: Plans (the best of as many family × microbatch-count pairs) a search refines by local search under the full
+#: cost model when the exhaustive search does not apply.
+LOCAL_SEEDS = 3
 
 #: Families ``schedule="auto"`` scores, in the order ties are broken.
 AUTO_FAMILIES = ("1f1b", "zb-h1", "interleaved", "gpipe", "2bw", "pipedream")
@@ -143,16 +148,27 @@ def plan_model(
     mcounts = _microbatch_counts(global_batch, microbatch_size, microbatches, len(devs))
     cands: list[Candidate] = []
     cache: dict = {}
+    exact: set[tuple[str, int]] = set()
     for fam in families:
         for M in mcounts:
             plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size) if grid is not None else
                      _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache, partition_cache))
             for plan in plans:
-                cands.append(evaluate(plan, profile, topology, opts))
+                if fam == "interleaved" or refine.schedulable(fam, M, tuple(st.replicas for st in plan.stages)):
+                    cands.append(evaluate(plan, profile, topology, opts))
+            if grid is None and stages is None and fam != "interleaved" and len(devs) <= part.FLAT_MAX_DEVICES:
+                base = dict(model=name, schedule=fam, microbatch_size=microbatch_size, microbatches=M,
+                            topology=topology.name)
+                found = refine.exhaustive(prof, topology, devs, fam, M, opts, base)
+                if found is not None:
+                    cands.extend(found)
+                    exact.add((fam, M))
     if grid is not None and not cands:
         raise PlanError(f"no schedule of {', '.join(families)} runs --tp {grid[0]} --pp {grid[1]} --dp {grid[2]}"
                         + (f" --vp {grid[3]}" if grid[3] > 1 else "") + f" with microbatch counts {mcounts}; "
                         "give --microbatches a multiple of pp x dp, or another --schedule")
+    if grid is None and stages is None and len(devs) <= part.FLAT_MAX_DEVICES:
+        cands.extend(_refined(cands, prof, topology, devs, opts, exact))
     fitting = [c for c in cands if c.fits]
     if not fitting:
         raise PlanError(_nothing_fits(prof, topology, devs, opts, families, mcounts, memory_limit_bytes, cands,
@@ -210,6 +226,35 @@ def capacity(profile: ModelProfile, topology, target_samples_per_s: float, **kw)
         found = full
     return CapacityResult(target_samples_per_s, True, len(found.plan.devices), found,
                           max(found.peak_memory_bytes.values()), full.throughput_samples_per_s)
+
+
+def best_data_parallel(profile: ModelProfile, topology, *, microbatch_size: int = 1,
+                       memory_limit_bytes: float | None = None, optimizer: str = "sgd", recompute=False,
+                       overlap_comm: bool = True, overlap_allreduce: bool = False,
+                       devices: list[str] | None = None, model_name: str | None = None) -> Candidate:
+    """The cluster's best pure data-parallel plan under the same cost model: the whole model as one stage
+    replicated on the first n devices (n over the counts the planner tries), each replica one microbatch per
+    step, synchronous (one all-reduce per step, on the real links, its load on every shared link counted).
+
+    ``overlap_allreduce`` runs the all-reduce under the backward pass, as PyTorch DDP's gradient buckets do;
+    without it the all-reduce follows the backward pass. Raises PlanError when no replica fits in memory.
+    """
+    if microbatch_size < 1:
+        raise PlanError("--microbatch-size must be >= 1")
+    devs = tuple(devices) if devices is not None else tuple(topology.devices)
+    opts = CostOptions(overlap_comm=overlap_comm, recompute=recompute, optimizer=optimizer,
+                       memory_limit_bytes=memory_limit_bytes, overlap_allreduce=overlap_allreduce)
+    best = None
+    for n in part.device_counts(topology, devs):
+        plan = Plan(model=model_name or profile.name, stages=(StagePlan(0, len(profile) - 1, n, devs[:n]),),
+                    schedule="1f1b", microbatch_size=microbatch_size, microbatches=n, topology=topology.name)
+        c = evaluate(plan, profile, topology, opts)
+        if c.fits and (best is None or _rank_key(c) < _rank_key(best)):
+            best = c
+    if best is None:
+        raise PlanError(f"data parallelism needs the whole model on every device and it does not fit "
+                        f"({profile.name!r}); raise --memory-limit or use smaller microbatches")
+    return best
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -342,6 +387,26 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
             splits[P] = part.split_even(prof, P, pcache)
         sp = tuple(StagePlan(a, b, r, tuple(devs[x * r + y] for y in range(r))) for x, (a, b) in enumerate(splits[P]))
         out.append(Plan(model=name, stages=sp, **kw))
+    return out
+
+
+def _refined(cands: list[Candidate], prof: ModelProfile, topology, devs: tuple[str, ...], opts: CostOptions,
+             exact: set[tuple[str, int]], seeds: int = LOCAL_SEEDS) -> list[Candidate]:
+    """Local search under the full cost model (``planner.refine.local_search``) from the ``seeds`` best fitting
+    plans of different shapes among the families and microbatch counts the exhaustive search did not settle."""
+    picked: list[Candidate] = []
+    shapes: set = set()
+    for c in sorted((c for c in cands if c.fits and c.plan.schedule != "interleaved"
+                     and (c.plan.schedule, c.plan.microbatches) not in exact), key=_rank_key):
+        shape = tuple((s.first_layer, s.last_layer, s.devices) for s in c.plan.stages)
+        if shape not in shapes:
+            shapes.add(shape)
+            picked.append(c)
+        if len(picked) == seeds:
+            break
+    out = []
+    for c in picked:
+        out += refine.local_search([c], prof, topology, devs, c.plan.schedule, c.plan.microbatches, opts)
     return out
 
 

@@ -55,3 +55,21 @@ def test_scaling_to_another_microbatch_size():
 def test_real_pipedream_profiles_read(name, nodes):
     p = read_pipedream_graph(SHARED / f"{name}.graph.txt")
     assert len(p) == nodes and p.total_s > 0
+
+
+def test_input_source_carries_no_compute_in_either_cost_model():
+    """PipeDream's optimizer drops the data-loading ``Input`` node; both cost models give it no compute."""
+    from planner.costmodel import evaluate
+    from planner.pipedream import optimize_pipedream
+    from planner.plan import Plan, StagePlan
+    from topologies.presets import load_topology
+
+    p = read_pipedream_graph(FIX / "input_heavy.graph.txt")
+    assert (p.layers[0].forward_s, p.layers[0].backward_s) == (0.0, 0.0)
+    assert p.graph.raw_ms[0] == (600.0, 0.0)  # the file's figure is kept for reference
+    work_s = (10 + 20 + 5 + 5 + 15 + 30) / 1e3  # the three compute nodes, by hand
+    topo = load_topology("ideal:1")
+    plan = Plan(model="m", stages=(StagePlan(0, 3, 1, ("d0",)),), schedule="pipedream", microbatches=4)
+    assert evaluate(plan, p, topo).bottleneck_s == pytest.approx(work_s, rel=1e-12)
+    # PipeDream's own optimizer on one worker: the same compute, the Input node not in it
+    assert optimize_pipedream(p, [(1, 1e9)]).pipeline_time_s == pytest.approx(work_s, rel=1e-12)

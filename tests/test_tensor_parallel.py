@@ -434,3 +434,57 @@ def test_a_replicated_pipeline_pays_its_fill_and_drain_once_per_replica_in_the_c
         plan = plan_from_flags("m", 8, pp=2, dp=dp, schedule=family, microbatches=16, devices=topo.devices)
         cand = evaluate(plan, prof, topo, CostOptions(link_load=False))
         assert cand.time_per_batch_s == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)
+
+
+def test_symmetry_is_not_used_with_tensor_parallelism_and_says_why():
+    from sim import simulate_plan
+
+    topo = load_topology("ideal:8")
+    plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
+    sym = simulate_plan(plan, _tp_profile(2, layers=2), topo).meta["symmetry"]
+    assert sym == {"used": False, "replicas": 1, "reason": "tensor parallelism: every TP rank is simulated"}
+def test_whatif_sweeps_a_fixed_grid_filling_the_missing_degree_per_device_count():
+    from planner.analytic import load_model
+    from planner.search import plan_model
+    from whatif.points import SweepConfig, plan_point, point_cluster
+
+    model = "gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"
+    cfg = SweepConfig(model, devices=(8, 16), interconnects=("dgx-ib200",), schedules=("1f1b",), global_batch=16,
+                      grid=(2, 2, None, None))
+    points = cfg.points()
+    assert [p.grid for p in points] == [(2, 2, 2, 1), (2, 2, 4, 1)]
+    rec = plan_point(points[1])
+    topo = point_cluster("dgx-ib200", 16, "a100-80gb")
+    want = plan_model(load_model(model, "a100-80gb", tensor_parallel=2), topo, schedule="1f1b", global_batch=16,
+                      optimizer="adam", grid=(2, 2, 4, 1)).best_candidate
+    assert Plan.from_dict(rec.plan).stages == want.plan.stages and rec.throughput_samples_per_s == want.throughput_samples_per_s
+    with pytest.raises(PlanError, match="does not make 8 devices"):
+        SweepConfig(model, devices=(8,), grid=(3, None, None, None)).points()
+
+
+def test_plan_and_whatif_take_the_same_grid_flags_as_simulate(capsys, tmp_path):
+    from pipetwin.cli import main
+
+    model = "gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", model, "--topology", "dgx:servers=2,gpus=4", "--tp", "2", "--pp", "2",
+                 "--microbatches", "4", "--schedule", "1f1b", "--recompute", "selective", "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    plan = Plan.load(out)
+    assert (plan.tensor_parallel, plan.pipeline_depth, plan.replicas, plan.recompute) == (2, 2, (2, 2), "selective")
+    from planner.analytic import load_model
+    from planner.costmodel import CostOptions, evaluate
+    from topologies.presets import load_topology as _load
+
+    want = evaluate(plan, load_model(model, tensor_parallel=2), _load("dgx:servers=2,gpus=4"),
+                    CostOptions(recompute="selective"))
+    assert doc["predicted"]["time_per_batch_s"] == pytest.approx(want.time_per_batch_s, rel=1e-12)
+    assert main(["whatif", "--model", model, "--devices", "8", "--tp", "2", "--pp", "2", "--global-batch", "4",
+                 "--schedules", "1f1b", "--simulate", "none", "--jobs", "1", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["points"][0]
+    assert rec["plan"]["tensor_parallel"] == 2 and [s["replicas"] for s in rec["plan"]["stages"]] == [2, 2]
+    for argv in (["plan", "--model", model, "--topology", "ideal:8", "--tp", "3"],
+                 ["whatif", "--model", model, "--devices", "8", "--tp", "3", "--jobs", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "does not make 8 devices" in err, err

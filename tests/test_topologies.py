@@ -400,3 +400,24 @@ def test_routes_are_paths_and_costs_are_consistent(counts, bws, data):
     assert t.p2p_time_s(a, b, 1e6) == pytest.approx(t.path_latency(a, b) + 1e6 / t.path_bandwidth(a, b))
     # the product of the level counts is the number of devices
     assert math.prod(c for c, _ in t.levels()) == len(t.devices)
+
+
+def test_every_preset_help_says_its_server_count_and_links():
+    import re
+
+    from topologies.presets import PRESET_HELP, PRESETS, presets_help
+
+    assert set(PRESET_HELP) == set(PRESETS)
+    for name in ("ideal", "dgx", "pcie", "pipedream-a", "pipedream-b", "fattree"):
+        topo = load_topology(name)
+        servers = len(topo.domains(0)) if len(topo.levels()) > 1 else 1
+        text = PRESET_HELP[name]
+        said = 1 if "one server" in text else int(re.search(r"(\d+) servers", text).group(1))
+        assert said == servers, (name, text)
+        kinds = {topo.graph.edges[e]["link"].kind for e in topo.graph.edges}
+        for k in kinds:
+            word = {"nvswitch": "NVSwitch", "nvlink": "NVLink", "pcie": "PCIe", "infiniband": "InfiniBand",
+                    "ethernet": "Ethernet", "ideal": "infinite bandwidth"}[k]
+            assert word.lower() in text.lower(), (name, k, text)
+    assert "pipedream-b:servers=2" in presets_help()
+    assert load_topology("pipedream-a:kind=v100-16gb").device("s0g0").memory_bytes == 16e9

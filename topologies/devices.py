@@ -32,6 +32,8 @@ class DeviceKind:
 
 DEVICE_KINDS: dict[str, DeviceKind] = {k.name: k for k in (
     DeviceKind("v100", 125e12, 0.40, 32e9, 150e9, 900e9),
+    # the PipeDream paper's clusters had the 16 GB card
+    DeviceKind("v100-16gb", 125e12, 0.40, 16e9, 150e9, 900e9),
     DeviceKind("a100-40gb", 312e12, 0.50, 40e9, 300e9, 1.555e12),
     DeviceKind("a100-80gb", 312e12, 0.50, 80e9, 300e9, 2.039e12),
     DeviceKind("h100", 989e12, 0.45, 80e9, 450e9, 3.35e12),

@@ -13,8 +13,11 @@ Spec grammar (``load_topology``); every argument is optional::
                              one InfiniBand NIC per server (ib Gbit/s) to one IB switch (S=2)
     pcie:servers=S,gpus=4,kind=v100,eth=10
                              GPUs on a PCIe switch per server (12 GB/s), servers on Ethernet (eth Gbit/s) (S=2)
-    pipedream-a[:servers=4]  PipeDream Cluster-A: 4-V100 PCIe servers, 10 Gbit/s Ethernet
-    pipedream-b[:servers=4]  PipeDream Cluster-B: 8-V100 NVLink servers, 25 Gbit/s Ethernet
+    pipedream-a[:servers=4,gpus=4,kind=v100]
+                             PipeDream Cluster-A: 4 servers of 4 V100 on PCIe, 10 Gbit/s Ethernet
+    pipedream-b[:servers=4,gpus=8,kind=v100]
+                             PipeDream Cluster-B: 4 servers of 8 V100 on NVLink, 25 Gbit/s Ethernet
+                             (the paper's 2 x 8 is servers=2; its 16 GB cards kind=v100-16gb)
     fattree:gpus=N,per_server=8,kind=h100,ib=400,leaf=4,spines=LEAF
                              NVSwitch servers, `leaf` servers per leaf switch, every leaf linked to
                              every spine switch (non-blocking with spines=leaf) (N=64)
@@ -42,7 +45,7 @@ import networkx as nx
 from topologies.devices import device_kind, make_device
 from topologies.topology import LINK_KINDS, Device, Link, Topology, TopologyError
 
-__all__ = ["load_topology", "PRESETS", "ideal", "local", "dgx", "pcie", "pipedream_a", "pipedream_b",
+__all__ = ["load_topology", "PRESETS", "PRESET_HELP", "presets_help", "ideal", "local", "dgx", "pcie", "pipedream_a", "pipedream_b",
            "fattree", "hierarchical", "parse_hier", "DEFAULT_LATENCY_S", "gbit"]
 
 #: Per-link latency used when a spec gives none, by link kind.
@@ -136,19 +139,22 @@ def pcie(servers: int = 2, gpus: int = 4, kind: str = "v100", eth: float = 10, n
                            "eth-switch", Link("ethernet", gbit(eth), DEFAULT_LATENCY_S["ethernet"]))
 
 
-def pipedream_a(servers: int = 4, gpus: int = 4, name: str | None = None) -> Topology:
-    """PipeDream paper Cluster-A: 4-V100 PCIe servers on 10 Gbit/s Ethernet."""
-    return pcie(servers, gpus, "v100", 10, name=name or ("pipedream-a" if (servers, gpus) == (4, 4)
-                                                          else f"pipedream-a:servers={servers},gpus={gpus}"))
+def pipedream_a(servers: int = 4, gpus: int = 4, name: str | None = None, kind: str = "v100") -> Topology:
+    """PipeDream paper Cluster-A: 4-V100 PCIe servers on 10 Gbit/s Ethernet (the paper's cards: kind="v100-16gb")."""
+    default = (servers, gpus, device_kind(kind).name) == (4, 4, "v100")
+    return pcie(servers, gpus, kind, 10, name=name or ("pipedream-a" if default
+                                                       else f"pipedream-a:servers={servers},gpus={gpus},kind={device_kind(kind).name}"))
 
 
-def pipedream_b(servers: int = 4, gpus: int = 8, name: str | None = None) -> Topology:
+def pipedream_b(servers: int = 4, gpus: int = 8, name: str | None = None, kind: str = "v100") -> Topology:
     """PipeDream paper Cluster-B: 8-V100 NVLink servers (modelled as a per-server NVLink hub at the
-    V100's 150 GB/s) on 25 Gbit/s Ethernet."""
+    V100's 150 GB/s) on 25 Gbit/s Ethernet. Four servers by default; the paper's 2 x 8 is ``servers=2``,
+    its 16 GB cards ``kind="v100-16gb"``."""
     _positive_int(servers, "pipedream-b", "servers")
     _positive_int(gpus, "pipedream-b", "gpus")
-    k = device_kind("v100")
-    return _server_cluster(name or ("pipedream-b" if (servers, gpus) == (4, 8) else f"pipedream-b:servers={servers},gpus={gpus}"),
+    k = device_kind(kind)
+    default = (servers, gpus, k.name) == (4, 8, "v100")
+    return _server_cluster(name or ("pipedream-b" if default else f"pipedream-b:servers={servers},gpus={gpus},kind={k.name}"),
                            servers, gpus, k.name, "nvlink", Link("nvlink", k.nvlink_bytes_per_s, DEFAULT_LATENCY_S["nvlink"]),
                            "eth-switch", Link("ethernet", gbit(25), DEFAULT_LATENCY_S["ethernet"]))
 
@@ -303,11 +309,13 @@ def _spec_pcie(a: dict[str, str], spec: str) -> Topology:
 
 
 def _spec_pda(a: dict[str, str], spec: str) -> Topology:
-    return pipedream_a(_int(a.get("servers", "4"), "pipedream-a", "servers"), _int(a.get("gpus", "4"), "pipedream-a", "gpus"), name=spec)
+    return pipedream_a(_int(a.get("servers", "4"), "pipedream-a", "servers"), _int(a.get("gpus", "4"), "pipedream-a", "gpus"),
+                       name=spec, kind=a.get("kind", "v100"))
 
 
 def _spec_pdb(a: dict[str, str], spec: str) -> Topology:
-    return pipedream_b(_int(a.get("servers", "4"), "pipedream-b", "servers"), _int(a.get("gpus", "8"), "pipedream-b", "gpus"), name=spec)
+    return pipedream_b(_int(a.get("servers", "4"), "pipedream-b", "servers"), _int(a.get("gpus", "8"), "pipedream-b", "gpus"),
+                       name=spec, kind=a.get("kind", "v100"))
 
 
 def _spec_fattree(a: dict[str, str], spec: str) -> Topology:
@@ -324,14 +332,39 @@ PRESETS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, str], str], Topolo
     "local": (("n",), _spec_local, "local:N"),
     "dgx": (("servers", "gpus", "kind", "ib"), _spec_dgx, "dgx:servers=S,gpus=8,kind=a100-80gb,ib=200"),
     "pcie": (("servers", "gpus", "kind", "eth"), _spec_pcie, "pcie:servers=S,gpus=4,kind=v100,eth=10"),
-    "pipedream-a": (("servers", "gpus"), _spec_pda, "pipedream-a[:servers=4]"),
-    "pipedream-b": (("servers", "gpus"), _spec_pdb, "pipedream-b[:servers=4]"),
+    "pipedream-a": (("servers", "gpus", "kind"), _spec_pda, "pipedream-a[:servers=4,gpus=4,kind=v100]"),
+    "pipedream-b": (("servers", "gpus", "kind"), _spec_pdb, "pipedream-b[:servers=4,gpus=8,kind=v100]"),
     "fattree": (("gpus", "per_server", "kind", "ib", "leaf", "spines"), _spec_fattree,
                 "fattree:gpus=N,per_server=8,kind=h100,ib=400,leaf=4"),
     # hier has its own grammar (parse_hier); load_topology never calls this builder
     "hier": ((), lambda a, s: hierarchical(*parse_hier(s.partition(":")[2]), name=s),
              "hier:8@nvlink:300e9,32@ib:25e9,4@eth:1.25e9 or hier:8x32x4"),
 }
+
+
+#: preset name -> what it builds by default: servers, devices, and every kind of link (``--topology`` help).
+PRESET_HELP: dict[str, str] = {
+    "ideal": "ideal:N — one server: N devices on one switch, infinite bandwidth, zero latency (N=4)",
+    "local": "local:N — N CPU worker processes on this host over loopback (N=2)",
+    "dgx": "dgx:servers=2,gpus=8,kind=a100-80gb,ib=200 — 2 servers of 8 GPUs on an NVSwitch (the kind's NVLink "
+           "bandwidth per GPU), one InfiniBand NIC of ib Gbit/s per server to one IB switch",
+    "pcie": "pcie:servers=2,gpus=4,kind=v100,eth=10 — 2 servers of 4 GPUs on a PCIe switch (12 GB/s per GPU), "
+            "one Ethernet NIC of eth Gbit/s per server to one switch",
+    "pipedream-a": "pipedream-a — PipeDream's Cluster-A: 4 servers of 4 V100 (32 GB; the paper's 16 GB cards: "
+                   "kind=v100-16gb) on a PCIe switch (12 GB/s per GPU), one 10 Gbit/s Ethernet NIC per server",
+    "pipedream-b": "pipedream-b — PipeDream's Cluster-B: 4 servers of 8 V100 (32 GB; kind=v100-16gb for the "
+                   "paper's) on NVLink (150 GB/s per GPU), one 25 Gbit/s Ethernet NIC per server; the paper's "
+                   "2 x 8 is pipedream-b:servers=2",
+    "fattree": "fattree:gpus=64,per_server=8,kind=h100,ib=400,leaf=4 — 8 servers of 8 GPUs on an NVSwitch, 4 per leaf "
+               "switch by an InfiniBand link of ib Gbit/s, every leaf linked to every spine (spines=leaf: non-blocking)",
+    "hier": "hier:8@nvlink:300e9,32@ib:25e9,... or hier:8x32x4 — a generic hierarchy, innermost first: C children "
+            "per group on a switch over links of BW bytes/s",
+}
+
+
+def presets_help() -> str:
+    """One line per preset for a ``--topology`` help text, or a YAML/JSON file."""
+    return "; ".join(PRESET_HELP[p] for p in PRESETS) + "; or a YAML/JSON topology file"
 
 
 def _parse_args(preset: str, keys: tuple[str, ...], text: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from planner.analytic import load_model, min_memory_per_device_bytes, on_device
 from planner.partition import PartitionCache
-from planner.plan import Plan
+from planner.plan import Plan, fill_degrees
 from planner.profile import ModelProfile
 from planner.search import plan_model
 from topologies.clusters import build_cluster, parse_interconnect
@@ -45,6 +45,8 @@ class SweepPoint:
         optimizer: optimizer whose state the memory accounting carries.
         recompute: activation recomputation.
         top_k: candidates the planner keeps (the record keeps the best).
+        grid: (tp, pp, dp, vp), a fixed plan instead of the planner's search (``plan_model(grid=...)``);
+            None: search.
     """
 
     model: str
@@ -57,10 +59,18 @@ class SweepPoint:
     optimizer: str = "adam"
     recompute: bool = False
     top_k: int = 1
+    grid: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:  # a cache key's JSON list
+            object.__setattr__(self, "grid", tuple(int(x) for x in self.grid))
 
     def key(self) -> str:
-        """The cache key: every parameter that changes the answer, as canonical JSON."""
-        return json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        """The cache key: every parameter that changes the answer, as canonical JSON (no grid: as before grids)."""
+        d = asdict(self)
+        if d["grid"] is None:
+            del d["grid"]
+        return json.dumps({"v": CACHE_VERSION, **d}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_key(cls, key: str) -> "SweepPoint":
@@ -84,6 +94,8 @@ class SweepConfig:
         recompute: activation recomputation.
         simulate: "pareto" (simulate the front), "all" or "none".
         sim_batches: optimizer steps each simulation runs.
+        grid: (tp, pp, dp, vp) of a fixed plan, a missing degree None (filled from each device count by
+            ``planner.plan.fill_degrees``); None: the planner searches.
     """
 
     model: str
@@ -97,6 +109,7 @@ class SweepConfig:
     recompute: bool = False
     simulate: str = "pareto"
     sim_batches: int = 1
+    grid: tuple[int | None, int | None, int | None, int | None] | None = None
 
     def points(self) -> list[SweepPoint]:
         """Every point, in a fixed order: interconnect, kind, devices, schedule, microbatch size."""
@@ -106,8 +119,9 @@ class SweepConfig:
             device_kind(k)
         if self.simulate not in ("pareto", "all", "none"):
             raise WhatIfError(f"simulate must be pareto, all or none (got {self.simulate!r})")
+        grids = {n: None if self.grid is None else fill_degrees(n, *self.grid) for n in self.devices}
         return [SweepPoint(self.model, n, device_kind(k).name, parse_interconnect(ic).name, s, mb,
-                           self.global_batch, self.optimizer, self.recompute)
+                           self.global_batch, self.optimizer, self.recompute, grid=grids[n])
                 for ic in self.interconnects for k in self.device_kinds for n in self.devices
                 for s in self.schedules for mb in self.microbatch_sizes]
 
@@ -190,9 +204,9 @@ _NAMES = tuple(f.name for f in _FIELDS)
 
 
 @lru_cache(maxsize=64)
-def point_profile(model: str, kind: str) -> ModelProfile:
-    """The model timed on ``kind`` (a measured profile file is read as it is)."""
-    return on_device(load_model(model, kind if is_analytic(model) else None), kind)
+def point_profile(model: str, kind: str, tensor_parallel: int = 1) -> ModelProfile:
+    """The model timed on ``kind`` (a measured profile file is read as it is), per TP rank of ``tensor_parallel``."""
+    return on_device(load_model(model, kind if is_analytic(model) else None, tensor_parallel=tensor_parallel), kind)
 
 
 def is_analytic(model: str) -> bool:
@@ -217,14 +231,15 @@ def plan_point(point: SweepPoint, partition_cache: PartitionCache | None = None)
                       memory_limit_bytes=device_kind(point.device_kind).memory_bytes)
     try:
         topo = point_cluster(point.interconnect, point.devices, point.device_kind)
-        profile = point_profile(point.model, point.device_kind)
+        profile = point_profile(point.model, point.device_kind, point.grid[0] if point.grid else 1)
     except (WhatIfError, TopologyError) as e:
         return replace(rec, reason=e.args[0] if e.args else str(e))
     rec = replace(rec, topology=topo.name)
     try:
         result = plan_model(profile, topo, schedule=point.schedule, microbatch_size=point.microbatch_size,
                             global_batch=point.global_batch, top_k=point.top_k, recompute=point.recompute,
-                            optimizer=point.optimizer, partition_cache=partition_cache)
+                            optimizer=point.optimizer, partition_cache=partition_cache,
+                            **({"grid": point.grid} if point.grid else {}))
     except ValueError as e:  # the planner's bad-input errors (PlanError and friends) are ValueErrors
         msg = e.args[0] if e.args else str(e)
         if "fit" not in msg.lower():

@@ -127,23 +127,23 @@ def _candidates(model: str, topo_spec: str, kind: str | None, schedules: tuple[s
     tasks = [(model, topo_spec, kind, sched, mb, global_batch, optimizer, recompute, top_k, memory_limit_bytes,
               calibration)
              for sched in schedules for mb in microbatch_sizes]
-    cands, expl, errors = [], "", []
+    cands, errors = [], []  # cands: (candidate, the explanation of the task that found it)
     for res in map_in_order(_plan_task, tasks, jobs, lambda i, r: None):
         if "error" in res:
             errors.append(res["error"])
             continue
-        cands.extend(res["candidates"])
-        expl = expl or res["explanation"]
+        cands.extend((c, res["explanation"]) for c in res["candidates"])
     if not cands:
         raise WhatIfError(errors[0] if errors else f"no candidate plans for {model} on {topo.name}")
     seen, out = set(), []
-    for c in sorted(cands, key=lambda c: (c.time_per_sample_s, len(c.plan.devices), c.plan.schedule,
-                                          c.plan.microbatch_size, c.plan.microbatches)):
+    for c, expl in sorted(cands, key=lambda ce: (ce[0].time_per_sample_s, len(ce[0].plan.devices), ce[0].plan.schedule,
+                                                 ce[0].plan.microbatch_size, ce[0].plan.microbatches)):
         k = json.dumps(c.plan.to_dict(), sort_keys=True, default=str)
         if k not in seen:
             seen.add(k)
-            out.append(c)
-    return out[:top_k], expl
+            out.append((c, expl))
+    # the explanation printed is the one of the task whose best is the merged best, not of the first task
+    return [c for c, _ in out[:top_k]], out[0][1]
 
 
 def _row(rank: int, c, s: dict) -> dict:

@@ -7,13 +7,13 @@ of a multi-stage placement costs 1/V of these), the dry run's makespan of:
 * the published or derived closed form where one exists (``closed``; '-' where none):
   GPipe/1F1B (M + P − 1)·3; interleaved 3M + 3(P − 1)/V when P divides M; ZB-H1 3M + P − 1;
   ZB-H2 one batch 3M + P − 1 (batch after batch 3M once M ≥ 2P − 1, column ``steady``);
-  ZB-V 3M + (P − 1)/2 once M ≥ 2P,
+  ZB-V 3M + (P − 1)/2 once M ≥ 2P; looped BFS 3M + 3(P − 1)/V once M ≥ P,
 * torch's schedule of the same family imported into pipetwin and dry-run the same way
   (``torch``), and torch's own timer (``torch steps``: ``_simulate_comms_compute``'s step
   count, where every action, SEND and RECV included, takes one step: a different cost
   model, printed for reference),
-* torch's schedules pipetwin has no generator for (looped BFS, interleaved zero bubble,
-  DualPipeV), imported and dry-run.
+* torch's schedules pipetwin has no generator for (interleaved zero bubble, DualPipeV),
+  imported and dry-run.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_schedules.py``.
 """
@@ -42,11 +42,14 @@ def closed_form(family: str, P: int, M: int) -> float | None:
         return 3 * M + P - 1.0
     if family == "zb-v":
         return 3 * M + (P - 1) / 2 if M >= 2 * P else None
+    if family == "looped-bfs":
+        return 3 * M + 3 * (P - 1) / V if M >= P else None
     return None
 
 
-TORCH_OF = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb-v": "ZBVZeroBubble"}
-TORCH_ONLY = ["LoopedBFS", "InterleavedZeroBubble", "DualPipeV"]
+TORCH_OF = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb-v": "ZBVZeroBubble",
+            "looped-bfs": "LoopedBFS"}
+TORCH_ONLY = ["InterleavedZeroBubble", "DualPipeV"]
 
 
 def _torch(name: str, P: int, M: int):
@@ -78,12 +81,12 @@ def fmt(x) -> str:
 
 
 def main() -> None:
-    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"]
+    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "looped-bfs"]
     print(f"{'family':<24} {'P':>3} {'M':>4} {'ours':>8} {'closed':>8} {'steady':>7} {'torch':>10} {'torch steps':>11}")
     for P in (2, 4, 8, 16):
         for M in (P, 2 * P, 4 * P, 3 * P + 1):
             for fam in families:
-                prog = generate(make_spec(fam, P, M, chunks=V if fam == "interleaved" else 1))
+                prog = generate(make_spec(fam, P, M, chunks=V if fam in ("interleaved", "looped-bfs") else 1))
                 ours = makespan_s(dry_run(prog, U))
                 steady = None
                 if fam == "zb-h2":

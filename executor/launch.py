@@ -61,8 +61,7 @@ def _as_plan(plan: Plan | dict | str | os.PathLike) -> Plan:
 def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", timeout_s: float = 60.0,
              save_weights: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 0, resume: bool = False, seed: int = 0, dtype: str = "float32",
-             track_memory: bool = True, keep_dir: str | os.PathLike | None = None, device: str = "auto",
-             sequence_parallel: bool = False) -> RunResult:
+             track_memory: bool = True, keep_dir: str | os.PathLike | None = None, device: str = "auto") -> RunResult:
     """Run ``plan`` for real: one process per worker on this machine.
 
     Args:
@@ -79,7 +78,6 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         dtype: "float32" (default) or "float64" (exact parity checks).
         track_memory: record memory samples.
         keep_dir: keep the workers' files (results, error records, stderr logs) in this folder.
-        sequence_parallel: with tensor parallelism (``plan.tensor_parallel`` > 1), Megatron's sequence parallelism.
 
     Returns:
         RunResult with the merged measured trace, final weights and losses.
@@ -95,8 +93,7 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         raise ExecutorError("--timeout must be > 0 seconds")
     cfg = RunConfig(plan=plan.to_dict(), backend="gloo", timeout_s=float(timeout_s), seed=int(seed), dtype=dtype,
                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory,
-                    sequence_parallel=bool(sequence_parallel))
+                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory)
     prep = prepare(cfg)
     if prep.program is None:
         weights = weights_from_checkpoint(prep, cfg)

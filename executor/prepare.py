@@ -37,8 +37,6 @@ class RunConfig:
         resume: continue from the newest complete checkpoint in checkpoint_dir.
         collect_weights: send the final weights to rank 0.
         track_memory: record memory samples.
-        sequence_parallel: with tensor parallelism, keep 1/T of the sequence between the TP regions
-            (reduce-scatter / all-gather instead of all-reduce; see executor.tensor_parallel).
     """
 
     plan: dict
@@ -52,7 +50,6 @@ class RunConfig:
     resume: bool = False
     collect_weights: bool = True
     track_memory: bool = True
-    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,12 +85,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     if plan.num_layers != n:
         raise ExecutorError(f"the plan covers {plan.num_layers} layers but model {plan.model!r} has {n}; "
                             f"re-plan for this model (or fix the stages' layer ranges)")
-    if cfg.sequence_parallel and plan.tensor_parallel < 2:
-        raise ExecutorError("sequence parallelism splits the sequence over a tensor-parallel group: it needs --tp 2 or more")
     if plan.tensor_parallel > 1:
         from executor.tensor_parallel import check_model
 
-        check_model(plan.model, plan.tensor_parallel, cfg.sequence_parallel)
+        check_model(plan.model, plan.tensor_parallel, plan.sequence_parallel)
     if cfg.dtype not in DTYPES:
         raise ExecutorError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     streaming = plan.schedule not in FLUSH_FAMILIES

@@ -113,7 +113,7 @@ class StageWorker:
         self.groups = replica_groups(self.program, self.rank)
         tp_group = tensor_group(self.program, self.rank)
         self.tp = None if tp_group is None else TPContext(tp_group, self.tp_rank, self.T, self.staged, skip_from_env(),
-                                                          self.cfg.sequence_parallel)
+                                                          self.plan.sequence_parallel)
         self.p2p = p2p_groups(self.nccl)
         for s in self.program.stages_of(self.rank):
             self.stages[s] = self._build_stage(s)

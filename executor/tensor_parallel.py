@@ -22,7 +22,7 @@ output gradients are the same on every rank after the reductions above, so
 their gradients agree without a reduction of their own and the ranks' copies
 stay equal.
 
-Sequence parallelism (Korthikanti et al. 2022), optional: between the
+Sequence parallelism (Korthikanti et al. 2022; ``Plan.sequence_parallel``): between the
 tensor-parallel regions each rank keeps only its 1/T of the sequence. ``f``
 becomes an all-gather along the sequence (backward: reduce-scatter) and ``g``
 a reduce-scatter (backward: all-gather); the embedding's output is split
@@ -51,7 +51,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from executor.collectives import all_gather_dim, all_reduce, reduce_scatter_dim
 from executor.errors import ExecutorError
+from executor.models import GPTBlock, GPTEmbedding, GPTHead, parse_spec
 from executor.recompute import attention_core
 
 TP_FAULT_ENV = "PIPETWIN_TP_FAULT"
@@ -87,8 +89,6 @@ class ShardSpec:
 
 
 def _all_reduce(t: Tensor, tp: TPContext) -> Tensor:
-    from executor.collectives import all_reduce
-
     all_reduce(t, tp.group, tp.staged)
     return t
 
@@ -125,8 +125,6 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 def _gather(x: Tensor, tp: TPContext) -> Tensor:
-    from executor.collectives import all_gather_dim
-
     return all_gather_dim(x, 1, tp.group, tp.size, tp.staged)
 
 
@@ -160,8 +158,6 @@ class _GatherSeq(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         tp = ctx.tp
         if ctx.partial and tp.skip != "backward":
-            from executor.collectives import reduce_scatter_dim
-
             return reduce_scatter_dim(g, 1, tp.group, tp.size, tp.rank, tp.staged), None, None
         return _own(g, tp), None, None
 
@@ -171,8 +167,6 @@ class _ReduceScatterSeq(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, tp: TPContext) -> Tensor:
-        from executor.collectives import reduce_scatter_dim
-
         ctx.tp = tp
         if tp.skip == "forward":
             return _own(x, tp)
@@ -264,8 +258,6 @@ class TPMLP(nn.Module):
 def check_model(spec: str, size: int, sequence: bool = False) -> None:
     """Raise ExecutorError unless ``spec`` is a gpt model whose heads (and, with ``sequence``, sequence) split
     over ``size`` TP ranks."""
-    from executor.models import parse_spec
-
     ms = parse_spec(spec)
     if ms.kind != "gpt":
         raise ExecutorError(f"tensor parallelism runs the zoo's gpt model only (the plan's model is {spec!r}); "
@@ -280,8 +272,6 @@ def check_model(spec: str, size: int, sequence: bool = False) -> None:
 def parallelize(layers: list[nn.Module], tp: TPContext) -> list[nn.Module]:
     """The stage's gpt layers with every block's attention and MLP replaced by this rank's TP shard (in place);
     under sequence parallelism the embedding's output is split along the sequence and the head's input gathered."""
-    from executor.models import GPTBlock, GPTEmbedding, GPTHead
-
     for layer in layers:
         if isinstance(layer, GPTBlock):
             layer.attn = TPAttention(layer.attn, tp)
@@ -296,8 +286,6 @@ def parallelize(layers: list[nn.Module], tp: TPContext) -> list[nn.Module]:
 def sequence_parallel_params(module: nn.Module) -> set[str]:
     """Names of the parameters whose gradients are partial sums under sequence parallelism (block norms and
     row-parallel biases)."""
-    from executor.models import GPTBlock
-
     out = set()
     for name, sub in module.named_modules():
         if isinstance(sub, GPTBlock):

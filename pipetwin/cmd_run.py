@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from pipetwin.args import add_grid_flags, int_list
+from pipetwin.args import add_grid_flags, add_recompute_flag, int_list
 from planner.program import FAMILIES, family
 
 
@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
     p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
+    add_recompute_flag(p)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -49,10 +50,14 @@ def _plan_for(args):
         if args.model or args.pp:
             raise UserError("give either --plan or --model/--pp, not both")
         plan = Plan.load(args.plan)
-        if args.lr is not None:
-            from dataclasses import replace
+        from dataclasses import replace
 
+        if args.lr is not None:
             plan = replace(plan, lr=args.lr)
+        if args.recompute is not None:
+            plan = replace(plan, recompute=args.recompute)
+        if args.sequence_parallel:
+            plan = replace(plan, sequence_parallel=True)
         return plan
     if not args.model or not args.pp:
         raise UserError("give --plan plan.json, or --model and --pp (e.g. --model mlp:layers=8,width=512 --pp 2)")
@@ -67,7 +72,8 @@ def _plan_for(args):
     dp = args.replicas if args.replicas is not None else (args.dp or 1)
     return plan_from_flags(args.model, num_layers(args.model), pp=args.pp, dp=dp, tp=args.tp or 1, vp=args.vp or 1,
                            schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
-                           batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr)
+                           batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr,
+                           recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)
 
 
 def run(args) -> int:
@@ -77,7 +83,7 @@ def run(args) -> int:
     plan = _plan_for(args)
     res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   seed=args.seed, dtype=args.dtype, device=args.device, sequence_parallel=args.sequence_parallel)
+                   seed=args.seed, dtype=args.dtype, device=args.device)
     if args.trace:
         res.trace.save(args.trace)
     s = res.summary()
@@ -88,8 +94,10 @@ def run(args) -> int:
     what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
             else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
     grid = f" (tensor-parallel groups of {plan.tensor_parallel})" if plan.tensor_parallel > 1 else ""
-    if args.sequence_parallel:
+    if plan.sequence_parallel:
         grid = grid[:-1] + ", sequence-parallel)"
+    if plan.recompute != "none":
+        grid += f" with {plan.recompute} recomputation"
     print(f"ran {plan.schedule} of {plan.model} on {workers} workers{grid} ({res.backend}, {s['device']}): {what} of "
           f"{plan.microbatch_size} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
     print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "

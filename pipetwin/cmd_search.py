@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from pipetwin.args import counts, words
+from pipetwin.args import (add_device_calibration_flag, check_calibration_kinds, check_calibration_topology, counts,
+                           words)
 from pipetwin.scoring import search
 from pipetwin.show import Progress, console, stage_table
 
@@ -22,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--global-batch", type=int, default=None, metavar="N", help="samples per optimizer step (default: the planner tries several)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "none"], help="optimizer state in the memory accounting")
     p.add_argument("--recompute", action="store_true", help="activation recomputation")
+    add_device_calibration_flag(p)
     p.add_argument("--sim-batches", type=int, default=1, metavar="N", help="batches per simulation of a flush schedule (default 1)")
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes (default: all cores)")
     p.add_argument("--show", type=int, default=20, metavar="N", help="rows to print (default 20; --json has all)")
@@ -31,11 +33,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.device_kind:
+        check_calibration_kinds(args.device_calibration, [args.device_kind], "--device-kind")
+    elif args.device_calibration is not None:
+        from topologies.presets import load_topology
+
+        check_calibration_topology(args.device_calibration, load_topology(args.topology))
     with Progress(args.progress) as progress:
         result = search(args.model, args.topology, top_k=args.top_k, schedules=args.schedules,
                         microbatch_sizes=args.microbatch_sizes, global_batch=args.global_batch,
                         optimizer=args.optimizer, recompute=args.recompute, device_kind_name=args.device_kind,
-                        sim_batches=args.sim_batches, jobs=args.jobs, progress=progress)
+                        sim_batches=args.sim_batches, jobs=args.jobs, progress=progress,
+                        calibration=args.device_calibration)
     if args.json:
         print(json.dumps(result.to_json(), allow_nan=False))
         return 0

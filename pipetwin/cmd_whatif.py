@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipetwin.args import add_grid_flags, counts as _counts, grid_given, words as _words
+from pipetwin.args import (add_device_calibration_flag, add_grid_flags, check_calibration_kinds, counts as _counts,
+                           grid_given, words as _words)
 from pipetwin.errors import UserError
 from pipetwin.scoring import run_sweep
 from pipetwin.show import Progress, console, plot_sweep, stage_table
@@ -33,6 +34,7 @@ def register(sub) -> None:
                    help="optimizer state in the memory accounting (default adam: 16 bytes/parameter)")
     p.add_argument("--recompute", action="store_true", help="activation recomputation")
     add_grid_flags(p, sequence_parallel=False)
+    add_device_calibration_flag(p)
     p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="samples/s to reach with the fewest devices")
     p.add_argument("--price", type=_prices, default=None, metavar="KIND=$,..",
                    help="dollars per device-hour, e.g. a100-80gb=1.5,h100=2.5 (adds cost per sample)")
@@ -68,19 +70,21 @@ def run(args) -> int:
     from planner.analytic import split_device_suffix
 
     model, suffix = split_device_suffix(args.model)
-    kinds = args.device_kinds or ((suffix,) if suffix else ("a100-80gb",))
+    cal = args.device_calibration
+    kinds = args.device_kinds or ((suffix,) if suffix else (cal.kind.name if cal else "a100-80gb",))
+    check_calibration_kinds(cal, kinds, "the sweep (--device-kinds or the model's @kind)")
     if args.jobs is not None and args.jobs < 1:
         raise UserError("--jobs must be >= 1")
     if args.target_throughput is not None and not args.target_throughput > 0:
         raise UserError("--target-throughput must be a positive number of samples/s")
     from planner.analytic import load_model
 
-    load_model(model, kinds[0])  # an unknown model fails here, in one line, before any worker starts
+    load_model(model, kinds[0], calibration=cal)  # an unknown model fails here, in one line, before any worker starts
     config = SweepConfig(model=model, devices=tuple(sorted(set(args.devices))), device_kinds=kinds,
                          interconnects=args.interconnects, schedules=args.schedules,
                          microbatch_sizes=tuple(sorted(set(args.microbatch_sizes))), global_batch=args.global_batch,
                          optimizer=args.optimizer, recompute=args.recompute, simulate=args.simulate,
-                         sim_batches=args.sim_batches,
+                         sim_batches=args.sim_batches, calibration=cal,
                          grid=(args.tp, args.pp, args.dp, args.vp) if grid_given(args) else None)
     with Progress(args.progress) as progress:
         result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=progress)

@@ -178,7 +178,7 @@ class Family:
     replicable: bool = True
     inflight: str = "1f1b"
     inflight_scale: tuple[int, int] = (1, 0)
-    open_cap: tuple[int, int] | None = None
+    open_cap: tuple[float, int] | None = None
     in_order: bool = True
     weight_copies: int = 1
     bubble: str = "full"
@@ -212,6 +212,8 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("looped-bfs", "looped BFS", placement="looped", chunks=0, inflight="batch", in_order=False, bubble="chunk"),
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
+    Family("v-half", "V-Half", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
+           open_cap=(0.5, 2)),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
 )}

@@ -182,6 +182,22 @@ def order_looped_bfs(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return out
 
 
+
+def order_v_half(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """V-Half (Qi et al., Pipeline Parallelism with Controllable Memory): ZB-V's V at half its activation memory.
+
+    A rank admits a forward of its first (downward) chunk while it holds fewer than P
+    half-stage microbatches awaiting their BW, and of its second (upward) chunk while
+    fewer than P + 2: at most P/2 + 1 whole microbatches, half of 1F1B's peak plus one.
+    The two caps keep a microbatch already inside the V free to come back up (one cap
+    for both legs deadlocks once every rank fills with first legs). With P ≤ 2 that
+    budget is ZB-V's own (2P), and V-Half is ZB-V. Measured at tF = tBI = tBW: between
+    half and three quarters of 1F1B's bubble for 3 ≤ P ≤ 16.
+    """
+    P = spec.stages
+    first = P if P >= 3 else 2 * P
+    return _list_schedule(spec, lambda w, s, open_n, waiting: open_n < (first if s < P else P + 2))
+
 # --- list scheduling: the zero-bubble families --------------------------------------------
 def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
                    cost: tuple[float, float, float] = (1.0, 1.0, 1.0), entry_cap: int | None = None) -> dict[int, list[Action]]:
@@ -293,6 +309,7 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "zb-h2": order_zb_h2,
     "zb-v": order_zb_v,
     "looped-bfs": order_looped_bfs,
+    "v-half": order_v_half,
 }
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.

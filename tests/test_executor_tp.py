@@ -27,9 +27,11 @@ MODEL = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _plan(schedule: str = "1f1b", pp: int = 2, dp: int = 1, tp: int = 2, microbatches: int = 4, batches: int = 2):
+def _plan(schedule: str = "1f1b", pp: int = 2, dp: int = 1, tp: int = 2, microbatches: int = 4, batches: int = 2,
+          sequence_parallel: bool = False):
     return plan_from_flags(MODEL, num_layers(MODEL), pp=pp, dp=dp, tp=tp, schedule=schedule,
-                           microbatches=microbatches, batches=batches, microbatch_size=2, lr=0.1)
+                           microbatches=microbatches, batches=batches, microbatch_size=2, lr=0.1,
+                           sequence_parallel=sequence_parallel)
 
 
 def _max_diff(got: dict, want: dict) -> float:
@@ -138,14 +140,15 @@ def test_tp_refuses_models_and_degrees_it_cannot_split():
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-def test_cli_runs_tp_by_pp(tmp_path):
+def test_cli_runs_tp_by_pp_with_sequence_parallelism_and_recomputation(tmp_path):
     out = tmp_path / "w.pt"
     proc = subprocess.run([sys.executable, "-m", "pipetwin", "run", "--model", MODEL, "--tp", "2", "--pp", "2",
+                           "--sequence-parallel", "--recompute", "full",
                            "--microbatches", "4", "--microbatch-size", "2", "--lr", "0.1", "--batches", "2",
                            "--dtype", "float64", "--save-weights", str(out)],
                           capture_output=True, text=True, timeout=110, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "on 4 workers (tensor-parallel groups of 2)" in proc.stdout
+    assert "on 4 workers (tensor-parallel groups of 2, sequence-parallel) with full recomputation" in proc.stdout
     _assert_weights_equal(torch.load(out, weights_only=True), reference_weights(_plan("1f1b"), dtype="float64"))
 
 
@@ -153,8 +156,8 @@ def test_cli_runs_tp_by_pp(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 def test_sequence_parallel_equals_the_reference_and_sends_a_tp_share_of_the_sequence(schedule):
-    plan = _plan(schedule)
-    res = run_plan(plan, dtype="float64", timeout_s=60, sequence_parallel=True)
+    plan = _plan(schedule, sequence_parallel=True)
+    res = run_plan(plan, dtype="float64", timeout_s=60)
     _assert_weights_equal(res.weights, reference_weights(plan, dtype="float64"))
     h, seq, mbs, T, f64 = 16, 8, 2, 2, 8
     sends = {e.nbytes for e in res.trace.events if e.kind == "SEND"}
@@ -165,15 +168,13 @@ def test_sequence_parallel_equals_the_reference_and_sends_a_tp_share_of_the_sequ
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("direction", ["forward", "backward", "sequence-grads"])
 def test_sequence_parallel_parity_fails_without_each_of_its_reductions(direction, monkeypatch):
-    plan = _plan("1f1b")
+    plan = _plan("1f1b", sequence_parallel=True)
     monkeypatch.setenv(TP_FAULT_ENV, direction)
-    res = run_plan(plan, dtype="float64", timeout_s=60, sequence_parallel=True)
+    res = run_plan(plan, dtype="float64", timeout_s=60)
     assert _max_diff(res.weights, reference_weights(plan, dtype="float64")) > 1e-4
 
 
-def test_sequence_parallel_needs_tp_and_a_divisible_sequence():
-    with pytest.raises(ExecutorError, match="needs --tp 2 or more"):
-        run_plan(_plan(tp=1), sequence_parallel=True)
+def test_sequence_parallel_needs_a_sequence_the_tp_ranks_divide():
     m = "gpt:layers=2,hidden=16,heads=2,seq=7,vocab=16"
     with pytest.raises(ExecutorError, match="must divide seq=7"):
-        run_plan(plan_from_flags(m, num_layers(m), pp=2, tp=2), sequence_parallel=True)
+        run_plan(plan_from_flags(m, num_layers(m), pp=2, tp=2, sequence_parallel=True))

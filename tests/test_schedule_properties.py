@@ -137,6 +137,8 @@ def in_flight_microbatches_respect_the_family_bound(family, spec, prog):
         for rep, w in enumerate(reps):
             cur = peak = 0
             for a in prog[w]:
+                if a.stage != s:  # a rank may hold several stages: the bound is per stage
+                    continue
                 if a.kind is Kind.F:
                     cur += 1
                     peak = max(peak, cur)

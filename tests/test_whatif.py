@@ -171,6 +171,16 @@ def test_search_reranks_by_simulation_and_explains(capsys):
     assert rc == 0 and len(doc["candidates"]) <= 3 and doc["best_simulated"]["simulated_rank"] == 1
 
 
+def test_search_explanation_describes_the_merged_best_not_the_first_task():
+    """The closing explanation is the planner's account of the plan ranked first after merging every
+    (schedule, microbatch size) task: here the first task (microbatch size 1) does not hold that best."""
+    res = search(MODEL, "dgx:servers=1,gpus=4,kind=h100,ib=200", top_k=4, microbatch_sizes=(1, 2, 4), jobs=1)
+    best = res.rows[0]
+    assert best["microbatch_size"] != 1, "the case must have its best outside the first task"
+    assert res.explanation.startswith(f"{best['schedule']} with {best['microbatches']} microbatches of "
+                                      f"{best['microbatch_size']} on {best['devices_used']} devices")
+
+
 @pytest.mark.parametrize("interconnect,schedule,mb,gb,tol", [
     ("ideal", "1f1b", 1, 64, 1e-6), ("ideal", "gpipe", 1, 64, 1e-6), ("ideal", "zb-h1", 1, 64, 1e-6),
     ("ideal", "interleaved", 1, 64, 1e-6), ("dgx-ib200", "1f1b", 1, 96, 1e-2)])

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from planner.analytic import load_model, min_memory_per_device_bytes, on_device
+from planner.efficiency import DeviceCalibration
 from planner.partition import PartitionCache
 from planner.plan import Plan, fill_degrees
 from planner.profile import ModelProfile
@@ -47,6 +48,9 @@ class SweepPoint:
         top_k: candidates the planner keeps (the record keeps the best).
         grid: (tp, pp, dp, vp), a fixed plan instead of the planner's search (``plan_model(grid=...)``);
             None: search.
+        calibration: a device calibration of ``device_kind`` (``--device-calibration``): an analytic
+            transformer is then timed by its efficiency model at ``microbatch_size``; None: a fixed
+            fraction of the kind's peak.
     """
 
     model: str
@@ -60,22 +64,31 @@ class SweepPoint:
     recompute: bool = False
     top_k: int = 1
     grid: tuple[int, int, int, int] | None = None
+    calibration: DeviceCalibration | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:  # a cache key's JSON list
             object.__setattr__(self, "grid", tuple(int(x) for x in self.grid))
 
     def key(self) -> str:
-        """The cache key: every parameter that changes the answer, as canonical JSON (no grid: as before grids)."""
+        """The cache key: every parameter that changes the answer, as canonical JSON (no grid, no calibration:
+        the keys points had before them)."""
         d = asdict(self)
         if d["grid"] is None:
             del d["grid"]
+        if self.calibration is None:
+            del d["calibration"]
+        else:
+            d["calibration"] = self.calibration.to_dict()
         return json.dumps({"v": CACHE_VERSION, **d}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_key(cls, key: str) -> "SweepPoint":
         """The point a cache key was made from."""
-        return cls(**{k: v for k, v in json.loads(key).items() if k != "v"})
+        d = {k: v for k, v in json.loads(key).items() if k != "v"}
+        if d.get("calibration") is not None:
+            d["calibration"] = DeviceCalibration.from_dict(d["calibration"], where="a cached point's calibration")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ class SweepConfig:
         sim_batches: optimizer steps each simulation runs.
         grid: (tp, pp, dp, vp) of a fixed plan, a missing degree None (filled from each device count by
             ``planner.plan.fill_degrees``); None: the planner searches.
+        calibration: a device calibration (``SweepPoint.calibration``); every kind swept must be its kind.
     """
 
     model: str
@@ -110,6 +124,7 @@ class SweepConfig:
     simulate: str = "pareto"
     sim_batches: int = 1
     grid: tuple[int | None, int | None, int | None, int | None] | None = None
+    calibration: DeviceCalibration | None = None
 
     def points(self) -> list[SweepPoint]:
         """Every point, in a fixed order: interconnect, kind, devices, schedule, microbatch size."""
@@ -121,7 +136,8 @@ class SweepConfig:
             raise WhatIfError(f"simulate must be pareto, all or none (got {self.simulate!r})")
         grids = {n: None if self.grid is None else fill_degrees(n, *self.grid) for n in self.devices}
         return [SweepPoint(self.model, n, device_kind(k).name, parse_interconnect(ic).name, s, mb,
-                           self.global_batch, self.optimizer, self.recompute, grid=grids[n])
+                           self.global_batch, self.optimizer, self.recompute, grid=grids[n],
+                           calibration=self.calibration)
                 for ic in self.interconnects for k in self.device_kinds for n in self.devices
                 for s in self.schedules for mb in self.microbatch_sizes]
 
@@ -204,9 +220,14 @@ _NAMES = tuple(f.name for f in _FIELDS)
 
 
 @lru_cache(maxsize=64)
-def point_profile(model: str, kind: str, tensor_parallel: int = 1) -> ModelProfile:
-    """The model timed on ``kind`` (a measured profile file is read as it is), per TP rank of ``tensor_parallel``."""
-    return on_device(load_model(model, kind if is_analytic(model) else None, tensor_parallel=tensor_parallel), kind)
+def point_profile(model: str, kind: str, tensor_parallel: int = 1, calibration: DeviceCalibration | None = None,
+                  microbatch_size: int = 1) -> ModelProfile:
+    """The model timed on ``kind`` (a measured profile file is read as it is), per TP rank of ``tensor_parallel``;
+    with a ``calibration`` of that kind, an analytic transformer is timed by its efficiency model at
+    ``microbatch_size``."""
+    return on_device(load_model(model, kind if is_analytic(model) else None, tensor_parallel=tensor_parallel,
+                                calibration=calibration,
+                                microbatch_size=microbatch_size if calibration is not None else 1), kind)
 
 
 def is_analytic(model: str) -> bool:
@@ -231,7 +252,8 @@ def plan_point(point: SweepPoint, partition_cache: PartitionCache | None = None)
                       memory_limit_bytes=device_kind(point.device_kind).memory_bytes)
     try:
         topo = point_cluster(point.interconnect, point.devices, point.device_kind)
-        profile = point_profile(point.model, point.device_kind, point.grid[0] if point.grid else 1)
+        profile = point_profile(point.model, point.device_kind, point.grid[0] if point.grid else 1, point.calibration,
+                                point.microbatch_size)
     except (WhatIfError, TopologyError) as e:
         return replace(rec, reason=e.args[0] if e.args else str(e))
     rec = replace(rec, topology=topo.name)

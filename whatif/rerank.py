@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Callable
 
 from planner.analytic import load_model, split_device_suffix
+from planner.efficiency import DeviceCalibration
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.search import plan_model
@@ -40,10 +41,15 @@ def _topology(spec: str) -> Topology:
     return topo
 
 
-def search_profile(model: str, topology: Topology, device_kind_name: str | None = None) -> ModelProfile:
-    """The model timed on the cluster's device kind (``@kind`` or ``device_kind_name`` override it)."""
+def search_profile(model: str, topology: Topology, device_kind_name: str | None = None,
+                   calibration: DeviceCalibration | None = None, microbatch_size: int = 1) -> ModelProfile:
+    """The model timed on the cluster's device kind (``@kind`` or ``device_kind_name`` override it); with a device
+    ``calibration``, an analytic transformer is timed by its efficiency model on its kind at ``microbatch_size``
+    (the face checks the cluster's devices are of that kind)."""
     _, suffix = split_device_suffix(model)
     kind = device_kind_name or suffix
+    if calibration is not None:
+        return load_model(model, None if suffix else kind, calibration=calibration, microbatch_size=microbatch_size)
     if kind is None:
         try:
             kind = device_kind(topology.device(topology.devices[0]).kind).name
@@ -53,18 +59,21 @@ def search_profile(model: str, topology: Topology, device_kind_name: str | None 
 
 
 @lru_cache(maxsize=8)
-def _search_profile_cached(model: str, topo_spec: str, kind: str | None) -> ModelProfile:
-    return search_profile(model, _topology(topo_spec), kind)
+def _search_profile_cached(model: str, topo_spec: str, kind: str | None, calibration: DeviceCalibration | None = None,
+                           microbatch_size: int = 1) -> ModelProfile:
+    return search_profile(model, _topology(topo_spec), kind, calibration,
+                          microbatch_size if calibration is not None else 1)
 
 
 def simulate_candidate(task: tuple) -> dict:
     """Simulate one candidate plan (a few batches) and say where its time goes (``whatif.explain.breakdown``).
 
-    ``task`` is (simulate, plan dict, model spec, device kind or None, topology spec, optimizer, batches).
+    ``task`` is (simulate, plan dict, model spec, device kind or None, topology spec, optimizer, batches,
+    device calibration or None).
     """
-    simulate, plan_d, model, kind, topo_spec, optimizer, batches = task
+    simulate, plan_d, model, kind, topo_spec, optimizer, batches, calibration = task
     topo = _topology(topo_spec)
-    profile = _search_profile_cached(model, topo_spec, kind)
+    profile = _search_profile_cached(model, topo_spec, kind, calibration, int(plan_d["microbatch_size"]))
     plan = simulated_plan(Plan.from_dict(plan_d), batches)
     try:
         trace = simulate(plan, profile, topo, optimizer)
@@ -99,9 +108,9 @@ class SearchResult:
 
 def _plan_task(task: tuple) -> dict:
     """plan_model for one (schedule, microbatch size) of a search; {"candidates", "explanation"} or {"error"}."""
-    model, topo_spec, kind, sched, mb, global_batch, optimizer, recompute, top_k, limit = task
+    model, topo_spec, kind, sched, mb, global_batch, optimizer, recompute, top_k, limit, calibration = task
     try:
-        res = plan_model(_search_profile_cached(model, topo_spec, kind), _topology(topo_spec), schedule=sched,
+        res = plan_model(_search_profile_cached(model, topo_spec, kind, calibration, mb), _topology(topo_spec), schedule=sched,
                          microbatch_size=mb, global_batch=global_batch, top_k=top_k, optimizer=optimizer,
                          recompute=recompute, memory_limit_bytes=limit, model_name=model)
     except PlanError as e:
@@ -111,28 +120,30 @@ def _plan_task(task: tuple) -> dict:
 
 def _candidates(model: str, topo_spec: str, kind: str | None, schedules: tuple[str, ...],
                 microbatch_sizes: tuple[int, ...], global_batch: int | None, optimizer: str, recompute: bool,
-                top_k: int, memory_limit_bytes: float | None, jobs: int = 1) -> tuple[list, str]:
+                top_k: int, memory_limit_bytes: float | None, jobs: int = 1,
+                calibration: DeviceCalibration | None = None) -> tuple[list, str]:
     """The cost model's candidates over schedules × microbatch sizes, merged and ranked, at most top_k."""
     topo = _topology(topo_spec)
-    tasks = [(model, topo_spec, kind, sched, mb, global_batch, optimizer, recompute, top_k, memory_limit_bytes)
+    tasks = [(model, topo_spec, kind, sched, mb, global_batch, optimizer, recompute, top_k, memory_limit_bytes,
+              calibration)
              for sched in schedules for mb in microbatch_sizes]
-    cands, expl, errors = [], "", []
+    cands, errors = [], []  # cands: (candidate, the explanation of the task that found it)
     for res in map_in_order(_plan_task, tasks, jobs, lambda i, r: None):
         if "error" in res:
             errors.append(res["error"])
             continue
-        cands.extend(res["candidates"])
-        expl = expl or res["explanation"]
+        cands.extend((c, res["explanation"]) for c in res["candidates"])
     if not cands:
         raise WhatIfError(errors[0] if errors else f"no candidate plans for {model} on {topo.name}")
     seen, out = set(), []
-    for c in sorted(cands, key=lambda c: (c.time_per_sample_s, len(c.plan.devices), c.plan.schedule,
-                                          c.plan.microbatch_size, c.plan.microbatches)):
+    for c, expl in sorted(cands, key=lambda ce: (ce[0].time_per_sample_s, len(ce[0].plan.devices), ce[0].plan.schedule,
+                                                 ce[0].plan.microbatch_size, ce[0].plan.microbatches)):
         k = json.dumps(c.plan.to_dict(), sort_keys=True, default=str)
         if k not in seen:
             seen.add(k)
-            out.append(c)
-    return out[:top_k], expl
+            out.append((c, expl))
+    # the explanation printed is the one of the task whose best is the merged best, not of the first task
+    return [c for c, _ in out[:top_k]], out[0][1]
 
 
 def _row(rank: int, c, s: dict) -> dict:
@@ -159,8 +170,11 @@ def search(model: str, topology: str, *, simulate: SimulateTrace, top_k: int = 5
            schedules: tuple[str, ...] = ("auto",), microbatch_sizes: tuple[int, ...] = (1, 2, 4),
            global_batch: int | None = None, optimizer: str = "sgd", recompute: bool = False,
            device_kind_name: str | None = None, memory_limit_bytes: float | None = None, sim_batches: int = 1,
-           jobs: int | None = None, progress: Progress | None = None) -> SearchResult:
+           jobs: int | None = None, progress: Progress | None = None,
+           calibration: DeviceCalibration | None = None) -> SearchResult:
     """The cost model's top-k candidates for ``model`` on the ``topology`` spec, re-ranked by ``simulate``.
+
+    ``calibration``: a device calibration (``search_profile``); each microbatch size gets its own profile.
 
     ``progress`` is told ("simulating", done, total) as candidates finish.
     """
@@ -168,10 +182,11 @@ def search(model: str, topology: str, *, simulate: SimulateTrace, top_k: int = 5
         raise WhatIfError("--top-k must be >= 1")
     topo = _topology(topology)
     jobs = jobs or os.cpu_count() or 1
-    search_profile(model, topo, device_kind_name)  # a bad model fails here, in one line
+    search_profile(model, topo, device_kind_name, calibration)  # a bad model fails here, in one line
     cands, expl = _candidates(model, topology, device_kind_name, tuple(schedules), tuple(microbatch_sizes),
-                              global_batch, optimizer, recompute, top_k, memory_limit_bytes, jobs)
-    tasks = [(simulate, c.plan.to_dict(), model, device_kind_name, topology, optimizer, sim_batches) for c in cands]
+                              global_batch, optimizer, recompute, top_k, memory_limit_bytes, jobs, calibration)
+    tasks = [(simulate, c.plan.to_dict(), model, device_kind_name, topology, optimizer, sim_batches, calibration)
+             for c in cands]
     finished = 0
 
     def done(i: int, r: dict) -> None:

@@ -48,7 +48,8 @@ def simulated_plan(plan: Plan, batches: int) -> Plan:
 def simulate_record(rec: SweepRecord, simulate: Simulate, batches: int = 1) -> dict:
     """The simulator's figures for a planned record (``simulated_plan`` of its plan, on its cluster)."""
     plan = simulated_plan(Plan.from_dict(rec.plan), batches)
-    return simulate(plan, point_profile(rec.model, rec.device_kind, plan.tensor_parallel),
+    return simulate(plan, point_profile(rec.model, rec.device_kind, plan.tensor_parallel, rec.point.calibration,
+                                        plan.microbatch_size),
                     point_cluster(rec.interconnect, rec.devices, rec.device_kind), rec.point.optimizer)
 
 

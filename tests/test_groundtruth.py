@@ -67,8 +67,10 @@ def test_cli_refuses_a_missing_data_folder_and_a_bad_calibration_file(tmp_path, 
     assert "not a folder" in capsys.readouterr().err
     d = _write(tmp_path / "d", ["8,32,4,1024,16,24,1024,2,2,2,219.7"], [])
     (tmp_path / "cal.json").write_text("[]")
-    assert main(["groundtruth", "--data", str(d), "--device-calibration", str(tmp_path / "cal.json")]) == 2
-    assert "device_kind" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the shared flag: refused as the command line is read
+        main(["groundtruth", "--data", str(d), "--device-calibration", str(tmp_path / "cal.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "device_kind" in err and len(err.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------- the calibration rule

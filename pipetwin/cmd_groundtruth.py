@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipetwin.args import add_device_calibration_flag
+
 _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtrain"
 
 
@@ -19,8 +21,7 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="write report.md, scatter.png, groundtruth.json and "
                                                   "device-calibration.json here")
     p.add_argument("--json", action="store_true", help="print {rows, summary} as JSON")
-    p.add_argument("--device-calibration", metavar="FILE",
-                   help="use this device calibration instead of fitting one (the calibration rows stay unscored)")
+    add_device_calibration_flag(p)  # given, it is used instead of fitting one (the calibration rows stay unscored)
     p.add_argument("--save-calibration", metavar="FILE", help="write the fitted device calibration JSON here")
     p.add_argument("--no-simulate", action="store_true", help="predict every row by the closed form")
     p.add_argument("--korthikanti", metavar="FILE", default=None,
@@ -30,14 +31,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from planner.efficiency import load_device_calibration
     from validation.groundtruth import run as run_groundtruth
     from validation.groundtruth_report import to_json, write_report
 
     from validation.groundtruth_published import KORTHIKANTI_FILE, score_korthikanti
 
-    cal = load_device_calibration(args.device_calibration)
-    g = run_groundtruth(args.data, calibration=cal, simulate=not args.no_simulate)
+    g = run_groundtruth(args.data, calibration=args.device_calibration, simulate=not args.no_simulate)
     table5 = args.korthikanti or str(Path(args.data) / ".." / "published" / KORTHIKANTI_FILE)
     extra = None
     if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):

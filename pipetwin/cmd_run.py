@@ -1,6 +1,7 @@
 """`pipetwin run`: run a plan for real (one process per worker, torch.distributed) and report what it measured."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from pipetwin.args import add_grid_flags, add_recompute_flag, int_list
@@ -17,10 +18,11 @@ def register(sub) -> None:
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
     add_grid_flags(p, aliases=True)  # --tp (the zoo's gpt model only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
-    p.add_argument("--schedule", default="1f1b", choices=FAMILIES)
-    p.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (PipeDream: minibatches)")
-    p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
-    p.add_argument("--batches", type=int, default=1, help="batches (optimizer steps) for flush schedules and 2BW")
+    # the shape flags default to None so that one given beside --plan is seen (and refused); SHAPE_DEFAULTS fills them
+    p.add_argument("--schedule", default=None, choices=FAMILIES, help="default 1f1b")
+    p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (PipeDream: minibatches; default 4)")
+    p.add_argument("--microbatch-size", type=int, default=None, help="samples per microbatch (default 1)")
+    p.add_argument("--batches", type=int, default=None, help="batches (optimizer steps) for flush schedules and 2BW (default 1)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     add_recompute_flag(p)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
@@ -40,18 +42,27 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+#: What the shape flags mean when not given (without --plan).
+SHAPE_DEFAULTS = {"schedule": "1f1b", "microbatches": 4, "microbatch_size": 1, "batches": 1}
+#: Flags that say the plan's shape: a --plan file brings its own, so none may be given beside it.
+SHAPE_FLAGS = ("model", "tp", "pp", "dp", "vp", "replicas", *SHAPE_DEFAULTS, "vertical_sync")
+
+
 def _plan_for(args):
-    """The plan to run: the --plan file, or the model split evenly (the hook the planner wiring replaces)."""
+    """The plan to run: the --plan file (with --lr, --recompute, --sequence-parallel applied), or the model
+    split evenly by the shape flags."""
+    from dataclasses import replace
+
     from executor.models import num_layers
     from pipetwin.errors import UserError
     from planner.plan import Plan, plan_from_flags
 
     if args.plan:
-        if args.model or args.pp:
-            raise UserError("give either --plan or --model/--pp, not both")
+        given = [f"--{k.replace('_', '-')}" for k in SHAPE_FLAGS if getattr(args, k, None) not in (None, False)]
+        if given:
+            raise UserError(f"--plan brings its own shape; drop {', '.join(given)} (or drop --plan and give "
+                            f"--model and --pp)")
         plan = Plan.load(args.plan)
-        from dataclasses import replace
-
         if args.lr is not None:
             plan = replace(plan, lr=args.lr)
         if args.recompute is not None:
@@ -59,6 +70,7 @@ def _plan_for(args):
         if args.sequence_parallel:
             plan = replace(plan, sequence_parallel=True)
         return plan
+    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in SHAPE_DEFAULTS.items() if getattr(args, k) is None}})
     if not args.model or not args.pp:
         raise UserError("give --plan plan.json, or --model and --pp (e.g. --model mlp:layers=8,width=512 --pp 2)")
     if args.pp < 1 or args.microbatches < 1 or args.microbatch_size < 1 or args.batches < 1:

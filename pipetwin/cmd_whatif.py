@@ -47,7 +47,9 @@ def register(sub) -> None:
     p.add_argument("--cache", default=None, metavar="FILE", help="JSON-lines cache of finished points; resumes a sweep")
     p.add_argument("--plot", default=None, metavar="PNG", help="write throughput and memory against devices")
     p.add_argument("--json", action="store_true", help="print points, pareto (and target) as JSON")
-    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.add_argument("--progress", action="store_true", help="a progress bar on stderr even when it is not a terminal "
+                   "(default: the bar on a terminal, else a line per finished point)")
+    p.add_argument("--no-progress", action="store_true", help="nothing on stderr while the sweep runs")
     p.set_defaults(func=run)
 
 
@@ -86,7 +88,7 @@ def run(args) -> int:
                          optimizer=args.optimizer, recompute=args.recompute, simulate=args.simulate,
                          sim_batches=args.sim_batches, calibration=cal,
                          grid=(args.tp, args.pp, args.dp, args.vp) if grid_given(args) else None)
-    with Progress(args.progress) as progress:
+    with Progress("bar" if args.progress else "off" if args.no_progress else "auto") as progress:
         result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=progress)
     if not any(r.ok for r in result.records):
         raise WhatIfError(why_nothing_fits(result.records, model))

@@ -72,14 +72,24 @@ def plot_sweep(result, path: str | Path) -> None:
 
 
 class Progress:
-    """Progress on stderr as the rooms report it, ``progress(phase, done, total)``: one rich bar per phase,
-    or nothing when off. Use as a context manager so the last bar is cleared."""
+    """Progress on stderr as the rooms report it, ``progress(phase, done, total)``. ``on``: True or "bar" — one
+    rich bar per phase; "auto" — the bar when stderr is a terminal, else a plain line per report ("planning:
+    3/200 points"), so a long run logged to a file still shows it is alive; False or "off" — nothing. Use as a
+    context manager so the last bar is cleared."""
 
-    def __init__(self, on: bool):
-        self._on, self._p, self._what = on, None, None
+    def __init__(self, on: bool | str):
+        mode = ("bar" if on else "off") if isinstance(on, bool) else on
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        if mode not in ("bar", "lines", "off"):
+            raise ValueError(f"progress mode {on!r}: expected bar, lines, auto or off")
+        self._mode, self._p, self._what = mode, None, None
 
     def __call__(self, what: str, done: int, total: int) -> None:
-        if not self._on or not total:
+        if self._mode == "off" or not total:
+            return
+        if self._mode == "lines":
+            print(f"{what}: {done}/{total} points", file=sys.stderr, flush=True)
             return
         if what != self._what:
             self.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -116,16 +117,60 @@ class Action:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Action":
+    def from_json(cls, d: dict, where: str = "action") -> "Action":
+        """The action ``to_json`` wrote; a ProgramFileError naming the field (``where``) when it is not one."""
+        kinds = ", ".join(k.value for k in Kind)
         return cls(
-            stage=int(d["stage"]),
-            kind=Kind(d["kind"]),
-            mb=int(d["mb"]),
-            version=int(d.get("version", 0)),
-            peer=d.get("peer"),
-            grad=bool(d.get("grad", False)),
-            nbytes=int(d.get("bytes", 0)),
+            stage=_field(d, "stage", where, _count, "a stage index >= 0"),
+            kind=_field(d, "kind", where, Kind, f"one of {kinds}"),
+            mb=_field(d, "mb", where, _count, "a microbatch index >= 0"),
+            version=_field(d, "version", where, _count, "a weight version >= 0", 0),
+            peer=_field(d, "peer", where, lambda v: None if v is None else _count(v), "a worker id >= 0", None),
+            grad=_field(d, "grad", where, _bool, "true or false", False),
+            nbytes=_field(d, "bytes", where, _count, "a byte count >= 0", 0),
         )
+
+
+class ProgramFileError(InputError):
+    """A program document that is not one ``Program.to_json`` writes; the message names the field and what it expects."""
+
+
+_REQUIRED = object()
+
+
+def _count(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError
+    return v
+
+
+def _bool(v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError
+    return v
+
+
+def _field(d, key: str, where: str, convert, expected: str, default=_REQUIRED):
+    """``d[key]`` through ``convert``: a missing required field, a ``d`` that is not an object or a value
+    ``convert`` refuses is one ProgramFileError line naming ``where.key`` and what it expects."""
+    if not isinstance(d, dict):
+        raise ProgramFileError(f"{where}: expected an object, got {json.dumps(d)[:60]}")
+    if key not in d:
+        if default is _REQUIRED:
+            raise ProgramFileError(f"{where}.{key} is missing; expected {expected}")
+        return default
+    try:
+        return convert(d[key])
+    except ProgramFileError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise ProgramFileError(f"{where}.{key}: expected {expected}, got {json.dumps(d[key])[:60]}") from None
+
+
+def _list(v) -> list:
+    if not isinstance(v, list):
+        raise TypeError
+    return v
 
 
 _ACTION_RE = re.compile(r"^(\d+)(ALLREDUCE|STEP|SEND|RECV|BI|BW|F|B)(\d+)(?:v(\d+))?(?:([ag])([<>])w(\d+))?$")
@@ -278,15 +323,22 @@ class ScheduleSpec:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "ScheduleSpec":
+    def from_json(cls, d: dict, where: str = "spec") -> "ScheduleSpec":
+        """The spec ``to_json`` wrote; a ProgramFileError naming the field (``where``) when it is not one."""
+        def name(v) -> str:
+            if not isinstance(v, str):
+                raise TypeError
+            return v
+
         return cls(
-            family=d["family"],
-            stages=int(d["stages"]),
-            microbatches=int(d["microbatches"]),
-            replicas=tuple(int(r) for r in d["replicas"]),
-            chunks=int(d.get("chunks", 1)),
-            vertical_sync=bool(d.get("vertical_sync", False)),
-            batches=int(d.get("batches", 1)),
+            family=_field(d, "family", where, name, "a schedule family name, e.g. 1f1b"),
+            stages=_field(d, "stages", where, _count, "a stage count >= 1"),
+            microbatches=_field(d, "microbatches", where, _count, "a microbatch count >= 1"),
+            replicas=_field(d, "replicas", where, lambda v: tuple(_count(r) for r in _list(v)),
+                            "a list of replica counts, one per stage"),
+            chunks=_field(d, "chunks", where, _count, "a chunk count >= 1", 1),
+            vertical_sync=_field(d, "vertical_sync", where, _bool, "true or false", False),
+            batches=_field(d, "batches", where, _count, "a batch count >= 1", 1),
         )
 
 
@@ -459,11 +511,28 @@ class Program:
 
     @classmethod
     def from_json(cls, d: dict) -> "Program":
+        """The program ``to_json`` wrote; a ProgramFileError (one line naming the field and what it expects)
+        when ``d`` is not one."""
+        def worker(w: str) -> int:
+            if not w.isdigit():
+                raise ProgramFileError(f"program.workers: key {w!r} is not a worker id (expected \"0\", \"1\", ...)")
+            return int(w)
+
+        def workers(v) -> dict[int, list[Action]]:
+            if not isinstance(v, dict):
+                raise TypeError
+            return {worker(w): [Action.from_json(a, f"program.workers.{w}[{i}]")
+                                for i, a in enumerate(_field(v, w, "program.workers", _list, "a list of actions"))]
+                    for w in v}
+
         return cls(
-            spec=ScheduleSpec.from_json(d["spec"]),
-            stage_workers=tuple(tuple(ws) for ws in d["stage_workers"]),
-            actions={int(w): [Action.from_json(a) for a in acts] for w, acts in d["workers"].items()},
-            tensor_parallel=int(d.get("tensor_parallel", 1)),
+            spec=_field(d, "spec", "program", lambda v: ScheduleSpec.from_json(v, "program.spec"),
+                        "an object with family, stages, microbatches and replicas"),
+            stage_workers=_field(d, "stage_workers", "program", lambda v: tuple(tuple(_count(w) for w in _list(ws))
+                                                                                 for ws in _list(v)),
+                                 "a list of worker-id lists, one per stage"),
+            actions=_field(d, "workers", "program", workers, "an object mapping worker ids to action lists"),
+            tensor_parallel=_field(d, "tensor_parallel", "program", _count, "a tensor-parallel degree >= 1", 1),
         )
 
     def to_csv(self) -> str:

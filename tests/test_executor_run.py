@@ -186,3 +186,18 @@ def test_one_resolver_turns_auto_into_a_backend_and_device_by_the_stated_rules()
         assert resolve_backend_device("auto", "cuda", gpus + 1) == ("gloo", "cuda")
         with pytest.raises(ExecutorError, match="one GPU per worker"):
             resolve_backend_device("nccl", "cuda", gpus + 1)
+
+
+@pytest.mark.parametrize("flag", [["--tp", "2"], ["--dp", "2"], ["--vp", "2"], ["--replicas", "2,1"], ["--pp", "3"],
+                                  ["--microbatches", "8"], ["--schedule", "gpipe"], ["--microbatch-size", "2"],
+                                  ["--batches", "2"], ["--vertical-sync"], ["--model", MODEL]])
+def test_run_refuses_a_shape_flag_beside_plan_in_one_line(tmp_path, capsys, flag):
+    """A --plan file brings its own shape: a shape flag beside it was silently ignored; it is refused, exit 2,
+    before any process starts."""
+    from pipetwin.cli import main
+
+    path = tmp_path / "plan.json"
+    even_plan(MODEL, 6, 2, schedule="1f1b", microbatches=4).save(path)
+    assert main(["run", "--plan", str(path), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0] in err and "--plan" in err, err

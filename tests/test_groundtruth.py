@@ -3,6 +3,7 @@ simulator, the scoring, and `pipetwin groundtruth`'s outputs."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,10 @@ def test_cli_refuses_a_missing_data_folder_and_a_bad_calibration_file(tmp_path, 
     assert "not a folder" in capsys.readouterr().err
     d = _write(tmp_path / "d", ["8,32,4,1024,16,24,1024,2,2,2,219.7"], [])
     (tmp_path / "cal.json").write_text("[]")
-    assert main(["groundtruth", "--data", str(d), "--device-calibration", str(tmp_path / "cal.json")]) == 2
-    assert "device_kind" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the shared flag: refused as the command line is read
+        main(["groundtruth", "--data", str(d), "--device-calibration", str(tmp_path / "cal.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "device_kind" in err and len(err.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------- the calibration rule
@@ -122,6 +125,22 @@ def test_fast_stage_costs_equal_the_costs_summed_from_the_per_rank_profile(shape
     slow = stage_costs_from_profile(r, row_profile(r, P), m.links, "a100-80gb", P)
     for a, b in zip((fast.forward_s, fast.backward_s, fast.step_s), (slow.forward_s, slow.backward_s, slow.step_s)):
         assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_profile_stage_costs_recompute_what_planner_recompute_marks_recomputable():
+    """The closed form takes recomputation from planner.recompute (Layer.recomputable), not from layer names:
+    a profile whose blocks are not recomputable gets no re-run forward in its backward."""
+    r = _row(8, 16, 1, 4, 1, 2)
+    m = row_model(r)
+    prof = row_profile(r, P)
+    kept = replace(prof, layers=tuple(replace(l, recomputable=False) for l in prof.layers))
+    full = stage_costs_from_profile(r, prof, m.links, "a100-80gb", P)
+    none = stage_costs_from_profile(r, kept, m.links, "a100-80gb", P)
+    for s, (a, z) in enumerate(stage_layer_ranges(r)):
+        rerun = sum(l.forward_s + l.tp_forward_allreduces * m.links.tp_allreduce_s[s]
+                    for l in prof.layers[a:z + 1] if l.recomputable)
+        assert rerun > 0 and full.backward_s[s] - none.backward_s[s] == pytest.approx(rerun, rel=1e-9)
+    assert full.forward_s == none.forward_s
 
 
 # ---------------------------------------------------------------------- closed form against the simulator

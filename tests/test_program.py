@@ -52,3 +52,30 @@ def test_grid_marks_one_action():
     p = generate(make_spec("1f1b", 2, 2))
     g = p.grid(mark=(1, 1))
     assert f">>{p[1][1]}<<" in g and g.count(">>") == 1
+
+
+def _bad_program(mutate) -> dict:
+    d = json.loads(json.dumps(generate(make_spec("1f1b", 2, 2)).to_json()))
+    mutate(d)
+    return d
+
+
+@pytest.mark.parametrize("mutate,names", [
+    (lambda d: d.__setitem__("spec", 3), "program.spec"),
+    (lambda d: d.pop("stage_workers"), "program.stage_workers is missing"),
+    (lambda d: d.__setitem__("stage_workers", [3, [1]]), "program.stage_workers"),
+    (lambda d: d["workers"]["0"][0].__setitem__("kind", "ZZ"), "program.workers.0[0].kind"),
+    (lambda d: d["workers"]["1"][0].__setitem__("mb", "x"), "program.workers.1[0].mb"),
+    (lambda d: d["workers"].__setitem__("w0", []), "program.workers"),
+    (lambda d: d["spec"].pop("family"), "program.spec.family is missing"),
+])
+def test_a_malformed_program_document_names_the_field_in_one_line(mutate, names):
+    """Program.from_json says which field is wrong and what it expects, never a Python internal
+    ('int' object is not subscriptable, a bare KeyError, 'ZZ' is not a valid Kind)."""
+    from planner.program import ProgramFileError
+
+    with pytest.raises(ProgramFileError) as e:
+        Program.from_json(_bad_program(mutate))
+    msg = str(e.value)
+    assert names in msg and "expected" in msg and "\n" not in msg, msg
+    assert "subscriptable" not in msg and "valid Kind" not in msg and "object" not in msg.split("expected")[0]

@@ -134,9 +134,12 @@ def test_whatif_text_names_the_best_reachable_when_the_target_is_impossible(caps
 
 def test_a_model_that_fits_nowhere_says_the_memory_it_needs(capsys):
     rc = main(["whatif", "--model", "gpt3-175b", "--devices", "2,4", "--jobs", "1", "--global-batch", "8"])
-    err = capsys.readouterr().err
+    *progress, err = capsys.readouterr().err.strip().splitlines()  # stderr is not a terminal: a line per point
     assert rc == 2 and "fits on no configuration" in err and "would need" in err and "GB" in err
-    assert len(err.strip().splitlines()) == 1
+    assert progress == ["planning: 1/2 points", "planning: 2/2 points"]
+    rc = main(["whatif", "--model", "gpt3-175b", "--devices", "2,4", "--jobs", "1", "--global-batch", "8",
+               "--no-progress"])
+    assert rc == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv,needle", [(["--interconnects", "infiniband9"], "unknown interconnect"),

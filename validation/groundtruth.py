@@ -53,6 +53,7 @@ from planner.efficiency import (DEFAULT_PARAMS, DeviceCalibration, EfficiencyPar
                                 work_time_s)
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
+from planner.recompute import layer_extra_forward_s, recomputed_tp_allreduces
 from topologies.devices import device_kind
 from topologies.errors import InputError
 from topologies.presets import load_topology
@@ -234,6 +235,10 @@ def stage_layer_ranges(row: Row) -> list[tuple[int, int]]:
     return out
 
 
+#: The recomputation every vTrain row runs (Megatron's full recomputation; ``planner.recompute`` says what it re-runs).
+ROW_RECOMPUTE = "full"
+
+
 def row_plan(row: Row) -> Plan:
     """The row as a pipetwin plan: P stages of DP replicas, each a TP group of T devices (Megatron's rank
     order), full recomputation, 1F1B, global / micro microbatches per batch (the replicas take them
@@ -242,7 +247,7 @@ def row_plan(row: Row) -> Plan:
                    for s, (a, b) in enumerate(stage_layer_ranges(row)))
     return Plan(model=row_config(row).spec(), stages=stages, schedule="1f1b", microbatch_size=row.micro_batch,
                 microbatches=row.microbatches * row.dp, topology=topology_spec(row.gpus), tensor_parallel=row.tp,
-                recompute="full")
+                recompute=ROW_RECOMPUTE)
 
 
 # ---------------------------------------------------------------------- links
@@ -378,18 +383,18 @@ def one_f_one_b_s(c: StageCosts, microbatches: int) -> float:
 
 def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind_name: str,
                              params: EfficiencyParams, gradient_bytes: int = 4) -> StageCosts:
-    """Stage costs from a per-rank profile (timed at the row's microbatch) with full recomputation of the blocks."""
+    """Stage costs from a per-rank profile (timed at the row's microbatch) with the row's recomputation, as
+    ``planner.recompute`` adds it to each layer's backward."""
     kind = device_kind(kind_name)
     fs, bs, steps = [], [], []
     for s, (a, b) in enumerate(stage_layer_ranges(row)):
         f = bwd = 0.0
         nparams = 0.0
         for layer in profile.layers[a:b + 1]:
-            tf = layer.forward_s + layer.tp_forward_allreduces * links.tp_allreduce_s[s]
-            f += tf
-            bwd += layer.backward_s + layer.tp_backward_allreduces * links.tp_allreduce_s[s]
-            if layer.name.startswith("block"):
-                bwd += tf  # full recomputation: the block's forward again, with its TP all-reduces
+            f += layer.forward_s + layer.tp_forward_allreduces * links.tp_allreduce_s[s]
+            bwd += (layer.backward_s + layer_extra_forward_s(layer, ROW_RECOMPUTE)
+                    + (layer.tp_backward_allreduces + recomputed_tp_allreduces(layer, ROW_RECOMPUTE))
+                    * links.tp_allreduce_s[s])
             nparams += layer.param_bytes / BYTES_PER_PARAM
         fs.append(f)
         bs.append(bwd)
@@ -411,6 +416,10 @@ class RowModel:
     works: tuple[Work, Work, Work]  # embedding, block, head (forward)
     params_per_stage: tuple[float, ...]
     blocks_per_stage: tuple[int, ...]
+    #: per (embedding, block, head): the share of its forward and the TP all-reduces the row's recomputation
+    #: re-runs in its backward (``planner.recompute`` on the row's profile layers)
+    rerun: tuple[float, float, float]
+    rerun_tp_allreduces: tuple[int, int, int]
     kind: str = VTRAIN_KIND
     _bwd: tuple[Work, Work, Work] = field(init=False, repr=False)
 
@@ -423,18 +432,18 @@ class RowModel:
         tp = self.links.tp_allreduce_s
         P = self.row.pp
         fs, bs, steps = [], [], []
+        (re, rb, rh), (te, tb, th) = self.rerun, self.rerun_tp_allreduces
         for s in range(P):
             n = self.blocks_per_stage[s]
-            block_f = bf + 2 * tp[s] if self.row.tp > 1 else bf
-            block_b = bb + 2 * tp[s] if self.row.tp > 1 else bb
-            f = n * block_f
-            b = n * (block_f + block_b)  # full recomputation
+            ar = tp[s] if self.row.tp > 1 else 0.0
+            f = n * (bf + 2 * ar)
+            b = n * (bb + 2 * ar + rb * bf + tb * ar)
             if s == 0:
-                f += ef + (tp[s] if self.row.tp > 1 else 0.0)
-                b += eb
+                f += ef + ar
+                b += eb + re * ef + te * ar
             if s == P - 1:
                 f += hf
-                b += hb + (tp[s] if self.row.tp > 1 else 0.0)
+                b += hb + ar + rh * hf + th * ar
             fs.append(f)
             bs.append(b)
             steps.append(optimizer_step_s(self.params_per_stage[s], k, p))
@@ -458,7 +467,10 @@ def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowMod
     ranges = stage_layer_ranges(row)
     params = tuple(prof.param_bytes(a, z) / BYTES_PER_PARAM for a, z in ranges)
     blocks = tuple(sum(1 for i in range(a, z + 1) if 1 <= i <= row.layers) for a, z in ranges)
-    return RowModel(row, links, works, params, blocks)
+    kinds = (prof.layers[0], prof.layers[1], prof.layers[-1])  # embedding, a block, head
+    rerun = tuple(layer_extra_forward_s(l, ROW_RECOMPUTE) / l.forward_s if l.forward_s else 0.0 for l in kinds)
+    rerun_tp = tuple(recomputed_tp_allreduces(l, ROW_RECOMPUTE) for l in kinds)
+    return RowModel(row, links, works, params, blocks, rerun, rerun_tp)
 
 
 # ---------------------------------------------------------------------- the simulator
@@ -484,8 +496,8 @@ def simulable(row: Row, tp_in_simulator: bool = False) -> bool:
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
                    kind: str = VTRAIN_KIND, gradient_bytes: int = 4) -> float:
-    """The row's iteration seconds by pipetwin's SimPy simulator: the plan lowered to its program, full
-    recomputation folded into the blocks' backward, the Adam step as the slowest stage's, plus the fitted
+    """The row's iteration seconds by pipetwin's SimPy simulator: the plan (with its recomputation, which the
+    simulator times by ``planner.recompute``) lowered to its program, the Adam step as the slowest stage's, plus the fitted
     per-iteration overhead. The simulator all-reduces a stage's ``param_bytes`` (4 per parameter); with
     ``gradient_bytes`` 2 the simulated profile's ``param_bytes`` are scaled to the gradient's size (its
     memory figures, unused here, then count 2 bytes per parameter)."""
@@ -497,16 +509,11 @@ def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Top
     topologies = {} if topologies is None else topologies
     topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
     prof = row_profile(row, params, kind)
-    # Megatron's full recomputation re-runs the blocks only (planner.recompute's "full" re-runs every layer,
-    # the embedding and the head too): fold each block's forward, with its TP all-reduces, into its backward
     k = device_kind(kind)
     step = max(optimizer_step_s(prof.param_bytes(a, z) / BYTES_PER_PARAM, k, params) for a, z in stage_layer_ranges(row))
-    folded = tuple(replace(l, backward_s=l.backward_s + l.forward_s,
-                           tp_backward_allreduces=l.tp_backward_allreduces + l.tp_forward_allreduces)
-                   if l.name.startswith("block") else l for l in prof.layers)
-    folded = tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM) for l in folded)
-    prof = replace(prof, layers=folded)
-    plan = replace(row_plan(row), recompute="none")  # recomputation is in the folded profile
+    prof = replace(prof, layers=tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM)
+                                      for l in prof.layers))
+    plan = row_plan(row)
     trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
     return makespan_s(trace) + params.iteration_overhead_s
 

@@ -204,14 +204,11 @@ def test_capacity_finds_the_fewest_devices_or_says_the_best_reachable():
     assert not far.reachable and far.best_samples_per_s == pytest.approx(8 / 24e-3)
 
 
-def test_hierarchical_search_plans_a_thousand_layers_on_4096_devices_quickly():
-    import time
-
+def test_hierarchical_search_plans_a_thousand_layers_on_4096_devices():
+    # its speed (<= 10 s) is a target of benchmarks/bench_partition.py, not a test: timing asserts fail on busy machines
     prof = uniform_profile(1000, 1e-3, 2e-3, act=1e6, params=4e6)
     topo = load_topology("hier:8@nvlink:300e9,32@ib:25e9,16@eth:1.25e9")
-    t0 = time.perf_counter()
     res = plan_model(prof, topo, schedule="1f1b")
-    assert time.perf_counter() - t0 < 10
     assert res.best.num_layers == 1000 and len(res.best.devices) <= 4096 and res.best_candidate.fits
 
 

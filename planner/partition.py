@@ -24,6 +24,10 @@ schedule figures it uses, and the device tables of the first N devices (speeds,
 memory, the latency and bandwidth of every path it costs) — never names or
 sizes, so two clusters share an answer only when the search could not tell them
 apart, and a cached answer is bit-identical to a fresh one.
+
+Why one module of ~680 lines: the flat and the hierarchical dynamic programmes, the brute-force
+oracle and the partition cache share the stage-cost arrays and the cache key that covers both
+searches; apart, those internals would become an interface.
 """
 from __future__ import annotations
 

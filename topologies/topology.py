@@ -35,6 +35,10 @@ File schema (YAML or JSON; ``to_dict``/``from_dict``)::
 Only ``domains`` of a level is read on load; ``count`` and ``bandwidth_bytes_per_s`` are
 written for the reader and recomputed from the graph. Numbers may be given as strings
 ("25e9", "inf"); JSON files write an infinite bandwidth as the string "inf".
+
+Why one module of ~700 lines: the graph, its routes, its hierarchy levels and the file format
+share the node and edge records and their checks; the file format (``from_dict``, ``save``/``load``)
+is the part that can move to a module of its own next.
 """
 from __future__ import annotations
 

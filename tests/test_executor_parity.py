@@ -32,10 +32,10 @@ def _plan(stages: int, schedule: str, replicas=None, microbatches: int = 4, batc
                      microbatch_size=3, lr=0.05, **kw)
 
 
-def _assert_weights_equal(got: dict, want: dict) -> None:
+def _assert_weights_equal(got: dict, want: dict, rtol: float = 1e-5, atol: float = 1e-9) -> None:
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-9, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.dist

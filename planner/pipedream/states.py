@@ -136,18 +136,8 @@ def _clean_dag(profile: ModelProfile) -> _Dag:
     live = [v for v in range(n) if alive[v]]
     if not live:
         raise PipeDreamError(f"model {profile.name!r} has no nodes left after removing its inputs")
-    pred = [0] * n
-    for v in live:  # index order is topological
-        m = 0
-        for a in inn[v]:
-            m |= pred[a] | (1 << a)
-        pred[v] = m
-    succ = [0] * n
-    for v in reversed(live):
-        m = 0
-        for b in out[v]:
-            m |= succ[b] | (1 << b)
-        succ[v] = m
+    pred = _reach_masks(live, inn, n)  # index order is topological
+    succ = _reach_masks(reversed(live), out, n)
     start = next(v for v in by_file if alive[v] and not inn[v])
     return _Dag(tuple(ids), tuple(live), tuple(tuple(o) for o in out), tuple(pred), tuple(succ), start,
                 comp, act, params)
@@ -317,12 +307,7 @@ def _full_states(dag: _Dag, cap: int) -> States:
     for s, outs in enumerate(edges):
         for t in outs:
             direct[pos[t]].append(pos[s])
-    pmask = [0] * n
-    for j in range(n):
-        m = 0
-        for p in direct[j]:
-            m |= pmask[p] | (1 << p)
-        pmask[j] = m
+    pmask = _reach_masks(range(n), direct, n)
     member_masks = []
     outputs = []
     for s in order:
@@ -346,3 +331,18 @@ def _full_states(dag: _Dag, cap: int) -> States:
         message=f"{n} states (PipeDream's antichains)",
         full_count=n,
     )
+
+
+def _reach_masks(order, nbrs, n: int) -> list[int]:
+    """Transitive reach as bitmasks: node v's mask has bit a for every a reachable through ``nbrs``.
+
+    ``order`` must visit each node after all of its ``nbrs`` (a topological order for predecessors,
+    its reverse for successors).
+    """
+    mask = [0] * n
+    for v in order:
+        m = 0
+        for a in nbrs[v]:
+            m |= mask[a] | (1 << a)
+        mask[v] = m
+    return mask

@@ -192,6 +192,17 @@ def _simulate_program(args, params):
     return trace, f"{spec.family} program {len(program.workers)} workers x {spec.microbatches} microbatches on {topology.name}"
 
 
+def _grid(plan) -> str:
+    """The plan's device grid in words: pipeline stages, their replicas (data parallel) and tensor-parallel ranks."""
+    words = f"{plan.pipeline_depth} stages"
+    reps = plan.replicas
+    if any(r > 1 for r in reps):
+        words += f" x {reps[0]} replicas" if len(set(reps)) == 1 else f" x replicas {','.join(map(str, reps))}"
+    if plan.tensor_parallel > 1:
+        words += f" x {plan.tensor_parallel} tensor-parallel ranks" + (" (sequence parallel)" if plan.sequence_parallel else "")
+    return f"{words} ({len(plan.devices)} devices)"
+
+
 def run(args) -> int:
     from planner.trace import summary
     from sim import SimParams, bytes_per_link, simulate_plan
@@ -204,7 +215,7 @@ def run(args) -> int:
         with Progress(args.progress) as bar:
             trace = simulate_plan(plan, profile, topology, params,
                                   progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
-        title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
+        title = f"{plan.schedule}, {_grid(plan)}, {plan.microbatches} microbatches on {topology.name}"
     if args.trace:
         trace.save(args.trace)
     if args.chart:

@@ -226,13 +226,14 @@ class Family:
         inflight_scale: (a, b) of the "1f1b" bound: (1, 0) for 1F1B itself, (2, −1) for ZB-H2.
         open_cap: (a, b): at most a·L₀ + b microbatch-chunks per worker await their weight gradient
             (forward done, B or BW not), L₀ the "1f1b" bound of stage 0 (1F1B's peak; 2P for a V
-            over 2P virtual stages); None: no cap.
+            over 2P virtual stages, PV on a loop); a looped family adds (V − 1)·(g − P) for a first
+            microbatch group g > P (its warm-up's extra chunks, see ``interleaved_groups``); None: no cap.
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
             ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V) or "none" (a stream).
+            F + B: ZB-V, interleaved zero bubble, DualPipeV) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
@@ -285,6 +286,10 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
            open_cap=(0.5, 2)),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
+    Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",
+           open_cap=(1, 0), bubble="v"),
+    Family("dualpipe-v", "DualPipeV", backward="mixed", placement="v", chunks=2, replicable=False, inflight="none",
+           open_cap=(1, 1), bubble="v"),
 )}
 FAMILIES = tuple(n for n, f in FAMILY.items() if f.generated)
 FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)
@@ -399,6 +404,18 @@ def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
     """
     r = spec.replicas
     return math.ceil(sum(r[stage:]) / r[stage])
+
+
+def interleaved_groups(P: int, M: int) -> list[int]:
+    """Microbatch group sizes for interleaved 1F1B: ⌊M/P⌋ groups (at least one) of ⌊M/groups⌋ or one more.
+
+    Forwards cycle the chunks once per group, so every group must hold at least P
+    microbatches for a chunk's output to be back on device 0 when its next chunk
+    starts; with M a multiple of P every group is exactly P (Megatron's order).
+    """
+    rounds = max(1, M // P)
+    base, extra = divmod(M, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 def validate_spec(spec: ScheduleSpec) -> None:

@@ -17,6 +17,8 @@ CASES = {
     "zb-v-3x2-m5": dict(stages=6, schedule="zb-v", chunks=2, microbatches=5),
     "zb-h2-3": dict(stages=3, schedule="zb-h2", microbatches=5),
     "interleaved-2x2-m3": dict(stages=4, schedule="interleaved", chunks=2, microbatches=3),
+    "interleaved-zb-2x2-m3": dict(stages=4, schedule="interleaved-zb", chunks=2, microbatches=3),
+    "dualpipe-v-2x2-m5": dict(stages=4, schedule="dualpipe-v", chunks=2, microbatches=5),
 }
 
 

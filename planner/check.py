@@ -317,7 +317,7 @@ def open_cap(p: Program) -> int | None:
     cap = p.spec.traits.open_cap
     if cap is None:
         return None
-    return cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
+    return math.floor(cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1] + 1e-9)
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:

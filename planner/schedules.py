@@ -20,11 +20,11 @@ import math
 from typing import Callable
 
 from planner.check import check
-from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, make_spec,
-                             stage_workers, validate_spec)
+from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, interleaved_groups,
+                             make_spec, stage_workers, validate_spec)
 
 __all__ = ["generate", "lower", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
-           "validate_spec", "add_steps", "add_versions", "add_communication"]
+           "interleaved_groups", "validate_spec", "add_steps", "add_versions", "add_communication"]
 
 
 def _replica_mbs(spec: ScheduleSpec, stage: int, replica: int, mbs: range) -> list[int]:
@@ -77,18 +77,6 @@ def order_pipedream(spec: ScheduleSpec) -> dict[int, list[Action]]:
 def order_2bw(spec: ScheduleSpec) -> dict[int, list[Action]]:
     """1F1B over all batches' microbatches with no flush between batches."""
     return _order_per_replica(spec, _one_f_one_b, per_batch=False)
-
-
-def interleaved_groups(P: int, M: int) -> list[int]:
-    """Microbatch group sizes for interleaved 1F1B: ⌊M/P⌋ groups (at least one) of ⌊M/groups⌋ or one more.
-
-    Forwards cycle the chunks once per group, so every group must hold at least P
-    microbatches for a chunk's output to be back on device 0 when its next chunk
-    starts; with M a multiple of P every group is exactly P (Megatron's order).
-    """
-    rounds = max(1, M // P)
-    base, extra = divmod(M, rounds)
-    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
@@ -311,6 +299,129 @@ def _v_repeat(spec: ScheduleSpec, up_offset: int) -> dict[int, list[Action]]:
     return out
 
 
+def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """Interleaved zero bubble (Qi et al.'s ZB-H1 on a looped placement; torch's ScheduleInterleavedZeroBubble).
+
+    Interleaved 1F1B's chunk cycling (forwards cycle the V chunks group by group, backwards
+    the chunks in reverse) with the backward split: device d warms up with (V − 1)·g + P − 1 − d
+    forwards (g: the first group's size, P when P divides M) — half interleaved 1F1B's
+    2(P − 1 − d) beyond the chunks, since a BI is only half a backward — then runs F, BI
+    and, once d steady steps have passed, the oldest pending BW; the drain runs BI and BW,
+    then the BWs left. The d-step lag of the weight gradients is what fills device d's
+    wait for its first gradient, so at tF = tBI = tBW only the fill of one chunk forward per
+    device is left: makespan 3M + (P − 1)/V for M ≥ P (the groups of ``interleaved_groups``).
+    Every device then holds the same (V − 1)·g + P chunk-microbatches awaiting their BW:
+    1F1B's peak (P whole microbatches) when P divides M. Replicas as in interleaved 1F1B.
+    """
+    P, V, M, R = spec.stages, spec.chunks, spec.microbatches, spec.replicas[0]
+    out: dict[int, list[Action]] = {d * R + r: [] for d in range(P) for r in range(R)}
+    for r in range(R):
+        for b in range(spec.batches):
+            mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
+            groups = interleaved_groups(P, len(mbs))
+            cycle = [(c, mbs[start + j]) for n, start in zip(groups, _starts(groups)) for c in range(V) for j in range(n)]
+            total = len(cycle)
+            for d in range(P):
+                fwd = [Action(c * P + d, Kind.F, i) for c, i in cycle]
+                bi = [Action((V - 1 - c) * P + d, Kind.BI, i) for c, i in cycle]
+                warm = min((V - 1) * groups[0] + P - 1 - d, total)
+                seq, waiting = fwd[:warm], []
+                for k in range(total):
+                    if warm + k < total:
+                        seq.append(fwd[warm + k])
+                    seq.append(bi[k])
+                    waiting.append(bi[k])
+                    if k >= d:  # device d's weight gradients lag d steps
+                        seq.append(_weight_grad(waiting.pop(0)))
+                out[d * R + r] += seq + [_weight_grad(a) for a in waiting]
+    return out
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def _weight_grad(a: Action) -> Action:
+    return Action(a.stage, Kind.BW, a.mb)
+
+
+def order_dualpipe_v(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """DualPipeV (DeepSeek's DualPipe folded into a V; torch's ScheduleDualPipeV): full B mixed with BI/BW.
+
+    Rank r holds the down stage r and the up stage 2P − 1 − r; k = P − 1 − r ranks lie
+    between it and the V's tip. One batch of M ≥ 2P microbatches runs in eight phases:
+
+    1. 2k forwards of the down stage (the fill that reaches the tip);
+    2. r + 1 forward pairs, down then up;
+    3. k times: BI of the up stage, the oldest pending BW, a forward of the up stage;
+    4. M − 2P + r + 1 times the two F&B pairs DualPipe overlaps: forward down with full
+       backward up, forward up with full backward down (pipetwin runs each pair in order,
+       as torch's runtime does without an overlap callback);
+    5. k times: full backward up, then the pair forward up + full backward down;
+    6. r + 1 backward pairs, up then down: full B for the first half, then BI (the
+       switch falls between the up and the down backward when r is even);
+    7. k times: the oldest pending BW, then BI of the down stage;
+    8. the r + 1 BWs still pending.
+
+    The split backwards of phases 3 and 6-8 are the zero-bubble part: their weight
+    gradients fill the fill and the drain. A rank holds at most 2P + 1 chunk-microbatches
+    awaiting their weight gradient (DeepSeek's PP + 1 over 2P chunks: 1F1B's peak and one
+    chunk). At tF = tBI = tBW the makespan is ZB-V's, 3M + (P − 1)/2.
+    """
+    P, M = spec.stages, spec.microbatches
+    out: dict[int, list[Action]] = {r: [] for r in range(P)}
+    for b in range(spec.batches):
+        for r in range(P):
+            out[r] += _dualpipe_v_rank(r, P, M, b * M)
+    return out
+
+
+def _dualpipe_v_rank(r: int, P: int, M: int, first_mb: int) -> list[Action]:
+    down, up, k = r, 2 * P - 1 - r, P - 1 - r
+    nxt = {(Kind.F, down): 0, (Kind.F, up): 0, (Kind.B, down): 0, (Kind.B, up): 0}  # next microbatch per (pass, stage)
+    pending: list[Action] = []  # BIs awaiting their BW, oldest first
+    seq: list[Action] = []
+
+    def run(kind: Kind, stage: int) -> None:
+        key = (Kind.F if kind is Kind.F else Kind.B, stage)
+        a = Action(stage, kind, first_mb + nxt[key])
+        nxt[key] += 1
+        seq.append(a)
+        if kind is Kind.BI:
+            pending.append(a)
+
+    def weight_grad() -> None:
+        if pending:
+            seq.append(_weight_grad(pending.pop(0)))
+
+    for _ in range(2 * k):
+        run(Kind.F, down)
+    for _ in range(r + 1):
+        run(Kind.F, down), run(Kind.F, up)
+    for _ in range(k):
+        run(Kind.BI, up), weight_grad(), run(Kind.F, up)
+    for _ in range(M - 2 * P + r + 1):
+        run(Kind.F, down), run(Kind.B, up), run(Kind.F, up), run(Kind.B, down)
+    for _ in range(k):
+        run(Kind.B, up), run(Kind.F, up), run(Kind.B, down)
+    half = (r + 1) // 2
+    for i in range(r + 1):
+        run(Kind.BI if i > half or (i == half and r % 2) else Kind.B, up)
+        run(Kind.BI if i >= half else Kind.B, down)
+    for _ in range(k):
+        weight_grad(), run(Kind.BI, down)
+    while pending:
+        weight_grad()
+    return seq
+
+
+def _requires_dualpipe_v(spec: ScheduleSpec) -> None:
+    if spec.microbatches < 2 * spec.stages:
+        raise ScheduleError(f"DualPipeV needs at least as many microbatches per batch as stages (2P = {2 * spec.stages}) "
+                            f"to fill both legs of the V; got {spec.microbatches}: use --microbatches {2 * spec.stages} "
+                            f"or more, or zb-v")
+
+
 # --- list scheduling: the zero-bubble families --------------------------------------------
 def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
                    cost: tuple[float, float, float] = (1.0, 1.0, 1.0), entry_cap: int | None = None) -> dict[int, list[Action]]:
@@ -424,11 +535,14 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "looped-bfs": order_looped_bfs,
     "v-half": order_v_half,
     "v-min": order_v_min,
+    "interleaved-zb": order_interleaved_zb,
+    "dualpipe-v": order_dualpipe_v,
 }
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.
 REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
     "2bw": _requires_2bw,
+    "dualpipe-v": _requires_dualpipe_v,
 }
 
 

@@ -19,6 +19,8 @@ CASES = {
     "interleaved-2x2-m3": dict(stages=4, schedule="interleaved", chunks=2, microbatches=3),
     "v-half-3x2-m5": dict(stages=6, schedule="v-half", chunks=2, microbatches=5),
     "v-min-3x2-m4": dict(stages=6, schedule="v-min", chunks=2, microbatches=4),
+    "interleaved-zb-2x2-m3": dict(stages=4, schedule="interleaved-zb", chunks=2, microbatches=3),
+    "dualpipe-v-2x2-m5": dict(stages=4, schedule="dualpipe-v", chunks=2, microbatches=5),
 }
 
 

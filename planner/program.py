@@ -609,11 +609,37 @@ class Program:
         except ProgramFileError as e:
             raise ProgramFileError(f"program file {str(p)!r}: {e.args[0]}") from None
 
+    def check_shape(self) -> None:
+        """The document agrees with itself (what an interpreter needs before ``planner.check``'s laws): stages and
+        workers exist, the spec's replica counts are the stages' worker counts, and a generated family's stage count
+        is its stages × chunks. A ProgramFileError in one line naming the field otherwise."""
+        S, T = len(self.stage_workers), self.tensor_parallel
+        if not S or not self.actions:
+            raise ProgramFileError("the program has no stages or no workers; write one with `pipetwin schedule ... -o P.json`")
+        for s, ws in enumerate(self.stage_workers):
+            if not ws:
+                raise ProgramFileError(f"stage {s} is on no worker (program.stage_workers[{s}] is empty); give it a worker")
+        spec = self.spec
+        if len(spec.replicas) != S:
+            raise ProgramFileError(f"program.spec.replicas gives {len(spec.replicas)} counts but program.stage_workers "
+                                   f"lists {S} stages; give one replica count per stage")
+        for s, (r, ws) in enumerate(zip(spec.replicas, self.stage_workers)):
+            if r * T != len(ws):
+                tp = f" x {T} tensor-parallel ranks" if T > 1 else ""
+                raise ProgramFileError(f"stage {s}: program.spec.replicas says {r} replica(s){tp} but program.stage_workers "
+                                       f"lists {len(ws)} worker(s); make the two agree")
+        fam = FAMILY.get(spec.family)
+        if fam is not None and fam.generated and spec.virtual_stages != S:
+            raise ProgramFileError(f"program.spec says {spec.stages} stages x {spec.chunks} chunks = {spec.virtual_stages} "
+                                   f"but program.stage_workers lists {S}; make the two agree")
+
     def layers(self, num_layers: int) -> tuple[tuple[int, int], ...]:
         """(first, last) layer of every stage on a model of ``num_layers`` layers: ``stage_layers`` when the program
         names them, else the even split; a ProgramFileError (one line: what is wrong, what to do) when they do not fit."""
         S = len(self.stage_workers)
         if self.stage_layers is None:
+            if S == 0:
+                raise ProgramFileError("the program has no stages; write one with `pipetwin schedule ... -o P.json`")
             if S > num_layers:
                 raise ProgramFileError(f"the program has {S} stages but the model has only {num_layers} layers; use a "
                                        f"deeper model or a program with fewer stages")

@@ -182,6 +182,7 @@ def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_
 
     n = _num_layers(model, "the model")
     try:
+        program.check_shape()
         layers = program.layers(n)
     except ProgramFileError as e:
         raise ExecutorError(e.args[0]) from None
@@ -226,17 +227,12 @@ def _check_checkpoints(cfg: RunConfig, flush: bool, family: str) -> None:
 
 
 def _check_workers(program: Program) -> None:
-    """Workers are the ranks 0..W−1, each with an action list, and every stage is held by at least one of them."""
+    """Workers are the ranks 0..W−1, each with an action list and a stage."""
     workers = program.workers
     if workers != list(range(len(workers))):
         raise ExecutorError(f"the program's workers are {workers[:8]}{'...' if len(workers) > 8 else ''}; a run's "
                             f"ranks are 0..{len(workers) - 1}: number the workers from 0 without gaps")
-    T = program.tensor_parallel
-    for s, ws in enumerate(program.stage_workers):
-        if not ws:
-            raise ExecutorError(f"stage {s} is on no worker (program.stage_workers[{s}] is empty); give it a worker")
-        if len(ws) % T:
-            raise ExecutorError(f"stage {s} has {len(ws)} workers, not a multiple of the tensor-parallel degree {T}")
+    for s, ws in enumerate(program.stage_workers):  # (program.check_shape: every stage has workers, R x T of them)
         missing = [w for w in ws if w not in program.actions]
         if missing:
             raise ExecutorError(f"stage {s} is on worker {missing[0]}, which has no action list in the program; give "

@@ -233,7 +233,7 @@ class Family:
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
             ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V, interleaved zero bubble, DualPipeV) or "none" (a stream).
+            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (1/2: V-Half), "v-min" (2/3: V-Min) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
@@ -283,7 +283,9 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
     Family("v-half", "V-Half", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
-           open_cap=(0.5, 2)),
+           open_cap=(0.5, 2), bubble="v-half"),
+    Family("v-min", "V-Min", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
+           open_cap=(1 / 3, 8 / 3), bubble="v-min"),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
     Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",
@@ -607,11 +609,37 @@ class Program:
         except ProgramFileError as e:
             raise ProgramFileError(f"program file {str(p)!r}: {e.args[0]}") from None
 
+    def check_shape(self) -> None:
+        """The document agrees with itself (what an interpreter needs before ``planner.check``'s laws): stages and
+        workers exist, the spec's replica counts are the stages' worker counts, and a generated family's stage count
+        is its stages × chunks. A ProgramFileError in one line naming the field otherwise."""
+        S, T = len(self.stage_workers), self.tensor_parallel
+        if not S or not self.actions:
+            raise ProgramFileError("the program has no stages or no workers; write one with `pipetwin schedule ... -o P.json`")
+        for s, ws in enumerate(self.stage_workers):
+            if not ws:
+                raise ProgramFileError(f"stage {s} is on no worker (program.stage_workers[{s}] is empty); give it a worker")
+        spec = self.spec
+        if len(spec.replicas) != S:
+            raise ProgramFileError(f"program.spec.replicas gives {len(spec.replicas)} counts but program.stage_workers "
+                                   f"lists {S} stages; give one replica count per stage")
+        for s, (r, ws) in enumerate(zip(spec.replicas, self.stage_workers)):
+            if r * T != len(ws):
+                tp = f" x {T} tensor-parallel ranks" if T > 1 else ""
+                raise ProgramFileError(f"stage {s}: program.spec.replicas says {r} replica(s){tp} but program.stage_workers "
+                                       f"lists {len(ws)} worker(s); make the two agree")
+        fam = FAMILY.get(spec.family)
+        if fam is not None and fam.generated and spec.virtual_stages != S:
+            raise ProgramFileError(f"program.spec says {spec.stages} stages x {spec.chunks} chunks = {spec.virtual_stages} "
+                                   f"but program.stage_workers lists {S}; make the two agree")
+
     def layers(self, num_layers: int) -> tuple[tuple[int, int], ...]:
         """(first, last) layer of every stage on a model of ``num_layers`` layers: ``stage_layers`` when the program
         names them, else the even split; a ProgramFileError (one line: what is wrong, what to do) when they do not fit."""
         S = len(self.stage_workers)
         if self.stage_layers is None:
+            if S == 0:
+                raise ProgramFileError("the program has no stages; write one with `pipetwin schedule ... -o P.json`")
             if S > num_layers:
                 raise ProgramFileError(f"the program has {S} stages but the model has only {num_layers} layers; use a "
                                        f"deeper model or a program with fewer stages")

@@ -11,6 +11,7 @@ of a multi-stage placement costs 1/V of these), the dry run's makespan of:
   bubble 3M + (P − 1)/V once M ≥ P; DualPipeV 3M + (P − 1)/2 (it needs M ≥ 2P: ``refused``
   below; DeepSeek's published (P − 1)(F&B + B − 3W) over 2P chunks gives this figure when the
   F&B pair takes B, i.e. the forward hidden under the backward; pipetwin runs the pair in order),
+  V-Half 3M + (3P − 4)/2 and V-Min 3M + 2P − 5/2 (+1 when 3 divides P > 3) once M ≥ P (derived here),
 * torch's schedule of the same family imported into pipetwin and dry-run the same way
   (``torch``), and torch's own timer (``torch steps``: ``_simulate_comms_compute``'s step
   count, where every action, SEND and RECV included, takes one step: a different cost
@@ -49,6 +50,10 @@ def closed_form(family: str, P: int, M: int) -> float | None:
         return 3 * M + (P - 1) / 2 if M >= 2 * P else None
     if family == "looped-bfs":
         return 3 * M + 3 * (P - 1) / V if M >= P else None
+    if family == "v-half" and M >= P:  # derived: tests/test_family_v_half.py
+        return 3 * M + ((3 * P - 4) / 2 if P >= 3 else 1.5 * (P - 1))
+    if family == "v-min" and M >= P:  # derived: tests/test_family_v_min.py
+        return 3 * M + (0.0 if P == 1 else 2 * P - 2.5 + (1.0 if P % 3 == 0 and P > 3 else 0.0))
     if family == "interleaved-zb":
         return 3 * M + (P - 1) / V if M >= P else None
     if family == "dualpipe-v":
@@ -102,7 +107,7 @@ def fmt(x) -> str:
 
 
 def main() -> None:
-    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "looped-bfs", "interleaved-zb",
+    families = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "looped-bfs", "interleaved-zb",
                 "dualpipe-v"]
     print(f"{'family':<24} {'P':>3} {'M':>4} {'ours':>8} {'closed':>8} {'steady':>7} {'torch':>10} {'torch steps':>11} "
           f"{'ours steps':>10}")
@@ -129,5 +134,31 @@ def main() -> None:
                 print(f"{'torch ' + name:<24} {P:>3} {M:>4} {'-':>8} {'-':>8} {'-':>7} {t_ours:>10} {fmt(t_steps):>11}")
 
 
+def memory_table() -> None:
+    """The V families' trade: bubble against 1F1B's and the simulator's peak activations per rank, M = 4P.
+
+    Activations in whole 1F1B-stage microbatches (a 2P-layer model of saved bytes only: 1F1B on P
+    stages of 2 layers, the V families on 2P of 1), the busiest rank; the paper's counts beside them.
+    """
+    from planner.profile import uniform_profile
+    from sim.engine import peak_memory
+
+    paper = {"1f1b": lambda P: P, "zb-v": lambda P: P, "v-half": lambda P: (P + 2) // 2, "v-min": lambda P: (P + 4) // 3}
+    print()
+    print(f"{'family':<8} {'P':>3} {'M':>4} {'bubble':>7} {'/ 1F1B':>7} {'peak act':>9} {'paper':>6}")
+    for P in (2, 4, 8, 16):
+        M = 4 * P
+        prof = uniform_profile(2 * P, 1e-3, 2e-3, act=0.0, params=0.0, saved=1.0)
+        one = None
+        for fam in ("1f1b", "zb-v", "v-half", "v-min"):
+            prog = generate(make_spec(fam, P, M))
+            bubble = makespan_s(dry_run(prog, U)) - 3 * M
+            one = bubble if one is None else one
+            layers = [(2 * s, 2 * s + 1) for s in range(P)] if fam == "1f1b" else None
+            peak = max(peak_memory(prog, prof, stage_layers=layers).values()) / 2
+            print(f"{fam:<8} {P:>3} {M:>4} {bubble:>7g} {bubble / one if one else 0:>7.2f} {peak:>9g} {paper[fam](P):>6}")
+
+
 if __name__ == "__main__":
     main()
+    memory_table()

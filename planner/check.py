@@ -322,7 +322,7 @@ def open_cap(p: Program) -> int | None:
         spec, R = p.spec, len(p.stage_workers[0])
         first = max(interleaved_groups(spec.stages, n)[0] for n in {spec.microbatches // R, -(-spec.microbatches // R)} if n)
         base += (spec.chunks - 1) * max(0, first - spec.stages)
-    return base
+    return math.floor(base + 1e-9)  # a whole count (V-Min's a·L₀ + b is fractional)
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:

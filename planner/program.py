@@ -233,7 +233,7 @@ class Family:
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
             ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V, interleaved zero bubble, DualPipeV) or "none" (a stream).
+            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (1/2: V-Half), "v-min" (2/3: V-Min) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
@@ -283,7 +283,9 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
     Family("v-half", "V-Half", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
-           open_cap=(0.5, 2)),
+           open_cap=(0.5, 2), bubble="v-half"),
+    Family("v-min", "V-Min", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
+           open_cap=(1 / 3, 8 / 3), bubble="v-min"),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
     Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",

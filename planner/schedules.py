@@ -172,19 +172,132 @@ def order_looped_bfs(spec: ScheduleSpec) -> dict[int, list[Action]]:
 
 
 def order_v_half(spec: ScheduleSpec) -> dict[int, list[Action]]:
-    """V-Half (Qi et al., Pipeline Parallelism with Controllable Memory): ZB-V's V at half its activation memory.
+    """V-Half (Qi et al., Pipeline Parallelism with Controllable Memory): the V at half of 1F1B's activation memory.
 
-    A rank admits a forward of its first (downward) chunk while it holds fewer than P
-    half-stage microbatches awaiting their BW, and of its second (upward) chunk while
-    fewer than P + 2: at most P/2 + 1 whole microbatches, half of 1F1B's peak plus one.
-    The two caps keep a microbatch already inside the V free to come back up (one cap
-    for both legs deadlocks once every rank fills with first legs). With P ≤ 2 that
-    budget is ZB-V's own (2P), and V-Half is ZB-V. Measured at tF = tBI = tBW: between
-    half and three quarters of 1F1B's bubble for 3 ≤ P ≤ 16.
+    The V-shape building block (``_v_block``) with one idle slot between the forwards of
+    the upward leg, repeated every microbatch (``_v_repeat``). Its lifespans hold
+    ⌊(P + 2)/2⌋ whole microbatches per rank (2·⌊(P + 2)/2⌋ half-stage chunks: half of
+    1F1B's P plus at most one), and at tF = tBI = tBW = 1 the makespan is
+    3M + (3P − 4)/2 once M ≥ P and P ≥ 3: a bubble of (3P − 4)/2, under half of 1F1B's 3(P − 1).
     """
-    P = spec.stages
-    first = P if P >= 3 else 2 * P
-    return _list_schedule(spec, lambda w, s, open_n, waiting: open_n < (first if s < P else P + 2))
+    return _v_repeat(spec, up_offset=2)
+
+
+def order_v_min(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """V-Min (Qi et al.): the V-shape building block at its shortest lifespans, a third of 1F1B's activation memory.
+
+    Every action of the block as early as its dependency and the rank's free slots allow
+    (``_v_block`` with no gap): ⌊(P + 4)/3⌋ whole microbatches per rank (2·⌊(P + 4)/3⌋
+    half-stage chunks); at tF = tBI = tBW = 1 the bubble is 2P − 5/2 once M ≥ P (2P − 3/2
+    when 3 divides P and P > 3), about two thirds of 1F1B's 3(P − 1).
+    """
+    return _v_repeat(spec, up_offset=1)
+
+
+def _v_block(P: int, up_offset: int) -> dict[tuple[Kind, int], int]:
+    """One microbatch's V-shape building block: the slot of each of its 6P chunk actions (F, BI, BW of 2P stages).
+
+    A slot is one chunk action at unit cost (tF/2 = tBI/2 = tBW/2), and the block repeats
+    every 6 slots (one microbatch's three actions on each of a rank's two chunks), so
+    the six actions of one rank must fall on six different slots mod 6. Each action takes
+    the first such slot at or after its dependency: the forward chain down the ranks and
+    back up (``up_offset`` slots apart on the way up), the input-gradient chain back
+    the other way, each weight gradient right after its input gradient. How far apart the
+    forwards are sets each chunk's lifespan (forward to weight gradient), and the
+    lifespans over 6 are the microbatches a rank holds: that is the memory control.
+    """
+    rank = lambda s: s if s < P else 2 * P - 1 - s
+    taken: list[set[int]] = [set() for _ in range(P)]
+    slot: dict[tuple[Kind, int], int] = {}
+
+    def place(kind: Kind, s: int, earliest: int) -> int:
+        x = earliest
+        while x % 6 in taken[rank(s)]:
+            x += 1
+        taken[rank(s)].add(x % 6)
+        slot[(kind, s)] = x
+        return x
+
+    x = place(Kind.F, 0, 0)
+    for s in range(1, 2 * P):
+        x = place(Kind.F, s, x + (up_offset if s > P else 1))
+    for s in reversed(range(2 * P)):
+        x = place(Kind.BI, s, x + 1)
+    for s in range(2 * P):
+        place(Kind.BW, s, slot[(Kind.BI, s)] + 1)
+    return slot
+
+
+def _v_repeat(spec: ScheduleSpec, up_offset: int) -> dict[int, list[Action]]:
+    """The building block repeated every 6 slots, one flushed batch after another, then squeezed.
+
+    Each rank keeps the block's order of forwards and input gradients; its weight
+    gradients fill what would be idle slots (deferred, oldest first), and a forward waits
+    while the rank holds as many microbatch-chunks awaiting their weight gradient as the
+    repeated block's own order ever does (its peak: the lifespans' count). So the memory
+    is the block's, and the fill only takes bubble away. No deadlock: when a forward is
+    held back, the block's order did weight gradients before it that are now pending.
+    """
+    P, M = spec.stages, spec.microbatches
+    S = 2 * P
+    sw = stage_workers(spec)
+    worker = [sw[s][0] for s in range(S)]
+    block = _v_block(P, up_offset)
+    out: dict[int, list[Action]] = {w: [] for w in sorted(set(worker))}
+    for b in range(spec.batches):
+        mbs = range(b * M, (b + 1) * M)
+        timed: dict[int, list[tuple[int, Kind, int, int]]] = {w: [] for w in out}
+        for (kind, s), x in block.items():
+            timed[worker[s]] += [(x + 6 * j, kind, s, i) for j, i in enumerate(mbs)]
+        seq: dict[int, list[tuple[Kind, int, int]]] = {}
+        cap: dict[int, int] = {}
+        for w, evs in timed.items():
+            evs.sort()
+            level = peak = 0
+            for _, kind, _, _ in evs:
+                level += 1 if kind is Kind.F else -1 if kind is Kind.BW else 0
+                peak = max(peak, level)
+            cap[w] = peak
+            seq[w] = [(kind, s, i) for _, kind, s, i in evs if kind is not Kind.BW]
+        pos = {w: 0 for w in out}
+        pending: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
+        holding = {w: 0 for w in out}
+        done: dict[tuple[Kind, int, int], int] = {}
+        remaining = 3 * S * len(mbs)
+        now = 0
+        while remaining:
+            moved = False
+            for w in out:
+                choice = None
+                if pos[w] < len(seq[w]):
+                    kind, s, i = seq[w][pos[w]]
+                    if kind is Kind.F:
+                        ready = (s == 0 or done.get((Kind.F, s - 1, i), now + 1) <= now) and holding[w] < cap[w]
+                    else:
+                        ready = done.get((Kind.F, s, i) if s == S - 1 else (Kind.BI, s + 1, i), now + 1) <= now
+                    if ready:
+                        choice = (kind, s, i)
+                        pos[w] += 1
+                if choice is None and pending[w]:
+                    choice = (Kind.BW, *pending[w].pop(0))
+                if choice is None:
+                    continue
+                kind, s, i = choice
+                out[w].append(Action(s, kind, i))
+                done[choice] = now + 1
+                remaining -= 1
+                moved = True
+                if kind is Kind.F:
+                    holding[w] += 1
+                elif kind is Kind.BI:
+                    pending[w].append((s, i))
+                else:
+                    holding[w] -= 1
+            if not moved:  # every action lasts one slot: nothing runs on, so nothing will become ready
+                raise ScheduleError(f"{spec.family}: the repeated V block stalled at P={P}, M={M} (a bug: please report it)")
+            now += 1
+    return out
+
 
 def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
     """Interleaved zero bubble (Qi et al.'s ZB-H1 on a looped placement; torch's ScheduleInterleavedZeroBubble).
@@ -421,6 +534,7 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "zb-v": order_zb_v,
     "looped-bfs": order_looped_bfs,
     "v-half": order_v_half,
+    "v-min": order_v_min,
     "interleaved-zb": order_interleaved_zb,
     "dualpipe-v": order_dualpipe_v,
 }

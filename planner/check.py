@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, inflight_limit
+from planner.program import Action, Kind, Program, inflight_limit, interleaved_groups
 from planner.trace import Event, Trace
 from topologies.errors import InputError
 
@@ -317,7 +317,12 @@ def open_cap(p: Program) -> int | None:
     cap = p.spec.traits.open_cap
     if cap is None:
         return None
-    return cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
+    base = cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
+    if p.spec.traits.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g: g the first group, P when P | M
+        spec, R = p.spec, len(p.stage_workers[0])
+        first = max(interleaved_groups(spec.stages, n)[0] for n in {spec.microbatches // R, -(-spec.microbatches // R)} if n)
+        base += (spec.chunks - 1) * max(0, first - spec.stages)
+    return math.floor(base + 1e-9)  # a whole count (V-Min's a·L₀ + b is fractional)
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:

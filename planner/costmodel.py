@@ -265,6 +265,10 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
         return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
     if kind == "v":
         return forward_s / chunks / total if total > 0 else 1.0 / 6.0  # rank P − 1 waits one chunk forward per rank
+    if kind == "v-half":  # (3P − 4)/2 at unit costs against 1F1B's 3(P − 1): half, from below
+        return 0.5
+    if kind == "v-min":  # 2P − 5/2 (− 3/2 when 3 | P) against 3(P − 1): about two thirds
+        return 2.0 / 3.0
     return 1.0
 
 
@@ -342,8 +346,8 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         depth = min(warm + 1, M * V)
         if fam.inflight == "batch":  # looped BFS: a whole batch on every chunk
             depth = M * V
-        elif fam.open_cap:  # ZB-V: the chunk-microbatches a rank may hold awaiting BW
-            depth = min(fam.open_cap[0] * P * V + fam.open_cap[1], M * V)
+        elif fam.open_cap:  # the V families: the chunk-microbatches a rank may hold awaiting BW (a whole number)
+            depth = min(math.floor(fam.open_cap[0] * P * V + fam.open_cap[1] + 1e-9), M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb

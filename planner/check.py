@@ -37,7 +37,8 @@ def check(program: Program) -> None:
 
     Laws (every program): one F and one B, or one BI and one BW, per (stage, microbatch) on a
     worker holding the stage; dependency order and data flow; every send matched; the weight
-    versions a backward reads (its forward's); update points after what they cover; no deadlock.
+    versions a backward reads (its forward's); every stage steps (each update point a worker owes — a
+    batch, or PipeDream's round — has one STEP, after what it covers); no deadlock.
     Conventions (only what ``program.spec.traits`` declares): B only or BI/BW only, microbatch
     order per stage, in-flight bounds, the weight-gradient cap. A program of the ``custom``
     family (an imported one) declares none; :func:`measured_bounds` reports what it does.
@@ -54,8 +55,8 @@ def check(program: Program) -> None:
     _check_structure(program)
     _check_local_order_and_dataflow(program)
     _check_matching(program)
-    _check_versions(program)
     _check_update_points(program)
+    _check_versions(program)
     _check_inflight(program)
     _run(program, UnitCosts(), None)  # no deadlock
 
@@ -271,32 +272,69 @@ def _check_versions(p: Program) -> None:
 
 
 def _check_update_points(p: Program) -> None:
-    """An ALLREDUCE / STEP of round k comes after every backward it covers; a replicated STEP after its ALLREDUCE."""
-    per_backward = not p.spec.traits.batched
-    N = p.spec.total_microbatches
+    """The law *every stage steps*: each update point a worker owes has exactly one STEP, after what it covers.
+
+    A worker holding stage s owes it an update point (a round) for every gradient it computes or reduces:
+    a batched family (flush families and 2BW, ``Family.batched``) round b for each batch b in which it
+    runs a weight gradient (B or BW) of s; PipeDream's stream round k for its backward of minibatch
+    k·R + r (replica r of R, one step per backward); and, in both, every round it all-reduces (a replica
+    whose minibatches ran out joins the last rounds and still steps, or its weights leave its replicas').
+    Each owed round's STEP comes after every backward of that round on the worker and, on a replicated
+    stage, after the round's ALLREDUCE; a missing STEP would leave the stage's weights without that
+    update, a duplicate or a STEP no round owes would update them twice or with no gradient.
+    """
     for w in p.workers:
+        owed: dict[tuple[int, int], int] = {}  # (stage, round) -> index of the last action that owes it
+        for idx, a in enumerate(p[w]):
+            if a.kind in (Kind.B, Kind.BW):
+                owed[(a.stage, _round_of(p, a))] = idx
+            elif a.kind is Kind.ALLREDUCE:
+                owed[(a.stage, a.mb)] = idx
         done: set[tuple[int, int]] = set()
         reduced: set[tuple[int, int]] = set()
+        stepped: dict[tuple[int, int], int] = {}
         for idx, a in enumerate(p[w]):
             if a.kind in (Kind.B, Kind.BW):
                 done.add((a.stage, a.mb))
             if a.kind not in (Kind.ALLREDUCE, Kind.STEP):
                 continue
             s, k = a.stage, a.mb
-            reps = p.stage_workers[s]
-            if per_backward:
-                i = k * len(reps) + reps.index(w)
-                need = [i] if i < N else []
-            else:
-                lo = k * p.spec.microbatches
-                need = [i for i in range(lo, min(lo + p.spec.microbatches, N)) if p.worker_of(s, i) == w]
-            for i in need:
+            for i in _round_microbatches(p, s, k, w):
                 if (s, i) not in done:
                     raise ProgramError(f"{a.kind.value} of round {k} before the backward of microbatch {i} it covers", p, w, idx)
             if a.kind is Kind.ALLREDUCE:
                 reduced.add((s, k))
-            elif len(reps) > 1 and (s, k) not in reduced:
+                continue
+            if (s, k) not in owed:
+                raise ProgramError(f"stage {s} steps for round {k} on w{w}, which computes and reduces no gradient "
+                                   f"of that round: the step would update it with no gradient; remove it", p, w, idx)
+            if len(p.stage_workers[s]) > 1 and (s, k) not in reduced:
                 raise ProgramError(f"step of a replicated stage before its all-reduce {s}ALLREDUCE{k}", p, w, idx)
+            if (s, k) in stepped:
+                raise ProgramError(f"stage {s} steps twice for round {k} on w{w} (first at w{w}[{stepped[(s, k)]}]); "
+                                   f"one step per update point", p, w, idx)
+            stepped[(s, k)] = idx
+        for (s, k), idx in sorted(owed.items(), key=lambda item: item[1]):
+            if (s, k) not in stepped:
+                what = f"batch {k} on w{w}" if p.spec.traits.batched else f"round {k} on w{w} (a stream steps after every backward)"
+                raise ProgramError(f"stage {s} never steps for {what}: its weights would miss that update; "
+                                   f"add {Action(s, Kind.STEP, k, version=k + 1)} after this action", p, w, idx)
+
+
+def _round_of(p: Program, a: Action) -> int:
+    """The update point a weight-gradient action belongs to: its batch, or PipeDream's round (minibatch k·R + r: k)."""
+    return p.spec.batch_of(a.mb) if p.spec.traits.batched else a.mb // len(p.stage_workers[a.stage])
+
+
+def _round_microbatches(p: Program, stage: int, k: int, w: int) -> list[int]:
+    """The microbatches of ``stage`` whose weight gradients update point ``k`` on worker ``w`` covers."""
+    reps = p.stage_workers[stage]
+    N = p.spec.total_microbatches
+    if not p.spec.traits.batched:
+        i = k * len(reps) + reps.index(w)
+        return [i] if i < N else []
+    lo = k * p.spec.microbatches
+    return [i for i in range(lo, min(lo + p.spec.microbatches, N)) if p.worker_of(stage, i) == w]
 
 
 def inflight_bound(p: Program, stage: int) -> int:

@@ -5,6 +5,7 @@ importing one module of the package does not import the others):
 
 * :func:`run_plan` — run a plan on this machine, get a :class:`RunResult`
   (measured trace, final weights, losses).
+* :func:`run_program` — run a program (a file from ``pipetwin schedule -o``) exactly as it is, the same way.
 * :class:`RunConfig`, :func:`prepare` — a run's settings and the checks made before any process starts.
 * :func:`resolve_backend_device` — the one rule turning "auto" into a backend and a device.
 * :class:`SavedBytes` — the one saved-tensor counter (bytes autograd keeps for backward).
@@ -26,6 +27,7 @@ import importlib
 
 _EXPORTS = {
     "run_plan": "executor.launch",
+    "run_program": "executor.launch",
     "RunResult": "executor.results",
     "RunConfig": "executor.prepare",
     "prepare": "executor.prepare",

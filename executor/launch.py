@@ -1,16 +1,18 @@
-"""Local launcher: one process per worker of a plan on this machine, a watchdog, and the merged result.
+"""Local launcher: one process per worker of a program on this machine, a watchdog, and the merged result.
 
-``run_plan(plan)`` checks the plan against its model (bad input raises
-``ExecutorError`` before any process starts), hosts the rendezvous store on a
-free port, forks one process per worker from a forkserver that has torch
-imported already, and watches them: when one exits non-zero the others are
-stopped at once and ONE ``WorkerFailed`` names the rank, the stage and the
-action to blame (the worker's own error record, or — for a worker that was
-killed — the action it was executing, which every worker publishes in a shared
-array). Every blocking call also has the run's timeout (process-group
-timeout). On success rank 0 has gathered every worker's results; they are
-merged into one measured ``Trace`` (times since a common barrier), the final
-weights (``stage{s}.{param}``) and the losses.
+``run_plan(plan)`` and ``run_program(program, model)`` take one route: a plan
+is lowered into its program, and ``executor.prepare`` checks the program
+against its model (bad input raises ``ExecutorError`` before any process
+starts). The launcher hosts the rendezvous store on a free port, forks one
+process per worker from a forkserver that has torch imported already, and
+watches them: when one exits non-zero the others are stopped at once and ONE
+``WorkerFailed`` names the rank, the stage and the action to blame (the
+worker's own error record, or — for a worker that was killed — the action it
+was executing, which every worker publishes in a shared array). Every blocking
+call also has the run's timeout (process-group timeout). On success rank 0 has
+gathered every worker's results; they are merged into one measured ``Trace``
+(times since a common barrier), the final weights (``stage{s}.{param}``) and
+the losses.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from executor.backend import resolve_backend_device
 from executor.errors import ExecutorError, WorkerFailed
 from executor.faults import FAULT_ENV
+from topologies.files import output_path
 from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import RunResult, result_from_parts, weights_from_checkpoint
@@ -62,7 +65,7 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
              save_weights: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 0, resume: bool = False, seed: int = 0, dtype: str = "float32",
              track_memory: bool = True, keep_dir: str | os.PathLike | None = None, device: str = "auto") -> RunResult:
-    """Run ``plan`` for real: one process per worker on this machine.
+    """Run ``plan`` for real: one process per worker on this machine (its program, through :func:`run_program`'s route).
 
     Args:
         plan: a Plan, its dict, or a plan JSON path. The world size is the plan's worker count.
@@ -86,19 +89,70 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         ExecutorError: bad plan or model (before launch); WorkerFailed (a subclass) when a worker failed.
     """
     t_start = time.perf_counter()
-    plan = _as_plan(plan)
+    cfg = RunConfig(plan=_as_plan(plan).to_dict(), timeout_s=_timeout(timeout_s), seed=int(seed), dtype=dtype,
+                    checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                    checkpoint_every=_every(checkpoint_every), resume=bool(resume), track_memory=track_memory)
+    return _run(cfg, backend, device, save_weights, keep_dir, t_start)
+
+
+def run_program(program: Program | dict | str | os.PathLike, model: str, *, microbatch_size: int = 1,
+                lr: float = 0.01, recompute: str = "none", sequence_parallel: bool = False, backend: str = "auto",
+                timeout_s: float = 60.0, save_weights: str | os.PathLike | None = None,
+                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0, seed: int = 0,
+                dtype: str = "float32", track_memory: bool = True, keep_dir: str | os.PathLike | None = None,
+                device: str = "auto") -> RunResult:
+    """Run ``program`` exactly as it is: worker w is rank w, stage s holds ``program.stage_layers[s]`` of ``model``
+    (an even split of its layers when the program names none).
+
+    Args:
+        program: a Program, its dict (``Program.to_json``) or a program JSON path (``pipetwin schedule -o``).
+        model: the model spec the stages' layers come from.
+        microbatch_size: samples per microbatch.
+        lr: SGD learning rate.
+        recompute: activation recomputation, "none", "selective" or "full".
+        sequence_parallel: Megatron sequence parallelism (a tensor-parallel program of the zoo's gpt model).
+        Other arguments as :func:`run_plan` (no resume: a program runs from its first action).
+
+    Returns:
+        RunResult (``plan`` None) with the merged measured trace, final weights and losses.
+
+    Raises:
+        ExecutorError: a bad program or model (before launch); WorkerFailed when a worker failed.
+    """
+    from planner.program import ProgramFileError
+
+    t_start = time.perf_counter()
+    try:
+        doc = program.to_json() if isinstance(program, Program) else program if isinstance(program, dict) else \
+            Program.load(program).to_json()
+    except ProgramFileError as e:
+        raise ExecutorError(e.args[0]) from None
+    cfg = RunConfig(program=doc, model=model, microbatch_size=int(microbatch_size), lr=float(lr), recompute=recompute,
+                    sequence_parallel=bool(sequence_parallel), timeout_s=_timeout(timeout_s), seed=int(seed),
+                    dtype=dtype, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                    checkpoint_every=_every(checkpoint_every), track_memory=track_memory)
+    return _run(cfg, backend, device, save_weights, keep_dir, t_start)
+
+
+def _timeout(timeout_s: float) -> float:
+    if not timeout_s > 0:
+        raise ExecutorError("--timeout must be > 0 seconds")
+    return float(timeout_s)
+
+
+def _every(checkpoint_every: int) -> int:
     if checkpoint_every < 0:
         raise ExecutorError("--checkpoint-every must be >= 0")
-    if timeout_s <= 0:
-        raise ExecutorError("--timeout must be > 0 seconds")
-    cfg = RunConfig(plan=plan.to_dict(), backend="gloo", timeout_s=float(timeout_s), seed=int(seed), dtype=dtype,
-                    checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory)
+    return int(checkpoint_every)
+
+
+def _run(cfg: RunConfig, backend: str, device: str, save_weights, keep_dir, t_start: float) -> RunResult:
+    """The one route of every local run: prepare (checks before any process starts), launch, merge."""
     prep = prepare(cfg)
     if prep.program is None:
         weights = weights_from_checkpoint(prep, cfg)
-        res = RunResult(Trace(meta={"source": "measured", "family": plan.schedule, "microbatch_size": plan.microbatch_size}),
-                        weights, {}, plan, None, prep.start_step, "none", time.perf_counter() - t_start)
+        res = RunResult(Trace(meta={"source": "measured", "family": prep.family, "microbatch_size": prep.microbatch_size}),
+                        weights, {}, prep.plan, None, prep.start_step, "none", time.perf_counter() - t_start)
         _save_weights(res, save_weights)
         return res
     world = len(prep.program.workers)
@@ -109,7 +163,7 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         if problem:
             raise ExecutorError(f"NCCL matches messages in order, but in this program {problem}; use --backend gloo")
         if torch.cuda.device_count() < world:
-            raise ExecutorError(f"NCCL needs one GPU per worker: the plan has {world} workers, this machine "
+            raise ExecutorError(f"NCCL needs one GPU per worker: the program has {world} workers, this machine "
                                 f"{torch.cuda.device_count()} GPUs; use --backend gloo or launch with torchrun on more nodes")
     if keep_dir:
         out_dir = Path(keep_dir)
@@ -130,8 +184,7 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
 
 def _save_weights(res: RunResult, path) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(res.weights, path)
+        torch.save(res.weights, output_path(path))
 
 
 def _context():

@@ -27,7 +27,7 @@ class RunResult:
         trace: the measured trace (lane = worker id; meta source "measured").
         weights: final weights of every stage, keys ``stage{s}.{param}`` (CPU tensors).
         losses: loss of every (global) microbatch index that ran.
-        plan: the plan that ran.
+        plan: the plan that ran (None when a program file ran).
         program: the program of this run (the batches left after a resume).
         start_step: optimizer steps already done by a checkpoint this run resumed from.
         backend: the process-group backend used.
@@ -37,7 +37,7 @@ class RunResult:
     trace: Trace
     weights: dict[str, torch.Tensor]
     losses: dict[int, float]
-    plan: Plan
+    plan: Plan | None
     program: Program | None
     start_step: int = 0
     backend: str = "gloo"
@@ -64,17 +64,18 @@ def gather_results(payload: dict, rank: int) -> list[dict] | None:
 
 def result_from_parts(parts: list[dict], prep: Prepared, backend: str, wall_s: float = 0.0) -> RunResult:
     """One RunResult from every worker's part."""
-    trace = merge_trace(prep.program, prep.plan, parts)
+    trace = merge_trace(prep, parts)
     trace.meta["backend"] = backend
     return RunResult(trace=trace, weights=merge_weights(parts),
                      losses=merge_losses(parts), plan=prep.plan, program=prep.program, start_step=prep.start_step,
                      backend=backend, wall_s=wall_s)
 
 
-def merge_trace(program: Program, plan: Plan, parts: list[dict]) -> Trace:
+def merge_trace(prep: Prepared, parts: list[dict]) -> Trace:
     """One measured Trace from every worker's results (times are seconds since the common barrier)."""
-    trace = Trace(meta={"source": "measured", "family": plan.schedule, "microbatch_size": plan.microbatch_size,
-                        "model": plan.model, "devices": {str(p["rank"]): p["device"] for p in parts},
+    program = prep.program
+    trace = Trace(meta={"source": "measured", "family": prep.family, "microbatch_size": prep.microbatch_size,
+                        "model": prep.model, "devices": {str(p["rank"]): p["device"] for p in parts},
                         "device_kind": "cuda" if any(str(p["device"]).startswith("cuda") for p in parts) else "cpu",
                         "cpu_s": {str(p["rank"]): p.get("cpu_s", 0.0) for p in parts}})
     for p in parts:
@@ -107,9 +108,8 @@ def merge_losses(parts: list[dict]) -> dict[int, float]:
 def weights_from_checkpoint(prep: Prepared, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Final weights of a resumed run that had nothing left to do."""
     out = {}
-    for s, sp in enumerate(prep.plan.stages):
-        doc = ckpt.load_stage(cfg.checkpoint_dir, prep.start_step, s, model=prep.plan.model,
-                              layers=(sp.first_layer, sp.last_layer))
+    for s, layers in enumerate(prep.layers):
+        doc = ckpt.load_stage(cfg.checkpoint_dir, prep.start_step, s, model=prep.model, layers=layers)
         for n, t in doc["weights"].items():
             out[f"stage{s}.{n}"] = t
     return out

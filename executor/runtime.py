@@ -71,7 +71,7 @@ class StageWorker:
 
     def __init__(self, cfg: RunConfig, prepared: Prepared, rank: int, device: torch.device, progress=None) -> None:
         self.cfg, self.prep = cfg, prepared
-        self.plan, self.program = prepared.plan, prepared.program
+        self.program = prepared.program
         self.rank, self.device = rank, device
         self.progress = progress
         self.spec = self.program.spec
@@ -80,8 +80,9 @@ class StageWorker:
         self.S = len(self.program.stage_workers)
         self.M = self.spec.microbatches
         self.dtype = DTYPES[cfg.dtype]
-        self.lr = float(self.plan.lr)
-        self.mbs = self.plan.microbatch_size
+        self.model = prepared.model
+        self.lr = float(prepared.lr)
+        self.mbs = prepared.microbatch_size
         self.mb_offset = prepared.start_step * self.M
         self.base_version = prepared.start_step
         self.T = self.program.tensor_parallel
@@ -113,11 +114,11 @@ class StageWorker:
         self.groups = replica_groups(self.program, self.rank)
         tp_group = tensor_group(self.program, self.rank)
         self.tp = None if tp_group is None else TPContext(tp_group, self.tp_rank, self.T, self.staged, skip_from_env(),
-                                                          self.plan.sequence_parallel)
+                                                          self.prep.sequence_parallel)
         self.p2p = p2p_groups(self.nccl)
         for s in self.program.stages_of(self.rank):
             self.stages[s] = self._build_stage(s)
-        self.loss = loss_fn(self.plan.model)
+        self.loss = loss_fn(self.model)
         self.make_batch = make_batch
         self._exchange_shapes()
         self._prefetch_data()
@@ -142,16 +143,16 @@ class StageWorker:
         """Stage ``s``'s module with its version 0: the seed's weights, or the checkpoint a resumed run starts from.
 
         With tensor parallelism the module holds this TP rank's shard (``st.shards`` says how each sharded
-        parameter is split), cut from the whole weights; the plan's recomputation mode is applied to its layers.
+        parameter is split), cut from the whole weights; the run's recomputation mode is applied to its layers.
         """
         from executor.models import build_stage
 
-        plan, sp = self.plan, self.plan.stages[s]
-        layers = build_stage(plan.model, sp.first_layer, sp.last_layer, seed=self.cfg.seed)
+        first, last = self.prep.layers[s]
+        layers = build_stage(self.model, first, last, seed=self.cfg.seed)
         if self.tp is not None:
             layers = parallelize(layers, self.tp)
-        apply_recompute(layers, self.plan.recompute)
-        st = StageState(s, sp.first_layer, sp.last_layer, layers, self.S)
+        apply_recompute(layers, self.prep.recompute)
+        st = StageState(s, first, last, layers, self.S)
         st.shards = shard_specs(st.module)
         if self.tp is not None and self.tp.sequence:
             partial = sequence_parallel_params(st.module)
@@ -159,8 +160,8 @@ class StageWorker:
         st.module.to(device=self.device, dtype=self.dtype)
         st.param_bytes = sum(p.numel() * p.element_size() for p in st.module.parameters())
         if self.prep.start_step:
-            doc = ckpt.load_stage(self.cfg.checkpoint_dir, self.prep.start_step, s, model=plan.model,
-                                  layers=(sp.first_layer, sp.last_layer))
+            doc = ckpt.load_stage(self.cfg.checkpoint_dir, self.prep.start_step, s, model=self.model,
+                                  layers=(first, last))
             w = doc["weights"]
             if set(w) != set(st.names):
                 raise ExecutorError(f"checkpoint stage {s} has parameters {sorted(w)[:4]}..., the model {sorted(st.names)[:4]}...")
@@ -176,7 +177,7 @@ class StageWorker:
     def _exchange_shapes(self) -> None:
         """Learn every stage boundary's (shape, dtype): each stage's replica 0 runs one no-grad eval-mode forward
         (every TP rank of it, as the forward's TP collectives need them all) and its first worker broadcasts."""
-        x, _ = self.make_batch(self.plan.model, self.mbs, 0, self.cfg.seed)
+        x, _ = self.make_batch(self.model, self.mbs, 0, self.cfg.seed)
         meta = (tuple(x.shape), self._cast_dtype(x.dtype))
         self.in_meta: dict[int, tuple] = {0: meta}
         for s in range(self.S - 1):
@@ -208,7 +209,7 @@ class StageWorker:
         self.targets: dict[int, torch.Tensor] = {}
         need_in = sorted({a.mb for a in self.acts if a.kind is Kind.F and a.stage == 0})
         need_tg = sorted({a.mb for a in self.acts if a.kind is Kind.F and a.stage == self.S - 1})
-        x, y = self.make_batch(self.plan.model, self.mbs, 0, self.cfg.seed)
+        x, y = self.make_batch(self.model, self.mbs, 0, self.cfg.seed)
         per = x.numel() * x.element_size() + y.numel() * y.element_size()
         self.prefetched = per * (len(need_in) + len(need_tg)) <= _DATA_PREFETCH_BYTES
         if self.prefetched:
@@ -220,7 +221,7 @@ class StageWorker:
                     self.targets[mb] = y
 
     def _batch(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.make_batch(self.plan.model, self.mbs, self.mb_offset + mb, self.cfg.seed)
+        x, y = self.make_batch(self.model, self.mbs, self.mb_offset + mb, self.cfg.seed)
         x = x.to(device=self.device, dtype=self._cast_dtype(x.dtype))
         y = y.to(device=self.device, dtype=self._cast_dtype(y.dtype))
         return x, y
@@ -462,9 +463,8 @@ class StageWorker:
             weights = self._whole_weights(st)
             if weights is None:  # a TP rank other than 0: its shards went to rank 0
                 return
-            sp = self.plan.stages[st.index]
-            ckpt.save_stage(cfg.checkpoint_dir, step, st.index, weights, model=self.plan.model,
-                            layers=(sp.first_layer, sp.last_layer), family=self.family, lr=self.lr)
+            ckpt.save_stage(cfg.checkpoint_dir, step, st.index, weights, model=self.model,
+                            layers=self.prep.layers[st.index], family=self.family, lr=self.lr)
 
     def _holds_replica_0(self, s: int) -> bool:
         """This worker is (a TP rank of) stage ``s``'s replica 0, which saves and reports the stage's weights."""

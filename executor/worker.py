@@ -4,6 +4,7 @@ Under torchrun (one process per worker; RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT from the environment)::
 
     torchrun --nnodes 1 --nproc-per-node 4 -m executor.worker plan.json --out DIR
+    torchrun --nnodes 1 --nproc-per-node 2 -m executor.worker --program P.json --model M --out DIR
 
 Rank 0 writes ``DIR/result.pt`` (every worker's timed actions, memory samples,
 losses and final weights), ``DIR/trace.json`` (Chrome trace) and
@@ -31,6 +32,7 @@ from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import gather_results, result_from_parts
 from executor.runtime import ActionFailed, StageWorker
+from topologies.files import output_path
 
 
 def _error_doc(rank: int, prep: Prepared | None, exc: BaseException, index: int | None, comm: bool) -> dict:
@@ -66,7 +68,7 @@ def run_rank(cfg: RunConfig, rank: int, world: int, out_dir: str | None, store=N
         if prep.program is None:
             raise ExecutorError("nothing left to run: the checkpoint already covers every batch")
         if len(prep.program.workers) != world:
-            raise ExecutorError(f"the plan needs {len(prep.program.workers)} workers but the run has {world} "
+            raise ExecutorError(f"the program needs {len(prep.program.workers)} workers but the run has {world} "
                                 f"processes; launch with --nproc-per-node x --nnodes = {len(prep.program.workers)}")
         device = init_process_group(cfg.backend, cfg.device, cfg.timeout_s, rank, world, store)
         worker = StageWorker(cfg, prep, rank, device, progress)
@@ -112,9 +114,15 @@ def local_entry(cfg: RunConfig, rank: int, world: int, host: str, port: int, out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m executor.worker plan.json [--out DIR]` under torchrun (or any env:// launcher)."""
+    """`python -m executor.worker plan.json [--out DIR]` (or `--program P.json --model M`) under torchrun."""
     ap = argparse.ArgumentParser(prog="python -m executor.worker", description="One pipetwin stage worker (run it under torchrun).")
-    ap.add_argument("plan", help="plan JSON file")
+    ap.add_argument("plan", nargs="?", help="plan JSON file (or give --program and --model)")
+    ap.add_argument("--program", metavar="JSON", help="program file (from `pipetwin schedule -o`), run exactly as it is")
+    ap.add_argument("--model", help="with --program: the model spec its stages' layers come from")
+    ap.add_argument("--microbatch-size", type=int, default=1, help="with --program: samples per microbatch (default 1)")
+    ap.add_argument("--lr", type=float, default=0.01, help="with --program: SGD learning rate (default 0.01)")
+    ap.add_argument("--recompute", default="none", help="with --program: none, selective or full (default none)")
+    ap.add_argument("--sequence-parallel", action="store_true", help="with --program: Megatron sequence parallelism")
     ap.add_argument("--out", help="folder for rank 0's results (result.pt, trace.json, summary.json) and error files")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -131,16 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     from planner.plan import Plan, PlanError
+    from planner.program import Program, ProgramFileError
 
     try:
-        plan = Plan.load(args.plan)
+        if (args.plan is None) == (args.program is None):
+            raise ExecutorError("give a plan file or --program P.json --model M (one of them)")
         backend, device = resolve_backend_device(args.backend, args.device, local_world)
-        cfg = RunConfig(plan=plan.to_dict(), backend=backend, device=device,
-                        timeout_s=args.timeout,
-                        seed=args.seed, dtype=args.dtype, checkpoint_dir=args.checkpoint_dir,
-                        checkpoint_every=args.checkpoint_every, resume=args.resume)
+        common = dict(backend=backend, device=device, timeout_s=args.timeout, seed=args.seed, dtype=args.dtype,
+                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
+        if args.program:
+            cfg = RunConfig(program=Program.load(args.program).to_json(), model=args.model,
+                            microbatch_size=args.microbatch_size, lr=args.lr, recompute=args.recompute,
+                            sequence_parallel=args.sequence_parallel, **common)
+        else:
+            cfg = RunConfig(plan=Plan.load(args.plan).to_dict(), **common)
         prep = prepare(cfg)
-    except (ExecutorError, PlanError) as e:
+        if prep.program is not None and len(prep.program.workers) != world:
+            raise ExecutorError(f"the {'program' if args.program else 'plan'} needs {len(prep.program.workers)} "
+                                f"workers but the run has {world} processes; launch with --nproc-per-node x "
+                                f"--nnodes = {len(prep.program.workers)}")
+    except (ExecutorError, PlanError, ProgramFileError) as e:
         print(f"pipetwin worker {rank}: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     out = args.out
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         res.trace.save(Path(out) / "trace.json")
         _write_json(Path(out) / "summary.json", res.summary())
         if args.save_weights:
-            torch.save(res.weights, args.save_weights)
+            torch.save(res.weights, output_path(args.save_weights))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`pipetwin run`: run a plan for real (one process per worker, torch.distributed) and report what it measured."""
+"""`pipetwin run`: run a plan or a program file for real (one process per worker, torch.distributed) and report what it
+measured."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,10 @@ def register(sub) -> None:
                        description="Run a plan on this machine, one process per worker (gloo on CPU, NCCL on GPUs), "
                                    "and print the measured throughput, bubble and memory. Give --plan, or --model "
                                    "and --pp (with --dp and --tp for data and tensor parallelism) to split the model "
-                                   "evenly.")
+                                   "evenly, or --program and --model to run a program file exactly as it is.")
     p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
+    p.add_argument("--program", metavar="JSON", help="program file (from `pipetwin schedule -o`, e.g. an imported torch "
+                   "schedule): run exactly as it is, worker w as rank w, its stage_layers (else an even split) of --model")
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
     add_grid_flags(p, aliases=True)  # --tp (the zoo's gpt model only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
@@ -88,14 +91,51 @@ def _plan_for(args):
                            recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)
 
 
+#: Flags that say a program's schedule and shape: a --program file brings its own.
+PROGRAM_SHAPE_FLAGS = ("plan", "tp", "pp", "dp", "vp", "replicas", "schedule", "microbatches", "batches", "vertical_sync")
+
+
+def _run_program(args):
+    """``--program``: the file as it is, on --model; (result, what ran, its schedule family, microbatch size)."""
+    from executor.launch import run_program
+    from pipetwin.errors import UserError
+    from planner.program import Program
+
+    given = [f"--{k.replace('_', '-')}" for k in PROGRAM_SHAPE_FLAGS if getattr(args, k, None) not in (None, False)]
+    if given:
+        raise UserError(f"--program brings its own schedule and shape; drop {', '.join(given)}")
+    if args.resume:
+        raise UserError("--resume needs --plan: a program file runs the batches it lists, from its first action")
+    if not args.model:
+        raise UserError("--program needs --model, the model its stages' layers come from (e.g. --model mlp:layers=8,width=256)")
+    program = Program.load(args.program)
+    mbs = args.microbatch_size if args.microbatch_size is not None else 1
+    res = run_program(program, args.model, microbatch_size=mbs, lr=0.01 if args.lr is None else args.lr,
+                      recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel,
+                      backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
+                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      dtype=args.dtype, device=args.device)
+    spec = program.spec
+    what = (f"{spec.microbatches} minibatches" if spec.family == "pipedream"
+            else f"{spec.batches} batch(es) x {spec.microbatches} microbatches")
+    return res, f"program {args.program} ({spec.family}) of {args.model}", what, mbs
+
+
 def run(args) -> int:
     from executor.launch import run_plan
     from pipetwin.cmd_profile import human_bytes
 
-    plan = _plan_for(args)
-    res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
-                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   seed=args.seed, dtype=args.dtype, device=args.device)
+    if args.program:
+        res, title, what, mbs = _run_program(args)
+        T = res.program.tensor_parallel if res.program else 1
+    else:
+        plan = _plan_for(args)
+        res = run_plan(plan, backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
+                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                       seed=args.seed, dtype=args.dtype, device=args.device)
+        title, mbs, T = f"{plan.schedule} of {plan.model}", plan.microbatch_size, plan.tensor_parallel
+        what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
+                else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
     if args.trace:
         res.trace.save(args.trace)
     s = res.summary()
@@ -103,15 +143,15 @@ def run(args) -> int:
         print(json.dumps(s))
         return 0
     workers = len(res.program.workers) if res.program else 0
-    what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
-            else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
-    grid = f" (tensor-parallel groups of {plan.tensor_parallel})" if plan.tensor_parallel > 1 else ""
-    if plan.sequence_parallel:
+    grid = f" (tensor-parallel groups of {T})" if T > 1 else ""
+    sequence = res.plan.sequence_parallel if res.plan is not None else args.sequence_parallel
+    recompute = res.plan.recompute if res.plan is not None else (args.recompute or "none")
+    if sequence:
         grid = grid[:-1] + ", sequence-parallel)"
-    if plan.recompute != "none":
-        grid += f" with {plan.recompute} recomputation"
-    print(f"ran {plan.schedule} of {plan.model} on {workers} workers{grid} ({res.backend}, {s['device']}): {what} of "
-          f"{plan.microbatch_size} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
+    if recompute != "none":
+        grid += f" with {recompute} recomputation"
+    print(f"ran {title} on {workers} workers{grid} ({res.backend}, {s['device']}): {what} of "
+          f"{mbs} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
     print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "
           f"makespan {s['makespan_s'] * 1e3:.1f} ms, bubble {s['bubble_fraction'] * 100:.1f}%")
     for w, d in s["per_device"].items():

@@ -11,6 +11,7 @@ from planner.schedules import generate, make_spec
 from planner.trace import bubble_fraction, makespan_s
 from pipetwin.args import int_list
 from pipetwin.errors import UserError
+from topologies.files import output_path
 
 
 def register(sub) -> None:
@@ -21,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--microbatches", type=int, help="microbatches per batch M (PipeDream: minibatches)")
     p.add_argument("--from-torch", metavar="CSV", help="read torch.distributed.pipelining's schedule CSV (compute-only "
                    "or with communication) instead of generating one; it is checked by the laws only")
+    p.add_argument("--plan", metavar="JSON", help="lower this plan file (`pipetwin plan -o`) instead of generating one: "
+                   "its program, which layers each stage holds included, for -o and `run/simulate --program`")
     p.add_argument("--to-torch", metavar="CSV", help="also write the program as torch's schedule CSV")
     p.add_argument("--torch-format", default="compute_only", choices=["compute_only", "compute_comms"],
                    help="what --to-torch writes (default compute_only, torch's _load_csv default)")
@@ -39,6 +42,16 @@ def register(sub) -> None:
 
 
 def _program(args):
+    if args.plan:
+        from planner.lowering import plan_to_program
+        from planner.plan import Plan
+
+        if args.kind or args.stages or args.microbatches or args.from_torch:
+            raise UserError("--plan brings its own schedule and shape; drop --kind/--stages/--microbatches/--from-torch")
+        plan = Plan.load(args.plan)
+        program = plan_to_program(plan)
+        args.kind, args.stages, args.microbatches, args.chunks = plan.schedule, plan.pipeline_depth, plan.microbatches, plan.chunks
+        return program
     if args.from_torch:
         from planner.torch_interop import program_from_torch, read_torch_csv
 
@@ -49,7 +62,7 @@ def _program(args):
         args.chunks = program.spec.chunks
         return program
     if not args.kind or args.stages is None or args.microbatches is None:
-        raise UserError("give --kind, --stages and --microbatches (or --from-torch FILE.csv)")
+        raise UserError("give --kind, --stages and --microbatches (or --from-torch FILE.csv, or --plan plan.json)")
     if args.stages < 1 or args.microbatches < 1:
         raise UserError("--stages and --microbatches must be >= 1")
     args.chunks = chunks_for(args.kind, args.chunks)
@@ -64,9 +77,9 @@ def run(args) -> int:
     if args.to_torch:
         from planner.torch_interop import write_torch_csv
 
-        Path(args.to_torch).write_text(write_torch_csv(program, args.torch_format))
+        output_path(args.to_torch).write_text(write_torch_csv(program, args.torch_format))
     if args.program_out:
-        Path(args.program_out).write_text(json.dumps(program.to_json()))
+        output_path(args.program_out).write_text(json.dumps(program.to_json()))
     costs = UnitCosts(f=args.fwd, b=args.bwd, bi=args.bwd / 2, bw=args.bwd / 2, comm=args.comm)
     trace = dry_run(program, costs)
     span, bubble = makespan_s(trace), bubble_fraction(trace)

@@ -16,7 +16,8 @@ def register(sub) -> None:
                        description="Simulate a plan (--plan) or an even split of a model (--model, --topology).")
     p.add_argument("--plan", metavar="JSON", help="plan file (from `pipetwin plan -o`)")
     p.add_argument("--program", metavar="JSON", help="program file (from `pipetwin schedule -o`, e.g. an imported torch "
-                   "schedule): run as it is, layers split evenly over its stages, worker w on the topology's w-th device")
+                   "schedule): run as it is, its stage_layers (else the layers split evenly over its stages), worker w "
+                   "on the topology's w-th device")
     p.add_argument("--model", metavar="SPEC", help="profile: .json, graph.txt or uniform:layers=L,fwd=S,bwd=S,act=B,params=B "
                    "(default with --plan: the plan's model)")
     p.add_argument("--topology", metavar="SPEC", help="preset (ideal:8, dgx:servers=2, hier:8x4, ...) or file "
@@ -175,21 +176,32 @@ def _simulate_program(args, params):
         raise UserError("--program brings its own schedule and shape; drop --plan and the shape flags")
     if not args.model or not args.topology:
         raise UserError("--program needs --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
-    try:
-        program = Program.from_json(json.loads(Path(args.program).read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"--program {args.program}: not a program file ({e}); write one with `pipetwin schedule -o`") from None
+    program = Program.load(args.program)
+    program.check_shape()
     topology = load_topology(args.topology)
     if len(program.workers) > len(topology.devices):
         raise UserError(f"the program has {len(program.workers)} workers but topology {topology.name!r} has "
                         f"{len(topology.devices)} devices; use a larger topology")
     devices = {w: topology.devices[i] for i, w in enumerate(program.workers)}
     check_calibration_topology(args.device_calibration, topology)
-    profile = resolve_model(args.model, calibration=args.device_calibration, microbatch_size=args.microbatch_size)
+    profile = resolve_model(args.model, tensor_parallel=program.tensor_parallel, calibration=args.device_calibration,
+                            microbatch_size=args.microbatch_size)
+    layers = program.layers(len(profile))  # the program's stage_layers must cover the model (else an even split)
     trace = simulate(program, profile, topology, devices, microbatch_size=args.microbatch_size,
-                     params=params)
+                     params=params, stage_layers=list(layers))
     spec = program.spec
     return trace, f"{spec.family} program {len(program.workers)} workers x {spec.microbatches} microbatches on {topology.name}"
+
+
+def _grid(plan) -> str:
+    """The plan's device grid in words: pipeline stages, their replicas (data parallel) and tensor-parallel ranks."""
+    words = f"{plan.pipeline_depth} stages"
+    reps = plan.replicas
+    if any(r > 1 for r in reps):
+        words += f" x {reps[0]} replicas" if len(set(reps)) == 1 else f" x replicas {','.join(map(str, reps))}"
+    if plan.tensor_parallel > 1:
+        words += f" x {plan.tensor_parallel} tensor-parallel ranks" + (" (sequence parallel)" if plan.sequence_parallel else "")
+    return f"{words} ({len(plan.devices)} devices)"
 
 
 def run(args) -> int:
@@ -204,7 +216,7 @@ def run(args) -> int:
         with Progress(args.progress) as bar:
             trace = simulate_plan(plan, profile, topology, params,
                                   progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
-        title = f"{plan.schedule} {plan.pipeline_depth} stages x {plan.microbatches} microbatches on {topology.name}"
+        title = f"{plan.schedule}, {_grid(plan)}, {plan.microbatches} microbatches on {topology.name}"
     if args.trace:
         trace.save(args.trace)
     if args.chart:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, inflight_limit
-from planner.trace import Trace
+from planner.program import Action, Kind, Program, inflight_limit, interleaved_groups
+from planner.trace import Event, Trace
 from topologies.errors import InputError
 
 
@@ -59,7 +59,7 @@ def check(program: Program) -> None:
     _check_versions(program)
     _check_update_points(program)
     _check_inflight(program)
-    dry_run(program)
+    _run(program, UnitCosts(), None)  # no deadlock
 
 
 # --- structure -------------------------------------------------------------------------
@@ -319,7 +319,12 @@ def open_cap(p: Program) -> int | None:
     cap = p.spec.traits.open_cap
     if cap is None:
         return None
-    return cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
+    base = cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
+    if p.spec.traits.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g: g the first group, P when P | M
+        spec, R = p.spec, len(p.stage_workers[0])
+        first = max(interleaved_groups(spec.stages, n)[0] for n in {spec.microbatches // R, -(-spec.microbatches // R)} if n)
+        base += (spec.chunks - 1) * max(0, first - spec.stages)
+    return math.floor(base + 1e-9)  # a whole count (V-Min's a·L₀ + b is fractional)
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:
@@ -406,6 +411,16 @@ class UnitCosts:
 
 def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
     """Run the program on dependency-only semantics and return its trace; raise on deadlock."""
+    trace = Trace(meta={"source": "dry-run", "family": program.spec.family, "microbatch_size": 1})
+    ran: list[tuple[int, Action, float, float]] = []
+    _run(program, costs, ran)
+    trace.events.extend(_event(w, a, t, end) for w, a, t, end in ran)
+    return trace
+
+
+def _run(program: Program, costs: UnitCosts, ran: list | None) -> None:
+    """The dry run: each action's (worker, action, start, end) appended to ``ran`` in the order they run (nothing
+    kept when None: ``check`` only asks whether the program deadlocks); raise on deadlock."""
     p = program
     V = p.spec.chunks
     cost = {Kind.F: costs.f / V, Kind.B: costs.b / V, Kind.BI: costs.bi / V, Kind.BW: costs.bw / V,
@@ -414,7 +429,6 @@ def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
     clock = {w: 0.0 for w in p.workers}
     posted: dict[tuple, float] = {}  # (src, dst, grad, stage, mb) -> time the payload is available
     at_allreduce: dict[tuple[int, int], dict[int, float]] = {}
-    trace = Trace(meta={"source": "dry-run", "family": p.spec.family, "microbatch_size": 1})
     remaining = sum(len(v) for v in p.actions.values())
     while remaining:
         progressed = False
@@ -443,7 +457,8 @@ def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
                     end = t + cost[a.kind]
                 else:
                     end = t + cost[a.kind]
-                trace.events.append(_event(w, a, t, end))
+                if ran is not None:
+                    ran.append((w, a, t, end))
                 clock[w] = end
                 pos[w] += 1
                 remaining -= 1
@@ -453,10 +468,7 @@ def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
             w0, i0 = blocked[0]
             waits = ", ".join(f"w{w} at {p[w][i]}" for w, i in blocked[:8])
             raise ProgramError(f"deadlock: no worker can proceed ({waits})", p, w0, i0)
-    return trace
 
 
-def _event(w: int, a: Action, start: float, end: float):
-    from planner.trace import Event
-
+def _event(w: int, a: Action, start: float, end: float) -> Event:
     return Event(w, str(a), start, end, a.kind.value, a.nbytes)

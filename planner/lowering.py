@@ -8,6 +8,8 @@ a TP group, and the interpreters read their bytes from the (per-TP-rank) profile
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import Action, Program, ScheduleSpec
@@ -28,7 +30,8 @@ def plan_spec(plan: Plan) -> ScheduleSpec:
 
 
 def plan_to_program(plan: Plan, profile: ModelProfile | None = None) -> Program:
-    """Generate and check the plan's program; SEND/RECV/ALLREDUCE carry byte counts when a profile is given.
+    """Generate and check the plan's program, its stages' layers the plan's; SEND/RECV/ALLREDUCE carry byte
+    counts when a profile is given.
 
     Activation bytes are per microbatch (profile bytes per sample × microbatch
     size); all-reduce bytes are the stage's parameter (= gradient) bytes.
@@ -41,6 +44,7 @@ def plan_to_program(plan: Plan, profile: ModelProfile | None = None) -> Program:
         ar = lambda s: profile.param_bytes(*plan.stages[s].layers)
     T = plan.tensor_parallel
     program = generate(plan_spec(plan), act, ar, check_program=T == 1)
+    program = replace(program, stage_layers=tuple(s.layers for s in plan.stages))
     if T == 1:
         return program
     from planner.check import check
@@ -63,7 +67,7 @@ def tensor_expand(program: Program, T: int) -> Program:
             actions[w * T + t] = [a if a.peer is None else
                                   Action(a.stage, a.kind, a.mb, a.version, a.peer * T + t, a.grad, a.nbytes) for a in acts]
     sw = tuple(tuple(w * T + t for w in ws for t in range(T)) for ws in program.stage_workers)
-    return Program(program.spec, sw, actions, tensor_parallel=T)
+    return Program(program.spec, sw, actions, tensor_parallel=T, stage_layers=program.stage_layers)
 
 
 def worker_devices(plan: Plan, program: Program) -> dict[int, str]:

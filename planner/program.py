@@ -177,6 +177,26 @@ def _list(v) -> list:
     return v
 
 
+def _layer_ranges(v) -> tuple[tuple[int, int], ...]:
+    out, nxt = [], 0
+    for r in _list(v):
+        first, last = (_count(x) for x in _list(r))
+        if first != nxt or last < first:
+            raise ValueError
+        out.append((first, last))
+        nxt = last + 1
+    if not out:
+        raise ValueError
+    return tuple(out)
+
+
+def even_layers(num_layers: int, stages: int) -> tuple[tuple[int, int], ...]:
+    """``num_layers`` split into ``stages`` contiguous near-equal (first, last) ranges: the one even split
+    (``planner.plan.even_plan``, both interpreters on a program that names no layers)."""
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return tuple((bounds[i], bounds[i + 1] - 1) for i in range(stages))
+
+
 _ACTION_RE = re.compile(r"^(\d+)(ALLREDUCE|STEP|SEND|RECV|BI|BW|F|B)(\d+)(?:v(\d+))?(?:([ag])([<>])w(\d+))?$")
 
 class ScheduleError(InputError):
@@ -206,13 +226,14 @@ class Family:
         inflight_scale: (a, b) of the "1f1b" bound: (1, 0) for 1F1B itself, (2, −1) for ZB-H2.
         open_cap: (a, b): at most a·L₀ + b microbatch-chunks per worker await their weight gradient
             (forward done, B or BW not), L₀ the "1f1b" bound of stage 0 (1F1B's peak; 2P for a V
-            over 2P virtual stages); None: no cap.
+            over 2P virtual stages, PV on a loop); a looped family adds (V − 1)·(g − P) for a first
+            microbatch group g > P (its warm-up's extra chunks, see ``interleaved_groups``); None: no cap.
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
             ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V) or "none" (a stream).
+            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (1/2: V-Half), "v-min" (2/3: V-Min) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
@@ -262,9 +283,15 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
     Family("v-half", "V-Half", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
-           open_cap=(0.5, 2)),
+           open_cap=(0.5, 2), bubble="v-half"),
+    Family("v-min", "V-Min", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
+           open_cap=(1 / 3, 8 / 3), bubble="v-min"),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
+    Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",
+           open_cap=(1, 0), bubble="v"),
+    Family("dualpipe-v", "DualPipeV", backward="mixed", placement="v", chunks=2, replicable=False, inflight="none",
+           open_cap=(1, 1), bubble="v"),
 )}
 FAMILIES = tuple(n for n, f in FAMILY.items() if f.generated)
 FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)
@@ -381,6 +408,18 @@ def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
     return math.ceil(sum(r[stage:]) / r[stage])
 
 
+def interleaved_groups(P: int, M: int) -> list[int]:
+    """Microbatch group sizes for interleaved 1F1B: ⌊M/P⌋ groups (at least one) of ⌊M/groups⌋ or one more.
+
+    Forwards cycle the chunks once per group, so every group must hold at least P
+    microbatches for a chunk's output to be back on device 0 when its next chunk
+    starts; with M a multiple of P every group is exactly P (Megatron's order).
+    """
+    rounds = max(1, M // P)
+    base, extra = divmod(M, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
+
+
 def validate_spec(spec: ScheduleSpec) -> None:
     """The checks every family shares, read from its traits (a family's own needs: planner.schedules)."""
     fam = family(spec.family)
@@ -449,12 +488,16 @@ class Program:
             at index r·T + t (with T = 1: replica r = index r).
         actions: worker → ordered actions.
         tensor_parallel: T, workers per stage replica (its tensor-parallel group).
+        stage_layers: (first, last) model layer of every stage, inclusive and contiguous from layer 0, when the
+            program says which layers each stage holds (a plan's program does); None: the interpreters split the
+            model's layers evenly over the stages (``even_layers``).
     """
 
     spec: ScheduleSpec
     stage_workers: tuple[tuple[int, ...], ...]
     actions: dict[int, list[Action]] = field(hash=False)
     tensor_parallel: int = 1
+    stage_layers: tuple[tuple[int, int], ...] | None = None
 
     def __getitem__(self, worker: int) -> list[Action]:
         return self.actions[worker]
@@ -494,7 +537,7 @@ class Program:
         """The program of one TP rank's workers: an ordinary (T = 1) program whose peers are that rank's."""
         sw = tuple(self.replica_workers(s, tp_rank) for s in range(len(self.stage_workers)))
         mine = {w for ws in sw for w in ws}
-        return Program(self.spec, sw, {w: a for w, a in self.actions.items() if w in mine})
+        return Program(self.spec, sw, {w: a for w, a in self.actions.items() if w in mine}, stage_layers=self.stage_layers)
 
     def stages_of(self, worker: int) -> list[int]:
         return [s for s, ws in enumerate(self.stage_workers) if worker in ws]
@@ -511,6 +554,8 @@ class Program:
         }
         if self.tensor_parallel > 1:
             d["tensor_parallel"] = self.tensor_parallel
+        if self.stage_layers is not None:
+            d["stage_layers"] = [list(r) for r in self.stage_layers]
         return d
 
     @classmethod
@@ -537,7 +582,76 @@ class Program:
                                  "a list of worker-id lists, one per stage"),
             actions=_field(d, "workers", "program", workers, "an object mapping worker ids to action lists"),
             tensor_parallel=_field(d, "tensor_parallel", "program", _count, "a tensor-parallel degree >= 1", 1),
+            stage_layers=_field(d, "stage_layers", "program", _layer_ranges,
+                                "a list of [first, last] layer pairs, one per stage, contiguous from layer 0", None),
         )
+
+    @classmethod
+    def load(cls, path) -> "Program":
+        """The program file ``path`` (``to_json`` as JSON, e.g. ``pipetwin schedule -o``); a ProgramFileError in one
+        line when it is missing, not JSON or not a program."""
+        from pathlib import Path
+
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or "not a text file"
+            raise ProgramFileError(f"program file {str(p)!r}: cannot read it ({why}); write one with "
+                                   f"`pipetwin schedule ... -o P.json`") from None
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProgramFileError(f"program file {str(p)!r} is not JSON (line {e.lineno}: {e.msg}); write one with "
+                                   f"`pipetwin schedule ... -o P.json`") from None
+        try:
+            return cls.from_json(doc)
+        except ProgramFileError as e:
+            raise ProgramFileError(f"program file {str(p)!r}: {e.args[0]}") from None
+
+    def check_shape(self) -> None:
+        """The document agrees with itself (what an interpreter needs before ``planner.check``'s laws): stages and
+        workers exist, the spec's replica counts are the stages' worker counts, and a generated family's stage count
+        is its stages × chunks. A ProgramFileError in one line naming the field otherwise."""
+        S, T = len(self.stage_workers), self.tensor_parallel
+        if not S or not self.actions:
+            raise ProgramFileError("the program has no stages or no workers; write one with `pipetwin schedule ... -o P.json`")
+        for s, ws in enumerate(self.stage_workers):
+            if not ws:
+                raise ProgramFileError(f"stage {s} is on no worker (program.stage_workers[{s}] is empty); give it a worker")
+        spec = self.spec
+        if len(spec.replicas) != S:
+            raise ProgramFileError(f"program.spec.replicas gives {len(spec.replicas)} counts but program.stage_workers "
+                                   f"lists {S} stages; give one replica count per stage")
+        for s, (r, ws) in enumerate(zip(spec.replicas, self.stage_workers)):
+            if r * T != len(ws):
+                tp = f" x {T} tensor-parallel ranks" if T > 1 else ""
+                raise ProgramFileError(f"stage {s}: program.spec.replicas says {r} replica(s){tp} but program.stage_workers "
+                                       f"lists {len(ws)} worker(s); make the two agree")
+        fam = FAMILY.get(spec.family)
+        if fam is not None and fam.generated and spec.virtual_stages != S:
+            raise ProgramFileError(f"program.spec says {spec.stages} stages x {spec.chunks} chunks = {spec.virtual_stages} "
+                                   f"but program.stage_workers lists {S}; make the two agree")
+
+    def layers(self, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """(first, last) layer of every stage on a model of ``num_layers`` layers: ``stage_layers`` when the program
+        names them, else the even split; a ProgramFileError (one line: what is wrong, what to do) when they do not fit."""
+        S = len(self.stage_workers)
+        if self.stage_layers is None:
+            if S == 0:
+                raise ProgramFileError("the program has no stages; write one with `pipetwin schedule ... -o P.json`")
+            if S > num_layers:
+                raise ProgramFileError(f"the program has {S} stages but the model has only {num_layers} layers; use a "
+                                       f"deeper model or a program with fewer stages")
+            return even_layers(num_layers, S)
+        if len(self.stage_layers) != S:
+            raise ProgramFileError(f"program.stage_layers names {len(self.stage_layers)} stages but the program has {S}; "
+                                   f"give one [first, last] pair per stage")
+        covered = self.stage_layers[-1][1] + 1
+        if covered != num_layers:
+            raise ProgramFileError(f"the program's stages cover {covered} layers but the model has {num_layers}; give "
+                                   f"the model the program was written for, or fix program.stage_layers")
+        return self.stage_layers
 
     def to_csv(self) -> str:
         """One row per worker: the worker id then its actions in order (hand-editable)."""

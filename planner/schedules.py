@@ -20,11 +20,11 @@ import math
 from typing import Callable
 
 from planner.check import check
-from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, make_spec,
-                             stage_workers, validate_spec)
+from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, interleaved_groups,
+                             make_spec, stage_workers, validate_spec)
 
 __all__ = ["generate", "lower", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
-           "validate_spec", "add_steps", "add_versions", "add_communication"]
+           "interleaved_groups", "validate_spec", "add_steps", "add_versions", "add_communication"]
 
 
 def _replica_mbs(spec: ScheduleSpec, stage: int, replica: int, mbs: range) -> list[int]:
@@ -77,18 +77,6 @@ def order_pipedream(spec: ScheduleSpec) -> dict[int, list[Action]]:
 def order_2bw(spec: ScheduleSpec) -> dict[int, list[Action]]:
     """1F1B over all batches' microbatches with no flush between batches."""
     return _order_per_replica(spec, _one_f_one_b, per_batch=False)
-
-
-def interleaved_groups(P: int, M: int) -> list[int]:
-    """Microbatch group sizes for interleaved 1F1B: ⌊M/P⌋ groups (at least one) of ⌊M/groups⌋ or one more.
-
-    Forwards cycle the chunks once per group, so every group must hold at least P
-    microbatches for a chunk's output to be back on device 0 when its next chunk
-    starts; with M a multiple of P every group is exactly P (Megatron's order).
-    """
-    rounds = max(1, M // P)
-    base, extra = divmod(M, rounds)
-    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
@@ -184,19 +172,255 @@ def order_looped_bfs(spec: ScheduleSpec) -> dict[int, list[Action]]:
 
 
 def order_v_half(spec: ScheduleSpec) -> dict[int, list[Action]]:
-    """V-Half (Qi et al., Pipeline Parallelism with Controllable Memory): ZB-V's V at half its activation memory.
+    """V-Half (Qi et al., Pipeline Parallelism with Controllable Memory): the V at half of 1F1B's activation memory.
 
-    A rank admits a forward of its first (downward) chunk while it holds fewer than P
-    half-stage microbatches awaiting their BW, and of its second (upward) chunk while
-    fewer than P + 2: at most P/2 + 1 whole microbatches, half of 1F1B's peak plus one.
-    The two caps keep a microbatch already inside the V free to come back up (one cap
-    for both legs deadlocks once every rank fills with first legs). With P ≤ 2 that
-    budget is ZB-V's own (2P), and V-Half is ZB-V. Measured at tF = tBI = tBW: between
-    half and three quarters of 1F1B's bubble for 3 ≤ P ≤ 16.
+    The V-shape building block (``_v_block``) with one idle slot between the forwards of
+    the upward leg, repeated every microbatch (``_v_repeat``). Its lifespans hold
+    ⌊(P + 2)/2⌋ whole microbatches per rank (2·⌊(P + 2)/2⌋ half-stage chunks: half of
+    1F1B's P plus at most one), and at tF = tBI = tBW = 1 the makespan is
+    3M + (3P − 4)/2 once M ≥ P and P ≥ 3: a bubble of (3P − 4)/2, under half of 1F1B's 3(P − 1).
     """
-    P = spec.stages
-    first = P if P >= 3 else 2 * P
-    return _list_schedule(spec, lambda w, s, open_n, waiting: open_n < (first if s < P else P + 2))
+    return _v_repeat(spec, up_offset=2)
+
+
+def order_v_min(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """V-Min (Qi et al.): the V-shape building block at its shortest lifespans, a third of 1F1B's activation memory.
+
+    Every action of the block as early as its dependency and the rank's free slots allow
+    (``_v_block`` with no gap): ⌊(P + 4)/3⌋ whole microbatches per rank (2·⌊(P + 4)/3⌋
+    half-stage chunks); at tF = tBI = tBW = 1 the bubble is 2P − 5/2 once M ≥ P (2P − 3/2
+    when 3 divides P and P > 3), about two thirds of 1F1B's 3(P − 1).
+    """
+    return _v_repeat(spec, up_offset=1)
+
+
+def _v_block(P: int, up_offset: int) -> dict[tuple[Kind, int], int]:
+    """One microbatch's V-shape building block: the slot of each of its 6P chunk actions (F, BI, BW of 2P stages).
+
+    A slot is one chunk action at unit cost (tF/2 = tBI/2 = tBW/2), and the block repeats
+    every 6 slots (one microbatch's three actions on each of a rank's two chunks), so
+    the six actions of one rank must fall on six different slots mod 6. Each action takes
+    the first such slot at or after its dependency: the forward chain down the ranks and
+    back up (``up_offset`` slots apart on the way up), the input-gradient chain back
+    the other way, each weight gradient right after its input gradient. How far apart the
+    forwards are sets each chunk's lifespan (forward to weight gradient), and the
+    lifespans over 6 are the microbatches a rank holds: that is the memory control.
+    """
+    rank = lambda s: s if s < P else 2 * P - 1 - s
+    taken: list[set[int]] = [set() for _ in range(P)]
+    slot: dict[tuple[Kind, int], int] = {}
+
+    def place(kind: Kind, s: int, earliest: int) -> int:
+        x = earliest
+        while x % 6 in taken[rank(s)]:
+            x += 1
+        taken[rank(s)].add(x % 6)
+        slot[(kind, s)] = x
+        return x
+
+    x = place(Kind.F, 0, 0)
+    for s in range(1, 2 * P):
+        x = place(Kind.F, s, x + (up_offset if s > P else 1))
+    for s in reversed(range(2 * P)):
+        x = place(Kind.BI, s, x + 1)
+    for s in range(2 * P):
+        place(Kind.BW, s, slot[(Kind.BI, s)] + 1)
+    return slot
+
+
+def _v_repeat(spec: ScheduleSpec, up_offset: int) -> dict[int, list[Action]]:
+    """The building block repeated every 6 slots, one flushed batch after another, then squeezed.
+
+    Each rank keeps the block's order of forwards and input gradients; its weight
+    gradients fill what would be idle slots (deferred, oldest first), and a forward waits
+    while the rank holds as many microbatch-chunks awaiting their weight gradient as the
+    repeated block's own order ever does (its peak: the lifespans' count). So the memory
+    is the block's, and the fill only takes bubble away. No deadlock: when a forward is
+    held back, the block's order did weight gradients before it that are now pending.
+    """
+    P, M = spec.stages, spec.microbatches
+    S = 2 * P
+    sw = stage_workers(spec)
+    worker = [sw[s][0] for s in range(S)]
+    block = _v_block(P, up_offset)
+    out: dict[int, list[Action]] = {w: [] for w in sorted(set(worker))}
+    for b in range(spec.batches):
+        mbs = range(b * M, (b + 1) * M)
+        timed: dict[int, list[tuple[int, Kind, int, int]]] = {w: [] for w in out}
+        for (kind, s), x in block.items():
+            timed[worker[s]] += [(x + 6 * j, kind, s, i) for j, i in enumerate(mbs)]
+        seq: dict[int, list[tuple[Kind, int, int]]] = {}
+        cap: dict[int, int] = {}
+        for w, evs in timed.items():
+            evs.sort()
+            level = peak = 0
+            for _, kind, _, _ in evs:
+                level += 1 if kind is Kind.F else -1 if kind is Kind.BW else 0
+                peak = max(peak, level)
+            cap[w] = peak
+            seq[w] = [(kind, s, i) for _, kind, s, i in evs if kind is not Kind.BW]
+        pos = {w: 0 for w in out}
+        pending: dict[int, list[tuple[int, int]]] = {w: [] for w in out}
+        holding = {w: 0 for w in out}
+        done: dict[tuple[Kind, int, int], int] = {}
+        remaining = 3 * S * len(mbs)
+        now = 0
+        while remaining:
+            moved = False
+            for w in out:
+                choice = None
+                if pos[w] < len(seq[w]):
+                    kind, s, i = seq[w][pos[w]]
+                    if kind is Kind.F:
+                        ready = (s == 0 or done.get((Kind.F, s - 1, i), now + 1) <= now) and holding[w] < cap[w]
+                    else:
+                        ready = done.get((Kind.F, s, i) if s == S - 1 else (Kind.BI, s + 1, i), now + 1) <= now
+                    if ready:
+                        choice = (kind, s, i)
+                        pos[w] += 1
+                if choice is None and pending[w]:
+                    choice = (Kind.BW, *pending[w].pop(0))
+                if choice is None:
+                    continue
+                kind, s, i = choice
+                out[w].append(Action(s, kind, i))
+                done[choice] = now + 1
+                remaining -= 1
+                moved = True
+                if kind is Kind.F:
+                    holding[w] += 1
+                elif kind is Kind.BI:
+                    pending[w].append((s, i))
+                else:
+                    holding[w] -= 1
+            if not moved:  # every action lasts one slot: nothing runs on, so nothing will become ready
+                raise ScheduleError(f"{spec.family}: the repeated V block stalled at P={P}, M={M} (a bug: please report it)")
+            now += 1
+    return out
+
+
+def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """Interleaved zero bubble (Qi et al.'s ZB-H1 on a looped placement; torch's ScheduleInterleavedZeroBubble).
+
+    Interleaved 1F1B's chunk cycling (forwards cycle the V chunks group by group, backwards
+    the chunks in reverse) with the backward split: device d warms up with (V − 1)·g + P − 1 − d
+    forwards (g: the first group's size, P when P divides M) — half interleaved 1F1B's
+    2(P − 1 − d) beyond the chunks, since a BI is only half a backward — then runs F, BI
+    and, once d steady steps have passed, the oldest pending BW; the drain runs BI and BW,
+    then the BWs left. The d-step lag of the weight gradients is what fills device d's
+    wait for its first gradient, so at tF = tBI = tBW only the fill of one chunk forward per
+    device is left: makespan 3M + (P − 1)/V for M ≥ P (the groups of ``interleaved_groups``).
+    Every device then holds the same (V − 1)·g + P chunk-microbatches awaiting their BW:
+    1F1B's peak (P whole microbatches) when P divides M. Replicas as in interleaved 1F1B.
+    """
+    P, V, M, R = spec.stages, spec.chunks, spec.microbatches, spec.replicas[0]
+    out: dict[int, list[Action]] = {d * R + r: [] for d in range(P) for r in range(R)}
+    for r in range(R):
+        for b in range(spec.batches):
+            mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
+            groups = interleaved_groups(P, len(mbs))
+            cycle = [(c, mbs[start + j]) for n, start in zip(groups, _starts(groups)) for c in range(V) for j in range(n)]
+            total = len(cycle)
+            for d in range(P):
+                fwd = [Action(c * P + d, Kind.F, i) for c, i in cycle]
+                bi = [Action((V - 1 - c) * P + d, Kind.BI, i) for c, i in cycle]
+                warm = min((V - 1) * groups[0] + P - 1 - d, total)
+                seq, waiting = fwd[:warm], []
+                for k in range(total):
+                    if warm + k < total:
+                        seq.append(fwd[warm + k])
+                    seq.append(bi[k])
+                    waiting.append(bi[k])
+                    if k >= d:  # device d's weight gradients lag d steps
+                        seq.append(_weight_grad(waiting.pop(0)))
+                out[d * R + r] += seq + [_weight_grad(a) for a in waiting]
+    return out
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def _weight_grad(a: Action) -> Action:
+    return Action(a.stage, Kind.BW, a.mb)
+
+
+def order_dualpipe_v(spec: ScheduleSpec) -> dict[int, list[Action]]:
+    """DualPipeV (DeepSeek's DualPipe folded into a V; torch's ScheduleDualPipeV): full B mixed with BI/BW.
+
+    Rank r holds the down stage r and the up stage 2P − 1 − r; k = P − 1 − r ranks lie
+    between it and the V's tip. One batch of M ≥ 2P microbatches runs in eight phases:
+
+    1. 2k forwards of the down stage (the fill that reaches the tip);
+    2. r + 1 forward pairs, down then up;
+    3. k times: BI of the up stage, the oldest pending BW, a forward of the up stage;
+    4. M − 2P + r + 1 times the two F&B pairs DualPipe overlaps: forward down with full
+       backward up, forward up with full backward down (pipetwin runs each pair in order,
+       as torch's runtime does without an overlap callback);
+    5. k times: full backward up, then the pair forward up + full backward down;
+    6. r + 1 backward pairs, up then down: full B for the first half, then BI (the
+       switch falls between the up and the down backward when r is even);
+    7. k times: the oldest pending BW, then BI of the down stage;
+    8. the r + 1 BWs still pending.
+
+    The split backwards of phases 3 and 6-8 are the zero-bubble part: their weight
+    gradients fill the fill and the drain. A rank holds at most 2P + 1 chunk-microbatches
+    awaiting their weight gradient (DeepSeek's PP + 1 over 2P chunks: 1F1B's peak and one
+    chunk). At tF = tBI = tBW the makespan is ZB-V's, 3M + (P − 1)/2.
+    """
+    P, M = spec.stages, spec.microbatches
+    out: dict[int, list[Action]] = {r: [] for r in range(P)}
+    for b in range(spec.batches):
+        for r in range(P):
+            out[r] += _dualpipe_v_rank(r, P, M, b * M)
+    return out
+
+
+def _dualpipe_v_rank(r: int, P: int, M: int, first_mb: int) -> list[Action]:
+    down, up, k = r, 2 * P - 1 - r, P - 1 - r
+    nxt = {(Kind.F, down): 0, (Kind.F, up): 0, (Kind.B, down): 0, (Kind.B, up): 0}  # next microbatch per (pass, stage)
+    pending: list[Action] = []  # BIs awaiting their BW, oldest first
+    seq: list[Action] = []
+
+    def run(kind: Kind, stage: int) -> None:
+        key = (Kind.F if kind is Kind.F else Kind.B, stage)
+        a = Action(stage, kind, first_mb + nxt[key])
+        nxt[key] += 1
+        seq.append(a)
+        if kind is Kind.BI:
+            pending.append(a)
+
+    def weight_grad() -> None:
+        if pending:
+            seq.append(_weight_grad(pending.pop(0)))
+
+    for _ in range(2 * k):
+        run(Kind.F, down)
+    for _ in range(r + 1):
+        run(Kind.F, down), run(Kind.F, up)
+    for _ in range(k):
+        run(Kind.BI, up), weight_grad(), run(Kind.F, up)
+    for _ in range(M - 2 * P + r + 1):
+        run(Kind.F, down), run(Kind.B, up), run(Kind.F, up), run(Kind.B, down)
+    for _ in range(k):
+        run(Kind.B, up), run(Kind.F, up), run(Kind.B, down)
+    half = (r + 1) // 2
+    for i in range(r + 1):
+        run(Kind.BI if i > half or (i == half and r % 2) else Kind.B, up)
+        run(Kind.BI if i >= half else Kind.B, down)
+    for _ in range(k):
+        weight_grad(), run(Kind.BI, down)
+    while pending:
+        weight_grad()
+    return seq
+
+
+def _requires_dualpipe_v(spec: ScheduleSpec) -> None:
+    if spec.microbatches < 2 * spec.stages:
+        raise ScheduleError(f"DualPipeV needs at least as many microbatches per batch as stages (2P = {2 * spec.stages}) "
+                            f"to fill both legs of the V; got {spec.microbatches}: use --microbatches {2 * spec.stages} "
+                            f"or more, or zb-v")
+
 
 # --- list scheduling: the zero-bubble families --------------------------------------------
 def _list_schedule(spec: ScheduleSpec, admits: Callable[[int, int, int, int], bool],
@@ -310,11 +534,15 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "zb-v": order_zb_v,
     "looped-bfs": order_looped_bfs,
     "v-half": order_v_half,
+    "v-min": order_v_min,
+    "interleaved-zb": order_interleaved_zb,
+    "dualpipe-v": order_dualpipe_v,
 }
 
 #: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.
 REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
     "2bw": _requires_2bw,
+    "dualpipe-v": _requires_dualpipe_v,
 }
 
 

@@ -43,7 +43,7 @@ from typing import Callable
 
 import simpy
 
-from planner.program import Action, Kind, Program
+from planner.program import Action, Kind, Program, even_layers
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
@@ -80,8 +80,8 @@ def simulate(program: Program, profile: ModelProfile, topology: Topology, device
         microbatch_size: samples per microbatch.
         params: the model's knobs (``SimParams``).
         progress: called now and then as ``progress(actions_done, actions_total)``.
-        stage_layers: (first, last) layer of every stage; default: the profile's layers split
-            evenly over the program's stages.
+        stage_layers: (first, last) layer of every stage; default: the program's own ``stage_layers``, else
+            the profile's layers split evenly over the program's stages.
         check_program: run ``planner.check.check`` first.
         recompute: activation recomputation, "none", "selective" or "full" (``planner.recompute``).
 
@@ -172,13 +172,14 @@ def _check_tensor_parallel(program: Program, profile: ModelProfile) -> None:
 
 def _stage_layers(program: Program, profile: ModelProfile, given) -> list[tuple[int, int]]:
     S = len(program.stage_workers)
+    if given is None and program.stage_layers is not None:
+        given = program.stage_layers  # the program's own (a plan's program names them)
     if given is None:
         L = len(profile)
         if S > L:
             raise SimError(f"the program has {S} stages but the profile {profile.name!r} has only {L} layers; "
                            "give stage_layers or a deeper profile")
-        bounds = [round(i * L / S) for i in range(S + 1)]
-        return [(bounds[i], bounds[i + 1] - 1) for i in range(S)]
+        return list(even_layers(L, S))
     given = [tuple(x) for x in given]
     if len(given) != S:
         raise SimError(f"stage_layers names {len(given)} stages but the program has {S}")

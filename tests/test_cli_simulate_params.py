@@ -92,3 +92,12 @@ def test_bad_grids_are_one_line_and_exit_2(model, flags, msg, capsys):
     assert _exit_code(["simulate", "--model", model, "--topology", "ideal:8", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
+
+
+def test_the_header_names_the_whole_device_grid(capsys):
+    """A TP x DP x PP plan says all three degrees and the device count, not only the stage count."""
+    assert main(["simulate", "--model", "gpt3-1.3b", "--topology", "dgx:servers=1", "--tp", "2", "--pp", "2",
+                 "--dp", "2", "--microbatches", "4"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == ("simulated 1f1b, 2 stages x 2 replicas x 2 tensor-parallel ranks (8 devices), "
+                      "4 microbatches on dgx:servers=1")

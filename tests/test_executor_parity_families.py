@@ -1,6 +1,6 @@
 """The newer families run in the executor and their weights equal the single-process reference (real gloo processes).
 
-A V placement puts two stages on one rank (ZB-V: rank r holds r and 2P − 1 − r), and
+A V placement puts two stages on one rank (ZB-V, V-Half, V-Min: rank r holds r and 2P − 1 − r), and
 interleaved now takes any M: the executor interprets the program as it is, so these
 run unchanged. Helpers come from tests/test_executor_parity.py (h2's file).
 """
@@ -17,6 +17,10 @@ CASES = {
     "zb-v-3x2-m5": dict(stages=6, schedule="zb-v", chunks=2, microbatches=5),
     "zb-h2-3": dict(stages=3, schedule="zb-h2", microbatches=5),
     "interleaved-2x2-m3": dict(stages=4, schedule="interleaved", chunks=2, microbatches=3),
+    "v-half-3x2-m5": dict(stages=6, schedule="v-half", chunks=2, microbatches=5),
+    "v-min-3x2-m4": dict(stages=6, schedule="v-min", chunks=2, microbatches=4),
+    "interleaved-zb-2x2-m3": dict(stages=4, schedule="interleaved-zb", chunks=2, microbatches=3),
+    "dualpipe-v-2x2-m5": dict(stages=4, schedule="dualpipe-v", chunks=2, microbatches=5),
 }
 
 

@@ -60,13 +60,16 @@ def _compute_events(prog: Program):
 def every_microbatch_runs_once_in_dependency_order_without_deadlock(family, spec, prog):
     ev = _compute_events(prog)  # the dry run raises on deadlock
     S, N = len(prog.stage_workers), spec.total_microbatches
-    split = FAMILY[family].backward == "split"
-    bwd = Kind.BI if split else Kind.B
+    backward = FAMILY[family].backward  # "mixed": B or BI + BW, per (stage, microbatch)
     n_compute = sum(1 for acts in prog.actions.values() for a in acts if a.is_compute)
-    assert n_compute == S * N * (3 if split else 2)
+    split_at = {(s, i): backward == "split" or (backward == "mixed" and (Kind.BI, s, i) in ev) for s in range(S) for i in range(N)}
+    assert n_compute == sum(3 if sp else 2 for sp in split_at.values())
     for s in range(S):
         reps = prog.stage_workers[s]
         for i in range(N):
+            split = split_at[(s, i)]
+            bwd = Kind.BI if split else Kind.B
+            assert (Kind.B, s, i) in ev or split  # a full backward where not split
             wf, f0, f1 = ev[(Kind.F, s, i)]
             wb, b0, b1 = ev[(bwd, s, i)]
             assert wf == wb == reps[i % len(reps)]  # round robin on a worker holding the stage
@@ -74,7 +77,8 @@ def every_microbatch_runs_once_in_dependency_order_without_deadlock(family, spec
             if s > 0:
                 assert ev[(Kind.F, s - 1, i)][2] <= f0  # forward after the previous stage's
             if s < S - 1:
-                assert ev[(bwd, s + 1, i)][2] <= b0  # backward after the next stage's
+                nxt = Kind.BI if split_at[(s + 1, i)] else Kind.B
+                assert ev[(nxt, s + 1, i)][2] <= b0  # backward after the next stage's
             if split:
                 assert b1 <= ev[(Kind.BW, s, i)][1]  # BW after BI
 

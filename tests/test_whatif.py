@@ -263,8 +263,8 @@ SEARCH_SMALL = ["search", "--model", MODEL, "--topology", "dgx:servers=1,gpus=4,
 
 
 @pytest.mark.parametrize("argv,name", [(WHATIF_SMALL, "whatif_small.json"), (SEARCH_SMALL, "search_small.json")])
-def test_json_output_is_byte_identical_to_the_golden_file(capsys, argv, name):
-    """The --json document of a small sweep (and of a small search) is pinned byte for byte: moving code
+def test_json_output_equals_the_golden_file(capsys, argv, name):
+    """The --json document of a small sweep (and of a small search) is pinned figure for figure: moving code
     between modules must not change a figure. ``PIPETWIN_UPDATE_GOLDEN=1`` rewrites the file on purpose."""
     import os
 
@@ -273,4 +273,17 @@ def test_json_output_is_byte_identical_to_the_golden_file(capsys, argv, name):
     path = GOLDEN / name
     if os.environ.get("PIPETWIN_UPDATE_GOLDEN") == "1":
         path.write_text(out)
-    assert out == path.read_text(), f"{name} changed; if on purpose, rerun with PIPETWIN_UPDATE_GOLDEN=1"
+    # every key, string and integer exactly; floats to 12 significant digits: a least-squares rate's last bits
+    # move with the numpy release pip resolves (159745.5455159388 vs ...884), a moved figure does not hide there
+    assert _rounded(json.loads(out)) == _rounded(json.loads(path.read_text())), \
+        f"{name} changed; if on purpose, rerun with PIPETWIN_UPDATE_GOLDEN=1"
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return float(f"{x:.12g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x

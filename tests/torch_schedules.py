@@ -67,8 +67,24 @@ def order_csv(order: dict) -> str:
 
 
 def torch_steps(sch, num_stages: int) -> int:
-    """torch's own unit-cost timer: steps of ``_simulate_comms_compute`` (each action, SEND/RECV included, one step)."""
-    keep = {r: [a for a in v if a is not None and a.computation_type.value not in ("UNSHARD", "RESHARD", "REDUCE_GRAD")]
+    """torch's own unit-cost timer: steps of ``_simulate_comms_compute`` (each action, SEND/RECV included, one step).
+
+    An ``OVERLAP_F_B`` (DualPipeV) counts as its forward and its backward, run one after the other as torch's
+    runtime runs them without an overlap callback (the timer itself stops on the compound action).
+    """
+    drop = ("UNSHARD", "RESHARD", "REDUCE_GRAD")
+    keep = {r: [x for a in v if a is not None for x in (a.sub_actions or (a,)) if x.computation_type.value not in drop]
             for r, v in sch.pipeline_order_with_comms.items()}
     sim = S._simulate_comms_compute(keep, lambda s: sch.stage_index_to_group_rank[s], num_stages)
+    return max(len(v) for v in sim.values())
+
+
+def torch_steps_of(program) -> int:
+    """torch's timer on a pipetwin program: its compute order exported, lowered by torch's own ``_add_send_recv``."""
+    from planner.torch_interop import to_torch_rows
+
+    rank_of = {s: ws[0] for s, ws in enumerate(program.stage_workers)}
+    compute = {r: [S._Action.from_str(t) for t in row] for r, row in to_torch_rows(program).items()}
+    comms = S._add_send_recv(compute, stage_to_rank=lambda s: rank_of[s], num_stages=len(rank_of))
+    sim = S._simulate_comms_compute(comms, lambda s: rank_of[s], len(rank_of))
     return max(len(v) for v in sim.values())

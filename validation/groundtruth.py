@@ -431,6 +431,7 @@ class RowModel:
     def stage_costs(self, p: EfficiencyParams, gradient_bytes: int = 4) -> StageCosts:
         k = device_kind(self.kind)
         (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
+        hf += p.loss_overhead_s  # as planner.analytic adds it to the head's forward
         tp = self.links.tp_allreduce_s
         P = self.row.pp
         fs, bs, steps = [], [], []

@@ -32,6 +32,7 @@ from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import gather_results, result_from_parts
 from executor.runtime import ActionFailed, StageWorker
+from topologies.files import output_path
 
 
 def _error_doc(rank: int, prep: Prepared | None, exc: BaseException, index: int | None, comm: bool) -> dict:
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--microbatch-size", type=int, default=1, help="with --program: samples per microbatch (default 1)")
     ap.add_argument("--lr", type=float, default=0.01, help="with --program: SGD learning rate (default 0.01)")
     ap.add_argument("--recompute", default="none", help="with --program: none, selective or full (default none)")
+    ap.add_argument("--sequence-parallel", action="store_true", help="with --program: Megatron sequence parallelism")
     ap.add_argument("--out", help="folder for rank 0's results (result.pt, trace.json, summary.json) and error files")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
         if args.program:
             cfg = RunConfig(program=Program.load(args.program).to_json(), model=args.model,
-                            microbatch_size=args.microbatch_size, lr=args.lr, recompute=args.recompute, **common)
+                            microbatch_size=args.microbatch_size, lr=args.lr, recompute=args.recompute,
+                            sequence_parallel=args.sequence_parallel, **common)
         else:
             cfg = RunConfig(plan=Plan.load(args.plan).to_dict(), **common)
         prep = prepare(cfg)
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         res.trace.save(Path(out) / "trace.json")
         _write_json(Path(out) / "summary.json", res.summary())
         if args.save_weights:
-            torch.save(res.weights, args.save_weights)
+            torch.save(res.weights, output_path(args.save_weights))
     return 0
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from planner.program import Action, Kind, Program, inflight_limit, interleaved_groups
-from planner.trace import Trace
+from planner.trace import Event, Trace
 from topologies.errors import InputError
 
 
@@ -42,14 +42,16 @@ def check(program: Program) -> None:
     order per stage, in-flight bounds, the weight-gradient cap. A program of the ``custom``
     family (an imported one) declares none; :func:`measured_bounds` reports what it does.
 
-    With tensor parallelism: the TP groups are consistent and each TP rank's workers form a program
+    With tensor parallelism: the TP groups are consistent and TP rank 0's workers form a program
     that passes every check (TP ranks of a group run the same actions, so one rank's slice is
     the whole pipeline's behaviour; the TP collectives inside compute actions never block apart).
+    ``_check_tensor_groups`` holds every rank's actions equal to rank 0's with each peer its own
+    rank of the peer group, so rank t's slice is rank 0's with the workers renamed, and the laws
+    do not depend on names: checking rank 0's slice checks them all.
     """
     if program.tensor_parallel > 1:
         _check_tensor_groups(program)
-        for t in range(program.tensor_parallel):
-            check(program.tp_slice(t))
+        check(program.tp_slice(0))
         return
     _check_structure(program)
     _check_local_order_and_dataflow(program)
@@ -57,7 +59,7 @@ def check(program: Program) -> None:
     _check_versions(program)
     _check_update_points(program)
     _check_inflight(program)
-    dry_run(program)
+    _run(program, UnitCosts(), None)  # no deadlock
 
 
 # --- structure -------------------------------------------------------------------------
@@ -409,6 +411,16 @@ class UnitCosts:
 
 def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
     """Run the program on dependency-only semantics and return its trace; raise on deadlock."""
+    trace = Trace(meta={"source": "dry-run", "family": program.spec.family, "microbatch_size": 1})
+    ran: list[tuple[int, Action, float, float]] = []
+    _run(program, costs, ran)
+    trace.events.extend(_event(w, a, t, end) for w, a, t, end in ran)
+    return trace
+
+
+def _run(program: Program, costs: UnitCosts, ran: list | None) -> None:
+    """The dry run: each action's (worker, action, start, end) appended to ``ran`` in the order they run (nothing
+    kept when None: ``check`` only asks whether the program deadlocks); raise on deadlock."""
     p = program
     V = p.spec.chunks
     cost = {Kind.F: costs.f / V, Kind.B: costs.b / V, Kind.BI: costs.bi / V, Kind.BW: costs.bw / V,
@@ -417,7 +429,6 @@ def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
     clock = {w: 0.0 for w in p.workers}
     posted: dict[tuple, float] = {}  # (src, dst, grad, stage, mb) -> time the payload is available
     at_allreduce: dict[tuple[int, int], dict[int, float]] = {}
-    trace = Trace(meta={"source": "dry-run", "family": p.spec.family, "microbatch_size": 1})
     remaining = sum(len(v) for v in p.actions.values())
     while remaining:
         progressed = False
@@ -446,7 +457,8 @@ def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
                     end = t + cost[a.kind]
                 else:
                     end = t + cost[a.kind]
-                trace.events.append(_event(w, a, t, end))
+                if ran is not None:
+                    ran.append((w, a, t, end))
                 clock[w] = end
                 pos[w] += 1
                 remaining -= 1
@@ -456,10 +468,7 @@ def dry_run(program: Program, costs: UnitCosts = UnitCosts()) -> Trace:
             w0, i0 = blocked[0]
             waits = ", ".join(f"w{w} at {p[w][i]}" for w, i in blocked[:8])
             raise ProgramError(f"deadlock: no worker can proceed ({waits})", p, w0, i0)
-    return trace
 
 
-def _event(w: int, a: Action, start: float, end: float):
-    from planner.trace import Event
-
+def _event(w: int, a: Action, start: float, end: float) -> Event:
     return Event(w, str(a), start, end, a.kind.value, a.nbytes)

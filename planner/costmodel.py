@@ -490,7 +490,7 @@ def allreduce_flows(topology, devices: list[str], nbytes: float, algorithm: str 
 def _server_groups(topology, devices: list[str]) -> list[list[str]]:
     """``devices`` grouped by the topology's innermost domain (servers), groups in first-appearance order."""
     try:
-        where = {d: i for i, dom in enumerate(topology.domains(0)) for d in dom}
+        where = topology.server_index()
     except Exception:  # a topology without a hierarchy: every device its own group
         where = {}
     groups: dict[int, list[str]] = {}
@@ -499,26 +499,19 @@ def _server_groups(topology, devices: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = CostOptions()) -> dict[tuple[str, str], tuple[float, set[int]]]:
-    """Bytes per batch on every directed finite-bandwidth link, and the stages whose traffic crosses it.
-
-    ``prof`` is at the plan's microbatch size. Microbatch i goes from replica i mod r_s of
-    stage s to replica i mod r_{s+1} of stage s + 1 (its activation) and back (its
-    gradient), each on its own direction of every hop of ``topology.route``; each stage
-    all-reduces its parameter bytes once per batch (flush schedules, 2BW) or once per
-    round of r minibatches (PipeDream: ⌈M / r⌉ per batch of M).
-    """
+def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> tuple[dict, dict]:
+    """Bytes per batch each (src, dst) device pair sends, and a bitmask of the stages whose traffic it is (bit s:
+    stage s), in first-send order (see ``link_loads``)."""
     M, mb = plan.microbatches, plan.microbatch_size
-    pair_bytes: dict[tuple[str, str], list] = {}
+    sent: dict[tuple[str, str], float] = {}
+    mask: dict[tuple[str, str], int] = {}
 
     def add(a: str, b: str, x: float, s: int) -> None:
         if a == b or x <= 0:
             return
-        e = pair_bytes.get((a, b))
-        if e is None:
-            e = pair_bytes[(a, b)] = [0.0, set()]
-        e[0] += x
-        e[1].add(s)
+        k = (a, b)
+        sent[k] = sent.get(k, 0.0) + x
+        mask[k] = mask.get(k, 0) | 1 << s
 
     st = plan.stages
     T = plan.tensor_parallel
@@ -526,15 +519,22 @@ def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = 
         nbytes = prof.boundary_bytes(st[s].last_layer) * mb
         if nbytes <= 0:
             continue
+        here, there = 1 << s, 1 << (s + 1)
         for t in range(T):  # TP rank t sends to TP rank t
             a_devs, b_devs = st[s].devices[t::T], st[s + 1].devices[t::T]
             ra, rb = len(a_devs), len(b_devs)
             period = ra * rb // math.gcd(ra, rb)
             for i in range(min(M, period)):  # microbatch i, i + period, ... take the same pair of replicas
-                n = (M - 1 - i) // period + 1
                 a, b = a_devs[i % ra], b_devs[i % rb]
-                add(a, b, n * nbytes, s)
-                add(b, a, n * nbytes, s + 1)
+                if a == b:
+                    continue
+                x = ((M - 1 - i) // period + 1) * nbytes  # add() inlined: this loop runs per microbatch
+                k = (a, b)
+                sent[k] = sent.get(k, 0.0) + x
+                mask[k] = mask.get(k, 0) | here
+                k = (b, a)
+                sent[k] = sent.get(k, 0.0) + x
+                mask[k] = mask.get(k, 0) | there
     for s, stage in enumerate(st):
         r = stage.replicas
         if T > 1:  # every microbatch of a replica runs its TP all-reduces as rings over its tensor group
@@ -552,23 +552,51 @@ def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = 
             for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), prof.param_bytes(*stage.layers),
                                              options.allreduce).items():
                 add(a, b, x * rounds, s)
-    edges = topology.graph.edges
-    out: dict[tuple[str, str], tuple[float, set[int]]] = {}
-    for (a, b), (x, stages) in pair_bytes.items():
-        for u, v in topology.route(a, b):
-            if not math.isfinite(edges[u, v]["link"].bandwidth_bytes_per_s):
-                continue
-            cur = out.get((u, v))
-            out[(u, v)] = (x, set(stages)) if cur is None else (cur[0] + x, cur[1] | stages)
+    return sent, mask
+
+
+def _loads(sent: dict, mask: dict, topology) -> dict[tuple[str, str], list]:
+    """Bytes per batch on every directed finite-bandwidth link, its bandwidth and the bitmask of the stages whose
+    traffic crosses it: link -> [bytes, bandwidth, stages]."""
+    out: dict[tuple[str, str], list] = {}
+    for k, x in sent.items():
+        bits = mask[k]
+        for hop, bw in topology.bandwidth_hops(*k):
+            cur = out.get(hop)
+            if cur is None:
+                out[hop] = [x, bw, bits]
+            else:
+                cur[0] += x
+                cur[2] |= bits
     return out
+
+
+def _stage_set(bits: int) -> set[int]:
+    return {s for s in range(bits.bit_length()) if bits >> s & 1}
+
+
+def link_loads(plan: Plan, prof: ModelProfile, topology, options: CostOptions = CostOptions()) -> dict[tuple[str, str], tuple[float, set[int]]]:
+    """Bytes per batch on every directed finite-bandwidth link, and the stages whose traffic crosses it.
+
+    ``prof`` is at the plan's microbatch size. Microbatch i goes from replica i mod r_s of
+    stage s to replica i mod r_{s+1} of stage s + 1 (its activation) and back (its
+    gradient), each on its own direction of every hop of ``topology.route``; each stage
+    all-reduces its parameter bytes once per batch (flush schedules, 2BW) or once per
+    round of r minibatches (PipeDream: ⌈M / r⌉ per batch of M).
+    """
+    return {hop: (x, _stage_set(bits)) for hop, (x, _bw, bits) in _loads(*_pair_bytes(plan, prof, topology, options),
+                                                                         topology).items()}
 
 
 def link_bound_s(loads: dict[tuple[str, str], tuple[float, set[int]]], topology) -> tuple[float, str | None]:
     """The link-load lower bound on seconds per batch: max over directed links of bytes / bandwidth, and that link."""
-    edges = topology.graph.edges
+    return _bound({hop: (x, topology.link(*hop).bandwidth_bytes_per_s, 0) for hop, (x, _ss) in loads.items()})
+
+
+def _bound(loads: dict[tuple[str, str], list]) -> tuple[float, str | None]:
     best, name = 0.0, None
-    for (u, v), (x, _ss) in loads.items():
-        t = x / edges[u, v]["link"].bandwidth_bytes_per_s
+    for (u, v), (x, bw, _bits) in loads.items():
+        t = x / bw
         if t > best:
             best, name = t, f"{u}->{v}"
     return best, name
@@ -584,23 +612,20 @@ def _link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) 
     """
     if not options.link_load:
         return 0.0, 0.0, None, frozenset()
-    loads = link_loads(plan, prof, topology, options)
-    bound, _ = link_bound_s(loads, topology)
+    loads = _loads(*_pair_bytes(plan, prof, topology, options), topology)
+    bound, _ = _bound(loads)
     phi = options.link_serial_async if FAMILY[plan.schedule].stream else options.link_serial_flush
-    edges = topology.graph.edges
-    best, name, stages = 0.0, None, frozenset()
-    for (u, v), (x, ss) in loads.items():
-        bw = edges[u, v]["link"].bandwidth_bytes_per_s
+    best, name, bits = 0.0, None, 0
+    for (u, v), (x, bw, ss) in loads.items():
         back = loads.get((v, u))
         t_uv = x / bw
-        t_vu = back[0] / edges[v, u]["link"].bandwidth_bytes_per_s if back else 0.0
+        t_vu = back[0] / back[1] if back else 0.0
         if t_uv < t_vu or (t_uv == t_vu and (v, u) < (u, v)):
             continue  # the busier direction names the link
         t = t_uv + phi * t_vu
         if t > best:
-            best, name = t, f"{u}->{v}"
-            stages = frozenset(ss | (back[1] if back else set()))
-    return bound, max(best, bound), name, stages
+            best, name, bits = t, f"{u}->{v}", ss | (back[2] if back else 0)
+    return bound, max(best, bound), name, frozenset(_stage_set(bits))
 
 
 def _cut_s(topology, prof: ModelProfile, last_layer: int, src: str, dst: str, mb: int) -> float:

@@ -126,27 +126,29 @@ def _label_sequences(n: int, per_server: int, servers: int):
     yield from rec(0, 0)
 
 
+@functools.lru_cache(maxsize=4096)
 def _count_labels(n: int, per_server: int, servers: int) -> int:
     """How many sequences ``_label_sequences`` yields, without enumerating them: Σ over the k servers used of
-    n!·[xⁿ](Σ_{c=1..per_server} xᶜ/c!)ᵏ / k! (onto k labels, each at most per_server times, up to renaming)."""
-    from fractions import Fraction
+    n!·[xⁿ](Σ_{c=1..per_server} xᶜ/c!)ᵏ / k! (onto k labels, each at most per_server times, up to renaming).
 
+    In integers: poly[i] holds i!·[xⁱ](…)ᵏ, the number of sequences of i slots onto k labels in order, so a
+    step multiplies by C(i + c, c) (which c of the i + c slots take the new label); dividing by k! is exact.
+    Cached: ``exhaustive_count`` asks for the same few (n, per_server, servers) on every plan_model call."""
     if n == 0:
         return 1
-    term = [Fraction(0)] + [Fraction(1, math.factorial(c)) for c in range(1, per_server + 1)]
-    poly = [Fraction(1)]
-    total = Fraction(0)
+    poly = [1]
+    total = 0
     for k in range(1, servers + 1):
-        nxt = [Fraction(0)] * min(len(poly) + per_server, n + 1)
+        nxt = [0] * min(len(poly) + per_server, n + 1)
         for i, a in enumerate(poly):
             if a:
                 for c in range(1, per_server + 1):
                     if i + c <= n:
-                        nxt[i + c] += a * term[c]
+                        nxt[i + c] += a * math.comb(i + c, c)
         poly = nxt
         if n < len(poly):
-            total += poly[n] * math.factorial(n) / math.factorial(k)
-    return int(total)
+            total += poly[n] // math.factorial(k)
+    return total
 
 
 def _place(replicas: tuple[int, ...], labels: tuple[int, ...], servers: list[list[str]]) -> tuple[tuple[str, ...], ...]:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from planner.check import UnitCosts, dry_run, measured_bounds
-from planner.program import FAMILY, Kind, ScheduleError
+from planner.check import ProgramError, UnitCosts, dry_run, measured_bounds
+from planner.program import FAMILY, Action, Kind, ScheduleError
 from planner.profile import uniform_profile
-from planner.schedules import generate, make_spec
+from planner.schedules import ORDERS, generate, lower, make_spec, stage_workers
 from planner.trace import makespan_s
 from sim.engine import peak_memory
 
@@ -122,3 +122,51 @@ def test_torchs_program_is_ours_action_for_action(P, M):
     ours = generate(make_spec("dualpipe-v", P, M))
     assert theirs.actions == ours.actions
     assert makespan_s(dry_run(theirs, U)) == pytest.approx(makespan_s(dry_run(ours, U)))
+
+
+# --- mutations: the family's cap and the laws of a mixed backward ------------------------------
+@pytest.mark.parametrize("P,M", [(1, 2), (2, 4), (4, 8), (8, 19)])
+def test_a_forward_past_the_weight_gradient_cap_is_rejected_naming_it(P, M):
+    from tests.test_family_interleaved_zb import weight_grad_pushed_past_a_forward_at_the_peak
+
+    spec = make_spec("dualpipe-v", P, M)
+    compute = ORDERS["dualpipe-v"](spec)
+    w, f = weight_grad_pushed_past_a_forward_at_the_peak(compute, 2 * P + 1)
+    with pytest.raises(ProgramError, match="await their weight gradient") as err:
+        lower(spec, stage_workers(spec), compute)
+    assert err.value.worker == w and (err.value.action.stage, err.value.action.kind, err.value.action.mb) == (f.stage, f.kind, f.mb)
+
+
+def _first(acts, kind):
+    return next(j for j, a in enumerate(acts) if a.kind is kind)
+
+
+def test_a_full_backward_split_in_place_still_keeps_every_law():
+    """Mixed is per (stage, microbatch): B → BI, BW at the same spot is another valid DualPipeV program."""
+    spec = make_spec("dualpipe-v", 4, 8)
+    compute = ORDERS["dualpipe-v"](spec)
+    acts = compute[1]
+    j = _first(acts, Kind.B)
+    a = acts[j]
+    acts[j:j + 1] = [Action(a.stage, Kind.BI, a.mb), Action(a.stage, Kind.BW, a.mb)]
+    lower(spec, stage_workers(spec), compute)  # check() runs
+
+
+def _both_kinds(acts):
+    a = acts[_first(acts, Kind.B)]
+    acts.append(Action(a.stage, Kind.BW, a.mb))
+    return "both a full backward and a split one"
+
+
+def _bw_dropped(acts):
+    bi = acts[_first(acts, Kind.BI)]
+    acts.remove(Action(bi.stage, Kind.BW, bi.mb))
+    return f"missing {bi.stage}BW{bi.mb}"
+
+
+@pytest.mark.parametrize("mutate", [_both_kinds, _bw_dropped])
+def test_a_mixed_backward_still_needs_one_b_or_one_bi_and_bw_per_microbatch(mutate):
+    spec = make_spec("dualpipe-v", 4, 8)
+    compute = ORDERS["dualpipe-v"](spec)
+    with pytest.raises(ProgramError, match=mutate(compute[2])):
+        lower(spec, stage_workers(spec), compute)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from planner.check import UnitCosts, dry_run, measured_bounds
-from planner.program import Kind, interleaved_groups
+from planner.check import ProgramError, UnitCosts, dry_run, measured_bounds
+from planner.program import Action, Kind, interleaved_groups
 from planner.profile import uniform_profile
-from planner.schedules import generate, make_spec
+from planner.schedules import ORDERS, generate, lower, make_spec, stage_workers
 from planner.trace import makespan_s
 from sim.engine import peak_memory
 
@@ -116,3 +116,39 @@ def test_torchs_program_is_ours_action_for_action(P, M, V):
     ours = generate(make_spec("interleaved-zb", P, M, chunks=V))
     assert theirs.actions == ours.actions
     assert makespan_s(dry_run(theirs, U)) == pytest.approx(makespan_s(dry_run(ours, U)))
+
+
+# --- mutations: the family's cap and the laws name the action that breaks them ------------------
+def weight_grad_pushed_past_a_forward_at_the_peak(compute: dict, cap: int) -> tuple[int, Action]:
+    """Swap, on the first worker where it happens, a weight-gradient action (B or BW) reached at ``cap``
+    chunk-microbatches awaiting BW with the forward after it: that forward then makes cap + 1."""
+    for w, acts in sorted(compute.items()):
+        cur = 0
+        for j, a in enumerate(acts[:-1]):
+            if a.kind in (Kind.B, Kind.BW) and cur == cap and acts[j + 1].kind is Kind.F:
+                acts[j], acts[j + 1] = acts[j + 1], acts[j]
+                return w, acts[j]
+            cur += (a.kind is Kind.F) - (a.kind in (Kind.B, Kind.BW))
+    raise AssertionError(f"no worker reaches {cap} with a weight gradient before a forward")
+
+
+@pytest.mark.parametrize("P,M,V", [(2, 4, 2), (4, 8, 2), (4, 6, 3), (8, 16, 2)])
+def test_a_forward_past_the_weight_gradient_cap_is_rejected_naming_it(P, M, V):
+    spec = make_spec("interleaved-zb", P, M, chunks=V)
+    compute = ORDERS["interleaved-zb"](spec)
+    w, f = weight_grad_pushed_past_a_forward_at_the_peak(compute, min((V - 1) * interleaved_groups(P, M)[0] + P, M * V))
+    with pytest.raises(ProgramError, match="await their weight gradient") as err:
+        lower(spec, stage_workers(spec), compute)
+    assert err.value.worker == w and (err.value.action.stage, err.value.action.kind, err.value.action.mb) == (f.stage, f.kind, f.mb)
+
+
+def test_a_full_backward_does_not_belong_to_a_split_family():
+    spec = make_spec("interleaved-zb", 2, 4, chunks=2)
+    compute = ORDERS["interleaved-zb"](spec)
+    acts = compute[0]
+    j = next(j for j, a in enumerate(acts) if a.kind is Kind.BI)
+    bw = next(k for k, a in enumerate(acts) if a.kind is Kind.BW and (a.stage, a.mb) == (acts[j].stage, acts[j].mb))
+    acts[j] = Action(acts[j].stage, Kind.B, acts[j].mb)
+    del acts[bw]
+    with pytest.raises(ProgramError, match="B does not belong to a interleaved-zb program"):
+        lower(spec, stage_workers(spec), compute)

@@ -184,3 +184,23 @@ def test_vgg16_on_pipedream_a_beats_every_wide_replication_with_a_small_tail():
                 if c.fits:
                     assert got.time_per_sample_s <= c.time_per_sample_s * (1 + 1e-12), (cut, r0, r1)
     assert got.throughput_samples_per_s > 2060 * 1.1
+
+
+def test_the_exhaustive_search_counts_and_lists_one_placement_per_class():
+    """``exhaustive`` enumerates placements up to renaming servers and sizes itself by a closed-form count; both
+    against brute force: every raw sequence of server labels, each server at most its size, canonicalised by
+    renaming servers in first-use order."""
+    from planner.refine import _count_labels, _label_sequences
+
+    for per_server in (1, 2, 3):
+        for servers in (1, 2, 3, 4):
+            for n in range(per_server * servers + 1):
+                if servers ** n > 5000:  # keep the brute force cheap (on 4 servers: n ≤ 6)
+                    continue
+                classes = set()
+                for labels in _raw_placements(n, [[None] * per_server] * servers):
+                    first: dict[int, int] = {}
+                    classes.add(tuple(first.setdefault(s, len(first)) for s in labels))
+                listed = list(_label_sequences(n, per_server, servers))
+                assert sorted(listed) == sorted(classes), (n, per_server, servers)
+                assert _count_labels(n, per_server, servers) == len(classes), (n, per_server, servers)

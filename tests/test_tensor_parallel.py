@@ -437,13 +437,18 @@ def test_a_replicated_pipeline_pays_its_fill_and_drain_once_per_replica_in_the_c
         assert cand.time_per_batch_s == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)
 
 
-def test_symmetry_is_not_used_with_tensor_parallelism_and_says_why():
-    from sim import simulate_plan
+def test_tensor_parallel_ranks_and_replicas_are_folded_and_the_makespan_is_the_full_runs():
+    from planner.trace import makespan_s
+    from sim import SimParams, simulate_plan
 
     topo = load_topology("ideal:8")
     plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
-    sym = simulate_plan(plan, _tp_profile(2, layers=2), topo).meta["symmetry"]
-    assert sym == {"used": False, "replicas": 1, "reason": "tensor parallelism: every TP rank is simulated"}
+    folded = simulate_plan(plan, _tp_profile(2, layers=2), topo)
+    full = simulate_plan(plan, _tp_profile(2, layers=2), topo, SimParams(use_symmetry=False))
+    assert folded.meta["symmetry"] == {"used": True, "replicas": 4, "folded": True, "tp_folded": True,
+                                       "replicas_simulated_per_stage": 1}
+    assert folded.meta["workers_simulated"] == 2 and full.meta["workers_simulated"] == 8
+    assert makespan_s(folded) == makespan_s(full)
 def test_whatif_sweeps_a_fixed_grid_filling_the_missing_degree_per_device_count():
     from planner.analytic import load_model
     from planner.search import plan_model

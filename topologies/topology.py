@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator
 import networkx as nx
 
 from topologies.errors import InputError
+from topologies.files import output_path
 
 __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
 
@@ -141,9 +142,11 @@ class Topology:
         self._explicit = [[list(g) for g in part] for part in levels] if levels else None
         self._route_cache: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._cost_cache: dict[tuple[str, str], tuple[float, float]] = {}
+        self._hops_cache: dict[tuple[str, str], tuple[tuple[tuple[str, str], float], ...]] = {}
         self._tree: tuple[dict[str, str | None], dict[str, int]] | None | bool = False  # False = not computed
         self._hier: list[list[list[str]]] | None = None
         self._levels: list[tuple[int, float]] | None = None
+        self._server_index: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ basics
     def device(self, name: str) -> Device:
@@ -231,8 +234,22 @@ class Topology:
             if len(self._route_cache) >= _ROUTE_CACHE_MAX:
                 self._route_cache.clear()
                 self._cost_cache.clear()
+                self._hops_cache.clear()
             self._route_cache[key] = hops
         return list(hops)
+
+    def bandwidth_hops(self, a: str, b: str) -> tuple[tuple[tuple[str, str], float], ...]:
+        """The hops of the route a->b whose link has a finite bandwidth, as ((u, v), bytes/s); () if a == b.
+        Cached: the cost model's link-load bound walks the same routes for every plan it costs, and a networkx
+        edge lookup per hop dominated it."""
+        key = (a, b)
+        out = self._hops_cache.get(key)
+        if out is None:
+            edges = self.graph.edges
+            out = tuple(((u, v), bw) for u, v in self.route(a, b)
+                        if math.isfinite(bw := edges[u, v]["link"].bandwidth_bytes_per_s))
+            self._hops_cache[key] = out
+        return out
 
     def _costs(self, a: str, b: str) -> tuple[float, float]:
         """(bottleneck bandwidth, total latency) of the route a->b."""
@@ -431,6 +448,12 @@ class Topology:
             self._levels = out
         return list(self._levels)
 
+    def server_index(self) -> dict[str, int]:
+        """Device -> index of its group in ``domains(0)`` (its server). Cached and shared: read it, do not change it."""
+        if self._server_index is None:
+            self._server_index = {d: i for i, dom in enumerate(self._hierarchy()[0]) for d in dom}
+        return self._server_index
+
     def domains(self, level: int) -> list[list[str]]:
         """Device groups at ``level`` of ``levels()`` (0 = innermost, e.g. one group per server)."""
         hier = self._hierarchy()
@@ -612,7 +635,7 @@ class Topology:
         else:
             import yaml
             text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=120)
-        p.write_text(text)
+        output_path(p).write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Topology":

@@ -266,8 +266,10 @@ def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
     return versions + 1.0 + OPTIMIZER_STATE[optimizer]
 
 
-def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0) -> float:
-    """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times."""
+def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0,
+                  stages: int | None = None) -> float:
+    """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times (``stages``: P, for the
+    families whose fill depends on it)."""
     kind = FAMILY[family].bubble  # the registry says what each family's fill and drain cost
     total = forward_s + backward_s
     if kind == "none":
@@ -280,11 +282,17 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
         return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
     if kind == "v":
         return forward_s / chunks / total if total > 0 else 1.0 / 6.0  # rank P − 1 waits one chunk forward per rank
-    if kind == "v-half":  # (3P − 4)/2 at unit costs against 1F1B's 3(P − 1): half, from below
-        return 0.5
-    if kind == "v-min":  # 2P − 5/2 (− 3/2 when 3 | P) against 3(P − 1): about two thirds
-        return 2.0 / 3.0
+    if kind in ("v-half", "v-min"):  # their blocks' bubbles at tF = tBI = tBW, over 1F1B's 3(P − 1); other ratios alike
+        return _v_bubble_units(kind, stages) / (3 * (stages - 1)) if stages and stages > 1 else 0.5 if kind == "v-half" else 2 / 3
     return 1.0
+
+
+def _v_bubble_units(kind: str, P: int) -> float:
+    """The idle time of V-Half and V-Min at unit costs (M ≥ P, tests/test_family_v_half.py and _v_min.py): (3P − 4)/2
+    (3/2 at P = 2), and 2P − 5/2, one more when 3 divides P > 3."""
+    if kind == "v-half":
+        return (3 * P - 4) / 2 if P >= 3 else 1.5
+    return 2 * P - 2.5 + (1.0 if P % 3 == 0 and P > 3 else 0.0)
 
 
 def stage_input_bytes(profile: ModelProfile, first: int) -> float:
@@ -384,7 +392,7 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
     M, P = plan.microbatches, plan.pipeline_depth
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
-    factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8])
+    factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8], P)
     # each replica of the bottleneck stage runs its own M/r microbatches through the fill and drain, which
     # take (P − 1)·factor of its per-microbatch time, r·bott (bott is amortised over the r replicas)
     compute_batch = bott * (M + (P - 1) * factor * raw[worst][0].replicas)

@@ -235,7 +235,7 @@ class Family:
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
             ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (1/2: V-Half), "v-min" (2/3: V-Min) or "none" (a stream).
+            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (about 1/2: V-Half), "v-min" (about 2/3: V-Min; both their unit-cost closed forms over 1F1B's) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """

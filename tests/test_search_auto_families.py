@@ -89,3 +89,14 @@ def test_with_room_for_1f1bs_activations_auto_picks_a_zero_bubble_family_and_the
         assert _simulated_peak(plan) <= limit
         assert time_per_batch_s(simulate_plan(plan, PROF, TOPO, NO_STATE)) > t_best
     assert _simulated_peak(_even("zb-h2")) > limit
+
+
+@pytest.mark.parametrize("family,P,M", [("v-half", 4, 8), ("v-half", 6, 12), ("v-half", 2, 4), ("v-min", 4, 8),
+                                        ("v-min", 6, 12), ("v-min", 3, 5)])
+def test_the_cost_models_time_per_batch_is_the_simulators_for_the_v_blocks(family, P, M):
+    """T = t·(M + (P − 1)·f) with f the block's unit-cost bubble over 1F1B's: the simulator's on an ideal cluster."""
+    prof = uniform_profile(2 * P, 1e-3, 2e-3)
+    topo = load_topology(f"ideal:{P}")
+    plan = plan_from_flags("m", 2 * P, pp=P, schedule=family, microbatches=M, devices=topo.devices)
+    predicted = evaluate(plan, prof, topo, CostOptions()).time_per_batch_s
+    assert predicted == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)

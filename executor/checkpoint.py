@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from executor.errors import ExecutorError
+from topologies.files import output_path
 
 _STEP_RE = re.compile(r"^step(\d+)$")
 
@@ -32,7 +33,7 @@ def save_stage(directory: str | Path, step: int, stage: int, weights: dict[str, 
                model: str, layers: tuple[int, int], family: str, lr: float) -> Path:
     """Write one stage's state after its ``step``-th optimizer step (version ``step``)."""
     path = stage_path(directory, step, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_path(path)
     doc = {
         "stage": stage,
         "version": step,

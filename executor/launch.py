@@ -37,6 +37,7 @@ import torch.distributed as dist
 from executor.backend import resolve_backend_device
 from executor.errors import ExecutorError, WorkerFailed
 from executor.faults import FAULT_ENV
+from topologies.files import output_path
 from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import RunResult, result_from_parts, weights_from_checkpoint
@@ -183,8 +184,7 @@ def _run(cfg: RunConfig, backend: str, device: str, save_weights, keep_dir, t_st
 
 def _save_weights(res: RunResult, path) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(res.weights, path)
+        torch.save(res.weights, output_path(path))
 
 
 def _context():

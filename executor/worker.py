@@ -32,6 +32,7 @@ from executor.tensor_parallel import TP_FAULT_ENV
 from executor.prepare import Prepared, RunConfig, prepare
 from executor.results import gather_results, result_from_parts
 from executor.runtime import ActionFailed, StageWorker
+from topologies.files import output_path
 
 
 def _error_doc(rank: int, prep: Prepared | None, exc: BaseException, index: int | None, comm: bool) -> dict:
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         res.trace.save(Path(out) / "trace.json")
         _write_json(Path(out) / "summary.json", res.summary())
         if args.save_weights:
-            torch.save(res.weights, args.save_weights)
+            torch.save(res.weights, output_path(args.save_weights))
     return 0
 
 

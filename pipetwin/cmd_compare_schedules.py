@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from pipetwin.args import add_device_calibration_flag, check_calibration_topology
+from topologies.files import output_path
 
 
 def register(sub) -> None:
@@ -114,5 +115,5 @@ def _chart(rows: list[dict], path: str, title: str) -> None:
     b.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(output_path(path), dpi=110)
     plt.close(fig)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from topologies.files import output_path
+
 
 def register(sub) -> None:
     p = sub.add_parser("netbench", help="measure link latency and bandwidth between local workers",
@@ -30,7 +32,7 @@ def run(args) -> int:
     report = run_netbench(workers=args.workers, sizes=sizes, repeats=args.repeats, warmup=args.warmup,
                           timeout_s=args.timeout)
     if args.output:
-        with open(args.output, "w") as f:
+        with output_path(args.output).open("w") as f:
             json.dump(report["topology"], f, indent=1)
     if args.json:
         json.dump(report, sys.stdout, indent=1)

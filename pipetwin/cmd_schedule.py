@@ -11,6 +11,7 @@ from planner.schedules import generate, make_spec
 from planner.trace import bubble_fraction, makespan_s
 from pipetwin.args import int_list
 from pipetwin.errors import UserError
+from topologies.files import output_path
 
 
 def register(sub) -> None:
@@ -76,10 +77,9 @@ def run(args) -> int:
     if args.to_torch:
         from planner.torch_interop import write_torch_csv
 
-        Path(args.to_torch).write_text(write_torch_csv(program, args.torch_format))
+        output_path(args.to_torch).write_text(write_torch_csv(program, args.torch_format))
     if args.program_out:
-        Path(args.program_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.program_out).write_text(json.dumps(program.to_json()))
+        output_path(args.program_out).write_text(json.dumps(program.to_json()))
     costs = UnitCosts(f=args.fwd, b=args.bwd, bi=args.bwd / 2, bw=args.bwd / 2, comm=args.comm)
     trace = dry_run(program, costs)
     span, bubble = makespan_s(trace), bubble_fraction(trace)

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from topologies.files import output_path
+
 __all__ = ["console", "stage_table", "plot_sweep", "Progress"]
 
 
@@ -67,7 +69,7 @@ def plot_sweep(result, path: str | Path) -> None:
     ax2.set_title("memory per device")
     ax1.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(output_path(path), dpi=120)
     plt.close(fig)
 
 

@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 from planner.profile import ProfileError
 from topologies.devices import DeviceKind, device_kind
+from topologies.files import output_path
 
 __all__ = ["Gemm", "Work", "EfficiencyParams", "DeviceCalibration", "CalibrationFileError", "work_time_s",
            "optimizer_step_s", "fit", "load_device_calibration", "PARAM_BOUNDS", "DEFAULT_PARAMS",
@@ -207,7 +208,7 @@ class DeviceCalibration:
         return d
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        output_path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "device calibration") -> "DeviceCalibration":

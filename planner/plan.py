@@ -17,6 +17,7 @@ from pathlib import Path
 from planner.program import FAMILIES, FAMILY, chunks_for, rank_of
 from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
 from topologies.errors import InputError
+from topologies.files import output_path
 
 
 class PlanError(InputError):
@@ -167,7 +168,7 @@ class Plan:
             raise PlanError(f"plan JSON is missing or has a malformed field ({e}); see `pipetwin plan -o plan.json` for the shape") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        output_path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

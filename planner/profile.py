@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 
 from topologies.errors import InputError
+from topologies.files import output_path
 
 
 class ProfileError(InputError):
@@ -193,7 +194,7 @@ class ModelProfile:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        output_path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
 
 #: Layer fields that older profiles lack (each read with its type; absent means the default).

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from planner.program import Action, Kind, COMPUTE, FAMILY
+from topologies.files import output_path
 
 
 _COMPUTE_KINDS = frozenset(k.value for k in COMPUTE)
@@ -88,7 +89,7 @@ class Trace:
 
     def save(self, path: str | Path) -> None:
         doc = {"traceEvents": self.to_chrome(), "displayTimeUnit": "ms", "otherData": self.meta}
-        Path(path).write_text(json.dumps(doc))
+        output_path(path).write_text(json.dumps(doc))
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
@@ -108,7 +109,7 @@ def save_side_by_side(traces: dict[str, Trace], path: str | Path) -> None:
     events: list[dict] = []
     for pid, (name, tr) in enumerate(traces.items()):
         events += tr.to_chrome(pid=pid, process_name=name)
-    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    output_path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
 # --- metrics -------------------------------------------------------------------------

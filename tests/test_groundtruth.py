@@ -160,6 +160,34 @@ def test_1f1b_closed_form_equals_the_simulator_with_tp_collectives_on_the_links(
     assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
 
 
+@pytest.mark.parametrize("shape", [(32, 32, 1, 4, 4, 2), (32, 16, 2, 8, 4, 1), (32, 32, 1, 2, 8, 2), (32, 8, 1, 16, 2, 1)])
+def test_1f1b_closed_form_equals_the_folded_simulator_with_tp_across_nodes(shape):
+    gpus, gb, micro, tp, dp, pp = shape
+    r = _row(gpus, gb, micro, tp, dp, pp, layers=2 * pp, hidden=1024, heads=16)
+    assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 2, 4), (8, 2, 2, 2), (64, 4, 8, 2), (64, 2, 4, 8), (64, 16, 4, 1), (32, 1, 16, 2)])
+def test_the_budget_counts_the_workers_the_simulator_walks(shape):
+    from sim.engine import workers_simulated
+    from sim.params import SimParams
+    from topologies.presets import load_topology
+    from validation.groundtruth import simulated_workers, topology_spec
+
+    gpus, tp, dp, pp = shape
+    r = _row(gpus, dp, 1, tp, dp, pp, hidden=256, heads=16, layers=pp, seq=16)
+    walked = workers_simulated(row_plan(r), row_profile(r, P), load_topology(topology_spec(gpus)), SimParams())
+    assert simulated_workers(r) == walked
+
+
+def test_rows_over_the_budget_take_the_closed_form_and_say_why():
+    from validation.groundtruth import SIMULATE_BUDGET_S, simulation_cost_s, why_closed_form
+
+    small, big = _row(8, 32, 1, 2, 2, 2), _row(512, 1536, 1, 8, 2, 32, layers=96, hidden=12288, heads=96)
+    assert simulation_cost_s(small) <= SIMULATE_BUDGET_S < simulation_cost_s(big)
+    assert why_closed_form(small) == "" and "budget" in why_closed_form(big)
+
+
 @pytest.mark.parametrize("grad", [4, 2])
 def test_closed_form_equals_the_simulator_across_nodes(grad):
     r = _row(32, 64, 2, 1, 16, 2, hidden=1024, heads=16)  # 4 nodes: DP rings and p2p on the node links

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator
 import networkx as nx
 
 from topologies.errors import InputError
+from topologies.files import output_path
 
 __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
 
@@ -634,7 +635,7 @@ class Topology:
         else:
             import yaml
             text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=120)
-        p.write_text(text)
+        output_path(p).write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Topology":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from planner.program import Action
 from planner.trace import Trace, worker_events
+from topologies.files import output_path
 
 __all__ = ["gantt"]
 
@@ -52,5 +53,5 @@ def gantt(traces: dict[str, Trace] | Trace, path: str | Path, title: str = "", t
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(output_path(path), dpi=120)
     plt.close(fig)

@@ -11,6 +11,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from topologies.files import output_path
+
 __all__ = ["map_in_order", "read_cache", "open_cache"]
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ def read_cache(path: Path | None) -> dict[str, dict]:
 def open_cache(path: Path):
     """Open the cache for appending, finishing a line an interrupted run left cut short."""
     cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    sink = path.open("a")
+    sink = output_path(path).open("a")
     if cut:
         sink.write("\n")
     return sink

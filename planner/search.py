@@ -481,7 +481,7 @@ def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands, p
     """The one line for "no plan fits": the smallest per-device memory any plan needs."""
     need = math.inf
     for fam in families:
-        if fam == "interleaved":
+        if not _linear(fam):  # several stages per device: the partition search does not model them; cands has them
             continue
         for M in mcounts:
             pb = part.Problem(prof, devs, fam, M, replace(opts, memory_limit_bytes=None))

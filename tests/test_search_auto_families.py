@@ -100,3 +100,11 @@ def test_the_cost_models_time_per_batch_is_the_simulators_for_the_v_blocks(famil
     plan = plan_from_flags("m", 2 * P, pp=P, schedule=family, microbatches=M, devices=topo.devices)
     predicted = evaluate(plan, prof, topo, CostOptions()).time_per_batch_s
     assert predicted == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)
+
+
+def test_below_v_mins_need_nothing_fits_and_the_message_names_v_mins_figure():
+    from planner.plan import PlanError
+
+    need = STATIC + 2 * (L // P) * S  # V-Min's two whole microbatches per device: the least any family holds here
+    with pytest.raises(PlanError, match=f"needs is {need:.4g} bytes"):
+        _auto(0.6 * need)

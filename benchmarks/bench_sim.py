@@ -8,7 +8,7 @@ SimPy); wall time of 8 stages x 32 microbatches (goal <= 0.2 s); wall time of
 (goal <= 10 s), on free links (symmetry applies) and on a contended hierarchy
 (every replica simulated); a 3.6B GPT (30 layers, hidden 3072) on 64 A100s of
 8-GPU NVSwitch servers as TP 8 x PP 2 x DP 4 with full recomputation, every TP
-all-reduce a ring on the links (goal <= 10 s; no symmetry with TP).
+all-reduce a ring on the links (goal <= 10 s; TP ranks and replicas folded by sim.fold).
 """
 from __future__ import annotations
 

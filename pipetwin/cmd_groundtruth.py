@@ -85,3 +85,7 @@ def _print(g) -> None:
             f"{s['n_skipped']} skipped; measured-fastest in the predicted top three in {s['best_in_top3']} of "
             f"{s['best_groups']} groups; {s['n_simulated']} rows simulated, {s['n_closed_form']} by the closed form "
             f"(they differ by at most {s['max_sim_vs_closed_form'] * 100:.2f}% where both ran); {s['seconds']:.1f} s")
+    closed = [x for x in g.scored if x.method == "closed-form"]
+    if closed:
+        c.print(f"closed form instead of simulation for {len(closed)} rows: {closed[0].why_closed_form}"
+                + (f" (and {len(closed) - 1} more like it; --json gives each row's why_closed_form)" if len(closed) > 1 else ""))

@@ -374,7 +374,8 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     Times: ``efficiency`` given, each layer's kernels (:func:`block_work`) are timed by
     ``planner.efficiency.work_time_s`` at ``microbatch_size`` (the profile's reference microbatch);
     otherwise FLOPs / the kind's achievable FLOP/s, per sample (T = 1 then gives the profile this module
-    always gave). TP collective time is not in ``forward_s``/``backward_s``: the interpreters add it.
+    always gave); the head's forward then also carries the fitted per-microbatch ``loss_overhead_s``.
+    TP collective time is not in ``forward_s``/``backward_s``: the interpreters add it.
     """
     k = device_kind(kind)
     t = tensor_parallel
@@ -413,6 +414,8 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
                             attention_saved_bytes=_attention_saved_bytes(c, t), attention_forward_s=attn_s))
     hf = _head_flops(c, vp) / t
     hfw, hbw = times(hf, head_work(c, mb, t, sequence_parallel, vocab_multiple))
+    if efficiency is not None:  # the loss's fixed per-microbatch work (planner.efficiency)
+        hfw += efficiency.loss_overhead_s
     layers.append(Layer("ln_f+head", hfw, hbw, 4.0, 4.0 * s * h * rep + 4.0 * s * vp / t,
                         BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), tp_allreduce_bytes=tp_bytes,
                         tp_backward_allreduces=ar, recomputable=False))

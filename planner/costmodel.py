@@ -32,9 +32,12 @@ none in steady state: ``T_batch = t·M``.
 
 Memory per device: weights × stashed versions (flush 1, 2BW 2, PipeDream its in-flight
 count), gradients 1×, optimizer state (SGD with momentum 1×, Adam 2× of the parameter
-bytes), and in-flight activations (GPipe: its ⌈M/r⌉ microbatches; 1F1B, ZB-H1, 2BW and
-PipeDream: ``planner.schedules.inflight_limit``, P − s without replication; interleaved:
-Megatron's warm-up depth in chunk-microbatches) of saved bytes — or, with
+bytes), and in-flight activations (GPipe: its ⌈M/r⌉ microbatches; 1F1B, 2BW and
+PipeDream: ``planner.schedules.inflight_limit``, P − s without replication; ZB-H1 and ZB-H2:
+their weight-gradient backlog cap on every stage, P and 2P − 1, as activations wait for BW;
+interleaved: Megatron's warm-up depth in chunk-microbatches; the V families and the zero-bubble
+loop: their registry cap a·PV + b in chunk-microbatches, rounded down (ZB-V 2P), V-Half and V-Min
+their blocks' ⌊(P + 2)/2⌋ and ⌊(P + 4)/3⌋ whole microbatches) of saved bytes — or, with
 recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
 selective: all but the attention core), plus what one layer's backward rebuilds.
 
@@ -240,6 +243,18 @@ def inflight(family: str, microbatches: int, workers_at_or_after: int, replicas:
     return min(limit, per_replica)
 
 
+def held_until_weight_grad(family: str, microbatches: int, inflight_count: int, limit0: int, replicas: int) -> int:
+    """Microbatches whose activations a replica of a stage keeps at its peak when a split backward frees them only
+    at BW: the family's weight-gradient backlog cap (``open_cap``: a·L₀ + b, L₀ the pipeline's 1F1B depth
+    ``limit0``) on every stage, not 1F1B's P − s (ZB-H1 holds P on each stage, ZB-H2 2P − 1), within the batch;
+    ``inflight_count`` for the others."""
+    fam = FAMILY[family]
+    if fam.open_cap is None or fam.backward != "split":
+        return inflight_count
+    cap = math.floor(fam.open_cap[0] * limit0 + fam.open_cap[1] + 1e-9)
+    return max(inflight_count, min(cap, math.ceil(microbatches / replicas)))
+
+
 def weight_versions(family: str, inflight_count: int) -> int:
     """Weight versions a stage keeps: PipeDream stashes one per in-flight minibatch, 2BW two, flush one."""
     copies = FAMILY[family].weight_copies
@@ -251,8 +266,10 @@ def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
     return versions + 1.0 + OPTIMIZER_STATE[optimizer]
 
 
-def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0) -> float:
-    """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times."""
+def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0,
+                  stages: int | None = None) -> float:
+    """f in T_batch = t·(M + (P − 1)·f): the fill-and-drain cost in bottleneck-stage times (``stages``: P, for the
+    families whose fill depends on it)."""
     kind = FAMILY[family].bubble  # the registry says what each family's fill and drain cost
     total = forward_s + backward_s
     if kind == "none":
@@ -265,11 +282,17 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
         return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
     if kind == "v":
         return forward_s / chunks / total if total > 0 else 1.0 / 6.0  # rank P − 1 waits one chunk forward per rank
-    if kind == "v-half":  # (3P − 4)/2 at unit costs against 1F1B's 3(P − 1): half, from below
-        return 0.5
-    if kind == "v-min":  # 2P − 5/2 (− 3/2 when 3 | P) against 3(P − 1): about two thirds
-        return 2.0 / 3.0
+    if kind in ("v-half", "v-min"):  # their blocks' bubbles at tF = tBI = tBW, over 1F1B's 3(P − 1); other ratios alike
+        return _v_bubble_units(kind, stages) / (3 * (stages - 1)) if stages and stages > 1 else 0.5 if kind == "v-half" else 2 / 3
     return 1.0
+
+
+def _v_bubble_units(kind: str, P: int) -> float:
+    """The idle time of V-Half and V-Min at unit costs (M ≥ P, tests/test_family_v_half.py and _v_min.py): (3P − 4)/2
+    (3/2 at P = 2), and 2P − 5/2, one more when 3 divides P > 3."""
+    if kind == "v-half":
+        return (3 * P - 4) / 2 if P >= 3 else 1.5
+    return 2 * P - 2.5 + (1.0 if P % 3 == 0 and P > 3 else 0.0)
 
 
 def stage_input_bytes(profile: ModelProfile, first: int) -> float:
@@ -293,6 +316,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
     fam, M, mb = plan.schedule, plan.microbatches, plan.microbatch_size
     S = len(plan.stages)
     workers_after = [sum(s.replicas for s in plan.stages[i:]) for i in range(S)]
+    limit0 = max(math.ceil(workers_after[i] / plan.stages[i].replicas) for i in range(S))  # 1F1B's peak depth
     cuts = [_cut_s(topology, prof, plan.stages[i].last_layer, plan.stages[i].devices[-1], plan.stages[i + 1].devices[0], mb)
             for i in range(S - 1)]
     raw = []
@@ -316,7 +340,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
             core = compute + ar
         t = max(core, comm) if options.overlap_comm else core + comm
         n_in = inflight(fam, M, workers_after[i], r)
-        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_in, weight_versions(fam, n_in), options)
+        n_held = held_until_weight_grad(fam, M, n_in, limit0, r)
+        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, weight_versions(fam, n_in), options)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
     return _candidate(plan, raw, options, fam, chunks=1, links=_link_bound(plan, prof, topology, options))
 
@@ -346,7 +371,9 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         depth = min(warm + 1, M * V)
         if fam.inflight == "batch":  # looped BFS: a whole batch on every chunk
             depth = M * V
-        elif fam.open_cap:  # the V families: the chunk-microbatches a rank may hold awaiting BW (a whole number)
+        elif fam.held_whole:  # V-Half, V-Min: the block's lifespans, ⌊(P + b)/a⌋ whole microbatches (V chunks each)
+            depth = min(V * ((P + fam.held_whole[1]) // fam.held_whole[0]), M * V)
+        elif fam.open_cap:  # the other V families: the chunk-microbatches a rank may hold awaiting BW (a whole number)
             depth = min(math.floor(fam.open_cap[0] * P * V + fam.open_cap[1] + 1e-9), M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
@@ -365,7 +392,7 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
     M, P = plan.microbatches, plan.pipeline_depth
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
-    factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8])
+    factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8], P)
     # each replica of the bottleneck stage runs its own M/r microbatches through the fill and drain, which
     # take (P − 1)·factor of its per-microbatch time, r·bott (bott is amortised over the r replicas)
     compute_batch = bott * (M + (P - 1) * factor * raw[worst][0].replicas)

@@ -4,7 +4,7 @@ A fixed fraction of peak makes small models look too fast: a GEMM whose sides ar
 few hundred wide, a softmax over ``b·a·s²`` scores, a layer norm — each is limited by
 memory bandwidth or by the cost of launching it, not by the tensor cores. This module
 times a layer's **work** (:class:`Work`: its GEMMs with their shapes, the bytes its
-memory-bound kernels move, how many kernels it launches) on a device with six
+memory-bound kernels move, how many kernels it launches) on a device with seven
 physically meaningful parameters (:class:`EfficiencyParams`):
 
 * ``gemm_efficiency`` — the fraction of the device's dense bf16/fp16 peak a large GEMM
@@ -14,7 +14,11 @@ physically meaningful parameters (:class:`EfficiencyParams`):
 * ``layer_overhead_s`` — framework time per layer per forward or backward (hooks, Python);
 * ``iteration_overhead_s`` — fixed time per training iteration (data loading, timers, logging);
 * ``overlap_exponent`` — how completely the host's launch work hides behind the device's
-  (launches are asynchronous: a layer whose kernels are short is host-bound).
+  (launches are asynchronous: a layer whose kernels are short is host-bound);
+* ``loss_overhead_s`` — fixed time per microbatch at the loss, on the last pipeline stage
+  (Megatron's per-microbatch loss work beyond its kernels: the vocabulary-parallel cross
+  entropy's reductions, averaging the loss over the data-parallel group, the host waiting on
+  them); ``planner.analytic`` adds it to the output head's forward.
 
 The device side: a GEMM of F FLOPs moving B bytes (bf16 operands and result) takes
 ``√(t_c² + t_m²)`` with ``t_c = F / (peak · gemm_efficiency)`` and
@@ -132,6 +136,7 @@ class EfficiencyParams:
     layer_overhead_s: float = 50e-6
     iteration_overhead_s: float = 10e-3
     overlap_exponent: float = 4.0
+    loss_overhead_s: float = 0.0
 
     def as_vector(self) -> list[float]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -145,7 +150,9 @@ class EfficiencyParams:
 DEFAULT_PARAMS = EfficiencyParams()
 #: (lower, upper) bound of each parameter in a fit, in EfficiencyParams field order.
 PARAM_BOUNDS: tuple[tuple[float, float], ...] = ((0.05, 1.0), (0.05, 1.0), (0.0, 1e-4), (0.0, 5e-3), (0.0, 1.0),
-                                                 (1.0, 16.0))
+                                                 (1.0, 16.0), (0.0, 0.02))
+#: Parameters a calibration file written before they existed may lack, and the value that reproduces it.
+OPTIONAL_PARAMS = {"loss_overhead_s": 0.0}
 
 
 def work_time_s(work: Work, kind: DeviceKind, p: EfficiencyParams, layer: bool = True) -> float:
@@ -216,11 +223,11 @@ class DeviceCalibration:
             raise CalibrationFileError(f"{where}: expected a JSON object with 'device_kind' and 'params' "
                                        f"(write one with `pipetwin groundtruth --save-calibration FILE`)")
         names = [f.name for f in fields(EfficiencyParams)]
-        missing = [n for n in names if n not in d["params"]]
+        missing = [n for n in names if n not in d["params"] and n not in OPTIONAL_PARAMS]
         if missing:
             raise CalibrationFileError(f"{where}: params lacks {', '.join(missing)}")
         try:
-            params = EfficiencyParams(**{n: float(d["params"][n]) for n in names})
+            params = EfficiencyParams(**{n: float(d["params"].get(n, OPTIONAL_PARAMS.get(n))) for n in names})
             kind = device_kind(str(d["device_kind"])).name
         except (TypeError, ValueError, KeyError) as e:
             raise CalibrationFileError(f"{where}: bad field ({e})") from None

@@ -228,12 +228,14 @@ class Family:
             (forward done, B or BW not), L₀ the "1f1b" bound of stage 0 (1F1B's peak; 2P for a V
             over 2P virtual stages, PV on a loop); a looped family adds (V − 1)·(g − P) for a first
             microbatch group g > P (its warm-up's extra chunks, see ``interleaved_groups``); None: no cap.
+        held_whole: (a, b): a V family holds at most ⌊(P + b)/a⌋ whole microbatches per rank (its building block's
+            lifespans: V-Half (2, 2), V-Min (3, 4), Qi et al.'s counts), tighter than ``open_cap``; the cost model's figure.
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
             ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (1/2: V-Half), "v-min" (2/3: V-Min) or "none" (a stream).
+            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (about 1/2: V-Half), "v-min" (about 2/3: V-Min; both their unit-cost closed forms over 1F1B's) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
     """
@@ -249,6 +251,7 @@ class Family:
     inflight: str = "1f1b"
     inflight_scale: tuple[int, int] = (1, 0)
     open_cap: tuple[float, int] | None = None
+    held_whole: tuple[int, int] | None = None
     in_order: bool = True
     weight_copies: int = 1
     bubble: str = "full"
@@ -283,9 +286,9 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("custom", "an imported program", backward="mixed", placement="given", chunks=0, inflight="none",
            in_order=False, generated=False),
     Family("v-half", "V-Half", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
-           open_cap=(0.5, 2), bubble="v-half"),
+           open_cap=(0.5, 2), held_whole=(2, 2), bubble="v-half"),
     Family("v-min", "V-Min", backward="split", placement="v", chunks=2, replicable=False, inflight="none",
-           open_cap=(1 / 3, 8 / 3), bubble="v-min"),
+           open_cap=(1 / 3, 8 / 3), held_whole=(3, 4), bubble="v-min"),
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
     Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",

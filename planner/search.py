@@ -22,14 +22,21 @@ from planner import refine
 from planner.costmodel import Candidate, CostOptions, evaluate
 from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import ModelProfile
-from planner.program import FAMILIES
+from planner.program import FAMILIES, FAMILY
 
 #: Plans a search refines by local search under the full cost model when the exhaustive search does not apply:
 #: each family's best, and the best of other shapes up to this many.
 LOCAL_SEEDS = 3
 
-#: Families ``schedule="auto"`` scores, in the order ties are broken.
-AUTO_FAMILIES = ("1f1b", "zb-h1", "interleaved", "gpipe", "2bw", "pipedream")
+#: Families ``schedule="auto"`` scores, in the order ties are broken (the cost model prices each one's time and
+#: per-stage memory from its registry traits, so a family whose activations do not fit is never chosen).
+AUTO_FAMILIES = ("1f1b", "zb-h1", "interleaved", "gpipe", "2bw", "pipedream", "zb-h2", "zb-v", "v-half", "v-min",
+                 "looped-bfs", "interleaved-zb", "dualpipe-v")
+
+#: Pipeline depths (devices) ``schedule="auto"`` tries for the families that place several stages per device:
+#: their plans are even splits costed one by one, and deeper V or looped pipelines than this only add bubble
+#: and cut traffic on the clusters the planner sees (the partition search covers deeper linear pipelines).
+MULTI_STAGE_MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,8 @@ def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: Mode
     if profile.tensor_parallel != tp:
         raise PlanError(f"tensor parallelism {tp} needs the profile per TP rank of {tp} (planner.analytic builds it "
                         f"for transformers); {profile.name!r} is per rank of {profile.tensor_parallel}")
-    if (vp > 1) != (fam == "interleaved"):
+    f = FAMILY[fam]  # vp is the chunks per device the family runs: a V's own 2, a loop's any V > 1, else 1
+    if not (vp == f.chunks if f.chunks else vp > 1 if f.multi_stage else vp == 1):
         return []
     plan = plan_from_flags(name, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=fam, microbatches=M,
                            microbatch_size=mb, recompute=opts.recompute, devices=list(devs))
@@ -310,6 +318,8 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
                pcache: part.PartitionCache | None = None) -> list[Plan]:
     kw = dict(schedule=fam, microbatch_size=mb, microbatches=M, topology=topology.name)
     L, D = len(prof), len(devs)
+    if not _linear(fam) and fam != "interleaved":
+        return _multi_stage_plans(fam, M, prof, topology, devs, stages, name, kw, cache, pcache)
     if fam == "interleaved":
         out = []
         depths = [stages] if stages else sorted({p for p in part.device_counts(topology, devs) if 2 <= p <= L // 2})
@@ -327,8 +337,8 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
         ranges = part.split_even(prof, stages, pcache)
         return [Plan(model=name, stages=tuple(StagePlan(a, b, 1, (devs[x],)) for x, (a, b) in enumerate(ranges)), **kw)]
     # the 1F1B-like families share one search; PipeDream's does not depend on M
-    key = ("pipedream",) if fam == "pipedream" else ("1f1b" if fam == "zb-h1" else fam, M)
-    if D > part.FLAT_MAX_DEVICES and fam in ("1f1b", "zb-h1", "gpipe"):
+    key = ("pipedream",) if fam == "pipedream" else ("1f1b" if fam in ("zb-h1", "zb-h2") else fam, M)
+    if D > part.FLAT_MAX_DEVICES and fam in ("1f1b", "zb-h1", "zb-h2", "gpipe"):
         key = ("hier-flush", M)  # the hierarchical search sees only weights, not activations
     if key not in cache:
         if D > part.FLAT_MAX_DEVICES:
@@ -353,6 +363,39 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
             continue
         out.append(Plan(model=name, stages=sp, **kw))
     out += _regular_plans(fam, M, prof, topology, devs, name, kw, cache, pcache)
+    return out
+
+
+def _multi_stage_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, ...], stages: int | None,
+                       name: str, kw: dict, cache: dict, pcache: part.PartitionCache | None = None) -> list[Plan]:
+    """Plans of a family with several stages per device (V shapes: ZB-V, V-Half, V-Min, DualPipeV; loops: looped BFS,
+    interleaved zero bubble): P devices (the depths the search tries, at most ``MULTI_STAGE_MAX_DEPTH``) holding
+    P·V equal-work stages where the family's placement puts them, for every V it takes (2 for a V; 2 and 4 for a
+    loop), and only the (P, V, M) its generator accepts."""
+    from planner.lowering import plan_spec
+    from planner.program import FAMILY, rank_of
+    from planner.schedules import REQUIRES, ScheduleError, validate_spec
+
+    f = FAMILY[fam]
+    L = len(prof)
+    depths = [stages] if stages else [p for p in part.device_counts(topology, devs) if 2 <= p <= MULTI_STAGE_MAX_DEPTH]
+    splits = cache.setdefault(("split",), {})
+    out = []
+    for P in depths:
+        for V in ((f.chunks,) if f.chunks else (2, 4)):
+            if P * V > L:
+                continue
+            if P * V not in splits:
+                splits[P * V] = part.split_even(prof, P * V, pcache)
+            sp = tuple(StagePlan(a, b, 1, (devs[rank_of(f, P, x)],)) for x, (a, b) in enumerate(splits[P * V]))
+            plan = Plan(model=name, stages=sp, chunks=V, **kw)
+            try:
+                spec = plan_spec(plan)
+                validate_spec(spec)
+                REQUIRES.get(fam, lambda _s: None)(spec)
+            except ScheduleError:
+                continue
+            out.append(plan)
     return out
 
 
@@ -438,7 +481,7 @@ def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands, p
     """The one line for "no plan fits": the smallest per-device memory any plan needs."""
     need = math.inf
     for fam in families:
-        if fam == "interleaved":
+        if not _linear(fam):  # several stages per device: the partition search does not model them; cands has them
             continue
         for M in mcounts:
             pb = part.Problem(prof, devs, fam, M, replace(opts, memory_limit_bytes=None))

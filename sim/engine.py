@@ -23,7 +23,10 @@ phases. Recomputation (``planner.recompute``, the plan's mode) adds its re-run
 forward (and, for full recomputation, that forward's TP all-reduces) to each B
 (BI when split) and keeps what that module says in memory.
 
-Symmetry: identical replica pipelines are simulated once and copied (``sim.symmetry``).
+Symmetry: identical replica pipelines are simulated once and copied (``sim.symmetry``); where
+they share links, or with tensor parallelism, one worker per orbit of the TP ranks and
+replicas is simulated on a quotient of the links (``sim.fold``). Either way the trace is
+the one a run of every worker gives.
 
 The module is longer than most because compiling a worker's actions into plain
 tuples and the device process that runs them are one hot loop, kept together and
@@ -48,6 +51,7 @@ from sim.collectives import Collective, Phase, allreduce_phases, fused_ring_phas
 from sim.memory import memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
+from sim.fold import fold
 from sim.symmetry import symmetry
 from sim.tensor import tp_segments
 from topologies.topology import Topology
@@ -121,6 +125,16 @@ def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimPa
                      check_program=False, recompute=plan.recompute)
     trace.meta["plan_model"] = plan.model
     return trace
+
+
+def workers_simulated(plan, profile: ModelProfile, topology: Topology, params: SimParams = SimParams()) -> int:
+    """How many workers a simulation of ``plan`` walks (after ``sim.symmetry`` or ``sim.fold``), without running it."""
+    from planner.lowering import plan_to_program, worker_devices
+
+    program = plan_to_program(plan, profile)
+    run = _Run(program, profile, topology, worker_devices(plan, program), plan.microbatch_size, params,
+               _stage_layers(program, profile, [s.layers for s in plan.stages]), _mode(plan.recompute))
+    return len(run.workers)
 
 
 def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int = 1, params: SimParams = SimParams(),
@@ -197,7 +211,6 @@ class _Run:
                  microbatch_size: int, params: SimParams, layers: list[tuple[int, int]], recompute: str = "none"):
         self.p, self.topology, self.dev, self.params = program, topology, devices, params
         self.env = simpy.Environment()
-        self.net = Network(self.env, topology)
         k = microbatch_size / profile.microbatch_size
         self.fwd = [profile.forward_s(a, b) * k for a, b in layers]
         self.bwd = [profile.backward_s(a, b) * k for a, b in layers]
@@ -218,15 +231,33 @@ class _Run:
         self.rec: list[tuple[int, int, float, float]] = []
         self.mem: list[tuple[int, float, float]] = []
         self.algorithms: set[str] = set()
-        self.replicas, reason = symmetry(self) if params.use_symmetry else (1, "turned off (use_symmetry=False)")
-        self.meta["symmetry"] = {"used": self.replicas > 1, "replicas": self.replicas}
-        if self.replicas == 1:
-            self.meta["symmetry"]["reason"] = reason
         sw = program.stage_workers
-        reps = {ws[0] for ws in sw}
-        self.workers = [w for w in program.workers if self.replicas == 1 or w in reps]
+        self.fold = None
+        self.net = Network(self.env, topology)  # sim.symmetry reads its routes; a folding replaces it
+        if not params.use_symmetry:
+            self.replicas, reason = 1, "turned off (use_symmetry=False)"
+        else:  # whole replica pipelines copied where their links are private, else a folding (sim.fold)
+            self.replicas, reason = symmetry(self) if self.T == 1 else (1, "")
+            if self.replicas == 1:
+                self.fold, why = fold(self)
+                reason = reason or why
+        self.meta["symmetry"] = {"used": self.replicas > 1, "replicas": self.replicas}
+        if self.fold is not None:
+            f = self.fold
+            self.net = Network(self.env, topology, f.hop_map)
+            self.meta["symmetry"] = {"used": True, "replicas": f.group_size, "folded": True, "tp_folded": f.tp_folded,
+                                     "replicas_simulated_per_stage": f.replica_stride}
+            reason = ""
+        if reason:
+            self.meta["symmetry"]["reason"] = reason
+        reps = {ws[0] for ws in sw} if self.fold is None else self.fold.reps
+        self.workers = [w for w in program.workers if (self.replicas == 1 and self.fold is None) or w in reps]
+        self.sim_devices = {devices[w] for w in self.workers}
         self.tp_rank = {w: program.tp_rank(w) for w in program.workers} if self.T > 1 else dict.fromkeys(program.workers, 0)
-        self.arrivals = [1 if self.replicas > 1 else program.replica_count(s) for s in range(len(sw))]
+        if self.fold is not None:
+            self.arrivals = [self.fold.replica_stride] * len(sw)
+        else:
+            self.arrivals = [1 if self.replicas > 1 else program.replica_count(s) for s in range(len(sw))]
 
     # --- compile each worker's actions into plain tuples ------------------------------
     def _ops(self, w: int, rng: random.Random) -> tuple[float, list[tuple]]:
@@ -243,7 +274,7 @@ class _Run:
         step_dur = prm.step_time_s + ovh
         fwd, bwd, extra, tp = self.fwd, self.bwd, self.extra, self.tp
         tp_key = self.p.tp_group(w)[0] if tp is not None else None  # the group's rank 0 names its collectives
-        tp_arrivals = self.T
+        tp_arrivals = 1 if self.fold is not None and self.fold.tp_folded else self.T
         acc_per_byte, round_of = prm.accumulate_s_per_byte, self.round_of
         rounds: dict[int, set[int]] = {}  # stage -> optimizer rounds a backward on this worker has started
         arrivals, free = self.arrivals, self.net.free_route
@@ -372,7 +403,8 @@ class _Run:
                         if st[0] == y[3]:
                             del groups[key]
                             phases, tail = self._tp_phases(y[0], nbytes)
-                            coll = Collective(self.net, phases, _succeed, st[1], text + "/TP", tail)
+                            label = text + "/TP" if self.fold is None else (y[0], y[1], "/TP")  # a fold mirrors it
+                            coll = Collective(self.net, phases, _succeed, st[1], label, tail)
                             if coll.start():  # free links: done at once, for the ranks waiting too
                                 st[1].succeed()
                                 continue
@@ -418,7 +450,7 @@ class _Run:
         if ph is None:
             devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
             ph, algo = allreduce_phases(self.topology, devs, nbytes, self.params.allreduce)
-            self.phases[key] = ph
+            self.phases[key] = ph = self._folded(ph)
             self.algorithms.add(algo)
         return ph
 
@@ -434,8 +466,16 @@ class _Run:
             else:
                 lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))
                 ph = fused_ring_phases(devs, nbytes, lat)
-            self.phases[key] = ph
+            self.phases[key] = ph = (self._folded(ph[0]), ph[1])
         return ph
+
+    def _folded(self, phases: list[Phase]) -> list[Phase]:
+        """A folded run starts only the flows whose source is a simulated device (``sim.fold``)."""
+        if self.fold is None:
+            return phases
+        devs = self.sim_devices
+        made: dict[int, Phase] = {}
+        return [made.setdefault(id(ph), [f for f in ph if f[0] in devs]) for ph in phases]
 
     # --- run and write the trace -------------------------------------------------------
     def run(self, progress: Progress | None) -> Trace:
@@ -475,8 +515,10 @@ class _Run:
         image = {w: [w] for w in self.workers}
         if self.replicas > 1:
             image = {ws[0]: list(ws) for ws in sw}
+        elif self.fold is not None:
+            image = self.fold.images
         acts = p.actions
-        if self.replicas == 1:
+        if self.replicas == 1 and self.fold is None:
             events = self.rec  # already the events, in the order they finished
         else:
             # the k-th record of worker w0 is its k-th action; replicas copy its times
@@ -494,6 +536,8 @@ class _Run:
             log = self.net.log
             if self.replicas > 1:
                 log = self._mirror_log(log, image)
+            elif self.fold is not None:
+                log = self._mirror_folded_log(log)
             events += link_events(self.topology, log, self._label)
         self.meta["allreduce"] = sorted(self.algorithms)
         self.meta["workers_simulated"] = len(self.workers)
@@ -501,8 +545,7 @@ class _Run:
 
     def _label(self, lab) -> str:
         if isinstance(lab, tuple):
-            w, i = lab
-            return _text(self.p[w][i])
+            return _text(self.p[lab[0]][lab[1]]) + (lab[2] if len(lab) > 2 else "")
         return str(lab)
 
     def _mirror_log(self, log, image):
@@ -517,6 +560,17 @@ class _Run:
             for w in image[w0]:
                 a = self.p[w][i]
                 out.append((self.dev[w], self.dev[a.peer], entry[2], entry[3], entry[4], (w, i)))
+        return out
+
+
+    def _mirror_folded_log(self, log):
+        """Every logged transfer of a folded run copied onto each of its images under the group."""
+        dev_of = {d: w for w, d in self.dev.items()}
+        out = []
+        for src, dst, t0, t1, nbytes, lab in log:
+            for e in self.fold.device_maps:
+                img = (dev_of[e[self.dev[lab[0]]]],) + lab[1:] if isinstance(lab, tuple) else lab
+                out.append((e[src], e[dst], t0, t1, nbytes, img))
         return out
 
 

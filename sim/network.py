@@ -10,6 +10,11 @@ Rates are recomputed once per instant, after every event of that instant, and
 only for the flows connected (through shared links, transitively) to a flow that
 started or finished; a flow whose rate does not change keeps its completion
 event. Everything is callback driven: a transfer is no SimPy process.
+
+A folded run (``sim.fold``) gives a hop map: each hop of a route is replaced by its
+orbit's canonical hop, where the flow counts as several (its weight): max-min fairness
+with weighted flows, a link's fair share being what is left of it over the weights of the
+flows not yet fixed there.
 """
 from __future__ import annotations
 
@@ -27,13 +32,14 @@ _RECOMPUTE_PRIORITY = 2  # after every ordinary event of the same instant (simpy
 class _Flow:
     """One transfer in progress."""
 
-    __slots__ = ("src", "dst", "nbytes", "label", "start", "links", "latency", "remaining", "rate",
+    __slots__ = ("src", "dst", "nbytes", "label", "start", "links", "weights", "latency", "remaining", "rate",
                  "t_last", "version", "done", "arg", "active", "mark")
 
     def __init__(self, src: str, dst: str, nbytes: float, label: Any, start: float, links: tuple[int, ...],
-                 latency: float, done: Callable[[Any], None] | None, arg: Any):
+                 latency: float, done: Callable[[Any], None] | None, arg: Any, weights: tuple[int, ...] | None = None):
         self.src, self.dst, self.nbytes, self.label, self.start = src, dst, nbytes, label, start
         self.links, self.latency = links, latency
+        self.weights = weights
         self.remaining = float(nbytes)
         self.rate = 0.0
         self.t_last = start
@@ -50,9 +56,11 @@ class Network:
         log: delivered transfers as (src device, dst device, start_s, end_s, bytes, label).
     """
 
-    def __init__(self, env: simpy.Environment, topology: Topology):
+    def __init__(self, env: simpy.Environment, topology: Topology, hop_map: dict | None = None):
         self.env = env
         self.topology = topology
+        self.hop_map = hop_map  # hop -> (canonical hop, weight) of a folded run (sim.fold), else None
+        self._weights: dict[tuple[str, str], tuple[int, ...]] = {}
         self._link_id: dict[tuple[str, str], int] = {}
         self._cap: list[float] = []
         self._on_link: list[dict[_Flow, None]] = []
@@ -71,17 +79,24 @@ class Network:
         if p is None:
             edges = self.topology.graph.edges
             ids, lat = [], 0.0
+            weight: dict[int, int] = {}
+            fold = self.hop_map
             for u, v in self.topology.route(src, dst):
                 link = edges[u, v]["link"]
                 lat += link.latency_s
                 if math.isfinite(link.bandwidth_bytes_per_s):
-                    lid = self._link_id.get((u, v))
+                    hop, w = fold[(u, v)] if fold is not None else ((u, v), 1)
+                    lid = self._link_id.get(hop)
                     if lid is None:
-                        lid = self._link_id[(u, v)] = len(self._cap)
+                        lid = self._link_id[hop] = len(self._cap)
                         self._cap.append(float(link.bandwidth_bytes_per_s))
                         self._on_link.append({})
-                    ids.append(lid)
+                    if lid not in weight:
+                        ids.append(lid)
+                    weight[lid] = weight.get(lid, 0) + w
             p = self._paths[key] = (tuple(ids), lat)
+            if fold is not None:
+                self._weights[key] = tuple(weight[lid] for lid in ids)
         return p
 
     def free_route(self, src: str, dst: str) -> bool:
@@ -125,10 +140,11 @@ class Network:
             f = _Flow(src, dst, nbytes, label, now, (), lat, done, arg)
             self.env.timeout(lat, f).callbacks.append(self._deliver)
             return False
-        f = _Flow(src, dst, nbytes, label, now, links, lat, done, arg)
+        weights = self._weights.get((src, dst)) if self.hop_map is not None else None
+        f = _Flow(src, dst, nbytes, label, now, links, lat, done, arg, weights)
         dirty = self._dirty
-        for lid in links:
-            self._on_link[lid][f] = None
+        for j, lid in enumerate(links):
+            self._on_link[lid][f] = 1 if weights is None else weights[j]
             dirty[lid] = None
         self._want_recompute()
         return False
@@ -169,7 +185,11 @@ class Network:
                 f.remaining = max(0.0, f.remaining - f.rate * (now - f.t_last))
             f.t_last = now
         left = {lid: cap[lid] for lid in seen}
-        count = {lid: len(on_link[lid]) for lid in seen}
+        weighted = self.hop_map is not None
+        if weighted:
+            count = {lid: sum(on_link[lid].values()) for lid in seen}
+        else:
+            count = {lid: len(on_link[lid]) for lid in seen}
         old = {f: f.rate for f in comp}
         self._gen += 1
         gen = self._gen
@@ -186,9 +206,14 @@ class Network:
                     f.mark = gen
                     f.rate = best
                     unfixed -= 1
-                    for lid in f.links:
-                        left[lid] -= best
-                        count[lid] -= 1
+                    if weighted:
+                        for lid, w in zip(f.links, f.weights):
+                            left[lid] -= best * w
+                            count[lid] -= w
+                    else:
+                        for lid in f.links:
+                            left[lid] -= best
+                            count[lid] -= 1
         timeout = self.env.timeout
         for f in comp:
             if f.rate != old[f] or f.version == 0:

@@ -6,9 +6,10 @@ point-to-point links are private to it, isomorphic to the first pipeline's and
 used by no all-reduce, the R pipelines run identically. Then ``sim.engine``
 simulates only pipeline 0 (all-reduces still run over every replica's links) and
 copies its events to the other replicas: the trace is the one a full run gives.
-Not used with tensor parallelism (every TP rank is simulated): a TP group's
-ranks share their server's links with each other's point-to-point traffic on the
-clusters TP runs on, so their copies would not be exact.
+Not used with tensor parallelism: a TP group's ranks share their server's links
+with each other's point-to-point traffic on the clusters TP runs on, so their
+copies would not be exact; ``sim.fold`` folds those runs (and replica pipelines
+that share links) onto a quotient of the links instead.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def symmetry(run) -> tuple[int, str]:
     sw = p.stage_workers
     R = len(sw[0])
     if p.tensor_parallel > 1:
-        return 1, "tensor parallelism: every TP rank is simulated"
+        return 1, "tensor parallelism: sim.fold's case"
     if R == 1:
         return 1, "stages are not replicated"
     if run.params.jitter:

@@ -71,3 +71,26 @@ def test_v_min_idles_about_two_thirds_as_long_as_1f1b(P, M):
     one = _bubble("1f1b", P, M)
     assert one == pytest.approx(3 * (P - 1))
     assert 0.55 * one <= _bubble("v-min", P, M) <= 0.72 * one
+
+
+@pytest.mark.parametrize("family,up_offset", [("v-half", 2), ("v-min", 1)])
+def test_a_rank_holding_more_than_its_blocks_count_is_rejected_naming_the_forward(family, up_offset):
+    """Mutation: defer one rank's weight gradients until after its last forward; check names the first forward
+    that takes the rank past the family's cap (a·2P + b microbatch-chunks awaiting BW, from the registry)."""
+    from planner.check import ProgramError, open_cap
+    from planner.program import Kind
+    from planner.schedules import _v_repeat, lower, stage_workers
+
+    P, M = 6, 12
+    spec = make_spec(family, P, M)
+    order = _v_repeat(spec, up_offset)
+    acts = order[0]
+    last_f = max(i for i, a in enumerate(acts) if a.kind is Kind.F)
+    order[0] = ([a for a in acts[:last_f + 1] if a.kind is not Kind.BW] + [a for a in acts[:last_f + 1] if a.kind is Kind.BW]
+                + acts[last_f + 1:])
+    with pytest.raises(ProgramError, match="await their weight gradient") as err:
+        lower(spec, stage_workers(spec), order)
+    cap = open_cap(generate(spec))
+    assert f"allows {cap}" in str(err.value) and f"{cap + 1} microbatches" in str(err.value)
+    where = str(err.value).split(":")[0]  # e.g. "w0[40] 0F7": a forward on rank 0
+    assert where.startswith("w0[") and where.split()[1].split("F")[1].isdigit()

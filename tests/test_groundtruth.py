@@ -21,7 +21,7 @@ SINGLE_HEADER = ("\ufeff# GPUs,global batch,micro batch,hidden size,attention he
                  "tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n")
 MULTI_HEADER = ("\ufeffParameters (billion),# GPUs,global batch,micro batch,hidden size,attention heads,# layers,"
                 "sequence length,tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n")
-P = EfficiencyParams(0.8, 0.8, 10e-6, 50e-6, 0.005, 4.0)
+P = EfficiencyParams(0.8, 0.8, 10e-6, 50e-6, 0.005, 4.0, 2e-3)
 
 
 def _row(gpus, gb, micro, tp, dp, pp, hidden=512, heads=8, layers=8, seq=256, source="single"):
@@ -160,6 +160,34 @@ def test_1f1b_closed_form_equals_the_simulator_with_tp_collectives_on_the_links(
     assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
 
 
+@pytest.mark.parametrize("shape", [(32, 32, 1, 4, 4, 2), (32, 16, 2, 8, 4, 1), (32, 32, 1, 2, 8, 2), (32, 8, 1, 16, 2, 1)])
+def test_1f1b_closed_form_equals_the_folded_simulator_with_tp_across_nodes(shape):
+    gpus, gb, micro, tp, dp, pp = shape
+    r = _row(gpus, gb, micro, tp, dp, pp, layers=2 * pp, hidden=1024, heads=16)
+    assert row_model(r).predict_s(P) == pytest.approx(simulate_row_s(r, P), rel=5e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 2, 4), (8, 2, 2, 2), (64, 4, 8, 2), (64, 2, 4, 8), (64, 16, 4, 1), (32, 1, 16, 2)])
+def test_the_budget_counts_the_workers_the_simulator_walks(shape):
+    from sim.engine import workers_simulated
+    from sim.params import SimParams
+    from topologies.presets import load_topology
+    from validation.groundtruth import simulated_workers, topology_spec
+
+    gpus, tp, dp, pp = shape
+    r = _row(gpus, dp, 1, tp, dp, pp, hidden=256, heads=16, layers=pp, seq=16)
+    walked = workers_simulated(row_plan(r), row_profile(r, P), load_topology(topology_spec(gpus)), SimParams())
+    assert simulated_workers(r) == walked
+
+
+def test_rows_over_the_budget_take_the_closed_form_and_say_why():
+    from validation.groundtruth import SIMULATE_BUDGET_S, simulation_cost_s, why_closed_form
+
+    small, big = _row(8, 32, 1, 2, 2, 2), _row(512, 1536, 1, 8, 2, 32, layers=96, hidden=12288, heads=96)
+    assert simulation_cost_s(small) <= SIMULATE_BUDGET_S < simulation_cost_s(big)
+    assert why_closed_form(small) == "" and "budget" in why_closed_form(big)
+
+
 @pytest.mark.parametrize("grad", [4, 2])
 def test_closed_form_equals_the_simulator_across_nodes(grad):
     r = _row(32, 64, 2, 1, 16, 2, hidden=1024, heads=16)  # 4 nodes: DP rings and p2p on the node links
@@ -257,3 +285,22 @@ def test_table5_closed_form_without_pipeline_is_microbatches_times_forward_and_b
     fb = 4 * (2 * b.forward_s + b.backward_s) + sum(l.forward_s + l.backward_s for l in (prof.layers[0], prof.layers[-1]))
     step = optimizer_step_s(sum(l.param_bytes for l in prof.layers[:-1]) / 4, device_kind("a100-80gb"), P)
     assert predict_published_s(r, cal) == pytest.approx(4 * fb + step + P.iteration_overhead_s, rel=1e-9)
+
+
+def test_the_loss_overhead_costs_each_microbatch_once_in_the_closed_form_and_the_simulator(tmp_path):
+    """PP = 1: the head's forward runs once per microbatch on the one stage, so d more seconds at the loss cost
+    m·d more per iteration, in both interpreters; a calibration file from before the parameter loads it as 0."""
+    import json as _json
+
+    from planner.efficiency import DeviceCalibration, load_device_calibration
+
+    r = _row(8, 32, 2, 2, 4, 1)
+    d = 1e-3
+    more = replace(P, loss_overhead_s=P.loss_overhead_s + d)
+    m = row_model(r)
+    assert m.predict_s(more) - m.predict_s(P) == pytest.approx(r.microbatches * d, rel=1e-9)
+    assert simulate_row_s(r, more) - simulate_row_s(r, P) == pytest.approx(r.microbatches * d, rel=1e-6)
+    doc = DeviceCalibration("a100-80gb", P).to_dict()
+    del doc["params"]["loss_overhead_s"]
+    (tmp_path / "old.json").write_text(_json.dumps(doc))
+    assert load_device_calibration(tmp_path / "old.json").params == replace(P, loss_overhead_s=0.0)

@@ -35,16 +35,21 @@ def _servers(topo) -> list[list[str]]:
     return [list(d) for d in topo.domains(0)]
 
 
-def _raw_placements(n: int, servers: list[list[str]]):
+def _raw_placements(n: int, servers: list[list[str]]) -> tuple[tuple[int, ...], ...]:
     """Every sequence of n server indices using each server at most its size."""
-    for labels in itertools.product(range(len(servers)), repeat=n):
-        if all(labels.count(s) <= len(servers[s]) for s in range(len(servers))):
-            yield labels
+    return _placements(n, tuple(len(s) for s in servers))
+
+
+@functools.lru_cache(maxsize=None)
+def _placements(n: int, sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    # cached: every example (and every layer count the strategy tries) asks again for the same few clusters
+    return tuple(labels for labels in itertools.product(range(len(sizes)), repeat=n)
+                 if all(labels.count(s) <= sizes[s] for s in range(len(sizes))))
 
 
 def _oracle_count(L: int, servers: list[list[str]]) -> int:
     D = sum(len(s) for s in servers)
-    raw = [sum(1 for _ in _raw_placements(n, servers)) for n in range(D + 1)]
+    raw = [len(_raw_placements(n, servers)) for n in range(D + 1)]
     return sum(math.comb(L - 1, P - 1) * math.comb(N - 1, P - 1) * raw[N]
                for P in range(1, min(L, D) + 1) for N in range(P, D + 1))
 
@@ -65,7 +70,7 @@ def oracle(prof: ModelProfile, topo, family: str, M: int, options: CostOptions) 
     D, L = sum(len(s) for s in servers), len(prof)
     best = math.inf
     for N in range(1, D + 1):
-        placements = list(_raw_placements(N, servers))
+        placements = _raw_placements(N, servers)
         for P in range(1, min(L, N) + 1):
             for rcuts in itertools.combinations(range(1, N), P - 1):
                 rb = (0,) + rcuts + (N,)

@@ -350,13 +350,24 @@ def test_symmetric_replicas_are_simulated_once_and_give_the_full_trace(family):
     assert sorted(sym.memory, key=lambda m: (m.worker, m.time_s)) == sorted(full.memory, key=lambda m: (m.worker, m.time_s))
 
 
-def test_symmetry_is_not_used_when_replica_pipelines_share_links():
+def test_replica_pipelines_sharing_links_are_not_copied_but_folded_onto_the_same_trace():
+    from planner.lowering import plan_to_program, worker_devices
+    from sim.engine import _Run
+    from sim.symmetry import symmetry
+
     topo = load_topology("dgx:servers=2,gpus=2")
     plan = even_plan("m", 2, 2, replicas=(2, 2), microbatches=4)
     plan = plan.with_devices([("s0g0", "s1g0"), ("s0g1", "s1g1")])
     prof = uniform_profile(2, 1e-3, 2e-3, act=1e6, params=1e6)
     t = simulate_plan(plan, prof, topo)
-    assert t.meta["symmetry"]["used"] is False and "share" in t.meta["symmetry"]["reason"]
+    full = simulate_plan(plan, prof, topo, SimParams(use_symmetry=False))
+    prog = plan_to_program(plan, prof)
+    run = _Run(prog, prof, topo, worker_devices(plan, prog), 1, SimParams(use_symmetry=False), [(0, 0), (1, 1)])
+    assert "share" in symmetry(run)[1]  # whole pipelines cannot be copied ...
+    assert t.meta["symmetry"]["folded"] and t.meta["workers_simulated"] == 2  # ... one per orbit is simulated
+    key = lambda e: (str(e.lane), e.start_s, e.action)
+    assert [(e.lane, e.action) for e in sorted(t.events, key=key)] == [(e.lane, e.action) for e in sorted(full.events, key=key)]
+    assert [e.end_s for e in sorted(t.events, key=key)] == pytest.approx([e.end_s for e in sorted(full.events, key=key)])
 
 
 def test_bad_inputs_raise_one_line_value_errors():

@@ -384,14 +384,15 @@ def test_plan_model_costs_a_fixed_grid_for_every_family_the_schedule_takes():
     topo = load_topology("dgx:servers=2,gpus=4")
     res = plan_model(prof, topo, grid=(2, 2, 2, 1), microbatches=4, recompute="full", optimizer="adam", top_k=10)
     fams = {c.plan.schedule for c in res.candidates}
-    assert fams == {"gpipe", "1f1b", "pipedream", "2bw", "zb-h1"}
+    assert fams == {"gpipe", "1f1b", "pipedream", "2bw", "zb-h1", "zb-h2"}  # the one-stage-per-device families
     for c in res.candidates:
         want = plan_from_flags(prof.name, len(prof), pp=2, dp=2, tp=2, schedule=c.plan.schedule, microbatches=4,
                                recompute="full", devices=topo.devices)
         assert c.plan.stages == want.stages and c.plan.tensor_parallel == 2 and c.plan.recompute == "full"
         assert c.time_per_batch_s == evaluate(want, prof, topo, CostOptions(recompute="full", optimizer="adam")).time_per_batch_s
     inter = plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=4, schedule="auto")
-    assert {c.plan.schedule for c in inter.candidates} == {"interleaved"} and inter.best.chunks == 2
+    assert {c.plan.schedule for c in inter.candidates} == {"interleaved", "interleaved-zb", "looped-bfs"}  # the loops
+    assert inter.best.chunks == 2
     with pytest.raises(PlanError, match="no schedule of interleaved runs --tp 2 --pp 2 --dp 2 --vp 2"):
         plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=1, schedule="interleaved")  # 2 replicas, 1 microbatch (any M >= replicas runs since h3)
     with pytest.raises(PlanError, match="per rank of 1"):
@@ -436,13 +437,18 @@ def test_a_replicated_pipeline_pays_its_fill_and_drain_once_per_replica_in_the_c
         assert cand.time_per_batch_s == pytest.approx(time_per_batch_s(simulate_plan(plan, prof, topo)), rel=1e-9)
 
 
-def test_symmetry_is_not_used_with_tensor_parallelism_and_says_why():
-    from sim import simulate_plan
+def test_tensor_parallel_ranks_and_replicas_are_folded_and_the_makespan_is_the_full_runs():
+    from planner.trace import makespan_s
+    from sim import SimParams, simulate_plan
 
     topo = load_topology("ideal:8")
     plan = plan_from_flags("m", 2, pp=2, dp=2, tp=2, microbatches=4, devices=topo.devices)
-    sym = simulate_plan(plan, _tp_profile(2, layers=2), topo).meta["symmetry"]
-    assert sym == {"used": False, "replicas": 1, "reason": "tensor parallelism: every TP rank is simulated"}
+    folded = simulate_plan(plan, _tp_profile(2, layers=2), topo)
+    full = simulate_plan(plan, _tp_profile(2, layers=2), topo, SimParams(use_symmetry=False))
+    assert folded.meta["symmetry"] == {"used": True, "replicas": 4, "folded": True, "tp_folded": True,
+                                       "replicas_simulated_per_stage": 1}
+    assert folded.meta["workers_simulated"] == 2 and full.meta["workers_simulated"] == 8
+    assert makespan_s(folded) == makespan_s(full)
 def test_whatif_sweeps_a_fixed_grid_filling_the_missing_degree_per_device_count():
     from planner.analytic import load_model
     from planner.search import plan_model

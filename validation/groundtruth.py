@@ -23,8 +23,10 @@ recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
   groups of the stage at once, ring or hierarchical as the simulator chooses) and its Adam step; plus the fitted per-iteration overhead. This is the
   **closed form**; where the simulator can run a row within the time budget it runs the same
   plan (``sim``, symmetry reductions on) and its figure is the prediction — each row says which.
-  The command simulates the TP = 1 rows whose program fits the budget; TP > 1 rows take the closed
-  form, which equals the simulator (TP collectives as flows on the links) to rounding on small cases.
+  The command simulates every row whose estimated simulation time fits the per-row budget
+  (``SIMULATE_BUDGET_S``): TP ranks and replicas folded by ``sim.fold``, one worker per stage, so
+  a TP ring on identical links is one flow per stage replica simulated. The others take the closed
+  form and their ``why_closed_form`` says so; the two agree to rounding on small cases (tests).
   Megatron's full recomputation re-runs the blocks only, so the simulated profile carries it folded
   into each block's backward (its forward time and its forward's TP all-reduces).
 
@@ -429,6 +431,7 @@ class RowModel:
     def stage_costs(self, p: EfficiencyParams, gradient_bytes: int = 4) -> StageCosts:
         k = device_kind(self.kind)
         (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
+        hf += p.loss_overhead_s  # as planner.analytic adds it to the head's forward
         tp = self.links.tp_allreduce_s
         P = self.row.pp
         fs, bs, steps = [], [], []
@@ -474,24 +477,39 @@ def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowMod
 
 
 # ---------------------------------------------------------------------- the simulator
-#: Simulate a row only when the simulator would walk at most this many compute actions (2 per microbatch per
-#: stage per simulated worker: one pipeline with T = 1, where the replicas are symmetric; every worker with
-#: T > 1, where each TP rank is simulated) — the 2-core time budget.
-SIMULATE_MAX_ACTIONS = 1200
+#: Simulate a row only when its estimated simulation time (:func:`simulation_cost_s`) is at most this on one
+#: core: the 2-core, 2-minute budget of the whole command. The other rows take the closed form, and say why.
+SIMULATE_BUDGET_S = 1.0
+#: Seconds per compute action of the program generated and checked (every DP replica, TP rank 0's slice:
+#: lowering, ``planner.check``, the trace's copies) and per event the folded simulation walks (a compute
+#: action or a TP all-reduce of a simulated worker); measured on this 2-core machine.
+LOWERING_S_PER_ACTION = 1e-4
+SIMULATION_S_PER_EVENT = 1e-4
 
 
-def simulated_actions(row: Row) -> int:
-    """Compute actions the simulator walks for ``row``."""
-    workers = 1 if row.tp == 1 and row.gpus <= GPUS_PER_NODE else row.dp * row.tp
-    return 2 * row.microbatches * row.pp * workers
+def simulated_workers(row: Row) -> int:
+    """Workers the simulator walks for ``row``: one per stage (``sim.fold`` folds the TP ranks and the
+    replicas), every TP rank of one replica where the TP group spans servers (its ring crosses them, so
+    its ranks differ). ``tests/test_groundtruth.py`` holds this to ``sim.engine.workers_simulated``."""
+    return row.pp * (row.tp if row.tp > GPUS_PER_NODE else 1)
 
 
-def simulable(row: Row, tp_in_simulator: bool = False) -> bool:
-    """Whether the simulator runs ``row`` within the budget. TP > 1 only with ``tp_in_simulator``: the
-    simulator then runs every TP rank and every ring phase of every TP all-reduce as flows (about 10 s for
-    a 24-layer TP 4–8 row on one core), so the command's default leaves those rows to the closed form,
-    which the tests hold equal to the simulator."""
-    return (row.tp == 1 or tp_in_simulator) and simulated_actions(row) <= SIMULATE_MAX_ACTIONS
+def simulation_cost_s(row: Row) -> float:
+    """Estimated single-core seconds to simulate ``row`` (see ``SIMULATE_BUDGET_S``)."""
+    blocks = -(-row.layers // row.pp)
+    per_mb = 2 + (6 * blocks + 3 if row.tp > 1 else 0)  # F and B, with 2 + 4 TP all-reduces per block (recomputed)
+    events = simulated_workers(row) * row.microbatches * per_mb
+    actions = row.gpus // row.tp * 2 * row.microbatches
+    return LOWERING_S_PER_ACTION * actions + SIMULATION_S_PER_EVENT * events
+
+
+def why_closed_form(row: Row) -> str:
+    """'' when the command simulates ``row``, else why the closed form stands in."""
+    cost = simulation_cost_s(row)
+    if cost <= SIMULATE_BUDGET_S:
+        return ""
+    return (f"simulation estimated at {cost:.1f} s ({simulated_workers(row)} workers simulated × "
+            f"{row.microbatches} microbatches), over the {SIMULATE_BUDGET_S:g} s per-row budget")
 
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
@@ -525,6 +543,7 @@ class Scored:
     predicted_ms: float
     method: str  # "simulated" or "closed-form"
     closed_form_ms: float
+    why_closed_form: str = ""  # why the closed form replaced simulation ("" when simulated)
 
     @property
     def error(self) -> float:
@@ -534,6 +553,7 @@ class Scored:
         d = self.row.config()
         d.update(measured_ms=self.row.measured_ms, predicted_ms=round(self.predicted_ms, 4), error=round(self.error, 6),
                  calibration=self.row.calibration, method=self.method, closed_form_ms=round(self.closed_form_ms, 4),
+                 why_closed_form=self.why_closed_form,
                  shape=self.row.shape, parallelism=self.row.parallelism)
         return d
 
@@ -608,8 +628,7 @@ def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND) -> DeviceCa
                              gradient_bytes_per_param=g)
 
 
-def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True,
-        tp_in_simulator: bool = False) -> GroundTruth:
+def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True) -> GroundTruth:
     """Load, express, fit (unless ``calibration`` is given), predict and score every row."""
     t0 = time.perf_counter()
     rows = load_rows(data)
@@ -626,8 +645,9 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
     out = []
     for m in models:
         closed = m.predict_s(p, g) * 1e3
-        if simulate and simulable(m.row, tp_in_simulator):
+        why = why_closed_form(m.row) if simulate else "--no-simulate"
+        if not why:
             out.append(Scored(m.row, simulate_row_s(m.row, p, topologies, gradient_bytes=g) * 1e3, "simulated", closed))
         else:
-            out.append(Scored(m.row, closed, "closed-form", closed))
+            out.append(Scored(m.row, closed, "closed-form", closed, why))
     return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)

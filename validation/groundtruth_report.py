@@ -130,12 +130,13 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict]
         f"(rms relative error {_pct(g.calibration.rms_relative_error)}): GEMM efficiency {p.gemm_efficiency:.3f} of peak, "
         f"memory efficiency {p.memory_efficiency:.3f} of HBM bandwidth, {p.kernel_launch_s * 1e6:.1f} us per kernel launch, "
         f"{p.layer_overhead_s * 1e6:.1f} us per layer, {p.iteration_overhead_s * 1e3:.2f} ms per iteration, "
-        f"overlap exponent {p.overlap_exponent:.2f}; the DP all-reduce sends "
+        f"overlap exponent {p.overlap_exponent:.2f}, {p.loss_overhead_s * 1e3:.2f} ms per microbatch at the loss; the DP all-reduce sends "
         f"{g.calibration.gradient_bytes_per_param} bytes per parameter (the fit's choice of fp32 4 / fp16 2).",
         "",
-        f"Prediction method: {s['n_simulated']} rows simulated (SimPy, symmetry reductions), {s['n_closed_form']} by the "
-        f"1F1B closed form (TP > 1, or a program too large for the time budget); on the simulated rows the two differ "
-        f"by at most {_pct(s['max_sim_vs_closed_form'])}. {s['seconds']:.1f} s in all.",
+        f"Prediction method: {s['n_simulated']} rows simulated (SimPy; TP ranks and replicas folded, one worker per "
+        f"stage), {s['n_closed_form']} by the 1F1B closed form (each row's `why_closed_form` says why: its simulation "
+        f"is estimated over the per-row time budget); on the simulated rows the two differ by at most "
+        f"{_pct(s['max_sim_vs_closed_form'])}. {s['seconds']:.1f} s in all.",
         "",
     ]
     if plot:

@@ -234,7 +234,11 @@ def run(args) -> int:
     print(f"  throughput {s['throughput_samples_per_s']:.4g} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.4g} ms, "
           f"makespan {s['makespan_s'] * 1e3:.4g} ms, bubble fraction {s['bubble_fraction']:.3f}")
     sym = trace.meta.get("symmetry") or {}
-    if sym.get("used"):
+    if sym.get("folded"):
+        what = "TP ranks and replicas" if sym.get("tp_folded") else "replicas"
+        print(f"  symmetry: {what} folded, one worker of every {sym['replicas']} simulated on a quotient of the "
+              f"links (sim.fold)")
+    elif sym.get("used"):
         print(f"  symmetry: one of {sym['replicas']} identical replicas per stage simulated")
     for w, d in s["per_device"].items():
         print(f"  w{w:<4} busy {d['busy_s'] * 1e3:10.4g} ms  bubble {d['bubble_fraction']:.3f}  "

@@ -115,3 +115,20 @@ def test_calibration_file_with_and_without_the_table_loads_and_a_bad_entry_says_
     (tmp_path / "bad.json").write_text(json.dumps(d))
     with pytest.raises(CalibrationFileError, match="twice"):
         load_device_calibration(tmp_path / "bad.json")
+
+
+def test_cv_folds_partition_the_calibration_rows_and_the_decision_rule_reads_single_and_multi(capsys):
+    from validation.groundtruth import canonical_config
+    from validation.groundtruth_cv import adopt, fold_of, main
+
+    rows = [_row(2, 16 * k, 1, 1, 1, 2) for k in range(1, 40)]
+    folds = [fold_of(row_model(r), 5) for r in rows]
+    assert set(folds) <= set(range(5)) and len(set(folds)) > 1
+    assert all(fold_of(row_model(r), 5) == f for r, f in zip(rows, folds))  # a function of the config alone
+    assert canonical_config("single", 2, 16, 1, 512, 8, 8, 256, 1, 1, 2) == rows[0].canonical
+    smooth = {"mape_single": 0.06, "mape_multi": 0.08}
+    assert adopt([smooth, {"mape_single": 0.03, "mape_multi": 0.0805}])
+    assert not adopt([smooth, {"mape_single": 0.03, "mape_multi": 0.0815}])  # multi worse by more than 0.1 points
+    assert not adopt([smooth, {"mape_single": 0.06, "mape_multi": 0.07}])  # single not better
+    assert main(["/nonexistent/vtrain"]) == 2
+    assert "not a folder" in capsys.readouterr().err

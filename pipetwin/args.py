@@ -8,7 +8,7 @@ import re
 
 __all__ = ["words", "int_list", "counts", "add_grid_flags", "add_recompute_flag", "grid_given", "grid_degrees",
            "grid_plan", "check_grid_profile", "add_device_calibration_flag", "check_calibration_kinds",
-           "check_calibration_topology"]
+           "check_calibration_topology", "read_program"]
 
 
 def words(text: str) -> tuple[str, ...]:
@@ -188,3 +188,26 @@ def check_calibration_topology(calibration, topology) -> None:
     if calibration is not None:
         check_calibration_kinds(calibration, [topology.device(d).kind for d in topology.devices],
                                 f"topology {topology.name!r}")
+
+
+def read_program(path: str, command: str):
+    """The program file ``--program FILE`` names (``simulate`` and ``run`` take it), loaded; when it keeps the laws
+    but its order or placement is not what its declared family generates, one warning line on stderr says where
+    (it still runs as written: ``planner.check.declared_family_differs``). A file that breaks a law gets no
+    warning: the command refuses it in one line."""
+    import sys
+
+    from planner.check import check, declared_family_differs
+    from planner.program import Program
+    from topologies.errors import InputError
+
+    program = Program.load(path)
+    try:
+        program.check_shape()
+        check(program)
+    except InputError:
+        return program
+    differs = declared_family_differs(program)
+    if differs:
+        print(f"pipetwin {command}: warning: {path}: {differs}", file=sys.stderr)
+    return program

@@ -411,6 +411,44 @@ def measured_bounds(p: Program) -> dict:
             "in_microbatch_order": ordered, "backward": backward}
 
 
+def declared_family_differs(program: Program) -> str | None:
+    """Where a program departs from what its declared family's generator writes for its spec; None when it
+    is that program (compute order and placement) or declares ``custom``. Reported, never asserted.
+
+    ``check`` holds a declared family's conventions only as bounds (in-flight, weight-gradient cap, order of
+    microbatches), so an order that keeps a looser family's bounds passes under its name: a 1F1B file
+    declared ``gpipe``, ZB-H1 declared ``zb-h2``, interleaved declared ``looped-bfs``. Such a file runs as
+    written in both interpreters, but the cost model and the planner price the declared family's bubble and
+    memory; the line this returns says so, and where the first difference is.
+    """
+    from planner.program import ScheduleError
+    from planner.schedules import generate
+
+    fam = program.spec.traits
+    if not fam.generated:
+        return None
+    ours = program.tp_slice(0) if program.tensor_parallel > 1 else program
+    name = {w: i for i, w in enumerate(sorted(ours.workers))}  # TP rank 0's workers, renamed 0..n−1
+    title = f"declared {program.spec.family}, but"
+    tail = (f"the cost model prices {fam.title}'s bubble and memory while the simulator and executor run the order "
+            f"as written; declare it \"custom\" if the order is your own")
+    try:
+        want = generate(program.spec, check_program=False)
+    except ScheduleError as e:
+        return f"{title} {fam.title} generates no program for its spec ({e.args[0]}); {tail}"
+    if tuple(tuple(name.get(w, -1) for w in ws) for ws in ours.stage_workers) != want.stage_workers:
+        return f"{title} its stages sit on other workers than {fam.title} places them ({list(want.stage_workers)}); {tail}"
+    for w in sorted(ours.workers):
+        mine = [(i, a) for i, a in enumerate(ours[w]) if a.is_compute]
+        theirs = [a for a in want[name[w]] if a.is_compute]
+        for (i, a), b in zip(mine, theirs):
+            if (a.kind, a.stage, a.mb) != (b.kind, b.stage, b.mb):
+                return f"{title} its order is not {fam.title}'s: w{w}[{i}] runs {a} where {fam.title} runs {b}; {tail}"
+        if len(mine) != len(theirs):
+            return f"{title} w{w} runs {len(mine)} compute actions where {fam.title} runs {len(theirs)}; {tail}"
+    return None
+
+
 def _check_inflight(p: Program) -> None:
     """In flight = forward done, input gradient not; a split family also caps forward-done, weight-gradient-not."""
     fam = p.spec.traits

@@ -1,6 +1,7 @@
 """Arguments the commands share: comma lists of words, of integers and of device counts (one spelling each), and a
-fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``), and the device
-calibration every command that times an analytic model takes (``--device-calibration FILE``)."""
+fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``), the device
+calibration every command that times an analytic model takes (``--device-calibration FILE``), and the program
+file ``simulate`` and ``run`` take (``--program FILE``, warned about when it is not its declared family's)."""
 from __future__ import annotations
 
 import argparse

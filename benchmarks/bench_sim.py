@@ -6,7 +6,7 @@ Rows: bare SimPy timeout events/s; the simulator's actions/s (goal >= 1/3 of bar
 SimPy); wall time of 8 stages x 32 microbatches (goal <= 0.2 s); wall time of
 1,024 devices = 64 stages x 16 replicas x 64 microbatches with all-reduces
 (goal <= 10 s), on free links (symmetry applies) and on a contended hierarchy
-(every replica simulated); a 3.6B GPT (30 layers, hidden 3072) on 64 A100s of
+(replicas folded by sim.fold, their links being shared); a 3.6B GPT (30 layers, hidden 3072) on 64 A100s of
 8-GPU NVSwitch servers as TP 8 x PP 2 x DP 4 with full recomputation, every TP
 all-reduce a ring on the links (goal <= 10 s; TP ranks and replicas folded by sim.fold).
 """

@@ -1,6 +1,7 @@
 """Arguments the commands share: comma lists of words, of integers and of device counts (one spelling each), and a
-fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``), and the device
-calibration every command that times an analytic model takes (``--device-calibration FILE``)."""
+fixed plan's grid (``--tp --pp --dp [--vp]``) with recomputation (``--recompute [MODE]``), the device
+calibration every command that times an analytic model takes (``--device-calibration FILE``), and the program
+file ``simulate`` and ``run`` take (``--program FILE``, warned about when it is not its declared family's)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import re
 
 __all__ = ["words", "int_list", "counts", "add_grid_flags", "add_recompute_flag", "grid_given", "grid_degrees",
            "grid_plan", "check_grid_profile", "add_device_calibration_flag", "check_calibration_kinds",
-           "check_calibration_topology"]
+           "check_calibration_topology", "read_program"]
 
 
 def words(text: str) -> tuple[str, ...]:
@@ -188,3 +189,26 @@ def check_calibration_topology(calibration, topology) -> None:
     if calibration is not None:
         check_calibration_kinds(calibration, [topology.device(d).kind for d in topology.devices],
                                 f"topology {topology.name!r}")
+
+
+def read_program(path: str, command: str):
+    """The program file ``--program FILE`` names (``simulate`` and ``run`` take it), loaded; when it keeps the laws
+    but its order or placement is not what its declared family generates, one warning line on stderr says where
+    (it still runs as written: ``planner.check.declared_family_differs``). A file that breaks a law gets no
+    warning: the command refuses it in one line."""
+    import sys
+
+    from planner.check import check, declared_family_differs
+    from planner.program import Program
+    from topologies.errors import InputError
+
+    program = Program.load(path)
+    try:
+        program.check_shape()
+        check(program)
+    except InputError:
+        return program
+    differs = declared_family_differs(program)
+    if differs:
+        print(f"pipetwin {command}: warning: {path}: {differs}", file=sys.stderr)
+    return program

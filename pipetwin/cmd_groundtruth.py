@@ -85,6 +85,10 @@ def _print(g) -> None:
             f"{s['n_skipped']} skipped; measured-fastest in the predicted top three in {s['best_in_top3']} of "
             f"{s['best_groups']} groups; {s['n_simulated']} rows simulated, {s['n_closed_form']} by the closed form "
             f"(they differ by at most {s['max_sim_vs_closed_form'] * 100:.2f}% where both ran); {s['seconds']:.1f} s")
+    if g.calibration.block_timings:
+        c.print(f"per-shape block times (the calibration's table, {len(g.calibration.block_timings)} shapes) for "
+                f"{s['n_shape_table']} of {s['n_scored']} scored rows, the smooth model for the others "
+                f"(each row's block_timing in --json says which)")
     closed = [x for x in g.scored if x.method == "closed-form"]
     if closed:
         c.print(f"closed form instead of simulation for {len(closed)} rows: {closed[0].why_closed_form}"

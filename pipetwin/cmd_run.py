@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipetwin.args import add_grid_flags, add_recompute_flag, int_list
+from pipetwin.args import add_grid_flags, add_recompute_flag, int_list, read_program
 from planner.program import FAMILIES, family
 
 
@@ -99,7 +99,6 @@ def _run_program(args):
     """``--program``: the file as it is, on --model; (result, what ran, its schedule family, microbatch size)."""
     from executor.launch import run_program
     from pipetwin.errors import UserError
-    from planner.program import Program
 
     given = [f"--{k.replace('_', '-')}" for k in PROGRAM_SHAPE_FLAGS if getattr(args, k, None) not in (None, False)]
     if given:
@@ -108,7 +107,7 @@ def _run_program(args):
         raise UserError("--resume needs --plan: a program file runs the batches it lists, from its first action")
     if not args.model:
         raise UserError("--program needs --model, the model its stages' layers come from (e.g. --model mlp:layers=8,width=256)")
-    program = Program.load(args.program)
+    program = read_program(args.program, "run")
     mbs = args.microbatch_size if args.microbatch_size is not None else 1
     res = run_program(program, args.model, microbatch_size=mbs, lr=0.01 if args.lr is None else args.lr,
                       recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel,

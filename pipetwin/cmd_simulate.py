@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
-                           grid_degrees, grid_given, grid_plan, int_list)
+                           grid_degrees, grid_given, grid_plan, int_list, read_program)
 from pipetwin.show import Progress
 
 from planner.program import FAMILIES
@@ -168,7 +168,6 @@ def _simulate_program(args, params):
     """``--program``: the program file as it is, on --model and --topology."""
     from pipetwin.cmd_plan import resolve_model
     from pipetwin.errors import UserError
-    from planner.program import Program
     from sim import simulate
     from topologies.presets import load_topology
 
@@ -176,7 +175,7 @@ def _simulate_program(args, params):
         raise UserError("--program brings its own schedule and shape; drop --plan and the shape flags")
     if not args.model or not args.topology:
         raise UserError("--program needs --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
-    program = Program.load(args.program)
+    program = read_program(args.program, "simulate")
     program.check_shape()
     topology = load_topology(args.topology)
     if len(program.workers) > len(topology.devices):
@@ -234,7 +233,11 @@ def run(args) -> int:
     print(f"  throughput {s['throughput_samples_per_s']:.4g} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.4g} ms, "
           f"makespan {s['makespan_s'] * 1e3:.4g} ms, bubble fraction {s['bubble_fraction']:.3f}")
     sym = trace.meta.get("symmetry") or {}
-    if sym.get("used"):
+    if sym.get("folded"):
+        what = "TP ranks and replicas" if sym.get("tp_folded") else "replicas"
+        print(f"  symmetry: {what} folded, one worker of every {sym['replicas']} simulated on a quotient of the "
+              f"links (sim.fold)")
+    elif sym.get("used"):
         print(f"  symmetry: one of {sym['replicas']} identical replicas per stage simulated")
     for w, d in s["per_device"].items():
         print(f"  w{w:<4} busy {d['busy_s'] * 1e3:10.4g} ms  bubble {d['bubble_fraction']:.3f}  "

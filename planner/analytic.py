@@ -76,7 +76,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, work_time_s
+from planner.efficiency import BlockKey, BlockTiming, DeviceCalibration, EfficiencyParams, Gemm, Work, work_time_s
 from planner.profile import Layer, ModelProfile, ModelSpecError, ProfileError, load_profile, read_pipedream_graph
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
 from topologies.topology import TopologyError
@@ -86,7 +86,7 @@ __all__ = [
     "transformer_profile", "transformer_param_count", "transformer_flops_per_token", "block_saved_bytes",
     "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
     "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
-    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE",
+    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "block_key",
 ]
 
 #: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
@@ -335,6 +335,15 @@ def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: 
     return work, attn
 
 
+def block_key(c: TransformerConfig, tensor_parallel: int = 1, microbatch_size: int = 1,
+              sequence_parallel: bool = False) -> BlockKey:
+    """The GEMM shape of one of ``c``'s blocks on a TP rank, as a device calibration's per-shape table
+    (``planner.efficiency.BlockTiming``) keys it."""
+    fam = "llama" if c.llama else "gpt"  # "bert" costs as "gpt"
+    return (fam, c.hidden, c.heads, c.kv_heads or c.heads, c.ffn_size, c.seq, tensor_parallel,
+            bool(sequence_parallel), microbatch_size)
+
+
 def embedding_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: int = 1,
                    sequence_parallel: bool = False, vocab_multiple: int = 1) -> Work:
     """Forward work of the (vocabulary-parallel) embedding: the gather, GPT's position add and dropout."""
@@ -360,7 +369,8 @@ def head_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: i
 
 def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, name: str | None = None, *,
                         tensor_parallel: int = 1, sequence_parallel: bool = False, microbatch_size: int = 1,
-                        efficiency: EfficiencyParams | None = None, vocab_multiple: int = 1) -> ModelProfile:
+                        efficiency: EfficiencyParams | None = None, vocab_multiple: int = 1,
+                        block_timing: BlockTiming | None = None) -> ModelProfile:
     """A chain profile of ``c`` on one tensor-parallel rank, timed on device ``kind``: embedding, L blocks,
     final norm + head.
 
@@ -374,7 +384,10 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     Times: ``efficiency`` given, each layer's kernels (:func:`block_work`) are timed by
     ``planner.efficiency.work_time_s`` at ``microbatch_size`` (the profile's reference microbatch);
     otherwise FLOPs / the kind's achievable FLOP/s, per sample (T = 1 then gives the profile this module
-    always gave). TP collective time is not in ``forward_s``/``backward_s``: the interpreters add it.
+    always gave); the head's forward then also carries the fitted per-microbatch ``loss_overhead_s``.
+    TP collective time is not in ``forward_s``/``backward_s``: the interpreters add it. A
+    ``block_timing`` (a calibration's per-shape table entry for this block shape, :func:`block_key`) gives
+    the blocks' forward and backward seconds instead of the smooth model (attention's share scaled with it).
     """
     k = device_kind(kind)
     t = tensor_parallel
@@ -407,12 +420,20 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     bf, bb = times(_block_flops(c) / t, bwork)
     attn_flops = 4.0 * s * s * h / t
     attn_s = mb * _seconds(attn_flops, k) if efficiency is None else work_time_s(awork, k, efficiency, layer=False)
+    if block_timing is not None:
+        if block_timing.key != block_key(c, t, mb, sequence_parallel):
+            raise ModelSpecError(f"block timing for shape {block_timing.key} given to a block of shape "
+                                 f"{block_key(c, t, mb, sequence_parallel)}")
+        attn_s *= block_timing.forward_s / bf
+        bf, bb = block_timing.forward_s, block_timing.backward_s
     for i in range(c.layers):
         layers.append(Layer(f"block{i}", bf, bb, boundary, saved, bp, tp_allreduce_bytes=tp_bytes,
                             tp_forward_allreduces=2 * ar, tp_backward_allreduces=2 * ar,
                             attention_saved_bytes=_attention_saved_bytes(c, t), attention_forward_s=attn_s))
     hf = _head_flops(c, vp) / t
     hfw, hbw = times(hf, head_work(c, mb, t, sequence_parallel, vocab_multiple))
+    if efficiency is not None:  # the loss's fixed per-microbatch work (planner.efficiency)
+        hfw += efficiency.loss_overhead_s
     layers.append(Layer("ln_f+head", hfw, hbw, 4.0, 4.0 * s * h * rep + 4.0 * s * vp / t,
                         BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), tp_allreduce_bytes=tp_bytes,
                         tp_backward_allreduces=ar, recomputable=False))
@@ -579,7 +600,8 @@ def load_model(spec: str, device_kind_name: str | None = None, *, calibration: D
     a multiple of 128·T, as Megatron pads it). With a device ``calibration``
     (``planner.efficiency.load_device_calibration``: what every ``--device-calibration FILE`` reads) it
     is timed by the fitted efficiency model on the calibration's device kind at ``microbatch_size``
-    (its reference microbatch; the model is not linear in it) instead of at a fixed fraction of peak.
+    (its reference microbatch; the model is not linear in it) instead of at a fixed fraction of peak;
+    where the calibration's per-shape table lists the block's shape, its block times are the table's.
     CNNs and measured profiles ignore the calibration.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -599,11 +621,13 @@ def load_model(spec: str, device_kind_name: str | None = None, *, calibration: D
             kind = calibration.kind.name
         kind = kind or DEFAULT_DEVICE_KIND
         multiple = MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
+        mb = microbatch_size if calibration is not None else 1
+        timing = (calibration.block_timing(block_key(cfg, tensor_parallel, mb, sequence_parallel))
+                  if calibration is not None else None)
         return transformer_profile(cfg, kind, name=f"{name}@{device_kind(kind).name}", tensor_parallel=tensor_parallel,
-                                   sequence_parallel=sequence_parallel,
-                                   microbatch_size=microbatch_size if calibration is not None else 1,
+                                   sequence_parallel=sequence_parallel, microbatch_size=mb,
                                    efficiency=calibration.params if calibration is not None else None,
-                                   vocab_multiple=multiple)
+                                   vocab_multiple=multiple, block_timing=timing)
     low = text.lower()
     measured = _pipedream(low, kind) if re.fullmatch(r"[a-z0-9_]+", low) else None
     if measured is not None:

@@ -37,7 +37,8 @@ def check(program: Program) -> None:
 
     Laws (every program): one F and one B, or one BI and one BW, per (stage, microbatch) on a
     worker holding the stage; dependency order and data flow; every send matched; the weight
-    versions a backward reads (its forward's); update points after what they cover; no deadlock.
+    versions a backward reads (its forward's); every stage steps (each update point a worker owes — a
+    batch, or PipeDream's round — has one STEP, after what it covers); no deadlock.
     Conventions (only what ``program.spec.traits`` declares): B only or BI/BW only, microbatch
     order per stage, in-flight bounds, the weight-gradient cap. A program of the ``custom``
     family (an imported one) declares none; :func:`measured_bounds` reports what it does.
@@ -56,8 +57,8 @@ def check(program: Program) -> None:
     _check_structure(program)
     _check_local_order_and_dataflow(program)
     _check_matching(program)
-    _check_versions(program)
     _check_update_points(program)
+    _check_versions(program)
     _check_inflight(program)
     _run(program, UnitCosts(), None)  # no deadlock
 
@@ -273,32 +274,69 @@ def _check_versions(p: Program) -> None:
 
 
 def _check_update_points(p: Program) -> None:
-    """An ALLREDUCE / STEP of round k comes after every backward it covers; a replicated STEP after its ALLREDUCE."""
-    per_backward = not p.spec.traits.batched
-    N = p.spec.total_microbatches
+    """The law *every stage steps*: each update point a worker owes has exactly one STEP, after what it covers.
+
+    A worker holding stage s owes it an update point (a round) for every gradient it computes or reduces:
+    a batched family (flush families and 2BW, ``Family.batched``) round b for each batch b in which it
+    runs a weight gradient (B or BW) of s; PipeDream's stream round k for its backward of minibatch
+    k·R + r (replica r of R, one step per backward); and, in both, every round it all-reduces (a replica
+    whose minibatches ran out joins the last rounds and still steps, or its weights leave its replicas').
+    Each owed round's STEP comes after every backward of that round on the worker and, on a replicated
+    stage, after the round's ALLREDUCE; a missing STEP would leave the stage's weights without that
+    update, a duplicate or a STEP no round owes would update them twice or with no gradient.
+    """
     for w in p.workers:
+        owed: dict[tuple[int, int], int] = {}  # (stage, round) -> index of the last action that owes it
+        for idx, a in enumerate(p[w]):
+            if a.kind in (Kind.B, Kind.BW):
+                owed[(a.stage, _round_of(p, a))] = idx
+            elif a.kind is Kind.ALLREDUCE:
+                owed[(a.stage, a.mb)] = idx
         done: set[tuple[int, int]] = set()
         reduced: set[tuple[int, int]] = set()
+        stepped: dict[tuple[int, int], int] = {}
         for idx, a in enumerate(p[w]):
             if a.kind in (Kind.B, Kind.BW):
                 done.add((a.stage, a.mb))
             if a.kind not in (Kind.ALLREDUCE, Kind.STEP):
                 continue
             s, k = a.stage, a.mb
-            reps = p.stage_workers[s]
-            if per_backward:
-                i = k * len(reps) + reps.index(w)
-                need = [i] if i < N else []
-            else:
-                lo = k * p.spec.microbatches
-                need = [i for i in range(lo, min(lo + p.spec.microbatches, N)) if p.worker_of(s, i) == w]
-            for i in need:
+            for i in _round_microbatches(p, s, k, w):
                 if (s, i) not in done:
                     raise ProgramError(f"{a.kind.value} of round {k} before the backward of microbatch {i} it covers", p, w, idx)
             if a.kind is Kind.ALLREDUCE:
                 reduced.add((s, k))
-            elif len(reps) > 1 and (s, k) not in reduced:
+                continue
+            if (s, k) not in owed:
+                raise ProgramError(f"stage {s} steps for round {k} on w{w}, which computes and reduces no gradient "
+                                   f"of that round: the step would update it with no gradient; remove it", p, w, idx)
+            if len(p.stage_workers[s]) > 1 and (s, k) not in reduced:
                 raise ProgramError(f"step of a replicated stage before its all-reduce {s}ALLREDUCE{k}", p, w, idx)
+            if (s, k) in stepped:
+                raise ProgramError(f"stage {s} steps twice for round {k} on w{w} (first at w{w}[{stepped[(s, k)]}]); "
+                                   f"one step per update point", p, w, idx)
+            stepped[(s, k)] = idx
+        for (s, k), idx in sorted(owed.items(), key=lambda item: item[1]):
+            if (s, k) not in stepped:
+                what = f"batch {k} on w{w}" if p.spec.traits.batched else f"round {k} on w{w} (a stream steps after every backward)"
+                raise ProgramError(f"stage {s} never steps for {what}: its weights would miss that update; "
+                                   f"add {Action(s, Kind.STEP, k, version=k + 1)} after this action", p, w, idx)
+
+
+def _round_of(p: Program, a: Action) -> int:
+    """The update point a weight-gradient action belongs to: its batch, or PipeDream's round (minibatch k·R + r: k)."""
+    return p.spec.batch_of(a.mb) if p.spec.traits.batched else a.mb // len(p.stage_workers[a.stage])
+
+
+def _round_microbatches(p: Program, stage: int, k: int, w: int) -> list[int]:
+    """The microbatches of ``stage`` whose weight gradients update point ``k`` on worker ``w`` covers."""
+    reps = p.stage_workers[stage]
+    N = p.spec.total_microbatches
+    if not p.spec.traits.batched:
+        i = k * len(reps) + reps.index(w)
+        return [i] if i < N else []
+    lo = k * p.spec.microbatches
+    return [i for i in range(lo, min(lo + p.spec.microbatches, N)) if p.worker_of(stage, i) == w]
 
 
 def inflight_bound(p: Program, stage: int) -> int:
@@ -371,6 +409,44 @@ def measured_bounds(p: Program) -> dict:
     backward = "mixed" if Kind.B in kinds and Kind.BI in kinds else "split" if Kind.BI in kinds else "full"
     return {"inflight": dict(sorted(peak_stage.items())), "awaiting_weight_grad": open_peak,
             "in_microbatch_order": ordered, "backward": backward}
+
+
+def declared_family_differs(program: Program) -> str | None:
+    """Where a program departs from what its declared family's generator writes for its spec; None when it
+    is that program (compute order and placement) or declares ``custom``. Reported, never asserted.
+
+    ``check`` holds a declared family's conventions only as bounds (in-flight, weight-gradient cap, order of
+    microbatches), so an order that keeps a looser family's bounds passes under its name: a 1F1B file
+    declared ``gpipe``, ZB-H1 declared ``zb-h2``, interleaved declared ``looped-bfs``. Such a file runs as
+    written in both interpreters, but the cost model and the planner price the declared family's bubble and
+    memory; the line this returns says so, and where the first difference is.
+    """
+    from planner.program import ScheduleError
+    from planner.schedules import generate
+
+    fam = program.spec.traits
+    if not fam.generated:
+        return None
+    ours = program.tp_slice(0) if program.tensor_parallel > 1 else program
+    name = {w: i for i, w in enumerate(sorted(ours.workers))}  # TP rank 0's workers, renamed 0..n−1
+    title = f"declared {program.spec.family}, but"
+    tail = (f"the cost model prices {fam.title}'s bubble and memory while the simulator and executor run the order "
+            f"as written; declare it \"custom\" if the order is your own")
+    try:
+        want = generate(program.spec, check_program=False)
+    except ScheduleError as e:
+        return f"{title} {fam.title} generates no program for its spec ({e.args[0]}); {tail}"
+    if tuple(tuple(name.get(w, -1) for w in ws) for ws in ours.stage_workers) != want.stage_workers:
+        return f"{title} its stages sit on other workers than {fam.title} places them ({list(want.stage_workers)}); {tail}"
+    for w in sorted(ours.workers):
+        mine = [(i, a) for i, a in enumerate(ours[w]) if a.is_compute]
+        theirs = [a for a in want[name[w]] if a.is_compute]
+        for (i, a), b in zip(mine, theirs):
+            if (a.kind, a.stage, a.mb) != (b.kind, b.stage, b.mb):
+                return f"{title} its order is not {fam.title}'s: w{w}[{i}] runs {a} where {fam.title} runs {b}; {tail}"
+        if len(mine) != len(theirs):
+            return f"{title} w{w} runs {len(mine)} compute actions where {fam.title} runs {len(theirs)}; {tail}"
+    return None
 
 
 def _check_inflight(p: Program) -> None:

@@ -4,7 +4,7 @@ A fixed fraction of peak makes small models look too fast: a GEMM whose sides ar
 few hundred wide, a softmax over ``b·a·s²`` scores, a layer norm — each is limited by
 memory bandwidth or by the cost of launching it, not by the tensor cores. This module
 times a layer's **work** (:class:`Work`: its GEMMs with their shapes, the bytes its
-memory-bound kernels move, how many kernels it launches) on a device with six
+memory-bound kernels move, how many kernels it launches) on a device with seven
 physically meaningful parameters (:class:`EfficiencyParams`):
 
 * ``gemm_efficiency`` — the fraction of the device's dense bf16/fp16 peak a large GEMM
@@ -14,7 +14,11 @@ physically meaningful parameters (:class:`EfficiencyParams`):
 * ``layer_overhead_s`` — framework time per layer per forward or backward (hooks, Python);
 * ``iteration_overhead_s`` — fixed time per training iteration (data loading, timers, logging);
 * ``overlap_exponent`` — how completely the host's launch work hides behind the device's
-  (launches are asynchronous: a layer whose kernels are short is host-bound).
+  (launches are asynchronous: a layer whose kernels are short is host-bound);
+* ``loss_overhead_s`` — fixed time per microbatch at the loss, on the last pipeline stage
+  (Megatron's per-microbatch loss work beyond its kernels: the vocabulary-parallel cross
+  entropy's reductions, averaging the loss over the data-parallel group, the host waiting on
+  them); ``planner.analytic`` adds it to the output head's forward.
 
 The device side: a GEMM of F FLOPs moving B bytes (bf16 operands and result) takes
 ``√(t_c² + t_m²)`` with ``t_c = F / (peak · gemm_efficiency)`` and
@@ -30,6 +34,16 @@ whatever prediction the caller builds from them (pipetwin's ground truth fits on
 calibration subset of measured iterations); a :class:`DeviceCalibration` holds the result
 with what it was fitted on and by which rule, and is saved as JSON that commands take as
 ``--device-calibration FILE`` (:func:`load_device_calibration`).
+
+**Per-shape block times** (:class:`BlockTiming`): a calibration may also hold a table of
+measured (or fitted) forward and backward seconds of one transformer block, keyed by its GEMM
+shape (family, hidden, heads, KV heads, FFN width, sequence, TP degree, sequence parallelism,
+microbatch) — what a profiler timing the user's own layer shapes on a GPU records. Where a
+block's shape is in the table its times replace the smooth model's; elsewhere the seven
+parameters time it. :func:`fit_shape_factors` learns the table from measured iterations: one
+scale factor per shape, each a one-dimensional least-squares fit on the rows of that shape,
+shrunk towards 1 (the smooth model) by ``prior_rows`` pseudo-rows, shapes with fewer than
+``min_rows`` rows left out.
 """
 from __future__ import annotations
 
@@ -45,7 +59,8 @@ from topologies.files import output_path
 
 __all__ = ["Gemm", "Work", "EfficiencyParams", "DeviceCalibration", "CalibrationFileError", "work_time_s",
            "optimizer_step_s", "fit", "load_device_calibration", "PARAM_BOUNDS", "DEFAULT_PARAMS",
-           "OPTIMIZER_BYTES_PER_PARAM", "BYTES_PER_ELEMENT", "GRAD_ACCUM_BYTES_PER_PARAM", "FitResult"]
+           "OPTIMIZER_BYTES_PER_PARAM", "BYTES_PER_ELEMENT", "GRAD_ACCUM_BYTES_PER_PARAM", "FitResult", "BlockTiming",
+           "BlockKey", "fit_shape_factors", "SHAPE_FACTOR_BOUNDS"]
 
 #: bf16/fp16 operands.
 BYTES_PER_ELEMENT = 2
@@ -132,6 +147,7 @@ class EfficiencyParams:
     layer_overhead_s: float = 50e-6
     iteration_overhead_s: float = 10e-3
     overlap_exponent: float = 4.0
+    loss_overhead_s: float = 0.0
 
     def as_vector(self) -> list[float]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -145,7 +161,9 @@ class EfficiencyParams:
 DEFAULT_PARAMS = EfficiencyParams()
 #: (lower, upper) bound of each parameter in a fit, in EfficiencyParams field order.
 PARAM_BOUNDS: tuple[tuple[float, float], ...] = ((0.05, 1.0), (0.05, 1.0), (0.0, 1e-4), (0.0, 5e-3), (0.0, 1.0),
-                                                 (1.0, 16.0))
+                                                 (1.0, 16.0), (0.0, 0.02))
+#: Parameters a calibration file written before they existed may lack, and the value that reproduces it.
+OPTIONAL_PARAMS = {"loss_overhead_s": 0.0}
 
 
 def work_time_s(work: Work, kind: DeviceKind, p: EfficiencyParams, layer: bool = True) -> float:
@@ -175,6 +193,51 @@ def optimizer_step_s(params_per_device: float, kind: DeviceKind, p: EfficiencyPa
     return OPTIMIZER_BYTES_PER_PARAM * params_per_device / (kind.memory_bytes_per_s * p.memory_efficiency)
 
 
+#: A transformer block's shape as the per-shape table keys it: (family, hidden, heads, kv_heads, ffn, seq,
+#: tensor_parallel, sequence_parallel, microbatch); ``planner.analytic.block_key`` builds it from a config.
+BlockKey = tuple[str, int, int, int, int, int, int, bool, int]
+_KEY_FIELDS = ("family", "hidden", "heads", "kv_heads", "ffn", "seq", "tensor_parallel", "sequence_parallel",
+               "microbatch")
+#: Bounds of a fitted per-shape scale factor (a block at a third to three times its smooth-model time).
+SHAPE_FACTOR_BOUNDS = (1.0 / 3.0, 3.0)
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """Seconds of one transformer block's forward and backward (no recomputation, no TP collectives) on one
+    TP rank for one microbatch of ``key``'s shape; ``rows``: how many measured iterations it was fitted on
+    (0: profiled directly), ``source``: where it came from."""
+
+    key: BlockKey
+    forward_s: float
+    backward_s: float
+    rows: int = 0
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        d = dict(zip(_KEY_FIELDS, self.key))
+        d.update(forward_s=self.forward_s, backward_s=self.backward_s, rows=self.rows, source=self.source)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "BlockTiming":
+        if not isinstance(d, dict):
+            raise CalibrationFileError(f"{where}: each block_timings entry must be an object with "
+                                       f"{', '.join(_KEY_FIELDS)}, forward_s, backward_s")
+        missing = [n for n in _KEY_FIELDS + ("forward_s", "backward_s") if n not in d]
+        if missing:
+            raise CalibrationFileError(f"{where}: a block_timings entry lacks {', '.join(missing)}")
+        try:
+            key = (str(d["family"]),) + tuple(int(d[n]) for n in _KEY_FIELDS[1:7]) + (
+                bool(d["sequence_parallel"]), int(d["microbatch"]))
+            f, b = float(d["forward_s"]), float(d["backward_s"])
+        except (TypeError, ValueError) as e:
+            raise CalibrationFileError(f"{where}: bad block_timings field ({e})") from None
+        if not (f > 0 and b > 0 and math.isfinite(f) and math.isfinite(b)):
+            raise CalibrationFileError(f"{where}: block_timings {key}: forward_s and backward_s must be positive seconds")
+        return cls(key, f, b, int(d.get("rows", 0)), str(d.get("source", "")))
+
+
 @dataclass(frozen=True)
 class DeviceCalibration:
     """A device kind's fitted efficiency parameters and where they came from.
@@ -188,6 +251,8 @@ class DeviceCalibration:
         rms_relative_error: root-mean-square relative error of the fit on those rows.
         gradient_bytes_per_param: bytes per parameter the data-parallel gradient all-reduce sent in the
             fitted runs (4: fp32 main gradients, 2: fp16), as the fit chose it.
+        block_timings: per-shape block times (:class:`BlockTiming`) that replace the smooth model's where a
+            block's shape is listed (empty: the smooth model everywhere; files without the table load so).
     """
 
     device_kind: str
@@ -197,13 +262,22 @@ class DeviceCalibration:
     n_rows: int = 0
     rms_relative_error: float = 0.0
     gradient_bytes_per_param: int = 4
+    block_timings: tuple[BlockTiming, ...] = ()
 
     @property
     def kind(self) -> DeviceKind:
         return device_kind(self.device_kind)
 
+    def block_timing(self, key: BlockKey) -> BlockTiming | None:
+        """The table's entry for a block of shape ``key``, or None (the smooth model times it)."""
+        for t in self.block_timings:
+            if t.key == key:
+                return t
+        return None
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["block_timings"] = [t.to_dict() for t in self.block_timings]
         d["format"] = "pipetwin-device-calibration/1"
         return d
 
@@ -216,11 +290,11 @@ class DeviceCalibration:
             raise CalibrationFileError(f"{where}: expected a JSON object with 'device_kind' and 'params' "
                                        f"(write one with `pipetwin groundtruth --save-calibration FILE`)")
         names = [f.name for f in fields(EfficiencyParams)]
-        missing = [n for n in names if n not in d["params"]]
+        missing = [n for n in names if n not in d["params"] and n not in OPTIONAL_PARAMS]
         if missing:
             raise CalibrationFileError(f"{where}: params lacks {', '.join(missing)}")
         try:
-            params = EfficiencyParams(**{n: float(d["params"][n]) for n in names})
+            params = EfficiencyParams(**{n: float(d["params"].get(n, OPTIONAL_PARAMS.get(n))) for n in names})
             kind = device_kind(str(d["device_kind"])).name
         except (TypeError, ValueError, KeyError) as e:
             raise CalibrationFileError(f"{where}: bad field ({e})") from None
@@ -231,8 +305,14 @@ class DeviceCalibration:
         grad = d.get("gradient_bytes_per_param", 4)
         if grad not in (2, 4):
             raise CalibrationFileError(f"{where}: gradient_bytes_per_param must be 2 or 4 (got {grad!r})")
+        table = d.get("block_timings", [])
+        if not isinstance(table, list):
+            raise CalibrationFileError(f"{where}: block_timings must be a list of per-shape block times")
+        timings = tuple(BlockTiming.from_dict(e, where) for e in table)
+        if len({t.key for t in timings}) != len(timings):
+            raise CalibrationFileError(f"{where}: block_timings lists a shape twice")
         return cls(kind, params, str(d.get("fitted_on", "")), str(d.get("rule", "")), int(d.get("n_rows", 0)),
-                   float(d.get("rms_relative_error", 0.0)), int(grad))
+                   float(d.get("rms_relative_error", 0.0)), int(grad), timings)
 
 
 def load_device_calibration(path: str | Path | None) -> DeviceCalibration | None:
@@ -294,3 +374,33 @@ def fit(predict: Callable[[EfficiencyParams], Sequence[float]], measured: Sequen
     z0 = np.clip((np.array([base[i] for i in free]) - lo) / width, 1e-6, 1 - 1e-6)
     res = least_squares(residual, z0, bounds=(0.0, 1.0), x_scale="jac", diff_step=1e-4, max_nfev=400)
     return FitResult(params_of(res.x), tuple(float(v) for v in res.fun), bool(res.success))
+
+
+def fit_shape_factors(groups: dict, prior_rows: float = 1.0, min_rows: int = 2) -> dict:
+    """Per shape, the block-time scale factor that best fits its rows: ``groups`` maps a shape key to
+    ``(predict, measured)``, ``predict(c)`` giving that shape's rows' times with its blocks' times scaled by
+    ``c``. Each factor minimises ``Σ (predict(c)/measured − 1)² + prior_rows · (c − 1)²`` (the shrinkage: as
+    if ``prior_rows`` more rows agreed with the smooth model) within ``SHAPE_FACTOR_BOUNDS``; a shape with
+    fewer than ``min_rows`` rows gets no factor (the smooth model stays). Shapes are independent (a row has
+    one block shape), so each is a one-dimensional fit."""
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+
+    out = {}
+    lo, hi = SHAPE_FACTOR_BOUNDS
+    for key, (predict, measured) in groups.items():
+        meas = np.asarray(measured, dtype=float)
+        if len(meas) < min_rows:
+            continue
+
+        def loss(c: float) -> float:
+            r = np.asarray(predict(c), dtype=float) / meas - 1.0
+            return float(r @ r) + prior_rows * (c - 1.0) ** 2
+
+        # the loss may have a kink where the slowest stage changes: bracket on a grid, then refine
+        grid = np.exp(np.linspace(math.log(lo), math.log(hi), 41))
+        i = int(np.argmin([loss(c) for c in grid]))
+        a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        res = minimize_scalar(loss, bounds=(a, b), method="bounded", options={"xatol": 1e-6})
+        out[key] = float(res.x)
+    return out

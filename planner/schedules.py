@@ -520,6 +520,14 @@ def _requires_2bw(spec: ScheduleSpec) -> None:
     need = max(inflight_limit(spec, s) for s in range(spec.stages))
     if spec.microbatches < need:
         raise ScheduleError(f"2BW needs microbatches per batch >= the pipeline's in-flight depth ({need}) to keep two weight versions; got {spec.microbatches}")
+    # batch b + 2 runs on the version batch b's step makes: a replica's warm-up (L − 1 forwards) reaches that far
+    # ahead, so every batch in between must give each replica at least L − 1 microbatches (⌊M / R⌋ is the fewest)
+    for s, R in enumerate(spec.replicas):
+        lim = inflight_limit(spec, s)
+        if spec.batches >= 3 and spec.microbatches // R < lim - 1:
+            raise ScheduleError(f"2BW over {spec.batches} batches: stage {s}'s {R} replicas get {spec.microbatches // R} "
+                                f"microbatches of a batch each, fewer than its in-flight depth less one ({lim - 1}), so a "
+                                f"batch would start before the step it runs on; use --microbatches {R * (lim - 1)} or more")
 
 
 #: Each family's compute order (its line in planner.program.FAMILY says what it promises).

@@ -21,7 +21,7 @@ SINGLE_HEADER = ("\ufeff# GPUs,global batch,micro batch,hidden size,attention he
                  "tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n")
 MULTI_HEADER = ("\ufeffParameters (billion),# GPUs,global batch,micro batch,hidden size,attention heads,# layers,"
                 "sequence length,tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n")
-P = EfficiencyParams(0.8, 0.8, 10e-6, 50e-6, 0.005, 4.0)
+P = EfficiencyParams(0.8, 0.8, 10e-6, 50e-6, 0.005, 4.0, 2e-3)
 
 
 def _row(gpus, gb, micro, tp, dp, pp, hidden=512, heads=8, layers=8, seq=256, source="single"):
@@ -285,3 +285,22 @@ def test_table5_closed_form_without_pipeline_is_microbatches_times_forward_and_b
     fb = 4 * (2 * b.forward_s + b.backward_s) + sum(l.forward_s + l.backward_s for l in (prof.layers[0], prof.layers[-1]))
     step = optimizer_step_s(sum(l.param_bytes for l in prof.layers[:-1]) / 4, device_kind("a100-80gb"), P)
     assert predict_published_s(r, cal) == pytest.approx(4 * fb + step + P.iteration_overhead_s, rel=1e-9)
+
+
+def test_the_loss_overhead_costs_each_microbatch_once_in_the_closed_form_and_the_simulator(tmp_path):
+    """PP = 1: the head's forward runs once per microbatch on the one stage, so d more seconds at the loss cost
+    m·d more per iteration, in both interpreters; a calibration file from before the parameter loads it as 0."""
+    import json as _json
+
+    from planner.efficiency import DeviceCalibration, load_device_calibration
+
+    r = _row(8, 32, 2, 2, 4, 1)
+    d = 1e-3
+    more = replace(P, loss_overhead_s=P.loss_overhead_s + d)
+    m = row_model(r)
+    assert m.predict_s(more) - m.predict_s(P) == pytest.approx(r.microbatches * d, rel=1e-9)
+    assert simulate_row_s(r, more) - simulate_row_s(r, P) == pytest.approx(r.microbatches * d, rel=1e-6)
+    doc = DeviceCalibration("a100-80gb", P).to_dict()
+    del doc["params"]["loss_overhead_s"]
+    (tmp_path / "old.json").write_text(_json.dumps(doc))
+    assert load_device_calibration(tmp_path / "old.json").params == replace(P, loss_overhead_s=0.0)

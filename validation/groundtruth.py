@@ -7,6 +7,12 @@ recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
 * **Model**: ``planner.analytic.transformer_profile`` per TP rank (vocabulary 50,257 padded as
   Megatron pads it, to a multiple of 128·T), timed by the fitted kernel-level efficiency model
   (``planner.efficiency``) at the row's microbatch size.
+* **Per-shape tier**: the calibration also holds a table of block times keyed by the block's GEMM shape
+  (``planner.efficiency.BlockTiming``: hidden, heads, sequence, TP degree, microbatch), fitted on the
+  calibration rows (:func:`fit_shape_table`: the smooth model's block times scaled by one factor per
+  shape, shrunk towards 1); a row whose shape is listed takes the table's block times, the others the
+  smooth model, and each row says which (``block_timing``). Adopted by the calibration rows' own
+  cross-validation (``validation.groundtruth_cv``), never by a scored row.
 * **Cluster**: ``hier:8@nvswitch:1.5e+11,N@ib:1e+11,kind=a100-80gb`` — 8 A100s per node on
   NVLink at ~150 GB/s, one 800 Gbit/s link per node. The 80 GB part: the 175B rows keep
   2.7B parameters × 16 bytes per GPU, more than a 40 GB A100 holds.
@@ -49,10 +55,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from planner.analytic import (BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_work, embedding_work, head_work,
-                              transformer_profile)
-from planner.efficiency import (DEFAULT_PARAMS, DeviceCalibration, EfficiencyParams, Work, fit, optimizer_step_s,
-                                work_time_s)
+from planner.analytic import (BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_key, block_work,
+                              embedding_work, head_work, transformer_profile)
+from planner.efficiency import (DEFAULT_PARAMS, BlockKey, BlockTiming, DeviceCalibration, EfficiencyParams, Work, fit,
+                                fit_shape_factors, optimizer_step_s, work_time_s)
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recomputed_tp_allreduces
@@ -404,9 +410,15 @@ def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind
     return StageCosts(tuple(fs), tuple(bs), links.p2p_s, links.dp_allreduce_s[gradient_bytes], tuple(steps))
 
 
-def row_profile(row: Row, params: EfficiencyParams, kind: str = VTRAIN_KIND) -> ModelProfile:
+def row_block_key(row: Row) -> BlockKey:
+    """The row's block shape as a calibration's per-shape table keys it."""
+    return block_key(row_config(row), row.tp, row.micro_batch)
+
+
+def row_profile(row: Row, params: EfficiencyParams, kind: str = VTRAIN_KIND,
+                timing: BlockTiming | None = None) -> ModelProfile:
     return transformer_profile(row_config(row), kind, tensor_parallel=row.tp, microbatch_size=row.micro_batch,
-                               efficiency=params, vocab_multiple=MEGATRON_VOCAB_MULTIPLE)
+                               efficiency=params, vocab_multiple=MEGATRON_VOCAB_MULTIPLE, block_timing=timing)
 
 
 @dataclass
@@ -428,9 +440,23 @@ class RowModel:
     def __post_init__(self) -> None:
         self._bwd = tuple(w.backward() for w in self.works)
 
-    def stage_costs(self, p: EfficiencyParams, gradient_bytes: int = 4) -> StageCosts:
+    @property
+    def key(self) -> BlockKey:
+        return row_block_key(self.row)
+
+    def smooth_block_s(self, p: EfficiencyParams) -> tuple[float, float]:
+        """A block's forward and backward seconds by the smooth model."""
+        k = device_kind(self.kind)
+        return work_time_s(self.works[1], k, p), work_time_s(self._bwd[1], k, p)
+
+    def stage_costs(self, p: EfficiencyParams, gradient_bytes: int = 4,
+                    block: tuple[float, float] | None = None) -> StageCosts:
+        """Stage costs; ``block``: a block's (forward, backward) seconds instead of the smooth model's."""
         k = device_kind(self.kind)
         (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
+        if block is not None:
+            bf, bb = block
+        hf += p.loss_overhead_s  # as planner.analytic adds it to the head's forward
         tp = self.links.tp_allreduce_s
         P = self.row.pp
         fs, bs, steps = [], [], []
@@ -452,8 +478,9 @@ class RowModel:
         return StageCosts(tuple(fs), tuple(bs), self.links.p2p_s, self.links.dp_allreduce_s[gradient_bytes],
                           tuple(steps))
 
-    def predict_s(self, p: EfficiencyParams, gradient_bytes: int = 4) -> float:
-        return one_f_one_b_s(self.stage_costs(p, gradient_bytes), self.row.microbatches) + p.iteration_overhead_s
+    def predict_s(self, p: EfficiencyParams, gradient_bytes: int = 4, block: tuple[float, float] | None = None) -> float:
+        return (one_f_one_b_s(self.stage_costs(p, gradient_bytes, block), self.row.microbatches)
+                + p.iteration_overhead_s)
 
 
 def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowModel:
@@ -512,7 +539,7 @@ def why_closed_form(row: Row) -> str:
 
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
-                   kind: str = VTRAIN_KIND, gradient_bytes: int = 4) -> float:
+                   kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None) -> float:
     """The row's iteration seconds by pipetwin's SimPy simulator: the plan (with its recomputation, which the
     simulator times by ``planner.recompute``) lowered to its program, the Adam step as the slowest stage's, plus the fitted
     per-iteration overhead. The simulator all-reduces a stage's ``param_bytes`` (4 per parameter); with
@@ -525,7 +552,7 @@ def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Top
     spec = topology_spec(row.gpus)
     topologies = {} if topologies is None else topologies
     topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
-    prof = row_profile(row, params, kind)
+    prof = row_profile(row, params, kind, timing)
     k = device_kind(kind)
     step = max(optimizer_step_s(prof.param_bytes(a, z) / BYTES_PER_PARAM, k, params) for a, z in stage_layer_ranges(row))
     prof = replace(prof, layers=tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM)
@@ -543,6 +570,7 @@ class Scored:
     method: str  # "simulated" or "closed-form"
     closed_form_ms: float
     why_closed_form: str = ""  # why the closed form replaced simulation ("" when simulated)
+    block_timing: str = "smooth"  # "shape-table": the calibration's per-shape block time; "smooth": the 7 parameters
 
     @property
     def error(self) -> float:
@@ -552,7 +580,7 @@ class Scored:
         d = self.row.config()
         d.update(measured_ms=self.row.measured_ms, predicted_ms=round(self.predicted_ms, 4), error=round(self.error, 6),
                  calibration=self.row.calibration, method=self.method, closed_form_ms=round(self.closed_form_ms, 4),
-                 why_closed_form=self.why_closed_form,
+                 why_closed_form=self.why_closed_form, block_timing=self.block_timing,
                  shape=self.row.shape, parallelism=self.row.parallelism)
         return d
 
@@ -583,6 +611,7 @@ class GroundTruth:
             "n_skipped": len(self.skipped),
             "n_simulated": len(sim),
             "n_closed_form": len(self.scored) - len(sim),
+            "n_shape_table": sum(1 for s in test if s.block_timing == "shape-table"),
             "max_sim_vs_closed_form": max((abs(s.predicted_ms / s.closed_form_ms - 1) for s in sim), default=0.0),
             "best_in_top3": hits,
             "best_groups": groups,
@@ -608,10 +637,41 @@ def best_pick(scored: list[Scored]) -> tuple[int, int]:
     return hits, n
 
 
-def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND) -> DeviceCalibration:
+#: The per-shape tier's fit (``planner.efficiency.fit_shape_factors``): a shape needs this many calibration
+#: rows, and its factor is shrunk towards the smooth model as if this many more rows agreed with it.
+SHAPE_MIN_ROWS = 2
+SHAPE_PRIOR_ROWS = 1.0
+#: Whether ``groundtruth`` fits the per-shape tier (decided by the calibration rows' cross-validation,
+#: ``validation.groundtruth_cv``; the README records the rule and its figures).
+SHAPE_TABLE = True
+
+
+def fit_shape_table(models: list[RowModel], p: EfficiencyParams, gradient_bytes: int,
+                    min_rows: int = SHAPE_MIN_ROWS, prior_rows: float = SHAPE_PRIOR_ROWS) -> tuple[BlockTiming, ...]:
+    """Per block shape of ``models`` (calibration rows), the block time that fits their measured iterations
+    best with everything else timed by ``p``: the smooth model's block times scaled by one factor per shape."""
+    groups: dict[BlockKey, list[RowModel]] = {}
+    for m in models:
+        groups.setdefault(m.key, []).append(m)
+    smooth = {key: ms[0].smooth_block_s(p) for key, ms in groups.items()}
+
+    def predictor(key: BlockKey):
+        f, b = smooth[key]
+        return lambda c: [m.predict_s(p, gradient_bytes, (c * f, c * b)) for m in groups[key]]
+
+    factors = fit_shape_factors({key: (predictor(key), [m.row.measured_ms / 1e3 for m in ms])
+                                 for key, ms in groups.items()}, prior_rows=prior_rows, min_rows=min_rows)
+    return tuple(BlockTiming(key, c * smooth[key][0], c * smooth[key][1], len(groups[key]),
+                             f"fitted on {len(groups[key])} vTrain calibration rows (factor {c:.3f} on the smooth model)")
+                 for key, c in sorted(factors.items()))
+
+
+def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND, shape_table: bool | None = None) -> DeviceCalibration:
     """Fit the efficiency parameters on the calibration rows' closed-form predictions, once per gradient
     width the DP all-reduce might send (fp32 4 bytes per parameter, Megatron's main gradients; fp16 2,
-    DeepSpeed's fp16 engine), keeping the width whose fit leaves the smaller rms error on those rows."""
+    DeepSpeed's fp16 engine), keeping the width whose fit leaves the smaller rms error on those rows.
+    With ``shape_table`` (default ``SHAPE_TABLE``) the per-shape block times are then fitted on the same
+    rows with the smooth parameters held (:func:`fit_shape_table`)."""
     cal = [m for m in models if m.row.calibration]
     if not cal:
         raise GroundTruthError("no calibration rows: the rule picked none of the given rows; give more rows")
@@ -622,9 +682,22 @@ def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND) -> DeviceCa
         if best is None or res.rms_relative_error < best[1].rms_relative_error:
             best = (g, res)
     g, res = best
+    rms = res.rms_relative_error
+    table: tuple[BlockTiming, ...] = ()
+    if SHAPE_TABLE if shape_table is None else shape_table:
+        table = fit_shape_table(cal, res.params, g)
+        cal_of = DeviceCalibration(kind, res.params, block_timings=table)
+        r = [predict_row_s(m, cal_of) / (m.row.measured_ms / 1e3) - 1.0 for m in cal]
+        rms = math.sqrt(sum(x * x for x in r) / len(r))
     return DeviceCalibration(kind, res.params, fitted_on="vTrain ground_truth_single/multi.csv calibration rows",
-                             rule=CALIBRATION_RULE, n_rows=len(cal), rms_relative_error=res.rms_relative_error,
-                             gradient_bytes_per_param=g)
+                             rule=CALIBRATION_RULE, n_rows=len(cal), rms_relative_error=rms,
+                             gradient_bytes_per_param=g, block_timings=table)
+
+
+def predict_row_s(m: RowModel, cal: DeviceCalibration) -> float:
+    """The row's closed-form seconds under ``cal``: its per-shape block time where the table lists the shape."""
+    t = cal.block_timing(m.key)
+    return m.predict_s(cal.params, cal.gradient_bytes_per_param, (t.forward_s, t.backward_s) if t else None)
 
 
 def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True) -> GroundTruth:
@@ -643,10 +716,13 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
     p, g = cal.params, cal.gradient_bytes_per_param
     out = []
     for m in models:
-        closed = m.predict_s(p, g) * 1e3
+        timing = cal.block_timing(m.key)
+        tier = "shape-table" if timing else "smooth"
+        closed = predict_row_s(m, cal) * 1e3
         why = why_closed_form(m.row) if simulate else "--no-simulate"
         if not why:
-            out.append(Scored(m.row, simulate_row_s(m.row, p, topologies, gradient_bytes=g) * 1e3, "simulated", closed))
+            sim_ms = simulate_row_s(m.row, p, topologies, gradient_bytes=g, timing=timing) * 1e3
+            out.append(Scored(m.row, sim_ms, "simulated", closed, block_timing=tier))
         else:
-            out.append(Scored(m.row, closed, "closed-form", closed, why))
+            out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier))
     return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)

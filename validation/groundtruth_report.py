@@ -130,8 +130,10 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict]
         f"(rms relative error {_pct(g.calibration.rms_relative_error)}): GEMM efficiency {p.gemm_efficiency:.3f} of peak, "
         f"memory efficiency {p.memory_efficiency:.3f} of HBM bandwidth, {p.kernel_launch_s * 1e6:.1f} us per kernel launch, "
         f"{p.layer_overhead_s * 1e6:.1f} us per layer, {p.iteration_overhead_s * 1e3:.2f} ms per iteration, "
-        f"overlap exponent {p.overlap_exponent:.2f}; the DP all-reduce sends "
-        f"{g.calibration.gradient_bytes_per_param} bytes per parameter (the fit's choice of fp32 4 / fp16 2).",
+        f"overlap exponent {p.overlap_exponent:.2f}, {p.loss_overhead_s * 1e3:.2f} ms per microbatch at the loss; the DP all-reduce sends "
+        f"{g.calibration.gradient_bytes_per_param} bytes per parameter (the fit's choice of fp32 4 / fp16 2). "
+        f"Per-shape block times: {len(g.calibration.block_timings)} shapes in the calibration's table, used for "
+        f"{s['n_shape_table']} of {s['n_scored']} scored rows (the smooth model for the others; `block_timing` per row).",
         "",
         f"Prediction method: {s['n_simulated']} rows simulated (SimPy; TP ranks and replicas folded, one worker per "
         f"stage), {s['n_closed_form']} by the 1F1B closed form (each row's `why_closed_form` says why: its simulation "

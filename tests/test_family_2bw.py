@@ -1,0 +1,42 @@
+"""2BW over several batches with replicated stages: every spec the generator accepts is a program check accepts,
+and every one it refuses is one whose unchecked order check refuses (batch b + 2 would start before batch b's step).
+
+Exhaustive over small pipelines (P ≤ 3, 1–3 replicas per stage, M ≤ 7, 1–4 batches): check, not a formula,
+is the oracle both ways, so the generator's rule is neither too loose nor too strict.
+"""
+from __future__ import annotations
+
+import itertools
+
+from planner.check import ProgramError, check
+from planner.program import ScheduleError, make_spec
+from planner.schedules import ORDERS, REQUIRES, lower, stage_workers, validate_spec
+
+
+def test_2bw_accepts_exactly_the_specs_whose_program_keeps_the_laws():
+    accepted = refused = 0
+    for P in (1, 2, 3):
+        for reps in itertools.product((1, 2, 3), repeat=P):
+            for M in range(1, 8):
+                for B in (1, 2, 3, 4):
+                    spec = make_spec("2bw", P, M, reps, batches=B)
+                    try:
+                        validate_spec(spec)
+                    except ScheduleError:
+                        continue
+                    try:
+                        REQUIRES["2bw"](spec)
+                        ok = True
+                    except ScheduleError:
+                        ok = False
+                    prog = lower(spec, stage_workers(spec), ORDERS["2bw"](spec), check_program=False)
+                    try:
+                        check(prog)
+                        keeps = True
+                    except ProgramError:
+                        keeps = False
+                    if M >= max(-(-sum(reps[s:]) // reps[s]) for s in range(P)):  # the in-flight rule, unchanged
+                        assert ok == keeps, (spec, ok, keeps)
+                    accepted += ok
+                    refused += not ok
+    assert accepted > 500 and refused > 100

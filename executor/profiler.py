@@ -32,7 +32,7 @@ from executor.models import build_layers, loss_fn, make_batch, parse_spec
 from executor.timing import Clock
 from planner.profile import Layer, ModelProfile
 
-__all__ = ["profile_model", "saved_tensor_bytes", "layer_param_bytes", "single_thread"]
+__all__ = ["profile_model", "profile_block", "DTYPES", "saved_tensor_bytes", "layer_param_bytes", "single_thread"]
 
 
 @contextmanager
@@ -66,18 +66,23 @@ def _grad_like(out) -> Tensor:
     return torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
 
 
+def _check_run(who: str, repeats: int, warmup: int, device: str) -> None:
+    """ValueError unless ``repeats >= 1``, ``warmup >= 0`` and ``device`` is cpu or a cuda torch can use."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"{who} needs repeats >= 1 and warmup >= 0")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+
+
 def profile_model(spec: str, microbatch_size: int = 1, repeats: int = 5, warmup: int = 2, seed: int = 0,
                   name: str | None = None, device: str = "cpu") -> ModelProfile:
     """Measure every chain layer of ``spec`` (see the module docstring) into a ModelProfile.
 
     ``device``: "cpu" (one thread) or "cuda" (the current GPU; times from CUDA events).
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError("profile_model needs repeats >= 1 and warmup >= 0")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+    _check_run("profile_model", repeats, warmup, device)
     dev = torch.device(device)
     clock = Clock(dev)
     ms = parse_spec(spec)
@@ -149,3 +154,68 @@ def _layer_name(layer: nn.Module) -> str:
     if isinstance(layer, nn.Sequential):
         return "+".join(type(m).__name__ for m in layer)
     return type(layer).__name__
+
+
+#: ``--dtype`` names -> torch dtypes for :func:`profile_block`.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def profile_block(hidden: int, heads: int, seq: int, microbatch_size: int = 1, tensor_parallel: int = 1,
+                  sequence_parallel: bool = False, *, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
+                  warmup: int = 2, seed: int = 0) -> tuple[float, float]:
+    """(forward, backward) seconds of one zoo ``gpt`` transformer block (:class:`executor.models.GPTBlock`) on one
+    tensor-parallel rank, for one microbatch: the median over ``repeats`` runs after ``warmup`` runs.
+
+    The block is the executor's: built whole from ``seed``, then, for ``tensor_parallel`` T > 1, sliced to TP
+    rank 0's shard by :func:`executor.tensor_parallel.parallelize` (its heads, its 4h/T MLP columns; under
+    ``sequence_parallel`` its input is 1/T of the sequence) with the TP collectives left out
+    (``TPContext.compute_only``): the interpreters add them on the links, so the times are the rank's compute,
+    as a device calibration's ``block_timings`` entries are. No recomputation inside the timed passes: the
+    forward is the one a recomputing backward reruns, and the backward is autograd's gradient of the block's
+    output with respect to its parameters and its input (the block sits inside a pipeline stage). On the CPU
+    one thread and ``perf_counter``; on a GPU CUDA events around the kernels, read after a synchronize.
+    """
+    from executor.models import GPTBlock
+    from executor.tensor_parallel import TPContext, parallelize
+
+    _check_run("profile_block", repeats, warmup, device)
+    t = tensor_parallel
+    if heads % t or (sequence_parallel and seq % t):
+        raise ValueError(f"tensor parallelism {t} must divide heads={heads}"
+                         + (f" and seq={seq} (sequence parallelism)" if sequence_parallel else ""))
+    dev = torch.device(device)
+    clock = Clock(dev)
+    with single_thread():
+        torch.manual_seed(seed)
+        block = GPTBlock(hidden, heads)
+        if t > 1:
+            block = parallelize([block], TPContext(None, 0, t, sequence=sequence_parallel, compute_only=True))[0]
+        block.to(device=dev, dtype=DTYPES[dtype])
+        tokens = seq // t if sequence_parallel else seq
+        g = torch.Generator().manual_seed(seed + 1)
+        x0 = torch.randn(microbatch_size, tokens, hidden, generator=g).to(device=dev, dtype=DTYPES[dtype])
+        grad = torch.randn(x0.shape, generator=g).to(device=dev, dtype=DTYPES[dtype])
+        marks = []
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            for r in range(warmup + repeats):
+                x = x0.detach().requires_grad_(True)
+                for p in block.parameters():
+                    p.grad = None
+                t0 = clock.mark()
+                out = block(x)
+                t1 = clock.mark()
+                torch.autograd.backward(out, grad)
+                t2 = clock.mark()
+                if r >= warmup:
+                    marks.append((t0, t1, t2))
+                del out, x
+            if clock.cuda:
+                torch.cuda.synchronize(dev)
+        finally:
+            if gc_was:
+                gc.enable()
+    fwd = statistics.median(clock.seconds(a, b) for a, b, _ in marks)
+    bwd = statistics.median(clock.seconds(b, c) for _, b, c in marks)
+    return fwd, bwd

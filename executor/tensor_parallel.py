@@ -70,6 +70,10 @@ class TPContext:
         staged: collectives go through host copies (gloo on a GPU).
         skip: "forward" / "backward" skips that direction's reductions (fault injection; "" normally).
         sequence: sequence parallelism (see the module docstring).
+        compute_only: no collectives at all (``group`` unused): a reduction returns the rank's own partial,
+            a gather repeats the rank's part ``size`` times, a reduce-scatter keeps the rank's part, so the
+            shapes and the rank's compute are a real TP rank's while nothing is communicated (the block
+            profiler times a TP-sliced block's compute on its own so; the interpreters add the collectives).
     """
 
     group: object
@@ -78,6 +82,7 @@ class TPContext:
     staged: bool = False
     skip: str = ""
     sequence: bool = False
+    compute_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ class ShardSpec:
 
 
 def _all_reduce(t: Tensor, tp: TPContext) -> Tensor:
-    all_reduce(t, tp.group, tp.staged)
+    if not tp.compute_only:
+        all_reduce(t, tp.group, tp.staged)
     return t
 
 
@@ -125,7 +131,15 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 def _gather(x: Tensor, tp: TPContext) -> Tensor:
+    if tp.compute_only:
+        return torch.cat([x.detach()] * tp.size, dim=1)
     return all_gather_dim(x, 1, tp.group, tp.size, tp.staged)
+
+
+def _reduce_scatter(x: Tensor, tp: TPContext) -> Tensor:
+    if tp.compute_only:
+        return _own(x, tp)
+    return reduce_scatter_dim(x, 1, tp.group, tp.size, tp.rank, tp.staged)
 
 
 def _own(x: Tensor, tp: TPContext) -> Tensor:
@@ -158,7 +172,7 @@ class _GatherSeq(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         tp = ctx.tp
         if ctx.partial and tp.skip != "backward":
-            return reduce_scatter_dim(g, 1, tp.group, tp.size, tp.rank, tp.staged), None, None
+            return _reduce_scatter(g, tp), None, None
         return _own(g, tp), None, None
 
 
@@ -170,7 +184,7 @@ class _ReduceScatterSeq(torch.autograd.Function):
         ctx.tp = tp
         if tp.skip == "forward":
             return _own(x, tp)
-        return reduce_scatter_dim(x, 1, tp.group, tp.size, tp.rank, tp.staged)
+        return _reduce_scatter(x, tp)
 
     @staticmethod
     def backward(ctx, g: Tensor):

@@ -1,26 +1,55 @@
-"""`pipetwin profile`: measure a model's layers (times, activation, saved and parameter bytes) into a profile."""
+"""`pipetwin profile`: measure a model's layers (times, activation, saved and parameter bytes) into a profile, or
+(``--blocks``) time transformer blocks per shape into a device calibration's ``block_timings`` table."""
 from __future__ import annotations
 
 import json
 import sys
 
+from pipetwin.args import add_device_calibration_flag, counts
+
 
 def register(sub) -> None:
-    p = sub.add_parser("profile", help="measure a model's per-layer costs into a profile JSON",
-                       description="Measure each chain layer of a model on this CPU (one thread): forward and "
-                                   "backward seconds (median after warm-up), output activation bytes, bytes saved "
-                                   "for backward and parameter bytes, per sample.")
-    p.add_argument("--model", required=True,
+    p = sub.add_parser("profile", help="measure a model's per-layer costs into a profile JSON, or time "
+                                       "transformer blocks per shape into a device calibration",
+                       description="--model: measure each chain layer of a model on this CPU (one thread) or GPU: "
+                                   "forward and backward seconds (median after warm-up), output activation bytes, "
+                                   "bytes saved for backward and parameter bytes, per sample. --blocks: time one "
+                                   "transformer block of each model (the executor's gpt block, sliced to one TP "
+                                   "rank, TP collectives left out) per TP degree and microbatch size, and write the "
+                                   "times into a device calibration's block_timings table (-o), which every "
+                                   "--device-calibration command then uses for those block shapes.")
+    p.add_argument("--model",
                    help="model spec: mlp:layers=8,width=512 | gpt:layers=4,hidden=256,heads=4,seq=128,vocab=512 | "
                         "cnn:blocks=4,channels=32,size=32,classes=10 | uniform:layers=8,fwd=1e-3,bwd=2e-3,act=B,"
                         "params=B | package.module:function | path/file.py:function")
-    p.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch (default 1)")
+    p.add_argument("--blocks", action="append", metavar="MODEL",
+                   help="time one block of this transformer into a device calibration (-o): a preset "
+                        "(gpt3-1.3b; several: gpt3-350m,gpt3-1.3b) or gpt:layers=L,hidden=H,heads=A,seq=S,vocab=V; "
+                        "repeat the flag for several specs")
+    p.add_argument("--microbatch-size", type=counts, default=(1,),
+                   help="samples per microbatch (default 1); with --blocks a list, e.g. 1,2,4")
+    p.add_argument("--tp", type=counts, default=(1,), metavar="T",
+                   help="--blocks: tensor-parallel degrees to time the block at (one TP rank's shard), e.g. 1,2 "
+                        "(default 1)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="--blocks: the blocks run sequence-parallel (each TP rank holds 1/T of the sequence)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="--blocks: weights and activations (default float32 on cpu, bfloat16 on cuda)")
+    add_device_calibration_flag(p)
+    p.add_argument("--new-table", action="store_true",
+                   help="--blocks: drop the input calibration's block_timings (e.g. the ones groundtruth fitted on "
+                        "vTrain's rows) and keep only the blocks measured now; its smooth parameters stay")
+    p.add_argument("--device-kind", metavar="KIND",
+                   help="--blocks: the device kind the blocks are timed as (default cpu on --device cpu, else "
+                        "guessed from the GPU's name); it must be the --device-calibration's kind, and without one "
+                        "it is the new calibration's (default smooth parameters)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per layer; the median is kept (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per layer first (default 2)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="measure on the CPU (one thread, wall clock) or the GPU (CUDA events); default cpu")
-    p.add_argument("-o", "--output", metavar="JSON", help="write the profile (ModelProfile JSON) here")
+    p.add_argument("-o", "--output", metavar="JSON", help="write the profile (ModelProfile JSON) here; with --blocks "
+                                                          "the device calibration (the input's, block times merged)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -37,16 +66,24 @@ def human_bytes(n: float) -> str:
 def run(args) -> int:
     from executor.models import ModelSpecError
     from executor.profiler import profile_model
+    from pipetwin.errors import UserError
 
-    if args.microbatch_size < 1:
-        raise ModelSpecError("--microbatch-size must be >= 1")
+    if (args.model is None) == (args.blocks is None):
+        raise UserError("give --model SPEC (a per-layer profile) or --blocks MODEL (block times into a device "
+                        "calibration), one of the two")
     if args.repeats < 1 or args.warmup < 0:
         raise ModelSpecError("--repeats must be >= 1 and --warmup >= 0")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ModelSpecError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+    if args.blocks is not None:
+        return run_blocks(args)
+    block_flags = [f for f, v in (("--tp", args.tp != (1,)), ("--sequence-parallel", args.sequence_parallel),
+                                  ("--dtype", args.dtype), ("--device-calibration", args.device_calibration),
+                                  ("--device-kind", args.device_kind), ("--new-table", args.new_table)) if v]
+    if block_flags:
+        raise UserError(f"{', '.join(block_flags)} go with --blocks, not --model")
+    if len(args.microbatch_size) != 1:
+        raise UserError("--model profiles at one --microbatch-size; give a single number")
+    args.microbatch_size = args.microbatch_size[0]
+    _check_device(args.device)
     profile = profile_model(args.model, microbatch_size=args.microbatch_size, repeats=args.repeats,
                             warmup=args.warmup, seed=args.seed, device=args.device)
     if args.output:
@@ -76,4 +113,117 @@ def run(args) -> int:
     console.print(table)
     if args.output:
         console.print(f"wrote {args.output}")
+    return 0
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        from pipetwin.errors import UserError
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
+
+
+def _gpu_kind() -> str:
+    """The device kind of the current GPU by its name (gpu-generic when no kind matches)."""
+    import torch
+
+    name = torch.cuda.get_device_name().lower()
+    mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    for tag, kind in (("h200", "h200"), ("h100", "h100"), ("v100", "v100" if mem > 20e9 else "v100-16gb"),
+                      ("a100", "a100-80gb" if mem > 50e9 else "a100-40gb")):
+        if tag in name:
+            return kind
+    return "gpu-generic"
+
+
+def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int, ...], sequence_parallel: bool):
+    """Every (spec, TransformerConfig, TP, microbatch) ``--blocks`` asks for, checked before anything is timed:
+    a model the executor's gpt block builds (GPT/BERT: multi-head attention, a 4·hidden GELU MLP) that each TP
+    degree divides."""
+    from planner.analytic import transformer_config
+    from pipetwin.errors import UserError
+
+    names = []
+    for text in specs:
+        names += [t.strip() for t in text.split(",")] if ":" not in text else [text.strip()]
+    if sequence_parallel and min(tps) < 2:
+        raise UserError("--sequence-parallel splits the sequence over the TP ranks; give --tp 2 or more only")
+    out = []
+    for name in names:
+        for t in tps:
+            cfg = transformer_config(name, t)
+            if cfg is None:
+                raise UserError(f"--blocks {name!r} is not a transformer; give a preset like gpt3-1.3b or "
+                                f"gpt:layers=L,hidden=H,heads=A,seq=S,vocab=V")
+            if cfg.family == "llama" or (cfg.kv_heads or cfg.heads) != cfg.heads or cfg.ffn_size != 4 * cfg.hidden:
+                raise UserError(f"--blocks {name!r}: the executor builds GPT blocks only (multi-head attention, a "
+                                f"4·hidden GELU MLP), not {cfg.family} with kv_heads={cfg.kv_heads or cfg.heads}, "
+                                f"ffn={cfg.ffn_size}; give a gpt/bert shape")
+            if sequence_parallel and cfg.seq % t:
+                raise UserError(f"--blocks {name!r}: sequence parallelism over --tp {t} needs it to divide "
+                                f"seq={cfg.seq}; pick a divisor")
+            out += [(name, cfg, t, mb) for mb in microbatches]
+    return out
+
+
+def run_blocks(args) -> int:
+    """``profile --blocks``: time each block shape, merge the times into the device calibration, write it."""
+    from dataclasses import replace
+
+    from executor.profiler import profile_block
+    from planner.analytic import block_key
+    from planner.efficiency import DEFAULT_PARAMS, BlockTiming, DeviceCalibration
+    from pipetwin.errors import UserError
+    from topologies.devices import device_kind
+
+    if not args.output:
+        raise UserError("--blocks writes a device calibration: give -o FILE (it may be the --device-calibration file)")
+    shapes = block_shapes(args.blocks, args.tp, args.microbatch_size, args.sequence_parallel)
+    _check_device(args.device)
+    cal = args.device_calibration
+    kind = device_kind(args.device_kind).name if args.device_kind else ("cpu" if args.device == "cpu" else _gpu_kind())
+    if cal is None:
+        cal = DeviceCalibration(kind, DEFAULT_PARAMS, rule="default smooth parameters; block times from pipetwin profile --blocks")
+    elif kind != cal.kind.name:
+        raise UserError(f"the blocks are timed on {kind} but the device calibration is for {cal.kind.name} (its smooth "
+                        f"parameters time the other shapes); give a calibration of {kind}, none (default smooth "
+                        f"parameters), or --device-kind {cal.kind.name} to mix them on purpose")
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    import torch
+
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu, 1 thread"
+    source = f"pipetwin profile --blocks ({where}, {dtype}, median of {args.repeats})"
+    measured = {}
+    for name, cfg, t, mb in shapes:
+        key = block_key(cfg, t, mb, args.sequence_parallel)
+        if key in measured:
+            continue
+        f, b = profile_block(cfg.hidden, cfg.heads, cfg.seq, mb, t, args.sequence_parallel, dtype=dtype,
+                             device=args.device, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+        measured[key] = (name, BlockTiming(key, f, b, 0, source))
+    kept = tuple(e for e in cal.block_timings if e.key not in measured and not args.new_table)
+    cal = replace(cal, block_timings=kept + tuple(e for _, e in measured.values()))
+    cal.save(args.output)
+    if args.json:
+        json.dump([e.to_dict() for _, e in measured.values()], sys.stdout, indent=1)
+        print()
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"block times into {args.output} ({cal.kind.name})",
+                  caption=f"one block on one TP rank, one microbatch, TP collectives left out; {source}")
+    for col in ("model", "hidden", "heads", "seq", "TP", "microbatch", "fwd ms", "bwd ms"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, e in measured.values():
+        _, h, a, _, _, s, t, sp, mb = e.key
+        table.add_row(name, str(h), str(a), str(s), f"{t}{' SP' if sp else ''}", str(mb), f"{e.forward_s * 1e3:.3f}",
+                      f"{e.backward_s * 1e3:.3f}")
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {args.output}: {len(measured)} shapes measured, {len(kept)} kept from before, smooth "
+                  f"parameters {'from the input' if args.device_calibration else 'the defaults'}")
     return 0

@@ -86,7 +86,7 @@ __all__ = [
     "transformer_profile", "transformer_param_count", "transformer_flops_per_token", "block_saved_bytes",
     "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
     "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
-    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "block_key",
+    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "block_key", "transformer_config",
 ]
 
 #: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
@@ -586,6 +586,16 @@ def _transformer(spec: str) -> TransformerConfig | None:
             raise ModelSpecError(f"{name}: missing {', '.join(missing)}; write {name}:layers=L,hidden=H,heads=A,seq=S,vocab=V")
         return TransformerConfig(family=name, **kw)
     return None
+
+
+def transformer_config(spec: str, tensor_parallel: int = 1) -> TransformerConfig | None:
+    """The transformer a model spec names (a preset like ``gpt3-1.3b``, maybe with overrides, or
+    ``gpt:layers=...``; a ``@kind`` suffix is ignored), checked to split over ``tensor_parallel`` ranks;
+    None when the spec is not an analytic transformer."""
+    cfg = _transformer(split_device_suffix(spec.strip())[0])
+    if cfg is not None:
+        _check_tp(cfg, tensor_parallel)
+    return cfg
 
 
 def load_model(spec: str, device_kind_name: str | None = None, *, calibration: DeviceCalibration | None = None,

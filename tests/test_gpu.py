@@ -183,3 +183,37 @@ def test_nccl_tensor_parallel_group_matches_the_reference():
     plan = _tp_plan(pp=1, recompute="full")
     result = run_plan(plan, dtype="float64", timeout_s=60, backend="nccl")
     _assert_weights_equal(result.weights, reference_weights(plan, dtype="float64"))
+
+
+@pytest.mark.timeout(120)
+def test_profile_blocks_on_cuda_fills_the_calibration_table_that_simulate_then_runs(tmp_path):
+    """`profile --blocks --device cuda`: bf16 CUDA-event block times for a GPT-3 350M block at TP 1 and 2; the
+    kind is the GPU's, no block runs above the kind's peak FLOP/s (launch-only times would), and `simulate` with
+    the file gives each block stage exactly the table's times (ideal links: the TP collectives take no time)."""
+    import json
+
+    from pipetwin.cli import main
+    from planner.analytic import PRESETS, _block_flops, block_key
+    from planner.efficiency import load_device_calibration
+
+    cal = tmp_path / "cal.json"
+    assert main(["profile", "--blocks", "gpt3-350m", "--tp", "1,2", "--microbatch-size", "1,2", "--device", "cuda",
+                 "-o", str(cal)]) == 0
+    c = load_device_calibration(cal)
+    assert len(c.block_timings) == 4 and all("bfloat16" in t.source for t in c.block_timings)
+    cfg = PRESETS["gpt3-350m"]
+    for t in c.block_timings:
+        _, _, _, _, _, _, tp, _, mb = t.key
+        if c.kind.name != "gpu-generic":
+            assert _block_flops(cfg) * mb / tp / t.forward_s < c.kind.peak_flops, t
+        assert t.backward_s > 0
+    entry = c.block_timing(block_key(cfg, 2, 2))
+    spec = "gpt3-350m:layers=2"
+    trace = tmp_path / "t.json"
+    assert main(["simulate", "--model", spec, "--topology", "ideal:8", "--tp", "2", "--pp", "4", "--dp", "1",
+                 "--schedule", "1f1b", "--microbatches", "2", "--microbatch-size", "2", "--device-calibration",
+                 str(cal), "--steps", "1", "--trace", str(trace)]) == 0
+    events = json.loads(trace.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    fwd = [e["dur"] for e in events if e.get("ph") == "X" and e["tid"] in (2, 3, 4, 5) and e["cat"] == "F"]
+    assert fwd == pytest.approx([entry.forward_s * 1e6] * 8, rel=1e-9)

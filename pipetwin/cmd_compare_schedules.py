@@ -82,18 +82,33 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"stages": P, "microbatches": M, "families": rows}))
         return 0
-    print(f"{profile.name}: {P} ranks x {M} microbatches of {args.microbatch_size} on {topology.name}, {args.batches} batches")
-    print(f"  {'family':<13} {'samples/s':>10} {'batch ms':>9} {'bubble':>7}  peak memory per rank (MB)")
-    for r in sorted((r for r in rows if r["fits"]), key=lambda r: -r["throughput_samples_per_s"]):
-        mem = " ".join(f"{b / 1e6:.3g}" for b in r["peak_memory_bytes_per_stage"])
-        print(f"  {r['family']:<13} {r['throughput_samples_per_s']:>10.4g} {r['time_per_batch_s'] * 1e3:>9.4g} "
-              f"{r['bubble_fraction']:>7.3f}  {mem}")
-    for r in rows:
-        if not r["fits"]:
-            print(f"  {r['family']:<13} does not fit: {r['reason']}")
+    _table(rows, f"{profile.name}: {P} ranks x {M} microbatches of {args.microbatch_size} on {topology.name}, "
+                 f"{args.batches} batches")
     if args.chart:
         print(f"chart written to {args.chart}")
     return 0
+
+
+def _table(rows: list[dict], title: str) -> None:
+    """The families that fit, fastest first, as a rich table (peak memory per rank in GB, and max/min across
+    ranks: the first-stage and interleaving imbalance users ask about); then those that do not fit, and why."""
+    from rich.table import Table
+
+    from pipetwin.show import console
+
+    t = Table(title=title, title_justify="left")
+    for col in ("family", "samples/s", "batch ms", "bubble", "peak GB per rank", "max/min"):
+        t.add_column(col, justify="left" if col in ("family", "peak GB per rank") else "right")
+    for r in sorted((r for r in rows if r["fits"]), key=lambda r: -r["throughput_samples_per_s"]):
+        imb = r["peak_memory_imbalance"]
+        t.add_row(r["family"], f"{r['throughput_samples_per_s']:.4g}", f"{r['time_per_batch_s'] * 1e3:.4g}",
+                  f"{r['bubble_fraction']:.3f}", " ".join(f"{b / 1e9:.3g}" for b in r["peak_memory_bytes_per_stage"]),
+                  f"{imb:.2f}" if imb is not None else "-")
+    out = console()
+    out.print(t)
+    for r in rows:
+        if not r["fits"]:
+            out.print(f"  {r['family']} does not fit: {r['reason']}", markup=False, highlight=False)
 
 
 def _chart(rows: list[dict], path: str, title: str) -> None:

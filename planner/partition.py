@@ -254,10 +254,11 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
 
 
 def _schedulable(family: str, M: int, replicas, limit):
-    """What planner.schedules accepts: replicas ≤ M (except PipeDream); 2BW needs M ≥ the in-flight depth."""
+    """What planner.schedules accepts over many batches: replicas ≤ M (except PipeDream); 2BW needs M ≥ the
+    in-flight depth, and from the third batch on ⌊M / replicas⌋ ≥ that depth less one (``REQUIRES['2bw']``)."""
     ok = (replicas <= M) | (family == "pipedream")
     if family == "2bw":
-        ok = ok & (limit <= M)
+        ok = ok & (limit <= M) & (M // replicas >= limit - 1)
     return ok
 
 

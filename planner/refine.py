@@ -57,10 +57,11 @@ class Shape:
 def schedulable(family: str, microbatches: int, replicas: tuple[int, ...]) -> bool:
     """Whether the schedule generator takes this family, microbatch count and replication: ``validate_spec`` and the
     family's own requirement (``planner.schedules.REQUIRES``), e.g. replicas ≤ M except under PipeDream, 2BW
-    M ≥ its in-flight depth."""
+    M ≥ its in-flight depth. Asked of three batches: a plan trains for many, and 2BW's steady state (batch b + 2 on
+    batch b's step) first appears at the third, where a replicated stage needs more microbatches than one batch does."""
     from planner.schedules import REQUIRES, ScheduleError, make_spec, validate_spec
 
-    spec = make_spec(family, len(replicas), microbatches, replicas)
+    spec = make_spec(family, len(replicas), microbatches, replicas, batches=3)
     try:
         validate_spec(spec)
         if family in REQUIRES:

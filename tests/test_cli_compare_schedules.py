@@ -41,3 +41,19 @@ def test_bad_compare_input_is_one_line_exit_2(capsys):
     assert main(["compare-schedules", "--model", MODEL, "--topology", "ideal:4", "--stages", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert ">= 1" in err and len(err.splitlines()) == 1
+
+
+def test_the_table_lists_fitting_families_fastest_first_with_their_memory_imbalance(capsys):
+    argv = ["compare-schedules", "--model", "uniform:layers=8,fwd=0.001,bwd=0.002,act=1e6,params=1e6",
+            "--topology", "ideal:4", "--stages", "4", "--microbatches", "8", "--batches", "1"]
+    assert main(argv + ["--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out)["families"] if r["fits"]]
+    assert main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("│")]
+    cells = [[c.strip() for c in ln.strip("│").split("│")] for ln in lines]
+    assert [c[0] for c in cells] == [r["family"] for r in sorted(rows, key=lambda r: -r["throughput_samples_per_s"])]
+    by = {r["family"]: r for r in rows}
+    for c in cells:
+        peaks = by[c[0]]["peak_memory_bytes_per_stage"]
+        assert float(c[5]) == pytest.approx(max(peaks) / min(peaks), abs=0.005)
+        assert [float(x) for x in c[4].split()] == pytest.approx([p / 1e9 for p in peaks], rel=6e-3)  # printed to 3 digits

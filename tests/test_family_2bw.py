@@ -40,3 +40,32 @@ def test_2bw_accepts_exactly_the_specs_whose_program_keeps_the_laws():
                     accepted += ok
                     refused += not ok
     assert accepted > 500 and refused > 100
+
+
+def test_the_planners_feasibility_rules_are_the_generators_over_many_batches():
+    """refine.schedulable and the partition search's vectorised rule accept exactly the (M, replicas) whose 2BW
+    program generates over three batches: otherwise the planner picks a replicated 2BW plan `simulate --steps 3`
+    refuses."""
+    import numpy as np
+
+    from planner import refine
+    from planner.partition import _schedulable
+    from planner.program import inflight_limit
+    from planner.schedules import generate
+
+    refused = 0
+    for P in (1, 2, 3, 4):
+        for reps in itertools.product((1, 2, 3), repeat=P):
+            for M in range(1, 10):
+                spec = make_spec("2bw", P, M, reps, batches=3)
+                try:
+                    generate(spec)
+                    runs = True
+                except ScheduleError:
+                    runs = False
+                refused += not runs
+                assert refine.schedulable("2bw", M, reps) == runs, (M, reps)
+                per_stage = [bool(_schedulable("2bw", M, np.int64(reps[s]), inflight_limit(spec, s)))
+                             for s in range(P)]
+                assert all(per_stage) == runs, (M, reps, per_stage)
+    assert refused > 100

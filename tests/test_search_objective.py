@@ -58,7 +58,7 @@ def _oracle_count(L: int, servers: list[list[str]]) -> int:
 def _runs(family: str, M: int, reps: tuple[int, ...]) -> bool:
     """The schedules room's own answer: does the generator run this family, M and replication?"""
     try:
-        generate(make_spec(family, len(reps), M, reps))
+        generate(make_spec(family, len(reps), M, reps, batches=3))  # a plan trains for many batches (2BW's rule)
     except ScheduleError:
         return False
     return True

@@ -19,12 +19,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pipetwin demo
 
-# Two passes: the in-process tests on $(TEST_WORKERS) cores (pytest-xdist; whole files per worker, so a module's
-# fixtures are built once), then the real multi-process runs (marked dist: gloo workers, fault timeouts,
-# measured timings) alone, so that they do not compete for the cores they time. Plain `pytest` runs all serially.
+# Two passes: the in-process tests on $(TEST_WORKERS) cores (pytest-xdist; tests handed out one by one, an idle
+# worker taking another's: whole files per worker left one running the Hypothesis schedule file alone), then the
+# real multi-process runs (marked dist: gloo workers, fault timeouts, measured timings) alone, so that they do not
+# compete for the cores they time. Plain `pytest` runs everything serially.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout=300 -n $(TEST_WORKERS) --dist loadfile -m "not dist"
+	$(BIN)/python -m pytest -q -x --timeout=300 -n $(TEST_WORKERS) --dist worksteal -m "not dist"
 	$(BIN)/python -m pytest -q -x --timeout=300 -m dist
 
 bench: $(STAMP)

@@ -32,7 +32,7 @@ from executor.models import build_layers, loss_fn, make_batch, parse_spec
 from executor.timing import Clock
 from planner.profile import Layer, ModelProfile
 
-__all__ = ["profile_model", "profile_block", "DTYPES", "saved_tensor_bytes", "layer_param_bytes", "single_thread"]
+__all__ = ["profile_model", "profile_block", "tp_block", "DTYPES", "saved_tensor_bytes", "layer_param_bytes", "single_thread"]
 
 
 @contextmanager
@@ -160,6 +160,22 @@ def _layer_name(layer: nn.Module) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def tp_block(hidden: int, heads: int, tensor_parallel: int = 1, sequence_parallel: bool = False, rank: int = 0,
+             seed: int = 0) -> nn.Module:
+    """The zoo's gpt block (:class:`executor.models.GPTBlock`, weights from ``seed``), for ``tensor_parallel`` > 1
+    sliced to TP rank ``rank``'s shard as the executor slices it, its collectives left out
+    (``TPContext.compute_only``): what :func:`profile_block` times."""
+    from executor.models import GPTBlock
+    from executor.tensor_parallel import TPContext, parallelize
+
+    torch.manual_seed(seed)
+    block = GPTBlock(hidden, heads)
+    if tensor_parallel > 1:
+        ctx = TPContext(None, rank, tensor_parallel, sequence=sequence_parallel, compute_only=True)
+        block = parallelize([block], ctx)[0]
+    return block
+
+
 def profile_block(hidden: int, heads: int, seq: int, microbatch_size: int = 1, tensor_parallel: int = 1,
                   sequence_parallel: bool = False, *, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
                   warmup: int = 2, seed: int = 0) -> tuple[float, float]:
@@ -175,9 +191,6 @@ def profile_block(hidden: int, heads: int, seq: int, microbatch_size: int = 1, t
     output with respect to its parameters and its input (the block sits inside a pipeline stage). On the CPU
     one thread and ``perf_counter``; on a GPU CUDA events around the kernels, read after a synchronize.
     """
-    from executor.models import GPTBlock
-    from executor.tensor_parallel import TPContext, parallelize
-
     _check_run("profile_block", repeats, warmup, device)
     t = tensor_parallel
     if heads % t or (sequence_parallel and seq % t):
@@ -186,11 +199,7 @@ def profile_block(hidden: int, heads: int, seq: int, microbatch_size: int = 1, t
     dev = torch.device(device)
     clock = Clock(dev)
     with single_thread():
-        torch.manual_seed(seed)
-        block = GPTBlock(hidden, heads)
-        if t > 1:
-            block = parallelize([block], TPContext(None, 0, t, sequence=sequence_parallel, compute_only=True))[0]
-        block.to(device=dev, dtype=DTYPES[dtype])
+        block = tp_block(hidden, heads, t, sequence_parallel, seed=seed).to(device=dev, dtype=DTYPES[dtype])
         tokens = seq // t if sequence_parallel else seq
         g = torch.Generator().manual_seed(seed + 1)
         x0 = torch.randn(microbatch_size, tokens, hidden, generator=g).to(device=dev, dtype=DTYPES[dtype])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from executor.models import GPTBlock
-from executor.tensor_parallel import TPContext, parallelize
+from executor.profiler import tp_block
 from pipetwin.cli import main
 from planner.analytic import TransformerConfig, block_key, load_model
 from planner.efficiency import DeviceCalibration, EfficiencyParams, load_device_calibration
@@ -33,9 +33,9 @@ def _block_durations_us(trace, workers) -> dict[str, list[float]]:
     return out
 
 
-def _simulate(cal, trace, mb, tp) -> None:
+def _simulate(cal, trace, mb, tp, sp=False) -> None:
     grid = ["--topology", "ideal:4", "--stages", "4"] if tp == 1 else \
-        ["--topology", f"ideal:{4 * tp}", "--tp", str(tp), "--pp", "4", "--dp", "1"]
+        ["--topology", f"ideal:{4 * tp}", "--tp", str(tp), "--pp", "4", "--dp", "1"] + ["--sequence-parallel"] * sp
     assert main(["simulate", "--model", SPEC, *grid, "--schedule", "1f1b", "--microbatches", "2",
                  "--microbatch-size", str(mb), "--device-calibration", str(cal), "--steps", "1",
                  "--trace", str(trace)]) == 0
@@ -46,13 +46,16 @@ def test_simulate_runs_the_profiled_block_times_for_listed_shapes_and_the_smooth
     (TP collectives take no time there) each F / B event lasts exactly the table entry the profiler measured."""
     cal = tmp_path / "cal.json"
     assert _profile(tmp_path, "--tp", "1,2", "--microbatch-size", "2", "-o", str(cal)) == 0
+    assert _profile(tmp_path, "--tp", "2", "--microbatch-size", "2", "--sequence-parallel", "--device-calibration",
+                    str(cal), "-o", str(cal)) == 0
     table = load_device_calibration(cal)
-    assert table.device_kind == "cpu" and len(table.block_timings) == 2
-    for tp, workers in ((1, {1, 2}), (2, {2, 3, 4, 5})):
-        entry = table.block_timing(block_key(CFG, tp, 2))
+    assert table.device_kind == "cpu" and len(table.block_timings) == 3
+    for tp, sp, workers in ((1, False, {1, 2}), (2, False, {2, 3, 4, 5}), (2, True, {2, 3, 4, 5})):
+        entry = table.block_timing(block_key(CFG, tp, 2, sp))
         assert entry is not None and entry.rows == 0 and "profile --blocks" in entry.source
-        _simulate(cal, tmp_path / f"t{tp}.json", 2, tp)
-        got = _block_durations_us(tmp_path / f"t{tp}.json", workers)
+        trace = tmp_path / f"t{tp}{sp}.json"
+        _simulate(cal, trace, 2, tp, sp)
+        got = _block_durations_us(trace, workers)
         n = 2 * len(workers)  # 2 microbatches on every block worker
         assert got["F"] == pytest.approx([entry.forward_s * 1e6] * n, rel=1e-9)
         assert got["B"] == pytest.approx([entry.backward_s * 1e6] * n, rel=1e-9)
@@ -94,18 +97,19 @@ def test_the_compute_only_tp_shard_is_the_rank_s_real_share_of_the_block():
     """The sliced block the profiler times computes its TP rank's partial: the ranks' attention and MLP outputs
     (each with the row-parallel bias added once) sum to the whole block's, with no collective run."""
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
+    torch.manual_seed(3)
     whole = GPTBlock(64, 4)
-    ranks = []
-    for r in range(2):
-        torch.manual_seed(0)
-        ranks.append(parallelize([GPTBlock(64, 4)], TPContext(None, r, 2, compute_only=True))[0])
+    ranks = [tp_block(64, 4, 2, rank=r, seed=3) for r in range(2)]
     with torch.no_grad():
         attn = sum(b.attn(x) for b in ranks) - whole.attn.proj.bias
         mlp = sum(b.mlp(x) for b in ranks) - whole.mlp[2].bias
         assert torch.allclose(attn, whole.attn(x), atol=1e-5)
         assert torch.allclose(mlp, whole.mlp(x), atol=1e-5)
     assert ranks[0].attn.qkv.weight.shape == (3 * 32, 64) and ranks[0].mlp._modules["0"].weight.shape == (128, 64)
+    # under sequence parallelism the rank's block takes 1/T of the sequence and gives it back, whole width
+    sp = tp_block(64, 4, 2, sequence_parallel=True, seed=3)
+    with torch.no_grad():
+        assert sp(x[:, :8]).shape == (2, 8, 64)
 
 
 @pytest.mark.parametrize("argv, says", [

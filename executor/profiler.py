@@ -1,4 +1,4 @@
-"""Per-layer profiler: measures a model spec into a :class:`planner.profile.ModelProfile`.
+"""Per-layer profiler: measures a model spec into a :class:`planner.profile.ModelProfile`; per-shape block timer.
 
 For every chain layer of :func:`executor.models.build_layers` it measures, at
 one microbatch size, on one CPU thread or on a GPU (``device="cuda"``):
@@ -16,6 +16,9 @@ one microbatch size, on one CPU thread or on a GPU (``device="cuda"``):
   counted once per storage, parameters and buffers excluded (they are counted
   as parameter bytes), divided by the microbatch size.
 * parameter bytes: ``sum(p.numel() * p.element_size())``.
+
+:func:`profile_block` times one transformer block of a given shape on one TP rank (``pipetwin profile
+--blocks``: a device calibration's ``block_timings`` entries).
 """
 from __future__ import annotations
 

@@ -55,6 +55,7 @@ def test_topology_dict_loads():
     assert t.path_latency("d0", "d2") == pytest.approx(3e-5)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_real_two_process_run(tmp_path, capsys):
     out = tmp_path / "topo.json"
@@ -76,6 +77,7 @@ def test_bad_worker_count_is_one_line(capsys):
     assert "--workers >= 2" in capsys.readouterr().err
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(60)
 def test_worker_failure_is_reported_not_hung(monkeypatch):
     # the rendezvous port is taken: rank 0 fails at once, rank 1 would wait; the parent reports, not hangs

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.program import FAMILY, rank_of
+from planner.program import FAMILY, interleaved_groups, rank_of
 from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
@@ -374,7 +374,10 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         elif fam.held_whole:  # V-Half, V-Min: the block's lifespans, ⌊(P + b)/a⌋ whole microbatches (V chunks each)
             depth = min(V * ((P + fam.held_whole[1]) // fam.held_whole[0]), M * V)
         elif fam.open_cap:  # the other V families: the chunk-microbatches a rank may hold awaiting BW (a whole number)
-            depth = min(math.floor(fam.open_cap[0] * P * V + fam.open_cap[1] + 1e-9), M * V)
+            depth = math.floor(fam.open_cap[0] * P * V + fam.open_cap[1] + 1e-9)
+            if fam.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g, g its first group (check.open_cap)
+                depth += (V - 1) * max(0, interleaved_groups(P, math.ceil(M / r))[0] - P)
+            depth = min(depth, M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb

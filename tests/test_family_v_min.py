@@ -43,7 +43,8 @@ def test_v_min_holds_about_a_third_of_1f1bs_peak_in_the_simulator(P, M):
     assert max(one.values()) == pytest.approx(min(P, M) * 2 * saved)
     whole = (P + 4) // 3  # the paper's (p + 4) // 3
     assert max(vmin.values()) == pytest.approx(min(M, whole) * 2 * saved)
-    assert whole <= P / 3 + 4 / 3
+    if M >= P:  # a full pipe: a third of 1F1B's simulated peak, plus at most 4/3 of a microbatch
+        assert max(vmin.values()) <= max(one.values()) / 3 + 4 / 3 * 2 * saved + 1e-9
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 6, 7, 12])

@@ -295,11 +295,12 @@ def _v_bubble_units(kind: str, P: int) -> float:
     return 2 * P - 2.5 + (1.0 if P % 3 == 0 and P > 3 else 0.0)
 
 
-def _zb_h2_cycle_factor(m: int, P: int, forward_s: float, backward_s: float) -> float:
-    """ZB-H2's bubble factor when a replica's m microbatches do not cover its 2P − 1 warm-up: stage 0 steps only
-    after its last input gradient, which waits for microbatch m − 1's round trip, so a batch takes at least
-    m·(F + BW) + (P − 1)(F + BI) + BI (BI = BW = B/2); exact at tF = tBI = tBW, below the simulator's otherwise
-    (tests/test_family_zb_h2.py). 0 once m covers the warm-up (the zero-bubble steady state)."""
+def _round_trip_factor(m: int, P: int, forward_s: float, backward_s: float) -> float:
+    """ZB-H1's and ZB-H2's bubble factor when a replica's m microbatches are too few to fill the pipeline (ZB-H2:
+    its 2P − 1 warm-up; ZB-H1: P): stage 0 steps only after its last input gradient, which waits for microbatch
+    m − 1's round trip, so a batch takes at least m·(F + BW) + (P − 1)(F + BI) + BI (BI = BW = B/2); exact at
+    tF = tBI = tBW, below the simulator's otherwise (tests/test_family_zb_h2.py). The families' own factor is
+    the larger once m fills the pipeline."""
     total = forward_s + backward_s
     if total <= 0:
         return 0.0
@@ -409,8 +410,8 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
     factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8], P)
-    if FAMILY[fam].bubble == "split2" and P > 1:
-        factor = max(factor, _zb_h2_cycle_factor(-(-M // raw[worst][0].replicas), P, raw[worst][7], raw[worst][8]))
+    if FAMILY[fam].bubble in ("split", "split2") and P > 1:
+        factor = max(factor, _round_trip_factor(-(-M // raw[worst][0].replicas), P, raw[worst][7], raw[worst][8]))
     # each replica of the bottleneck stage runs its own M/r microbatches through the fill and drain, which
     # take (P − 1)·factor of its per-microbatch time, r·bott (bott is amortised over the r replicas)
     compute_batch = bott * (M + (P - 1) * factor * raw[worst][0].replicas)

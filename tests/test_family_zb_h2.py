@@ -54,12 +54,15 @@ def test_zb_h2_holds_2p_minus_1_microbatches_on_every_stage_in_the_simulator(P, 
     assert max(zb.values()) <= 2 * max(one.values())
 
 
+
+@pytest.mark.parametrize("family", ["zb-h1", "zb-h2"])
 @pytest.mark.parametrize("P,M,reps", [(4, 1, None), (4, 3, None), (4, 6, None), (4, 7, None), (8, 2, None), (8, 16, None),
                                       (2, 2, (2, 2)), (3, 2, (2, 2, 2)), (3, 6, (2, 2, 2)), (2, 4, (2, 1))])
-def test_the_cost_models_time_per_batch_is_the_simulators_for_every_m(P, M, reps):
-    """Batch after batch at tF = tBI = tBW on ideal links: M(tF + tB) once a replica's microbatches cover the 2P − 1
-    warm-up; fewer, and stage 0's step waits for the last microbatch's round trip, the batch 2M + 2P − 1 units (the
-    cost model charged zero bubble there, 6 ms against the simulator's 19 at P = 8, M = 2)."""
+def test_the_cost_models_time_per_batch_is_the_simulators_for_every_m(family, P, M, reps):
+    """Batch after batch at tF = tBI = tBW on ideal links. ZB-H2: M(tF + tB) once a replica's m microbatches cover
+    the 2P − 1 warm-up; ZB-H1: its fill, 3m + P − 1 units. With fewer, stage 0's step waits for the last
+    microbatch's round trip: 2m + 2P − 1 units (the cost model charged ZB-H2 no bubble there, 6 ms against the
+    simulator's 19 at P = 8, M = 2, and ZB-H1 its fill only)."""
     from planner.costmodel import CostOptions, evaluate
     from planner.plan import even_plan
     from sim import simulate_plan
@@ -68,10 +71,10 @@ def test_the_cost_models_time_per_batch_is_the_simulators_for_every_m(P, M, reps
     reps = reps or (1,) * P
     prof = uniform_profile(P, 1e-3, 2e-3)
     topo = load_topology(f"ideal:{sum(reps)}")
-    plan = even_plan("m", P, P, replicas=reps, schedule="zb-h2", microbatches=M, batches=4)
+    plan = even_plan("m", P, P, replicas=reps, schedule=family, microbatches=M, batches=4)
     plan = plan.with_devices([tuple(topo.devices[sum(reps[:s]):sum(reps[:s + 1])]) for s in range(P)])
     simulated = time_per_batch_s(simulate_plan(plan, prof, topo))
     assert evaluate(plan, prof, topo, CostOptions()).time_per_batch_s == pytest.approx(simulated, rel=1e-9)
-    m = -(-M // min(reps))
-    if all(r == 1 for r in reps):
-        assert simulated == pytest.approx(1e-3 * max(3 * m, 2 * m + 2 * P - 1), rel=1e-9)  # the closed form
+    if all(r == 1 for r in reps):  # the closed forms
+        steady = 3 * M if family == "zb-h2" else 3 * M + P - 1
+        assert simulated == pytest.approx(1e-3 * max(steady, 2 * M + 2 * P - 1), rel=1e-9)

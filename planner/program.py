@@ -460,10 +460,19 @@ def validate_spec(spec: ScheduleSpec) -> None:
 
 
 def chunks_for(family_name: str, chunks: int = 1) -> int:
-    """Stages per rank a command should use: the family's fixed count, at least 2 for looped families, else ``chunks``."""
+    """Stages per rank a command should use: the family's fixed count, at least 2 for looped families, else ``chunks``.
+
+    ``chunks`` = 1 is the flags' default (no ask). A V family given another count, or any count below 1, is
+    refused (ScheduleError) rather than silently replaced: ``v-min --chunks 3`` used to run with 2.
+    """
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ScheduleError(f"--chunks/--vp must be a whole number >= 1 (got {chunks!r})")
     fam = FAMILY.get(family_name)
     if fam is None or not fam.multi_stage:
         return chunks
+    if fam.chunks and chunks not in (1, fam.chunks):
+        raise ScheduleError(f"{family_name} runs {fam.chunks} stages per device; --chunks/--vp {chunks} does not "
+                            f"apply: drop it or give {fam.chunks}")
     return fam.chunks or max(chunks, 2)
 
 

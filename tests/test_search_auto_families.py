@@ -18,6 +18,7 @@ from planner.costmodel import CostOptions, evaluate
 from planner.lowering import plan_to_program
 from planner.plan import plan_from_flags
 from planner.profile import uniform_profile
+from planner.program import FAMILY
 from planner.search import AUTO_FAMILIES, plan_model
 from sim import peak_memory, simulate_plan
 from sim.params import SimParams
@@ -110,3 +111,26 @@ def test_below_v_mins_need_nothing_fits_and_the_message_names_v_mins_figure():
     need = STATIC + 2 * (L // P) * S  # V-Min's two whole microbatches per device: the least any family holds here
     with pytest.raises(PlanError, match=re.escape(f"needs is {need:.4g} bytes")):
         _auto(0.6 * need)
+
+
+def test_a_search_offers_a_several_stages_per_device_family_only_at_depths_its_microbatches_fill():
+    """Below M = P the cost model undercharges these families' bubble (ZB-V at P = 4, M = 1: 9 units against the
+    simulator's 17), so the search keeps their depths ≤ M; each one it offers costs what the simulator runs."""
+    res = plan_model(PROF, TOPO, schedule="auto", microbatches=2, top_k=50)
+    multi = [c for c in res.candidates if FAMILY[c.plan.schedule].multi_stage]
+    assert multi and all(len(set(c.plan.devices)) <= 2 for c in multi)
+    for c in multi[:3]:
+        sim = time_per_batch_s(simulate_plan(c.plan, PROF, TOPO, params=NO_STATE))
+        assert c.time_per_batch_s == pytest.approx(sim, rel=0.02), c.plan.schedule
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--kind", "v-min", "--chunks", "3"], "v-min runs 2 stages per device; --chunks/--vp 3 does not apply"),
+    (["--kind", "interleaved-zb", "--chunks", "0"], "--chunks/--vp must be a whole number >= 1"),
+])
+def test_a_chunk_count_a_family_cannot_run_is_refused_not_replaced(capsys, argv, msg):
+    from pipetwin.cli import main
+
+    assert main(["schedule", "--stages", "4", "--microbatches", "8"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err

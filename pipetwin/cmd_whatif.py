@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipetwin.args import (add_device_calibration_flag, add_grid_flags, check_calibration_kinds, counts as _counts,
-                           grid_given, words as _words)
+from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_kinds,
+                           counts as _counts, grid_given, words as _words)
 from pipetwin.errors import UserError
 from pipetwin.scoring import run_sweep
 from pipetwin.show import Progress, console, plot_sweep, stage_table
@@ -32,7 +32,7 @@ def register(sub) -> None:
                    help="samples per optimizer step, the same at every size (default: the planner chooses)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
                    help="optimizer state in the memory accounting (default adam: 16 bytes/parameter)")
-    p.add_argument("--recompute", action="store_true", help="activation recomputation")
+    add_recompute_flag(p)
     add_grid_flags(p, sequence_parallel=False)
     add_device_calibration_flag(p)
     p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="samples/s to reach with the fewest devices")
@@ -68,6 +68,12 @@ def _prices(text: str) -> dict[str, float]:
 
 
 # --- the command ---------------------------------------------------------------------------------
+def _recompute(mode: str | None) -> bool | str:
+    """The sweep's recomputation: False / True for none / full, as sweeps always recorded them (cache files of
+    earlier sweeps keep their keys), "selective" by name; ``planner.recompute.recompute_mode`` reads all three."""
+    return {None: False, "none": False, "full": True}.get(mode, mode)
+
+
 def run(args) -> int:
     from planner.analytic import split_device_suffix
 
@@ -85,7 +91,7 @@ def run(args) -> int:
     config = SweepConfig(model=model, devices=tuple(sorted(set(args.devices))), device_kinds=kinds,
                          interconnects=args.interconnects, schedules=args.schedules,
                          microbatch_sizes=tuple(sorted(set(args.microbatch_sizes))), global_batch=args.global_batch,
-                         optimizer=args.optimizer, recompute=args.recompute, simulate=args.simulate,
+                         optimizer=args.optimizer, recompute=_recompute(args.recompute), simulate=args.simulate,
                          sim_batches=args.sim_batches, calibration=cal,
                          grid=(args.tp, args.pp, args.dp, args.vp) if grid_given(args) else None)
     with Progress("bar" if args.progress else "off" if args.no_progress else "auto") as progress:

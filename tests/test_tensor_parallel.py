@@ -263,7 +263,7 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
     path = tmp_path / "model.json"
     ModelProfile("m", (layer,) * 8).save(path)
     point = SweepPoint(str(path), 4, "a100-80gb", "ideal", schedule="1f1b", global_batch=16, optimizer="sgd",
-                       recompute=recompute is True)
+                       recompute=recompute)
     profile, topo = point_profile(point.model, point.device_kind), point_cluster("ideal", 4, "a100-80gb")
     planned = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd")
     best = planned.best_candidate
@@ -273,11 +273,11 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
     sim_peak = max(peak_memory_bytes(trace).values())
     assert time_per_batch_s(trace) == pytest.approx(best.time_per_batch_s, rel=1e-9)
     assert sim_peak == pytest.approx(max(best.peak_memory_bytes.values()), rel=1e-9)
-    if recompute is True:  # whatif's own planning of the point, and its simulation of the plan it chose
-        rec = plan_point(point)
-        assert Plan.from_dict(rec.plan) == plan
-        assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
-        assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
+    # whatif's own planning of the point (either mode, as `whatif --recompute [MODE]` passes it)
+    rec = plan_point(point)
+    assert Plan.from_dict(rec.plan) == plan
+    assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
+    assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
     # the planner's choice there is data parallel; a pipeline (plan --stages 4) is costed the same way too
     piped = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd",
                        stages=4).best_candidate
@@ -494,3 +494,24 @@ def test_plan_and_whatif_take_the_same_grid_flags_as_simulate(capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "does not make 8 devices" in err, err
+
+
+def test_whatif_takes_every_recomputation_mode_plan_takes(capsys):
+    """`whatif --recompute selective` plans and simulates selective recomputation (it was full or nothing):
+    the chosen plan records the mode, and selective keeps less than none and re-runs less than full."""
+    from pipetwin.cli import main
+
+    base = ["whatif", "--model", "gpt3-1.3b", "--devices", "8", "--global-batch", "16", "--schedules", "1f1b",
+            "--pp", "8", "--dp", "1", "--tp", "1", "--simulate", "all", "--jobs", "1", "--no-progress", "--json"]
+    recs = {}
+    for mode in ("none", "selective", "full"):
+        assert main(base + ["--recompute", mode]) == 0
+        (rec,) = json.loads(capsys.readouterr().out)["points"]
+        assert rec["plan"].get("recompute", "none") == mode
+        recs[mode] = rec
+    mem = {m: r["peak_memory_bytes"] for m, r in recs.items()}
+    thr = {m: r["throughput_samples_per_s"] for m, r in recs.items()}
+    assert mem["full"] < mem["selective"] < mem["none"] and thr["full"] < thr["selective"] < thr["none"]
+    with pytest.raises(SystemExit) as bad:  # argparse's one line, exit 2
+        main(base[:-1] + ["--recompute", "some"])
+    assert bad.value.code == 2 and "invalid choice: 'some'" in capsys.readouterr().err

@@ -61,7 +61,7 @@ class SweepPoint:
     microbatch_size: int = 1
     global_batch: int | None = None
     optimizer: str = "adam"
-    recompute: bool = False
+    recompute: bool | str = False  # False/True: none/full; or a mode name (planner.recompute.MODES)
     top_k: int = 1
     grid: tuple[int, int, int, int] | None = None
     calibration: DeviceCalibration | None = None
@@ -120,7 +120,7 @@ class SweepConfig:
     microbatch_sizes: tuple[int, ...] = (1,)
     global_batch: int | None = None
     optimizer: str = "adam"
-    recompute: bool = False
+    recompute: bool | str = False  # False/True: none/full; or a mode name (planner.recompute.MODES)
     simulate: str = "pareto"
     sim_batches: int = 1
     grid: tuple[int | None, int | None, int | None, int | None] | None = None

@@ -119,7 +119,7 @@ def _plan_task(task: tuple) -> dict:
 
 
 def _candidates(model: str, topo_spec: str, kind: str | None, schedules: tuple[str, ...],
-                microbatch_sizes: tuple[int, ...], global_batch: int | None, optimizer: str, recompute: bool,
+                microbatch_sizes: tuple[int, ...], global_batch: int | None, optimizer: str, recompute: bool | str,
                 top_k: int, memory_limit_bytes: float | None, jobs: int = 1,
                 calibration: DeviceCalibration | None = None) -> tuple[list, str]:
     """The cost model's candidates over schedules × microbatch sizes, merged and ranked, at most top_k."""
@@ -168,7 +168,7 @@ def _fits(row: dict) -> bool:
 
 def search(model: str, topology: str, *, simulate: SimulateTrace, top_k: int = 50,
            schedules: tuple[str, ...] = ("auto",), microbatch_sizes: tuple[int, ...] = (1, 2, 4),
-           global_batch: int | None = None, optimizer: str = "sgd", recompute: bool = False,
+           global_batch: int | None = None, optimizer: str = "sgd", recompute: bool | str = False,
            device_kind_name: str | None = None, memory_limit_bytes: float | None = None, sim_batches: int = 1,
            jobs: int | None = None, progress: Progress | None = None,
            calibration: DeviceCalibration | None = None) -> SearchResult:

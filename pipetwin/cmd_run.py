@@ -124,6 +124,11 @@ def run(args) -> int:
     from executor.launch import run_plan
     from pipetwin.cmd_profile import human_bytes
 
+    from topologies.files import output_path
+
+    for path in (args.trace, args.save_weights):  # a path that cannot be written is refused before any process starts
+        if path:
+            output_path(path)
     if args.program:
         res, title, what, mbs = _run_program(args)
         T = res.program.tensor_parallel if res.program else 1

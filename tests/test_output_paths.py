@@ -95,3 +95,18 @@ def test_no_writer_makes_its_folder_by_hand():
             for p in sorted((ROOT / pkg).rglob("*.py")) if p.name != "files.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if ".parent.mkdir(" in line]
     assert not hits, "use topologies.files.output_path: " + ", ".join(hits)
+
+
+@pytest.mark.parametrize("flag", ["--save-weights", "--trace"])
+def test_run_refuses_an_unwritable_output_before_any_process_starts(tmp_path, capsys, monkeypatch, flag):
+    """A bad --save-weights / --trace path used to surface after the whole run; now it is refused up front."""
+    import executor.launch
+
+    def no_launch(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(executor.launch, "run_plan", no_launch)
+    (tmp_path / "out").write_text("not a folder")
+    code = main(["run", "--model", "mlp:layers=4,width=16", "--pp", "2", flag, str(tmp_path / "out" / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is a file, not a folder" in err

@@ -95,20 +95,27 @@ def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
         for b in range(spec.batches):
             mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
             n, groups = len(mbs), interleaved_groups(P, len(mbs))
-            order: list[tuple[int, int]] = []  # (chunk, index into mbs) of the k-th forward
-            start = 0
-            for g in groups:
-                order += [(c, start + j) for c in range(V) for j in range(g)]
-                start += g
+            order = _chunk_cycle(V, mbs, groups)
             total = n * V
             for d in range(P):
                 warm = total if n == P else min((P - d - 1) * 2 + (V - 1) * groups[0], total)
-                fwd = [Action(c * P + d, Kind.F, mbs[i]) for c, i in order]
-                bwd = [Action((V - 1 - c) * P + d, Kind.B, mbs[i]) for c, i in order]
+                fwd = [Action(c * P + d, Kind.F, i) for c, i in order]
+                bwd = [Action((V - 1 - c) * P + d, Kind.B, i) for c, i in order]
                 seq = fwd[:warm]
                 for k in range(total - warm):
                     seq += [fwd[warm + k], bwd[k]]
                 out[d * R + r] += seq + bwd[total - warm:]
+    return out
+
+
+def _chunk_cycle(V: int, mbs: list[int], groups: list[int]) -> list[tuple[int, int]]:
+    """The interleaved forward order, (chunk, microbatch) of the k-th forward: each group of ``mbs`` (sizes
+    ``groups``) through chunk 0, then chunk 1, …, chunk V − 1; the backwards run it with the chunks reversed."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    for g in groups:
+        out += [(c, mbs[start + j]) for c in range(V) for j in range(g)]
+        start += g
     return out
 
 
@@ -320,7 +327,7 @@ def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
         for b in range(spec.batches):
             mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
             groups = interleaved_groups(P, len(mbs))
-            cycle = [(c, mbs[start + j]) for n, start in zip(groups, _starts(groups)) for c in range(V) for j in range(n)]
+            cycle = _chunk_cycle(V, mbs, groups)
             total = len(cycle)
             for d in range(P):
                 fwd = [Action(c * P + d, Kind.F, i) for c, i in cycle]
@@ -338,8 +345,6 @@ def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return out
 
 
-def _starts(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:k]) for k in range(len(sizes))]
 
 
 def _weight_grad(a: Action) -> Action:

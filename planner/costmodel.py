@@ -41,8 +41,8 @@ their blocks' ⌊(P + 2)/2⌋ and ⌊(P + 4)/3⌋ whole microbatches) of saved b
 recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
 selective: all but the attention core), plus what one layer's backward rebuilds.
 
-Why one module of ~590 lines: time, memory, all-reduce and link-load pricing (TP rings included)
-are one evaluation that the partitioner reproduces term by term and the search ranks by; the
+Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
+link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the
 TP and link-load pricing is the part that can move out once the partitioner shares it.
 """
 from __future__ import annotations

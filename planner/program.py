@@ -17,9 +17,10 @@ compute actions (the TP collectives run inside each F/B/BI/BW); point-to-point
 goes from TP rank t to TP rank t of the peer replica, and a stage's all-reduce
 runs among the replicas' workers of one TP rank.
 
-Why one module of ~570 lines: the IR, the schedule spec and the family registry with its spec
-helpers are one vocabulary that check, the generators and both interpreters read; the helpers
-sit beside ``ScheduleSpec`` on purpose, which is what broke the check <-> schedules import circle.
+Why one module of ~700 lines: the IR (with its text and JSON forms), the schedule spec and the family
+registry with its spec helpers (in-flight limits, interleaved groups, even layer ranges) are one
+vocabulary that check, the generators, the passes and both interpreters read; the helpers sit beside
+``ScheduleSpec`` on purpose, which is what broke the check <-> schedules import circle.
 """
 from __future__ import annotations
 

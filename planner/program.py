@@ -424,6 +424,15 @@ def interleaved_groups(P: int, M: int) -> list[int]:
     return [base + 1] * extra + [base] * (rounds - extra)
 
 
+def looped_warmup_extra(P: int, V: int, M: int, R: int) -> int:
+    """Chunk-microbatches beyond P·V that a worker of interleaved zero bubble holds awaiting their BW:
+    (V − 1)·(g − P), g the largest first group (``interleaved_groups``) of any replica's share of M —
+    ⌊M/R⌋ or ⌈M/R⌉, and the smaller share can have the larger group (P = 2: 3 makes one group of 3,
+    4 two of 2); 0 when P divides every share."""
+    first = max(interleaved_groups(P, n)[0] for n in {M // R, -(-M // R)} if n)
+    return (V - 1) * max(0, first - P)
+
+
 def validate_spec(spec: ScheduleSpec) -> None:
     """The checks every family shares, read from its traits (a family's own needs: planner.schedules)."""
     fam = family(spec.family)

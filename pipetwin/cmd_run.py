@@ -47,8 +47,17 @@ def register(sub) -> None:
 
 #: What the shape flags mean when not given (without --plan).
 SHAPE_DEFAULTS = {"schedule": "1f1b", "microbatches": 4, "microbatch_size": 1, "batches": 1}
+#: Flags that say a schedule and its shape: a --program file brings its own (with --plan, none may be given beside it).
+_SCHEDULE_FLAGS = ("tp", "pp", "dp", "vp", "replicas", "schedule", "microbatches", "batches", "vertical_sync")
 #: Flags that say the plan's shape: a --plan file brings its own, so none may be given beside it.
-SHAPE_FLAGS = ("model", "tp", "pp", "dp", "vp", "replicas", *SHAPE_DEFAULTS, "vertical_sync")
+SHAPE_FLAGS = ("model", *_SCHEDULE_FLAGS, "microbatch_size")
+#: Flags a --program file makes meaningless: another plan, or a schedule and shape of its own.
+PROGRAM_SHAPE_FLAGS = ("plan", *_SCHEDULE_FLAGS)
+
+
+def _given(args, names) -> list[str]:
+    """The flags among ``names`` the command line gave, spelled as typed."""
+    return [f"--{k.replace('_', '-')}" for k in names if getattr(args, k, None) not in (None, False)]
 
 
 def _plan_for(args):
@@ -61,7 +70,7 @@ def _plan_for(args):
     from planner.plan import Plan, plan_from_flags
 
     if args.plan:
-        given = [f"--{k.replace('_', '-')}" for k in SHAPE_FLAGS if getattr(args, k, None) not in (None, False)]
+        given = _given(args, SHAPE_FLAGS)
         if given:
             raise UserError(f"--plan brings its own shape; drop {', '.join(given)} (or drop --plan and give "
                             f"--model and --pp)")
@@ -91,16 +100,12 @@ def _plan_for(args):
                            recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)
 
 
-#: Flags that say a program's schedule and shape: a --program file brings its own.
-PROGRAM_SHAPE_FLAGS = ("plan", "tp", "pp", "dp", "vp", "replicas", "schedule", "microbatches", "batches", "vertical_sync")
-
-
 def _run_program(args):
     """``--program``: the file as it is, on --model; (result, what ran, its schedule family, microbatch size)."""
     from executor.launch import run_program
     from pipetwin.errors import UserError
 
-    given = [f"--{k.replace('_', '-')}" for k in PROGRAM_SHAPE_FLAGS if getattr(args, k, None) not in (None, False)]
+    given = _given(args, PROGRAM_SHAPE_FLAGS)
     if given:
         raise UserError(f"--program brings its own schedule and shape; drop {', '.join(given)}")
     if args.resume:

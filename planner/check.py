@@ -359,13 +359,13 @@ def inflight_bound(p: Program, stage: int) -> int:
 
 def open_cap(p: Program) -> int | None:
     """Microbatch-chunks a worker may hold awaiting their weight gradient under the family's convention (None: no cap)."""
-    cap = p.spec.traits.open_cap
-    if cap is None:
+    fam = p.spec.traits
+    if fam.open_cap is None:
         return None
-    base = cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
-    if p.spec.traits.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g: g the first group, P when P | M
-        base += looped_warmup_extra(p.spec.stages, p.spec.chunks, p.spec.microbatches, len(p.stage_workers[0]))
-    return math.floor(base + 1e-9)  # a whole count (V-Min's a·L₀ + b is fractional)
+    cap = fam.open_cap_at(max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))))
+    if fam.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g: g the first group, P when P | M
+        cap += looped_warmup_extra(p.spec.stages, p.spec.chunks, p.spec.microbatches, len(p.stage_workers[0]))
+    return cap
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:

@@ -99,9 +99,15 @@ def canonical_config(source: str, gpus: int, global_batch: int, micro_batch: int
             f"|layers={layers}|seq={seq}|tp={tp}|dp={dp}|pp={pp}")
 
 
+def config_hash(canonical: str) -> int:
+    """The SHA-256 of a canonical config string as a big-endian integer: what the calibration rule (and the
+    calibration rows' cross-validation folds, ``validation.groundtruth_cv``) split rows by."""
+    return int(hashlib.sha256(canonical.encode("utf-8")).hexdigest(), 16)
+
+
 def is_calibration(canonical: str) -> bool:
     """True iff the row whose canonical config string is ``canonical`` belongs to the calibration set."""
-    return int(hashlib.sha256(canonical.encode("utf-8")).hexdigest(), 16) % CALIBRATION_MODULUS == 0
+    return config_hash(canonical) % CALIBRATION_MODULUS == 0
 
 
 # ---------------------------------------------------------------------- rows

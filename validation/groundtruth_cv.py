@@ -23,9 +23,9 @@ import argparse
 import sys
 import time
 
-from validation.groundtruth import (CALIBRATION_MODULUS, SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, DeviceCalibration, RowModel,
-                                    config_hash, fit_calibration, fit_shape_table, load_rows, predict_row_s, row_model,
-                                    why_not_expressible)
+from validation.groundtruth import (CALIBRATION_MODULUS, DeviceCalibration, RowModel, config_hash, fit_calibration,
+                                    load_rows, row_model, why_not_expressible)
+from validation.shape_table import SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, fit_shape_table, predict_row_s
 
 #: (min rows per shape, shrinkage pseudo-rows): the primary design first, then the variants reported beside it.
 DESIGNS = ((SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS), (1, 0.0), (1, 1.0), (3, 1.0), (2, 0.0))

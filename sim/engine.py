@@ -30,7 +30,11 @@ the one a run of every worker gives.
 
 The module is longer than most because compiling a worker's actions into plain
 tuples and the device process that runs them are one hot loop, kept together and
-flat for speed (``benchmarks/bench_sim.py``'s goals).
+flat for speed (``benchmarks/bench_sim.py``'s goals), and because the symmetry
+bookkeeping (which workers are simulated, how many arrivals an all-reduce waits for,
+which flows a folded run starts, how its log is mirrored back onto every worker) edits
+that loop's own state; ``sim.symmetry`` and ``sim.fold`` decide what to fold, this
+module applies it.
 """
 from __future__ import annotations
 

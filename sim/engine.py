@@ -478,8 +478,14 @@ class _Run:
         if self.fold is None:
             return phases
         devs = self.sim_devices
-        made: dict[int, Phase] = {}
-        return [made.setdefault(id(ph), [f for f in ph if f[0] in devs]) for ph in phases]
+        made: dict[int, Phase] = {}  # a ring repeats one phase object: filter it once, share the result
+        out = []
+        for ph in phases:
+            kept = made.get(id(ph))
+            if kept is None:
+                kept = made[id(ph)] = [f for f in ph if f[0] in devs]
+            out.append(kept)
+        return out
 
     # --- run and write the trace -------------------------------------------------------
     def run(self, progress: Progress | None) -> Trace:

@@ -41,8 +41,8 @@ their blocks' ⌊(P + 2)/2⌋ and ⌊(P + 4)/3⌋ whole microbatches) of saved b
 recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
 selective: all but the attention core), plus what one layer's backward rebuilds.
 
-Why one module of ~590 lines: time, memory, all-reduce and link-load pricing (TP rings included)
-are one evaluation that the partitioner reproduces term by term and the search ranks by; the
+Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
+link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the
 TP and link-load pricing is the part that can move out once the partitioner shares it.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.program import FAMILY, interleaved_groups, rank_of
+from planner.program import FAMILY, looped_warmup_extra, rank_of
 from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
@@ -390,7 +390,7 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         elif fam.open_cap:  # the other V families: the chunk-microbatches a rank may hold awaiting BW (a whole number)
             depth = math.floor(fam.open_cap[0] * P * V + fam.open_cap[1] + 1e-9)
             if fam.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g, g its first group (check.open_cap)
-                depth += (V - 1) * max(0, interleaved_groups(P, math.ceil(M / r))[0] - P)
+                depth += looped_warmup_extra(P, V, M, r)
             depth = min(depth, M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V

@@ -17,9 +17,10 @@ compute actions (the TP collectives run inside each F/B/BI/BW); point-to-point
 goes from TP rank t to TP rank t of the peer replica, and a stage's all-reduce
 runs among the replicas' workers of one TP rank.
 
-Why one module of ~570 lines: the IR, the schedule spec and the family registry with its spec
-helpers are one vocabulary that check, the generators and both interpreters read; the helpers
-sit beside ``ScheduleSpec`` on purpose, which is what broke the check <-> schedules import circle.
+Why one module of ~700 lines: the IR (with its text and JSON forms), the schedule spec and the family
+registry with its spec helpers (in-flight limits, interleaved groups, even layer ranges) are one
+vocabulary that check, the generators, the passes and both interpreters read; the helpers sit beside
+``ScheduleSpec`` on purpose, which is what broke the check <-> schedules import circle.
 """
 from __future__ import annotations
 
@@ -421,6 +422,15 @@ def interleaved_groups(P: int, M: int) -> list[int]:
     rounds = max(1, M // P)
     base, extra = divmod(M, rounds)
     return [base + 1] * extra + [base] * (rounds - extra)
+
+
+def looped_warmup_extra(P: int, V: int, M: int, R: int) -> int:
+    """Chunk-microbatches beyond P·V that a worker of interleaved zero bubble holds awaiting their BW:
+    (V − 1)·(g − P), g the largest first group (``interleaved_groups``) of any replica's share of M —
+    ⌊M/R⌋ or ⌈M/R⌉, and the smaller share can have the larger group (P = 2: 3 makes one group of 3,
+    4 two of 2); 0 when P divides every share."""
+    first = max(interleaved_groups(P, n)[0] for n in {M // R, -(-M // R)} if n)
+    return (V - 1) * max(0, first - P)
 
 
 def validate_spec(spec: ScheduleSpec) -> None:

@@ -1,8 +1,9 @@
 """Schedule generators: every family's per-worker compute order, lowered into a checked Program.
 
-``generate(spec)`` is the one path: order compute → add steps (and all-reduces)
-→ assign weight versions → insert communication → ``check``. Each pass is a
-pure function over the action dict and is testable alone.
+``generate(spec)`` is the one path: order compute (this module's ``ORDERS``) →
+``planner.passes.lower`` (add steps and all-reduces → assign weight versions →
+insert communication → ``check``). The passes live in ``planner.passes`` and are
+re-exported here, so ``from planner.schedules import add_steps`` keeps working.
 
 Workers and placement come from the family's traits (planner.program.FAMILY and
 ``stage_workers``): stage s's replicas get consecutive worker ids (stage 0 first);
@@ -19,7 +20,7 @@ import heapq
 import math
 from typing import Callable
 
-from planner.check import check
+from planner.passes import add_communication, add_steps, add_versions, lower
 from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, interleaved_groups,
                              make_spec, stage_workers, validate_spec)
 
@@ -94,20 +95,27 @@ def order_interleaved(spec: ScheduleSpec) -> dict[int, list[Action]]:
         for b in range(spec.batches):
             mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
             n, groups = len(mbs), interleaved_groups(P, len(mbs))
-            order: list[tuple[int, int]] = []  # (chunk, index into mbs) of the k-th forward
-            start = 0
-            for g in groups:
-                order += [(c, start + j) for c in range(V) for j in range(g)]
-                start += g
+            order = _chunk_cycle(V, mbs, groups)
             total = n * V
             for d in range(P):
                 warm = total if n == P else min((P - d - 1) * 2 + (V - 1) * groups[0], total)
-                fwd = [Action(c * P + d, Kind.F, mbs[i]) for c, i in order]
-                bwd = [Action((V - 1 - c) * P + d, Kind.B, mbs[i]) for c, i in order]
+                fwd = [Action(c * P + d, Kind.F, i) for c, i in order]
+                bwd = [Action((V - 1 - c) * P + d, Kind.B, i) for c, i in order]
                 seq = fwd[:warm]
                 for k in range(total - warm):
                     seq += [fwd[warm + k], bwd[k]]
                 out[d * R + r] += seq + bwd[total - warm:]
+    return out
+
+
+def _chunk_cycle(V: int, mbs: list[int], groups: list[int]) -> list[tuple[int, int]]:
+    """The interleaved forward order, (chunk, microbatch) of the k-th forward: each group of ``mbs`` (sizes
+    ``groups``) through chunk 0, then chunk 1, …, chunk V − 1; the backwards run it with the chunks reversed."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    for g in groups:
+        out += [(c, mbs[start + j]) for c in range(V) for j in range(g)]
+        start += g
     return out
 
 
@@ -319,7 +327,7 @@ def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
         for b in range(spec.batches):
             mbs = [i for i in range(b * M, (b + 1) * M) if i % R == r]
             groups = interleaved_groups(P, len(mbs))
-            cycle = [(c, mbs[start + j]) for n, start in zip(groups, _starts(groups)) for c in range(V) for j in range(n)]
+            cycle = _chunk_cycle(V, mbs, groups)
             total = len(cycle)
             for d in range(P):
                 fwd = [Action(c * P + d, Kind.F, i) for c, i in cycle]
@@ -337,8 +345,6 @@ def order_interleaved_zb(spec: ScheduleSpec) -> dict[int, list[Action]]:
     return out
 
 
-def _starts(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:k]) for k in range(len(sizes))]
 
 
 def _weight_grad(a: Action) -> Action:
@@ -554,140 +560,6 @@ REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
 }
 
 
-# --- passes ----------------------------------------------------------------------------
-def _finishes_weight_grad(a: Action) -> bool:
-    return a.kind in (Kind.B, Kind.BW)
-
-
-def add_steps(spec: ScheduleSpec, sw: tuple[tuple[int, ...], ...], actions: dict[int, list[Action]]) -> dict[int, list[Action]]:
-    """Insert ALLREDUCE (when a stage is replicated) and STEP after each update point.
-
-    Flush schedules and 2BW: after a replica's last backward of each batch.
-    PipeDream: after every backward (round k = the replica's k-th backward);
-    replicas with fewer minibatches join the last rounds with no gradient.
-    """
-    out: dict[int, list[Action]] = {}
-    per_backward = not spec.traits.batched
-    for w, acts in actions.items():
-        new: list[Action] = []
-        if per_backward:
-            rounds: dict[int, int] = {}
-            for a in acts:
-                new.append(a)
-                if _finishes_weight_grad(a):
-                    k = rounds.get(a.stage, 0)
-                    rounds[a.stage] = k + 1
-                    new += _update(a.stage, k, len(sw[a.stage]) > 1)
-            for s in (s for s, ws in enumerate(sw) if w in ws):
-                r = len(sw[s])
-                total_rounds = math.ceil(spec.microbatches / r)
-                for k in range(rounds.get(s, 0), total_rounds):
-                    new += _update(s, k, r > 1)
-        else:
-            last: dict[tuple[int, int], int] = {}
-            for idx, a in enumerate(acts):
-                if _finishes_weight_grad(a):
-                    last[(a.stage, spec.batch_of(a.mb))] = idx
-            after = {idx: key for key, idx in last.items()}
-            for idx, a in enumerate(acts):
-                new.append(a)
-                if idx in after:
-                    s, b = after[idx]
-                    new += _update(s, b, len(sw[s]) > 1)
-        out[w] = new
-    return out
-
-
-def _update(stage: int, k: int, replicated: bool) -> list[Action]:
-    acts = [Action(stage, Kind.ALLREDUCE, k)] if replicated else []
-    return acts + [Action(stage, Kind.STEP, k, version=k + 1)]
-
-
-def add_versions(spec: ScheduleSpec, actions: dict[int, list[Action]]) -> dict[int, list[Action]]:
-    """Tag each compute action with the weight version it uses.
-
-    Flush schedules: the batch index. 2BW: max(0, batch − 1) (one-step-stale
-    gradients). PipeDream: the version current at the forward (steps done so far
-    on that stage), kept by the backward (weight stashing); with vertical sync,
-    the version stage 0 used for that minibatch.
-    """
-    versions = spec.traits.versions
-    if versions == "batch":
-        rule = lambda a, steps, fv: spec.batch_of(a.mb)
-    elif versions == "stale":
-        rule = lambda a, steps, fv: max(0, spec.batch_of(a.mb) - 1)
-    else:
-        rule = None
-    out: dict[int, list[Action]] = {}
-    fwd_version: dict[tuple[int, int], int] = {}
-    if rule is None:
-        # PipeDream: stage-0 versions first (vertical sync reads them)
-        order = sorted(actions, key=lambda w: min((a.stage for a in actions[w]), default=0))
-        for w in order:
-            steps: dict[int, int] = {}
-            new = []
-            for a in actions[w]:
-                if a.kind is Kind.STEP:
-                    steps[a.stage] = a.version
-                    new.append(a)
-                elif a.kind is Kind.F:
-                    v = fwd_version[(0, a.mb)] if spec.vertical_sync and a.stage > 0 else steps.get(a.stage, 0)
-                    fwd_version[(a.stage, a.mb)] = v
-                    new.append(_with_version(a, v))
-                elif a.is_compute:
-                    new.append(_with_version(a, fwd_version[(a.stage, a.mb)]))
-                else:
-                    new.append(a)
-            out[w] = new
-        return out
-    for w, acts in actions.items():
-        out[w] = [_with_version(a, rule(a, None, None)) if a.is_compute else a for a in acts]
-    return out
-
-
-def _with_version(a: Action, v: int) -> Action:
-    return Action(a.stage, a.kind, a.mb, v, a.peer, a.grad, a.nbytes)
-
-
-def add_communication(
-    spec: ScheduleSpec,
-    sw: tuple[tuple[int, ...], ...],
-    actions: dict[int, list[Action]],
-    act_bytes: Callable[[int], int] | None = None,
-    allreduce_bytes: Callable[[int], int] | None = None,
-) -> dict[int, list[Action]]:
-    """Insert RECV right before each consumer and SEND right after each producer.
-
-    A forward of stage s > 0 receives stage s − 1's activation; a backward (or
-    BI) of stage s < S − 1 receives stage s + 1's gradient. Nothing is sent when
-    producer and consumer share a worker. ``act_bytes(s)`` gives the bytes
-    crossing the boundary after stage s; ``allreduce_bytes(s)`` the gradient
-    bytes of stage s.
-    """
-    S = len(sw)
-    of = lambda s, i: sw[s][i % len(sw[s])]
-    nb = act_bytes or (lambda s: 0)
-    ab = allreduce_bytes or (lambda s: 0)
-    out: dict[int, list[Action]] = {}
-    for w, acts in actions.items():
-        new: list[Action] = []
-        for a in acts:
-            s, i, v = a.stage, a.mb, a.version
-            if a.kind is Kind.F and s > 0 and of(s - 1, i) != w:
-                new.append(Action(s, Kind.RECV, i, v, of(s - 1, i), False, int(nb(s - 1))))
-            elif a.kind in (Kind.B, Kind.BI) and s < S - 1 and of(s + 1, i) != w:
-                new.append(Action(s, Kind.RECV, i, v, of(s + 1, i), True, int(nb(s))))
-            if a.kind is Kind.ALLREDUCE:
-                a = Action(s, a.kind, a.mb, a.version, None, False, int(ab(s)))
-            new.append(a)
-            if a.kind is Kind.F and s < S - 1 and of(s + 1, i) != w:
-                new.append(Action(s, Kind.SEND, i, v, of(s + 1, i), False, int(nb(s))))
-            elif a.kind in (Kind.B, Kind.BI) and s > 0 and of(s - 1, i) != w:
-                new.append(Action(s, Kind.SEND, i, v, of(s - 1, i), True, int(nb(s - 1))))
-        out[w] = new
-    return out
-
-
 def generate(
     spec: ScheduleSpec,
     act_bytes: Callable[[int], int] | None = None,
@@ -699,21 +571,3 @@ def generate(
     if spec.family in REQUIRES:
         REQUIRES[spec.family](spec)
     return lower(spec, stage_workers(spec), ORDERS[spec.family](spec), act_bytes, allreduce_bytes, check_program)
-
-
-def lower(
-    spec: ScheduleSpec,
-    sw: tuple[tuple[int, ...], ...],
-    compute: dict[int, list[Action]],
-    act_bytes: Callable[[int], int] | None = None,
-    allreduce_bytes: Callable[[int], int] | None = None,
-    check_program: bool = True,
-) -> Program:
-    """Compute orders (a generator's, or an imported program's) → steps → versions → communication → check."""
-    acts = add_steps(spec, sw, compute)
-    acts = add_versions(spec, acts)
-    acts = add_communication(spec, sw, acts, act_bytes, allreduce_bytes)
-    prog = Program(spec=spec, stage_workers=sw, actions=acts)
-    if check_program:
-        check(prog)
-    return prog

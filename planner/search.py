@@ -9,6 +9,10 @@ Two entry points:
 
 The planner never imports the simulator: pass ``score`` (a plan → seconds per
 sample, lower is better) to re-rank the cost model's top-k by simulation.
+
+Why one module of ~520 lines: ``capacity`` bisects over ``plan_model``, and ``plan_model`` is one
+enumeration (families × microbatch counts × grids, multi-stage and regular partitions, refinement)
+ranked by one key; the private helpers are that enumeration's steps, with no caller outside it.
 """
 from __future__ import annotations
 

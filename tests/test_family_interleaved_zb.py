@@ -156,7 +156,7 @@ def test_a_full_backward_does_not_belong_to_a_split_family():
 
 # --- the cost model's memory ------------------------------------------------------------------
 @pytest.mark.parametrize("P,M,V,R", [(4, 8, 2, 1), (4, 6, 2, 1), (4, 6, 3, 1), (4, 7, 3, 1), (2, 3, 2, 1), (3, 5, 2, 1),
-                                     (2, 6, 2, 2), (2, 10, 3, 2)])
+                                     (2, 6, 2, 2), (2, 10, 3, 2), (2, 7, 2, 2), (3, 11, 2, 2)])
 def test_the_cost_models_peak_per_device_is_the_simulators(P, M, V, R):
     """one layer per chunk, saved bytes only: the planner charges each device what the simulator holds,
     (V − 1)·g + P chunks when P does not divide M (charging P·V there let the planner pick plans that overflow)."""

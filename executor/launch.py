@@ -89,9 +89,9 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
         ExecutorError: bad plan or model (before launch); WorkerFailed (a subclass) when a worker failed.
     """
     t_start = time.perf_counter()
-    cfg = RunConfig(plan=_as_plan(plan).to_dict(), timeout_s=_timeout(timeout_s), seed=int(seed), dtype=dtype,
+    cfg = RunConfig(plan=_as_plan(plan).to_dict(), timeout_s=float(timeout_s), seed=int(seed), dtype=dtype,
                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                    checkpoint_every=_every(checkpoint_every), resume=bool(resume), track_memory=track_memory)
+                    checkpoint_every=int(checkpoint_every), resume=bool(resume), track_memory=track_memory)
     return _run(cfg, backend, device, save_weights, keep_dir, t_start)
 
 
@@ -128,22 +128,10 @@ def run_program(program: Program | dict | str | os.PathLike, model: str, *, micr
     except ProgramFileError as e:
         raise ExecutorError(e.args[0]) from None
     cfg = RunConfig(program=doc, model=model, microbatch_size=int(microbatch_size), lr=float(lr), recompute=recompute,
-                    sequence_parallel=bool(sequence_parallel), timeout_s=_timeout(timeout_s), seed=int(seed),
+                    sequence_parallel=bool(sequence_parallel), timeout_s=float(timeout_s), seed=int(seed),
                     dtype=dtype, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                    checkpoint_every=_every(checkpoint_every), track_memory=track_memory)
+                    checkpoint_every=int(checkpoint_every), track_memory=track_memory)
     return _run(cfg, backend, device, save_weights, keep_dir, t_start)
-
-
-def _timeout(timeout_s: float) -> float:
-    if not timeout_s > 0:
-        raise ExecutorError("--timeout must be > 0 seconds")
-    return float(timeout_s)
-
-
-def _every(checkpoint_every: int) -> int:
-    if checkpoint_every < 0:
-        raise ExecutorError("--checkpoint-every must be >= 0")
-    return int(checkpoint_every)
 
 
 def _run(cfg: RunConfig, backend: str, device: str, save_weights, keep_dir, t_start: float) -> RunResult:

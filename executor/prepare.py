@@ -112,6 +112,10 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ExecutorError("a run needs either a plan or a program (exactly one)")
     if cfg.dtype not in DTYPES:
         raise ExecutorError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not cfg.timeout_s > 0:
+        raise ExecutorError("--timeout must be > 0 seconds")
+    if cfg.checkpoint_every < 0:
+        raise ExecutorError("--checkpoint-every must be >= 0")
     if (cfg.checkpoint_every or cfg.resume) and not cfg.checkpoint_dir:
         raise ExecutorError("--checkpoint-every and --resume need --checkpoint-dir")
     if cfg.plan is not None:

@@ -60,6 +60,14 @@ def _write_json(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_world(prep: Prepared, world: int, what: str = "program") -> None:
+    """The run has one process per worker of the program (nothing to check when a resume left nothing to run)."""
+    if prep.program is not None and len(prep.program.workers) != world:
+        n = len(prep.program.workers)
+        raise ExecutorError(f"the {what} needs {n} workers but the run has {world} processes; launch with "
+                            f"--nproc-per-node x --nnodes = {n}")
+
+
 def run_rank(cfg: RunConfig, rank: int, world: int, out_dir: str | None, store=None, progress=None) -> tuple[int, dict | None]:
     """Run one rank to the end: (0, None) on success, else (1, error record), also written to out_dir when given."""
     prep = None
@@ -67,9 +75,7 @@ def run_rank(cfg: RunConfig, rank: int, world: int, out_dir: str | None, store=N
         prep = prepare(cfg)
         if prep.program is None:
             raise ExecutorError("nothing left to run: the checkpoint already covers every batch")
-        if len(prep.program.workers) != world:
-            raise ExecutorError(f"the program needs {len(prep.program.workers)} workers but the run has {world} "
-                                f"processes; launch with --nproc-per-node x --nnodes = {len(prep.program.workers)}")
+        _check_world(prep, world)
         device = init_process_group(cfg.backend, cfg.device, cfg.timeout_s, rank, world, store)
         worker = StageWorker(cfg, prep, rank, device, progress)
         worker.setup()
@@ -154,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = RunConfig(plan=Plan.load(args.plan).to_dict(), **common)
         prep = prepare(cfg)
-        if prep.program is not None and len(prep.program.workers) != world:
-            raise ExecutorError(f"the {'program' if args.program else 'plan'} needs {len(prep.program.workers)} "
-                                f"workers but the run has {world} processes; launch with --nproc-per-node x "
-                                f"--nnodes = {len(prep.program.workers)}")
+        _check_world(prep, world, "program" if args.program else "plan")
     except (ExecutorError, PlanError, ProgramFileError) as e:
         print(f"pipetwin worker {rank}: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -194,8 +194,9 @@ def check_calibration_topology(calibration, topology) -> None:
 def read_program(path: str, command: str):
     """The program file ``--program FILE`` names (``simulate`` and ``run`` take it), loaded; when it keeps the laws
     but its order or placement is not what its declared family generates, one warning line on stderr says where
-    (it still runs as written: ``planner.check.declared_family_differs``). A file that breaks a law gets no
-    warning: the command refuses it in one line."""
+    (it still runs as written: ``planner.check.declared_family_differs``). A document that does not agree with
+    itself (``Program.check_shape``) is refused here, in one line; one that breaks a law gets no warning: the
+    command refuses it in one line."""
     import sys
 
     from planner.check import check, declared_family_differs
@@ -203,8 +204,8 @@ def read_program(path: str, command: str):
     from topologies.errors import InputError
 
     program = Program.load(path)
+    program.check_shape()
     try:
-        program.check_shape()
         check(program)
     except InputError:
         return program

@@ -115,9 +115,14 @@ def _run_program(args):
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed,
                       dtype=args.dtype, device=args.device)
     spec = program.spec
-    what = (f"{spec.microbatches} minibatches" if spec.family == "pipedream"
-            else f"{spec.batches} batch(es) x {spec.microbatches} microbatches")
-    return res, f"program {args.program} ({spec.family}) of {args.model}", what, mbs
+    return res, f"program {args.program} ({spec.family}) of {args.model}", _what(spec.family, spec.batches,
+                                                                               spec.microbatches), mbs
+
+
+def _what(family: str, batches: int, microbatches: int) -> str:
+    """What a run of a plan or a program computed, in words (PipeDream streams minibatches, no batches)."""
+    return (f"{microbatches} minibatches" if family == "pipedream"
+            else f"{batches} batch(es) x {microbatches} microbatches")
 
 
 def run(args) -> int:
@@ -138,8 +143,7 @@ def run(args) -> int:
                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                        seed=args.seed, dtype=args.dtype, device=args.device)
         title, mbs, T = f"{plan.schedule} of {plan.model}", plan.microbatch_size, plan.tensor_parallel
-        what = (f"{plan.microbatches} minibatches" if plan.schedule == "pipedream"
-                else f"{plan.batches} batch(es) x {plan.microbatches} microbatches")
+        what = _what(plan.schedule, plan.batches, plan.microbatches)
     if args.trace:
         res.trace.save(args.trace)
     s = res.summary()

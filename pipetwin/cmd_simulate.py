@@ -176,7 +176,6 @@ def _simulate_program(args, params):
     if not args.model or not args.topology:
         raise UserError("--program needs --model and --topology (e.g. --model uniform:layers=8 --topology ideal:4)")
     program = read_program(args.program, "simulate")
-    program.check_shape()
     topology = load_topology(args.topology)
     if len(program.workers) > len(topology.devices):
         raise UserError(f"the program has {len(program.workers)} workers but topology {topology.name!r} has "

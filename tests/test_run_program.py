@@ -261,6 +261,22 @@ def test_torchrun_worker_refuses_a_world_that_is_not_the_programs(tmp_path, caps
     assert len(err.splitlines()) == 1 and "needs 2 workers but the run has 3 processes" in err, err
 
 
+@pytest.mark.parametrize("argv,needle", [(["--timeout", "0"], "--timeout must be > 0"),
+                                         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0")])
+def test_torchrun_worker_refuses_the_settings_the_launcher_refuses(argv, needle, tmp_path, capsys, monkeypatch):
+    """The timeout and checkpoint interval are checked in prepare, the route both launchers take: under torchrun
+    a zero timeout was handed to the process group (only the local launcher refused it)."""
+    from executor.worker import main as worker_main
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_program_doc()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert worker_main(["--program", str(path), "--model", MODEL, "--backend", "gloo", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
 @pytest.mark.dist
 @pytest.mark.timeout(60)
 def test_a_worker_that_hangs_in_a_program_run_is_named_within_the_timeout(tmp_path, monkeypatch):

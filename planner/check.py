@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, inflight_limit, looped_warmup_extra
+from planner.program import Action, Kind, Program, ScheduleError, inflight_limit, looped_warmup_extra
 from planner.trace import Event, Trace
 from topologies.errors import InputError
 
@@ -424,8 +424,7 @@ def declared_family_differs(program: Program) -> str | None:
     written in both interpreters, but the cost model and the planner price the declared family's bubble and
     memory; the line this returns says so, and where the first difference is.
     """
-    from planner.program import ScheduleError
-    from planner.schedules import generate
+    from planner.schedules import generate  # schedules imports check: the generator is read at call time
 
     fam = program.spec.traits
     if not fam.generated:

@@ -22,7 +22,10 @@ This module builds one from closed forms:
 
 The module is longer than most because it holds the closed forms of three model
 families (transformers per TP rank, CNNs, PipeDream's measured profiles) and the one
-spec grammar that names them all; splitting them would split that grammar.
+spec grammar that names them all; splitting them would split that grammar. The
+transformer's block shape (:func:`block_key`, what a device calibration's per-shape
+table is keyed by) stays beside the closed forms it replaces: the key must name exactly
+the fields those forms read.
 
 Units and conventions (per reference microbatch of one sample = one sequence
 for a transformer, one 224×224 image for a CNN):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, inflight_limit, looped_warmup_extra
+from planner.program import Action, Kind, Program, ScheduleError, inflight_limit, looped_warmup_extra
 from planner.trace import Event, Trace
 from topologies.errors import InputError
 
@@ -359,13 +359,13 @@ def inflight_bound(p: Program, stage: int) -> int:
 
 def open_cap(p: Program) -> int | None:
     """Microbatch-chunks a worker may hold awaiting their weight gradient under the family's convention (None: no cap)."""
-    cap = p.spec.traits.open_cap
-    if cap is None:
+    fam = p.spec.traits
+    if fam.open_cap is None:
         return None
-    base = cap[0] * max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))) + cap[1]
-    if p.spec.traits.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g: g the first group, P when P | M
-        base += looped_warmup_extra(p.spec.stages, p.spec.chunks, p.spec.microbatches, len(p.stage_workers[0]))
-    return math.floor(base + 1e-9)  # a whole count (V-Min's a·L₀ + b is fractional)
+    cap = fam.open_cap_at(max(inflight_limit(p.spec, s) for s in range(len(p.stage_workers))))
+    if fam.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g: g the first group, P when P | M
+        cap += looped_warmup_extra(p.spec.stages, p.spec.chunks, p.spec.microbatches, len(p.stage_workers[0]))
+    return cap
 
 
 def max_inflight(p: Program) -> dict[tuple[int, int], int]:
@@ -424,8 +424,7 @@ def declared_family_differs(program: Program) -> str | None:
     written in both interpreters, but the cost model and the planner price the declared family's bubble and
     memory; the line this returns says so, and where the first difference is.
     """
-    from planner.program import ScheduleError
-    from planner.schedules import generate
+    from planner.schedules import generate  # schedules imports check: the generator is read at call time
 
     fam = program.spec.traits
     if not fam.generated:

@@ -251,7 +251,7 @@ def held_until_weight_grad(family: str, microbatches: int, inflight_count: int, 
     fam = FAMILY[family]
     if fam.open_cap is None or fam.backward != "split":
         return inflight_count
-    cap = math.floor(fam.open_cap[0] * limit0 + fam.open_cap[1] + 1e-9)
+    cap = fam.open_cap_at(limit0)
     return max(inflight_count, min(cap, math.ceil(microbatches / replicas)))
 
 
@@ -388,7 +388,7 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         elif fam.held_whole:  # V-Half, V-Min: the block's lifespans, ⌊(P + b)/a⌋ whole microbatches (V chunks each)
             depth = min(V * ((P + fam.held_whole[1]) // fam.held_whole[0]), M * V)
         elif fam.open_cap:  # the other V families: the chunk-microbatches a rank may hold awaiting BW (a whole number)
-            depth = math.floor(fam.open_cap[0] * P * V + fam.open_cap[1] + 1e-9)
+            depth = fam.open_cap_at(P * V)
             if fam.placement == "looped":  # interleaved zero bubble warms up (V − 1)·g, g its first group (check.open_cap)
                 depth += looped_warmup_extra(P, V, M, r)
             depth = min(depth, M * V)

@@ -268,6 +268,13 @@ class Family:
         """Microbatches come in batches of M (all but PipeDream, whose M is the stream's length)."""
         return self.versions != "stash"
 
+    def open_cap_at(self, limit0: int) -> int | None:
+        """``open_cap``'s a·L₀ + b for a pipeline whose 1F1B depth is ``limit0``, as the whole count of
+        microbatch-chunks it is (V-Min's a and b are fractions); None when the family sets no cap."""
+        if self.open_cap is None:
+            return None
+        return math.floor(self.open_cap[0] * limit0 + self.open_cap[1] + 1e-9)
+
     @property
     def multi_stage(self) -> bool:
         """A rank may hold more than one stage."""

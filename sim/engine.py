@@ -30,7 +30,11 @@ the one a run of every worker gives.
 
 The module is longer than most because compiling a worker's actions into plain
 tuples and the device process that runs them are one hot loop, kept together and
-flat for speed (``benchmarks/bench_sim.py``'s goals).
+flat for speed (``benchmarks/bench_sim.py``'s goals), and because the symmetry
+bookkeeping (which workers are simulated, how many arrivals an all-reduce waits for,
+which flows a folded run starts, how its log is mirrored back onto every worker) edits
+that loop's own state; ``sim.symmetry`` and ``sim.fold`` decide what to fold, this
+module applies it.
 """
 from __future__ import annotations
 
@@ -474,8 +478,14 @@ class _Run:
         if self.fold is None:
             return phases
         devs = self.sim_devices
-        made: dict[int, Phase] = {}
-        return [made.setdefault(id(ph), [f for f in ph if f[0] in devs]) for ph in phases]
+        made: dict[int, Phase] = {}  # a ring repeats one phase object: filter it once, share the result
+        out = []
+        for ph in phases:
+            kept = made.get(id(ph))
+            if kept is None:
+                kept = made[id(ph)] = [f for f in ph if f[0] in devs]
+            out.append(kept)
+        return out
 
     # --- run and write the trace -------------------------------------------------------
     def run(self, progress: Progress | None) -> Trace:

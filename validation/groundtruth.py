@@ -9,7 +9,7 @@ recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
   (``planner.efficiency``) at the row's microbatch size.
 * **Per-shape tier**: the calibration also holds a table of block times keyed by the block's GEMM shape
   (``planner.efficiency.BlockTiming``: hidden, heads, sequence, TP degree, microbatch), fitted on the
-  calibration rows (:func:`fit_shape_table`: the smooth model's block times scaled by one factor per
+  calibration rows (``validation.shape_table``: the smooth model's block times scaled by one factor per
   shape, shrunk towards 1); a row whose shape is listed takes the table's block times, the others the
   smooth model, and each row says which (``block_timing``). Adopted by the calibration rows' own
   cross-validation (``validation.groundtruth_cv``), never by a scored row.
@@ -43,8 +43,9 @@ split over both files. The efficiency model is fitted on calibration rows only a
 other row is scored; a calibration row is never scored.
 
 One module, longer than most, because the rule, the rows, their plans, the closed form and the
-scoring are one argument read top to bottom; the report lives in ``validation.groundtruth_report``
-and the extra published table in ``validation.groundtruth_published``.
+scoring are one argument read top to bottom; the per-shape tier's fit lives in ``validation.shape_table``,
+the report in ``validation.groundtruth_report`` and the extra published table in
+``validation.groundtruth_published``.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ from pathlib import Path
 from planner.analytic import (BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_key, block_work,
                               embedding_work, head_work, transformer_profile)
 from planner.efficiency import (DEFAULT_PARAMS, BlockKey, BlockTiming, DeviceCalibration, EfficiencyParams, Work, fit,
-                                fit_shape_factors, optimizer_step_s, work_time_s)
+                                optimizer_step_s, work_time_s)
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recomputed_tp_allreduces
@@ -66,6 +67,7 @@ from topologies.devices import device_kind
 from topologies.errors import InputError
 from topologies.presets import load_topology
 from topologies.topology import Topology
+from validation.shape_table import SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, SHAPE_TABLE, fit_shape_table, predict_row_s
 
 #: A row is a calibration row iff sha256(canonical config) mod CALIBRATION_MODULUS == 0.
 CALIBRATION_MODULUS = 5
@@ -99,9 +101,15 @@ def canonical_config(source: str, gpus: int, global_batch: int, micro_batch: int
             f"|layers={layers}|seq={seq}|tp={tp}|dp={dp}|pp={pp}")
 
 
+def config_hash(canonical: str) -> int:
+    """The SHA-256 of a canonical config string as a big-endian integer: what the calibration rule (and the
+    calibration rows' cross-validation folds, ``validation.groundtruth_cv``) split rows by."""
+    return int(hashlib.sha256(canonical.encode("utf-8")).hexdigest(), 16)
+
+
 def is_calibration(canonical: str) -> bool:
     """True iff the row whose canonical config string is ``canonical`` belongs to the calibration set."""
-    return int(hashlib.sha256(canonical.encode("utf-8")).hexdigest(), 16) % CALIBRATION_MODULUS == 0
+    return config_hash(canonical) % CALIBRATION_MODULUS == 0
 
 
 # ---------------------------------------------------------------------- rows
@@ -637,41 +645,12 @@ def best_pick(scored: list[Scored]) -> tuple[int, int]:
     return hits, n
 
 
-#: The per-shape tier's fit (``planner.efficiency.fit_shape_factors``): a shape needs this many calibration
-#: rows, and its factor is shrunk towards the smooth model as if this many more rows agreed with it.
-SHAPE_MIN_ROWS = 2
-SHAPE_PRIOR_ROWS = 1.0
-#: Whether ``groundtruth`` fits the per-shape tier (decided by the calibration rows' cross-validation,
-#: ``validation.groundtruth_cv``; the README records the rule and its figures).
-SHAPE_TABLE = True
-
-
-def fit_shape_table(models: list[RowModel], p: EfficiencyParams, gradient_bytes: int,
-                    min_rows: int = SHAPE_MIN_ROWS, prior_rows: float = SHAPE_PRIOR_ROWS) -> tuple[BlockTiming, ...]:
-    """Per block shape of ``models`` (calibration rows), the block time that fits their measured iterations
-    best with everything else timed by ``p``: the smooth model's block times scaled by one factor per shape."""
-    groups: dict[BlockKey, list[RowModel]] = {}
-    for m in models:
-        groups.setdefault(m.key, []).append(m)
-    smooth = {key: ms[0].smooth_block_s(p) for key, ms in groups.items()}
-
-    def predictor(key: BlockKey):
-        f, b = smooth[key]
-        return lambda c: [m.predict_s(p, gradient_bytes, (c * f, c * b)) for m in groups[key]]
-
-    factors = fit_shape_factors({key: (predictor(key), [m.row.measured_ms / 1e3 for m in ms])
-                                 for key, ms in groups.items()}, prior_rows=prior_rows, min_rows=min_rows)
-    return tuple(BlockTiming(key, c * smooth[key][0], c * smooth[key][1], len(groups[key]),
-                             f"fitted on {len(groups[key])} vTrain calibration rows (factor {c:.3f} on the smooth model)")
-                 for key, c in sorted(factors.items()))
-
-
 def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND, shape_table: bool | None = None) -> DeviceCalibration:
     """Fit the efficiency parameters on the calibration rows' closed-form predictions, once per gradient
     width the DP all-reduce might send (fp32 4 bytes per parameter, Megatron's main gradients; fp16 2,
     DeepSpeed's fp16 engine), keeping the width whose fit leaves the smaller rms error on those rows.
     With ``shape_table`` (default ``SHAPE_TABLE``) the per-shape block times are then fitted on the same
-    rows with the smooth parameters held (:func:`fit_shape_table`)."""
+    rows with the smooth parameters held (``validation.shape_table.fit_shape_table``)."""
     cal = [m for m in models if m.row.calibration]
     if not cal:
         raise GroundTruthError("no calibration rows: the rule picked none of the given rows; give more rows")
@@ -692,12 +671,6 @@ def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND, shape_table
     return DeviceCalibration(kind, res.params, fitted_on="vTrain ground_truth_single/multi.csv calibration rows",
                              rule=CALIBRATION_RULE, n_rows=len(cal), rms_relative_error=rms,
                              gradient_bytes_per_param=g, block_timings=table)
-
-
-def predict_row_s(m: RowModel, cal: DeviceCalibration) -> float:
-    """The row's closed-form seconds under ``cal``: its per-shape block time where the table lists the shape."""
-    t = cal.block_timing(m.key)
-    return m.predict_s(cal.params, cal.gradient_bytes_per_param, (t.forward_s, t.backward_s) if t else None)
 
 
 def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True) -> GroundTruth:

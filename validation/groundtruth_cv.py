@@ -20,19 +20,20 @@ rows. The variants are reported, never chosen among.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 
-from validation.groundtruth import (SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, DeviceCalibration, RowModel, fit_calibration,
-                                    fit_shape_table, load_rows, predict_row_s, row_model, why_not_expressible)
+from validation.groundtruth import (CALIBRATION_MODULUS, DeviceCalibration, RowModel, config_hash, fit_calibration,
+                                    load_rows, row_model, why_not_expressible)
+from validation.shape_table import SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, fit_shape_table, predict_row_s
 
 #: (min rows per shape, shrinkage pseudo-rows): the primary design first, then the variants reported beside it.
 DESIGNS = ((SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS), (1, 0.0), (1, 1.0), (3, 1.0), (2, 0.0))
 
 
 def fold_of(m: RowModel, folds: int) -> int:
-    return (int(hashlib.sha256(m.row.canonical.encode("utf-8")).hexdigest(), 16) // 5) % folds
+    """The calibration row's fold: the config hash's next digit after the calibration rule's mod 5."""
+    return (config_hash(m.row.canonical) // CALIBRATION_MODULUS) % folds
 
 
 def cross_validate(models: list[RowModel], folds: int = 5, designs=DESIGNS) -> dict:

@@ -493,6 +493,37 @@ class RowModel:
                 + p.iteration_overhead_s)
 
 
+#: The closed form's terms, in the order they add up (``closed_form_terms_s``).
+TERMS = ("compute", "tp_comm", "fill_drain", "p2p", "dp_tail", "overhead")
+
+
+def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]:
+    """The closed form's seconds under ``cal`` split into terms that add up to it (``TERMS``), so a row's
+    error can be read against what the model thinks the time is made of:
+
+    * ``compute``: m microbatches of the slowest stage's forward + backward (recomputation included),
+      TP all-reduces left out;
+    * ``tp_comm``: those microbatches' TP all-reduces on the slowest stage;
+    * ``fill_drain``: the pipeline bubble, the other stages' forward + backward of one microbatch;
+    * ``p2p``: the activation and gradient sends along the pipeline (2·Σ c_s);
+    * ``dp_tail``: what the DP gradient all-reduce and the Adam step add after the pipe drains;
+    * ``overhead``: the fitted per-iteration overhead.
+    """
+    p, g = cal.params, cal.gradient_bytes_per_param
+    t = cal.block_timing(m.key)
+    block = (t.forward_s, t.backward_s) if t else None
+    c = m.stage_costs(p, g, block)
+    no_tp = replace(m, links=replace(m.links, tp_allreduce_s=(0.0,) * len(m.links.tp_allreduce_s)))
+    bare = no_tp.stage_costs(p, g, block)
+    fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
+    fb_bare = [f + b for f, b in zip(bare.forward_s, bare.backward_s)]
+    s = max(range(len(fb)), key=fb.__getitem__)
+    M = m.row.microbatches
+    pipe = sum(fb) + (M - 1) * fb[s] + 2.0 * sum(c.p2p_s)
+    return {"compute": M * fb_bare[s], "tp_comm": M * (fb[s] - fb_bare[s]), "fill_drain": sum(fb) - fb[s],
+            "p2p": 2.0 * sum(c.p2p_s), "dp_tail": one_f_one_b_s(c, M) - pipe, "overhead": p.iteration_overhead_s}
+
+
 def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowModel:
     """Precompute ``row``'s link times and kernel inventories (the link times do not depend on the fit)."""
     spec = topology_spec(row.gpus)
@@ -588,6 +619,7 @@ class Scored:
     closed_form_ms: float
     why_closed_form: str = ""  # why the closed form replaced simulation ("" when simulated)
     block_timing: str = "smooth"  # "shape-table": the calibration's per-shape block time; "smooth": the 7 parameters
+    terms_ms: dict[str, float] = field(default_factory=dict, compare=False)  # the closed form split (``closed_form_terms_s``)
     workers_simulated: int = 0  # workers the simulator walked (the trace's own count; 0 under the closed form)
 
     @property
@@ -599,7 +631,8 @@ class Scored:
         d.update(measured_ms=self.row.measured_ms, predicted_ms=round(self.predicted_ms, 4), error=round(self.error, 6),
                  calibration=self.row.calibration, method=self.method, closed_form_ms=round(self.closed_form_ms, 4),
                  why_closed_form=self.why_closed_form, block_timing=self.block_timing,
-                 workers_simulated=self.workers_simulated, shape=self.row.shape, parallelism=self.row.parallelism)
+                 workers_simulated=self.workers_simulated, shape=self.row.shape, parallelism=self.row.parallelism,
+                 closed_form_terms_ms={k: round(v, 4) for k, v in self.terms_ms.items()})
         return d
 
 
@@ -728,10 +761,12 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
         timing = cal.block_timing(m.key)
         tier = "shape-table" if timing else "smooth"
         closed = predict_row_s(m, cal) * 1e3
+        terms = {k: v * 1e3 for k, v in closed_form_terms_s(m, cal).items()}
         why = why_closed_form(m.row) if simulate else "--no-simulate"
         if not why:
             sim_s, walked = simulate_row(m.row, p, topologies, gradient_bytes=g, timing=timing)
-            out.append(Scored(m.row, sim_s * 1e3, "simulated", closed, block_timing=tier, workers_simulated=walked))
+            out.append(Scored(m.row, sim_s * 1e3, "simulated", closed, block_timing=tier, terms_ms=terms,
+                              workers_simulated=walked))
         else:
-            out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier))
+            out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier, terms_ms=terms))
     return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)

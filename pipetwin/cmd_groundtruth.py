@@ -81,6 +81,7 @@ def _print(g) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from validation.groundtruth import simulated_workers_sentence
     from validation.groundtruth_report import breakdown, worst_rows
 
     c = Console(width=None if sys.stdout.isatty() else 130)
@@ -102,7 +103,8 @@ def _print(g) -> None:
     c.print(f"MAPE {s['mape_single'] * 100:.2f}% single-node, {s['mape_multi'] * 100:.2f}% multi-node; worst "
             f"{s['max_abs_error'] * 100:.1f}%; {s['n_scored']} scored, {s['n_calibration']} calibration, "
             f"{s['n_skipped']} skipped; measured-fastest in the predicted top three in {s['best_in_top3']} of "
-            f"{s['best_groups']} groups; {s['n_simulated']} rows simulated, {s['n_closed_form']} by the closed form "
+            f"{s['best_groups']} groups; {s['n_simulated']} rows simulated ({simulated_workers_sentence(s['simulated_workers'])}), "
+            f"{s['n_closed_form']} by the closed form "
             f"(they differ by at most {s['max_sim_vs_closed_form'] * 100:.2f}% where both ran); {s['seconds']:.1f} s")
     if g.calibration.block_timings:
         c.print(f"per-shape block times (the calibration's table, {len(g.calibration.block_timings)} shapes) for "

@@ -252,6 +252,24 @@ def test_report_writes_markdown_plot_json_and_the_calibration(tmp_path, capsys):
     assert "MAPE" in capsys.readouterr().out
 
 
+def test_the_report_says_what_the_simulator_walked_per_row_a_tp_group_across_servers_is_not_one_worker(tmp_path):
+    """A TP group of 16 spans two 8-GPU servers: the simulator walks all 16 ranks of its one stage (the trace's
+    count), so the report may not say "one worker per stage" of every simulated row; the other row's 2 stages are
+    walked as one worker each."""
+    from planner.efficiency import DeviceCalibration
+    from validation.groundtruth import run
+    from validation.groundtruth_report import markdown
+
+    d = _write(tmp_path, ["32,8,1,1024,16,2,256,16,2,1,100.0", "8,32,1,512,8,4,256,2,2,2,100.0"], [])
+    g = run(d, DeviceCalibration("a100-80gb", P))
+    assert [(s.method, s.row.tp, s.workers_simulated) for s in g.scored] == [("simulated", 16, 16), ("simulated", 2, 2)]
+    sim = g.summary()["simulated_workers"]
+    assert sim == {"one_per_stage": 1, "every_tp_rank_per_stage": 1, "other": 0, "min": 2, "max": 16, "max_gpus": 32}
+    text = markdown(g, plot=None)
+    assert "one worker per stage on 1;" in text and "every TP rank of one replica per stage on 1 " in text
+    assert "2–16 workers walked per row" in text
+
+
 # ---------------------------------------------------------------------- Korthikanti et al.'s Table 5 (extra)
 TABLE5 = DATA.parent / "published" / "korthikanti22_table5_via_calculon.csv"
 

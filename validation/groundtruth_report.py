@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored
+from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored, simulated_workers_sentence
 
 
 def to_json(g: GroundTruth, extra: list[dict] | None = None) -> dict:
@@ -135,8 +135,8 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict]
         f"Per-shape block times: {len(g.calibration.block_timings)} shapes in the calibration's table, used for "
         f"{s['n_shape_table']} of {s['n_scored']} scored rows (the smooth model for the others; `block_timing` per row).",
         "",
-        f"Prediction method: {s['n_simulated']} rows simulated (SimPy; TP ranks and replicas folded, one worker per "
-        f"stage), {s['n_closed_form']} by the 1F1B closed form (each row's `why_closed_form` says why: its simulation "
+        f"Prediction method: {s['n_simulated']} rows simulated (SimPy; {simulated_workers_sentence(s['simulated_workers'])}), "
+        f"{s['n_closed_form']} by the 1F1B closed form (each row's `why_closed_form` says why: its simulation "
         f"is estimated over the per-row time budget); on the simulated rows the two differ by at most "
         f"{_pct(s['max_sim_vs_closed_form'])}. {s['seconds']:.1f} s in all.",
         "",

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipetwin.args import add_grid_flags, add_recompute_flag, int_list, read_program
-from planner.program import FAMILIES, family
+from planner.program import FAMILIES, FAMILY, family
 
 
 def register(sub) -> None:
@@ -126,8 +126,8 @@ def _run_program(args):
 
 def _what(family: str, batches: int, microbatches: int) -> str:
     """What a run of a plan or a program computed, in words (PipeDream streams minibatches, no batches)."""
-    return (f"{microbatches} minibatches" if family == "pipedream"
-            else f"{batches} batch(es) x {microbatches} microbatches")
+    return (f"{batches} batch(es) x {microbatches} microbatches" if FAMILY[family].batched
+            else f"{microbatches} minibatches")
 
 
 def run(args) -> int:

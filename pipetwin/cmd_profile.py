@@ -20,6 +20,7 @@ def register(sub) -> None:
                                    "--device-calibration command then uses for those block shapes.")
     p.add_argument("--model",
                    help="model spec: mlp:layers=8,width=512 | gpt:layers=4,hidden=256,heads=4,seq=128,vocab=512 | "
+                        "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=512,seq=128,vocab=512 | "
                         "cnn:blocks=4,channels=32,size=32,classes=10 | uniform:layers=8,fwd=1e-3,bwd=2e-3,act=B,"
                         "params=B | package.module:function | path/file.py:function")
     p.add_argument("--blocks", action="append", metavar="MODEL",

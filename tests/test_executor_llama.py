@@ -41,6 +41,18 @@ def test_rotary_turns_each_feature_pair_by_its_position_angle_so_scores_see_only
     assert not math.isclose(rq[2] @ rk[6], rq[2] @ rk[7], rel_tol=1e-3)
 
 
+def test_the_rotation_s_backward_keeps_nothing_and_is_the_numerical_gradient():
+    from executor.memory import SavedBytes
+    from executor.models import _Rotation
+
+    angle = rotary_angles(6, 4)
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: _Rotation.apply(z, angle.cos(), angle.sin()), (x,))
+    with SavedBytes(set()).counting() as rec:
+        _Rotation.apply(x, angle.cos(), angle.sin())
+    assert rec.nbytes == 0
+
+
 def _as_multi_head(gqa: GroupedQueryAttention) -> GroupedQueryAttention:
     """The same attention with one key/value head per query head (each a copy of its group's)."""
     h, d, g, r = gqa.proj.out_features, gqa.head_dim, gqa.kv_heads, gqa.heads // gqa.kv_heads

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--korthikanti", metavar="FILE", default=None,
                    help="also predict Korthikanti et al. 2022's Table 5 (default: "
                         "DATA/../published/korthikanti22_table5_via_calculon.csv when it exists; 'none' to skip)")
+    p.add_argument("--torchtitan", metavar="FILE", default=None,
+                   help="also predict torchtitan's Llama 3.1 H100 rows, tokens/s per GPU and memory (default: "
+                        "DATA/../published/torchtitan_llama3_h100_202412.csv when it exists; 'none' to skip)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +55,10 @@ def run(args) -> int:
 
     from validation.groundtruth_published import KORTHIKANTI_FILE, score_korthikanti
 
+    from validation.groundtruth_titan import score_torchtitan
+
     explain = _explain_keys(args.explain)
+    titan_rows = _torchtitan_rows(args)
     g = run_groundtruth(args.data, calibration=args.device_calibration, simulate=not args.no_simulate)
     if explain:
         return _print_explain(g, explain)
@@ -60,21 +66,39 @@ def run(args) -> int:
     extra = None
     if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):
         extra = score_korthikanti(table5, g.calibration)
+    titan = score_torchtitan(titan_rows, g.calibration) if titan_rows else None
     if args.save_calibration:
         g.calibration.save(args.save_calibration)
     if args.report:
-        write_report(g, args.report, extra)
+        write_report(g, args.report, extra, titan)
     if args.json:
-        print(json.dumps(to_json(g, extra)))
+        print(json.dumps(to_json(g, extra, titan)))
         return 0
     _print(g)
     if extra:
         from validation.groundtruth_report import extra_markdown
 
         print("\n".join(extra_markdown(extra)))
+    if titan:
+        from validation.groundtruth_report import titan_markdown
+
+        print("\n".join(titan_markdown(titan)))
     if args.report:
         print(f"report written to {args.report}/report.md")
     return 0
+
+
+def _torchtitan_rows(args) -> list | None:
+    """torchtitan's rows, read before anything is fitted so a bad file fails at once (None when skipped): the
+    given file, else the default one where it exists."""
+    from validation.groundtruth_titan import TORCHTITAN_FILE, read_torchtitan
+
+    if args.torchtitan == "none":
+        return None
+    path = args.torchtitan or str(Path(args.data) / ".." / "published" / TORCHTITAN_FILE)
+    if not args.torchtitan and not Path(path).is_file():
+        return None
+    return read_torchtitan(path)
 
 
 def _print(g) -> None:

@@ -17,7 +17,12 @@ def register(sub) -> None:
                                    "transformer block of each model (the executor's gpt or llama block, sliced to "
                                    "one TP rank, TP collectives left out) per TP degree and microbatch size, and write the "
                                    "times into a device calibration's block_timings table (-o), which every "
-                                   "--device-calibration command then uses for those block shapes.")
+                                   "--device-calibration command then uses for those block shapes. The forward is "
+                                   "timed as training runs it, autograd recording (the forward of a run without "
+                                   "recomputation, and the one a recomputing backward re-runs); the backward is timed "
+                                   "on its own, after the forward's clock stops, without any recomputation: the two "
+                                   "quantities the efficiency model reads (forward_s, backward_s). Full recomputation's "
+                                   "first forward runs without autograd and is charged the same forward_s.")
     p.add_argument("--model",
                    help="model spec: mlp:layers=8,width=512 | gpt:layers=4,hidden=256,heads=4,seq=128,vocab=512 | "
                         "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=512,seq=128,vocab=512 | "

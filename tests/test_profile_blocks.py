@@ -179,3 +179,29 @@ def test_a_calibration_of_another_kind_is_refused_unless_the_kind_is_named(tmp_p
 def test_blocks_without_an_output_file_is_refused(capsys):
     assert main(["profile", "--blocks", SPEC]) == 2
     assert "-o FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_block_forward_is_timed_recording_autograd_and_the_backward_on_its_own(monkeypatch, family):
+    """What the efficiency model reads: each timed pass is mark, a forward with autograd recording (its output
+    needs a gradient), mark, the block's backward, mark; and both medians are positive seconds."""
+    from executor import profiler
+
+    log: list = []
+
+    class LoggingClock(profiler.Clock):
+        def mark(self):
+            log.append("mark")
+            return super().mark()
+
+    def hooked_block(*args, **kwargs):
+        block = tp_block(*args, **kwargs)
+        block.register_forward_hook(lambda m, i, out: log.append(("F", torch.is_grad_enabled(), out.requires_grad)))
+        block.register_full_backward_hook(lambda m, gin, gout: log.append("B"))
+        return block
+
+    monkeypatch.setattr(profiler, "Clock", LoggingClock)
+    monkeypatch.setattr(profiler, "tp_block", hooked_block)
+    forward_s, backward_s = profiler.profile_block(64, 4, 16, repeats=2, warmup=1, family=family, kv_heads=2)
+    assert log == ["mark", ("F", True, True), "mark", "B", "mark"] * 3
+    assert forward_s > 0 and backward_s > 0

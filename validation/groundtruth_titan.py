@@ -68,8 +68,8 @@ stage's bf16 weights and fp32 gradients; the saved activations of the in-flight 
 each block's input; selective: its input and the saved matmul outputs wq, wv, w1, w2, the attention
 output and its log-sum-exp), in flight: 1 without PP, min(m, PP − r) on 1F1B's rank r, on interleaved
 rank r min(m·v, (v − 1)·PP + 2·(PP − 1 − r) + 1) chunk-microbatches; one block's rebuilt activations
-in its backward (``planner.analytic.block_saved_bytes`` less its s² scores, which flash attention never
-stores); on the last stage the loss's logits, 10 bytes each (bf16 logits, their fp32 copy and its
+in its backward (``planner.analytic.block_saved_bytes`` with flash attention's fp32 log-sum-exp in place of
+its s² scores, which flash attention never stores); on the last stage the loss's logits, 10 bytes each (bf16 logits, their fp32 copy and its
 gradient). The maximum over ranks.
 """
 from __future__ import annotations
@@ -349,10 +349,11 @@ def predict_titan(r: TitanRow, cal: DeviceCalibration) -> TitanPrediction:
     return TitanPrediction(step, r.local_batch * r.seq / (step * r.tp * r.pp * r.cp), max(mems))
 
 
-def score_torchtitan(path, cal: DeviceCalibration) -> list[dict]:
-    """Every row predicted and scored: tokens/s per GPU and memory, each with its relative error."""
+def score_torchtitan(rows, cal: DeviceCalibration) -> list[dict]:
+    """Every row (a file's path or its :func:`read_torchtitan` rows) predicted and scored: tokens/s per GPU and
+    memory, each with its relative error."""
     out = []
-    for r in read_torchtitan(path):
+    for r in (rows if isinstance(rows, list) else read_torchtitan(rows)):
         x = predict_titan(r, cal)
         not_modelled = [t for t in r.techniques if TECHNIQUES[t] != "modelled"]
         out.append({"line": r.line, "table": r.table, "model": r.model, "gpus": r.gpus, "fsdp": r.fsdp, "tp": r.tp,

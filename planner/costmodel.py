@@ -41,6 +41,18 @@ their blocks' ⌊(P + 2)/2⌋ and ⌊(P + 4)/3⌋ whole microbatches) of saved b
 recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
 selective: all but the attention core), plus what one layer's backward rebuilds.
 
+How close the V families' activations are (ZB-V, V-Half, V-Min, DualPipeV): every rank is charged
+one depth, the registry's, which is the heaviest rank's peak; the simulator holds each rank's own.
+With chunks that keep equal bytes the figure is at least the simulator's and at most one microbatch
+of the rank's kept bytes more: exact on every rank of ZB-V and DualPipeV; V-Half below P microbatches
+and V-Min's lighter ranks (P = 8: ranks 0, 3 and 6 hold 6 chunk-microbatches, not 8) one microbatch
+over (``tests/test_family_costs.py`` holds the bound). Exact per rank would walk the family's compute
+order for each (P, M) the search tries (10–500 ms each at P = 8–32, depths up to 64), so it does not.
+Where a rank's two chunks keep different bytes, depth × their mean is no bound either way: a rank's
+peak holds mostly its first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r),
+so a heavier first chunk is undercharged (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample
+and 8–15 1 MB: every rank charged 34 MB, rank 0 holds 49, rank 7 35).
+
 Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
 link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the
 TP and link-load pricing is the part that can move out once the partitioner shares it.

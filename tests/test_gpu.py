@@ -217,3 +217,27 @@ def test_profile_blocks_on_cuda_fills_the_calibration_table_that_simulate_then_r
     events = events["traceEvents"] if isinstance(events, dict) else events
     fwd = [e["dur"] for e in events if e.get("ph") == "X" and e["tid"] in (2, 3, 4, 5) and e["cat"] == "F"]
     assert fwd == pytest.approx([entry.forward_s * 1e6] * 8, rel=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_profile_blocks_on_cuda_times_a_llama3_8b_block_below_the_kind_s_peak(tmp_path):
+    """`profile --blocks llama3-8b --device cuda`: the executor's Llama block (GQA through SDPA, SwiGLU) in bf16 at
+    TP 1 and 2, seq 8192; no block runs above the kind's peak FLOP/s, and the analytic profile with the file takes
+    its block times from the table."""
+    from pipetwin.cli import main
+    from planner.analytic import PRESETS, _block_flops, block_key, load_model
+    from planner.efficiency import load_device_calibration
+
+    cal = tmp_path / "llama.json"
+    assert main(["profile", "--blocks", "llama3-8b", "--tp", "1,2", "--device", "cuda", "--repeats", "3",
+                 "-o", str(cal)]) == 0
+    c = load_device_calibration(cal)
+    cfg = PRESETS["llama3-8b"]
+    assert {t.key for t in c.block_timings} == {block_key(cfg, 1, 1), block_key(cfg, 2, 1)}
+    for t in c.block_timings:
+        tp = t.key[6]
+        if c.kind.name != "gpu-generic":
+            assert _block_flops(cfg) / tp / t.forward_s < c.kind.peak_flops, t
+        assert t.backward_s > t.forward_s
+    prof = load_model("llama3-8b", calibration=c, tensor_parallel=2)
+    assert prof.layers[1].forward_s == c.block_timing(block_key(cfg, 2, 1)).forward_s

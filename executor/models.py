@@ -82,7 +82,8 @@ KINDS: dict[str, dict[str, tuple[type, object]]] = {
     "uniform": {"layers": (int, 8), "fwd": (float, 1e-3), "bwd": (float, None), "act": (float, 0.0),
                 "params": (float, 0.0), "saved": (float, None)},
 }
-_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "kv_heads": 0, "ffn": 0, "blocks": 0,
+_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "kv_heads": 0,
+            "ffn": 0, "blocks": 0,
             "channels": 1, "size": 1, "classes": 2, "fwd": 0.0, "bwd": 0.0, "act": 0.0, "params": 0.0}
 _HELP = "known models: " + "; ".join(
     f"{k}:" + ",".join(f"{p}={d if d is not None else {'bwd': '2*fwd', 'saved': 'act'}[p]}" for p, (_, d) in v.items())
@@ -264,9 +265,23 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
 
+class _Rotation(torch.autograd.Function):
+    """:func:`rotate` in the tables' precision, keeping nothing for backward: a rotation's gradient is the gradient
+    turned back (the same rotation by minus the angle)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.cos, ctx.sin = cos, sin  # the attention's cached tables, not activations of this microbatch
+        return rotate(x.to(cos.dtype), cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return rotate(g.to(ctx.cos.dtype), ctx.cos, -ctx.sin).to(g.dtype), None, None
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal softmax(q·kᵀ/√d)·v by ``scaled_dot_product_attention`` over (batch, heads, seq, d); ``k`` and ``v`` may
-    have fewer heads than ``q`` (grouped-query: kv head g serves query heads g·r .. g·r + r − 1, r = ratio)."""
+    """Causal softmax(q·kᵀ/√d)·v by ``scaled_dot_product_attention`` over (batch, heads, seq, d); ``k`` and ``v``
+    may have fewer heads than ``q`` (grouped-query: kv head g serves query heads g·r .. g·r + r − 1, r = ratio)."""
     if k.shape[1] == q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -307,7 +322,7 @@ class GroupedQueryAttention(nn.Module):
         q = qkv[:, :, :, :r].reshape(b, t, g * r, d).transpose(1, 2)
         k, v = qkv[:, :, :, r].transpose(1, 2), qkv[:, :, :, r + 1].transpose(1, 2)
         cos, sin = self._cos_sin(t, x)
-        q, k = (rotate(z.to(cos.dtype), cos, sin).to(x.dtype) for z in (q, k))  # rotations in fp32 at least
+        q, k = _Rotation.apply(q, cos, sin), _Rotation.apply(k, cos, sin)
         y = attention_core(q, k, v, self.recompute_core, core=causal_attention)
         return self.proj(y.transpose(1, 2).reshape(b, t, g * r * d))
 

@@ -1,5 +1,4 @@
-"""Tensor parallelism for the zoo's ``gpt`` and ``llama`` models: Megatron's column/row-parallel layers and their
-all-reduces.
+"""Tensor parallelism for the zoo's ``gpt`` and ``llama`` models: Megatron's column/row-parallel layers, all-reduces.
 
 Every TP rank of a stage replica runs the same actions on its shard of the
 stage. In each transformer block (Megatron-LM, Shoeybi et al. 2019):

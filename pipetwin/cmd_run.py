@@ -20,7 +20,7 @@ def register(sub) -> None:
                    "schedule): run exactly as it is, worker w as rank w, its stage_layers (else an even split) of --model")
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
-    add_grid_flags(p, aliases=True)  # --tp (the zoo's gpt model only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
+    add_grid_flags(p, aliases=True)  # --tp (zoo gpt/llama only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
     # the shape flags default to None so that one given beside --plan is seen (and refused); SHAPE_DEFAULTS fills them
     p.add_argument("--schedule", default=None, choices=FAMILIES, help="default 1f1b")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (PipeDream: minibatches; default 4)")

@@ -36,9 +36,21 @@ def test_rotary_turns_each_feature_pair_by_its_position_angle_so_scores_see_only
     z = torch.complex(q[:, : d // 2], q[:, d // 2:]) * torch.polar(torch.ones_like(angle), angle)
     assert torch.allclose(got, torch.cat((z.real, z.imag), dim=-1), atol=1e-12)
     # the same two vectors at positions (p, p') and (p + 5, p' + 5) give the same score
-    rq, rk = rotate(q[:1].expand(seq, d), angle.cos(), angle.sin()), rotate(k[:1].expand(seq, d), angle.cos(), angle.sin())
+    rq, rk = (rotate(z[:1].expand(seq, d), angle.cos(), angle.sin()) for z in (q, k))
     assert math.isclose(rq[2] @ rk[6], rq[7] @ rk[11], rel_tol=1e-9)
     assert not math.isclose(rq[2] @ rk[6], rq[2] @ rk[7], rel_tol=1e-3)
+
+
+def test_the_rotation_s_backward_keeps_nothing_and_is_the_numerical_gradient():
+    from executor.memory import SavedBytes
+    from executor.models import _Rotation
+
+    angle = rotary_angles(6, 4)
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: _Rotation.apply(z, angle.cos(), angle.sin()), (x,))
+    with SavedBytes(set()).counting() as rec:
+        _Rotation.apply(x, angle.cos(), angle.sin())
+    assert rec.nbytes == 0
 
 
 def _as_multi_head(gqa: GroupedQueryAttention) -> GroupedQueryAttention:
@@ -106,7 +118,8 @@ def test_a_tp_rank_s_compute_is_its_share_of_the_whole_block():
     torch.manual_seed(2)
     whole = LlamaBlock(32, 4, 2, 48)
     x = torch.randn(2, 8, 32, dtype=torch.float64)
-    ranks = [parallelize([copy.deepcopy(whole)], TPContext(None, r, 2, compute_only=True))[0].double() for r in range(2)]
+    ranks = [parallelize([copy.deepcopy(whole)], TPContext(None, r, 2, compute_only=True))[0].double()
+             for r in range(2)]
     whole.double()
     with torch.no_grad():
         assert torch.allclose(sum(b.attn(x) for b in ranks), whole.attn(x), atol=1e-12)

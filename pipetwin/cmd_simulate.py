@@ -8,7 +8,7 @@ from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_reco
                            grid_degrees, grid_given, grid_plan, int_list, read_program)
 from pipetwin.show import Progress
 
-from planner.program import FAMILIES
+from planner.program import FAMILIES, FAMILY
 
 
 def register(sub) -> None:
@@ -76,7 +76,7 @@ def _plan_for(args, profile, topology):
         result = plan_model(profile, topology, schedule=args.schedule, microbatch_size=args.microbatch_size,
                             microbatches=args.microbatches, model_name=args.model, recompute=args.recompute)
         plan = replace(result.best, batches=args.steps or result.best.batches, topology=args.topology)
-        if args.vertical_sync and plan.schedule == "pipedream":
+        if args.vertical_sync and FAMILY[plan.schedule].versions == "stash":  # vertical sync orders stashed versions
             plan = replace(plan, vertical_sync=True)
         return plan
     schedule = "1f1b" if args.schedule == "auto" else args.schedule

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field, replace
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY, looped_warmup_extra, rank_of
+from planner.sharding import check_planned_zero, zero_state_bytes
 from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
@@ -103,6 +104,9 @@ class CostOptions:
             defaults are fitted to the SimPy simulator on PipeDream's profiles and clusters.
         overlap_allreduce: a stage's all-reduce runs under its backward pass (PyTorch DDP's gradient buckets):
             its time is forward + max(backward, all-reduce) instead of their sum (``pipetwin plan --dp-overlap``).
+        zero_stage: ZeRO sharding of the training state over each stage's replicas (``planner.sharding``): 0
+            none, 1 the optimizer state, 2 also the gradients; memory only, as their collectives send the
+            all-reduce's bytes. One weight version: flush schedules only.
     """
 
     overlap_comm: bool = True
@@ -114,8 +118,10 @@ class CostOptions:
     link_serial_flush: float = 0.8
     link_serial_async: float = 0.6
     overlap_allreduce: bool = False
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
+        check_planned_zero(self.zero_stage)
         try:
             object.__setattr__(self, "recompute", recompute_mode(self.recompute))
         except ValueError as e:
@@ -369,7 +375,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         t = max(core, comm) if options.overlap_comm else core + comm
         n_in = inflight(fam, M, workers_after[i], r)
         n_held = held_until_weight_grad(fam, M, n_in, limit0, r)
-        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, weight_versions(fam, n_in), options)
+        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, weight_versions(fam, n_in), options, r)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
     return _candidate(plan, raw, options, fam, chunks=1, links=_link_bound(plan, prof, topology, options))
 
@@ -409,7 +415,7 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
-        mem = params * static_bytes_per_param_byte(1, options.optimizer) + act
+        mem = static_bytes(params, 1, r, options) + act
         raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
     raw = []
     for i, st in enumerate(plan.stages):
@@ -469,10 +475,21 @@ def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, t
                for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
 
 
+def static_bytes(param_bytes: float, versions: int, replicas: int, options: CostOptions) -> float:
+    """Weights (× versions), gradients and optimizer state of a device holding ``param_bytes``, sharded over its
+    ``replicas`` by ``options.zero_stage`` (``planner.sharding.zero_state_bytes``, which the simulator reads too)."""
+    if options.zero_stage == 0:
+        return param_bytes * static_bytes_per_param_byte(versions, options.optimizer)
+    if versions != 1:
+        raise PlanError(f"ZeRO stage {options.zero_stage} shards one weight version, but this schedule keeps {versions}: "
+                        f"use a flush schedule (gpipe, 1f1b, interleaved, ...) or zero stage 0")
+    return zero_state_bytes(param_bytes, replicas, options.zero_stage, OPTIMIZER_STATE[options.optimizer]).total_bytes
+
+
 def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_inflight: int, versions: int,
-                  options: CostOptions) -> float:
+                  options: CostOptions, replicas: int = 1) -> float:
     params = prof.param_bytes(first, last)
-    static = params * static_bytes_per_param_byte(versions, options.optimizer)
+    static = static_bytes(params, versions, replicas, options)
     mode = options.recompute
     return static + (n_inflight * kept_bytes(prof, first, last, mode) + rebuilt_bytes(prof, first, last, mode)) * mb
 

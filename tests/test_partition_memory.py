@@ -1,0 +1,112 @@
+"""The partition search charges every stage the cost model's memory: per family, from the registry's traits.
+
+* the memory the search charges a stage is ``costmodel.evaluate``'s for the same plan, for every family the
+  flat search takes (ZB-H1 and ZB-H2 hold P and 2P − 1 activations awaiting BW, not 1F1B's P − s);
+* near the memory limit the search's answer is the brute-force best over every partition, each costed by
+  ``evaluate`` (the independent truth), and its plan fits;
+* the answers for 1F1B, GPipe, PipeDream and 2BW are the ones pinned in ``golden/partition_answers.json``
+  (``PIPETWIN_UPDATE_GOLDEN=1`` rewrites it, on purpose only).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import networkx as nx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from planner import partition as part
+from planner.costmodel import CostOptions, evaluate
+from planner.plan import Plan, PlanError, StagePlan
+from planner.profile import Layer, ModelProfile, uniform_profile
+from planner.program import FAMILY
+from planner.search import plan_model
+from topologies.presets import load_topology
+from topologies.topology import Device, Link, Topology
+
+GOLDEN = Path(__file__).parent / "golden" / "partition_answers.json"
+#: The families whose answers must not move (they were sized right before the ZB fix).
+PINNED = ("1f1b", "gpipe", "pipedream", "2bw")
+
+
+# --- instances: seeded, so the golden file names them by seed ------------------------------
+def _chain(rng: random.Random, layers: int) -> ModelProfile:
+    out = []
+    for i in range(layers):
+        f = rng.uniform(1e-4, 1e-2)
+        out.append(Layer(f"l{i}", f, f * rng.uniform(1.0, 3.0), rng.choice([1e5, 1e6, 1e7]), rng.choice([1e6, 1e7]),
+                         rng.choice([0.0, 1e6, 1e7, 1e8])))
+    return ModelProfile("chain", tuple(out))
+
+
+def _cluster(rng: random.Random, n: int) -> Topology:
+    """Servers of ``per`` devices on a switch each, the switches on a slower top switch; memory left to the limit."""
+    per = rng.randint(1, n)
+    g = nx.Graph()
+    g.add_node("top", switch=True)
+    for s in range(-(-n // per)):
+        hub = f"sw{s}"
+        g.add_node(hub, switch=True)
+        g.add_edge(hub, "top", link=Link("ethernet", rng.choice([1e9, 1e10]), rng.choice([0.0, 1e-5])))
+        for d in range(s * per, min(n, (s + 1) * per)):
+            g.add_node(f"d{d}", device=Device(f"d{d}", speed=rng.choice([0.5, 1.0, 2.0]), memory_bytes=16e9))
+            g.add_edge(f"d{d}", hub, link=Link("nvlink", rng.choice([1e11, 3e11]), 2e-6))
+    return Topology(g, "random")
+
+
+def _instance(seed: int):
+    rng = random.Random(seed)
+    return _chain(rng, rng.randint(3, 9)), _cluster(rng, rng.randint(2, 6)), rng.choice([2, 4, 8]), rng.random() < 0.5
+
+
+def _tight_limit(pb: part.Problem, topo: Topology, slack: float) -> float | None:
+    """A memory limit ``slack`` above the least any partition needs (so memory decides the answer)."""
+    low = part.solve_flat(pb, topo, objective="memory")
+    return None if low is None else low.value * slack
+
+
+def _answers(family: str) -> dict:
+    """Every answer the searches give for ``family`` on the pinned instances, as plain data."""
+    out = {}
+    for seed in range(12):
+        prof, topo, M, rec = _instance(seed)
+        loose = part.Problem(prof, tuple(topo.devices), family, M, CostOptions(recompute=rec))
+        rows = {"memory": _plain(part.solve_flat(loose, topo, objective="memory"))}
+        for slack in (1.0, 1.15, 1.6):
+            lim = _tight_limit(loose, topo, slack)
+            pb = part.Problem(prof, tuple(topo.devices), family, M, CostOptions(recompute=rec, memory_limit_bytes=lim))
+            rows[f"time@{slack}"] = [_plain(s) for s in part.solve_flat_per_count(pb, topo)]
+        out[str(seed)] = rows
+    hier = load_topology("hier:4@nvlink:300e9,4@ib:25e9,5@eth:1.25e9")  # 80 devices: the hierarchical search
+    prof = uniform_profile(60, 1e-3, 2e-3, act=1e6, params=4e7)
+    for lim in (None, 3e8, 1.5e8):
+        pb = part.Problem(prof, tuple(hier.devices), family, 16, CostOptions(memory_limit_bytes=lim))
+        out[f"hier@{lim}"] = _plain(part.solve_hierarchical(pb, hier))
+        try:  # the whole search on that cluster: its hierarchical, regular and refined plans, ranked
+            best = plan_model(prof, hier, schedule=family, microbatches=16, memory_limit_bytes=lim, top_k=1).best_candidate
+            out[f"plan@{lim}"] = [float(f"{best.time_per_sample_s:.12g}"),
+                                  [[s.first_layer, s.last_layer, list(s.devices)] for s in best.plan.stages]]
+        except PlanError as e:
+            out[f"plan@{lim}"] = str(e)
+    return out
+
+
+def _plain(sol: part.Partition | None):
+    if sol is None:
+        return None
+    return {"value": float(f"{sol.value:.12g}"), "devices_used": sol.devices_used,
+            "stages": [[a, b, list(idx)] for a, b, idx in sol.stages]}
+
+
+def test_the_1f1b_gpipe_pipedream_and_2bw_answers_are_the_pinned_ones():
+    """Sizing ZB-H1/ZB-H2 right must not move the other families: flat answers at three memory limits (tight to
+    loose) and the memory objective on seeded instances, and the hierarchical answer on 80 devices."""
+    got = {fam: _answers(fam) for fam in PINNED}
+    if os.environ.get("PIPETWIN_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(GOLDEN.read_text()), f"{GOLDEN.name} changed; if on purpose, rerun with PIPETWIN_UPDATE_GOLDEN=1"

@@ -108,5 +108,116 @@ def test_the_1f1b_gpipe_pipedream_and_2bw_answers_are_the_pinned_ones():
     loose) and the memory objective on seeded instances, and the hierarchical answer on 80 devices."""
     got = {fam: _answers(fam) for fam in PINNED}
     if os.environ.get("PIPETWIN_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+        GOLDEN.write_text("{\n" + ",\n".join(f" {json.dumps(fam)}: {{\n" + ",\n".join(
+            f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items()) + "\n }" for fam, rows in got.items()) + "\n}\n")
     assert got == json.loads(GOLDEN.read_text()), f"{GOLDEN.name} changed; if on purpose, rerun with PIPETWIN_UPDATE_GOLDEN=1"
+
+
+# --- the stage memory is the cost model's, for every family the flat search takes -----------------
+#: The families the flat and hierarchical searches plan (one stage per device set), read from the registry.
+LINEAR = tuple(n for n, f in FAMILY.items() if f.generated and f.placement == "linear")
+
+
+def test_the_linear_families_include_both_zero_bubble_halves():
+    assert {"zb-h1", "zb-h2", "1f1b", "gpipe", "pipedream", "2bw"} <= set(LINEAR)
+
+
+@st.composite
+def small_cases(draw):
+    """A chain of up to 5 layers on up to 4 devices, a family, M and the cost options."""
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    prof = _chain(rng, draw(st.integers(1, 5)))
+    topo = _cluster(rng, draw(st.integers(1, 4)))
+    opts = CostOptions(recompute=draw(st.sampled_from(["none", "selective", "full"])),
+                       optimizer=draw(st.sampled_from(["sgd", "adam"])))
+    return prof, topo, draw(st.sampled_from(LINEAR)), draw(st.sampled_from([1, 2, 3, 4, 8])), opts
+
+
+def _partitions(L: int, N: int):
+    """Every partition of L layers into contiguous stages on contiguous blocks of the first N devices."""
+    for P in range(1, min(L, N) + 1):
+        for lay in _compositions(L, P):
+            for dev in _compositions(N, P):
+                yield tuple((a, b - 1, tuple(range(c, d))) for (a, b), (c, d) in zip(lay, dev))
+
+
+def _compositions(total: int, parts: int):
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        b = (0, *cuts, total)
+        yield [(b[x], b[x + 1]) for x in range(parts)]
+
+
+def _plan(stages, topo, family, M, prof) -> Plan:
+    sp = tuple(StagePlan(a, b, len(idx), tuple(topo.devices[x] for x in idx)) for a, b, idx in stages)
+    return Plan(prof.name, sp, schedule=family, microbatches=M)
+
+
+def _schedulable(family, M, stages) -> bool:
+    from planner.refine import schedulable
+
+    return schedulable(family, M, tuple(len(idx) for _a, _b, idx in stages))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_cases(), st.data())
+def test_the_memory_the_search_charges_a_stage_is_the_cost_models(case, data):
+    prof, topo, family, M, opts = case
+    N = data.draw(st.integers(1, len(topo.devices)))
+    stages = data.draw(st.sampled_from(list(_partitions(len(prof), N))))
+    charged = part.stage_memory(part.Problem(prof, tuple(topo.devices), family, M, opts), topo, stages)
+    if not _schedulable(family, M, stages):  # the search leaves out the stages no schedule runs
+        assert any(math.isinf(x) for x in charged)
+        return
+    truth = [s.memory_bytes for s in evaluate(_plan(stages, topo, family, M, prof), prof, topo, opts).stages]
+    assert charged == pytest.approx(truth, rel=1e-9)
+
+
+def _brute_force(prof, topo, family, M, opts):
+    """(least bottleneck among the plans that fit, least peak memory) over every schedulable partition, each costed
+    by ``evaluate`` alone."""
+    best_t = best_m = math.inf
+    for N in range(1, len(topo.devices) + 1):
+        for stages in _partitions(len(prof), N):
+            if not _schedulable(family, M, stages):
+                continue
+            cand = evaluate(_plan(stages, topo, family, M, prof), prof, topo, opts)
+            best_m = min(best_m, max(s.memory_bytes for s in cand.stages))
+            if cand.fits:
+                best_t = min(best_t, cand.bottleneck_s)
+    return best_t, best_m
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_cases(), st.sampled_from([1.0, 1.1, 1.3, 2.0]))
+def test_near_the_memory_limit_the_search_finds_the_brute_force_best_by_the_cost_model(case, slack):
+    prof, topo, family, M, opts = case
+    _t, least = _brute_force(prof, topo, family, M, opts)
+    pb = part.Problem(prof, tuple(topo.devices), family, M, opts)
+    low = part.solve_flat(pb, topo, objective="memory")
+    assert (low is None) == math.isinf(least)
+    if low is None:
+        return
+    assert low.value == pytest.approx(least, rel=1e-9)
+    tight = CostOptions(recompute=opts.recompute, optimizer=opts.optimizer, memory_limit_bytes=least * slack)
+    best_t, _m = _brute_force(prof, topo, family, M, tight)
+    sol = part.solve_flat(part.Problem(prof, tuple(topo.devices), family, M, tight), topo)
+    assert sol is not None and sol.value == pytest.approx(best_t, rel=1e-9)
+    assert evaluate(_plan(sol.stages, topo, family, M, prof), prof, topo, tight).fits
+
+
+@pytest.mark.parametrize("family", ["zb-h1", "zb-h2"])
+def test_a_zero_bubble_plan_the_search_returns_fits_where_1f1b_counts_would_overfill_it(family):
+    """Eight equal layers on four devices, memory 20 % above the least any plan needs: sized with 1F1B's P − s,
+    the last stages look roomy and the search doubled the last one up (layers 4-7 on two replicas), which ZB holds
+    P (ZB-H2: 2P − 1) activations on and does not fit; the answer is now the cost model's brute-force best."""
+    prof, topo, M = uniform_profile(8, 1e-3, 2e-3, act=1e6, params=1e6), load_topology("ideal:4"), 8
+    loose = CostOptions()
+    _t, least = _brute_force(prof, topo, family, M, loose)
+    tight = CostOptions(memory_limit_bytes=least * 1.2)
+    best_t, _m = _brute_force(prof, topo, family, M, tight)
+    sol = part.solve_flat(part.Problem(prof, tuple(topo.devices), family, M, tight), topo)
+    assert sol.value == pytest.approx(best_t, rel=1e-9)
+    cand = evaluate(_plan(sol.stages, topo, family, M, prof), prof, topo, tight)
+    assert cand.fits
+    assert [s.memory_bytes for s in cand.stages] == pytest.approx(
+        part.stage_memory(part.Problem(prof, tuple(topo.devices), family, M, tight), topo, sol.stages), rel=1e-9)

@@ -110,7 +110,7 @@ def run_program(program: Program | dict | str | os.PathLike, model: str, *, micr
         microbatch_size: samples per microbatch.
         lr: SGD learning rate.
         recompute: activation recomputation, "none", "selective" or "full".
-        sequence_parallel: Megatron sequence parallelism (a tensor-parallel program of the zoo's gpt model).
+        sequence_parallel: Megatron sequence parallelism (a tensor-parallel program of the zoo's gpt or llama model).
         Other arguments as :func:`run_plan` (no resume: a program runs from its first action).
 
     Returns:

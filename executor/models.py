@@ -8,6 +8,15 @@ A spec is ``kind:key=value,key=value`` (every parameter optional):
   position embedding, then ``layers`` pre-LN transformer blocks (causal
   self-attention, MLP of 4 x hidden), then final LayerNorm + LM head;
   next-token cross-entropy. Inputs are int64 token ids (microbatch, seq).
+* ``llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=512,seq=128,vocab=512`` —
+  Llama-style: layer 0 a token embedding (no positions: rotary inside the
+  attention), then ``layers`` pre-norm blocks (RMSNorm; causal grouped-query
+  attention, ``kv_heads`` key/value heads shared by ``heads/kv_heads`` query
+  heads each, rotary position embedding on queries and keys; RMSNorm; SwiGLU
+  MLP of inner size ``ffn``), no biases anywhere, then final RMSNorm + an
+  untied LM head; next-token cross-entropy, inputs as ``gpt``'s. ``kv_heads=0``
+  means ``heads`` (multi-head) and ``ffn=0`` means 4 x hidden, as in
+  :mod:`planner.analytic`'s ``llama:`` spec (the same string names both).
 * ``cnn:blocks=4,channels=32,size=32,classes=10`` — stem conv-bn-relu, residual
   blocks (conv-bn-relu-conv-bn + skip, relu; one chain layer each), then
   global average pooling + linear head; cross-entropy. Inputs (mb, 3, size, size).
@@ -67,11 +76,14 @@ __all__ = [
 KINDS: dict[str, dict[str, tuple[type, object]]] = {
     "mlp": {"layers": (int, 8), "width": (int, 512)},
     "gpt": {"layers": (int, 4), "hidden": (int, 256), "heads": (int, 4), "seq": (int, 128), "vocab": (int, 512)},
+    "llama": {"layers": (int, 4), "hidden": (int, 256), "heads": (int, 4), "kv_heads": (int, 0), "ffn": (int, 0),
+              "seq": (int, 128), "vocab": (int, 512)},
     "cnn": {"blocks": (int, 4), "channels": (int, 32), "size": (int, 32), "classes": (int, 10)},
     "uniform": {"layers": (int, 8), "fwd": (float, 1e-3), "bwd": (float, None), "act": (float, 0.0),
                 "params": (float, 0.0), "saved": (float, None)},
 }
-_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "blocks": 0,
+_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "kv_heads": 0,
+            "ffn": 0, "blocks": 0,
             "channels": 1, "size": 1, "classes": 2, "fwd": 0.0, "bwd": 0.0, "act": 0.0, "params": 0.0}
 _HELP = "known models: " + "; ".join(
     f"{k}:" + ",".join(f"{p}={d if d is not None else {'bwd': '2*fwd', 'saved': 'act'}[p]}" for p, (_, d) in v.items())
@@ -146,8 +158,17 @@ def _parse_builtin(kind: str, body: str, text: str) -> ModelSpec:
             values[k] = default
     if kind == "uniform" and values["bwd"] is None:
         values["bwd"] = 2 * float(values["fwd"])
-    if kind == "gpt" and values["hidden"] % values["heads"]:
+    if kind in ("gpt", "llama") and values["hidden"] % values["heads"]:
         raise ModelSpecError(f"model {text!r}: hidden={values['hidden']} must be a multiple of heads={values['heads']}")
+    if kind == "llama":
+        values["kv_heads"] = values["kv_heads"] or values["heads"]
+        values["ffn"] = values["ffn"] or 4 * values["hidden"]
+        if values["heads"] % values["kv_heads"]:
+            raise ModelSpecError(f"model {text!r}: kv_heads={values['kv_heads']} must divide heads={values['heads']} "
+                                 f"(each key/value head serves heads/kv_heads query heads)")
+        if (values["hidden"] // values["heads"]) % 2:
+            raise ModelSpecError(f"model {text!r}: the head size hidden/heads = {values['hidden'] // values['heads']} "
+                                 f"must be even (rotary embedding turns pairs of features); change hidden or heads")
     return ModelSpec(kind, tuple((k, values[k]) for k in keys), text)
 
 
@@ -213,6 +234,139 @@ class GPTHead(nn.Module):
         return self.lm(self.ln(x))
 
 
+#: Rotary base θ of Llama 3 (its model cards' ``rope_theta``).
+ROPE_THETA = 500_000.0
+#: RMSNorm epsilon of Llama 3.
+RMS_EPS = 1e-5
+
+
+class LlamaEmbedding(nn.Module):
+    """Token embedding only: (mb, seq) int64 -> (mb, seq, hidden); positions enter the attention as rotations."""
+
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, hidden)
+        nn.init.normal_(self.tok.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.tok(ids)
+
+
+def rotary_angles(seq: int, head_dim: int, theta: float = ROPE_THETA) -> Tensor:
+    """Angles (seq, head_dim/2), float64: position p turns feature pair j by p·θ^(−2j/head_dim)."""
+    pair = torch.arange(head_dim // 2, dtype=torch.float64)
+    return torch.arange(seq, dtype=torch.float64)[:, None] * theta ** (-2.0 * pair / head_dim)[None, :]
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of ``x`` (..., seq, d): feature j and feature j + d/2 form a pair, turned by its
+    position's angle (``cos``/``sin`` of :func:`rotary_angles`, (seq, d/2))."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
+class _Rotation(torch.autograd.Function):
+    """:func:`rotate` in the tables' precision, keeping nothing for backward: a rotation's gradient is the gradient
+    turned back (the same rotation by minus the angle)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.cos, ctx.sin = cos, sin  # the attention's cached tables, not activations of this microbatch
+        return rotate(x.to(cos.dtype), cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return rotate(g.to(ctx.cos.dtype), ctx.cos, -ctx.sin).to(g.dtype), None, None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal softmax(q·kᵀ/√d)·v by ``scaled_dot_product_attention`` over (batch, heads, seq, d); ``k`` and ``v``
+    may have fewer heads than ``q`` (grouped-query: kv head g serves query heads g·r .. g·r + r − 1, r = ratio)."""
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions and no biases.
+
+    The QKV projection's output rows are grouped by key/value head (Megatron's layout): for each of the
+    ``kv_heads`` groups, its ``heads/kv_heads`` query heads, then its key head, then its value head. A
+    contiguous run of rows is so a whole number of groups, which is what tensor parallelism gives each rank.
+    ``recompute_core``: the attention core is recomputed in backward (selective recomputation).
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim = head_dim or hidden // heads
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+        self.recompute_core = False
+        self._tables: dict = {}
+
+    def _cos_sin(self, seq: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotation table for ``seq`` positions on ``like``'s device: float64 for float64 runs, else float32."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        key = (seq, like.device, dtype)
+        if key not in self._tables:
+            angle = rotary_angles(seq, self.head_dim)
+            self._tables[key] = (angle.cos().to(like.device, dtype), angle.sin().to(like.device, dtype))
+        return self._tables[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        d, g = self.head_dim, self.kv_heads
+        r = self.heads // g
+        qkv = self.qkv(x).view(b, t, g, r + 2, d)
+        q = qkv[:, :, :, :r].reshape(b, t, g * r, d).transpose(1, 2)
+        k, v = qkv[:, :, :, r].transpose(1, 2), qkv[:, :, :, r + 1].transpose(1, 2)
+        cos, sin = self._cos_sin(t, x)
+        q, k = _Rotation.apply(q, cos, sin), _Rotation.apply(k, cos, sin)
+        y = attention_core(q, k, v, self.recompute_core, core=causal_attention)
+        return self.proj(y.transpose(1, 2).reshape(b, t, g * r * d))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) · up(x))``, no biases; gate and up are one matrix (the gate's rows, then the up's)."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm Llama block: x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x))."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, ffn: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden, eps=RMS_EPS)
+        self.attn = GroupedQueryAttention(hidden, heads, kv_heads)
+        self.mlp_norm = nn.RMSNorm(hidden, eps=RMS_EPS)
+        self.mlp = SwiGLU(hidden, ffn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaHead(nn.Module):
+    """Final RMSNorm + untied LM head: (mb, seq, hidden) -> logits (mb, seq, vocab)."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=RMS_EPS)
+        self.lm = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm(self.norm(x))
+
+
 class ResidualBlock(nn.Module):
     """relu(x + bn(conv(relu(bn(conv(x))))))."""
 
@@ -249,6 +403,12 @@ def _build_one(ms: ModelSpec, i: int, seed: int) -> nn.Module:
             if i <= p["layers"]:
                 return GPTBlock(p["hidden"], p["heads"])
             return GPTHead(p["hidden"], p["vocab"])
+        if ms.kind == "llama":
+            if i == 0:
+                return LlamaEmbedding(p["vocab"], p["hidden"])
+            if i <= p["layers"]:
+                return LlamaBlock(p["hidden"], p["heads"], p["kv_heads"], p["ffn"])
+            return LlamaHead(p["hidden"], p["vocab"])
         if ms.kind == "cnn":
             c = p["channels"]
             if i == 0:
@@ -271,7 +431,7 @@ def num_layers(spec: str) -> int:
     p = dict(ms.params)
     if ms.kind in ("mlp", "uniform"):
         return p["layers"]
-    if ms.kind == "gpt":
+    if ms.kind in ("gpt", "llama"):
         return p["layers"] + 2
     if ms.kind == "cnn":
         return p["blocks"] + 2
@@ -305,7 +465,7 @@ def input_shape(spec: str, microbatch_size: int) -> tuple[int, ...]:
     p = dict(ms.params)
     if ms.kind == "mlp":
         return (microbatch_size, p["width"])
-    if ms.kind == "gpt":
+    if ms.kind in ("gpt", "llama"):
         return (microbatch_size, p["seq"])
     if ms.kind == "cnn":
         return (microbatch_size, 3, p["size"], p["size"])
@@ -336,7 +496,7 @@ def make_batch(spec: str, microbatch_size: int, index: int, seed: int = 0) -> tu
     if ms.kind == "uniform":
         a = _elems(p["act"])
         return torch.randn(mb, a, generator=g), torch.randn(mb, a, generator=g)
-    if ms.kind == "gpt":
+    if ms.kind in ("gpt", "llama"):
         tokens = torch.randint(0, p["vocab"], (mb, p["seq"] + 1), generator=g, dtype=torch.int64)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     if ms.kind == "cnn":
@@ -362,7 +522,7 @@ def loss_fn(spec: str) -> Callable[[Tensor, Tensor], Tensor]:
     ms = parse_spec(spec)
     if ms.kind in ("mlp", "uniform"):
         return _mse
-    if ms.kind == "gpt":
+    if ms.kind in ("gpt", "llama"):
         return _gpt_ce
     if ms.kind == "cnn":
         return _ce

@@ -164,15 +164,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def tp_block(hidden: int, heads: int, tensor_parallel: int = 1, sequence_parallel: bool = False, rank: int = 0,
-             seed: int = 0) -> nn.Module:
-    """The zoo's gpt block (:class:`executor.models.GPTBlock`, weights from ``seed``), for ``tensor_parallel`` > 1
-    sliced to TP rank ``rank``'s shard as the executor slices it, its collectives left out
-    (``TPContext.compute_only``): what :func:`profile_block` times."""
-    from executor.models import GPTBlock
+             seed: int = 0, *, family: str = "gpt", kv_heads: int = 0, ffn: int = 0) -> nn.Module:
+    """The zoo's block of ``family`` (``"gpt"``: :class:`executor.models.GPTBlock`; ``"llama"``:
+    :class:`executor.models.LlamaBlock` with ``kv_heads`` key/value heads (0: ``heads``) and SwiGLU width ``ffn``
+    (0: 4·hidden)), weights from ``seed``, for ``tensor_parallel`` > 1 sliced to TP rank ``rank``'s shard as the
+    executor slices it, its collectives left out (``TPContext.compute_only``): what :func:`profile_block` times."""
+    from executor.models import GPTBlock, LlamaBlock
     from executor.tensor_parallel import TPContext, parallelize
 
     torch.manual_seed(seed)
-    block = GPTBlock(hidden, heads)
+    if family == "llama":
+        block = LlamaBlock(hidden, heads, kv_heads or heads, ffn or 4 * hidden)
+    elif family == "gpt":
+        block = GPTBlock(hidden, heads)
+    else:
+        raise ValueError(f"no zoo block of family {family!r}; choose gpt or llama")
     if tensor_parallel > 1:
         ctx = TPContext(None, rank, tensor_parallel, sequence=sequence_parallel, compute_only=True)
         block = parallelize([block], ctx)[0]
@@ -180,29 +186,42 @@ def tp_block(hidden: int, heads: int, tensor_parallel: int = 1, sequence_paralle
 
 
 def profile_block(hidden: int, heads: int, seq: int, microbatch_size: int = 1, tensor_parallel: int = 1,
-                  sequence_parallel: bool = False, *, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
-                  warmup: int = 2, seed: int = 0) -> tuple[float, float]:
-    """(forward, backward) seconds of one zoo ``gpt`` transformer block (:class:`executor.models.GPTBlock`) on one
-    tensor-parallel rank, for one microbatch: the median over ``repeats`` runs after ``warmup`` runs.
+                  sequence_parallel: bool = False, *, family: str = "gpt", kv_heads: int = 0, ffn: int = 0,
+                  dtype: str = "float32", device: str = "cpu", repeats: int = 5, warmup: int = 2,
+                  seed: int = 0) -> tuple[float, float]:
+    """(forward, backward) seconds of one zoo transformer block (:func:`tp_block`: ``gpt`` or ``llama`` with
+    ``kv_heads`` and ``ffn``) on one tensor-parallel rank, for one microbatch: the median over ``repeats`` runs
+    after ``warmup`` runs.
 
     The block is the executor's: built whole from ``seed``, then, for ``tensor_parallel`` T > 1, sliced to TP
-    rank 0's shard by :func:`executor.tensor_parallel.parallelize` (its heads, its 4h/T MLP columns; under
-    ``sequence_parallel`` its input is 1/T of the sequence) with the TP collectives left out
-    (``TPContext.compute_only``): the interpreters add them on the links, so the times are the rank's compute,
-    as a device calibration's ``block_timings`` entries are. No recomputation inside the timed passes: the
-    forward is the one a recomputing backward reruns, and the backward is autograd's gradient of the block's
-    output with respect to its parameters and its input (the block sits inside a pipeline stage). On the CPU
-    one thread and ``perf_counter``; on a GPU CUDA events around the kernels, read after a synchronize.
+    rank 0's shard by :func:`executor.tensor_parallel.parallelize` (its heads — llama: its key/value groups —,
+    its 1/T of the MLP columns; under ``sequence_parallel`` its input is 1/T of the sequence) with the TP
+    collectives left out (``TPContext.compute_only``): the interpreters add them on the links, so the times are
+    the rank's compute, as a device calibration's ``block_timings`` entries are.
+
+    What is timed is what the efficiency model reads (``BlockTiming.forward_s``, ``backward_s``; the layer's
+    ``forward_s`` and ``backward_s`` in ``planner.analytic``): the forward with autograd recording, its input
+    requiring a gradient, as a training forward without recomputation runs and as a recomputing backward
+    re-runs it (``planner.recompute`` adds ``forward_s`` to the backward); the backward alone, from the
+    forward's last mark to its own, autograd's gradient of the block's output with respect to its parameters
+    and its input (the block sits inside a pipeline stage), no recomputation inside it. Full recomputation's
+    first forward runs without autograd, which the model charges the same ``forward_s``: on one CPU thread a
+    no-grad forward of a hidden-256, seq-128 gpt block is about 8% faster. On the CPU one thread and
+    ``perf_counter``; on a GPU CUDA events around the kernels, read after a synchronize.
     """
     _check_run("profile_block", repeats, warmup, device)
     t = tensor_parallel
-    if heads % t or (sequence_parallel and seq % t):
-        raise ValueError(f"tensor parallelism {t} must divide heads={heads}"
-                         + (f" and seq={seq} (sequence parallelism)" if sequence_parallel else ""))
+    split = {"heads": heads} if family != "llama" else {"heads": heads, "kv_heads": kv_heads or heads,
+                                                        "ffn": ffn or 4 * hidden}
+    if sequence_parallel:
+        split["seq"] = seq
+    if any(v % t for v in split.values()):
+        raise ValueError(f"tensor parallelism {t} must divide " + " and ".join(f"{k}={v}" for k, v in split.items()))
     dev = torch.device(device)
     clock = Clock(dev)
     with single_thread():
-        block = tp_block(hidden, heads, t, sequence_parallel, seed=seed).to(device=dev, dtype=DTYPES[dtype])
+        block = tp_block(hidden, heads, t, sequence_parallel, seed=seed, family=family, kv_heads=kv_heads,
+                         ffn=ffn).to(device=dev, dtype=DTYPES[dtype])
         tokens = seq // t if sequence_parallel else seq
         g = torch.Generator().manual_seed(seed + 1)
         x0 = torch.randn(microbatch_size, tokens, hidden, generator=g).to(device=dev, dtype=DTYPES[dtype])

@@ -22,6 +22,7 @@ its BI and again in its BW, holding nothing rebuilt between the two.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -93,26 +94,29 @@ def attention_probabilities_times_values(q: Tensor, k: Tensor, v: Tensor) -> Ten
 
 
 class _RecomputedCore(torch.autograd.Function):
-    """The attention core keeping only q, k and v; the scores and probabilities are rebuilt in backward."""
+    """``core(q, k, v)`` keeping only q, k and v; the scores and probabilities are rebuilt in backward."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx, core, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        ctx.core = core
         ctx.save_for_backward(q, k, v)
-        return attention_probabilities_times_values(q, k, v)
+        return core(q, k, v)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         q, k, v = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
         with torch.enable_grad():
-            out = attention_probabilities_times_values(q, k, v)
-            return torch.autograd.grad(out, (q, k, v), g)
+            out = ctx.core(q, k, v)
+            return (None, *torch.autograd.grad(out, (q, k, v), g))
 
 
-def attention_core(q: Tensor, k: Tensor, v: Tensor, recompute: bool = False) -> Tensor:
-    """The attention core, recomputed in backward when ``recompute`` (selective recomputation)."""
+def attention_core(q: Tensor, k: Tensor, v: Tensor, recompute: bool = False,
+                   core: Callable[[Tensor, Tensor, Tensor], Tensor] = attention_probabilities_times_values) -> Tensor:
+    """The attention core ``core(q, k, v)`` (default: the gpt block's), recomputed in backward when ``recompute``
+    (selective recomputation)."""
     if recompute:
-        return _RecomputedCore.apply(q, k, v)
-    return attention_probabilities_times_values(q, k, v)
+        return _RecomputedCore.apply(core, q, k, v)
+    return core(q, k, v)
 
 
 def apply_recompute(layers: list[nn.Module], mode: str) -> list[nn.Module]:

@@ -1,4 +1,4 @@
-"""Tensor parallelism for the zoo's ``gpt`` model: Megatron's column/row-parallel layers and their all-reduces.
+"""Tensor parallelism for the zoo's ``gpt`` and ``llama`` models: Megatron's column/row-parallel layers, all-reduces.
 
 Every TP rank of a stage replica runs the same actions on its shard of the
 stage. In each transformer block (Megatron-LM, Shoeybi et al. 2019):
@@ -16,7 +16,13 @@ stage. In each transformer block (Megatron-LM, Shoeybi et al. 2019):
   in the replica's TP process group. Row-parallel biases are added once,
   after the reduction.
 
-Layer norms, the embedding and the LM head are replicated on every TP rank
+The ``llama`` block is split the same way, without biases: its QKV rows are grouped by key/value head
+(:class:`executor.models.GroupedQueryAttention`), so rank t takes the contiguous rows of KV groups
+``[t·G/T, (t+1)·G/T)`` — their query heads, key heads and value heads together, so grouped-query attention
+runs on the rank alone; the SwiGLU's gate and up matrices are column-parallel (rank t: columns
+``[t·F/T, (t+1)·F/T)`` of each), the product runs on the rank's columns, and down is row-parallel.
+
+Layer norms (RMSNorms), the embedding and the LM head are replicated on every TP rank
 (the embedding and head are not vocabulary-parallel): their inputs and
 output gradients are the same on every rank after the reductions above, so
 their gradients agree without a reduction of their own and the ranks' copies
@@ -53,7 +59,8 @@ from torch import Tensor, nn
 
 from executor.collectives import all_gather_dim, all_reduce, reduce_scatter_dim
 from executor.errors import ExecutorError
-from executor.models import GPTBlock, GPTEmbedding, GPTHead, parse_spec
+from executor.models import (GPTBlock, GPTEmbedding, GPTHead, GroupedQueryAttention, LlamaBlock, LlamaEmbedding,
+                             LlamaHead, SwiGLU, parse_spec)
 from executor.recompute import attention_core
 
 TP_FAULT_ENV = "PIPETWIN_TP_FAULT"
@@ -269,30 +276,79 @@ class TPMLP(nn.Module):
         return reduce_from_tp(F.linear(h, fc2.weight), self.tp) + fc2.bias
 
 
+class TPGroupedQueryAttention(GroupedQueryAttention):
+    """Llama attention on this rank's KV groups: column-parallel QKV (whole groups), row-parallel output projection."""
+
+    shards = {"qkv.weight": ShardSpec(0), "proj.weight": ShardSpec(1)}
+
+    def __init__(self, full: GroupedQueryAttention, tp: TPContext) -> None:
+        super().__init__(full.proj.out_features, full.heads // tp.size, full.kv_heads // tp.size, full.head_dim)
+        self.tp = tp
+        self.recompute_core = full.recompute_core
+        with torch.no_grad():
+            self.qkv.weight.copy_(shard(full.qkv.weight, self.shards["qkv.weight"], tp.rank, tp.size))
+            self.proj.weight.copy_(shard(full.proj.weight, self.shards["proj.weight"], tp.rank, tp.size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reduce_from_tp(super().forward(copy_to_tp(x, self.tp)), self.tp)
+
+
+class TPSwiGLU(SwiGLU):
+    """The SwiGLU on this rank's F/T columns: column-parallel gate and up, row-parallel down."""
+
+    shards = {"gate_up.weight": ShardSpec(0, 2), "down.weight": ShardSpec(1)}
+
+    def __init__(self, full: SwiGLU, tp: TPContext) -> None:
+        super().__init__(full.down.out_features, full.down.in_features // tp.size)
+        self.tp = tp
+        with torch.no_grad():
+            self.gate_up.weight.copy_(shard(full.gate_up.weight, self.shards["gate_up.weight"], tp.rank, tp.size))
+            self.down.weight.copy_(shard(full.down.weight, self.shards["down.weight"], tp.rank, tp.size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reduce_from_tp(super().forward(copy_to_tp(x, self.tp)), self.tp)
+
+
+#: The TP shard modules; each says how its parameters are split (``shards``).
+_TP_MODULES = (TPAttention, TPMLP, TPGroupedQueryAttention, TPSwiGLU)
+
+
 def check_model(spec: str, size: int, sequence: bool = False) -> None:
-    """Raise ExecutorError unless ``spec`` is a gpt model whose heads (and, with ``sequence``, sequence) split
-    over ``size`` TP ranks."""
+    """Raise ExecutorError unless ``spec`` is a gpt or llama model whose heads (llama: key/value heads and SwiGLU
+    width; with ``sequence``, the sequence) split over ``size`` TP ranks."""
     ms = parse_spec(spec)
-    if ms.kind != "gpt":
-        raise ExecutorError(f"tensor parallelism runs the zoo's gpt model only (the plan's model is {spec!r}); "
-                            f"use --tp 1, or a model like gpt:layers=4,hidden=64,heads=4,seq=16,vocab=128")
+    if ms.kind not in ("gpt", "llama"):
+        raise ExecutorError(f"tensor parallelism runs the zoo's gpt and llama models only (the plan's model is "
+                            f"{spec!r}); use --tp 1, or a model like gpt:layers=4,hidden=64,heads=4,seq=16,vocab=128")
     heads = ms.get("heads")
     if heads % size:
         raise ExecutorError(f"--tp {size} must divide the model's {heads} attention heads; choose a divisor of {heads}")
+    if ms.kind == "llama":
+        kv, ffn = ms.get("kv_heads"), ms.get("ffn")
+        if kv % size:
+            raise ExecutorError(f"--tp {size} must divide the model's kv_heads={kv} (each rank takes whole key/value "
+                                f"groups); choose a divisor of {kv}")
+        if ffn % size:
+            raise ExecutorError(f"--tp {size} must divide the model's ffn={ffn} (the SwiGLU's columns); choose a "
+                                f"divisor of {ffn}")
     if sequence and ms.get("seq") % size:
         raise ExecutorError(f"sequence parallelism splits the sequence: --tp {size} must divide seq={ms.get('seq')}")
 
 
 def parallelize(layers: list[nn.Module], tp: TPContext) -> list[nn.Module]:
-    """The stage's gpt layers with every block's attention and MLP replaced by this rank's TP shard (in place);
-    under sequence parallelism the embedding's output is split along the sequence and the head's input gathered."""
+    """The stage's gpt or llama layers with every block's attention and MLP replaced by this rank's TP shard (in
+    place); under sequence parallelism the embedding's output is split along the sequence and the head's input
+    gathered."""
     for layer in layers:
         if isinstance(layer, GPTBlock):
             layer.attn = TPAttention(layer.attn, tp)
             layer.mlp = TPMLP(layer.mlp, tp)
-        elif tp.sequence and isinstance(layer, GPTEmbedding):
+        elif isinstance(layer, LlamaBlock):
+            layer.attn = TPGroupedQueryAttention(layer.attn, tp)
+            layer.mlp = TPSwiGLU(layer.mlp, tp)
+        elif tp.sequence and isinstance(layer, (GPTEmbedding, LlamaEmbedding)):
             layer.register_forward_hook(lambda mod, args, out: _ScatterSeq.apply(out, tp))
-        elif tp.sequence and isinstance(layer, GPTHead):
+        elif tp.sequence and isinstance(layer, (GPTHead, LlamaHead)):
             layer.register_forward_pre_hook(lambda mod, args: (_GatherSeq.apply(args[0], tp, False),))
     return layers
 
@@ -305,6 +361,8 @@ def sequence_parallel_params(module: nn.Module) -> set[str]:
         if isinstance(sub, GPTBlock):
             for local in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "attn.proj.bias", "mlp.2.bias"):
                 out.add(f"{name}.{local}")
+        elif isinstance(sub, LlamaBlock):
+            out.update((f"{name}.attn_norm.weight", f"{name}.mlp_norm.weight"))
     return out
 
 
@@ -325,7 +383,7 @@ def shard_specs(module: nn.Module) -> dict[str, ShardSpec]:
     """Parameter name (as ``module.named_parameters`` gives it) -> its ShardSpec, for every sharded parameter."""
     out = {}
     for name, sub in module.named_modules():
-        if isinstance(sub, (TPAttention, TPMLP)):
+        if isinstance(sub, _TP_MODULES):
             for local, spec in sub.shards.items():
                 out[f"{name}.{local}" if name else local] = spec
     return out

@@ -23,11 +23,30 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print {rows, summary} as JSON")
     add_device_calibration_flag(p)  # given, it is used instead of fitting one (the calibration rows stay unscored)
     p.add_argument("--save-calibration", metavar="FILE", help="write the fitted device calibration JSON here")
+    p.add_argument("--explain", metavar="FILE:LINE", action="append", default=[],
+                   help="print a row's closed form split into its terms (compute, TP all-reduces, pipeline fill and "
+                        "drain, p2p, DP all-reduce tail, overhead) next to its measured time, e.g. multi:52 "
+                        "(repeatable; FILE is single or multi, LINE the CSV line)")
     p.add_argument("--no-simulate", action="store_true", help="predict every row by the closed form")
     p.add_argument("--korthikanti", metavar="FILE", default=None,
                    help="also predict Korthikanti et al. 2022's Table 5 (default: "
                         "DATA/../published/korthikanti22_table5_via_calculon.csv when it exists; 'none' to skip)")
+    p.add_argument("--torchtitan", metavar="FILE", default=None,
+                   help="also predict torchtitan's Llama 3.1 H100 rows, tokens/s per GPU and memory (default: "
+                        "DATA/../published/torchtitan_llama3_h100_202412.csv when it exists; 'none' to skip)")
     p.set_defaults(func=run)
+
+
+def _explain_keys(texts: list[str]) -> list[tuple[str, int]]:
+    from pipetwin.errors import UserError
+
+    keys = []
+    for t in texts:
+        src, _, line = t.partition(":")
+        if src not in ("single", "multi") or not line.isdigit():
+            raise UserError(f"--explain {t!r}: give FILE:LINE with FILE single or multi, e.g. multi:52")
+        keys.append((src, int(line)))
+    return keys
 
 
 def run(args) -> int:
@@ -36,32 +55,57 @@ def run(args) -> int:
 
     from validation.groundtruth_published import KORTHIKANTI_FILE, score_korthikanti
 
+    from validation.groundtruth_titan import score_torchtitan
+
+    explain = _explain_keys(args.explain)
+    titan_rows = _torchtitan_rows(args)
     g = run_groundtruth(args.data, calibration=args.device_calibration, simulate=not args.no_simulate)
+    if explain:
+        return _print_explain(g, explain)
     table5 = args.korthikanti or str(Path(args.data) / ".." / "published" / KORTHIKANTI_FILE)
     extra = None
     if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):
         extra = score_korthikanti(table5, g.calibration)
+    titan = score_torchtitan(titan_rows, g.calibration) if titan_rows else None
     if args.save_calibration:
         g.calibration.save(args.save_calibration)
     if args.report:
-        write_report(g, args.report, extra)
+        write_report(g, args.report, extra, titan)
     if args.json:
-        print(json.dumps(to_json(g, extra)))
+        print(json.dumps(to_json(g, extra, titan)))
         return 0
     _print(g)
     if extra:
         from validation.groundtruth_report import extra_markdown
 
         print("\n".join(extra_markdown(extra)))
+    if titan:
+        from validation.groundtruth_report import titan_markdown
+
+        print("\n".join(titan_markdown(titan)))
     if args.report:
         print(f"report written to {args.report}/report.md")
     return 0
+
+
+def _torchtitan_rows(args) -> list | None:
+    """torchtitan's rows, read before anything is fitted so a bad file fails at once (None when skipped): the
+    given file, else the default one where it exists."""
+    from validation.groundtruth_titan import TORCHTITAN_FILE, read_torchtitan
+
+    if args.torchtitan == "none":
+        return None
+    path = args.torchtitan or str(Path(args.data) / ".." / "published" / TORCHTITAN_FILE)
+    if not args.torchtitan and not Path(path).is_file():
+        return None
+    return read_torchtitan(path)
 
 
 def _print(g) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from validation.groundtruth import simulated_workers_sentence
     from validation.groundtruth_report import breakdown, worst_rows
 
     c = Console(width=None if sys.stdout.isatty() else 130)
@@ -83,7 +127,8 @@ def _print(g) -> None:
     c.print(f"MAPE {s['mape_single'] * 100:.2f}% single-node, {s['mape_multi'] * 100:.2f}% multi-node; worst "
             f"{s['max_abs_error'] * 100:.1f}%; {s['n_scored']} scored, {s['n_calibration']} calibration, "
             f"{s['n_skipped']} skipped; measured-fastest in the predicted top three in {s['best_in_top3']} of "
-            f"{s['best_groups']} groups; {s['n_simulated']} rows simulated, {s['n_closed_form']} by the closed form "
+            f"{s['best_groups']} groups; {s['n_simulated']} rows simulated ({simulated_workers_sentence(s['simulated_workers'])}), "
+            f"{s['n_closed_form']} by the closed form "
             f"(they differ by at most {s['max_sim_vs_closed_form'] * 100:.2f}% where both ran); {s['seconds']:.1f} s")
     if g.calibration.block_timings:
         c.print(f"per-shape block times (the calibration's table, {len(g.calibration.block_timings)} shapes) for "
@@ -93,3 +138,37 @@ def _print(g) -> None:
     if closed:
         c.print(f"closed form instead of simulation for {len(closed)} rows: {closed[0].why_closed_form}"
                 + (f" (and {len(closed) - 1} more like it; --json gives each row's why_closed_form)" if len(closed) > 1 else ""))
+
+
+def _print_explain(g, keys: list[tuple[str, int]]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipetwin.errors import UserError
+    from validation.groundtruth import TERMS
+
+    by_key = {(s.row.source, s.row.line): s for s in g.scored}
+    skipped = {(r.source, r.line): why for r, why in g.skipped}
+    c = Console(width=None if sys.stdout.isatty() else 130)
+    for key in keys:
+        x = by_key.get(key)
+        if x is None:
+            why = skipped.get(key)
+            raise UserError(f"--explain {key[0]}:{key[1]}: " + (f"the row was not expressed ({why})" if why else
+                             "no such data row (LINE is the line in the CSV file, the header being line 1)"))
+        r = x.row
+        c.print(f"[bold]{r.source}:{r.line}[/] {r.model} {r.shape}, micro {r.micro_batch}, {r.microbatches} "
+                f"microbatches per pipeline, {r.gpus} GPUs{' (a calibration row)' if r.calibration else ''}")
+        t = Table()
+        t.add_column("term")
+        t.add_column("ms", justify="right")
+        t.add_column("share", justify="right")
+        total = sum(x.terms_ms.values())
+        for k in TERMS:
+            t.add_row(k, f"{x.terms_ms[k]:.1f}", f"{x.terms_ms[k] / total * 100:.1f}%")
+        t.add_row("closed form", f"{x.closed_form_ms:.1f}", "")
+        if x.method == "simulated":
+            t.add_row("simulated (the prediction)", f"{x.predicted_ms:.1f}", "")
+        t.add_row("measured", f"{r.measured_ms:.1f}", f"{x.error * 100:+.1f}% off")
+        c.print(t)
+    return 0

@@ -14,18 +14,25 @@ def register(sub) -> None:
                        description="--model: measure each chain layer of a model on this CPU (one thread) or GPU: "
                                    "forward and backward seconds (median after warm-up), output activation bytes, "
                                    "bytes saved for backward and parameter bytes, per sample. --blocks: time one "
-                                   "transformer block of each model (the executor's gpt block, sliced to one TP "
-                                   "rank, TP collectives left out) per TP degree and microbatch size, and write the "
-                                   "times into a device calibration's block_timings table (-o), which every "
-                                   "--device-calibration command then uses for those block shapes.")
+                                   "transformer block of each model (the executor's gpt or llama block, sliced to "
+                                   "one TP rank, TP collectives left out) per TP degree and microbatch size, and "
+                                   "write the times into a device calibration's block_timings table (-o), which every "
+                                   "--device-calibration command then uses for those block shapes. The forward is "
+                                   "timed as training runs it, autograd recording (the forward of a run without "
+                                   "recomputation, and the one a recomputing backward re-runs); the backward is timed "
+                                   "on its own, after the forward's clock stops, without any recomputation: the two "
+                                   "quantities the efficiency model reads (forward_s, backward_s). Full recomputation's "
+                                   "first forward runs without autograd and is charged the same forward_s.")
     p.add_argument("--model",
                    help="model spec: mlp:layers=8,width=512 | gpt:layers=4,hidden=256,heads=4,seq=128,vocab=512 | "
+                        "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=512,seq=128,vocab=512 | "
                         "cnn:blocks=4,channels=32,size=32,classes=10 | uniform:layers=8,fwd=1e-3,bwd=2e-3,act=B,"
                         "params=B | package.module:function | path/file.py:function")
     p.add_argument("--blocks", action="append", metavar="MODEL",
                    help="time one block of this transformer into a device calibration (-o): a preset "
-                        "(gpt3-1.3b; several: gpt3-350m,gpt3-1.3b) or gpt:layers=L,hidden=H,heads=A,seq=S,vocab=V; "
-                        "repeat the flag for several specs")
+                        "(gpt3-1.3b, llama3-8b; several: gpt3-350m,gpt3-1.3b), gpt:layers=L,hidden=H,heads=A,seq=S,"
+                        "vocab=V or llama:layers=L,hidden=H,heads=A,kv_heads=G,ffn=F,seq=S,vocab=V; repeat the flag "
+                        "for several specs")
     p.add_argument("--microbatch-size", type=counts, default=(1,),
                    help="samples per microbatch (default 1); with --blocks a list, e.g. 1,2,4")
     p.add_argument("--tp", type=counts, default=(1,), metavar="T",
@@ -141,8 +148,8 @@ def _gpu_kind() -> str:
 
 def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int, ...], sequence_parallel: bool):
     """Every (spec, TransformerConfig, TP, microbatch) ``--blocks`` asks for, checked before anything is timed:
-    a model the executor's gpt block builds (GPT/BERT: multi-head attention, a 4·hidden GELU MLP) that each TP
-    degree divides."""
+    a model one of the executor's blocks builds (GPT/BERT: multi-head attention, a 4·hidden GELU MLP; Llama:
+    grouped-query attention, SwiGLU of any width) that each TP degree divides."""
     from planner.analytic import transformer_config
     from pipetwin.errors import UserError
 
@@ -156,12 +163,15 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
         for t in tps:
             cfg = transformer_config(name, t)
             if cfg is None:
-                raise UserError(f"--blocks {name!r} is not a transformer; give a preset like gpt3-1.3b or "
-                                f"gpt:layers=L,hidden=H,heads=A,seq=S,vocab=V")
-            if cfg.family == "llama" or (cfg.kv_heads or cfg.heads) != cfg.heads or cfg.ffn_size != 4 * cfg.hidden:
-                raise UserError(f"--blocks {name!r}: the executor builds GPT blocks only (multi-head attention, a "
-                                f"4·hidden GELU MLP), not {cfg.family} with kv_heads={cfg.kv_heads or cfg.heads}, "
-                                f"ffn={cfg.ffn_size}; give a gpt/bert shape")
+                raise UserError(f"--blocks {name!r} is not a transformer; give a preset like gpt3-1.3b or llama3-8b, "
+                                f"or gpt:layers=L,hidden=H,heads=A,seq=S,vocab=V")
+            if not cfg.llama and ((cfg.kv_heads or cfg.heads) != cfg.heads or cfg.ffn_size != 4 * cfg.hidden):
+                raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block has multi-head attention and a "
+                                f"4·hidden GELU MLP, not kv_heads={cfg.kv_heads or cfg.heads} and ffn={cfg.ffn_size}; "
+                                f"give a llama: spec for grouped-query attention or another MLP width")
+            if cfg.llama and (cfg.hidden // cfg.heads) % 2:
+                raise UserError(f"--blocks {name!r}: the head size hidden/heads = {cfg.hidden // cfg.heads} must be "
+                                f"even (rotary embedding turns pairs of features)")
             if sequence_parallel and cfg.seq % t:
                 raise UserError(f"--blocks {name!r}: sequence parallelism over --tp {t} needs it to divide "
                                 f"seq={cfg.seq}; pick a divisor")
@@ -201,7 +211,8 @@ def run_blocks(args) -> int:
         key = block_key(cfg, t, mb, args.sequence_parallel)
         if key in measured:
             continue
-        f, b = profile_block(cfg.hidden, cfg.heads, cfg.seq, mb, t, args.sequence_parallel, dtype=dtype,
+        f, b = profile_block(cfg.hidden, cfg.heads, cfg.seq, mb, t, args.sequence_parallel,
+                             family="llama" if cfg.llama else "gpt", kv_heads=cfg.kv_heads, ffn=cfg.ffn, dtype=dtype,
                              device=args.device, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
         measured[key] = (name, BlockTiming(key, f, b, 0, source))
     kept = tuple(e for e in cal.block_timings if e.key not in measured and not args.new_table)
@@ -216,12 +227,12 @@ def run_blocks(args) -> int:
 
     table = Table(title=f"block times into {args.output} ({cal.kind.name})",
                   caption=f"one block on one TP rank, one microbatch, TP collectives left out; {source}")
-    for col in ("model", "hidden", "heads", "seq", "TP", "microbatch", "fwd ms", "bwd ms"):
+    for col in ("model", "hidden", "heads", "kv", "ffn", "seq", "TP", "microbatch", "fwd ms", "bwd ms"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, e in measured.values():
-        _, h, a, _, _, s, t, sp, mb = e.key
-        table.add_row(name, str(h), str(a), str(s), f"{t}{' SP' if sp else ''}", str(mb), f"{e.forward_s * 1e3:.3f}",
-                      f"{e.backward_s * 1e3:.3f}")
+        _, h, a, kv, f, s, t, sp, mb = e.key
+        table.add_row(name, str(h), str(a), str(kv), str(f), str(s), f"{t}{' SP' if sp else ''}", str(mb),
+                      f"{e.forward_s * 1e3:.3f}", f"{e.backward_s * 1e3:.3f}")
     console = Console()
     console.print(table)
     console.print(f"wrote {args.output}: {len(measured)} shapes measured, {len(kept)} kept from before, smooth "

@@ -6,7 +6,7 @@ This module builds one from closed forms:
 * **GPT/BERT-style transformers** given (layers, hidden, heads, sequence,
   vocabulary[, ffn]), and **Llama-style** ones (RMSNorm, SwiGLU, grouped-query
   attention with ``kv_heads``, rotary positions, untied head; presets
-  ``llama3-8b``, ``llama3-70b``). Layers: the embedding, each transformer block
+  ``llama3-8b``, ``llama3-70b``, ``llama3-405b``). Layers: the embedding, each transformer block
   as one layer, and the final norm + output head. Any of them **per
   tensor-parallel rank** (``transformer_profile(..., tensor_parallel=T)``: FLOPs,
   weights and activations split as Megatron splits them, each layer's TP
@@ -174,7 +174,8 @@ _LLAMA3 = dict(seq=8192, vocab=128256, family="llama", kv_heads=8)
 #: Named transformers. GPT-3 shapes from Brown et al. 2020, Table 2.1 (13B with h = 5120,
 #: 1.3B with 16 heads of 128 so that heads divide h). Llama 3 from Meta's model cards
 #: (8B: 32 × 4096, 32 heads, 8 KV heads, SwiGLU 14336; 70B: 80 × 8192, 64 heads, 8 KV heads,
-#: SwiGLU 28672; vocabulary 128,256; sequence 8192).
+#: SwiGLU 28672; 405B: 126 × 16384, 128 heads, 8 KV heads, SwiGLU 53248; vocabulary 128,256;
+#: sequence 8192).
 PRESETS: dict[str, TransformerConfig] = {
     "gpt2-small": TransformerConfig(12, 768, 12, **_GPT2),
     "gpt2-medium": TransformerConfig(24, 1024, 16, **_GPT2),
@@ -192,9 +193,11 @@ PRESETS: dict[str, TransformerConfig] = {
     "bert-large": TransformerConfig(24, 1024, 16, **_BERT),
     "llama3-8b": TransformerConfig(32, 4096, 32, ffn=14336, **_LLAMA3),
     "llama3-70b": TransformerConfig(80, 8192, 64, ffn=28672, **_LLAMA3),
+    "llama3-405b": TransformerConfig(126, 16384, 128, ffn=53248, **_LLAMA3),
 }
 _ALIASES = {"gpt2": "gpt2-small", "gpt3-xl": "gpt3-1.3b", "gpt3": "gpt3-175b", "llama3.1-8b": "llama3-8b",
-            "llama3.1-70b": "llama3-70b"}
+            "llama3.1-70b": "llama3-70b",
+            "llama3.1-405b": "llama3-405b"}
 _SPEC_KEYS = ("layers", "hidden", "heads", "seq", "vocab", "ffn", "kv_heads")
 
 #: CNNs with an analytic fallback (``NAME-analytic``).

@@ -41,6 +41,18 @@ their blocks' ⌊(P + 2)/2⌋ and ⌊(P + 4)/3⌋ whole microbatches) of saved b
 recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
 selective: all but the attention core), plus what one layer's backward rebuilds.
 
+How close the V families' activations are (ZB-V, V-Half, V-Min, DualPipeV): every rank is charged
+one depth, the registry's, which is the heaviest rank's peak; the simulator holds each rank's own.
+With chunks that keep equal bytes the figure is at least the simulator's and at most one microbatch
+of the rank's kept bytes more: exact on every rank of ZB-V and DualPipeV; V-Half below P microbatches
+and V-Min's lighter ranks (P = 8: ranks 0, 3 and 6 hold 6 chunk-microbatches, not 8) one microbatch
+over (``tests/test_family_costs.py`` holds the bound). Exact per rank would walk the family's compute
+order for each (P, M) the search tries (10–500 ms each at P = 8–32, depths up to 64), so it does not.
+Where a rank's two chunks keep different bytes, depth × their mean is no bound either way: a rank's
+peak holds mostly its first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r),
+so a heavier first chunk is undercharged (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample
+and 8–15 1 MB: every rank charged 34 MB, rank 0 holds 49, rank 7 35).
+
 Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
 link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the
 TP and link-load pricing is the part that can move out once the partitioner shares it.
@@ -55,6 +67,7 @@ import numpy as np
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY, looped_warmup_extra, rank_of
+from planner.sharding import check_planned_zero, zero_state_bytes
 from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
 
 #: Optimizer state bytes per parameter byte.
@@ -91,6 +104,9 @@ class CostOptions:
             defaults are fitted to the SimPy simulator on PipeDream's profiles and clusters.
         overlap_allreduce: a stage's all-reduce runs under its backward pass (PyTorch DDP's gradient buckets):
             its time is forward + max(backward, all-reduce) instead of their sum (``pipetwin plan --dp-overlap``).
+        zero_stage: ZeRO sharding of the training state over each stage's replicas (``planner.sharding``): 0
+            none, 1 the optimizer state, 2 also the gradients; memory only, as their collectives send the
+            all-reduce's bytes. One weight version: flush schedules only.
     """
 
     overlap_comm: bool = True
@@ -102,8 +118,10 @@ class CostOptions:
     link_serial_flush: float = 0.8
     link_serial_async: float = 0.6
     overlap_allreduce: bool = False
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
+        check_planned_zero(self.zero_stage)
         try:
             object.__setattr__(self, "recompute", recompute_mode(self.recompute))
         except ValueError as e:
@@ -285,10 +303,11 @@ def static_bytes_per_param_byte(versions, optimizer: str):
     return versions + 1.0 + OPTIMIZER_STATE[optimizer]
 
 
-def stage_bytes(params_bytes, kept_bytes_, rebuilt_bytes_, held, versions, optimizer: str, mb: int = 1):
-    """A stage's peak bytes per device: parameters × (versions + gradient + optimizer state), ``held`` microbatches
-    of what it keeps for backward, and what one layer's backward rebuilds (the byte figures per sample × ``mb``)."""
-    return params_bytes * static_bytes_per_param_byte(versions, optimizer) + (held * kept_bytes_ + rebuilt_bytes_) * mb
+def stage_bytes(static, kept_bytes_, rebuilt_bytes_, held, mb: int = 1):
+    """A stage's peak bytes per device: its ``static`` bytes (``static_bytes``: weights, gradients, optimizer state),
+    ``held`` microbatches of what it keeps for backward, and what one layer's backward rebuilds (the byte figures
+    per sample × ``mb``)."""
+    return static + (held * kept_bytes_ + rebuilt_bytes_) * mb
 
 
 def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0,
@@ -379,7 +398,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
             core = compute + ar
         t = max(core, comm) if options.overlap_comm else core + comm
         n_held, versions = (int(x) for x in stage_counts(fam, M, workers_after[i], r, limit0))
-        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options)
+        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options, r)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
     return _candidate(plan, raw, options, fam, chunks=1, links=_link_bound(plan, prof, topology, options))
 
@@ -419,7 +438,7 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
         per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
-        mem = params * static_bytes_per_param_byte(1, options.optimizer) + act
+        mem = static_bytes(params, 1, r, options) + act
         raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
     raw = []
     for i, st in enumerate(plan.stages):
@@ -479,11 +498,30 @@ def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, t
                for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
 
 
+def static_bytes(param_bytes, versions, replicas, options: CostOptions):
+    """Weights (× versions), gradients and optimizer state of a device holding ``param_bytes``, sharded over its
+    ``replicas`` by ``options.zero_stage`` (``planner.sharding.zero_state_bytes``, which the simulator reads too);
+    elementwise over numpy arrays as over numbers (the partition search's tables)."""
+    if options.zero_stage == 0:
+        return param_bytes * static_bytes_per_param_byte(versions, options.optimizer)
+    if np.any(np.asarray(versions) != 1):
+        raise PlanError(f"ZeRO stage {options.zero_stage} shards one weight version, but this schedule keeps {int(np.max(versions))}: "
+                        f"use a flush schedule (gpipe, 1f1b, interleaved, ...) or zero stage 0")
+    factor = OPTIMIZER_STATE[options.optimizer]
+
+    def one(p, r) -> float:
+        return zero_state_bytes(float(p), int(r), options.zero_stage, factor).total_bytes
+
+    if np.ndim(param_bytes) or np.ndim(replicas):
+        return np.vectorize(one, otypes=[float])(param_bytes, replicas)
+    return one(param_bytes, replicas)
+
+
 def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_held: int, versions: int,
-                  options: CostOptions) -> float:
+                  options: CostOptions, replicas: int = 1) -> float:
     mode = options.recompute
-    return stage_bytes(prof.param_bytes(first, last), kept_bytes(prof, first, last, mode),
-                       rebuilt_bytes(prof, first, last, mode), n_held, versions, options.optimizer, mb)
+    return stage_bytes(static_bytes(prof.param_bytes(first, last), versions, replicas, options),
+                       kept_bytes(prof, first, last, mode), rebuilt_bytes(prof, first, last, mode), n_held, mb)
 
 
 # --- the link-load bound ------------------------------------------------------------------

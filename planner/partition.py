@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costmodel import (CostOptions, OPTIMIZER_STATE, holds_until_weight_grad, stage_bytes, stage_counts,
-                               stage_input_bytes, static_bytes_per_param_byte, update_interval, weight_versions)
+                               stage_input_bytes, static_bytes, static_bytes_per_param_byte, update_interval,
+                               weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
@@ -168,14 +169,14 @@ class _Tables:
     def key(self, pb: Problem, objective: str) -> bytes:
         """A digest of everything ``_solve_n`` reads for a search over all of these tables' devices.
 
-        Layer tables, the options the stage costs use (overlap, recomputation, optimizer state), the
-        schedule family and microbatch count (PipeDream's stage costs do not use M), the objective, and
+        Layer tables, the options the stage costs use (overlap, recomputation, optimizer state, ZeRO stage),
+        the schedule family and microbatch count (PipeDream's stage costs do not use M), the objective, and
         the device tables. ``memory_limit_bytes`` is in ``mlim``; device names are not read.
         """
         opt = pb.options
         M = pb.microbatches if reads_microbatches(pb.family) else None
-        return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, self.L,
-                       self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
+        return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
+                       self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
     def cut(self, j, k):
@@ -261,7 +262,7 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     after = N - k0
     lim = -(-after // rr)
     held, versions = stage_counts(fam, M, after, rr, lim if limit0 is None else limit0)
-    mem = stage_bytes(params, tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held, versions, opt.optimizer)
+    mem = stage_bytes(static_bytes(params, versions, rr, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held)
     ok = _schedulable(fam, M, r, lim)
     if limit0 is not None and holds_until_weight_grad(fam):
         ok = ok & (lim <= limit0)
@@ -498,7 +499,7 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     comm = (cin + float(tb.cut(j, k))) / r
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
     held, versions = stage_counts(fam, M, N - k0, r, limit0)
-    mem = float(stage_bytes(params, tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held, versions, opt.optimizer))
+    mem = float(stage_bytes(static_bytes(params, versions, r, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held))
     if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
         return math.inf, math.inf, tb.mlim[k0, k]
     return t, mem, tb.mlim[k0, k]

@@ -22,6 +22,7 @@ import numpy as np
 
 from planner.plan import Plan
 from planner.profile import ModelProfile
+from planner.program import FAMILY
 from planner.trace import bubble_fraction, busy_s, peak_memory_bytes, span_s, step_times_s, throughput_samples_per_s
 from sim.engine import simulate_plan
 from sim.params import SimParams
@@ -80,7 +81,8 @@ def extrapolation_pair(plan: Plan, lookahead: int = 0) -> tuple[int, int] | None
     if plan.schedule not in AFFINE_FAMILIES or plan.batches != 1:
         return None
     M = plan.microbatches
-    period = plan.pipeline_depth if plan.schedule == "interleaved" else math.lcm(*plan.replicas)
+    looped = FAMILY[plan.schedule].placement == "looped"  # a loop walks its microbatches in groups of P
+    period = plan.pipeline_depth if looped else math.lcm(*plan.replicas)
     fill = 2 * max(sum(plan.replicas) // max(1, plan.chunks), plan.pipeline_depth)
     m1 = _at_least(fill + lookahead, M, period)
     m2 = _at_least(m1 + fill, M, period)

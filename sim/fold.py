@@ -35,8 +35,7 @@ from dataclasses import dataclass
 
 from planner.program import Kind, Program
 from sim.collectives import allreduce_phases
-
-_MB_KINDS = (Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.SEND, Kind.RECV)
+from sim.symmetry import exact_copies
 
 
 @dataclass(frozen=True)
@@ -86,22 +85,11 @@ def _worker_map(p: Program, perm, dt: int) -> dict[int, int] | None:
     return out
 
 
-def _equivariant(p: Program, wmap: dict[int, int], dr: int) -> str:
-    """'' when every worker's actions are its image's relabelled by ``wmap`` (microbatches + the replica shift)."""
+def _shifts(p: Program, wmap: dict[int, int], dr: int) -> dict[int, int]:
+    """Worker → how far ``wmap`` moves its microbatches: its image's replica index less its own (0 unless ``dr``)."""
     T = p.tensor_parallel
     ridx = {w: ws.index(w) // T for ws in p.stage_workers for w in ws}
-    for w, img in wmap.items():
-        a_list, b_list = p[w], p[img]
-        if len(a_list) != len(b_list):
-            return f"worker {img} runs {len(b_list)} actions, its preimage {w} {len(a_list)}"
-        shift = ridx[img] - ridx[w] if dr else 0
-        for a, b in zip(a_list, b_list):
-            if (a.kind, a.stage, a.version, a.grad, a.nbytes) != (b.kind, b.stage, b.version, b.grad, b.nbytes):
-                return f"worker {img} differs from worker {w} at {b}"
-            want_mb = a.mb + shift if a.kind in _MB_KINDS else a.mb
-            if b.mb != want_mb or (a.peer is not None and wmap.get(a.peer) != b.peer):
-                return f"worker {img} is no relabelled copy of worker {w} at {b}"
-    return ""
+    return {w: ridx[img] - ridx[w] if dr else 0 for w, img in wmap.items()}
 
 
 def _collective_flows(run, p: Program) -> list[tuple[tuple, list[list[tuple[str, str, float]]]]]:
@@ -176,10 +164,6 @@ def _try(run, replica_gens: list[tuple], k_reps: int, tp: bool) -> tuple[Fold | 
         gens.append((m, order, True))
     if not gens:
         return None, "nothing to fold"
-    for m, _, _ in gens:
-        for w, img in m.items():
-            if topo.device(dev[w]).speed != topo.device(dev[img]).speed:
-                return None, f"workers {w} and {img} run on devices of different speeds"
     dmaps = [{dev[w]: dev[img] for w, img in m.items()} for m, _, _ in gens]
     pairs = {(dev[w], dev[a.peer]) for w in p.workers for a in p[w] if a.kind is Kind.SEND}
     colls = _collective_flows(run, p)
@@ -200,7 +184,7 @@ def _try(run, replica_gens: list[tuple], k_reps: int, tp: bool) -> tuple[Fold | 
             return None, why
         hmaps.append(hmap)
     for m, _, shift in gens:  # the costliest check last: every action of every worker
-        why = _equivariant(p, m, shift)
+        why = exact_copies(run, m, _shifts(p, m, shift))
         if why:
             return None, why
     # the group: every product of generator powers (they commute), as device maps

@@ -10,11 +10,40 @@ Not used with tensor parallelism: a TP group's ranks share their server's links
 with each other's point-to-point traffic on the clusters TP runs on, so their
 copies would not be exact; ``sim.fold`` folds those runs (and replica pipelines
 that share links) onto a quotient of the links instead.
+
+It also owns the one test both use of whether workers are exact images of one another
+(``exact_copies``): the same device speed, and the same actions relabelled.
 """
 from __future__ import annotations
 
 from planner.program import Kind
 from sim.collectives import allreduce_phases
+
+_MB_KINDS = frozenset({Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.SEND, Kind.RECV})  # ALLREDUCE/STEP count rounds
+
+
+def exact_copies(run, wmap: dict[int, int], shift: dict[int, int]) -> str:
+    """'' when every worker ``w`` of ``wmap`` is copied exactly by its image ``wmap[w]``, else why not.
+
+    A copy runs on a device of the same speed, and its action list is ``w``'s with every peer mapped by
+    ``wmap`` and every microbatch moved by ``shift[w]`` (the rounds of ALLREDUCE and STEP stay).
+    ``sim.symmetry`` asks it of whole replica pipelines, ``sim.fold`` of each generator of its group.
+    """
+    p, topo, dev = run.p, run.topology, run.dev
+    for w, img in wmap.items():
+        if topo.device(dev[w]).speed != topo.device(dev[img]).speed:
+            return f"workers {w} and {img} run on devices of different speeds"
+    for w, img in wmap.items():
+        a_list, b_list, dm = p[w], p[img], shift[w]
+        if len(a_list) != len(b_list):
+            return f"worker {img} runs {len(b_list)} actions, its preimage {w} {len(a_list)}"
+        for a, b in zip(a_list, b_list):
+            if (a.kind, a.stage, a.version, a.grad, a.nbytes) != (b.kind, b.stage, b.version, b.grad, b.nbytes):
+                return f"worker {img} differs from worker {w} at {b}"
+            want_mb = a.mb + dm if a.kind in _MB_KINDS else a.mb
+            if b.mb != want_mb or (a.peer is not None and wmap.get(a.peer) != b.peer):
+                return f"worker {img} is no relabelled copy of worker {w} at {b}"
+    return ""
 
 
 def symmetry(run) -> tuple[int, str]:
@@ -30,29 +59,17 @@ def symmetry(run) -> tuple[int, str]:
         return 1, "compute jitter differs between replicas"
     if any(len(ws) != R for ws in sw) or any(len(p.stages_of(w)) != 1 for w in p.workers):
         return 1, "stages have different replica counts"
-    for ws in sw:
-        speed = topo.device(dev[ws[0]]).speed
-        if any(topo.device(dev[w]).speed != speed for w in ws):
-            return 1, "replicas of a stage run on devices of different speeds"
-    rank = {w: (s, r) for s, ws in enumerate(sw) for r, w in enumerate(ws)}
+    for r in range(1, R):  # replica 0's workers onto replica r's, microbatches moved by r
+        why = exact_copies(run, {ws[0]: ws[r] for ws in sw}, dict.fromkeys((ws[0] for ws in sw), r))
+        if why:
+            return 1, f"replica {r} is no copy of replica 0: {why}"
     edges = topo.graph.edges
     owner: dict[tuple[str, str], int] = {}   # finite p2p hop -> pipeline using it
     to0: list[dict[tuple[str, str], tuple[str, str]]] = [{} for _ in range(R)]
     for s, ws in enumerate(sw):
         ref = p[ws[0]]
         for r, w in enumerate(ws):
-            acts = p[w]
-            if len(acts) != len(ref):
-                return 1, f"replica {r} of stage {s} runs {len(acts)} actions, replica 0 {len(ref)}"
-            for a, b in zip(acts, ref):
-                if (a.kind, a.stage, a.version, a.grad, a.nbytes) != (b.kind, b.stage, b.version, b.grad, b.nbytes):
-                    return 1, f"replica {r} of stage {s} differs from replica 0 at {a}"
-                if a.kind in (Kind.ALLREDUCE, Kind.STEP):
-                    if a.mb != b.mb:
-                        return 1, f"replica {r} of stage {s} differs from replica 0 at {a}"
-                    continue
-                if a.mb != b.mb + r or (a.peer is not None and rank[a.peer] != (rank[b.peer][0], r)):
-                    return 1, f"replica {r} of stage {s} is no relabelled copy of replica 0 at {a}"
+            for a, b in zip(p[w], ref):
                 if a.kind is not Kind.SEND:
                     continue
                 hops_a, hops_b = topo.route(dev[w], dev[a.peer]), topo.route(dev[ws[0]], dev[b.peer])

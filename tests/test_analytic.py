@@ -165,7 +165,7 @@ def test_tp_degree_that_does_not_divide_the_heads_is_refused():
         transformer_profile(PRESETS["gpt3-2.7b"], tensor_parallel=3)
 
 
-@pytest.mark.parametrize("name,billions", [("llama3-8b", 8.03), ("llama3-70b", 70.55)])
+@pytest.mark.parametrize("name,billions", [("llama3-8b", 8.03), ("llama3-70b", 70.55), ("llama3-405b", 405.85)])
 def test_llama3_presets_have_their_published_parameter_counts(name, billions):
     assert transformer_param_count(PRESETS[name]) / 1e9 == pytest.approx(billions, rel=0.003)
 

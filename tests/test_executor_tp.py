@@ -131,7 +131,7 @@ def test_memory_is_counted_per_tp_rank():
 
 
 def test_tp_refuses_models_and_degrees_it_cannot_split():
-    with pytest.raises(ExecutorError, match="gpt model only"):
+    with pytest.raises(ExecutorError, match="gpt and llama models only"):
         run_plan(plan_from_flags("mlp:layers=4,width=8", 4, pp=2, tp=2))
     with pytest.raises(ExecutorError, match="must divide the model's 3 attention heads"):
         m = "gpt:layers=2,hidden=12,heads=3,seq=4,vocab=16"

@@ -7,6 +7,7 @@ import simpy
 
 from planner.plan import plan_from_flags
 from planner.profile import Layer, ModelProfile
+from planner.program import Kind
 from sim import SimParams, simulate_plan
 from sim.network import Network
 from topologies.presets import load_topology
@@ -87,3 +88,36 @@ def test_weighted_flows_share_a_link_max_min_fairly_as_that_many_flows():
     # both at 1e9 / 4 per flow: the light one's 1e6 bytes take 4 ms; the heavy one has 2e6 left at 1e9 / 3
     assert done["light"] == pytest.approx(4e-3 + lat, rel=1e-9)
     assert done["heavy"] == pytest.approx(4e-3 + 2e6 / (1e9 / 3) + lat, rel=1e-9)
+
+
+def test_symmetry_and_fold_share_one_copy_check_that_refuses_a_replica_whose_actions_differ():
+    """Replica 1 of stage 0 sends one activation of another size: not a copy of replica 0. The one check
+    (``sim.symmetry.exact_copies``) says so, and whole-pipeline copying and folding both refuse through it."""
+    from dataclasses import replace
+
+    from planner.profile import uniform_profile
+    from planner.schedules import generate, make_spec
+    from sim.engine import _Run
+    from sim.fold import fold
+    from sim.symmetry import exact_copies, symmetry
+
+    prog = generate(make_spec("1f1b", 2, 4, replicas=(2, 2)), lambda s: 1e6, lambda s: 8e6, check_program=False)
+    topo = load_topology("ideal:4")
+    devices = {w: f"d{w}" for w in prog.workers}
+    prof = uniform_profile(2, 1e-3, 2e-3, act=1e6, params=8e6)
+    run = lambda p: _Run(p, prof, topo, devices, 1, SimParams(use_symmetry=False), [(0, 0), (1, 1)])
+    (r0, r1), _ = prog.stage_workers
+    to_r1 = {ws[0]: ws[1] for ws in prog.stage_workers}
+    assert exact_copies(run(prog), to_r1, dict.fromkeys(to_r1, 1)) == ""  # the generated replicas are copies
+    assert symmetry(run(prog))[0] == 2 and fold(run(prog))[0] is not None
+
+    acts = list(prog[r1])
+    i = next(i for i, a in enumerate(acts) if a.kind is Kind.SEND)
+    acts[i] = replace(acts[i], nbytes=acts[i].nbytes + 1)
+    bad = replace(prog, actions={**prog.actions, r1: acts})
+    why = exact_copies(run(bad), to_r1, dict.fromkeys(to_r1, 1))
+    assert why == f"worker {r1} differs from worker {r0} at {acts[i]}"
+    R, sym_why = symmetry(run(bad))
+    assert R == 1 and why in sym_why
+    f, fold_why = fold(run(bad))
+    assert f is None and fold_why == why

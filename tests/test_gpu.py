@@ -154,11 +154,14 @@ def test_validation_on_the_gpu_profiles_and_runs_there():
     assert not res.calibrations["mlp"].profile.device.startswith("cpu")  # the GPU's name, from the CUDA profile
 
 
-def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = "none"):
+TP_MODELS = ["gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32",
+             "llama:layers=2,hidden=32,heads=4,kv_heads=2,ffn=48,seq=8,vocab=32"]
+
+
+def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = "none", model: str = TP_MODELS[0]):
     from executor.models import num_layers
     from planner.plan import plan_from_flags
 
-    model = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32"
     return plan_from_flags(model, num_layers(model), pp=pp, tp=tp, schedule=schedule, microbatches=4, batches=2,
                            microbatch_size=2, lr=0.1, recompute=recompute)
 
@@ -166,11 +169,12 @@ def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = 
 @pytest.mark.dist
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_gpu_tensor_parallel_workers_sharing_the_gpu_match_the_reference(sequence_parallel):
-    """2 stages x 2 TP ranks on CUDA with gloo: TP collectives staged through host memory."""
+@pytest.mark.parametrize("model", TP_MODELS, ids=["gpt", "llama"])
+def test_gpu_tensor_parallel_workers_sharing_the_gpu_match_the_reference(sequence_parallel, model):
+    """2 stages x 2 TP ranks on CUDA with gloo: TP collectives staged through host memory (llama: GQA by SDPA)."""
     from dataclasses import replace
 
-    plan = replace(_tp_plan(), sequence_parallel=sequence_parallel)
+    plan = replace(_tp_plan(model=model), sequence_parallel=sequence_parallel)
     result = run_plan(plan, dtype="float64", timeout_s=60, backend="gloo", device="cuda")
     _assert_weights_equal(result.weights, reference_weights(plan, dtype="float64"))
 
@@ -217,3 +221,27 @@ def test_profile_blocks_on_cuda_fills_the_calibration_table_that_simulate_then_r
     events = events["traceEvents"] if isinstance(events, dict) else events
     fwd = [e["dur"] for e in events if e.get("ph") == "X" and e["tid"] in (2, 3, 4, 5) and e["cat"] == "F"]
     assert fwd == pytest.approx([entry.forward_s * 1e6] * 8, rel=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_profile_blocks_on_cuda_times_a_llama3_8b_block_below_the_kind_s_peak(tmp_path):
+    """`profile --blocks llama3-8b --device cuda`: the executor's Llama block (GQA through SDPA, SwiGLU) in bf16 at
+    TP 1 and 2, seq 8192; no block runs above the kind's peak FLOP/s, and the analytic profile with the file takes
+    its block times from the table."""
+    from pipetwin.cli import main
+    from planner.analytic import PRESETS, _block_flops, block_key, load_model
+    from planner.efficiency import load_device_calibration
+
+    cal = tmp_path / "llama.json"
+    assert main(["profile", "--blocks", "llama3-8b", "--tp", "1,2", "--device", "cuda", "--repeats", "3",
+                 "-o", str(cal)]) == 0
+    c = load_device_calibration(cal)
+    cfg = PRESETS["llama3-8b"]
+    assert {t.key for t in c.block_timings} == {block_key(cfg, 1, 1), block_key(cfg, 2, 1)}
+    for t in c.block_timings:
+        tp = t.key[6]
+        if c.kind.name != "gpu-generic":
+            assert _block_flops(cfg) / tp / t.forward_s < c.kind.peak_flops, t
+        assert t.backward_s > t.forward_s
+    prof = load_model("llama3-8b", calibration=c, tensor_parallel=2)
+    assert prof.layers[1].forward_s == c.block_timing(block_key(cfg, 2, 1)).forward_s

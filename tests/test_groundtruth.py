@@ -252,6 +252,24 @@ def test_report_writes_markdown_plot_json_and_the_calibration(tmp_path, capsys):
     assert "MAPE" in capsys.readouterr().out
 
 
+def test_the_report_says_what_the_simulator_walked_per_row_a_tp_group_across_servers_is_not_one_worker(tmp_path):
+    """A TP group of 16 spans two 8-GPU servers: the simulator walks all 16 ranks of its one stage (the trace's
+    count), so the report may not say "one worker per stage" of every simulated row; the other row's 2 stages are
+    walked as one worker each."""
+    from planner.efficiency import DeviceCalibration
+    from validation.groundtruth import run
+    from validation.groundtruth_report import markdown
+
+    d = _write(tmp_path, ["32,8,1,1024,16,2,256,16,2,1,100.0", "8,32,1,512,8,4,256,2,2,2,100.0"], [])
+    g = run(d, DeviceCalibration("a100-80gb", P))
+    assert [(s.method, s.row.tp, s.workers_simulated) for s in g.scored] == [("simulated", 16, 16), ("simulated", 2, 2)]
+    sim = g.summary()["simulated_workers"]
+    assert sim == {"one_per_stage": 1, "every_tp_rank_per_stage": 1, "other": 0, "min": 2, "max": 16, "max_gpus": 32}
+    text = markdown(g, plot=None)
+    assert "one worker per stage on 1;" in text and "every TP rank of one replica per stage on 1 " in text
+    assert "2–16 workers walked per row" in text
+
+
 # ---------------------------------------------------------------------- Korthikanti et al.'s Table 5 (extra)
 TABLE5 = DATA.parent / "published" / "korthikanti22_table5_via_calculon.csv"
 
@@ -304,3 +322,48 @@ def test_the_loss_overhead_costs_each_microbatch_once_in_the_closed_form_and_the
     del doc["params"]["loss_overhead_s"]
     (tmp_path / "old.json").write_text(_json.dumps(doc))
     assert load_device_calibration(tmp_path / "old.json").params == replace(P, loss_overhead_s=0.0)
+
+
+# ---------------------------------------------------------------------- the closed form's terms (--explain)
+@pytest.mark.parametrize("shape", [(8, 32, 2, 2, 1, 4), (8, 16, 1, 1, 8, 1), (16, 32, 1, 4, 2, 2), (4, 8, 2, 4, 1, 1)])
+def test_the_terms_add_up_to_the_closed_form_and_vanish_where_the_plan_has_no_such_cost(shape):
+    from planner.efficiency import DeviceCalibration
+    from validation.groundtruth import TERMS, closed_form_terms_s
+
+    gpus, gb, micro, tp, dp, pp = shape
+    r = _row(gpus, gb, micro, tp, dp, pp, layers=2 * pp)
+    m = row_model(r)
+    terms = closed_form_terms_s(m, DeviceCalibration("a100-80gb", P))
+    assert tuple(terms) == TERMS and all(v >= 0 for v in terms.values())
+    assert sum(terms.values()) == pytest.approx(m.predict_s(P), rel=1e-12)
+    assert (terms["tp_comm"] > 0) == (tp > 1) and (terms["fill_drain"] > 0) == (pp > 1) and (terms["p2p"] > 0) == (pp > 1)
+    assert terms["overhead"] == P.iteration_overhead_s
+
+
+def test_the_tp_term_counts_every_all_reduce_of_a_stage_as_the_per_rank_profile_lists_them():
+    from planner.efficiency import DeviceCalibration
+    from planner.recompute import recomputed_tp_allreduces
+    from validation.groundtruth import ROW_RECOMPUTE, closed_form_terms_s
+
+    r = _row(4, 16, 2, 4, 1, 1, layers=3)  # one stage: embedding, 3 blocks and the head on one TP group
+    m = row_model(r)
+    count = sum(l.tp_forward_allreduces + l.tp_backward_allreduces + recomputed_tp_allreduces(l, ROW_RECOMPUTE)
+                for l in row_profile(r, P).layers)
+    assert count > 6 * 3  # each block: 2 in forward, 2 in the recomputed forward, 2 in backward; plus the ends
+    tp_term = closed_form_terms_s(m, DeviceCalibration("a100-80gb", P))["tp_comm"]
+    assert tp_term == pytest.approx(r.microbatches * count * m.links.tp_allreduce_s[0], rel=1e-9)
+
+
+@real_data
+def test_cli_explain_prints_a_rows_terms_and_refuses_a_row_that_is_not_there(tmp_path, capsys):
+    lines = (DATA / FILES["single"]).read_text(encoding="utf-8-sig").splitlines()[1:]
+    d = _write(tmp_path / "d", lines[:30], [])
+    assert main(["groundtruth", "--data", str(d), "--explain", "single:3", "--no-simulate"]) == 0
+    out = capsys.readouterr().out
+    for word in ("single:3", "compute", "tp_comm", "fill_drain", "dp_tail", "closed form", "measured"):
+        assert word in out
+    assert main(["groundtruth", "--data", str(d), "--explain", "single:40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "single:40" in err and "no such data row" in err and len(err.splitlines()) == 1
+    assert main(["groundtruth", "--data", str(d), "--explain", "row7"]) == 2
+    assert "FILE:LINE" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import networkx as nx
@@ -124,13 +125,16 @@ def test_the_linear_families_include_both_zero_bubble_halves():
 
 @st.composite
 def small_cases(draw):
-    """A chain of up to 5 layers on up to 4 devices, a family, M and the cost options."""
+    """A chain of up to 5 layers on up to 4 devices, a family, M and the cost options (ZeRO 1 or 2 where the family
+    keeps one weight version)."""
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     prof = _chain(rng, draw(st.integers(1, 5)))
     topo = _cluster(rng, draw(st.integers(1, 4)))
+    family = draw(st.sampled_from(LINEAR))
     opts = CostOptions(recompute=draw(st.sampled_from(["none", "selective", "full"])),
-                       optimizer=draw(st.sampled_from(["sgd", "adam"])))
-    return prof, topo, draw(st.sampled_from(LINEAR)), draw(st.sampled_from([1, 2, 3, 4, 8])), opts
+                       optimizer=draw(st.sampled_from(["sgd", "adam"])),
+                       zero_stage=draw(st.sampled_from([0, 1, 2])) if FAMILY[family].weight_copies == 1 else 0)
+    return prof, topo, family, draw(st.sampled_from([1, 2, 3, 4, 8])), opts
 
 
 def _partitions(L: int, N: int):
@@ -198,7 +202,7 @@ def test_near_the_memory_limit_the_search_finds_the_brute_force_best_by_the_cost
     if low is None:
         return
     assert low.value == pytest.approx(least, rel=1e-9)
-    tight = CostOptions(recompute=opts.recompute, optimizer=opts.optimizer, memory_limit_bytes=least * slack)
+    tight = replace(opts, memory_limit_bytes=least * slack)
     best_t, _m = _brute_force(prof, topo, family, M, tight)
     sol = part.solve_flat(part.Problem(prof, tuple(topo.devices), family, M, tight), topo)
     assert sol is not None and sol.value == pytest.approx(best_t, rel=1e-9)

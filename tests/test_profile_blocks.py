@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from executor.models import GPTBlock
+from executor.models import GPTBlock, LlamaBlock
 from executor.profiler import tp_block
 from pipetwin.cli import main
 from planner.analytic import TransformerConfig, block_key, load_model
@@ -16,6 +16,7 @@ from planner.efficiency import DeviceCalibration, EfficiencyParams, load_device_
 SPEC = "gpt:layers=2,hidden=64,heads=4,seq=16,vocab=128"
 CFG = TransformerConfig(2, 64, 4, seq=16, vocab=128)
 FAST = ["--repeats", "3", "--warmup", "1"]
+LLAMA = "llama:layers=2,hidden=64,heads=4,kv_heads=2,ffn=96,seq=16,vocab=128"
 
 
 def _profile(tmp_path, *extra) -> int:
@@ -33,10 +34,10 @@ def _block_durations_us(trace, workers) -> dict[str, list[float]]:
     return out
 
 
-def _simulate(cal, trace, mb, tp, sp=False) -> None:
+def _simulate(cal, trace, mb, tp, sp=False, model=SPEC) -> None:
     grid = ["--topology", "ideal:4", "--stages", "4"] if tp == 1 else \
         ["--topology", f"ideal:{4 * tp}", "--tp", str(tp), "--pp", "4", "--dp", "1"] + ["--sequence-parallel"] * sp
-    assert main(["simulate", "--model", SPEC, *grid, "--schedule", "1f1b", "--microbatches", "2",
+    assert main(["simulate", "--model", model, *grid, "--schedule", "1f1b", "--microbatches", "2",
                  "--microbatch-size", str(mb), "--device-calibration", str(cal), "--steps", "1",
                  "--trace", str(trace)]) == 0
 
@@ -70,6 +71,36 @@ def test_simulate_runs_the_profiled_block_times_for_listed_shapes_and_the_smooth
     assert _block_durations_us(tmp_path / "m4.json", {1, 2}) == _block_durations_us(tmp_path / "s4.json", {1, 2})
     want = load_model(SPEC, calibration=load_device_calibration(smooth), microbatch_size=4).layers[1]
     assert _block_durations_us(tmp_path / "m4.json", {1})["F"] == pytest.approx([want.forward_s * 1e6] * 2, rel=1e-9)
+
+
+def test_a_llama_block_is_profiled_as_the_executor_builds_it_and_simulated_at_its_times(tmp_path):
+    """The llama block (GQA, SwiGLU of width 96) is keyed by its own shape; simulate reads the entry for it."""
+    cal = tmp_path / "llama.json"
+    assert main(["profile", "--blocks", LLAMA, *FAST, "--tp", "1,2", "--microbatch-size", "2", "-o", str(cal)]) == 0
+    table = load_device_calibration(cal)
+    cfg = TransformerConfig(2, 64, 4, seq=16, vocab=128, ffn=96, family="llama", kv_heads=2)
+    assert {e.key for e in table.block_timings} == {block_key(cfg, 1, 2), block_key(cfg, 2, 2)}
+    assert block_key(cfg, 1, 2)[:5] == ("llama", 64, 4, 2, 96)
+    for tp, workers in ((1, {1, 2}), (2, {2, 3, 4, 5})):
+        entry = table.block_timing(block_key(cfg, tp, 2))
+        trace = tmp_path / f"l{tp}.json"
+        _simulate(cal, trace, 2, tp, model=LLAMA)
+        got = _block_durations_us(trace, workers)
+        assert got["F"] == pytest.approx([entry.forward_s * 1e6] * 2 * len(workers), rel=1e-9)
+        assert got["B"] == pytest.approx([entry.backward_s * 1e6] * 2 * len(workers), rel=1e-9)
+
+
+def test_the_profiled_llama_shard_is_a_rank_s_share_of_the_block():
+    """tp_block(family="llama") is the executor's LlamaBlock sliced to one rank: at T = 2 the ranks' attention and
+    SwiGLU outputs sum to the whole block's, and the shard has 1/T of the KV groups and SwiGLU columns."""
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(3)
+    whole = LlamaBlock(64, 4, 2, 96)
+    ranks = [tp_block(64, 4, 2, rank=r, seed=3, family="llama", kv_heads=2, ffn=96) for r in range(2)]
+    with torch.no_grad():
+        assert torch.allclose(sum(b.attn(x) for b in ranks), whole.attn(x), atol=1e-5)
+        assert torch.allclose(sum(b.mlp(x) for b in ranks), whole.mlp(x), atol=1e-5)
+    assert ranks[0].attn.kv_heads == 1 and ranks[0].mlp.down.in_features == 48
 
 
 def test_profiling_into_a_calibration_keeps_its_smooth_parameters_and_its_other_shapes(tmp_path):
@@ -115,7 +146,8 @@ def test_the_compute_only_tp_shard_is_the_rank_s_real_share_of_the_block():
 @pytest.mark.parametrize("argv, says", [
     (["--blocks", "gpt9-huge"], "not a transformer"),
     (["--blocks", SPEC, "--tp", "3"], "must divide heads=4"),
-    (["--blocks", "llama3-8b"], "GPT blocks only"),
+    (["--blocks", "gpt:layers=2,hidden=64,heads=4,seq=16,vocab=128,ffn=100"], "4·hidden GELU MLP"),
+    (["--blocks", LLAMA, "--tp", "4"], "kv_heads=2"),
     (["--blocks", SPEC, "--sequence-parallel"], "--tp 2 or more"),
     (["--blocks", SPEC, "--model", SPEC], "one of the two"),
     (["--model", SPEC, "--tp", "2"], "go with --blocks"),
@@ -147,3 +179,29 @@ def test_a_calibration_of_another_kind_is_refused_unless_the_kind_is_named(tmp_p
 def test_blocks_without_an_output_file_is_refused(capsys):
     assert main(["profile", "--blocks", SPEC]) == 2
     assert "-o FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_block_forward_is_timed_recording_autograd_and_the_backward_on_its_own(monkeypatch, family):
+    """What the efficiency model reads: each timed pass is mark, a forward with autograd recording (its output
+    needs a gradient), mark, the block's backward, mark; and both medians are positive seconds."""
+    from executor import profiler
+
+    log: list = []
+
+    class LoggingClock(profiler.Clock):
+        def mark(self):
+            log.append("mark")
+            return super().mark()
+
+    def hooked_block(*args, **kwargs):
+        block = tp_block(*args, **kwargs)
+        block.register_forward_hook(lambda m, i, out: log.append(("F", torch.is_grad_enabled(), out.requires_grad)))
+        block.register_full_backward_hook(lambda m, gin, gout: log.append("B"))
+        return block
+
+    monkeypatch.setattr(profiler, "Clock", LoggingClock)
+    monkeypatch.setattr(profiler, "tp_block", hooked_block)
+    forward_s, backward_s = profiler.profile_block(64, 4, 16, repeats=2, warmup=1, family=family, kv_heads=2)
+    assert log == ["mark", ("F", True, True), "mark", "B", "mark"] * 3
+    assert forward_s > 0 and backward_s > 0

@@ -1,7 +1,8 @@
 """Catalogue of device kinds: peak dense FLOP/s, typical achievable fraction, memory, NVLink and memory bandwidth.
 
 Figures are vendor datasheet values (dense bf16/fp16 tensor throughput, SXM parts, HBM
-bandwidth: A100 40 GB 1.555 TB/s, 80 GB 2.039 TB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s); the
+bandwidth: A100 40 GB 1.555 TB/s, 80 GB 2.039 TB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s, the 96 GB HBM2e H100 of
+Meta's Grand Teton hosts 2.4 TB/s); the
 achievable fraction is a typical training model-FLOPs utilisation, a starting point that
 calibration replaces with measurements.
 """
@@ -38,6 +39,9 @@ DEVICE_KINDS: dict[str, DeviceKind] = {k.name: k for k in (
     DeviceKind("a100-80gb", 312e12, 0.50, 80e9, 300e9, 2.039e12),
     DeviceKind("h100", 989e12, 0.45, 80e9, 450e9, 3.35e12),
     DeviceKind("h200", 989e12, 0.45, 141e9, 450e9, 4.8e12),
+    # Meta's Grand Teton part (torchtitan's benchmarks): 96 GB HBM2e at 2.4 TB/s, 500 W; its bf16 peak lies
+    # "between SXM and NVL" (989 and 835 TFLOP/s, the benchmark's footnote), taken as their midpoint
+    DeviceKind("h100-96gb-hbm2e", 912e12, 0.45, 96e9, 450e9, 2.4e12),
     DeviceKind("cpu", 1e11, 0.50, 16e9, 0.0, 50e9),
     # an emulated accelerator: compute is a timed wait, so it reaches its nominal rate
     DeviceKind("emulated", 1e12, 1.0, 16e9, 0.0, 1e12),

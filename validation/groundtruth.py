@@ -30,8 +30,10 @@ recomputation, 1F1B. pipetwin expresses it as its own plan and predicts it:
   **closed form**; where the simulator can run a row within the time budget it runs the same
   plan (``sim``, symmetry reductions on) and its figure is the prediction — each row says which.
   The command simulates every row whose estimated simulation time fits the per-row budget
-  (``SIMULATE_BUDGET_S``): TP ranks and replicas folded by ``sim.fold``, one worker per stage, so
-  a TP ring on identical links is one flow per stage replica simulated. The others take the closed
+  (``SIMULATE_BUDGET_S``): TP ranks and replicas folded by ``sim.fold`` — one worker per stage, or
+  every TP rank of one replica per stage where the TP group spans servers (its ring crosses them, so
+  its ranks differ) — so a TP ring on identical links is one flow per stage replica simulated; the
+  summary's ``simulated_workers`` counts what the traces say was walked. The others take the closed
   form and their ``why_closed_form`` says so; the two agree to rounding on small cases (tests).
   Megatron's full recomputation re-runs the blocks only, so the simulated profile carries it folded
   into each block's backward (its forward time and its forward's TP all-reduces).
@@ -491,6 +493,37 @@ class RowModel:
                 + p.iteration_overhead_s)
 
 
+#: The closed form's terms, in the order they add up (``closed_form_terms_s``).
+TERMS = ("compute", "tp_comm", "fill_drain", "p2p", "dp_tail", "overhead")
+
+
+def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]:
+    """The closed form's seconds under ``cal`` split into terms that add up to it (``TERMS``), so a row's
+    error can be read against what the model thinks the time is made of:
+
+    * ``compute``: m microbatches of the slowest stage's forward + backward (recomputation included),
+      TP all-reduces left out;
+    * ``tp_comm``: those microbatches' TP all-reduces on the slowest stage;
+    * ``fill_drain``: the pipeline bubble, the other stages' forward + backward of one microbatch;
+    * ``p2p``: the activation and gradient sends along the pipeline (2·Σ c_s);
+    * ``dp_tail``: what the DP gradient all-reduce and the Adam step add after the pipe drains;
+    * ``overhead``: the fitted per-iteration overhead.
+    """
+    p, g = cal.params, cal.gradient_bytes_per_param
+    t = cal.block_timing(m.key)
+    block = (t.forward_s, t.backward_s) if t else None
+    c = m.stage_costs(p, g, block)
+    no_tp = replace(m, links=replace(m.links, tp_allreduce_s=(0.0,) * len(m.links.tp_allreduce_s)))
+    bare = no_tp.stage_costs(p, g, block)
+    fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
+    fb_bare = [f + b for f, b in zip(bare.forward_s, bare.backward_s)]
+    s = max(range(len(fb)), key=fb.__getitem__)
+    M = m.row.microbatches
+    pipe = sum(fb) + (M - 1) * fb[s] + 2.0 * sum(c.p2p_s)
+    return {"compute": M * fb_bare[s], "tp_comm": M * (fb[s] - fb_bare[s]), "fill_drain": sum(fb) - fb[s],
+            "p2p": 2.0 * sum(c.p2p_s), "dp_tail": one_f_one_b_s(c, M) - pipe, "overhead": p.iteration_overhead_s}
+
+
 def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowModel:
     """Precompute ``row``'s link times and kernel inventories (the link times do not depend on the fit)."""
     spec = topology_spec(row.gpus)
@@ -548,11 +581,18 @@ def why_closed_form(row: Row) -> str:
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
                    kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None) -> float:
-    """The row's iteration seconds by pipetwin's SimPy simulator: the plan (with its recomputation, which the
-    simulator times by ``planner.recompute``) lowered to its program, the Adam step as the slowest stage's, plus the fitted
-    per-iteration overhead. The simulator all-reduces a stage's ``param_bytes`` (4 per parameter); with
-    ``gradient_bytes`` 2 the simulated profile's ``param_bytes`` are scaled to the gradient's size (its
-    memory figures, unused here, then count 2 bytes per parameter)."""
+    """The row's iteration seconds by pipetwin's SimPy simulator (``simulate_row``)."""
+    return simulate_row(row, params, topologies, kind, gradient_bytes, timing)[0]
+
+
+def simulate_row(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
+                 kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None
+                 ) -> tuple[float, int]:
+    """(iteration seconds, workers the simulator walked) of the row by pipetwin's SimPy simulator: the plan (with
+    its recomputation, which the simulator times by ``planner.recompute``) lowered to its program, the Adam step as
+    the slowest stage's, plus the fitted per-iteration overhead. The simulator all-reduces a stage's ``param_bytes``
+    (4 per parameter); with ``gradient_bytes`` 2 the simulated profile's ``param_bytes`` are scaled to the
+    gradient's size (its memory figures, unused here, then count 2 bytes per parameter)."""
     from sim.engine import simulate_plan
     from sim.params import SimParams
     from planner.trace import makespan_s
@@ -567,7 +607,7 @@ def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Top
                                       for l in prof.layers))
     plan = row_plan(row)
     trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
-    return makespan_s(trace) + params.iteration_overhead_s
+    return makespan_s(trace) + params.iteration_overhead_s, trace.meta["workers_simulated"]
 
 
 # ---------------------------------------------------------------------- scoring
@@ -579,6 +619,8 @@ class Scored:
     closed_form_ms: float
     why_closed_form: str = ""  # why the closed form replaced simulation ("" when simulated)
     block_timing: str = "smooth"  # "shape-table": the calibration's per-shape block time; "smooth": the 7 parameters
+    terms_ms: dict[str, float] = field(default_factory=dict, compare=False)  # the closed form split (``closed_form_terms_s``)
+    workers_simulated: int = 0  # workers the simulator walked (the trace's own count; 0 under the closed form)
 
     @property
     def error(self) -> float:
@@ -589,7 +631,8 @@ class Scored:
         d.update(measured_ms=self.row.measured_ms, predicted_ms=round(self.predicted_ms, 4), error=round(self.error, 6),
                  calibration=self.row.calibration, method=self.method, closed_form_ms=round(self.closed_form_ms, 4),
                  why_closed_form=self.why_closed_form, block_timing=self.block_timing,
-                 shape=self.row.shape, parallelism=self.row.parallelism)
+                 workers_simulated=self.workers_simulated, shape=self.row.shape, parallelism=self.row.parallelism,
+                 closed_form_terms_ms={k: round(v, 4) for k, v in self.terms_ms.items()})
         return d
 
 
@@ -619,6 +662,7 @@ class GroundTruth:
             "n_skipped": len(self.skipped),
             "n_simulated": len(sim),
             "n_closed_form": len(self.scored) - len(sim),
+            "simulated_workers": simulated_workers_summary(sim),
             "n_shape_table": sum(1 for s in test if s.block_timing == "shape-table"),
             "max_sim_vs_closed_form": max((abs(s.predicted_ms / s.closed_form_ms - 1) for s in sim), default=0.0),
             "best_in_top3": hits,
@@ -626,6 +670,31 @@ class GroundTruth:
             "calibration_rms": self.calibration.rms_relative_error,
             "seconds": self.seconds,
         }
+
+
+def simulated_workers_summary(sim: list[Scored]) -> dict:
+    """What the simulator walked on the simulated rows, from each trace's own count: rows where it walked one
+    worker per stage (TP ranks and replicas folded), rows where it walked every TP rank of one replica per stage
+    (a TP group spanning servers, whose ranks ``sim.fold`` cannot fold), rows of any other count, and the range of
+    workers walked against the GPUs the rows stand for."""
+    one = sum(1 for s in sim if s.workers_simulated == s.row.pp)
+    tp = sum(1 for s in sim if s.workers_simulated != s.row.pp and s.workers_simulated == s.row.pp * s.row.tp)
+    walked = [s.workers_simulated for s in sim]
+    return {"one_per_stage": one, "every_tp_rank_per_stage": tp, "other": len(sim) - one - tp,
+            "min": min(walked, default=0), "max": max(walked, default=0),
+            "max_gpus": max((s.row.gpus for s in sim), default=0)}
+
+
+def simulated_workers_sentence(sim: dict) -> str:
+    """The summary's ``simulated_workers`` as words: what the simulator walked on the simulated rows."""
+    parts = [f"one worker per stage on {sim['one_per_stage']}"]
+    if sim["every_tp_rank_per_stage"]:
+        parts.append(f"every TP rank of one replica per stage on {sim['every_tp_rank_per_stage']} "
+                     "(their TP group spans servers, so its ranks are not folded)")
+    if sim["other"]:
+        parts.append(f"another count on {sim['other']}")
+    return (f"TP ranks and replicas folded by sim.fold: {'; '.join(parts)}; {sim['min']}–{sim['max']} workers "
+            f"walked per row, for rows of up to {sim['max_gpus']} GPUs")
 
 
 def best_pick(scored: list[Scored]) -> tuple[int, int]:
@@ -692,10 +761,12 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
         timing = cal.block_timing(m.key)
         tier = "shape-table" if timing else "smooth"
         closed = predict_row_s(m, cal) * 1e3
+        terms = {k: v * 1e3 for k, v in closed_form_terms_s(m, cal).items()}
         why = why_closed_form(m.row) if simulate else "--no-simulate"
         if not why:
-            sim_ms = simulate_row_s(m.row, p, topologies, gradient_bytes=g, timing=timing) * 1e3
-            out.append(Scored(m.row, sim_ms, "simulated", closed, block_timing=tier))
+            sim_s, walked = simulate_row(m.row, p, topologies, gradient_bytes=g, timing=timing)
+            out.append(Scored(m.row, sim_s * 1e3, "simulated", closed, block_timing=tier, terms_ms=terms,
+                              workers_simulated=walked))
         else:
-            out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier))
+            out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier, terms_ms=terms))
     return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)

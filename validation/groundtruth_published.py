@@ -50,17 +50,31 @@ class PublishedRow:
     measured_s: float
 
 
-def read_korthikanti(path: str | Path) -> list[PublishedRow]:
+def published_lines(path: str | Path) -> tuple[Path, list[tuple[int, dict[str, str]]]]:
+    """A published CSV's data lines as (line number in the file, {column: cell}): ``#`` lines are its source
+    notes, the first other line its header; a line with another number of cells than the header is refused,
+    naming file:line."""
     p = Path(path)
     if not p.is_file():
         raise GroundTruthError(f"{p}: no such file")
-    rows = []
     with p.open(encoding="utf-8-sig", newline="") as f:
         lines = [(i, l) for i, l in enumerate(f, 1) if l.strip() and not l.startswith("#")]
+    if not lines:
+        raise GroundTruthError(f"{p}: no header line; expected a CSV header after the '#' source lines")
     reader = csv.reader([l for _, l in lines])
-    header = next(reader)
+    header = [h.strip() for h in next(reader)]
+    out = []
     for (lineno, _), cells in zip(lines[1:], reader):
-        d = dict(zip(header, cells))
+        if len(cells) != len(header):
+            raise GroundTruthError(f"{p}:{lineno}: {len(cells)} cells where the header has {len(header)}")
+        out.append((lineno, dict(zip(header, (c.strip() for c in cells)))))
+    return p, out
+
+
+def read_korthikanti(path: str | Path) -> list[PublishedRow]:
+    p, lines = published_lines(path)
+    rows = []
+    for lineno, d in lines:
         try:
             rows.append(PublishedRow(d["model"], int(d["hidden"]), int(d["ffn"]), int(d["heads"]), int(d["layers"]),
                                      int(d["seq"]), int(d["num_gpus"]), int(d["tensor_parallel"]),
@@ -70,6 +84,14 @@ def read_korthikanti(path: str | Path) -> list[PublishedRow]:
         except (KeyError, ValueError) as e:
             raise GroundTruthError(f"{p}:{lineno}: bad field ({e})") from None
     return rows
+
+
+def interleaved_pipe_s(per_device_s: list[float], microbatches: int, chunks: int, hop_s: float) -> float:
+    """The pipeline of (interleaved) 1F1B with ``chunks`` per device: ``(m − 1)·max D + Σ D / v + 2·v·(P − 1)·hop``
+    with D a device's forward + backward of all its chunks per microbatch (see the module docstring)."""
+    P = len(per_device_s)
+    return ((microbatches - 1) * max(per_device_s) + sum(per_device_s) / chunks
+            + 2 * chunks * (P - 1) * hop_s)
 
 
 def predict_published_s(r: PublishedRow, cal: DeviceCalibration) -> float:
@@ -95,7 +117,7 @@ def predict_published_s(r: PublishedRow, cal: DeviceCalibration) -> float:
     if r.pp > 1:  # every TP rank of a node sends its activation to the next node at once
         nbytes = block.activation_bytes * r.micro
         hop = phases_time_s(topo, [[(f"d{t}", f"d{8 + t}", nbytes) for t in range(r.tp)]])
-    pipe = (m - 1) * max(d) + sum(d) / r.chunks + 2 * r.chunks * (r.pp - 1) * hop
+    pipe = interleaved_pipe_s(d, m, r.chunks, hop)
     params = (emb.param_bytes + per_device * block.param_bytes) / 4.0
     return pipe + optimizer_step_s(params, device_kind(cal.kind.name), p) + p.iteration_overhead_s
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored
+from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored, simulated_workers_sentence
 
 
-def to_json(g: GroundTruth, extra: list[dict] | None = None) -> dict:
+def to_json(g: GroundTruth, extra: list[dict] | None = None, titan: list[dict] | None = None) -> dict:
     """``{"rows": [...], "summary": {...}}``: every expressed row (calibration rows flagged, never scored);
     ``extra`` (Korthikanti et al.'s Table 5 rows) goes into the summary as ``korthikanti_table5``."""
     summary = dict(g.summary())
@@ -15,6 +15,10 @@ def to_json(g: GroundTruth, extra: list[dict] | None = None) -> dict:
     summary["skipped"] = [{"source": r.source, "line": r.line, "why": why} for r, why in g.skipped]
     if extra:
         summary["korthikanti_table5"] = {"mape": sum(abs(x["error"]) for x in extra) / len(extra), "rows": extra}
+    if titan:
+        from validation.groundtruth_titan import titan_summary
+
+        summary["torchtitan_llama3_h100"] = titan_summary(titan)
     return {"rows": [s.to_dict() for s in g.scored], "summary": summary}
 
 
@@ -33,6 +37,34 @@ def extra_markdown(extra: list[dict]) -> list[str]:
                      f"{x['global_batch']} | {x['recompute']} | {x['measured_s']:.2f} | {x['predicted_s']:.2f} | "
                      f"{x['error'] * 100:+.1f}% |")
     return lines + [""]
+
+
+def titan_markdown(titan: list[dict]) -> list[str]:
+    """The torchtitan section: Llama 3.1 on H100, predicted with the vTrain-fitted calibration transferred by the
+    rule in ``validation.groundtruth_titan``, no fitting on these rows."""
+    if not titan:
+        return []
+    from validation.groundtruth_titan import titan_summary
+
+    s = titan_summary(titan)
+    lines = ["## Extra: torchtitan, Llama 3.1 8B/70B/405B on H100 (Grand Teton; not fitted on)", "",
+             f"Predicted by the closed form of `validation/groundtruth_titan.py` with the calibration fitted on vTrain's "
+             f"A100 rows, its parameters carried to the H100 unchanged (fractions of the new peak and bandwidth): "
+             f"tokens/s per GPU MAPE {_pct(s['mape_tps'])}, memory MAPE {_pct(s['mape_memory'])} over {s['n_rows']} rows; "
+             f"over the {s['n_all_modelled']} rows without torch.compile (the one technique not modelled) "
+             f"{_pct(s['mape_tps_all_modelled'])} and {_pct(s['mape_memory_all_modelled'])}. Sequence 8192 where the "
+             f"file gives none (marked *).", "",
+             "| table | model | FSDP·TP·PP·CP | seq | local batch | AC | techniques | schedule | tokens/s/GPU measured | "
+             "predicted | error | GiB measured | predicted | error |",
+             "|---:|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for x in titan:
+        seq = f"{x['seq']}{'*' if x['seq_assumed'] else ''}"
+        lines.append(f"| {x['table']} | {x['model']} | {x['fsdp']}·{x['tp']}·{x['pp']}·{x['cp']} | {seq} | "
+                     f"{x['local_batch']} | {x['activation_ckpt']} | {x['techniques']} | {x['schedule']} | "
+                     f"{x['measured_tps']:,.0f} | {x['predicted_tps']:,.0f} | {x['tps_error'] * 100:+.1f}% | "
+                     f"{x['measured_gib']:.1f} | {x['predicted_gib']:.1f} | {x['memory_error'] * 100:+.1f}% |")
+    return lines + ["", "Not modelled, so predicted as eager kernels: torch.compile (every row that names it). "
+                        "No row skipped.", ""]
 
 
 def breakdown(g: GroundTruth, key) -> list[tuple[str, int, float, float]]:
@@ -108,7 +140,8 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
-def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict] | None = None) -> str:
+def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict] | None = None,
+             titan: list[dict] | None = None) -> str:
     s = g.summary()
     p = g.calibration.params
     lines = [
@@ -135,8 +168,8 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict]
         f"Per-shape block times: {len(g.calibration.block_timings)} shapes in the calibration's table, used for "
         f"{s['n_shape_table']} of {s['n_scored']} scored rows (the smooth model for the others; `block_timing` per row).",
         "",
-        f"Prediction method: {s['n_simulated']} rows simulated (SimPy; TP ranks and replicas folded, one worker per "
-        f"stage), {s['n_closed_form']} by the 1F1B closed form (each row's `why_closed_form` says why: its simulation "
+        f"Prediction method: {s['n_simulated']} rows simulated (SimPy; {simulated_workers_sentence(s['simulated_workers'])}), "
+        f"{s['n_closed_form']} by the 1F1B closed form (each row's `why_closed_form` says why: its simulation "
         f"is estimated over the per-row time budget); on the simulated rows the two differ by at most "
         f"{_pct(s['max_sim_vs_closed_form'])}. {s['seconds']:.1f} s in all.",
         "",
@@ -170,17 +203,18 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict]
                                                f"{t.row.measured_ms:.1f} measured)" for t in top))
     lines += ["", "## Rows that cannot be expressed", ""]
     lines += [f"- {r.source}:{r.line}: {why}" for r, why in g.skipped] or ["None: every row is a pipetwin plan."]
-    lines += [""] + extra_markdown(extra or [])
+    lines += [""] + extra_markdown(extra or []) + titan_markdown(titan or [])
     return "\n".join(lines) + "\n"
 
 
-def write_report(g: GroundTruth, out: str | Path, extra: list[dict] | None = None) -> Path:
+def write_report(g: GroundTruth, out: str | Path, extra: list[dict] | None = None,
+                 titan: list[dict] | None = None) -> Path:
     """report.md, scatter.png, groundtruth.json and device-calibration.json into ``out``."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     scatter(g, d / "scatter.png")
-    (d / "report.md").write_text(markdown(g, "scatter.png", extra))
-    (d / "groundtruth.json").write_text(json.dumps(to_json(g, extra), indent=1) + "\n")
+    (d / "report.md").write_text(markdown(g, "scatter.png", extra, titan))
+    (d / "groundtruth.json").write_text(json.dumps(to_json(g, extra, titan), indent=1) + "\n")
     g.calibration.save(d / "device-calibration.json")
     return d / "report.md"
 

@@ -1,0 +1,166 @@
+"""Data-parallel sharding (ZeRO-1/2/3, FSDP full shard): per-GPU state bytes and the collectives it implies.
+
+Mixed-precision training state per parameter is the project's one accounting
+(``planner.analytic.STATE_BYTES_PER_PARAM``: 16 bytes with Adam): a 16-bit weight and a 16-bit
+gradient (``planner.efficiency.BYTES_PER_ELEMENT`` each) and the optimizer's fp32 state — the
+master copy and the moments, the remaining 12 bytes with Adam (8 with SGD + momentum, 4 with
+none). Rajbhandari et al. 2020 (ZeRO) shard it over the D ranks of a data-parallel group:
+
+=========  ==========  ==========  ==========  ==========================================
+stage      weights     gradients   optimizer   bytes per GPU for N parameters (Adam)
+=========  ==========  ==========  ==========  ==========================================
+0 (DDP)    full        full        full        16·N
+1          full        full        1/D         4·N + 12·N/D
+2          full        1/D         1/D         2·N + 14·N/D
+3 (FSDP)   1/D         1/D         1/D         16·N/D
+=========  ==========  ==========  ==========  ==========================================
+
+PyTorch's FSDP full shard keeps the fp32 parameter itself as the shard (no separate master copy)
+and an fp32 gradient shard: 4 + 4 + 8 = the same 16 bytes / D, split differently, which is
+all :func:`sharded_state` reports at stage 3's total.
+
+Collectives, each a ring over the D ranks (per rank: send and receive (D − 1)/D of the
+gathered or reduced tensor; an all-reduce is a reduce-scatter then an all-gather, twice that):
+
+* stage 0: all-reduce of the gradients;
+* stages 1 and 2: reduce-scatter of the gradients, then all-gather of the updated weights —
+  with gradients and weights of one width, the same bytes as the all-reduce;
+* stage 3: all-gather of the weights before the forward and again before the backward
+  (the weights are freed after the forward), reduce-scatter of the gradients: 1.5× the all-reduce.
+
+Every figure is per GPU and per optimizer step (one gradient reduction per step: gradient
+accumulation over microbatches reduces once, as FSDP's no-sync and ZeRO do).
+
+The cost model and the simulator read the same bytes (:func:`zero_state_bytes`, in a profile's
+``param_bytes``, 4 per parameter) through ``CostOptions.zero_stage`` and ``SimParams.zero_stage``:
+the weights and the optimizer state held from the start, the gradients from a round's first
+backward to its step. Stage 0 there keeps the project's unsharded count (a 4-byte weight and
+gradient, the optimizer's moments: 16 bytes with Adam). Stages 1 and 2 only: their collectives send
+the all-reduce's bytes, so the time model stands; ZeRO-3 gathers the weights in every pass, which
+neither interpreter times yet, so they refuse it (its closed form is here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.analytic import BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
+from planner.efficiency import BYTES_PER_ELEMENT
+from planner.plan import PlanError
+
+__all__ = ["ZERO_STAGES", "PLANNED_ZERO_STAGES", "ShardedState", "ShardingTraffic", "sharded_state",
+           "sharding_traffic", "optimizer_bytes_per_param", "ring_bytes_per_rank", "ring_time_s", "zero_state_bytes",
+           "check_planned_zero"]
+
+#: ZeRO stages: 0 (none: every rank holds everything), 1 (optimizer state), 2 (+ gradients), 3 (+ weights; FSDP).
+ZERO_STAGES = (0, 1, 2, 3)
+#: The stages the cost model and the simulator take (see the module docstring).
+PLANNED_ZERO_STAGES = (0, 1, 2)
+
+
+def optimizer_bytes_per_param(optimizer: str = "adam") -> float:
+    """The optimizer's fp32 state per parameter (master copy and moments): the training state less the
+    16-bit weight and gradient (12 with Adam)."""
+    try:
+        return STATE_BYTES_PER_PARAM[optimizer] - 2.0 * BYTES_PER_ELEMENT
+    except KeyError:
+        raise PlanError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(STATE_BYTES_PER_PARAM)}") from None
+
+
+def _check(degree: int, stage: int) -> None:
+    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+        raise PlanError(f"shard degree must be a positive integer (got {degree!r})")
+    if stage not in ZERO_STAGES:
+        raise PlanError(f"unknown ZeRO stage {stage!r}; choose one of {', '.join(map(str, ZERO_STAGES))}")
+
+
+@dataclass(frozen=True)
+class ShardedState:
+    """Bytes one GPU holds of its parameters' training state between steps."""
+
+    weights_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+
+
+def sharded_state(params: float, degree: int, stage: int, optimizer: str = "adam") -> ShardedState:
+    """Weights, gradients and optimizer state of ``params`` parameters on one of ``degree`` ranks under ZeRO
+    ``stage`` (see the module's table)."""
+    _check(degree, stage)
+    return _shard(BYTES_PER_ELEMENT * params, BYTES_PER_ELEMENT * params, optimizer_bytes_per_param(optimizer) * params,
+                  degree, stage)
+
+
+def _shard(w: float, g: float, o: float, degree: int, stage: int) -> ShardedState:
+    return ShardedState(w / degree if stage >= 3 else w, g / degree if stage >= 2 else g,
+                        o / degree if stage >= 1 else o)
+
+
+def zero_state_bytes(param_bytes: float, degree: int, stage: int, optimizer_state_factor: float) -> ShardedState:
+    """What a stage's ``param_bytes`` (a profile's, ``BYTES_PER_PARAM`` = 4 per parameter) hold on one of its
+    ``degree`` replicas, with the optimizer's moments ``optimizer_state_factor`` × ``param_bytes`` (SGD with
+    momentum 1, Adam 2): stage 0 as the cost model and the simulator always counted it (weights and gradients
+    1× each, the moments); stages ≥ 1 as :func:`sharded_state` (16-bit weight and gradient, the fp32 master
+    copy with the moments), the same total at degree 1."""
+    _check(degree, stage)
+    if stage == 0:
+        return ShardedState(param_bytes, param_bytes, param_bytes * optimizer_state_factor)
+    half = param_bytes * BYTES_PER_ELEMENT / BYTES_PER_PARAM
+    return _shard(half, half, param_bytes * (1.0 + optimizer_state_factor), degree, stage)
+
+
+def check_planned_zero(stage: int, error: type[Exception] = PlanError) -> None:
+    """Refuse a ZeRO stage the cost model and the simulator do not take (``error``: the caller's error type)."""
+    if stage not in PLANNED_ZERO_STAGES:
+        raise error(f"ZeRO stage {stage!r}: the cost model and the simulator take 0, 1 or 2; stage 3 (FSDP) gathers "
+                    f"the weights in every pass, which they do not time yet (planner.sharding has its closed form)")
+
+
+def ring_bytes_per_rank(total_bytes: float, degree: int) -> float:
+    """Bytes each rank sends (and receives) in a ring all-gather or reduce-scatter of a ``total_bytes``
+    tensor over ``degree`` ranks: (D − 1)/D of it."""
+    return (degree - 1) / degree * total_bytes
+
+
+@dataclass(frozen=True)
+class ShardingTraffic:
+    """Bytes one rank sends per optimizer step, by collective (ring; see the module docstring)."""
+
+    allgather_bytes: float
+    reduce_scatter_bytes: float
+    allreduce_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.allgather_bytes + self.reduce_scatter_bytes + self.allreduce_bytes
+
+
+def sharding_traffic(params: float, degree: int, stage: int, gradient_bytes: float = BYTES_PER_ELEMENT,
+                     weight_bytes: float = BYTES_PER_ELEMENT, weight_gathers: int = 2) -> ShardingTraffic:
+    """Per-rank bytes of the data-parallel collectives of one step over ``params`` parameters.
+
+    ``gradient_bytes``: width of a reduced gradient element (2: 16-bit; 4: fp32 reduction, FSDP's
+    ``reduce_dtype=float32``); ``weight_bytes``: of a gathered weight. ``weight_gathers`` (stage 3): how
+    often the weights are gathered per step — 2 when they are freed after the forward (FSDP's
+    ``reshard_after_forward``), 1 when they stay gathered until the backward.
+    """
+    _check(degree, stage)
+    g = ring_bytes_per_rank(params * gradient_bytes, degree)
+    w = ring_bytes_per_rank(params * weight_bytes, degree)
+    if stage == 0:
+        return ShardingTraffic(0.0, 0.0, 2.0 * g)
+    if stage in (1, 2):
+        return ShardingTraffic(w, g, 0.0)
+    return ShardingTraffic(weight_gathers * w, g, 0.0)
+
+
+def ring_time_s(bytes_per_rank: float, bandwidth_bytes_per_s: float, degree: int, latency_s: float = 0.0) -> float:
+    """Seconds of one ring all-gather or reduce-scatter whose ranks each send ``bytes_per_rank``
+    (:func:`ring_bytes_per_rank`) at ``bandwidth_bytes_per_s`` (the slowest hop's share per rank), with
+    ``latency_s`` per ring step (D − 1 steps)."""
+    if degree < 2 or bytes_per_rank <= 0:
+        return 0.0
+    return bytes_per_rank / bandwidth_bytes_per_s + (degree - 1) * latency_s

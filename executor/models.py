@@ -82,7 +82,8 @@ KINDS: dict[str, dict[str, tuple[type, object]]] = {
     "uniform": {"layers": (int, 8), "fwd": (float, 1e-3), "bwd": (float, None), "act": (float, 0.0),
                 "params": (float, 0.0), "saved": (float, None)},
 }
-_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "kv_heads": 0, "ffn": 0, "blocks": 0,
+_MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "kv_heads": 0,
+            "ffn": 0, "blocks": 0,
             "channels": 1, "size": 1, "classes": 2, "fwd": 0.0, "bwd": 0.0, "act": 0.0, "params": 0.0}
 _HELP = "known models: " + "; ".join(
     f"{k}:" + ",".join(f"{p}={d if d is not None else {'bwd': '2*fwd', 'saved': 'act'}[p]}" for p, (_, d) in v.items())
@@ -279,8 +280,8 @@ class _Rotation(torch.autograd.Function):
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal softmax(q·kᵀ/√d)·v by ``scaled_dot_product_attention`` over (batch, heads, seq, d); ``k`` and ``v`` may
-    have fewer heads than ``q`` (grouped-query: kv head g serves query heads g·r .. g·r + r − 1, r = ratio)."""
+    """Causal softmax(q·kᵀ/√d)·v by ``scaled_dot_product_attention`` over (batch, heads, seq, d); ``k`` and ``v``
+    may have fewer heads than ``q`` (grouped-query: kv head g serves query heads g·r .. g·r + r − 1, r = ratio)."""
     if k.shape[1] == q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -349,7 +349,7 @@ class StageWorker:
         y = self.targets.pop(mb) if self.prefetched else self._batch(mb)[1]
         loss = self.loss(out, y)
         self.losses[mb] = loss.detach()
-        return loss if self.family == "pipedream" else loss / self.M
+        return loss / self.M if self.spec.traits.batched else loss
 
     def _backward(self, a: Action) -> int:
         st = self.stages[a.stage]
@@ -403,9 +403,7 @@ class StageWorker:
             self.outbox[(s_from, mb, grad)] = t
 
     def _round(self, st: StageState, mb: int) -> int:
-        if self.family == "pipedream":
-            return mb // self.program.replica_count(st.index)
-        return mb // self.M
+        return self.program.round_of(st.index, mb)
 
     def _accumulate(self, st: StageState, mb: int, grads) -> None:
         if st.accumulate(self._round(st, mb), grads):
@@ -434,7 +432,7 @@ class StageWorker:
         if acc is None:
             self.held.grads += st.param_bytes
         views, flat = reduce_gradients(acc, st.count.get(k, 0), st.versions[st.current][0], st.group, self.staged,
-                                       self.family == "pipedream", self.dtype, self.device)
+                                       not self.spec.traits.batched, self.dtype, self.device)
         st.acc[k] = views
         st.count[k] = 1
         return flat.numel() * flat.element_size()

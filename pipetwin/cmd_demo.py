@@ -26,7 +26,7 @@ def run(args) -> int:
         trace = dry_run(prog, UnitCosts())
         bf, sbf = bubble_fraction(trace), steady_bubble_fraction(trace)
         n = M * batches
-        what = f"{n} minibatches, no flush" if family == "pipedream" else f"{batches} batch(es) of {M} microbatches"
+        what = f"{batches} batch(es) of {M} microbatches" if prog.spec.traits.batched else f"{n} minibatches, no flush"
         print(f"{family}: 4 stages, {what}: makespan {makespan_s(trace):g} units, "
               f"bubble fraction {bf:.3f} (steady state {sbf:.3f})")
         if n == 8:

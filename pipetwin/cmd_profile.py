@@ -15,8 +15,8 @@ def register(sub) -> None:
                                    "forward and backward seconds (median after warm-up), output activation bytes, "
                                    "bytes saved for backward and parameter bytes, per sample. --blocks: time one "
                                    "transformer block of each model (the executor's gpt or llama block, sliced to "
-                                   "one TP rank, TP collectives left out) per TP degree and microbatch size, and write the "
-                                   "times into a device calibration's block_timings table (-o), which every "
+                                   "one TP rank, TP collectives left out) per TP degree and microbatch size, and "
+                                   "write the times into a device calibration's block_timings table (-o), which every "
                                    "--device-calibration command then uses for those block shapes. The forward is "
                                    "timed as training runs it, autograd recording (the forward of a run without "
                                    "recomputation, and the one a recomputing backward re-runs); the backward is timed "
@@ -167,8 +167,8 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
                                 f"or gpt:layers=L,hidden=H,heads=A,seq=S,vocab=V")
             if not cfg.llama and ((cfg.kv_heads or cfg.heads) != cfg.heads or cfg.ffn_size != 4 * cfg.hidden):
                 raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block has multi-head attention and a "
-                                f"4·hidden GELU MLP, not kv_heads={cfg.kv_heads or cfg.heads} and ffn={cfg.ffn_size}; give a "
-                                f"llama: spec for grouped-query attention or another MLP width")
+                                f"4·hidden GELU MLP, not kv_heads={cfg.kv_heads or cfg.heads} and ffn={cfg.ffn_size}; "
+                                f"give a llama: spec for grouped-query attention or another MLP width")
             if cfg.llama and (cfg.hidden // cfg.heads) % 2:
                 raise UserError(f"--blocks {name!r}: the head size hidden/heads = {cfg.hidden // cfg.heads} must be "
                                 f"even (rotary embedding turns pairs of features)")

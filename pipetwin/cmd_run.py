@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipetwin.args import add_grid_flags, add_recompute_flag, int_list, read_program
-from planner.program import FAMILIES, family
+from planner.program import FAMILIES, FAMILY, family
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
                    "schedule): run exactly as it is, worker w as rank w, its stage_layers (else an even split) of --model")
     p.add_argument("--model", help="model spec, e.g. mlp:layers=8,width=512 (without --plan)")
     p.add_argument("--replicas", type=int_list, default=None, help="replicas per stage, e.g. 2,1 (instead of --dp)")
-    add_grid_flags(p, aliases=True)  # --tp (the zoo's gpt and llama models only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
+    add_grid_flags(p, aliases=True)  # --tp (zoo gpt/llama only), --pp/--stages, --dp, --vp/--chunks, --sequence-parallel
     # the shape flags default to None so that one given beside --plan is seen (and refused); SHAPE_DEFAULTS fills them
     p.add_argument("--schedule", default=None, choices=FAMILIES, help="default 1f1b")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (PipeDream: minibatches; default 4)")
@@ -145,8 +145,8 @@ def _run_program(args):
 
 def _what(family: str, batches: int, microbatches: int) -> str:
     """What a run of a plan or a program computed, in words (PipeDream streams minibatches, no batches)."""
-    return (f"{microbatches} minibatches" if family == "pipedream"
-            else f"{batches} batch(es) x {microbatches} microbatches")
+    return (f"{batches} batch(es) x {microbatches} microbatches" if FAMILY[family].batched
+            else f"{microbatches} minibatches")
 
 
 def run(args) -> int:

@@ -8,7 +8,7 @@ from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_reco
                            grid_degrees, grid_given, grid_plan, int_list, read_program)
 from pipetwin.show import Progress
 
-from planner.program import FAMILIES
+from planner.program import FAMILIES, FAMILY
 
 
 def register(sub) -> None:
@@ -42,6 +42,9 @@ def register(sub) -> None:
                    help="all-reduce algorithm (default auto)")
     p.add_argument("--optimizer-state", type=float, default=None, metavar="X",
                    help="optimizer state in parameter-bytes multiples (SGD momentum 1, Adam 2; default 1)")
+    p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2], metavar="STAGE",
+                   help="ZeRO stage of each stage's training state over its replicas: 0 none (default), 1 the optimizer "
+                        "state, 2 also the gradients (memory only; flush schedules)")
     p.add_argument("--jitter", type=float, default=None, help="relative noise on compute times (default 0)")
     p.add_argument("--seed", type=int, default=None, help="seed of the jitter (default 0)")
     p.add_argument("--no-symmetry", action="store_true", help="simulate every replica even when symmetric")
@@ -73,7 +76,7 @@ def _plan_for(args, profile, topology):
         result = plan_model(profile, topology, schedule=args.schedule, microbatch_size=args.microbatch_size,
                             microbatches=args.microbatches, model_name=args.model, recompute=args.recompute)
         plan = replace(result.best, batches=args.steps or result.best.batches, topology=args.topology)
-        if args.vertical_sync and plan.schedule == "pipedream":
+        if args.vertical_sync and FAMILY[plan.schedule].versions == "stash":  # vertical sync orders stashed versions
             plan = replace(plan, vertical_sync=True)
         return plan
     schedule = "1f1b" if args.schedule == "auto" else args.schedule
@@ -152,6 +155,7 @@ def _params(args):
             extra = sorted(set(base) - known) if isinstance(base, dict) else "not an object"
             raise UserError(f"--params {args.params}: unknown simulator parameters {extra}; known: {', '.join(sorted(known))}")
     flags = {"overhead_s": args.overhead, "allreduce": args.allreduce, "optimizer_state_factor": args.optimizer_state,
+             "zero_stage": args.zero,
              "jitter": args.jitter, "seed": args.seed}
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.no_overlap:

@@ -30,20 +30,31 @@ gathered or reduced tensor; an all-reduce is a reduce-scatter then an all-gather
 
 Every figure is per GPU and per optimizer step (one gradient reduction per step: gradient
 accumulation over microbatches reduces once, as FSDP's no-sync and ZeRO do).
+
+The cost model and the simulator read the same bytes (:func:`zero_state_bytes`, in a profile's
+``param_bytes``, 4 per parameter) through ``CostOptions.zero_stage`` and ``SimParams.zero_stage``:
+the weights and the optimizer state held from the start, the gradients from a round's first
+backward to its step. Stage 0 there keeps the project's unsharded count (a 4-byte weight and
+gradient, the optimizer's moments: 16 bytes with Adam). Stages 1 and 2 only: their collectives send
+the all-reduce's bytes, so the time model stands; ZeRO-3 gathers the weights in every pass, which
+neither interpreter times yet, so they refuse it (its closed form is here).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.analytic import STATE_BYTES_PER_PARAM
+from planner.analytic import BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
 from planner.efficiency import BYTES_PER_ELEMENT
 from planner.plan import PlanError
 
-__all__ = ["ZERO_STAGES", "ShardedState", "ShardingTraffic", "sharded_state", "sharding_traffic",
-           "optimizer_bytes_per_param", "ring_bytes_per_rank", "ring_time_s"]
+__all__ = ["ZERO_STAGES", "PLANNED_ZERO_STAGES", "ShardedState", "ShardingTraffic", "sharded_state",
+           "sharding_traffic", "optimizer_bytes_per_param", "ring_bytes_per_rank", "ring_time_s", "zero_state_bytes",
+           "check_planned_zero"]
 
 #: ZeRO stages: 0 (none: every rank holds everything), 1 (optimizer state), 2 (+ gradients), 3 (+ weights; FSDP).
 ZERO_STAGES = (0, 1, 2, 3)
+#: The stages the cost model and the simulator take (see the module docstring).
+PLANNED_ZERO_STAGES = (0, 1, 2)
 
 
 def optimizer_bytes_per_param(optimizer: str = "adam") -> float:
@@ -79,10 +90,33 @@ def sharded_state(params: float, degree: int, stage: int, optimizer: str = "adam
     """Weights, gradients and optimizer state of ``params`` parameters on one of ``degree`` ranks under ZeRO
     ``stage`` (see the module's table)."""
     _check(degree, stage)
-    w = g = BYTES_PER_ELEMENT * params
-    o = optimizer_bytes_per_param(optimizer) * params
+    return _shard(BYTES_PER_ELEMENT * params, BYTES_PER_ELEMENT * params, optimizer_bytes_per_param(optimizer) * params,
+                  degree, stage)
+
+
+def _shard(w: float, g: float, o: float, degree: int, stage: int) -> ShardedState:
     return ShardedState(w / degree if stage >= 3 else w, g / degree if stage >= 2 else g,
                         o / degree if stage >= 1 else o)
+
+
+def zero_state_bytes(param_bytes: float, degree: int, stage: int, optimizer_state_factor: float) -> ShardedState:
+    """What a stage's ``param_bytes`` (a profile's, ``BYTES_PER_PARAM`` = 4 per parameter) hold on one of its
+    ``degree`` replicas, with the optimizer's moments ``optimizer_state_factor`` × ``param_bytes`` (SGD with
+    momentum 1, Adam 2): stage 0 as the cost model and the simulator always counted it (weights and gradients
+    1× each, the moments); stages ≥ 1 as :func:`sharded_state` (16-bit weight and gradient, the fp32 master
+    copy with the moments), the same total at degree 1."""
+    _check(degree, stage)
+    if stage == 0:
+        return ShardedState(param_bytes, param_bytes, param_bytes * optimizer_state_factor)
+    half = param_bytes * BYTES_PER_ELEMENT / BYTES_PER_PARAM
+    return _shard(half, half, param_bytes * (1.0 + optimizer_state_factor), degree, stage)
+
+
+def check_planned_zero(stage: int, error: type[Exception] = PlanError) -> None:
+    """Refuse a ZeRO stage the cost model and the simulator do not take (``error``: the caller's error type)."""
+    if stage not in PLANNED_ZERO_STAGES:
+        raise error(f"ZeRO stage {stage!r}: the cost model and the simulator take 0, 1 or 2; stage 3 (FSDP) gathers "
+                    f"the weights in every pass, which they do not time yet (planner.sharding has its closed form)")
 
 
 def ring_bytes_per_rank(total_bytes: float, degree: int) -> float:

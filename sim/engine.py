@@ -47,7 +47,7 @@ from typing import Callable
 
 import simpy
 
-from planner.program import Action, Kind, Program, even_layers
+from planner.program import FAMILY, Action, Kind, Program, even_layers
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
@@ -141,6 +141,17 @@ def workers_simulated(plan, profile: ModelProfile, topology: Topology, params: S
     return len(run.workers)
 
 
+def zero_replicas(program: Program, params: SimParams) -> dict[int, int] | None:
+    """Each stage's replica count, the degree ``params.zero_stage`` shards its state over (None without ZeRO);
+    refuses a schedule that keeps more than one weight version (ZeRO shards one)."""
+    if not params.zero_stage:
+        return None
+    if FAMILY[program.spec.family].weight_copies != 1:
+        raise SimError(f"zero_stage {params.zero_stage}: {program.spec.family} keeps several weight versions and ZeRO "
+                       f"shards one; use a flush schedule or zero_stage 0")
+    return {s: program.replica_count(s) for s in range(len(program.stage_workers))}
+
+
 def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int = 1, params: SimParams = SimParams(),
                 stage_layers: list[tuple[int, int]] | None = None, recompute: str = "none") -> dict[int, float]:
     """Per worker, the peak bytes a simulation of ``program`` reports, without simulating it.
@@ -154,7 +165,8 @@ def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int
     out = {}
     for w in program.workers:
         initial, levels = memory_levels(program[w], {s: weights[s] for s in program.stages_of(w)},
-                                        params.optimizer_state_factor, round_of, params.recv_lookahead)
+                                        params.optimizer_state_factor, round_of, params.recv_lookahead,
+                                        params.zero_stage, zero_replicas(program, params))
         out[w] = max(initial, max((max(pair) for pair in levels), default=initial))
     return out
 
@@ -223,6 +235,7 @@ class _Run:
         self.tp = [tp_segments(profile, a, b, k, microbatch_size, recompute) for a, b in layers] if self.T > 1 else None
         self.stage_bytes = stage_bytes(profile, layers, microbatch_size, recompute)
         self.round_of = round_function(program)
+        self.zero_replicas = zero_replicas(program, params)
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
                      "topology": topology.name, "params": asdict(params)}
         if recompute != "none":
@@ -286,7 +299,7 @@ class _Run:
         acts = self.p[w]
         stages = self.p.stages_of(w)
         static, marks = memory_marks(acts, {s: self.stage_bytes[s] for s in stages}, prm.optimizer_state_factor,
-                                     self.round_of, prm.recv_lookahead)
+                                     self.round_of, prm.recv_lookahead, prm.zero_stage, self.zero_replicas)
         src = dev[w]
         to: dict[int, tuple[str, bool]] = {}       # peer -> (its device, free route?)
         heads: dict[tuple, tuple[str, str]] = {}   # (stage, kind, version, grad, peer) -> text around the mb

@@ -22,6 +22,7 @@ import numpy as np
 
 from planner.plan import Plan
 from planner.profile import ModelProfile
+from planner.program import FAMILY
 from planner.trace import bubble_fraction, busy_s, peak_memory_bytes, span_s, step_times_s, throughput_samples_per_s
 from sim.engine import simulate_plan
 from sim.params import SimParams
@@ -32,8 +33,8 @@ __all__ = ["figures", "long_run_figures", "extrapolation_pair", "flush_extrapola
 
 #: Flush schedules whose one-batch figures are affine in the microbatch count once the pipeline is full.
 AFFINE_FAMILIES = ("gpipe", "1f1b", "zb-h1", "interleaved")
-#: Streams: no flush, so the steady state runs from the fill to the drain.
-STREAM_FAMILIES = ("2bw", "pipedream")
+#: Streams (``Family.stream``: no flush), so the steady state runs from the fill to the drain.
+STREAM_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.stream)
 #: Steady blocks a stream's short run measures its period over.
 _SPLICE_BLOCKS = 2
 #: Block lengths tried, in periods of the round-robin (contention can make a stream repeat only every
@@ -80,7 +81,8 @@ def extrapolation_pair(plan: Plan, lookahead: int = 0) -> tuple[int, int] | None
     if plan.schedule not in AFFINE_FAMILIES or plan.batches != 1:
         return None
     M = plan.microbatches
-    period = plan.pipeline_depth if plan.schedule == "interleaved" else math.lcm(*plan.replicas)
+    looped = FAMILY[plan.schedule].placement == "looped"  # a loop walks its microbatches in groups of P
+    period = plan.pipeline_depth if looped else math.lcm(*plan.replicas)
     fill = 2 * max(sum(plan.replicas) // max(1, plan.chunks), plan.pipeline_depth)
     m1 = _at_least(fill + lookahead, M, period)
     m2 = _at_least(m1 + fill, M, period)

@@ -12,6 +12,8 @@ up front and the simulator only stamps times on it. Held between actions:
   it reads updates it in place; otherwise it writes into the one dropped version
   a stage keeps for reuse (the executor's spare) or into a new copy;
 - optimizer state: ``optimizer_state_factor`` × parameters per stage, from the start;
+- with ZeRO (``SimParams.zero_stage`` 1 or 2): the weights, gradients and optimizer state of
+  ``planner.sharding.zero_state_bytes`` over the stage's replicas instead (the cost model's figures);
 - gradients: one buffer of the stage's parameter bytes per open round, from the
   round's first backward (B or BW; its ALLREDUCE when no backward contributed)
   until its STEP (flush schedules and 2BW: round = batch; PipeDream: a
@@ -45,6 +47,7 @@ from typing import Callable, NamedTuple
 from planner.profile import ModelProfile
 from planner.program import Action, Kind, Program
 from planner.recompute import all_rebuilt_bytes, kept_bytes, layer_kept_bytes, rebuilt_bytes
+from planner.sharding import zero_state_bytes
 
 _F, _B, _BI, _BW = Kind.F, Kind.B, Kind.BI, Kind.BW
 _SEND, _RECV, _ALLREDUCE, _STEP = Kind.SEND, Kind.RECV, Kind.ALLREDUCE, Kind.STEP
@@ -68,12 +71,9 @@ class StageBytes(NamedTuple):
 
 
 def round_function(program: Program) -> Callable[[int, int], int]:
-    """``round_of(stage, mb)``: the optimizer round a backward's gradient joins, as the executor counts rounds."""
-    if program.spec.family == "pipedream":  # a replica's k-th minibatch
-        reps = [program.replica_count(s) for s in range(len(program.stage_workers))]
-        return lambda stage, mb: mb // reps[stage]
-    m = program.spec.microbatches  # a batch
-    return lambda stage, mb: mb // m
+    """``round_of(stage, mb)``: the optimizer round a backward's gradient joins (``Program.round_of``, the rule
+    the executor counts rounds by)."""
+    return program.round_of
 
 
 def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch_size: int,
@@ -122,12 +122,19 @@ class _Pool:
 
 def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimizer_state_factor: float,
                   round_of: Callable[[int, int], int] | None = None, recv_lookahead: int = RECV_LOOKAHEAD,
+                  zero_stage: int = 0, replicas: dict[int, int] | None = None,
                   ) -> tuple[float, list[tuple[float, float]]]:
     """(bytes at the start, [(level after the action starts, level after it ends)] per action).
 
     ``stages``: the stages this worker holds. ``round_of(stage, mb)``: the optimizer round a
-    backward's gradient goes to (default: one round for the whole run).
+    backward's gradient goes to (default: one round for the whole run). ``zero_stage``: the training
+    state sharded over each stage's ``replicas`` (``planner.sharding.zero_state_bytes``, as the cost
+    model counts it; 0: unsharded).
     """
+    state = {s: zero_state_bytes(b.params, (replicas or {}).get(s, 1), zero_stage, optimizer_state_factor)
+             for s, b in stages.items()}
+    grads = {s: x.gradients_bytes for s, x in state.items()}
+    weights = {s: x.weights_bytes for s, x in state.items()}
     round_of = round_of or (lambda stage, mb: 0)
     # version lifetimes, as the executor plans them: the last use of each (stage, version)
     last: dict[tuple[int, int], int] = {}
@@ -167,7 +174,7 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
             posted += 1
 
     post(recv_lookahead)
-    fixed = sum(b.params * (1.0 + optimizer_state_factor) for b in stages.values())
+    fixed = sum(x.weights_bytes + x.optimizer_bytes for x in state.values())
     held = fixed  # weights, optimizer state, gradients, activations, outgoing gradients; the pool apart
     initial = held + pool.nbytes
     out: list[tuple[float, float]] = []
@@ -193,7 +200,7 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
                 r = round_of(s, mb)
                 if r not in rounds[s]:
                     rounds[s].add(r)
-                    held += stages[s].params
+                    held += grads[s]
                 ent = entries.pop((s, mb), None)
                 if ent is not None:
                     held -= ent[0]
@@ -225,7 +232,7 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
             elif k is _ALLREDUCE:
                 if mb not in rounds[s]:
                     rounds[s].add(mb)
-                    held += stages[s].params
+                    held += grads[s]
             elif k is _STEP:
                 old = a.version - 1
                 if last.get((s, old)) == i:  # in place: version old becomes the new one
@@ -233,16 +240,16 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
                 elif spare[s]:
                     spare[s] = 0
                 else:
-                    held += stages[s].params
+                    held += weights[s]
                 versions[s].add(a.version)
                 if mb in rounds[s]:
                     rounds[s].discard(mb)
-                    held -= stages[s].params
+                    held -= grads[s]
         for fs, fv in frees.get(i, ()):
             if fv in versions[fs]:
                 versions[fs].discard(fv)
                 if spare[fs]:
-                    held -= stages[fs].params
+                    held -= weights[fs]
                 else:
                     spare[fs] = 1
         out.append((start, held + pool.nbytes))
@@ -251,6 +258,7 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
 
 def memory_marks(actions: list[Action], stages: dict[int, StageBytes], optimizer_state_factor: float,
                  round_of: Callable[[int, int], int] | None = None, recv_lookahead: int = RECV_LOOKAHEAD,
+                 zero_stage: int = 0, replicas: dict[int, int] | None = None,
                  ) -> tuple[float, list[tuple[float | None, float | None]] | None]:
     """(bytes at time 0, [(new level at the action's start, new level at its end)] per action).
 
@@ -260,7 +268,8 @@ def memory_marks(actions: list[Action], stages: dict[int, StageBytes], optimizer
     """
     if not any(any(b) for b in stages.values()) and not any(a.nbytes for a in actions):
         return 0.0, None
-    initial, levels = memory_levels(actions, stages, optimizer_state_factor, round_of, recv_lookahead)
+    initial, levels = memory_levels(actions, stages, optimizer_state_factor, round_of, recv_lookahead, zero_stage,
+                                    replicas)
     marks = []
     cur = initial
     for m0, m1 in levels:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.sharding import check_planned_zero
 from sim.memory import RECV_LOOKAHEAD
 from topologies.errors import InputError
 
@@ -60,6 +61,8 @@ class SimParams:
         use_symmetry: simulate one representative per set of identical stage replicas when
             that is exact (see ``sim.engine``); the trace is the same either way.
         link_events: record one event per link hop of every transfer (link lanes "u->v").
+        zero_stage: ZeRO sharding of each stage's training state over its replicas (0, 1 or 2;
+            ``planner.sharding``, as ``CostOptions.zero_stage``): memory only; flush schedules only.
     """
 
     overhead_s: float = 0.0
@@ -79,8 +82,10 @@ class SimParams:
     tp_ring: str = "fused"
     use_symmetry: bool = True
     link_events: bool = True
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
+        check_planned_zero(self.zero_stage, SimError)
         if self.allreduce not in ALLREDUCE_ALGORITHMS:
             raise SimError(f"unknown all-reduce algorithm {self.allreduce!r}; choose one of {', '.join(ALLREDUCE_ALGORITHMS)}")
         if self.tp_ring not in TP_RINGS:

@@ -36,7 +36,7 @@ def test_rotary_turns_each_feature_pair_by_its_position_angle_so_scores_see_only
     z = torch.complex(q[:, : d // 2], q[:, d // 2:]) * torch.polar(torch.ones_like(angle), angle)
     assert torch.allclose(got, torch.cat((z.real, z.imag), dim=-1), atol=1e-12)
     # the same two vectors at positions (p, p') and (p + 5, p' + 5) give the same score
-    rq, rk = rotate(q[:1].expand(seq, d), angle.cos(), angle.sin()), rotate(k[:1].expand(seq, d), angle.cos(), angle.sin())
+    rq, rk = (rotate(z[:1].expand(seq, d), angle.cos(), angle.sin()) for z in (q, k))
     assert math.isclose(rq[2] @ rk[6], rq[7] @ rk[11], rel_tol=1e-9)
     assert not math.isclose(rq[2] @ rk[6], rq[2] @ rk[7], rel_tol=1e-3)
 
@@ -118,7 +118,8 @@ def test_a_tp_rank_s_compute_is_its_share_of_the_whole_block():
     torch.manual_seed(2)
     whole = LlamaBlock(32, 4, 2, 48)
     x = torch.randn(2, 8, 32, dtype=torch.float64)
-    ranks = [parallelize([copy.deepcopy(whole)], TPContext(None, r, 2, compute_only=True))[0].double() for r in range(2)]
+    ranks = [parallelize([copy.deepcopy(whole)], TPContext(None, r, 2, compute_only=True))[0].double()
+             for r in range(2)]
     whole.double()
     with torch.no_grad():
         assert torch.allclose(sum(b.attn(x) for b in ranks), whole.attn(x), atol=1e-12)

@@ -154,11 +154,14 @@ def test_validation_on_the_gpu_profiles_and_runs_there():
     assert not res.calibrations["mlp"].profile.device.startswith("cpu")  # the GPU's name, from the CUDA profile
 
 
-def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = "none"):
+TP_MODELS = ["gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32",
+             "llama:layers=2,hidden=32,heads=4,kv_heads=2,ffn=48,seq=8,vocab=32"]
+
+
+def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = "none", model: str = TP_MODELS[0]):
     from executor.models import num_layers
     from planner.plan import plan_from_flags
 
-    model = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32"
     return plan_from_flags(model, num_layers(model), pp=pp, tp=tp, schedule=schedule, microbatches=4, batches=2,
                            microbatch_size=2, lr=0.1, recompute=recompute)
 
@@ -166,11 +169,12 @@ def _tp_plan(schedule: str = "1f1b", pp: int = 2, tp: int = 2, recompute: str = 
 @pytest.mark.dist
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_gpu_tensor_parallel_workers_sharing_the_gpu_match_the_reference(sequence_parallel):
-    """2 stages x 2 TP ranks on CUDA with gloo: TP collectives staged through host memory."""
+@pytest.mark.parametrize("model", TP_MODELS, ids=["gpt", "llama"])
+def test_gpu_tensor_parallel_workers_sharing_the_gpu_match_the_reference(sequence_parallel, model):
+    """2 stages x 2 TP ranks on CUDA with gloo: TP collectives staged through host memory (llama: GQA by SDPA)."""
     from dataclasses import replace
 
-    plan = replace(_tp_plan(), sequence_parallel=sequence_parallel)
+    plan = replace(_tp_plan(model=model), sequence_parallel=sequence_parallel)
     result = run_plan(plan, dtype="float64", timeout_s=60, backend="gloo", device="cuda")
     _assert_weights_equal(result.weights, reference_weights(plan, dtype="float64"))
 

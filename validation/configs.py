@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.plan import Plan, even_plan
+from planner.program import FAMILY
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Config:
         m = self.entry
         virtual = self.stages * self.chunks
         reps = (self.replicas,) * virtual if self.replicas > 1 else None
-        batches = 1 if self.schedule == "pipedream" else self.batches
+        batches = self.batches if FAMILY[self.schedule].batched else 1
         return even_plan(m.spec, num_layers(m.spec), virtual, reps, schedule=self.schedule,
                          microbatches=self.microbatches, microbatch_size=m.microbatch_size, batches=batches,
                          chunks=self.chunks)

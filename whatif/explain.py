@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from planner.program import FAMILY
 from planner.trace import bubble_fraction, peak_memory_bytes, span_s, step_times_s, throughput_samples_per_s
 from topologies.topology import Topology, TopologyError
 
@@ -27,7 +28,8 @@ def breakdown(trace, topology: Topology) -> dict:
 def steady_window(trace) -> tuple[float, float]:
     """The window throughput_samples_per_s measures over (flush: first to last step; stream: second half)."""
     steps = step_times_s(trace)
-    if trace.meta.get("family") not in ("pipedream", "2bw") and len(steps) >= 3:
+    fam = FAMILY.get(trace.meta.get("family"))
+    if (fam is None or fam.flush) and len(steps) >= 3:
         return steps[0], steps[-1]
     done = sorted(e.end_s for e in trace.events if isinstance(e.lane, int) and e.kind in ("B", "BW")
                   and e.action.split("B")[0] == "0")

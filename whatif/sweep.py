@@ -17,6 +17,7 @@ from typing import Callable
 
 from planner.partition import PartitionCache
 from planner.plan import Plan
+from planner.program import FAMILY
 from planner.profile import ModelProfile
 from topologies.topology import Topology
 from whatif.errors import WhatIfError
@@ -38,9 +39,10 @@ def simulated_plan(plan: Plan, batches: int) -> Plan:
     count does not change its steady state, so it is set to four per device)."""
     # a stream's steady second half must hold several rounds of every replica (they finish in bursts)
     need = max(2 * plan.pipeline_depth + 4, 4 * len(plan.devices))
-    if plan.schedule == "pipedream":
+    fam = FAMILY[plan.schedule]
+    if not fam.batched:  # PipeDream: M is the stream's length
         return replace(plan, batches=1, microbatches=need)
-    if plan.schedule == "2bw":
+    if fam.stream:
         return replace(plan, batches=max(1, math.ceil(need / plan.microbatches)))
     return replace(plan, batches=max(1, batches))
 

@@ -153,6 +153,8 @@ def _commands_of(block: list[tuple[int, str]], include_setup: bool) -> list[Comm
             skip = comment
         elif code in SETUP_COMMANDS and not include_setup:
             skip = "set-up command (--all runs it)"
+        elif "check_readme.py" in code:
+            skip = "this script (it would run itself)"
         out.append(Command(number, code, comment, skip))
     return out
 

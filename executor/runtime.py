@@ -405,9 +405,7 @@ class StageWorker:
             self.outbox[(s_from, mb, grad)] = t
 
     def _round(self, st: StageState, mb: int) -> int:
-        if not self.spec.traits.batched:  # a stream of minibatches: a replica's k-th is round k
-            return mb // self.program.replica_count(st.index)
-        return mb // self.M
+        return self.program.round_of(st.index, mb)
 
     def _accumulate(self, st: StageState, mb: int, grads) -> None:
         if st.accumulate(self._round(st, mb), grads):

@@ -38,6 +38,8 @@ def test_the_published_file_parses_all_18_rows():
     scored = score_torchtitan(rows, DeviceCalibration("a100-80gb", EfficiencyParams()))
     s = titan_summary(scored)
     assert s["n_rows"] == 18 and s["n_all_modelled"] == 2  # the two rows without torch.compile
+    for x in scored:  # what a step is made of adds up to it
+        assert sum(x["step_terms_s"].values()) == pytest.approx(x["step_s"], rel=1e-4)
 
 
 @pytest.mark.parametrize("line,what", [
@@ -90,6 +92,9 @@ def test_one_row_equals_a_hand_computation(tmp_path, monkeypatch):
     step = (L * unit(dense + flash, 2 * dense + 2.5 * flash + redo, block_params)
             + unit(0, 0, emb_params) + unit(2 * n * V * h, 4 * n * V * h, head_params) + 0.01)
     assert got.step_s == pytest.approx(step, rel=1e-9)
+    # the embedding has no GEMM: its two gathers and its reduce-scatter are the step's only exposed FSDP time
+    assert got.terms["fsdp"] == pytest.approx((2 * 2 + 4) * emb_params * ring, rel=1e-9)
+    assert got.terms["recompute"] == pytest.approx(L * redo / rate, rel=1e-9)
     assert got.tps_per_gpu == pytest.approx(n / step, rel=1e-9)
 
     total = L * block_params + emb_params + head_params

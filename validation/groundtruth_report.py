@@ -44,7 +44,7 @@ def titan_markdown(titan: list[dict]) -> list[str]:
     rule in ``validation.groundtruth_titan``, no fitting on these rows."""
     if not titan:
         return []
-    from validation.groundtruth_titan import titan_summary
+    from validation.groundtruth_titan import TERMS as TITAN_TERMS, titan_summary
 
     s = titan_summary(titan)
     lines = ["## Extra: torchtitan, Llama 3.1 8B/70B/405B on H100 (Grand Teton; not fitted on)", "",
@@ -63,8 +63,16 @@ def titan_markdown(titan: list[dict]) -> list[str]:
                      f"{x['local_batch']} | {x['activation_ckpt']} | {x['techniques']} | {x['schedule']} | "
                      f"{x['measured_tps']:,.0f} | {x['predicted_tps']:,.0f} | {x['tps_error'] * 100:+.1f}% | "
                      f"{x['measured_gib']:.1f} | {x['predicted_gib']:.1f} | {x['memory_error'] * 100:+.1f}% |")
-    return lines + ["", "Not modelled, so predicted as eager kernels: torch.compile (every row that names it). "
-                        "No row skipped.", ""]
+    lines += ["", "Not modelled, so predicted as eager kernels: torch.compile (every row that names it). "
+                  "No row skipped.", "",
+              "Where each predicted step goes (shares of `step_terms_s` in the JSON, which add up to the step):", "",
+              "| table | FSDP·TP·PP·CP | techniques | schedule | step s | " + " | ".join(TITAN_TERMS) + " |",
+              "|---:|---|---|---|---:|" + "---:|" * len(TITAN_TERMS)]
+    for x in titan:
+        t = x["step_terms_s"]
+        lines.append(f"| {x['table']} | {x['fsdp']}·{x['tp']}·{x['pp']}·{x['cp']} | {x['techniques']} | {x['schedule']} | "
+                     f"{x['step_s']:.2f} | " + " | ".join(f"{t[k] / x['step_s'] * 100:.0f}%" for k in TITAN_TERMS) + " |")
+    return lines + [""]
 
 
 def breakdown(g: GroundTruth, key) -> list[tuple[str, int, float, float]]:

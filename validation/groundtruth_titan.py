@@ -196,13 +196,22 @@ def _allreduce_s(nbytes: float, ranks: int, bw: float) -> float:
 @dataclass(frozen=True)
 class UnitCost:
     """One FSDP unit's seconds per microbatch (forward, backward with recomputation) and its parameters on one
-    rank, and its activation bytes per microbatch (kept between passes, rebuilt in its backward)."""
+    rank, and its activation bytes per microbatch (kept between passes, rebuilt in its backward); ``terms``:
+    its forward + backward seconds split into ``TERMS`` (they add up to them)."""
 
     forward_s: float
     backward_s: float
     params: float
     kept_bytes: float
     rebuilt_bytes: float
+    terms: tuple[tuple[str, float], ...] = ()
+
+
+#: What a predicted step is made of (``TitanPrediction.terms``): kernels of the dense part (GEMMs and
+#: memory-bound), attention (flash, or the CP ring where it is longer), recomputation, the TP collectives
+#: left exposed, FSDP's collectives left exposed, the pipeline's fill, drain, p2p and last reduce-scatter and
+#: step, and the rest (the optimizer step without PP, the per-iteration overhead).
+TERMS = ("dense", "attention", "recompute", "tp", "fsdp", "pipeline", "other")
 
 
 def _float8(work: Work, kind: DeviceKind, p: EfficiencyParams, backward: bool, layer: bool = True) -> float:
@@ -249,7 +258,11 @@ def block_cost(r: TitanRow, p: EfficiencyParams, params: float) -> UnitCost:
     else:  # input, wq, wv, attention output, its log-sum-exp, w1, w2
         kept = 2.0 * n * h * rep + 2.0 * n * (h + kv + h + f) / t + 4.0 * n * a / t + 2.0 * n * h * rep
     rebuilt = (block_saved_bytes(local, t, sp) - _attention_saved_bytes(local, t) + 4.0 * sq * a / t) * r.micro
-    return UnitCost(fwd, bwd, params, kept, rebuilt)
+    rec = dense_f + attn_f if r.activation_ckpt == "full" else redo_s
+    work = dense_f + dense_b + attn_f + attn_b + rec
+    terms = (("dense", dense_f + dense_b), ("attention", attn_f + attn_b), ("recompute", rec),
+             ("tp", fwd + bwd - work))
+    return UnitCost(fwd, bwd, params, kept, rebuilt, terms)
 
 
 def _ends_cost(r: TitanRow, p: EfficiencyParams, emb_params: float, head_params: float) -> tuple[UnitCost, UnitCost]:
@@ -260,11 +273,20 @@ def _ends_cost(r: TitanRow, p: EfficiencyParams, emb_params: float, head_params:
     tp_one = _allreduce_s(n * local.hidden * 2.0, t, group_bandwidth(1, t)) if t > 1 else 0.0
     e = embedding_work(local, r.micro, t, sp)
     hd = head_work(local, r.micro, t, sp)
-    emb = UnitCost(work_time_s(e, kind, p) + tp_one, work_time_s(e.backward(), kind, p), emb_params, 0.0, 0.0)
+    ef, eb = work_time_s(e, kind, p), work_time_s(e.backward(), kind, p)
+    hf, hb = work_time_s(hd, kind, p) + p.loss_overhead_s, work_time_s(hd.backward(), kind, p)
+    emb = UnitCost(ef + tp_one, eb, emb_params, 0.0, 0.0, (("dense", ef + eb), ("tp", tp_one)))
     logits = LOSS_BYTES_PER_LOGIT * n * local.vocab / t
-    head = UnitCost(work_time_s(hd, kind, p) + p.loss_overhead_s, work_time_s(hd.backward(), kind, p) + tp_one,
-                    head_params, 0.0, logits)
+    head = UnitCost(hf, hb + tp_one, head_params, 0.0, logits, (("dense", hf + hb), ("tp", tp_one)))
     return emb, head
+
+
+def _terms(units: list[UnitCost], times: float = 1.0) -> dict[str, float]:
+    out = dict.fromkeys(TERMS, 0.0)
+    for u in units:
+        for k, v in u.terms:
+            out[k] += v * times
+    return out
 
 
 def stage_blocks(r: TitanRow) -> list[int]:
@@ -279,6 +301,7 @@ class TitanPrediction:
     step_s: float
     tps_per_gpu: float
     memory_bytes: float
+    terms: dict | None = None  # step seconds by TERMS (they add up to step_s)
 
     @property
     def memory_gib(self) -> float:
@@ -314,12 +337,15 @@ def predict_titan(r: TitanRow, cal: DeviceCalibration) -> TitanPrediction:
             ag, rs = _fsdp_s(u.params, r, 2)
             step += max(u.forward_s, ag / 2) + max(u.backward_s, ag / 2 + rs)
         params_rank = sum(u.params for u in units[0])
-        step += optimizer_step_s(params_rank / shard, kind, p) + p.iteration_overhead_s
+        terms = _terms(units[0])
+        terms["other"] = optimizer_step_s(params_rank / shard, kind, p) + p.iteration_overhead_s
+        terms["fsdp"] = step - sum(u.forward_s + u.backward_s for u in units[0])
+        step += terms["other"]
         big = sorted((u.params for u in units[0]), reverse=True)[:2]
         held = sum(big) * (2 + 2 + 4)
         mem = (sharded_state(params_rank, shard, 3).total_bytes + held
                + sum(u.kept_bytes for u in units[0]) + block.rebuilt_bytes + head.rebuilt_bytes)
-        return TitanPrediction(step, r.local_batch * r.seq / (step * r.tp * r.pp * r.cp), mem)
+        return TitanPrediction(step, r.local_batch * r.seq / (step * r.tp * r.pp * r.cp), mem, terms)
     # pipeline: per rank (its v chunks), per microbatch
     rank_units = [[u for c in range(v) for u in units[c * P + k]] for k in range(P)]
     fwd = [sum(u.forward_s for u in us) for us in rank_units]
@@ -335,6 +361,10 @@ def predict_titan(r: TitanRow, cal: DeviceCalibration) -> TitanPrediction:
         pipe = interleaved_pipe_s([f + b for f, b in zip(fwd, bwd)], m, v, hop) + max(
             s + o for s, o in zip(scatters, steps))
     step = max(gathers) + pipe + p.iteration_overhead_s
+    slowest = max(range(P), key=lambda k: fwd[k] + bwd[k])
+    terms = _terms(rank_units[slowest], m)
+    terms.update(fsdp=max(gathers), other=p.iteration_overhead_s,
+                 pipeline=pipe - m * (fwd[slowest] + bwd[slowest]))
     mems = []
     for k, us in enumerate(rank_units):
         if v == 1:
@@ -346,7 +376,7 @@ def predict_titan(r: TitanRow, cal: DeviceCalibration) -> TitanPrediction:
         loss = head.rebuilt_bytes if k == P - 1 else 0.0
         mems.append(sharded_state(params[k], shard, 3).total_bytes + params[k] * (2 + 4) + kept
                     + block.rebuilt_bytes + loss)
-    return TitanPrediction(step, r.local_batch * r.seq / (step * r.tp * r.pp * r.cp), max(mems))
+    return TitanPrediction(step, r.local_batch * r.seq / (step * r.tp * r.pp * r.cp), max(mems), terms)
 
 
 def score_torchtitan(rows, cal: DeviceCalibration) -> list[dict]:
@@ -364,6 +394,7 @@ def score_torchtitan(rows, cal: DeviceCalibration) -> list[dict]:
                     "predicted_tps": round(x.tps_per_gpu, 2), "tps_error": round(x.tps_per_gpu / r.tps_per_gpu - 1, 6),
                     "measured_gib": r.memory_gib, "predicted_gib": round(x.memory_gib, 2),
                     "memory_error": round(x.memory_gib / r.memory_gib - 1, 6), "step_s": round(x.step_s, 4),
+                    "step_terms_s": {k: round(v, 6) for k, v in x.terms.items()},
                     "method": "closed-form"})
     return out
 

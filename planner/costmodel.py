@@ -53,7 +53,9 @@ instead of 3.0 s, so it does not.
 Where a rank's two chunks keep different bytes, depth × their mean is no bound either way: a rank's
 peak holds mostly its first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r),
 so a heavier first chunk is undercharged (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample
-and 8–15 1 MB: every rank charged 34 MB, rank 0 holds 49, rank 7 35).
+and 8–15 1 MB: every rank charged 34 MB, rank 0 holds 49, rank 7 35). The looped families charge the
+same mean and miss the same way (P = 4, V = 2, M = 8, stages 0–3 keeping 3 MB and 4–7 1 MB: interleaved
+zero bubble charged 16 MB, the simulator holds 24; interleaved 1F1B rank 1 charged 18, holds 25).
 
 Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
 link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the

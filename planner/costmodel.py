@@ -50,10 +50,13 @@ over (``tests/test_family_costs.py`` holds the bound). Exact per rank means walk
 order for each (P, M) the search tries: counted on the order at min(M, 4P) (the peaks stop changing past a
 few P) and cached, that made ``pipetwin plan --model gpt3-1.3b --topology dgx:servers=2`` take 5.2 s
 instead of 3.0 s, so it does not.
-Where a rank's two chunks keep different bytes, depth × their mean is no bound either way: a rank's
-peak holds mostly its first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r),
-so a heavier first chunk is undercharged (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample
-and 8–15 1 MB: every rank charged 34 MB, rank 0 holds 49, rank 7 35).
+Where a rank's chunks keep different bytes, the depth is charged at the heaviest chunk's bytes (looped
+BFS, which holds M microbatches of every chunk, at their mean, exactly): a rank's peak holds mostly its
+first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r), and depth × the mean
+undercharged a heavier first chunk (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample and
+8–15 1 MB: 34 MB charged, rank 0 holds 49; interleaved zero bubble P = 4, V = 2, M = 8, stages 0–3
+keeping 3 MB and 4–7 1 MB: 16 charged, 24 held). The heaviest chunk bounds every rank from above
+(51 and 24 MB there; ``tests/test_family_costs.py``), at most (heaviest / mean − 1) × depth over.
 
 Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
 link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the
@@ -63,6 +66,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
@@ -258,39 +263,63 @@ def update_interval(family: str, microbatches: int, replicas: int) -> int:
     return microbatches if FAMILY[family].batched else replicas
 
 
-def inflight(family: str, microbatches: int, workers_at_or_after: int, replicas: int) -> int:
-    """Microbatches whose activations a replica keeps at its peak (non-interleaved families)."""
-    per_replica = math.ceil(microbatches / replicas)
+def inflight(family: str, microbatches, workers_at_or_after, replicas):
+    """Microbatches whose activations a replica keeps at its peak (non-interleaved families); elementwise over
+    numpy arrays as over ints (the partition search asks it of a whole table of stages at once)."""
+    per_replica = -(-microbatches // replicas)
     fam = FAMILY[family]
     if fam.inflight == "batch":
         return per_replica
-    limit = math.ceil(workers_at_or_after / replicas)
+    limit = -(-workers_at_or_after // replicas)
     if fam.stream:
         return limit
-    return min(limit, per_replica)
+    return np.minimum(limit, per_replica)
 
 
-def held_until_weight_grad(family: str, microbatches: int, inflight_count: int, limit0: int, replicas: int) -> int:
+def holds_until_weight_grad(family: str) -> bool:
+    """A stage's activations wait for its BW, up to the family's weight-gradient backlog cap (``open_cap``), so what
+    a stage holds depends on the whole pipeline's 1F1B depth L₀, not only on the workers at or after it."""
+    fam = FAMILY[family]
+    return fam.open_cap is not None and fam.backward == "split"
+
+
+def held_until_weight_grad(family: str, microbatches, inflight_count, limit0: int, replicas):
     """Microbatches whose activations a replica of a stage keeps at its peak when a split backward frees them only
     at BW: the family's weight-gradient backlog cap (``open_cap``: a·L₀ + b, L₀ the pipeline's 1F1B depth
     ``limit0``) on every stage, not 1F1B's P − s (ZB-H1 holds P on each stage, ZB-H2 2P − 1), within the batch;
-    ``inflight_count`` for the others."""
-    fam = FAMILY[family]
-    if fam.open_cap is None or fam.backward != "split":
+    ``inflight_count`` for the others. Elementwise over arrays (``limit0`` too: the partition search's lower bound
+    charges each stage at its own depth)."""
+    if not holds_until_weight_grad(family):
         return inflight_count
-    cap = fam.open_cap_at(limit0)
-    return max(inflight_count, min(cap, math.ceil(microbatches / replicas)))
+    fam = FAMILY[family]
+    cap = fam.open_cap_at(limit0) if np.ndim(limit0) == 0 else np.vectorize(fam.open_cap_at, otypes=[int])(limit0)
+    return np.maximum(inflight_count, np.minimum(cap, -(-microbatches // replicas)))
 
 
-def weight_versions(family: str, inflight_count: int) -> int:
+def weight_versions(family: str, inflight_count):
     """Weight versions a stage keeps: PipeDream stashes one per in-flight minibatch, 2BW two, flush one."""
     copies = FAMILY[family].weight_copies
-    return max(1, inflight_count) if copies == 0 else copies
+    return np.maximum(1, inflight_count) if copies == 0 else copies
 
 
-def static_bytes_per_param_byte(versions: int, optimizer: str) -> float:
+def stage_counts(family: str, microbatches, workers_at_or_after, replicas, limit0):
+    """(activations held, weight versions) of a replica of a linear stage at its peak: ``held_until_weight_grad`` of
+    ``inflight`` and ``weight_versions``. The one source the cost model and the partition search size a stage by;
+    ``limit0`` is the pipeline's 1F1B depth (max over stages of ⌈workers at or after / replicas⌉)."""
+    n_in = inflight(family, microbatches, workers_at_or_after, replicas)
+    return held_until_weight_grad(family, microbatches, n_in, limit0, replicas), weight_versions(family, n_in)
+
+
+def static_bytes_per_param_byte(versions, optimizer: str):
     """Weights (× versions) + gradients + optimizer state, per parameter byte."""
     return versions + 1.0 + OPTIMIZER_STATE[optimizer]
+
+
+def stage_bytes(static, kept_bytes_, rebuilt_bytes_, held, mb: int = 1):
+    """A stage's peak bytes per device: its ``static`` bytes (``static_bytes``: weights, gradients, optimizer state),
+    ``held`` microbatches of what it keeps for backward, and what one layer's backward rebuilds (the byte figures
+    per sample × ``mb``)."""
+    return static + (held * kept_bytes_ + rebuilt_bytes_) * mb
 
 
 def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0,
@@ -410,9 +439,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         else:
             core = compute + ar
         t = max(core, comm) if options.overlap_comm else core + comm
-        n_in = inflight(fam, M, workers_after[i], r)
-        n_held = held_until_weight_grad(fam, M, n_in, limit0, r)
-        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, weight_versions(fam, n_in), options, r)
+        n_held, versions = (int(x) for x in stage_counts(fam, M, workers_after[i], r, limit0))
+        mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options, r)
         if options.zero_stage == 3 and r > 1:
             mem += fsdp_gathered_bytes(prof, *st.layers, options, FAMILY[fam].backward)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
@@ -452,7 +480,11 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
                 depth += looped_warmup_extra(P, V, M, r)
             depth = min(depth, M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
-        per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
+        kept = [kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs]
+        # looped BFS holds M of every chunk (the mean is exact); the others hold `depth` chunk-microbatches split
+        # over the rank's chunks in a way depth does not say, so each is charged at the heaviest chunk: a bound
+        # on every rank, exact where the chunks keep equal bytes
+        per_chunk = sum(kept) / V if fam.inflight == "batch" else max(kept)
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
         mem = static_bytes(params, 1, r, options) + act
         raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
@@ -552,23 +584,30 @@ def fsdp_gathered_bytes(prof: ModelProfile, first: int, last: int, options: Cost
     return max(fsdp_transient_bytes(units, *fsdp_collectives(k), options.fsdp_overlap) for k in _pass_kinds(backward))
 
 
-def static_bytes(param_bytes: float, versions: int, replicas: int, options: CostOptions) -> float:
+def static_bytes(param_bytes, versions, replicas, options: CostOptions):
     """Weights (× versions), gradients and optimizer state of a device holding ``param_bytes``, sharded over its
-    ``replicas`` by ``options.zero_stage`` (``planner.sharding.zero_state_bytes``, which the simulator reads too)."""
+    ``replicas`` by ``options.zero_stage`` (``planner.sharding.zero_state_bytes``, which the simulator reads too);
+    elementwise over numpy arrays as over numbers (the partition search's tables)."""
     if options.zero_stage == 0:
         return param_bytes * static_bytes_per_param_byte(versions, options.optimizer)
-    if versions != 1:
-        raise PlanError(f"ZeRO stage {options.zero_stage} shards one weight version, but this schedule keeps {versions}: "
+    if np.any(np.asarray(versions) != 1):
+        raise PlanError(f"ZeRO stage {options.zero_stage} shards one weight version, but this schedule keeps {int(np.max(versions))}: "
                         f"use a flush schedule (gpipe, 1f1b, interleaved, ...) or zero stage 0")
-    return zero_state_bytes(param_bytes, replicas, options.zero_stage, OPTIMIZER_STATE[options.optimizer]).total_bytes
+    factor = OPTIMIZER_STATE[options.optimizer]
+
+    def one(p, r) -> float:
+        return zero_state_bytes(float(p), int(r), options.zero_stage, factor).total_bytes
+
+    if np.ndim(param_bytes) or np.ndim(replicas):
+        return np.vectorize(one, otypes=[float])(param_bytes, replicas)
+    return one(param_bytes, replicas)
 
 
-def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_inflight: int, versions: int,
+def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_held: int, versions: int,
                   options: CostOptions, replicas: int = 1) -> float:
-    params = prof.param_bytes(first, last)
-    static = static_bytes(params, versions, replicas, options)
     mode = options.recompute
-    return static + (n_inflight * kept_bytes(prof, first, last, mode) + rebuilt_bytes(prof, first, last, mode)) * mb
+    return stage_bytes(static_bytes(prof.param_bytes(first, last), versions, replicas, options),
+                       kept_bytes(prof, first, last, mode), rebuilt_bytes(prof, first, last, mode), n_held, mb)
 
 
 # --- the link-load bound ------------------------------------------------------------------

@@ -7,7 +7,11 @@ sit in the smallest domain that can hold them whenever the block is aligned, and
 the search prefers aligned blocks because the all-reduce of a misaligned one
 crosses a slower link. The stage costs are exactly ``planner.costmodel``'s, so
 the value the search returns is the bottleneck ``costmodel.evaluate`` reports for
-the plan it builds.
+the plan it builds. Every stage's memory is the cost model's, from the same counts
+(``costmodel.stage_counts``) and bytes (``costmodel.stage_bytes``), read from the
+family's traits; a family whose stages hold activations until BW up to a cap set by
+the whole pipeline's 1F1B depth L₀ (ZB-H1, ZB-H2) is solved once per L₀ unless a
+lower bound already settles it (``_solve_n``).
 
 ``solve_flat`` is an exact dynamic programme over (first layer, first device) for
 every candidate N (all N when the topology has at most ``EXACT_DEVICES``
@@ -38,10 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, inflight, stage_input_bytes, update_interval,
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, holds_until_weight_grad, stage_bytes, stage_counts,
+                               stage_input_bytes, static_bytes, static_bytes_per_param_byte, update_interval,
                                weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
+from planner.program import FAMILY
 from planner.recompute import layer_extra_forward_s, layer_kept_bytes, layer_rebuilt_bytes
 
 #: Up to this many devices, every device count N is searched (the exact regime).
@@ -163,14 +169,14 @@ class _Tables:
     def key(self, pb: Problem, objective: str) -> bytes:
         """A digest of everything ``_solve_n`` reads for a search over all of these tables' devices.
 
-        Layer tables, the options the stage costs use (overlap, recomputation, optimizer state), the
-        schedule family and microbatch count (PipeDream's stage costs do not use M), the objective, and
+        Layer tables, the options the stage costs use (overlap, recomputation, optimizer state, ZeRO stage),
+        the schedule family and microbatch count (PipeDream's stage costs do not use M), the objective, and
         the device tables. ``memory_limit_bytes`` is in ``mlim``; device names are not read.
         """
         opt = pb.options
-        M = None if pb.family == "pipedream" else pb.microbatches
-        return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, self.L,
-                       self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
+        M = pb.microbatches if reads_microbatches(pb.family) else None
+        return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
+                       self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
     def cut(self, j, k):
@@ -218,8 +224,28 @@ class PartitionCache:
         self.extended = 0
 
 
-def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
-    """Time and memory of the stage layers [i, j) on devices [k0, k) (broadcast arrays), as the cost model has them."""
+def reads_microbatches(family: str) -> bool:
+    """Whether a stage's figures read the microbatch count M: a batched family's do (one update per batch, replicas
+    ≤ M, in flight within the batch); a stream's (PipeDream: M is the stream's length) read only its replicas."""
+    fam = FAMILY[family]
+    return fam.batched or fam.inflight == "batch" or holds_until_weight_grad(family)
+
+
+def hierarchical_reads(family: str, microbatches: int) -> tuple:
+    """What ``solve_hierarchical`` reads of a family and M: its update interval rule and its weight versions at the
+    fewest in flight (one microbatch), so two families with the same tuple get the same hierarchical answer."""
+    batched = FAMILY[family].batched
+    return batched, weight_versions(family, 1), microbatches if batched else None
+
+
+def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray,
+                  limit0: int | None):
+    """Time and memory of the stage layers [i, j) on devices [k0, k) (broadcast arrays), as the cost model has them.
+
+    ``limit0`` is the pipeline's 1F1B depth L₀ the pass assumes (``costmodel.stage_counts``); a family whose stages
+    hold activations until BW (``costmodel.holds_until_weight_grad``) is charged at it, and a stage deeper than it
+    (⌈(N − k0) / replicas⌉ > L₀) is left out of the pass. None: each stage at its own depth, the least any
+    partition holding it can charge it (the lower bound ``_solve_n`` tries first)."""
     opt, fam, M = pb.options, pb.family, pb.microbatches
     r = k - k0
     rr = np.maximum(r, 1)
@@ -227,42 +253,95 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     params = tb.params[j] - tb.params[i]
     n = k - k0
     ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * params / tb.ar_bw[k0, k]
-    U = rr if fam == "pipedream" else M
-    ar = np.where(r > 1, ar_full / U, 0.0)
+    ar = np.where(r > 1, ar_full / update_interval(fam, M, rr), 0.0)
     cin = tb.cut(i, k0) if i > 0 else 0.0
     cout = tb.cut(j, k)
     comm = (cin + cout) / rr
     t = np.maximum(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
-    # memory
+    # memory: the cost model's counts and bytes (planner.costmodel.stage_counts, stage_bytes)
     after = N - k0
-    per_rep = -(-M // rr)
     lim = -(-after // rr)
-    if fam == "gpipe":
-        nin = per_rep
-    elif fam in ("pipedream", "2bw"):
-        nin = lim
-    else:
-        nin = np.minimum(lim, per_rep)
-    if fam == "pipedream":
-        versions = np.maximum(1, nin)
-    else:
-        versions = 2 if fam == "2bw" else 1
-    static = params * (versions + 1.0 + tb.opt_state)
-    act = nin * (tb.kept[j] - tb.kept[i]) + tb.rebuilt[i, j]
+    held, versions = stage_counts(fam, M, after, rr, lim if limit0 is None else limit0)
+    mem = stage_bytes(static_bytes(params, versions, rr, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held)
     ok = _schedulable(fam, M, r, lim)
-    return np.where(ok, t, math.inf), np.where(ok, static + act, math.inf), tb.mlim[k0, k]
+    if limit0 is not None and holds_until_weight_grad(fam):
+        ok = ok & (lim <= limit0)
+    return np.where(ok, t, math.inf), np.where(ok, mem, math.inf), tb.mlim[k0, k]
 
 
 def _schedulable(family: str, M: int, replicas, limit):
-    """What planner.schedules accepts over many batches: replicas ≤ M (except PipeDream); 2BW needs M ≥ the
-    in-flight depth, and from the third batch on ⌊M / replicas⌋ ≥ that depth less one (``REQUIRES['2bw']``)."""
-    ok = (replicas <= M) | (family == "pipedream")
-    if family == "2bw":
+    """What planner.schedules accepts over many batches: replicas ≤ M (a batched family); a stale-version family (2BW)
+    needs M ≥ the in-flight depth, and from the third batch on ⌊M / replicas⌋ ≥ that depth less one
+    (``REQUIRES['2bw']``: batch b + 2 runs on batch b's step)."""
+    fam = FAMILY[family]
+    ok = (replicas <= M) | (not fam.batched)
+    if fam.versions == "stale":
         ok = ok & (limit <= M) & (M // replicas >= limit - 1)
     return ok
 
 
+def _depths(pb: Problem, N: int) -> list[int]:
+    """The 1F1B depths L₀ the programme runs a pass at over N devices, shallowest first.
+
+    A family whose stage memory does not read L₀ needs one pass (any L₀: N). ZB-H1 and ZB-H2 hold
+    min(cap(L₀), ⌈M / r⌉) on every stage (cap = ``open_cap_at``), so each L₀ gets a pass admitting only the stages
+    no deeper than it, charged at cap(L₀): a partition is charged exactly in the pass at its own L₀ and more in the
+    later ones, so the first pass reaching the best value answers exactly. Once cap(L₀) ≥ M every deeper L₀
+    charges the same, and the pass at N stands for them all.
+    """
+    if not holds_until_weight_grad(pb.family):
+        return [N]
+    fam = FAMILY[pb.family]
+    out = []
+    for limit0 in range(1, N + 1):
+        out.append(limit0)
+        if fam.open_cap_at(limit0) >= pb.microbatches:
+            break
+    out[-1] = N
+    return out
+
+
+def pipeline_depth(stages: tuple[tuple[int, int, tuple[int, ...]], ...], N: int) -> int:
+    """L₀ of a partition over N devices: the largest ⌈workers at or after a stage / its replicas⌉ (1F1B's peak)."""
+    return max(-(-(N - idx[0]) // len(idx)) for _a, _b, idx in stages)
+
+
+def stage_memory(pb: Problem, topology, stages: tuple[tuple[int, int, tuple[int, ...]], ...]) -> list[float]:
+    """The bytes the search charges each stage of a partition (``Partition.stages``, device blocks of placement order,
+    on the first N devices it names): what it compares with the limit, at the partition's own L₀."""
+    N = max(idx[-1] for _a, _b, idx in stages) + 1
+    tb = _Tables(pb, topology).prefix(N)
+    limit0 = pipeline_depth(stages, N)
+    return [float(_stage_arrays(tb, pb, N, a, np.array(idx[0]), np.array(b + 1), np.array(idx[-1] + 1), limit0)[1])
+            for a, b, idx in stages]
+
+
 def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | None:
+    """The best partition over N devices: one pass per 1F1B depth the family's memory reads (``_depths``).
+
+    A family that reads it first runs the lower bound (every stage charged at its own depth): when its answer,
+    charged at its own L₀, still fits (time) or still peaks at the bound (memory), no partition does better and
+    that is the answer; otherwise the passes settle it.
+    """
+    if not holds_until_weight_grad(pb.family):
+        return _solve_pass(tb, pb, N, objective, N)
+    low = _solve_pass(tb, pb, N, objective, None)
+    if low is None:
+        return None
+    exact = [_stage_arrays(tb, pb, N, a, np.array(idx[0]), np.array(b + 1), np.array(idx[-1] + 1),
+                           pipeline_depth(low.stages, N))[1:] for a, b, idx in low.stages]
+    if (max(float(m) for m, _lim in exact) <= low.value if objective == "memory"
+            else all(m <= lim * (1 + 1e-9) for m, lim in exact)):
+        return low
+    best = None
+    for limit0 in _depths(pb, N):
+        sol = _solve_pass(tb, pb, N, objective, limit0)
+        if sol is not None and (best is None or sol.value < best.value * (1 - 1e-12)):
+            best = sol
+    return best
+
+
+def _solve_pass(tb: _Tables, pb: Problem, N: int, objective: str, limit0: int) -> Partition | None:
     L = tb.L
     inf = math.inf
     f = np.full((L + 1, N + 1), inf)
@@ -279,7 +358,7 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
         K0, J, K = k0s[:, None, None], js[None, :, None], ks[None, None, :]
         valid = K > K0
         Kc = np.where(valid, K, np.minimum(K0 + 1, N))
-        t, mem, lim = _stage_arrays(tb, pb, N, i, K0, J, Kc)
+        t, mem, lim = _stage_arrays(tb, pb, N, i, K0, J, Kc, limit0)
         if objective == "memory":
             stage_val = mem
         else:
@@ -391,24 +470,26 @@ def brute_force(pb: Problem, topology, objective: str = "time", counts: list[int
         memo: dict = {}
         sub = tb.prefix(N)
 
-        def cost(i, j, k0, k):
-            key = (i, j, k0, k)
+        def cost(i, j, k0, k, limit0):
+            key = (i, j, k0, k, limit0)
             if key not in memo:
-                t, mem, lim = _stage_scalar(sub, pb, N, i, j, k0, k)
+                t, mem, lim = _stage_scalar(sub, pb, N, i, j, k0, k, limit0)
                 memo[key] = mem if objective == "memory" else (t if mem <= lim * (1 + 1e-9) else math.inf)
             return memo[key]
 
         for P in range(1, min(L, N) + 1):
             for lay in _compositions(L, P):
                 for dev in _compositions(N, P):
-                    v = max(cost(a, b, c, d) for (a, b), (c, d) in zip(lay, dev))
+                    limit0 = max(-(-(N - c) // (d - c)) for c, d in dev)  # this partition's own 1F1B depth
+                    v = max(cost(a, b, c, d, limit0) for (a, b), (c, d) in zip(lay, dev))
                     if v < math.inf and (best is None or v < best.value * (1 - 1e-12)):
                         best = Partition(v, tuple((a, b - 1, tuple(range(c, d))) for (a, b), (c, d) in zip(lay, dev)), N)
     return best
 
 
-def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: int):
-    """The same stage figures as ``_stage_arrays``, written out in scalars for the reference."""
+def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: int, limit0: int):
+    """The same stage figures as ``_stage_arrays``, written out in scalars for the reference (``limit0``: the whole
+    partition's 1F1B depth, not a pass's bound)."""
     opt, fam, M = pb.options, pb.family, pb.microbatches
     r = k - k0
     compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / r
@@ -417,12 +498,11 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     cin = float(tb.cut(i, k0)) if i > 0 else 0.0
     comm = (cin + float(tb.cut(j, k))) / r
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
-    nin = inflight(fam, M, N - k0, r)
-    static = params * (weight_versions(fam, nin) + 1.0 + tb.opt_state)
-    act = nin * (tb.kept[j] - tb.kept[i]) + tb.rebuilt[i, j]
+    held, versions = stage_counts(fam, M, N - k0, r, limit0)
+    mem = float(stage_bytes(static_bytes(params, versions, r, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held))
     if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
         return math.inf, math.inf, tb.mlim[k0, k]
-    return t, static + act, tb.mlim[k0, k]
+    return t, mem, tb.mlim[k0, k]
 
 
 # --- equal-work split (interleaved chunks) ---------------------------------------------------
@@ -609,8 +689,9 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
     bb = np.array([prof.boundary_bytes(bounds[x] - 1) * prof.microbatch_size if 0 < x < B else 0.0 for x in range(B + 1)])
     speed = min(topology.device(d).speed for d in devs)
     memlim = opt.memory_limit_bytes if opt.memory_limit_bytes is not None else min(topology.device(d).memory_bytes for d in devs)
-    versions = 2 if pb.family == "2bw" else 1
-    static_per_param = versions + 1.0 + OPTIMIZER_STATE[opt.optimizer]
+    # the static bytes at the fewest weight versions the family keeps (PipeDream: one per in-flight minibatch, at
+    # least one): a lower bound, as activations are, which the cost model checks on the plan afterwards
+    static_per_param = static_bytes_per_param_byte(weight_versions(pb.family, 1), opt.optimizer)
     levels = []
     unit = 1
     for count, _bw in topology.levels():
@@ -641,8 +722,7 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
         single = np.full((B + 1, B + 1, C + 1), inf)
         for m in range(1, C + 1):
             base = rng_work / speed if prev_full is None else prev_full
-            U = m if pb.family == "pipedream" else M
-            ar = (lv.ar_lat[m] + 2 * (m - 1) / m * rng_params / lv.ar_bw[m]) / U if m > 1 else 0.0
+            ar = (lv.ar_lat[m] + 2 * (m - 1) / m * rng_params / lv.ar_bw[m]) / update_interval(pb.family, M, m) if m > 1 else 0.0
             single[:, :, m] = np.where(valid, base / m + ar, inf)
             if prev_full is None:
                 single[:, :, m] = np.where(fits_static, single[:, :, m], inf)

@@ -349,10 +349,11 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
     if stages is not None:
         ranges = part.split_even(prof, stages, pcache)
         return [Plan(model=name, stages=tuple(StagePlan(a, b, 1, (devs[x],)) for x, (a, b) in enumerate(ranges)), **kw)]
-    # the 1F1B-like families share one search; PipeDream's does not depend on M
-    key = ("pipedream",) if fam == "pipedream" else ("1f1b" if fam in ("zb-h1", "zb-h2") else fam, M)
-    if D > part.FLAT_MAX_DEVICES and fam in ("1f1b", "zb-h1", "zb-h2", "gpipe"):
-        key = ("hier-flush", M)  # the hierarchical search sees only weights, not activations
+    # each family's own flat search (its stages hold what the cost model says they hold), across M when the stage
+    # figures do not read it (PipeDream); the hierarchical search reads less of a family, so families share it
+    key = (fam, M if part.reads_microbatches(fam) else None)
+    if D > part.FLAT_MAX_DEVICES:
+        key = ("hier", *part.hierarchical_reads(fam, M))
     if key not in cache:
         if D > part.FLAT_MAX_DEVICES:
             sol = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology, cache=pcache)
@@ -372,7 +373,7 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
         if bounds is not None:
             sol = part.Partition(sol.value, tuple((bounds[a], bounds[b + 1] - 1, idx) for a, b, idx in sol.stages), sol.devices_used)
         sp = tuple(StagePlan(a, b, len(idx), tuple(devs[x] for x in idx)) for a, b, idx in sol.stages)
-        if fam != "pipedream" and max(s.replicas for s in sp) > M:
+        if FAMILY[fam].batched and max(s.replicas for s in sp) > M:
             continue
         out.append(Plan(model=name, stages=sp, **kw))
     out += _regular_plans(fam, M, prof, topology, devs, name, kw, cache, pcache)
@@ -440,7 +441,7 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
     splits = cache[("split",)]
     out = []
     for P, r in cache[key]:
-        if fam != "pipedream" and r > M:
+        if FAMILY[fam].batched and r > M:
             continue
         if P not in splits:
             splits[P] = part.split_even(prof, P, pcache)

@@ -427,8 +427,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         dp_group = list(st.devices[::T])  # TP rank 0's replicas; every TP rank's group all-reduces at the same time,
         # so where the groups cross servers the T rings share each server's links: T times the bytes on them
         shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
-        moved = collective_bytes(params) if options.zero_stage else params  # ZeRO: 16-bit reduce-scatter + all-gather
-        ar = topology.ring_allreduce_time_s(dp_group, moved * shared) / update_interval(fam, M, r) if r > 1 else 0.0
+        ar = (topology.ring_allreduce_time_s(dp_group, allreduce_bytes(params, options.zero_stage) * shared)
+              / update_interval(fam, M, r) if r > 1 else 0.0)
         if options.zero_stage == 3 and r > 1:  # FSDP: the collectives run inside the passes (planner.sharding)
             compute = fsdp_passes_s(prof, *st.layers, options, topology, dp_group, speed, FAMILY[fam].backward) / r
             ar = 0.0
@@ -545,6 +545,15 @@ def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, t
         return 0.0
     return sum(tp_allreduces(l, recompute) * topology.ring_allreduce_time_s(list(group), l.tp_allreduce_bytes * mb)
                for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
+
+
+def allreduce_bytes(params, zero_stage: int):
+    """What a stage's all-reduce point moves for ``params`` profile bytes (numbers or arrays): the bytes
+    themselves (stage 0), their 16-bit tensor as a reduce-scatter + all-gather (1, 2: the same ring bytes
+    as an all-reduce of it), nothing at stage 3 (its collectives run inside the passes: ``fsdp_passes_s``)."""
+    if zero_stage == 0:
+        return params
+    return collective_bytes(params) if zero_stage < 3 else params * 0.0
 
 
 def _pass_kinds(backward: str) -> tuple[str, ...]:

@@ -19,9 +19,11 @@ on PATH (so ``pipetwin`` and ``python`` are the venv's; its editable install run
 earlier ones wrote (``plan -o out/plan.json`` then ``simulate --plan out/plan.json``), as a reader
 following the README would. A ``../NAME`` path a command names is linked beside the copy to this
 tree's ``../NAME`` (the shared data folder). Nothing is written to this tree; the copy is deleted
-afterwards unless ``--keep``.
+afterwards unless ``--keep``. ``--fresh`` links no ``.venv``: the copy is a fresh clone, ``make demo``
+(the README's first command; ``--fresh`` implies ``--all``) builds its own venv, and the commands after it
+use that one — the README's promise that its two commands work on a fresh machine.
 
-Run: ``.venv/bin/python benchmarks/check_readme.py [--all] [--timeout S] [--only TEXT] [--list]``.
+Run: ``.venv/bin/python benchmarks/check_readme.py [--all] [--fresh] [--timeout S] [--only TEXT] [--list]``.
 Exit status: 0 when every command run exited 0, 1 when any failed or timed out, 2 on bad input.
 """
 from __future__ import annotations
@@ -153,6 +155,8 @@ def _commands_of(block: list[tuple[int, str]], include_setup: bool) -> list[Comm
             skip = comment
         elif code in SETUP_COMMANDS and not include_setup:
             skip = "set-up command (--all runs it)"
+        elif "check_readme.py" in code:
+            skip = "this script (it would run itself)"
         out.append(Command(number, code, comment, skip))
     return out
 
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the Markdown file (README.md)")
     parser.add_argument("--all", action="store_true", help="also run `make demo` and `make test`")
+    parser.add_argument("--fresh", action="store_true",
+                        help="no venv linked into the copy: make demo builds one there, as on a fresh clone (implies --all)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per command (600)")
     parser.add_argument("--only", action="append", default=[],
                         help="only the commands containing this text (repeatable)")
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.timeout > 0:
         print(f"error: --timeout must be a positive number of seconds, not {args.timeout:g}", file=sys.stderr)
         return 2
-    commands = extract_commands(args.readme.read_text(), include_setup=args.all)
+    commands = extract_commands(args.readme.read_text(), include_setup=args.all or args.fresh)
     if args.only:
         commands = [c for c in commands if any(t in c.text for t in args.only)]
     if args.list:
@@ -260,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     source = ROOT  # the tree the commands run in: this script's, whichever Markdown file lists them
     venv_bin = source / ".venv" / "bin"
-    if not (venv_bin / "pipetwin").exists():
+    if not args.fresh and not (venv_bin / "pipetwin").exists():
         print(f"error: no {venv_bin / 'pipetwin'}; run `make venv` in {source} first", file=sys.stderr)
         return 2
     stamp, pyproject = source / ".venv" / ".installed", source / "pyproject.toml"
-    if stamp.exists() and pyproject.exists() and stamp.stat().st_mtime < pyproject.stat().st_mtime:
+    if not args.fresh and stamp.exists() and pyproject.exists() and stamp.stat().st_mtime < pyproject.stat().st_mtime:
         # make would reinstall into the linked venv, pointing its editable install at the temporary copy
         print(f"error: {stamp} is older than pyproject.toml; run `make venv` in {source} first", file=sys.stderr)
         return 2
@@ -273,12 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     try:
         _copy_tree(source, copy)
-        (copy / ".venv").symlink_to(source / ".venv")
+        venv = copy / ".venv" if args.fresh else source / ".venv"
+        if not args.fresh:
+            (copy / ".venv").symlink_to(venv)
         _link_parents(commands, source, copy)
         logs = temp / "logs"
         logs.mkdir()
-        env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-                   VIRTUAL_ENV=str(source / ".venv"), MPLBACKEND="Agg")
+        env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+                   VIRTUAL_ENV=str(venv), MPLBACKEND="Agg")
         env.pop("PYTHONPATH", None)
         for c in commands:
             if c.skip:

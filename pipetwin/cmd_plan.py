@@ -14,7 +14,6 @@ from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_reco
 from pipetwin.errors import UserError
 
 #: Where PipeDream's shipped profiles live, relative to the repository root.
-PIPEDREAM_PROFILES = Path("..") / "shared" / "data" / "pipedream_profiles"
 
 
 def register(sub) -> None:
@@ -124,14 +123,23 @@ def run(args) -> int:
 
 
 # --- model names -----------------------------------------------------------------------------
-def pipedream_profile_names(root: Path | None = None) -> list[str]:
-    """PipeDream profile names available next to the repository (``../shared/data/pipedream_profiles``)."""
-    d = _profiles_dir(root)
-    return sorted(p.name[: -len(".graph.txt")] for p in d.glob("*.graph.txt")) if d.is_dir() else []
+def pipedream_profile_names() -> list[str]:
+    """PipeDream profile names on disk (where ``planner.analytic.pipedream_profiles_dir`` says: the folder
+    $PIPETWIN_PIPEDREAM_PROFILES names, else ``../shared/data/pipedream_profiles`` beside the repository)."""
+    from planner.analytic import pipedream_profiles_dir
+
+    d = pipedream_profiles_dir()
+    return sorted(p.name[: -len(".graph.txt")] for p in d.glob("*.graph.txt")) if d else []
 
 
-def _profiles_dir(root: Path | None = None) -> Path:
-    return ((root or Path(__file__).resolve().parents[1]) / PIPEDREAM_PROFILES).resolve()
+def _pipedream_graph(spec: str) -> Path | None:
+    """The graph.txt PipeDream's profile name ``spec`` names, None where it is not on disk (or ``spec`` is no name)."""
+    from planner.analytic import pipedream_profiles_dir
+
+    d = pipedream_profiles_dir()
+    if d is None or spec.startswith("uniform") or Path(spec).exists() or not (d / f"{spec}.graph.txt").is_file():
+        return None
+    return d / f"{spec}.graph.txt"
 
 
 def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False,
@@ -145,10 +153,9 @@ def resolve_model(spec: str, raw: bool = False, tensor_parallel: int = 1, sequen
     ``calibration`` (``--device-calibration``) times an analytic transformer by
     its efficiency model at ``microbatch_size`` (which is ignored without one).
     """
-    if raw and not spec.startswith("uniform") and not Path(spec).exists():
-        candidate = _profiles_dir() / f"{spec}.graph.txt"
-        if candidate.exists():
-            return read_pipedream_graph(candidate, name=spec)
+    graph = _pipedream_graph(spec) if raw else None
+    if graph is not None:
+        return read_pipedream_graph(graph, name=spec)
     from planner.analytic import ModelSpecError, load_model
 
     try:
@@ -205,7 +212,8 @@ def _run_pipedream(args, spec: str, profile: ModelProfile) -> int:
     from planner.analytic import PIPEDREAM_BATCH
     from planner.pipedream import optimize_pipedream, to_plan
 
-    known = PIPEDREAM_BATCH.get(spec)
+    # the profiled batch only where the graph.txt was read; without it the name is an analytic per-sample profile
+    known = PIPEDREAM_BATCH.get(spec) if _pipedream_graph(spec) is not None else None
     if args.microbatch_size is not None and known is not None and args.microbatch_size != known:
         raise UserError(f"the PipeDream model costs {spec}'s profiled minibatch of {known} samples; "
                         f"drop --microbatch-size or give {known}")

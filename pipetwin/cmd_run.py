@@ -60,6 +60,24 @@ def _given(args, names) -> list[str]:
     return [f"--{k.replace('_', '-')}" for k in names if getattr(args, k, None) not in (None, False)]
 
 
+def _runnable_model(model: str) -> str:
+    """The model a plan names, or where it names a profile JSON (`plan --model out/profile.json`), the model that
+    `pipetwin profile` measured into it: the executor builds that one, the file holds only its costs."""
+    from pathlib import Path
+
+    from executor.models import ModelSpecError, num_layers
+    from planner.profile import ProfileError, load_profile
+
+    if not model.endswith(".json") or not Path(model).is_file():
+        return model
+    try:
+        name = load_profile(model).name
+        num_layers(name)
+    except (ProfileError, ModelSpecError, ValueError, KeyError, TypeError):
+        return model  # not a runnable model's profile: the executor says the plan's model is unknown, as before
+    return name
+
+
 def _plan_for(args):
     """The plan to run: the --plan file (with --lr, --recompute, --sequence-parallel applied), or the model
     split evenly by the shape flags."""
@@ -75,6 +93,7 @@ def _plan_for(args):
             raise UserError(f"--plan brings its own shape; drop {', '.join(given)} (or drop --plan and give "
                             f"--model and --pp)")
         plan = Plan.load(args.plan)
+        plan = replace(plan, model=_runnable_model(plan.model))
         if args.lr is not None:
             plan = replace(plan, lr=args.lr)
         if args.recompute is not None:

@@ -294,7 +294,7 @@ def _check_update_points(p: Program) -> None:
         owed: dict[tuple[int, int], int] = {}  # (stage, round) -> index of the last action that owes it
         for idx, a in enumerate(p[w]):
             if a.kind in (Kind.B, Kind.BW):
-                owed[(a.stage, _round_of(p, a))] = idx
+                owed[(a.stage, p.round_of(a.stage, a.mb))] = idx
             elif a.kind is Kind.ALLREDUCE:
                 owed[(a.stage, a.mb)] = idx
         done: set[tuple[int, int]] = set()
@@ -326,11 +326,6 @@ def _check_update_points(p: Program) -> None:
                 what = f"batch {k} on w{w}" if p.spec.traits.batched else f"round {k} on w{w} (a stream steps after every backward)"
                 raise ProgramError(f"stage {s} never steps for {what}: its weights would miss that update; "
                                    f"add {Action(s, Kind.STEP, k, version=k + 1)} after this action", p, w, idx)
-
-
-def _round_of(p: Program, a: Action) -> int:
-    """The update point a weight-gradient action belongs to: its batch, or PipeDream's round (minibatch k·R + r: k)."""
-    return p.spec.batch_of(a.mb) if p.spec.traits.batched else a.mb // len(p.stage_workers[a.stage])
 
 
 def _round_microbatches(p: Program, stage: int, k: int, w: int) -> list[int]:

@@ -543,6 +543,14 @@ class Program:
     def replica_count(self, stage: int) -> int:
         return len(self.stage_workers[stage]) // self.tensor_parallel
 
+    def round_of(self, stage: int, mb: int) -> int:
+        """The optimizer round (update point) a weight gradient of microbatch ``mb`` on ``stage`` joins: its batch
+        (``Family.batched``), or in a stream of minibatches (PipeDream) k for minibatch k·R + r, replica r of R.
+        The one rule the check, the simulator's memory and the executor's accumulation count rounds by."""
+        if self.spec.traits.batched:
+            return self.spec.batch_of(mb)
+        return mb // self.replica_count(stage)
+
     def worker_of(self, stage: int, mb: int, tp_rank: int = 0) -> int:
         """Round robin: microbatch ``mb`` of ``stage`` runs on replica ``mb mod r`` (its TP rank ``tp_rank``)."""
         ws = self.replica_workers(stage, tp_rank)

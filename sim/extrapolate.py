@@ -33,8 +33,8 @@ __all__ = ["figures", "long_run_figures", "extrapolation_pair", "flush_extrapola
 
 #: Flush schedules whose one-batch figures are affine in the microbatch count once the pipeline is full.
 AFFINE_FAMILIES = ("gpipe", "1f1b", "zb-h1", "interleaved")
-#: Streams: no flush, so the steady state runs from the fill to the drain.
-STREAM_FAMILIES = ("2bw", "pipedream")
+#: Streams (``Family.stream``: no flush), so the steady state runs from the fill to the drain.
+STREAM_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.stream)
 #: Steady blocks a stream's short run measures its period over.
 _SPLICE_BLOCKS = 2
 #: Block lengths tried, in periods of the round-robin (contention can make a stream repeat only every

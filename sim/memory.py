@@ -71,12 +71,9 @@ class StageBytes(NamedTuple):
 
 
 def round_function(program: Program) -> Callable[[int, int], int]:
-    """``round_of(stage, mb)``: the optimizer round a backward's gradient joins, as the executor counts rounds."""
-    if not program.spec.traits.batched:  # a stream of minibatches (PipeDream): a replica's k-th minibatch
-        reps = [program.replica_count(s) for s in range(len(program.stage_workers))]
-        return lambda stage, mb: mb // reps[stage]
-    m = program.spec.microbatches  # a batch
-    return lambda stage, mb: mb // m
+    """``round_of(stage, mb)``: the optimizer round a backward's gradient joins (``Program.round_of``, the rule
+    the executor counts rounds by)."""
+    return program.round_of
 
 
 def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch_size: int,

@@ -43,6 +43,7 @@ python = 3   # python code, not shell
 
 ~~~bash
 $ python -m validation.groundtruth_cv ../shared/data
+python benchmarks/check_readme.py --list
 ~~~
 """
 
@@ -59,6 +60,7 @@ def test_commands_are_found_in_order_with_their_first_line():
         (18, 'pipetwin echo "a # b"'),
         (19, "torchrun --nnodes 2 -m executor.worker plan.json"),
         (27, "python -m validation.groundtruth_cv ../shared/data"),
+        (28, "python benchmarks/check_readme.py --list"),
     ]
 
 
@@ -70,6 +72,7 @@ def test_needs_comments_and_setup_commands_are_skipped_with_their_reason():
     assert skips["torchrun --nnodes"] == "Needs two machines"
     assert skips["pipetwin echo"] == ""  # 'needs' not at the start of the comment
     assert skips["pipetwin plan"] == ""
+    assert skips["python benchmarks/check_readme.py"].startswith("this script")  # never runs itself
     with_setup = {c.text: c.skip for c in check_readme.extract_commands(README, include_setup=True)}
     assert with_setup["make demo"] == "" and with_setup["make test"] == ""
 

@@ -79,3 +79,22 @@ def test_a_malformed_program_document_names_the_field_in_one_line(mutate, names)
     msg = str(e.value)
     assert names in msg and "expected" in msg and "\n" not in msg, msg
     assert "subscriptable" not in msg and "valid Kind" not in msg and "object" not in msg.split("expected")[0]
+
+
+@pytest.mark.parametrize("family,R,batches", [("pipedream", 1, 1), ("pipedream", 2, 1), ("pipedream", 3, 1),
+                                              ("1f1b", 2, 2), ("gpipe", 1, 3), ("2bw", 2, 3), ("zb-h1", 1, 2)])
+def test_a_weight_gradients_round_is_the_step_that_follows_it_on_its_worker(family, R, batches):
+    """Program.round_of, the one round rule, against the program itself: every B or BW of a stage on a worker
+    joins the round of that stage's next STEP there (a batch; PipeDream: the replica's k-th minibatch, round k)."""
+    prog = generate(make_spec(family, 2, 6, replicas=(R, R), batches=batches))
+    checked = 0
+    for w in prog.workers:
+        pending: dict[int, list] = {}
+        for a in prog[w]:
+            if a.kind in (Kind.B, Kind.BW):
+                pending.setdefault(a.stage, []).append(a)
+            elif a.kind is Kind.STEP:
+                for b in pending.pop(a.stage, []):
+                    assert prog.round_of(b.stage, b.mb) == a.mb, (w, b, a)
+                    checked += 1
+    assert checked == 2 * prog.spec.total_microbatches  # every weight gradient of both stages was checked

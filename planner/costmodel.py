@@ -292,8 +292,23 @@ def held_until_weight_grad(family: str, microbatches, inflight_count, limit0: in
     if not holds_until_weight_grad(family):
         return inflight_count
     fam = FAMILY[family]
-    cap = fam.open_cap_at(limit0) if np.ndim(limit0) == 0 else np.vectorize(fam.open_cap_at, otypes=[int])(limit0)
+    if np.ndim(limit0) == 0:
+        cap = fam.open_cap_at(limit0)
+    else:  # the registry's count at every depth up to the deepest asked, looked up
+        cap = np.array([fam.open_cap_at(x) for x in range(int(np.max(limit0)) + 1)])[limit0]
     return np.maximum(inflight_count, np.minimum(cap, -(-microbatches // replicas)))
+
+
+def deepest_limit0(family: str, microbatches, inflight_count, replicas, max_held, deepest: int):
+    """The inverse of ``held_until_weight_grad`` in L₀: the largest 1F1B depth L₀ ≤ ``deepest`` at which a stage
+    holds at most ``max_held`` microbatches (the count is non-decreasing in L₀); 0 when none does, ``deepest`` when
+    the family's count does not read L₀ and fits. Elementwise over arrays (``max_held`` may be fractional or inf)."""
+    fits = inflight_count <= max_held
+    if not holds_until_weight_grad(family):
+        return np.where(fits, deepest, 0)
+    caps = np.array([FAMILY[family].open_cap_at(x) for x in range(1, deepest + 1)])
+    within = np.searchsorted(caps, np.floor(max_held), side="right")  # how many L₀ in 1..deepest keep cap ≤ max_held
+    return np.where(fits, np.where(-(-microbatches // replicas) <= max_held, deepest, within), 0)
 
 
 def weight_versions(family: str, inflight_count):

@@ -54,14 +54,15 @@ def tensor_group(program: Program, rank: int):
     return mine
 
 
-def all_reduce(t: torch.Tensor, group, staged: bool) -> None:
-    """Sum ``t`` in place over ``group``; ``staged``: through a host copy (gloo on a GPU)."""
+def all_reduce(t: torch.Tensor, group, staged: bool, op=dist.ReduceOp.SUM) -> None:
+    """Sum ``t`` in place over ``group`` (or reduce it by ``op``: the maximum); ``staged``: through a host copy
+    (gloo on a GPU)."""
     if staged:
         host = t.to("cpu")
-        dist.all_reduce(host, group=group)
+        dist.all_reduce(host, op=op, group=group)
         t.copy_(host)
     else:
-        dist.all_reduce(t, group=group)
+        dist.all_reduce(t, op=op, group=group)
 
 
 def all_gather_dim(t: torch.Tensor, dim: int, group, size: int, staged: bool) -> torch.Tensor:

@@ -293,8 +293,12 @@ class GroupedQueryAttention(nn.Module):
     The QKV projection's output rows are grouped by key/value head (Megatron's layout): for each of the
     ``kv_heads`` groups, its ``heads/kv_heads`` query heads, then its key head, then its value head. A
     contiguous run of rows is so a whole number of groups, which is what tensor parallelism gives each rank.
-    ``recompute_core``: the attention core is recomputed in backward (selective recomputation).
+    ``recompute_core``: the attention core is recomputed in backward. Selective recomputation leaves it off
+    (``fused_core``): SDPA's fused kernels keep no scores and recompute them in their own backward, so there is
+    nothing to drop — ``planner.analytic``'s flash attention, which the llama family defaults to.
     """
+
+    fused_core = True
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
         super().__init__()

@@ -10,7 +10,9 @@
 * ``"selective"``: only the attention core of each transformer block (QKᵀ,
   mask, softmax, attention over V) is recomputed: it keeps its query, key and
   value (one storage, the QKV projection's output) instead of the scores and
-  probabilities. Other layers keep what they always keep.
+  probabilities. Other layers keep what they always keep. A fused core
+  (``fused_core``: the llama block's SDPA, flash attention) keeps no scores, so
+  selective leaves it as it is, as ``planner.recompute`` charges it nothing.
 
 Both are autograd functions whose kept tensors go through
 ``save_for_backward``, so the runtime's saved-tensor counter
@@ -127,6 +129,6 @@ def apply_recompute(layers: list[nn.Module], mode: str) -> list[nn.Module]:
     elif mode == "selective":
         for layer in layers:
             for sub in layer.modules():
-                if hasattr(sub, "recompute_core"):
+                if hasattr(sub, "recompute_core") and not getattr(sub, "fused_core", False):
                     sub.recompute_core = True
     return layers

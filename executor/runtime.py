@@ -47,7 +47,8 @@ from executor.memory import HeldBytes
 from executor.prepare import DTYPES, Prepared, RunConfig
 from executor.recompute import apply_recompute
 from executor.tensor_parallel import (TPContext, gather_weights, parallelize, reduce_sequence_parallel_grads,
-                                      sequence_parallel_params, shard, shard_specs, skip_from_env)
+                                      sequence_parallel_params, shard, shard_specs, skip_from_env,
+                                      vocab_parallel_loss)
 from executor.timing import CudaActionTimes, warm_up_autograd, warm_up_stage
 from executor.transport import (SWITCH_INTERVAL_S, BufferPool, Receives, Sender, SendFailed, Sends, TransportOptions,
                                 message_tag, p2p_groups)
@@ -118,7 +119,8 @@ class StageWorker:
         self.p2p = p2p_groups(self.nccl)
         for s in self.program.stages_of(self.rank):
             self.stages[s] = self._build_stage(s)
-        self.loss = loss_fn(self.model)
+        # tensor parallelism: the head's logits are this rank's vocabulary slice, and the loss is taken without them
+        self.loss = loss_fn(self.model) if self.tp is None else vocab_parallel_loss(self.model, self.tp)
         self.make_batch = make_batch
         self._exchange_shapes()
         self._prefetch_data()

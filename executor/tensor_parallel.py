@@ -1,4 +1,4 @@
-"""Tensor parallelism for the zoo's ``gpt`` and ``llama`` models: Megatron's column/row-parallel layers, all-reduces.
+"""Tensor parallelism for the zoo's ``gpt`` and ``llama`` models: Megatron's column/row- and vocabulary-parallel layers.
 
 Every TP rank of a stage replica runs the same actions on its shard of the
 stage. In each transformer block (Megatron-LM, Shoeybi et al. 2019):
@@ -22,30 +22,41 @@ The ``llama`` block is split the same way, without biases: its QKV rows are grou
 runs on the rank alone; the SwiGLU's gate and up matrices are column-parallel (rank t: columns
 ``[t·F/T, (t+1)·F/T)`` of each), the product runs on the rank's columns, and down is row-parallel.
 
-Layer norms (RMSNorms), the embedding and the LM head are replicated on every TP rank
-(the embedding and head are not vocabulary-parallel): their inputs and
-output gradients are the same on every rank after the reductions above, so
-their gradients agree without a reduction of their own and the ranks' copies
-stay equal.
+The embedding and the LM head are vocabulary-parallel (Megatron's ``VocabParallelEmbedding`` and
+vocabulary-parallel cross entropy). The vocabulary V is padded to Vp, a multiple of 128·T, as
+``planner.analytic.load_model`` pads it (:func:`vocab_padded`), and TP rank t holds rows
+``[t·Vp/T, (t+1)·Vp/T)`` of the token embedding and of the head (the padding rows start at zero).
+The embedding looks up the ids in the rank's range, zeros the others, and sums the partial
+embeddings over the TP group (forward; the ids need no gradient). The head computes the logits of
+its slice only (column-parallel: ``f`` before it), and the loss is taken without gathering them
+(:class:`_VocabParallelCrossEntropy`: a max all-reduce, a sum-of-exponentials all-reduce and a
+target-logit all-reduce; its backward is local). Padding logits are left out of the softmax, so
+any T trains the V-word model the single-process reference trains (Megatron keeps them in its
+softmax); their rows get no gradient and stay zero. The zoo's GPT head is its own matrix (not tied
+to the embedding), in the reference as here, so there is no tie to keep. Layer norms (RMSNorms) and
+GPT's position embedding are replicated: their inputs and output gradients are the same on every
+rank after the reductions above, so their gradients agree without a reduction of their own.
 
 Sequence parallelism (Korthikanti et al. 2022; ``Plan.sequence_parallel``): between the
 tensor-parallel regions each rank keeps only its 1/T of the sequence. ``f``
 becomes an all-gather along the sequence (backward: reduce-scatter) and ``g``
-a reduce-scatter (backward: all-gather); the embedding's output is split
-along the sequence (backward: all-gather) and the head gathers it back
-(backward: the rank's own part, as every rank computes the same loss). Stage
-boundaries then carry 1/T of the sequence, TP rank t to TP rank t. The block
-norms and the row-parallel biases see only their rank's tokens, so their
-gradients are summed over the TP group once per optimizer step, before it
-(as Megatron does), by :func:`reduce_sequence_parallel_grads`. Weights are built whole from the seed (as the single-process
+a reduce-scatter (backward: all-gather). The llama embedding's partial sums are reduce-scattered
+along the sequence; GPT's are all-reduced, the positions added, and the sum split along the sequence
+(backward: all-gather), as Megatron does where there are position embeddings. The head's norm runs
+on the rank's tokens and its vocabulary-parallel matrix gathers them (backward: reduce-scatter).
+Stage boundaries then carry 1/T of the sequence, TP rank t to TP rank t. The block norms, the
+head's norm and the row-parallel biases see only their rank's tokens, so their gradients are
+summed over the TP group once per optimizer step, before it (as Megatron does), by
+:func:`reduce_sequence_parallel_grads`. Weights are built whole from the seed (as the single-process
 reference builds them) and sliced, so a TP run starts from the reference's
 weights; :func:`unshard` puts a parameter's shards back together for
 checkpoints and the final weights.
 
-``PIPETWIN_TP_FAULT`` (tests use it) skips the forward (``g``: ``forward``)
-or backward (``f``: ``backward``) reductions, or sequence parallelism's
-per-step sum of the norms' and biases' gradients (``sequence-grads``), to
-show that parity checks catch a missing reduction.
+``PIPETWIN_TP_FAULT`` (tests use it) skips the blocks' forward (``g``: ``forward``)
+or backward (``f``: ``backward``) reductions, sequence parallelism's
+per-step sum of the norms' and biases' gradients (``sequence-grads``), the vocabulary-parallel
+embedding's sum (``embedding``), the head's input-gradient sum (``head``) or the cross entropy's
+three reductions (``cross-entropy``), to show that parity checks catch a missing reduction.
 """
 from __future__ import annotations
 
@@ -62,8 +73,11 @@ from executor.errors import ExecutorError
 from executor.models import (GPTBlock, GPTEmbedding, GPTHead, GroupedQueryAttention, LlamaBlock, LlamaEmbedding,
                              LlamaHead, SwiGLU, parse_spec)
 from executor.recompute import attention_core
+from planner.analytic import MEGATRON_VOCAB_MULTIPLE, padded_vocab
 
 TP_FAULT_ENV = "PIPETWIN_TP_FAULT"
+#: What ``PIPETWIN_TP_FAULT`` may skip (see the module docstring).
+TP_FAULTS = ("forward", "backward", "sequence-grads", "embedding", "head", "cross-entropy")
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,7 @@ class TPContext:
         rank: this worker's TP rank t (0..T-1).
         size: T.
         staged: collectives go through host copies (gloo on a GPU).
-        skip: "forward" / "backward" skips that direction's reductions (fault injection; "" normally).
+        skip: the reductions to skip, one of :data:`TP_FAULTS` (fault injection; "" normally).
         sequence: sequence parallelism (see the module docstring).
         compute_only: no collectives at all (``group`` unused): a reduction returns the rank's own partial,
             a gather repeats the rank's part ``size`` times, a reduce-scatter keeps the rank's part, so the
@@ -94,47 +108,55 @@ class TPContext:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """How a parameter is split over T ranks: along ``dim``, in ``blocks`` equal blocks (QKV: 3), each split T ways."""
+    """How a parameter is split over T ranks: along ``dim``, in ``blocks`` equal blocks (QKV: 3), each split T ways.
+
+    ``padded`` > 0 (the vocabulary): the whole parameter, ``length`` long along ``dim``, is padded with zeros to
+    ``padded`` before it is split, and cut back to ``length`` when it is put back together.
+    """
 
     dim: int
     blocks: int = 1
+    length: int = 0
+    padded: int = 0
 
 
-def _all_reduce(t: Tensor, tp: TPContext) -> Tensor:
+def _all_reduce(t: Tensor, tp: TPContext, op=dist.ReduceOp.SUM) -> Tensor:
     if not tp.compute_only:
-        all_reduce(t, tp.group, tp.staged)
+        all_reduce(t, tp.group, tp.staged, op)
     return t
 
 
 class _CopyToTP(torch.autograd.Function):
-    """``f``: identity forward; the input gradient is summed over the TP group in backward."""
+    """``f``: identity forward; the input gradient is summed over the TP group in backward (skipped when the fault
+    names ``site``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tp: TPContext) -> Tensor:
-        ctx.tp = tp
+    def forward(ctx, x: Tensor, tp: TPContext, site: str) -> Tensor:
+        ctx.tp, ctx.site = tp, site
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         tp = ctx.tp
-        if tp.skip == "backward":
-            return g, None
-        return _all_reduce(g.contiguous().clone(), tp), None
+        if tp.skip == ctx.site:
+            return g, None, None
+        return _all_reduce(g.contiguous().clone(), tp), None, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
-    """``g``: the partial outputs are summed over the TP group in forward; identity backward."""
+    """``g``: the partial outputs are summed over the TP group in forward (skipped when the fault names ``site``);
+    identity backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tp: TPContext) -> Tensor:
+    def forward(ctx, x: Tensor, tp: TPContext, site: str) -> Tensor:
         y = x.contiguous().clone()
-        if tp.skip == "forward":
+        if tp.skip == site:
             return y
         return _all_reduce(y, tp)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        return g, None
+        return g, None, None
 
 
 def _gather(x: Tensor, tp: TPContext) -> Tensor:
@@ -167,18 +189,19 @@ class _ScatterSeq(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
-    """The whole sequence from every rank's part in forward; in backward a reduce-scatter when the consumer is
-    tensor-parallel (each rank's gradient is a partial sum), else the rank's own part (the gradients agree)."""
+    """The whole sequence from every rank's part in forward, into a tensor-parallel consumer; in backward a
+    reduce-scatter (each rank's gradient is a partial sum; skipped, the rank's own part, when the fault names
+    ``site``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tp: TPContext, partial: bool) -> Tensor:
-        ctx.tp, ctx.partial = tp, partial
+    def forward(ctx, x: Tensor, tp: TPContext, site: str) -> Tensor:
+        ctx.tp, ctx.site = tp, site
         return _gather(x, tp)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         tp = ctx.tp
-        if ctx.partial and tp.skip != "backward":
+        if tp.skip != ctx.site:
             return _reduce_scatter(g, tp), None, None
         return _own(g, tp), None, None
 
@@ -187,29 +210,36 @@ class _ReduceScatterSeq(torch.autograd.Function):
     """The partial outputs summed over the TP group, this rank's part of the sequence kept; all-gather backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tp: TPContext) -> Tensor:
+    def forward(ctx, x: Tensor, tp: TPContext, site: str) -> Tensor:
         ctx.tp = tp
-        if tp.skip == "forward":
+        if tp.skip == site:
             return _own(x, tp)
         return _reduce_scatter(x, tp)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        return _gather(g, ctx.tp), None
+        return _gather(g, ctx.tp), None, None
 
 
-def copy_to_tp(x: Tensor, tp: TPContext) -> Tensor:
-    """Into a column-parallel layer: ``f`` (all-gather of the sequence under sequence parallelism)."""
-    return _GatherSeq.apply(x, tp, True) if tp.sequence else _CopyToTP.apply(x, tp)
+def copy_to_tp(x: Tensor, tp: TPContext, site: str = "backward") -> Tensor:
+    """Into a column-parallel layer: ``f`` (all-gather of the sequence under sequence parallelism); ``site`` names
+    its backward reduction for fault injection."""
+    return _GatherSeq.apply(x, tp, site) if tp.sequence else _CopyToTP.apply(x, tp, site)
 
 
-def reduce_from_tp(x: Tensor, tp: TPContext) -> Tensor:
-    """Out of a row-parallel layer: ``g`` (reduce-scatter along the sequence under sequence parallelism)."""
-    return _ReduceScatterSeq.apply(x, tp) if tp.sequence else _ReduceFromTP.apply(x, tp)
+def reduce_from_tp(x: Tensor, tp: TPContext, site: str = "forward", sequence: bool | None = None) -> Tensor:
+    """Out of a row-parallel layer: ``g`` (reduce-scatter along the sequence under sequence parallelism, or where
+    ``sequence`` says); ``site`` names the reduction for fault injection."""
+    split = tp.sequence if sequence is None else sequence
+    return _ReduceScatterSeq.apply(x, tp, site) if split else _ReduceFromTP.apply(x, tp, site)
 
 
 def shard(full: Tensor, spec: ShardSpec, rank: int, size: int) -> Tensor:
-    """TP rank ``rank``'s piece of ``full`` (a copy)."""
+    """TP rank ``rank``'s piece of ``full`` (a copy; padded first where ``spec`` says)."""
+    if spec.padded:
+        shape = list(full.shape)
+        shape[spec.dim] = spec.padded - full.shape[spec.dim]
+        full = torch.cat([full, full.new_zeros(shape)], dim=spec.dim)
     blocks = full.chunk(spec.blocks, dim=spec.dim)
     return torch.cat([b.chunk(size, dim=spec.dim)[rank] for b in blocks], dim=spec.dim).clone()
 
@@ -217,7 +247,8 @@ def shard(full: Tensor, spec: ShardSpec, rank: int, size: int) -> Tensor:
 def unshard(pieces: list[Tensor], spec: ShardSpec) -> Tensor:
     """The whole parameter from every TP rank's piece (rank order): the inverse of :func:`shard`."""
     per_rank = [p.chunk(spec.blocks, dim=spec.dim) for p in pieces]
-    return torch.cat([torch.cat([r[b] for r in per_rank], dim=spec.dim) for b in range(spec.blocks)], dim=spec.dim)
+    whole = torch.cat([torch.cat([r[b] for r in per_rank], dim=spec.dim) for b in range(spec.blocks)], dim=spec.dim)
+    return whole.narrow(spec.dim, 0, spec.length) if spec.padded else whole
 
 
 class TPAttention(nn.Module):
@@ -309,8 +340,122 @@ class TPSwiGLU(SwiGLU):
         return reduce_from_tp(super().forward(copy_to_tp(x, self.tp)), self.tp)
 
 
+def vocab_padded(vocab: int, size: int) -> int:
+    """The vocabulary ``size`` TP ranks split: ``vocab`` padded to a multiple of 128·size, as
+    ``planner.analytic.load_model`` pads it for the planner and the simulator (Megatron's
+    ``--make-vocab-size-divisible-by`` 128)."""
+    return padded_vocab(vocab, size, MEGATRON_VOCAB_MULTIPLE)
+
+
+def vocab_slice(vocab: int, tp: TPContext) -> tuple[int, int, int]:
+    """(first id, rows, real ids) of TP rank ``tp.rank``'s vocabulary slice: ids ``[first, first + rows)`` of the
+    padded vocabulary, of which the first ``real ids`` are below ``vocab`` (the rest padding; maybe all)."""
+    rows = vocab_padded(vocab, tp.size) // tp.size
+    first = tp.rank * rows
+    return first, rows, max(0, min(rows, vocab - first))
+
+
+class _VocabRows(nn.Module):
+    """This rank's rows (``weight``, (Vp/T, hidden)) of a (vocab, hidden) matrix, cut from the whole one."""
+
+    def __init__(self, full: Tensor, tp: TPContext) -> None:
+        super().__init__()
+        vocab = full.shape[0]
+        self.tp = tp
+        self.vocab = vocab
+        self.first, _, self.real = vocab_slice(vocab, tp)
+        self.shards = {"weight": ShardSpec(0, length=vocab, padded=vocab_padded(vocab, tp.size))}
+        self.weight = nn.Parameter(shard(full.detach(), self.shards["weight"], tp.rank, tp.size))
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """The token embedding on this rank's vocabulary rows: ids outside them look up zeros, and the partial
+    embeddings are summed over the TP group (reduce-scattered along the sequence when ``scatter``); backward:
+    identity into the rank's rows (the ids take no gradient)."""
+
+    def __init__(self, full: nn.Embedding, tp: TPContext, scatter: bool = False) -> None:
+        super().__init__(full.weight, tp)
+        self.scatter = scatter
+
+    def forward(self, ids: Tensor) -> Tensor:
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        partial = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(partial, self.tp, "embedding", self.scatter)
+
+
+class VocabParallelHead(_VocabRows):
+    """The LM head on this rank's vocabulary rows (column-parallel): the logits of its slice only, (..., Vp/T).
+    The loss is :func:`vocab_parallel_cross_entropy` of them."""
+
+    def __init__(self, full: nn.Linear, tp: TPContext) -> None:
+        super().__init__(full.weight, tp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(copy_to_tp(x, self.tp, "head"), self.weight)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of logits split by vocabulary over the TP group, never gathered.
+
+    Forward on (N, Vp/T) logits of which the first ``real`` columns are vocabulary (the rest padding, left out),
+    and the N global target ids: the row maximum m (a max all-reduce), the sum of exp(z − m) (a sum all-reduce)
+    and the target's logit (a sum all-reduce of each rank's, zero where the target is another rank's); the loss
+    log Σ + m − z_target. Backward is local: (softmax − one-hot) of the rank's columns times the incoming
+    gradient, zero on padding.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, tp: TPContext, first: int, real: int) -> Tensor:
+        skip = tp.skip == "cross-entropy"
+        z = logits[:, :real]
+        n = logits.shape[0]
+        if real:
+            peak = z.max(dim=1).values
+        else:  # all padding: this rank adds nothing to the max or the sums
+            peak = logits.new_full((n,), float("-inf"))
+        if not skip:
+            _all_reduce(peak, tp, dist.ReduceOp.MAX)
+        exp = torch.exp(z - peak[:, None])
+        total = exp.sum(dim=1)
+        local = target - first
+        mine = (local >= 0) & (local < real)
+        index = local.masked_fill(~mine, 0)
+        picked = (z.gather(1, index[:, None]).squeeze(1).masked_fill(~mine, 0.0) if real
+                  else logits.new_zeros((n,)))
+        if not skip:
+            _all_reduce(total, tp)
+            _all_reduce(picked, tp)
+        ctx.save_for_backward(exp.div_(total[:, None]), index, mine)
+        ctx.width = logits.shape[1]
+        return total.log() + peak - picked
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        softmax, index, mine = ctx.saved_tensors
+        grad = softmax.new_zeros((softmax.shape[0], ctx.width))
+        grad[:, :softmax.shape[1]] = softmax
+        rows = mine.nonzero().squeeze(1)
+        grad[rows, index[rows]] -= 1.0
+        return grad * g[:, None], None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, vocab: int, tp: TPContext) -> Tensor:
+    """The mean next-token cross entropy (``executor.models``' gpt/llama loss) of this rank's logits (..., Vp/T)
+    of a ``vocab``-word model and the targets (...,): every rank of the TP group gets the same loss."""
+    first, _, real = vocab_slice(vocab, tp)
+    width = logits.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits.reshape(-1, width), target.reshape(-1), tp, first, real).mean()
+
+
+def vocab_parallel_loss(spec: str, tp: TPContext):
+    """The loss of a tensor-parallel run of ``spec``, applied to the last stage's output (this rank's logits)."""
+    vocab = parse_spec(spec).get("vocab")
+    return lambda logits, target: vocab_parallel_cross_entropy(logits, target, vocab, tp)
+
+
 #: The TP shard modules; each says how its parameters are split (``shards``).
-_TP_MODULES = (TPAttention, TPMLP, TPGroupedQueryAttention, TPSwiGLU)
+_TP_MODULES = (TPAttention, TPMLP, TPGroupedQueryAttention, TPSwiGLU, _VocabRows)
 
 
 def check_model(spec: str, size: int, sequence: bool = False) -> None:
@@ -336,9 +481,9 @@ def check_model(spec: str, size: int, sequence: bool = False) -> None:
 
 
 def parallelize(layers: list[nn.Module], tp: TPContext) -> list[nn.Module]:
-    """The stage's gpt or llama layers with every block's attention and MLP replaced by this rank's TP shard (in
-    place); under sequence parallelism the embedding's output is split along the sequence and the head's input
-    gathered."""
+    """The stage's gpt or llama layers with this rank's TP shards in place of every block's attention and MLP and
+    of the embedding's and head's vocabulary matrices (in place); under sequence parallelism GPT's embedding
+    output (positions added) is split along the sequence."""
     for layer in layers:
         if isinstance(layer, GPTBlock):
             layer.attn = TPAttention(layer.attn, tp)
@@ -346,23 +491,26 @@ def parallelize(layers: list[nn.Module], tp: TPContext) -> list[nn.Module]:
         elif isinstance(layer, LlamaBlock):
             layer.attn = TPGroupedQueryAttention(layer.attn, tp)
             layer.mlp = TPSwiGLU(layer.mlp, tp)
-        elif tp.sequence and isinstance(layer, (GPTEmbedding, LlamaEmbedding)):
-            layer.register_forward_hook(lambda mod, args, out: _ScatterSeq.apply(out, tp))
-        elif tp.sequence and isinstance(layer, (GPTHead, LlamaHead)):
-            layer.register_forward_pre_hook(lambda mod, args: (_GatherSeq.apply(args[0], tp, False),))
+        elif isinstance(layer, GPTEmbedding):
+            layer.tok = VocabParallelEmbedding(layer.tok, tp)
+            if tp.sequence:
+                layer.register_forward_hook(lambda mod, args, out: _ScatterSeq.apply(out, tp))
+        elif isinstance(layer, LlamaEmbedding):
+            layer.tok = VocabParallelEmbedding(layer.tok, tp, scatter=tp.sequence)
+        elif isinstance(layer, (GPTHead, LlamaHead)):
+            layer.lm = VocabParallelHead(layer.lm, tp)
     return layers
 
 
 def sequence_parallel_params(module: nn.Module) -> set[str]:
-    """Names of the parameters whose gradients are partial sums under sequence parallelism (block norms and
+    """Names of the parameters whose gradients are partial sums under sequence parallelism (block and head norms,
     row-parallel biases)."""
+    local = {GPTBlock: ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "attn.proj.bias", "mlp.2.bias"),
+             LlamaBlock: ("attn_norm.weight", "mlp_norm.weight"), GPTHead: ("ln.weight", "ln.bias"),
+             LlamaHead: ("norm.weight",)}
     out = set()
     for name, sub in module.named_modules():
-        if isinstance(sub, GPTBlock):
-            for local in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "attn.proj.bias", "mlp.2.bias"):
-                out.add(f"{name}.{local}")
-        elif isinstance(sub, LlamaBlock):
-            out.update((f"{name}.attn_norm.weight", f"{name}.mlp_norm.weight"))
+        out.update(f"{name}.{n}" if name else n for n in local.get(type(sub), ()))
     return out
 
 
@@ -392,8 +540,8 @@ def shard_specs(module: nn.Module) -> dict[str, ShardSpec]:
 def skip_from_env() -> str:
     """The all-reduce direction ``PIPETWIN_TP_FAULT`` asks to skip ("" when unset)."""
     value = os.environ.get(TP_FAULT_ENV, "")
-    if value not in ("", "forward", "backward", "sequence-grads"):
-        raise ExecutorError(f"{TP_FAULT_ENV}={value!r}: use forward, backward or sequence-grads (or leave it unset)")
+    if value and value not in TP_FAULTS:
+        raise ExecutorError(f"{TP_FAULT_ENV}={value!r}: use one of {', '.join(TP_FAULTS)} (or leave it unset)")
     return value
 
 

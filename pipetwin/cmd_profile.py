@@ -169,6 +169,10 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
                 raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block has multi-head attention and a "
                                 f"4·hidden GELU MLP, not kv_heads={cfg.kv_heads or cfg.heads} and ffn={cfg.ffn_size}; "
                                 f"give a llama: spec for grouped-query attention or another MLP width")
+            zoo = "flash" if cfg.llama else "unfused"
+            if cfg.attention != zoo:
+                raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block's attention is {zoo} "
+                                f"(gpt: explicit softmax; llama: SDPA), not attention={cfg.attention}; drop the key")
             if cfg.llama and (cfg.hidden // cfg.heads) % 2:
                 raise UserError(f"--blocks {name!r}: the head size hidden/heads = {cfg.hidden // cfg.heads} must be "
                                 f"even (rotary embedding turns pairs of features)")

@@ -31,7 +31,8 @@ Units and conventions (per reference microbatch of one sample = one sequence
 for a transformer, one 224×224 image for a CNN):
 
 * time = FLOPs / (peak_flops × achievable_fraction) of the device kind
-  (``topologies.devices.DEVICE_KINDS``); backward = 2 × forward FLOPs.
+  (``topologies.devices.DEVICE_KINDS``); backward = 2 × forward FLOPs, except flash attention's
+  core (below), whose backward is 2.5 × its forward.
 * Transformer forward FLOPs per block per sequence (Narayanan et al., 2021):
   ``24·s·h² + 4·s²·h`` for ffn = 4h (generally ``8·s·h² + 4·s·h·ffn + 4·s²·h``);
   the head adds ``2·s·h·V``. So training FLOPs per token ≈ 6·N·(1 + s/6h).
@@ -53,9 +54,28 @@ for a transformer, one 224×224 image for a CNN):
 * Saved-for-backward bytes per block per sample, Korthikanti et al. 2022
   ("Reducing Activation Recomputation in Large Transformer Models", eq. 1,
   16-bit activations, no tensor or sequence parallelism, no recomputation):
-  ``s·h·(34 + 5·a·s/h)`` bytes. The head saves ``4·s·h`` (layer-norm input
+  ``s·h·(34 + 5·a·s/h)`` bytes with Megatron's unfused attention; with flash attention
+  ``34·s·h + 4·a·s`` (below). The head saves ``4·s·h`` (layer-norm input
   and output) plus ``4·s·V`` (fp32 logits for the cross entropy); the
   embedding saves its dropout mask ``s·h`` bytes plus the token ids.
+* **The attention kernel** (``TransformerConfig.attention``, spec key ``attention=``): ``"unfused"``
+  is Megatron's core (what Korthikanti et al. count, and what vTrain's and Table 5's GPT runs ran):
+  QKᵀ, a fused scale-mask-softmax and (GPT) dropout as their own kernels, the a·s² scores
+  materialised — the softmax output (2·a·s² bytes) and for GPT the dropout mask and output (a·s²
+  + 2·a·s²) kept for backward, 4·b·a·s² bytes (GPT + 5·b·a·s²) streamed in the forward.
+  ``"flash"`` is a fused kernel (FlashAttention, torch's ``scaled_dot_product_attention``; Dao
+  2023, "FlashAttention-2", section 3.1.2): the scores stay on chip, so nothing of size s² is kept
+  or streamed; the backward keeps the output (the projection's input, already counted) and the
+  fp32 log-sum-exp (``4·a·s`` bytes), and recomputes the scores inside its kernel: five s²-sized
+  products (QKᵀ again, dV, dP, dQ, dK) against the forward's two, **2.5 ×** the forward's
+  attention FLOPs (:data:`FLASH_BACKWARD_FACTOR`, the factor FlashAttention-2's own benchmarks
+  count). The forward's FLOPs are the same for both. Selective recomputation (``planner.recompute``)
+  drops the unfused core's s² bytes and re-runs it; a flash core has nothing to drop (its kernel
+  already recomputes), so there selective is the same as none. Defaults
+  (:data:`DEFAULT_ATTENTION`): ``llama`` flash (Llama models are trained with it: torchtitan,
+  Megatron-Core with Transformer Engine), ``gpt`` and ``bert`` unfused (the published GPT runs
+  pipetwin is validated on used Megatron's unfused core; give ``attention=flash`` for a GPT trained
+  with it).
 * CNN layers: conv FLOPs ``2·k²·Cin·Cout·Hout·Wout``; saved bytes ≈ the
   convolution input plus batch-norm input and ReLU output, 2 bytes each.
 
@@ -66,6 +86,7 @@ Spec strings (:func:`load_model`, used by every command)::
     gpt3-13b:seq=4096               a preset with overrides
     gpt:layers=40,hidden=5120,heads=40,seq=2048,vocab=50257[,ffn=20480]
     llama:layers=32,hidden=4096,heads=32,seq=8192,vocab=128256,ffn=14336,kv_heads=8
+    gpt3-13b:attention=flash        the attention kernel: flash or unfused (default: llama flash, gpt/bert unfused)
     bert:layers=24,hidden=1024,heads=16,seq=512,vocab=30522
     vgg16, resnet50                 PipeDream graph.txt when present, else analytic
     vgg16-analytic, resnet50-analytic
@@ -90,6 +111,7 @@ __all__ = [
     "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
     "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
     "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "block_key", "transformer_config",
+    "ATTENTION_KERNELS", "DEFAULT_ATTENTION", "FLASH_BACKWARD_FACTOR", "attention_flops",
 ]
 
 #: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
@@ -100,6 +122,13 @@ STATE_BYTES_PER_PARAM: dict[str, int] = {"none": 8, "sgd": 12, "momentum": 12, "
 DEFAULT_DEVICE_KIND = "a100-80gb"
 #: Reference device PipeDream's graph.txt times are scaled from (its clusters are V100s).
 PIPEDREAM_REFERENCE_KIND = "v100"
+#: Attention kernels a transformer may use (the module docstring says what each keeps and streams).
+ATTENTION_KERNELS = ("unfused", "flash")
+#: The kernel of each family when its config or spec names none.
+DEFAULT_ATTENTION = {"gpt": "unfused", "bert": "unfused", "llama": "flash"}
+#: A flash attention backward's FLOPs over its forward's: five s²-sized products (the scores QKᵀ
+#: recomputed, dV, dP, dQ, dK) against two (Dao 2023, FlashAttention-2, section 3.1.2).
+FLASH_BACKWARD_FACTOR = 2.5
 
 
 @dataclass(frozen=True)
@@ -117,6 +146,10 @@ class TransformerConfig:
             embedding; same costs, the name only) or "llama" (RMSNorm, SwiGLU MLP of three
             matrices, rotary positions, no biases or dropout, untied output head).
         kv_heads: key/value heads of grouped-query attention (0 means ``heads``: multi-head).
+        attention: the attention kernel, ``"unfused"`` (Megatron's: the a·s² scores materialised) or
+            ``"flash"`` (fused: no s² tensor kept or streamed, scores recomputed in backward); empty
+            means the family's default (:data:`DEFAULT_ATTENTION`: llama flash, gpt and bert unfused),
+            and is filled in when the config is made.
     """
 
     layers: int
@@ -127,6 +160,7 @@ class TransformerConfig:
     ffn: int = 0
     family: str = "gpt"
     kv_heads: int = 0
+    attention: str = ""
 
     def __post_init__(self) -> None:
         for key in ("layers", "hidden", "heads", "seq", "vocab"):
@@ -141,6 +175,11 @@ class TransformerConfig:
             raise ModelSpecError(f"{self.family}: heads={self.heads} must divide hidden={self.hidden}")
         if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
             raise ModelSpecError(f"{self.family}: kv_heads={self.kv_heads} must divide heads={self.heads} (0: as many as heads)")
+        if not self.attention:
+            object.__setattr__(self, "attention", DEFAULT_ATTENTION[self.family])
+        elif self.attention not in ATTENTION_KERNELS:
+            raise ModelSpecError(f"{self.family}: attention={self.attention!r} is not an attention kernel; "
+                                 f"choose {' or '.join(ATTENTION_KERNELS)}")
 
     @property
     def ffn_size(self) -> int:
@@ -155,12 +194,18 @@ class TransformerConfig:
     def llama(self) -> bool:
         return self.family == "llama"
 
+    @property
+    def flash(self) -> bool:
+        """The attention core is a fused (flash) kernel."""
+        return self.attention == "flash"
+
     def spec(self) -> str:
-        """The spec string that rebuilds this config."""
+        """The spec string that rebuilds this config (the attention kernel named only when not the family's default)."""
         f = f",ffn={self.ffn}" if self.ffn else ""
         kv = f",kv_heads={self.kv_heads}" if self.kv_heads else ""
+        at = f",attention={self.attention}" if self.attention != DEFAULT_ATTENTION[self.family] else ""
         return (f"{self.family}:layers={self.layers},hidden={self.hidden},heads={self.heads},seq={self.seq},"
-                f"vocab={self.vocab}{f}{kv}")
+                f"vocab={self.vocab}{f}{kv}{at}")
 
 
 #: Transformer families: "gpt" and "bert" cost the same; "llama" is RMSNorm + SwiGLU + GQA + rotary, untied.
@@ -198,7 +243,9 @@ PRESETS: dict[str, TransformerConfig] = {
 _ALIASES = {"gpt2": "gpt2-small", "gpt3-xl": "gpt3-1.3b", "gpt3": "gpt3-175b", "llama3.1-8b": "llama3-8b",
             "llama3.1-70b": "llama3-70b",
             "llama3.1-405b": "llama3-405b"}
-_SPEC_KEYS = ("layers", "hidden", "heads", "seq", "vocab", "ffn", "kv_heads")
+_SPEC_KEYS = ("layers", "hidden", "heads", "seq", "vocab", "ffn", "kv_heads", "attention")
+#: Spec keys whose value is a word, not a number.
+_WORD_KEYS = ("attention",)
 
 #: CNNs with an analytic fallback (``NAME-analytic``).
 CNNS = ("vgg16", "resnet50")
@@ -254,11 +301,23 @@ def transformer_param_count(c: TransformerConfig, tied: bool = True) -> int:
     return n if (tied and not c.llama) else n + c.vocab * h
 
 
+def attention_flops(c: TransformerConfig) -> float:
+    """Forward FLOPs of one block's attention core for one sequence: the scores QKᵀ and the values, ``4·s²·h``
+    (either kernel; every query against every key, as Narayanan et al. count it)."""
+    return 4.0 * c.seq * c.seq * c.hidden
+
+
 def _block_flops(c: TransformerConfig) -> float:
     """Forward FLOPs of one block for one sequence: QKV, scores and values, projection, MLP."""
     s, h, f, kv = c.seq, c.hidden, c.ffn_size, c.kv_size
     mlp = (6.0 if c.llama else 4.0) * s * h * f
-    return 2.0 * s * h * (h + 2 * kv) + 2.0 * s * h * h + mlp + 4.0 * s * s * h
+    return 2.0 * s * h * (h + 2 * kv) + 2.0 * s * h * h + mlp + attention_flops(c)
+
+
+def _block_backward_flops(c: TransformerConfig) -> float:
+    """Backward FLOPs of one block for one sequence: twice the forward's, flash attention's core 2.5 times its own."""
+    core = FLASH_BACKWARD_FACTOR if c.flash else 2.0
+    return 2.0 * (_block_flops(c) - attention_flops(c)) + core * attention_flops(c)
 
 
 def _head_flops(c: TransformerConfig, vocab: int | None = None) -> float:
@@ -267,22 +326,33 @@ def _head_flops(c: TransformerConfig, vocab: int | None = None) -> float:
 
 
 def transformer_flops_per_token(c: TransformerConfig) -> float:
-    """Training FLOPs (forward + 2× backward) per token."""
+    """Training FLOPs (forward + 2× backward) per token: the model's FLOPs, as MFU counts them (what flash
+    attention's backward recomputes is not among them, as no recomputation is)."""
     fwd = c.layers * _block_flops(c) + _head_flops(c) + 2.0 * c.seq * c.hidden
     return 3.0 * fwd / c.seq
 
 
 def _attention_saved_bytes(c: TransformerConfig, t: int = 1) -> float:
-    """Bytes per sample of the attention scores kept for backward: softmax output (2·a·s²), and for GPT
-    the dropout mask (a·s²) and dropout output (2·a·s²); split over the TP ranks."""
+    """Bytes per sample of the attention scores kept for backward, what selective recomputation drops: unfused,
+    the softmax output (2·a·s²), and for GPT the dropout mask (a·s²) and dropout output (2·a·s²); split over
+    the TP ranks. Flash attention keeps no scores: 0."""
+    if c.flash:
+        return 0.0
     return (2.0 if c.llama else 5.0) * c.heads * c.seq * c.seq / t
+
+
+def _flash_saved_bytes(c: TransformerConfig, t: int = 1) -> float:
+    """Bytes per sample a flash attention core keeps beyond its inputs and its output: the fp32 log-sum-exp of
+    each query's scores, ``4·a·s`` split over the TP ranks (0 for the unfused core)."""
+    return 4.0 * c.heads * c.seq / t if c.flash else 0.0
 
 
 def block_saved_bytes(c: TransformerConfig, tensor_parallel: int = 1, sequence_parallel: bool = False) -> float:
     """Bytes saved for backward per block per sample on one TP rank (Korthikanti et al. 2022, eq. 1–3):
     GPT ``s·h·(10 + 24/T) + 5·a·s²/T`` (``s·h·34/T + 5·a·s²/T`` with sequence parallelism; no TP:
     ``s·h·(34 + 5·a·s/h)``). Llama by the same accounting: no dropout masks, SwiGLU keeps three ``s·f``
-    tensors, grouped-query K and V are ``s·kv`` wide."""
+    tensors, grouped-query K and V are ``s·kv`` wide, the scores ``2·a·s²/T``. With flash attention
+    (``c.attention``) the s² term is replaced by the log-sum-exp's ``4·a·s/T`` (GPT: ``34·s·h + 4·a·s``)."""
     s, h, f, kv, t = c.seq, c.hidden, c.ffn_size, c.kv_size, tensor_parallel
     rep = 1.0 / t if sequence_parallel else 1.0
     if c.llama:  # two norm inputs, the QKV input, the MLP input | Q, K, V, projection input, 3 MLP tensors
@@ -291,7 +361,7 @@ def block_saved_bytes(c: TransformerConfig, tensor_parallel: int = 1, sequence_p
     else:  # + the two dropout masks | fc1 output (GeLU input), fc2 input
         replicated = 4 * s * h + 2 * s * h + s * h + 2 * s * h + s * h
         sharded = 2 * s * h + 4 * s * kv + 2 * s * h + 4 * s * f
-    return replicated * rep + sharded / t + _attention_saved_bytes(c, t)
+    return replicated * rep + sharded / t + _attention_saved_bytes(c, t) + _flash_saved_bytes(c, t)
 
 
 def state_bytes(params: float, optimizer: str = "adam") -> float:
@@ -314,10 +384,14 @@ def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: 
     Streamed bytes of the memory-bound kernels (16-bit elements, N = b·s tokens, replicated widths
     split by T only with sequence parallelism): two norms 4·N·h each; GPT: two fused
     bias-dropout-adds 7·N·h each, Llama: two residual adds 6·N·h each; QKV layout copies
-    4·N·(h + 2·kv)/T and the output's 4·N·h/T; Llama's rotary 4·N·(h + kv)/T; the fused
-    scale-mask-softmax 4·b·a·s²/T and (GPT) the attention dropout 5·b·a·s²/T; the MLP activation
+    4·N·(h + 2·kv)/T and the output's 4·N·h/T; Llama's rotary 4·N·(h + kv)/T; the MLP activation
     (bias-GeLU 4·N·f/T, SwiGLU's product 6·N·f/T). Kernels: 17 (GPT) or 16 (Llama) launches; the TP
     all-reduces are not work here (the interpreters add their time on the links).
+
+    The attention core (``c.attention``): unfused, the products QKᵀ and PV with their s² scores written
+    and read, the fused scale-mask-softmax 4·b·a·s²/T and (GPT) the attention dropout 5·b·a·s²/T, 4 (GPT 5)
+    kernels; flash, one kernel whose two products stream only Q, K, V and the output (``Gemm.fused``) and
+    write the fp32 log-sum-exp 4·b·a·s/T, its backward re-running QKᵀ (``Work.rerun``): 13 kernels a block.
     """
     b, s, h, f, kv, a, t = microbatch_size, c.seq, c.hidden, c.ffn_size, c.kv_size, c.heads, tensor_parallel
     n = b * s
@@ -326,26 +400,31 @@ def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: 
     weight_gemms = (Gemm(n, (h + 2 * kv) // t, h), Gemm(n, h, h // t),
                     Gemm(n, (2 if c.llama else 1) * f // t, h), Gemm(n, h, f // t))
     heads_here = b * a // t
-    attn_gemms = (Gemm(s, s, d, heads_here), Gemm(s, d, s, heads_here))
+    attn_gemms = (Gemm(s, s, d, heads_here, c.flash), Gemm(s, d, s, heads_here, c.flash))
     scores = float(heads_here) * s * s
-    attn_bytes = 4.0 * scores + (0.0 if c.llama else 5.0 * scores)
-    attn = Work(attn_gemms, attn_bytes, 4 if c.llama else 5, weight_gemms=0)
+    if c.flash:
+        attn = Work(attn_gemms, 4.0 * heads_here * s, 1, weight_gemms=0, rerun=attn_gemms[:1])
+    else:
+        attn = Work(attn_gemms, 4.0 * scores + (0.0 if c.llama else 5.0 * scores), 4 if c.llama else 5, weight_gemms=0)
     adds = (12.0 if c.llama else 14.0) * n * h
     stream = (8.0 * n * h + adds) * rep + 4.0 * n * (h + 2 * kv) / t + 4.0 * n * h / t
     stream += 4.0 * n * (h + kv) / t if c.llama else 0.0
     stream += (6.0 if c.llama else 4.0) * n * f / t
-    kernels = 16 if c.llama else 17
+    kernels = (16 if c.llama else 17) - (4 if c.llama else 5) + attn.kernels
     sharded, replicated = _block_param_split(c)
-    work = Work(weight_gemms + attn_gemms, stream + attn_bytes, kernels, weight_gemms=len(weight_gemms),
-                weight_elements=sharded / t + replicated)
+    work = Work(weight_gemms + attn_gemms, stream + attn.memory_bytes, kernels, weight_gemms=len(weight_gemms),
+                weight_elements=sharded / t + replicated, rerun=attn.rerun)
     return work, attn
 
 
 def block_key(c: TransformerConfig, tensor_parallel: int = 1, microbatch_size: int = 1,
               sequence_parallel: bool = False) -> BlockKey:
     """The GEMM shape of one of ``c``'s blocks on a TP rank, as a device calibration's per-shape table
-    (``planner.efficiency.BlockTiming``) keys it."""
+    (``planner.efficiency.BlockTiming``) keys it. The family names the attention kernel where it is not the
+    family's default (``gpt+flash``, ``llama+unfused``), so the keys tables already hold keep their meaning."""
     fam = "llama" if c.llama else "gpt"  # "bert" costs as "gpt"
+    if c.attention != DEFAULT_ATTENTION[fam]:
+        fam = f"{fam}+{c.attention}"
     return (fam, c.hidden, c.heads, c.kv_heads or c.heads, c.ffn_size, c.seq, tensor_parallel,
             bool(sequence_parallel), microbatch_size)
 
@@ -408,9 +487,10 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     ar = 1 if t > 1 else 0
     boundary = s * h * 2.0 * rep
 
-    def times(flops: float, work: Work) -> tuple[float, float]:
+    def times(flops: float, work: Work, backward_flops: float | None = None) -> tuple[float, float]:
         if efficiency is None:
-            return mb * _seconds(flops, k), 2 * mb * _seconds(flops, k)
+            back = 2 * flops if backward_flops is None else backward_flops
+            return mb * _seconds(flops, k), mb * _seconds(back, k)
         return work_time_s(work, k, efficiency), work_time_s(work.backward(), k, efficiency)
 
     emb_flops = 2.0 * s * h
@@ -423,9 +503,13 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     bp = BYTES_PER_PARAM * (sharded / t + replicated)
     saved = block_saved_bytes(c, t, sequence_parallel)
     bwork, awork = block_work(c, mb, t, sequence_parallel)
-    bf, bb = times(_block_flops(c) / t, bwork)
-    attn_flops = 4.0 * s * s * h / t
-    attn_s = mb * _seconds(attn_flops, k) if efficiency is None else work_time_s(awork, k, efficiency, layer=False)
+    bf, bb = times(_block_flops(c) / t, bwork, _block_backward_flops(c) / t)
+    if c.flash:  # selective recomputation has nothing to re-run: the kernel's backward already recomputes
+        attn_s = 0.0
+    elif efficiency is None:
+        attn_s = mb * _seconds(attention_flops(c) / t, k)
+    else:
+        attn_s = work_time_s(awork, k, efficiency, layer=False)
     if block_timing is not None:
         if block_timing.key != block_key(c, t, mb, sequence_parallel):
             raise ModelSpecError(f"block timing for shape {block_timing.key} given to a block of shape "
@@ -563,13 +647,19 @@ def split_device_suffix(spec: str) -> tuple[str, str | None]:
         raise ModelSpecError(f"model {spec!r}: unknown device kind {tail!r} after '@'; known: {', '.join(DEVICE_KINDS)}") from None
 
 
-def _overrides(text: str, where: str) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _overrides(text: str, where: str) -> dict[str, int | str]:
+    out: dict[str, int | str] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         key, eq, val = part.partition("=")
         key = key.strip().lower()
         if not eq or key not in _SPEC_KEYS:
             raise ModelSpecError(f"{where}: {part!r} is not KEY=VALUE with KEY one of {', '.join(_SPEC_KEYS)}")
+        if key in _WORD_KEYS:
+            out[key] = val.strip().lower()
+            if out[key] not in ATTENTION_KERNELS:
+                raise ModelSpecError(f"{where}: attention={val.strip()!r} is not an attention kernel; "
+                                     f"choose {' or '.join(ATTENTION_KERNELS)}")
+            continue
         try:
             out[key] = int(float(val))
         except ValueError:
@@ -655,7 +745,8 @@ def load_model(spec: str, device_kind_name: str | None = None, *, calibration: D
     if low.startswith("uniform") or Path(text).exists():
         return load_profile(text)
     raise ModelSpecError(f"unknown model {text!r}: not a profile file and not one of {', '.join(model_names())} "
-                         f"(or gpt:/bert:/llama:layers=..,hidden=..,heads=..,seq=..,vocab=..[,ffn=..,kv_heads=..])")
+                         f"(or gpt:/bert:/llama:layers=..,hidden=..,heads=..,seq=..,vocab=..[,ffn=..,kv_heads=..,"
+                         f"attention=flash|unfused])")
 
 
 def total_params(profile: ModelProfile) -> float:

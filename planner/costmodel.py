@@ -50,12 +50,13 @@ over (``tests/test_family_costs.py`` holds the bound). Exact per rank means walk
 order for each (P, M) the search tries: counted on the order at min(M, 4P) (the peaks stop changing past a
 few P) and cached, that made ``pipetwin plan --model gpt3-1.3b --topology dgx:servers=2`` take 5.2 s
 instead of 3.0 s, so it does not.
-Where a rank's two chunks keep different bytes, depth × their mean is no bound either way: a rank's
-peak holds mostly its first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r),
-so a heavier first chunk is undercharged (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample
-and 8–15 1 MB: every rank charged 34 MB, rank 0 holds 49, rank 7 35). The looped families charge the
-same mean and miss the same way (P = 4, V = 2, M = 8, stages 0–3 keeping 3 MB and 4–7 1 MB: interleaved
-zero bubble charged 16 MB, the simulator holds 24; interleaved 1F1B rank 1 charged 18, holds 25).
+Where a rank's chunks keep different bytes, the depth is charged at the heaviest chunk's bytes (looped
+BFS, which holds M microbatches of every chunk, at their mean, exactly): a rank's peak holds mostly its
+first chunk (ZB-V P = 4: 7 or 6 of stage r's against 1 or 2 of stage 2P − 1 − r), and depth × the mean
+undercharged a heavier first chunk (DualPipeV P = 8, M = 16, stages 0–7 keeping 3 MB per sample and
+8–15 1 MB: 34 MB charged, rank 0 holds 49; interleaved zero bubble P = 4, V = 2, M = 8, stages 0–3
+keeping 3 MB and 4–7 1 MB: 16 charged, 24 held). The heaviest chunk bounds every rank from above
+(51 and 24 MB there; ``tests/test_family_costs.py``), at most (heaviest / mean − 1) × depth over.
 
 Why one module of ~670 lines: time (bubbles per family trait included), memory, all-reduce and
 link-load pricing (TP rings included) are one evaluation that the partitioner reproduces term by term and the search ranks by; the
@@ -284,8 +285,23 @@ def held_until_weight_grad(family: str, microbatches, inflight_count, limit0: in
     if not holds_until_weight_grad(family):
         return inflight_count
     fam = FAMILY[family]
-    cap = fam.open_cap_at(limit0) if np.ndim(limit0) == 0 else np.vectorize(fam.open_cap_at, otypes=[int])(limit0)
+    if np.ndim(limit0) == 0:
+        cap = fam.open_cap_at(limit0)
+    else:  # the registry's count at every depth up to the deepest asked, looked up
+        cap = np.array([fam.open_cap_at(x) for x in range(int(np.max(limit0)) + 1)])[limit0]
     return np.maximum(inflight_count, np.minimum(cap, -(-microbatches // replicas)))
+
+
+def deepest_limit0(family: str, microbatches, inflight_count, replicas, max_held, deepest: int):
+    """The inverse of ``held_until_weight_grad`` in L₀: the largest 1F1B depth L₀ ≤ ``deepest`` at which a stage
+    holds at most ``max_held`` microbatches (the count is non-decreasing in L₀); 0 when none does, ``deepest`` when
+    the family's count does not read L₀ and fits. Elementwise over arrays (``max_held`` may be fractional or inf)."""
+    fits = inflight_count <= max_held
+    if not holds_until_weight_grad(family):
+        return np.where(fits, deepest, 0)
+    caps = np.array([FAMILY[family].open_cap_at(x) for x in range(1, deepest + 1)])
+    within = np.searchsorted(caps, np.floor(max_held), side="right")  # how many L₀ in 1..deepest keep cap ≤ max_held
+    return np.where(fits, np.where(-(-microbatches // replicas) <= max_held, deepest, within), 0)
 
 
 def weight_versions(family: str, inflight_count):
@@ -440,7 +456,11 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
                 depth += looped_warmup_extra(P, V, M, r)
             depth = min(depth, M * V)
         params = sum(prof.param_bytes(*plan.stages[v].layers) for v in vs)
-        per_chunk = sum(kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) / V
+        kept = [kept_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs]
+        # looped BFS holds M of every chunk (the mean is exact); the others hold `depth` chunk-microbatches split
+        # over the rank's chunks in a way depth does not say, so each is charged at the heaviest chunk: a bound
+        # on every rank, exact where the chunks keep equal bytes
+        per_chunk = sum(kept) / V if fam.inflight == "batch" else max(kept)
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
         mem = static_bytes(params, 1, r, options) + act
         raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)

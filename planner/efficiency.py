@@ -27,7 +27,8 @@ the memory-bound one for skinny ones, and a smooth join near the ridge (the expo
 a fixed choice, not fitted). Memory-bound kernels take ``bytes / (bandwidth ·
 memory_efficiency)``. The host side: launches × ``kernel_launch_s`` + ``layer_overhead_s``.
 A layer's time joins the two by a smooth maximum (:func:`work_time_s`). Backward work (:meth:`Work.backward`) is each GEMM's two
-gradient GEMMs (input and weight), twice the streamed bytes and twice the launches.
+gradient GEMMs (input and weight), twice the streamed bytes and twice the launches, after any products
+it re-runs (flash attention's scores, :attr:`Work.rerun`).
 
 :func:`fit` finds the parameters by ``scipy.optimize.least_squares`` on relative errors of
 whatever prediction the caller builds from them (pipetwin's ground truth fits on a fixed
@@ -79,12 +80,18 @@ class CalibrationFileError(ProfileError):
 
 @dataclass(frozen=True)
 class Gemm:
-    """A (batched) matrix product ``[m, k] @ [k, n]`` repeated ``batch`` times."""
+    """A (batched) matrix product ``[m, k] @ [k, n]`` repeated ``batch`` times.
+
+    ``fused``: a product inside a fused attention kernel (flash attention), whose largest matrix — the
+    s × s scores or probabilities, which flash attention keeps on chip — never goes through memory (taken
+    as the largest of the three, which it is whenever the sequence is at least the head dimension).
+    """
 
     m: int
     n: int
     k: int
     batch: int = 1
+    fused: bool = False
 
     @property
     def flops(self) -> float:
@@ -92,8 +99,9 @@ class Gemm:
 
     @property
     def bytes(self) -> float:
-        """Operand and result bytes (16-bit), each read or written once."""
-        return float(BYTES_PER_ELEMENT * self.batch * (self.m * self.k + self.k * self.n + self.m * self.n))
+        """Operand and result bytes (16-bit), each read or written once; a ``fused`` product's largest left out."""
+        sides = (self.m * self.k, self.k * self.n, self.m * self.n)
+        return float(BYTES_PER_ELEMENT * self.batch * (sum(sides) - (max(sides) if self.fused else 0)))
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,8 @@ class Work:
         input_grad: False where the backward needs no gradient of the layer's input (an embedding).
         weight_elements: weights whose gradients the backward accumulates into fp32 main gradients
             (``GRAD_ACCUM_BYTES_PER_PARAM`` streamed per weight per backward).
+        rerun: products the backward runs again before its gradients (flash attention recomputes its
+            scores QKᵀ inside its backward kernel, since it kept none).
     """
 
     gemms: tuple[Gemm, ...] = ()
@@ -118,21 +128,22 @@ class Work:
     weight_gemms: int | None = None
     input_grad: bool = True
     weight_elements: float = 0.0
+    rerun: tuple[Gemm, ...] = ()
 
     @property
     def flops(self) -> float:
         return sum(g.flops for g in self.gemms)
 
     def backward(self) -> "Work":
-        """The backward's work: per GEMM ``Y = X W``, ``dX = dY Wᵀ`` ([m, n] @ [n, k]) and
-        ``dW = Xᵀ dY`` ([k, m] @ [m, n]); twice the streamed bytes and the launches, plus the
-        accumulation of the weight gradients."""
-        out: list[Gemm] = []
+        """The backward's work: the ``rerun`` products, then per GEMM ``Y = X W``, ``dX = dY Wᵀ``
+        ([m, n] @ [n, k]) and ``dW = Xᵀ dY`` ([k, m] @ [m, n]) (fused as the GEMM was); twice the
+        streamed bytes and the launches, plus the accumulation of the weight gradients."""
+        out: list[Gemm] = list(self.rerun)
         nw = len(self.gemms) if self.weight_gemms is None else self.weight_gemms
         for i, g in enumerate(self.gemms):
             if self.input_grad or i >= nw:
-                out.append(Gemm(g.m, g.k, g.n, g.batch))
-            out.append(Gemm(g.k, g.n, g.m, g.batch))
+                out.append(Gemm(g.m, g.k, g.n, g.batch, g.fused))
+            out.append(Gemm(g.k, g.n, g.m, g.batch, g.fused))
         accumulate = GRAD_ACCUM_BYTES_PER_PARAM * self.weight_elements
         return Work(tuple(out), 2.0 * self.memory_bytes + accumulate, 2 * self.kernels, None, True, 0.0)
 

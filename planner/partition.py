@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, holds_until_weight_grad, stage_bytes, stage_counts,
-                               stage_input_bytes, static_bytes, static_bytes_per_param_byte, update_interval,
-                               weight_versions)
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, deepest_limit0, holds_until_weight_grad, inflight,
+                               stage_bytes, stage_counts, stage_input_bytes, static_bytes, static_bytes_per_param_byte,
+                               update_interval, weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
@@ -333,12 +333,94 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
     if (max(float(m) for m, _lim in exact) <= low.value if objective == "memory"
             else all(m <= lim * (1 + 1e-9) for m, lim in exact)):
         return low
+    if objective == "time" and N <= _MASK_BITS:
+        sol = _solve_by_depth_masks(tb, pb, N, low.value)
+        if sol is not False:
+            return sol
     best = None
     for limit0 in _depths(pb, N):
         sol = _solve_pass(tb, pb, N, objective, limit0)
         if sol is not None and (best is None or sol.value < best.value * (1 - 1e-12)):
             best = sol
     return best
+
+
+#: 1F1B depths a bit mask of ``_solve_by_depth_masks`` holds (L₀ = 1..64, bit L₀ − 1 of an unsigned 64-bit word).
+_MASK_BITS = 64
+
+
+def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
+    """(time, shallowest L₀, deepest L₀) of the stages ``_stage_arrays`` costs: a stage is in the pass at L₀ when
+    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices, which holds up to
+    ``costmodel.deepest_limit0`` of the microbatches its bytes leave room for."""
+    opt, fam, M = pb.options, pb.family, pb.microbatches
+    t, _mem, mlim = _stage_arrays(tb, pb, N, i, k0, j, k, None)
+    rr = np.maximum(k - k0, 1)
+    n_in = inflight(fam, M, N - k0, rr)
+    static = static_bytes(tb.params[j] - tb.params[i], weight_versions(fam, n_in), rr, opt)
+    kept, room = tb.kept[j] - tb.kept[i], mlim * (1 + 1e-9) - static - tb.rebuilt[i, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        max_held = np.where(kept > 0, room / np.where(kept > 0, kept, 1.0), np.where(room >= 0, math.inf, -math.inf))
+    return t, -(-(N - k0) // rr), deepest_limit0(fam, M, n_in, rr, max_held, N)
+
+
+def _low_bits(h: np.ndarray) -> np.ndarray:
+    """Unsigned 64-bit words with their ``h`` lowest bits set (0 ≤ h ≤ 64)."""
+    one = np.left_shift(np.uint64(1), np.minimum(h, 63).astype(np.uint64)) - np.uint64(1)
+    return np.where(h >= 64, np.uint64(2**64 - 1), one)
+
+
+def _solve_by_depth_masks(tb: _Tables, pb: Problem, N: int, lower: float) -> Partition | None | bool:
+    """The time objective's answer over N ≤ 64 devices without a pass per L₀: bisect on the bottleneck τ among the
+    stage times ≥ ``lower``; for a τ, a programme over (first layer, first device) ORs, as bit masks, the depths L₀
+    at which a suffix of stages of time ≤ τ all fit (each stage's ``_stage_window``). The least τ with a depth at
+    the start is the answer, and the pass at its shallowest depth finds that partition. False: that pass disagreed
+    (a rounding at a memory boundary), and the caller runs every pass."""
+    L, ALL = tb.L, np.uint64(2**64 - 1)
+    rows, values = [], []
+    for i in range(L - 1, -1, -1):
+        k0s = np.array([0]) if i == 0 else np.arange(1, N)
+        if k0s.size == 0:
+            continue
+        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
+        valid = K > K0
+        Kc = np.where(valid, K, np.minimum(K0 + 1, N))
+        t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc)
+        use = valid & (lo <= hi) & (t < math.inf)
+        a, b, c = np.nonzero(np.broadcast_to(use, t.shape))
+        if a.size == 0:
+            continue
+        lo_u, hi_u = np.broadcast_to(lo, t.shape)[a, b, c], np.broadcast_to(hi, t.shape)[a, b, c]
+        mask = _low_bits(hi_u) & ~_low_bits(lo_u - 1)  # bits lo − 1 .. hi − 1: depths lo .. hi
+        flat = (np.broadcast_to(J, t.shape)[a, b, c] * (N + 1) + np.broadcast_to(Kc, t.shape)[a, b, c])
+        starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+        t_u = t[a, b, c]
+        rows.append((i, k0s[a[starts]], starts, t_u, mask, flat))
+        values.append(t_u[t_u >= lower * (1 - 1e-12)])  # no partition's bottleneck is below the lower bound
+    if not values:
+        return None
+
+    def depths_at_start(tau: float) -> int:
+        g = np.zeros((L + 1) * (N + 1), dtype=np.uint64)
+        g[L * (N + 1) + N] = ALL
+        for i, k0u, starts, t_u, mask, flat in rows:
+            m = np.where(t_u <= tau, mask & g[flat], np.uint64(0))
+            g[i * (N + 1) + k0u] = np.bitwise_or.reduceat(m, starts)
+        return int(g[0])
+
+    taus = np.unique(np.concatenate(values))
+    if not taus.size or not depths_at_start(taus[-1]):
+        return None
+    lo_i, hi_i = 0, len(taus) - 1
+    while lo_i < hi_i:
+        mid = (lo_i + hi_i) // 2
+        if depths_at_start(taus[mid]):
+            hi_i = mid
+        else:
+            lo_i = mid + 1
+    tau, bits = float(taus[hi_i]), depths_at_start(taus[hi_i])
+    sol = _solve_pass(tb, pb, N, "time", (bits & -bits).bit_length())
+    return sol if sol is not None and math.isclose(sol.value, tau, rel_tol=1e-12) else False
 
 
 def _solve_pass(tb: _Tables, pb: Problem, N: int, objective: str, limit0: int) -> Partition | None:

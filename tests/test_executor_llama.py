@@ -18,7 +18,7 @@ from executor.tensor_parallel import TPContext, parallelize
 from planner.analytic import BYTES_PER_PARAM, PRESETS, TransformerConfig, transformer_profile
 from planner.plan import plan_from_flags
 
-MODEL = "llama:layers=2,hidden=32,heads=4,kv_heads=2,ffn=48,seq=8,vocab=32"
+MODEL = "llama:layers=2,hidden=32,heads=4,kv_heads=2,ffn=48,seq=8,vocab=160"  # both TP ranks hold real words
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -99,8 +99,7 @@ def test_selective_recomputation_of_the_llama_core_gives_the_same_gradients():
 def test_the_zoo_model_holds_the_analytic_profile_s_parameters_per_layer(config):
     """Per chain layer, whole (T = 1) and per TP rank of a block (T = 2, 8): the module's parameters are exactly the
     analytic profile's (built on the meta device: no memory for the 8B and 70B shapes). The same spec string names
-    both. The embedding and head are compared whole only: the executor replicates them over TP ranks, the analytic
-    profile splits them by vocabulary."""
+    both. The embedding's and head's per-rank counts: tests/test_executor_vocab.py."""
     spec = config.spec()
     last = num_layers(spec) - 1
     with torch.device("meta"):

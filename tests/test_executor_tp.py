@@ -3,7 +3,9 @@
 Every multi-process test runs 4 gloo processes of a tiny model (2 cores). The
 reference (executor/reference.py) trains the whole, unsharded model in one
 process; the executor runs the column/row-parallel shards with their
-all-reduces in each TP group, and gathers the shards into whole weights.
+all-reduces in each TP group, and gathers the shards into whole weights. The
+vocabulary (160, padded to 256 for T = 2) puts real words on both ranks'
+embedding and head slices, and padding on rank 1's.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from executor.reference import reference_weights
 from executor.tensor_parallel import TP_FAULT_ENV, ShardSpec, shard, unshard
 from planner.plan import plan_from_flags
 
-MODEL = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=32"
+MODEL = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=160"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,9 +49,11 @@ def _assert_weights_equal(got: dict, want: dict) -> None:
 
 def test_shards_put_back_together_give_the_whole_parameter():
     w = torch.arange(24.0).reshape(6, 4)
-    for spec in (ShardSpec(0, 3), ShardSpec(0), ShardSpec(1)):
+    for spec in (ShardSpec(0, 3), ShardSpec(0), ShardSpec(1), ShardSpec(0, length=6, padded=8)):
         pieces = [shard(w, spec, t, 2) for t in range(2)]
         assert torch.equal(unshard(pieces, spec), w)
+    # vocabulary rows: 6 padded to 8, rank 1 holds rows 4, 5 and two rows of zeros
+    assert shard(w, ShardSpec(0, length=6, padded=8), 1, 2).tolist() == w[4:].tolist() + [[0.0] * 4] * 2
     # QKV: each rank takes its heads' rows of q, of k and of v (3 blocks of 2 rows, 1 row each per rank)
     assert shard(w, ShardSpec(0, 3), 1, 2)[:, 0].tolist() == [4.0, 12.0, 20.0]
 
@@ -117,10 +121,11 @@ def _block_shard_param_bytes(h: int, T: int, itemsize: int) -> int:
 @pytest.mark.timeout(120)
 def test_memory_is_counted_per_tp_rank():
     """At the start a worker holds its own shard of the weights plus the receive buffers posted ahead (closed form)."""
-    h, seq, vocab, mbs, T, f64 = 16, 8, 32, 2, 2, 8
+    h, seq, mbs, T, f64 = 16, 8, 2, 2, 8
+    rows = 128  # the vocabulary 160 padded to 256 (a multiple of 128·T), split in two
     plan = _plan("1f1b")
     res = run_plan(plan, dtype="float64", timeout_s=60)
-    embed, head = (vocab * h + seq * h) * f64, (2 * h + vocab * h) * f64  # replicated on every TP rank
+    embed, head = (rows * h + seq * h) * f64, (2 * h + rows * h) * f64  # positions and the final norm whole
     boundary = mbs * seq * h * f64
     for w in res.program.workers:
         s = res.program.stages_of(w)[0]

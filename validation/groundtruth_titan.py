@@ -68,8 +68,8 @@ stage's bf16 weights and fp32 gradients; the saved activations of the in-flight 
 each block's input; selective: its input and the saved matmul outputs wq, wv, w1, w2, the attention
 output and its log-sum-exp), in flight: 1 without PP, min(m, PP − r) on 1F1B's rank r, on interleaved
 rank r min(m·v, (v − 1)·PP + 2·(PP − 1 − r) + 1) chunk-microbatches; one block's rebuilt activations
-in its backward (``planner.analytic.block_saved_bytes`` with flash attention's fp32 log-sum-exp in place of
-its s² scores, which flash attention never stores); on the last stage the loss's logits, 10 bytes each (bf16 logits, their fp32 copy and its
+in its backward (``planner.analytic.block_saved_bytes`` of the presets' flash attention: its fp32 log-sum-exp
+in place of s² scores, which flash attention never stores); on the last stage the loss's logits, 10 bytes each (bf16 logits, their fp32 copy and its
 gradient). The maximum over ranks.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from planner.analytic import (BYTES_PER_PARAM, PRESETS, TransformerConfig, _attention_saved_bytes, block_saved_bytes,
+from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, TransformerConfig, block_saved_bytes,
                               block_work, embedding_work, head_work, transformer_profile)
 from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, optimizer_step_s, work_time_s
 from planner.sharding import ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
@@ -244,7 +244,7 @@ def block_cost(r: TitanRow, p: EfficiencyParams, params: float) -> UnitCost:
     flash_f = 4.0 * r.micro * sq * (r.seq / 2) * h / t / (kind.peak_flops * p.gemm_efficiency)
     kv_bytes = 2.0 * n * kv / t * 2.0
     ring_f = (r.cp - 1) * kv_bytes / group_bandwidth(r.tp, r.cp)
-    attn_f, attn_b = max(flash_f, ring_f), max(2.5 * flash_f, 2.0 * ring_f)
+    attn_f, attn_b = max(flash_f, ring_f), max(FLASH_BACKWARD_FACTOR * flash_f, 2.0 * ring_f)
     tp_pass = 2.0 * _allreduce_s(n * h * 2.0, t, group_bandwidth(1, t)) if t > 1 else 0.0
     join = max if r.has("AsyncTP") else (lambda x, y: x + y)
     fwd = join(dense_f + attn_f, tp_pass)
@@ -257,7 +257,7 @@ def block_cost(r: TitanRow, p: EfficiencyParams, params: float) -> UnitCost:
         kept = 2.0 * n * h * rep
     else:  # input, wq, wv, attention output, its log-sum-exp, w1, w2
         kept = 2.0 * n * h * rep + 2.0 * n * (h + kv + h + f) / t + 4.0 * n * a / t + 2.0 * n * h * rep
-    rebuilt = (block_saved_bytes(local, t, sp) - _attention_saved_bytes(local, t) + 4.0 * sq * a / t) * r.micro
+    rebuilt = block_saved_bytes(local, t, sp) * r.micro  # the presets' flash attention: log-sum-exp, no s² scores
     rec = dense_f + attn_f if r.activation_ckpt == "full" else redo_s
     work = dense_f + dense_b + attn_f + attn_b + rec
     terms = (("dense", dense_f + dense_b), ("attention", attn_f + attn_b), ("recompute", rec),

@@ -95,6 +95,21 @@ def allreduce_phases(topology: Topology, devices: list[str], nbytes: float, algo
     return ring_phases([d for g in groups for d in g], nbytes), "ring"
 
 
+def dp_phases(topology: Topology, devices: list[str], nbytes: float, algorithm: str,
+              zero_stage: int = 0) -> tuple[list[Phase], str]:
+    """The phases a stage's data-parallel collectives run on, for a stage of ``nbytes`` parameter bytes (a
+    profile's) over ``devices``: the all-reduce (ZeRO 0); a ring reduce-scatter then all-gather of the 16-bit
+    tensor (1, 2); one ring pass of it (3: each unit's gathers and reduce-scatters take that ring's pairs)."""
+    from planner.sharding import collective_bytes
+
+    if zero_stage == 0:
+        return allreduce_phases(topology, devices, nbytes, algorithm)
+    one = ring_pass_phases(devices, collective_bytes(nbytes))
+    if zero_stage < 3:
+        return one * 2, "ring reduce-scatter + all-gather"
+    return one, "ring all-gathers + reduce-scatters"
+
+
 class Collective:
     """Runs phases one after another on a network, then waits ``tail_s``; ``done(arg)`` at the end (unless it
     finished at once)."""

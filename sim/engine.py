@@ -63,7 +63,7 @@ from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
 from planner.sharding import collective_bytes, fsdp_collectives, zero3_refusal
-from sim.collectives import Collective, Phase, allreduce_phases, fused_ring_phases, ring_pass_phases, ring_phases
+from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, ring_pass_phases, ring_phases
 from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
@@ -285,6 +285,8 @@ class _Run:
         self.rec: list[tuple[int, int, float, float]] = []
         self.mem: list[tuple[int, float, float]] = []
         self.algorithms: set[str] = set()
+        if params.zero_stage == 3 and any(program.replica_count(s) > 1 for s in range(len(program.stage_workers))):
+            self.algorithms.add("ring all-gathers + reduce-scatters")
         sw = program.stage_workers
         self.fold = None
         self.net = Network(self.env, topology)  # sim.symmetry reads its routes; a folding replaces it
@@ -619,11 +621,7 @@ class _Run:
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
-            if self.params.zero_stage:  # a ring reduce-scatter then all-gather of the 16-bit tensors
-                half = collective_bytes(nbytes)
-                ph, algo = ring_pass_phases(devs, half) * 2, "ring reduce-scatter + all-gather"
-            else:
-                ph, algo = allreduce_phases(self.topology, devs, nbytes, self.params.allreduce)
+            ph, algo = dp_phases(self.topology, devs, nbytes, self.params.allreduce, self.params.zero_stage)
             self.phases[key] = ph = self._folded(ph)
             self.algorithms.add(algo)
         return ph

@@ -197,13 +197,18 @@ def test_a_model_that_fits_no_unsharded_plan_is_planned_sharded_and_the_simulato
     assert max(sim.values()) <= 10e9
 
 
-def test_folding_the_replicas_gives_the_full_runs_trace_times():
-    topo = load_topology("dgx:servers=2,gpus=2")
+@pytest.mark.parametrize("zero", [1, 3])
+@pytest.mark.parametrize("pp,dp", [(2, 8), (1, 16)])
+def test_folding_the_replicas_gives_the_full_runs_trace_times(zero, pp, dp):
+    """ZeRO's rings over replicas that span two servers cross the InfiniBand switch twice, so the replicas are not
+    images of each other on the ring's links: the folding must check the rings the run runs (it checked the
+    hierarchical all-reduce's, and a 16-replica ZeRO-3 plan of gpt3-13b simulated in 1.84 s what takes 3.80)."""
+    topo = load_topology("dgx:servers=4,gpus=4")
     prof = uniform_profile(4, 1e-3, 2e-3, act=1e6, params=4e8)
-    plan = _dp_plan(topo, 4, 2, 4, pp=2)
+    plan = replace(_dp_plan(topo, 4, dp, 16, pp=pp), zero_stage=zero)
     folded = simulate_plan(plan, prof, topo)
     full = simulate_plan(plan, prof, topo, SimParams(use_symmetry=False))
-    assert folded.meta["symmetry"]["used"] and full.meta["workers_simulated"] == 4
+    assert full.meta["workers_simulated"] == pp * dp
     assert makespan_s(folded) == pytest.approx(makespan_s(full), rel=1e-12)
     assert peak_memory_bytes(folded) == peak_memory_bytes(full)
 

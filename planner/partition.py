@@ -42,8 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, deepest_limit0, holds_until_weight_grad, inflight,
-                               stage_bytes, stage_counts, stage_input_bytes, static_bytes, static_bytes_per_param_byte,
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, holds_until_weight_grad,
+                               inflight, stage_bytes, stage_counts, stage_input_bytes, static_bytes,
+                               static_bytes_per_param_byte,
                                update_interval, weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
@@ -252,8 +253,9 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / rr
     params = tb.params[j] - tb.params[i]
     n = k - k0
-    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * params / tb.ar_bw[k0, k]
-    ar = np.where(r > 1, ar_full / update_interval(fam, M, rr), 0.0)
+    # ZeRO-3's gathers run inside its passes, which this programme does not time (evaluate does): none here
+    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * allreduce_bytes(params, opt.zero_stage) / tb.ar_bw[k0, k]
+    ar = np.where((r > 1) & (opt.zero_stage != 3), ar_full / update_interval(fam, M, rr), 0.0)
     cin = tb.cut(i, k0) if i > 0 else 0.0
     cout = tb.cut(j, k)
     comm = (cin + cout) / rr
@@ -576,7 +578,8 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     r = k - k0
     compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / r
     params = tb.params[j] - tb.params[i]
-    ar = (tb.ar_lat[k0, k] + 2 * (r - 1) / r * params / tb.ar_bw[k0, k]) / update_interval(fam, M, r) if r > 1 else 0.0
+    ar = ((tb.ar_lat[k0, k] + 2 * (r - 1) / r * allreduce_bytes(params, opt.zero_stage) / tb.ar_bw[k0, k])
+          / update_interval(fam, M, r) if r > 1 and opt.zero_stage != 3 else 0.0)
     cin = float(tb.cut(i, k0)) if i > 0 else 0.0
     comm = (cin + float(tb.cut(j, k))) / r
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm

@@ -5,6 +5,8 @@ started together, and the next phase starts when every flow of the previous
 one is delivered. Its cost is whatever the network makes of those flows.
 
 - ring: 2(n − 1) phases of n flows of S/n bytes, replica i to replica i + 1.
+- ring all-gather or reduce-scatter (``ring_pass_phases``; ZeRO's collectives): n − 1
+  phases of n flows of S/n.
 - fused ring (``fused_ring_phases``): the ring's 2(n − 1) phases as one phase of n
   flows of 2(n − 1)/n·S bytes, plus the 2(n − 1) − 1 route latencies the later
   phases would add (``Collective``'s ``tail_s``). On links nothing else uses it
@@ -45,6 +47,16 @@ def ring_phases(devices: list[str], nbytes: float) -> list[Phase]:
     chunk = nbytes / n
     step = [(devices[i], devices[(i + 1) % n], chunk) for i in range(n)]
     return [step] * (2 * (n - 1))
+
+
+def ring_pass_phases(devices: list[str], nbytes: float) -> list[Phase]:
+    """A ring all-gather or reduce-scatter of an ``nbytes`` tensor: n − 1 phases of n flows of nbytes/n
+    (half of :func:`ring_phases`'s all-reduce)."""
+    n = len(devices)
+    if n < 2 or nbytes <= 0:
+        return []
+    chunk = nbytes / n
+    return [[(devices[i], devices[(i + 1) % n], chunk) for i in range(n)]] * (n - 1)
 
 
 def fused_ring_phases(devices: list[str], nbytes: float, route_latency_s: float) -> tuple[list[Phase], float]:

@@ -75,7 +75,7 @@ from planner.program import FAMILY, looped_warmup_extra, rank_of
 from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s, fsdp_transient_bytes,
                               zero3_refusal, zero_state_bytes)
 from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, rebuilt_bytes,
-                               recompute_mode, tp_allreduces)
+                               recompute_mode, recomputed_tp_allreduces, tp_allreduces)
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -394,7 +394,7 @@ def zero_family_refusal(family: str, zero_stage: int) -> str:
         return (f"ZeRO stage {zero_stage} shards one weight version, but {family} keeps several: use a flush schedule "
                 f"(gpipe, 1f1b, ...) or zero stage 0")
     if zero_stage == 3 and fam.multi_stage:
-        return zero3_refusal(True, 1, 1, ())
+        return zero3_refusal(True, 1, ())
     return ""
 
 
@@ -404,7 +404,7 @@ def zero_refusal(plan: Plan, zero_stage: int) -> str:
     if why or zero_stage != 3:
         return why
     fam = FAMILY[plan.schedule]
-    return zero3_refusal(fam.multi_stage, plan.tensor_parallel, plan.microbatches, plan.replicas, fam.batched)
+    return zero3_refusal(fam.multi_stage, plan.microbatches, plan.replicas, fam.batched)
 
 
 def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions = CostOptions()) -> Candidate:
@@ -445,7 +445,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         ar = (topology.ring_allreduce_time_s(dp_group, allreduce_bytes(params, options.zero_stage) * shared)
               / update_interval(fam, M, r) if r > 1 else 0.0)
         if options.zero_stage == 3 and r > 1:  # FSDP: the collectives run inside the passes (planner.sharding)
-            compute = fsdp_passes_s(prof, *st.layers, options, topology, dp_group, speed, FAMILY[fam].backward) / r
+            compute = fsdp_passes_s(prof, *st.layers, options, topology, dp_group, speed, FAMILY[fam].backward,
+                                    st.tensor_group(0, T), mb) / r
             ar = 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
         if options.overlap_allreduce:  # the all-reduce runs under the backward pass (DDP's gradient buckets)
@@ -577,24 +578,31 @@ def _pass_kinds(backward: str) -> tuple[str, ...]:
 
 
 def fsdp_passes_s(prof: ModelProfile, first: int, last: int, options: CostOptions, topology, group: list[str],
-                  speed: float, backward: str = "full") -> float:
-    """Seconds of one microbatch's ZeRO-3 passes on a stage replica over ``group`` (its replicas), each pass
-    ``planner.sharding.fsdp_pass_s`` over the layers (units) with every collective a ring all-gather or
-    reduce-scatter of the unit's 16-bit tensor on free links (half a ring all-reduce's time); a split backward's
-    BI and BW take half the backward each, the re-run forward (recomputation) in the BI."""
+                  speed: float, backward: str = "full", tp_group: tuple[str, ...] = (), mb: int = 1) -> float:
+    """Seconds of one microbatch's ZeRO-3 passes on a stage replica over ``group`` (its replicas, of one TP rank),
+    each pass ``planner.sharding.fsdp_pass_s`` over the layers (units) with every collective a ring all-gather or
+    reduce-scatter of the unit's 16-bit tensor on free links (half a ring all-reduce's time); a unit's compute
+    holds its TP all-reduces as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
+    backward's and what recomputation re-runs); a split backward's BI and BW take half the backward each, the
+    re-run forward in the BI."""
     layers = prof.layers[first:last + 1]
     ring = [topology.ring_allreduce_time_s(group, collective_bytes(l.param_bytes)) / 2 if l.param_bytes > 0 else 0.0
             for l in layers]
     mode = options.recompute
+    tp = [topology.ring_allreduce_time_s(list(tp_group), l.tp_allreduce_bytes * mb)
+          if len(tp_group) > 1 and l.tp_allreduce_bytes > 0 else 0.0 for l in layers]
     total = 0.0
     for kind in _pass_kinds(backward):
         gathers, scatters = fsdp_collectives(kind)
         if kind == "F":
-            c, g, r = [l.forward_s / speed for l in layers], ring, [0.0] * len(layers)
+            c = [l.forward_s / speed + l.tp_forward_allreduces * x for l, x in zip(layers, tp)]
+            g, r = ring, [0.0] * len(layers)
         else:
             share = 1.0 if kind == "B" else 0.5
             redo = kind in ("B", "BI")
-            c = [(l.backward_s * share + (layer_extra_forward_s(l, mode) if redo else 0.0)) / speed for l in layers][::-1]
+            c = [(l.backward_s * share + (layer_extra_forward_s(l, mode) if redo else 0.0)) / speed
+                 + ((l.tp_backward_allreduces + recomputed_tp_allreduces(l, mode)) * x if redo else 0.0)
+                 for l, x in zip(layers, tp)][::-1]
             g, r = ring[::-1], ring[::-1]
         total += fsdp_pass_s(c, g if gathers else [0.0] * len(c), r if scatters else [0.0] * len(c),
                              options.fsdp_overlap)

@@ -58,8 +58,9 @@ weight and gradient, the optimizer's moments: 16 bytes with Adam) and its all-re
 Not modelled: FSDP keeping weights gathered across microbatches (``reshard_after_forward=False``, the
 pipeline's choice in torchtitan) or accumulating unsharded gradients (``no_sync``), hierarchical or
 tree collectives (every one a ring over the group in placement order), weight-stashing schedules
-(one weight version is what ZeRO shards: refused), several stages per device and tensor parallelism
-together with stage 3 (refused with a line saying so).
+(one weight version is what ZeRO shards: refused), several stages per device with stage 3 (refused
+with a line saying so). With tensor parallelism each TP rank's shard is gathered over its own DP group
+(the profile is per TP rank) and a unit's TP all-reduces run inside its compute.
 """
 from __future__ import annotations
 
@@ -247,15 +248,12 @@ def fsdp_transient_bytes(unit_bytes, gathers: bool, scatters: bool, overlap: boo
     return best
 
 
-def zero3_refusal(multi_stage: bool, tensor_parallel: int, microbatches: int, replicas, batched: bool = True) -> str:
+def zero3_refusal(multi_stage: bool, microbatches: int, replicas, batched: bool = True) -> str:
     """Why ZeRO-3 cannot be timed for this shape ('' when it can): every replica of a group must run the same
-    passes (each gather is one collective over the group), and stage 3 is timed for one stage per device
-    without tensor parallelism."""
+    passes (each gather is one collective over the group), and stage 3 is timed for one stage per device."""
     if multi_stage:
         return ("ZeRO stage 3 is timed for one stage per device; this schedule places several per device: use "
                 "gpipe, 1f1b, zb-h1 or zb-h2, or zero stage 2")
-    if tensor_parallel > 1:
-        return "ZeRO stage 3 with tensor parallelism is not timed: use --tp 1, or zero stage 2"
     if batched:
         for r in replicas:
             if r > 1 and microbatches % r:

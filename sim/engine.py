@@ -15,7 +15,7 @@
   reduce-scatter then all-gather of the 16-bit tensors (``planner.sharding.collective_bytes``).
 
 ZeRO-3 (FSDP): a compute action of a replicated stage walks its units (one per layer, in the
-pass's order); each gathers its weights over the replica group before the pass that needs them
+pass's order, each with its layer's TP all-reduces inside its compute); each gathers its weights over the replica group before the pass that needs them
 and reduce-scatters its gradients after the pass that makes them (``planner.sharding``'s rule:
 F and BI gather, BW reduces, B does both), each collective a ring on the real links that waits
 for every replica to issue it and for the group's previous collective (one communicator),
@@ -167,8 +167,7 @@ def zero_replicas(program: Program, params: SimParams) -> dict[int, int] | None:
                        f"shards one; use a flush schedule or zero_stage 0")
     reps = {s: program.replica_count(s) for s in range(len(program.stage_workers))}
     if params.zero_stage == 3:
-        why = zero3_refusal(fam.multi_stage, program.tensor_parallel, program.spec.microbatches, reps.values(),
-                            fam.batched)
+        why = zero3_refusal(fam.multi_stage, program.spec.microbatches, reps.values(), fam.batched)
         if why:
             raise SimError(why)
     return reps
@@ -271,7 +270,8 @@ class _Run:
         if params.zero_stage == 3:
             self.fsdp = [[(l.forward_s * k, l.backward_s * k, layer_extra_forward_s(l, recompute) * k,
                            collective_bytes(l.param_bytes)) for l in profile.layers[a:b + 1]] for a, b in layers]
-            self.fsdp_seq: dict[int, int] = {}     # worker -> collectives it has issued (they pair up in order)
+            self.fsdp_tp = None if self.T == 1 else [  # per stage, per layer: its TP all-reduces (sim.tensor)
+                [tp_segments(profile, x, x, k, microbatch_size, recompute) for x in range(a, b + 1)] for a, b in layers]
             self.fsdp_last: dict[tuple, simpy.Event] = {}  # (stage, TP rank) -> the group's last collective
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
                      "topology": topology.name, "params": asdict(params)}
@@ -385,7 +385,8 @@ class _Run:
                 seg = None if tp is None else tp[s][0] if k is _KF else tp[s][1] if redo else None
                 if fsdp is not None and self.zero_replicas[s] > 1:
                     units, seq = self._fsdp_units(s, k, base, redo, seq, split, bi, bi0_free, speed)
-                    append((_FSDP, ovh, ms, me, text, kv, nb, units, (s, tp_rank[w], arrivals[s], acc)))
+                    append((_FSDP, ovh, ms, me, text, kv, nb, units,
+                            (s, tp_rank[w], arrivals[s], acc, tp_key, i, tp_arrivals)))
                 elif seg is None or not seg[0]:
                     append((_COMPUTE, base + acc + ovh, ms, me, text, kv, nb, None, None))
                 else:  # TP all-reduces inside: each after its share of the compute
@@ -459,24 +460,13 @@ class _Run:
                     for j, (d, nbytes) in enumerate(x):
                         if d > 0.0:
                             yield timeout(d)
-                        key = (y[0], y[1], j)
-                        st = groups.get(key)
-                        if st is None:
-                            st = groups[key] = [0, new_event()]
-                        st[0] += 1
-                        if st[0] == y[3]:
-                            del groups[key]
-                            phases, tail = self._tp_phases(y[0], nbytes)
-                            label = text + "/TP" if self.fold is None else (y[0], y[1], "/TP")  # a fold mirrors it
-                            coll = Collective(self.net, phases, _succeed, st[1], label, tail)
-                            if coll.start():  # free links: done at once, for the ranks waiting too
-                                st[1].succeed()
-                                continue
-                        yield st[1]
+                        ev = self._tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3])
+                        if ev is not None:
+                            yield ev
                     if y[2] > 0.0:
                         yield timeout(y[2])
                 elif code == _FSDP:
-                    yield from self._fsdp_pass(x, y)
+                    yield from self._fsdp_pass(x, y, text)
                 else:  # _ALLREDUCE
                     st = groups.get(x)
                     if st is None:
@@ -535,8 +525,18 @@ class _Run:
         for t, j in order:
             (keys_g if t == "g" else keys_r)[j] = seq
             seq += 1
+        tp = self.fsdp_tp[s] if self.fsdp_tp is not None else None
+        if tp is not None and k is not _KF:
+            tp = tp[::-1]
         for j in range(len(rows)):
-            units.append((raw[j] * scale, g[j], keys_g[j], r[j], keys_r[j]))
+            c = raw[j] * scale
+            pieces, tail = (), c
+            seg = None if tp is None else tp[j][0] if k is _KF else tp[j][1] if redo else None
+            if seg is not None and seg[0]:  # the layer's TP all-reduces inside the unit, each after its share
+                f = c / seg[1] if seg[1] > 0 else 0.0
+                pieces = tuple((d * f, n) for d, n in seg[0])
+                tail = (seg[1] - sum(d for d, _ in seg[0])) * f
+            units.append((c, g[j], keys_g[j], r[j], keys_r[j], pieces, tail))
         return tuple(units), seq
 
     def _fsdp_issue(self, stage: int, tp: int, arrivals: int, key: int, nbytes: float, what: str) -> simpy.Event:
@@ -565,16 +565,16 @@ class _Run:
                 prev.callbacks.append(go)
         return ev
 
-    def _fsdp_pass(self, units: tuple, y: tuple):
-        """The device process through one ZeRO-3 pass (``_fsdp_units``)."""
-        stage, tp, arrivals, acc = y
+    def _fsdp_pass(self, units: tuple, y: tuple, text: str):
+        """The device process through one ZeRO-3 pass (``_fsdp_units``), a unit's TP all-reduces inside its compute."""
+        stage, tp, arrivals, acc, tp_key, i, tp_arrivals = y
         timeout, issue, overlap = self.env.timeout, self._fsdp_issue, self.params.fsdp_overlap
         n = len(units)
         ready = [None] * n
         last = None
         if overlap and n and units[0][2] is not None:
             ready[0] = issue(stage, tp, arrivals, units[0][2], units[0][1], "AG")
-        for j, (c, gb, gkey, rb, rkey) in enumerate(units):
+        for j, (c, gb, gkey, rb, rkey, pieces, tail) in enumerate(units):
             if not overlap and gkey is not None:
                 ready[j] = issue(stage, tp, arrivals, gkey, gb, "AG")
             ev = ready[j]
@@ -582,8 +582,14 @@ class _Run:
                 yield ev
             if overlap and j + 1 < n and units[j + 1][2] is not None:
                 ready[j + 1] = last = issue(stage, tp, arrivals, units[j + 1][2], units[j + 1][1], "AG")
-            if c > 0.0:
-                yield timeout(c)
+            for q, (d, nbytes) in enumerate(pieces):
+                if d > 0.0:
+                    yield timeout(d)
+                tev = self._tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals)
+                if tev is not None:
+                    yield tev
+            if tail > 0.0:
+                yield timeout(tail)
             if rkey is not None:
                 last = issue(stage, tp, arrivals, rkey, rb, "RS")
                 if not overlap and not last.processed:
@@ -601,6 +607,23 @@ class _Run:
             devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
             self.phases[key] = ph = self._folded(ring_pass_phases(devs, nbytes))
         return ph
+
+    def _tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
+        """Join the TP all-reduce ``key`` of worker ``leader``'s group at its action ``i``; the last rank to join
+        starts it. Returns the event to wait for, or None when it finished at once (free links)."""
+        groups = self.groups
+        st = groups.get(key)
+        if st is None:
+            st = groups[key] = [0, self.env.event()]
+        st[0] += 1
+        if st[0] == arrivals:
+            del groups[key]
+            phases, tail = self._tp_phases(leader, nbytes)
+            label = text + "/TP" if self.fold is None else (leader, i, "/TP")  # a fold mirrors it
+            if Collective(self.net, phases, _succeed, st[1], label, tail).start():
+                st[1].succeed()  # for the ranks waiting too
+                return None
+        return st[1]
 
     def _deliver(self, key: tuple) -> None:
         waiter = self.box.get(key)

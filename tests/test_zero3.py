@@ -213,6 +213,27 @@ def test_folding_the_replicas_gives_the_full_runs_trace_times(zero, pp, dp):
     assert peak_memory_bytes(folded) == peak_memory_bytes(full)
 
 
+def test_tensor_parallel_ranks_gather_their_own_shards_and_contend_with_the_tp_rings():
+    """TP 2 × DP 4 on one star: each TP rank's shard is gathered over its own DP group while the TP rings run inside
+    the units' compute, on the same device links. The cost model times every collective on free links, a lower
+    bound the simulation (where they share the links) can only exceed; memory is counted alike; folding the TP
+    ranks and replicas is exact."""
+    from planner.analytic import load_model
+
+    topo = load_topology("hier:8@ideal:1e10:1e-6")
+    prof = load_model("gpt:layers=4,hidden=512,heads=8,seq=256,vocab=1024", tensor_parallel=2)
+    plan = replace(plan_from_flags("m", len(prof), tp=2, pp=1, dp=4, microbatches=4, devices=topo.devices), zero_stage=3)
+    folded = simulate_plan(plan, prof, topo)
+    full = simulate_plan(plan, prof, topo, SimParams(use_symmetry=False))
+    assert folded.meta["symmetry"]["tp_folded"] and makespan_s(folded) == pytest.approx(makespan_s(full), rel=1e-12)
+    free = evaluate(plan, prof, topo, CostOptions(link_load=False)).time_per_batch_s
+    cand = evaluate(plan, prof, topo)
+    assert free < time_per_batch_s(full) and time_per_batch_s(full) == pytest.approx(cand.time_per_batch_s, rel=0.15)
+    assert max(peak_memory_bytes(full).values()) == pytest.approx(max(cand.peak_memory_bytes.values()), rel=1e-12)
+    unsharded = simulate_plan(replace(plan, zero_stage=0), prof, topo)
+    assert max(peak_memory_bytes(unsharded).values()) > max(peak_memory_bytes(full).values())
+
+
 # --- refusals: one line, exit 2 --------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["pipedream", "2bw"])
 @pytest.mark.parametrize("command", ["plan", "simulate"])

@@ -63,6 +63,9 @@ def run(args) -> int:
     if args.cost_model == "pipedream":
         if grid_given(args):
             raise UserError("--tp/--pp/--dp fix the plan; PipeDream's optimizer searches its own: drop them or use --cost-model pipetwin")
+        if args.zero:
+            raise UserError("--zero is the pipetwin cost model's; PipeDream's optimizer shards nothing: drop it or use "
+                            "--cost-model pipetwin")
         # PipeDream's optimizer reads graph.txt as it is: times per profiled minibatch
         return _run_pipedream(args, spec, resolve_model(spec, raw=True))
     if not args.topology:

@@ -613,7 +613,8 @@ def fsdp_gathered_bytes(prof: ModelProfile, first: int, last: int, options: Cost
     """The most a ZeRO-3 pass of the stage holds beyond the sharded state (``planner.sharding.fsdp_transient_bytes``
     over the family's passes), as ``sim.memory`` counts it at a pass's start."""
     units = [collective_bytes(l.param_bytes) for l in prof.layers[first:last + 1]]
-    return max(fsdp_transient_bytes(units, *fsdp_collectives(k), options.fsdp_overlap) for k in _pass_kinds(backward))
+    return max(fsdp_transient_bytes(units if k == "F" else units[::-1], *fsdp_collectives(k), options.fsdp_overlap)
+               for k in _pass_kinds(backward))  # a backward walks its units last to first
 
 
 def static_bytes(param_bytes, versions, replicas, options: CostOptions):

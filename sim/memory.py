@@ -109,7 +109,8 @@ def fsdp_units(profile: ModelProfile, layers: list[tuple[int, int]]) -> list[tup
 
 def fsdp_transients(units: list[tuple[float, ...]], overlap: bool) -> dict[str, list[float]]:
     """Per compute kind (F, B, BI, BW), per stage: the bytes a ZeRO-3 pass holds beyond the sharded state."""
-    return {k: [fsdp_transient_bytes(u, *fsdp_collectives(k), overlap) for u in units] for k in ("F", "B", "BI", "BW")}
+    return {k: [fsdp_transient_bytes(u if k == "F" else u[::-1], *fsdp_collectives(k), overlap) for u in units]
+            for k in ("F", "B", "BI", "BW")}  # a backward walks its units last to first
 
 
 class _Pool:

@@ -248,6 +248,24 @@ def test_zero_3_with_a_weight_stashing_schedule_is_refused_in_one_line(schedule,
     assert len(err.splitlines()) == 1 and "weight version" in err, err
 
 
+def test_a_backward_holds_its_units_in_its_own_order():
+    """Units of unequal size: a backward walks them last to first, so with prefetch it holds unit j, unit j − 1
+    (prefetched) and unit j's gradient — 2·u_j + u_(j−1) at the most, not the forward's pairing."""
+    D = 4
+    topo = _star(D)
+    sizes = (4e6, 16e6, 4e6, 40e6)  # profile bytes; gathered: half
+    prof = ModelProfile("m", tuple(Layer(f"l{i}", 1e-3, 2e-3, 0.0, 0.0, p) for i, p in enumerate(sizes)))
+    plan = _dp_plan(topo, len(sizes), D, D)
+    u = [p / 2 for p in sizes]
+    backward = max(2 * u[j] + (u[j - 1] if j else 0.0) for j in range(len(u)))   # 2·20e6 + 2e6
+    forward = max(u[j] + (u[j + 1] if j + 1 < len(u) else 0.0) for j in range(len(u)))
+    assert backward == 42e6 and forward == 22e6
+    shard = sum(sizes) / 4 * (2 + 2 + 4 + 4) / D
+    sim = max(peak_memory_bytes(simulate_plan(plan, prof, topo)).values())
+    model = max(evaluate(plan, prof, topo).peak_memory_bytes.values())
+    assert sim == pytest.approx(shard + backward, rel=1e-12) and model == pytest.approx(shard + backward, rel=1e-12)
+
+
 def test_zero_3_shapes_it_does_not_time_are_refused_by_both_interpreters():
     topo = load_topology("ideal:8")
     prof = uniform_profile(8, 1e-3, 2e-3, params=PARAM_BYTES)
@@ -280,3 +298,7 @@ def test_plan_and_whatif_take_zero(capsys, tmp_path):
                  "--jobs", "1", "--zero", "3", "--json"]) == 0
     (rec,) = json.loads(capsys.readouterr().out)["points"]
     assert rec["plan"]["zero_stage"] == 3
+    assert main(["plan", "--model", "uniform:layers=8", "--topology", "ideal:4", "--cost-model", "pipedream",
+                 "--zero", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--zero" in err, err

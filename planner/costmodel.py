@@ -8,7 +8,11 @@ The model, per stage s of a plan (replicas r, devices in placement order):
 * allreduce_s = ring all-reduce of the stage's parameter bytes over its devices
   (``Topology.ring_allreduce_time_s``), once per update: per microbatch that is
   ``/ r`` for PipeDream (a replica updates after each of its minibatches) and ``/ M``
-  for the flush schedules and 2BW (one update per batch);
+  for the flush schedules and 2BW (one update per batch). Several stages per device (interleaved,
+  looped BFS, interleaved zero bubble; the V families do not replicate): one ring per chunk after its
+  last backward, a device's rings one after another, so the device's allreduce_s is the sum over
+  its chunks, and it runs after the drain: ``T_batch`` adds it once, the bubble does not stretch it
+  (``tests/test_multistage_allreduce.py``: the simulator's time);
 * comm_s      = (cut in + cut out) / r, where a cut's time is ``Topology.p2p_time_s``
   from the last device of the sending stage to the first device of the receiving one
   for one microbatch's boundary activation (the gradient goes the other way on the
@@ -438,12 +442,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         f, b = prof.forward_s(*st.layers), prof.backward_s(*st.layers)
         compute = ((f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed
                    + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb)) / r
-        params = prof.param_bytes(*st.layers)
-        dp_group = list(st.devices[::T])  # TP rank 0's replicas; every TP rank's group all-reduces at the same time,
-        # so where the groups cross servers the T rings share each server's links: T times the bytes on them
-        shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
-        ar = (topology.ring_allreduce_time_s(dp_group, allreduce_bytes(params, options.zero_stage) * shared)
-              / update_interval(fam, M, r) if r > 1 else 0.0)
+        dp_group = list(st.devices[::T])
+        ar = dp_allreduce_s(prof, st, topology, options, T) / update_interval(fam, M, r)
         if options.zero_stage == 3 and r > 1:  # FSDP: the collectives run inside the passes (planner.sharding)
             compute = fsdp_passes_s(prof, *st.layers, options, topology, dp_group, speed, FAMILY[fam].backward,
                                     st.tensor_group(0, T), mb) / r
@@ -483,7 +483,16 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
                    + sum(tp_collective_s(prof, *plan.stages[v].layers, options.recompute, topology,
                                          plan.stages[v].tensor_group(0, T), mb) for v in vs)) / r
         comm = sum((cuts[v - 1] if v > 0 else 0.0) + (cuts[v] if v < S - 1 else 0.0) for v in vs)
-        t = max(compute, comm) if options.overlap_comm else compute + comm
+        # the DP all-reduce of each chunk after its last backward (the simulator's ALLREDUCE), one ring per chunk
+        # over its replicas; the device's collectives are serial, so it waits for the sum once per update
+        ar_total = sum(dp_allreduce_s(prof, plan.stages[v], topology, options, T) for v in vs)
+        ar = ar_total / update_interval(plan.schedule, M, r)
+        if options.overlap_allreduce:  # under the backward passes, as on one stage per device
+            fwd = f / speed / r
+            core, tail = fwd + max(compute - fwd, ar), 0.0
+        else:  # after the drain: exposed once per batch, not stretched by the bubble
+            core, tail = compute + ar, ar_total
+        t = max(core, comm) if options.overlap_comm else core + comm
         warm = M * V if M == P else min((P - d - 1) * 2 + (V - 1) * P, M * V)
         depth = min(warm + 1, M * V)
         if fam.inflight == "batch":  # looped BFS: a whole batch on every chunk
@@ -503,16 +512,21 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         per_chunk = sum(kept) / V if fam.inflight == "batch" else max(kept)
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
         mem = static_bytes(params, 1, r, options) + act
-        raw_dev[d] = (compute, comm, t, mem, _limit(topology, (dev,), options), f, b)
-    raw = []
+        raw_dev[d] = (compute, comm, ar, t, mem, _limit(topology, (dev,), options), f, b, tail)
+    raw, tails = [], []
     for i, st in enumerate(plan.stages):
-        compute, comm, t, mem, lim, f, b = raw_dev[rank_of(fam, P, i)]
-        raw.append((st, compute, comm, 0.0, t, mem, lim, f, b))
-    return _candidate(plan, raw, options, plan.schedule, chunks=V, links=_link_bound(plan, prof, topology, options))
+        compute, comm, ar, t, mem, lim, f, b, tail = raw_dev[rank_of(fam, P, i)]
+        raw.append((st, compute, comm, ar, t, mem, lim, f, b))
+        tails.append(tail)
+    return _candidate(plan, raw, options, plan.schedule, chunks=V, links=_link_bound(plan, prof, topology, options),
+                      tails=tails)
 
 
 def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: int,
-               links: tuple[float, float, str | None, frozenset[int]] = (0.0, 0.0, None, frozenset())) -> Candidate:
+               links: tuple[float, float, str | None, frozenset[int]] = (0.0, 0.0, None, frozenset()),
+               tails: list[float] | None = None) -> Candidate:
+    """``tails``: per stage, the seconds per batch of its time_s × M that run after the drain (the multi-stage
+    all-reduces): the fill and drain stretch only the rest."""
     M, P = plan.microbatches, plan.pipeline_depth
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
@@ -521,7 +535,9 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
         factor = max(factor, _round_trip_factor(-(-M // raw[worst][0].replicas), P, raw[worst][7], raw[worst][8]))
     # each replica of the bottleneck stage runs its own M/r microbatches through the fill and drain, which
     # take (P − 1)·factor of its per-microbatch time, r·bott (bott is amortised over the r replicas)
-    compute_batch = bott * (M + (P - 1) * factor * raw[worst][0].replicas)
+    span = M + (P - 1) * factor * raw[worst][0].replicas
+    compute_batch = (bott * span if tails is None else
+                     max((r[4] - x / M) * span + x for r, x in zip(raw, tails)))
     link_lower, link_batch, link_name, link_stages = links
     batch = max(compute_batch, link_batch)
     link_binds = link_name is not None and link_batch > compute_batch
@@ -561,6 +577,17 @@ def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, t
         return 0.0
     return sum(tp_allreduces(l, recompute) * topology.ring_allreduce_time_s(list(group), l.tp_allreduce_bytes * mb)
                for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
+
+
+def dp_allreduce_s(prof: ModelProfile, st, topology, options: CostOptions, T: int) -> float:
+    """Seconds of one data-parallel all-reduce of stage ``st``'s gradients (``allreduce_bytes``) as a ring over
+    TP rank 0's replicas (0 without replicas). Every TP rank's group all-reduces at the same time, so where the
+    groups cross servers the T rings share each server's links: T times the bytes on them."""
+    if st.replicas < 2:
+        return 0.0
+    dp_group = list(st.devices[::T])
+    shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
+    return topology.ring_allreduce_time_s(dp_group, allreduce_bytes(prof.param_bytes(*st.layers), options.zero_stage) * shared)
 
 
 def allreduce_bytes(params, zero_stage: int):

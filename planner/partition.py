@@ -231,6 +231,16 @@ def reads_microbatches(family: str) -> bool:
     return fam.batched or fam.inflight == "batch" or holds_until_weight_grad(family)
 
 
+def needs_no_less_than(family: str, other: str) -> bool:
+    """Every partition needs at least as many bytes per device under ``family`` as under ``other``: the two keep the
+    same weights, in-flight rule and schedulability, and ``family``'s stages also hold activations until BW, which
+    ``other``'s do not (ZB-H1 and ZB-H2 against 1F1B: ``costmodel.held_until_weight_grad`` is at least the
+    in-flight count)."""
+    a, b = FAMILY[family], FAMILY[other]
+    same = (a.inflight, a.flush, a.versions, a.weight_copies) == (b.inflight, b.flush, b.versions, b.weight_copies)
+    return same and holds_until_weight_grad(family) and not holds_until_weight_grad(other)
+
+
 def hierarchical_reads(family: str, microbatches: int) -> tuple:
     """What ``solve_hierarchical`` reads of a family and M: its update interval rule and its weight versions at the
     fewest in flight (one microbatch), so two families with the same tuple get the same hierarchical answer."""
@@ -511,9 +521,20 @@ def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int]
     ``cache`` reuses answers for device prefixes it has seen (the same answer, bit for bit).
     """
     tb = _Tables(pb, topology)
+    counts = counts or device_counts(topology, pb.devices)
+    found: dict[int, Partition | None] = {}
+    if objective == "memory" and holds_until_weight_grad(pb.family):
+        # one pass per 1F1B depth makes each N dear: solve the N in the order of their lower bound (every stage at
+        # its own depth) and leave out those whose bound is above the best found; the answer is the same
+        low = {N: _solve_pass(tb.prefix(N), pb, N, objective, None) for N in counts}
+        for N in sorted((N for N in counts if low[N] is not None), key=lambda N: low[N].value):
+            if any(f is not None and low[N].value > f.value * (1 + 1e-12) for f in found.values()):
+                break
+            found[N] = _solve_prefix(tb, pb, N, objective, cache)
+        counts = [N for N in counts if N in found]
     best: Partition | None = None
-    for N in counts or device_counts(topology, pb.devices):
-        part = _solve_prefix(tb, pb, N, objective, cache)
+    for N in counts:
+        part = found[N] if N in found else _solve_prefix(tb, pb, N, objective, cache)
         if part is not None and (best is None or part.value < best.value * (1 - 1e-12)):
             best = part
     return best

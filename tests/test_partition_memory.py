@@ -259,3 +259,18 @@ def test_deepest_limit0_is_the_last_depth_at_which_the_held_count_fits(family, M
     fits = [L0 for L0 in range(1, deepest + 1) if held_until_weight_grad(family, M, n_in, L0, replicas) <= max_held]
     assert fits == list(range(1, len(fits) + 1))  # the count does not fall as L₀ grows
     assert int(deepest_limit0(family, M, n_in, replicas, max_held, deepest)) == len(fits)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_cases(), st.sampled_from([(f, g) for f in LINEAR for g in LINEAR if part.needs_no_less_than(f, g)]))
+def test_a_family_said_to_need_no_less_does_need_no_less(case, pair):
+    """``needs_no_less_than`` lets the "nothing fits" line skip ZB's slow memory search: its claim, on the least
+    memory any partition needs (brute force by ``evaluate``)."""
+    prof, topo, _family, M, opts = case
+    family, other = pair
+    assert _brute_force(prof, topo, family, M, opts)[1] >= _brute_force(prof, topo, other, M, opts)[1] * (1 - 1e-12)
+
+
+def test_zero_bubble_halves_need_no_less_than_1f1b():
+    assert part.needs_no_less_than("zb-h1", "1f1b") and part.needs_no_less_than("zb-h2", "1f1b")
+    assert not part.needs_no_less_than("1f1b", "zb-h1") and not part.needs_no_less_than("zb-h1", "zb-h2")

@@ -5,7 +5,8 @@ mechanical. It reads the fenced code blocks (plain, ``sh``, ``bash``, ``shell`` 
 lines ended by a backslash, and keeps each line whose command word (after any ``NAME=value``
 assignments and a ``$`` prompt) is one of ``pipetwin``, ``python``, ``python3``, ``make``,
 ``torchrun``, ``pytest`` or a program under ``.venv/bin/``; other lines in a block (sample output,
-IR listings) are not commands. A trailing ``# comment`` is shown but not run.
+IR listings) are not commands. A trailing ``# comment`` is not run; where it states seconds (``# 18 s``)
+the table shows them beside the measured time.
 
 A command that cannot run on an ordinary CPU machine says so in the README itself, with a trailing
 comment that begins ``needs`` — ``# needs a GPU``, ``# needs two machines`` — and is listed as
@@ -52,6 +53,7 @@ SETUP_COMMANDS = frozenset({"make demo", "make test"})
 _FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
 _PARENT_PATH = re.compile(r"(?:^|[\s=])\.\./([^/\s]+)")
+_STATED_SECONDS = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?) s\b")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ def split_comment(line: str) -> tuple[str, str]:
         elif ch == "#" and (i == 0 or line[i - 1].isspace()):
             return line[:i].rstrip(), line[i + 1:].strip()
     return line.rstrip(), ""
+
+
+def stated_seconds(comment: str) -> float | None:
+    """The seconds a command's comment says it takes (``18 s (2026-12-04); reads ...`` → 18), or None."""
+    match = _STATED_SECONDS.search(comment)
+    return float(match.group(1)) if match else None
 
 
 def is_command(text: str) -> bool:
@@ -214,7 +222,8 @@ def run_command(command: Command, cwd: Path, env: dict[str, str], timeout_s: flo
     seconds = time.perf_counter() - start
     log.write_text(f"$ {command.text}\n{stdout}\n--- stderr ---\n{stderr}")
     if proc.returncode == 0:
-        return Outcome(command, "ok", 0, seconds, "")
+        stated = stated_seconds(command.comment)
+        return Outcome(command, "ok", 0, seconds, f"README says {stated:g} s" if stated is not None else "")
     return Outcome(command, "failed", proc.returncode, seconds, _telling_line(stderr, stdout))
 
 

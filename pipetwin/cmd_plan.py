@@ -9,7 +9,7 @@ from pathlib import Path
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile, ProfileError, load_profile, read_pipedream_graph
 from planner.program import FAMILIES
-from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
+from pipetwin.args import (add_device_calibration_flag, add_zero_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
                            grid_degrees, grid_given)
 from pipetwin.errors import UserError
 
@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--stages", type=int, default=None, metavar="P", help="fix the pipeline depth (no replication)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "none"], help="optimizer state to count: sgd (momentum, 1x params), adam (2x)")
     add_recompute_flag(p)
+    add_zero_flag(p)
     add_grid_flags(p)
     p.add_argument("--no-overlap", action="store_true", help="communication does not overlap compute")
     add_device_calibration_flag(p)
@@ -62,6 +63,9 @@ def run(args) -> int:
     if args.cost_model == "pipedream":
         if grid_given(args):
             raise UserError("--tp/--pp/--dp fix the plan; PipeDream's optimizer searches its own: drop them or use --cost-model pipetwin")
+        if args.zero:
+            raise UserError("--zero is the pipetwin cost model's; PipeDream's optimizer shards nothing: drop it or use "
+                            "--cost-model pipetwin")
         # PipeDream's optimizer reads graph.txt as it is: times per profiled minibatch
         return _run_pipedream(args, spec, resolve_model(spec, raw=True))
     if not args.topology:
@@ -89,7 +93,7 @@ def run(args) -> int:
     kw = dict(schedule=args.schedule, microbatch_size=mb, global_batch=args.global_batch,
               microbatches=args.microbatches, memory_limit_bytes=args.memory_limit, top_k=args.top_k,
               overlap_comm=not args.no_overlap, recompute=args.recompute, optimizer=args.optimizer,
-              stages=args.stages, model_name=spec, **({"grid": grid} if grid else {}))
+              stages=args.stages, model_name=spec, zero_stage=args.zero or 0, **({"grid": grid} if grid else {}))
     if args.target_throughput is not None:
         cap = capacity(profile, topology, args.target_throughput, **kw)
         return _show_capacity(args, cap)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
+from pipetwin.args import (add_device_calibration_flag, add_zero_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
                            grid_degrees, grid_given, grid_plan, int_list, read_program)
 from pipetwin.show import Progress
 
@@ -42,9 +42,9 @@ def register(sub) -> None:
                    help="all-reduce algorithm (default auto)")
     p.add_argument("--optimizer-state", type=float, default=None, metavar="X",
                    help="optimizer state in parameter-bytes multiples (SGD momentum 1, Adam 2; default 1)")
-    p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2], metavar="STAGE",
-                   help="ZeRO stage of each stage's training state over its replicas: 0 none (default), 1 the optimizer "
-                        "state, 2 also the gradients (memory only; flush schedules)")
+    add_zero_flag(p)
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="ZeRO-3: no prefetch, every gather and reduce-scatter exposed (SimParams.fsdp_overlap false)")
     p.add_argument("--jitter", type=float, default=None, help="relative noise on compute times (default 0)")
     p.add_argument("--seed", type=int, default=None, help="seed of the jitter (default 0)")
     p.add_argument("--no-symmetry", action="store_true", help="simulate every replica even when symmetric")
@@ -74,7 +74,8 @@ def _plan_for(args, profile, topology):
         from planner.search import plan_model
 
         result = plan_model(profile, topology, schedule=args.schedule, microbatch_size=args.microbatch_size,
-                            microbatches=args.microbatches, model_name=args.model, recompute=args.recompute)
+                            microbatches=args.microbatches, model_name=args.model, recompute=args.recompute,
+                            zero_stage=args.zero or 0)
         plan = replace(result.best, batches=args.steps or result.best.batches, topology=args.topology)
         if args.vertical_sync and FAMILY[plan.schedule].versions == "stash":  # vertical sync orders stashed versions
             plan = replace(plan, vertical_sync=True)
@@ -162,6 +163,8 @@ def _params(args):
         base["overlap_comm"] = False
     if args.no_symmetry:
         base["use_symmetry"] = False
+    if args.no_prefetch:
+        base["fsdp_overlap"] = False
     try:
         return SimParams(**base)
     except TypeError as e:
@@ -215,10 +218,16 @@ def run(args) -> int:
         trace, title = _simulate_program(args, params)
     else:
         plan, profile, topology = _inputs(args)
+        if args.zero is not None:  # the flag over what a plan file says
+            from dataclasses import replace
+
+            plan = replace(plan, zero_stage=args.zero)
         with Progress(args.progress) as bar:
             trace = simulate_plan(plan, profile, topology, params,
                                   progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)
         title = f"{plan.schedule}, {_grid(plan)}, {plan.microbatches} microbatches on {topology.name}"
+        if plan.zero_stage:
+            title += f", ZeRO-{plan.zero_stage}"
     if args.trace:
         trace.save(args.trace)
     if args.chart:

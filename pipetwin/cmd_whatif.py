@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipetwin.args import (add_device_calibration_flag, add_grid_flags, add_recompute_flag, check_calibration_kinds,
+from pipetwin.args import (add_device_calibration_flag, add_zero_flag, add_grid_flags, add_recompute_flag, check_calibration_kinds,
                            counts as _counts, grid_given, words as _words)
 from pipetwin.errors import UserError
 from pipetwin.scoring import run_sweep
@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
                    help="optimizer state in the memory accounting (default adam: 16 bytes/parameter)")
     add_recompute_flag(p)
+    add_zero_flag(p)
     add_grid_flags(p, sequence_parallel=False)
     add_device_calibration_flag(p)
     p.add_argument("--target-throughput", type=float, default=None, metavar="X", help="samples/s to reach with the fewest devices")
@@ -92,7 +93,7 @@ def run(args) -> int:
                          interconnects=args.interconnects, schedules=args.schedules,
                          microbatch_sizes=tuple(sorted(set(args.microbatch_sizes))), global_batch=args.global_batch,
                          optimizer=args.optimizer, recompute=_recompute(args.recompute), simulate=args.simulate,
-                         sim_batches=args.sim_batches, calibration=cal,
+                         sim_batches=args.sim_batches, calibration=cal, zero_stage=args.zero or 0,
                          grid=(args.tp, args.pp, args.dp, args.vp) if grid_given(args) else None)
     with Progress("bar" if args.progress else "off" if args.no_progress else "auto") as progress:
         result = run_sweep(config, jobs=args.jobs, cache=args.cache, prices=args.price, progress=progress)

@@ -72,8 +72,10 @@ import numpy as np
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY, looped_warmup_extra, rank_of
-from planner.sharding import check_planned_zero, zero_state_bytes
-from planner.recompute import extra_forward_s, kept_bytes, layer_input_bytes, rebuilt_bytes, recompute_mode, tp_allreduces
+from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s, fsdp_transient_bytes,
+                              zero3_refusal, zero_state_bytes)
+from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, rebuilt_bytes,
+                               recompute_mode, recomputed_tp_allreduces, tp_allreduces)
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -110,8 +112,12 @@ class CostOptions:
         overlap_allreduce: a stage's all-reduce runs under its backward pass (PyTorch DDP's gradient buckets):
             its time is forward + max(backward, all-reduce) instead of their sum (``pipetwin plan --dp-overlap``).
         zero_stage: ZeRO sharding of the training state over each stage's replicas (``planner.sharding``): 0
-            none, 1 the optimizer state, 2 also the gradients; memory only, as their collectives send the
-            all-reduce's bytes. One weight version: flush schedules only.
+            none, 1 the optimizer state, 2 also the gradients (their all-reduce a ring reduce-scatter + all-gather
+            of the 16-bit tensors), 3 also the weights (FSDP: each unit gathered before every pass that needs it,
+            its gradients reduce-scattered after every pass that makes them, ``planner.sharding.fsdp_pass_s``;
+            its gathered units in memory). One weight version: flush schedules only. A plan's own
+            ``zero_stage`` is used when this is 0.
+        fsdp_overlap: ZeRO-3 prefetch (as ``SimParams.fsdp_overlap``); False: every collective exposed.
     """
 
     overlap_comm: bool = True
@@ -124,6 +130,7 @@ class CostOptions:
     link_serial_async: float = 0.6
     overlap_allreduce: bool = False
     zero_stage: int = 0
+    fsdp_overlap: bool = True
 
     def __post_init__(self) -> None:
         check_planned_zero(self.zero_stage)
@@ -379,6 +386,27 @@ def stage_input_bytes(profile: ModelProfile, first: int) -> float:
 
 
 # --- evaluation of a placed plan -------------------------------------------------------
+def zero_family_refusal(family: str, zero_stage: int) -> str:
+    """Why ``family`` cannot run under ZeRO ``zero_stage`` ('' when it can): ZeRO shards one weight version, and
+    stage 3 is timed for one stage per device (``planner.sharding.zero3_refusal``)."""
+    fam = FAMILY[family]
+    if zero_stage and fam.weight_copies != 1:
+        return (f"ZeRO stage {zero_stage} shards one weight version, but {family} keeps several: use a flush schedule "
+                f"(gpipe, 1f1b, ...) or zero stage 0")
+    if zero_stage == 3 and fam.multi_stage:
+        return zero3_refusal(True, 1, ())
+    return ""
+
+
+def zero_refusal(plan: Plan, zero_stage: int) -> str:
+    """Why ``plan`` cannot run under ZeRO ``zero_stage`` ('' when it can); the search skips such plans."""
+    why = zero_family_refusal(plan.schedule, zero_stage)
+    if why or zero_stage != 3:
+        return why
+    fam = FAMILY[plan.schedule]
+    return zero3_refusal(fam.multi_stage, plan.microbatches, plan.replicas, fam.batched)
+
+
 def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions = CostOptions()) -> Candidate:
     """Cost a plan whose stages name topology devices. Raises PlanError on a plan the profile cannot cost."""
     if plan.num_layers != len(profile):
@@ -389,6 +417,11 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
     prof = profile.scaled(plan.microbatch_size) if plan.microbatch_size != profile.microbatch_size else profile
     if plan.recompute != "none" and options.recompute == "none":  # a plan that asks for recomputation is costed with it
         options = replace(options, recompute=plan.recompute)
+    if plan.zero_stage and not options.zero_stage:  # and a sharded plan sharded
+        options = replace(options, zero_stage=plan.zero_stage)
+    why = zero_refusal(plan, options.zero_stage)
+    if why:
+        raise PlanError(why)
     if FAMILY[plan.schedule].multi_stage:
         return _evaluate_interleaved(plan, prof, topology, options)
     fam, M, mb = plan.schedule, plan.microbatches, plan.microbatch_size
@@ -409,7 +442,12 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         dp_group = list(st.devices[::T])  # TP rank 0's replicas; every TP rank's group all-reduces at the same time,
         # so where the groups cross servers the T rings share each server's links: T times the bytes on them
         shared = T if T > 1 and len(_server_groups(topology, dp_group)) > 1 else 1
-        ar = topology.ring_allreduce_time_s(dp_group, params * shared) / update_interval(fam, M, r) if r > 1 else 0.0
+        ar = (topology.ring_allreduce_time_s(dp_group, allreduce_bytes(params, options.zero_stage) * shared)
+              / update_interval(fam, M, r) if r > 1 else 0.0)
+        if options.zero_stage == 3 and r > 1:  # FSDP: the collectives run inside the passes (planner.sharding)
+            compute = fsdp_passes_s(prof, *st.layers, options, topology, dp_group, speed, FAMILY[fam].backward,
+                                    st.tensor_group(0, T), mb) / r
+            ar = 0.0
         comm = ((cuts[i - 1] if i > 0 else 0.0) + (cuts[i] if i < S - 1 else 0.0)) / r
         if options.overlap_allreduce:  # the all-reduce runs under the backward pass (DDP's gradient buckets)
             fwd = f / speed / r
@@ -419,6 +457,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         t = max(core, comm) if options.overlap_comm else core + comm
         n_held, versions = (int(x) for x in stage_counts(fam, M, workers_after[i], r, limit0))
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options, r)
+        if options.zero_stage == 3 and r > 1:
+            mem += fsdp_gathered_bytes(prof, *st.layers, options, FAMILY[fam].backward)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
     return _candidate(plan, raw, options, fam, chunks=1, links=_link_bound(plan, prof, topology, options))
 
@@ -509,7 +549,8 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
                      peak, fits, tuple(stages), compute_time_per_batch_s=compute_batch,
                      link_time_per_batch_s=link_batch, link_bound_s=link_lower, binding_link=link_name,
                      binding=plan_binding)
-    return replace(cand, plan=replace(plan, predicted=cand.predicted(), recompute=options.recompute))
+    return replace(cand, plan=replace(plan, predicted=cand.predicted(), recompute=options.recompute,
+                                      zero_stage=options.zero_stage))
 
 
 def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, topology, group: tuple[str, ...],
@@ -520,6 +561,60 @@ def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, t
         return 0.0
     return sum(tp_allreduces(l, recompute) * topology.ring_allreduce_time_s(list(group), l.tp_allreduce_bytes * mb)
                for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
+
+
+def allreduce_bytes(params, zero_stage: int):
+    """What a stage's all-reduce point moves for ``params`` profile bytes (numbers or arrays): the bytes
+    themselves (stage 0), their 16-bit tensor as a reduce-scatter + all-gather (1, 2: the same ring bytes
+    as an all-reduce of it), nothing at stage 3 (its collectives run inside the passes: ``fsdp_passes_s``)."""
+    if zero_stage == 0:
+        return params
+    return collective_bytes(params) if zero_stage < 3 else params * 0.0
+
+
+def _pass_kinds(backward: str) -> tuple[str, ...]:
+    """The compute passes of one microbatch on a stage: F and B, or F, BI and BW when the backward is split."""
+    return ("F", "BI", "BW") if backward == "split" else ("F", "B")
+
+
+def fsdp_passes_s(prof: ModelProfile, first: int, last: int, options: CostOptions, topology, group: list[str],
+                  speed: float, backward: str = "full", tp_group: tuple[str, ...] = (), mb: int = 1) -> float:
+    """Seconds of one microbatch's ZeRO-3 passes on a stage replica over ``group`` (its replicas, of one TP rank),
+    each pass ``planner.sharding.fsdp_pass_s`` over the layers (units) with every collective a ring all-gather or
+    reduce-scatter of the unit's 16-bit tensor on free links (half a ring all-reduce's time); a unit's compute
+    holds its TP all-reduces as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
+    backward's and what recomputation re-runs); a split backward's BI and BW take half the backward each, the
+    re-run forward in the BI."""
+    layers = prof.layers[first:last + 1]
+    ring = [topology.ring_allreduce_time_s(group, collective_bytes(l.param_bytes)) / 2 if l.param_bytes > 0 else 0.0
+            for l in layers]
+    mode = options.recompute
+    tp = [topology.ring_allreduce_time_s(list(tp_group), l.tp_allreduce_bytes * mb)
+          if len(tp_group) > 1 and l.tp_allreduce_bytes > 0 else 0.0 for l in layers]
+    total = 0.0
+    for kind in _pass_kinds(backward):
+        gathers, scatters = fsdp_collectives(kind)
+        if kind == "F":
+            c = [l.forward_s / speed + l.tp_forward_allreduces * x for l, x in zip(layers, tp)]
+            g, r = ring, [0.0] * len(layers)
+        else:
+            share = 1.0 if kind == "B" else 0.5
+            redo = kind in ("B", "BI")
+            c = [(l.backward_s * share + (layer_extra_forward_s(l, mode) if redo else 0.0)) / speed
+                 + ((l.tp_backward_allreduces + recomputed_tp_allreduces(l, mode)) * x if redo else 0.0)
+                 for l, x in zip(layers, tp)][::-1]
+            g, r = ring[::-1], ring[::-1]
+        total += fsdp_pass_s(c, g if gathers else [0.0] * len(c), r if scatters else [0.0] * len(c),
+                             options.fsdp_overlap)
+    return total
+
+
+def fsdp_gathered_bytes(prof: ModelProfile, first: int, last: int, options: CostOptions, backward: str = "full") -> float:
+    """The most a ZeRO-3 pass of the stage holds beyond the sharded state (``planner.sharding.fsdp_transient_bytes``
+    over the family's passes), as ``sim.memory`` counts it at a pass's start."""
+    units = [collective_bytes(l.param_bytes) for l in prof.layers[first:last + 1]]
+    return max(fsdp_transient_bytes(units if k == "F" else units[::-1], *fsdp_collectives(k), options.fsdp_overlap)
+               for k in _pass_kinds(backward))  # a backward walks its units last to first
 
 
 def static_bytes(param_bytes, versions, replicas, options: CostOptions):
@@ -611,9 +706,11 @@ def _server_groups(topology, devices: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> tuple[dict, dict]:
+def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions,
+                rings: dict | None = None) -> tuple[dict, dict]:
     """Bytes per batch each (src, dst) device pair sends, and a bitmask of the stages whose traffic it is (bit s:
-    stage s), in first-send order (see ``link_loads``)."""
+    stage s), in first-send order (see ``link_loads``). ``rings`` (when given) collects the ZeRO collectives' share
+    of those bytes per pair."""
     M, mb = plan.microbatches, plan.microbatch_size
     sent: dict[tuple[str, str], float] = {}
     mask: dict[tuple[str, str], int] = {}
@@ -660,8 +757,18 @@ def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions) 
         if r < 2:
             continue
         rounds = 1 if FAMILY[plan.schedule].batched else math.ceil(M / r)
+        params = prof.param_bytes(*stage.layers)
+        if options.zero_stage:  # ZeRO's rings of 16-bit tensors: per step (1, 2), or every pass of every microbatch (3)
+            # stage 3: three ring passes per microbatch (F, B or BI gather; B or BW reduce-scatter), half an all-reduce each
+            nbytes = collective_bytes(params) * (1.5 * M / r if options.zero_stage == 3 else 1.0) * rounds
+            for t in range(T):
+                for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), nbytes, "ring").items():
+                    add(a, b, x, s)
+                    if rings is not None:
+                        rings[(a, b)] = rings.get((a, b), 0.0) + x
+            continue
         for t in range(T):
-            for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), prof.param_bytes(*stage.layers),
+            for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), params,
                                              options.allreduce).items():
                 add(a, b, x * rounds, s)
     return sent, mask
@@ -719,12 +826,14 @@ def _link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) 
     the stages whose traffic crosses it).
 
     The charged time adds, on each link, ``link_serial_*`` of the opposite direction's
-    seconds to the busier direction's (see ``CostOptions``); the binding link is the one
+    seconds (less ZeRO's ring collectives') to the busier direction's (see ``CostOptions``); the binding link is the one
     with the largest charged time.
     """
     if not options.link_load:
         return 0.0, 0.0, None, frozenset()
-    loads = _loads(*_pair_bytes(plan, prof, topology, options), topology)
+    rings: dict = {}
+    loads = _loads(*_pair_bytes(plan, prof, topology, options, rings), topology)
+    ring_loads = _loads(rings, dict.fromkeys(rings, 0), topology) if rings else {}
     bound, _ = _bound(loads)
     phi = options.link_serial_async if FAMILY[plan.schedule].stream else options.link_serial_flush
     best, name, bits = 0.0, None, 0
@@ -734,7 +843,8 @@ def _link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) 
         t_vu = back[0] / back[1] if back else 0.0
         if t_uv < t_vu or (t_uv == t_vu and (v, u) < (u, v)):
             continue  # the busier direction names the link
-        t = t_uv + phi * t_vu
+        # a ring collective sends and receives at once: ZeRO's rings take no turns with the other direction
+        t = t_uv + phi * max(0.0, t_vu - (ring_loads[(v, u)][0] / back[1] if (v, u) in ring_loads else 0.0))
         if t > best:
             best, name, bits = t, f"{u}->{v}", ss | (back[2] if back else 0)
     return bound, max(best, bound), name, frozenset(_stage_set(bits))

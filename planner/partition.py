@@ -42,8 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, deepest_limit0, holds_until_weight_grad, inflight,
-                               stage_bytes, stage_counts, stage_input_bytes, static_bytes, static_bytes_per_param_byte,
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, holds_until_weight_grad,
+                               inflight, stage_bytes, stage_counts, stage_input_bytes, static_bytes,
+                               static_bytes_per_param_byte,
                                update_interval, weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
@@ -205,10 +206,10 @@ class PartitionCache:
 
     * flat: the best partition over the first N devices, keyed by ``_Tables.key`` of their tables;
     * equal-work splits (``split_even``), keyed by the layer times and the part count;
-    * hierarchical: each level's dynamic-programme tables, keyed by the level's inputs (the cut costs
-      and the per-unit-count stage times). A level over C units is the same, for every unit count up to
-      C, as the level over fewer units with the same inputs, so a table is extended from the longest
-      stored prefix instead of being recomputed.
+    * hierarchical: each level's dynamic-programme tables (the top level's first row only, all the search
+      reads of it), keyed by the level's inputs (the cut costs and the per-unit-count stage times). A level
+      over C units is the same, for every unit count up to C, as the level over fewer units with the same
+      inputs, so a table is extended from the longest stored prefix instead of being recomputed.
 
     Not thread-safe; one per process (or per group of searches) is the intended use. ``hits`` and
     ``misses`` count flat answers and hierarchical levels; ``extended`` counts the misses that started
@@ -262,8 +263,9 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / rr
     params = tb.params[j] - tb.params[i]
     n = k - k0
-    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * params / tb.ar_bw[k0, k]
-    ar = np.where(r > 1, ar_full / update_interval(fam, M, rr), 0.0)
+    # ZeRO-3's gathers run inside its passes, which this programme does not time (evaluate does): none here
+    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * allreduce_bytes(params, opt.zero_stage) / tb.ar_bw[k0, k]
+    ar = np.where((r > 1) & (opt.zero_stage != 3), ar_full / update_interval(fam, M, rr), 0.0)
     cin = tb.cut(i, k0) if i > 0 else 0.0
     cout = tb.cut(j, k)
     comm = (cin + cout) / rr
@@ -597,7 +599,8 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     r = k - k0
     compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / r
     params = tb.params[j] - tb.params[i]
-    ar = (tb.ar_lat[k0, k] + 2 * (r - 1) / r * params / tb.ar_bw[k0, k]) / update_interval(fam, M, r) if r > 1 else 0.0
+    ar = ((tb.ar_lat[k0, k] + 2 * (r - 1) / r * allreduce_bytes(params, opt.zero_stage) / tb.ar_bw[k0, k])
+          / update_interval(fam, M, r) if r > 1 and opt.zero_stage != 3 else 0.0)
     cin = float(tb.cut(i, k0)) if i > 0 else 0.0
     comm = (cin + float(tb.cut(j, k))) / r
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
@@ -702,20 +705,23 @@ def coarsen(profile: ModelProfile, max_blocks: int) -> tuple[ModelProfile, list[
     return _replace(profile, layers=tuple(layers), graph=None), bounds
 
 
-def _level_tables(single: np.ndarray, cut: np.ndarray, cache: PartitionCache | None) -> tuple[np.ndarray, np.ndarray]:
+def _level_tables(single: np.ndarray, cut: np.ndarray, cache: PartitionCache | None,
+                  first_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One level's programme: A[i, j, m], the best bottleneck of block range [i, j) on m units (a prefix on
     m − m2 units, then a last stage on m2), and arg[i, j, m] = (k, m2) of the split (−1: one stage).
 
-    Reads only ``single`` (a range's time as one stage on m units, for every m ≤ C) and ``cut``. The
-    entries for m ≤ c read only ``single[..., :c + 1]``, so with ``cache`` the table is copied from the
-    stored one sharing the longest such prefix and extended from there, one m at a time, each (j, m)
-    computed exactly as the full programme computes it.
+    Reads only ``single`` (a range's time as one stage on m units, for every m ≤ C) and ``cut``. Row i of A
+    reads only row i (and ``single``), so ``first_row`` computes the rows [0, j) alone — all the top level of
+    the hierarchy reads — and returns A and arg of shape (1, B + 1, C + 1, ...): O(B²C²) work instead of
+    O(B³C²), every entry the one the full programme computes. The entries for m ≤ c read only
+    ``single[..., :c + 1]``, so with ``cache`` the table is copied from the stored one (of the same kind,
+    full or first row) sharing the longest such prefix and extended from there, each (j, m) computed
+    exactly as the full programme computes it.
     """
-    inf = math.inf
     B, C = single.shape[0] - 1, single.shape[2] - 1
     start, entry, entries = 1, None, None
     if cache is not None:
-        entries = cache._levels.setdefault(_digest("level", cut, single[:, :, :2]), [])
+        entries = cache._levels.setdefault(_digest("level", first_row, cut, single[:, :, :2]), [])
         bits = single.view(np.int64)
         for e in entries:
             n = min(C, e[0].shape[2] - 1)
@@ -728,32 +734,67 @@ def _level_tables(single: np.ndarray, cut: np.ndarray, cache: PartitionCache | N
             return entry[1][:, :, :C + 1], entry[2][:, :, :C + 1]
         cache.misses += 1
         cache.extended += start > 1
-    A = single.copy()
-    arg = np.full((B + 1, B + 1, C + 1, 2), -1, dtype=int)
+    A = single[:1].copy() if first_row else single.copy()
+    arg = np.full((A.shape[0], B + 1, C + 1, 2), -1, dtype=int)
     if entry is not None:
         A[:, :, :start + 1] = entry[1][:, :, :start + 1]
         arg[:, :, :start + 1] = entry[2][:, :, :start + 1]
+    (_extend_first_row if first_row else _extend_all_rows)(A, arg, single, cut, max(2, start + 1))
+    if entries is not None:
+        if entry is not None and start == entry[0].shape[2] - 1:  # the new table holds all of the old one
+            entries[:] = [e for e in entries if e is not entry]
+        entries.append((single, A, arg))
+    return A, arg
+
+
+def _extend_all_rows(A: np.ndarray, arg: np.ndarray, single: np.ndarray, cut: np.ndarray, m_from: int) -> None:
+    """``_level_tables``' programme over every row i, for the unit counts m ≥ ``m_from`` (in place)."""
+    B, C = single.shape[0] - 1, single.shape[2] - 1
     upper = np.arange(B + 1)[None, :] > np.arange(B + 1)[:, None]  # k > i
     for j in range(1, B + 1):
         ok = upper[:j, :j, None]
-        for m in range(max(2, start + 1), C + 1):
+        for m in range(m_from, C + 1):
             # prefix [i, k) on m − m2 units, last stage [k, j) on m2 units, for every k and m2 at once
             m2 = np.arange(1, m)
             left = A[:j, :j, m - m2]  # (i, k, m2)
             last = single[:j, j, 1:m]  # (k, m2)
             cand = np.maximum(np.maximum(left, cut[None, :j, None]), last[None, :, :])
-            cand = np.where(ok, cand, inf).reshape(j, -1)
+            cand = np.where(ok, cand, math.inf).reshape(j, -1)
             a = np.argmin(cand, axis=1)
             v = cand[np.arange(j), a]
             better = v < A[:j, j, m]
             A[:j, j, m] = np.where(better, v, A[:j, j, m])
             arg[:j, j, m, 0] = np.where(better, a // (m - 1), arg[:j, j, m, 0])
             arg[:j, j, m, 1] = np.where(better, a % (m - 1) + 1, arg[:j, j, m, 1])
-    if entries is not None:
-        if entry is not None and start == entry[0].shape[2] - 1:  # the new table holds all of the old one
-            entries[:] = [e for e in entries if e is not entry]
-        entries.append((single, A, arg))
-    return A, arg
+
+
+def _extend_first_row(A: np.ndarray, arg: np.ndarray, single: np.ndarray, cut: np.ndarray, m_from: int) -> None:
+    """Row 0 of ``_extend_all_rows`` (A and arg of one row), every unit count m ≥ ``m_from`` of a column j at once.
+
+    Column j reads only columns k < j, all of them final, so its m are independent: candidate (k, m, m2) is
+    max(A[0, k, m − m2], cut[k], single[k, j, m2]) for 1 ≤ m2 < m, with m2 ≥ m padded by inf. The first
+    minimum over (k, m2) in that order is the full programme's argmin (k = 0 and the padding are inf, so
+    they never come first with a finite value), and the value is a max/min of the same floats: bit-identical.
+    """
+    B, C = single.shape[0] - 1, single.shape[2] - 1
+    if m_from > C:
+        return
+    ms = np.arange(m_from, C + 1)
+    m2 = np.arange(1, C)
+    pad = m2[None, :] >= ms[:, None]  # (m, m2): no such split
+    idx = np.where(pad, 0, ms[:, None] - m2[None, :])
+    row, rarg = A[0], arg[0]
+    for j in range(2, B + 1):
+        ks = np.arange(1, j)
+        left = np.maximum(row[1:j][:, idx], cut[1:j, None, None])  # (k, m, m2)
+        cand = np.maximum(left, single[1:j, j, None, 1:C])
+        cand = np.where(pad[None], math.inf, cand).transpose(1, 0, 2).reshape(len(ms), -1)
+        a = np.argmin(cand, axis=1)
+        v = cand[np.arange(len(ms)), a]
+        better = v < row[j, ms]
+        row[j, ms] = np.where(better, v, row[j, ms])
+        rarg[j, ms, 0] = np.where(better, ks[a // (C - 1)], rarg[j, ms, 0])
+        rarg[j, ms, 1] = np.where(better, a % (C - 1) + 1, rarg[j, ms, 1])
 
 
 @dataclass(frozen=True)
@@ -779,8 +820,9 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
     cuts cost one microbatch's boundary transfer on that level's links. Memory is
     checked for the weights, gradients and optimizer state of each device's layers;
     activations are checked afterwards by the cost model. Assumes every domain of a
-    level holds the same number of units. ``cache`` reuses (and extends) the levels'
-    tables across searches; the answer is the same, bit for bit.
+    level holds the same number of units. The top level is solved from block 0 only (its
+    first row: B times less work than its full table, which no one reads). ``cache`` reuses
+    (and extends) the levels' tables across searches; the answer is the same, bit for bit.
     """
     prof, opt, M = pb.profile, pb.options, pb.microbatches
     devs = pb.devices
@@ -831,9 +873,10 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
                 single[:, :, m] = np.where(fits_static, single[:, :, m], inf)
         cut = lv.cut_lat + bb / lv.cut_bw
         cut[0] = cut[B] = 0.0
-        A, arg = _level_tables(single, cut, cache)
+        top = lv is levels[-1]  # the top level is read from its first row only (``expand`` from block 0)
+        A, arg = _level_tables(single, cut, cache, first_row=top)
         tables.append((A, arg))
-        prev_full = A[:, :, C]
+        prev_full = None if top else A[:, :, C]
     if not levels:
         return None
     top = len(levels) - 1

@@ -68,6 +68,8 @@ class Plan:
         tensor_parallel: T, the tensor-parallel degree of every stage replica (Megatron: one T for the plan).
         recompute: activation recomputation, one of planner.recompute.MODES ("none", "selective", "full").
         sequence_parallel: Megatron sequence parallelism inside each tensor group (needs tensor_parallel > 1).
+        zero_stage: ZeRO sharding of every stage's training state over its replicas, 0 (none) to 3 (FSDP full
+            shard); ``planner.sharding`` says what each stage holds and moves.
         predicted: what the planner predicted (free-form keys, e.g. time_per_sample_s).
     """
 
@@ -85,8 +87,11 @@ class Plan:
     tensor_parallel: int = 1
     recompute: str = "none"
     sequence_parallel: bool = False
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
+            raise PlanError(f"unknown ZeRO stage {self.zero_stage!r}; choose 0, 1, 2 or 3")
         if isinstance(self.recompute, bool) or self.recompute is None:
             object.__setattr__(self, "recompute", recompute_mode(self.recompute))
         if self.recompute not in RECOMPUTE_MODES:
@@ -144,7 +149,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k, default in (("tensor_parallel", 1), ("recompute", "none"), ("sequence_parallel", False)):  # absent at their defaults: old plans stay byte-identical
+        for k, default in (("tensor_parallel", 1), ("recompute", "none"), ("sequence_parallel", False),
+                           ("zero_stage", 0)):  # absent at their defaults: old plans stay byte-identical
             if d[k] == default:
                 del d[k]
         d["stages"] = [
@@ -162,7 +168,7 @@ class Plan:
             )
             kw = {k: d[k] for k in ("schedule", "microbatch_size", "microbatches", "chunks", "vertical_sync",
                                     "batches", "lr", "topology", "predicted", "tensor_parallel", "recompute",
-                                    "sequence_parallel") if k in d}
+                                    "sequence_parallel", "zero_stage") if k in d}
             return cls(model=str(d["model"]), stages=stages, **kw)
         except (KeyError, IndexError, TypeError) as e:
             raise PlanError(f"plan JSON is missing or has a malformed field ({e}); see `pipetwin plan -o plan.json` for the shape") from None

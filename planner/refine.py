@@ -26,7 +26,7 @@ import math
 import bisect
 from dataclasses import dataclass, replace
 
-from planner.costmodel import Candidate, CostOptions, bubble_factor, evaluate
+from planner.costmodel import Candidate, CostOptions, bubble_factor, evaluate, zero_refusal
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
 
@@ -234,6 +234,8 @@ def exhaustive(prof: ModelProfile, topology, devices: tuple[str, ...], family: s
             break  # every later pair's bound is as high: none can beat the best plan
         for k, lab in enumerate(labels[N]):
             plan = Shape(b, _place(reps, lab, servers)).plan(base)
+            if options.zero_stage == 3 and zero_refusal(plan, 3):
+                break  # the replication, not the placement, is what ZeRO-3 refuses
             if quick is not None and len(kept) == keep:
                 # Most placements lose (98% on the what-if tests' clusters): cost them first without the link
                 # bound, a lower bound on the full figure. One no faster than the keep-th best found cannot
@@ -343,6 +345,8 @@ def local_search(seeds: list[Candidate], prof: ModelProfile, topology, devices: 
             step_best = None
             for nb in _neighbours(cur, L, devices, where if sym else {}, step):
                 if nb in seen or not schedulable(family, microbatches, tuple(len(d) for d in nb.devices)):
+                    continue
+                if options.zero_stage == 3 and zero_refusal(nb.plan(base), 3):
                     continue
                 seen.add(nb)
                 spent += 1

@@ -23,7 +23,7 @@ from typing import Callable
 
 from planner import partition as part
 from planner import refine
-from planner.costmodel import Candidate, CostOptions, evaluate
+from planner.costmodel import Candidate, CostOptions, evaluate, zero_family_refusal, zero_refusal
 from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import ModelProfile
 from planner.program import FAMILIES, FAMILY
@@ -105,6 +105,7 @@ def plan_model(
     model_name: str | None = None,
     partition_cache: part.PartitionCache | None = None,
     grid: tuple[int, int, int, int] | None = None,
+    zero_stage: int = 0,
 ) -> PlanResult:
     """Plan ``profile`` on ``topology``: the best plan that fits memory, with runner-ups.
 
@@ -127,6 +128,9 @@ def plan_model(
             devices, layers split evenly) instead of the partition search; each family and microbatch
             count the search would try is costed, combinations the schedule refuses left out. The
             profile must be per TP rank of tp.
+        zero_stage: ZeRO sharding (``CostOptions.zero_stage``) every plan is costed with; families and shapes it
+            cannot run (weight stashing; at stage 3 several stages per device, tensor parallelism, replicas that
+            split the microbatches unevenly) are left out, and a fixed ``schedule`` it refuses is a PlanError.
 
     Raises:
         PlanError: an unknown schedule or cost model, inconsistent batch sizes, more stages
@@ -138,6 +142,9 @@ def plan_model(
         raise PlanError(f"plan_model costs plans with the pipetwin model; for cost_model={cost_model!r} "
                         "use planner.pipedream.optimize_pipedream (pipetwin plan --cost-model pipedream)")
     families = _families(schedule)
+    if schedule != "auto" and zero_family_refusal(schedule, zero_stage):
+        raise PlanError(zero_family_refusal(schedule, zero_stage))
+    families = tuple(f for f in families if not zero_family_refusal(f, zero_stage))
     if microbatch_size < 1:
         raise PlanError("--microbatch-size must be >= 1")
     devs = tuple(devices) if devices is not None else tuple(topology.devices)
@@ -153,7 +160,7 @@ def plan_model(
     if stages is not None and stages > len(devs):
         raise PlanError(f"{stages} stages but only {len(devs)} devices: use at most {len(devs)} stages or a larger topology")
     opts = CostOptions(overlap_comm=overlap_comm, recompute=recompute, optimizer=optimizer,
-                       memory_limit_bytes=memory_limit_bytes)
+                       memory_limit_bytes=memory_limit_bytes, zero_stage=zero_stage)
     prof = profile.scaled(microbatch_size) if microbatch_size != profile.microbatch_size else profile
     name = model_name or profile.name
     mcounts = _microbatch_counts(global_batch, microbatch_size, microbatches, len(devs))
@@ -162,9 +169,11 @@ def plan_model(
     exact: set[tuple[str, int]] = set()
     for fam in families:
         for M in mcounts:
-            plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size) if grid is not None else
+            plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size, topology.name) if grid is not None else
                      _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache, partition_cache))
             for plan in plans:
+                if zero_refusal(plan, zero_stage):
+                    continue
                 if not _linear(fam) or refine.schedulable(fam, M, tuple(st.replicas for st in plan.stages)):
                     cands.append(evaluate(plan, profile, topology, opts))
             if grid is None and stages is None and _linear(fam) and len(devs) <= part.FLAT_MAX_DEVICES:
@@ -270,7 +279,7 @@ def best_data_parallel(profile: ModelProfile, topology, *, microbatch_size: int 
 
 # --- helpers ---------------------------------------------------------------------------------
 def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: ModelProfile, devs: tuple[str, ...],
-                opts: CostOptions, name: str, mb: int) -> list[Plan]:
+                opts: CostOptions, name: str, mb: int, topology: str | None = None) -> list[Plan]:
     """The fixed plan ``grid`` = (tp, pp, dp, vp) asks for under family ``fam`` and M microbatches, if the schedule takes it."""
     from planner.lowering import plan_spec
     from planner.plan import plan_from_flags
@@ -284,7 +293,7 @@ def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: Mode
     if not (vp == f.chunks if f.chunks else vp > 1 if f.multi_stage else vp == 1):
         return []
     plan = plan_from_flags(name, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=fam, microbatches=M,
-                           microbatch_size=mb, recompute=opts.recompute, devices=list(devs))
+                           microbatch_size=mb, recompute=opts.recompute, devices=list(devs), topology=topology)
     try:
         validate_spec(plan_spec(plan))
     except ScheduleError:

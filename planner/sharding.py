@@ -32,12 +32,35 @@ Every figure is per GPU and per optimizer step (one gradient reduction per step:
 accumulation over microbatches reduces once, as FSDP's no-sync and ZeRO do).
 
 The cost model and the simulator read the same bytes (:func:`zero_state_bytes`, in a profile's
-``param_bytes``, 4 per parameter) through ``CostOptions.zero_stage`` and ``SimParams.zero_stage``:
-the weights and the optimizer state held from the start, the gradients from a round's first
-backward to its step. Stage 0 there keeps the project's unsharded count (a 4-byte weight and
-gradient, the optimizer's moments: 16 bytes with Adam). Stages 1 and 2 only: their collectives send
-the all-reduce's bytes, so the time model stands; ZeRO-3 gathers the weights in every pass, which
-neither interpreter times yet, so they refuse it (its closed form is here).
+``param_bytes``, 4 per parameter) through ``CostOptions.zero_stage`` and ``SimParams.zero_stage``
+(or a plan's ``zero_stage``): the weights and the optimizer state held from the start, the gradients
+from a round's first backward to its step. Stage 0 there keeps the project's unsharded count (a 4-byte
+weight and gradient, the optimizer's moments: 16 bytes with Adam) and its all-reduce of the stage's
+``param_bytes``. Stages ≥ 1 move 16-bit tensors (:func:`collective_bytes`: half a profile's
+``param_bytes``):
+
+* stages 1 and 2: the stage's one all-reduce point per step becomes a ring reduce-scatter of the
+  16-bit gradients, then a ring all-gather of the updated 16-bit weights;
+* stage 3 (FSDP full shard), per unit (one profile layer with parameters; the unit FSDP wraps, a
+  transformer block): an all-gather of its weights before every pass that needs them (F, B, BI) and a
+  reduce-scatter of its gradients after every pass that makes them (B, BW) — per microbatch, FSDP's
+  default (``reshard_after_forward``, no ``no_sync``: the gradients stay sharded, so M microbatches
+  gather 2·M times and reduce-scatter M times per step). A pass ends when its compute and its
+  collectives are done (FSDP's backward waits for its reduce-scatters); the stage's all-reduce point
+  costs nothing more. Overlap (:func:`fsdp_pass_s`, FSDP's prefetch): a replica group's collectives run
+  one at a time in the order issued (one communicator); the gather of unit j + 1 is issued when unit
+  j's compute starts, unit j's reduce-scatter when its compute ends; the first unit's gather is
+  exposed. Without overlap every collective waits for the compute before it and blocks the next.
+  Memory (:func:`fsdp_transient_bytes`): the sharded state, plus while a pass runs the gathered 16-bit
+  weights of the unit computing and the one prefetched (with overlap), and in a pass that reduces the
+  unit's unsharded 16-bit gradient.
+
+Not modelled: FSDP keeping weights gathered across microbatches (``reshard_after_forward=False``, the
+pipeline's choice in torchtitan) or accumulating unsharded gradients (``no_sync``), hierarchical or
+tree collectives (every one a ring over the group in placement order), weight-stashing schedules
+(one weight version is what ZeRO shards: refused), several stages per device with stage 3 (refused
+with a line saying so). With tensor parallelism each TP rank's shard is gathered over its own DP group
+(the profile is per TP rank) and a unit's TP all-reduces run inside its compute.
 """
 from __future__ import annotations
 
@@ -49,12 +72,15 @@ from planner.plan import PlanError
 
 __all__ = ["ZERO_STAGES", "PLANNED_ZERO_STAGES", "ShardedState", "ShardingTraffic", "sharded_state",
            "sharding_traffic", "optimizer_bytes_per_param", "ring_bytes_per_rank", "ring_time_s", "zero_state_bytes",
-           "check_planned_zero"]
+           "check_planned_zero", "collective_bytes", "fsdp_collectives", "fsdp_pass_s", "fsdp_transient_bytes",
+           "FSDP_PASSES", "zero3_refusal"]
 
 #: ZeRO stages: 0 (none: every rank holds everything), 1 (optimizer state), 2 (+ gradients), 3 (+ weights; FSDP).
 ZERO_STAGES = (0, 1, 2, 3)
 #: The stages the cost model and the simulator take (see the module docstring).
-PLANNED_ZERO_STAGES = (0, 1, 2)
+PLANNED_ZERO_STAGES = (0, 1, 2, 3)
+#: ZeRO-3 per compute action kind (F, B, BI, BW): (gathers the weights first, reduce-scatters the gradients after).
+FSDP_PASSES = {"F": (True, False), "B": (True, True), "BI": (True, False), "BW": (False, True)}
 
 
 def optimizer_bytes_per_param(optimizer: str = "adam") -> float:
@@ -115,8 +141,7 @@ def zero_state_bytes(param_bytes: float, degree: int, stage: int, optimizer_stat
 def check_planned_zero(stage: int, error: type[Exception] = PlanError) -> None:
     """Refuse a ZeRO stage the cost model and the simulator do not take (``error``: the caller's error type)."""
     if stage not in PLANNED_ZERO_STAGES:
-        raise error(f"ZeRO stage {stage!r}: the cost model and the simulator take 0, 1 or 2; stage 3 (FSDP) gathers "
-                    f"the weights in every pass, which they do not time yet (planner.sharding has its closed form)")
+        raise error(f"unknown ZeRO stage {stage!r}; choose one of {', '.join(map(str, PLANNED_ZERO_STAGES))}")
 
 
 def ring_bytes_per_rank(total_bytes: float, degree: int) -> float:
@@ -164,3 +189,74 @@ def ring_time_s(bytes_per_rank: float, bandwidth_bytes_per_s: float, degree: int
     if degree < 2 or bytes_per_rank <= 0:
         return 0.0
     return bytes_per_rank / bandwidth_bytes_per_s + (degree - 1) * latency_s
+
+
+def collective_bytes(param_bytes: float) -> float:
+    """The 16-bit tensor a ZeRO collective (stages ≥ 1) gathers or reduces for ``param_bytes`` of a profile
+    (``BYTES_PER_PARAM`` = 4 per parameter): ``BYTES_PER_ELEMENT`` per parameter."""
+    return param_bytes * BYTES_PER_ELEMENT / BYTES_PER_PARAM
+
+
+def fsdp_collectives(kind: str) -> tuple[bool, bool]:
+    """(gathers the weights before, reduce-scatters the gradients after) of a ZeRO-3 compute pass ``kind``
+    (F, B, BI, BW): the input gradient needs the weights, the weight gradient makes the gradients."""
+    return FSDP_PASSES[kind]
+
+
+def fsdp_pass_s(compute_s, gather_s, scatter_s, overlap: bool = True) -> float:
+    """Seconds of one ZeRO-3 pass over units in the order it runs them (forward: first to last layer; backward:
+    last to first): ``compute_s[j]`` unit j's compute, ``gather_s[j]`` its all-gather (0: none), ``scatter_s[j]``
+    its reduce-scatter (0: none), each on free links. The module docstring's rule: collectives one at a
+    time in issue order; with ``overlap`` the gather of j + 1 is issued when j's compute starts and j's
+    reduce-scatter when it ends; without, each collective waits for the compute before it and blocks what
+    follows. The pass ends when its compute and its collectives are done."""
+    n = len(compute_s)
+    if not overlap:
+        return float(sum(compute_s) + sum(gather_s) + sum(scatter_s))
+    queue = 0.0                       # when the group's communicator is free
+    ready = gather_s[0] if n else 0.0  # when unit j's weights are gathered
+    queue = ready
+    end = 0.0                         # when unit j − 1's compute ended
+    for j in range(n):
+        start = max(end, ready)
+        if j + 1 < n:
+            if gather_s[j + 1] > 0:
+                queue = max(start, queue) + gather_s[j + 1]
+                ready = queue
+            else:
+                ready = start
+        end = start + compute_s[j]
+        if scatter_s[j] > 0:
+            queue = max(end, queue) + scatter_s[j]
+    return max(end, queue)
+
+
+def fsdp_transient_bytes(unit_bytes, gathers: bool, scatters: bool, overlap: bool = True) -> float:
+    """The most a ZeRO-3 pass holds beyond the sharded state: over its units (``unit_bytes``: each unit's
+    16-bit weights, :func:`collective_bytes`, in the pass's order) the gathered weights of the unit computing
+    and, with ``overlap``, of the next one prefetched, plus in a pass that reduces the unit's unsharded
+    16-bit gradient (freed by its reduce-scatter)."""
+    best = 0.0
+    n = len(unit_bytes)
+    for j in range(n):
+        held = 0.0
+        if gathers:
+            held += unit_bytes[j] + (unit_bytes[j + 1] if overlap and j + 1 < n else 0.0)
+        if scatters:
+            held += unit_bytes[j]
+        best = max(best, held)
+    return best
+
+
+def zero3_refusal(multi_stage: bool, microbatches: int, replicas, batched: bool = True) -> str:
+    """Why ZeRO-3 cannot be timed for this shape ('' when it can): every replica of a group must run the same
+    passes (each gather is one collective over the group), and stage 3 is timed for one stage per device."""
+    if multi_stage:
+        return ("ZeRO stage 3 is timed for one stage per device; this schedule places several per device: use "
+                "gpipe, 1f1b, zb-h1 or zb-h2, or zero stage 2")
+    if batched:
+        for r in replicas:
+            if r > 1 and microbatches % r:
+                return (f"ZeRO stage 3: a stage of {r} replicas splits {microbatches} microbatches unevenly, so its "
+                        f"ranks would gather a different number of times; give --microbatches a multiple of {r}")
+    return ""

@@ -5,6 +5,8 @@ started together, and the next phase starts when every flow of the previous
 one is delivered. Its cost is whatever the network makes of those flows.
 
 - ring: 2(n − 1) phases of n flows of S/n bytes, replica i to replica i + 1.
+- ring all-gather or reduce-scatter (``ring_pass_phases``; ZeRO's collectives): n − 1
+  phases of n flows of S/n.
 - fused ring (``fused_ring_phases``): the ring's 2(n − 1) phases as one phase of n
   flows of 2(n − 1)/n·S bytes, plus the 2(n − 1) − 1 route latencies the later
   phases would add (``Collective``'s ``tail_s``). On links nothing else uses it
@@ -47,6 +49,16 @@ def ring_phases(devices: list[str], nbytes: float) -> list[Phase]:
     return [step] * (2 * (n - 1))
 
 
+def ring_pass_phases(devices: list[str], nbytes: float) -> list[Phase]:
+    """A ring all-gather or reduce-scatter of an ``nbytes`` tensor: n − 1 phases of n flows of nbytes/n
+    (half of :func:`ring_phases`'s all-reduce)."""
+    n = len(devices)
+    if n < 2 or nbytes <= 0:
+        return []
+    chunk = nbytes / n
+    return [[(devices[i], devices[(i + 1) % n], chunk) for i in range(n)]] * (n - 1)
+
+
 def fused_ring_phases(devices: list[str], nbytes: float, route_latency_s: float) -> tuple[list[Phase], float]:
     """(phases, tail seconds) of a ring all-reduce run as one phase (see the module docstring)."""
     n = len(devices)
@@ -81,6 +93,21 @@ def allreduce_phases(topology: Topology, devices: list[str], nbytes: float, algo
     if algorithm == "hierarchical" or (algorithm == "auto" and spread):
         return hierarchical_phases(groups, nbytes), "hierarchical"
     return ring_phases([d for g in groups for d in g], nbytes), "ring"
+
+
+def dp_phases(topology: Topology, devices: list[str], nbytes: float, algorithm: str,
+              zero_stage: int = 0) -> tuple[list[Phase], str]:
+    """The phases a stage's data-parallel collectives run on, for a stage of ``nbytes`` parameter bytes (a
+    profile's) over ``devices``: the all-reduce (ZeRO 0); a ring reduce-scatter then all-gather of the 16-bit
+    tensor (1, 2); one ring pass of it (3: each unit's gathers and reduce-scatters take that ring's pairs)."""
+    from planner.sharding import collective_bytes
+
+    if zero_stage == 0:
+        return allreduce_phases(topology, devices, nbytes, algorithm)
+    one = ring_pass_phases(devices, collective_bytes(nbytes))
+    if zero_stage < 3:
+        return one * 2, "ring reduce-scatter + all-gather"
+    return one, "ring all-gathers + reduce-scatters"
 
 
 class Collective:

@@ -11,7 +11,18 @@
   ``recv_ready_s`` when its payload was already there);
 - ALLREDUCE waits until every replica of its stage (of the worker's TP rank) has
   arrived, then runs the collective on the links (``sim.collectives``); STEP
-  takes ``step_time_s``.
+  takes ``step_time_s``. With ZeRO 1 or 2 (``SimParams.zero_stage``) that collective is a ring
+  reduce-scatter then all-gather of the 16-bit tensors (``planner.sharding.collective_bytes``).
+
+ZeRO-3 (FSDP): a compute action of a replicated stage walks its units (one per layer, in the
+pass's order, each with its layer's TP all-reduces inside its compute); each gathers its weights over the replica group before the pass that needs them
+and reduce-scatters its gradients after the pass that makes them (``planner.sharding``'s rule:
+F and BI gather, BW reduces, B does both), each collective a ring on the real links that waits
+for every replica to issue it and for the group's previous collective (one communicator),
+contending with everything else on those links. With ``SimParams.fsdp_overlap`` the next unit's
+gather is issued when a unit's compute starts (prefetch) and a reduce-scatter runs on under the
+next unit; the action ends when its compute and its collectives are done. The stage's ALLREDUCE
+then moves nothing.
 
 Tensor parallelism (``Program.tensor_parallel`` T > 1; the profile is per TP
 rank): a compute action of a TP group runs its layers' TP all-reduces
@@ -42,7 +53,7 @@ import gc
 import random
 from itertools import count, repeat
 from operator import attrgetter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable
 
 import simpy
@@ -51,8 +62,9 @@ from planner.program import FAMILY, Action, Kind, Program, even_layers
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
-from sim.collectives import Collective, Phase, allreduce_phases, fused_ring_phases, ring_phases
-from sim.memory import memory_levels, memory_marks, round_function, stage_bytes
+from planner.sharding import collective_bytes, fsdp_collectives, zero3_refusal
+from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, ring_pass_phases, ring_phases
+from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
 from sim.fold import fold
@@ -60,7 +72,7 @@ from sim.symmetry import symmetry
 from sim.tensor import tp_segments
 from topologies.topology import Topology
 
-_COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE, _TP = range(6)  # _COMPUTE (0) also stands for STEP
+_COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE, _TP, _FSDP = range(7)  # _COMPUTE (0) also stands for STEP
 _KF, _KB, _KBI, _KBW = Kind.F, Kind.B, Kind.BI, Kind.BW
 _KSEND, _KRECV, _KALLREDUCE = Kind.SEND, Kind.RECV, Kind.ALLREDUCE
 _ARRIVED = True
@@ -123,6 +135,8 @@ def simulate_plan(plan, profile: ModelProfile, topology: Topology, params: SimPa
         raise SimError(f"the plan {'uses' if plan.sequence_parallel else 'does not use'} sequence parallelism but the "
                        f"profile {profile.name!r} is built {'without' if plan.sequence_parallel else 'with'} it; build "
                        "the profile as the plan runs")
+    if plan.zero_stage and not params.zero_stage:  # a sharded plan is simulated sharded
+        params = replace(params, zero_stage=plan.zero_stage)
     program = plan_to_program(plan, profile)
     trace = simulate(program, profile, topology, worker_devices(plan, program), microbatch_size=plan.microbatch_size,
                      params=params, progress=progress, stage_layers=[s.layers for s in plan.stages],
@@ -143,13 +157,27 @@ def workers_simulated(plan, profile: ModelProfile, topology: Topology, params: S
 
 def zero_replicas(program: Program, params: SimParams) -> dict[int, int] | None:
     """Each stage's replica count, the degree ``params.zero_stage`` shards its state over (None without ZeRO);
-    refuses a schedule that keeps more than one weight version (ZeRO shards one)."""
+    refuses a schedule that keeps more than one weight version (ZeRO shards one), and a shape ZeRO-3 is not
+    timed for (``planner.sharding.zero3_refusal``)."""
     if not params.zero_stage:
         return None
-    if FAMILY[program.spec.family].weight_copies != 1:
+    fam = FAMILY[program.spec.family]
+    if fam.weight_copies != 1:
         raise SimError(f"zero_stage {params.zero_stage}: {program.spec.family} keeps several weight versions and ZeRO "
                        f"shards one; use a flush schedule or zero_stage 0")
-    return {s: program.replica_count(s) for s in range(len(program.stage_workers))}
+    reps = {s: program.replica_count(s) for s in range(len(program.stage_workers))}
+    if params.zero_stage == 3:
+        why = zero3_refusal(fam.multi_stage, program.spec.microbatches, reps.values(), fam.batched)
+        if why:
+            raise SimError(why)
+    return reps
+
+
+def _transients(program: Program, profile: ModelProfile, layers, params: SimParams):
+    """ZeRO-3's per-pass gathered bytes (``sim.memory.fsdp_transients``), None below stage 3."""
+    if params.zero_stage != 3:
+        return None
+    return fsdp_transients(fsdp_units(profile, layers), params.fsdp_overlap)
 
 
 def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int = 1, params: SimParams = SimParams(),
@@ -162,11 +190,12 @@ def peak_memory(program: Program, profile: ModelProfile, *, microbatch_size: int
     layers = _stage_layers(program, profile, stage_layers)
     weights = stage_bytes(profile, layers, microbatch_size, _mode(recompute))
     round_of = round_function(program)
+    transients = _transients(program, profile, layers, params)
     out = {}
     for w in program.workers:
         initial, levels = memory_levels(program[w], {s: weights[s] for s in program.stages_of(w)},
                                         params.optimizer_state_factor, round_of, params.recv_lookahead,
-                                        params.zero_stage, zero_replicas(program, params))
+                                        params.zero_stage, zero_replicas(program, params), transients)
         out[w] = max(initial, max((max(pair) for pair in levels), default=initial))
     return out
 
@@ -236,6 +265,14 @@ class _Run:
         self.stage_bytes = stage_bytes(profile, layers, microbatch_size, recompute)
         self.round_of = round_function(program)
         self.zero_replicas = zero_replicas(program, params)
+        self.transients = _transients(program, profile, layers, params)
+        self.fsdp = None  # stage 3: per stage, per layer (forward s, backward s, re-run forward s, gathered bytes)
+        if params.zero_stage == 3:
+            self.fsdp = [[(l.forward_s * k, l.backward_s * k, layer_extra_forward_s(l, recompute) * k,
+                           collective_bytes(l.param_bytes)) for l in profile.layers[a:b + 1]] for a, b in layers]
+            self.fsdp_tp = None if self.T == 1 else [  # per stage, per layer: its TP all-reduces (sim.tensor)
+                [tp_segments(profile, x, x, k, microbatch_size, recompute) for x in range(a, b + 1)] for a, b in layers]
+            self.fsdp_last: dict[tuple, simpy.Event] = {}  # (stage, TP rank) -> the group's last collective
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
                      "topology": topology.name, "params": asdict(params)}
         if recompute != "none":
@@ -248,6 +285,8 @@ class _Run:
         self.rec: list[tuple[int, int, float, float]] = []
         self.mem: list[tuple[int, float, float]] = []
         self.algorithms: set[str] = set()
+        if params.zero_stage == 3 and any(program.replica_count(s) > 1 for s in range(len(program.stage_workers))):
+            self.algorithms.add("ring all-gathers + reduce-scatters")
         sw = program.stage_workers
         self.fold = None
         self.net = Network(self.env, topology)  # sim.symmetry reads its routes; a folding replaces it
@@ -299,7 +338,10 @@ class _Run:
         acts = self.p[w]
         stages = self.p.stages_of(w)
         static, marks = memory_marks(acts, {s: self.stage_bytes[s] for s in stages}, prm.optimizer_state_factor,
-                                     self.round_of, prm.recv_lookahead, prm.zero_stage, self.zero_replicas)
+                                     self.round_of, prm.recv_lookahead, prm.zero_stage, self.zero_replicas,
+                                     self.transients)
+        fsdp = self.fsdp
+        seq = 0
         src = dev[w]
         to: dict[int, tuple[str, bool]] = {}       # peer -> (its device, free route?)
         heads: dict[tuple, tuple[str, str]] = {}   # (stage, kind, version, grad, peer) -> text around the mb
@@ -341,7 +383,11 @@ class _Run:
                     else:
                         seen.add(r)
                 seg = None if tp is None else tp[s][0] if k is _KF else tp[s][1] if redo else None
-                if seg is None or not seg[0]:
+                if fsdp is not None and self.zero_replicas[s] > 1:
+                    units, seq = self._fsdp_units(s, k, base, redo, seq, split, bi, bi0_free, speed)
+                    append((_FSDP, ovh, ms, me, text, kv, nb, units,
+                            (s, tp_rank[w], arrivals[s], acc, tp_key, i, tp_arrivals)))
+                elif seg is None or not seg[0]:
                     append((_COMPUTE, base + acc + ovh, ms, me, text, kv, nb, None, None))
                 else:  # TP all-reduces inside: each after its share of the compute
                     pieces, raw = seg
@@ -359,6 +405,8 @@ class _Run:
                     append((_SEND, ovh, ms, me, text, kv, nb, (w, peer, g, s, mb), (src, dst[0], nb, (w, i))))
             elif k is _KRECV:
                 append((_RECV, ovh, ms, me, text, kv, nb, (peer, w, g, s + 1 if g else s - 1, mb), None))
+            elif k is _KALLREDUCE and fsdp is not None:  # stage 3: the passes reduce-scattered the gradients
+                append((_COMPUTE, ovh, ms, me, text, kv, nb, None, None))
             elif k is _KALLREDUCE:
                 t = tp_rank[w]
                 append((_ALLREDUCE, ovh, ms, me, text, kv, nb, (s, mb, t), (arrivals[s], s, nb, t)))
@@ -412,22 +460,13 @@ class _Run:
                     for j, (d, nbytes) in enumerate(x):
                         if d > 0.0:
                             yield timeout(d)
-                        key = (y[0], y[1], j)
-                        st = groups.get(key)
-                        if st is None:
-                            st = groups[key] = [0, new_event()]
-                        st[0] += 1
-                        if st[0] == y[3]:
-                            del groups[key]
-                            phases, tail = self._tp_phases(y[0], nbytes)
-                            label = text + "/TP" if self.fold is None else (y[0], y[1], "/TP")  # a fold mirrors it
-                            coll = Collective(self.net, phases, _succeed, st[1], label, tail)
-                            if coll.start():  # free links: done at once, for the ranks waiting too
-                                st[1].succeed()
-                                continue
-                        yield st[1]
+                        ev = self._tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3])
+                        if ev is not None:
+                            yield ev
                     if y[2] > 0.0:
                         yield timeout(y[2])
+                elif code == _FSDP:
+                    yield from self._fsdp_pass(x, y, text)
                 else:  # _ALLREDUCE
                     st = groups.get(x)
                     if st is None:
@@ -446,6 +485,145 @@ class _Run:
             rec.append(_tnew(Event, (w, text, t0, env._now, kind, nb)))
             if me is not None:
                 mem.append((w, env._now, me))
+
+    # --- ZeRO-3: a pass's units and their collectives ----------------------------------
+    def _fsdp_units(self, s: int, k: Kind, base: float, redo: bool, seq: int, split: float, bi: float,
+                    bi0_free: bool, speed: float) -> tuple[tuple, int]:
+        """((compute seconds, gather bytes, gather key, scatter bytes, scatter key) per unit in the pass's order,
+        the worker's collective count after it). The units' compute adds up to the action's ``base`` seconds
+        (speed, splitting, re-run forward and jitter included); keys number the worker's collectives in issue
+        order (the rule of ``planner.sharding.fsdp_pass_s``), which every replica follows alike."""
+        gathers, scatters = fsdp_collectives(k._value_)
+        rows = self.fsdp[s] if k is _KF else self.fsdp[s][::-1]
+        raw = []
+        for f, b, x, nbytes in rows:
+            if k is _KF:
+                c = f
+            elif k is _KB:
+                c = b
+            elif s == 0 and bi0_free:
+                c = 0.0 if k is _KBI else b
+            else:
+                c = b * split * (bi if k is _KBI else 1.0 - bi)
+            raw.append(c + (x if redo else 0.0))
+        total = sum(raw)
+        scale = base / total if total > 0 else 0.0
+        units = []
+        order = []  # issue order: gather 0, then per unit j: gather j + 1, scatter j
+        g = [nbytes if gathers else 0.0 for *_, nbytes in rows]
+        r = [nbytes if scatters else 0.0 for *_, nbytes in rows]
+        keys_g, keys_r = [None] * len(rows), [None] * len(rows)
+        if rows and g[0] > 0:
+            order.append(("g", 0))
+        for j in range(len(rows)):
+            if j + 1 < len(rows) and g[j + 1] > 0:
+                order.append(("g", j + 1))
+            if r[j] > 0:
+                order.append(("r", j))
+        if not self.params.fsdp_overlap:  # each unit: its gather, its compute, its scatter
+            order = [(t, j) for j in range(len(rows)) for t in ("g", "r") if (g if t == "g" else r)[j] > 0]
+        for t, j in order:
+            (keys_g if t == "g" else keys_r)[j] = seq
+            seq += 1
+        tp = self.fsdp_tp[s] if self.fsdp_tp is not None else None
+        if tp is not None and k is not _KF:
+            tp = tp[::-1]
+        for j in range(len(rows)):
+            c = raw[j] * scale
+            pieces, tail = (), c
+            seg = None if tp is None else tp[j][0] if k is _KF else tp[j][1] if redo else None
+            if seg is not None and seg[0]:  # the layer's TP all-reduces inside the unit, each after its share
+                f = c / seg[1] if seg[1] > 0 else 0.0
+                pieces = tuple((d * f, n) for d, n in seg[0])
+                tail = (seg[1] - sum(d for d, _ in seg[0])) * f
+            units.append((c, g[j], keys_g[j], r[j], keys_r[j], pieces, tail))
+        return tuple(units), seq
+
+    def _fsdp_issue(self, stage: int, tp: int, arrivals: int, key: int, nbytes: float, what: str) -> simpy.Event:
+        """Join collective ``key`` of the replica group of (``stage``, ``tp``); the last to join queues it behind the
+        group's previous collective. Returns the event it succeeds at."""
+        gk = (stage, tp, key)
+        st = self.groups.get(gk)
+        if st is None:
+            st = self.groups[gk] = [0, self.env.event()]
+        st[0] += 1
+        ev = st[1]
+        if st[0] == arrivals:
+            del self.groups[gk]
+            phases = self._pass_phases(stage, nbytes, tp)
+            prev = self.fsdp_last.get((stage, tp))
+            self.fsdp_last[(stage, tp)] = ev
+            label = f"{stage}{what}{key}"
+
+            def go(_ev=None):
+                if Collective(self.net, phases, _succeed, ev, label).start():
+                    ev.succeed()
+
+            if prev is None or prev.processed:
+                go()
+            else:
+                prev.callbacks.append(go)
+        return ev
+
+    def _fsdp_pass(self, units: tuple, y: tuple, text: str):
+        """The device process through one ZeRO-3 pass (``_fsdp_units``), a unit's TP all-reduces inside its compute."""
+        stage, tp, arrivals, acc, tp_key, i, tp_arrivals = y
+        timeout, issue, overlap = self.env.timeout, self._fsdp_issue, self.params.fsdp_overlap
+        n = len(units)
+        ready = [None] * n
+        last = None
+        if overlap and n and units[0][2] is not None:
+            ready[0] = issue(stage, tp, arrivals, units[0][2], units[0][1], "AG")
+        for j, (c, gb, gkey, rb, rkey, pieces, tail) in enumerate(units):
+            if not overlap and gkey is not None:
+                ready[j] = issue(stage, tp, arrivals, gkey, gb, "AG")
+            ev = ready[j]
+            if ev is not None and not ev.processed:
+                yield ev
+            if overlap and j + 1 < n and units[j + 1][2] is not None:
+                ready[j + 1] = last = issue(stage, tp, arrivals, units[j + 1][2], units[j + 1][1], "AG")
+            for q, (d, nbytes) in enumerate(pieces):
+                if d > 0.0:
+                    yield timeout(d)
+                tev = self._tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals)
+                if tev is not None:
+                    yield tev
+            if tail > 0.0:
+                yield timeout(tail)
+            if rkey is not None:
+                last = issue(stage, tp, arrivals, rkey, rb, "RS")
+                if not overlap and not last.processed:
+                    yield last
+        if acc > 0.0:
+            yield timeout(acc)
+        if last is not None and not last.processed:
+            yield last
+
+    def _pass_phases(self, stage: int, nbytes: float, tp_rank: int) -> list[Phase]:
+        """A ring all-gather or reduce-scatter of ``nbytes`` over one stage's replicas (of TP rank ``tp_rank``)."""
+        key = ("pass", stage, nbytes, tp_rank)
+        ph = self.phases.get(key)
+        if ph is None:
+            devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
+            self.phases[key] = ph = self._folded(ring_pass_phases(devs, nbytes))
+        return ph
+
+    def _tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
+        """Join the TP all-reduce ``key`` of worker ``leader``'s group at its action ``i``; the last rank to join
+        starts it. Returns the event to wait for, or None when it finished at once (free links)."""
+        groups = self.groups
+        st = groups.get(key)
+        if st is None:
+            st = groups[key] = [0, self.env.event()]
+        st[0] += 1
+        if st[0] == arrivals:
+            del groups[key]
+            phases, tail = self._tp_phases(leader, nbytes)
+            label = text + "/TP" if self.fold is None else (leader, i, "/TP")  # a fold mirrors it
+            if Collective(self.net, phases, _succeed, st[1], label, tail).start():
+                st[1].succeed()  # for the ranks waiting too
+                return None
+        return st[1]
 
     def _deliver(self, key: tuple) -> None:
         waiter = self.box.get(key)
@@ -466,7 +644,7 @@ class _Run:
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
-            ph, algo = allreduce_phases(self.topology, devs, nbytes, self.params.allreduce)
+            ph, algo = dp_phases(self.topology, devs, nbytes, self.params.allreduce, self.params.zero_stage)
             self.phases[key] = ph = self._folded(ph)
             self.algorithms.add(algo)
         return ph

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.program import Kind, Program
-from sim.collectives import allreduce_phases
+from sim.collectives import dp_phases
 from sim.symmetry import exact_copies
 
 
@@ -103,7 +103,7 @@ def _collective_flows(run, p: Program) -> list[tuple[tuple, list[list[tuple[str,
         if nbytes is not None and p.replica_count(s) > 1:
             for t in range(T):
                 devs = [dev[w] for w in p.replica_workers(s, t)]
-                out.append((("dp", s, t), allreduce_phases(topo, devs, nbytes, run.params.allreduce)[0]))
+                out.append((("dp", s, t), dp_phases(topo, devs, nbytes, run.params.allreduce, run.params.zero_stage)[0]))
         if T > 1:
             for r in range(len(ws) // T):
                 g = [dev[w] for w in ws[r * T:(r + 1) * T]]

@@ -12,8 +12,10 @@ up front and the simulator only stamps times on it. Held between actions:
   it reads updates it in place; otherwise it writes into the one dropped version
   a stage keeps for reuse (the executor's spare) or into a new copy;
 - optimizer state: ``optimizer_state_factor`` × parameters per stage, from the start;
-- with ZeRO (``SimParams.zero_stage`` 1 or 2): the weights, gradients and optimizer state of
+- with ZeRO (``SimParams.zero_stage`` 1 to 3): the weights, gradients and optimizer state of
   ``planner.sharding.zero_state_bytes`` over the stage's replicas instead (the cost model's figures);
+  at stage 3, while a replicated stage's F/B/BI/BW runs, its gathered units too
+  (``planner.sharding.fsdp_transient_bytes``, counted at the action's start);
 - gradients: one buffer of the stage's parameter bytes per open round, from the
   round's first backward (B or BW; its ALLREDUCE when no backward contributed)
   until its STEP (flush schedules and 2BW: round = batch; PipeDream: a
@@ -47,7 +49,7 @@ from typing import Callable, NamedTuple
 from planner.profile import ModelProfile
 from planner.program import Action, Kind, Program
 from planner.recompute import all_rebuilt_bytes, kept_bytes, layer_kept_bytes, rebuilt_bytes
-from planner.sharding import zero_state_bytes
+from planner.sharding import collective_bytes, fsdp_collectives, fsdp_transient_bytes, zero_state_bytes
 
 _F, _B, _BI, _BW = Kind.F, Kind.B, Kind.BI, Kind.BW
 _SEND, _RECV, _ALLREDUCE, _STEP = Kind.SEND, Kind.RECV, Kind.ALLREDUCE, Kind.STEP
@@ -99,6 +101,18 @@ def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch
     return out
 
 
+def fsdp_units(profile: ModelProfile, layers: list[tuple[int, int]]) -> list[tuple[float, ...]]:
+    """Per stage, its ZeRO-3 units' gathered 16-bit bytes, one per layer in forward order (0: a layer without
+    parameters, which gathers nothing)."""
+    return [tuple(collective_bytes(l.param_bytes) for l in profile.layers[a:b + 1]) for a, b in layers]
+
+
+def fsdp_transients(units: list[tuple[float, ...]], overlap: bool) -> dict[str, list[float]]:
+    """Per compute kind (F, B, BI, BW), per stage: the bytes a ZeRO-3 pass holds beyond the sharded state."""
+    return {k: [fsdp_transient_bytes(u if k == "F" else u[::-1], *fsdp_collectives(k), overlap) for u in units]
+            for k in ("F", "B", "BI", "BW")}  # a backward walks its units last to first
+
+
 class _Pool:
     """Pooled receive buffers: per size, how many are in use and how many were ever allocated."""
 
@@ -123,19 +137,24 @@ class _Pool:
 def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimizer_state_factor: float,
                   round_of: Callable[[int, int], int] | None = None, recv_lookahead: int = RECV_LOOKAHEAD,
                   zero_stage: int = 0, replicas: dict[int, int] | None = None,
+                  transients: dict[str, list[float]] | None = None,
                   ) -> tuple[float, list[tuple[float, float]]]:
     """(bytes at the start, [(level after the action starts, level after it ends)] per action).
 
     ``stages``: the stages this worker holds. ``round_of(stage, mb)``: the optimizer round a
     backward's gradient goes to (default: one round for the whole run). ``zero_stage``: the training
     state sharded over each stage's ``replicas`` (``planner.sharding.zero_state_bytes``, as the cost
-    model counts it; 0: unsharded).
+    model counts it; 0: unsharded); ``transients`` (stage 3, :func:`fsdp_transients`): what a pass of a
+    replicated stage holds while it runs.
     """
     state = {s: zero_state_bytes(b.params, (replicas or {}).get(s, 1), zero_stage, optimizer_state_factor)
              for s, b in stages.items()}
     grads = {s: x.gradients_bytes for s, x in state.items()}
     weights = {s: x.weights_bytes for s, x in state.items()}
     round_of = round_of or (lambda stage, mb: 0)
+    gathered = {}
+    if zero_stage == 3 and transients is not None:
+        gathered = {k: {s: v[s] for s in stages if (replicas or {}).get(s, 1) > 1} for k, v in transients.items()}
     # version lifetimes, as the executor plans them: the last use of each (stage, version)
     last: dict[tuple[int, int], int] = {}
     newest: dict[int, int] = {}
@@ -189,6 +208,8 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
                 ent[1].append(buf)
             held += ent[0]
             start = held + pool.nbytes
+            if gathered:
+                start += gathered["F"].get(s, 0.0)
         else:
             if k is _BI and (s, mb) in entries and stages[s].rebuilt_split:  # rebuilt now, freed with the entry
                 entries[(s, mb)][0] += stages[s].rebuilt_split
@@ -196,11 +217,15 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
             start = held + pool.nbytes
             if k is _B:
                 start += stages[s].rebuilt
+            if gathered and k in _COMPUTE:
+                start += gathered[k._value_].get(s, 0.0)
             if k is _B or k is _BW:
                 r = round_of(s, mb)
                 if r not in rounds[s]:
                     rounds[s].add(r)
                     held += grads[s]
+                    if gathered.get(k._value_, {}).get(s):  # ZeRO-3: the pass reduce-scatters into the shard
+                        start += grads[s]
                 ent = entries.pop((s, mb), None)
                 if ent is not None:
                     held -= ent[0]
@@ -259,6 +284,7 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
 def memory_marks(actions: list[Action], stages: dict[int, StageBytes], optimizer_state_factor: float,
                  round_of: Callable[[int, int], int] | None = None, recv_lookahead: int = RECV_LOOKAHEAD,
                  zero_stage: int = 0, replicas: dict[int, int] | None = None,
+                 transients: dict[str, list[float]] | None = None,
                  ) -> tuple[float, list[tuple[float | None, float | None]] | None]:
     """(bytes at time 0, [(new level at the action's start, new level at its end)] per action).
 
@@ -269,7 +295,7 @@ def memory_marks(actions: list[Action], stages: dict[int, StageBytes], optimizer
     if not any(any(b) for b in stages.values()) and not any(a.nbytes for a in actions):
         return 0.0, None
     initial, levels = memory_levels(actions, stages, optimizer_state_factor, round_of, recv_lookahead, zero_stage,
-                                    replicas)
+                                    replicas, transients)
     marks = []
     cur = initial
     for m0, m1 in levels:

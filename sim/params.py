@@ -61,8 +61,13 @@ class SimParams:
         use_symmetry: simulate one representative per set of identical stage replicas when
             that is exact (see ``sim.engine``); the trace is the same either way.
         link_events: record one event per link hop of every transfer (link lanes "u->v").
-        zero_stage: ZeRO sharding of each stage's training state over its replicas (0, 1 or 2;
-            ``planner.sharding``, as ``CostOptions.zero_stage``): memory only; flush schedules only.
+        zero_stage: ZeRO sharding of each stage's training state over its replicas (0 to 3;
+            ``planner.sharding``, as ``CostOptions.zero_stage``): its memory, and its collectives on the links
+            (1, 2: a ring reduce-scatter + all-gather of 16-bit tensors at the all-reduce point; 3: each unit's
+            all-gathers and reduce-scatters inside the compute passes); one weight version (flush schedules).
+        fsdp_overlap: ZeRO-3 prefetch (``planner.sharding.fsdp_pass_s``): the next unit's gather is issued when a
+            unit's compute starts and its reduce-scatter runs on while the next unit computes; False: each
+            collective waits for the compute before it and blocks what follows.
     """
 
     overhead_s: float = 0.0
@@ -83,6 +88,7 @@ class SimParams:
     use_symmetry: bool = True
     link_events: bool = True
     zero_stage: int = 0
+    fsdp_overlap: bool = True
 
     def __post_init__(self) -> None:
         check_planned_zero(self.zero_stage, SimError)

@@ -17,7 +17,7 @@ It also owns the one test both use of whether workers are exact images of one an
 from __future__ import annotations
 
 from planner.program import Kind
-from sim.collectives import allreduce_phases
+from sim.collectives import dp_phases
 
 _MB_KINDS = frozenset({Kind.F, Kind.B, Kind.BI, Kind.BW, Kind.SEND, Kind.RECV})  # ALLREDUCE/STEP count rounds
 
@@ -90,7 +90,7 @@ def symmetry(run) -> tuple[int, str]:
             nbytes = next((a.nbytes for a in p[ws[0]] if a.kind is Kind.ALLREDUCE), None)
             if nbytes is None:
                 continue
-            phases, _ = allreduce_phases(topo, [dev[w] for w in ws], nbytes, run.params.allreduce)
+            phases, _ = dp_phases(topo, [dev[w] for w in ws], nbytes, run.params.allreduce, run.params.zero_stage)
             for src, dst in dict.fromkeys((a, b) for ph in phases for a, b, _ in ph):
                 for h in run.net.finite_hops(src, dst):
                     if h in owner:

@@ -81,3 +81,10 @@ def test_comment_splitting_respects_quotes_and_words():
     assert check_readme.split_comment('echo "a # b" x  # c d') == ('echo "a # b" x', "c d")
     assert check_readme.split_comment("echo a#b 'c # d'") == ("echo a#b 'c # d'", "")
     assert check_readme.split_comment(r"echo \# x") == (r"echo \# x", "")
+
+
+def test_seconds_a_comment_states_are_read_and_nothing_else():
+    assert check_readme.stated_seconds("18 s (2026-12-04); reads calibration rows only") == 18
+    assert check_readme.stated_seconds("about 2.5 s") == 2.5
+    assert check_readme.stated_seconds("needs a GPU") is None
+    assert check_readme.stated_seconds("v1.5 s3") is None

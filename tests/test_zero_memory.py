@@ -63,11 +63,11 @@ def test_sharding_never_adds_memory():
     assert peaks[0] > peaks[1] > peaks[2]
 
 
-def test_stage_3_and_weight_stashing_are_refused():
-    with pytest.raises(PlanError, match="ZeRO stage 3"):
-        CostOptions(zero_stage=3)
-    with pytest.raises(SimError, match="ZeRO stage 3"):
-        SimParams(zero_stage=3)
+def test_an_unknown_stage_and_weight_stashing_are_refused():
+    with pytest.raises(PlanError, match="unknown ZeRO stage 4"):
+        CostOptions(zero_stage=4)
+    with pytest.raises(SimError, match="unknown ZeRO stage 4"):
+        SimParams(zero_stage=4)
     prof = uniform_profile(4, 1e-3, 2e-3, params=PARAMS)
     topo = load_topology("ideal:4")
     plan = plan_from_flags("m", 4, pp=2, dp=2, schedule="pipedream", microbatches=4, devices=topo.devices)

@@ -51,6 +51,7 @@ class SweepPoint:
         calibration: a device calibration of ``device_kind`` (``--device-calibration``): an analytic
             transformer is then timed by its efficiency model at ``microbatch_size``; None: a fixed
             fraction of the kind's peak.
+        zero_stage: ZeRO sharding the plans are costed with (``plan_model(zero_stage=...)``; 0: none).
     """
 
     model: str
@@ -65,6 +66,7 @@ class SweepPoint:
     top_k: int = 1
     grid: tuple[int, int, int, int] | None = None
     calibration: DeviceCalibration | None = None
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
         if self.grid is not None:  # a cache key's JSON list
@@ -72,10 +74,12 @@ class SweepPoint:
 
     def key(self) -> str:
         """The cache key: every parameter that changes the answer, as canonical JSON (no grid, no calibration:
-        the keys points had before them)."""
+        the keys points had before them; no zero_stage at 0)."""
         d = asdict(self)
         if d["grid"] is None:
             del d["grid"]
+        if not d["zero_stage"]:
+            del d["zero_stage"]
         if self.calibration is None:
             del d["calibration"]
         else:
@@ -110,6 +114,7 @@ class SweepConfig:
         grid: (tp, pp, dp, vp) of a fixed plan, a missing degree None (filled from each device count by
             ``planner.plan.fill_degrees``); None: the planner searches.
         calibration: a device calibration (``SweepPoint.calibration``); every kind swept must be its kind.
+        zero_stage: ZeRO sharding (``SweepPoint.zero_stage``).
     """
 
     model: str
@@ -125,6 +130,7 @@ class SweepConfig:
     sim_batches: int = 1
     grid: tuple[int | None, int | None, int | None, int | None] | None = None
     calibration: DeviceCalibration | None = None
+    zero_stage: int = 0
 
     def points(self) -> list[SweepPoint]:
         """Every point, in a fixed order: interconnect, kind, devices, schedule, microbatch size."""
@@ -137,7 +143,7 @@ class SweepConfig:
         grids = {n: None if self.grid is None else fill_degrees(n, *self.grid) for n in self.devices}
         return [SweepPoint(self.model, n, device_kind(k).name, parse_interconnect(ic).name, s, mb,
                            self.global_batch, self.optimizer, self.recompute, grid=grids[n],
-                           calibration=self.calibration)
+                           calibration=self.calibration, zero_stage=self.zero_stage)
                 for ic in self.interconnects for k in self.device_kinds for n in self.devices
                 for s in self.schedules for mb in self.microbatch_sizes]
 
@@ -260,7 +266,7 @@ def plan_point(point: SweepPoint, partition_cache: PartitionCache | None = None)
     try:
         result = plan_model(profile, topo, schedule=point.schedule, microbatch_size=point.microbatch_size,
                             global_batch=point.global_batch, top_k=point.top_k, recompute=point.recompute,
-                            optimizer=point.optimizer, partition_cache=partition_cache,
+                            optimizer=point.optimizer, partition_cache=partition_cache, zero_stage=point.zero_stage,
                             **({"grid": point.grid} if point.grid else {}))
     except ValueError as e:  # the planner's bad-input errors (PlanError and friends) are ValueErrors
         msg = e.args[0] if e.args else str(e)

@@ -42,10 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, holds_until_weight_grad,
-                               inflight, stage_bytes, stage_counts, stage_input_bytes, static_bytes,
-                               static_bytes_per_param_byte,
-                               update_interval, weight_versions)
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, fsdp_gathered_bytes,
+                               holds_until_weight_grad, inflight, stage_bytes, stage_counts, stage_input_bytes,
+                               static_bytes, static_bytes_per_param_byte, update_interval, weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
@@ -149,6 +148,12 @@ class _Tables:
             self.cut_lat[k] = topology.path_latency(devs[k - 1], devs[k])
             self.cut_bw[k] = topology.path_bandwidth(devs[k - 1], devs[k])
         self.opt_state = OPTIMIZER_STATE[opt.optimizer]
+        # ZeRO-3: what a pass of layers [i, j) gathers beyond the sharded state (the cost model's fsdp_gathered_bytes)
+        self.gathered = np.zeros((L + 1, L + 1))
+        if opt.zero_stage == 3:
+            for i in range(L):
+                for j in range(i + 1, L + 1):
+                    self.gathered[i, j] = fsdp_gathered_bytes(prof, i, j - 1, opt, FAMILY[pb.family].backward)
 
     def prefix(self, n: int) -> "_Tables":
         """The tables of the first ``n`` devices alone — equal, array for array, to ``_Tables`` built on them.
@@ -177,7 +182,7 @@ class _Tables:
         opt = pb.options
         M = pb.microbatches if reads_microbatches(pb.family) else None
         return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
-                       self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
+                       opt.fsdp_overlap, self.gathered, self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
     def cut(self, j, k):
@@ -232,13 +237,16 @@ def reads_microbatches(family: str) -> bool:
     return fam.batched or fam.inflight == "batch" or holds_until_weight_grad(family)
 
 
-def needs_no_less_than(family: str, other: str) -> bool:
+def needs_no_less_than(family: str, other: str, zero_stage: int = 0) -> bool:
     """Every partition needs at least as many bytes per device under ``family`` as under ``other``: the two keep the
     same weights, in-flight rule and schedulability, and ``family``'s stages also hold activations until BW, which
     ``other``'s do not (ZB-H1 and ZB-H2 against 1F1B: ``costmodel.held_until_weight_grad`` is at least the
-    in-flight count)."""
+    in-flight count). Under ZeRO-3 the passes' gathered weights differ with the backward (a split one gathers
+    less at a time), so there the backward must be the same too."""
     a, b = FAMILY[family], FAMILY[other]
     same = (a.inflight, a.flush, a.versions, a.weight_copies) == (b.inflight, b.flush, b.versions, b.weight_copies)
+    if zero_stage == 3:
+        same = same and a.backward == b.backward
     return same and holds_until_weight_grad(family) and not holds_until_weight_grad(other)
 
 
@@ -276,6 +284,9 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     held, versions = stage_counts(fam, M, after, rr, lim if limit0 is None else limit0)
     mem = stage_bytes(static_bytes(params, versions, rr, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held)
     ok = _schedulable(fam, M, r, lim)
+    if opt.zero_stage == 3:  # FSDP: the gathered units on top, and (zero3_refusal) replicas that split M evenly
+        mem = mem + np.where(r > 1, tb.gathered[i, j], 0.0)
+        ok = ok & ((r == 1) | (M % rr == 0) | (not FAMILY[fam].batched))
     if limit0 is not None and holds_until_weight_grad(fam):
         ok = ok & (lim <= limit0)
     return np.where(ok, t, math.inf), np.where(ok, mem, math.inf), tb.mlim[k0, k]
@@ -370,6 +381,8 @@ def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     rr = np.maximum(k - k0, 1)
     n_in = inflight(fam, M, N - k0, rr)
     static = static_bytes(tb.params[j] - tb.params[i], weight_versions(fam, n_in), rr, opt)
+    if opt.zero_stage == 3:
+        static = static + np.where(k - k0 > 1, tb.gathered[i, j], 0.0)
     kept, room = tb.kept[j] - tb.kept[i], mlim * (1 + 1e-9) - static - tb.rebuilt[i, j]
     with np.errstate(divide="ignore", invalid="ignore"):
         max_held = np.where(kept > 0, room / np.where(kept > 0, kept, 1.0), np.where(room >= 0, math.inf, -math.inf))
@@ -606,6 +619,10 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
     held, versions = stage_counts(fam, M, N - k0, r, limit0)
     mem = float(stage_bytes(static_bytes(params, versions, r, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held))
+    if opt.zero_stage == 3 and r > 1:
+        mem += tb.gathered[i, j]
+        if FAMILY[fam].batched and M % r:
+            return math.inf, math.inf, tb.mlim[k0, k]
     if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
         return math.inf, math.inf, tb.mlim[k0, k]
     return t, mem, tb.mlim[k0, k]

@@ -105,7 +105,7 @@ def run(args) -> int:
 
         dp = best_data_parallel(profile, topology, microbatch_size=mb, memory_limit_bytes=args.memory_limit,
                                 optimizer=args.optimizer, recompute=args.recompute, overlap_comm=not args.no_overlap,
-                                overlap_allreduce=args.dp_overlap, model_name=spec)
+                                overlap_allreduce=args.dp_overlap, model_name=spec, zero_stage=args.zero or 0)
     if args.output:
         result.best.save(args.output)
     if args.json:

@@ -93,6 +93,9 @@ def _plan_for(args):
             raise UserError(f"--plan brings its own shape; drop {', '.join(given)} (or drop --plan and give "
                             f"--model and --pp)")
         plan = Plan.load(args.plan)
+        if plan.zero_stage:
+            raise UserError(f"plan {args.plan!r} shards its training state (ZeRO {plan.zero_stage}), which the executor "
+                            "does not: re-plan without --zero to run it (simulate takes it)")
         plan = replace(plan, model=_runnable_model(plan.model))
         if args.lr is not None:
             plan = replace(plan, lr=args.lr)

@@ -110,7 +110,7 @@ __all__ = [
     "transformer_profile", "transformer_param_count", "transformer_flops_per_token", "block_saved_bytes",
     "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
     "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
-    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "block_key", "transformer_config",
+    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "tp_vocab_multiple", "block_key", "transformer_config",
     "ATTENTION_KERNELS", "DEFAULT_ATTENTION", "FLASH_BACKWARD_FACTOR", "attention_flops",
 ]
 
@@ -263,6 +263,13 @@ def padded_vocab(vocab: int, tensor_parallel: int = 1, multiple: int = 1) -> int
     """The vocabulary rounded up to a multiple of ``multiple × tensor_parallel`` (Megatron: multiple=128)."""
     q = max(1, multiple) * tensor_parallel
     return -(-vocab // q) * q
+
+
+def tp_vocab_multiple(tensor_parallel: int) -> int:
+    """The padding multiple (× T) of a model split over ``tensor_parallel`` ranks, the one rule :func:`load_model`
+    charges and ``executor.tensor_parallel`` shards by: Megatron's 128 when T > 1, none on one rank (the
+    profile this module always gave, and the executor's untouched single-rank model)."""
+    return MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
 
 
 def _check_tp(c: TransformerConfig, t: int) -> None:
@@ -726,7 +733,7 @@ def load_model(spec: str, device_kind_name: str | None = None, *, calibration: D
                                      f"{calibration.kind.name}; give a calibration of that kind or drop the kind")
             kind = calibration.kind.name
         kind = kind or DEFAULT_DEVICE_KIND
-        multiple = MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
+        multiple = tp_vocab_multiple(tensor_parallel)
         mb = microbatch_size if calibration is not None else 1
         timing = (calibration.block_timing(block_key(cfg, tensor_parallel, mb, sequence_parallel))
                   if calibration is not None else None)

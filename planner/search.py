@@ -251,19 +251,21 @@ def capacity(profile: ModelProfile, topology, target_samples_per_s: float, **kw)
 def best_data_parallel(profile: ModelProfile, topology, *, microbatch_size: int = 1,
                        memory_limit_bytes: float | None = None, optimizer: str = "sgd", recompute=False,
                        overlap_comm: bool = True, overlap_allreduce: bool = False,
-                       devices: list[str] | None = None, model_name: str | None = None) -> Candidate:
+                       devices: list[str] | None = None, model_name: str | None = None,
+                       zero_stage: int = 0) -> Candidate:
     """The cluster's best pure data-parallel plan under the same cost model: the whole model as one stage
     replicated on the first n devices (n over the counts the planner tries), each replica one microbatch per
     step, synchronous (one all-reduce per step, on the real links, its load on every shared link counted).
 
     ``overlap_allreduce`` runs the all-reduce under the backward pass, as PyTorch DDP's gradient buckets do;
-    without it the all-reduce follows the backward pass. Raises PlanError when no replica fits in memory.
+    without it the all-reduce follows the backward pass. ``zero_stage``: the replicas shard as ``plan_model``'s.
+    Raises PlanError when no replica fits in memory.
     """
     if microbatch_size < 1:
         raise PlanError("--microbatch-size must be >= 1")
     devs = tuple(devices) if devices is not None else tuple(topology.devices)
     opts = CostOptions(overlap_comm=overlap_comm, recompute=recompute, optimizer=optimizer,
-                       memory_limit_bytes=memory_limit_bytes, overlap_allreduce=overlap_allreduce)
+                       memory_limit_bytes=memory_limit_bytes, overlap_allreduce=overlap_allreduce, zero_stage=zero_stage)
     best = None
     for n in part.device_counts(topology, devs):
         plan = Plan(model=model_name or profile.name, stages=(StagePlan(0, len(profile) - 1, n, devs[:n]),),
@@ -272,7 +274,9 @@ def best_data_parallel(profile: ModelProfile, topology, *, microbatch_size: int 
         if c.fits and (best is None or _rank_key(c) < _rank_key(best)):
             best = c
     if best is None:
-        raise PlanError(f"data parallelism needs the whole model on every device and it does not fit "
+        what = (f"the whole model's state sharded over the replicas (ZeRO {zero_stage})" if zero_stage else
+                "the whole model on every device")
+        raise PlanError(f"data parallelism needs {what} and it does not fit "
                         f"({profile.name!r}); raise --memory-limit or use smaller microbatches")
     return best
 

@@ -48,6 +48,11 @@ def test_the_published_file_parses_all_18_rows():
     ("1,Llama3.1-9B,8,8,1,1,1,,2,16,selective,FSDP,,5762,82.4", "unknown model"),
     ("1,Llama3.1-8B,8,8,1,1,1,,2,16,selective,FSDP+ZeRO++,,5762,82.4", "unknown technique"),
     ("1,Llama3.1-8B,8,8,1,1,1,,2,16,selective,FSDP,,5762", "cells where the header has"),
+    ("1,Llama3.1-8B,8,8,1,1,1,,0,16,selective,FSDP,,5762,82.4", "local_batch, seq_len .* must be positive"),
+    ("1,Llama3.1-8B,8,8,1,1,1,0,2,16,selective,FSDP,,5762,82.4", "local_batch, seq_len .* must be positive"),
+    ("1,Llama3.1-8B,8,8,1,1,1,,2,16,selective,FSDP,,-5762,82.4", "tps_per_gpu and memory_gib must be positive"),
+    ("1,Llama3.1-8B,24,8,3,1,1,,2,16,selective,FSDP,,5762,82.4", "tensor parallelism 3 must divide heads=32"),
+    ("1,Llama3.1-8B,512,8,1,64,1,,64,16,selective,FSDP,1F1B,5762,82.4", "64 pipeline stages .* has 32 blocks"),
 ])
 def test_a_malformed_line_is_named(tmp_path, line, what):
     p = _write(tmp_path, GOOD, line)

@@ -77,8 +77,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, TransformerConfig, block_saved_bytes,
-                              block_work, embedding_work, head_work, transformer_profile)
+from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, ModelSpecError, TransformerConfig,
+                              block_saved_bytes, block_work, embedding_work, head_work, transformer_config,
+                              transformer_profile)
 from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, optimizer_step_s, work_time_s
 from planner.sharding import ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
 from topologies.devices import DeviceKind, device_kind
@@ -172,8 +173,19 @@ def read_torchtitan(path) -> list[TitanRow]:
             raise GroundTruthError(f"{where}: unknown schedule {row.schedule!r}; known: 1F1B, Interleaved 1F1B or blank")
         if row.activation_ckpt not in CHECKPOINTING:
             raise GroundTruthError(f"{where}: activation_ckpt must be one of {', '.join(CHECKPOINTING)}")
-        if min(row.fsdp, row.tp, row.pp, row.cp, row.local_batch) < 1 or row.fsdp * row.tp * row.pp * row.cp != row.gpus:
+        if min(row.fsdp, row.tp, row.pp, row.cp) < 1 or row.fsdp * row.tp * row.pp * row.cp != row.gpus:
             raise GroundTruthError(f"{where}: fsdp × tp × pp × cp must equal gpus ({row.gpus}), each at least 1")
+        if row.local_batch < 1 or row.seq < 1 or row.tps_per_gpu <= 0 or row.memory_gib <= 0:
+            raise GroundTruthError(f"{where}: local_batch, seq_len (or blank), tps_per_gpu and memory_gib must be "
+                                   f"positive")
+        try:
+            transformer_config(MODELS[row.model], row.tp)
+        except ModelSpecError as e:
+            raise GroundTruthError(f"{where}: {e}") from None
+        if row.pp * row.chunks > row.config.layers:
+            raise GroundTruthError(f"{where}: {row.pp * row.chunks} pipeline stages (pp × stages per rank) but "
+                                   f"{row.model} has {row.config.layers} blocks; give pp of at most "
+                                   f"{row.config.layers // row.chunks}")
         if row.local_batch % row.microbatches or row.seq % row.cp:
             raise GroundTruthError(f"{where}: local_batch must split into {row.microbatches} microbatches and "
                                    f"seq_len into {row.cp} CP shards")

@@ -42,10 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, holds_until_weight_grad,
-                               inflight, stage_bytes, stage_counts, stage_input_bytes, static_bytes,
-                               static_bytes_per_param_byte,
-                               update_interval, weight_versions)
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, fsdp_gathered_bytes,
+                               holds_until_weight_grad, inflight, stage_bytes, stage_counts, stage_input_bytes,
+                               static_bytes, static_bytes_per_param_byte, update_interval, weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
@@ -149,6 +148,12 @@ class _Tables:
             self.cut_lat[k] = topology.path_latency(devs[k - 1], devs[k])
             self.cut_bw[k] = topology.path_bandwidth(devs[k - 1], devs[k])
         self.opt_state = OPTIMIZER_STATE[opt.optimizer]
+        # ZeRO-3: what a pass of layers [i, j) gathers beyond the sharded state (the cost model's fsdp_gathered_bytes)
+        self.gathered = np.zeros((L + 1, L + 1))
+        if opt.zero_stage == 3:
+            for i in range(L):
+                for j in range(i + 1, L + 1):
+                    self.gathered[i, j] = fsdp_gathered_bytes(prof, i, j - 1, opt, FAMILY[pb.family].backward)
 
     def prefix(self, n: int) -> "_Tables":
         """The tables of the first ``n`` devices alone — equal, array for array, to ``_Tables`` built on them.
@@ -177,7 +182,7 @@ class _Tables:
         opt = pb.options
         M = pb.microbatches if reads_microbatches(pb.family) else None
         return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
-                       self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
+                       opt.fsdp_overlap, self.gathered, self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
     def cut(self, j, k):
@@ -232,6 +237,19 @@ def reads_microbatches(family: str) -> bool:
     return fam.batched or fam.inflight == "batch" or holds_until_weight_grad(family)
 
 
+def needs_no_less_than(family: str, other: str, zero_stage: int = 0) -> bool:
+    """Every partition needs at least as many bytes per device under ``family`` as under ``other``: the two keep the
+    same weights, in-flight rule and schedulability, and ``family``'s stages also hold activations until BW, which
+    ``other``'s do not (ZB-H1 and ZB-H2 against 1F1B: ``costmodel.held_until_weight_grad`` is at least the
+    in-flight count). Under ZeRO-3 the passes' gathered weights differ with the backward (a split one gathers
+    less at a time), so there the backward must be the same too."""
+    a, b = FAMILY[family], FAMILY[other]
+    same = (a.inflight, a.flush, a.versions, a.weight_copies) == (b.inflight, b.flush, b.versions, b.weight_copies)
+    if zero_stage == 3:
+        same = same and a.backward == b.backward
+    return same and holds_until_weight_grad(family) and not holds_until_weight_grad(other)
+
+
 def hierarchical_reads(family: str, microbatches: int) -> tuple:
     """What ``solve_hierarchical`` reads of a family and M: its update interval rule and its weight versions at the
     fewest in flight (one microbatch), so two families with the same tuple get the same hierarchical answer."""
@@ -266,6 +284,9 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     held, versions = stage_counts(fam, M, after, rr, lim if limit0 is None else limit0)
     mem = stage_bytes(static_bytes(params, versions, rr, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held)
     ok = _schedulable(fam, M, r, lim)
+    if opt.zero_stage == 3:  # FSDP: the gathered units on top, and (zero3_refusal) replicas that split M evenly
+        mem = mem + np.where(r > 1, tb.gathered[i, j], 0.0)
+        ok = ok & ((r == 1) | (M % rr == 0) | (not FAMILY[fam].batched))
     if limit0 is not None and holds_until_weight_grad(fam):
         ok = ok & (lim <= limit0)
     return np.where(ok, t, math.inf), np.where(ok, mem, math.inf), tb.mlim[k0, k]
@@ -323,7 +344,8 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
 
     A family that reads it first runs the lower bound (every stage charged at its own depth): when its answer,
     charged at its own L₀, still fits (time) or still peaks at the bound (memory), no partition does better and
-    that is the answer; otherwise the passes settle it.
+    that is the answer; otherwise the time objective bisects with bit masks of depths (``_solve_by_depth_masks``)
+    and the memory objective runs the passes, narrowed first (``_memory_depths``) when there are many.
     """
     if not holds_until_weight_grad(pb.family):
         return _solve_pass(tb, pb, N, objective, N)
@@ -339,8 +361,11 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
         sol = _solve_by_depth_masks(tb, pb, N, low.value)
         if sol is not False:
             return sol
+    depths = _depths(pb, N)
+    if objective == "memory" and N <= _MASK_BITS and len(depths) > _MEMORY_PASSES:  # the depths that can answer
+        depths = _memory_depths(tb, pb, N, low.value, max(float(m) for m, _lim in exact))
     best = None
-    for limit0 in _depths(pb, N):
+    for limit0 in depths:
         sol = _solve_pass(tb, pb, N, objective, limit0)
         if sol is not None and (best is None or sol.value < best.value * (1 - 1e-12)):
             best = sol
@@ -351,19 +376,67 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
 _MASK_BITS = 64
 
 
-def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
+def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray,
+                  cap_bytes: float | None = None):
     """(time, shallowest L₀, deepest L₀) of the stages ``_stage_arrays`` costs: a stage is in the pass at L₀ when
-    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices, which holds up to
-    ``costmodel.deepest_limit0`` of the microbatches its bytes leave room for."""
+    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices (or ``cap_bytes``, the
+    memory objective's threshold), which holds up to ``costmodel.deepest_limit0`` of the microbatches its bytes
+    leave room for."""
     opt, fam, M = pb.options, pb.family, pb.microbatches
     t, _mem, mlim = _stage_arrays(tb, pb, N, i, k0, j, k, None)
+    if cap_bytes is not None:
+        mlim = cap_bytes / (1 + 1e-9)
     rr = np.maximum(k - k0, 1)
     n_in = inflight(fam, M, N - k0, rr)
     static = static_bytes(tb.params[j] - tb.params[i], weight_versions(fam, n_in), rr, opt)
+    if opt.zero_stage == 3:
+        static = static + np.where(k - k0 > 1, tb.gathered[i, j], 0.0)
     kept, room = tb.kept[j] - tb.kept[i], mlim * (1 + 1e-9) - static - tb.rebuilt[i, j]
     with np.errstate(divide="ignore", invalid="ignore"):
         max_held = np.where(kept > 0, room / np.where(kept > 0, kept, 1.0), np.where(room >= 0, math.inf, -math.inf))
     return t, -(-(N - k0) // rr), deepest_limit0(fam, M, n_in, rr, max_held, N)
+
+
+#: Up to this many passes the memory objective runs them all; beyond, ``_memory_depths`` first narrows them down.
+_MEMORY_PASSES = 16
+
+
+def _memory_depths(tb: _Tables, pb: Problem, N: int, lower: float, upper: float) -> list[int]:
+    """The depths L₀ whose pass can give the memory objective's answer, which lies in [``lower``, ``upper``]: bisect
+    on the threshold μ (to 1e-6, or until at most ``_MEMORY_PASSES`` / 2 depths remain) with a programme ORing, as bit masks, the depths at which a suffix of stages all
+    fit in μ charged there; every depth the best partition can be charged at is among those at the upper end."""
+    L, ALL = tb.L, np.uint64(2**64 - 1)
+
+    def depths_within(mu: float) -> int:
+        g = np.zeros((L + 1, N + 1), dtype=np.uint64)
+        g[L, N] = ALL
+        for i, k0s, K0, J, Kc, valid in _rows(L, N):
+            t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc, mu)
+            mask = np.where(valid & (lo <= hi) & (t < math.inf), _low_bits(hi) & ~_low_bits(lo - 1), np.uint64(0))
+            g[i, k0s] = np.bitwise_or.reduce((mask & g[J, Kc]).reshape(len(k0s), -1), axis=1)
+        return int(g[0, 0])
+
+    bits = depths_within(upper * (1 + 1e-9))
+    while upper - lower > 1e-6 * upper and bin(bits).count("1") > _MEMORY_PASSES // 2:
+        mid = (lower + upper) / 2
+        found = depths_within(mid * (1 + 1e-9))
+        if found:
+            upper, bits = mid, found
+        else:
+            lower = mid
+    return [L0 for L0 in range(1, N + 1) if bits >> (L0 - 1) & 1]
+
+
+def _rows(L: int, N: int):
+    """The programme's rows, last layer first: (i, first devices k0, then as broadcast views K0 (a,1,1), next layer
+    J (1,b,1), next device Kc (a,1,c, clipped to k0 + 1 where not past k0) and the mask of the k past k0)."""
+    for i in range(L - 1, -1, -1):
+        k0s = np.array([0]) if i == 0 else np.arange(1, N)
+        if k0s.size == 0:
+            continue
+        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
+        valid = K > K0
+        yield i, k0s, K0, J, np.where(valid, K, np.minimum(K0 + 1, N)), valid
 
 
 def _low_bits(h: np.ndarray) -> np.ndarray:
@@ -380,13 +453,7 @@ def _solve_by_depth_masks(tb: _Tables, pb: Problem, N: int, lower: float) -> Par
     (a rounding at a memory boundary), and the caller runs every pass."""
     L, ALL = tb.L, np.uint64(2**64 - 1)
     rows, values = [], []
-    for i in range(L - 1, -1, -1):
-        k0s = np.array([0]) if i == 0 else np.arange(1, N)
-        if k0s.size == 0:
-            continue
-        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
-        valid = K > K0
-        Kc = np.where(valid, K, np.minimum(K0 + 1, N))
+    for i, k0s, K0, J, Kc, valid in _rows(L, N):
         t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc)
         use = valid & (lo <= hi) & (t < math.inf)
         a, b, c = np.nonzero(np.broadcast_to(use, t.shape))
@@ -513,9 +580,20 @@ def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int]
     ``cache`` reuses answers for device prefixes it has seen (the same answer, bit for bit).
     """
     tb = _Tables(pb, topology)
+    counts = counts or device_counts(topology, pb.devices)
+    found: dict[int, Partition | None] = {}
+    if objective == "memory" and holds_until_weight_grad(pb.family):
+        # one pass per 1F1B depth makes each N dear: solve the N in the order of their lower bound (every stage at
+        # its own depth) and leave out those whose bound is above the best found; the answer is the same
+        low = {N: _solve_pass(tb.prefix(N), pb, N, objective, None) for N in counts}
+        for N in sorted((N for N in counts if low[N] is not None), key=lambda N: low[N].value):
+            if any(f is not None and low[N].value > f.value * (1 + 1e-12) for f in found.values()):
+                break
+            found[N] = _solve_prefix(tb, pb, N, objective, cache)
+        counts = [N for N in counts if N in found]
     best: Partition | None = None
-    for N in counts or device_counts(topology, pb.devices):
-        part = _solve_prefix(tb, pb, N, objective, cache)
+    for N in counts:
+        part = found[N] if N in found else _solve_prefix(tb, pb, N, objective, cache)
         if part is not None and (best is None or part.value < best.value * (1 - 1e-12)):
             best = part
     return best
@@ -585,6 +663,10 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
     held, versions = stage_counts(fam, M, N - k0, r, limit0)
     mem = float(stage_bytes(static_bytes(params, versions, r, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held))
+    if opt.zero_stage == 3 and r > 1:
+        mem += tb.gathered[i, j]
+        if FAMILY[fam].batched and M % r:
+            return math.inf, math.inf, tb.mlim[k0, k]
     if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
         return math.inf, math.inf, tb.mlim[k0, k]
     return t, mem, tb.mlim[k0, k]

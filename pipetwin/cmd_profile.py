@@ -150,6 +150,7 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
     """Every (spec, TransformerConfig, TP, microbatch) ``--blocks`` asks for, checked before anything is timed:
     a model one of the executor's blocks builds (GPT/BERT: multi-head attention, a 4·hidden GELU MLP; Llama:
     grouped-query attention, SwiGLU of any width) that each TP degree divides."""
+    from executor.models import BLOCK_ATTENTION
     from planner.analytic import transformer_config
     from pipetwin.errors import UserError
 
@@ -169,7 +170,7 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
                 raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block has multi-head attention and a "
                                 f"4·hidden GELU MLP, not kv_heads={cfg.kv_heads or cfg.heads} and ffn={cfg.ffn_size}; "
                                 f"give a llama: spec for grouped-query attention or another MLP width")
-            zoo = "flash" if cfg.llama else "unfused"
+            zoo = BLOCK_ATTENTION["llama" if cfg.llama else "gpt"]
             if cfg.attention != zoo:
                 raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block's attention is {zoo} "
                                 f"(gpt: explicit softmax; llama: SDPA), not attention={cfg.attention}; drop the key")

@@ -344,7 +344,8 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
 
     A family that reads it first runs the lower bound (every stage charged at its own depth): when its answer,
     charged at its own L₀, still fits (time) or still peaks at the bound (memory), no partition does better and
-    that is the answer; otherwise the passes settle it.
+    that is the answer; otherwise the time objective bisects with bit masks of depths (``_solve_by_depth_masks``)
+    and the memory objective runs the passes, narrowed first (``_memory_depths``) when there are many.
     """
     if not holds_until_weight_grad(pb.family):
         return _solve_pass(tb, pb, N, objective, N)
@@ -360,8 +361,11 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
         sol = _solve_by_depth_masks(tb, pb, N, low.value)
         if sol is not False:
             return sol
+    depths = _depths(pb, N)
+    if objective == "memory" and N <= _MASK_BITS and len(depths) > _MEMORY_PASSES:  # the depths that can answer
+        depths = _memory_depths(tb, pb, N, low.value, max(float(m) for m, _lim in exact))
     best = None
-    for limit0 in _depths(pb, N):
+    for limit0 in depths:
         sol = _solve_pass(tb, pb, N, objective, limit0)
         if sol is not None and (best is None or sol.value < best.value * (1 - 1e-12)):
             best = sol
@@ -372,12 +376,16 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
 _MASK_BITS = 64
 
 
-def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
+def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray,
+                  cap_bytes: float | None = None):
     """(time, shallowest L₀, deepest L₀) of the stages ``_stage_arrays`` costs: a stage is in the pass at L₀ when
-    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices, which holds up to
-    ``costmodel.deepest_limit0`` of the microbatches its bytes leave room for."""
+    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices (or ``cap_bytes``, the
+    memory objective's threshold), which holds up to ``costmodel.deepest_limit0`` of the microbatches its bytes
+    leave room for."""
     opt, fam, M = pb.options, pb.family, pb.microbatches
     t, _mem, mlim = _stage_arrays(tb, pb, N, i, k0, j, k, None)
+    if cap_bytes is not None:
+        mlim = cap_bytes / (1 + 1e-9)
     rr = np.maximum(k - k0, 1)
     n_in = inflight(fam, M, N - k0, rr)
     static = static_bytes(tb.params[j] - tb.params[i], weight_versions(fam, n_in), rr, opt)
@@ -387,6 +395,48 @@ def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     with np.errstate(divide="ignore", invalid="ignore"):
         max_held = np.where(kept > 0, room / np.where(kept > 0, kept, 1.0), np.where(room >= 0, math.inf, -math.inf))
     return t, -(-(N - k0) // rr), deepest_limit0(fam, M, n_in, rr, max_held, N)
+
+
+#: Up to this many passes the memory objective runs them all; beyond, ``_memory_depths`` first narrows them down.
+_MEMORY_PASSES = 16
+
+
+def _memory_depths(tb: _Tables, pb: Problem, N: int, lower: float, upper: float) -> list[int]:
+    """The depths L₀ whose pass can give the memory objective's answer, which lies in [``lower``, ``upper``]: bisect
+    on the threshold μ (to 1e-6, or until at most ``_MEMORY_PASSES`` / 2 depths remain) with a programme ORing, as bit masks, the depths at which a suffix of stages all
+    fit in μ charged there; every depth the best partition can be charged at is among those at the upper end."""
+    L, ALL = tb.L, np.uint64(2**64 - 1)
+
+    def depths_within(mu: float) -> int:
+        g = np.zeros((L + 1, N + 1), dtype=np.uint64)
+        g[L, N] = ALL
+        for i, k0s, K0, J, Kc, valid in _rows(L, N):
+            t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc, mu)
+            mask = np.where(valid & (lo <= hi) & (t < math.inf), _low_bits(hi) & ~_low_bits(lo - 1), np.uint64(0))
+            g[i, k0s] = np.bitwise_or.reduce((mask & g[J, Kc]).reshape(len(k0s), -1), axis=1)
+        return int(g[0, 0])
+
+    bits = depths_within(upper * (1 + 1e-9))
+    while upper - lower > 1e-6 * upper and bin(bits).count("1") > _MEMORY_PASSES // 2:
+        mid = (lower + upper) / 2
+        found = depths_within(mid * (1 + 1e-9))
+        if found:
+            upper, bits = mid, found
+        else:
+            lower = mid
+    return [L0 for L0 in range(1, N + 1) if bits >> (L0 - 1) & 1]
+
+
+def _rows(L: int, N: int):
+    """The programme's rows, last layer first: (i, first devices k0, then as broadcast views K0 (a,1,1), next layer
+    J (1,b,1), next device Kc (a,1,c, clipped to k0 + 1 where not past k0) and the mask of the k past k0)."""
+    for i in range(L - 1, -1, -1):
+        k0s = np.array([0]) if i == 0 else np.arange(1, N)
+        if k0s.size == 0:
+            continue
+        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
+        valid = K > K0
+        yield i, k0s, K0, J, np.where(valid, K, np.minimum(K0 + 1, N)), valid
 
 
 def _low_bits(h: np.ndarray) -> np.ndarray:
@@ -403,13 +453,7 @@ def _solve_by_depth_masks(tb: _Tables, pb: Problem, N: int, lower: float) -> Par
     (a rounding at a memory boundary), and the caller runs every pass."""
     L, ALL = tb.L, np.uint64(2**64 - 1)
     rows, values = [], []
-    for i in range(L - 1, -1, -1):
-        k0s = np.array([0]) if i == 0 else np.arange(1, N)
-        if k0s.size == 0:
-            continue
-        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
-        valid = K > K0
-        Kc = np.where(valid, K, np.minimum(K0 + 1, N))
+    for i, k0s, K0, J, Kc, valid in _rows(L, N):
         t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc)
         use = valid & (lo <= hi) & (t < math.inf)
         a, b, c = np.nonzero(np.broadcast_to(use, t.shape))

@@ -284,3 +284,29 @@ def test_a_family_said_to_need_no_less_does_need_no_less(case, pair):
 def test_zero_bubble_halves_need_no_less_than_1f1b():
     assert part.needs_no_less_than("zb-h1", "1f1b") and part.needs_no_less_than("zb-h2", "1f1b")
     assert not part.needs_no_less_than("1f1b", "zb-h1") and not part.needs_no_less_than("zb-h1", "zb-h2")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["zb-h1", "zb-h2"]), st.sampled_from([2, 8, 64]))
+def test_the_depths_the_memory_objective_keeps_hold_the_best_pass(seed, family, M):
+    """``_memory_depths`` narrows the memory objective's passes to the depths at which a near-best partition fits;
+    the best of those passes must be the best of all (narrowed to a single depth where it can be)."""
+    rng = random.Random(seed)
+    prof, topo = _chain(rng, rng.randint(2, 10)), _cluster(rng, rng.randint(2, 8))
+    pb = part.Problem(prof, tuple(topo.devices), family, M, CostOptions(recompute=rng.choice(["none", "full"])))
+    tb = part._Tables(pb, topo)
+    keep, part._MEMORY_PASSES = part._MEMORY_PASSES, 2
+    try:
+        for N in range(2, len(topo.devices) + 1):
+            sub = tb.prefix(N)
+            every = [s.value for s in (part._solve_pass(sub, pb, N, "memory", L0) for L0 in part._depths(pb, N)) if s]
+            low = part._solve_pass(sub, pb, N, "memory", None)
+            if low is None:
+                assert not every
+                continue
+            upper = max(part.stage_memory(pb, topo, low.stages))
+            kept = part._memory_depths(sub, pb, N, low.value, upper)
+            narrowed = [s.value for s in (part._solve_pass(sub, pb, N, "memory", L0) for L0 in kept) if s]
+            assert min(narrowed) == pytest.approx(min(every), rel=1e-12)
+    finally:
+        part._MEMORY_PASSES = keep

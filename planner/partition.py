@@ -58,6 +58,8 @@ FLAT_MAX_DEVICES = 64
 HIER_MAX_BLOCKS = 40
 #: Beyond this many layers the flat programme plans over blocks of near-equal work.
 FLAT_MAX_BLOCKS = 48
+#: A grid of at least this many stages has its stage times kept for the other passes (``_stage_time``).
+STORE_MIN_STAGES = 64
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class _Tables:
         prof, opt = pb.profile, pb.options
         L, D = len(prof), len(pb.devices)
         self.L, self.D = L, D
+        self.times = _TimeStore()  # stage times per grid, shared by the passes (a cache's store: by families too)
+        self._time_key = None
         mb = prof.microbatch_size
         fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
         self.work = np.concatenate([[0.0], np.cumsum(fb)])
@@ -170,7 +174,20 @@ class _Tables:
             setattr(t, name, getattr(self, name)[:n + 1, :n + 1])
         t.cut_lat, t.cut_bw = self.cut_lat[:n + 1].copy(), self.cut_bw[:n + 1].copy()
         t.cut_lat[n], t.cut_bw[n] = 0.0, math.inf
+        t._time_key = None
         return t
+
+    def time_key(self, pb: Problem) -> bytes:
+        """A digest of everything ``_stage_time`` reads: the layer work, parameter and boundary bytes, the device
+        speeds, ring and cut figures of these tables, overlap, the ZeRO stage and the update interval's rule (M for a
+        batched family, the replicas for a stream) — so the families and passes that share it share the times."""
+        if self._time_key is None:
+            opt = pb.options
+            rule = ("batch", pb.microbatches) if FAMILY[pb.family].batched else ("stream",)
+            self._time_key = _digest("time", rule, opt.overlap_comm, opt.zero_stage, self.L, self.D, self.work,
+                                     self.params, self.bbytes, self.smin, self.ar_lat, self.ar_bw, self.cut_lat,
+                                     self.cut_bw)
+        return self._time_key
 
     def key(self, pb: Problem, objective: str) -> bytes:
         """A digest of everything ``_solve_n`` reads for a search over all of these tables' devices.
@@ -205,12 +222,32 @@ def _digest(*parts) -> bytes:
     return h.digest()
 
 
+class _TimeStore:
+    """Stage-time tables by key, the oldest dropped beyond ``max_bytes`` (a pass over 64 devices holds ~30 MB)."""
+
+    def __init__(self, max_bytes: float = 160e6) -> None:
+        self._tables: dict[bytes, np.ndarray] = {}
+        self._bytes, self.max_bytes = 0, max_bytes
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        return self._tables.get(key)
+
+    def put(self, key: bytes, t: np.ndarray) -> None:
+        t.setflags(write=False)  # shared by every pass that reads it
+        self._tables[key] = t
+        self._bytes += t.nbytes
+        while self._bytes > self.max_bytes and len(self._tables) > 1:
+            self._bytes -= self._tables.pop(next(iter(self._tables))).nbytes
+
+
 class PartitionCache:
     """Solver answers kept across searches; pass one to ``solve_flat``, ``solve_flat_per_count`` and
     ``solve_hierarchical`` (``planner.search.plan_model`` takes one too).
 
     * flat: the best partition over the first N devices, keyed by ``_Tables.key`` of their tables;
     * equal-work splits (``split_even``), keyed by the layer times and the part count;
+    * the flat programme's stage times (``_stage_time``), keyed by ``_Tables.time_key`` and the grid: the
+      families that update alike (every batched one at one M) and their passes share them;
     * hierarchical: each level's dynamic-programme tables (the top level's first row only, all the search
       reads of it), keyed by the level's inputs (the cut costs and the per-unit-count stage times). A level
       over C units is the same, for every unit count up to C, as the level over fewer units with the same
@@ -225,6 +262,7 @@ class PartitionCache:
         self._flat: dict[bytes, Partition | None] = {}
         self._levels: dict[bytes, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._splits: dict[bytes, tuple[tuple[int, int], ...]] = {}
+        self._times = _TimeStore()
         self.hits = 0
         self.misses = 0
         self.extended = 0
@@ -268,16 +306,8 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     opt, fam, M = pb.options, pb.family, pb.microbatches
     r = k - k0
     rr = np.maximum(r, 1)
-    compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / rr
     params = tb.params[j] - tb.params[i]
-    n = k - k0
-    # ZeRO-3's gathers run inside its passes, which this programme does not time (evaluate does): none here
-    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * allreduce_bytes(params, opt.zero_stage) / tb.ar_bw[k0, k]
-    ar = np.where((r > 1) & (opt.zero_stage != 3), ar_full / update_interval(fam, M, rr), 0.0)
-    cin = tb.cut(i, k0) if i > 0 else 0.0
-    cout = tb.cut(j, k)
-    comm = (cin + cout) / rr
-    t = np.maximum(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
+    t = _stage_time(tb, pb, i, k0, j, k)
     # memory: the cost model's counts and bytes (planner.costmodel.stage_counts, stage_bytes)
     after = N - k0
     lim = -(-after // rr)
@@ -290,6 +320,37 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     if limit0 is not None and holds_until_weight_grad(fam):
         ok = ok & (lim <= limit0)
     return np.where(ok, t, math.inf), np.where(ok, mem, math.inf), tb.mlim[k0, k]
+
+
+def _stage_time(tb: _Tables, pb: Problem, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Seconds per microbatch of the stage layers [i, j) on devices [k0, k) (broadcast arrays): compute over the
+    replicas plus the all-reduce per update, against the cuts in and out (the time half of ``_stage_arrays``).
+
+    It reads no memory rule, so every pass over N devices (a ZB family runs up to three) and every family that
+    updates alike read one table: a grid of ``STORE_MIN_STAGES`` or more stages is kept in ``tb.times`` by
+    ``tb.time_key`` and the grid, and read back, the same floats, instead of recomputed.
+    """
+    k0, j, k = np.asarray(k0), np.asarray(j), np.asarray(k)
+    size = np.broadcast_shapes(k0.shape, j.shape, k.shape)
+    key = _digest(tb.time_key(pb), i, k0, j, k) if math.prod(size) >= STORE_MIN_STAGES else None
+    if key is not None and (t := tb.times.get(key)) is not None:
+        return t
+    opt, fam, M = pb.options, pb.family, pb.microbatches
+    r = k - k0
+    rr = np.maximum(r, 1)
+    compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / rr
+    params = tb.params[j] - tb.params[i]
+    n = k - k0
+    # ZeRO-3's gathers run inside its passes, which this programme does not time (evaluate does): none here
+    ar_full = tb.ar_lat[k0, k] + 2 * (n - 1) / np.maximum(n, 1) * allreduce_bytes(params, opt.zero_stage) / tb.ar_bw[k0, k]
+    ar = np.where((r > 1) & (opt.zero_stage != 3), ar_full / update_interval(fam, M, rr), 0.0)
+    cin = tb.cut(i, k0) if i > 0 else 0.0
+    cout = tb.cut(j, k)
+    comm = (cin + cout) / rr
+    t = np.maximum(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
+    if key is not None:
+        tb.times.put(key, t)
+    return t
 
 
 def _schedulable(family: str, M: int, replicas, limit):
@@ -498,7 +559,7 @@ def _solve_pass(tb: _Tables, pb: Problem, N: int, objective: str, limit0: int) -
     f = np.full((L + 1, N + 1), inf)
     f[L, N] = 0.0
     depth = np.zeros((L + 1, N + 1))  # stages of the chosen suffix: ties go to the shallower pipeline
-    choice: dict[tuple[int, int], tuple[int, int]] = {}
+    choice = np.zeros((L + 1, N + 1, 2), dtype=int)  # (j, k) of the state's best first stage
     ks = np.arange(N + 1)
     for i in range(L - 1, -1, -1):
         k0s = np.array([0]) if i == 0 else np.arange(1, N)
@@ -514,25 +575,23 @@ def _solve_pass(tb: _Tables, pb: Problem, N: int, objective: str, limit0: int) -
             stage_val = mem
         else:
             stage_val = np.where(mem <= lim * (1 + 1e-9), t, inf)
-        val = np.maximum(stage_val, f[J, Kc])
-        val = np.where(valid, val, inf)
-        J, Kc = np.broadcast_arrays(J, Kc)
+        # a valid (j, k) has Kc = k, so the suffix tables are read as slices, not gathered (the invalid are inf)
+        val = np.where(valid, np.maximum(stage_val, f[None, i + 1:, :]), inf)
         flat = val.reshape(len(k0s), -1)
         vmin = flat.min(axis=1, keepdims=True)
-        ties = np.where(flat <= vmin * (1 + 1e-12), depth[J, Kc].reshape(len(k0s), -1), inf)
+        ties = np.where(val <= vmin[:, :, None] * (1 + 1e-12), depth[None, i + 1:, :], inf).reshape(len(k0s), -1)
         best = np.argmin(ties, axis=1)
-        for a, k0 in enumerate(k0s):
-            v = flat[a, best[a]]
-            if v < inf:
-                jj, kk = np.unravel_index(best[a], val.shape[1:])
-                f[i, k0] = v
-                depth[i, k0] = depth[js[jj], kk] + 1
-                choice[(i, int(k0))] = (int(js[jj]), int(kk))
+        v = flat[np.arange(len(k0s)), best]
+        hit = v < inf  # the states with a finite best: their value, depth and choice (j, k), all at once
+        jj, kk = np.divmod(best[hit], N + 1)
+        f[i, k0s[hit]] = v[hit]
+        depth[i, k0s[hit]] = depth[js[jj], kk] + 1
+        choice[i, k0s[hit]] = np.stack([js[jj], kk], axis=1)
     if not f[0, 0] < inf:
         return None
     stages, i, k0 = [], 0, 0
     while i < L:
-        j, k = choice[(i, k0)]
+        j, k = (int(x) for x in choice[i, k0])
         stages.append((i, j - 1, tuple(range(k0, k))))
         i, k0 = j, k
     return Partition(float(f[0, 0]), tuple(stages), N)
@@ -580,6 +639,8 @@ def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int]
     ``cache`` reuses answers for device prefixes it has seen (the same answer, bit for bit).
     """
     tb = _Tables(pb, topology)
+    if cache is not None:
+        tb.times = cache._times
     counts = counts or device_counts(topology, pb.devices)
     found: dict[int, Partition | None] = {}
     if objective == "memory" and holds_until_weight_grad(pb.family):
@@ -608,6 +669,8 @@ def solve_flat_per_count(pb: Problem, topology, counts: list[int] | None = None,
     devices whose traffic stays off a slow link can win. ``cache`` as in ``solve_flat``.
     """
     tb = _Tables(pb, topology)
+    if cache is not None:
+        tb.times = cache._times
     out = []
     for N in counts or device_counts(topology, pb.devices):
         part = _solve_prefix(tb, pb, N, "time", cache)

@@ -68,7 +68,7 @@ from planner.profile import ModelSpecError
 
 __all__ = [
     "ModelSpecError", "build_layers", "build_stage", "input_shape", "make_batch", "loss_fn", "num_layers",
-    "parse_spec", "ModelSpec", "KINDS",
+    "parse_spec", "ModelSpec", "KINDS", "BLOCK_ATTENTION",
 ]
 
 
@@ -85,6 +85,10 @@ KINDS: dict[str, dict[str, tuple[type, object]]] = {
 _MINIMUM = {"saved": 0.0, "layers": 1, "width": 1, "hidden": 1, "heads": 1, "seq": 1, "vocab": 2, "kv_heads": 0,
             "ffn": 0, "blocks": 0,
             "channels": 1, "size": 1, "classes": 2, "fwd": 0.0, "bwd": 0.0, "act": 0.0, "params": 0.0}
+#: The attention kernel each transformer block of the zoo runs, as ``planner.analytic``'s ``attention=`` key names
+#: it: the gpt block an explicit masked softmax (unfused), the llama block ``scaled_dot_product_attention`` (flash).
+#: A spec may name it (one string for ``simulate`` and ``run``); naming the other kernel is refused.
+BLOCK_ATTENTION = {"gpt": "unfused", "llama": "flash"}
 _HELP = "known models: " + "; ".join(
     f"{k}:" + ",".join(f"{p}={d if d is not None else {'bwd': '2*fwd', 'saved': 'act'}[p]}" for p, (_, d) in v.items())
     for k, v in KINDS.items()
@@ -138,6 +142,12 @@ def _parse_builtin(kind: str, body: str, text: str) -> ModelSpec:
         if "=" not in part:
             raise ModelSpecError(f"model {text!r}: {part!r} is not key=value (keys for {kind}: {', '.join(keys)})")
         k, v = (s.strip() for s in part.split("=", 1))
+        if k == "attention" and kind in BLOCK_ATTENTION:
+            if v != BLOCK_ATTENTION[kind]:
+                raise ModelSpecError(f"model {text!r}: the executor's {kind} block runs attention="
+                                     f"{BLOCK_ATTENTION[kind]}, not attention={v}; drop the key (simulate and plan "
+                                     f"cost any kernel)")
+            continue
         if k not in keys:
             raise ModelSpecError(f"model {text!r}: unknown parameter {k!r} (keys for {kind}: {', '.join(keys)})")
         typ = keys[k][0]

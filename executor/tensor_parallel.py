@@ -73,7 +73,7 @@ from executor.errors import ExecutorError
 from executor.models import (GPTBlock, GPTEmbedding, GPTHead, GroupedQueryAttention, LlamaBlock, LlamaEmbedding,
                              LlamaHead, SwiGLU, parse_spec)
 from executor.recompute import attention_core
-from planner.analytic import MEGATRON_VOCAB_MULTIPLE, padded_vocab
+from planner.analytic import padded_vocab, tp_vocab_multiple
 
 TP_FAULT_ENV = "PIPETWIN_TP_FAULT"
 #: What ``PIPETWIN_TP_FAULT`` may skip (see the module docstring).
@@ -341,10 +341,10 @@ class TPSwiGLU(SwiGLU):
 
 
 def vocab_padded(vocab: int, size: int) -> int:
-    """The vocabulary ``size`` TP ranks split: ``vocab`` padded to a multiple of 128·size, as
-    ``planner.analytic.load_model`` pads it for the planner and the simulator (Megatron's
-    ``--make-vocab-size-divisible-by`` 128)."""
-    return padded_vocab(vocab, size, MEGATRON_VOCAB_MULTIPLE)
+    """The vocabulary ``size`` TP ranks split: ``vocab`` padded to a multiple of 128·size (Megatron's
+    ``--make-vocab-size-divisible-by`` 128; unpadded at size 1), by ``planner.analytic.tp_vocab_multiple``, the
+    rule ``load_model`` charges the planner's and the simulator's layers by."""
+    return padded_vocab(vocab, size, tp_vocab_multiple(size))
 
 
 def vocab_slice(vocab: int, tp: TPContext) -> tuple[int, int, int]:

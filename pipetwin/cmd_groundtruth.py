@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--explain", metavar="FILE:LINE", action="append", default=[],
                    help="print a row's closed form split into its terms (compute, TP all-reduces, pipeline fill and "
                         "drain, p2p, DP all-reduce tail, overhead) next to its measured time, e.g. multi:52 "
-                        "(repeatable; FILE is single or multi, LINE the CSV line)")
+                        "(repeatable; FILE is single or multi, LINE the CSV line); with --json those rows as JSON")
     p.add_argument("--no-simulate", action="store_true", help="predict every row by the closed form")
     p.add_argument("--korthikanti", metavar="FILE", default=None,
                    help="also predict Korthikanti et al. 2022's Table 5 (default: "
@@ -58,10 +58,20 @@ def run(args) -> int:
     from validation.groundtruth_titan import score_torchtitan
 
     explain = _explain_keys(args.explain)
+    if explain and args.report:
+        from pipetwin.errors import UserError
+
+        raise UserError("--explain prints the named rows' terms, --report writes the whole report: give one of them")
     titan_rows = _torchtitan_rows(args)
     g = run_groundtruth(args.data, calibration=args.device_calibration, simulate=not args.no_simulate)
     if explain:
-        return _print_explain(g, explain)
+        chosen = _explained(g, explain)
+        if args.save_calibration:
+            g.calibration.save(args.save_calibration)
+        if args.json:
+            print(json.dumps({"rows": [x.to_dict() for x in chosen]}))
+            return 0
+        return _print_explain(chosen)
     table5 = args.korthikanti or str(Path(args.data) / ".." / "published" / KORTHIKANTI_FILE)
     extra = None
     if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):
@@ -140,22 +150,31 @@ def _print(g) -> None:
                 + (f" (and {len(closed) - 1} more like it; --json gives each row's why_closed_form)" if len(closed) > 1 else ""))
 
 
-def _print_explain(g, keys: list[tuple[str, int]]) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+def _explained(g, keys: list[tuple[str, int]]) -> list:
+    """The scored rows ``--explain`` names, in its order; a key naming no expressed row is refused in one line."""
     from pipetwin.errors import UserError
-    from validation.groundtruth import TERMS
 
     by_key = {(s.row.source, s.row.line): s for s in g.scored}
     skipped = {(r.source, r.line): why for r, why in g.skipped}
-    c = Console(width=None if sys.stdout.isatty() else 130)
+    chosen = []
     for key in keys:
         x = by_key.get(key)
         if x is None:
             why = skipped.get(key)
             raise UserError(f"--explain {key[0]}:{key[1]}: " + (f"the row was not expressed ({why})" if why else
                              "no such data row (LINE is the line in the CSV file, the header being line 1)"))
+        chosen.append(x)
+    return chosen
+
+
+def _print_explain(chosen: list) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from validation.groundtruth import TERMS
+
+    c = Console(width=None if sys.stdout.isatty() else 130)
+    for x in chosen:
         r = x.row
         c.print(f"[bold]{r.source}:{r.line}[/] {r.model} {r.shape}, micro {r.micro_batch}, {r.microbatches} "
                 f"microbatches per pipeline, {r.gpus} GPUs{' (a calibration row)' if r.calibration else ''}")

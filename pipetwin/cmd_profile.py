@@ -150,6 +150,7 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
     """Every (spec, TransformerConfig, TP, microbatch) ``--blocks`` asks for, checked before anything is timed:
     a model one of the executor's blocks builds (GPT/BERT: multi-head attention, a 4·hidden GELU MLP; Llama:
     grouped-query attention, SwiGLU of any width) that each TP degree divides."""
+    from executor.models import BLOCK_ATTENTION, ModelSpecError, parse_spec
     from planner.analytic import transformer_config
     from pipetwin.errors import UserError
 
@@ -169,13 +170,14 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
                 raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block has multi-head attention and a "
                                 f"4·hidden GELU MLP, not kv_heads={cfg.kv_heads or cfg.heads} and ffn={cfg.ffn_size}; "
                                 f"give a llama: spec for grouped-query attention or another MLP width")
-            zoo = "flash" if cfg.llama else "unfused"
+            zoo = BLOCK_ATTENTION["llama" if cfg.llama else "gpt"]
             if cfg.attention != zoo:
                 raise UserError(f"--blocks {name!r}: the executor's {cfg.family} block's attention is {zoo} "
                                 f"(gpt: explicit softmax; llama: SDPA), not attention={cfg.attention}; drop the key")
-            if cfg.llama and (cfg.hidden // cfg.heads) % 2:
-                raise UserError(f"--blocks {name!r}: the head size hidden/heads = {cfg.hidden // cfg.heads} must be "
-                                f"even (rotary embedding turns pairs of features)")
+            try:  # what else the executor's block cannot build (llama: an odd head size for rotary), in its words
+                parse_spec(cfg.spec())
+            except ModelSpecError as e:
+                raise UserError(f"--blocks: {e}") from None
             if sequence_parallel and cfg.seq % t:
                 raise UserError(f"--blocks {name!r}: sequence parallelism over --tp {t} needs it to divide "
                                 f"seq={cfg.seq}; pick a divisor")

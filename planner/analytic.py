@@ -110,8 +110,8 @@ __all__ = [
     "transformer_profile", "transformer_param_count", "transformer_flops_per_token", "block_saved_bytes",
     "cnn_profile", "load_model", "split_device_suffix", "model_names", "state_bytes", "pipedream_profiles_dir",
     "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
-    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "block_key", "transformer_config",
-    "ATTENTION_KERNELS", "DEFAULT_ATTENTION", "FLASH_BACKWARD_FACTOR", "attention_flops",
+    "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "tp_vocab_multiple", "block_key", "transformer_config",
+    "ATTENTION_KERNELS", "DEFAULT_ATTENTION", "FLASH_BACKWARD_FACTOR", "attention_flops", "attended_keys",
 ]
 
 #: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
@@ -199,6 +199,11 @@ class TransformerConfig:
         """The attention core is a fused (flash) kernel."""
         return self.attention == "flash"
 
+    @property
+    def causal(self) -> bool:
+        """Causal (decoder) attention: GPT and Llama; BERT attends both ways."""
+        return self.family != "bert"
+
     def spec(self) -> str:
         """The spec string that rebuilds this config (the attention kernel named only when not the family's default)."""
         f = f",ffn={self.ffn}" if self.ffn else ""
@@ -265,6 +270,13 @@ def padded_vocab(vocab: int, tensor_parallel: int = 1, multiple: int = 1) -> int
     return -(-vocab // q) * q
 
 
+def tp_vocab_multiple(tensor_parallel: int) -> int:
+    """The padding multiple (× T) of a model split over ``tensor_parallel`` ranks, the one rule :func:`load_model`
+    charges and ``executor.tensor_parallel`` shards by: Megatron's 128 when T > 1, none on one rank (the
+    profile this module always gave, and the executor's untouched single-rank model)."""
+    return MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
+
+
 def _check_tp(c: TransformerConfig, t: int) -> None:
     if not isinstance(t, int) or t < 1:
         raise ModelSpecError(f"tensor parallel degree must be a positive integer (got {t!r})")
@@ -301,17 +313,26 @@ def transformer_param_count(c: TransformerConfig, tied: bool = True) -> int:
     return n if (tied and not c.llama) else n + c.vocab * h
 
 
-def attention_flops(c: TransformerConfig) -> float:
-    """Forward FLOPs of one block's attention core for one sequence: the scores QKᵀ and the values, ``4·s²·h``
-    (either kernel; every query against every key, as Narayanan et al. count it)."""
-    return 4.0 * c.seq * c.seq * c.hidden
+def attended_keys(c: TransformerConfig) -> int:
+    """Keys one query is multiplied with, on average, by the attention kernel: an unfused core computes the
+    whole s × s square and masks it afterwards (Megatron's scale-mask-softmax), and so does any kernel of a
+    bidirectional (BERT) model; a causal flash kernel skips the blocks above the diagonal, s/2 on average."""
+    return max(1, c.seq // 2) if (c.flash and c.causal) else c.seq
 
 
-def _block_flops(c: TransformerConfig) -> float:
-    """Forward FLOPs of one block for one sequence: QKV, scores and values, projection, MLP."""
+def attention_flops(c: TransformerConfig, keys: int | None = None) -> float:
+    """Forward FLOPs of one block's attention core for one sequence: the scores QKᵀ and the values,
+    ``4·s·k·h`` with k the keys a query meets (:func:`attended_keys`): ``4·s²·h`` unfused (every query against
+    every key, as Narayanan et al. count it), half that for a causal flash kernel."""
+    return 4.0 * c.seq * (attended_keys(c) if keys is None else keys) * c.hidden
+
+
+def _block_flops(c: TransformerConfig, keys: int | None = None) -> float:
+    """Forward FLOPs of one block for one sequence: QKV, scores and values, projection, MLP (``keys``: as
+    :func:`attention_flops` takes it)."""
     s, h, f, kv = c.seq, c.hidden, c.ffn_size, c.kv_size
     mlp = (6.0 if c.llama else 4.0) * s * h * f
-    return 2.0 * s * h * (h + 2 * kv) + 2.0 * s * h * h + mlp + attention_flops(c)
+    return 2.0 * s * h * (h + 2 * kv) + 2.0 * s * h * h + mlp + attention_flops(c, keys)
 
 
 def _block_backward_flops(c: TransformerConfig) -> float:
@@ -326,9 +347,10 @@ def _head_flops(c: TransformerConfig, vocab: int | None = None) -> float:
 
 
 def transformer_flops_per_token(c: TransformerConfig) -> float:
-    """Training FLOPs (forward + 2× backward) per token: the model's FLOPs, as MFU counts them (what flash
-    attention's backward recomputes is not among them, as no recomputation is)."""
-    fwd = c.layers * _block_flops(c) + _head_flops(c) + 2.0 * c.seq * c.hidden
+    """Training FLOPs (forward + 2× backward) per token: the model's FLOPs, as MFU counts them (the whole
+    s × s attention square, whatever the kernel skips; what flash attention's backward recomputes is not
+    among them, as no recomputation is)."""
+    fwd = c.layers * _block_flops(c, keys=c.seq) + _head_flops(c) + 2.0 * c.seq * c.hidden
     return 3.0 * fwd / c.seq
 
 
@@ -400,7 +422,8 @@ def block_work(c: TransformerConfig, microbatch_size: int = 1, tensor_parallel: 
     weight_gemms = (Gemm(n, (h + 2 * kv) // t, h), Gemm(n, h, h // t),
                     Gemm(n, (2 if c.llama else 1) * f // t, h), Gemm(n, h, f // t))
     heads_here = b * a // t
-    attn_gemms = (Gemm(s, s, d, heads_here, c.flash), Gemm(s, d, s, heads_here, c.flash))
+    keys = attended_keys(c)  # a causal flash kernel multiplies each query with s/2 keys on average
+    attn_gemms = (Gemm(s, keys, d, heads_here, c.flash), Gemm(s, d, keys, heads_here, c.flash))
     scores = float(heads_here) * s * s
     if c.flash:
         attn = Work(attn_gemms, 4.0 * heads_here * s, 1, weight_gemms=0, rerun=attn_gemms[:1])
@@ -726,7 +749,7 @@ def load_model(spec: str, device_kind_name: str | None = None, *, calibration: D
                                      f"{calibration.kind.name}; give a calibration of that kind or drop the kind")
             kind = calibration.kind.name
         kind = kind or DEFAULT_DEVICE_KIND
-        multiple = MEGATRON_VOCAB_MULTIPLE if tensor_parallel > 1 else 1
+        multiple = tp_vocab_multiple(tensor_parallel)
         mb = microbatch_size if calibration is not None else 1
         timing = (calibration.block_timing(block_key(cfg, tensor_parallel, mb, sequence_parallel))
                   if calibration is not None else None)

@@ -42,10 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, holds_until_weight_grad,
-                               inflight, stage_bytes, stage_counts, stage_input_bytes, static_bytes,
-                               static_bytes_per_param_byte,
-                               update_interval, weight_versions)
+from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, fsdp_gathered_bytes,
+                               holds_until_weight_grad, inflight, stage_bytes, stage_counts, stage_input_bytes,
+                               static_bytes, static_bytes_per_param_byte, update_interval, weight_versions)
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
@@ -59,6 +58,8 @@ FLAT_MAX_DEVICES = 64
 HIER_MAX_BLOCKS = 40
 #: Beyond this many layers the flat programme plans over blocks of near-equal work.
 FLAT_MAX_BLOCKS = 48
+#: A grid of at least this many stages has its stage times kept for the other passes (``_stage_time``).
+STORE_MIN_STAGES = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class _Tables:
         prof, opt = pb.profile, pb.options
         L, D = len(prof), len(pb.devices)
         self.L, self.D = L, D
+        self.times = _TimeStore()  # stage times per grid, shared by the passes (a cache's store: by families too)
+        self._time_key = None
         mb = prof.microbatch_size
         fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
         self.work = np.concatenate([[0.0], np.cumsum(fb)])
@@ -149,6 +152,12 @@ class _Tables:
             self.cut_lat[k] = topology.path_latency(devs[k - 1], devs[k])
             self.cut_bw[k] = topology.path_bandwidth(devs[k - 1], devs[k])
         self.opt_state = OPTIMIZER_STATE[opt.optimizer]
+        # ZeRO-3: what a pass of layers [i, j) gathers beyond the sharded state (the cost model's fsdp_gathered_bytes)
+        self.gathered = np.zeros((L + 1, L + 1))
+        if opt.zero_stage == 3:
+            for i in range(L):
+                for j in range(i + 1, L + 1):
+                    self.gathered[i, j] = fsdp_gathered_bytes(prof, i, j - 1, opt, FAMILY[pb.family].backward)
 
     def prefix(self, n: int) -> "_Tables":
         """The tables of the first ``n`` devices alone — equal, array for array, to ``_Tables`` built on them.
@@ -165,7 +174,20 @@ class _Tables:
             setattr(t, name, getattr(self, name)[:n + 1, :n + 1])
         t.cut_lat, t.cut_bw = self.cut_lat[:n + 1].copy(), self.cut_bw[:n + 1].copy()
         t.cut_lat[n], t.cut_bw[n] = 0.0, math.inf
+        t._time_key = None
         return t
+
+    def time_key(self, pb: Problem) -> bytes:
+        """A digest of everything ``_stage_time`` reads: the layer work, parameter and boundary bytes, the device
+        speeds, ring and cut figures of these tables, overlap, the ZeRO stage and the update interval's rule (M for a
+        batched family, the replicas for a stream) — so the families and passes that share it share the times."""
+        if self._time_key is None:
+            opt = pb.options
+            rule = ("batch", pb.microbatches) if FAMILY[pb.family].batched else ("stream",)
+            self._time_key = _digest("time", rule, opt.overlap_comm, opt.zero_stage, self.L, self.D, self.work,
+                                     self.params, self.bbytes, self.smin, self.ar_lat, self.ar_bw, self.cut_lat,
+                                     self.cut_bw)
+        return self._time_key
 
     def key(self, pb: Problem, objective: str) -> bytes:
         """A digest of everything ``_solve_n`` reads for a search over all of these tables' devices.
@@ -177,7 +199,7 @@ class _Tables:
         opt = pb.options
         M = pb.microbatches if reads_microbatches(pb.family) else None
         return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
-                       self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
+                       opt.fsdp_overlap, self.gathered, self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
     def cut(self, j, k):
@@ -200,12 +222,32 @@ def _digest(*parts) -> bytes:
     return h.digest()
 
 
+class _TimeStore:
+    """Stage-time tables by key, the oldest dropped beyond ``max_bytes`` (a pass over 64 devices holds ~30 MB)."""
+
+    def __init__(self, max_bytes: float = 160e6) -> None:
+        self._tables: dict[bytes, np.ndarray] = {}
+        self._bytes, self.max_bytes = 0, max_bytes
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        return self._tables.get(key)
+
+    def put(self, key: bytes, t: np.ndarray) -> None:
+        t.setflags(write=False)  # shared by every pass that reads it
+        self._tables[key] = t
+        self._bytes += t.nbytes
+        while self._bytes > self.max_bytes and len(self._tables) > 1:
+            self._bytes -= self._tables.pop(next(iter(self._tables))).nbytes
+
+
 class PartitionCache:
     """Solver answers kept across searches; pass one to ``solve_flat``, ``solve_flat_per_count`` and
     ``solve_hierarchical`` (``planner.search.plan_model`` takes one too).
 
     * flat: the best partition over the first N devices, keyed by ``_Tables.key`` of their tables;
     * equal-work splits (``split_even``), keyed by the layer times and the part count;
+    * the flat programme's stage times (``_stage_time``), keyed by ``_Tables.time_key`` and the grid: the
+      families that update alike (every batched one at one M) and their passes share them;
     * hierarchical: each level's dynamic-programme tables (the top level's first row only, all the search
       reads of it), keyed by the level's inputs (the cut costs and the per-unit-count stage times). A level
       over C units is the same, for every unit count up to C, as the level over fewer units with the same
@@ -220,6 +262,7 @@ class PartitionCache:
         self._flat: dict[bytes, Partition | None] = {}
         self._levels: dict[bytes, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._splits: dict[bytes, tuple[tuple[int, int], ...]] = {}
+        self._times = _TimeStore()
         self.hits = 0
         self.misses = 0
         self.extended = 0
@@ -230,6 +273,19 @@ def reads_microbatches(family: str) -> bool:
     ≤ M, in flight within the batch); a stream's (PipeDream: M is the stream's length) read only its replicas."""
     fam = FAMILY[family]
     return fam.batched or fam.inflight == "batch" or holds_until_weight_grad(family)
+
+
+def needs_no_less_than(family: str, other: str, zero_stage: int = 0) -> bool:
+    """Every partition needs at least as many bytes per device under ``family`` as under ``other``: the two keep the
+    same weights, in-flight rule and schedulability, and ``family``'s stages also hold activations until BW, which
+    ``other``'s do not (ZB-H1 and ZB-H2 against 1F1B: ``costmodel.held_until_weight_grad`` is at least the
+    in-flight count). Under ZeRO-3 the passes' gathered weights differ with the backward (a split one gathers
+    less at a time), so there the backward must be the same too."""
+    a, b = FAMILY[family], FAMILY[other]
+    same = (a.inflight, a.flush, a.versions, a.weight_copies) == (b.inflight, b.flush, b.versions, b.weight_copies)
+    if zero_stage == 3:
+        same = same and a.backward == b.backward
+    return same and holds_until_weight_grad(family) and not holds_until_weight_grad(other)
 
 
 def hierarchical_reads(family: str, microbatches: int) -> tuple:
@@ -250,6 +306,38 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     opt, fam, M = pb.options, pb.family, pb.microbatches
     r = k - k0
     rr = np.maximum(r, 1)
+    params = tb.params[j] - tb.params[i]
+    t = _stage_time(tb, pb, i, k0, j, k)
+    # memory: the cost model's counts and bytes (planner.costmodel.stage_counts, stage_bytes)
+    after = N - k0
+    lim = -(-after // rr)
+    held, versions = stage_counts(fam, M, after, rr, lim if limit0 is None else limit0)
+    mem = stage_bytes(static_bytes(params, versions, rr, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held)
+    ok = _schedulable(fam, M, r, lim)
+    if opt.zero_stage == 3:  # FSDP: the gathered units on top, and (zero3_refusal) replicas that split M evenly
+        mem = mem + np.where(r > 1, tb.gathered[i, j], 0.0)
+        ok = ok & ((r == 1) | (M % rr == 0) | (not FAMILY[fam].batched))
+    if limit0 is not None and holds_until_weight_grad(fam):
+        ok = ok & (lim <= limit0)
+    return np.where(ok, t, math.inf), np.where(ok, mem, math.inf), tb.mlim[k0, k]
+
+
+def _stage_time(tb: _Tables, pb: Problem, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Seconds per microbatch of the stage layers [i, j) on devices [k0, k) (broadcast arrays): compute over the
+    replicas plus the all-reduce per update, against the cuts in and out (the time half of ``_stage_arrays``).
+
+    It reads no memory rule, so every pass over N devices (a ZB family runs up to three) and every family that
+    updates alike read one table: a grid of ``STORE_MIN_STAGES`` or more stages is kept in ``tb.times`` by
+    ``tb.time_key`` and the grid, and read back, the same floats, instead of recomputed.
+    """
+    k0, j, k = np.asarray(k0), np.asarray(j), np.asarray(k)
+    size = np.broadcast_shapes(k0.shape, j.shape, k.shape)
+    key = _digest(tb.time_key(pb), i, k0, j, k) if math.prod(size) >= STORE_MIN_STAGES else None
+    if key is not None and (t := tb.times.get(key)) is not None:
+        return t
+    opt, fam, M = pb.options, pb.family, pb.microbatches
+    r = k - k0
+    rr = np.maximum(r, 1)
     compute = (tb.work[j] - tb.work[i]) / tb.smin[k0, k] / rr
     params = tb.params[j] - tb.params[i]
     n = k - k0
@@ -260,15 +348,9 @@ def _stage_arrays(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: n
     cout = tb.cut(j, k)
     comm = (cin + cout) / rr
     t = np.maximum(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
-    # memory: the cost model's counts and bytes (planner.costmodel.stage_counts, stage_bytes)
-    after = N - k0
-    lim = -(-after // rr)
-    held, versions = stage_counts(fam, M, after, rr, lim if limit0 is None else limit0)
-    mem = stage_bytes(static_bytes(params, versions, rr, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held)
-    ok = _schedulable(fam, M, r, lim)
-    if limit0 is not None and holds_until_weight_grad(fam):
-        ok = ok & (lim <= limit0)
-    return np.where(ok, t, math.inf), np.where(ok, mem, math.inf), tb.mlim[k0, k]
+    if key is not None:
+        tb.times.put(key, t)
+    return t
 
 
 def _schedulable(family: str, M: int, replicas, limit):
@@ -323,7 +405,8 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
 
     A family that reads it first runs the lower bound (every stage charged at its own depth): when its answer,
     charged at its own L₀, still fits (time) or still peaks at the bound (memory), no partition does better and
-    that is the answer; otherwise the passes settle it.
+    that is the answer; otherwise the time objective bisects with bit masks of depths (``_solve_by_depth_masks``)
+    and the memory objective runs the passes, narrowed first (``_memory_depths``) when there are many.
     """
     if not holds_until_weight_grad(pb.family):
         return _solve_pass(tb, pb, N, objective, N)
@@ -339,8 +422,11 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
         sol = _solve_by_depth_masks(tb, pb, N, low.value)
         if sol is not False:
             return sol
+    depths = _depths(pb, N)
+    if objective == "memory" and N <= _MASK_BITS and len(depths) > _MEMORY_PASSES:  # the depths that can answer
+        depths = _memory_depths(tb, pb, N, low.value, max(float(m) for m, _lim in exact))
     best = None
-    for limit0 in _depths(pb, N):
+    for limit0 in depths:
         sol = _solve_pass(tb, pb, N, objective, limit0)
         if sol is not None and (best is None or sol.value < best.value * (1 - 1e-12)):
             best = sol
@@ -351,19 +437,67 @@ def _solve_n(tb: _Tables, pb: Problem, N: int, objective: str) -> Partition | No
 _MASK_BITS = 64
 
 
-def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray):
+def _stage_window(tb: _Tables, pb: Problem, N: int, i: int, k0: np.ndarray, j: np.ndarray, k: np.ndarray,
+                  cap_bytes: float | None = None):
     """(time, shallowest L₀, deepest L₀) of the stages ``_stage_arrays`` costs: a stage is in the pass at L₀ when
-    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices, which holds up to
-    ``costmodel.deepest_limit0`` of the microbatches its bytes leave room for."""
+    ⌈(N − k0) / replicas⌉ ≤ L₀ (its own depth) and its memory charged at L₀ fits its devices (or ``cap_bytes``, the
+    memory objective's threshold), which holds up to ``costmodel.deepest_limit0`` of the microbatches its bytes
+    leave room for."""
     opt, fam, M = pb.options, pb.family, pb.microbatches
     t, _mem, mlim = _stage_arrays(tb, pb, N, i, k0, j, k, None)
+    if cap_bytes is not None:
+        mlim = cap_bytes / (1 + 1e-9)
     rr = np.maximum(k - k0, 1)
     n_in = inflight(fam, M, N - k0, rr)
     static = static_bytes(tb.params[j] - tb.params[i], weight_versions(fam, n_in), rr, opt)
+    if opt.zero_stage == 3:
+        static = static + np.where(k - k0 > 1, tb.gathered[i, j], 0.0)
     kept, room = tb.kept[j] - tb.kept[i], mlim * (1 + 1e-9) - static - tb.rebuilt[i, j]
     with np.errstate(divide="ignore", invalid="ignore"):
         max_held = np.where(kept > 0, room / np.where(kept > 0, kept, 1.0), np.where(room >= 0, math.inf, -math.inf))
     return t, -(-(N - k0) // rr), deepest_limit0(fam, M, n_in, rr, max_held, N)
+
+
+#: Up to this many passes the memory objective runs them all; beyond, ``_memory_depths`` first narrows them down.
+_MEMORY_PASSES = 16
+
+
+def _memory_depths(tb: _Tables, pb: Problem, N: int, lower: float, upper: float) -> list[int]:
+    """The depths L₀ whose pass can give the memory objective's answer, which lies in [``lower``, ``upper``]: bisect
+    on the threshold μ (to 1e-6, or until at most ``_MEMORY_PASSES`` / 2 depths remain) with a programme ORing, as bit masks, the depths at which a suffix of stages all
+    fit in μ charged there; every depth the best partition can be charged at is among those at the upper end."""
+    L, ALL = tb.L, np.uint64(2**64 - 1)
+
+    def depths_within(mu: float) -> int:
+        g = np.zeros((L + 1, N + 1), dtype=np.uint64)
+        g[L, N] = ALL
+        for i, k0s, K0, J, Kc, valid in _rows(L, N):
+            t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc, mu)
+            mask = np.where(valid & (lo <= hi) & (t < math.inf), _low_bits(hi) & ~_low_bits(lo - 1), np.uint64(0))
+            g[i, k0s] = np.bitwise_or.reduce((mask & g[J, Kc]).reshape(len(k0s), -1), axis=1)
+        return int(g[0, 0])
+
+    bits = depths_within(upper * (1 + 1e-9))
+    while upper - lower > 1e-6 * upper and bin(bits).count("1") > _MEMORY_PASSES // 2:
+        mid = (lower + upper) / 2
+        found = depths_within(mid * (1 + 1e-9))
+        if found:
+            upper, bits = mid, found
+        else:
+            lower = mid
+    return [L0 for L0 in range(1, N + 1) if bits >> (L0 - 1) & 1]
+
+
+def _rows(L: int, N: int):
+    """The programme's rows, last layer first: (i, first devices k0, then as broadcast views K0 (a,1,1), next layer
+    J (1,b,1), next device Kc (a,1,c, clipped to k0 + 1 where not past k0) and the mask of the k past k0)."""
+    for i in range(L - 1, -1, -1):
+        k0s = np.array([0]) if i == 0 else np.arange(1, N)
+        if k0s.size == 0:
+            continue
+        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
+        valid = K > K0
+        yield i, k0s, K0, J, np.where(valid, K, np.minimum(K0 + 1, N)), valid
 
 
 def _low_bits(h: np.ndarray) -> np.ndarray:
@@ -380,13 +514,7 @@ def _solve_by_depth_masks(tb: _Tables, pb: Problem, N: int, lower: float) -> Par
     (a rounding at a memory boundary), and the caller runs every pass."""
     L, ALL = tb.L, np.uint64(2**64 - 1)
     rows, values = [], []
-    for i in range(L - 1, -1, -1):
-        k0s = np.array([0]) if i == 0 else np.arange(1, N)
-        if k0s.size == 0:
-            continue
-        K0, J, K = k0s[:, None, None], np.arange(i + 1, L + 1)[None, :, None], np.arange(N + 1)[None, None, :]
-        valid = K > K0
-        Kc = np.where(valid, K, np.minimum(K0 + 1, N))
+    for i, k0s, K0, J, Kc, valid in _rows(L, N):
         t, lo, hi = _stage_window(tb, pb, N, i, K0, J, Kc)
         use = valid & (lo <= hi) & (t < math.inf)
         a, b, c = np.nonzero(np.broadcast_to(use, t.shape))
@@ -431,7 +559,7 @@ def _solve_pass(tb: _Tables, pb: Problem, N: int, objective: str, limit0: int) -
     f = np.full((L + 1, N + 1), inf)
     f[L, N] = 0.0
     depth = np.zeros((L + 1, N + 1))  # stages of the chosen suffix: ties go to the shallower pipeline
-    choice: dict[tuple[int, int], tuple[int, int]] = {}
+    choice = np.zeros((L + 1, N + 1, 2), dtype=int)  # (j, k) of the state's best first stage
     ks = np.arange(N + 1)
     for i in range(L - 1, -1, -1):
         k0s = np.array([0]) if i == 0 else np.arange(1, N)
@@ -447,25 +575,23 @@ def _solve_pass(tb: _Tables, pb: Problem, N: int, objective: str, limit0: int) -
             stage_val = mem
         else:
             stage_val = np.where(mem <= lim * (1 + 1e-9), t, inf)
-        val = np.maximum(stage_val, f[J, Kc])
-        val = np.where(valid, val, inf)
-        J, Kc = np.broadcast_arrays(J, Kc)
+        # a valid (j, k) has Kc = k, so the suffix tables are read as slices, not gathered (the invalid are inf)
+        val = np.where(valid, np.maximum(stage_val, f[None, i + 1:, :]), inf)
         flat = val.reshape(len(k0s), -1)
         vmin = flat.min(axis=1, keepdims=True)
-        ties = np.where(flat <= vmin * (1 + 1e-12), depth[J, Kc].reshape(len(k0s), -1), inf)
+        ties = np.where(val <= vmin[:, :, None] * (1 + 1e-12), depth[None, i + 1:, :], inf).reshape(len(k0s), -1)
         best = np.argmin(ties, axis=1)
-        for a, k0 in enumerate(k0s):
-            v = flat[a, best[a]]
-            if v < inf:
-                jj, kk = np.unravel_index(best[a], val.shape[1:])
-                f[i, k0] = v
-                depth[i, k0] = depth[js[jj], kk] + 1
-                choice[(i, int(k0))] = (int(js[jj]), int(kk))
+        v = flat[np.arange(len(k0s)), best]
+        hit = v < inf  # the states with a finite best: their value, depth and choice (j, k), all at once
+        jj, kk = np.divmod(best[hit], N + 1)
+        f[i, k0s[hit]] = v[hit]
+        depth[i, k0s[hit]] = depth[js[jj], kk] + 1
+        choice[i, k0s[hit]] = np.stack([js[jj], kk], axis=1)
     if not f[0, 0] < inf:
         return None
     stages, i, k0 = [], 0, 0
     while i < L:
-        j, k = choice[(i, k0)]
+        j, k = (int(x) for x in choice[i, k0])
         stages.append((i, j - 1, tuple(range(k0, k))))
         i, k0 = j, k
     return Partition(float(f[0, 0]), tuple(stages), N)
@@ -513,9 +639,22 @@ def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int]
     ``cache`` reuses answers for device prefixes it has seen (the same answer, bit for bit).
     """
     tb = _Tables(pb, topology)
+    if cache is not None:
+        tb.times = cache._times
+    counts = counts or device_counts(topology, pb.devices)
+    found: dict[int, Partition | None] = {}
+    if objective == "memory" and holds_until_weight_grad(pb.family):
+        # one pass per 1F1B depth makes each N dear: solve the N in the order of their lower bound (every stage at
+        # its own depth) and leave out those whose bound is above the best found; the answer is the same
+        low = {N: _solve_pass(tb.prefix(N), pb, N, objective, None) for N in counts}
+        for N in sorted((N for N in counts if low[N] is not None), key=lambda N: low[N].value):
+            if any(f is not None and low[N].value > f.value * (1 + 1e-12) for f in found.values()):
+                break
+            found[N] = _solve_prefix(tb, pb, N, objective, cache)
+        counts = [N for N in counts if N in found]
     best: Partition | None = None
-    for N in counts or device_counts(topology, pb.devices):
-        part = _solve_prefix(tb, pb, N, objective, cache)
+    for N in counts:
+        part = found[N] if N in found else _solve_prefix(tb, pb, N, objective, cache)
         if part is not None and (best is None or part.value < best.value * (1 - 1e-12)):
             best = part
     return best
@@ -530,6 +669,8 @@ def solve_flat_per_count(pb: Problem, topology, counts: list[int] | None = None,
     devices whose traffic stays off a slow link can win. ``cache`` as in ``solve_flat``.
     """
     tb = _Tables(pb, topology)
+    if cache is not None:
+        tb.times = cache._times
     out = []
     for N in counts or device_counts(topology, pb.devices):
         part = _solve_prefix(tb, pb, N, "time", cache)
@@ -585,6 +726,10 @@ def _stage_scalar(tb: _Tables, pb: Problem, N: int, i: int, j: int, k0: int, k: 
     t = max(compute + ar, comm) if opt.overlap_comm else compute + ar + comm
     held, versions = stage_counts(fam, M, N - k0, r, limit0)
     mem = float(stage_bytes(static_bytes(params, versions, r, opt), tb.kept[j] - tb.kept[i], tb.rebuilt[i, j], held))
+    if opt.zero_stage == 3 and r > 1:
+        mem += tb.gathered[i, j]
+        if FAMILY[fam].batched and M % r:
+            return math.inf, math.inf, tb.mlim[k0, k]
     if not _schedulable(fam, M, r, math.ceil((N - k0) / r)):
         return math.inf, math.inf, tb.mlim[k0, k]
     return t, mem, tb.mlim[k0, k]

@@ -504,6 +504,8 @@ def _nothing_fits(prof, topology, devs, opts, families, mcounts, limit, cands, p
     for fam in families:
         if not _linear(fam):  # several stages per device: the partition search does not model them; cands has them
             continue
+        if any(part.needs_no_less_than(fam, g, opts.zero_stage) for g in families if _linear(g)):  # not the least
+            continue
         for M in mcounts:
             pb = part.Problem(prof, devs, fam, M, replace(opts, memory_limit_bytes=None))
             if len(devs) <= part.FLAT_MAX_DEVICES:

@@ -173,7 +173,8 @@ def test_llama3_presets_have_their_published_parameter_counts(name, billions):
 def test_llama_block_flops_count_gqa_and_three_swiglu_matrices():
     c = PRESETS["llama3-8b"]
     s, h, f, kv = c.seq, c.hidden, c.ffn_size, 8 * 128
-    closed = 2 * s * h * (h + 2 * kv) + 2 * s * h * h + 6 * s * h * f + 4 * s * s * h
+    # the causal flash core (Llama's default kernel) meets s/2 keys per query on average: 4·s·(s/2)·h
+    closed = 2 * s * h * (h + 2 * kv) + 2 * s * h * h + 6 * s * h * f + 4 * s * (s // 2) * h
     p = transformer_profile(c)
     assert p.layers[1].forward_s == pytest.approx(closed / DEVICE_KINDS["a100-80gb"].achievable_flops, rel=1e-12)
     assert load_model("llama3-8b").layers[1] == p.layers[1]

@@ -94,10 +94,12 @@ def test_at_a_fixed_fraction_of_peak_the_flash_backward_is_twice_the_dense_plus_
     k = DEVICE_KINDS["a100-80gb"].achievable_flops
     for c in (LLAMA, replace(GPT, attention="flash")):
         block = transformer_profile(c).layers[1]
-        core = 4 * c.seq * c.seq * c.hidden
+        core = 4 * c.seq * (c.seq // 2) * c.hidden  # causal flash: each query meets s/2 keys on average
         assert block.backward_s == pytest.approx((2 * (block.forward_s * k - core) + 2.5 * core) / k, rel=1e-12)
         unfused = transformer_profile(replace(c, attention="unfused")).layers[1]
-        assert unfused.forward_s == block.forward_s and unfused.backward_s == 2 * unfused.forward_s
+        # the unfused core computes the whole s × s square: the flash forward is short of it by the masked half
+        assert (unfused.forward_s - block.forward_s) * k == pytest.approx(2 * c.seq * c.seq * c.hidden, rel=1e-9)
+        assert unfused.backward_s == 2 * unfused.forward_s
 
 
 def test_selective_recomputation_of_a_flash_block_drops_nothing_and_costs_nothing():
@@ -182,3 +184,19 @@ def test_profile_blocks_refuses_a_kernel_the_executor_s_block_does_not_run():
     for spec in ("gpt3-1.3b:attention=flash", "llama3-8b:attention=unfused"):
         with pytest.raises(UserError, match="drop the key"):
             block_shapes([spec], (1,), (1,), False)
+
+
+def test_a_causal_flash_kernel_multiplies_half_the_square_and_a_bidirectional_one_all_of_it():
+    from planner.analytic import attended_keys, attention_flops, transformer_flops_per_token
+
+    for c in (LLAMA, replace(GPT, attention="flash")):
+        assert attended_keys(c) == c.seq // 2
+        assert attention_flops(c) == 2 * c.seq * c.seq * c.hidden
+        core = block_work(c)[1]
+        assert core.flops == pytest.approx(attention_flops(c), rel=1e-12)  # the kernel inventory says the same
+        # MFU counts the whole square whatever the kernel skips
+        assert transformer_flops_per_token(c) == transformer_flops_per_token(replace(c, attention="unfused"))
+    bert = replace(GPT, family="bert", attention="flash")
+    assert attended_keys(bert) == bert.seq and attention_flops(bert) == 4 * bert.seq * bert.seq * bert.hidden
+    for c in (GPT, replace(LLAMA, attention="unfused")):
+        assert attention_flops(c) == 4 * c.seq * c.seq * c.hidden

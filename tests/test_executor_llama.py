@@ -15,7 +15,7 @@ from executor.models import (GroupedQueryAttention, LlamaBlock, ModelSpecError, 
 from executor.recompute import attention_probabilities_times_values
 from executor.reference import reference_weights
 from executor.tensor_parallel import TPContext, parallelize
-from planner.analytic import BYTES_PER_PARAM, PRESETS, TransformerConfig, transformer_profile
+from planner.analytic import BYTES_PER_PARAM, PRESETS, TransformerConfig, transformer_config, transformer_profile
 from planner.plan import plan_from_flags
 
 MODEL = "llama:layers=2,hidden=32,heads=4,kv_heads=2,ffn=48,seq=8,vocab=160"  # both TP ranks hold real words
@@ -160,6 +160,17 @@ def test_tp_refuses_degrees_that_split_a_key_value_group_or_the_swiglu():
 def test_bad_llama_specs_say_what_is_wrong(spec, says):
     with pytest.raises(ModelSpecError, match=says):
         parse_spec(spec)
+
+
+def test_a_spec_may_name_the_attention_kernel_its_block_runs_and_is_refused_the_other():
+    """One string for simulate and run: ``attention=`` as planner.analytic takes it, the block's own kernel accepted
+    (the same model), the other refused in one line (``run`` said 'unknown parameter' for both before)."""
+    for kind, own, other in (("llama", "flash", "unfused"), ("gpt", "unfused", "flash")):
+        base = f"{kind}:layers=2,hidden=32,heads=4,seq=8,vocab=32"
+        assert parse_spec(f"{base},attention={own}").params == parse_spec(base).params
+        assert transformer_config(f"{base},attention={own}") == transformer_config(base)  # the planner's same model
+        with pytest.raises(ModelSpecError, match=f"block runs attention={own}, not attention={other}"):
+            parse_spec(f"{base},attention={other}")
 
 
 def test_zero_kv_heads_and_ffn_mean_multi_head_and_four_times_hidden_as_in_the_analytic_spec():

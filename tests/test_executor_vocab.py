@@ -36,12 +36,13 @@ def _params(module: torch.nn.Module) -> int:
                                     family="llama", kv_heads=2), PRESETS["gpt3-1.3b"], PRESETS["llama3-8b"],
                                     PRESETS["llama3-70b"]], ids=["gpt", "llama", "1.3b", "8b", "70b"])
 def test_each_rank_s_embedding_and_head_hold_the_analytic_profile_s_weights(config):
-    """Per TP rank (first and last) of T = 2, 4, 8: the embedding's and the head's parameters are exactly the
+    """Per TP rank (first and last) of T = 1, 2, 4, 8: the embedding's and the head's parameters are exactly the
     analytic profile's that the planner and simulator cost (``load_model``: the vocabulary padded to 128·T, split
-    by T; GPT's positions and the norms whole). Built on the meta device: no memory for 8B and 70B."""
+    by T; unpadded on one rank; GPT's positions and the norms whole). Built on the meta device: no memory for 8B
+    and 70B."""
     spec = config.spec()
     last = num_layers(spec) - 1
-    for t in (2, 4, 8):
+    for t in (1, 2, 4, 8):
         if config.heads % t or (config.kv_heads or config.heads) % t:
             continue
         prof = load_model(spec, tensor_parallel=t)
@@ -57,6 +58,7 @@ def test_a_rank_s_slice_is_its_ids_of_the_padded_vocabulary():
     assert [vocab_slice(160, TPContext(None, r, 2)) for r in range(2)] == [(0, 128, 128), (128, 128, 32)]
     assert vocab_slice(32, TPContext(None, 1, 2)) == (128, 128, 0)  # all padding
     assert vocab_slice(50257, TPContext(None, 7, 8)) == (7 * 6400, 6400, 50257 - 7 * 6400)  # 51200 = 50·1024
+    assert vocab_slice(160, TPContext(None, 0, 1)) == (0, 160, 160)  # one rank: the real words, no padding
 
 
 def test_the_cross_entropy_on_one_rank_is_torch_s_without_the_padding():

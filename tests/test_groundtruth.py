@@ -367,3 +367,10 @@ def test_cli_explain_prints_a_rows_terms_and_refuses_a_row_that_is_not_there(tmp
     assert "single:40" in err and "no such data row" in err and len(err.splitlines()) == 1
     assert main(["groundtruth", "--data", str(d), "--explain", "row7"]) == 2
     assert "FILE:LINE" in capsys.readouterr().err
+    # --json: the named rows as JSON, their terms adding up to the closed form (it printed the table before)
+    assert main(["groundtruth", "--data", str(d), "--explain", "single:3", "--no-simulate", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert sum(row["closed_form_terms_ms"].values()) == pytest.approx(row["closed_form_ms"], rel=1e-3)
+    # --report with --explain is refused in one line before anything runs (it wrote no report before)
+    assert main(["groundtruth", "--data", str(d), "--explain", "single:3", "--report", str(tmp_path / "r")]) == 2
+    assert "give one of them" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from planner import partition as part
 from planner.costmodel import CostOptions
-from tests.test_planner import _irregular
+from tests.test_planner import NON_INTERLEAVED, _irregular, _problem, chains, clusters
 
 
 @st.composite
@@ -95,3 +95,62 @@ def test_hierarchical_plans_are_those_of_the_full_top_level_table(spec, monkeypa
     monkeypatch.setattr(part, "_level_tables", full_rows)
     want = [part.solve_hierarchical(part.Problem(prof, tuple(topo.devices), f, M, o), topo) for f, M, o in fams]
     assert got == want and all(p is not None for p in got)
+
+
+# --- the flat programme's pass, against a plain reference of its rule -----------------------------
+def _reference_pass(tb, pb, N, objective, limit0):
+    """The flat programme's rule written out state by state: f(i, k0) is the least max(stage, f(j, k)) over every first
+    stage [i, j) on devices [k0, k); among the values within 1e-12 of it the shallowest suffix wins, then the first
+    (j, k) in order. Stage figures one at a time (``_stage_arrays`` on scalars)."""
+    L, inf = tb.L, math.inf
+    f, depth, choice = {(L, N): 0.0}, {(L, N): 0}, {}
+    for i in range(L - 1, -1, -1):
+        for k0 in ([0] if i == 0 else range(1, N)):
+            cands = []
+            for j in range(i + 1, L + 1):
+                for k in range(k0 + 1, N + 1):
+                    t, mem, lim = (float(x) for x in part._stage_arrays(tb, pb, N, i, np.array(k0), np.array(j),
+                                                                        np.array(k), limit0))
+                    stage = mem if objective == "memory" else (t if mem <= lim * (1 + 1e-9) else inf)
+                    cands.append((max(stage, f.get((j, k), inf)), j, k))
+            vmin = min((c[0] for c in cands), default=inf)
+            if vmin < inf:
+                v, j, k = min((c for c in cands if c[0] <= vmin * (1 + 1e-12)), key=lambda c: depth[c[1], c[2]])
+                f[i, k0], depth[i, k0], choice[i, k0] = v, depth[j, k] + 1, (j, k)
+    if (0, 0) not in f:
+        return None
+    stages, i, k0 = [], 0, 0
+    while i < L:
+        j, k = choice[i, k0]
+        stages.append((i, j - 1, tuple(range(k0, k))))
+        i, k0 = j, k
+    return part.Partition(f[0, 0], tuple(stages), N)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains(5), clusters(5), st.sampled_from(NON_INTERLEAVED + ("zb-h2",)), st.integers(1, 6), st.booleans(),
+       st.sampled_from(["time", "memory"]))
+def test_a_flat_pass_is_its_rule_state_by_state_with_stage_times_shared_by_every_family(profile, topo, family, M, rec,
+                                                                                        objective):
+    # the pass reads the suffix tables as slices and the stage times from a store other families filled first: the
+    # partition (value and tie-broken stages) is the plain rule's, bit for bit
+    keep, part.STORE_MIN_STAGES = part.STORE_MIN_STAGES, 1  # every grid through the store
+    try:
+        cache = part.PartitionCache()
+        for other in NON_INTERLEAVED:
+            part.solve_flat_per_count(_problem(profile, topo, other, M, recompute=rec), topo, cache=cache)
+        pb = _problem(profile, topo, family, M, recompute=rec)
+        tb = part._Tables(pb, topo)
+        tb.times = cache._times
+        for N in range(len(topo.devices), 0, -1):  # the whole cluster first: its prefixes must not take its key
+            sub = tb.prefix(N)
+            for limit0 in {N, None, max(1, N - 1)} if part.holds_until_weight_grad(family) else {N}:
+                assert part._solve_pass(sub, pb, N, objective, limit0) == _reference_pass(sub, pb, N, objective, limit0)
+            fresh = part._Tables(pb, topo).prefix(N)  # its own empty store
+            for i in range(len(profile)):  # what the store hands back on a pass's grid is this family's own time
+                k0 = (np.array([0]) if i == 0 else np.arange(1, N))[:, None, None]
+                j, k = np.arange(i + 1, len(profile) + 1)[None, :, None], np.arange(N + 1)[None, None, :]
+                k = np.where(k > k0, k, np.minimum(k0 + 1, N))
+                assert np.array_equal(part._stage_time(sub, pb, i, k0, j, k), part._stage_time(fresh, pb, i, k0, j, k))
+    finally:
+        part.STORE_MIN_STAGES = keep

@@ -148,6 +148,7 @@ def test_the_compute_only_tp_shard_is_the_rank_s_real_share_of_the_block():
     (["--blocks", SPEC, "--tp", "3"], "must divide heads=4"),
     (["--blocks", "gpt:layers=2,hidden=64,heads=4,seq=16,vocab=128,ffn=100"], "4·hidden GELU MLP"),
     (["--blocks", LLAMA, "--tp", "4"], "kv_heads=2"),
+    (["--blocks", "llama:layers=2,hidden=36,heads=4,seq=16,vocab=128"], "head size hidden/heads = 9 must be even"),
     (["--blocks", SPEC, "--sequence-parallel"], "--tp 2 or more"),
     (["--blocks", SPEC, "--model", SPEC], "one of the two"),
     (["--model", SPEC, "--tp", "2"], "go with --blocks"),

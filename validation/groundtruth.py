@@ -387,11 +387,18 @@ class StageCosts:
     step_s: tuple[float, ...]
 
 
+def pipe_s(c: StageCosts, microbatches: int) -> float:
+    """1F1B's pipeline until its drain ends: every stage's forward + backward of one microbatch, the others at
+    the slowest stage, and the sends both ways (what :func:`one_f_one_b_s` adds each stage's all-reduce to)."""
+    fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
+    return sum(fb) + (microbatches - 1) * max(fb) + 2.0 * sum(c.p2p_s)
+
+
 def one_f_one_b_s(c: StageCosts, microbatches: int) -> float:
     """1F1B with flush: warm-up, steady state at the slowest stage, drain, then each stage's all-reduce
     and step after its last backward (see the module docstring)."""
     fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
-    pipe = sum(fb) + (microbatches - 1) * max(fb) + 2.0 * sum(c.p2p_s)
+    pipe = pipe_s(c, microbatches)
     end, back = 0.0, 0.0
     for s in range(len(fb)):
         end = max(end, pipe - back + c.allreduce_s[s] + c.step_s[s])
@@ -519,7 +526,7 @@ def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]
     fb_bare = [f + b for f, b in zip(bare.forward_s, bare.backward_s)]
     s = max(range(len(fb)), key=fb.__getitem__)
     M = m.row.microbatches
-    pipe = sum(fb) + (M - 1) * fb[s] + 2.0 * sum(c.p2p_s)
+    pipe = pipe_s(c, M)
     return {"compute": M * fb_bare[s], "tp_comm": M * (fb[s] - fb_bare[s]), "fill_drain": sum(fb) - fb[s],
             "p2p": 2.0 * sum(c.p2p_s), "dp_tail": one_f_one_b_s(c, M) - pipe, "overhead": p.iteration_overhead_s}
 

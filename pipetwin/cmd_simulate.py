@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--allreduce", default=None, choices=["auto", "ring", "hierarchical"],
                    help="all-reduce algorithm (default auto)")
     p.add_argument("--optimizer-state", type=float, default=None, metavar="X",
-                   help="optimizer state in parameter-bytes multiples (SGD momentum 1, Adam 2; default 1)")
+                   help="optimizer state in parameter-bytes multiples (SGD momentum 1, Adam 2; default: a --plan file's optimizer, else 1)")
     add_zero_flag(p)
     p.add_argument("--no-prefetch", action="store_true",
                    help="ZeRO-3: no prefetch, every gather and reduce-scatter exposed (SimParams.fsdp_overlap false)")
@@ -136,6 +136,11 @@ def _inputs(args):
     return _plan_for(args, profile, topology), profile, topology
 
 
+def _params_file(args) -> dict:
+    """What --params sets (read after ``_params`` checked it)."""
+    return json.loads(Path(args.params).read_text()) if args.params else {}
+
+
 def _params(args):
     """SimParams from --params (if given) with the explicit flags on top."""
     from dataclasses import fields
@@ -222,6 +227,12 @@ def run(args) -> int:
             from dataclasses import replace
 
             plan = replace(plan, zero_stage=args.zero)
+        if args.optimizer_state is None and "optimizer_state_factor" not in _params_file(args):
+            from dataclasses import replace
+
+            from planner.costmodel import OPTIMIZER_STATE
+
+            params = replace(params, optimizer_state_factor=OPTIMIZER_STATE[plan.optimizer])  # the plan's optimizer
         with Progress(args.progress) as bar:
             trace = simulate_plan(plan, profile, topology, params,
                                   progress=(lambda done, total: bar("simulating actions", done, total)) if args.progress else None)

@@ -566,7 +566,7 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
                      link_time_per_batch_s=link_batch, link_bound_s=link_lower, binding_link=link_name,
                      binding=plan_binding)
     return replace(cand, plan=replace(plan, predicted=cand.predicted(), recompute=options.recompute,
-                                      zero_stage=options.zero_stage))
+                                      zero_stage=options.zero_stage, optimizer=options.optimizer))
 
 
 def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, topology, group: tuple[str, ...],

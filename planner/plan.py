@@ -19,6 +19,8 @@ from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
 from topologies.errors import InputError
 from topologies.files import output_path
 
+OPTIMIZERS = ("sgd", "momentum", "adam", "none")  # planner.costmodel.OPTIMIZER_STATE's names
+
 
 class PlanError(InputError):
     """A plan that is inconsistent or cannot be read; the message says what to change."""
@@ -70,6 +72,8 @@ class Plan:
         sequence_parallel: Megatron sequence parallelism inside each tensor group (needs tensor_parallel > 1).
         zero_stage: ZeRO sharding of every stage's training state over its replicas, 0 (none) to 3 (FSDP full
             shard); ``planner.sharding`` says what each stage holds and moves.
+        optimizer: the optimizer whose state the plan was sized for, one of ``OPTIMIZERS`` ("sgd": momentum,
+            1× the parameter bytes; "adam": 2×); ``pipetwin simulate --plan`` counts its state.
         predicted: what the planner predicted (free-form keys, e.g. time_per_sample_s).
     """
 
@@ -88,8 +92,11 @@ class Plan:
     recompute: str = "none"
     sequence_parallel: bool = False
     zero_stage: int = 0
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise PlanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
             raise PlanError(f"unknown ZeRO stage {self.zero_stage!r}; choose 0, 1, 2 or 3")
         if isinstance(self.recompute, bool) or self.recompute is None:
@@ -150,7 +157,7 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         for k, default in (("tensor_parallel", 1), ("recompute", "none"), ("sequence_parallel", False),
-                           ("zero_stage", 0)):  # absent at their defaults: old plans stay byte-identical
+                           ("zero_stage", 0), ("optimizer", "sgd")):  # absent at their defaults: old plans stay byte-identical
             if d[k] == default:
                 del d[k]
         d["stages"] = [
@@ -168,7 +175,7 @@ class Plan:
             )
             kw = {k: d[k] for k in ("schedule", "microbatch_size", "microbatches", "chunks", "vertical_sync",
                                     "batches", "lr", "topology", "predicted", "tensor_parallel", "recompute",
-                                    "sequence_parallel", "zero_stage") if k in d}
+                                    "sequence_parallel", "zero_stage", "optimizer") if k in d}
             return cls(model=str(d["model"]), stages=stages, **kw)
         except (KeyError, IndexError, TypeError) as e:
             raise PlanError(f"plan JSON is missing or has a malformed field ({e}); see `pipetwin plan -o plan.json` for the shape") from None

@@ -167,9 +167,11 @@ def plan_model(
     cands: list[Candidate] = []
     cache: dict = {}
     exact: set[tuple[str, int]] = set()
+    refused: list[str] = []  # why the fixed grid's schedules turned it down
     for fam in families:
         for M in mcounts:
-            plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size, topology.name) if grid is not None else
+            plans = (_grid_plans(grid, fam, M, profile, devs, opts, name, microbatch_size, topology.name, refused)
+                     if grid is not None else
                      _plans_for(fam, M, prof, topology, devs, opts, stages, name, microbatch_size, cache, partition_cache))
             for plan in plans:
                 if zero_refusal(plan, zero_stage):
@@ -185,8 +187,9 @@ def plan_model(
                     exact.add((fam, M))
     if grid is not None and not cands:
         raise PlanError(f"no schedule of {', '.join(families)} runs --tp {grid[0]} --pp {grid[1]} --dp {grid[2]}"
-                        + (f" --vp {grid[3]}" if grid[3] > 1 else "") + f" with microbatch counts {mcounts}; "
-                        "give --microbatches a multiple of pp x dp, or another --schedule")
+                        + (f" --vp {grid[3]}" if grid[3] > 1 else "") + f" with microbatch counts {mcounts}: "
+                        + ("; ".join(dict.fromkeys(refused)) if refused else
+                           "give --microbatches a multiple of pp x dp, or another --schedule"))
     if grid is None and stages is None and len(devs) <= part.FLAT_MAX_DEVICES:
         cands.extend(_refined(cands, prof, topology, devs, opts, exact))
     fitting = [c for c in cands if c.fits]
@@ -283,8 +286,10 @@ def best_data_parallel(profile: ModelProfile, topology, *, microbatch_size: int 
 
 # --- helpers ---------------------------------------------------------------------------------
 def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: ModelProfile, devs: tuple[str, ...],
-                opts: CostOptions, name: str, mb: int, topology: str | None = None) -> list[Plan]:
-    """The fixed plan ``grid`` = (tp, pp, dp, vp) asks for under family ``fam`` and M microbatches, if the schedule takes it."""
+                opts: CostOptions, name: str, mb: int, topology: str | None = None,
+                why: list[str] | None = None) -> list[Plan]:
+    """The fixed plan ``grid`` = (tp, pp, dp, vp) asks for under family ``fam`` and M microbatches, if the schedule
+    takes it; when it does not, the reason is appended to ``why`` (for the one line the command prints)."""
     from planner.lowering import plan_spec
     from planner.plan import plan_from_flags
     from planner.schedules import ScheduleError, validate_spec
@@ -295,12 +300,17 @@ def _grid_plans(grid: tuple[int, int, int, int], fam: str, M: int, profile: Mode
                         f"for transformers); {profile.name!r} is per rank of {profile.tensor_parallel}")
     f = FAMILY[fam]  # vp is the chunks per device the family runs: a V's own 2, a loop's any V > 1, else 1
     if not (vp == f.chunks if f.chunks else vp > 1 if f.multi_stage else vp == 1):
+        if why is not None:
+            need = f"--vp {f.chunks}" if f.chunks else "--vp 2 or more" if f.multi_stage else "--vp 1"
+            why.append(f"{fam} runs {need} (chunks per device), not --vp {vp}")
         return []
     plan = plan_from_flags(name, len(profile), pp=pp, dp=dp, tp=tp, vp=vp, schedule=fam, microbatches=M,
                            microbatch_size=mb, recompute=opts.recompute, devices=list(devs), topology=topology)
     try:
         validate_spec(plan_spec(plan))
-    except ScheduleError:
+    except ScheduleError as e:
+        if why is not None:
+            why.append(f"{fam} with {M} microbatches: {e}")
         return []
     return [plan]
 

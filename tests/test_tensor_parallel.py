@@ -395,6 +395,11 @@ def test_plan_model_costs_a_fixed_grid_for_every_family_the_schedule_takes():
     assert inter.best.chunks == 2
     with pytest.raises(PlanError, match="no schedule of interleaved runs --tp 2 --pp 2 --dp 2 --vp 2"):
         plan_model(prof, topo, grid=(2, 2, 2, 2), microbatches=1, schedule="interleaved")  # 2 replicas, 1 microbatch (any M >= replicas runs since h3)
+    # the line says why each schedule turned the grid down: the loop at one chunk per device, the V at four
+    with pytest.raises(PlanError, match=r"microbatch counts \[4\]: interleaved runs --vp 2 or more \(chunks per device\), not --vp 1$"):
+        plan_model(prof, topo, grid=(2, 2, 2, 1), microbatches=4, schedule="interleaved")
+    with pytest.raises(PlanError, match=r"zb-v runs --vp 2 \(chunks per device\), not --vp 4"):
+        plan_model(prof, topo, grid=(2, 2, 1, 4), microbatches=4, schedule="zb-v")
     with pytest.raises(PlanError, match="per rank of 1"):
         plan_model(load_model("gpt:layers=4,hidden=64,heads=8,seq=32,vocab=128"), topo, grid=(2, 2, 2, 1))
 

@@ -227,6 +227,11 @@ def run(args) -> int:
             from dataclasses import replace
 
             plan = replace(plan, zero_stage=args.zero)
+        if args.no_prefetch and plan.zero_stage != 3:  # only ZeRO-3 gathers weights to prefetch
+            from pipetwin.errors import UserError
+
+            raise UserError(f"--no-prefetch changes ZeRO-3's weight gathers, and this plan runs "
+                            f"{'ZeRO-' + str(plan.zero_stage) if plan.zero_stage else 'no ZeRO'}; add --zero 3 or drop --no-prefetch")
         if args.optimizer_state is None and "optimizer_state_factor" not in _params_file(args):
             from dataclasses import replace
 

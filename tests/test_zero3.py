@@ -305,3 +305,26 @@ def test_plan_and_whatif_take_zero(capsys, tmp_path):
                  "--zero", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--zero" in err, err
+
+
+def test_simulate_no_prefetch_needs_a_zero3_plan(capsys, tmp_path):
+    """--no-prefetch only changes ZeRO-3's gathers: without them it is refused in one line, not silently ignored;
+    on a ZeRO-3 plan file it exposes every gather, so the batch takes longer."""
+    from pipetwin.cli import main
+
+    out = tmp_path / "plan.json"
+    shape = ["--model", "uniform:layers=8,params=4e8", "--schedule", "1f1b", "--tp", "1", "--pp", "1", "--dp", "4"]
+    base = [*shape, "--microbatches", "8"]
+    assert main(["simulate", "--topology", "dgx:servers=1,gpus=4", *base, "--no-prefetch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--no-prefetch" in err and "no ZeRO" in err and len(err.splitlines()) == 1
+    assert main(["simulate", "--topology", "dgx:servers=1,gpus=4", *base, "--zero", "1", "--no-prefetch"]) == 2
+    assert "ZeRO-1" in capsys.readouterr().err
+    assert main(["plan", "--topology", "dgx:servers=1,gpus=4", *shape, "--global-batch", "8", "--zero", "3",
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    times = []
+    for extra in ([], ["--no-prefetch"]):
+        assert main(["simulate", "--plan", str(out), "--json", *extra]) == 0  # the plan file's ZeRO-3 counts
+        times.append(json.loads(capsys.readouterr().out)["time_per_batch_s"])
+    assert times[1] > times[0]

@@ -45,6 +45,10 @@ seed, so :func:`build_stage` gives exactly the weights :func:`build_layers`
 gives for the same layers without building the others. Microbatch ``index`` of
 :func:`make_batch` is deterministic given ``seed`` and independent of the
 microbatch size of other calls.
+
+Why one module of ~630 lines: the spec grammar, the built-in models (mlp, resnet, uniform, gpt, llama)
+and the user-model hook are the one place a spec string becomes layers, batches and a loss; the
+runtime, the reference and the profiler read only ``build_stage``, ``make_batch`` and ``loss_fn``.
 """
 from __future__ import annotations
 

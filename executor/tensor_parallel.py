@@ -57,6 +57,12 @@ or backward (``f``: ``backward``) reductions, sequence parallelism's
 per-step sum of the norms' and biases' gradients (``sequence-grads``), the vocabulary-parallel
 embedding's sum (``embedding``), the head's input-gradient sum (``head``) or the cross entropy's
 three reductions (``cross-entropy``), to show that parity checks catch a missing reduction.
+
+Why one module of ~560 lines: the column- and row-parallel linears, the vocabulary-parallel embedding,
+head and cross entropy, sequence parallelism's scatters and gathers, the fault hooks that the parity
+tests break, and the gather of shards back into the single-process layout are one rank-local
+contract: each piece's backward is the other pieces' forward reduction, and the parity tests hold
+them to the reference together.
 """
 from __future__ import annotations
 

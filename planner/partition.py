@@ -29,9 +29,11 @@ memory, the latency and bandwidth of every path it costs) — never names or
 sizes, so two clusters share an answer only when the search could not tell them
 apart, and a cached answer is bit-identical to a fresh one.
 
-Why one module of ~680 lines: the flat and the hierarchical dynamic programmes, the brute-force
-oracle and the partition cache share the stage-cost arrays and the cache key that covers both
-searches; apart, those internals would become an interface.
+Why one module of ~1,040 lines: the flat and the hierarchical dynamic programmes, the brute-force
+oracle and the partition cache share the stage-cost arrays (``_Tables``) and the digests that key both
+searches; apart, those internals would become an interface. It has grown past one idea: the
+hierarchical programme (``split_even`` to ``solve_hierarchical``, ~300 lines, reading only
+``_Tables``' digests and the cache) is the part to move out next.
 """
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ worker d going down the ranks when c is even and back up when it is odd.
 A new family is its order function in ``ORDERS`` (and, if it needs more of a spec
 than the shared checks, a line in ``REQUIRES``), its line in the registry, its golden
 file and its tests; the passes, ``check`` and both interpreters read its traits.
+
+Why one module of ~570 lines: it is the thirteen order functions, each a page or less, and the one
+``generate`` path they share; a family added is a function here, not a new module.
 """
 from __future__ import annotations
 

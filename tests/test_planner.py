@@ -381,7 +381,7 @@ def _two_stage(prof, topo, first, second, family="1f1b", M=4):
 
 
 def test_link_load_bound_counts_every_replica_sharing_a_server_uplink():
-    from planner.costmodel import link_loads
+    from planner.linkload import link_loads
 
     topo = load_topology("pcie:servers=2,gpus=4,eth=10")  # 1.25e9 bytes/s per server uplink
     act, k = 1e8, 3

@@ -102,6 +102,7 @@ class HeldBytes:
         self.exact = exact
         self.saved = 0
         self.grads = 0
+        self.optimizer = 0  # optimizer state held from the start (executor.zero.StageOptimizer.state_bytes)
         self.pool = 0
         self.pool_storages: set[int] = set()
         self.counter = SavedBytes()
@@ -129,5 +130,4 @@ class HeldBytes:
     def total(self, param_bytes: int, outgoing: int) -> float:
         """Everything held: saved + parameters (every live version and kept spare) + gradients + optimizer state
         (plain SGD: none) + pooled buffers + input gradients waiting for their SEND."""
-        optimizer_state = 0
-        return float(self.saved + param_bytes + self.grads + optimizer_state + self.pool + outgoing)
+        return float(self.saved + param_bytes + self.grads + self.optimizer + self.pool + outgoing)

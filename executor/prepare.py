@@ -146,6 +146,7 @@ def _prepare_plan(cfg: RunConfig) -> Prepared:
     if plan.num_layers != n:
         raise ExecutorError(f"the plan covers {plan.num_layers} layers but model {plan.model!r} has {n}; "
                             f"re-plan for this model (or fix the stages' layer ranges)")
+    _check_optimizer(plan, cfg)
     start = 0
     if cfg.resume:
         start = ckpt.latest_complete_step(cfg.checkpoint_dir, len(plan.stages)) or 0
@@ -213,6 +214,26 @@ def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_
             raise ExecutorError(f"the program breaks a law of schedules: {e.args[0]}") from None
     return Prepared(replace(program, stage_layers=layers), model, layers, microbatch_size, float(lr), recompute,
                     sequence_parallel, start_step, plan)
+
+
+def _check_optimizer(plan: Plan, cfg: RunConfig) -> None:
+    """The executor runs ZeRO 1 and 2 and Adam on flush schedules (one weight version, stepped in place;
+    ``executor.zero``), without checkpoints (they keep no optimizer state)."""
+    from planner.costmodel import zero_family_refusal
+
+    if plan.zero_stage == 3:
+        raise ExecutorError("the executor runs ZeRO stages 1 and 2, not 3 (FSDP: weights gathered per layer): use "
+                            "--zero 2 to run it, or `pipetwin simulate` the ZeRO-3 plan")
+    why = zero_family_refusal(plan.schedule, plan.zero_stage)
+    if why:
+        raise ExecutorError(why)
+    stateful = plan.zero_stage or plan.optimizer == "adam"
+    if plan.optimizer == "adam" and plan.schedule not in FLUSH_FAMILIES:
+        raise ExecutorError(f"the executor runs Adam on flush schedules (gpipe, 1f1b, ...) only; {plan.schedule} "
+                            f"keeps several weight versions: re-plan with --optimizer sgd or a flush schedule")
+    if stateful and (cfg.checkpoint_dir or cfg.resume):
+        raise ExecutorError("checkpoints keep no optimizer state yet (Adam moments, ZeRO shards): drop --checkpoint-dir, "
+                            "or re-plan with --optimizer sgd and without --zero")
 
 
 def _num_layers(model: str, what: str) -> int:

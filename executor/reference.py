@@ -6,7 +6,9 @@ same microbatches, and applies, per family:
 * Flush (GPipe, 1F1B, interleaved, ZB-H1): for each batch b, the gradient is
   the mean over its M microbatches (each microbatch's loss divided by M,
   accumulated) at ``W(b)``; then ``W(b+1) = W(b) − lr·g``. Partition and
-  replication do not change the arithmetic.
+  replication do not change the arithmetic, nor does ZeRO sharding. A plan
+  whose optimizer is Adam steps ``W(b+1) = W(b) − lr·m̂/(√v̂ + ε)`` with the
+  bias-corrected moments of the gradients so far (β = 0.9, 0.999; ε = 1e-8).
 * 2BW: batch b's gradient is taken at ``W(max(0, b − 1))`` (one step stale):
   ``W(t+1) = W(t) − lr·∇f_t(W(t−1))``, with ``W(−1) = W(0)``.
 * PipeDream (1F1B-RR, weight stashing): minibatch i runs stage s on the
@@ -109,6 +111,22 @@ def _sgd(w: tuple[torch.Tensor, ...], g: tuple[torch.Tensor, ...], lr: float) ->
     return tuple(p - lr * d for p, d in zip(w, g))
 
 
+def _adam(w, g, moments, t: int, lr: float):
+    """Adam's t-th step (t from 1) of stage weights ``w`` by gradients ``g``; ``moments``: (m, v) per parameter,
+    None before the first step. Returns the new weights and moments."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    if moments is None:
+        moments = tuple((torch.zeros_like(p), torch.zeros_like(p)) for p in w)
+    new_w, new_mom = [], []
+    for p, d, (m, v) in zip(w, g, moments):
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        new_w.append(p - lr * m_hat / (torch.sqrt(v_hat) + eps))
+        new_mom.append((m, v))
+    return tuple(new_w), tuple(new_mom)
+
+
 def _add(a, b):
     return b if a is None else tuple(x + y for x, y in zip(a, b))
 
@@ -132,6 +150,18 @@ def reference_weights(plan: Plan, *, seed: int = 0, dtype: str = "float32", firs
     S, M, lr = len(W), plan.microbatches, plan.lr
     if plan.schedule in FLUSH_FAMILIES or plan.schedule == "2bw":
         history = [W]  # history[t] = W(t), all stages
+        if plan.optimizer == "adam":
+            if plan.schedule not in FLUSH_FAMILIES:
+                raise ValueError(f"no Adam reference for schedule {plan.schedule!r}")
+            moments = [None] * S
+            for b in range(plan.batches):
+                g = [None] * S
+                for j in range(M):
+                    gi = model.grads(W, (first_batch + b) * M + j, 1.0 / M)
+                    g = [_add(a, x) for a, x in zip(g, gi)]
+                stepped = [_adam(w, d, mo, b + 1, lr) for w, d, mo in zip(W, g, moments)]
+                W, moments = [w for w, _ in stepped], [mo for _, mo in stepped]
+            return model.state_dict(W)
         for b in range(plan.batches):
             at = history[-1] if plan.schedule != "2bw" else history[max(0, len(history) - 2)]
             g = [None] * S

@@ -3,7 +3,8 @@
 Each worker's part is a dict: ``rank``, ``times`` (action index, start s, end s,
 bytes; seconds since the common barrier), ``memory`` (time s, bytes),
 ``losses`` (global microbatch -> loss), ``weights`` (``stage{s}.{param}`` of
-the stages whose replica 0 it holds), ``device``, ``cpu_s`` and ``wall_s``.
+the stages whose replica 0 it holds), ``device``, ``cpu_s``, ``wall_s`` and ``optimizer_state_bytes`` (its
+optimizer's state tensors: ZeRO's master slice and moments, Adam's moments; plain SGD none).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class RunResult:
         out["device"] = self.trace.meta.get("device_kind", "cpu")
         out["start_step"] = self.start_step
         out["wall_s"] = self.wall_s
+        state = self.trace.meta.get("optimizer_state_bytes", {})
+        for w, d in out["per_device"].items():  # what each rank's optimizer holds (executor.zero)
+            d["optimizer_state_bytes"] = int(state.get(str(w), 0))
         return out
 
 
@@ -77,7 +81,8 @@ def merge_trace(prep: Prepared, parts: list[dict]) -> Trace:
     trace = Trace(meta={"source": "measured", "family": prep.family, "microbatch_size": prep.microbatch_size,
                         "model": prep.model, "devices": {str(p["rank"]): p["device"] for p in parts},
                         "device_kind": "cuda" if any(str(p["device"]).startswith("cuda") for p in parts) else "cpu",
-                        "cpu_s": {str(p["rank"]): p.get("cpu_s", 0.0) for p in parts}})
+                        "cpu_s": {str(p["rank"]): p.get("cpu_s", 0.0) for p in parts},
+                        "optimizer_state_bytes": {str(p["rank"]): p.get("optimizer_state_bytes", 0) for p in parts}})
     for p in parts:
         w = p["rank"]
         acts = program[w]

@@ -21,7 +21,10 @@ the versions and decides where each is freed).
 * ``ALLREDUCE``: the round's gradients over the stage's replica group
   (:mod:`executor.collectives`).
 * ``STEP``: SGD, ``W(v+1) = W(v) − lr·g``, on the newest version; the
-  gradient may come from an older (stashed) version.
+  gradient may come from an older (stashed) version. With Adam or ZeRO-1/2
+  (flush schedules) :mod:`executor.zero` steps instead: ZeRO-2's ALLREDUCE is
+  a reduce-scatter to this rank's slice, and the STEP updates the slice and
+  all-gathers the weights.
 
 Every action is timed (:mod:`executor.timing`). Memory on the CPU is counted
 exactly (:mod:`executor.memory`) and sampled after every action that changes
@@ -53,6 +56,7 @@ from executor.timing import CudaActionTimes, warm_up_autograd, warm_up_stage
 from executor.transport import (SWITCH_INTERVAL_S, BufferPool, Receives, Sender, SendFailed, Sends, TransportOptions,
                                 message_tag, p2p_groups)
 from executor.versions import Entry, StageState, plan_frees
+from executor.zero import EXECUTOR_OPTIMIZERS, Reduced, StageOptimizer
 from planner.program import Action, Kind
 
 _DATA_PREFETCH_BYTES = 256 * 2**20
@@ -87,6 +91,9 @@ class StageWorker:
         self.mb_offset = prepared.start_step * self.M
         self.base_version = prepared.start_step
         self.T = self.program.tensor_parallel
+        plan = prepared.plan  # a program file runs plain SGD without ZeRO
+        self.zero = plan.zero_stage if plan is not None else 0
+        self.optimizer = EXECUTOR_OPTIMIZERS[plan.optimizer] if plan is not None else "sgd"
         self.tp_rank = self.program.tp_rank(rank)
         self.cuda = device.type == "cuda"
         self.nccl = cfg.backend == "nccl"
@@ -140,6 +147,9 @@ class StageWorker:
         for st in self.stages.values():
             for ps, _ in st.versions.values():
                 self.held.add_params(ps)
+            if self.zero or self.optimizer != "sgd":  # else plain SGD through StageState.step, no state
+                st.opt = StageOptimizer(st.versions[0][0], self.zero, self.optimizer, st.group, self.staged)
+                self.held.optimizer += st.opt.state_bytes
 
     def _build_stage(self, s: int) -> StageState:
         """Stage ``s``'s module with its version 0: the seed's weights, or the checkpoint a resumed run starts from.
@@ -433,16 +443,31 @@ class StageWorker:
         acc = st.acc.get(k)
         if acc is None:
             self.held.grads += st.param_bytes
+        if self.zero:
+            return self._reduce_sharded(st, k, acc)
         views, flat = reduce_gradients(acc, st.count.get(k, 0), st.versions[st.current][0], st.group, self.staged,
                                        not self.spec.traits.batched, self.dtype, self.device)
         st.acc[k] = views
         st.count[k] = 1
         return flat.numel() * flat.element_size()
 
+    def _reduce_sharded(self, st: StageState, k: int, acc) -> int:
+        """ZeRO: the round's gradients all-reduced whole (1) or reduce-scattered to this rank's slice (2)
+        (:mod:`executor.zero`); sequence parallelism's partial gradients are summed over the TP group first."""
+        if acc is not None and st.sequence_partial:
+            reduce_sequence_parallel_grads(acc, st.sequence_partial, self.tp)
+        red = st.opt.reduce(acc, st.versions[st.current][0])
+        self.held.grads += red.nbytes - st.param_bytes
+        st.acc[k] = red
+        st.count[k] = 1
+        return st.param_bytes
+
     def _step(self, a: Action) -> int:
         st = self.stages[a.stage]
         grads = st.acc.pop(a.mb, None)
         st.count.pop(a.mb, None)
+        if st.opt is not None:
+            return self._step_optimizer(st, a, grads)
         if grads is not None:
             self.held.grads -= st.param_bytes
             if st.sequence_partial:  # sequence parallelism: norms and row-parallel biases saw 1/T of the tokens
@@ -450,6 +475,23 @@ class StageWorker:
         new = st.step(a.version, grads, self.lr, self._index in self.step_in_place)
         if new is not None:
             self.held.add_params(new)
+        self._maybe_checkpoint(st, a.version)
+        return 0
+
+    def _step_optimizer(self, st: StageState, a: Action, grads) -> int:
+        """Adam, or any optimizer under ZeRO (:class:`executor.zero.StageOptimizer`): the current weights updated
+        in place (flush schedules: the STEP is their last use) and renamed to the new version."""
+        if grads is not None:
+            self.held.grads -= grads.nbytes if isinstance(grads, Reduced) else st.param_bytes
+            if not isinstance(grads, Reduced) and st.sequence_partial:
+                reduce_sequence_parallel_grads(grads, st.sequence_partial, self.tp)
+        if self._index not in self.step_in_place:
+            raise ExecutorError(f"{a}: {self.optimizer} steps the weights in place, but an action after this STEP "
+                                f"still reads version {st.current}; run it with a flush schedule")
+        params = st.versions.pop(st.current)[0]
+        st.opt.step(params, grads, self.lr)
+        st.set_version(a.version, params)
+        st.current = a.version
         self._maybe_checkpoint(st, a.version)
         return 0
 
@@ -511,5 +553,6 @@ class StageWorker:
             "weights": weights,
             "device": str(self.device),
             "cpu_s": self.cpu_s,
+            "optimizer_state_bytes": sum(st.opt.state_bytes for st in self.stages.values() if st.opt is not None),
             "wall_s": self.wall_s,
         }

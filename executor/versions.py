@@ -72,6 +72,7 @@ class StageState:
         self.bound = None
         self.shards: dict = {}  # parameter name -> ShardSpec, for a tensor-parallel shard (executor.tensor_parallel)
         self.sequence_partial: list[int] = []  # parameters whose gradients sequence parallelism leaves partial
+        self.opt = None  # executor.zero.StageOptimizer: Adam, or ZeRO's sharded step (None: plain SGD, below)
 
     def set_version(self, v: int, params) -> None:
         params = tuple(params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipetwin.args import add_grid_flags, add_recompute_flag, int_list, read_program
+from pipetwin.args import add_grid_flags, add_recompute_flag, add_zero_flag, int_list, read_program
 from planner.program import FAMILIES, FAMILY, family
 
 
@@ -28,7 +28,10 @@ def register(sub) -> None:
     p.add_argument("--batches", type=int, default=None, help="batches (optimizer steps) for flush schedules and 2BW (default 1)")
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     add_recompute_flag(p)
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the plan's, 0.01)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the plan's, 0.01)")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
+                   help="plain SGD or Adam (default: sgd, or what a --plan file says; Adam on flush schedules)")
+    add_zero_flag(p)  # the executor runs 0, 1 and 2 (executor/zero.py); over what a --plan file says
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where stages compute (default: the GPUs under NCCL, else the CPU); cuda with gloo lets "
@@ -93,10 +96,11 @@ def _plan_for(args):
             raise UserError(f"--plan brings its own shape; drop {', '.join(given)} (or drop --plan and give "
                             f"--model and --pp)")
         plan = Plan.load(args.plan)
-        if plan.zero_stage:
-            raise UserError(f"plan {args.plan!r} shards its training state (ZeRO {plan.zero_stage}), which the executor "
-                            "does not: re-plan without --zero to run it (simulate takes it)")
         plan = replace(plan, model=_runnable_model(plan.model))
+        if args.zero is not None:
+            plan = replace(plan, zero_stage=args.zero)
+        if args.optimizer is not None:
+            plan = replace(plan, optimizer=args.optimizer)
         if args.lr is not None:
             plan = replace(plan, lr=args.lr)
         if args.recompute is not None:
@@ -116,10 +120,11 @@ def _plan_for(args):
     if args.replicas is not None and len(args.replicas) != args.pp:
         raise UserError(f"--replicas gives {len(args.replicas)} values for {args.pp} stages")
     dp = args.replicas if args.replicas is not None else (args.dp or 1)
-    return plan_from_flags(args.model, num_layers(args.model), pp=args.pp, dp=dp, tp=args.tp or 1, vp=args.vp or 1,
+    plan = plan_from_flags(args.model, num_layers(args.model), pp=args.pp, dp=dp, tp=args.tp or 1, vp=args.vp or 1,
                            schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
                            batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr,
                            recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)
+    return replace(plan, zero_stage=args.zero or 0, optimizer=args.optimizer or "sgd")
 
 
 def _run_program(args):
@@ -132,6 +137,9 @@ def _run_program(args):
         raise UserError(f"--program brings its own schedule and shape; drop {', '.join(given)}")
     if args.resume:
         raise UserError("--resume needs --plan: a program file runs the batches it lists, from its first action")
+    if args.zero or args.optimizer not in (None, "sgd"):
+        raise UserError("a program file runs plain SGD without ZeRO; --zero and --optimizer adam need --plan or --model "
+                        "and --pp")
     if not args.model:
         raise UserError("--program needs --model, the model its stages' layers come from (e.g. --model mlp:layers=8,width=256)")
     program = read_program(args.program, "run")
@@ -189,9 +197,14 @@ def run(args) -> int:
           f"{mbs} samples" + (f", resumed after step {res.start_step}" if res.start_step else ""))
     print(f"throughput {s['throughput_samples_per_s']:.1f} samples/s, time per batch {s['time_per_batch_s'] * 1e3:.2f} ms, "
           f"makespan {s['makespan_s'] * 1e3:.1f} ms, bubble {s['bubble_fraction'] * 100:.1f}%")
+    stateful = any(d["optimizer_state_bytes"] for d in s["per_device"].values())
+    if res.plan is not None and (res.plan.zero_stage or stateful):
+        print(f"optimizer {res.plan.optimizer}" + (f", ZeRO {res.plan.zero_stage} over each stage's replicas"
+                                                   if res.plan.zero_stage else ""))
     for w, d in s["per_device"].items():
+        state = f", optimizer state {human_bytes(d['optimizer_state_bytes'])}" if stateful else ""
         print(f"  worker {w}: busy {d['busy_s'] * 1e3:.1f} ms, bubble {d['bubble_fraction'] * 100:.1f}%, "
-              f"peak memory {human_bytes(d['peak_memory_bytes'])}")
+              f"peak memory {human_bytes(d['peak_memory_bytes'])}{state}")
     if s["final_loss"] is not None:
         print(f"final loss {s['final_loss']:.6g}")
     if args.trace:

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from planner.linkload import link_bound, server_groups
+from planner.linkload import link_bound, link_bound_by_stage, server_groups
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY, looped_warmup_extra, rank_of
@@ -437,6 +437,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
             for i in range(S - 1)]
     raw = []
     T = plan.tensor_parallel
+    links, zero3_link = ((link_bound_by_stage(plan, prof, topology, options)) if options.zero_stage == 3
+                         else (link_bound(plan, prof, topology, options), None))
     for i, st in enumerate(plan.stages):
         r = st.replicas
         speed = min(topology.device(d).speed for d in st.devices)
@@ -456,12 +458,14 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         else:
             core = compute + ar
         t = max(core, comm) if options.overlap_comm else core + comm
+        if zero3_link is not None and r > 1:  # its rings wait on whatever shares their links (linkload)
+            t = max(t, zero3_link[i] / M)
         n_held, versions = (int(x) for x in stage_counts(fam, M, workers_after[i], r, limit0))
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options, r)
         if options.zero_stage == 3 and r > 1:
             mem += fsdp_gathered_bytes(prof, *st.layers, options, FAMILY[fam].backward)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
-    return _candidate(plan, raw, options, fam, chunks=1, links=link_bound(plan, prof, topology, options))
+    return _candidate(plan, raw, options, fam, chunks=1, links=links)
 
 
 def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> Candidate:

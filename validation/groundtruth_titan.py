@@ -73,8 +73,11 @@ split as evenly as possible, the first stages taking the extra ones.
 
 **FSDP** (ZeRO-3 over the FSDP × CP ranks, as torchtitan shards over ``dp_shard_cp``): each block, the
 embedding and the head are units; a unit's bf16 weights are all-gathered before its forward and again
-before its backward and its gradients reduce-scattered in fp32 (torchtitan's reduce dtype), each
-overlapped with the unit's compute (prefetch: a pass takes the longer of compute and communication).
+before its backward and its gradients reduce-scattered in fp32 (torchtitan's reduce dtype); a pass over
+the units is timed by the planner's rule, ``planner.sharding.fsdp_pass_s`` (one communicator, collectives
+in issue order, unit j + 1's gather prefetched when unit j's compute starts, the first gather exposed,
+a reduce-scatter issued when its unit's compute ends; the forward runs embedding → head, the backward
+head → embedding).
 With PP the weights stay gathered for the step (one all-gather, exposed before the pipeline) and the
 gradients accumulate unsharded in fp32 and are reduce-scattered once after the last backward.
 
@@ -105,7 +108,7 @@ from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, M
                               block_saved_bytes, block_work, embedding_work, head_work, transformer_config,
                               transformer_profile)
 from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, fit, optimizer_step_s, work_time_s
-from planner.sharding import ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
+from planner.sharding import fsdp_pass_s, ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
 from topologies.devices import DeviceKind, device_kind
 from validation.groundtruth import GroundTruthError, StageCosts, one_f_one_b_s
 from validation.groundtruth_published import interleaved_pipe_s, published_lines
@@ -368,10 +371,11 @@ def predict_titan(r: TitanRow, cal: DeviceCalibration) -> TitanPrediction:
     units[-1].append(head)
     shard = r.fsdp * r.cp
     if P == 1:
-        step = 0.0
-        for u in units[0]:
-            ag, rs = _fsdp_s(u.params, r, 2)
-            step += max(u.forward_s, ag / 2) + max(u.backward_s, ag / 2 + rs)
+        us = units[0]
+        ag, rs = zip(*(_fsdp_s(u.params, r, 2) for u in us))
+        gather = [x / 2 for x in ag]  # one of its two all-gathers before each pass
+        step = (fsdp_pass_s([u.forward_s for u in us], gather, [0.0] * len(us))
+                + fsdp_pass_s([u.backward_s for u in us][::-1], gather[::-1], list(rs)[::-1]))
         params_rank = sum(u.params for u in units[0])
         terms = _terms(units[0])
         terms["other"] = optimizer_step_s(params_rank / shard, kind, p) + p.iteration_overhead_s

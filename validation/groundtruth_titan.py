@@ -102,12 +102,12 @@ gradient). The maximum over ranks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, ModelSpecError, TransformerConfig,
                               block_saved_bytes, block_work, embedding_work, head_work, transformer_config,
                               transformer_profile)
-from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, optimizer_step_s, work_time_s
+from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, fit, optimizer_step_s, work_time_s
 from planner.sharding import fsdp_pass_s, ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
 from topologies.devices import DeviceKind, device_kind
 from validation.groundtruth import GroundTruthError, StageCosts, one_f_one_b_s
@@ -419,14 +419,56 @@ def predict_titan(r: TitanRow, cal: DeviceCalibration) -> TitanPrediction:
     return TitanPrediction(step, r.local_batch * r.seq / (step * r.tp * r.pp * r.cp), max(mems), terms)
 
 
+# ---------------------------------------------------------------------- the H100 calibration (look 2)
+#: The model of the calibration rows and the one technique they name (the module docstring's rule).
+H100_CALIBRATION_MODEL = "Llama3.1-8B"
+#: What the H100 fit fits; every other parameter is the A100 fit's.
+H100_FITTED = ("gemm_efficiency",)
+H100_CALIBRATION_RULE = (f"calibration iff model {H100_CALIBRATION_MODEL} with techniques FSDP alone (tp = pp = cp = 1; "
+                         f"no torch.compile, Float8, AsyncTP); fitted: {', '.join(H100_FITTED)}, the other parameters "
+                         f"the A100 (vTrain) fit's; every other row scored")
+
+
+def is_h100_calibration_row(r: TitanRow) -> bool:
+    """Whether a row is one of the H100 fit's calibration rows (never scored): the rule, not a line number."""
+    return (r.model == H100_CALIBRATION_MODEL and r.techniques == ("FSDP",) and r.tp == 1 and r.pp == 1
+            and r.cp == 1)
+
+
+def measured_step_s(r: TitanRow) -> float:
+    """The step seconds a row's tokens/s per GPU implies (the inverse of :func:`predict_titan`'s count)."""
+    return r.local_batch * r.seq / (r.tps_per_gpu * r.tp * r.pp * r.cp)
+
+
+def fit_h100(rows: list[TitanRow], a100: DeviceCalibration) -> DeviceCalibration:
+    """The H100 calibration: ``H100_FITTED`` fitted by ``planner.efficiency.fit`` on the rows
+    :func:`is_h100_calibration_row` picks (relative error of the step, i.e. of tokens/s per GPU), starting from
+    ``a100``'s parameters and keeping the others; no block table (``a100``'s holds A100 seconds); fp32 gradients."""
+    cal_rows = [r for r in rows if is_h100_calibration_row(r)]
+    if not cal_rows:
+        raise GroundTruthError(f"no H100 calibration row: the torchtitan file needs at least one {H100_CALIBRATION_MODEL} "
+                               f"row whose techniques are FSDP alone")
+    fixed = {f.name: getattr(a100.params, f.name) for f in fields(EfficiencyParams) if f.name not in H100_FITTED}
+    shell = DeviceCalibration(TITAN_KIND, a100.params)
+    res = fit(lambda p: [predict_titan(r, replace(shell, params=p)).step_s for r in cal_rows],
+              [measured_step_s(r) for r in cal_rows], a100.params, fixed)
+    lines = ", ".join(str(r.line) for r in cal_rows)
+    return DeviceCalibration(TITAN_KIND, res.params, fitted_on=f"{TORCHTITAN_FILE} lines {lines} (tokens/s per GPU); "
+                             f"other parameters from {a100.fitted_on or 'the given calibration'}",
+                             rule=H100_CALIBRATION_RULE, n_rows=len(cal_rows),
+                             rms_relative_error=res.rms_relative_error, gradient_bytes_per_param=4)
+
+
 def score_torchtitan(rows, cal: DeviceCalibration) -> list[dict]:
     """Every row (a file's path or its :func:`read_torchtitan` rows) predicted and scored: tokens/s per GPU and
-    memory, each with its relative error."""
+    memory, each with its relative error; ``calibration``: an H100 calibration row (:func:`titan_summary` leaves
+    it out)."""
     out = []
     for r in (rows if isinstance(rows, list) else read_torchtitan(rows)):
         x = predict_titan(r, cal)
         not_modelled = [t for t in r.techniques if TECHNIQUES[t] != "modelled"]
-        out.append({"line": r.line, "table": r.table, "model": r.model, "gpus": r.gpus, "fsdp": r.fsdp, "tp": r.tp,
+        out.append({"line": r.line, "table": r.table, "model": r.model, "calibration": is_h100_calibration_row(r),
+                    "gpus": r.gpus, "fsdp": r.fsdp, "tp": r.tp,
                     "pp": r.pp, "cp": r.cp, "seq": r.seq, "seq_assumed": not r.seq_given,
                     "local_batch": r.local_batch, "microbatches": r.microbatches, "activation_ckpt": r.activation_ckpt,
                     "techniques": "+".join(r.techniques), "schedule": r.schedule or "-",
@@ -440,11 +482,14 @@ def score_torchtitan(rows, cal: DeviceCalibration) -> list[dict]:
 
 
 def titan_summary(rows: list[dict]) -> dict:
-    """MAPE of tokens/s and of memory over all rows and over the rows every technique of which is modelled."""
-    def mape(xs: list[dict], key: str) -> float:
-        return sum(abs(x[key]) for x in xs) / len(xs) if xs else math.nan
+    """MAPE of tokens/s and of memory over the scored rows (every row but the H100 calibration rows) and over those
+    of them every technique of which is modelled (None where there is none)."""
+    def mape(xs: list[dict], key: str) -> float | None:
+        return sum(abs(x[key]) for x in xs) / len(xs) if xs else None
 
-    clean = [x for x in rows if not x["not_modelled"]]
-    return {"n_rows": len(rows), "mape_tps": mape(rows, "tps_error"), "mape_memory": mape(rows, "memory_error"),
-            "n_all_modelled": len(clean), "mape_tps_all_modelled": mape(clean, "tps_error"),
-            "mape_memory_all_modelled": mape(clean, "memory_error"), "rows": rows}
+    scored = [x for x in rows if not x["calibration"]]
+    clean = [x for x in scored if not x["not_modelled"]]
+    return {"n_rows": len(scored), "n_calibration": len(rows) - len(scored), "mape_tps": mape(scored, "tps_error"),
+            "mape_memory": mape(scored, "memory_error"), "n_all_modelled": len(clean),
+            "mape_tps_all_modelled": mape(clean, "tps_error"), "mape_memory_all_modelled": mape(clean, "memory_error"),
+            "rows": rows}

@@ -1,4 +1,4 @@
-"""Link benchmark: ping-pong between local gloo processes, fitted to latency + bytes / bandwidth.
+"""Link benchmark: ping-pong or ring all-reduce between local processes, fitted to latency + bytes / bandwidth.
 
 :func:`run_netbench` starts ``workers`` local Python processes (subprocesses
 running this module, so the caller's ``__main__`` is never re-imported) that
@@ -15,6 +15,18 @@ of kind ``cpu`` and one ``loopback`` link per pair with the fitted parameters.
 Every wait has a deadline: process-group set-up and collectives time out,
 the parent kills the workers when the overall ``timeout_s`` passes, and a
 worker that fails ends the run with :class:`NetbenchError` naming it.
+
+:func:`run_allreduce_bench` times ``dist.all_reduce`` (a sum of float32
+tensors) over all ``workers`` ranks instead, on gloo (CPU) or nccl (one CUDA
+device per rank). Each size is first all-reduced once with rank-dependent
+values and checked, then timed ``repeats`` times after ``warmup``, each trip
+after a barrier; a trip's time is the slowest rank's, the median kept. It
+reports the nccl-tests figures: algorithm bandwidth ``bytes / t`` and bus
+bandwidth ``algbw * 2(n-1)/n`` (:func:`bus_bandwidth_bytes_per_s`), the rate
+each rank's ring links carry, comparable across rank counts. The fit
+``t = 2(n-1) * latency_s + 2(n-1)/n * bytes / bandwidth`` is
+``Topology.ring_allreduce_time_s``'s own form, so the saved topology (one
+link per pair, all alike) predicts the measured all-reduces.
 """
 from __future__ import annotations
 
@@ -35,10 +47,16 @@ import numpy as np
 from topologies.errors import InputError
 
 __all__ = ["NetbenchError", "LinkFit", "fit_latency_bandwidth", "run_netbench", "to_topology", "DEFAULT_SIZES",
-           "parse_sizes"]
+           "parse_sizes", "ALLREDUCE_SIZES", "BACKENDS", "algorithm_bandwidth_bytes_per_s", "bus_bandwidth_bytes_per_s",
+           "resolve_backend", "run_allreduce_bench", "allreduce_topology"]
 
 #: 1 B to 16 MiB in steps of 4x.
 DEFAULT_SIZES: tuple[int, ...] = tuple(4**k for k in range(13))
+#: The all-reduce sweep: 1 MiB to 100 MiB.
+ALLREDUCE_SIZES: tuple[int, ...] = (1 << 20, 4 << 20, 16 << 20, 64 << 20, 100 << 20)
+#: ``--backend`` choices of the all-reduce mode (auto: nccl where CUDA is, else gloo).
+BACKENDS = ("auto", "gloo", "nccl")
+_FLOAT_BYTES = 4
 _RESULT_TAG = "NETBENCH-RESULT "
 
 
@@ -199,11 +217,12 @@ def _child_env() -> dict:
     return env
 
 
-def _run_once(workers: int, sizes, repeats: int, warmup: int, timeout_s: float) -> list[dict]:
+def _run_once(workers: int, sizes, repeats: int, warmup: int, timeout_s: float, extra: tuple[str, ...] = ()):
+    """Start the ``workers`` processes (``extra``: mode arguments), wait with a deadline, return rank 0's result."""
     port = _free_port()
     cmd = [sys.executable, "-m", "executor.netbench", "--worker", "--world", str(workers), "--port", str(port),
            "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats), "--warmup", str(warmup),
-           "--timeout", str(timeout_s)]
+           "--timeout", str(timeout_s), *extra]
     env = _child_env()
     files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(workers)]
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -260,24 +279,11 @@ def run_netbench(workers: int = 2, sizes=DEFAULT_SIZES, repeats: int = 10, warmu
     """
     if workers < 2:
         raise NetbenchError("netbench needs --workers >= 2 (it measures the link between two processes)")
-    if repeats < 1 or warmup < 0:
-        raise NetbenchError("netbench needs repeats >= 1 and warmup >= 0")
-    if timeout_s <= 0:
-        raise NetbenchError("netbench needs a positive timeout")
+    _check_trips(repeats, warmup, timeout_s)
     sizes = tuple(sorted(set(int(s) for s in sizes)))
     if len(sizes) < 2 or sizes[0] < 1:
         raise NetbenchError("netbench needs at least two different message sizes >= 1 byte")
-    last_error: NetbenchError | None = None
-    for _ in range(max(1, attempts)):
-        try:
-            raw = _run_once(workers, sizes, repeats, warmup, timeout_s)
-            break
-        except NetbenchError as e:  # a port taken between choosing it and binding it: try another
-            last_error = e
-            if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
-                raise
-    else:
-        raise last_error  # type: ignore[misc]
+    raw = _run_with_retries(attempts, workers, sizes, repeats, warmup, timeout_s)
     links = []
     for item in sorted(raw, key=lambda r: (r["a"], r["b"])):
         fit = fit_latency_bandwidth(item["points"])
@@ -288,6 +294,176 @@ def run_netbench(workers: int = 2, sizes=DEFAULT_SIZES, repeats: int = 10, warmu
             "topology": to_topology(workers, links)}
 
 
+def _check_trips(repeats: int, warmup: int, timeout_s: float) -> None:
+    if repeats < 1 or warmup < 0:
+        raise NetbenchError("netbench needs repeats >= 1 and warmup >= 0")
+    if timeout_s <= 0:
+        raise NetbenchError("netbench needs a positive timeout")
+
+
+def _run_with_retries(attempts: int, *args, **kw):
+    last_error: NetbenchError | None = None
+    for _ in range(max(1, attempts)):
+        try:
+            return _run_once(*args, **kw)
+        except NetbenchError as e:  # a port taken between choosing it and binding it: try another
+            last_error = e
+            if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
+                raise
+    raise last_error  # type: ignore[misc]
+
+
+def algorithm_bandwidth_bytes_per_s(nbytes: float, seconds: float) -> float:
+    """nccl-tests' algorithm bandwidth of a collective over an ``nbytes`` tensor that took ``seconds``."""
+    return nbytes / seconds
+
+
+def bus_bandwidth_bytes_per_s(nbytes: float, seconds: float, world: int) -> float:
+    """nccl-tests' bus bandwidth of an all-reduce: algbw * 2(n-1)/n. A ring all-reduce sends (and receives)
+    2(n-1)/n of the tensor per rank, so this is the rate each rank's links carried; 0 for one rank."""
+    return algorithm_bandwidth_bytes_per_s(nbytes, seconds) * 2 * (world - 1) / world
+
+
+def resolve_backend(backend: str, workers: int) -> str:
+    """``auto`` -> nccl where CUDA and nccl are, else gloo; refuse nccl without a GPU per rank."""
+    if backend not in BACKENDS:
+        raise NetbenchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and dist.is_available() and dist.is_nccl_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        if not cuda:
+            raise NetbenchError("--backend nccl needs CUDA GPUs and a torch built with nccl; use --backend gloo")
+        if workers > torch.cuda.device_count():
+            raise NetbenchError(f"--backend nccl runs one rank per GPU; {workers} workers but "
+                                f"{torch.cuda.device_count()} GPU(s): give --workers {torch.cuda.device_count()} or fewer")
+    return backend
+
+
+def _allreduce_worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, warmup: int,
+                      timeout_s: float, backend: str) -> None:
+    """One all-reduce benchmark process; rank 0 prints ``[bytes, seconds]`` per size as one tagged JSON line."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        points = []
+        for size in sizes:
+            buf = torch.full((size // _FLOAT_BYTES,), float(rank + 1), dtype=torch.float32, device=device)
+            dist.all_reduce(buf)  # checked: every element is 1 + 2 + ... + world
+            want = world * (world + 1) / 2
+            if not bool(torch.all(buf == want)):
+                raise RuntimeError(f"all-reduce of {size} bytes gave a wrong sum on rank {rank} (want {want:g})")
+            buf.zero_()  # the timed trips sum zeros: values stay finite however many
+            times = torch.zeros(repeats, dtype=torch.float64, device=device)
+            for i in range(warmup + repeats):
+                dist.barrier()
+                sync()
+                t0 = time.perf_counter()
+                dist.all_reduce(buf)
+                sync()
+                if i >= warmup:
+                    times[i - warmup] = time.perf_counter() - t0
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a trip ends when its slowest rank's does
+            points.append([buf.numel() * _FLOAT_BYTES, statistics.median(times.cpu().tolist())])
+        if rank == 0:
+            info = {"points": points, "device": "cpu", "memory_bytes": None}
+            if device.type == "cuda":
+                props = torch.cuda.get_device_properties(device)
+                info.update(device=props.name, memory_bytes=float(props.total_memory))
+            print(_RESULT_TAG + json.dumps(info), flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_allreduce_bench(workers: int = 2, sizes=ALLREDUCE_SIZES, repeats: int = 5, warmup: int = 1,
+                        timeout_s: float = 300.0, backend: str = "auto", attempts: int = 3) -> dict:
+    """Time a ring all-reduce (``dist.all_reduce``, float32 sum) over ``workers`` local ranks; the JSON report.
+
+    The report has stable keys: ``mode`` (``allreduce``), ``backend``, ``workers``, ``sizes_bytes`` (rounded
+    down to whole float32 elements), ``repeats``, ``device``, ``points`` (per size: ``bytes``, ``seconds``,
+    ``algbw_bytes_per_s``, ``busbw_bytes_per_s``), ``fit`` (``latency_s`` per ring step,
+    ``bandwidth_bytes_per_s``: the fitted bus bandwidth, ``rms_relative_error``; None for one rank) and
+    ``topology`` (one link per pair with the fit, None for one rank).
+    """
+    if workers < 1:
+        raise NetbenchError("netbench --mode allreduce needs --workers >= 1")
+    _check_trips(repeats, warmup, timeout_s)
+    sizes = tuple(sorted(set(int(s) // _FLOAT_BYTES * _FLOAT_BYTES for s in sizes)))
+    if not sizes or sizes[0] < _FLOAT_BYTES:
+        raise NetbenchError(f"all-reduce message sizes must be at least {_FLOAT_BYTES} bytes (one float32)")
+    if workers > 1 and len(sizes) < 2:
+        raise NetbenchError("netbench needs at least two different message sizes to fit latency and bandwidth")
+    backend = resolve_backend(backend, workers)
+    raw = _run_with_retries(attempts, workers, sizes, repeats, warmup, timeout_s,
+                            extra=("--mode", "allreduce", "--backend", backend))
+    points = [{"bytes": b, "seconds": t, "algbw_bytes_per_s": algorithm_bandwidth_bytes_per_s(b, t),
+               "busbw_bytes_per_s": bus_bandwidth_bytes_per_s(b, t, workers)} for b, t in raw["points"]]
+    fit = topology = None
+    if workers > 1:
+        fit = allreduce_fit(workers, [(p["bytes"], p["seconds"]) for p in points])
+        link = {"latency_s": fit.latency_s, "bandwidth_bytes_per_s": fit.bandwidth_bytes_per_s}
+        topology = allreduce_topology(workers, link, backend, raw.get("device", "cpu"), raw.get("memory_bytes"))
+        fit = {**link, "rms_relative_error": fit.rms_relative_error}
+    return {"mode": "allreduce", "backend": backend, "workers": workers, "sizes_bytes": list(sizes),
+            "repeats": repeats, "device": raw.get("device", "cpu"), "points": points, "fit": fit,
+            "topology": topology}
+
+
+def allreduce_fit(workers: int, points) -> LinkFit:
+    """Fit (bytes, seconds) all-reduce points to ``2(n-1) * latency_s + 2(n-1)/n * bytes / bandwidth``:
+    the ring form ``Topology.ring_allreduce_time_s`` predicts with; ``bandwidth`` is the bus bandwidth."""
+    if workers < 2:
+        raise NetbenchError("an all-reduce over one rank moves nothing between ranks; there is no link to fit")
+    share = 2 * (workers - 1) / workers
+    line = fit_latency_bandwidth([(share * b, t) for b, t in points])
+    return LinkFit(line.latency_s / (2 * (workers - 1)), line.bandwidth_bytes_per_s, line.rms_relative_error)
+
+
+def _gpu_kind(name: str, memory_bytes: float | None) -> str:
+    """A catalogue device kind for a CUDA device name (gpu-generic when none matches)."""
+    n = name.lower()
+    if "h200" in n:
+        return "h200"
+    if "h100" in n:
+        return "h100"
+    if "a100" in n:
+        return "a100-40gb" if memory_bytes and memory_bytes < 60e9 else "a100-80gb"
+    if "v100" in n:
+        return "v100-16gb" if memory_bytes and memory_bytes < 24e9 else "v100"
+    return "gpu-generic"
+
+
+def allreduce_topology(workers: int, link: dict, backend: str, device: str = "cpu",
+                       memory_bytes: float | None = None) -> dict:
+    """The topology of an all-reduce run: ``workers`` devices, every pair joined by a link with ``link``'s
+    ``latency_s`` and ``bandwidth_bytes_per_s`` (loopback on gloo; nvlink on nccl), so a ring over them in
+    any order takes the measured time."""
+    links = [{"a": f"d{a}", "b": f"d{b}", **link} for a, b in _pairs(workers)]
+    if backend != "nccl":
+        return to_topology(workers, links, name="localhost-allreduce")
+    kind = _gpu_kind(device, memory_bytes)
+    return to_topology(workers, links, name=f"local-{kind}-nccl", device_kind_name=kind,
+                       memory_bytes=memory_bytes, link_kind="nvlink")
+
+
 def _memory_bytes_per_worker(workers: int) -> float:
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / workers
@@ -295,21 +471,23 @@ def _memory_bytes_per_worker(workers: int) -> float:
         return 16e9
 
 
-def to_topology(workers: int, links: list[dict], name: str = "localhost-loopback") -> dict:
-    """A topology dict: devices d0..d{n-1} (kind cpu), one loopback link per measured pair."""
+def to_topology(workers: int, links: list[dict], name: str = "localhost-loopback", device_kind_name: str = "cpu",
+                memory_bytes: float | None = None, link_kind: str = "loopback") -> dict:
+    """A topology dict: devices d0..d{n-1} (kind ``device_kind_name``, cpu by default, with this host's memory
+    shared among them unless ``memory_bytes`` is given), one ``link_kind`` link per measured pair."""
     try:
         from topologies.devices import device_kind
 
-        peak = device_kind("cpu").peak_flops
+        peak = device_kind(device_kind_name).peak_flops
     except Exception:  # the catalogue is optional here
         peak = 1e11
-    mem = _memory_bytes_per_worker(workers)
+    mem = memory_bytes if memory_bytes else _memory_bytes_per_worker(workers)
     return {
         "name": name,
-        "devices": [{"name": f"d{i}", "kind": "cpu", "memory_bytes": mem, "peak_flops": peak, "speed": 1.0}
-                    for i in range(workers)],
+        "devices": [{"name": f"d{i}", "kind": device_kind_name, "memory_bytes": mem, "peak_flops": peak,
+                     "speed": 1.0} for i in range(workers)],
         "switches": [],
-        "links": [{"a": l["a"], "b": l["b"], "kind": "loopback", "bandwidth_bytes_per_s": l["bandwidth_bytes_per_s"],
+        "links": [{"a": l["a"], "b": l["b"], "kind": link_kind, "bandwidth_bytes_per_s": l["bandwidth_bytes_per_s"],
                    "latency_s": l["latency_s"]} for l in links],
     }
 
@@ -326,8 +504,14 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--mode", choices=("pingpong", "allreduce"), default="pingpong")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     a = p.parse_args(argv)
-    _worker(a.rank, a.world, a.port, [int(s) for s in a.sizes.split(",")], a.repeats, a.warmup, a.timeout)
+    sizes = [int(s) for s in a.sizes.split(",")]
+    if a.mode == "allreduce":
+        _allreduce_worker(a.rank, a.world, a.port, sizes, a.repeats, a.warmup, a.timeout, a.backend)
+    else:
+        _worker(a.rank, a.world, a.port, sizes, a.repeats, a.warmup, a.timeout)
     return 0
 
 

@@ -23,6 +23,10 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print {rows, summary} as JSON")
     add_device_calibration_flag(p)  # given, it is used instead of fitting one (the calibration rows stay unscored)
     p.add_argument("--save-calibration", metavar="FILE", help="write the fitted device calibration JSON here")
+    p.add_argument("--save-calibration-h100", metavar="FILE",
+                   help="write the H100 calibration (h100-96gb-hbm2e) fitted on torchtitan's plain-FSDP Llama 3.1 8B "
+                        "rows, the rule of validation/groundtruth_titan.py, for --device-calibration FILE with "
+                        "--device-kinds h100-96gb-hbm2e")
     p.add_argument("--explain", metavar="FILE:LINE", action="append", default=[],
                    help="print a row's closed form split into its terms (compute, TP all-reduces, pipeline fill and "
                         "drain, p2p, DP all-reduce tail, overhead) next to its measured time, e.g. multi:52 "
@@ -32,7 +36,8 @@ def register(sub) -> None:
                    help="also predict Korthikanti et al. 2022's Table 5 (default: "
                         "DATA/../published/korthikanti22_table5_via_calculon.csv when it exists; 'none' to skip)")
     p.add_argument("--torchtitan", metavar="FILE", default=None,
-                   help="also predict torchtitan's Llama 3.1 H100 rows, tokens/s per GPU and memory (default: "
+                   help="also fit an H100 calibration on torchtitan's Llama 3.1 H100 calibration rows and predict "
+                        "the others, tokens/s per GPU and memory (default: "
                         "DATA/../published/torchtitan_llama3_h100_202412.csv when it exists; 'none' to skip)")
     p.set_defaults(func=run)
 
@@ -55,15 +60,21 @@ def run(args) -> int:
 
     from validation.groundtruth_published import KORTHIKANTI_FILE, score_korthikanti
 
-    from validation.groundtruth_titan import score_torchtitan
+    from validation.groundtruth_titan import fit_h100, score_torchtitan
+
+    from pipetwin.errors import UserError
 
     explain = _explain_keys(args.explain)
     if explain and args.report:
-        from pipetwin.errors import UserError
-
         raise UserError("--explain prints the named rows' terms, --report writes the whole report: give one of them")
     titan_rows = _torchtitan_rows(args)
+    if args.save_calibration_h100 and not titan_rows:
+        raise UserError("--save-calibration-h100 fits on torchtitan's rows, but none were read: drop --torchtitan none "
+                        "or give --torchtitan FILE")
     g = run_groundtruth(args.data, calibration=args.device_calibration, simulate=not args.no_simulate)
+    h100 = fit_h100(titan_rows, g.calibration) if titan_rows else None
+    if args.save_calibration_h100:
+        h100.save(args.save_calibration_h100)
     if explain:
         chosen = _explained(g, explain)
         if args.save_calibration:
@@ -76,13 +87,13 @@ def run(args) -> int:
     extra = None
     if args.korthikanti != "none" and (args.korthikanti or Path(table5).is_file()):
         extra = score_korthikanti(table5, g.calibration)
-    titan = score_torchtitan(titan_rows, g.calibration) if titan_rows else None
+    titan = score_torchtitan(titan_rows, h100) if titan_rows else None
     if args.save_calibration:
         g.calibration.save(args.save_calibration)
     if args.report:
-        write_report(g, args.report, extra, titan)
+        write_report(g, args.report, extra, titan, h100)
     if args.json:
-        print(json.dumps(to_json(g, extra, titan)))
+        print(json.dumps(to_json(g, extra, titan, h100)))
         return 0
     _print(g)
     if extra:
@@ -92,7 +103,7 @@ def run(args) -> int:
     if titan:
         from validation.groundtruth_report import titan_markdown
 
-        print("\n".join(titan_markdown(titan)))
+        print("\n".join(titan_markdown(titan, h100)))
     if args.report:
         print(f"report written to {args.report}/report.md")
     return 0

@@ -74,12 +74,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from planner.linkload import link_bound, server_groups
+from planner.linkload import link_bound, link_bound_by_stage, server_groups
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY, looped_warmup_extra, rank_of
 from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s, fsdp_transient_bytes,
-                              zero3_refusal, zero_state_bytes)
+                              weight_versions_refusal, zero3_refusal, zero_state_bytes)
 from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, rebuilt_bytes,
                                recompute_mode, recomputed_tp_allreduces, tp_allreduces)
 
@@ -397,8 +397,7 @@ def zero_family_refusal(family: str, zero_stage: int) -> str:
     stage 3 is timed for one stage per device (``planner.sharding.zero3_refusal``)."""
     fam = FAMILY[family]
     if zero_stage and fam.weight_copies != 1:
-        return (f"ZeRO stage {zero_stage} shards one weight version, but {family} keeps several: use a flush schedule "
-                f"(gpipe, 1f1b, ...) or zero stage 0")
+        return weight_versions_refusal(zero_stage, family, fam.weight_copies or None)
     if zero_stage == 3 and fam.multi_stage:
         return zero3_refusal(True, 1, ())
     return ""
@@ -438,6 +437,8 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
             for i in range(S - 1)]
     raw = []
     T = plan.tensor_parallel
+    links, zero3_link = ((link_bound_by_stage(plan, prof, topology, options)) if options.zero_stage == 3
+                         else (link_bound(plan, prof, topology, options), None))
     for i, st in enumerate(plan.stages):
         r = st.replicas
         speed = min(topology.device(d).speed for d in st.devices)
@@ -457,12 +458,14 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
         else:
             core = compute + ar
         t = max(core, comm) if options.overlap_comm else core + comm
+        if zero3_link is not None and r > 1:  # its rings wait on whatever shares their links (linkload)
+            t = max(t, zero3_link[i] / M)
         n_held, versions = (int(x) for x in stage_counts(fam, M, workers_after[i], r, limit0))
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options, r)
         if options.zero_stage == 3 and r > 1:
             mem += fsdp_gathered_bytes(prof, *st.layers, options, FAMILY[fam].backward)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
-    return _candidate(plan, raw, options, fam, chunks=1, links=link_bound(plan, prof, topology, options))
+    return _candidate(plan, raw, options, fam, chunks=1, links=links)
 
 
 def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -> Candidate:
@@ -653,8 +656,7 @@ def static_bytes(param_bytes, versions, replicas, options: CostOptions):
     if options.zero_stage == 0:
         return param_bytes * static_bytes_per_param_byte(versions, options.optimizer)
     if np.any(np.asarray(versions) != 1):
-        raise PlanError(f"ZeRO stage {options.zero_stage} shards one weight version, but this schedule keeps {int(np.max(versions))}: "
-                        f"use a flush schedule (gpipe, 1f1b, interleaved, ...) or zero stage 0")
+        raise PlanError(weight_versions_refusal(options.zero_stage, "this schedule", int(np.max(versions))))
     factor = OPTIMIZER_STATE[options.optimizer]
 
     def one(p, r) -> float:

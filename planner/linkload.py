@@ -86,10 +86,10 @@ def server_groups(topology, devices: list[str]) -> list[list[str]]:
 
 
 def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions,
-                rings: dict | None = None) -> tuple[dict, dict]:
+                rings: dict | None = None, ring_bits: dict | None = None) -> tuple[dict, dict]:
     """Bytes per batch each (src, dst) device pair sends, and a bitmask of the stages whose traffic it is (bit s:
     stage s), in first-send order (see ``link_loads``). ``rings`` (when given) collects the ZeRO collectives' share
-    of those bytes per pair."""
+    of those bytes per pair, ``ring_bits`` the bitmask of the stages whose ZeRO rings they are."""
     M, mb = plan.microbatches, plan.microbatch_size
     sent: dict[tuple[str, str], float] = {}
     mask: dict[tuple[str, str], int] = {}
@@ -145,6 +145,7 @@ def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions,
                     add(a, b, x, s)
                     if rings is not None:
                         rings[(a, b)] = rings.get((a, b), 0.0) + x
+                        ring_bits[(a, b)] = ring_bits.get((a, b), 0) | 1 << s
             continue
         for t in range(T):
             for (a, b), x in allreduce_flows(topology, list(stage.devices[t::T]), params,
@@ -212,14 +213,28 @@ def link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -
     seconds (less ZeRO's ring collectives') to the busier direction's (see ``CostOptions``); the binding link is the one
     with the largest charged time.
     """
+    return link_bound_by_stage(plan, prof, topology, options)[0]
+
+
+def link_bound_by_stage(plan: Plan, prof: ModelProfile, topology, options: CostOptions
+                        ) -> tuple[tuple[float, float, str | None, frozenset[int]], list[float]]:
+    """(:func:`link_bound`, per stage the charged seconds per batch of the busiest link its ZeRO rings cross: 0 for
+    a stage without them). A ZeRO-3 ring runs inside the passes, so every byte that shares its links (the pipeline's
+    sends, the TP rings, other stages' rings) delays the compute waiting on it: ``costmodel.evaluate`` charges a
+    ZeRO-3 stage at least its link's time per microbatch, the pipeline's fill and drain included. Only links whose
+    ZeRO rings are one stage's count: where several stages' rings share a link, each fills the others' bubbles and
+    the plain bound (:func:`link_bound`) charges it."""
+    S = len(plan.stages)
     if not options.link_load:
-        return 0.0, 0.0, None, frozenset()
+        return (0.0, 0.0, None, frozenset()), [0.0] * S
     rings: dict = {}
-    loads = _loads(*_pair_bytes(plan, prof, topology, options, rings), topology)
-    ring_loads = _loads(rings, dict.fromkeys(rings, 0), topology) if rings else {}
+    ring_bits: dict = {}
+    loads = _loads(*_pair_bytes(plan, prof, topology, options, rings, ring_bits), topology)
+    ring_loads = _loads(rings, ring_bits, topology) if rings else {}
     bound, _ = _bound(loads)
     phi = options.link_serial_async if FAMILY[plan.schedule].stream else options.link_serial_flush
     best, name, bits = 0.0, None, 0
+    per_stage = [0.0] * S
     for (u, v), (x, bw, ss) in loads.items():
         back = loads.get((v, u))
         t_uv = x / bw
@@ -230,4 +245,8 @@ def link_bound(plan: Plan, prof: ModelProfile, topology, options: CostOptions) -
         t = t_uv + phi * max(0.0, t_vu - (ring_loads[(v, u)][0] / back[1] if (v, u) in ring_loads else 0.0))
         if t > best:
             best, name, bits = t, f"{u}->{v}", ss | (back[2] if back else 0)
-    return bound, max(best, bound), name, frozenset(_stage_set(bits))
+        zbits = (ring_loads[(u, v)][2] if (u, v) in ring_loads else 0) | (ring_loads[(v, u)][2] if (v, u) in ring_loads else 0)
+        if zbits and zbits & (zbits - 1) == 0:  # one stage's rings: the link idles in that stage's fill and drain
+            s = zbits.bit_length() - 1
+            per_stage[s] = max(per_stage[s], t)
+    return (bound, max(best, bound), name, frozenset(_stage_set(bits))), per_stage

@@ -73,7 +73,7 @@ from planner.plan import PlanError
 __all__ = ["ZERO_STAGES", "PLANNED_ZERO_STAGES", "ShardedState", "ShardingTraffic", "sharded_state",
            "sharding_traffic", "optimizer_bytes_per_param", "ring_bytes_per_rank", "ring_time_s", "zero_state_bytes",
            "check_planned_zero", "collective_bytes", "fsdp_collectives", "fsdp_pass_s", "fsdp_transient_bytes",
-           "FSDP_PASSES", "zero3_refusal"]
+           "FSDP_PASSES", "zero3_refusal", "weight_versions_refusal"]
 
 #: ZeRO stages: 0 (none: every rank holds everything), 1 (optimizer state), 2 (+ gradients), 3 (+ weights; FSDP).
 ZERO_STAGES = (0, 1, 2, 3)
@@ -248,12 +248,20 @@ def fsdp_transient_bytes(unit_bytes, gathers: bool, scatters: bool, overlap: boo
     return best
 
 
+def weight_versions_refusal(stage: int, schedule: str, versions: int | None = None) -> str:
+    """The one line every interpreter refuses ZeRO ``stage`` ≥ 1 with when ``schedule`` keeps ``versions`` weight
+    versions (None: several; weight stashing, 2BW's double buffer): ZeRO shards one version."""
+    kept = "several" if versions is None else str(versions)
+    return (f"ZeRO-{stage} shards one weight version but {schedule} keeps {kept}: use a flush schedule "
+            f"(gpipe, 1f1b, zb-h1, ...) or --zero 0")
+
+
 def zero3_refusal(multi_stage: bool, microbatches: int, replicas, batched: bool = True) -> str:
     """Why ZeRO-3 cannot be timed for this shape ('' when it can): every replica of a group must run the same
     passes (each gather is one collective over the group), and stage 3 is timed for one stage per device."""
     if multi_stage:
         return ("ZeRO stage 3 is timed for one stage per device; this schedule places several per device: use "
-                "gpipe, 1f1b, zb-h1 or zb-h2, or zero stage 2")
+                "gpipe, 1f1b, zb-h1 or zb-h2, or --zero 2")
     if batched:
         for r in replicas:
             if r > 1 and microbatches % r:

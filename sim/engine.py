@@ -62,7 +62,7 @@ from planner.program import FAMILY, Action, Kind, Program, even_layers
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
-from planner.sharding import collective_bytes, fsdp_collectives, zero3_refusal
+from planner.sharding import collective_bytes, fsdp_collectives, weight_versions_refusal, zero3_refusal
 from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, ring_pass_phases, ring_phases
 from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
@@ -163,8 +163,7 @@ def zero_replicas(program: Program, params: SimParams) -> dict[int, int] | None:
         return None
     fam = FAMILY[program.spec.family]
     if fam.weight_copies != 1:
-        raise SimError(f"zero_stage {params.zero_stage}: {program.spec.family} keeps several weight versions and ZeRO "
-                       f"shards one; use a flush schedule or zero_stage 0")
+        raise SimError(weight_versions_refusal(params.zero_stage, program.spec.family, fam.weight_copies or None))
     reps = {s: program.replica_count(s) for s in range(len(program.stage_workers))}
     if params.zero_stage == 3:
         why = zero3_refusal(fam.multi_stage, program.spec.microbatches, reps.values(), fam.batched)

@@ -7,9 +7,10 @@ from pathlib import Path
 from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored, simulated_workers_sentence
 
 
-def to_json(g: GroundTruth, extra: list[dict] | None = None, titan: list[dict] | None = None) -> dict:
+def to_json(g: GroundTruth, extra: list[dict] | None = None, titan: list[dict] | None = None, h100=None) -> dict:
     """``{"rows": [...], "summary": {...}}``: every expressed row (calibration rows flagged, never scored);
-    ``extra`` (Korthikanti et al.'s Table 5 rows) goes into the summary as ``korthikanti_table5``."""
+    ``extra`` (Korthikanti et al.'s Table 5 rows) goes into the summary as ``korthikanti_table5``, ``titan`` (and
+    the H100 calibration ``h100`` they were predicted with) as ``torchtitan_llama3_h100``."""
     summary = dict(g.summary())
     summary["calibration"] = g.calibration.to_dict()
     summary["skipped"] = [{"source": r.source, "line": r.line, "why": why} for r, why in g.skipped]
@@ -19,6 +20,8 @@ def to_json(g: GroundTruth, extra: list[dict] | None = None, titan: list[dict] |
         from validation.groundtruth_titan import titan_summary
 
         summary["torchtitan_llama3_h100"] = titan_summary(titan)
+        if h100 is not None:
+            summary["torchtitan_llama3_h100"]["calibration"] = h100.to_dict()
     return {"rows": [s.to_dict() for s in g.scored], "summary": summary}
 
 
@@ -39,27 +42,30 @@ def extra_markdown(extra: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def titan_markdown(titan: list[dict]) -> list[str]:
-    """The torchtitan section: Llama 3.1 on H100, predicted with the vTrain-fitted calibration transferred by the
-    rule in ``validation.groundtruth_titan``, no fitting on these rows."""
+def titan_markdown(titan: list[dict], h100=None) -> list[str]:
+    """The torchtitan section: Llama 3.1 on H100, predicted with the H100 calibration ``h100`` fitted on the
+    calibration rows by the rule in ``validation.groundtruth_titan`` (they are marked and not scored)."""
     if not titan:
         return []
-    from validation.groundtruth_titan import TERMS as TITAN_TERMS, titan_summary
+    from validation.groundtruth_titan import H100_CALIBRATION_RULE, TERMS as TITAN_TERMS, titan_summary
 
     s = titan_summary(titan)
-    lines = ["## Extra: torchtitan, Llama 3.1 8B/70B/405B on H100 (Grand Teton; not fitted on)", "",
-             f"Predicted by the closed form of `validation/groundtruth_titan.py` with the calibration fitted on vTrain's "
-             f"A100 rows, its parameters carried to the H100 unchanged (fractions of the new peak and bandwidth): "
-             f"tokens/s per GPU MAPE {_pct(s['mape_tps'])}, memory MAPE {_pct(s['mape_memory'])} over {s['n_rows']} rows; "
-             f"over the {s['n_all_modelled']} rows without torch.compile (the one technique not modelled) "
-             f"{_pct(s['mape_tps_all_modelled'])} and {_pct(s['mape_memory_all_modelled'])}. Sequence 8192 where the "
-             f"file gives none (marked *).", "",
+    fitted = (f"gemm_efficiency {h100.params.gemm_efficiency:.4f} of the 912 TFLOP/s peak (rms relative error "
+              f"{_pct(h100.rms_relative_error)} on its {h100.n_rows} rows), " if h100 is not None else "")
+    clean = (f"; over the {s['n_all_modelled']} scored rows without torch.compile (the one technique not modelled) "
+             f"{_pct(s['mape_tps_all_modelled'])} and {_pct(s['mape_memory_all_modelled'])}" if s["n_all_modelled"]
+             else "; every scored row names torch.compile, the one technique not modelled")
+    lines = ["## Extra: torchtitan, Llama 3.1 8B/70B/405B on H100 (Grand Teton; H100 calibration, look 2)", "",
+             f"Predicted by the closed form of `validation/groundtruth_titan.py` with the H100 calibration: {fitted}"
+             f"the other parameters the A100 fit's. Rule: {H100_CALIBRATION_RULE}. Scored rows: tokens/s per GPU MAPE "
+             f"{_pct(s['mape_tps'])}, memory MAPE {_pct(s['mape_memory'])} over {s['n_rows']} rows ({s['n_calibration']} "
+             f"calibration rows, marked C, not scored){clean}. Sequence 8192 where the file gives none (marked *).", "",
              "| table | model | FSDP·TP·PP·CP | seq | local batch | AC | techniques | schedule | tokens/s/GPU measured | "
              "predicted | error | GiB measured | predicted | error |",
              "|---:|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for x in titan:
         seq = f"{x['seq']}{'*' if x['seq_assumed'] else ''}"
-        lines.append(f"| {x['table']} | {x['model']} | {x['fsdp']}·{x['tp']}·{x['pp']}·{x['cp']} | {seq} | "
+        lines.append(f"| {x['table']}{' C' if x['calibration'] else ''} | {x['model']} | {x['fsdp']}·{x['tp']}·{x['pp']}·{x['cp']} | {seq} | "
                      f"{x['local_batch']} | {x['activation_ckpt']} | {x['techniques']} | {x['schedule']} | "
                      f"{x['measured_tps']:,.0f} | {x['predicted_tps']:,.0f} | {x['tps_error'] * 100:+.1f}% | "
                      f"{x['measured_gib']:.1f} | {x['predicted_gib']:.1f} | {x['memory_error'] * 100:+.1f}% |")
@@ -149,7 +155,7 @@ def _pct(x: float) -> str:
 
 
 def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict] | None = None,
-             titan: list[dict] | None = None) -> str:
+             titan: list[dict] | None = None, h100=None) -> str:
     s = g.summary()
     p = g.calibration.params
     lines = [
@@ -211,18 +217,21 @@ def markdown(g: GroundTruth, plot: str | None = "scatter.png", extra: list[dict]
                                                f"{t.row.measured_ms:.1f} measured)" for t in top))
     lines += ["", "## Rows that cannot be expressed", ""]
     lines += [f"- {r.source}:{r.line}: {why}" for r, why in g.skipped] or ["None: every row is a pipetwin plan."]
-    lines += [""] + extra_markdown(extra or []) + titan_markdown(titan or [])
+    lines += [""] + extra_markdown(extra or []) + titan_markdown(titan or [], h100)
     return "\n".join(lines) + "\n"
 
 
 def write_report(g: GroundTruth, out: str | Path, extra: list[dict] | None = None,
-                 titan: list[dict] | None = None) -> Path:
-    """report.md, scatter.png, groundtruth.json and device-calibration.json into ``out``."""
+                 titan: list[dict] | None = None, h100=None) -> Path:
+    """report.md, scatter.png, groundtruth.json and device-calibration.json (and h100-calibration.json with
+    ``h100``) into ``out``."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     scatter(g, d / "scatter.png")
-    (d / "report.md").write_text(markdown(g, "scatter.png", extra, titan))
-    (d / "groundtruth.json").write_text(json.dumps(to_json(g, extra, titan), indent=1) + "\n")
+    (d / "report.md").write_text(markdown(g, "scatter.png", extra, titan, h100))
+    (d / "groundtruth.json").write_text(json.dumps(to_json(g, extra, titan, h100), indent=1) + "\n")
     g.calibration.save(d / "device-calibration.json")
+    if h100 is not None:
+        h100.save(d / "h100-calibration.json")
     return d / "report.md"
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from planner import hierarchical as hier
 from planner import partition as part
 from planner import refine
 from planner.costmodel import Candidate, CostOptions, evaluate, zero_family_refusal, zero_refusal
@@ -205,7 +206,7 @@ def plan_model(
         top = [replace(c, plan=replace(c.plan, predicted=c.predicted())) for c in top]
     text = _explain(top, score is not None)
     if len(devs) > part.FLAT_MAX_DEVICES:
-        text += f" Planned level by level over the topology's hierarchy ({len(devs)} devices), layers in at most {part.HIER_MAX_BLOCKS} blocks."
+        text += f" Planned level by level over the topology's hierarchy ({len(devs)} devices), layers in at most {hier.HIER_MAX_BLOCKS} blocks."
     elif "reduction" in cache:
         text += f" State space reduced: {cache['reduction']}."
     return PlanResult(top[0].plan, top, text, time.perf_counter() - t0)
@@ -356,24 +357,24 @@ def _plans_for(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[str, 
             for V in (2, 4):
                 if P * V > L:
                     continue
-                ranges = part.split_even(prof, P * V, pcache)
+                ranges = hier.split_even(prof, P * V, pcache)
                 sp = tuple(StagePlan(a, b, 1, (devs[x % P],)) for x, (a, b) in enumerate(ranges))
                 out.append(Plan(model=name, stages=sp, chunks=V, **kw))
         return out
     if stages is not None:
-        ranges = part.split_even(prof, stages, pcache)
+        ranges = hier.split_even(prof, stages, pcache)
         return [Plan(model=name, stages=tuple(StagePlan(a, b, 1, (devs[x],)) for x, (a, b) in enumerate(ranges)), **kw)]
     # each family's own flat search (its stages hold what the cost model says they hold), across M when the stage
     # figures do not read it (PipeDream); the hierarchical search reads less of a family, so families share it
     key = (fam, M if part.reads_microbatches(fam) else None)
     if D > part.FLAT_MAX_DEVICES:
-        key = ("hier", *part.hierarchical_reads(fam, M))
+        key = ("hier", *hier.hierarchical_reads(fam, M))
     if key not in cache:
         if D > part.FLAT_MAX_DEVICES:
-            sol = part.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology, cache=pcache)
+            sol = hier.solve_hierarchical(part.Problem(prof, devs, fam, M, opts), topology, cache=pcache)
             sols, bounds = ([sol] if sol is not None else []), None
         else:
-            blocked, bounds = part.coarsen(prof, part.FLAT_MAX_BLOCKS)
+            blocked, bounds = hier.coarsen(prof, part.FLAT_MAX_BLOCKS)
             # the DP's best plan for every device count: the full cost model (shared links included) ranks them
             sols = part.solve_flat_per_count(part.Problem(blocked, devs, fam, M, opts), topology, cache=pcache)
             if len(blocked) == len(prof):
@@ -417,7 +418,7 @@ def _multi_stage_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tup
             if P * V > L:
                 continue
             if P * V not in splits:
-                splits[P * V] = part.split_even(prof, P * V, pcache)
+                splits[P * V] = hier.split_even(prof, P * V, pcache)
             sp = tuple(StagePlan(a, b, 1, (devs[rank_of(f, P, x)],)) for x, (a, b) in enumerate(splits[P * V]))
             plan = Plan(model=name, stages=sp, chunks=V, **kw)
             try:
@@ -458,7 +459,7 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
         if FAMILY[fam].batched and r > M:
             continue
         if P not in splits:
-            splits[P] = part.split_even(prof, P, pcache)
+            splits[P] = hier.split_even(prof, P, pcache)
         sp = tuple(StagePlan(a, b, r, tuple(devs[x * r + y] for y in range(r))) for x, (a, b) in enumerate(splits[P]))
         out.append(Plan(model=name, stages=sp, **kw))
     return out

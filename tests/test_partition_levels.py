@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from planner import hierarchical as hier
 from planner import partition as part
 from planner.costmodel import CostOptions
 from tests.test_planner import NON_INTERLEAVED, _irregular, _problem, chains, clusters
@@ -47,8 +48,8 @@ def _brute(single: np.ndarray, cut: np.ndarray, j: int, m: int) -> float:
 @given(levels())
 def test_the_first_row_programme_is_row_0_of_the_full_one_bit_for_bit_and_the_brute_force_optimum(lv):
     single, cut = lv
-    A, arg = part._level_tables(single, cut, None)
-    A0, arg0 = part._level_tables(single, cut, None, first_row=True)
+    A, arg = hier._level_tables(single, cut, None)
+    A0, arg0 = hier._level_tables(single, cut, None, first_row=True)
     assert A0.shape == (1,) + A.shape[1:] and arg0.shape == (1,) + arg.shape[1:]
     assert np.array_equal(A0[0], A[0]) and np.array_equal(arg0[0], arg[0])  # values and tie-broken splits
     B, C = single.shape[0] - 1, single.shape[2] - 1
@@ -67,13 +68,13 @@ def test_a_first_row_table_extended_from_the_cache_is_the_fresh_one(lv, shorter,
     cache = part.PartitionCache()
     c = min(shorter, C)
     if full_first:
-        part._level_tables(single[:, :, :c + 1].copy(), cut, cache)
-    part._level_tables(single[:, :, :c + 1].copy(), cut, cache, first_row=True)
-    A0, arg0 = part._level_tables(single, cut, cache, first_row=True)
-    want_A, want_arg = part._level_tables(single, cut, None, first_row=True)
+        hier._level_tables(single[:, :, :c + 1].copy(), cut, cache)
+    hier._level_tables(single[:, :, :c + 1].copy(), cut, cache, first_row=True)
+    A0, arg0 = hier._level_tables(single, cut, cache, first_row=True)
+    want_A, want_arg = hier._level_tables(single, cut, None, first_row=True)
     assert np.array_equal(A0, want_A) and np.array_equal(arg0, want_arg)
-    A, arg = part._level_tables(single, cut, cache)
-    assert A.shape[0] == single.shape[0] and np.array_equal(A, part._level_tables(single, cut, None)[0])
+    A, arg = hier._level_tables(single, cut, cache)
+    assert A.shape[0] == single.shape[0] and np.array_equal(A, hier._level_tables(single, cut, None)[0])
 
 
 @pytest.mark.parametrize("spec", ["dgx:servers=12", "pcie:servers=20,gpus=4,kind=v100,eth=10",
@@ -85,15 +86,15 @@ def test_hierarchical_plans_are_those_of_the_full_top_level_table(spec, monkeypa
     topo = load_topology(spec)
     prof = _irregular(50)
     fams = [("1f1b", 32, CostOptions()), ("pipedream", 32, CostOptions(optimizer="adam")), ("2bw", 64, CostOptions())]
-    got = [part.solve_hierarchical(part.Problem(prof, tuple(topo.devices), f, M, o), topo) for f, M, o in fams]
-    full = part._level_tables
+    got = [hier.solve_hierarchical(part.Problem(prof, tuple(topo.devices), f, M, o), topo) for f, M, o in fams]
+    full = hier._level_tables
 
     def full_rows(single, cut, cache, first_row=False):
         A, arg = full(single, cut, cache)
         return (A[:1], arg[:1]) if first_row else (A, arg)
 
-    monkeypatch.setattr(part, "_level_tables", full_rows)
-    want = [part.solve_hierarchical(part.Problem(prof, tuple(topo.devices), f, M, o), topo) for f, M, o in fams]
+    monkeypatch.setattr(hier, "_level_tables", full_rows)
+    want = [hier.solve_hierarchical(part.Problem(prof, tuple(topo.devices), f, M, o), topo) for f, M, o in fams]
     assert got == want and all(p is not None for p in got)
 
 

@@ -21,6 +21,7 @@ import networkx as nx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from planner import hierarchical as hier
 from planner import partition as part
 from planner.costmodel import CostOptions, evaluate
 from planner.plan import Plan, PlanError, StagePlan
@@ -83,13 +84,13 @@ def _answers(family: str) -> dict:
             pb = part.Problem(prof, tuple(topo.devices), family, M, CostOptions(recompute=rec, memory_limit_bytes=lim))
             rows[f"time@{slack}"] = [_plain(s) for s in part.solve_flat_per_count(pb, topo)]
         out[str(seed)] = rows
-    hier = load_topology("hier:4@nvlink:300e9,4@ib:25e9,5@eth:1.25e9")  # 80 devices: the hierarchical search
+    topo = load_topology("hier:4@nvlink:300e9,4@ib:25e9,5@eth:1.25e9")  # 80 devices: the hierarchical search
     prof = uniform_profile(60, 1e-3, 2e-3, act=1e6, params=4e7)
     for lim in (None, 3e8, 1.5e8):
-        pb = part.Problem(prof, tuple(hier.devices), family, 16, CostOptions(memory_limit_bytes=lim))
-        out[f"hier@{lim}"] = _plain(part.solve_hierarchical(pb, hier))
+        pb = part.Problem(prof, tuple(topo.devices), family, 16, CostOptions(memory_limit_bytes=lim))
+        out[f"hier@{lim}"] = _plain(hier.solve_hierarchical(pb, topo))
         try:  # the whole search on that cluster: its hierarchical, regular and refined plans, ranked
-            best = plan_model(prof, hier, schedule=family, microbatches=16, memory_limit_bytes=lim, top_k=1).best_candidate
+            best = plan_model(prof, topo, schedule=family, microbatches=16, memory_limit_bytes=lim, top_k=1).best_candidate
             out[f"plan@{lim}"] = [float(f"{best.time_per_sample_s:.12g}"),
                                   [[s.first_layer, s.last_layer, list(s.devices)] for s in best.plan.stages]]
         except PlanError as e:

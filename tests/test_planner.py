@@ -8,6 +8,7 @@ import networkx as nx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from planner import hierarchical as hier
 from planner import partition as part
 from planner.costmodel import CostOptions, evaluate, bubble_factor
 from planner.lowering import plan_to_program
@@ -97,10 +98,10 @@ def _plan(family, stages=4, M=8, chunks=1, replicas=None):
     prof = uniform_profile(8 * chunks if chunks > 1 else 8, 1e-3, 2e-3, act=1e6, params=1e6)
     P = stages
     if chunks > 1:
-        ranges = part.split_even(prof, P * chunks)
+        ranges = hier.split_even(prof, P * chunks)
         sp = tuple(StagePlan(a, b, 1, (f"d{x % P}",)) for x, (a, b) in enumerate(ranges))
     else:
-        ranges = part.split_even(prof, P)
+        ranges = hier.split_even(prof, P)
         reps = replicas or (1,) * P
         dev, sp = 0, []
         for (a, b), r in zip(ranges, reps):
@@ -222,8 +223,8 @@ def test_a_cached_partition_is_what_a_fresh_search_finds_whatever_the_cache_saw(
         assert part.solve_flat_per_count(pb, topo, cache=cache) == part.solve_flat_per_count(pb, topo)
         assert part.solve_flat(pb, topo, "memory", cache=cache) == part.solve_flat(pb, topo, "memory")
     for P in range(1, len(profile) + 1):
-        assert part.split_even(profile, P, cache) == part.split_even(profile, P)
-        assert part.split_even(profile.scaled(2), P, cache) == part.split_even(profile.scaled(2), P)
+        assert hier.split_even(profile, P, cache) == hier.split_even(profile, P)
+        assert hier.split_even(profile.scaled(2), P, cache) == hier.split_even(profile.scaled(2), P)
     assert cache.hits > 0
 
 
@@ -305,8 +306,8 @@ def test_hierarchical_levels_from_the_cache_are_the_fresh_ones_and_a_changed_upl
     for x, topo in enumerate(tops + slow):
         for fam in ("1f1b", "pipedream", "2bw"):
             pb = part.Problem(prof, tuple(topo.devices), fam, 32, opts)
-            got[x, fam] = part.solve_hierarchical(pb, topo, cache=cache)
-            assert got[x, fam] == part.solve_hierarchical(pb, topo), (topo.name, fam)
+            got[x, fam] = hier.solve_hierarchical(pb, topo, cache=cache)
+            assert got[x, fam] == hier.solve_hierarchical(pb, topo), (topo.name, fam)
     assert got[len(tops) + 1, "1f1b"] != got[1, "1f1b"]  # the slow uplink matters: a stale level would show
     # the servers' own level is the same on every cluster; the level over 16 servers extends the one over 12,
     # 9 servers read 16's, 24 extend 16's; the 100 Gbit/s cluster and the slow uplink share only the servers' level

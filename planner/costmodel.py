@@ -43,7 +43,13 @@ interleaved: Megatron's warm-up depth in chunk-microbatches; the V families and 
 loop: their registry cap a·PV + b in chunk-microbatches, rounded down (ZB-V 2P), V-Half and V-Min
 their blocks' ⌊(P + 2)/2⌋ and ⌊(P + 4)/3⌋ whole microbatches) of saved bytes — or, with
 recomputation, of what ``planner.recompute`` keeps (full: every layer's input;
-selective: all but the attention core), plus what one layer's backward rebuilds.
+selective: all but the attention core), plus what one layer's backward rebuilds. The byte figures are
+``planner.stagememory``'s, which the simulator's replay reads too. The closed form holds the gradient buffer open
+throughout; the replay opens it at a round's first backward, so where a stage reaches its depth only before that
+backward (GPipe, PipeDream, a flush family on a batch no deeper than the stage) it is over by at most the
+gradients. Not counted here, only by the replay: stage outputs kept as the root of the backward, receive buffers
+posted ahead, outgoing gradients, and a split backward's rebuilt stages held from BI to BW
+(``tests/test_stage_memory_agreement.py`` pins each).
 
 How close the V families' activations are (ZB-V, V-Half, V-Min, DualPipeV): every rank is charged
 one depth, the registry's, which is the heaviest rank's peak; the simulator holds each rank's own.

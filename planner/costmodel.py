@@ -78,8 +78,10 @@ from planner.linkload import link_bound, link_bound_by_stage, server_groups
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY, looped_warmup_extra, rank_of
-from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s, fsdp_transient_bytes,
-                              weight_versions_refusal, zero3_refusal, zero_state_bytes)
+from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s,
+                              weight_versions_refusal, zero3_refusal)
+from planner.stagememory import fsdp_gathered_bytes as _fsdp_gathered, fsdp_units, peak_stage_bytes
+from planner.stagememory import static_bytes as _static_bytes
 from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, rebuilt_bytes,
                                recompute_mode, recomputed_tp_allreduces, tp_allreduces)
 
@@ -332,15 +334,12 @@ def stage_counts(family: str, microbatches, workers_at_or_after, replicas, limit
 
 
 def static_bytes_per_param_byte(versions, optimizer: str):
-    """Weights (× versions) + gradients + optimizer state, per parameter byte."""
-    return versions + 1.0 + OPTIMIZER_STATE[optimizer]
+    """Weights (× versions) + gradients + optimizer state, per parameter byte (``planner.stagememory.static_bytes``)."""
+    return _static_bytes(1.0, versions, 1, 0, OPTIMIZER_STATE[optimizer])
 
 
-def stage_bytes(static, kept_bytes_, rebuilt_bytes_, held, mb: int = 1):
-    """A stage's peak bytes per device: its ``static`` bytes (``static_bytes``: weights, gradients, optimizer state),
-    ``held`` microbatches of what it keeps for backward, and what one layer's backward rebuilds (the byte figures
-    per sample × ``mb``)."""
-    return static + (held * kept_bytes_ + rebuilt_bytes_) * mb
+#: A stage's peak bytes per device in closed form (``planner.stagememory.peak_stage_bytes``; the partition search's too).
+stage_bytes = peak_stage_bytes
 
 
 def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward_s: float = 2.0,
@@ -642,25 +641,23 @@ def fsdp_passes_s(prof: ModelProfile, first: int, last: int, options: CostOption
 
 
 def fsdp_gathered_bytes(prof: ModelProfile, first: int, last: int, options: CostOptions, backward: str = "full") -> float:
-    """The most a ZeRO-3 pass of the stage holds beyond the sharded state (``planner.sharding.fsdp_transient_bytes``
-    over the family's passes), as ``sim.memory`` counts it at a pass's start."""
-    units = [collective_bytes(l.param_bytes) for l in prof.layers[first:last + 1]]
-    return max(fsdp_transient_bytes(units if k == "F" else units[::-1], *fsdp_collectives(k), options.fsdp_overlap)
-               for k in _pass_kinds(backward))  # a backward walks its units last to first
+    """The most a ZeRO-3 pass of the stage holds beyond the sharded state over the family's passes
+    (``planner.stagememory.fsdp_gathered_bytes``, as the simulator counts it at a pass's start)."""
+    return _fsdp_gathered(fsdp_units(prof, [(first, last)])[0], _pass_kinds(backward), options.fsdp_overlap)
 
 
 def static_bytes(param_bytes, versions, replicas, options: CostOptions):
     """Weights (× versions), gradients and optimizer state of a device holding ``param_bytes``, sharded over its
-    ``replicas`` by ``options.zero_stage`` (``planner.sharding.zero_state_bytes``, which the simulator reads too);
+    ``replicas`` by ``options.zero_stage`` (``planner.stagememory.static_bytes``, which the simulator reads too);
     elementwise over numpy arrays as over numbers (the partition search's tables)."""
+    factor = OPTIMIZER_STATE[options.optimizer]
     if options.zero_stage == 0:
-        return param_bytes * static_bytes_per_param_byte(versions, options.optimizer)
+        return _static_bytes(param_bytes, versions, 1, 0, factor)
     if np.any(np.asarray(versions) != 1):
         raise PlanError(weight_versions_refusal(options.zero_stage, "this schedule", int(np.max(versions))))
-    factor = OPTIMIZER_STATE[options.optimizer]
 
     def one(p, r) -> float:
-        return zero_state_bytes(float(p), int(r), options.zero_stage, factor).total_bytes
+        return _static_bytes(float(p), 1, int(r), options.zero_stage, factor)
 
     if np.ndim(param_bytes) or np.ndim(replicas):
         return np.vectorize(one, otypes=[float])(param_bytes, replicas)

@@ -418,7 +418,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
     for s in plan.stages:
         if not s.devices:
             raise PlanError("the plan names no devices; place it on a topology first (pipetwin plan does)")
-    prof = profile.scaled(plan.microbatch_size) if plan.microbatch_size != profile.microbatch_size else profile
+    prof = _scaled(profile, plan.microbatch_size)
     if plan.recompute != "none" and options.recompute == "none":  # a plan that asks for recomputation is costed with it
         options = replace(options, recompute=plan.recompute)
     if plan.zero_stage and not options.zero_stage:  # and a sharded plan sharded
@@ -440,7 +440,7 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
                          else (link_bound(plan, prof, topology, options), None))
     for i, st in enumerate(plan.stages):
         r = st.replicas
-        speed = min(topology.device(d).speed for d in st.devices)
+        speed = _slowest(topology, st.devices)[0]
         f, b = prof.forward_s(*st.layers), prof.backward_s(*st.layers)
         compute = ((f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed
                    + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb)) / r
@@ -479,7 +479,7 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
     raw_dev = {}
     for d, vs in per_dev.items():
         dev = plan.stages[vs[0]].devices[0]
-        speed = topology.device(dev).speed
+        speed = _slowest(topology, (dev,))[0]
         f = sum(prof.forward_s(*plan.stages[v].layers) for v in vs)
         b = sum(prof.backward_s(*plan.stages[v].layers) for v in vs)
         T, r = plan.tensor_parallel, plan.stages[vs[0]].replicas  # interleaved replicas each run the whole schedule
@@ -679,4 +679,44 @@ def _cut_s(topology, prof: ModelProfile, last_layer: int, src: str, dst: str, mb
 def _limit(topology, devices, options: CostOptions) -> float:
     if options.memory_limit_bytes is not None:
         return float(options.memory_limit_bytes)
-    return min(topology.device(d).memory_bytes for d in devices)
+    return _slowest(topology, devices)[1]
+
+
+# --- what evaluate reads again and again, computed once per object ----------------------------------
+_OBJECT_CACHES: dict[tuple[int, str], tuple[object, dict]] = {}
+_OBJECT_CACHES_MAX = 64
+
+
+def per_object_cache(obj, kind: str) -> dict:
+    """A dict of ``kind`` results about ``obj``, the same dict for as long as ``obj`` lives (it is held, so its id is
+    not reused; the oldest objects' caches are dropped past ``_OBJECT_CACHES_MAX``). For figures of objects that do
+    not change once built (a profile, a topology: which caches its own routes): the search costs tens of thousands
+    of plans on one profile and topology, and asking a topology for a device walks networkx's views."""
+    key = (id(obj), kind)
+    hit = _OBJECT_CACHES.get(key)
+    if hit is None or hit[0] is not obj:
+        while len(_OBJECT_CACHES) >= _OBJECT_CACHES_MAX:
+            del _OBJECT_CACHES[next(iter(_OBJECT_CACHES))]
+        hit = _OBJECT_CACHES[key] = (obj, {})
+    return hit[1]
+
+
+def _scaled(profile: ModelProfile, mb: int) -> ModelProfile:
+    """``profile`` at microbatch size ``mb`` (``ModelProfile.scaled``), built once per profile and size."""
+    if mb == profile.microbatch_size:
+        return profile
+    cache = per_object_cache(profile, "scaled")
+    out = cache.get(mb)
+    if out is None:
+        out = cache[mb] = profile.scaled(mb)
+    return out
+
+
+def _slowest(topology, devices: tuple[str, ...]) -> tuple[float, float]:
+    """(least speed, least memory bytes) over ``devices``, once per topology and device tuple."""
+    cache = per_object_cache(topology, "slowest")
+    out = cache.get(devices)
+    if out is None:
+        got = [topology.device(d) for d in devices]
+        out = cache[devices] = (min(d.speed for d in got), min(d.memory_bytes for d in got))
+    return out

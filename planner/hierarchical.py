@@ -7,8 +7,8 @@ down, and layers are grouped into at most ``HIER_MAX_BLOCKS`` blocks of near-equ
 which the flat programme uses too beyond ``partition.FLAT_MAX_BLOCKS`` layers). ``split_even`` is the
 equal-work split interleaved chunks are cut by. The plan it returns is costed by the cost model like any other.
 
-Why its own module: it shares with the flat programme only the problem and answer types, the digest that
-keys cached answers and the :class:`partition.PartitionCache` it stores its level tables and splits in;
+Why its own module: it shares with the flat programme only the problem and answer types (``planner.partition``)
+and the digest and :class:`planner.partcache.PartitionCache` it keys and stores its level tables and splits with;
 none of the flat programme's stage-cost arrays (``_Tables``) or passes. Apart, each module is one idea.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costmodel import static_bytes_per_param_byte, update_interval, weight_versions
-from planner.partition import Partition, PartitionCache, Problem, _digest
+from planner.partcache import PartitionCache, digest
+from planner.partition import Partition, Problem
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
@@ -49,10 +50,10 @@ def split_even(profile: ModelProfile, parts: int, cache: PartitionCache | None =
     w = np.concatenate([[0.0], np.cumsum([l.forward_s + l.backward_s for l in profile.layers])])
     if cache is None:
         return _split_even(w, parts)
-    key = _digest("split", w, parts)
-    if key not in cache._splits:
-        cache._splits[key] = tuple(_split_even(w, parts))
-    return list(cache._splits[key])
+    key = digest("split", w, parts)
+    if key not in cache.splits:
+        cache.splits[key] = tuple(_split_even(w, parts))
+    return list(cache.splits[key])
 
 
 def _split_even(w: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -145,7 +146,7 @@ def _level_tables(single: np.ndarray, cut: np.ndarray, cache: PartitionCache | N
     B, C = single.shape[0] - 1, single.shape[2] - 1
     start, entry, entries = 1, None, None
     if cache is not None:
-        entries = cache._levels.setdefault(_digest("level", first_row, cut, single[:, :, :2]), [])
+        entries = cache.levels.setdefault(digest("level", first_row, cut, single[:, :, :2]), [])
         bits = single.view(np.int64)
         for e in entries:
             n = min(C, e[0].shape[2] - 1)

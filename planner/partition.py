@@ -28,14 +28,13 @@ memory, the latency and bandwidth of every path it costs) — never names or
 sizes, so two clusters share an answer only when the search could not tell them
 apart, and a cached answer is bit-identical to a fresh one.
 
-Why one module of ~730 lines: the flat dynamic programme, the brute-force oracle and the partition cache
-share the stage-cost arrays (``_Tables``) and the digests that key both; apart, those internals would
-become an interface. The hierarchical programme reads none of ``_Tables`` and lives in
-``planner/hierarchical.py``.
+Why one module of ~670 lines: the flat dynamic programme and the brute-force oracle share the stage-cost arrays
+(``_Tables``); apart, those internals would become an interface. The digest and :class:`PartitionCache` both
+programmes key and store their tables with live in ``planner/partcache.py`` (re-exported here); the hierarchical
+programme reads none of ``_Tables`` and lives in ``planner/hierarchical.py``.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import numpy as np
 from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, deepest_limit0, fsdp_gathered_bytes,
                                holds_until_weight_grad, inflight, stage_bytes, stage_counts, stage_input_bytes,
                                static_bytes, update_interval, weight_versions)
+from planner.partcache import PartitionCache, TimeStore, digest
 from planner.profile import ModelProfile
 from planner.program import FAMILY
 from planner.recompute import layer_extra_forward_s, layer_kept_bytes, layer_rebuilt_bytes
@@ -100,7 +100,7 @@ class _Tables:
         prof, opt = pb.profile, pb.options
         L, D = len(prof), len(pb.devices)
         self.L, self.D = L, D
-        self.times = _TimeStore()  # stage times per grid, shared by the passes (a cache's store: by families too)
+        self.times = TimeStore()  # stage times per grid, shared by the passes (a cache's store: by families too)
         self._time_key = None
         mb = prof.microbatch_size
         fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
@@ -181,7 +181,7 @@ class _Tables:
         if self._time_key is None:
             opt = pb.options
             rule = ("batch", pb.microbatches) if FAMILY[pb.family].batched else ("stream",)
-            self._time_key = _digest("time", rule, opt.overlap_comm, opt.zero_stage, self.L, self.D, self.work,
+            self._time_key = digest("time", rule, opt.overlap_comm, opt.zero_stage, self.L, self.D, self.work,
                                      self.params, self.bbytes, self.smin, self.ar_lat, self.ar_bw, self.cut_lat,
                                      self.cut_bw)
         return self._time_key
@@ -195,7 +195,7 @@ class _Tables:
         """
         opt = pb.options
         M = pb.microbatches if reads_microbatches(pb.family) else None
-        return _digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
+        return digest("flat", objective, pb.family, M, opt.overlap_comm, opt.recompute, self.opt_state, opt.zero_stage,
                        opt.fsdp_overlap, self.gathered, self.L, self.D, self.work, self.params, self.saved, self.inbytes, self.kept, self.rebuilt_layer, self.bbytes,
                        self.smin, self.mlim, self.ar_lat, self.ar_bw, self.cut_lat, self.cut_bw)
 
@@ -204,65 +204,6 @@ class _Tables:
         j, k = np.asarray(j), np.asarray(k)
         t = self.cut_lat[k] + self.bbytes[j] / self.cut_bw[k]
         return np.where((j > 0) & (j < self.L) & (k > 0) & (k < self.D), t, 0.0)
-
-
-def _digest(*parts) -> bytes:
-    """A collision-resistant digest of scalars (by ``repr``, exact for floats) and arrays (dtype, shape, bytes)."""
-    h = hashlib.blake2b(digest_size=24)
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            a = np.ascontiguousarray(p)
-            h.update(f"<{a.dtype.str}{a.shape}>".encode())
-            h.update(a.tobytes())
-        else:
-            h.update(f"<{type(p).__name__}:{p!r}>".encode())
-    return h.digest()
-
-
-class _TimeStore:
-    """Stage-time tables by key, the oldest dropped beyond ``max_bytes`` (a pass over 64 devices holds ~30 MB)."""
-
-    def __init__(self, max_bytes: float = 160e6) -> None:
-        self._tables: dict[bytes, np.ndarray] = {}
-        self._bytes, self.max_bytes = 0, max_bytes
-
-    def get(self, key: bytes) -> np.ndarray | None:
-        return self._tables.get(key)
-
-    def put(self, key: bytes, t: np.ndarray) -> None:
-        t.setflags(write=False)  # shared by every pass that reads it
-        self._tables[key] = t
-        self._bytes += t.nbytes
-        while self._bytes > self.max_bytes and len(self._tables) > 1:
-            self._bytes -= self._tables.pop(next(iter(self._tables))).nbytes
-
-
-class PartitionCache:
-    """Solver answers kept across searches; pass one to ``solve_flat``, ``solve_flat_per_count`` and
-    ``solve_hierarchical`` (``planner.search.plan_model`` takes one too).
-
-    * flat: the best partition over the first N devices, keyed by ``_Tables.key`` of their tables;
-    * equal-work splits (``split_even``), keyed by the layer times and the part count;
-    * the flat programme's stage times (``_stage_time``), keyed by ``_Tables.time_key`` and the grid: the
-      families that update alike (every batched one at one M) and their passes share them;
-    * hierarchical: each level's dynamic-programme tables (the top level's first row only, all the search
-      reads of it), keyed by the level's inputs (the cut costs and the per-unit-count stage times). A level
-      over C units is the same, for every unit count up to C, as the level over fewer units with the same
-      inputs, so a table is extended from the longest stored prefix instead of being recomputed.
-
-    Not thread-safe; one per process (or per group of searches) is the intended use. ``hits`` and
-    ``misses`` count flat answers and hierarchical levels; ``extended`` counts the misses that started
-    from a stored prefix.
-    """
-
-    def __init__(self) -> None:
-        self._flat: dict[bytes, Partition | None] = {}
-        self._levels: dict[bytes, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-        self._splits: dict[bytes, tuple[tuple[int, int], ...]] = {}
-        self._times = _TimeStore()
-        self.hits = 0
-        self.misses = 0
-        self.extended = 0
 
 
 def reads_microbatches(family: str) -> bool:
@@ -324,7 +265,7 @@ def _stage_time(tb: _Tables, pb: Problem, i: int, k0: np.ndarray, j: np.ndarray,
     """
     k0, j, k = np.asarray(k0), np.asarray(j), np.asarray(k)
     size = np.broadcast_shapes(k0.shape, j.shape, k.shape)
-    key = _digest(tb.time_key(pb), i, k0, j, k) if math.prod(size) >= STORE_MIN_STAGES else None
+    key = digest(tb.time_key(pb), i, k0, j, k) if math.prod(size) >= STORE_MIN_STAGES else None
     if key is not None and (t := tb.times.get(key)) is not None:
         return t
     opt, fam, M = pb.options, pb.family, pb.microbatches
@@ -614,11 +555,11 @@ def _solve_prefix(tb: _Tables, pb: Problem, N: int, objective: str, cache: Parti
     if cache is None:
         return _solve_n(sub, pb, N, objective)
     key = sub.key(pb, objective)
-    if key in cache._flat:
+    if key in cache.flat:
         cache.hits += 1
-        return cache._flat[key]
+        return cache.flat[key]
     cache.misses += 1
-    cache._flat[key] = out = _solve_n(sub, pb, N, objective)
+    cache.flat[key] = out = _solve_n(sub, pb, N, objective)
     return out
 
 
@@ -632,7 +573,7 @@ def solve_flat(pb: Problem, topology, objective: str = "time", counts: list[int]
     """
     tb = _Tables(pb, topology)
     if cache is not None:
-        tb.times = cache._times
+        tb.times = cache.times
     counts = counts or device_counts(topology, pb.devices)
     found: dict[int, Partition | None] = {}
     if objective == "memory" and holds_until_weight_grad(pb.family):
@@ -662,7 +603,7 @@ def solve_flat_per_count(pb: Problem, topology, counts: list[int] | None = None,
     """
     tb = _Tables(pb, topology)
     if cache is not None:
-        tb.times = cache._times
+        tb.times = cache.times
     out = []
     for N in counts or device_counts(topology, pb.devices):
         part = _solve_prefix(tb, pb, N, "time", cache)

@@ -26,7 +26,7 @@ import math
 import bisect
 from dataclasses import dataclass, replace
 
-from planner.costmodel import Candidate, CostOptions, bubble_factor, evaluate, zero_refusal
+from planner.costmodel import Candidate, CostOptions, bubble_factor, evaluate, per_object_cache, zero_refusal
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
 
@@ -81,7 +81,17 @@ def server_symmetry(topology, devices: tuple[str, ...]) -> list[list[str]] | Non
     """``devices`` grouped by server (placement order kept) when the cost model cannot tell apart two devices of
     a server, nor two servers: identical devices, servers of one size, every route between two devices of one
     server alike and every route between two servers alike (hop by hop: the same links' bandwidth and latency).
-    None when that does not hold (or the topology records no servers)."""
+    None when that does not hold (or the topology records no servers). Computed once per topology and device
+    tuple (the routes of every pair; the search asks it for every family and microbatch count); the answer is
+    shared, not to be changed."""
+    cache = per_object_cache(topology, "server_symmetry")
+    devices = tuple(devices)
+    if devices not in cache:
+        cache[devices] = _server_symmetry(topology, devices)
+    return cache[devices]
+
+
+def _server_symmetry(topology, devices: tuple[str, ...]) -> list[list[str]] | None:
     try:
         where = {d: i for i, dom in enumerate(topology.domains(0)) for d in dom}
     except Exception:  # noqa: BLE001 - a topology without a hierarchy

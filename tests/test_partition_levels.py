@@ -142,7 +142,7 @@ def test_a_flat_pass_is_its_rule_state_by_state_with_stage_times_shared_by_every
             part.solve_flat_per_count(_problem(profile, topo, other, M, recompute=rec), topo, cache=cache)
         pb = _problem(profile, topo, family, M, recompute=rec)
         tb = part._Tables(pb, topo)
-        tb.times = cache._times
+        tb.times = cache.times
         for N in range(len(topo.devices), 0, -1):  # the whole cluster first: its prefixes must not take its key
             sub = tb.prefix(N)
             for limit0 in {N, None, max(1, N - 1)} if part.holds_until_weight_grad(family) else {N}:

@@ -170,13 +170,14 @@ def run_sweep(config: SweepConfig, *, simulate: Simulate | None = None, jobs: in
     records: list[SweepRecord | None] = [SweepRecord.from_dict(known[p.key()]) if p.key() in known else None
                                          for p in points]
     cached = len(points) - len(todo)
-    # points of one interconnect and device kind are planned together, smallest clusters first, in groups
-    # small enough to leave every worker several: their partition searches share a cache, and the points of
-    # one cluster (other microbatch sizes or schedules) its topology and routes
+    # points of one interconnect, device kind and microbatch size are planned together, smallest clusters
+    # first, in groups small enough to leave every worker several: their partition searches share a cache
+    # (an answer is only ever read back at the microbatch size it was found at, so splitting the groups by
+    # it loses no reuse and halves the pool's tail), and the points of one cluster its topology and routes
     groups: dict[tuple, list[int]] = {}
     for i in sorted(todo, key=lambda i: points[i].devices):
         p = points[i]
-        groups.setdefault((p.model, p.interconnect, p.device_kind), []).append(i)
+        groups.setdefault((p.model, p.interconnect, p.device_kind, p.microbatch_size), []).append(i)
     cap = max(1, len(todo) // (4 * jobs))
     group_idx = [g[k:k + cap] for g in groups.values() for k in range(0, len(g), cap)]
     hits, planned = 0, 0

@@ -12,10 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("topologies", "planner", "sim", "executor", "validation", "whatif", "pipetwin")
 
 
-def _listed() -> set[str]:
+def _lines() -> list[str]:
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     section = doc.split("## Modules, one line each", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^- `([\w/]+\.py)` — \S", section, re.M))
+    return re.findall(r"^- `([\w/]+\.py)` — \S", section, re.M)
+
+
+def _listed() -> set[str]:
+    return set(_lines())
 
 
 def _tree() -> set[str]:
@@ -35,6 +39,13 @@ def test_every_module_in_the_tree_has_its_line():
 def test_every_listed_module_exists():
     stale = sorted(_listed() - _tree())
     assert not stale, f"docs/architecture.md lists {stale}, which are not in the tree"
+
+
+def test_no_module_has_two_lines():
+    # Two helpers once each added planner/stagememory.py's line; the set comparisons above cannot see a repeat.
+    names = _lines()
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    assert not repeated, f"docs/architecture.md lists {repeated} more than once; keep one line each"
 
 
 def test_the_section_is_parsed():

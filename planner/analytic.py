@@ -437,13 +437,24 @@ def tp_collectives(c: TransformerConfig, tensor_parallel: int = 1,
     the target's logit (sums).
 
     With sequence parallelism each ``f`` is an all-gather along the sequence (backward: a reduce-scatter) and
-    each ``g`` a reduce-scatter (backward: an all-gather), all of the whole s·h tensor: a block's forward is
-    all-gather, reduce-scatter, all-gather, reduce-scatter and so is its backward. The head's matrix gathers
-    the sequence (forward all-gather, backward reduce-scatter). The Llama embedding reduce-scatters its
+    each ``g`` a reduce-scatter (backward: an all-gather), all of the whole s·h tensor; a column-parallel layer
+    keeps only its rank's part of the input and all-gathers it again in backward for its weight gradient
+    (Megatron-LM; Korthikanti et al. 2022, section 4.2.2; what :func:`block_saved_bytes` counts). A block's
+    forward is all-gather, reduce-scatter, all-gather, reduce-scatter; its backward (MLP first) all-gather
+    (fc2's output gradient), all-gather (fc1's input again), reduce-scatter, and the same for the attention.
+    The head's matrix gathers the sequence (forward all-gather; backward all-gather again, reduce-scatter). The Llama embedding reduce-scatters its
     partial sums (backward: an all-gather of the output gradient); a GPT embedding all-reduces them, adds the
     positions and keeps its part of the sequence, which in backward all-gathers the output gradient (as
     Megatron does where there are position embeddings). Not per microbatch, so not here: sequence
     parallelism's once-per-step all-reduce of the norms' and row-parallel biases' gradients.
+
+    A layer's timing fields (``tp_allreduce_bytes`` × ``tp_forward_allreduces``/``tp_backward_allreduces``, what
+    the cost model and the simulator run) are whole s·h all-reduces: this list's ring volume (an all-gather or
+    a reduce-scatter is half an all-reduce of its tensor) less the cross entropy's three s-element statistics
+    (latency only) and sequence parallelism's backward re-gathers (Megatron runs them under the input-gradient
+    GEMM); with sequence parallelism the embedding's and the head's gather/scatter pair is timed as one
+    all-reduce in the forward (embedding) or the backward (head), and a GPT embedding's backward all-gather is
+    not timed (``tests/test_tp_collectives_agree.py`` pins each of these).
     """
     if tensor_parallel == 1:
         return [()] * (c.layers + 2)
@@ -465,9 +476,10 @@ def tp_collectives(c: TransformerConfig, tensor_parallel: int = 1,
                (col("forward", AR, "embedding"),)) + (col("backward", AG, "embedding"),)
         block = (col("forward", AG, "attention"), col("forward", RS, "attention"),
                  col("forward", AG, "mlp"), col("forward", RS, "mlp"),
-                 col("backward", AG, "mlp"), col("backward", RS, "mlp"),
-                 col("backward", AG, "attention"), col("backward", RS, "attention"))
-        head = (col("forward", AG, "head"), *ce, col("backward", RS, "head"))
+                 col("backward", AG, "mlp"), col("backward", AG, "mlp-input"), col("backward", RS, "mlp"),
+                 col("backward", AG, "attention"), col("backward", AG, "attention-input"),
+                 col("backward", RS, "attention"))
+        head = (col("forward", AG, "head"), *ce, col("backward", AG, "head-input"), col("backward", RS, "head"))
     return [emb] + [block] * c.layers + [head]
 
 

@@ -60,6 +60,8 @@ __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
 LINK_KINDS = ("nvlink", "nvswitch", "pcie", "infiniband", "ethernet", "loopback", "ideal")
 
 _ROUTE_CACHE_MAX = 1 << 18
+#: How a topology's all-reduces are timed (``sim.ncclcost``; the same tuple, kept here so topologies import no sim).
+COLLECTIVE_MODES = ("ideal", "nccl")
 
 
 class TopologyError(InputError):
@@ -116,9 +118,15 @@ def _device_problem(dev: Device) -> str | None:
 class Topology:
     """Devices, switches and links over a networkx graph; see the module docstring."""
 
-    def __init__(self, graph: nx.Graph, name: str = "custom", levels: list[list[list[str]]] | None = None):
+    def __init__(self, graph: nx.Graph, name: str = "custom", levels: list[list[list[str]]] | None = None,
+                 collectives: str = "ideal"):
         """Wrap ``graph``. ``levels``, when given, is the explicit hierarchy: one partition of the
-        devices per level, innermost first, each coarser than the one before (see ``domains``)."""
+        devices per level, innermost first, each coarser than the one before (see ``domains``).
+        ``collectives`` is how both interpreters time an all-reduce on these links (``sim.ncclcost``):
+        "ideal" (the link model alone) or "nccl" (NCCL's protocol choice, bandwidth fractions and latency)."""
+        if collectives not in COLLECTIVE_MODES:
+            raise TopologyError(f"collectives={collectives!r} is unknown; use one of {', '.join(COLLECTIVE_MODES)}")
+        self.collectives = collectives
         if not isinstance(graph, nx.Graph) or graph.is_directed() or graph.is_multigraph():
             raise TopologyError("a topology needs an undirected networkx.Graph (not directed, not multi)")
         self.name = str(name)
@@ -463,7 +471,11 @@ class Topology:
 
     # ------------------------------------------------------------------ derived topologies
     def _derived(self, graph: nx.Graph) -> "Topology":
-        return Topology(graph, self.name, self._explicit)
+        return Topology(graph, self.name, self._explicit, self.collectives)
+
+    def with_collectives(self, mode: str) -> "Topology":
+        """A copy whose all-reduces are timed by ``mode`` ("ideal" or "nccl"; see ``__init__``)."""
+        return Topology(self.graph, self.name, self._explicit, mode)
 
     def with_links(self, fn: Callable[[str, str, Link], Link]) -> "Topology":
         """A copy whose link on each edge (a, b) is ``fn(a, b, old_link)`` (a, b in ``links()`` order)."""
@@ -535,6 +547,8 @@ class Topology:
         links = [{"a": a, "b": b, "kind": l.kind, "bandwidth_bytes_per_s": float(l.bandwidth_bytes_per_s),
                   "latency_s": float(l.latency_s)} for a, b, l in self.links()]
         out: dict[str, Any] = {"name": self.name, "devices": devs, "switches": list(self.switches), "links": links}
+        if self.collectives != "ideal":
+            out["collectives"] = self.collectives
         if self._explicit is not None:
             lv = self.levels()
             out["levels"] = [{"count": c, "bandwidth_bytes_per_s": float(bw), "domains": self.domains(i)}
@@ -546,10 +560,10 @@ class Topology:
         """Build and validate a topology from the schema; errors name the field."""
         if not isinstance(d, dict):
             raise TopologyError("a topology must be a mapping with 'devices' and 'links'")
-        unknown = set(d) - {"name", "devices", "switches", "links", "levels"}
+        unknown = set(d) - {"name", "devices", "switches", "links", "levels", "collectives"}
         if unknown:
             raise TopologyError(f"unknown topology field(s) {', '.join(sorted(map(str, unknown)))}; "
-                                "allowed: name, devices, switches, links, levels")
+                                "allowed: name, devices, switches, links, levels, collectives")
         name = d.get("name", "custom")
         if not isinstance(name, str):
             raise TopologyError("name must be a string")
@@ -621,7 +635,7 @@ class Topology:
                 if not isinstance(doms, list) or not all(isinstance(x, list) for x in doms):
                     raise TopologyError(f"levels[{i}].domains must be a list of lists of device names")
                 levels.append(doms)
-        topo = cls(g, name, levels)
+        topo = cls(g, name, levels, d.get("collectives", "ideal"))
         topo.validate()
         return topo
 

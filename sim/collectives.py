@@ -22,7 +22,7 @@ one is delivered. Its cost is whatever the network makes of those flows.
   across the leaders, the leader sends S back to every member.
 
 How long the phases take is the topology's ``collectives`` mode (``priced``): ``ideal`` runs them as they are,
-``nccl`` prices an all-reduce by NCCL's own model (``sim.ncclcost``: the protocol NCCL would pick for the size, the
+``nccl`` prices an all-reduce by NCCL's own model (``topologies.ncclcost``: the protocol NCCL would pick for the size, the
 fraction of link bandwidth it reaches, its latency). Both interpreters call ``priced`` on the same phases, so the
 closed form and the simulator agree on links nothing else uses.
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sim import ncclcost
 from sim.network import Network
 from topologies.topology import Topology
 
@@ -147,32 +146,19 @@ def phase_cost_s(topology: Topology, phase: Phase) -> tuple[float, float]:
     return lat, bw
 
 
-def intra_hardware(topology: Topology, groups: list[list[str]]) -> str:
-    """"nvlink" when the first server holding 2+ of the devices joins them by NVLink or NVSwitch links only, else
-    "pci" (NCCL's intra-node hardware class)."""
-    edges = topology.graph.edges
-    for g in groups:
-        if len(g) > 1:
-            kinds = {edges[hop]["link"].kind for hop in topology.route(g[0], g[1])}
-            return "nvlink" if kinds <= set(ncclcost.NVLINK_KINDS) | {"ideal"} else "pci"
-    return "nvlink"
-
-
 def priced(topology: Topology, devices: list[str], phases: list[Phase], nbytes: float,
            collective: str = "allreduce") -> tuple[list[Phase], float]:
     """(phases, tail seconds) of a ``collective`` of ``nbytes`` among ``devices`` built as ``phases``, under the
     topology's ``collectives`` mode. ``ideal``: the phases as they are, no tail. ``nccl``: the repeats fused
     (``fuse``), every flow's bytes divided by the bandwidth fraction of the protocol NCCL's model picks
-    (``sim.ncclcost.choose`` on the phases' bandwidth time), and a tail that brings the fused phases' own route
+    (``Topology.nccl_choice`` on the phases' bandwidth time), and a tail that brings the fused phases' own route
     latencies up to NCCL's modelled latency."""
     mode = getattr(topology, "collectives", "ideal")
     if mode == "ideal" or not phases or len(devices) < 2 or nbytes <= 0:
         return phases, 0.0
     fused = fuse(phases)
     costs = [phase_cost_s(topology, ph) for ph in fused]
-    groups = server_groups(topology, devices)
-    choice = ncclcost.choose(collective, len(devices), len(groups), nbytes, sum(b for _, b in costs),
-                             intra_hardware(topology, groups))
+    choice = topology.nccl_choice(devices, nbytes, sum(b for _, b in costs), collective)
     f = choice.bandwidth_fraction
     scaled = fused if f == 1.0 else [[(a, b, x / f) for a, b, x in ph] for ph in fused]
     return scaled, max(0.0, choice.latency_s - sum(l for l, _ in costs))

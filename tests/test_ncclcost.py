@@ -1,11 +1,11 @@
-"""sim.ncclcost and the topology's ``collectives`` mode: NCCL's published tuning model reproduced, its limits (large
+"""topologies.ncclcost and the topology's ``collectives`` mode: NCCL's published tuning model reproduced, its limits (large
 messages: the ring closed form over the protocol's bandwidth fraction; small: its latency), and both interpreters
 (closed form, simulator) pricing an all-reduce the same way."""
 from __future__ import annotations
 
 import pytest
 
-from sim import ncclcost
+from topologies import ncclcost
 from sim.collectives import fuse, priced, ring_phases
 from topologies.presets import load_topology
 from topologies.topology import Topology, TopologyError
@@ -103,6 +103,18 @@ def test_priced_phases_cost_ncclcost_s_time_on_a_node(nbytes):
     ph, tail = priced(t, devs, ring_phases(devs, nbytes), nbytes)
     want = ncclcost.ring_allreduce_s(8, nbytes, 1.5e11)
     assert phases_time_s(t, ph) + tail == pytest.approx(want.time_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("spec,devs", [(NODE, [f"d{i}" for i in range(8)]), (NODE, ["d0", "d3"]),
+                                       (TWO_NODES, [f"d{i}" for i in range(16)]), (TWO_NODES, ["d1", "d9"])])
+@pytest.mark.parametrize("nbytes", [64.0, 4e6, 1e9])
+def test_the_planners_ring_closed_form_is_the_simulators_priced_ring(spec, devs, nbytes):
+    """``Topology.ring_allreduce_time_s`` (the cost model's TP and DP rings) under each mode costs what the priced
+    phases cost on free links: the planner, the closed form and the simulator time one ring the same way."""
+    for mode in ("ideal", "nccl"):
+        t = load_topology(spec + f",collectives={mode}")
+        ph, tail = priced(t, devs, ring_phases(devs, nbytes), nbytes)
+        assert t.ring_allreduce_time_s(devs, nbytes) == pytest.approx(phases_time_s(t, ph) + tail, rel=1e-9)
 
 
 def test_fuse_keeps_the_bytes_and_merges_only_repeats():

@@ -43,7 +43,8 @@ from typing import Callable
 import networkx as nx
 
 from topologies.devices import device_kind, make_device
-from topologies.topology import COLLECTIVE_MODES, LINK_KINDS, Device, Link, Topology, TopologyError
+from topologies.ncclcost import COLLECTIVE_MODES
+from topologies.topology import LINK_KINDS, Device, Link, Topology, TopologyError
 
 __all__ = ["load_topology", "PRESETS", "PRESET_HELP", "presets_help", "ideal", "local", "dgx", "pcie", "pipedream_a", "pipedream_b",
            "fattree", "hierarchical", "parse_hier", "DEFAULT_LATENCY_S", "gbit"]
@@ -395,7 +396,7 @@ def load_topology(spec: str) -> Topology:
         raise TopologyError(f"a topology spec must be a string (got {type(spec).__name__})")
     text = os.fspath(spec).strip()
     body, mode = (text, None) if os.path.exists(text) else _split_collectives(text)
-    if mode is not None:  # any preset spec may end with ",collectives=ideal|nccl" (sim.ncclcost)
+    if mode is not None:  # any preset spec may end with ",collectives=ideal|nccl" (topologies.ncclcost)
         topo = load_topology(body)
         return Topology(topo.graph, text, topo._explicit, mode)
     head, _, rest = text.partition(":")

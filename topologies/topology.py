@@ -51,7 +51,9 @@ from typing import Any, Callable, Iterator
 
 import networkx as nx
 
+from topologies import ncclcost
 from topologies.errors import InputError
+from topologies.ncclcost import COLLECTIVE_MODES
 from topologies.files import output_path
 
 __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
@@ -60,8 +62,6 @@ __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
 LINK_KINDS = ("nvlink", "nvswitch", "pcie", "infiniband", "ethernet", "loopback", "ideal")
 
 _ROUTE_CACHE_MAX = 1 << 18
-#: How a topology's all-reduces are timed (``sim.ncclcost``; the same tuple, kept here so topologies import no sim).
-COLLECTIVE_MODES = ("ideal", "nccl")
 
 
 class TopologyError(InputError):
@@ -122,7 +122,7 @@ class Topology:
                  collectives: str = "ideal"):
         """Wrap ``graph``. ``levels``, when given, is the explicit hierarchy: one partition of the
         devices per level, innermost first, each coarser than the one before (see ``domains``).
-        ``collectives`` is how both interpreters time an all-reduce on these links (``sim.ncclcost``):
+        ``collectives`` is how both interpreters time an all-reduce on these links (``topologies.ncclcost``):
         "ideal" (the link model alone) or "nccl" (NCCL's protocol choice, bandwidth fractions and latency)."""
         if collectives not in COLLECTIVE_MODES:
             raise TopologyError(f"collectives={collectives!r} is unknown; use one of {', '.join(COLLECTIVE_MODES)}")
@@ -308,7 +308,31 @@ class Topology:
             bw, lat = self._costs(devices[i], devices[(i + 1) % n])
             max_lat = max(max_lat, lat)
             min_bw = min(min_bw, bw)
-        return 2 * (n - 1) * max_lat + 2 * (n - 1) / n * nbytes / min_bw
+        bandwidth_s = 2 * (n - 1) / n * nbytes / min_bw
+        if self.collectives == "ideal" or nbytes <= 0:
+            return 2 * (n - 1) * max_lat + bandwidth_s
+        # NCCL's model (topologies.ncclcost), as the simulator runs it: the ring as one phase of its bytes over the
+        # protocol's fraction, its latency NCCL's (never less than that phase's route latency)
+        c = self.nccl_choice(list(devices), nbytes, bandwidth_s)
+        return c.time_s + max(0.0, max_lat - c.latency_s)
+
+    def nccl_choice(self, devices: list[str], nbytes: float, bandwidth_s: float,
+                    collective: str = "allreduce") -> "ncclcost.Choice":
+        """What NCCL's model (``topologies.ncclcost.choose``) picks for a ring ``collective`` of ``nbytes`` among
+        ``devices`` whose time on the links at full bandwidth, latencies left out, is ``bandwidth_s``: ranks, nodes
+        (servers: ``domains(0)``) and the intra-node hardware class (NVLink when the first server holding 2+ of the
+        devices joins them by NVLink/NVSwitch links only, else PCI) read off this topology."""
+        where = self.server_index()
+        groups: dict[int, list[str]] = {}
+        for d in devices:
+            groups.setdefault(where.get(d, -1 - len(groups)), []).append(d)
+        intra = "nvlink"
+        for g in groups.values():
+            if len(g) > 1:
+                kinds = {self.graph.edges[h]["link"].kind for h in self.route(g[0], g[1])}
+                intra = "nvlink" if kinds <= set(ncclcost.NVLINK_KINDS) | {"ideal"} else "pci"
+                break
+        return ncclcost.choose(collective, len(devices), len(groups), nbytes, bandwidth_s, intra)
 
     def _tree_index(self) -> tuple[dict[str, str | None], dict[str, int]] | None:
         if self._tree is False:

@@ -256,7 +256,7 @@ def stage_layer_ranges(row: Row) -> list[tuple[int, int]]:
     return out
 
 
-#: How the rows' all-reduces are timed (``sim.ncclcost``): "ideal" (latency + bytes / bandwidth on the links) or
+#: How the rows' all-reduces are timed (``topologies.ncclcost``): "ideal" (latency + bytes / bandwidth on the links) or
 #: "nccl" (NCCL's protocol choice, bandwidth fractions and latency). Chosen by the adoption rule of
 #: ``validation.groundtruth_cv`` on the calibration rows alone (its docstring), never by a scored row.
 COLLECTIVES = "ideal"

@@ -15,7 +15,7 @@ primary design (min 2 rows per shape, 1 pseudo-row of shrinkage), the held-out M
 smooth model's on the single-node rows **and** not higher by more than 0.1 points on the multi-node
 rows. The variants are reported, never chosen among.
 
-**NCCL's collective model** (issue 14, fourth session, helper ``nccl``; ``sim.ncclcost``): the same CV is then run
+**NCCL's collective model** (issue 14, fourth session, helper ``nccl``; ``topologies.ncclcost``): the same CV is then run
 a second time with every calibration row's all-reduces (TP and DP, both interpreters) timed by NCCL's published
 tuning model (``collectives=nccl``: the protocol NCCL would pick for the message size, the fraction of the link
 bandwidth it reaches, its latency) instead of the ideal link model (``collectives=ideal``), the smooth parameters,

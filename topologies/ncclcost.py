@@ -48,7 +48,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from topologies.topology import COLLECTIVE_MODES  # noqa: F401  (the modes a topology may name)
+#: How a topology's all-reduces may be timed (``Topology.collectives``).
+COLLECTIVE_MODES = ("ideal", "nccl")
 
 PROTOCOLS = ("LL", "LL128", "Simple")
 #: tuning.cc baseLat, Ring row (µs).

@@ -667,6 +667,7 @@ class GroundTruth:
     skipped: tuple[tuple[Row, str], ...]
     calibration: DeviceCalibration
     seconds: float
+    collectives: str = "ideal"  # how the all-reduces were timed (``COLLECTIVES``, ``topologies.ncclcost``)
 
     def rows(self, calibration: bool | None = None, source: str | None = None) -> list[Scored]:
         return [s for s in self.scored if (calibration is None or s.row.calibration == calibration)
@@ -693,6 +694,7 @@ class GroundTruth:
             "best_in_top3": hits,
             "best_groups": groups,
             "calibration_rms": self.calibration.rms_relative_error,
+            "collectives": self.collectives,
             "seconds": self.seconds,
         }
 
@@ -796,4 +798,5 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
                               workers_simulated=walked))
         else:
             out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier, terms_ms=terms))
-    return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)
+    return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0,
+                       COLLECTIVES if collectives is None else collectives)

@@ -283,8 +283,11 @@ class _StageMemory:
         return self._rules(L, r0, R, limit0) & self.valid & (mem <= self.memlim)
 
     def thresholds(self, C0: int, Rs: list[int], limit0) -> dict[int, np.ndarray]:
-        """R → the largest e at which each stage (k, j, r0 = 1..C0; index 0 unused) fits: −1 never, ``_ALWAYS``
-        for every e that can occur (workers at or after a replica ≤ ⌈D / r⌉)."""
+        """R → the largest e at which each stage (k, j, r0 = 1..C0; index 0 unused) fits: −1 never, ``_ALWAYS`` at
+        every e that can occur (workers at or after a replica ≤ ⌈D / (r0·R)⌉).
+
+        The R whose stages are charged alike at every e they can reach (``_reach_key``) share one answer, worked out
+        at the one of them that reaches furthest (the least R), where it holds for the others too."""
         r0 = np.maximum(np.arange(C0 + 1), 1)[None, None, :]
         one = np.ones_like(r0)
         # where memory settles a stage for every R and e at once: the most bytes any context charges (R = 1: nothing
@@ -292,8 +295,12 @@ class _StageMemory:
         worst = self._bytes(-(-self.D // r0), r0, 1, self.D if limit0 is None else limit0) + self.gathered
         best = self._bytes(one, r0, max(Rs), 1 if limit0 is None else limit0)
         always, never = (worst <= self.memlim) & self.valid, (best > self.memlim) | ~self.valid
-        out = {}
+        groups: dict[tuple, list[int]] = {}
         for R in Rs:
+            groups.setdefault(self._reach_key(r0[0, 0], R, limit0), []).append(R)
+        out = {}
+        for members in groups.values():
+            R = min(members)
             lmax = np.maximum(-(-self.D // (r0 * R)), 1)
             s_all, s_any = self._rules(lmax, r0, R, limit0), self._rules(one, r0, R, limit0)
             T = np.where(always & s_all, _ALWAYS, -1)
@@ -310,8 +317,33 @@ class _StageMemory:
                     lo, hi = np.where(f, mid, lo), np.where(f, hi, mid)
                 T = np.where(todo, r0 * (lo - 1), T)
             T[:, :, 0] = -1
-            out[R] = T
+            for x in members:
+                out[x] = T
         return out
+
+    def _reach_key(self, r0: np.ndarray, R: int, limit0) -> tuple:
+        """What a stage's bytes and rules read of R at the L it can reach (L ≤ ⌈D / r⌉, r = r0·R), per r0: the
+        batch's share ⌈M / r⌉ where it caps the count, r itself under ZeRO, the replica rules. Two R with one key
+        charge every stage alike up to the lesser reach."""
+        fam, M, D = FAMILY[self.fam], self.M, self.D
+        r = r0 * R
+        lm = -(-D // r)
+        c = -(-M // r)
+        parts = []
+        if fam.inflight == "batch":
+            parts.append(c)
+        elif not fam.stream:
+            parts.append(np.where(c < lm, c, -1))
+        if holds_until_weight_grad(self.fam):
+            cap = np.array([fam.open_cap_at(int(x if limit0 is None else limit0)) for x in lm])
+            parts.append(np.where(c < cap, c, -1))
+        if self.opt.zero_stage:
+            parts += [r, M % r == 0]
+        if fam.batched:
+            parts.append(r <= M)
+        if fam.versions == "stale":
+            parts.append(np.where(M // r < lm - 1, M // r, -1))
+        return tuple(tuple(int(v) for v in np.broadcast_to(p, r.shape)) for p in parts)
 
     def _rules(self, L, r0, R, limit0):
         """The schedules' rules alone (``partition._schedulable``, ZeRO-3's even split, a pass's depth), per r0."""
@@ -324,19 +356,20 @@ class _StageMemory:
             ok = ok & (L <= limit0)
         return ok & np.ones(np.shape(r0), dtype=bool)
 
-    def plan_fits(self, stages: list[tuple[int, int, list[int]]]) -> bool:
+    def plan_fits(self, stages: list[tuple[int, int, list[int]]], limit0: int | None = None) -> bool:
         """Whether every stage of a flat plan (block_i, block_j, device indices) fits as the cost model charges it,
-        at the plan's own 1F1B depth (``costmodel.evaluate``'s counts)."""
+        at the plan's own 1F1B depth (``costmodel.evaluate``'s counts), or at a pass's ``limit0`` (then no stage may
+        be deeper)."""
         reps = [len(d) for _a, _b, d in stages]
         after = [sum(reps[s:]) for s in range(len(reps))]
-        limit0 = max(-(-w // r) for w, r in zip(after, reps))
+        own = max(-(-w // r) for w, r in zip(after, reps))
         for (a, b, _d), r, w in zip(stages, reps, after):
-            held, versions = stage_counts(self.fam, self.M, w, r, limit0)
+            held, versions = stage_counts(self.fam, self.M, w, r, own if limit0 is None else limit0)
             mem = float(stage_bytes(static_bytes(self.params[a, b, 0], versions, r, self.opt), self.kept[a, b, 0],
                                     self.rebuilt[a, b, 0], held))
             if self.opt.zero_stage == 3 and r > 1:
                 mem += self.gathered[a, b, 0]
-            if not (bool(self._rules(-(-w // r), r, 1, None)) and mem <= self.memlim):
+            if not (bool(self._rules(-(-w // r), r, 1, limit0)) and mem <= self.memlim):
                 return False
         return True
 
@@ -458,7 +491,8 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
     prog = _Programme(levels, singles, rng_work / speed, valid, Rsets, cache, B)
 
     def run(limit0):
-        return prog.solve(memory.thresholds(levels[0].count, Rsets[0], limit0))
+        return prog.solve(memory.thresholds(levels[0].count, Rsets[0], limit0),
+                          lambda stages: memory.plan_fits(stages, limit0))
 
     flat = run(None)
     if flat is not None and holds_until_weight_grad(pb.family) and not memory.plan_fits(flat[1]):
@@ -494,8 +528,16 @@ class _Programme:
         self.levels, self.singles, self.base, self.valid, self.Rsets, self.cache, self.B = (
             levels, singles, base_time, valid, Rsets, cache, B)
 
-    def solve(self, thresholds: dict[int, np.ndarray]):
-        """(value, flat stages as (block_i, block_j, device indices)) of the best plan, or None."""
+    def solve(self, thresholds: dict[int, np.ndarray], fits):
+        """(value, flat stages as (block_i, block_j, device indices)) of the best plan, or None. ``fits(stages)``:
+        whether a plan fits as the pass charges it (``_StageMemory.plan_fits``).
+
+        Where no stage's fit reads its context, the context-free programme is exact. Otherwise it is first run
+        admitting every stage that fits in some context (a relaxation: no plan is faster than its answer); when that
+        answer fits in its own context, it is the answer. Else the context programme (``_with_context``) answers,
+        unless its tables would pass ``CONTEXT_MAX_ENTRIES``: then the context-free programme admitting only the
+        stages that fit in every context does, whose plan fits but may be slower than the best (the only case where a
+        plan that fits can be passed over)."""
         distinct: dict[bytes, int] = {}
         Ts, cls0 = [], {}
         for R in self.Rsets[0]:
@@ -508,14 +550,19 @@ class _Programme:
         finite = [int(T[(T >= 0) & (T < _ALWAYS)].max()) for T in Ts if ((T >= 0) & (T < _ALWAYS)).any()]
         if len(Ts) == 1 and not finite:
             return self._context_free(Ts[0] == _ALWAYS)
+        relaxed = self._context_free(np.logical_or.reduce([T >= 0 for T in Ts]))
+        if relaxed is None or fits(relaxed[1]):
+            return relaxed
         D = self.levels[-1].unit * self.levels[-1].count
         E = [min(max(finite, default=-1) + 1, D)]
         for lv in self.levels[1:]:
             E.append(min(E[-1] * lv.count, D))
         B = self.B
-        size = sum((B + 1) ** 2 * (lv.count + 1) * (e + 1) for lv, e in zip(self.levels, E)) * len(Ts)
-        if size > CONTEXT_MAX_ENTRIES:  # too big to be exact: only the stages that fit in every context
-            return self.solve({R: np.where(T == _ALWAYS, _ALWAYS, -1) for R, T in thresholds.items()})
+        # the tables' entries: one per class of each level (at most its replication counts; the top has one)
+        size = sum((B + 1) ** 2 * (lv.count + 1) * (e + 1) * (len(Ts) if l == 0 else len(self.Rsets[l]))
+                   for l, (lv, e) in enumerate(zip(self.levels, E)))
+        if size > CONTEXT_MAX_ENTRIES:
+            return self._context_free(np.logical_and.reduce([T == _ALWAYS for T in Ts]))
         return self._with_context(Ts, cls0, E)
 
     def _context_free(self, fits: np.ndarray):
@@ -566,7 +613,7 @@ class _Programme:
             for m in range(1, C0 + 1):
                 t = np.where(self.valid, self.base / m + ar[:, :, m], math.inf)
                 single[:, :, m, :] = np.where(es[None, None, :] <= T[:, :, m, None], t[:, :, None], math.inf)
-            tables[0].append(_context_level(single, cut, 1, first_row=top == 0))
+            tables[0].append(self._table(single, cut, 1, top == 0))
         for l in range(1, len(levels)):
             lv, below = levels[l], levels[l - 1]
             ar, cut = self.singles[l]
@@ -585,9 +632,9 @@ class _Programme:
                     e_sub = np.minimum(-(-es // m), E[l - 1])
                     t = sub[:, :, e_sub] / m + ar[:, :, m, None]
                     single[:, :, m, :] = np.where(self.valid[:, :, None], t, math.inf)
-                tables[l].append(_context_level(single, cut, lv.unit, first_row=l == top))
+                tables[l].append(self._table(single, cut, lv.unit, l == top))
         A_top = tables[top][0][0]
-        m_best = int(np.argmin(A_top[0, B, 1:, 0]) + 1)
+        m_best = int(np.argmin(A_top[0, B, 1:, 0]) + 1)  # (the first minimum, as the context-free top level's)
         if not A_top[0, B, m_best, 0] < math.inf:
             return None
 
@@ -608,6 +655,26 @@ class _Programme:
                                   -(-e // m), R * m) for x in range(m)])
 
         return float(A_top[0, B, m_best, 0]), expand(top, 0, B, m_best, 0, 0, 1)
+
+
+    def _table(self, single: np.ndarray, cut: np.ndarray, U: int, first_row: bool):
+        """One class's level table: ``_context_level``, or ``_level_tables`` (with its cache and prefix extension) where
+        the context axis has one entry (the classes differ only by the replicas the schedules allow); kept in the
+        cache by its inputs, so a cluster whose level reads the same stage times and cuts reuses it."""
+        if single.shape[3] == 1:
+            A, arg = _level_tables(single[..., 0], cut, self.cache, first_row)
+            return A[..., None], arg[:, :, :, None, :]
+        if self.cache is None:
+            return _context_level(single, cut, U, first_row)
+        key = digest("context-level", first_row, U, cut, single)
+        hit = self.cache.levels.get(key)
+        if hit is not None:
+            self.cache.hits += 1
+            return hit[0][1], hit[0][2]
+        self.cache.misses += 1
+        A, arg = _context_level(single, cut, U, first_row)
+        self.cache.levels[key] = [(single, A, arg)]
+        return A, arg
 
 
 def _merge(subs: list[list[tuple[int, int, list[int]]]]) -> list[tuple[int, int, list[int]]]:

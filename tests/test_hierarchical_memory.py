@@ -231,3 +231,27 @@ def test_a_returned_plan_fits_when_simulated(seed, shape, family, M, optimizer, 
     plan = replace(_plan(got.stages, topo, family, M, prof), batches=1 if family == "pipedream" else 2)
     trace = simulate_plan(plan, prof, topo, SimParams(optimizer_state_factor=OPTIMIZER_STATE[optimizer]))
     assert max(peak_memory_bytes(trace).values()) <= limit * (1 + 1e-9)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.sampled_from([0.3, 0.7, 1.0]))
+def test_past_the_context_tables_budget_a_returned_plan_still_fits(case, where):
+    """Where the context programme's tables would be too big (``CONTEXT_MAX_ENTRIES``, forced to 0 here) the programme
+    admits only the stages that fit in every context: its plan may be slower than the best, never faster, and fits."""
+    prof, topo, family, M, opts = case
+    space = every_plan(prof, topo, family, M, opts.recompute)
+    limit, _t = _limits(space, topo, family, M, prof, opts, where)
+    if limit is None:
+        return
+    tight = replace(opts, memory_limit_bytes=limit)
+    want = _brute_force(space, topo, family, M, prof, tight)
+    keep, hier.CONTEXT_MAX_ENTRIES = hier.CONTEXT_MAX_ENTRIES, 0
+    try:
+        got = hier.solve_hierarchical(part.Problem(prof, tuple(topo.devices), family, M, tight), topo)
+    finally:
+        hier.CONTEXT_MAX_ENTRIES = keep
+    if got is None:
+        return
+    assert want is not None and got.value >= want[0] * (1 - 1e-9)
+    assert _runs(got.stages, family, M, tight)
+    assert evaluate(_plan(got.stages, topo, family, M, prof), prof, topo, tight).fits

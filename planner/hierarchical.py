@@ -5,7 +5,9 @@ grid is too large, so ``solve_hierarchical`` plans as PipeDream's hierarchical o
 the units are devices, at level ℓ they are level-(ℓ−1) domains each running the sub-plan found one level
 down, and layers are grouped into at most ``HIER_MAX_BLOCKS`` blocks of near-equal work (``coarsen``,
 which the flat programme uses too beyond ``partition.FLAT_MAX_BLOCKS`` layers). ``split_even`` is the
-equal-work split interleaved chunks are cut by. The plan it returns is costed by the cost model like any other.
+equal-work split interleaved chunks are cut by. The plan it returns is costed by the cost model like any other;
+each stage's memory is the cost model's for that stage in its place in the plan (``_StageMemory``), so the plan
+fits when costed, and no plan that fits is passed over (but past ``CONTEXT_MAX_ENTRIES``, see ``_Programme.solve``).
 
 Why its own module: it shares with the flat programme only the problem and answer types (``planner.partition``)
 and the digest and :class:`planner.partcache.PartitionCache` it keys and stores its level tables and splits with;
@@ -434,12 +436,14 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
     Memory: every flat stage of the plan is charged what the cost model charges it (``_StageMemory``): weights ×
     the versions its in-flight count keeps, gradients, optimizer state, ZeRO's shards and gathered units, and its
     in-flight activations (or what recomputation keeps) under the family's rule, which read the workers at or
-    after the stage and its replicas, so they depend on where the sub-plan sits. Where no stage's fit depends on
-    that (memory loose, or a stage too big anywhere), the programme is context-free as before: the top level is
-    solved from block 0 only (its first row), and ``cache`` reuses (and extends) the levels' tables across searches,
-    bit for bit. Otherwise each level's table also takes the devices after (``_context_level``) and the replication
-    above it. A split-backward family (ZB-H1, ZB-H2) is charged at the pipeline's 1F1B depth L₀: first each stage at
-    its own (a lower bound); if that answer does not fit at its own L₀, one pass per L₀ (``_pass_depths``).
+    after the stage and its replicas, so they depend on where the sub-plan sits; stages no schedule runs (replicas
+    past M, 2BW's depth rule, ZeRO-3's even split) are left out. Where no stage's fit depends on that (memory
+    loose, or a stage too big anywhere), the programme is context-free as before: the top level is solved from
+    block 0 only (its first row), and ``cache`` reuses (and extends) the levels' tables across searches, bit for
+    bit. Otherwise ``_Programme.solve``: a relaxation first, then tables that also take the devices after
+    (``_context_level``) and the replication above. A split-backward family (ZB-H1, ZB-H2) is charged at the
+    pipeline's 1F1B depth L₀: first each stage at its own (a lower bound); if that answer does not fit at its own
+    L₀, one pass per L₀ (``_pass_depths``). ``tests/test_hierarchical_memory.py`` holds the answer to brute force.
     """
     prof, opt, M = pb.profile, pb.options, pb.microbatches
     devs = pb.devices

@@ -24,7 +24,7 @@ afterwards unless ``--keep``. ``--fresh`` links no ``.venv``: the copy is a fres
 (the README's first command; ``--fresh`` implies ``--all``) builds its own venv, and the commands after it
 use that one — the README's promise that its two commands work on a fresh machine.
 
-Run: ``.venv/bin/python benchmarks/check_readme.py [--all] [--fresh] [--timeout S] [--only TEXT] [--list]``.
+Run: ``.venv/bin/python benchmarks/check_readme.py [--all] [--fresh] [--timeout S] [--only TEXT] [--exclude TEXT] [--list]``.
 Exit status: 0 when every command run exited 0, 1 when any failed or timed out, 2 on bad input.
 """
 from __future__ import annotations
@@ -169,6 +169,12 @@ def _commands_of(block: list[tuple[int, str]], include_setup: bool) -> list[Comm
     return out
 
 
+def select(commands: list[Command], only: list[str], exclude: list[str]) -> list[Command]:
+    """The commands containing one of ``only``'s texts (all when it is empty) and none of ``exclude``'s."""
+    return [c for c in commands
+            if (not only or any(t in c.text for t in only)) and not any(t in c.text for t in exclude)]
+
+
 def _telling_line(stderr: str, stdout: str) -> str:
     """The line that says why a command failed: a traceback's last line, else the first stderr line that
     names an error (a warning may come first), else stderr's first line, else stdout's last."""
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per command (600)")
     parser.add_argument("--only", action="append", default=[],
                         help="only the commands containing this text (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="leave out the commands containing this text (repeatable; after --only)")
     parser.add_argument("--list", action="store_true", help="print the commands found and run nothing")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary copy and each command's output (logs/lineNNNN.log) and say where")
@@ -267,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --timeout must be a positive number of seconds, not {args.timeout:g}", file=sys.stderr)
         return 2
     commands = extract_commands(args.readme.read_text(), include_setup=args.all or args.fresh)
-    if args.only:
-        commands = [c for c in commands if any(t in c.text for t in args.only)]
+    commands = select(commands, args.only, args.exclude)
     if args.list:
         for c in commands:
             print(f"{c.line:4d}  {c.text}" + (f"    [skip: {c.skip}]" if c.skip else ""))

@@ -254,6 +254,62 @@ ROPE_THETA = 500_000.0
 RMS_EPS = 1e-5
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm as a fused kernel runs it (Megatron's, Transformer Engine's): forward in fp32 (float64 for float64
+    runs), keeping for backward only the input, in its own dtype, and the fp32 reciprocal RMS per token."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(dtype)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        gy = g.to(rstd.dtype)
+        grad_w = (gy * xhat).reshape(-1, x.shape[-1]).sum(0)
+        gxhat = gy * weight.to(rstd.dtype)
+        grad_x = rstd * (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (``nn.RMSNorm``'s parameters and arithmetic) that keeps only its
+    input and the reciprocal RMS for backward, as fused kernels do (:class:`_RMSNormFunction`), not eager torch's
+    fp32 copies of the input."""
+
+    def __init__(self, hidden: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _SwiGLUProduct(torch.autograd.Function):
+    """``silu(gate) · up`` of the concatenated gate and up outputs, keeping only them (a fused SwiGLU: Megatron's
+    ``bias_swiglu``): SiLU's output is recomputed in backward, not kept."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        return torch.cat((g * up * sig * (1 + gate * (1 - sig)), g * silu), dim=-1)
+
+
 class LlamaEmbedding(nn.Module):
     """Token embedding only: (mb, seq) int64 -> (mb, seq, hidden); positions enter the attention as rotations."""
 
@@ -333,12 +389,14 @@ class GroupedQueryAttention(nn.Module):
         return self._tables[key]
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
+        mixed = self.qkv(x)
+        b, t, _ = mixed.shape  # (a sequence-parallel rank's QKV gathers the whole sequence)
         d, g = self.head_dim, self.kv_heads
         r = self.heads // g
-        qkv = self.qkv(x).view(b, t, g, r + 2, d)
+        qkv = mixed.view(b, t, g, r + 2, d)
         q = qkv[:, :, :, :r].reshape(b, t, g * r, d).transpose(1, 2)
-        k, v = qkv[:, :, :, r].transpose(1, 2), qkv[:, :, :, r + 1].transpose(1, 2)
+        # V its own tensor: a view would keep the whole QKV output alive for the attention's backward
+        k, v = qkv[:, :, :, r].transpose(1, 2), qkv[:, :, :, r + 1].contiguous().transpose(1, 2)
         cos, sin = self._cos_sin(t, x)
         q, k = _Rotation.apply(q, cos, sin), _Rotation.apply(k, cos, sin)
         y = attention_core(q, k, v, self.recompute_core, core=causal_attention)
@@ -354,8 +412,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(ffn, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(_SwiGLUProduct.apply(self.gate_up(x)))
 
 
 class LlamaBlock(nn.Module):
@@ -363,9 +420,9 @@ class LlamaBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, ffn: int) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(hidden, eps=RMS_EPS)
+        self.attn_norm = RMSNorm(hidden, eps=RMS_EPS)
         self.attn = GroupedQueryAttention(hidden, heads, kv_heads)
-        self.mlp_norm = nn.RMSNorm(hidden, eps=RMS_EPS)
+        self.mlp_norm = RMSNorm(hidden, eps=RMS_EPS)
         self.mlp = SwiGLU(hidden, ffn)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -378,7 +435,7 @@ class LlamaHead(nn.Module):
 
     def __init__(self, hidden: int, vocab: int) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(hidden, eps=RMS_EPS)
+        self.norm = RMSNorm(hidden, eps=RMS_EPS)
         self.lm = nn.Linear(hidden, vocab, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from executor import checkpoint as ckpt
 from executor.errors import ExecutorError
 from planner.plan import Plan, PlanError
-from planner.program import FLUSH_FAMILIES, Program
+from planner.program import FAMILY, FLUSH_FAMILIES, Program
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,16 +217,15 @@ def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_
 
 
 def _check_optimizer(plan: Plan, cfg: RunConfig) -> None:
-    """The executor runs ZeRO 1 and 2 and Adam on flush schedules (one weight version, stepped in place;
-    ``executor.zero``), without checkpoints (they keep no optimizer state)."""
+    """The executor runs ZeRO 1, 2 and 3 and Adam on flush schedules (one weight version, stepped in place;
+    ``executor.zero``), without checkpoints (they keep no optimizer state); ZeRO-3 as :func:`_check_zero3` says."""
     from planner.costmodel import zero_family_refusal
 
-    if plan.zero_stage == 3:
-        raise ExecutorError("the executor runs ZeRO stages 1 and 2, not 3 (FSDP: weights gathered per layer): use "
-                            "--zero 2 to run it, or `pipetwin simulate` the ZeRO-3 plan")
     why = zero_family_refusal(plan.schedule, plan.zero_stage)
     if why:
         raise ExecutorError(why)
+    if plan.zero_stage == 3:
+        _check_zero3(plan)
     stateful = plan.zero_stage or plan.optimizer == "adam"
     if plan.optimizer == "adam" and plan.schedule not in FLUSH_FAMILIES:
         raise ExecutorError(f"the executor runs Adam on flush schedules (gpipe, 1f1b, ...) only; {plan.schedule} "
@@ -234,6 +233,28 @@ def _check_optimizer(plan: Plan, cfg: RunConfig) -> None:
     if stateful and (cfg.checkpoint_dir or cfg.resume):
         raise ExecutorError("checkpoints keep no optimizer state yet (Adam moments, ZeRO shards): drop --checkpoint-dir, "
                             "or re-plan with --optimizer sgd and without --zero")
+
+
+def _check_zero3(plan: Plan) -> None:
+    """ZeRO-3 in the executor (``executor.zero.ShardedStage``): Adam, a flush schedule of whole backwards (F and B:
+    gpipe, 1f1b) with one stage per device, every replica running as many microbatches, no tensor parallelism
+    and no recomputation."""
+    from planner.costmodel import zero_refusal
+
+    why = zero_refusal(plan, 3)
+    if why:
+        raise ExecutorError(why)
+    if plan.optimizer != "adam":
+        raise ExecutorError(f"the executor runs ZeRO-3 with Adam only (its SGD keeps no momentum, which a "
+                            f"{plan.optimizer!r} plan counts): give --optimizer adam, or --zero 2")
+    fam = FAMILY[plan.schedule]
+    if fam.backward != "full":
+        raise ExecutorError(f"the executor runs ZeRO-3 on schedules with whole backwards (gpipe, 1f1b); {plan.schedule} "
+                            f"splits them (BI, BW): use --schedule 1f1b, or --zero 2")
+    if plan.tensor_parallel > 1:
+        raise ExecutorError("the executor runs ZeRO-3 without tensor parallelism: use --tp 1, or --zero 2")
+    if plan.recompute != "none":
+        raise ExecutorError("the executor runs ZeRO-3 without recomputation: drop --recompute, or use --zero 2")
 
 
 def _num_layers(model: str, what: str) -> int:

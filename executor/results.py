@@ -4,7 +4,9 @@ Each worker's part is a dict: ``rank``, ``times`` (action index, start s, end s,
 bytes; seconds since the common barrier), ``memory`` (time s, bytes),
 ``losses`` (global microbatch -> loss), ``weights`` (``stage{s}.{param}`` of
 the stages whose replica 0 it holds), ``device``, ``cpu_s``, ``wall_s`` and ``optimizer_state_bytes`` (its
-optimizer's state tensors: ZeRO's master slice and moments, Adam's moments; plain SGD none).
+optimizer's state tensors: ZeRO's master slice and moments, Adam's moments; plain SGD none); under ZeRO-3 also
+``param_shard_bytes`` (the weights it holds between passes: its shards) and ``collectives`` (each gather and
+reduce-scatter it ran: action index, op, unit, bytes).
 """
 from __future__ import annotations
 
@@ -54,8 +56,11 @@ class RunResult:
         out["start_step"] = self.start_step
         out["wall_s"] = self.wall_s
         state = self.trace.meta.get("optimizer_state_bytes", {})
+        shards = self.trace.meta.get("param_shard_bytes", {})
         for w, d in out["per_device"].items():  # what each rank's optimizer holds (executor.zero)
             d["optimizer_state_bytes"] = int(state.get(str(w), 0))
+            if any(shards.values()):  # ZeRO-3: the weights each rank holds between passes
+                d["param_shard_bytes"] = int(shards.get(str(w), 0))
         return out
 
 
@@ -70,9 +75,11 @@ def result_from_parts(parts: list[dict], prep: Prepared, backend: str, wall_s: f
     """One RunResult from every worker's part."""
     trace = merge_trace(prep, parts)
     trace.meta["backend"] = backend
+    collectives = {p["rank"]: [tuple(e) for e in p.get("collectives", [])] for p in parts}
     return RunResult(trace=trace, weights=merge_weights(parts),
                      losses=merge_losses(parts), plan=prep.plan, program=prep.program, start_step=prep.start_step,
-                     backend=backend, wall_s=wall_s)
+                     backend=backend, wall_s=wall_s,
+                     extra={"collectives": collectives} if any(collectives.values()) else {})
 
 
 def merge_trace(prep: Prepared, parts: list[dict]) -> Trace:
@@ -82,7 +89,8 @@ def merge_trace(prep: Prepared, parts: list[dict]) -> Trace:
                         "model": prep.model, "devices": {str(p["rank"]): p["device"] for p in parts},
                         "device_kind": "cuda" if any(str(p["device"]).startswith("cuda") for p in parts) else "cpu",
                         "cpu_s": {str(p["rank"]): p.get("cpu_s", 0.0) for p in parts},
-                        "optimizer_state_bytes": {str(p["rank"]): p.get("optimizer_state_bytes", 0) for p in parts}})
+                        "optimizer_state_bytes": {str(p["rank"]): p.get("optimizer_state_bytes", 0) for p in parts},
+                        "param_shard_bytes": {str(p["rank"]): p.get("param_shard_bytes", 0) for p in parts}})
     for p in parts:
         w = p["rank"]
         acts = program[w]

@@ -24,7 +24,10 @@ the versions and decides where each is freed).
   gradient may come from an older (stashed) version. With Adam or ZeRO-1/2
   (flush schedules) :mod:`executor.zero` steps instead: ZeRO-2's ALLREDUCE is
   a reduce-scatter to this rank's slice, and the STEP updates the slice and
-  all-gathers the weights.
+  all-gathers the weights. Under ZeRO-3 a stage holds only its shards
+  (:class:`executor.zero.ShardedStage`): F and B gather each layer's weights
+  before it runs, B reduce-scatters its gradient after, the ALLREDUCE runs
+  nothing and the STEP updates the shards.
 
 Every action is timed (:mod:`executor.timing`). Memory on the CPU is counted
 exactly (:mod:`executor.memory`) and sampled after every action that changes
@@ -56,7 +59,7 @@ from executor.timing import CudaActionTimes, warm_up_autograd, warm_up_stage
 from executor.transport import (SWITCH_INTERVAL_S, BufferPool, Receives, Sender, SendFailed, Sends, TransportOptions,
                                 message_tag, p2p_groups)
 from executor.versions import Entry, StageState, plan_frees
-from executor.zero import EXECUTOR_OPTIMIZERS, Reduced, StageOptimizer
+from executor.zero import EXECUTOR_OPTIMIZERS, Reduced, ShardedStage, StageOptimizer
 from planner.program import Action, Kind
 
 _DATA_PREFETCH_BYTES = 256 * 2**20
@@ -113,6 +116,7 @@ class StageWorker:
         self.t0 = 0.0
         self.cpu_s = self.wall_s = 0.0
         self._index: int | None = None
+        self._chain = None  # ZeRO-3: the chain of the forward that just ran (executor.zero.ShardedStage.forward)
 
     # --- setup ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -145,6 +149,14 @@ class StageWorker:
         self.handlers = [self._handler(a) for a in self.acts]
         self.kinds = [a.kind for a in self.acts]
         for st in self.stages.values():
+            if self.zero == 3:  # the shards replace the weights: every version, the module's and the spare
+                st.fsdp = ShardedStage(st.module, st.names, st.versions[0][0], st.slots, st.group, self.staged)
+                st.versions.clear()
+                st.spare.clear()
+                st.bound = None
+                self.held.add_params(st.fsdp.shards)
+                self.held.optimizer += st.fsdp.state_bytes
+                continue
             for ps, _ in st.versions.values():
                 self.held.add_params(ps)
             if self.zero or self.optimizer != "sgd":  # else plain SGD through StageState.step, no state
@@ -325,7 +337,8 @@ class StageWorker:
             x = self.inbox.pop((a.stage, mb, False))
             bufs = x
             xin = x.detach().requires_grad_(x.is_floating_point())
-        st.bind(a.version)
+        if st.fsdp is None:
+            st.bind(a.version)
         st.forwards += 1
         held = self.held
         # the saved-tensor hooks cost a Python call per saved tensor (5-10% of a small stage's time); what a
@@ -337,7 +350,7 @@ class StageWorker:
             saved = known
         elif held.exact:
             with held.counter.counting() as sc:
-                out = self._stage_forward(st, xin, mb)
+                out = self._stage_forward(st, xin, mb, sc.pack)
             if not st.is_last:
                 sc.pack(out)  # held until the backward, its root (counted once if autograd saved it too)
             saved = sc.nbytes
@@ -350,12 +363,18 @@ class StageWorker:
         held.saved += saved
         if not st.is_last:
             self._deliver(a.stage, mb, False, out.detach())
-        st.inflight[mb] = Entry(xin if bufs is not None else None, out, a.version, bufs, saved)
+        st.inflight[mb] = Entry(xin if bufs is not None else None, out, a.version, bufs, saved, self._chain)
+        self._chain = None
         return 0
 
-    def _stage_forward(self, st: StageState, xin: torch.Tensor, mb: int) -> torch.Tensor:
-        """The stage's output; on the last stage its loss, scaled for the family (see the module docstring)."""
-        out = st.module(xin)
+    def _stage_forward(self, st: StageState, xin: torch.Tensor, mb: int, pack=None) -> torch.Tensor:
+        """The stage's output; on the last stage its loss, scaled for the family (see the module docstring).
+        ZeRO-3: unit by unit (``pack``: the saved-tensor counter's hook, when it counts), the chain in ``_chain``."""
+        if st.fsdp is not None:
+            st.fsdp.set_action(self._index)
+            out, self._chain = st.fsdp.forward(xin, pack)
+        else:
+            out = st.module(xin)
         if not st.is_last:
             return out
         y = self.targets.pop(mb) if self.prefetched else self._batch(mb)[1]
@@ -367,6 +386,8 @@ class StageWorker:
         st = self.stages[a.stage]
         ent = st.inflight.pop(a.mb)
         gout = self._gout(st, a.mb)
+        if st.fsdp is not None:
+            return self._backward_sharded(st, a, ent, gout)
         params = st.versions[ent.version][0]
         n = len(params)
         inputs = params + (ent.x,) if ent.x is not None else params
@@ -377,6 +398,21 @@ class StageWorker:
         if gout is not None:
             self.pool.release(gout)
         ent.out = None
+        self._finish(ent)
+        return 0
+
+    def _backward_sharded(self, st: StageState, a: Action, ent: Entry, gout) -> int:
+        """ZeRO-3's B: unit by unit, each gathered, differentiated and its gradient reduce-scattered; the round
+        accumulates this rank's shard gradients."""
+        st.fsdp.set_action(self._index)
+        grads, gx = st.fsdp.backward(ent.chain, ent.out, gout, ent.x is not None and not st.is_first)
+        if st.accumulate(self._round(st, a.mb), grads):
+            self.held.grads += st.fsdp.param_bytes
+        if gx is not None:
+            self._deliver(a.stage, a.mb, True, gx)
+        if gout is not None:
+            self.pool.release(gout)
+        ent.out = ent.chain = None
         self._finish(ent)
         return 0
 
@@ -439,6 +475,8 @@ class StageWorker:
     # --- ALLREDUCE, STEP ------------------------------------------------------------
     def _allreduce(self, a: Action) -> int:
         st = self.stages[a.stage]
+        if st.fsdp is not None:  # ZeRO-3: every B reduce-scattered its gradients already
+            return 0
         k = a.mb
         acc = st.acc.get(k)
         if acc is None:
@@ -466,6 +504,12 @@ class StageWorker:
         st = self.stages[a.stage]
         grads = st.acc.pop(a.mb, None)
         st.count.pop(a.mb, None)
+        if st.fsdp is not None:  # ZeRO-3: Adam on the shards, in place
+            if grads is not None:
+                self.held.grads -= st.fsdp.param_bytes
+            st.fsdp.step(grads, self.lr)
+            st.current = a.version
+            return 0
         if st.opt is not None:
             return self._step_optimizer(st, a, grads)
         if grads is not None:
@@ -542,7 +586,11 @@ class StageWorker:
         weights = {}
         if self.cfg.collect_weights:
             for s, st in self.stages.items():
-                whole = self._whole_weights(st) if self._holds_replica_0(s) else None
+                if st.fsdp is not None:  # gathered by every rank of the group, kept by replica 0
+                    whole = st.fsdp.whole_weights()
+                    whole = whole if self._holds_replica_0(s) else None
+                else:
+                    whole = self._whole_weights(st) if self._holds_replica_0(s) else None
                 for n, t in (whole or {}).items():
                     weights[f"stage{s}.{n}"] = t.detach().to("cpu").clone()
         return {
@@ -553,6 +601,9 @@ class StageWorker:
             "weights": weights,
             "device": str(self.device),
             "cpu_s": self.cpu_s,
-            "optimizer_state_bytes": sum(st.opt.state_bytes for st in self.stages.values() if st.opt is not None),
+            "optimizer_state_bytes": sum(st.opt.state_bytes for st in self.stages.values() if st.opt is not None)
+            + sum(st.fsdp.state_bytes for st in self.stages.values() if st.fsdp is not None),
+            "param_shard_bytes": sum(st.fsdp.param_bytes for st in self.stages.values() if st.fsdp is not None),
+            "collectives": [e for st in self.stages.values() if st.fsdp is not None for e in st.fsdp.log],
             "wall_s": self.wall_s,
         }

@@ -40,10 +40,12 @@ rank after the reductions above, so their gradients agree without a reduction of
 Sequence parallelism (Korthikanti et al. 2022; ``Plan.sequence_parallel``): between the
 tensor-parallel regions each rank keeps only its 1/T of the sequence. ``f``
 becomes an all-gather along the sequence (backward: reduce-scatter) and ``g``
-a reduce-scatter (backward: all-gather). The llama embedding's partial sums are reduce-scattered
+a reduce-scatter (backward: all-gather). As in Megatron-LM, a column-parallel layer keeps only the rank's
+part of its input for backward and all-gathers it again there for its weight gradient
+(:class:`_GatheredLinear`), so a block's backward all-gathers four times and reduce-scatters twice. The llama embedding's partial sums are reduce-scattered
 along the sequence; GPT's are all-reduced, the positions added, and the sum split along the sequence
 (backward: all-gather), as Megatron does where there are position embeddings. The head's norm runs
-on the rank's tokens and its vocabulary-parallel matrix gathers them (backward: reduce-scatter).
+on the rank's tokens and its vocabulary-parallel matrix gathers them (backward: all-gather again, reduce-scatter).
 Stage boundaries then carry 1/T of the sequence, TP rank t to TP rank t. The block norms, the
 head's norm and the row-parallel biases see only their rank's tokens, so their gradients are
 summed over the TP group once per optimizer step, before it (as Megatron does), by
@@ -194,24 +196,6 @@ class _ScatterSeq(torch.autograd.Function):
         return _gather(g, ctx.tp), None
 
 
-class _GatherSeq(torch.autograd.Function):
-    """The whole sequence from every rank's part in forward, into a tensor-parallel consumer; in backward a
-    reduce-scatter (each rank's gradient is a partial sum; skipped, the rank's own part, when the fault names
-    ``site``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, tp: TPContext, site: str) -> Tensor:
-        ctx.tp, ctx.site = tp, site
-        return _gather(x, tp)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        tp = ctx.tp
-        if tp.skip != ctx.site:
-            return _reduce_scatter(g, tp), None, None
-        return _own(g, tp), None, None
-
-
 class _ReduceScatterSeq(torch.autograd.Function):
     """The partial outputs summed over the TP group, this rank's part of the sequence kept; all-gather backward."""
 
@@ -227,10 +211,52 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return _gather(g, ctx.tp), None, None
 
 
-def copy_to_tp(x: Tensor, tp: TPContext, site: str = "backward") -> Tensor:
-    """Into a column-parallel layer: ``f`` (all-gather of the sequence under sequence parallelism); ``site`` names
-    its backward reduction for fault injection."""
-    return _GatherSeq.apply(x, tp, site) if tp.sequence else _CopyToTP.apply(x, tp, site)
+class _GatheredLinear(torch.autograd.Function):
+    """Sequence parallelism's column-parallel linear as Megatron-LM runs it: forward all-gathers the sequence and
+    multiplies; only the rank's part of the input is kept for backward, which all-gathers it again for the weight
+    gradient and reduce-scatters the input gradient (skipped, the rank's own part, when the fault names ``site``).
+    So the gathered input, T times the kept one, is never held from forward to backward (Korthikanti et al. 2022,
+    section 4.2.2: one more all-gather per column-parallel layer in backward, for 1/T of its input's memory)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tp: TPContext, site: str) -> Tensor:
+        ctx.tp, ctx.site, ctx.bias = tp, site, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather(x, tp), weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        tp = ctx.tp
+        whole = _gather(x, tp)
+        rows = g.reshape(-1, g.shape[-1])
+        grad_w = rows.t() @ whole.reshape(-1, whole.shape[-1])
+        grad_b = rows.sum(0) if ctx.bias else None
+        grad_in = g @ weight
+        grad_x = _own(grad_in, tp) if tp.skip == ctx.site else _reduce_scatter(grad_in, tp)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def column_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, tp: TPContext,
+                           site: str = "backward") -> Tensor:
+    """A column-parallel layer of this rank's ``weight`` rows: ``f`` then the product (under sequence parallelism
+    :class:`_GatheredLinear`: all-gather, product, and the input kept ungathered); ``site`` names its backward
+    reduction for fault injection."""
+    if tp.sequence:
+        return _GatheredLinear.apply(x, weight, bias, tp, site)
+    return F.linear(_CopyToTP.apply(x, tp, site), weight, bias)
+
+
+class ColumnParallelLinear(nn.Linear):
+    """An ``nn.Linear`` holding this rank's rows whose forward is :func:`column_parallel_linear` (the parameter names
+    stay those of the layer it replaces)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return column_parallel_linear(x, self.weight, self.bias, self.tp)
 
 
 def reduce_from_tp(x: Tensor, tp: TPContext, site: str = "forward", sequence: bool | None = None) -> Tensor:
@@ -279,10 +305,10 @@ class TPAttention(nn.Module):
             self.proj.bias.copy_(full.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = copy_to_tp(x, self.tp)
-        b, t, _ = x.shape
+        qkv = column_parallel_linear(x, self.qkv.weight, self.qkv.bias, self.tp)
+        b, t, _ = qkv.shape
         local = self.heads * self.head_dim
-        q, k, v = self.qkv(x).split(local, dim=2)
+        q, k, v = qkv.split(local, dim=2)
         shape = (b, t, self.heads, self.head_dim)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
         y = attention_core(q, k, v, self.recompute_core).transpose(1, 2).reshape(b, t, local)
@@ -309,7 +335,7 @@ class TPMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self._modules["0"], self._modules["2"]
-        h = F.gelu(fc1(copy_to_tp(x, self.tp)))
+        h = F.gelu(column_parallel_linear(x, fc1.weight, fc1.bias, self.tp))
         return reduce_from_tp(F.linear(h, fc2.weight), self.tp) + fc2.bias
 
 
@@ -322,12 +348,13 @@ class TPGroupedQueryAttention(GroupedQueryAttention):
         super().__init__(full.proj.out_features, full.heads // tp.size, full.kv_heads // tp.size, full.head_dim)
         self.tp = tp
         self.recompute_core = full.recompute_core
+        self.qkv = ColumnParallelLinear(self.qkv.in_features, self.qkv.out_features, False, tp)
         with torch.no_grad():
             self.qkv.weight.copy_(shard(full.qkv.weight, self.shards["qkv.weight"], tp.rank, tp.size))
             self.proj.weight.copy_(shard(full.proj.weight, self.shards["proj.weight"], tp.rank, tp.size))
 
     def forward(self, x: Tensor) -> Tensor:
-        return reduce_from_tp(super().forward(copy_to_tp(x, self.tp)), self.tp)
+        return reduce_from_tp(super().forward(x), self.tp)
 
 
 class TPSwiGLU(SwiGLU):
@@ -338,12 +365,13 @@ class TPSwiGLU(SwiGLU):
     def __init__(self, full: SwiGLU, tp: TPContext) -> None:
         super().__init__(full.down.out_features, full.down.in_features // tp.size)
         self.tp = tp
+        self.gate_up = ColumnParallelLinear(self.gate_up.in_features, self.gate_up.out_features, False, tp)
         with torch.no_grad():
             self.gate_up.weight.copy_(shard(full.gate_up.weight, self.shards["gate_up.weight"], tp.rank, tp.size))
             self.down.weight.copy_(shard(full.down.weight, self.shards["down.weight"], tp.rank, tp.size))
 
     def forward(self, x: Tensor) -> Tensor:
-        return reduce_from_tp(super().forward(copy_to_tp(x, self.tp)), self.tp)
+        return reduce_from_tp(super().forward(x), self.tp)
 
 
 def vocab_padded(vocab: int, size: int) -> int:
@@ -398,7 +426,7 @@ class VocabParallelHead(_VocabRows):
         super().__init__(full.weight, tp)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(copy_to_tp(x, self.tp, "head"), self.weight)
+        return column_parallel_linear(x, self.weight, None, self.tp, "head")
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -38,12 +38,14 @@ class Entry:
         bufs: the receive buffer the input came in (released to the pool after the backward).
         saved_bytes: bytes autograd keeps for this microbatch's backward (and its output).
         gout: the output gradient, kept between a BI and its BW.
+        chain: ZeRO-3, per unit of the stage its input leaf and output (``executor.zero.ShardedStage.forward``).
     """
 
-    __slots__ = ("x", "out", "version", "bufs", "saved_bytes", "gout")
+    __slots__ = ("x", "out", "version", "bufs", "saved_bytes", "gout", "chain")
 
-    def __init__(self, x, out, version, bufs, saved_bytes):
+    def __init__(self, x, out, version, bufs, saved_bytes, chain=None):
         self.x, self.out, self.version, self.bufs, self.saved_bytes, self.gout = x, out, version, bufs, saved_bytes, None
+        self.chain = chain
 
 
 class StageState:
@@ -73,6 +75,7 @@ class StageState:
         self.shards: dict = {}  # parameter name -> ShardSpec, for a tensor-parallel shard (executor.tensor_parallel)
         self.sequence_partial: list[int] = []  # parameters whose gradients sequence parallelism leaves partial
         self.opt = None  # executor.zero.StageOptimizer: Adam, or ZeRO's sharded step (None: plain SGD, below)
+        self.fsdp = None  # executor.zero.ShardedStage under ZeRO-3: the shards, in place of any version
 
     def set_version(self, v: int, params) -> None:
         params = tuple(params)
@@ -114,8 +117,9 @@ class StageState:
         return dict(self.versions[self.current if v is None else v][1])
 
     def held_param_bytes(self) -> int:
-        """Every live version plus the freed one kept for the next STEP to write into."""
-        return self.param_bytes * (len(self.versions) + len(self.spare))
+        """Every live version plus the freed one kept for the next STEP to write into (ZeRO-3: the shards)."""
+        shards = self.fsdp.param_bytes if self.fsdp is not None else 0
+        return self.param_bytes * (len(self.versions) + len(self.spare)) + shards
 
     def accumulate(self, k: int, grads: Sequence[torch.Tensor]) -> bool:
         """Add a microbatch's parameter gradients into round ``k``; True when this opened the round's buffers."""

@@ -1,4 +1,4 @@
-"""ZeRO-1 and ZeRO-2 in the executor, a stage's optimizer state sliced over its replica group; the SGD and Adam steps.
+"""ZeRO-1, 2 and 3 in the executor, a stage's training state sliced over its replica group; the SGD and Adam steps.
 
 A stage's parameters, flattened in their order, are N elements; its replica group (with tensor parallelism: the
 same TP rank of every replica, so each TP rank's own shard) has D ranks. Rank d owns the slice
@@ -19,6 +19,24 @@ At the STEP each rank updates its slice (master copy and moments) and the update
 every rank's full weights, in place. Flush schedules only (one weight version; the STEP is the last use of the
 weights it reads). A stage with one replica (D = 1) owns everything and runs no collective.
 
+ZeRO-3 (:class:`ShardedStage`; FSDP full shard, ``planner.sharding``'s stage 3) shards the weights too, per
+unit: a unit is one layer of the stage (one profile layer, the unit the planner gathers). Each unit's parameters,
+flattened in order, are ``N`` elements padded with zeros to ``D·c`` (``c = planner.sharding.shard_numel(N, D)``);
+rank d keeps elements ``[d·c, (d + 1)·c)`` as its shard, which is the weights themselves (FSDP keeps no separate
+master copy) beside Adam's moments of the shard. Per microbatch, without prefetch
+(``planner.sharding.fsdp_pass_collectives``):
+
+* F: per unit, first to last: all-gather its weights, run it, drop the gathered copy. What autograd saves of the
+  gathered weights is kept as a token (a saved-tensors hook), not the tensor, so the copy is freed.
+* B: per unit, last to first: all-gather its weights again (the tokens unpack to views of this copy), its
+  backward, then the reduce-scatter of its weight gradient (the backward of the gather), so each rank keeps
+  its shard's gradient only; the copy is dropped. The units are chained through detached boundaries, so each
+  unit's backward is its own ``autograd.grad``.
+
+The round's ALLREDUCE runs nothing (the passes reduce-scattered); the STEP updates each shard in place.
+Adam only (the plan counts its moments), flush schedules of F and B passes, one stage per device, without
+tensor parallelism or recomputation (``executor.prepare`` refuses the rest in one line).
+
 Without ZeRO, Adam keeps its two moments over the whole stage (no master copy: ``planner.sharding``'s stage-0
 count) and the existing all-reduce path reduces the gradients.
 
@@ -32,7 +50,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "EXECUTOR_OPTIMIZERS", "shard_range", "Reduced", "StageOptimizer"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "EXECUTOR_OPTIMIZERS", "shard_range", "Reduced", "StageOptimizer",
+           "ShardedUnit", "ShardedStage"]
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -155,13 +174,18 @@ class StageOptimizer:
         if self.optimizer != "adam":
             w.add_(g, alpha=-lr)
             return
-        b1, b2 = ADAM_BETAS
-        m, v = self.moments
         self.t += 1
-        m.mul_(b1).add_(g, alpha=1.0 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        denom = (v / (1.0 - b2 ** self.t)).sqrt_().add_(ADAM_EPS)
-        w.addcdiv_(m, denom, value=-lr / (1.0 - b1 ** self.t))
+        _adam(w, g, self.moments, self.t, lr)
+
+
+def _adam(w: torch.Tensor, g: torch.Tensor, moments, t: int, lr: float) -> None:
+    """Step ``t`` (from 1) of Adam on ``w`` in place, its moments ``(m, v)`` updated in place."""
+    b1, b2 = ADAM_BETAS
+    m, v = moments
+    m.mul_(b1).add_(g, alpha=1.0 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    denom = (v / (1.0 - b2 ** t)).sqrt_().add_(ADAM_EPS)
+    w.addcdiv_(m, denom, value=-lr / (1.0 - b1 ** t))
 
 
 def _scatter_into(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
@@ -170,3 +194,261 @@ def _scatter_into(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
         n = p.numel()
         p.copy_(flat[off:off + n].view_as(p))
         off += n
+
+
+# --- ZeRO-3 -------------------------------------------------------------------------
+class _Token:
+    """What autograd keeps of a saved view of a unit's gathered weights: where the view lies in them."""
+
+    __slots__ = ("unit", "size", "stride", "offset")
+
+    def __init__(self, unit: "ShardedUnit", t: torch.Tensor) -> None:
+        self.unit, self.size, self.stride, self.offset = unit, t.size(), t.stride(), t.storage_offset()
+
+
+class _Gather(torch.autograd.Function):
+    """A unit's flat weights from its shard: all-gathered forward; backward, their gradient reduce-scattered."""
+
+    @staticmethod
+    def forward(ctx, shard, unit):  # noqa: D102 - the class says it
+        ctx.unit = unit
+        return unit.gather()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return ctx.unit.reduce_scatter(grad), None
+
+
+class ShardedUnit:
+    """One unit (layer) of a ZeRO-3 stage on one rank: its shard of the flat weights, Adam's moments of it, and its
+    collectives over the replica group.
+
+    Args:
+        index: the unit's place in the stage (forward order).
+        params: the unit's parameters, whole (every replica starts from the same ones).
+        group: the stage's replica group (None: one replica, which owns everything and runs no collective).
+        staged: collectives through host copies (gloo on a GPU).
+        log: where each collective is recorded as ``(op, unit, bytes of the gathered or reduced tensor)``.
+    """
+
+    def __init__(self, index: int, params: Sequence[torch.Tensor], group, staged: bool, log: list) -> None:
+        from planner.sharding import shard_numel
+
+        self.index, self.group, self.staged, self.log = index, group, staged, log
+        self.degree = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        self.shapes = [p.shape for p in params]
+        self.numel = sum(p.numel() for p in params)
+        self.chunk = shard_numel(self.numel, self.degree)
+        ref = params[0]
+        padded = torch.zeros(self.degree * self.chunk, dtype=ref.dtype, device=ref.device)
+        padded[:self.numel] = _flatten(params)
+        self.shard = padded[rank * self.chunk:(rank + 1) * self.chunk].clone().requires_grad_(True)
+        self.moments = [torch.zeros_like(self.shard, requires_grad=False) for _ in range(2)]
+        self.full: torch.Tensor | None = None  # the weights gathered for a backward, while it runs
+        self.action = None  # the action running, set by the runtime (for the log)
+
+    @property
+    def shard_bytes(self) -> int:
+        return self.chunk * self.shard.element_size()
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to("cpu") if self.staged else t
+
+    def gather(self) -> torch.Tensor:
+        """The unit's ``numel`` flat weights, every rank's shard gathered (one replica: a copy of its own)."""
+        local = self.shard.detach()
+        if self.degree == 1:
+            return local[:self.numel].clone()
+        local = self._host(local)
+        pieces = [torch.empty_like(local) for _ in range(self.degree)]
+        dist.all_gather(pieces, local, group=self.group)
+        self.log.append((self.action, "all_gather", self.index, self.degree * self.shard_bytes))
+        return torch.cat(pieces)[:self.numel].to(self.shard.device)
+
+    def reduce_scatter(self, grad: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``grad`` (the unit's flat weight gradient) summed over the group."""
+        if self.degree == 1:
+            out = torch.zeros_like(self.shard, requires_grad=False)
+            out[:self.numel] = grad
+            return out
+        padded = torch.zeros(self.degree * self.chunk, dtype=grad.dtype, device=self._host(grad).device)
+        padded[:self.numel] = self._host(grad).reshape(-1)
+        out = torch.empty(self.chunk, dtype=grad.dtype, device=padded.device)
+        dist.reduce_scatter(out, list(padded.split(self.chunk)), group=self.group)
+        self.log.append((self.action, "reduce_scatter", self.index, self.degree * self.shard_bytes))
+        return out.to(self.shard.device)
+
+    def views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        """The unit's parameters as views of its flat ``full`` weights."""
+        out, off = [], 0
+        for shape in self.shapes:
+            n = shape.numel()
+            out.append(full[off:off + n].view(shape))
+            off += n
+        return out
+
+
+class ShardedStage:
+    """A ZeRO-3 stage on one rank: its units (one per layer of ``module``, those without parameters included),
+    each sharded (:class:`ShardedUnit`), run and differentiated unit by unit.
+
+    Args:
+        module: the stage's layers (``nn.Sequential``), whose parameters ``slots`` says how to bind
+            (``executor.versions.StageState.slots``: (submodule, attribute, index into ``params``)).
+        names: the parameters' names, in ``params``' order.
+        params: the stage's parameters (version 0).
+        group, staged: as :class:`ShardedUnit`.
+    """
+
+    def __init__(self, module, names: Sequence[str], params: Sequence[torch.Tensor], slots, group,
+                 staged: bool) -> None:
+        self.module, self.names = module, tuple(names)
+        self.log: list = []
+        children = list(module.named_children())
+        unit_of = {name: j for j, (name, _) in enumerate(children)}
+        owner = [unit_of[n.split(".", 1)[0]] for n in self.names]
+        self.slots: list[list] = [[] for _ in children]  # per unit: (submodule, attribute, index in the unit)
+        self.members: list[list[int]] = [[] for _ in children]  # per unit: its parameters' indices in ``params``
+        for j, u in enumerate(owner):
+            self.members[u].append(j)
+        for mod, attr, j in slots:
+            u = owner[j]
+            if not any(mod is m for m in children[u][1].modules()):
+                raise ValueError(f"parameter {self.names[j]} is shared by two layers; ZeRO-3 shards each layer alone")
+            self.slots[u].append((mod, attr, self.members[u].index(j)))
+        self.layers = [m for _, m in children]
+        self.units = [ShardedUnit(u, [params[j] for j in self.members[u]], group, staged, self.log)
+                      if self.members[u] else None for u in range(len(children))]
+        self.t = 0
+        ref = params[0]
+        self._empty = torch.empty(0, dtype=ref.dtype, device=ref.device)
+        self.unbind()
+
+    # --- what it holds ----------------------------------------------------------------
+    @property
+    def sharded(self) -> list[ShardedUnit]:
+        return [u for u in self.units if u is not None]
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of weights this rank holds between passes: its shards (padding included)."""
+        return sum(u.shard_bytes for u in self.sharded)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state: Adam's moments of the shards (the shards are the master copy)."""
+        return sum(m.numel() * m.element_size() for u in self.sharded for m in u.moments)
+
+    @property
+    def shards(self) -> list[torch.Tensor]:
+        return [u.shard for u in self.sharded]
+
+    def set_action(self, action) -> None:
+        for u in self.sharded:
+            u.action = action
+
+    # --- binding ----------------------------------------------------------------------
+    def _bind(self, u: int, tensors) -> None:
+        for mod, attr, j in self.slots[u]:
+            mod._parameters[attr] = tensors[j] if tensors is not None else self._empty
+
+    def unbind(self) -> None:
+        """Leave every layer without weights (nothing but the shards holds them between passes)."""
+        for u in range(len(self.units)):
+            self._bind(u, None)
+
+    # --- the passes -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, pack=None):
+        """The stage's output and its chain (per unit: its input leaf, its output), each unit's weights gathered
+        before it runs and dropped after; ``pack``: the saved-tensor hook to pass everything else to."""
+        chain = []
+        for j, layer in enumerate(self.layers):
+            xin = x if j == 0 else x.detach().requires_grad_(x.is_floating_point())
+            unit = self.units[j]
+            if unit is None:
+                y = layer(xin)
+            else:
+                full = _Gather.apply(unit.shard, unit)
+                key = full.untyped_storage().data_ptr()
+                self._bind(j, unit.views(full))
+
+                def keep(t, unit=unit, key=key):
+                    try:
+                        if t.untyped_storage().data_ptr() == key:
+                            return _Token(unit, t)
+                    except (RuntimeError, NotImplementedError):
+                        pass
+                    return pack(t) if pack is not None else t
+
+                try:
+                    with torch.autograd.graph.saved_tensors_hooks(keep, _unpack):
+                        y = layer(xin)
+                finally:
+                    self._bind(j, None)
+                del full
+            chain.append((xin, y))
+            x = y
+        return x, chain
+
+    def backward(self, chain, root: torch.Tensor, gout, need_input: bool):
+        """Per unit, last to first, its backward: ``root`` (the stage's output, or the loss) with output gradient
+        ``gout`` (None: a loss). Returns (each sharded unit's shard gradient, the stage input's gradient or None)."""
+        grads: list = [None] * len(self.units)
+        g = gout
+        for j in range(len(self.layers) - 1, -1, -1):
+            xin, y = chain[j]
+            out = root if j == len(self.layers) - 1 else y
+            unit = self.units[j]
+            wants = []
+            want_x = xin.requires_grad and (j > 0 or need_input)
+            if want_x:
+                wants.append(xin)
+            if unit is not None:
+                unit.full = unit.gather()
+                wants.append(unit.shard)
+            try:
+                got = torch.autograd.grad(out, wants, g, allow_unused=True, materialize_grads=True) if wants else ()
+            finally:
+                if unit is not None:
+                    unit.full = None
+            chain[j] = None
+            if unit is not None:
+                grads[j] = got[-1]
+            g = got[0] if want_x else None
+        return [t for t, u in zip(grads, self.units) if u is not None], g
+
+    # --- the update and the whole weights ---------------------------------------------
+    def step(self, grads, lr: float) -> None:
+        """Adam on every shard in place with the round's shard gradients (None: no gradient; the moments still
+        advance)."""
+        self.t += 1
+        with torch.no_grad():
+            for k, u in enumerate(self.sharded):
+                g = grads[k] if grads is not None else torch.zeros_like(u.moments[0])
+                _adam(u.shard, g, u.moments, self.t, lr)
+
+    def whole_weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, by name (a collective over the group: every rank of it calls this; not logged)."""
+        out = {}
+        for u, unit in enumerate(self.units):
+            if unit is None:
+                continue
+            log, unit.log = unit.log, []
+            try:
+                with torch.no_grad():
+                    full = unit.gather()
+            finally:
+                unit.log = log
+            for j, t in zip(self.members[u], unit.views(full)):
+                out[self.names[j]] = t.clone()
+        return dict(sorted(out.items(), key=lambda kv: self.names.index(kv[0])))
+
+
+def _unpack(x):
+    if isinstance(x, _Token):
+        full = x.unit.full
+        if full is None:
+            raise RuntimeError(f"unit {x.unit.index}'s weights were not gathered before its backward")
+        return full.as_strided(x.size, x.stride, x.offset)
+    return x

@@ -103,12 +103,13 @@ def add_recompute_flag(p: argparse.ArgumentParser) -> None:
                         "(default: none, or what a --plan file says)")
 
 
-def add_zero_flag(p: argparse.ArgumentParser) -> None:
-    """``--zero {0,1,2,3}``: ZeRO sharding of each stage's training state over its replicas (``planner.sharding``)."""
+def add_zero_flag(p: argparse.ArgumentParser, note: str = "") -> None:
+    """``--zero {0,1,2,3}``: ZeRO sharding of each stage's training state over its replicas (``planner.sharding``);
+    ``note`` ends the help (what a command takes of it)."""
     p.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], metavar="STAGE",
                    help="ZeRO stage over each stage's replicas: 0 none (default, or what a --plan file says), 1 the "
                         "optimizer state, 2 also the gradients, 3 also the weights (FSDP: each layer gathered before "
-                        "every pass, its gradients reduce-scattered after); flush schedules")
+                        "every pass, its gradients reduce-scattered after); flush schedules" + note)
 
 
 def grid_given(args) -> bool:

@@ -151,6 +151,8 @@ def _print(g) -> None:
             f"{s['best_groups']} groups; {s['n_simulated']} rows simulated ({simulated_workers_sentence(s['simulated_workers'])}), "
             f"{s['n_closed_form']} by the closed form "
             f"(they differ by at most {s['max_sim_vs_closed_form'] * 100:.2f}% where both ran); {s['seconds']:.1f} s")
+    c.print(f"all-reduces timed with collectives={s['collectives']} (topologies.ncclcost: ideal = the link model, "
+            f"nccl = NCCL's protocol, bandwidth fraction and latency; chosen by validation.groundtruth_cv's rule)")
     if g.calibration.block_timings:
         c.print(f"per-shape block times (the calibration's table, {len(g.calibration.block_timings)} shapes) for "
                 f"{s['n_shape_table']} of {s['n_scored']} scored rows, the smooth model for the others "

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the plan's, 0.01)")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
                    help="plain SGD or Adam (default: sgd, or what a --plan file says; Adam on flush schedules)")
-    add_zero_flag(p)  # the executor runs 0, 1 and 2 (executor/zero.py); over what a --plan file says
+    add_zero_flag(p, "; the executor runs 3 with --optimizer adam on gpipe or 1f1b, without --tp or --recompute, "
+                     "and every replica given as many microbatches")  # executor/zero.py; over what a --plan file says
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where stages compute (default: the GPUs under NCCL, else the CPU); cuda with gloo lets "
@@ -203,6 +204,8 @@ def run(args) -> int:
                                                    if res.plan.zero_stage else ""))
     for w, d in s["per_device"].items():
         state = f", optimizer state {human_bytes(d['optimizer_state_bytes'])}" if stateful else ""
+        if "param_shard_bytes" in d:  # ZeRO-3: the weights a worker holds between passes
+            state += f", parameter shard {human_bytes(d['param_shard_bytes'])}"
         print(f"  worker {w}: busy {d['busy_s'] * 1e3:.1f} ms, bubble {d['bubble_fraction'] * 100:.1f}%, "
               f"peak memory {human_bytes(d['peak_memory_bytes'])}{state}")
     if s["final_loss"] is not None:

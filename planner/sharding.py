@@ -73,7 +73,7 @@ from planner.plan import PlanError
 __all__ = ["ZERO_STAGES", "PLANNED_ZERO_STAGES", "ShardedState", "ShardingTraffic", "sharded_state",
            "sharding_traffic", "optimizer_bytes_per_param", "ring_bytes_per_rank", "ring_time_s", "zero_state_bytes",
            "check_planned_zero", "collective_bytes", "fsdp_collectives", "fsdp_pass_s", "fsdp_transient_bytes",
-           "FSDP_PASSES", "zero3_refusal", "weight_versions_refusal"]
+           "FSDP_PASSES", "zero3_refusal", "weight_versions_refusal", "shard_numel", "fsdp_pass_collectives"]
 
 #: ZeRO stages: 0 (none: every rank holds everything), 1 (optimizer state), 2 (+ gradients), 3 (+ weights; FSDP).
 ZERO_STAGES = (0, 1, 2, 3)
@@ -201,6 +201,39 @@ def fsdp_collectives(kind: str) -> tuple[bool, bool]:
     """(gathers the weights before, reduce-scatters the gradients after) of a ZeRO-3 compute pass ``kind``
     (F, B, BI, BW): the input gradient needs the weights, the weight gradient makes the gradients."""
     return FSDP_PASSES[kind]
+
+
+def shard_numel(numel: int, degree: int) -> int:
+    """Elements each of ``degree`` ranks holds of a flat ``numel``-element tensor: ⌈numel / D⌉ (the last
+    shards padded with zeros, so every rank's piece of a gather or reduce-scatter is the same size: the
+    gathered and reduced tensors are ``D·⌈numel / D⌉`` elements)."""
+    _check(degree, 0)
+    return -(-int(numel) // degree)
+
+
+def fsdp_pass_collectives(kind: str, unit_numels, degree: int,
+                          element_bytes: float = BYTES_PER_ELEMENT) -> list[tuple[str, int, float]]:
+    """The collectives one ZeRO-3 pass ``kind`` (F, B, BI, BW) of a stage runs without prefetch, in the order it
+    issues them: ``(op, unit, bytes)``, op ``"all_gather"`` or ``"reduce_scatter"``, ``unit`` the index of the
+    unit in forward order (``unit_numels``: each unit's parameter count), ``bytes`` the padded gathered or
+    reduced tensor (``degree · shard_numel · element_bytes``). A forward walks the units first to last, a
+    backward last to first; each unit gathers before its compute and reduce-scatters after it
+    (:func:`fsdp_collectives`). A unit without parameters, or a stage of one replica, runs none."""
+    gathers, scatters = fsdp_collectives(kind)
+    if degree < 2:
+        return []
+    order = range(len(unit_numels)) if kind == "F" else range(len(unit_numels) - 1, -1, -1)
+    out = []
+    for j in order:
+        n = unit_numels[j]
+        if n <= 0:
+            continue
+        nbytes = degree * shard_numel(n, degree) * element_bytes
+        if gathers:
+            out.append(("all_gather", j, nbytes))
+        if scatters:
+            out.append(("reduce_scatter", j, nbytes))
+    return out
 
 
 def fsdp_pass_s(compute_s, gather_s, scatter_s, overlap: bool = True) -> float:

@@ -20,6 +20,11 @@ one is delivered. Its cost is whatever the network makes of those flows.
   2(k − 1) phases of S/(g·k)), broadcast inside (a ring all-gather, g − 1 phases
   of S/g). Uneven groups: every member sends S to its server's leader, a ring
   across the leaders, the leader sends S back to every member.
+
+How long the phases take is the topology's ``collectives`` mode (``priced``): ``ideal`` runs them as they are,
+``nccl`` prices an all-reduce by NCCL's own model (``topologies.ncclcost``: the protocol NCCL would pick for the size, the
+fraction of link bandwidth it reaches, its latency). Both interpreters call ``priced`` on the same phases, so the
+closed form and the simulator agree on links nothing else uses.
 """
 from __future__ import annotations
 
@@ -108,6 +113,55 @@ def dp_phases(topology: Topology, devices: list[str], nbytes: float, algorithm: 
     if zero_stage < 3:
         return one * 2, "ring reduce-scatter + all-gather"
     return one, "ring all-gathers + reduce-scatters"
+
+
+def fuse(phases: list[Phase]) -> list[Phase]:
+    """Consecutive repeats of one phase object as one phase of the flows' bytes times the repeats (a ring's
+    2(n − 1) steps become one phase; a hierarchical all-reduce's three segments three)."""
+    out: list[Phase] = []
+    i = 0
+    while i < len(phases):
+        j = i
+        while j + 1 < len(phases) and phases[j + 1] is phases[i]:
+            j += 1
+        k = j - i + 1
+        out.append(phases[i] if k == 1 else [(a, b, x * k) for a, b, x in phases[i]])
+        i = j + 1
+    return out
+
+
+def phase_cost_s(topology: Topology, phase: Phase) -> tuple[float, float]:
+    """(the slowest flow's route latency, the most loaded link's bytes over its bandwidth) of one phase on links
+    nothing else uses: what the phase costs is their sum (``validation.groundtruth.phases_time_s``)."""
+    edges = topology.graph.edges
+    load: dict[tuple[str, str], float] = {}
+    lat = 0.0
+    for src, dst, nbytes in phase:
+        route_lat = 0.0
+        for hop in topology.route(src, dst):
+            route_lat += edges[hop]["link"].latency_s
+            load[hop] = load.get(hop, 0.0) + nbytes
+        lat = max(lat, route_lat)
+    bw = max((x / edges[hop]["link"].bandwidth_bytes_per_s for hop, x in load.items()), default=0.0)
+    return lat, bw
+
+
+def priced(topology: Topology, devices: list[str], phases: list[Phase], nbytes: float,
+           collective: str = "allreduce") -> tuple[list[Phase], float]:
+    """(phases, tail seconds) of a ``collective`` of ``nbytes`` among ``devices`` built as ``phases``, under the
+    topology's ``collectives`` mode. ``ideal``: the phases as they are, no tail. ``nccl``: the repeats fused
+    (``fuse``), every flow's bytes divided by the bandwidth fraction of the protocol NCCL's model picks
+    (``Topology.nccl_choice`` on the phases' bandwidth time), and a tail that brings the fused phases' own route
+    latencies up to NCCL's modelled latency."""
+    mode = getattr(topology, "collectives", "ideal")
+    if mode == "ideal" or not phases or len(devices) < 2 or nbytes <= 0:
+        return phases, 0.0
+    fused = fuse(phases)
+    costs = [phase_cost_s(topology, ph) for ph in fused]
+    choice = topology.nccl_choice(devices, nbytes, sum(b for _, b in costs), collective)
+    f = choice.bandwidth_fraction
+    scaled = fused if f == 1.0 else [[(a, b, x / f) for a, b, x in ph] for ph in fused]
+    return scaled, max(0.0, choice.latency_s - sum(l for l, _ in costs))
 
 
 class Collective:

@@ -63,7 +63,7 @@ from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
 from planner.sharding import collective_bytes, fsdp_collectives, weight_versions_refusal, zero3_refusal
-from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, ring_pass_phases, ring_phases
+from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, priced, ring_pass_phases, ring_phases
 from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
 from sim.params import SimError, SimParams
@@ -473,7 +473,8 @@ class _Run:
                     st[0] += 1
                     if st[0] == y[0]:
                         st[2] = env._now
-                        coll = Collective(self.net, self._phases(y[1], y[2], y[3]), _succeed, st[1], f"{y[1]}ALLREDUCE{x[1]}")
+                        phases, tail = self._phases(y[1], y[2], y[3])
+                        coll = Collective(self.net, phases, _succeed, st[1], f"{y[1]}ALLREDUCE{x[1]}", tail)
                         if coll.start():
                             st[1].succeed()
                         else:
@@ -637,14 +638,18 @@ class _Run:
         self._deliver(key)
         ev.succeed()
 
-    def _phases(self, stage: int, nbytes: float, tp_rank: int = 0) -> list[Phase]:
-        """The data-parallel all-reduce of one stage's TP rank ``tp_rank`` among its replicas."""
+    def _phases(self, stage: int, nbytes: float, tp_rank: int = 0) -> tuple[list[Phase], float]:
+        """(phases, tail seconds) of the data-parallel all-reduce of one stage's TP rank ``tp_rank`` among its
+        replicas, priced by the topology's collectives mode (``sim.collectives.priced``; ZeRO's rings as built)."""
         key = (stage, nbytes, tp_rank)
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
-            ph, algo = dp_phases(self.topology, devs, nbytes, self.params.allreduce, self.params.zero_stage)
-            self.phases[key] = ph = self._folded(ph)
+            phases, algo = dp_phases(self.topology, devs, nbytes, self.params.allreduce, self.params.zero_stage)
+            tail = 0.0
+            if self.params.zero_stage == 0:
+                phases, tail = priced(self.topology, devs, phases, nbytes)
+            self.phases[key] = ph = (self._folded(phases), tail)
             self.algorithms.add(algo)
         return ph
 
@@ -655,7 +660,9 @@ class _Run:
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.tp_group(leader)]
-            if self.params.tp_ring == "phases":
+            if self.topology.collectives != "ideal":  # NCCL's protocol, bandwidth fraction and latency
+                ph = priced(self.topology, devs, ring_phases(devs, nbytes), nbytes)
+            elif self.params.tp_ring == "phases":
                 ph = (ring_phases(devs, nbytes), 0.0)
             else:
                 lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))

@@ -88,3 +88,35 @@ def test_seconds_a_comment_states_are_read_and_nothing_else():
     assert check_readme.stated_seconds("about 2.5 s") == 2.5
     assert check_readme.stated_seconds("needs a GPU") is None
     assert check_readme.stated_seconds("v1.5 s3") is None
+
+
+def test_only_and_exclude_select_by_text():
+    found = check_readme.extract_commands(README)
+    texts = lambda cs: [c.text for c in cs]  # noqa: E731
+    assert check_readme.select(found, [], []) == found
+    # --exclude drops every command containing the text, wherever it is in the line
+    assert texts(check_readme.select(found, [], ["groundtruth", "make "])) == [
+        "pipetwin plan --model vgg16 --topology ideal:4",
+        ".venv/bin/pipetwin simulate --model uniform:layers=2 --topology ideal:2 --json",
+        "PYTHONPATH=. python benchmarks/bench_sim.py",
+        "pipetwin run --model gpt --device cuda",
+        'pipetwin echo "a # b"',
+        "torchrun --nnodes 2 -m executor.worker plan.json",
+        "python benchmarks/check_readme.py --list",
+    ]
+    # --only keeps, then --exclude removes from what it kept
+    assert texts(check_readme.select(found, ["pipetwin"], ["--json", "echo"])) == [
+        "pipetwin plan --model vgg16 --topology ideal:4",
+        "pipetwin run --model gpt --device cuda",
+    ]
+
+
+def test_exclude_on_the_command_line_leaves_the_commands_out_of_the_list(tmp_path, capsys):
+    readme = tmp_path / "R.md"
+    readme.write_text(README)
+    assert check_readme.main(["--readme", str(readme), "--list", "--exclude", "pipetwin", "--exclude", "make"]) == 0
+    listed = [line.split(None, 1)[1].split("    [skip:")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["PYTHONPATH=. python benchmarks/bench_sim.py",
+                      "torchrun --nnodes 2 -m executor.worker plan.json",
+                      "python -m validation.groundtruth_cv ../shared/data",
+                      "python benchmarks/check_readme.py --list"]

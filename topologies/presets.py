@@ -43,6 +43,7 @@ from typing import Callable
 import networkx as nx
 
 from topologies.devices import device_kind, make_device
+from topologies.ncclcost import COLLECTIVE_MODES
 from topologies.topology import LINK_KINDS, Device, Link, Topology, TopologyError
 
 __all__ = ["load_topology", "PRESETS", "PRESET_HELP", "presets_help", "ideal", "local", "dgx", "pcie", "pipedream_a", "pipedream_b",
@@ -394,6 +395,10 @@ def load_topology(spec: str) -> Topology:
     if not isinstance(spec, (str, os.PathLike)):
         raise TopologyError(f"a topology spec must be a string (got {type(spec).__name__})")
     text = os.fspath(spec).strip()
+    body, mode = (text, None) if os.path.exists(text) else _split_collectives(text)
+    if mode is not None:  # any preset spec may end with ",collectives=ideal|nccl" (topologies.ncclcost)
+        topo = load_topology(body)
+        return Topology(topo.graph, text, topo._explicit, mode)
     head, _, rest = text.partition(":")
     head_l = head.strip().lower()
     if head_l in PRESETS and not os.path.exists(text):
@@ -409,6 +414,26 @@ def load_topology(spec: str) -> Topology:
 
 
 # ---------------------------------------------------------------------- small helpers
+def _split_collectives(text: str) -> tuple[str, str | None]:
+    """(the spec without its ``collectives=MODE`` argument, MODE or None): the one argument every preset takes."""
+    head, sep, rest = text.partition(":")
+    if not sep:
+        return text, None
+    items = [x for x in rest.split(",")]
+    keep, mode = [], None
+    for item in items:
+        key, eq, val = item.partition("=")
+        if eq and key.strip().lower() == "collectives":
+            if mode is not None:
+                raise TopologyError(f"{head}: argument 'collectives' is given twice")
+            mode = val.strip().lower()
+            if mode not in COLLECTIVE_MODES:
+                raise TopologyError(f"{head}: collectives={val.strip()!r} is unknown; use one of {', '.join(COLLECTIVE_MODES)}")
+        else:
+            keep.append(item)
+    return (f"{head}:{','.join(keep)}" if keep else head), mode
+
+
 def _int(v: str | int, preset: str, key: str) -> int:
     try:
         x = int(str(v).strip())

@@ -51,7 +51,9 @@ from typing import Any, Callable, Iterator
 
 import networkx as nx
 
+from topologies import ncclcost
 from topologies.errors import InputError
+from topologies.ncclcost import COLLECTIVE_MODES
 from topologies.files import output_path
 
 __all__ = ["TopologyError", "Device", "Link", "Topology", "LINK_KINDS"]
@@ -116,9 +118,15 @@ def _device_problem(dev: Device) -> str | None:
 class Topology:
     """Devices, switches and links over a networkx graph; see the module docstring."""
 
-    def __init__(self, graph: nx.Graph, name: str = "custom", levels: list[list[list[str]]] | None = None):
+    def __init__(self, graph: nx.Graph, name: str = "custom", levels: list[list[list[str]]] | None = None,
+                 collectives: str = "ideal"):
         """Wrap ``graph``. ``levels``, when given, is the explicit hierarchy: one partition of the
-        devices per level, innermost first, each coarser than the one before (see ``domains``)."""
+        devices per level, innermost first, each coarser than the one before (see ``domains``).
+        ``collectives`` is how both interpreters time an all-reduce on these links (``topologies.ncclcost``):
+        "ideal" (the link model alone) or "nccl" (NCCL's protocol choice, bandwidth fractions and latency)."""
+        if collectives not in COLLECTIVE_MODES:
+            raise TopologyError(f"collectives={collectives!r} is unknown; use one of {', '.join(COLLECTIVE_MODES)}")
+        self.collectives = collectives
         if not isinstance(graph, nx.Graph) or graph.is_directed() or graph.is_multigraph():
             raise TopologyError("a topology needs an undirected networkx.Graph (not directed, not multi)")
         self.name = str(name)
@@ -300,7 +308,31 @@ class Topology:
             bw, lat = self._costs(devices[i], devices[(i + 1) % n])
             max_lat = max(max_lat, lat)
             min_bw = min(min_bw, bw)
-        return 2 * (n - 1) * max_lat + 2 * (n - 1) / n * nbytes / min_bw
+        bandwidth_s = 2 * (n - 1) / n * nbytes / min_bw
+        if self.collectives == "ideal" or nbytes <= 0:
+            return 2 * (n - 1) * max_lat + bandwidth_s
+        # NCCL's model (topologies.ncclcost), as the simulator runs it: the ring as one phase of its bytes over the
+        # protocol's fraction, its latency NCCL's (never less than that phase's route latency)
+        c = self.nccl_choice(list(devices), nbytes, bandwidth_s)
+        return c.time_s + max(0.0, max_lat - c.latency_s)
+
+    def nccl_choice(self, devices: list[str], nbytes: float, bandwidth_s: float,
+                    collective: str = "allreduce") -> "ncclcost.Choice":
+        """What NCCL's model (``topologies.ncclcost.choose``) picks for a ring ``collective`` of ``nbytes`` among
+        ``devices`` whose time on the links at full bandwidth, latencies left out, is ``bandwidth_s``: ranks, nodes
+        (servers: ``domains(0)``) and the intra-node hardware class (NVLink when the first server holding 2+ of the
+        devices joins them by NVLink/NVSwitch links only, else PCI) read off this topology."""
+        where = self.server_index()
+        groups: dict[int, list[str]] = {}
+        for d in devices:
+            groups.setdefault(where.get(d, -1 - len(groups)), []).append(d)
+        intra = "nvlink"
+        for g in groups.values():
+            if len(g) > 1:
+                kinds = {self.graph.edges[h]["link"].kind for h in self.route(g[0], g[1])}
+                intra = "nvlink" if kinds <= set(ncclcost.NVLINK_KINDS) | {"ideal"} else "pci"
+                break
+        return ncclcost.choose(collective, len(devices), len(groups), nbytes, bandwidth_s, intra)
 
     def _tree_index(self) -> tuple[dict[str, str | None], dict[str, int]] | None:
         if self._tree is False:
@@ -463,7 +495,11 @@ class Topology:
 
     # ------------------------------------------------------------------ derived topologies
     def _derived(self, graph: nx.Graph) -> "Topology":
-        return Topology(graph, self.name, self._explicit)
+        return Topology(graph, self.name, self._explicit, self.collectives)
+
+    def with_collectives(self, mode: str) -> "Topology":
+        """A copy whose all-reduces are timed by ``mode`` ("ideal" or "nccl"; see ``__init__``)."""
+        return Topology(self.graph, self.name, self._explicit, mode)
 
     def with_links(self, fn: Callable[[str, str, Link], Link]) -> "Topology":
         """A copy whose link on each edge (a, b) is ``fn(a, b, old_link)`` (a, b in ``links()`` order)."""
@@ -535,6 +571,8 @@ class Topology:
         links = [{"a": a, "b": b, "kind": l.kind, "bandwidth_bytes_per_s": float(l.bandwidth_bytes_per_s),
                   "latency_s": float(l.latency_s)} for a, b, l in self.links()]
         out: dict[str, Any] = {"name": self.name, "devices": devs, "switches": list(self.switches), "links": links}
+        if self.collectives != "ideal":
+            out["collectives"] = self.collectives
         if self._explicit is not None:
             lv = self.levels()
             out["levels"] = [{"count": c, "bandwidth_bytes_per_s": float(bw), "domains": self.domains(i)}
@@ -546,10 +584,10 @@ class Topology:
         """Build and validate a topology from the schema; errors name the field."""
         if not isinstance(d, dict):
             raise TopologyError("a topology must be a mapping with 'devices' and 'links'")
-        unknown = set(d) - {"name", "devices", "switches", "links", "levels"}
+        unknown = set(d) - {"name", "devices", "switches", "links", "levels", "collectives"}
         if unknown:
             raise TopologyError(f"unknown topology field(s) {', '.join(sorted(map(str, unknown)))}; "
-                                "allowed: name, devices, switches, links, levels")
+                                "allowed: name, devices, switches, links, levels, collectives")
         name = d.get("name", "custom")
         if not isinstance(name, str):
             raise TopologyError("name must be a string")
@@ -621,7 +659,7 @@ class Topology:
                 if not isinstance(doms, list) or not all(isinstance(x, list) for x in doms):
                     raise TopologyError(f"levels[{i}].domains must be a list of lists of device names")
                 levels.append(doms)
-        topo = cls(g, name, levels)
+        topo = cls(g, name, levels, d.get("collectives", "ideal"))
         topo.validate()
         return topo
 

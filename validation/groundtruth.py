@@ -230,10 +230,13 @@ def row_config(row: Row) -> TransformerConfig:
     return TransformerConfig(row.layers, row.hidden, row.heads, seq=row.seq, vocab=VOCAB)
 
 
-def topology_spec(gpus: int) -> str:
+def topology_spec(gpus: int, collectives: str | None = None) -> str:
+    """The row's cluster as a topology spec; ``collectives`` (default ``COLLECTIVES``) how its all-reduces are timed."""
     nodes = -(-gpus // GPUS_PER_NODE)
     inter = f",{nodes}@ib:{NODE_LINK_BYTES_PER_S:g}" if nodes > 1 else ""
-    return f"hier:{GPUS_PER_NODE}@nvswitch:{NVLINK_BYTES_PER_S:g}{inter},kind={VTRAIN_KIND}"
+    mode = COLLECTIVES if collectives is None else collectives
+    tail = "" if mode == "ideal" else f",collectives={mode}"
+    return f"hier:{GPUS_PER_NODE}@nvswitch:{NVLINK_BYTES_PER_S:g}{inter},kind={VTRAIN_KIND}{tail}"
 
 
 def device_of(row: Row, pp: int, dp: int, tp: int) -> str:
@@ -253,18 +256,22 @@ def stage_layer_ranges(row: Row) -> list[tuple[int, int]]:
     return out
 
 
+#: How the rows' all-reduces are timed (``topologies.ncclcost``): "ideal" (latency + bytes / bandwidth on the links) or
+#: "nccl" (NCCL's protocol choice, bandwidth fractions and latency). Chosen by the adoption rule of
+#: ``validation.groundtruth_cv`` on the calibration rows alone (its docstring), never by a scored row.
+COLLECTIVES = "ideal"
 #: The recomputation every vTrain row runs (Megatron's full recomputation; ``planner.recompute`` says what it re-runs).
 ROW_RECOMPUTE = "full"
 
 
-def row_plan(row: Row) -> Plan:
+def row_plan(row: Row, collectives: str | None = None) -> Plan:
     """The row as a pipetwin plan: P stages of DP replicas, each a TP group of T devices (Megatron's rank
     order), full recomputation, 1F1B, global / micro microbatches per batch (the replicas take them
     round-robin, so each runs global / (micro · DP))."""
     stages = tuple(StagePlan(a, b, row.dp, tuple(device_of(row, s, d, t) for d in range(row.dp) for t in range(row.tp)))
                    for s, (a, b) in enumerate(stage_layer_ranges(row)))
     return Plan(model=row_config(row).spec(), stages=stages, schedule="1f1b", microbatch_size=row.micro_batch,
-                microbatches=row.microbatches * row.dp, topology=topology_spec(row.gpus), tensor_parallel=row.tp,
+                microbatches=row.microbatches * row.dp, topology=topology_spec(row.gpus, collectives), tensor_parallel=row.tp,
                 recompute=ROW_RECOMPUTE)
 
 
@@ -345,7 +352,9 @@ class Links:
 
 def row_links(row: Row, profile: ModelProfile, topology: Topology,
               gradient_bytes: tuple[int, ...] = GRADIENT_BYTES_CHOICES) -> Links:
-    from sim.collectives import allreduce_phases
+    """The row's link times; every all-reduce priced by the topology's collectives mode as the simulator prices it
+    (``sim.collectives.priced``: its phases, then the tail NCCL's latency adds)."""
+    from sim.collectives import allreduce_phases, priced
 
     ranges = stage_layer_ranges(row)
     tp, p2p = [], []
@@ -354,7 +363,12 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology,
     block = profile.layers[1]
     for s, (a, b) in enumerate(ranges):
         group = [device_of(row, s, 0, t) for t in range(row.tp)]
-        tp.append(phases_time_s(topology, _ring(group, block.tp_allreduce_bytes * row.micro_batch)) if row.tp > 1 else 0.0)
+        if row.tp > 1:
+            nbytes = block.tp_allreduce_bytes * row.micro_batch
+            ph, tail = priced(topology, group, _ring(group, nbytes), nbytes)
+            tp.append(phases_time_s(topology, ph) + tail)
+        else:
+            tp.append(0.0)
         if s + 1 < row.pp:
             nbytes = profile.boundary_bytes(b) * row.micro_batch
             flows = [(device_of(row, s, d, t), device_of(row, s + 1, d, t), nbytes)
@@ -363,12 +377,14 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology,
         for g in gradient_bytes:
             grad = profile.param_bytes(a, b) / BYTES_PER_PARAM * g
             if row.dp > 1:
-                groups = []
+                groups, tail = [], 0.0
                 for t in range(row.tp):
-                    ph, algorithm = allreduce_phases(topology, [device_of(row, s, d, t) for d in range(row.dp)], grad,
-                                                     "auto")
+                    devs = [device_of(row, s, d, t) for d in range(row.dp)]
+                    ph, algorithm = allreduce_phases(topology, devs, grad, "auto")
+                    ph, tail_t = priced(topology, devs, ph, grad)
                     groups.append(ph)
-                dp[g].append(phases_time_s(topology, _merged(groups)))
+                    tail = max(tail, tail_t)
+                dp[g].append(phases_time_s(topology, _merged(groups)) + tail)
             else:
                 dp[g].append(0.0)
     return Links(tuple(tp), tuple(p2p), {g: tuple(v) for g, v in dp.items()}, algorithm)
@@ -531,9 +547,10 @@ def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]
             "p2p": 2.0 * sum(c.p2p_s), "dp_tail": one_f_one_b_s(c, M) - pipe, "overhead": p.iteration_overhead_s}
 
 
-def row_model(row: Row, topologies: dict[str, Topology] | None = None) -> RowModel:
-    """Precompute ``row``'s link times and kernel inventories (the link times do not depend on the fit)."""
-    spec = topology_spec(row.gpus)
+def row_model(row: Row, topologies: dict[str, Topology] | None = None, collectives: str | None = None) -> RowModel:
+    """Precompute ``row``'s link times and kernel inventories (the link times do not depend on the fit);
+    ``collectives``: the topology's collectives mode (default ``COLLECTIVES``)."""
+    spec = topology_spec(row.gpus, collectives)
     topologies = {} if topologies is None else topologies
     topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
     prof = row_profile(row, DEFAULT_PARAMS)
@@ -587,14 +604,15 @@ def why_closed_form(row: Row) -> str:
 
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
-                   kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None) -> float:
+                   kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None,
+                   collectives: str | None = None) -> float:
     """The row's iteration seconds by pipetwin's SimPy simulator (``simulate_row``)."""
-    return simulate_row(row, params, topologies, kind, gradient_bytes, timing)[0]
+    return simulate_row(row, params, topologies, kind, gradient_bytes, timing, collectives)[0]
 
 
 def simulate_row(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
-                 kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None
-                 ) -> tuple[float, int]:
+                 kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None,
+                 collectives: str | None = None) -> tuple[float, int]:
     """(iteration seconds, workers the simulator walked) of the row by pipetwin's SimPy simulator: the plan (with
     its recomputation, which the simulator times by ``planner.recompute``) lowered to its program, the Adam step as
     the slowest stage's, plus the fitted per-iteration overhead. The simulator all-reduces a stage's ``param_bytes``
@@ -604,7 +622,7 @@ def simulate_row(row: Row, params: EfficiencyParams, topologies: dict[str, Topol
     from sim.params import SimParams
     from planner.trace import makespan_s
 
-    spec = topology_spec(row.gpus)
+    spec = topology_spec(row.gpus, collectives)
     topologies = {} if topologies is None else topologies
     topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
     prof = row_profile(row, params, kind, timing)
@@ -612,7 +630,7 @@ def simulate_row(row: Row, params: EfficiencyParams, topologies: dict[str, Topol
     step = max(optimizer_step_s(prof.param_bytes(a, z) / BYTES_PER_PARAM, k, params) for a, z in stage_layer_ranges(row))
     prof = replace(prof, layers=tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM)
                                       for l in prof.layers))
-    plan = row_plan(row)
+    plan = row_plan(row, collectives)
     trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
     return makespan_s(trace) + params.iteration_overhead_s, trace.meta["workers_simulated"]
 
@@ -649,6 +667,7 @@ class GroundTruth:
     skipped: tuple[tuple[Row, str], ...]
     calibration: DeviceCalibration
     seconds: float
+    collectives: str = "ideal"  # how the all-reduces were timed (``COLLECTIVES``, ``topologies.ncclcost``)
 
     def rows(self, calibration: bool | None = None, source: str | None = None) -> list[Scored]:
         return [s for s in self.scored if (calibration is None or s.row.calibration == calibration)
@@ -675,6 +694,7 @@ class GroundTruth:
             "best_in_top3": hits,
             "best_groups": groups,
             "calibration_rms": self.calibration.rms_relative_error,
+            "collectives": self.collectives,
             "seconds": self.seconds,
         }
 
@@ -749,8 +769,10 @@ def fit_calibration(models: list[RowModel], kind: str = VTRAIN_KIND, shape_table
                              gradient_bytes_per_param=g, block_timings=table)
 
 
-def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True) -> GroundTruth:
-    """Load, express, fit (unless ``calibration`` is given), predict and score every row."""
+def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate: bool = True,
+        collectives: str | None = None) -> GroundTruth:
+    """Load, express, fit (unless ``calibration`` is given), predict and score every row; ``collectives``: how the
+    all-reduces are timed (default ``COLLECTIVES``, the mode the adoption rule chose)."""
     t0 = time.perf_counter()
     rows = load_rows(data)
     skipped, models = [], []
@@ -760,7 +782,7 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
         if why:
             skipped.append((r, why))
         else:
-            models.append(row_model(r, topologies))
+            models.append(row_model(r, topologies, collectives))
     cal = calibration or fit_calibration(models)
     p, g = cal.params, cal.gradient_bytes_per_param
     out = []
@@ -771,9 +793,10 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
         terms = {k: v * 1e3 for k, v in closed_form_terms_s(m, cal).items()}
         why = why_closed_form(m.row) if simulate else "--no-simulate"
         if not why:
-            sim_s, walked = simulate_row(m.row, p, topologies, gradient_bytes=g, timing=timing)
+            sim_s, walked = simulate_row(m.row, p, topologies, gradient_bytes=g, timing=timing, collectives=collectives)
             out.append(Scored(m.row, sim_s * 1e3, "simulated", closed, block_timing=tier, terms_ms=terms,
                               workers_simulated=walked))
         else:
             out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier, terms_ms=terms))
-    return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0)
+    return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0,
+                       COLLECTIVES if collectives is None else collectives)

@@ -15,7 +15,18 @@ primary design (min 2 rows per shape, 1 pseudo-row of shrinkage), the held-out M
 smooth model's on the single-node rows **and** not higher by more than 0.1 points on the multi-node
 rows. The variants are reported, never chosen among.
 
-    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5]
+**NCCL's collective model** (issue 14, fourth session, helper ``nccl``; ``topologies.ncclcost``): the same CV is then run
+a second time with every calibration row's all-reduces (TP and DP, both interpreters) timed by NCCL's published
+tuning model (``collectives=nccl``: the protocol NCCL would pick for the message size, the fraction of the link
+bandwidth it reaches, its latency) instead of the ideal link model (``collectives=ideal``), the smooth parameters,
+the gradient width and the per-shape table refitted on each fold's training rows under that mode. The adoption
+rule, written down and committed before this comparison was first run and before any scored figure under the
+model was computed: **``COLLECTIVES = "nccl"`` is adopted in ``validation.groundtruth`` iff, with the primary tier
+design (what ``groundtruth`` scores), the held-out multi-node MAPE under ``nccl`` is lower than under ``ideal``
+and the held-out single-node MAPE under ``nccl`` is not higher than under ``ideal`` by more than 0.1 points**
+(``adopt_collectives``). Otherwise ``ideal`` stays the rows' mode and the model stays an option of the topology.
+
+    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl]
 """
 from __future__ import annotations
 
@@ -82,11 +93,22 @@ def adopt(summary: list[dict]) -> bool:
             and primary["mape_multi"] <= smooth["mape_multi"] + 0.001)
 
 
+def adopt_collectives(ideal: dict, nccl: dict) -> bool:
+    """The collectives adoption rule (module docstring) on the primary design's summary line under each mode."""
+    return nccl["mape_multi"] < ideal["mape_multi"] and nccl["mape_single"] <= ideal["mape_single"] + 0.001
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation.groundtruth_cv", description=__doc__.split("\n")[0])
     ap.add_argument("data", help="folder with vTrain's ground_truth_single.csv and ground_truth_multi.csv")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--collectives", default="ideal,nccl",
+                    help="collectives modes to cross-validate, comma-separated (ideal, nccl); both: the adoption rule")
     a = ap.parse_args(argv)
+    modes = [m.strip() for m in a.collectives.split(",") if m.strip()]
+    if not modes or any(m not in ("ideal", "nccl") for m in modes):
+        print(f"--collectives must list ideal and/or nccl (got {a.collectives!r})", file=sys.stderr)
+        return 2
     if a.folds < 2:
         print("--folds must be at least 2", file=sys.stderr)
         return 2
@@ -99,15 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     topologies: dict = {}
-    models = [row_model(r, topologies) for r in rows if r.calibration and not why_not_expressible(r)]
-    summary = summarise(cross_validate(models, a.folds))
-    print(f"{a.folds}-fold CV inside the {len(models)} calibration rows (closed form; scored rows never read)")
-    print(f"{'design':38s} {'single':>8s} {'multi':>8s} {'worst':>8s} {'covered':>8s}  worst row")
-    for s in summary:
-        print(f"{s['design']:38s} {100 * s['mape_single']:7.2f}% {100 * s['mape_multi']:7.2f}% "
-              f"{100 * s['worst']:7.1f}% {s['covered']:4d}/{s['n']:<3d}  {s['worst_row']}")
-    print(f"decision rule (primary design vs smooth): {'ADOPT' if adopt(summary) else 'do not adopt'}  "
-          f"[{time.perf_counter() - t0:.0f} s]")
+    primary = {}
+    for mode in modes:
+        models = [row_model(r, topologies, mode) for r in rows if r.calibration and not why_not_expressible(r)]
+        summary = summarise(cross_validate(models, a.folds))
+        primary[mode] = summary[1]
+        print(f"{a.folds}-fold CV inside the {len(models)} calibration rows (closed form; scored rows never read), "
+              f"collectives={mode}")
+        print(f"{'design':38s} {'single':>8s} {'multi':>8s} {'worst':>8s} {'covered':>8s}  worst row")
+        for s in summary:
+            print(f"{s['design']:38s} {100 * s['mape_single']:7.2f}% {100 * s['mape_multi']:7.2f}% "
+                  f"{100 * s['worst']:7.1f}% {s['covered']:4d}/{s['n']:<3d}  {s['worst_row']}")
+        print(f"decision rule (primary design vs smooth): {'ADOPT' if adopt(summary) else 'do not adopt'}  "
+              f"[{time.perf_counter() - t0:.0f} s]")
+    if len(primary) == 2:
+        i, n = primary["ideal"], primary["nccl"]
+        print(f"collectives rule (primary design, nccl vs ideal): single {100 * i['mape_single']:.2f}% -> "
+              f"{100 * n['mape_single']:.2f}%, multi {100 * i['mape_multi']:.2f}% -> {100 * n['mape_multi']:.2f}%: "
+              f"{'ADOPT nccl' if adopt_collectives(i, n) else 'keep ideal'}")
     return 0
 
 

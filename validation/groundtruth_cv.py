@@ -1,6 +1,6 @@
 """Cross-validation inside the calibration rows: does the per-shape block-time tier predict rows it was not fitted on?
 
-The scored rows are never read here. The 321 calibration rows (``validation.groundtruth``'s rule) are
+The scored rows are never read here. The 321 calibration rows (``validation.groundtruth_rows``'s rule) are
 split into K folds by their config hash (fold = ``(sha256 // 5) mod K``: the calibration rule already
 used the hash mod 5, so the quotient is the next independent digit). For each fold the smooth model
 (seven parameters and the gradient width) is fitted on the other folds, then the per-shape table on
@@ -21,7 +21,7 @@ tuning model (``collectives=nccl``: the protocol NCCL would pick for the message
 bandwidth it reaches, its latency) instead of the ideal link model (``collectives=ideal``), the smooth parameters,
 the gradient width and the per-shape table refitted on each fold's training rows under that mode. The adoption
 rule, written down and committed before this comparison was first run and before any scored figure under the
-model was computed: **``COLLECTIVES = "nccl"`` is adopted in ``validation.groundtruth`` iff, with the primary tier
+model was computed: **``COLLECTIVES = "nccl"`` is adopted in ``validation.groundtruth_plan`` iff, with the primary tier
 design (what ``groundtruth`` scores), the held-out multi-node MAPE under ``nccl`` is lower than under ``ideal``
 and the held-out single-node MAPE under ``nccl`` is not higher than under ``ideal`` by more than 0.1 points**
 (``adopt_collectives``). Otherwise ``ideal`` stays the rows' mode and the model stays an option of the topology.
@@ -34,8 +34,10 @@ import argparse
 import sys
 import time
 
-from validation.groundtruth import (CALIBRATION_MODULUS, DeviceCalibration, RowModel, config_hash, fit_calibration,
-                                    load_rows, row_model, why_not_expressible)
+from planner.efficiency import DeviceCalibration
+from validation.groundtruth import fit_calibration
+from validation.groundtruth_closed_form import RowModel, row_model
+from validation.groundtruth_rows import CALIBRATION_MODULUS, config_hash, load_rows, why_not_expressible
 from validation.shape_table import SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, fit_shape_table, predict_row_s
 
 #: (min rows per shape, shrinkage pseudo-rows): the primary design first, then the variants reported beside it.
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.folds < 2:
         print("--folds must be at least 2", file=sys.stderr)
         return 2
-    from validation.groundtruth import GroundTruthError
+    from validation.groundtruth_rows import GroundTruthError
 
     t0 = time.perf_counter()
     try:

@@ -268,7 +268,11 @@ class _Run:
         if self.T > 1:
             self.meta["tensor_parallel"] = self.T
         self.box: dict[tuple, object] = {}
-        self.groups: dict[tuple[int, int], list] = {}
+        # pending collectives, one table per kind so that their keys never meet: DP all-reduces by (stage, round,
+        # TP rank), kept after they start (the late replicas read their start time); TP all-reduces by (leader
+        # worker, action index, piece[, unit piece]), removed when the last rank joins; ZeRO-3's in Zero3.pending
+        self.dp_groups: dict[tuple[int, int, int], list] = {}
+        self.tp_groups: dict[tuple, list] = {}
         self.phases: dict[tuple[int, float], list[Phase]] = {}
         self.rec: list[tuple[int, int, float, float]] = []
         self.mem: list[tuple[int, float, float]] = []
@@ -408,7 +412,7 @@ class _Run:
         timeout, transfer, new_event = env.timeout, self.net.transfer, env.event
         overlap = self.params.overlap_comm
         wake, ready = self.params.recv_wake_s, self.params.recv_ready_s
-        groups = self.groups
+        groups = self.dp_groups
         mem.append((w, 0.0, static))
         for code, dur, ms, me, text, kind, nb, x, y in ops:
             t0 = env._now
@@ -478,7 +482,7 @@ class _Run:
     def tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
         """Join the TP all-reduce ``key`` of worker ``leader``'s group at its action ``i``; the last rank to join
         starts it. Returns the event to wait for, or None when it finished at once (free links)."""
-        groups = self.groups
+        groups = self.tp_groups
         st = groups.get(key)
         if st is None:
             st = groups[key] = [0, self.env.event()]

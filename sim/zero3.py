@@ -9,7 +9,7 @@ gather is issued when a unit's compute starts (prefetch) and a reduce-scatter ru
 action ends when its compute and its collectives are done. The stage's ALLREDUCE then moves nothing.
 
 ``sim.engine`` compiles a pass into units (:meth:`Zero3.units`) and walks them in its device process
-(:meth:`Zero3.walk`); the collectives join the run's table of pending groups and run on its network.
+(:meth:`Zero3.walk`); the collectives wait in this side's own table of pending groups and run on the run's network.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Zero3:
 
     def __init__(self, run, profile: ModelProfile, layers: list[tuple[int, int]], k: float, microbatch_size: int,
                  recompute: str):
-        self.run = run  # its env, network (which a folding replaces), pending groups, TP join and folded phases
+        self.run = run  # its env, network (which a folding replaces), TP join and folded phases
         self.overlap = run.params.fsdp_overlap
         #: per stage, per layer: (forward s, backward s, re-run forward s, gathered bytes)
         self.rows = [[(l.forward_s * k, l.backward_s * k, layer_extra_forward_s(l, recompute) * k,
@@ -40,6 +40,8 @@ class Zero3:
             [tp_segments(profile, x, x, k, microbatch_size, recompute) for x in range(a, b + 1)] for a, b in layers]
         self.last: dict[tuple, simpy.Event] = {}  # (stage, TP rank) -> the group's last collective
         self.rings: dict[tuple, list[Phase]] = {}  # (stage, bytes, TP rank) -> its ring's phases
+        #: (stage, TP rank, collective number) -> [arrivals, event]: its own table, apart from the run's DP and TP ones
+        self.pending: dict[tuple[int, int, int], list] = {}
 
     def units(self, s: int, k: Kind, base: float, redo: bool, seq: int, split: float, bi: float,
               bi0_free: bool) -> tuple[tuple, int]:
@@ -96,14 +98,14 @@ class Zero3:
     def issue(self, stage: int, tp: int, arrivals: int, key: int, nbytes: float, what: str) -> simpy.Event:
         """Join collective ``key`` of the replica group of (``stage``, ``tp``); the last to join queues it behind the
         group's previous collective. Returns the event it succeeds at."""
-        run, gk = self.run, (stage, tp, key)
-        st = run.groups.get(gk)
+        run, pending, gk = self.run, self.pending, (stage, tp, key)
+        st = pending.get(gk)
         if st is None:
-            st = run.groups[gk] = [0, run.env.event()]
+            st = pending[gk] = [0, run.env.event()]
         st[0] += 1
         ev = st[1]
         if st[0] == arrivals:
-            del run.groups[gk]
+            del pending[gk]
             phases = self._phases(stage, nbytes, tp)
             prev = self.last.get((stage, tp))
             self.last[(stage, tp)] = ev

@@ -72,7 +72,9 @@ def phases_time_s(topology: Topology, phases: list[list[tuple[str, str, float]]]
     return total
 
 
-def _ring(devices: list[str], nbytes: float) -> list[list[tuple[str, str, float]]]:
+def ring_of(devices: list[str], nbytes: float) -> list[list[tuple[str, str, float]]]:
+    """The phases of a ring all-reduce of ``nbytes`` over ``devices`` (``sim.collectives.ring_phases``, imported
+    only when called: importing ``sim`` pulls in SimPy, which the closed forms do not need)."""
     from sim.collectives import ring_phases
 
     return ring_phases(devices, nbytes)
@@ -126,7 +128,7 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology,
         group = [device_of(row, s, 0, t) for t in range(row.tp)]
         if row.tp > 1:
             nbytes = block.tp_allreduce_bytes * row.micro_batch
-            ph, tail = priced(topology, group, _ring(group, nbytes), nbytes)
+            ph, tail = priced(topology, group, ring_of(group, nbytes), nbytes)
             tp.append(phases_time_s(topology, ph) + tail)
         else:
             tp.append(0.0)

@@ -24,7 +24,7 @@ from planner.analytic import TransformerConfig, transformer_profile
 from planner.efficiency import DeviceCalibration, optimizer_step_s
 from topologies.devices import device_kind
 from topologies.presets import load_topology
-from validation.groundtruth_closed_form import _ring, phases_time_s
+from validation.groundtruth_closed_form import phases_time_s, ring_of
 from validation.groundtruth_rows import GroundTruthError
 
 KORTHIKANTI_FILE = "korthikanti22_table5_via_calculon.csv"
@@ -105,7 +105,7 @@ def predict_published_s(r: PublishedRow, cal: DeviceCalibration) -> float:
     nodes = max(1, r.gpus // 8)
     topo = load_topology(SELENE_SPEC.format(nodes=nodes)) if nodes > 1 else load_topology("hier:8@nvswitch:3e+11,kind=a100-80gb")
     block, emb, head = prof.layers[1], prof.layers[0], prof.layers[-1]
-    tp_s = phases_time_s(topo, _ring([f"d{t}" for t in range(r.tp)], block.tp_allreduce_bytes * r.micro))
+    tp_s = phases_time_s(topo, ring_of([f"d{t}" for t in range(r.tp)], block.tp_allreduce_bytes * r.micro))
     f_block = block.forward_s + 2 * tp_s
     extra = f_block if r.recompute == "full" else block.attention_forward_s
     b_block = block.backward_s + 2 * tp_s + extra

@@ -76,6 +76,7 @@ pricing are one evaluation that the partitioner reproduces term by term (``stage
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -89,7 +90,8 @@ from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collect
 from planner.stagememory import fsdp_gathered_bytes as _fsdp_gathered, fsdp_units, peak_stage_bytes
 from planner.stagememory import static_bytes as _static_bytes
 from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, rebuilt_bytes,
-                               recompute_mode, recomputed_tp_allreduces, tp_allreduces)
+                               recompute_mode, backward_tp_collectives, tp_collectives_run)
+from planner.tpcollectives import collectives_time_s, ring_time_s
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -579,14 +581,30 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
                                       zero_stage=options.zero_stage, optimizer=options.optimizer))
 
 
+def tp_price(topology, group) -> Callable[[str, float], float]:
+    """``price(kind, bytes)``: seconds of one ring collective of that kind and size over ``group`` (one replica's
+    tensor group; 0 for a group of one), remembered per (kind, bytes) since a stage's blocks repeat them."""
+    devices = list(group)
+    seen: dict[tuple[str, float], float] = {}
+
+    def price(kind: str, nbytes: float) -> float:
+        key = (kind, nbytes)
+        t = seen.get(key)
+        if t is None:
+            t = seen[key] = ring_time_s(topology, devices, kind, nbytes) if len(devices) > 1 else 0.0
+        return t
+    return price
+
+
 def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, topology, group: tuple[str, ...],
                     mb: int) -> float:
-    """Seconds per microbatch of the TP all-reduces of layers first..last (``Layer.tp_*``; with full
-    recomputation its re-run forward's too) as rings over ``group``, one replica's tensor group."""
+    """Seconds per microbatch of the TP collectives of layers first..last (``Layer.tp_collectives``, each as
+    issued; with full recomputation its re-run forward's too), each a ring of its kind over ``group``, one
+    replica's tensor group."""
     if len(group) < 2:
         return 0.0
-    return sum(tp_allreduces(l, recompute) * topology.ring_allreduce_time_s(list(group), l.tp_allreduce_bytes * mb)
-               for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
+    price = tp_price(topology, group)
+    return sum(collectives_time_s(tp_collectives_run(l, recompute), mb, price) for l in prof.layers[first:last + 1])
 
 
 def dp_allreduce_s(prof: ModelProfile, st, topology, options: CostOptions, T: int) -> float:
@@ -619,27 +637,27 @@ def fsdp_passes_s(prof: ModelProfile, first: int, last: int, options: CostOption
     """Seconds of one microbatch's ZeRO-3 passes on a stage replica over ``group`` (its replicas, of one TP rank),
     each pass ``planner.sharding.fsdp_pass_s`` over the layers (units) with every collective a ring all-gather or
     reduce-scatter of the unit's 16-bit tensor on free links (half a ring all-reduce's time); a unit's compute
-    holds its TP all-reduces as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
+    holds its TP collectives as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
     backward's and what recomputation re-runs); a split backward's BI and BW take half the backward each, the
     re-run forward in the BI."""
     layers = prof.layers[first:last + 1]
     ring = [topology.ring_allreduce_time_s(group, collective_bytes(l.param_bytes)) / 2 if l.param_bytes > 0 else 0.0
             for l in layers]
     mode = options.recompute
-    tp = [topology.ring_allreduce_time_s(list(tp_group), l.tp_allreduce_bytes * mb)
-          if len(tp_group) > 1 and l.tp_allreduce_bytes > 0 else 0.0 for l in layers]
+    price = tp_price(topology, tp_group)
+    tp = [(collectives_time_s(l.tp_forward, mb, price), collectives_time_s(backward_tp_collectives(l, mode), mb, price))
+          for l in layers]
     total = 0.0
     for kind in _pass_kinds(backward):
         gathers, scatters = fsdp_collectives(kind)
         if kind == "F":
-            c = [l.forward_s / speed + l.tp_forward_allreduces * x for l, x in zip(layers, tp)]
+            c = [l.forward_s / speed + x for l, (x, _) in zip(layers, tp)]
             g, r = ring, [0.0] * len(layers)
         else:
             share = 1.0 if kind == "B" else 0.5
             redo = kind in ("B", "BI")
             c = [(l.backward_s * share + (layer_extra_forward_s(l, mode) if redo else 0.0)) / speed
-                 + ((l.tp_backward_allreduces + recomputed_tp_allreduces(l, mode)) * x if redo else 0.0)
-                 for l, x in zip(layers, tp)][::-1]
+                 + (x if redo else 0.0) for l, (_, x) in zip(layers, tp)][::-1]
             g, r = ring[::-1], ring[::-1]
         total += fsdp_pass_s(c, g if gathers else [0.0] * len(c), r if scatters else [0.0] * len(c),
                              options.fsdp_overlap)

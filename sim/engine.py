@@ -63,6 +63,7 @@ from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, MemorySample, Trace
 from planner.sharding import collective_bytes, fsdp_collectives, weight_versions_refusal, zero3_refusal
+from planner.tpcollectives import NCCL_COLLECTIVE, ring_steps
 from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, priced, ring_pass_phases, ring_phases
 from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network, link_events
@@ -388,11 +389,11 @@ class _Run:
                             (s, tp_rank[w], arrivals[s], acc, tp_key, i, tp_arrivals)))
                 elif seg is None or not seg[0]:
                     append((_COMPUTE, base + acc + ovh, ms, me, text, kv, nb, None, None))
-                else:  # TP all-reduces inside: each after its share of the compute
+                else:  # TP collectives inside: each after its share of the compute
                     pieces, raw = seg
                     f = base / raw if raw > 0 else 0.0
-                    append((_TP, ovh, ms, me, text, kv, nb, tuple((d * f, n) for d, n in pieces),
-                            (tp_key, i, (raw - sum(d for d, _ in pieces)) * f + acc, tp_arrivals)))
+                    append((_TP, ovh, ms, me, text, kv, nb, tuple((d * f, n, q) for d, n, q in pieces),
+                            (tp_key, i, (raw - sum(p[0] for p in pieces)) * f + acc, tp_arrivals)))
             elif k is _KSEND:
                 dst = to.get(peer)
                 if dst is None:
@@ -456,10 +457,10 @@ class _Run:
                         else:
                             yield ev
                 elif code == _TP:
-                    for j, (d, nbytes) in enumerate(x):
+                    for j, (d, nbytes, coll) in enumerate(x):
                         if d > 0.0:
                             yield timeout(d)
-                        ev = self._tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3])
+                        ev = self._tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3], coll)
                         if ev is not None:
                             yield ev
                     if y[2] > 0.0:
@@ -534,8 +535,8 @@ class _Run:
             seg = None if tp is None else tp[j][0] if k is _KF else tp[j][1] if redo else None
             if seg is not None and seg[0]:  # the layer's TP all-reduces inside the unit, each after its share
                 f = c / seg[1] if seg[1] > 0 else 0.0
-                pieces = tuple((d * f, n) for d, n in seg[0])
-                tail = (seg[1] - sum(d for d, _ in seg[0])) * f
+                pieces = tuple((d * f, n, q) for d, n, q in seg[0])
+                tail = (seg[1] - sum(p[0] for p in seg[0])) * f
             units.append((c, g[j], keys_g[j], r[j], keys_r[j], pieces, tail))
         return tuple(units), seq
 
@@ -582,10 +583,10 @@ class _Run:
                 yield ev
             if overlap and j + 1 < n and units[j + 1][2] is not None:
                 ready[j + 1] = last = issue(stage, tp, arrivals, units[j + 1][2], units[j + 1][1], "AG")
-            for q, (d, nbytes) in enumerate(pieces):
+            for q, (d, nbytes, coll) in enumerate(pieces):
                 if d > 0.0:
                     yield timeout(d)
-                tev = self._tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals)
+                tev = self._tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals, coll)
                 if tev is not None:
                     yield tev
             if tail > 0.0:
@@ -608,9 +609,10 @@ class _Run:
             self.phases[key] = ph = self._folded(ring_pass_phases(devs, nbytes))
         return ph
 
-    def _tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
-        """Join the TP all-reduce ``key`` of worker ``leader``'s group at its action ``i``; the last rank to join
-        starts it. Returns the event to wait for, or None when it finished at once (free links)."""
+    def _tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int,
+                 kind: str = "all-reduce") -> simpy.Event | None:
+        """Join the TP collective ``key`` (of ``kind``) of worker ``leader``'s group at its action ``i``; the last
+        rank to join starts it. Returns the event to wait for, or None when it finished at once (free links)."""
         groups = self.groups
         st = groups.get(key)
         if st is None:
@@ -618,7 +620,7 @@ class _Run:
         st[0] += 1
         if st[0] == arrivals:
             del groups[key]
-            phases, tail = self._tp_phases(leader, nbytes)
+            phases, tail = self._tp_phases(leader, nbytes, kind)
             label = text + "/TP" if self.fold is None else (leader, i, "/TP")  # a fold mirrors it
             if Collective(self.net, phases, _succeed, st[1], label, tail).start():
                 st[1].succeed()  # for the ranks waiting too
@@ -653,20 +655,22 @@ class _Run:
             self.algorithms.add(algo)
         return ph
 
-    def _tp_phases(self, leader: int, nbytes: float) -> tuple[list[Phase], float]:
-        """(phases, tail seconds) of a TP all-reduce (or reduce-scatter + all-gather: the same ring) among the
-        group of worker ``leader``: a ring, fused into one phase unless ``SimParams.tp_ring`` says "phases"."""
-        key = ("tp", leader, nbytes)
+    def _tp_phases(self, leader: int, nbytes: float, kind: str = "all-reduce") -> tuple[list[Phase], float]:
+        """(phases, tail seconds) of a TP collective of ``kind`` (``planner.tpcollectives.KINDS``) among the group
+        of worker ``leader``: a ring (an all-gather or a reduce-scatter half an all-reduce's steps), fused into one
+        phase unless ``SimParams.tp_ring`` says "phases"."""
+        key = ("tp", leader, nbytes, kind)
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.tp_group(leader)]
+            ring = ring_phases if kind == "all-reduce" else ring_pass_phases
             if self.topology.collectives != "ideal":  # NCCL's protocol, bandwidth fraction and latency
-                ph = priced(self.topology, devs, ring_phases(devs, nbytes), nbytes)
+                ph = priced(self.topology, devs, ring(devs, nbytes), nbytes, NCCL_COLLECTIVE[kind])
             elif self.params.tp_ring == "phases":
-                ph = (ring_phases(devs, nbytes), 0.0)
+                ph = (ring(devs, nbytes), 0.0)
             else:
                 lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))
-                ph = fused_ring_phases(devs, nbytes, lat)
+                ph = fused_ring_phases(devs, nbytes, lat, ring_steps(kind, len(devs)))
             self.phases[key] = ph = (self._folded(ph[0]), ph[1])
         return ph
 

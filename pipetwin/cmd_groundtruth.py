@@ -184,7 +184,7 @@ def _print_explain(chosen: list) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from validation.groundtruth import TERMS
+    from validation.groundtruth_closed_form import TERMS
 
     c = Console(width=None if sys.stdout.isatty() else 130)
     for x in chosen:

@@ -132,7 +132,7 @@ def fuse(phases: list[Phase]) -> list[Phase]:
 
 def phase_cost_s(topology: Topology, phase: Phase) -> tuple[float, float]:
     """(the slowest flow's route latency, the most loaded link's bytes over its bandwidth) of one phase on links
-    nothing else uses: what the phase costs is their sum (``validation.groundtruth.phases_time_s``)."""
+    nothing else uses: what the phase costs is their sum (``validation.groundtruth_closed_form.phases_time_s``)."""
     edges = topology.graph.edges
     load: dict[tuple[str, str], float] = {}
     lat = 0.0

@@ -14,15 +14,9 @@
   takes ``step_time_s``. With ZeRO 1 or 2 (``SimParams.zero_stage``) that collective is a ring
   reduce-scatter then all-gather of the 16-bit tensors (``planner.sharding.collective_bytes``).
 
-ZeRO-3 (FSDP): a compute action of a replicated stage walks its units (one per layer, in the
-pass's order, each with its layer's TP all-reduces inside its compute); each gathers its weights over the replica group before the pass that needs them
-and reduce-scatters its gradients after the pass that makes them (``planner.sharding``'s rule:
-F and BI gather, BW reduces, B does both), each collective a ring on the real links that waits
-for every replica to issue it and for the group's previous collective (one communicator),
-contending with everything else on those links. With ``SimParams.fsdp_overlap`` the next unit's
-gather is issued when a unit's compute starts (prefetch) and a reduce-scatter runs on under the
-next unit; the action ends when its compute and its collectives are done. The stage's ALLREDUCE
-then moves nothing.
+ZeRO-3 (FSDP): a compute action of a replicated stage walks its units (one per layer, each
+gathering its weights and reduce-scattering its gradients over the replica group on the real
+links); ``sim.zero3`` compiles and walks those passes. The stage's ALLREDUCE then moves nothing.
 
 Tensor parallelism (``Program.tensor_parallel`` T > 1; the profile is per TP
 rank): a compute action of a TP group runs its layers' TP all-reduces
@@ -39,13 +33,12 @@ they share links, or with tensor parallelism, one worker per orbit of the TP ran
 replicas is simulated on a quotient of the links (``sim.fold``). Either way the trace is
 the one a run of every worker gives.
 
-The module is longer than most because compiling a worker's actions into plain
-tuples and the device process that runs them are one hot loop, kept together and
-flat for speed (``benchmarks/bench_sim.py``'s goals), and because the symmetry
-bookkeeping (which workers are simulated, how many arrivals an all-reduce waits for,
-which flows a folded run starts, how its log is mirrored back onto every worker) edits
-that loop's own state; ``sim.symmetry`` and ``sim.fold`` decide what to fold, this
-module applies it.
+Compiling a worker's actions into plain tuples and the device process that runs them are
+one hot loop, kept together and flat for speed (``benchmarks/bench_sim.py``'s goals), with
+the symmetry bookkeeping that edits that loop's own state (which workers are simulated, how
+many arrivals an all-reduce waits for, which flows a folded run starts); ``sim.symmetry`` and
+``sim.fold`` decide what to fold, this module applies it, and ``sim.tracing`` writes the
+finished run's records out for every worker (mirroring the link log back onto them).
 """
 from __future__ import annotations
 
@@ -58,18 +51,20 @@ from typing import Callable
 
 import simpy
 
-from planner.program import FAMILY, Action, Kind, Program, even_layers
+from planner.program import FAMILY, Kind, Program, even_layers
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
-from planner.trace import Event, MemorySample, Trace
-from planner.sharding import collective_bytes, fsdp_collectives, weight_versions_refusal, zero3_refusal
-from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, priced, ring_pass_phases, ring_phases
+from planner.trace import Event, Trace
+from planner.sharding import weight_versions_refusal, zero3_refusal
+from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, priced, ring_phases
 from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
-from sim.network import Network, link_events
+from sim.network import Network
 from sim.params import SimError, SimParams
 from sim.fold import fold
 from sim.symmetry import symmetry
 from sim.tensor import tp_segments
+from sim.tracing import action_head, trace_of
+from sim.zero3 import Zero3
 from topologies.topology import Topology
 
 _COMPUTE, _RECV, _SEND_FREE, _SEND, _ALLREDUCE, _TP, _FSDP = range(7)  # _COMPUTE (0) also stands for STEP
@@ -265,13 +260,7 @@ class _Run:
         self.round_of = round_function(program)
         self.zero_replicas = zero_replicas(program, params)
         self.transients = _transients(program, profile, layers, params)
-        self.fsdp = None  # stage 3: per stage, per layer (forward s, backward s, re-run forward s, gathered bytes)
-        if params.zero_stage == 3:
-            self.fsdp = [[(l.forward_s * k, l.backward_s * k, layer_extra_forward_s(l, recompute) * k,
-                           collective_bytes(l.param_bytes)) for l in profile.layers[a:b + 1]] for a, b in layers]
-            self.fsdp_tp = None if self.T == 1 else [  # per stage, per layer: its TP all-reduces (sim.tensor)
-                [tp_segments(profile, x, x, k, microbatch_size, recompute) for x in range(a, b + 1)] for a, b in layers]
-            self.fsdp_last: dict[tuple, simpy.Event] = {}  # (stage, TP rank) -> the group's last collective
+        self.zero3 = Zero3(self, profile, layers, k, microbatch_size, recompute) if params.zero_stage == 3 else None
         self.meta = {"source": "sim", "family": program.spec.family, "microbatch_size": microbatch_size,
                      "topology": topology.name, "params": asdict(params)}
         if recompute != "none":
@@ -339,7 +328,7 @@ class _Run:
         static, marks = memory_marks(acts, {s: self.stage_bytes[s] for s in stages}, prm.optimizer_state_factor,
                                      self.round_of, prm.recv_lookahead, prm.zero_stage, self.zero_replicas,
                                      self.transients)
-        fsdp = self.fsdp
+        zero3 = self.zero3
         seq = 0
         src = dev[w]
         to: dict[int, tuple[str, bool]] = {}       # peer -> (its device, free route?)
@@ -351,7 +340,7 @@ class _Run:
             hkey = (s, k, v, g, peer)
             head = heads.get(hkey)
             if head is None:
-                head = heads[hkey] = _head(s, k, v, g, peer)
+                head = heads[hkey] = action_head(s, k, v, g, peer)
             text = f"{head[0]}{mb}{head[1]}"
             kv = k._value_
             if k is _KF or k is _KB or k is _KBI or k is _KBW:
@@ -382,8 +371,8 @@ class _Run:
                     else:
                         seen.add(r)
                 seg = None if tp is None else tp[s][0] if k is _KF else tp[s][1] if redo else None
-                if fsdp is not None and self.zero_replicas[s] > 1:
-                    units, seq = self._fsdp_units(s, k, base, redo, seq, split, bi, bi0_free, speed)
+                if zero3 is not None and self.zero_replicas[s] > 1:
+                    units, seq = zero3.units(s, k, base, redo, seq, split, bi, bi0_free)
                     append((_FSDP, ovh, ms, me, text, kv, nb, units,
                             (s, tp_rank[w], arrivals[s], acc, tp_key, i, tp_arrivals)))
                 elif seg is None or not seg[0]:
@@ -404,7 +393,7 @@ class _Run:
                     append((_SEND, ovh, ms, me, text, kv, nb, (w, peer, g, s, mb), (src, dst[0], nb, (w, i))))
             elif k is _KRECV:
                 append((_RECV, ovh, ms, me, text, kv, nb, (peer, w, g, s + 1 if g else s - 1, mb), None))
-            elif k is _KALLREDUCE and fsdp is not None:  # stage 3: the passes reduce-scattered the gradients
+            elif k is _KALLREDUCE and zero3 is not None:  # stage 3: the passes reduce-scattered the gradients
                 append((_COMPUTE, ovh, ms, me, text, kv, nb, None, None))
             elif k is _KALLREDUCE:
                 t = tp_rank[w]
@@ -459,13 +448,13 @@ class _Run:
                     for j, (d, nbytes) in enumerate(x):
                         if d > 0.0:
                             yield timeout(d)
-                        ev = self._tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3])
+                        ev = self.tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3])
                         if ev is not None:
                             yield ev
                     if y[2] > 0.0:
                         yield timeout(y[2])
                 elif code == _FSDP:
-                    yield from self._fsdp_pass(x, y, text)
+                    yield from self.zero3.walk(x, y, text)
                 else:  # _ALLREDUCE
                     st = groups.get(x)
                     if st is None:
@@ -486,129 +475,7 @@ class _Run:
             if me is not None:
                 mem.append((w, env._now, me))
 
-    # --- ZeRO-3: a pass's units and their collectives ----------------------------------
-    def _fsdp_units(self, s: int, k: Kind, base: float, redo: bool, seq: int, split: float, bi: float,
-                    bi0_free: bool, speed: float) -> tuple[tuple, int]:
-        """((compute seconds, gather bytes, gather key, scatter bytes, scatter key) per unit in the pass's order,
-        the worker's collective count after it). The units' compute adds up to the action's ``base`` seconds
-        (speed, splitting, re-run forward and jitter included); keys number the worker's collectives in issue
-        order (the rule of ``planner.sharding.fsdp_pass_s``), which every replica follows alike."""
-        gathers, scatters = fsdp_collectives(k._value_)
-        rows = self.fsdp[s] if k is _KF else self.fsdp[s][::-1]
-        raw = []
-        for f, b, x, nbytes in rows:
-            if k is _KF:
-                c = f
-            elif k is _KB:
-                c = b
-            elif s == 0 and bi0_free:
-                c = 0.0 if k is _KBI else b
-            else:
-                c = b * split * (bi if k is _KBI else 1.0 - bi)
-            raw.append(c + (x if redo else 0.0))
-        total = sum(raw)
-        scale = base / total if total > 0 else 0.0
-        units = []
-        order = []  # issue order: gather 0, then per unit j: gather j + 1, scatter j
-        g = [nbytes if gathers else 0.0 for *_, nbytes in rows]
-        r = [nbytes if scatters else 0.0 for *_, nbytes in rows]
-        keys_g, keys_r = [None] * len(rows), [None] * len(rows)
-        if rows and g[0] > 0:
-            order.append(("g", 0))
-        for j in range(len(rows)):
-            if j + 1 < len(rows) and g[j + 1] > 0:
-                order.append(("g", j + 1))
-            if r[j] > 0:
-                order.append(("r", j))
-        if not self.params.fsdp_overlap:  # each unit: its gather, its compute, its scatter
-            order = [(t, j) for j in range(len(rows)) for t in ("g", "r") if (g if t == "g" else r)[j] > 0]
-        for t, j in order:
-            (keys_g if t == "g" else keys_r)[j] = seq
-            seq += 1
-        tp = self.fsdp_tp[s] if self.fsdp_tp is not None else None
-        if tp is not None and k is not _KF:
-            tp = tp[::-1]
-        for j in range(len(rows)):
-            c = raw[j] * scale
-            pieces, tail = (), c
-            seg = None if tp is None else tp[j][0] if k is _KF else tp[j][1] if redo else None
-            if seg is not None and seg[0]:  # the layer's TP all-reduces inside the unit, each after its share
-                f = c / seg[1] if seg[1] > 0 else 0.0
-                pieces = tuple((d * f, n) for d, n in seg[0])
-                tail = (seg[1] - sum(d for d, _ in seg[0])) * f
-            units.append((c, g[j], keys_g[j], r[j], keys_r[j], pieces, tail))
-        return tuple(units), seq
-
-    def _fsdp_issue(self, stage: int, tp: int, arrivals: int, key: int, nbytes: float, what: str) -> simpy.Event:
-        """Join collective ``key`` of the replica group of (``stage``, ``tp``); the last to join queues it behind the
-        group's previous collective. Returns the event it succeeds at."""
-        gk = (stage, tp, key)
-        st = self.groups.get(gk)
-        if st is None:
-            st = self.groups[gk] = [0, self.env.event()]
-        st[0] += 1
-        ev = st[1]
-        if st[0] == arrivals:
-            del self.groups[gk]
-            phases = self._pass_phases(stage, nbytes, tp)
-            prev = self.fsdp_last.get((stage, tp))
-            self.fsdp_last[(stage, tp)] = ev
-            label = f"{stage}{what}{key}"
-
-            def go(_ev=None):
-                if Collective(self.net, phases, _succeed, ev, label).start():
-                    ev.succeed()
-
-            if prev is None or prev.processed:
-                go()
-            else:
-                prev.callbacks.append(go)
-        return ev
-
-    def _fsdp_pass(self, units: tuple, y: tuple, text: str):
-        """The device process through one ZeRO-3 pass (``_fsdp_units``), a unit's TP all-reduces inside its compute."""
-        stage, tp, arrivals, acc, tp_key, i, tp_arrivals = y
-        timeout, issue, overlap = self.env.timeout, self._fsdp_issue, self.params.fsdp_overlap
-        n = len(units)
-        ready = [None] * n
-        last = None
-        if overlap and n and units[0][2] is not None:
-            ready[0] = issue(stage, tp, arrivals, units[0][2], units[0][1], "AG")
-        for j, (c, gb, gkey, rb, rkey, pieces, tail) in enumerate(units):
-            if not overlap and gkey is not None:
-                ready[j] = issue(stage, tp, arrivals, gkey, gb, "AG")
-            ev = ready[j]
-            if ev is not None and not ev.processed:
-                yield ev
-            if overlap and j + 1 < n and units[j + 1][2] is not None:
-                ready[j + 1] = last = issue(stage, tp, arrivals, units[j + 1][2], units[j + 1][1], "AG")
-            for q, (d, nbytes) in enumerate(pieces):
-                if d > 0.0:
-                    yield timeout(d)
-                tev = self._tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals)
-                if tev is not None:
-                    yield tev
-            if tail > 0.0:
-                yield timeout(tail)
-            if rkey is not None:
-                last = issue(stage, tp, arrivals, rkey, rb, "RS")
-                if not overlap and not last.processed:
-                    yield last
-        if acc > 0.0:
-            yield timeout(acc)
-        if last is not None and not last.processed:
-            yield last
-
-    def _pass_phases(self, stage: int, nbytes: float, tp_rank: int) -> list[Phase]:
-        """A ring all-gather or reduce-scatter of ``nbytes`` over one stage's replicas (of TP rank ``tp_rank``)."""
-        key = ("pass", stage, nbytes, tp_rank)
-        ph = self.phases.get(key)
-        if ph is None:
-            devs = [self.dev[w] for w in self.p.replica_workers(stage, tp_rank)]
-            self.phases[key] = ph = self._folded(ring_pass_phases(devs, nbytes))
-        return ph
-
-    def _tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
+    def tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
         """Join the TP all-reduce ``key`` of worker ``leader``'s group at its action ``i``; the last rank to join
         starts it. Returns the event to wait for, or None when it finished at once (free links)."""
         groups = self.groups
@@ -649,7 +516,7 @@ class _Run:
             tail = 0.0
             if self.params.zero_stage == 0:
                 phases, tail = priced(self.topology, devs, phases, nbytes)
-            self.phases[key] = ph = (self._folded(phases), tail)
+            self.phases[key] = ph = (self.folded(phases), tail)
             self.algorithms.add(algo)
         return ph
 
@@ -667,10 +534,10 @@ class _Run:
             else:
                 lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))
                 ph = fused_ring_phases(devs, nbytes, lat)
-            self.phases[key] = ph = (self._folded(ph[0]), ph[1])
+            self.phases[key] = ph = (self.folded(ph[0]), ph[1])
         return ph
 
-    def _folded(self, phases: list[Phase]) -> list[Phase]:
+    def folded(self, phases: list[Phase]) -> list[Phase]:
         """A folded run starts only the flows whose source is a simulated device (``sim.fold``)."""
         if self.fold is None:
             return phases
@@ -715,94 +582,7 @@ class _Run:
                     done[w] += 1
             waits = ", ".join(f"w{w} at {self.p[w][done[w]]}" for w in stuck[:6])
             raise SimError(f"deadlock: no worker can proceed ({waits}); run planner.check.check on the program")
-        return self._trace()
-
-    def _trace(self) -> Trace:
-        p, sw = self.p, self.p.stage_workers
-        image = {w: [w] for w in self.workers}
-        if self.replicas > 1:
-            image = {ws[0]: list(ws) for ws in sw}
-        elif self.fold is not None:
-            image = self.fold.images
-        acts = p.actions
-        if self.replicas == 1 and self.fold is None:
-            events = self.rec  # already the events, in the order they finished
-        else:
-            # the k-th record of worker w0 is its k-th action; replicas copy its times
-            events, pos = [], dict.fromkeys(self.workers, 0)
-            append = events.append
-            for e in self.rec:
-                w0 = e[0]
-                i = pos[w0]
-                pos[w0] = i + 1
-                for w in image[w0]:
-                    a = acts[w][i]
-                    append(_tnew(Event, (w, _text(a), e[2], e[3], a.kind._value_, a.nbytes)))
-        memory = [MemorySample(w, t, b) for w0, t, b in self.mem for w in image[w0]]
-        if self.params.link_events:
-            log = self.net.log
-            if self.replicas > 1:
-                log = self._mirror_log(log, image)
-            elif self.fold is not None:
-                log = self._mirror_folded_log(log)
-            events += link_events(self.topology, log, self._label)
-        self.meta["allreduce"] = sorted(self.algorithms)
-        self.meta["workers_simulated"] = len(self.workers)
-        return Trace(events=events, memory=memory, meta=self.meta)
-
-    def _label(self, lab) -> str:
-        if isinstance(lab, tuple):
-            return _text(self.p[lab[0]][lab[1]]) + (lab[2] if len(lab) > 2 else "")
-        return str(lab)
-
-    def _mirror_log(self, log, image):
-        """Point-to-point transfers of pipeline 0 copied onto every replica pipeline."""
-        out = []
-        for entry in log:
-            lab = entry[5]
-            if not isinstance(lab, tuple):
-                out.append(entry)
-                continue
-            w0, i = lab
-            for w in image[w0]:
-                a = self.p[w][i]
-                out.append((self.dev[w], self.dev[a.peer], entry[2], entry[3], entry[4], (w, i)))
-        return out
-
-
-    def _mirror_folded_log(self, log):
-        """Every logged transfer of a folded run copied onto each of its images under the group."""
-        dev_of = {d: w for w, d in self.dev.items()}
-        out = []
-        for src, dst, t0, t1, nbytes, lab in log:
-            for e in self.fold.device_maps:
-                img = (dev_of[e[self.dev[lab[0]]]],) + lab[1:] if isinstance(lab, tuple) else lab
-                out.append((e[src], e[dst], t0, t1, nbytes, img))
-        return out
-
-
-def _text(a: Action) -> str:
-    """``str(a)`` (planner.program's compact form), without the enum lookups: traces hold one per action."""
-    k = a.kind
-    t = f"{a.stage}{k._value_}{a.mb}"
-    if a.version:
-        t += f"v{a.version}"
-    if k is _KSEND:
-        t += f"{'g' if a.grad else 'a'}>w{a.peer}"
-    elif k is _KRECV:
-        t += f"{'g' if a.grad else 'a'}<w{a.peer}"
-    return t
-
-
-def _head(stage: int, k: Kind, version: int, grad: bool, peer) -> tuple[str, str]:
-    """``_text`` of an action of these fields split around its microbatch number."""
-    tail = f"v{version}" if version else ""
-    if k is _KSEND:
-        tail += f"{'g' if grad else 'a'}>w{peer}"
-    elif k is _KRECV:
-        tail += f"{'g' if grad else 'a'}<w{peer}"
-    return f"{stage}{k._value_}", tail
-
+        return trace_of(self)
 
 def _succeed(ev: simpy.Event) -> None:
     ev.succeed()

@@ -10,9 +10,10 @@ import pytest
 
 from pipetwin.cli import main
 from planner.efficiency import EfficiencyParams
-from validation.groundtruth import (CALIBRATION_MODULUS, FILES, GroundTruthError, Row, canonical_config, is_calibration,
-                                    load_rows, read_rows, row_model, row_plan, row_profile, simulate_row_s,
-                                    stage_costs_from_profile, stage_layer_ranges, why_not_expressible)
+from validation.groundtruth_closed_form import row_model, stage_costs_from_profile
+from validation.groundtruth_plan import row_plan, row_profile, simulate_row_s, stage_layer_ranges
+from validation.groundtruth_rows import (CALIBRATION_MODULUS, FILES, GroundTruthError, Row, canonical_config,
+                                         is_calibration, load_rows, read_rows, why_not_expressible)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtrain"
 real_data = pytest.mark.skipif(not (DATA / FILES["single"]).is_file(), reason="vTrain data not beside the repo")
@@ -172,7 +173,7 @@ def test_the_budget_counts_the_workers_the_simulator_walks(shape):
     from sim.engine import workers_simulated
     from sim.params import SimParams
     from topologies.presets import load_topology
-    from validation.groundtruth import simulated_workers, topology_spec
+    from validation.groundtruth_plan import simulated_workers, topology_spec
 
     gpus, tp, dp, pp = shape
     r = _row(gpus, dp, 1, tp, dp, pp, hidden=256, heads=16, layers=pp, seq=16)
@@ -181,7 +182,7 @@ def test_the_budget_counts_the_workers_the_simulator_walks(shape):
 
 
 def test_rows_over_the_budget_take_the_closed_form_and_say_why():
-    from validation.groundtruth import SIMULATE_BUDGET_S, simulation_cost_s, why_closed_form
+    from validation.groundtruth_plan import SIMULATE_BUDGET_S, simulation_cost_s, why_closed_form
 
     small, big = _row(8, 32, 1, 2, 2, 2), _row(512, 1536, 1, 8, 2, 32, layers=96, hidden=12288, heads=96)
     assert simulation_cost_s(small) <= SIMULATE_BUDGET_S < simulation_cost_s(big)
@@ -328,7 +329,7 @@ def test_the_loss_overhead_costs_each_microbatch_once_in_the_closed_form_and_the
 @pytest.mark.parametrize("shape", [(8, 32, 2, 2, 1, 4), (8, 16, 1, 1, 8, 1), (16, 32, 1, 4, 2, 2), (4, 8, 2, 4, 1, 1)])
 def test_the_terms_add_up_to_the_closed_form_and_vanish_where_the_plan_has_no_such_cost(shape):
     from planner.efficiency import DeviceCalibration
-    from validation.groundtruth import TERMS, closed_form_terms_s
+    from validation.groundtruth_closed_form import TERMS, closed_form_terms_s
 
     gpus, gb, micro, tp, dp, pp = shape
     r = _row(gpus, gb, micro, tp, dp, pp, layers=2 * pp)
@@ -343,7 +344,8 @@ def test_the_terms_add_up_to_the_closed_form_and_vanish_where_the_plan_has_no_su
 def test_the_tp_term_counts_every_all_reduce_of_a_stage_as_the_per_rank_profile_lists_them():
     from planner.efficiency import DeviceCalibration
     from planner.recompute import recomputed_tp_allreduces
-    from validation.groundtruth import ROW_RECOMPUTE, closed_form_terms_s
+    from validation.groundtruth_closed_form import closed_form_terms_s
+    from validation.groundtruth_plan import ROW_RECOMPUTE
 
     r = _row(4, 16, 2, 4, 1, 1, layers=3)  # one stage: embedding, 3 blocks and the head on one TP group
     m = row_model(r)

@@ -10,7 +10,7 @@ import pytest
 
 from planner.efficiency import DeviceCalibration, EfficiencyParams
 from topologies import devices
-from validation.groundtruth import GroundTruthError
+from validation.groundtruth_rows import GroundTruthError
 from validation.groundtruth_titan import (DEFAULT_SEQ, NVLINK_BYTES_PER_S, TITAN_KIND, predict_titan, read_torchtitan,
                                           score_torchtitan, titan_summary)
 

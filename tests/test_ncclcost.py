@@ -9,7 +9,9 @@ from topologies import ncclcost
 from sim.collectives import fuse, priced, ring_phases
 from topologies.presets import load_topology
 from topologies.topology import Topology, TopologyError
-from validation.groundtruth import Row, phases_time_s, row_model, simulate_row_s
+from validation.groundtruth_closed_form import phases_time_s, row_model
+from validation.groundtruth_plan import simulate_row_s
+from validation.groundtruth_rows import Row
 
 from tests.test_groundtruth import P, _row
 

@@ -9,7 +9,10 @@ import pytest
 from planner.analytic import TransformerConfig, block_key, load_model, transformer_profile
 from planner.efficiency import (BlockTiming, CalibrationFileError, DeviceCalibration, EfficiencyParams,
                                 fit_shape_factors, load_device_calibration)
-from validation.groundtruth import Row, fit_shape_table, predict_row_s, row_model, simulate_row_s
+from validation.groundtruth_closed_form import row_model
+from validation.groundtruth_plan import simulate_row_s
+from validation.groundtruth_rows import Row
+from validation.shape_table import fit_shape_table, predict_row_s
 
 P = EfficiencyParams(0.8, 0.8, 10e-6, 50e-6, 0.005, 4.0, 2e-3)
 
@@ -118,7 +121,7 @@ def test_calibration_file_with_and_without_the_table_loads_and_a_bad_entry_says_
 
 
 def test_cv_folds_partition_the_calibration_rows_and_the_decision_rule_reads_single_and_multi(capsys):
-    from validation.groundtruth import canonical_config
+    from validation.groundtruth_rows import canonical_config
     from validation.groundtruth_cv import adopt, fold_of, main
 
     rows = [_row(2, 16 * k, 1, 1, 1, 2) for k in range(1, 40)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from planner.efficiency import DeviceCalibration, EfficiencyParams, load_device_calibration
-from validation.groundtruth import GroundTruthError
+from validation.groundtruth_rows import GroundTruthError
 from validation.groundtruth_titan import (H100_FITTED, TITAN_KIND, fit_h100, is_h100_calibration_row, predict_titan,
                                           read_torchtitan, score_torchtitan, titan_summary)
 

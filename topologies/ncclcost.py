@@ -1,7 +1,7 @@
 """NCCL's own cost model of a ring collective: which protocol it picks for a message size, its latency, and the
 fraction of the links' bandwidth that protocol reaches.
 
-A topology's ``collectives`` mode says how both interpreters (the closed forms of ``validation.groundtruth`` and the
+A topology's ``collectives`` mode says how both interpreters (the closed forms of ``validation.groundtruth_closed_form`` and the
 SimPy simulator) time an all-reduce (``sim.collectives.priced``):
 
 * ``ideal`` — the link model alone: every ring step pays its route's latency and the flows run at the links' full

@@ -8,6 +8,7 @@ then simulate and measure every held-out configuration), ``validation.report.wri
 Modules: ``calibrate`` (the orchestration and its result), the fits ``compute``, ``links`` (with the
 receive costs) and ``accumulation``, ``measure`` (what is timed with torch and the executor),
 ``events`` (the steady part of a trace), ``compare``, ``configs``, ``matrix``, ``report``, ``plots``
-(Gantt charts; the face draws with them too), ``groundtruth`` and ``groundtruth_report``, ``errors``.
+(Gantt charts; the face draws with them too), ``groundtruth`` (with its ``groundtruth_rows``, ``groundtruth_plan``,
+``groundtruth_closed_form`` and ``groundtruth_report``), ``errors``.
 Nothing is imported here, so importing one module does not pull in torch.
 """

@@ -1,6 +1,6 @@
 """Cross-validation inside the calibration rows: does the per-shape block-time tier predict rows it was not fitted on?
 
-The scored rows are never read here. The 321 calibration rows (``validation.groundtruth``'s rule) are
+The scored rows are never read here. The 321 calibration rows (``validation.groundtruth_rows``'s rule) are
 split into K folds by their config hash (fold = ``(sha256 // 5) mod K``: the calibration rule already
 used the hash mod 5, so the quotient is the next independent digit). For each fold the smooth model
 (seven parameters and the gradient width) is fitted on the other folds, then the per-shape table on
@@ -21,12 +21,17 @@ tuning model (``collectives=nccl``: the protocol NCCL would pick for the message
 bandwidth it reaches, its latency) instead of the ideal link model (``collectives=ideal``), the smooth parameters,
 the gradient width and the per-shape table refitted on each fold's training rows under that mode. The adoption
 rule, written down and committed before this comparison was first run and before any scored figure under the
-model was computed: **``COLLECTIVES = "nccl"`` is adopted in ``validation.groundtruth`` iff, with the primary tier
+model was computed: **``COLLECTIVES = "nccl"`` is adopted in ``validation.groundtruth_plan`` iff, with the primary tier
 design (what ``groundtruth`` scores), the held-out multi-node MAPE under ``nccl`` is lower than under ``ideal``
 and the held-out single-node MAPE under ``nccl`` is not higher than under ``ideal`` by more than 0.1 points**
 (``adopt_collectives``). Otherwise ``ideal`` stays the rows' mode and the model stays an option of the topology.
 
-    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl]
+**Residuals by feature** (issue 14, fifth session, helper ``gt``): ``--by-feature`` also prints the primary design's
+held-out errors grouped by one row feature at a time (:data:`FEATURES`: TP, DP, PP, microbatch size, microbatches
+per pipeline stage, the (TP, DP) pair), per file: rows, signed mean error (negative: predicted too fast) and MAPE.
+It reads the calibration rows only, like the rest of this module; it changes no prediction and chooses nothing.
+
+    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl] [--by-feature]
 """
 from __future__ import annotations
 
@@ -34,8 +39,10 @@ import argparse
 import sys
 import time
 
-from validation.groundtruth import (CALIBRATION_MODULUS, DeviceCalibration, RowModel, config_hash, fit_calibration,
-                                    load_rows, row_model, why_not_expressible)
+from planner.efficiency import DeviceCalibration
+from validation.groundtruth import fit_calibration
+from validation.groundtruth_closed_form import RowModel, row_model
+from validation.groundtruth_rows import CALIBRATION_MODULUS, config_hash, load_rows, why_not_expressible
 from validation.shape_table import SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, fit_shape_table, predict_row_s
 
 #: (min rows per shape, shrinkage pseudo-rows): the primary design first, then the variants reported beside it.
@@ -86,6 +93,45 @@ def summarise(cv: dict) -> list[dict]:
     return out
 
 
+def _per_stage_bucket(r) -> str:
+    """Microbatches per pipeline stage (m / PP), in the buckets the bubble fraction (P - 1) / (m + P - 1) changes over."""
+    q = r.microbatches / r.pp
+    return "m/PP < 2" if q < 2 else "2 <= m/PP < 8" if q < 8 else "m/PP >= 8"
+
+
+#: (name, row -> bucket) for ``by_feature``: the row features the worst rows' descriptions name.
+FEATURES = (("TP", lambda r: r.tp), ("DP", lambda r: r.dp), ("PP", lambda r: r.pp), ("micro", lambda r: r.micro_batch),
+            ("m/PP", _per_stage_bucket), ("(TP, DP)", lambda r: (r.tp, r.dp)))
+
+
+def by_feature(cv: dict, design=None, features=FEATURES) -> dict:
+    """Held-out errors of ``design`` (default: the primary one) grouped per file and feature:
+    ``{source: {feature: {bucket: {"n", "mean", "mape"}}}}``, buckets sorted; mean is signed."""
+    design = DESIGNS[0] if design is None else design
+    errs, rows = cv["errors"][design], cv["rows"]
+    out: dict = {}
+    for src in ("single", "multi"):
+        mine = [(rows[c], e) for c, e in errs.items() if rows[c].source == src]
+        if not mine:
+            continue
+        out[src] = {}
+        for name, key in features:
+            groups: dict = {}
+            for r, e in mine:
+                groups.setdefault(key(r), []).append(e)
+            out[src][name] = {k: {"n": len(v), "mean": sum(v) / len(v), "mape": sum(abs(x) for x in v) / len(v)}
+                              for k, v in sorted(groups.items())}
+    return out
+
+
+def print_by_feature(table: dict) -> None:
+    for src, feats in table.items():
+        for name, groups in feats.items():
+            cells = "  ".join(f"{k if isinstance(k, (int, str)) else '·'.join(map(str, k))}: n={g['n']} "
+                              f"{100 * g['mean']:+.1f}%/{100 * g['mape']:.1f}%" for k, g in groups.items())
+            print(f"  {src:6s} by {name:8s} (n, signed mean/MAPE)  {cells}")
+
+
 def adopt(summary: list[dict]) -> bool:
     """The decision rule (module docstring) on the summary's smooth line and primary design line."""
     smooth, primary = summary[0], summary[1]
@@ -104,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--collectives", default="ideal,nccl",
                     help="collectives modes to cross-validate, comma-separated (ideal, nccl); both: the adoption rule")
+    ap.add_argument("--by-feature", action="store_true",
+                    help="also print the primary design's held-out errors grouped by TP, DP, PP, microbatch, m/PP")
     a = ap.parse_args(argv)
     modes = [m.strip() for m in a.collectives.split(",") if m.strip()]
     if not modes or any(m not in ("ideal", "nccl") for m in modes):
@@ -112,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.folds < 2:
         print("--folds must be at least 2", file=sys.stderr)
         return 2
-    from validation.groundtruth import GroundTruthError
+    from validation.groundtruth_rows import GroundTruthError
 
     t0 = time.perf_counter()
     try:
@@ -124,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     primary = {}
     for mode in modes:
         models = [row_model(r, topologies, mode) for r in rows if r.calibration and not why_not_expressible(r)]
-        summary = summarise(cross_validate(models, a.folds))
+        cv = cross_validate(models, a.folds)
+        summary = summarise(cv)
         primary[mode] = summary[1]
         print(f"{a.folds}-fold CV inside the {len(models)} calibration rows (closed form; scored rows never read), "
               f"collectives={mode}")
@@ -134,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * s['worst']:7.1f}% {s['covered']:4d}/{s['n']:<3d}  {s['worst_row']}")
         print(f"decision rule (primary design vs smooth): {'ADOPT' if adopt(summary) else 'do not adopt'}  "
               f"[{time.perf_counter() - t0:.0f} s]")
+        if a.by_feature:
+            print(f"held-out errors of the primary design by feature, collectives={mode}:")
+            print_by_feature(by_feature(cv))
     if len(primary) == 2:
         i, n = primary["ideal"], primary["nccl"]
         print(f"collectives rule (primary design, nccl vs ideal): single {100 * i['mape_single']:.2f}% -> "

@@ -8,7 +8,7 @@ attention core, ``Layer.attention_forward_s``, is re-run). Vocabulary 51,200 (al
 vTrain's calibration rows — another cluster and another code base (Megatron-LM, not DeepSpeed), so
 an out-of-sample check of the efficiency model, not a target.
 
-The iteration is the closed form of ``validation.groundtruth`` extended to interleaving with v
+The iteration is the closed form of ``validation.groundtruth_closed_form`` extended to interleaving with v
 chunks per device: ``(m − 1)·max_s D_s + Σ_s D_s / v + 2·v·Σ c_s`` with D_s a device's forward +
 backward of all its chunks per microbatch (Narayanan et al. 2021: the bubble shrinks by v, the p2p
 count grows by v), then the Adam step. Too large to simulate on two cores (up to 512 GPUs, 512
@@ -24,7 +24,8 @@ from planner.analytic import TransformerConfig, transformer_profile
 from planner.efficiency import DeviceCalibration, optimizer_step_s
 from topologies.devices import device_kind
 from topologies.presets import load_topology
-from validation.groundtruth import GroundTruthError, phases_time_s, _ring
+from validation.groundtruth_closed_form import _ring, phases_time_s
+from validation.groundtruth_rows import GroundTruthError
 
 KORTHIKANTI_FILE = "korthikanti22_table5_via_calculon.csv"
 SELENE_SPEC = "hier:8@nvswitch:3e+11,{nodes}@ib:2e+11,kind=a100-80gb"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from validation.groundtruth import CALIBRATION_RULE, GroundTruth, Scored, simulated_workers_sentence
+from validation.groundtruth import GroundTruth, Scored, simulated_workers_sentence
+from validation.groundtruth_rows import CALIBRATION_RULE
 
 
 def to_json(g: GroundTruth, extra: list[dict] | None = None, titan: list[dict] | None = None, h100=None) -> dict:

@@ -82,7 +82,7 @@ With PP the weights stay gathered for the step (one all-gather, exposed before t
 gradients accumulate unsharded in fp32 and are reduce-scattered once after the last backward.
 
 **Step**: without PP, the sum over units and passes, then the fused Adam step over the rank's shard
-and the fitted per-iteration overhead; with PP, ``validation.groundtruth.one_f_one_b_s`` (1F1B) or
+and the fitted per-iteration overhead; with PP, ``validation.groundtruth_closed_form.one_f_one_b_s`` (1F1B) or
 the interleaved form of ``validation.groundtruth_published`` over the stages' per-microbatch costs
 (p2p: a rank's sequence-parallel slice of the boundary activation over RDMA). Tokens/s per GPU =
 local batch × seq / (step × TP × PP × CP), as torchtitan counts them.
@@ -110,8 +110,9 @@ from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, M
 from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, fit, optimizer_step_s, work_time_s
 from planner.sharding import fsdp_pass_s, ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
 from topologies.devices import DeviceKind, device_kind
-from validation.groundtruth import GroundTruthError, StageCosts, one_f_one_b_s
+from validation.groundtruth_closed_form import StageCosts, one_f_one_b_s
 from validation.groundtruth_published import interleaved_pipe_s, published_lines
+from validation.groundtruth_rows import GroundTruthError
 
 TORCHTITAN_FILE = "torchtitan_llama3_h100_202412.csv"
 TITAN_KIND = "h100-96gb-hbm2e"

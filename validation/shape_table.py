@@ -9,9 +9,9 @@ row whose shape is listed takes the table's block times, the others the smooth m
 (:func:`predict_row_s`). Whether ``groundtruth`` fits the tier at all (``SHAPE_TABLE``) was decided by the
 calibration rows' own cross-validation (``validation.groundtruth_cv``), never by a scored row.
 
-Its own module because it is a second, separate fit on top of ``validation.groundtruth``'s rows and
-closed form (which imports it for ``fit_calibration`` and ``run``); rows are duck-typed
-(``validation.groundtruth.RowModel``) so the import runs one way.
+Its own module because it is a second, separate fit on top of the rows' closed form
+(``validation.groundtruth_closed_form``); ``validation.groundtruth`` imports it for ``fit_calibration`` and ``run``;
+rows are duck-typed (``validation.groundtruth_closed_form.RowModel``) so the import runs one way.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from planner.efficiency import BlockKey, BlockTiming, DeviceCalibration, EfficiencyParams, fit_shape_factors
 
 if TYPE_CHECKING:
-    from validation.groundtruth import RowModel
+    from validation.groundtruth_closed_form import RowModel
 
 __all__ = ["SHAPE_MIN_ROWS", "SHAPE_PRIOR_ROWS", "SHAPE_TABLE", "fit_shape_table", "predict_row_s"]
 

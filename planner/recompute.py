@@ -131,9 +131,3 @@ def rebuilt_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> fl
     if mode == "none":
         return 0.0
     return max(layer_rebuilt_bytes(profile, i, mode) for i in range(first, last + 1))
-
-
-def all_rebuilt_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
-    """Bytes per sample rebuilt for a whole stage (saved − kept): what a split backward (BI, then BW
-    later) holds from its BI until its BW, since the weight gradients need every layer's activations."""
-    return max(0.0, profile.saved_bytes(first, last) - kept_bytes(profile, first, last, mode))

@@ -118,7 +118,7 @@ def tensor_parallel_cluster() -> tuple[float, int, int]:
     prof = load_model("gpt:layers=30,hidden=3072,heads=32,seq=2048,vocab=50257", tensor_parallel=8)
     plan = plan_from_flags("gpt-3.6b", len(prof), pp=2, dp=4, tp=8, microbatches=32, microbatch_size=4,
                            recompute="full", devices=topo.devices)
-    n_ar = sum(l.tp_forward_allreduces * 2 + l.tp_backward_allreduces for l in prof.layers) * 32 // 4
+    n_ar = sum(len(l.tp_forward) * 2 + len(l.tp_backward) for l in prof.layers) * 32 // 4
     t0 = time.perf_counter()
     trace = simulate_plan(plan, prof, topo, SimParams(link_events=False))
     return time.perf_counter() - t0, len(trace.events), n_ar

@@ -10,7 +10,7 @@ This module builds one from closed forms:
   as one layer, and the final norm + output head. Any of them **per
   tensor-parallel rank** (``transformer_profile(..., tensor_parallel=T)``: FLOPs,
   weights and activations split as Megatron splits them, each layer's TP
-  all-reduces in its ``tp_*`` fields), and timed either at a fixed fraction of
+  collectives in its ``tp_collectives``, from ``planner.tpcollectives``), and timed either at a fixed fraction of
   peak or by the fitted kernel-level efficiency model (``planner.efficiency``).
 * **The CNNs of the PipeDream paper** (``vgg16``, ``resnet50``). Where
   PipeDream's measured ``graph.txt`` for that model is on disk (see
@@ -102,6 +102,7 @@ from pathlib import Path
 
 from planner.efficiency import BlockKey, BlockTiming, DeviceCalibration, EfficiencyParams, Gemm, Work, work_time_s
 from planner.profile import Layer, ModelProfile, ModelSpecError, ProfileError, load_profile, read_pipedream_graph
+from planner.tpcollectives import tp_collectives
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind
 from topologies.topology import TopologyError
 
@@ -112,7 +113,6 @@ __all__ = [
     "ModelSpecError", "total_params", "min_memory_per_device_bytes", "on_device", "FAMILIES", "padded_vocab",
     "block_work", "embedding_work", "head_work", "MEGATRON_VOCAB_MULTIPLE", "tp_vocab_multiple", "block_key", "transformer_config",
     "ATTENTION_KERNELS", "DEFAULT_ATTENTION", "FLASH_BACKWARD_FACTOR", "attention_flops", "attended_keys",
-    "TPCollective", "tp_collectives", "CROSS_ENTROPY_BYTES",
 ]
 
 #: Bytes per parameter in an analytic profile's ``param_bytes`` (fp32 main gradient; see the module docstring).
@@ -387,102 +387,6 @@ def block_saved_bytes(c: TransformerConfig, tensor_parallel: int = 1, sequence_p
     return replicated * rep + sharded / t + _attention_saved_bytes(c, t) + _flash_saved_bytes(c, t)
 
 
-#: Bytes per element of the vocabulary-parallel cross entropy's per-token statistics (row maximum, sum of
-#: exponentials, target logit): Megatron takes the loss of fp32 logits (``fp16_lm_cross_entropy`` off).
-CROSS_ENTROPY_BYTES = 4
-
-
-@dataclass(frozen=True)
-class TPCollective:
-    """One collective a tensor-parallel rank issues in one layer's forward or backward, per sample.
-
-    Attributes:
-        phase: ``"forward"`` or ``"backward"``.
-        kind: ``"all-reduce"``, ``"all-gather"`` or ``"reduce-scatter"``.
-        elements: elements per sample of the whole tensor (an all-gather's output, a reduce-scatter's input).
-        element_bytes: bytes per element (16-bit activations: 2; the cross entropy's fp32 statistics: 4).
-        op: the reduction (``"sum"``, or ``"max"`` for the cross entropy's row maximum).
-        what: what it carries (``"attention"``, ``"mlp"``, ``"embedding"``, ``"head"``, ``"ce-max"``, ...).
-    """
-
-    phase: str
-    kind: str
-    elements: float
-    element_bytes: int = 2
-    op: str = "sum"
-    what: str = ""
-
-    @property
-    def nbytes(self) -> float:
-        """Bytes per sample of the whole tensor."""
-        return self.elements * self.element_bytes
-
-    @property
-    def ring_allreduces(self) -> float:
-        """Its ring volume in all-reduces of the same tensor: 1, or ½ for an all-gather or a reduce-scatter."""
-        return 1.0 if self.kind == "all-reduce" else 0.5
-
-
-def tp_collectives(c: TransformerConfig, tensor_parallel: int = 1,
-                   sequence_parallel: bool = False) -> list[tuple[TPCollective, ...]]:
-    """The TP collectives of one microbatch per layer (embedding, each block, final norm + head; chain order),
-    each phase's in issue order: what Megatron-LM runs and ``executor.tensor_parallel`` runs (the agreement is
-    tested collective by collective, ``tests/test_tp_collectives_agree.py``). Empty lists for T = 1.
-
-    Without sequence parallelism: the vocabulary-parallel embedding's partial sums are all-reduced (forward;
-    its ids take no gradient, so nothing in backward); a block all-reduces the attention's and the MLP's
-    row-parallel outputs (forward, ``g``) and the input gradients of its two column-parallel layers (backward,
-    ``f``: MLP first); the head all-reduces its input gradient (backward) and its vocabulary-parallel cross
-    entropy three per-token fp32 statistics in forward: the row maximum (a max), the sum of exponentials and
-    the target's logit (sums).
-
-    With sequence parallelism each ``f`` is an all-gather along the sequence (backward: a reduce-scatter) and
-    each ``g`` a reduce-scatter (backward: an all-gather), all of the whole s·h tensor; a column-parallel layer
-    keeps only its rank's part of the input and all-gathers it again in backward for its weight gradient
-    (Megatron-LM; Korthikanti et al. 2022, section 4.2.2; what :func:`block_saved_bytes` counts). A block's
-    forward is all-gather, reduce-scatter, all-gather, reduce-scatter; its backward (MLP first) all-gather
-    (fc2's output gradient), all-gather (fc1's input again), reduce-scatter, and the same for the attention.
-    The head's matrix gathers the sequence (forward all-gather; backward all-gather again, reduce-scatter). The Llama embedding reduce-scatters its
-    partial sums (backward: an all-gather of the output gradient); a GPT embedding all-reduces them, adds the
-    positions and keeps its part of the sequence, which in backward all-gathers the output gradient (as
-    Megatron does where there are position embeddings). Not per microbatch, so not here: sequence
-    parallelism's once-per-step all-reduce of the norms' and row-parallel biases' gradients.
-
-    A layer's timing fields (``tp_allreduce_bytes`` × ``tp_forward_allreduces``/``tp_backward_allreduces``, what
-    the cost model and the simulator run) are whole s·h all-reduces: this list's ring volume (an all-gather or
-    a reduce-scatter is half an all-reduce of its tensor) less the cross entropy's three s-element statistics
-    (latency only) and sequence parallelism's backward re-gathers (Megatron runs them under the input-gradient
-    GEMM); with sequence parallelism the embedding's and the head's gather/scatter pair is timed as one
-    all-reduce in the forward (embedding) or the backward (head), and a GPT embedding's backward all-gather is
-    not timed (``tests/test_tp_collectives_agree.py`` pins each of these).
-    """
-    if tensor_parallel == 1:
-        return [()] * (c.layers + 2)
-    sh = float(c.seq * c.hidden)
-    AR, AG, RS = "all-reduce", "all-gather", "reduce-scatter"
-
-    def col(phase: str, kind: str, what: str) -> TPCollective:
-        return TPCollective(phase, kind, sh, 2, "sum", what)
-
-    ce = tuple(TPCollective("forward", AR, float(c.seq), CROSS_ENTROPY_BYTES, op, what)
-               for op, what in (("max", "ce-max"), ("sum", "ce-sum-exp"), ("sum", "ce-target")))
-    if not sequence_parallel:
-        emb = (col("forward", AR, "embedding"),)
-        block = (col("forward", AR, "attention"), col("forward", AR, "mlp"),
-                 col("backward", AR, "mlp"), col("backward", AR, "attention"))
-        head = (*ce, col("backward", AR, "head"))
-    else:
-        emb = ((col("forward", RS, "embedding"),) if c.llama else
-               (col("forward", AR, "embedding"),)) + (col("backward", AG, "embedding"),)
-        block = (col("forward", AG, "attention"), col("forward", RS, "attention"),
-                 col("forward", AG, "mlp"), col("forward", RS, "mlp"),
-                 col("backward", AG, "mlp"), col("backward", AG, "mlp-input"), col("backward", RS, "mlp"),
-                 col("backward", AG, "attention"), col("backward", AG, "attention-input"),
-                 col("backward", RS, "attention"))
-        head = (col("forward", AG, "head"), *ce, col("backward", AG, "head-input"), col("backward", RS, "head"))
-    return [emb] + [block] * c.layers + [head]
-
-
 def state_bytes(params: float, optimizer: str = "adam") -> float:
     """Training-state bytes (weights, gradients, master copy, optimizer) of ``params`` parameters."""
     try:
@@ -583,8 +487,11 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     MLP-down row-parallel (FLOPs and weights / T), attention heads split, the embedding and the output
     head vocabulary-parallel (the vocabulary padded to a multiple of ``vocab_multiple × T``; 128 is
     Megatron's), norms, residual adds and row-parallel biases replicated (split by T only with
-    ``sequence_parallel``). Each layer carries its TP all-reduces (a block: 2 in forward and 2 in
-    backward of ``s·h·2`` bytes per sample; the embedding 1 in forward; the head 1 in backward).
+    ``sequence_parallel``). Each layer carries every TP collective it issues (``Layer.tp_collectives``:
+    ``planner.tpcollectives.tp_collectives``, what Megatron and the executor issue; without sequence parallelism
+    a block all-reduces ``s·h·2`` bytes per sample twice in forward and twice in backward, the embedding once in
+    forward, the head three fp32 per-token statistics of its cross entropy in forward and its input gradient in
+    backward).
 
     Times: ``efficiency`` given, each layer's kernels (:func:`block_work`) are timed by
     ``planner.efficiency.work_time_s`` at ``microbatch_size`` (the profile's reference microbatch);
@@ -603,8 +510,7 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     vp = padded_vocab(c.vocab, t, vocab_multiple)
     rep = 1.0 / t if sequence_parallel else 1.0
     mb = microbatch_size
-    tp_bytes = s * h * 2.0 if t > 1 else 0.0
-    ar = 1 if t > 1 else 0
+    comms = tp_collectives(c, t, sequence_parallel)  # every TP collective of each layer, as issued (all timed)
     boundary = s * h * 2.0 * rep
 
     def times(flops: float, work: Work, backward_flops: float | None = None) -> tuple[float, float]:
@@ -617,8 +523,7 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
     ef, eb = times(emb_flops, embedding_work(c, mb, t, sequence_parallel, vocab_multiple))
     positions = 0 if c.llama else s * h
     layers = [Layer("embedding", ef, eb, boundary, (0.0 if c.llama else s * h * rep) + 8.0 * s,
-                    BYTES_PER_PARAM * (vp * h / t + positions), tp_allreduce_bytes=tp_bytes, tp_forward_allreduces=ar,
-                    recomputable=False)]
+                    BYTES_PER_PARAM * (vp * h / t + positions), recomputable=False, tp_collectives=comms[0])]
     sharded, replicated = _block_param_split(c)
     bp = BYTES_PER_PARAM * (sharded / t + replicated)
     saved = block_saved_bytes(c, t, sequence_parallel)
@@ -637,16 +542,15 @@ def transformer_profile(c: TransformerConfig, kind: str = DEFAULT_DEVICE_KIND, n
         attn_s *= block_timing.forward_s / bf
         bf, bb = block_timing.forward_s, block_timing.backward_s
     for i in range(c.layers):
-        layers.append(Layer(f"block{i}", bf, bb, boundary, saved, bp, tp_allreduce_bytes=tp_bytes,
-                            tp_forward_allreduces=2 * ar, tp_backward_allreduces=2 * ar,
-                            attention_saved_bytes=_attention_saved_bytes(c, t), attention_forward_s=attn_s))
+        layers.append(Layer(f"block{i}", bf, bb, boundary, saved, bp, attention_saved_bytes=_attention_saved_bytes(c, t),
+                            attention_forward_s=attn_s, tp_collectives=comms[1 + i]))
     hf = _head_flops(c, vp) / t
     hfw, hbw = times(hf, head_work(c, mb, t, sequence_parallel, vocab_multiple))
     if efficiency is not None:  # the loss's fixed per-microbatch work (planner.efficiency)
         hfw += efficiency.loss_overhead_s
     layers.append(Layer("ln_f+head", hfw, hbw, 4.0, 4.0 * s * h * rep + 4.0 * s * vp / t,
-                        BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), tp_allreduce_bytes=tp_bytes,
-                        tp_backward_allreduces=ar, recomputable=False))
+                        BYTES_PER_PARAM * (vp * h / t + _norm_params(c)), recomputable=False,
+                        tp_collectives=comms[-1]))
     return ModelProfile(name=name or c.spec(), layers=tuple(layers), microbatch_size=mb, device=k.name,
                         tensor_parallel=t, sequence_parallel=sequence_parallel)
 

@@ -47,9 +47,12 @@ selective: all but the attention core), plus what one layer's backward rebuilds.
 ``planner.stagememory``'s, which the simulator's replay reads too. The closed form holds the gradient buffer open
 throughout; the replay opens it at a round's first backward, so where a stage reaches its depth only before that
 backward (GPipe, PipeDream, a flush family on a batch no deeper than the stage) it is over by at most the
-gradients. Not counted here, only by the replay: stage outputs kept as the root of the backward, receive buffers
-posted ahead, outgoing gradients, and a split backward's rebuilt stages held from BI to BW
-(``tests/test_stage_memory_agreement.py`` pins each).
+gradients. What a stage holds for its boundaries (stage outputs kept as the roots of the backward, the receive
+buffers posted ahead, outgoing gradients: ``planner.stagememory.transfer_bytes``) is charged with
+``CostOptions.transfers``: to the byte on 1F1B, 2BW and ZB-H1, an upper bound on ZB-H2 and the multi-stage
+families (``tests/test_stage_memory_agreement.py``); off by default until the partition search charges it too.
+A split backward with recomputation holds one layer's rebuild in its BI and in its BW, as a B does, and nothing
+rebuilt between them (the executor rebuilds again in the BW: ``tests/test_recompute_split_memory.py``).
 
 How close the V families' activations are (ZB-V, V-Half, V-Min, DualPipeV): every rank is charged
 one depth, the registry's, which is the heaviest rank's peak; the simulator holds each rank's own.
@@ -76,6 +79,7 @@ pricing are one evaluation that the partitioner reproduces term by term (``stage
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -87,9 +91,11 @@ from planner.program import FAMILY, looped_warmup_extra, rank_of
 from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s,
                               weight_versions_refusal, zero3_refusal)
 from planner.stagememory import fsdp_gathered_bytes as _fsdp_gathered, fsdp_units, peak_stage_bytes
+from planner.stagememory import RECV_LOOKAHEAD, chunks_transfer_bytes, transfer_bytes
 from planner.stagememory import static_bytes as _static_bytes
-from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, rebuilt_bytes,
-                               recompute_mode, recomputed_tp_allreduces, tp_allreduces)
+from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, layer_kept_bytes,
+                               rebuilt_bytes, recompute_mode, backward_tp_collectives, tp_collectives_run)
+from planner.tpcollectives import collectives_time_s, ring_time_s
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -132,6 +138,13 @@ class CostOptions:
             its gathered units in memory). One weight version: flush schedules only. A plan's own
             ``zero_stage`` is used when this is 0.
         fsdp_overlap: ZeRO-3 prefetch (as ``SimParams.fsdp_overlap``); False: every collective exposed.
+        transfers: charge what a stage holds for its boundaries, as the simulator and the executor hold it: the
+            outputs kept as the roots of the backward, the receive pool, outgoing gradients
+            (``planner.stagememory.transfer_bytes``). Off by default while the partition search
+            (``planner.partition``), which reproduces the cost model's memory term by term, does not charge them:
+            on, ``evaluate`` would refuse plans the search returns as fitting.
+        recv_lookahead: with ``transfers``, the receives a worker posts ahead into pooled buffers (as
+            ``SimParams.recv_lookahead``: the gloo executor's 8).
     """
 
     overlap_comm: bool = True
@@ -145,6 +158,8 @@ class CostOptions:
     overlap_allreduce: bool = False
     zero_stage: int = 0
     fsdp_overlap: bool = True
+    transfers: bool = False
+    recv_lookahead: int = RECV_LOOKAHEAD
 
     def __post_init__(self) -> None:
         check_planned_zero(self.zero_stage)
@@ -467,6 +482,10 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
             t = max(t, zero3_link[i] / M)
         n_held, versions = (int(x) for x in stage_counts(fam, M, workers_after[i], r, limit0))
         mem = _stage_memory(prof, st.first_layer, st.last_layer, mb, n_held, versions, options, r)
+        if options.transfers:
+            mem += _transfer_memory(prof, st.first_layer, st.last_layer, i == 0, i == S - 1, mb, n_held,
+                                    int(inflight(fam, M, workers_after[i], r)), -(-M // r) * plan.batches, options,
+                                    FAMILY[fam].backward == "split")
         if options.zero_stage == 3 and r > 1:
             mem += fsdp_gathered_bytes(prof, *st.layers, options, FAMILY[fam].backward)
         raw.append((st, compute, comm, ar, t, mem, _limit(topology, st.devices, options), f, b))
@@ -522,6 +541,12 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         per_chunk = sum(kept) / V if fam.inflight == "batch" else max(kept)
         act = (depth * per_chunk + max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs)) * mb
         mem = static_bytes(params, 1, r, options) + act
+        if options.transfers:
+            mem += chunks_transfer_bytes(
+                depth, [_boundaries(prof, plan.stages[v].layers, v == 0, v == S - 1, mb, options) for v in vs],
+                -(-M // r) * plan.batches, options.recv_lookahead,
+                max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) * mb,
+                fam.backward == "split", fam.inflight == "batch")
         raw_dev[d] = (compute, comm, ar, t, mem, _limit(topology, (dev,), options), f, b, tail)
     raw, tails = [], []
     for i, st in enumerate(plan.stages):
@@ -579,14 +604,30 @@ def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: in
                                       zero_stage=options.zero_stage, optimizer=options.optimizer))
 
 
+def tp_price(topology, group) -> Callable[[str, float], float]:
+    """``price(kind, bytes)``: seconds of one ring collective of that kind and size over ``group`` (one replica's
+    tensor group; 0 for a group of one), remembered per (kind, bytes) since a stage's blocks repeat them."""
+    devices = list(group)
+    seen: dict[tuple[str, float], float] = {}
+
+    def price(kind: str, nbytes: float) -> float:
+        key = (kind, nbytes)
+        t = seen.get(key)
+        if t is None:
+            t = seen[key] = ring_time_s(topology, devices, kind, nbytes) if len(devices) > 1 else 0.0
+        return t
+    return price
+
+
 def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, topology, group: tuple[str, ...],
                     mb: int) -> float:
-    """Seconds per microbatch of the TP all-reduces of layers first..last (``Layer.tp_*``; with full
-    recomputation its re-run forward's too) as rings over ``group``, one replica's tensor group."""
+    """Seconds per microbatch of the TP collectives of layers first..last (``Layer.tp_collectives``, each as
+    issued; with full recomputation its re-run forward's too), each a ring of its kind over ``group``, one
+    replica's tensor group."""
     if len(group) < 2:
         return 0.0
-    return sum(tp_allreduces(l, recompute) * topology.ring_allreduce_time_s(list(group), l.tp_allreduce_bytes * mb)
-               for l in prof.layers[first:last + 1] if l.tp_allreduce_bytes > 0)
+    price = tp_price(topology, group)
+    return sum(collectives_time_s(tp_collectives_run(l, recompute), mb, price) for l in prof.layers[first:last + 1])
 
 
 def dp_allreduce_s(prof: ModelProfile, st, topology, options: CostOptions, T: int) -> float:
@@ -619,27 +660,27 @@ def fsdp_passes_s(prof: ModelProfile, first: int, last: int, options: CostOption
     """Seconds of one microbatch's ZeRO-3 passes on a stage replica over ``group`` (its replicas, of one TP rank),
     each pass ``planner.sharding.fsdp_pass_s`` over the layers (units) with every collective a ring all-gather or
     reduce-scatter of the unit's 16-bit tensor on free links (half a ring all-reduce's time); a unit's compute
-    holds its TP all-reduces as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
+    holds its TP collectives as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
     backward's and what recomputation re-runs); a split backward's BI and BW take half the backward each, the
     re-run forward in the BI."""
     layers = prof.layers[first:last + 1]
     ring = [topology.ring_allreduce_time_s(group, collective_bytes(l.param_bytes)) / 2 if l.param_bytes > 0 else 0.0
             for l in layers]
     mode = options.recompute
-    tp = [topology.ring_allreduce_time_s(list(tp_group), l.tp_allreduce_bytes * mb)
-          if len(tp_group) > 1 and l.tp_allreduce_bytes > 0 else 0.0 for l in layers]
+    price = tp_price(topology, tp_group)
+    tp = [(collectives_time_s(l.tp_forward, mb, price), collectives_time_s(backward_tp_collectives(l, mode), mb, price))
+          for l in layers]
     total = 0.0
     for kind in _pass_kinds(backward):
         gathers, scatters = fsdp_collectives(kind)
         if kind == "F":
-            c = [l.forward_s / speed + l.tp_forward_allreduces * x for l, x in zip(layers, tp)]
+            c = [l.forward_s / speed + x for l, (x, _) in zip(layers, tp)]
             g, r = ring, [0.0] * len(layers)
         else:
             share = 1.0 if kind == "B" else 0.5
             redo = kind in ("B", "BI")
             c = [(l.backward_s * share + (layer_extra_forward_s(l, mode) if redo else 0.0)) / speed
-                 + ((l.tp_backward_allreduces + recomputed_tp_allreduces(l, mode)) * x if redo else 0.0)
-                 for l, x in zip(layers, tp)][::-1]
+                 + (x if redo else 0.0) for l, (_, x) in zip(layers, tp)][::-1]
             g, r = ring[::-1], ring[::-1]
         total += fsdp_pass_s(c, g if gathers else [0.0] * len(c), r if scatters else [0.0] * len(c),
                              options.fsdp_overlap)
@@ -675,6 +716,25 @@ def _stage_memory(prof: ModelProfile, first: int, last: int, mb: int, n_held: in
     mode = options.recompute
     return stage_bytes(static_bytes(prof.param_bytes(first, last), versions, replicas, options),
                        kept_bytes(prof, first, last, mode), rebuilt_bytes(prof, first, last, mode), n_held, mb)
+
+
+def _boundaries(prof: ModelProfile, layers: tuple[int, int], is_first: bool, is_last: bool, mb: int,
+                options: CostOptions) -> tuple[float, float, float, float]:
+    """(input, the input its kept bytes count, output, kept) bytes per microbatch of a stage."""
+    first, last = layers
+    inp = 0.0 if is_first else prof.boundary_bytes(first - 1) * mb
+    kept_in = 0.0 if is_first else min(layer_kept_bytes(prof, first, options.recompute), prof.boundary_bytes(first - 1)) * mb
+    out = 0.0 if is_last else prof.boundary_bytes(last) * mb
+    return inp, kept_in, out, kept_bytes(prof, first, last, options.recompute) * mb
+
+
+def _transfer_memory(prof: ModelProfile, first: int, last: int, is_first: bool, is_last: bool, mb: int, n_held: int,
+                     n_in: int, receives: int, options: CostOptions, split: bool) -> float:
+    """A stage's boundary bytes at its peak (``planner.stagememory.transfer_bytes``): outputs kept as the roots of
+    the backward, the receive pool, less the received input its kept bytes count."""
+    inp, kept_in, out, kept = _boundaries(prof, (first, last), is_first, is_last, mb, options)
+    return transfer_bytes(n_held, n_in, inp, kept_in, out, receives, options.recv_lookahead, kept,
+                          rebuilt_bytes(prof, first, last, options.recompute) * mb, split)
 
 
 # --- the link-load bound ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from planner.plan import Plan
 from planner.profile import ModelProfile
 from planner.program import FAMILY
-from planner.recompute import tp_allreduces
+from planner.recompute import tp_collectives_run
 from planner.sharding import collective_bytes
 
 if TYPE_CHECKING:
@@ -125,9 +125,10 @@ def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions,
                 mask[k] = mask.get(k, 0) | there
     for s, stage in enumerate(st):
         r = stage.replicas
-        if T > 1:  # every microbatch of a replica runs its TP all-reduces as rings over its tensor group
-            per_mb = sum(tp_allreduces(l, options.recompute) * l.tp_allreduce_bytes * mb
-                         for l in prof.layers[stage.first_layer:stage.last_layer + 1])
+        if T > 1:  # every microbatch of a replica runs its TP collectives as rings over its tensor group
+            per_mb = sum(c.ring_allreduces * c.nbytes * mb  # in all-reduces' ring bytes: an all-gather is half one
+                         for l in prof.layers[stage.first_layer:stage.last_layer + 1]
+                         for c in tp_collectives_run(l, options.recompute))
             for rep in range(r):
                 group = stage.tensor_group(rep, T)
                 n_mb = len(range(rep, M, r))

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 
+from planner.tpcollectives import TPCollective, allreduces
 from topologies.errors import InputError
 from topologies.files import output_path
 
@@ -40,13 +41,14 @@ class Layer:
         activation_bytes: output activation bytes per sample (what a stage boundary after this layer sends).
         saved_bytes: bytes kept for backward per sample (defaults to activation_bytes when unknown).
         param_bytes: parameter bytes.
-        tp_allreduce_bytes: bytes per sample of each tensor-parallel all-reduce this layer runs (the full,
-            unsharded tensor: s·h·2 for a transformer block); 0 without tensor parallelism.
-        tp_forward_allreduces: TP all-reduces inside one forward (a Megatron block: 2, one after attention,
-            one after the MLP; a vocabulary-parallel embedding: 1). With sequence parallelism each one runs
-            as a reduce-scatter + all-gather pair of the same ring volume (``ModelProfile.sequence_parallel``).
-        tp_backward_allreduces: TP all-reduces inside one backward, not counting a recomputed forward's
-            (a block: 2; the output head: 1, its input gradient).
+        tp_allreduce_bytes, tp_forward_allreduces, tp_backward_allreduces: a shorthand for a hand-made layer
+            whose TP collectives are whole all-reduces of one size: that many all-reduces of that many bytes per
+            sample in forward and in backward. Given (and ``tp_collectives`` not), they fill
+            ``tp_collectives``; nothing reads them after that.
+        tp_collectives: every tensor-parallel collective one TP rank of this layer issues per microbatch
+            (``planner.tpcollectives.TPCollective``: phase, kind, bytes per sample), in issue order; empty
+            without tensor parallelism. The one list every interpreter times (see :attr:`tp_forward`,
+            :attr:`tp_backward`; ``planner.analytic`` fills it from ``planner.tpcollectives.tp_collectives``).
         attention_saved_bytes: the part of ``saved_bytes`` that selective recomputation discards (the
             attention scores, softmax and dropout outputs: Korthikanti et al.'s 5·a·s²/T per sample).
         attention_forward_s: forward seconds (per reference microbatch) of that part: what selective
@@ -67,6 +69,24 @@ class Layer:
     attention_saved_bytes: float = 0.0
     attention_forward_s: float = 0.0
     recomputable: bool = True
+    tp_collectives: tuple[TPCollective, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tp_collectives and (self.tp_forward_allreduces or self.tp_backward_allreduces):
+            object.__setattr__(self, "tp_collectives", allreduces(self.tp_allreduce_bytes, self.tp_forward_allreduces,
+                                                                  self.tp_backward_allreduces))
+        elif not isinstance(self.tp_collectives, tuple):
+            object.__setattr__(self, "tp_collectives", tuple(self.tp_collectives))
+
+    @property
+    def tp_forward(self) -> tuple[TPCollective, ...]:
+        """The TP collectives of one forward, in issue order."""
+        return tuple(c for c in self.tp_collectives if c.phase == "forward")
+
+    @property
+    def tp_backward(self) -> tuple[TPCollective, ...]:
+        """The TP collectives of one backward (not counting a recomputed forward's), in issue order."""
+        return tuple(c for c in self.tp_collectives if c.phase == "backward")
 
 
 @dataclass(frozen=True)
@@ -172,6 +192,7 @@ class ModelProfile:
                     saved_bytes=float(l.get("saved_bytes", l["activation_bytes"])),
                     param_bytes=float(l["param_bytes"]),
                     **{k: conv(l[k]) for k, conv in _OPTIONAL_LAYER_FIELDS.items() if k in l},
+                    tp_collectives=tuple(TPCollective(**c) for c in l.get("tp_collectives", ())),
                 )
                 for l in d["layers"]
             )
@@ -211,6 +232,9 @@ def _layer_dict(layer: Layer) -> dict:
     for k in _OPTIONAL_LAYER_FIELDS:
         if d[k] == _LAYER_DEFAULTS[k]:
             del d[k]
+    if not d["tp_collectives"] or layer.tp_collectives == allreduces(
+            layer.tp_allreduce_bytes, layer.tp_forward_allreduces, layer.tp_backward_allreduces):
+        del d["tp_collectives"]  # none, or what the shorthand fields give back
     return d
 
 

@@ -35,6 +35,7 @@ profile's own fields; callers scale by the microbatch size.
 from __future__ import annotations
 
 from planner.profile import Layer, ModelProfile
+from planner.tpcollectives import TPCollective
 from topologies.errors import InputError
 
 MODES = ("none", "selective", "full")
@@ -98,15 +99,21 @@ def layer_rebuilt_bytes(profile: ModelProfile, i: int, mode: str) -> float:
     return 0.0
 
 
-def recomputed_tp_allreduces(layer: Layer, mode: str) -> int:
-    """TP all-reduces a layer's backward adds by re-running its forward: full recomputation re-runs them all;
+def recomputed_tp_collectives(layer: Layer, mode: str) -> tuple[TPCollective, ...]:
+    """TP collectives a layer's backward adds by re-running its forward: full recomputation re-runs them all;
     selective re-runs only the attention core, which has none."""
-    return layer.tp_forward_allreduces if mode == "full" and layer.recomputable else 0
+    return layer.tp_forward if mode == "full" and layer.recomputable else ()
 
 
-def tp_allreduces(layer: Layer, mode: str) -> int:
-    """TP all-reduces one microbatch of a layer runs: its forward's, its backward's and what recomputation re-runs."""
-    return layer.tp_forward_allreduces + layer.tp_backward_allreduces + recomputed_tp_allreduces(layer, mode)
+def backward_tp_collectives(layer: Layer, mode: str) -> tuple[TPCollective, ...]:
+    """TP collectives inside one backward of a layer, in issue order: the re-run forward's (recomputation runs
+    it just before the layer's own backward), then the backward's own."""
+    return recomputed_tp_collectives(layer, mode) + layer.tp_backward
+
+
+def tp_collectives_run(layer: Layer, mode: str) -> tuple[TPCollective, ...]:
+    """TP collectives one microbatch of a layer runs: its forward's, then its backward's (re-run forward first)."""
+    return layer.tp_forward + backward_tp_collectives(layer, mode)
 
 
 def kept_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
@@ -124,9 +131,3 @@ def rebuilt_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> fl
     if mode == "none":
         return 0.0
     return max(layer_rebuilt_bytes(profile, i, mode) for i in range(first, last + 1))
-
-
-def all_rebuilt_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:
-    """Bytes per sample rebuilt for a whole stage (saved − kept): what a split backward (BI, then BW
-    later) holds from its BI until its BW, since the weight gradients need every layer's activations."""
-    return max(0.0, profile.saved_bytes(first, last) - kept_bytes(profile, first, last, mode))

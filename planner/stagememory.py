@@ -42,9 +42,10 @@ up front and the simulator only stamps times on it. Held between actions:
   executor keeps as the root of the backward (``StageBytes.output``; see
   :func:`stage_bytes` for how they come from a profile). With recomputation
   (``planner.recompute``) the stage keeps less, and a B holds what one layer
-  rebuilds (``StageBytes.rebuilt``) while it runs; a split backward rebuilds the
-  whole stage's activations in its BI and holds them until its BW ends
-  (``StageBytes.rebuilt_split``), since the weight gradients need them;
+  rebuilds (``StageBytes.rebuilt``) while it runs; so do a split backward's BI and
+  its BW, each of which rebuilds layer by layer and frees what it rebuilt before it
+  ends (``executor.recompute``: the BW rebuilds again, nothing rebuilt is held between
+  the two; ``tests/test_recompute_split_memory.py`` measures it);
 - outgoing gradients: an input gradient from the end of the B/BI that makes it
   until its SEND hands it to the transport;
 - receive buffers: receives are posted ``recv_lookahead`` ahead, each into a
@@ -64,7 +65,7 @@ from typing import Callable, NamedTuple
 
 from planner.profile import ModelProfile
 from planner.program import Action, Kind, Program
-from planner.recompute import all_rebuilt_bytes, kept_bytes, layer_kept_bytes, rebuilt_bytes
+from planner.recompute import kept_bytes, layer_kept_bytes, rebuilt_bytes
 from planner.sharding import collective_bytes, fsdp_collectives, fsdp_transient_bytes, zero_state_bytes
 
 _F, _B, _BI, _BW = Kind.F, Kind.B, Kind.BI, Kind.BW
@@ -78,14 +79,12 @@ RECV_LOOKAHEAD = 8
 class StageBytes(NamedTuple):
     """What one stage weighs: parameter bytes, and per microbatch in flight the bytes kept for backward
     (the received input excluded) and the output kept until backward (0 on the last stage); with
-    recomputation, what a B holds beyond that while it runs (``rebuilt``) and what a BI rebuilds and holds
-    until its BW ends (``rebuilt_split``)."""
+    recomputation, what a B (a BI, a BW) holds beyond that while it runs (``rebuilt``)."""
 
     params: float
     saved: float
     output: float = 0.0
     rebuilt: float = 0.0
-    rebuilt_split: float = 0.0
 
 
 def static_bytes(param_bytes: float, versions: int, replicas: int, zero_stage: int,
@@ -102,6 +101,69 @@ def peak_stage_bytes(static, kept_bytes_, rebuilt_bytes_, held, mb: int = 1):
     microbatches of what it keeps for backward, and what one layer's backward rebuilds (the byte figures per
     sample × ``mb``); elementwise over numpy arrays (the partition search's tables)."""
     return static + (held * kept_bytes_ + rebuilt_bytes_) * mb
+
+
+def transfer_bytes(held, inflight, input_bytes: float, input_kept: float, output_bytes: float, receives: int,
+                   lookahead: int = RECV_LOOKAHEAD, kept: float = 0.0, rebuilt: float = 0.0,
+                   split: bool = False) -> float:
+    """What a stage holds for its boundaries at its peak, beyond ``held`` microbatches of its kept bytes (which
+    count the received input as kept, ``input_kept`` of it): per microbatch held, its output (the root of the
+    backward, ``output_bytes``; 0 on the last stage) in place of that input, which sits in a receive buffer; and
+    the receive pool, per buffer size the most buffers ever in use at once, which is at most
+    min(receives, ``lookahead`` + payloads received and not yet consumed): per microbatch held its input
+    (``input_bytes``; 0 on the first stage), and the gradients that wait for their backward, one for a full
+    backward, one more per microbatch a split backward holds awaiting its BW beyond the 1F1B ``inflight``
+    count. Where the input and the output are the same size they share one pool (one lookahead).
+
+    ``receives``: the RECVs of each kind (activations, gradients) a replica runs. Exact where the pool fills by
+    the time the stage holds ``held`` and a stage holds them again after (1F1B, 2BW, GPipe, PipeDream, ZB-H1);
+    an upper bound elsewhere (ZB-H2: its gradients pile up in the drain, when fewer activations are held).
+    The input gradient a backward makes waits for its SEND: a split backward's BI makes it while the stage still
+    holds the microbatch (until its BW), a full B after freeing the microbatch (``kept`` − ``input_kept`` +
+    output); either adds to the peak only beyond the ``rebuilt`` bytes a backward holds while it runs (those are
+    gone by its end)."""
+    acts_in = held if input_bytes else 0
+    grads_in = held - inflight + 1 if output_bytes else 0
+    classes: dict[float, list] = {}
+    for size, waiting in ((input_bytes, acts_in), (output_bytes, grads_in)):
+        if size:
+            c = classes.setdefault(size, [0, 0])
+            c[0] += receives
+            c[1] += waiting
+    pool = sum(min(r, lookahead + u) * size for size, (r, u) in classes.items())
+    outgoing = input_bytes if split else max(0.0, input_bytes - (kept - input_kept + output_bytes))
+    return held * (output_bytes - input_kept) + pool + max(0.0, outgoing - rebuilt)
+
+
+def chunks_transfer_bytes(depth, chunks: list[tuple[float, float, float, float]], receives: int,
+                          lookahead: int = RECV_LOOKAHEAD, rebuilt: float = 0.0, split: bool = False,
+                          mean: bool = False) -> float:
+    """:func:`transfer_bytes` for a device holding several stages (``chunks``: per stage, its input bytes, the
+    part of them its kept bytes count, its output bytes and its kept bytes, per microbatch) and ``depth``
+    chunk-microbatches in flight, which the cost model charges at the heaviest chunk's kept bytes (``mean``: at
+    their mean): the same at the heaviest (mean) chunk's kept bytes with its output in place of its input, less
+    that; the pool per buffer size, each at most min(receives, lookahead + the ``depth`` inputs + the gradients
+    waiting: one, or with a split backward one per chunk-microbatch held awaiting its BW, ``depth`` + 1). An upper
+    bound: which chunks the depth holds, and whether the pool's sizes fill at once, the closed form does not
+    say; exact on the interleaved and V families where every cut sends the same bytes."""
+    kept = [c[3] for c in chunks]
+    moved = [c[3] - c[1] + c[2] for c in chunks]
+    if mean:
+        more = depth * (sum(moved) - sum(kept)) / len(chunks)
+    else:
+        more = depth * (max(moved) - max(kept))
+    classes: dict[float, list] = {}
+    for inp, _, out, _ in chunks:
+        for size, kind in ((inp, 0), (out, 1)):
+            if size:
+                c = classes.setdefault(size, [0, False, False])
+                c[0] += receives
+                c[1 + kind] = True
+    grads = depth + 1 if split else 1
+    pool = sum(min(r, lookahead + (depth if a else 0) + (grads if g else 0)) * size
+               for size, (r, a, g) in classes.items())
+    outgoing = max((inp if split else max(0.0, inp - m)) for (inp, _, _, _), m in zip(chunks, moved))
+    return more + pool + max(0.0, outgoing - rebuilt)
 
 
 def round_function(program: Program) -> Callable[[int, int], int]:
@@ -128,8 +190,7 @@ def stage_bytes(profile: ModelProfile, layers: list[tuple[int, int]], microbatch
             saved -= min(layer_kept_bytes(profile, a, recompute), profile.layers[a - 1].activation_bytes)
         output = profile.layers[b].activation_bytes if s < last else 0.0
         k = microbatch_size
-        out.append(StageBytes(profile.param_bytes(a, b), saved * k, output * k, rebuilt_bytes(profile, a, b, recompute) * k,
-                              all_rebuilt_bytes(profile, a, b, recompute) * k))
+        out.append(StageBytes(profile.param_bytes(a, b), saved * k, output * k, rebuilt_bytes(profile, a, b, recompute) * k))
     return out
 
 
@@ -250,11 +311,8 @@ def memory_levels(actions: list[Action], stages: dict[int, StageBytes], optimize
             if gathered:
                 start += gathered["F"].get(s, 0.0)
         else:
-            if k is _BI and (s, mb) in entries and stages[s].rebuilt_split:  # rebuilt now, freed with the entry
-                entries[(s, mb)][0] += stages[s].rebuilt_split
-                held += stages[s].rebuilt_split
             start = held + pool.nbytes
-            if k is _B:
+            if k in _COMPUTE:  # a backward's rebuild, held while it runs (F is handled above)
                 start += stages[s].rebuilt
             if gathered and k in _COMPUTE:
                 start += gathered[k._value_].get(s, 0.0)

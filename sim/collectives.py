@@ -64,13 +64,16 @@ def ring_pass_phases(devices: list[str], nbytes: float) -> list[Phase]:
     return [[(devices[i], devices[(i + 1) % n], chunk) for i in range(n)]] * (n - 1)
 
 
-def fused_ring_phases(devices: list[str], nbytes: float, route_latency_s: float) -> tuple[list[Phase], float]:
-    """(phases, tail seconds) of a ring all-reduce run as one phase (see the module docstring)."""
+def fused_ring_phases(devices: list[str], nbytes: float, route_latency_s: float,
+                      steps: int | None = None) -> tuple[list[Phase], float]:
+    """(phases, tail seconds) of a ring of ``steps`` steps run as one phase (see the module docstring): an
+    all-reduce's 2(n − 1) by default, n − 1 for an all-gather or a reduce-scatter."""
     n = len(devices)
     if n < 2:
         return [], 0.0
-    share = 2 * (n - 1) / n * nbytes
-    return [[(devices[i], devices[(i + 1) % n], share) for i in range(n)]], (2 * (n - 1) - 1) * route_latency_s
+    k = 2 * (n - 1) if steps is None else steps
+    share = k / n * nbytes
+    return [[(devices[i], devices[(i + 1) % n], share) for i in range(n)]], (k - 1) * route_latency_s
 
 
 def hierarchical_phases(groups: list[list[str]], nbytes: float) -> list[Phase]:

@@ -56,7 +56,8 @@ from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, Trace
 from planner.sharding import weight_versions_refusal, zero3_refusal
-from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, priced, ring_phases
+from planner.tpcollectives import NCCL_COLLECTIVE, ring_steps
+from sim.collectives import Collective, Phase, dp_phases, fused_ring_phases, priced, ring_pass_phases, ring_phases
 from sim.memory import fsdp_transients, fsdp_units, memory_levels, memory_marks, round_function, stage_bytes
 from sim.network import Network
 from sim.params import SimError, SimParams
@@ -384,8 +385,8 @@ class _Run:
                 else:  # TP all-reduces inside: each after its share of the compute
                     pieces, raw = seg
                     f = base / raw if raw > 0 else 0.0
-                    append((_TP, ovh, ms, me, text, kv, nb, tuple((d * f, n) for d, n in pieces),
-                            (tp_key, i, (raw - sum(d for d, _ in pieces)) * f + acc, tp_arrivals)))
+                    append((_TP, ovh, ms, me, text, kv, nb, tuple((d * f, n, q) for d, n, q in pieces),
+                            (tp_key, i, (raw - sum(p[0] for p in pieces)) * f + acc, tp_arrivals)))
             elif k is _KSEND:
                 dst = to.get(peer)
                 if dst is None:
@@ -449,10 +450,10 @@ class _Run:
                         else:
                             yield ev
                 elif code == _TP:
-                    for j, (d, nbytes) in enumerate(x):
+                    for j, (d, nbytes, coll) in enumerate(x):
                         if d > 0.0:
                             yield timeout(d)
-                        ev = self.tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3])
+                        ev = self.tp_join((y[0], y[1], j), y[0], y[1], nbytes, text, y[3], coll)
                         if ev is not None:
                             yield ev
                     if y[2] > 0.0:
@@ -479,9 +480,10 @@ class _Run:
             if me is not None:
                 mem.append((w, env._now, me))
 
-    def tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int) -> simpy.Event | None:
-        """Join the TP all-reduce ``key`` of worker ``leader``'s group at its action ``i``; the last rank to join
-        starts it. Returns the event to wait for, or None when it finished at once (free links)."""
+    def tp_join(self, key: tuple, leader: int, i: int, nbytes: float, text: str, arrivals: int,
+                kind: str = "all-reduce") -> simpy.Event | None:
+        """Join the TP collective ``key`` (of ``kind``) of worker ``leader``'s group at its action ``i``; the last
+        rank to join starts it. Returns the event to wait for, or None when it finished at once (free links)."""
         groups = self.tp_groups
         st = groups.get(key)
         if st is None:
@@ -489,7 +491,7 @@ class _Run:
         st[0] += 1
         if st[0] == arrivals:
             del groups[key]
-            phases, tail = self._tp_phases(leader, nbytes)
+            phases, tail = self._tp_phases(leader, nbytes, kind)
             label = text + "/TP" if self.fold is None else (leader, i, "/TP")  # a fold mirrors it
             if Collective(self.net, phases, _succeed, st[1], label, tail).start():
                 st[1].succeed()  # for the ranks waiting too
@@ -524,20 +526,22 @@ class _Run:
             self.algorithms.add(algo)
         return ph
 
-    def _tp_phases(self, leader: int, nbytes: float) -> tuple[list[Phase], float]:
-        """(phases, tail seconds) of a TP all-reduce (or reduce-scatter + all-gather: the same ring) among the
-        group of worker ``leader``: a ring, fused into one phase unless ``SimParams.tp_ring`` says "phases"."""
-        key = ("tp", leader, nbytes)
+    def _tp_phases(self, leader: int, nbytes: float, kind: str = "all-reduce") -> tuple[list[Phase], float]:
+        """(phases, tail seconds) of a TP collective of ``kind`` (``planner.tpcollectives.KINDS``) among the group
+        of worker ``leader``: a ring (an all-gather or a reduce-scatter half an all-reduce's steps), fused into one
+        phase unless ``SimParams.tp_ring`` says "phases"."""
+        key = ("tp", leader, nbytes, kind)
         ph = self.phases.get(key)
         if ph is None:
             devs = [self.dev[w] for w in self.p.tp_group(leader)]
+            ring = ring_phases if kind == "all-reduce" else ring_pass_phases
             if self.topology.collectives != "ideal":  # NCCL's protocol, bandwidth fraction and latency
-                ph = priced(self.topology, devs, ring_phases(devs, nbytes), nbytes)
+                ph = priced(self.topology, devs, ring(devs, nbytes), nbytes, NCCL_COLLECTIVE[kind])
             elif self.params.tp_ring == "phases":
-                ph = (ring_phases(devs, nbytes), 0.0)
+                ph = (ring(devs, nbytes), 0.0)
             else:
                 lat = max(self.net.path(devs[i], devs[(i + 1) % len(devs)])[1] for i in range(len(devs)))
-                ph = fused_ring_phases(devs, nbytes, lat)
+                ph = fused_ring_phases(devs, nbytes, lat, ring_steps(kind, len(devs)))
             self.phases[key] = ph = (self.folded(ph[0]), ph[1])
         return ph
 

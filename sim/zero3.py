@@ -90,8 +90,8 @@ class Zero3:
             seg = None if tp is None else tp[j][0] if k is _KF else tp[j][1] if redo else None
             if seg is not None and seg[0]:  # the layer's TP all-reduces inside the unit, each after its share
                 f = c / seg[1] if seg[1] > 0 else 0.0
-                pieces = tuple((d * f, n) for d, n in seg[0])
-                tail = (seg[1] - sum(d for d, _ in seg[0])) * f
+                pieces = tuple((d * f, n, q) for d, n, q in seg[0])
+                tail = (seg[1] - sum(p[0] for p in seg[0])) * f
             units.append((c, g[j], keys_g[j], r[j], keys_r[j], pieces, tail))
         return tuple(units), seq
 
@@ -138,10 +138,10 @@ class Zero3:
                 yield ev
             if overlap and j + 1 < n and units[j + 1][2] is not None:
                 ready[j + 1] = last = issue(stage, tp, arrivals, units[j + 1][2], units[j + 1][1], "AG")
-            for q, (d, nbytes) in enumerate(pieces):
+            for q, (d, nbytes, coll) in enumerate(pieces):
                 if d > 0.0:
                     yield timeout(d)
-                tev = tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals)
+                tev = tp_join((tp_key, i, j, q), tp_key, i, nbytes, text, tp_arrivals, coll)
                 if tev is not None:
                     yield tev
             if tail > 0.0:

@@ -140,17 +140,19 @@ def test_block_saved_bytes_are_korthikanti_eq_2_and_3(t, sp):
     assert p.layers[1].attention_saved_bytes == pytest.approx(5 * a * s * s / t, rel=1e-12)
 
 
-def test_tp_collectives_two_per_block_each_way_one_for_embedding_forward_and_head_backward():
+def test_tp_collectives_two_per_block_each_way_one_for_embedding_forward_three_ce_statistics_and_one_for_head():
     c = GPT3_13B
     p = transformer_profile(c, tensor_parallel=4, vocab_multiple=128)
     emb, block, head = p.layers[0], p.layers[1], p.layers[-1]
-    assert (emb.tp_forward_allreduces, emb.tp_backward_allreduces) == (1, 0)
-    assert (block.tp_forward_allreduces, block.tp_backward_allreduces) == (2, 2)
-    assert (head.tp_forward_allreduces, head.tp_backward_allreduces) == (0, 1)
-    assert block.tp_allreduce_bytes == c.seq * c.hidden * 2
+    sh2, s4 = c.seq * c.hidden * 2, c.seq * 4  # a bf16 hidden state; the cross entropy's fp32 per-token statistic
+    kinds = lambda cols: [(x.kind, x.nbytes) for x in cols]
+    assert kinds(emb.tp_forward) == [("all-reduce", sh2)] and emb.tp_backward == ()
+    assert kinds(block.tp_forward) == kinds(block.tp_backward) == [("all-reduce", sh2)] * 2
+    assert kinds(head.tp_forward) == [("all-reduce", s4)] * 3 and kinds(head.tp_backward) == [("all-reduce", sh2)]
+    assert [x.op for x in head.tp_forward] == ["max", "sum", "sum"]
     assert p.tensor_parallel == 4
     one = transformer_profile(c)
-    assert all(l.tp_forward_allreduces == l.tp_backward_allreduces == 0 and l.tp_allreduce_bytes == 0 for l in one.layers)
+    assert all(l.tp_collectives == () for l in one.layers)
 
 
 def test_megatron_pads_the_vocabulary_to_128_T():
@@ -186,8 +188,15 @@ def test_profile_with_tp_fields_round_trips_and_an_old_profile_loads_with_defaul
     old = {"name": "m", "layers": [{"name": "l", "forward_s": 1, "backward_s": 2, "activation_bytes": 3,
                                      "saved_bytes": 4, "param_bytes": 5}]}
     q = ModelProfile.from_dict(old)
-    assert q.tensor_parallel == 1 and q.layers[0].tp_forward_allreduces == 0
+    assert q.tensor_parallel == 1 and q.layers[0].tp_collectives == ()
     assert "tp_forward_allreduces" not in transformer_profile(GPT_EVEN).to_dict()["layers"][0]
+    assert "tp_collectives" not in transformer_profile(GPT_EVEN).to_dict()["layers"][0]
+    # a profile of the older spelling (whole all-reduces of one size, counted) loads as those collectives
+    old["layers"][0].update(tp_allreduce_bytes=8, tp_forward_allreduces=2, tp_backward_allreduces=1)
+    legacy = ModelProfile.from_dict(old).layers[0]
+    assert [(x.phase, x.kind, x.nbytes) for x in legacy.tp_collectives] == [
+        ("forward", "all-reduce", 8), ("forward", "all-reduce", 8), ("backward", "all-reduce", 8)]
+    assert ModelProfile.from_dict(ModelProfile.from_dict(old).to_dict()) == ModelProfile.from_dict(old)
 
 
 def test_load_model_with_a_device_calibration_times_by_the_efficiency_model_per_tp_rank():

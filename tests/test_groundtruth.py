@@ -114,7 +114,7 @@ def test_row_profile_pads_the_vocabulary_to_128_T_and_splits_weights_by_T():
     eight = row_profile(_row(8, 8, 1, 8, 1, 1), P)
     assert one.layers[0].param_bytes == 4 * (50304 * 512 + 256 * 512)
     assert eight.layers[0].param_bytes == 4 * (51200 * 512 / 8 + 256 * 512)
-    assert eight.tensor_parallel == 8 and eight.layers[1].tp_forward_allreduces == 2
+    assert eight.tensor_parallel == 8 and [c.kind for c in eight.layers[1].tp_forward] == ["all-reduce"] * 2
 
 
 @pytest.mark.parametrize("shape", [(8, 32, 2, 2, 2, 2), (8, 16, 1, 4, 1, 2), (8, 64, 2, 8, 1, 1), (64, 64, 2, 4, 4, 4)])
@@ -138,8 +138,7 @@ def test_profile_stage_costs_recompute_what_planner_recompute_marks_recomputable
     full = stage_costs_from_profile(r, prof, m.links, "a100-80gb", P)
     none = stage_costs_from_profile(r, kept, m.links, "a100-80gb", P)
     for s, (a, z) in enumerate(stage_layer_ranges(r)):
-        rerun = sum(l.forward_s + l.tp_forward_allreduces * m.links.tp_allreduce_s[s]
-                    for l in prof.layers[a:z + 1] if l.recomputable)
+        rerun = sum(l.forward_s + m.links.tp_s[s][1][0] for l in prof.layers[a:z + 1] if l.recomputable)
         assert rerun > 0 and full.backward_s[s] - none.backward_s[s] == pytest.approx(rerun, rel=1e-9)
     assert full.forward_s == none.forward_s
 
@@ -341,19 +340,27 @@ def test_the_terms_add_up_to_the_closed_form_and_vanish_where_the_plan_has_no_su
     assert terms["overhead"] == P.iteration_overhead_s
 
 
-def test_the_tp_term_counts_every_all_reduce_of_a_stage_as_the_per_rank_profile_lists_them():
+def test_the_tp_term_is_every_collective_megatron_issues_counted_by_hand_times_the_ring_formula():
+    """One stage on one TP group of 4, b = 2, 3 blocks, full recomputation, no sequence parallelism. By hand:
+    each block all-reduces its s·h·2·b-byte hidden state twice in forward, twice in the re-run forward and twice
+    in backward; the embedding once (forward), the head once (backward); the head's vocabulary-parallel cross
+    entropy all-reduces three fp32 per-token statistics (4·s·b bytes each) in forward. Each priced by the ring
+    closed form 2(n − 1)·α + 2(n − 1)/n · S/B (``Topology.ring_allreduce_time_s``)."""
     from planner.efficiency import DeviceCalibration
-    from planner.recompute import recomputed_tp_allreduces
+    from topologies.presets import load_topology
     from validation.groundtruth_closed_form import closed_form_terms_s
-    from validation.groundtruth_plan import ROW_RECOMPUTE
+    from validation.groundtruth_plan import row_config, topology_spec
 
-    r = _row(4, 16, 2, 4, 1, 1, layers=3)  # one stage: embedding, 3 blocks and the head on one TP group
+    r = _row(4, 16, 2, 4, 1, 1, layers=3)
     m = row_model(r)
-    count = sum(l.tp_forward_allreduces + l.tp_backward_allreduces + recomputed_tp_allreduces(l, ROW_RECOMPUTE)
-                for l in row_profile(r, P).layers)
-    assert count > 6 * 3  # each block: 2 in forward, 2 in the recomputed forward, 2 in backward; plus the ends
+    c, b = row_config(r), r.micro_batch
+    topo = load_topology(topology_spec(r.gpus))
+    ring = lambda nbytes: topo.ring_allreduce_time_s(["d0", "d1", "d2", "d3"], nbytes)
+    big, small = ring(c.seq * c.hidden * 2 * b), ring(c.seq * 4 * b)
+    assert 0 < small < big
+    per_mb = (6 * 3 + 1 + 1) * big + 3 * small
     tp_term = closed_form_terms_s(m, DeviceCalibration("a100-80gb", P))["tp_comm"]
-    assert tp_term == pytest.approx(r.microbatches * count * m.links.tp_allreduce_s[0], rel=1e-9)
+    assert tp_term == pytest.approx(r.microbatches * per_mb, rel=1e-9)
 
 
 @real_data

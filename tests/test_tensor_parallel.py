@@ -190,6 +190,40 @@ def test_tp_all_reduces_inside_compute_cost_the_ring_closed_form(T, recompute, t
     assert bytes_per_link(trace)["d0->sw"] == pytest.approx(n_ar * 2 * (T - 1) / T * S)
 
 
+@pytest.mark.parametrize("T", [2, 4])
+@pytest.mark.parametrize("tp_ring", ["fused", "phases"])
+def test_all_gathers_reduce_scatters_and_small_all_reduces_cost_their_own_ring_in_sim_and_cost_model(T, tp_ring):
+    """A layer issuing Megatron's sequence-parallel mix: forward all-gather + reduce-scatter of S bytes and three
+    small (4 kB) all-reduces, backward all-gather + all-gather + reduce-scatter. By hand, on a star (each ring step
+    a device → switch → device hop pair): an all-gather or reduce-scatter takes (n − 1) steps of S/n bytes, an
+    all-reduce 2(n − 1). The simulator's compute events and the cost model's TP seconds both equal it."""
+    from planner.costmodel import tp_collective_s
+    from planner.tpcollectives import TPCollective
+    from sim import SimParams, bytes_per_link, simulate_plan
+    from tests.test_sim import star
+
+    S, small = 4e6, 4e3
+    AG, RS, AR = "all-gather", "reduce-scatter", "all-reduce"
+    cols = ((TPCollective("forward", AG, S, 1), TPCollective("forward", RS, S, 1))
+            + tuple(TPCollective("forward", AR, small, 1) for _ in range(3))
+            + tuple(TPCollective("backward", k, S, 1) for k in (AG, AG, RS)))
+    prof = ModelProfile("tp", (Layer("block", 1.0, 2.0, 0.0, 0.0, 0.0, tp_collectives=cols),), tensor_parallel=T)
+    topo = star(T, bandwidth=1e9, latency=1e-6)
+    step = lambda nbytes: 2e-6 + nbytes / T / 1e9
+    half, whole = (T - 1) * step(S), 2 * (T - 1) * step(small)
+    want = {"F": 1.0 + 2 * half + 3 * whole, "B": 2.0 + 3 * half}
+    plan = plan_from_flags("m", 1, pp=1, tp=T, microbatches=2, devices=topo.devices)
+    trace = simulate_plan(plan, prof, topo, SimParams(tp_ring=tp_ring))
+    events = _compute_events(trace)
+    assert len(events) == 2 * 2 * T
+    for e in events:
+        assert e.duration_s == pytest.approx(want[e.kind], rel=1e-9), e
+    group = tuple(topo.devices[:T])
+    assert tp_collective_s(prof, 0, 0, "none", topo, group, 1) == pytest.approx(want["F"] + want["B"] - 3.0, rel=1e-12)
+    # on the links: per microbatch 5 ring passes of S and 3 all-reduces of 4 kB, (T − 1)/T of each pass per device
+    assert bytes_per_link(trace)["d0->sw"] == pytest.approx(2 * (T - 1) / T * (5 * S + 3 * 2 * small))
+
+
 def test_data_parallel_all_reduce_runs_among_the_replicas_of_one_tp_rank():
     from sim import simulate_plan
     from tests.test_sim import star

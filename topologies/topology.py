@@ -295,9 +295,18 @@ class Topology:
     def ring_allreduce_time_s(self, devices: list[str], nbytes: float) -> float:
         """Ring all-reduce of ``nbytes`` over ``devices`` in the given ring order:
         2(n-1)·max neighbour latency + 2(n-1)/n · nbytes / min neighbour bottleneck bandwidth."""
+        return self.ring_time_s(devices, nbytes, "allreduce")
+
+    def ring_time_s(self, devices: list[str], nbytes: float, collective: str = "allreduce") -> float:
+        """A ring ``collective`` (``allreduce``, ``all_gather`` or ``reduce_scatter``, ``topologies.ncclcost``'s
+        names) of an ``nbytes`` tensor over ``devices`` in the given ring order: k(n-1)·max neighbour latency +
+        k(n-1)/n · nbytes / min neighbour bottleneck bandwidth, k = 2 for an all-reduce and 1 for the others (half
+        its steps); under ``collectives=nccl`` NCCL's model of that collective."""
         n = len(devices)
         if nbytes < 0:
             raise TopologyError(f"cannot all-reduce {nbytes} bytes; the size must be >= 0")
+        if collective not in ncclcost.COLLECTIVES:
+            raise TopologyError(f"unknown collective {collective!r}; use one of {', '.join(ncclcost.COLLECTIVES)}")
         if n <= 1:
             for d in devices:
                 self._check_node(d)
@@ -308,12 +317,13 @@ class Topology:
             bw, lat = self._costs(devices[i], devices[(i + 1) % n])
             max_lat = max(max_lat, lat)
             min_bw = min(min_bw, bw)
-        bandwidth_s = 2 * (n - 1) / n * nbytes / min_bw
+        k = 2 if collective == "allreduce" else 1
+        bandwidth_s = k * (n - 1) / n * nbytes / min_bw
         if self.collectives == "ideal" or nbytes <= 0:
-            return 2 * (n - 1) * max_lat + bandwidth_s
+            return k * (n - 1) * max_lat + bandwidth_s
         # NCCL's model (topologies.ncclcost), as the simulator runs it: the ring as one phase of its bytes over the
         # protocol's fraction, its latency NCCL's (never less than that phase's route latency)
-        c = self.nccl_choice(list(devices), nbytes, bandwidth_s)
+        c = self.nccl_choice(list(devices), nbytes, bandwidth_s, collective)
         return c.time_s + max(0.0, max_lat - c.latency_s)
 
     def nccl_choice(self, devices: list[str], nbytes: float, bandwidth_s: float,

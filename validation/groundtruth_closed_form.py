@@ -1,9 +1,10 @@
 """The closed form of a vTrain row: its link times on the real links, its stage costs, 1F1B with flush, and RowModel,
 the row made ready for the fit's many repeated predictions.
 
-**Iteration** (1F1B with flush): stage s's forward F_s (its layers plus its TP all-reduces on
-the real links) and backward B_s (the recomputed forward of its blocks, with their TP
-all-reduces, plus the backward and its TP all-reduces); p2p c_s between stage s and s + 1
+**Iteration** (1F1B with flush): stage s's forward F_s (its layers plus their TP collectives on
+the real links: every one Megatron issues, ``planner.tpcollectives``, the cross entropy's three included) and
+backward B_s (the recomputed forward of its blocks, with their TP collectives, plus the backward and its TP
+collectives); p2p c_s between stage s and s + 1
 (every DP replica's and TP rank's activation at once, on the links they share);
 ``pipe = Σ(F_s + B_s) + (m − 1)·max(F_s + B_s) + 2·Σ c_s`` (warm-up, steady state, drain);
 stage s's last backward ends ``Σ_{j<s}(B_j + c_j)`` before the pipe ends; then its DP gradient
@@ -23,7 +24,8 @@ from planner.analytic import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, block_wor
 from planner.efficiency import (DEFAULT_PARAMS, BlockKey, DeviceCalibration, EfficiencyParams, Work, optimizer_step_s,
                                 work_time_s)
 from planner.profile import ModelProfile
-from planner.recompute import layer_extra_forward_s, recomputed_tp_allreduces
+from planner.recompute import backward_tp_collectives, layer_extra_forward_s, recomputed_tp_collectives
+from planner.tpcollectives import NCCL_COLLECTIVE, collectives_time_s
 from topologies.devices import device_kind
 from topologies.presets import load_topology
 from topologies.topology import Topology
@@ -72,12 +74,28 @@ def phases_time_s(topology: Topology, phases: list[list[tuple[str, str, float]]]
     return total
 
 
-def ring_of(devices: list[str], nbytes: float) -> list[list[tuple[str, str, float]]]:
-    """The phases of a ring all-reduce of ``nbytes`` over ``devices`` (``sim.collectives.ring_phases``, imported
-    only when called: importing ``sim`` pulls in SimPy, which the closed forms do not need)."""
-    from sim.collectives import ring_phases
+def tp_layer_s(topology: Topology, group: list[str], layers, microbatch: int,
+               recompute: str = "none") -> tuple[tuple[float, float], ...]:
+    """Per layer of ``layers``: (forward, backward) seconds of its TP collectives (``Layer.tp_collectives``, every
+    one as issued; the backward's with what ``recompute`` re-runs), each a ring of its kind over ``group`` priced
+    as the simulator prices it (``sim.collectives.priced``: an all-gather or a reduce-scatter half an
+    all-reduce's ring; then the tail NCCL's latency adds)."""
+    from sim.collectives import priced, ring_pass_phases, ring_phases
 
-    return ring_phases(devices, nbytes)
+    seen: dict[tuple[str, float], float] = {}
+
+    def price(kind: str, nbytes: float) -> float:
+        t = seen.get((kind, nbytes))
+        if t is None:
+            ring = ring_phases if kind == "all-reduce" else ring_pass_phases
+            ph, tail = priced(topology, group, ring(group, nbytes), nbytes, NCCL_COLLECTIVE[kind])
+            t = seen[(kind, nbytes)] = phases_time_s(topology, ph) + tail
+        return t
+
+    if len(group) < 2:
+        return tuple((0.0, 0.0) for _ in layers)
+    return tuple((collectives_time_s(l.tp_forward, microbatch, price),
+                  collectives_time_s(backward_tp_collectives(l, recompute), microbatch, price)) for l in layers)
 
 
 def _merged(groups: list[list[list[tuple[str, str, float]]]]) -> list[list[tuple[str, str, float]]]:
@@ -99,15 +117,16 @@ class Links:
     """A row's communication times (independent of the efficiency parameters).
 
     Attributes:
-        tp_allreduce_s: per stage, one TP all-reduce of one microbatch's block output (ring over the TP
-            group of replica 0, the other groups on private links).
+        tp_s: per stage, for the embedding, a block and the head: (forward, backward) seconds of one microbatch's
+            TP collectives (every one the layer issues, ``planner.tpcollectives``; a re-run forward's are the
+            forward's), rings over the TP group of replica 0, the other groups on private links.
         p2p_s: per stage boundary s → s + 1, every replica's and TP rank's activation at once.
         dp_allreduce_s: per gradient bytes per parameter (4: fp32, 2: fp16), per stage, the gradient
             all-reduce of all its DP groups at once.
         algorithm: the all-reduce algorithm (the simulator's choice).
     """
 
-    tp_allreduce_s: tuple[float, ...]
+    tp_s: tuple[tuple[tuple[float, float], ...], ...]
     p2p_s: tuple[float, ...]
     dp_allreduce_s: dict[int, tuple[float, ...]]
     algorithm: str
@@ -123,15 +142,10 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology,
     tp, p2p = [], []
     dp: dict[int, list[float]] = {g: [] for g in gradient_bytes}
     algorithm = "ring"
-    block = profile.layers[1]
+    kinds = (profile.layers[0], profile.layers[1], profile.layers[-1])  # embedding, a block, head
     for s, (a, b) in enumerate(ranges):
         group = [device_of(row, s, 0, t) for t in range(row.tp)]
-        if row.tp > 1:
-            nbytes = block.tp_allreduce_bytes * row.micro_batch
-            ph, tail = priced(topology, group, ring_of(group, nbytes), nbytes)
-            tp.append(phases_time_s(topology, ph) + tail)
-        else:
-            tp.append(0.0)
+        tp.append(tp_layer_s(topology, group, kinds, row.micro_batch, "none"))
         if s + 1 < row.pp:
             nbytes = profile.boundary_bytes(b) * row.micro_batch
             flows = [(device_of(row, s, d, t), device_of(row, s + 1, d, t), nbytes)
@@ -191,14 +205,16 @@ def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind
     ``planner.recompute`` adds it to each layer's backward."""
     kind = device_kind(kind_name)
     fs, bs, steps = [], [], []
+    last = len(profile.layers) - 1
     for s, (a, b) in enumerate(stage_layer_ranges(row)):
         f = bwd = 0.0
         nparams = 0.0
-        for layer in profile.layers[a:b + 1]:
-            f += layer.forward_s + layer.tp_forward_allreduces * links.tp_allreduce_s[s]
-            bwd += (layer.backward_s + layer_extra_forward_s(layer, ROW_RECOMPUTE)
-                    + (layer.tp_backward_allreduces + recomputed_tp_allreduces(layer, ROW_RECOMPUTE))
-                    * links.tp_allreduce_s[s])
+        for i in range(a, b + 1):  # the row's blocks are one shape: links.tp_s times the embedding, a block, the head
+            layer = profile.layers[i]
+            tf, tb = links.tp_s[s][0 if i == 0 else 2 if i == last else 1]
+            rerun = tf if recomputed_tp_collectives(layer, ROW_RECOMPUTE) else 0.0  # the re-run forward's collectives
+            f += layer.forward_s + tf
+            bwd += layer.backward_s + layer_extra_forward_s(layer, ROW_RECOMPUTE) + tb + rerun
             nparams += layer.param_bytes / BYTES_PER_PARAM
         fs.append(f)
         bs.append(bwd)
@@ -215,10 +231,10 @@ class RowModel:
     works: tuple[Work, Work, Work]  # embedding, block, head (forward)
     params_per_stage: tuple[float, ...]
     blocks_per_stage: tuple[int, ...]
-    #: per (embedding, block, head): the share of its forward and the TP all-reduces the row's recomputation
-    #: re-runs in its backward (``planner.recompute`` on the row's profile layers)
+    #: per (embedding, block, head): the share of its forward the row's recomputation re-runs in its backward
+    #: and whether that re-runs the forward's TP collectives (``planner.recompute`` on the row's profile layers)
     rerun: tuple[float, float, float]
-    rerun_tp_allreduces: tuple[int, int, int]
+    rerun_tp: tuple[bool, bool, bool]
     kind: str = VTRAIN_KIND
     _bwd: tuple[Work, Work, Work] = field(init=False, repr=False)
 
@@ -242,21 +258,21 @@ class RowModel:
         if block is not None:
             bf, bb = block
         hf += p.loss_overhead_s  # as planner.analytic adds it to the head's forward
-        tp = self.links.tp_allreduce_s
+        tp = self.links.tp_s
         P = self.row.pp
         fs, bs, steps = [], [], []
-        (re, rb, rh), (te, tb, th) = self.rerun, self.rerun_tp_allreduces
+        (re, rb, rh), (xe, xb, xh) = self.rerun, self.rerun_tp
         for s in range(P):
             n = self.blocks_per_stage[s]
-            ar = tp[s] if self.row.tp > 1 else 0.0
-            f = n * (bf + 2 * ar)
-            b = n * (bb + 2 * ar + rb * bf + tb * ar)
+            (tef, teb), (tbf, tbb), (thf, thb) = tp[s]
+            f = n * (bf + tbf)
+            b = n * (bb + rb * bf + tbb + (tbf if xb else 0.0))
             if s == 0:
-                f += ef + ar
-                b += eb + re * ef + te * ar
+                f += ef + tef
+                b += eb + re * ef + teb + (tef if xe else 0.0)
             if s == P - 1:
-                f += hf
-                b += hb + ar + rh * hf + th * ar
+                f += hf + thf
+                b += hb + rh * hf + thb + (thf if xh else 0.0)
             fs.append(f)
             bs.append(b)
             steps.append(optimizer_step_s(self.params_per_stage[s], k, p))
@@ -277,8 +293,8 @@ def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]
     error can be read against what the model thinks the time is made of:
 
     * ``compute``: m microbatches of the slowest stage's forward + backward (recomputation included),
-      TP all-reduces left out;
-    * ``tp_comm``: those microbatches' TP all-reduces on the slowest stage;
+      TP collectives left out;
+    * ``tp_comm``: those microbatches' TP collectives on the slowest stage;
     * ``fill_drain``: the pipeline bubble, the other stages' forward + backward of one microbatch;
     * ``p2p``: the activation and gradient sends along the pipeline (2·Σ c_s);
     * ``dp_tail``: what the DP gradient all-reduce and the Adam step add after the pipe drains;
@@ -288,7 +304,7 @@ def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]
     t = cal.block_timing(m.key)
     block = (t.forward_s, t.backward_s) if t else None
     c = m.stage_costs(p, g, block)
-    no_tp = replace(m, links=replace(m.links, tp_allreduce_s=(0.0,) * len(m.links.tp_allreduce_s)))
+    no_tp = replace(m, links=replace(m.links, tp_s=tuple(((0.0, 0.0),) * 3 for _ in m.links.tp_s)))
     bare = no_tp.stage_costs(p, g, block)
     fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
     fb_bare = [f + b for f, b in zip(bare.forward_s, bare.backward_s)]
@@ -315,5 +331,5 @@ def row_model(row: Row, topologies: dict[str, Topology] | None = None, collectiv
     blocks = tuple(sum(1 for i in range(a, z + 1) if 1 <= i <= row.layers) for a, z in ranges)
     kinds = (prof.layers[0], prof.layers[1], prof.layers[-1])  # embedding, a block, head
     rerun = tuple(layer_extra_forward_s(l, ROW_RECOMPUTE) / l.forward_s if l.forward_s else 0.0 for l in kinds)
-    rerun_tp = tuple(recomputed_tp_allreduces(l, ROW_RECOMPUTE) for l in kinds)
+    rerun_tp = tuple(bool(recomputed_tp_collectives(l, ROW_RECOMPUTE)) for l in kinds)
     return RowModel(row, links, works, params, blocks, rerun, rerun_tp)

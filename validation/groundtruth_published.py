@@ -24,7 +24,7 @@ from planner.analytic import TransformerConfig, transformer_profile
 from planner.efficiency import DeviceCalibration, optimizer_step_s
 from topologies.devices import device_kind
 from topologies.presets import load_topology
-from validation.groundtruth_closed_form import phases_time_s, ring_of
+from validation.groundtruth_closed_form import phases_time_s, tp_layer_s
 from validation.groundtruth_rows import GroundTruthError
 
 KORTHIKANTI_FILE = "korthikanti22_table5_via_calculon.csv"
@@ -105,15 +105,17 @@ def predict_published_s(r: PublishedRow, cal: DeviceCalibration) -> float:
     nodes = max(1, r.gpus // 8)
     topo = load_topology(SELENE_SPEC.format(nodes=nodes)) if nodes > 1 else load_topology("hier:8@nvswitch:3e+11,kind=a100-80gb")
     block, emb, head = prof.layers[1], prof.layers[0], prof.layers[-1]
-    tp_s = phases_time_s(topo, ring_of([f"d{t}" for t in range(r.tp)], block.tp_allreduce_bytes * r.micro))
-    f_block = block.forward_s + 2 * tp_s
-    extra = f_block if r.recompute == "full" else block.attention_forward_s
-    b_block = block.backward_s + 2 * tp_s + extra
+    # every TP collective each layer issues (planner.tpcollectives), the backward's with what recomputation re-runs
+    (ef, eb), (bf, bb), (hf, hb) = tp_layer_s(topo, [f"d{t}" for t in range(r.tp)], (emb, block, head), r.micro,
+                                              r.recompute if r.recompute == "full" else "none")
+    f_block = block.forward_s + bf
+    extra = block.forward_s if r.recompute == "full" else block.attention_forward_s
+    b_block = block.backward_s + bb + extra
     per_device = r.layers // r.pp
     m = r.batch // (r.micro * r.dp)
     d = [per_device * (f_block + b_block) for _ in range(r.pp)]
-    d[0] += emb.forward_s + emb.backward_s + tp_s
-    d[-1] += head.forward_s + head.backward_s + tp_s
+    d[0] += emb.forward_s + emb.backward_s + ef + eb
+    d[-1] += head.forward_s + head.backward_s + hf + hb
     hop = 0.0
     if r.pp > 1:  # every TP rank of a node sends its activation to the next node at once
         nbytes = block.activation_bytes * r.micro

@@ -207,7 +207,8 @@ def run(args) -> int:
           f"makespan {s['makespan_s'] * 1e3:.1f} ms, bubble {s['bubble_fraction'] * 100:.1f}%")
     stateful = any(d["optimizer_state_bytes"] for d in s["per_device"].values())
     if res.plan is not None and (res.plan.zero_stage or stateful):
-        print(f"optimizer {res.plan.optimizer}" + (f", ZeRO {res.plan.zero_stage} over each stage's replicas"
+        mu = f" (momentum {res.plan.momentum:g})" if res.plan.optimizer in ("sgd", "momentum") else ""
+        print(f"optimizer {res.plan.optimizer}{mu}" + (f", ZeRO {res.plan.zero_stage} over each stage's replicas"
                                                    if res.plan.zero_stage else ""))
     for w, d in s["per_device"].items():
         state = f", optimizer state {human_bytes(d['optimizer_state_bytes'])}" if stateful else ""

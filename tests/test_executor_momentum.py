@@ -190,3 +190,15 @@ def test_a_momentum_outside_0_1_is_refused_in_one_line():
             _plan(stages=2, schedule="1f1b", momentum=bad)
     assert "momentum" not in _plan(stages=2, schedule="1f1b").to_dict()  # old plan files stay byte-identical
     assert Plan.from_dict(_plan(stages=2, schedule="1f1b", momentum=0.5).to_dict()).momentum == 0.5
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--model", "mlp:layers=4,width=16", "--pp", "2", "--momentum", "1.5"], "strictly between 0 and 1"),
+    (["--model", "mlp:layers=4,width=16", "--pp", "2", "--momentum", "0"], "plain SGD is the optimizer 'none'"),
+])
+def test_run_refuses_a_bad_momentum_in_one_line_before_any_process_starts(args, says, capsys):
+    from pipetwin.cli import main
+
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and says in err and "Traceback" not in err

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from planner.analytic import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, block_work, embedding_work, head_work
+from planner.closedforms import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE
+from planner.transformer_profile import block_work, embedding_work, head_work
 from planner.efficiency import (DEFAULT_PARAMS, BlockKey, DeviceCalibration, EfficiencyParams, Work, optimizer_step_s,
                                 work_time_s)
 from planner.profile import ModelProfile

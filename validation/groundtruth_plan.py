@@ -1,6 +1,6 @@
 """A vTrain row as pipetwin expresses it: its model, cluster, Megatron's placement and plan, and that plan simulated.
 
-* **Model**: ``planner.analytic.transformer_profile`` per TP rank (vocabulary 50,257 padded as
+* **Model**: ``planner.transformer_profile.transformer_profile`` per TP rank (vocabulary 50,257 padded as
   Megatron pads it, to a multiple of 128·T), timed by the fitted kernel-level efficiency model
   (``planner.efficiency``) at the row's microbatch size (:func:`row_profile`).
 * **Cluster**: ``hier:8@nvswitch:1.5e+11,N@ib:1e+11,kind=a100-80gb`` — 8 A100s per node on
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.analytic import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_key, transformer_profile
+from planner.closedforms import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE
+from planner.transformer import TransformerConfig
+from planner.transformer_profile import block_key, transformer_profile
 from planner.efficiency import BlockKey, BlockTiming, EfficiencyParams, optimizer_step_s
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile

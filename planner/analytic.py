@@ -34,7 +34,7 @@ from planner.profile import ModelProfile, ModelSpecError, load_profile
 from planner.transformer import ALIASES, ATTENTION_KERNELS, FAMILIES, PRESETS, TransformerConfig
 from planner.transformer_profile import block_key, transformer_profile
 from topologies.devices import DEVICE_KINDS, device_kind
-from topologies.topology import TopologyError
+from topologies.errors import TopologyError
 
 __all__ = ["load_model", "split_device_suffix", "model_names", "transformer_config", "ModelSpecError",
            "total_params", "min_memory_per_device_bytes", "on_device"]

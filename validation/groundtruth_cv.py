@@ -31,7 +31,24 @@ held-out errors grouped by one row feature at a time (:data:`FEATURES`: TP, DP, 
 per pipeline stage, the (TP, DP) pair), per file: rows, signed mean error (negative: predicted too fast) and MAPE.
 It reads the calibration rows only, like the rest of this module; it changes no prediction and chooses nothing.
 
-    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl] [--by-feature]
+**DeepSpeed's pipeline sends** (issue 14, sixth session, helper ``gt6``; ``validation.groundtruth_plan.P2P``): the
+vTrain runs are Megatron-DeepSpeed's (vTrain's ``data/README.md``), whose pipeline goes through DeepSpeed's
+``PipelineEngine``: a stage's send is synchronous (``deepspeed/runtime/pipe/p2p.py``: ``send`` refuses ``async_op``, so the
+sender's stream waits for the transfer), and with TP > 1 each TP rank sends only its 1/T slice of the activation
+(``PipelineEngine``: ``is_pipe_partitioned = is_model_parallel``); vTrain's own simulator, too, charges every pipeline
+send to the sender's stream (``src/predictor.py``: the send's time is a gap after the sender's last layer). pipetwin's
+rows so far send the whole activation from every TP rank and move on (``P2P = "posted"``). ``P2P = "deepspeed"`` is
+the other reading: every TP rank sends 1/T of the activation (and of its gradient), and the sender waits until its send
+is delivered (the simulator's ``overlap_comm=False``; the closed form adds each stage's outgoing sends to its forward
+and backward). Not modelled: the receiver's all-gather of the slices inside its TP group, and the rendezvous (the
+sender also waiting for the receiver to post). The CV is run a second time under it (``--p2p posted,deepspeed``), the
+smooth parameters, gradient width and per-shape table refitted per fold under each mode. The adoption rule, written
+down and committed before this comparison was first run and before any scored figure under the mode: **``P2P =
+"deepspeed"`` is adopted iff, with the primary tier design, its held-out multi-node MAPE is lower than under
+``"posted"`` and its held-out single-node MAPE is not higher by more than 0.1 points** (``adopt_p2p``); otherwise the
+rows stay ``"posted"`` and ``"deepspeed"`` stays an option of the rows' closed form and simulation.
+
+    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl] [--p2p posted,deepspeed] [--by-feature]
 """
 from __future__ import annotations
 
@@ -142,6 +159,11 @@ def adopt(summary: list[dict]) -> bool:
 def adopt_collectives(ideal: dict, nccl: dict) -> bool:
     """The collectives adoption rule (module docstring) on the primary design's summary line under each mode."""
     return nccl["mape_multi"] < ideal["mape_multi"] and nccl["mape_single"] <= ideal["mape_single"] + 0.001
+
+
+def adopt_p2p(posted: dict, deepspeed: dict) -> bool:
+    """The pipeline-send adoption rule (module docstring) on the primary design's summary line under each mode."""
+    return deepspeed["mape_multi"] < posted["mape_multi"] and deepspeed["mape_single"] <= posted["mape_single"] + 0.001
 
 
 def main(argv: list[str] | None = None) -> int:

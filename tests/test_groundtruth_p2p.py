@@ -54,3 +54,20 @@ def test_a_synchronous_send_is_paid_by_its_sender_every_microbatch():
 def test_an_unknown_p2p_mode_is_refused():
     with pytest.raises(ValueError, match="p2p mode"):
         row_model(_row(2, 16, 2, 1, 1, 2), p2p="eager")
+
+
+def test_the_p2p_rule_adopts_only_a_lower_multi_node_error_at_no_single_node_cost():
+    from validation.groundtruth_cv import adopt_p2p
+
+    base = {"mape_single": 0.0304, "mape_multi": 0.0870}
+    assert adopt_p2p(base, {"mape_single": 0.0304, "mape_multi": 0.0847})
+    assert adopt_p2p(base, {"mape_single": 0.0313, "mape_multi": 0.0847})  # 0.09 points higher: within the 0.1
+    assert not adopt_p2p(base, {"mape_single": 0.0316, "mape_multi": 0.0847})
+    assert not adopt_p2p(base, {"mape_single": 0.0300, "mape_multi": 0.0870})
+
+
+def test_the_cv_refuses_an_unknown_p2p_mode_in_one_line(capsys):
+    from validation.groundtruth_cv import main
+
+    assert main(["../shared/data/vtrain", "--p2p", "eager"]) == 2
+    assert "--p2p must list" in capsys.readouterr().err

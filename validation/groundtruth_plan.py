@@ -9,6 +9,10 @@
 * **Placement**: Megatron's rank order (TP fastest, then DP, then PP; rank r on device ``d{r}``,
   node r // 8). Layers: Megatron's even split of the L blocks over the P stages, the embedding
   on the first, the final norm and head on the last (:func:`row_plan`).
+* **Pipeline sends** (``P2P``): DeepSpeed's ``PipelineEngine``, which Megatron-DeepSpeed's pipeline runs through: each
+  TP rank sends its 1/T slice of the stage's output (and of the gradient back), and the sender waits for delivery
+  (chosen by ``validation.groundtruth_cv``'s ``adopt_p2p`` on the calibration rows; ``"posted"``, the whole activation
+  from every TP rank and a sender that moves on, stays an option).
 * **Simulation**: where the simulator can run a row within the time budget (``SIMULATE_BUDGET_S``) it runs
   this plan (``sim``, symmetry reductions on; TP ranks and replicas folded by ``sim.fold``) and its figure is
   the prediction (:func:`simulate_row`); the others take the closed form (``validation.groundtruth_closed_form``)
@@ -42,7 +46,7 @@ COLLECTIVES = "ideal"
 #: "posted" (every TP rank sends the whole activation and moves on) or "deepspeed" (DeepSpeed's ``PipelineEngine``: each TP
 #: rank sends its 1/T slice of the activation and of its gradient, and waits until the send is delivered; the
 #: receiver's all-gather of the slices is not modelled).
-P2P = "posted"
+P2P = "deepspeed"
 P2P_MODES = ("posted", "deepspeed")
 #: The recomputation every vTrain row runs (Megatron's full recomputation; ``planner.recompute`` says what it re-runs).
 ROW_RECOMPUTE = "full"

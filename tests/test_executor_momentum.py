@@ -169,9 +169,11 @@ STATE_CASES = {
 def test_each_ranks_measured_optimizer_state_is_the_planners_charge(case):
     """Per rank: the sum over its stages of ``zero_state_bytes(stage parameter bytes, replicas, zero,
     OPTIMIZER_STATE[optimizer]).optimizer_bytes`` (SGD: the momentum buffer, 1x; Adam 2x; ZeRO: with the master
-    copy, over the replicas) is what the executor's optimizer holds, to the byte."""
-    plan = _plan(**STATE_CASES[case], batches=1)
+    copy, over the replicas) is what the executor's optimizer holds, to the byte; and the run (two steps, so
+    the buffer carries over) ends on the reference's weights."""
+    plan = _plan(**STATE_CASES[case], batches=2)
     res = run_plan(plan, dtype="float64", timeout_s=30)
+    _assert_weights_equal(res.weights, reference_weights(plan, dtype="float64"), rtol=1e-10, atol=1e-12)
     program = res.program
     want: dict[int, float] = {}
     for s, workers in enumerate(program.stage_workers):

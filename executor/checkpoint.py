@@ -100,9 +100,9 @@ def check_optimizer(directory: str | Path, step: int, layers: list[tuple[int, in
         doc = load_stage(directory, step, s, model=model, layers=lay)
         kind, path = _kind(doc), str(stage_path(directory, step, s))
         if optimizer == "momentum" and kind != "momentum":
-            raise ExecutorError(f"checkpoint {path!r} was written by plain SGD (no momentum buffer, as every checkpoint "
-                                f"from before the executor's SGD had momentum); resume it with --optimizer none, or "
-                                f"use a fresh --checkpoint-dir")
+            raise ExecutorError(f"checkpoint {path!r} was written by plain SGD (no momentum buffer, as every "
+                                f"checkpoint from before the executor's SGD had momentum); resume it with --optimizer "
+                                f"none, or use a fresh --checkpoint-dir")
         if optimizer == "sgd" and kind != "sgd":
             raise ExecutorError(f"checkpoint {path!r} holds SGD momentum buffers; resume it with --optimizer sgd, or "
                                 f"use a fresh --checkpoint-dir")

@@ -96,7 +96,8 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
 
 
 def run_program(program: Program | dict | str | os.PathLike, model: str, *, microbatch_size: int = 1,
-                lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, recompute: str = "none", sequence_parallel: bool = False, backend: str = "auto",
+                lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, recompute: str = "none",
+                sequence_parallel: bool = False, backend: str = "auto",
                 timeout_s: float = 60.0, save_weights: str | os.PathLike | None = None,
                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0, seed: int = 0,
                 dtype: str = "float32", track_memory: bool = True, keep_dir: str | os.PathLike | None = None,

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.check import UnitCosts, dry_run  # noqa: E402
-from planner.program import ScheduleError  # noqa: E402
+from planner.families import ScheduleError  # noqa: E402
 from planner.schedules import generate, make_spec  # noqa: E402
 from planner.torch_interop import program_from_torch, read_torch_csv  # noqa: E402
 from planner.trace import makespan_s, time_per_batch_s  # noqa: E402

@@ -122,7 +122,7 @@ def run_program(program: Program | dict | str | os.PathLike, model: str, *, micr
     Raises:
         ExecutorError: a bad program or model (before launch); WorkerFailed when a worker failed.
     """
-    from planner.program import ProgramFileError
+    from planner.programfile import ProgramFileError
 
     t_start = time.perf_counter()
     try:

@@ -49,7 +49,7 @@ from torch.func import functional_call
 
 from executor.prepare import DTYPES
 from planner.plan import Plan
-from planner.program import FLUSH_FAMILIES
+from planner.families import FLUSH_FAMILIES
 
 
 def pipedream_version(plan: Plan, stage: int, i: int) -> int:

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     from planner.plan import Plan, PlanError
-    from planner.program import Program, ProgramFileError
+    from planner.program import Program
+    from planner.programfile import ProgramFileError
 
     try:
         if (args.plan is None) == (args.program is None):

@@ -34,7 +34,8 @@ def register(sub) -> None:
 def compare(profile, topology, model: str, stages: int, microbatches: int, microbatch_size: int, batches: int) -> list[dict]:
     """One record per generated family: its figures, or why it does not fit."""
     from planner.plan import PlanError, plan_from_flags
-    from planner.program import FAMILIES, FAMILY, ScheduleError, chunks_for
+    from planner.families import FAMILIES, FAMILY, ScheduleError
+    from planner.schedulespec import chunks_for
     from planner.trace import summary
     from sim import simulate_plan
 

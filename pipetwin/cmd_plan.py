@@ -8,7 +8,7 @@ from pathlib import Path
 
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile, ProfileError, load_profile, read_pipedream_graph
-from planner.program import FAMILIES
+from planner.families import FAMILIES
 from pipetwin.args import (add_device_calibration_flag, add_zero_flag, add_grid_flags, add_recompute_flag, check_calibration_topology,
                            grid_degrees, grid_given)
 from pipetwin.errors import UserError

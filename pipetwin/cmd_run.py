@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipetwin.args import add_grid_flags, add_recompute_flag, add_zero_flag, int_list, read_program
-from planner.program import FAMILIES, FAMILY, family
+from planner.families import FAMILIES, FAMILY, family
 
 
 def register(sub) -> None:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from planner.check import UnitCosts, dry_run, measured_bounds
-from planner.program import FAMILIES, chunks_for, family
+from planner.families import FAMILIES, family
+from planner.schedulespec import chunks_for
 from planner.schedules import generate, make_spec
 from planner.trace import bubble_fraction, makespan_s
 from pipetwin.args import int_list

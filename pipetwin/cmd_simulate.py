@@ -8,7 +8,7 @@ from pipetwin.args import (add_device_calibration_flag, add_zero_flag, add_grid_
                            grid_degrees, grid_given, grid_plan, int_list, read_program)
 from pipetwin.show import Progress
 
-from planner.program import FAMILIES, FAMILY
+from planner.families import FAMILIES, FAMILY
 
 
 def register(sub) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.program import Action, Kind, Program, ScheduleError, inflight_limit, looped_warmup_extra
+from planner.families import ScheduleError
+from planner.program import Action, Kind, Program
+from planner.schedulespec import inflight_limit, looped_warmup_extra
 from planner.trace import Event, Trace
 from topologies.errors import InputError
 

@@ -87,7 +87,8 @@ import numpy as np
 from planner.linkload import link_bound, link_bound_by_stage, server_groups
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.program import FAMILY, looped_warmup_extra, rank_of
+from planner.families import FAMILY
+from planner.schedulespec import looped_warmup_extra, rank_of
 from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collectives, fsdp_pass_s,
                               weight_versions_refusal, zero3_refusal)
 from planner.stagememory import fsdp_gathered_bytes as _fsdp_gathered, fsdp_units, peak_stage_bytes

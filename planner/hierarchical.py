@@ -23,7 +23,7 @@ from planner.partcache import PartitionCache, digest
 from planner.partition import Partition, Problem
 from planner.plan import PlanError
 from planner.profile import ModelProfile
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.recompute import layer_extra_forward_s
 
 #: Layers are grouped into at most this many blocks for the hierarchical programme.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from planner.plan import Plan
 from planner.profile import ModelProfile
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.recompute import tp_collectives_run
 from planner.sharding import collective_bytes
 

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from planner.plan import Plan, PlanError
 from planner.profile import ModelProfile
-from planner.program import Action, Program, ScheduleSpec
+from planner.program import Action, Program
+from planner.schedulespec import ScheduleSpec
 from planner.schedules import generate
 
 

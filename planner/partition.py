@@ -46,7 +46,7 @@ from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, de
                                static_bytes, update_interval, weight_versions)
 from planner.partcache import PartitionCache, TimeStore, digest
 from planner.profile import ModelProfile
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.recompute import layer_extra_forward_s, layer_kept_bytes, layer_rebuilt_bytes
 
 #: Up to this many devices, every device count N is searched (the exact regime).

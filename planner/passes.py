@@ -11,7 +11,8 @@ import math
 from typing import Callable
 
 from planner.check import check
-from planner.program import Action, Kind, Program, ScheduleSpec
+from planner.program import Action, Kind, Program
+from planner.schedulespec import ScheduleSpec
 
 __all__ = ["add_steps", "add_versions", "add_communication", "lower"]
 

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-from planner.program import FAMILIES, FAMILY, chunks_for, rank_of
+from planner.families import FAMILIES, FAMILY
+from planner.schedulespec import chunks_for, rank_of
 from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
 from topologies.errors import InputError
 from topologies.files import output_path
@@ -59,7 +60,7 @@ class Plan:
     Attributes:
         model: the model spec or profile path the plan was made for.
         stages: (virtual) stages in pipeline order; for interleaved, P·V of them, stage s on device s mod P.
-        schedule: schedule family, one of planner.program.FAMILIES.
+        schedule: schedule family, one of planner.families.FAMILIES.
         microbatch_size: samples per microbatch.
         microbatches: microbatches per batch (PipeDream: minibatches per run).
         chunks: model chunks per device (interleaved).

@@ -5,8 +5,8 @@
 insert communication → ``check``). The passes live in ``planner.passes`` and are
 re-exported here, so ``from planner.schedules import add_steps`` keeps working.
 
-Workers and placement come from the family's traits (planner.program.FAMILY and
-``stage_workers``): stage s's replicas get consecutive worker ids (stage 0 first);
+Workers and placement come from the family's traits (planner.families.FAMILY and
+``planner.schedulespec.stage_workers``): stage s's replicas get consecutive worker ids (stage 0 first);
 a looped family puts virtual stage c·P + d on worker d, a V-shaped one chunk c on
 worker d going down the ranks when c is even and back up when it is odd.
 
@@ -24,8 +24,10 @@ import math
 from typing import Callable
 
 from planner.passes import add_communication, add_steps, add_versions, lower
-from planner.program import (Action, Kind, Program, ScheduleError, ScheduleSpec, inflight_limit, interleaved_groups,
-                             make_spec, stage_workers, validate_spec)
+from planner.families import ScheduleError
+from planner.program import Action, Kind, Program
+from planner.schedulespec import (ScheduleSpec, inflight_limit, interleaved_groups, make_spec, stage_workers,
+                                  validate_spec)
 
 __all__ = ["generate", "lower", "ORDERS", "REQUIRES", "ScheduleError", "make_spec", "stage_workers", "inflight_limit",
            "interleaved_groups", "validate_spec", "add_steps", "add_versions", "add_communication"]
@@ -539,7 +541,7 @@ def _requires_2bw(spec: ScheduleSpec) -> None:
                                 f"batch would start before the step it runs on; use --microbatches {R * (lim - 1)} or more")
 
 
-#: Each family's compute order (its line in planner.program.FAMILY says what it promises).
+#: Each family's compute order (its line in planner.families.FAMILY says what it promises).
 ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "gpipe": order_gpipe,
     "1f1b": order_1f1b,
@@ -556,7 +558,7 @@ ORDERS: dict[str, Callable[[ScheduleSpec], dict[int, list[Action]]]] = {
     "dualpipe-v": order_dualpipe_v,
 }
 
-#: What a family needs of a spec beyond planner.program.validate_spec; raises ScheduleError saying what to change.
+#: What a family needs of a spec beyond planner.schedulespec.validate_spec; raises ScheduleError saying what to change.
 REQUIRES: dict[str, Callable[[ScheduleSpec], None]] = {
     "2bw": _requires_2bw,
     "dualpipe-v": _requires_dualpipe_v,

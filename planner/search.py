@@ -27,7 +27,7 @@ from planner import refine
 from planner.costmodel import Candidate, CostOptions, evaluate, zero_family_refusal, zero_refusal
 from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import ModelProfile
-from planner.program import FAMILIES, FAMILY
+from planner.families import FAMILIES, FAMILY
 
 #: Plans a search refines by local search under the full cost model when the exhaustive search does not apply:
 #: each family's best, and the best of other shapes up to this many.
@@ -111,7 +111,7 @@ def plan_model(
     """Plan ``profile`` on ``topology``: the best plan that fits memory, with runner-ups.
 
     Args:
-        schedule: a family of planner.program.FAMILIES, or "auto" to score them all.
+        schedule: a family of planner.families.FAMILIES, or "auto" to score them all.
         microbatch_size: samples per microbatch.
         global_batch: samples per batch (fixes microbatches = global_batch / microbatch_size).
         microbatches: microbatches per batch; when neither this nor global_batch is given,
@@ -402,7 +402,8 @@ def _multi_stage_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tup
     P·V equal-work stages where the family's placement puts them, for every V it takes (2 for a V; 2 and 4 for a
     loop), and only the (P, V, M) its generator accepts."""
     from planner.lowering import plan_spec
-    from planner.program import FAMILY, rank_of
+    from planner.families import FAMILY
+    from planner.schedulespec import rank_of
     from planner.schedules import REQUIRES, ScheduleError, validate_spec
 
     f = FAMILY[fam]
@@ -467,7 +468,7 @@ def _regular_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tuple[s
 
 def _linear(family: str) -> bool:
     """A family whose stages sit one per device set (the refinement's plans), not several per rank."""
-    from planner.program import FAMILY
+    from planner.families import FAMILY
 
     return family in FAMILY and FAMILY[family].placement == "linear"
 

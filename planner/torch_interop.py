@@ -29,7 +29,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from planner.program import Action, Kind, Program, ScheduleError, ScheduleSpec
+from planner.families import ScheduleError
+from planner.program import Action, Kind, Program
+from planner.schedulespec import ScheduleSpec
 
 __all__ = ["TorchAction", "parse_torch_action", "read_torch_csv", "program_from_torch", "to_torch_rows",
            "write_torch_csv", "TorchFormatError"]

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from planner.program import Action, Kind, COMPUTE, FAMILY
+from planner.families import FAMILY
+from planner.program import COMPUTE, Action, Kind
 from topologies.files import output_path
 
 

@@ -51,7 +51,8 @@ from typing import Callable
 
 import simpy
 
-from planner.program import FAMILY, Kind, Program, even_layers
+from planner.families import FAMILY
+from planner.program import Kind, Program, even_layers
 from planner.profile import ModelProfile
 from planner.recompute import layer_extra_forward_s, recompute_mode
 from planner.trace import Event, Trace

@@ -22,7 +22,7 @@ import numpy as np
 
 from planner.plan import Plan
 from planner.profile import ModelProfile
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.trace import bubble_fraction, busy_s, peak_memory_bytes, span_s, step_times_s, throughput_samples_per_s
 from sim.engine import simulate_plan
 from sim.params import SimParams

@@ -13,7 +13,9 @@ import json
 import pytest
 
 from planner.check import ProgramError, check
-from planner.program import FAMILIES, FAMILY, Action, Kind, Program, ScheduleError, chunks_for
+from planner.families import FAMILIES, FAMILY, ScheduleError
+from planner.program import Action, Kind, Program
+from planner.schedulespec import chunks_for
 from planner.schedules import REQUIRES, generate, make_spec
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipetwin.cli import main
-from planner.program import FAMILIES
+from planner.families import FAMILIES
 
 MODEL = "uniform:layers=8,fwd=0.001,bwd=0.002"  # no activations on the wire: the simulator's times are the dry run's
 

@@ -13,7 +13,9 @@ from dataclasses import replace
 import pytest
 
 from planner.check import check, declared_family_differs
-from planner.program import FAMILIES, FAMILY, Kind, chunks_for
+from planner.families import FAMILIES, FAMILY
+from planner.program import Kind
+from planner.schedulespec import chunks_for
 from planner.schedules import generate, make_spec
 
 

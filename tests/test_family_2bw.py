@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 
 from planner.check import ProgramError, check
-from planner.program import ScheduleError, make_spec
+from planner.families import ScheduleError
+from planner.schedulespec import make_spec
 from planner.schedules import ORDERS, REQUIRES, lower, stage_workers, validate_spec
 
 
@@ -54,7 +55,7 @@ def test_the_planners_feasibility_rules_are_the_generators_over_many_batches():
 
     from planner import refine
     from planner.partition import _schedulable
-    from planner.program import inflight_limit
+    from planner.schedulespec import inflight_limit
     from planner.schedules import generate
 
     refused = 0

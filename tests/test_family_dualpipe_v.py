@@ -26,7 +26,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from planner.check import ProgramError, UnitCosts, dry_run, measured_bounds
-from planner.program import FAMILY, Action, Kind, ScheduleError
+from planner.families import FAMILY, ScheduleError
+from planner.program import Action, Kind
 from planner.profile import uniform_profile
 from planner.schedules import ORDERS, generate, lower, make_spec, stage_workers
 from planner.trace import makespan_s

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.program import FAMILIES
+from planner.families import FAMILIES
 from planner.schedules import generate, make_spec
 
 GOLDEN = Path(__file__).parent / "golden" / "schedules"

@@ -26,7 +26,7 @@ from planner import partition as part
 from planner.costmodel import CostOptions, evaluate
 from planner.plan import Plan, PlanError, StagePlan
 from planner.profile import Layer, ModelProfile, uniform_profile
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.search import plan_model
 from topologies.presets import load_topology
 from topologies.records import Device, Link

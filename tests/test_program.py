@@ -72,7 +72,7 @@ def _bad_program(mutate) -> dict:
 def test_a_malformed_program_document_names_the_field_in_one_line(mutate, names):
     """Program.from_json says which field is wrong and what it expects, never a Python internal
     ('int' object is not subscriptable, a bare KeyError, 'ZZ' is not a valid Kind)."""
-    from planner.program import ProgramFileError
+    from planner.programfile import ProgramFileError
 
     with pytest.raises(ProgramFileError) as e:
         Program.from_json(_bad_program(mutate))

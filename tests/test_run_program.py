@@ -18,7 +18,9 @@ from executor.reference import reference_weights
 from pipetwin.cli import main
 from planner.plan import Plan, StagePlan, even_plan
 from planner.lowering import tensor_expand
-from planner.program import FAMILIES, FAMILY, Program, chunks_for
+from planner.families import FAMILIES, FAMILY
+from planner.program import Program
+from planner.schedulespec import chunks_for
 from planner.schedules import generate, make_spec
 from planner.trace import Trace
 from tests.test_executor_parity import _assert_weights_equal

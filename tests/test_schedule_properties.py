@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from planner.check import UnitCosts, check, dry_run
-from planner.program import FAMILIES, FAMILY, Action, Kind, Program, ScheduleError
+from planner.families import FAMILIES, FAMILY, ScheduleError
+from planner.program import Action, Kind, Program
 from planner.schedules import REQUIRES, generate, make_spec
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

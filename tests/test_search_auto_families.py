@@ -18,7 +18,7 @@ from planner.costmodel import CostOptions, evaluate
 from planner.lowering import plan_to_program
 from planner.plan import plan_from_flags
 from planner.profile import uniform_profile
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.search import AUTO_FAMILIES, plan_model
 from sim import peak_memory, simulate_plan
 from sim.params import SimParams

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from planner.check import ProgramError, UnitCosts, dry_run, measured_bounds
-from planner.program import FAMILY, Kind, ScheduleError
+from planner.families import FAMILY, ScheduleError
+from planner.program import Kind
 from planner.schedules import REQUIRES, generate, make_spec
 from planner.torch_interop import (TorchAction, TorchFormatError, parse_torch_action, program_from_torch,
                                    read_torch_csv, to_torch_rows, write_torch_csv)

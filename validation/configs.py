@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.plan import Plan, even_plan
-from planner.program import FAMILY
+from planner.families import FAMILY
 
 
 @dataclass(frozen=True)

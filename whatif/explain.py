@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.trace import bubble_fraction, peak_memory_bytes, span_s, step_times_s, throughput_samples_per_s
 from topologies.errors import TopologyError
 from topologies.topology import Topology

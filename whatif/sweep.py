@@ -17,7 +17,7 @@ from typing import Callable
 
 from planner.partition import PartitionCache
 from planner.plan import Plan
-from planner.program import FAMILY
+from planner.families import FAMILY
 from planner.profile import ModelProfile
 from topologies.topology import Topology
 from whatif.errors import WhatIfError

@@ -19,7 +19,8 @@ from executor import checkpoint as ckpt
 from executor.errors import ExecutorError
 from executor.zero import EXECUTOR_OPTIMIZERS
 from planner.plan import Plan, PlanError
-from planner.program import FAMILY, FLUSH_FAMILIES, Program
+from planner.families import FAMILY, FLUSH_FAMILIES
+from planner.program import Program
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,7 +117,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     A plan is lowered into its program (the batches a checkpoint leaves to run); both then go through
     ``prepare_program``.
     """
-    from planner.program import ProgramFileError
+    from planner.programfile import ProgramFileError
 
     if (cfg.plan is None) == (cfg.program is None):
         raise ExecutorError("a run needs either a plan or a program (exactly one)")
@@ -205,7 +206,8 @@ def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_
         ExecutorError: one line naming what is wrong with the program or the settings and what to do.
     """
     from planner.check import ProgramError, check
-    from planner.program import ProgramFileError, ScheduleError
+    from planner.families import ScheduleError
+    from planner.programfile import ProgramFileError
     from planner.recompute import MODES
 
     n = _num_layers(model, "the model")
@@ -279,7 +281,8 @@ def _check_zero3(plan: Plan) -> None:
 
 
 def _num_layers(model: str, what: str) -> int:
-    from executor.models import ModelSpecError, num_layers
+    from executor.models import num_layers
+    from planner.profile import ModelSpecError
 
     try:
         return num_layers(model)

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from executor.memory import SavedBytes, storage_keys, tensor_bytes
-from executor.models import build_layers, loss_fn, make_batch, parse_spec
+from executor.models import build_layers, loss_fn, make_batch
+from executor.modelspec import parse_spec
 from executor.timing import Clock
 from planner.profile import Layer, ModelProfile
 
@@ -165,11 +166,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def tp_block(hidden: int, heads: int, tensor_parallel: int = 1, sequence_parallel: bool = False, rank: int = 0,
              seed: int = 0, *, family: str = "gpt", kv_heads: int = 0, ffn: int = 0) -> nn.Module:
-    """The zoo's block of ``family`` (``"gpt"``: :class:`executor.models.GPTBlock`; ``"llama"``:
-    :class:`executor.models.LlamaBlock` with ``kv_heads`` key/value heads (0: ``heads``) and SwiGLU width ``ffn``
+    """The zoo's block of ``family`` (``"gpt"``: :class:`executor.layers.GPTBlock`; ``"llama"``:
+    :class:`executor.layers.LlamaBlock` with ``kv_heads`` key/value heads (0: ``heads``) and SwiGLU width ``ffn``
     (0: 4·hidden)), weights from ``seed``, for ``tensor_parallel`` > 1 sliced to TP rank ``rank``'s shard as the
     executor slices it, its collectives left out (``TPContext.compute_only``): what :func:`profile_block` times."""
-    from executor.models import GPTBlock, LlamaBlock
+    from executor.layers import GPTBlock, LlamaBlock
     from executor.tensor_parallel import TPContext, parallelize
 
     torch.manual_seed(seed)

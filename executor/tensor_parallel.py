@@ -17,7 +17,7 @@ stage. In each transformer block (Megatron-LM, Shoeybi et al. 2019):
   after the reduction.
 
 The ``llama`` block is split the same way, without biases: its QKV rows are grouped by key/value head
-(:class:`executor.models.GroupedQueryAttention`), so rank t takes the contiguous rows of KV groups
+(:class:`executor.layers.GroupedQueryAttention`), so rank t takes the contiguous rows of KV groups
 ``[t·G/T, (t+1)·G/T)`` — their query heads, key heads and value heads together, so grouped-query attention
 runs on the rank alone; the SwiGLU's gate and up matrices are column-parallel (rank t: columns
 ``[t·F/T, (t+1)·F/T)`` of each), the product runs on the rank's columns, and down is row-parallel.
@@ -78,8 +78,9 @@ from torch import Tensor, nn
 
 from executor.collectives import all_gather_dim, all_reduce, reduce_scatter_dim
 from executor.errors import ExecutorError
-from executor.models import (GPTBlock, GPTEmbedding, GPTHead, GroupedQueryAttention, LlamaBlock, LlamaEmbedding,
-                             LlamaHead, SwiGLU, parse_spec)
+from executor.layers import (GPTBlock, GPTEmbedding, GPTHead, GroupedQueryAttention, LlamaBlock, LlamaEmbedding,
+                             LlamaHead, SwiGLU)
+from executor.modelspec import parse_spec
 from executor.recompute import attention_core
 from planner.closedforms import padded_vocab, tp_vocab_multiple
 

@@ -71,7 +71,7 @@ def human_bytes(n: float) -> str:
 
 
 def run(args) -> int:
-    from executor.models import ModelSpecError
+    from planner.profile import ModelSpecError
     from executor.profiler import profile_model
     from pipetwin.errors import UserError
 
@@ -150,7 +150,8 @@ def block_shapes(specs: list[str], tps: tuple[int, ...], microbatches: tuple[int
     """Every (spec, TransformerConfig, TP, microbatch) ``--blocks`` asks for, checked before anything is timed:
     a model one of the executor's blocks builds (GPT/BERT: multi-head attention, a 4·hidden GELU MLP; Llama:
     grouped-query attention, SwiGLU of any width) that each TP degree divides."""
-    from executor.models import BLOCK_ATTENTION, ModelSpecError, parse_spec
+    from executor.modelspec import BLOCK_ATTENTION, parse_spec
+    from planner.profile import ModelSpecError
     from planner.analytic import transformer_config
     from pipetwin.errors import UserError
 

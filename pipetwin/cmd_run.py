@@ -72,7 +72,8 @@ def _runnable_model(model: str) -> str:
     `pipetwin profile` measured into it: the executor builds that one, the file holds only its costs."""
     from pathlib import Path
 
-    from executor.models import ModelSpecError, num_layers
+    from executor.models import num_layers
+    from planner.profile import ModelSpecError
     from planner.profile import ProfileError, load_profile
 
     if not model.endswith(".json") or not Path(model).is_file():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from executor.memory import SavedBytes
-from executor.models import GPTBlock, LlamaBlock
+from executor.layers import GPTBlock, LlamaBlock
 from planner.analytic import load_model
 from planner.closedforms import attention_flops, block_saved_bytes
 from planner.transformer import DEFAULT_ATTENTION, PRESETS, TransformerConfig

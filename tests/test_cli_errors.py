@@ -54,7 +54,7 @@ def test_every_package_error_type_derives_from_the_one_base():
 
 
 def test_there_is_one_model_spec_error():
-    from executor.models import ModelSpecError as A
+    from executor.modelspec import ModelSpecError as A
     from planner.analytic import ModelSpecError as B
 
     assert A is B

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from executor import ExecutorError, run_plan
-from executor.models import (GroupedQueryAttention, LlamaBlock, ModelSpecError, build_stage, num_layers, parse_spec,
-                             rotary_angles, rotate)
+from executor.layers import GroupedQueryAttention, LlamaBlock, rotary_angles, rotate
+from executor.models import build_stage, num_layers
+from executor.modelspec import parse_spec
+from planner.profile import ModelSpecError
 from executor.recompute import attention_probabilities_times_values
 from executor.reference import reference_weights
 from executor.tensor_parallel import TPContext, parallelize
@@ -46,7 +48,7 @@ def test_rotary_turns_each_feature_pair_by_its_position_angle_so_scores_see_only
 
 def test_the_rotation_s_backward_keeps_nothing_and_is_the_numerical_gradient():
     from executor.memory import SavedBytes
-    from executor.models import _Rotation
+    from executor.layers import _Rotation
 
     angle = rotary_angles(6, 4)
     x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
@@ -76,7 +78,7 @@ def test_grouped_query_attention_is_multi_head_attention_with_each_group_s_key_a
     assert torch.allclose(gqa(x), mha(x), atol=1e-12)
     # SDPA's causal core against the explicit softmax (the gpt block's core)
     q, k, v = (torch.randn(2, 4, 8, 16, dtype=torch.float64) for _ in range(3))
-    from executor.models import causal_attention
+    from executor.layers import causal_attention
     assert torch.allclose(causal_attention(q, k, v), attention_probabilities_times_values(q, k, v), atol=1e-12)
     # causal: tokens after position 4 do not change the outputs up to it
     y = x.clone()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from executor import models as M
 from executor.emulated import EmulatedLayer, _EmulatedFn
+from planner.profile import ModelSpecError
 
 torch.set_num_threads(1)
 
@@ -111,10 +112,10 @@ def test_spec_errors_are_one_clear_line():
                        ("mlp:width=abc", "not an integer"), ("gpt:hidden=30,heads=4", "multiple of heads"),
                        ("mlp:layers=0", ">= 1"), ("uniform:fwd", "key=value"), ("nosuch_pkg.mod:fn", "cannot import"),
                        ("no/such/file.py:fn", "no file")]:
-        with pytest.raises(M.ModelSpecError, match=words) as e:
+        with pytest.raises(ModelSpecError, match=words) as e:
             M.build_layers(bad)
         assert "\n" not in str(e.value)
-    assert issubclass(M.ModelSpecError, ValueError)
+    assert issubclass(ModelSpecError, ValueError)
 
 
 def test_user_model_from_file(tmp_path):
@@ -137,9 +138,9 @@ def test_user_model_from_file(tmp_path):
     assert torch.equal(y, torch.zeros(2, 4))
     out = _forward(M.build_layers(f"{tmp_path / 'usermodels.py'}:listed"), x)
     torch.testing.assert_close(M.loss_fn(f"{tmp_path / 'usermodels.py'}:listed")(out, y), out.abs().mean())
-    with pytest.raises(M.ModelSpecError, match="nothing_input_shape"):
+    with pytest.raises(ModelSpecError, match="nothing_input_shape"):
         M.make_batch(f"{tmp_path / 'usermodels.py'}:nothing", 1, 0)
-    with pytest.raises(M.ModelSpecError, match="no function 'absent'"):
+    with pytest.raises(ModelSpecError, match="no function 'absent'"):
         M.build_layers(f"{tmp_path / 'usermodels.py'}:absent")
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from executor.models import GPTBlock, LlamaBlock
+from executor.layers import GPTBlock, LlamaBlock
 from executor.profiler import tp_block
 from pipetwin.cli import main
 from planner.analytic import load_model

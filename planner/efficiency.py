@@ -205,7 +205,7 @@ def optimizer_step_s(params_per_device: float, kind: DeviceKind, p: EfficiencyPa
 
 
 #: A transformer block's shape as the per-shape table keys it: (family, hidden, heads, kv_heads, ffn, seq,
-#: tensor_parallel, sequence_parallel, microbatch); ``planner.analytic.block_key`` builds it from a config.
+#: tensor_parallel, sequence_parallel, microbatch); ``planner.transformer_profile.block_key`` builds it from a config.
 BlockKey = tuple[str, int, int, int, int, int, int, bool, int]
 _KEY_FIELDS = ("family", "hidden", "heads", "kv_heads", "ffn", "seq", "tensor_parallel", "sequence_parallel",
                "microbatch")

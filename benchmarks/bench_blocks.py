@@ -46,7 +46,8 @@ def main() -> int:
 
     from executor.profiler import profile_block
     from pipetwin.cmd_profile import _gpu_kind
-    from planner.analytic import _block_flops, load_model, transformer_config
+    from planner.analytic import load_model, transformer_config
+    from planner.closedforms import block_flops
     from planner.efficiency import DEFAULT_PARAMS, DeviceCalibration, load_device_calibration
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -76,7 +77,7 @@ def main() -> int:
                                  kv_heads=cfg.kv_heads, ffn=cfg.ffn, dtype=dtype, device=args.device,
                                  repeats=args.repeats, warmup=args.warmup)
             layer = load_model(spec, calibration=smooth, tensor_parallel=t, microbatch_size=mb).layers[1]
-            peak = _block_flops(cfg) * mb / t / f / smooth.kind.peak_flops
+            peak = block_flops(cfg) * mb / t / f / smooth.kind.peak_flops
             name = spec if ":" not in spec else (f"{cfg.family} h{cfg.hidden} a{cfg.heads} "
                                                  f"kv{cfg.kv_heads or cfg.heads} f{cfg.ffn_size} s{cfg.seq}")
             print(f"{name:<34}{t:>3}{f * 1e3:>10.3f}{layer.forward_s * 1e3:>9.3f}{f / layer.forward_s:>8.2f}"

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner import partition as part  # noqa: E402
-from planner.analytic import PIPEDREAM_BATCH, load_model, pipedream_profiles_dir  # noqa: E402
+from planner.analytic import load_model  # noqa: E402
+from planner.cnn import PIPEDREAM_BATCH, pipedream_profiles_dir  # noqa: E402
 from planner.costmodel import CostOptions, evaluate  # noqa: E402
 from planner.plan import Plan, StagePlan  # noqa: E402
 from planner.profile import read_pipedream_graph  # noqa: E402

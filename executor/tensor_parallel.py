@@ -81,7 +81,7 @@ from executor.errors import ExecutorError
 from executor.models import (GPTBlock, GPTEmbedding, GPTHead, GroupedQueryAttention, LlamaBlock, LlamaEmbedding,
                              LlamaHead, SwiGLU, parse_spec)
 from executor.recompute import attention_core
-from planner.analytic import padded_vocab, tp_vocab_multiple
+from planner.closedforms import padded_vocab, tp_vocab_multiple
 
 TP_FAULT_ENV = "PIPETWIN_TP_FAULT"
 #: What ``PIPETWIN_TP_FAULT`` may skip (see the module docstring).
@@ -376,7 +376,7 @@ class TPSwiGLU(SwiGLU):
 
 def vocab_padded(vocab: int, size: int) -> int:
     """The vocabulary ``size`` TP ranks split: ``vocab`` padded to a multiple of 128·size (Megatron's
-    ``--make-vocab-size-divisible-by`` 128; unpadded at size 1), by ``planner.analytic.tp_vocab_multiple``, the
+    ``--make-vocab-size-divisible-by`` 128; unpadded at size 1), by ``planner.closedforms.tp_vocab_multiple``, the
     rule ``load_model`` charges the planner's and the simulator's layers by."""
     return padded_vocab(vocab, size, tp_vocab_multiple(size))
 

@@ -128,9 +128,9 @@ def run(args) -> int:
 
 # --- model names -----------------------------------------------------------------------------
 def pipedream_profile_names() -> list[str]:
-    """PipeDream profile names on disk (where ``planner.analytic.pipedream_profiles_dir`` says: the folder
+    """PipeDream profile names on disk (where ``planner.cnn.pipedream_profiles_dir`` says: the folder
     $PIPETWIN_PIPEDREAM_PROFILES names, else ``../shared/data/pipedream_profiles`` beside the repository)."""
-    from planner.analytic import pipedream_profiles_dir
+    from planner.cnn import pipedream_profiles_dir
 
     d = pipedream_profiles_dir()
     return sorted(p.name[: -len(".graph.txt")] for p in d.glob("*.graph.txt")) if d else []
@@ -138,7 +138,7 @@ def pipedream_profile_names() -> list[str]:
 
 def _pipedream_graph(spec: str) -> Path | None:
     """The graph.txt PipeDream's profile name ``spec`` names, None where it is not on disk (or ``spec`` is no name)."""
-    from planner.analytic import pipedream_profiles_dir
+    from planner.cnn import pipedream_profiles_dir
 
     d = pipedream_profiles_dir()
     if d is None or spec.startswith("uniform") or Path(spec).exists() or not (d / f"{spec}.graph.txt").is_file():
@@ -213,7 +213,7 @@ def _levels(args) -> list[tuple[int, float]]:
 
 
 def _run_pipedream(args, spec: str, profile: ModelProfile) -> int:
-    from planner.analytic import PIPEDREAM_BATCH
+    from planner.cnn import PIPEDREAM_BATCH
     from planner.pipedream import optimize_pipedream, to_plan
 
     # the profiled batch only where the graph.txt was read; without it the name is an analytic per-sample profile

@@ -190,7 +190,7 @@ def run_blocks(args) -> int:
     from dataclasses import replace
 
     from executor.profiler import profile_block
-    from planner.analytic import block_key
+    from planner.transformer_profile import block_key
     from planner.efficiency import DEFAULT_PARAMS, BlockTiming, DeviceCalibration
     from pipetwin.errors import UserError
     from topologies.devices import device_kind

@@ -1,7 +1,7 @@
 """Data-parallel sharding (ZeRO-1/2/3, FSDP full shard): per-GPU state bytes and the collectives it implies.
 
 Mixed-precision training state per parameter is the project's one accounting
-(``planner.analytic.STATE_BYTES_PER_PARAM``: 16 bytes with Adam): a 16-bit weight and a 16-bit
+(``planner.closedforms.STATE_BYTES_PER_PARAM``: 16 bytes with Adam): a 16-bit weight and a 16-bit
 gradient (``planner.efficiency.BYTES_PER_ELEMENT`` each) and the optimizer's fp32 state — the
 master copy and the moments, the remaining 12 bytes with Adam (8 with SGD + momentum, 4 with
 none). Rajbhandari et al. 2020 (ZeRO) shard it over the D ranks of a data-parallel group:
@@ -66,7 +66,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.analytic import BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
+from planner.closedforms import BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
 from planner.efficiency import BYTES_PER_ELEMENT
 from planner.plan import PlanError
 

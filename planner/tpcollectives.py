@@ -1,6 +1,6 @@
 """The tensor-parallel collectives of a transformer layer: what Megatron-LM issues, one record each, and their time.
 
-``tp_collectives`` lists, per layer of ``planner.analytic``'s chain (embedding, each block, final norm + head),
+``tp_collectives`` lists, per layer of ``planner.transformer_profile``'s chain (embedding, each block, final norm + head),
 every collective one TP rank issues in one microbatch's forward and backward, in issue order; the executor
 issues exactly these (``tests/test_tp_collectives_agree.py`` records them on 2 gloo ranks). The profile carries
 each layer's list (``Layer.tp_collectives``), and every interpreter times the list and nothing else: the cost
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-if TYPE_CHECKING:  # only the shape's fields are read; planner.analytic imports this module
-    from planner.analytic import TransformerConfig
+if TYPE_CHECKING:  # only the shape's fields are read; planner.profile imports this module, planner.transformer it
+    from planner.transformer import TransformerConfig
 
 __all__ = ["TPCollective", "tp_collectives", "CROSS_ENTROPY_BYTES", "KINDS", "NCCL_COLLECTIVE", "allreduces",
            "ring_steps", "ring_time_s", "collectives_time_s"]
@@ -95,7 +95,7 @@ def tp_collectives(c: TransformerConfig, tensor_parallel: int = 1,
     Megatron does where there are position embeddings). Not per microbatch, so not here: sequence
     parallelism's once-per-step all-reduce of the norms' and row-parallel biases' gradients.
 
-    Every one of them is timed: ``planner.analytic.transformer_profile`` puts each layer's tuple into its
+    Every one of them is timed: ``planner.transformer_profile.transformer_profile`` puts each layer's tuple into its
     ``Layer.tp_collectives``, and the cost model, the simulator and the row closed forms price each collective
     as issued, a ring of its kind over the TP group (:func:`ring_time_s`), one after another inside the
     layer's compute.

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from planner.analytic import (BYTES_PER_PARAM, PRESETS, STATE_BYTES_PER_PARAM, ModelSpecError, block_saved_bytes,
-                              cnn_profile, load_model, on_device, pipedream_profiles_dir, split_device_suffix,
-                              state_bytes, total_params, transformer_flops_per_token, transformer_param_count,
-                              transformer_profile)
+from planner.analytic import ModelSpecError, load_model, on_device, split_device_suffix, total_params
+from planner.closedforms import (BYTES_PER_PARAM, STATE_BYTES_PER_PARAM, block_saved_bytes, state_bytes,
+                                 transformer_flops_per_token, transformer_param_count)
+from planner.cnn import cnn_profile, pipedream_profiles_dir
+from planner.transformer import PRESETS
+from planner.transformer_profile import transformer_profile
 from planner.costmodel import static_bytes_per_param_byte
 from topologies.devices import DEVICE_KINDS
 
@@ -106,7 +108,8 @@ def test_pipedream_names_resolve_to_graph_txt_per_sample():
 
 
 # ---------------------------------------------------------------------- tensor parallelism, Llama
-from planner.analytic import TransformerConfig, padded_vocab  # noqa: E402
+from planner.closedforms import padded_vocab  # noqa: E402
+from planner.transformer import TransformerConfig  # noqa: E402
 from planner.profile import ModelProfile  # noqa: E402
 
 GPT_EVEN = TransformerConfig(8, 1024, 16, seq=1024, vocab=51200)  # vocabulary divisible by 8·128: no padding

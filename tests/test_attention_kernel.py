@@ -13,8 +13,10 @@ import torch
 
 from executor.memory import SavedBytes
 from executor.models import GPTBlock, LlamaBlock
-from planner.analytic import (DEFAULT_ATTENTION, PRESETS, TransformerConfig, attention_flops, block_key,
-                              block_saved_bytes, block_work, load_model, transformer_profile)
+from planner.analytic import load_model
+from planner.closedforms import attention_flops, block_saved_bytes
+from planner.transformer import DEFAULT_ATTENTION, PRESETS, TransformerConfig
+from planner.transformer_profile import block_key, block_work, transformer_profile
 from planner.recompute import extra_forward_s, kept_bytes, rebuilt_bytes
 from topologies.devices import DEVICE_KINDS
 
@@ -223,7 +225,7 @@ def test_profile_blocks_refuses_a_kernel_the_executor_s_block_does_not_run():
 
 
 def test_a_causal_flash_kernel_multiplies_half_the_square_and_a_bidirectional_one_all_of_it():
-    from planner.analytic import attended_keys, attention_flops, transformer_flops_per_token
+    from planner.closedforms import attended_keys, attention_flops, transformer_flops_per_token
 
     for c in (LLAMA, replace(GPT, attention="flash")):
         assert attended_keys(c) == c.seq // 2

@@ -4,7 +4,7 @@ A name such as ``vgg16`` is PipeDream's measured graph.txt where the profiles ar
 per-sample profile where they are not (a fresh clone without ``../shared/data``). The second must be costed
 as the per-sample profile it is, exactly as its analytic twin ``vgg16-analytic``; it was once labelled as
 128-sample minibatches, 128 times the throughput. The folder is found in one place
-(``planner.analytic.pipedream_profiles_dir``), so $PIPETWIN_PIPEDREAM_PROFILES serves both reads.
+(``planner.cnn.pipedream_profiles_dir``), so $PIPETWIN_PIPEDREAM_PROFILES serves both reads.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import planner.analytic
+import planner.cnn
 from pipetwin.cli import main
 
 FIX = Path(__file__).parent / "fixtures"
@@ -27,7 +27,7 @@ def _predicted(capsys, model: str, flags: list[str] = PIPEDREAM) -> dict:
 
 
 def test_a_profile_name_without_its_graph_is_costed_as_its_analytic_per_sample_twin(monkeypatch, capsys):
-    monkeypatch.setattr(planner.analytic, "pipedream_profiles_dir", lambda: None)
+    monkeypatch.setattr(planner.cnn, "pipedream_profiles_dir", lambda: None)
     fallback, twin = _predicted(capsys, "vgg16"), _predicted(capsys, "vgg16-analytic")
     assert fallback["samples_per_minibatch"] == 1
     assert fallback["pipeline_time_s"] == twin["pipeline_time_s"]
@@ -39,5 +39,5 @@ def test_the_environment_folder_is_read_as_the_graph_states_it(monkeypatch, tmp_
     monkeypatch.setenv("PIPETWIN_PIPEDREAM_PROFILES", str(tmp_path))
     got = _predicted(capsys, "vgg16", ["--cost-model", "pipedream", "--levels", "1:1e9", "--json"])
     # one worker: the minibatch takes every layer's forward and backward (ms in the file; the Input node is free)
-    assert got["samples_per_minibatch"] == planner.analytic.PIPEDREAM_BATCH["vgg16"]
+    assert got["samples_per_minibatch"] == planner.cnn.PIPEDREAM_BATCH["vgg16"]
     assert got["pipeline_time_s"] == pytest.approx((10 + 20 + 5 + 5 + 15 + 30) * 1e-3, rel=1e-9)

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from planner.analytic import PRESETS, TransformerConfig, block_work, embedding_work, head_work, transformer_profile
+from planner.transformer import PRESETS, TransformerConfig
+from planner.transformer_profile import block_work, embedding_work, head_work, transformer_profile
 from planner.efficiency import (DEFAULT_PARAMS, PARAM_BOUNDS, CalibrationFileError, DeviceCalibration, EfficiencyParams,
                                 Gemm, Work, fit, load_device_calibration, optimizer_step_s, work_time_s)
 from topologies.devices import device_kind

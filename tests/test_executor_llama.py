@@ -15,7 +15,10 @@ from executor.models import (GroupedQueryAttention, LlamaBlock, ModelSpecError, 
 from executor.recompute import attention_probabilities_times_values
 from executor.reference import reference_weights
 from executor.tensor_parallel import TPContext, parallelize
-from planner.analytic import BYTES_PER_PARAM, PRESETS, TransformerConfig, transformer_config, transformer_profile
+from planner.analytic import transformer_config
+from planner.closedforms import BYTES_PER_PARAM
+from planner.transformer import PRESETS, TransformerConfig
+from planner.transformer_profile import transformer_profile
 from planner.plan import plan_from_flags
 
 MODEL = "llama:layers=2,hidden=32,heads=4,kv_heads=2,ffn=48,seq=8,vocab=160"  # both TP ranks hold real words

@@ -21,7 +21,9 @@ from executor.models import build_stage, num_layers
 from executor.reference import reference_weights
 from executor.tensor_parallel import (TP_FAULT_ENV, TPContext, _VocabParallelCrossEntropy, parallelize,
                                       vocab_parallel_cross_entropy, vocab_slice)
-from planner.analytic import BYTES_PER_PARAM, PRESETS, TransformerConfig, load_model
+from planner.analytic import load_model
+from planner.closedforms import BYTES_PER_PARAM
+from planner.transformer import PRESETS, TransformerConfig
 from planner.plan import plan_from_flags
 
 GPT = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=160"

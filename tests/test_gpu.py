@@ -197,7 +197,9 @@ def test_profile_blocks_on_cuda_fills_the_calibration_table_that_simulate_then_r
     import json
 
     from pipetwin.cli import main
-    from planner.analytic import PRESETS, _block_flops, block_key
+    from planner.closedforms import block_flops
+    from planner.transformer import PRESETS
+    from planner.transformer_profile import block_key
     from planner.efficiency import load_device_calibration
 
     cal = tmp_path / "cal.json"
@@ -209,7 +211,7 @@ def test_profile_blocks_on_cuda_fills_the_calibration_table_that_simulate_then_r
     for t in c.block_timings:
         _, _, _, _, _, _, tp, _, mb = t.key
         if c.kind.name != "gpu-generic":
-            assert _block_flops(cfg) * mb / tp / t.forward_s < c.kind.peak_flops, t
+            assert block_flops(cfg) * mb / tp / t.forward_s < c.kind.peak_flops, t
         assert t.backward_s > 0
     entry = c.block_timing(block_key(cfg, 2, 2))
     spec = "gpt3-350m:layers=2"
@@ -229,7 +231,10 @@ def test_profile_blocks_on_cuda_times_a_llama3_8b_block_below_the_kind_s_peak(tm
     TP 1 and 2, seq 8192; no block runs above the kind's peak FLOP/s, and the analytic profile with the file takes
     its block times from the table."""
     from pipetwin.cli import main
-    from planner.analytic import PRESETS, _block_flops, block_key, load_model
+    from planner.analytic import load_model
+    from planner.closedforms import block_flops
+    from planner.transformer import PRESETS
+    from planner.transformer_profile import block_key
     from planner.efficiency import load_device_calibration
 
     cal = tmp_path / "llama.json"
@@ -241,7 +246,7 @@ def test_profile_blocks_on_cuda_times_a_llama3_8b_block_below_the_kind_s_peak(tm
     for t in c.block_timings:
         tp = t.key[6]
         if c.kind.name != "gpu-generic":
-            assert _block_flops(cfg) / tp / t.forward_s < c.kind.peak_flops, t
+            assert block_flops(cfg) / tp / t.forward_s < c.kind.peak_flops, t
         assert t.backward_s > t.forward_s
     prof = load_model("llama3-8b", calibration=c, tensor_parallel=2)
     assert prof.layers[1].forward_s == c.block_timing(block_key(cfg, 2, 1)).forward_s

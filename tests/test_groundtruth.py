@@ -290,7 +290,8 @@ def test_table5_selective_recomputation_with_sequence_parallelism_is_predicted_c
 
 
 def test_table5_closed_form_without_pipeline_is_microbatches_times_forward_and_backward(tmp_path):
-    from planner.analytic import TransformerConfig, transformer_profile
+    from planner.transformer import TransformerConfig
+    from planner.transformer_profile import transformer_profile
     from planner.efficiency import DeviceCalibration, optimizer_step_s
     from topologies.devices import device_kind
     from validation.groundtruth_published import PublishedRow, predict_published_s

@@ -8,7 +8,8 @@ import pytest
 from topologies import ncclcost
 from sim.collectives import fuse, priced, ring_phases
 from topologies.presets import load_topology
-from topologies.topology import Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.topology import Topology
 from validation.groundtruth_closed_form import phases_time_s, row_model
 from validation.groundtruth_plan import simulate_row_s
 from validation.groundtruth_rows import Row

@@ -29,7 +29,8 @@ from planner.profile import Layer, ModelProfile, uniform_profile
 from planner.program import FAMILY
 from planner.search import plan_model
 from topologies.presets import load_topology
-from topologies.topology import Device, Link, Topology
+from topologies.records import Device, Link
+from topologies.topology import Topology
 
 GOLDEN = Path(__file__).parent / "golden" / "partition_answers.json"
 #: The families whose answers must not move (they were sized right before the ZB fix).

@@ -17,7 +17,8 @@ from planner.profile import Layer, ModelProfile, uniform_profile
 from planner.search import capacity, plan_model
 from pipetwin.cli import main
 from topologies.presets import load_topology
-from topologies.topology import Device, Link, Topology
+from topologies.records import Device, Link
+from topologies.topology import Topology
 
 NON_INTERLEAVED = ("gpipe", "1f1b", "zb-h1", "pipedream", "2bw")
 

@@ -10,7 +10,9 @@ import torch
 from executor.models import GPTBlock, LlamaBlock
 from executor.profiler import tp_block
 from pipetwin.cli import main
-from planner.analytic import TransformerConfig, block_key, load_model
+from planner.analytic import load_model
+from planner.transformer import TransformerConfig
+from planner.transformer_profile import block_key
 from planner.efficiency import DeviceCalibration, EfficiencyParams, load_device_calibration
 
 SPEC = "gpt:layers=2,hidden=64,heads=4,seq=16,vocab=128"

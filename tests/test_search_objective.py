@@ -171,7 +171,8 @@ def test_the_cost_model_cannot_tell_devices_of_a_server_or_two_servers_apart(spe
 def test_vgg16_on_pipedream_a_beats_every_wide_replication_with_a_small_tail():
     """Issue 17's example: the search used to return 14-1 (2,060 samples/s) while plans replicating the
     convolutions widely with the classifier on one or two workers rated better. Now no such plan beats it."""
-    from planner.analytic import load_model, pipedream_profiles_dir
+    from planner.analytic import load_model
+    from planner.cnn import pipedream_profiles_dir
 
     if pipedream_profiles_dir() is None:
         pytest.skip("PipeDream profiles not beside the repo")

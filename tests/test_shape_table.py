@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from planner.analytic import TransformerConfig, block_key, load_model, transformer_profile
+from planner.analytic import load_model
+from planner.transformer import TransformerConfig
+from planner.transformer_profile import block_key, transformer_profile
 from planner.efficiency import (BlockTiming, CalibrationFileError, DeviceCalibration, EfficiencyParams,
                                 fit_shape_factors, load_device_calibration)
 from validation.groundtruth_closed_form import row_model

@@ -19,7 +19,8 @@ from sim.collectives import Collective, ring_phases
 from sim.memory import StageBytes, memory_levels, round_function
 from sim.network import Network
 from topologies.presets import load_topology
-from topologies.topology import Device, Link, Topology
+from topologies.records import Device, Link
+from topologies.topology import Topology
 
 
 def _devices(program):

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from planner.analytic import transformer_config, transformer_profile
+from planner.analytic import transformer_config
+from planner.transformer_profile import transformer_profile
 from planner.tpcollectives import tp_collectives
 
 GPT = "gpt:layers=2,hidden=16,heads=2,seq=8,vocab=160"

@@ -16,7 +16,7 @@ from sim import simulate_plan
 from sim.extrapolate import extrapolation_pair, figures, long_run_figures, splice_length, stream_extrapolated
 from sim.params import SimParams
 from topologies.clusters import build_cluster, parse_interconnect
-from topologies.topology import TopologyError
+from topologies.errors import TopologyError
 from whatif import (SweepConfig, SweepPoint, SweepRecord, fewest_devices_for, pareto_front, plan_point,
                     simulated_plan)
 from whatif import run_sweep as _run_sweep

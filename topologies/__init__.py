@@ -5,7 +5,9 @@
     topo.levels()                              # [(8, 3e11), (4, 2.5e10)]
     topo.p2p_time_s("s0g0", "s1g0", 1 << 20)
 """
-from topologies.topology import LINK_KINDS, Device, Link, Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.records import LINK_KINDS, Device, Link
+from topologies.topology import Topology
 from topologies.devices import DEVICE_KINDS, DeviceKind, device_kind, make_device
 from topologies.presets import (PRESETS, dgx, fattree, hierarchical, ideal, load_topology, local, parse_hier,
                                 pcie, pipedream_a, pipedream_b)

@@ -19,7 +19,8 @@ import networkx as nx
 
 from topologies.devices import device_kind, make_device
 from topologies.presets import dgx, fattree, ideal, pcie
-from topologies.topology import Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.topology import Topology
 
 __all__ = ["Interconnect", "parse_interconnect", "build_cluster", "INTERCONNECT_HELP"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from topologies.topology import Device, TopologyError
+from topologies.errors import TopologyError
+from topologies.records import Device
 
 __all__ = ["DeviceKind", "DEVICE_KINDS", "KIND_ALIASES", "device_kind", "make_device"]
 

@@ -44,7 +44,9 @@ import networkx as nx
 
 from topologies.devices import device_kind, make_device
 from topologies.ncclcost import COLLECTIVE_MODES
-from topologies.topology import LINK_KINDS, Device, Link, Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.records import LINK_KINDS, Device, Link
+from topologies.topology import Topology
 
 __all__ = ["load_topology", "PRESETS", "PRESET_HELP", "presets_help", "ideal", "local", "dgx", "pcie", "pipedream_a", "pipedream_b",
            "fattree", "hierarchical", "parse_hier", "DEFAULT_LATENCY_S", "gbit"]

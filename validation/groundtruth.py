@@ -41,7 +41,7 @@ from pathlib import Path
 from planner.efficiency import BlockTiming, DeviceCalibration, fit
 from topologies.topology import Topology
 from validation.groundtruth_closed_form import GRADIENT_BYTES_CHOICES, RowModel, closed_form_terms_s, row_model
-from validation.groundtruth_plan import COLLECTIVES, VTRAIN_KIND, simulate_row, why_closed_form
+from validation.groundtruth_plan import COLLECTIVES, P2P, VTRAIN_KIND, simulate_row, why_closed_form
 from validation.groundtruth_rows import CALIBRATION_RULE, GroundTruthError, Row, load_rows, why_not_expressible
 from validation.shape_table import SHAPE_TABLE, fit_shape_table, predict_row_s
 
@@ -79,6 +79,7 @@ class GroundTruth:
     calibration: DeviceCalibration
     seconds: float
     collectives: str = "ideal"  # how the all-reduces were timed (``COLLECTIVES``, ``topologies.ncclcost``)
+    p2p: str = "posted"  # how the pipeline sends ran (``P2P``)
 
     def rows(self, calibration: bool | None = None, source: str | None = None) -> list[Scored]:
         return [s for s in self.scored if (calibration is None or s.row.calibration == calibration)
@@ -106,6 +107,7 @@ class GroundTruth:
             "best_groups": groups,
             "calibration_rms": self.calibration.rms_relative_error,
             "collectives": self.collectives,
+            "p2p": self.p2p,
             "seconds": self.seconds,
         }
 
@@ -210,4 +212,4 @@ def run(data: str | Path, calibration: DeviceCalibration | None = None, simulate
         else:
             out.append(Scored(m.row, closed, "closed-form", closed, why, block_timing=tier, terms_ms=terms))
     return GroundTruth(tuple(out), tuple(skipped), cal, time.perf_counter() - t0,
-                       COLLECTIVES if collectives is None else collectives)
+                       COLLECTIVES if collectives is None else collectives, P2P)

@@ -7,6 +7,8 @@ backward B_s (the recomputed forward of its blocks, with their TP collectives, p
 collectives); p2p c_s between stage s and s + 1
 (every DP replica's and TP rank's activation at once, on the links they share);
 ``pipe = Σ(F_s + B_s) + (m − 1)·max(F_s + B_s) + 2·Σ c_s`` (warm-up, steady state, drain);
+under DeepSpeed's synchronous sends (``P2P = "deepspeed"``, each TP rank sending 1/T of the activation) a stage's
+outgoing sends are part of its own work, F_s + c_s and B_s + c_{s−1}, and the same form holds with no separate 2·Σ c_s;
 stage s's last backward ends ``Σ_{j<s}(B_j + c_j)`` before the pipe ends; then its DP gradient
 all-reduce (fp32 or fp16 gradients, whichever the fit on the calibration rows prefers; all DP
 groups of the stage at once, ring or hierarchical as the simulator chooses) and its Adam step; plus the fitted
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from planner.analytic import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, block_work, embedding_work, head_work
+from planner.closedforms import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE
+from planner.transformer_profile import block_work, embedding_work, head_work
 from planner.efficiency import (DEFAULT_PARAMS, BlockKey, DeviceCalibration, EfficiencyParams, Work, optimizer_step_s,
                                 work_time_s)
 from planner.profile import ModelProfile
@@ -29,8 +32,8 @@ from planner.tpcollectives import NCCL_COLLECTIVE, collectives_time_s
 from topologies.devices import device_kind
 from topologies.presets import load_topology
 from topologies.topology import Topology
-from validation.groundtruth_plan import (ROW_RECOMPUTE, VTRAIN_KIND, device_of, row_block_key, row_config, row_profile,
-                                         stage_layer_ranges, topology_spec)
+from validation.groundtruth_plan import (ROW_RECOMPUTE, VTRAIN_KIND, device_of, p2p_blocking, p2p_bytes_share,
+                                         row_block_key, row_config, row_profile, stage_layer_ranges, topology_spec)
 from validation.groundtruth_rows import Row
 
 #: Gradient bytes per parameter the DP all-reduce may send: fp32 main gradients (Megatron) or fp16
@@ -120,7 +123,7 @@ class Links:
         tp_s: per stage, for the embedding, a block and the head: (forward, backward) seconds of one microbatch's
             TP collectives (every one the layer issues, ``planner.tpcollectives``; a re-run forward's are the
             forward's), rings over the TP group of replica 0, the other groups on private links.
-        p2p_s: per stage boundary s → s + 1, every replica's and TP rank's activation at once.
+        p2p_s: per stage boundary s → s + 1, every replica's and TP rank's activation (its ``share``) at once.
         dp_allreduce_s: per gradient bytes per parameter (4: fp32, 2: fp16), per stage, the gradient
             all-reduce of all its DP groups at once.
         algorithm: the all-reduce algorithm (the simulator's choice).
@@ -130,16 +133,19 @@ class Links:
     p2p_s: tuple[float, ...]
     dp_allreduce_s: dict[int, tuple[float, ...]]
     algorithm: str
+    #: True iff a sender waits for its pipeline sends (``P2P = "deepspeed"``): ``stage_costs`` folds them into its work.
+    blocking: bool = False
 
 
 def row_links(row: Row, profile: ModelProfile, topology: Topology,
-              gradient_bytes: tuple[int, ...] = GRADIENT_BYTES_CHOICES) -> Links:
+              gradient_bytes: tuple[int, ...] = GRADIENT_BYTES_CHOICES, p2p: str | None = None) -> Links:
     """The row's link times; every all-reduce priced by the topology's collectives mode as the simulator prices it
-    (``sim.collectives.priced``: its phases, then the tail NCCL's latency adds)."""
+    (``sim.collectives.priced``: its phases, then the tail NCCL's latency adds); the pipeline sends as ``p2p`` (default
+    ``P2P``) runs them."""
     from sim.collectives import allreduce_phases, priced
 
     ranges = stage_layer_ranges(row)
-    tp, p2p = [], []
+    tp, sends = [], []
     dp: dict[int, list[float]] = {g: [] for g in gradient_bytes}
     algorithm = "ring"
     kinds = (profile.layers[0], profile.layers[1], profile.layers[-1])  # embedding, a block, head
@@ -147,10 +153,10 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology,
         group = [device_of(row, s, 0, t) for t in range(row.tp)]
         tp.append(tp_layer_s(topology, group, kinds, row.micro_batch, "none"))
         if s + 1 < row.pp:
-            nbytes = profile.boundary_bytes(b) * row.micro_batch
+            nbytes = profile.boundary_bytes(b) * row.micro_batch * p2p_bytes_share(row, p2p)
             flows = [(device_of(row, s, d, t), device_of(row, s + 1, d, t), nbytes)
                      for d in range(row.dp) for t in range(row.tp)]
-            p2p.append(phases_time_s(topology, [flows]))
+            sends.append(phases_time_s(topology, [flows]))
         for g in gradient_bytes:
             grad = profile.param_bytes(a, b) / BYTES_PER_PARAM * g
             if row.dp > 1:
@@ -164,7 +170,7 @@ def row_links(row: Row, profile: ModelProfile, topology: Topology,
                 dp[g].append(phases_time_s(topology, _merged(groups)) + tail)
             else:
                 dp[g].append(0.0)
-    return Links(tuple(tp), tuple(p2p), {g: tuple(v) for g, v in dp.items()}, algorithm)
+    return Links(tuple(tp), tuple(sends), {g: tuple(v) for g, v in dp.items()}, algorithm, p2p_blocking(p2p))
 
 
 # ---------------------------------------------------------------------- the closed form
@@ -178,6 +184,18 @@ class StageCosts:
     p2p_s: tuple[float, ...]
     allreduce_s: tuple[float, ...]
     step_s: tuple[float, ...]
+
+
+def folded_sends(fs: list[float], bs: list[float], p2p: tuple[float, ...], blocking: bool
+                 ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(forward, backward, p2p) per stage: as given, or, where a sender waits for its sends (``blocking``), each
+    stage's forward with its send to s + 1 and its backward with its send to s − 1, and no separate sends."""
+    if not blocking:
+        return tuple(fs), tuple(bs), tuple(p2p)
+    P = len(fs)
+    f = tuple(fs[s] + (p2p[s] if s < P - 1 else 0.0) for s in range(P))
+    b = tuple(bs[s] + (p2p[s - 1] if s > 0 else 0.0) for s in range(P))
+    return f, b, (0.0,) * len(p2p)
 
 
 def pipe_s(c: StageCosts, microbatches: int) -> float:
@@ -219,7 +237,8 @@ def stage_costs_from_profile(row: Row, profile: ModelProfile, links: Links, kind
         fs.append(f)
         bs.append(bwd)
         steps.append(optimizer_step_s(nparams, kind, params))
-    return StageCosts(tuple(fs), tuple(bs), links.p2p_s, links.dp_allreduce_s[gradient_bytes], tuple(steps))
+    f, b, c = folded_sends(fs, bs, links.p2p_s, links.blocking)
+    return StageCosts(f, b, c, links.dp_allreduce_s[gradient_bytes], tuple(steps))
 
 
 @dataclass
@@ -257,7 +276,7 @@ class RowModel:
         (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
         if block is not None:
             bf, bb = block
-        hf += p.loss_overhead_s  # as planner.analytic adds it to the head's forward
+        hf += p.loss_overhead_s  # as planner.transformer_profile adds it to the head's forward
         tp = self.links.tp_s
         P = self.row.pp
         fs, bs, steps = [], [], []
@@ -276,8 +295,8 @@ class RowModel:
             fs.append(f)
             bs.append(b)
             steps.append(optimizer_step_s(self.params_per_stage[s], k, p))
-        return StageCosts(tuple(fs), tuple(bs), self.links.p2p_s, self.links.dp_allreduce_s[gradient_bytes],
-                          tuple(steps))
+        f, b, c = folded_sends(fs, bs, self.links.p2p_s, self.links.blocking)
+        return StageCosts(f, b, c, self.links.dp_allreduce_s[gradient_bytes], tuple(steps))
 
     def predict_s(self, p: EfficiencyParams, gradient_bytes: int = 4, block: tuple[float, float] | None = None) -> float:
         return (one_f_one_b_s(self.stage_costs(p, gradient_bytes, block), self.row.microbatches)
@@ -296,7 +315,8 @@ def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]
       TP collectives left out;
     * ``tp_comm``: those microbatches' TP collectives on the slowest stage;
     * ``fill_drain``: the pipeline bubble, the other stages' forward + backward of one microbatch;
-    * ``p2p``: the activation and gradient sends along the pipeline (2·Σ c_s);
+    * ``p2p``: what the activation and gradient sends along the pipeline add (2·Σ c_s; with synchronous sends,
+      also their share of every microbatch of the steady state);
     * ``dp_tail``: what the DP gradient all-reduce and the Adam step add after the pipe drains;
     * ``overhead``: the fitted per-iteration overhead.
     """
@@ -304,25 +324,28 @@ def closed_form_terms_s(m: RowModel, cal: DeviceCalibration) -> dict[str, float]
     t = cal.block_timing(m.key)
     block = (t.forward_s, t.backward_s) if t else None
     c = m.stage_costs(p, g, block)
-    no_tp = replace(m, links=replace(m.links, tp_s=tuple(((0.0, 0.0),) * 3 for _ in m.links.tp_s)))
-    bare = no_tp.stage_costs(p, g, block)
-    fb = [f + b for f, b in zip(c.forward_s, c.backward_s)]
+    no_p2p = replace(m, links=replace(m.links, p2p_s=(0.0,) * len(m.links.p2p_s)))
+    no_tp = replace(no_p2p, links=replace(no_p2p.links, tp_s=tuple(((0.0, 0.0),) * 3 for _ in m.links.tp_s)))
+    quiet, bare = no_p2p.stage_costs(p, g, block), no_tp.stage_costs(p, g, block)
+    fb = [f + b for f, b in zip(quiet.forward_s, quiet.backward_s)]
     fb_bare = [f + b for f, b in zip(bare.forward_s, bare.backward_s)]
     s = max(range(len(fb)), key=fb.__getitem__)
     M = m.row.microbatches
     pipe = pipe_s(c, M)
     return {"compute": M * fb_bare[s], "tp_comm": M * (fb[s] - fb_bare[s]), "fill_drain": sum(fb) - fb[s],
-            "p2p": 2.0 * sum(c.p2p_s), "dp_tail": one_f_one_b_s(c, M) - pipe, "overhead": p.iteration_overhead_s}
+            "p2p": pipe - pipe_s(quiet, M), "dp_tail": one_f_one_b_s(c, M) - pipe, "overhead": p.iteration_overhead_s}
 
 
-def row_model(row: Row, topologies: dict[str, Topology] | None = None, collectives: str | None = None) -> RowModel:
+def row_model(row: Row, topologies: dict[str, Topology] | None = None, collectives: str | None = None,
+              p2p: str | None = None) -> RowModel:
     """Precompute ``row``'s link times and kernel inventories (the link times do not depend on the fit);
-    ``collectives``: the topology's collectives mode (default ``COLLECTIVES``)."""
+    ``collectives``: the topology's collectives mode (default ``COLLECTIVES``); ``p2p``: how the pipeline sends run
+    (default ``P2P``)."""
     spec = topology_spec(row.gpus, collectives)
     topologies = {} if topologies is None else topologies
     topo = topologies.get(spec) or topologies.setdefault(spec, load_topology(spec))
     prof = row_profile(row, DEFAULT_PARAMS)
-    links = row_links(row, prof, topo)
+    links = row_links(row, prof, topo, p2p=p2p)
     c, b, t = row_config(row), row.micro_batch, row.tp
     works = (embedding_work(c, b, t, False, MEGATRON_VOCAB_MULTIPLE), block_work(c, b, t)[0],
              head_work(c, b, t, False, MEGATRON_VOCAB_MULTIPLE))

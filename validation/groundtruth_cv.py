@@ -31,7 +31,24 @@ held-out errors grouped by one row feature at a time (:data:`FEATURES`: TP, DP, 
 per pipeline stage, the (TP, DP) pair), per file: rows, signed mean error (negative: predicted too fast) and MAPE.
 It reads the calibration rows only, like the rest of this module; it changes no prediction and chooses nothing.
 
-    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl] [--by-feature]
+**DeepSpeed's pipeline sends** (issue 14, sixth session, helper ``gt6``; ``validation.groundtruth_plan.P2P``): the
+vTrain runs are Megatron-DeepSpeed's (vTrain's ``data/README.md``), whose pipeline goes through DeepSpeed's
+``PipelineEngine``: a stage's send is synchronous (``deepspeed/runtime/pipe/p2p.py``: ``send`` refuses ``async_op``, so the
+sender's stream waits for the transfer), and with TP > 1 each TP rank sends only its 1/T slice of the activation
+(``PipelineEngine``: ``is_pipe_partitioned = is_model_parallel``); vTrain's own simulator, too, charges every pipeline
+send to the sender's stream (``src/predictor.py``: the send's time is a gap after the sender's last layer). pipetwin's
+rows so far send the whole activation from every TP rank and move on (``P2P = "posted"``). ``P2P = "deepspeed"`` is
+the other reading: every TP rank sends 1/T of the activation (and of its gradient), and the sender waits until its send
+is delivered (the simulator's ``overlap_comm=False``; the closed form adds each stage's outgoing sends to its forward
+and backward). Not modelled: the TP group's all-gathers of the slices (3 per microbatch), and the rendezvous (the
+sender also waiting for the receiver to post). The CV is run a second time under it (``--p2p posted,deepspeed``), the
+smooth parameters, gradient width and per-shape table refitted per fold under each mode. The adoption rule, written
+down and committed before this comparison was first run and before any scored figure under the mode: **``P2P =
+"deepspeed"`` is adopted iff, with the primary tier design, its held-out multi-node MAPE is lower than under
+``"posted"`` and its held-out single-node MAPE is not higher by more than 0.1 points** (``adopt_p2p``); otherwise the
+rows stay ``"posted"`` and ``"deepspeed"`` stays an option of the rows' closed form and simulation.
+
+    python -m validation.groundtruth_cv ../shared/data/vtrain [--folds 5] [--collectives ideal,nccl] [--p2p posted,deepspeed] [--by-feature]
 """
 from __future__ import annotations
 
@@ -42,6 +59,7 @@ import time
 from planner.efficiency import DeviceCalibration
 from validation.groundtruth import fit_calibration
 from validation.groundtruth_closed_form import RowModel, row_model
+from validation.groundtruth_plan import P2P_MODES
 from validation.groundtruth_rows import CALIBRATION_MODULUS, config_hash, load_rows, why_not_expressible
 from validation.shape_table import SHAPE_MIN_ROWS, SHAPE_PRIOR_ROWS, fit_shape_table, predict_row_s
 
@@ -144,18 +162,29 @@ def adopt_collectives(ideal: dict, nccl: dict) -> bool:
     return nccl["mape_multi"] < ideal["mape_multi"] and nccl["mape_single"] <= ideal["mape_single"] + 0.001
 
 
+def adopt_p2p(posted: dict, deepspeed: dict) -> bool:
+    """The pipeline-send adoption rule (module docstring) on the primary design's summary line under each mode."""
+    return deepspeed["mape_multi"] < posted["mape_multi"] and deepspeed["mape_single"] <= posted["mape_single"] + 0.001
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation.groundtruth_cv", description=__doc__.split("\n")[0])
     ap.add_argument("data", help="folder with vTrain's ground_truth_single.csv and ground_truth_multi.csv")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--collectives", default="ideal,nccl",
                     help="collectives modes to cross-validate, comma-separated (ideal, nccl); both: the adoption rule")
+    ap.add_argument("--p2p", default="posted",
+                    help="pipeline-send modes to cross-validate, comma-separated (posted, deepspeed); both: the p2p rule")
     ap.add_argument("--by-feature", action="store_true",
                     help="also print the primary design's held-out errors grouped by TP, DP, PP, microbatch, m/PP")
     a = ap.parse_args(argv)
     modes = [m.strip() for m in a.collectives.split(",") if m.strip()]
     if not modes or any(m not in ("ideal", "nccl") for m in modes):
         print(f"--collectives must list ideal and/or nccl (got {a.collectives!r})", file=sys.stderr)
+        return 2
+    p2ps = [m.strip() for m in a.p2p.split(",") if m.strip()]
+    if not p2ps or any(m not in P2P_MODES for m in p2ps):
+        print(f"--p2p must list posted and/or deepspeed (got {a.p2p!r})", file=sys.stderr)
         return 2
     if a.folds < 2:
         print("--folds must be at least 2", file=sys.stderr)
@@ -170,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     topologies: dict = {}
     primary = {}
-    for mode in modes:
-        models = [row_model(r, topologies, mode) for r in rows if r.calibration and not why_not_expressible(r)]
+    for mode, p2p in [(m, q) for m in modes for q in p2ps]:
+        models = [row_model(r, topologies, mode, p2p) for r in rows if r.calibration and not why_not_expressible(r)]
         cv = cross_validate(models, a.folds)
         summary = summarise(cv)
-        primary[mode] = summary[1]
+        primary[(mode, p2p)] = summary[1]
         print(f"{a.folds}-fold CV inside the {len(models)} calibration rows (closed form; scored rows never read), "
-              f"collectives={mode}")
+              f"collectives={mode}, p2p={p2p}")
         print(f"{'design':38s} {'single':>8s} {'multi':>8s} {'worst':>8s} {'covered':>8s}  worst row")
         for s in summary:
             print(f"{s['design']:38s} {100 * s['mape_single']:7.2f}% {100 * s['mape_multi']:7.2f}% "
@@ -184,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decision rule (primary design vs smooth): {'ADOPT' if adopt(summary) else 'do not adopt'}  "
               f"[{time.perf_counter() - t0:.0f} s]")
         if a.by_feature:
-            print(f"held-out errors of the primary design by feature, collectives={mode}:")
+            print(f"held-out errors of the primary design by feature, collectives={mode}, p2p={p2p}:")
             print_by_feature(by_feature(cv))
-    if len(primary) == 2:
-        i, n = primary["ideal"], primary["nccl"]
+    if "ideal" in modes and "nccl" in modes:
+        i, n = primary[("ideal", p2ps[0])], primary[("nccl", p2ps[0])]
         print(f"collectives rule (primary design, nccl vs ideal): single {100 * i['mape_single']:.2f}% -> "
               f"{100 * n['mape_single']:.2f}%, multi {100 * i['mape_multi']:.2f}% -> {100 * n['mape_multi']:.2f}%: "
               f"{'ADOPT nccl' if adopt_collectives(i, n) else 'keep ideal'}")
+    if "posted" in p2ps and "deepspeed" in p2ps:
+        q, d = primary[(modes[0], "posted")], primary[(modes[0], "deepspeed")]
+        print(f"p2p rule (primary design, deepspeed vs posted, collectives={modes[0]}): single "
+              f"{100 * q['mape_single']:.2f}% -> {100 * d['mape_single']:.2f}%, multi {100 * q['mape_multi']:.2f}% -> "
+              f"{100 * d['mape_multi']:.2f}%: {'ADOPT deepspeed' if adopt_p2p(q, d) else 'keep posted'}")
     return 0
 
 

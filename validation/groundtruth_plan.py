@@ -1,6 +1,6 @@
 """A vTrain row as pipetwin expresses it: its model, cluster, Megatron's placement and plan, and that plan simulated.
 
-* **Model**: ``planner.analytic.transformer_profile`` per TP rank (vocabulary 50,257 padded as
+* **Model**: ``planner.transformer_profile.transformer_profile`` per TP rank (vocabulary 50,257 padded as
   Megatron pads it, to a multiple of 128·T), timed by the fitted kernel-level efficiency model
   (``planner.efficiency``) at the row's microbatch size (:func:`row_profile`).
 * **Cluster**: ``hier:8@nvswitch:1.5e+11,N@ib:1e+11,kind=a100-80gb`` — 8 A100s per node on
@@ -9,6 +9,10 @@
 * **Placement**: Megatron's rank order (TP fastest, then DP, then PP; rank r on device ``d{r}``,
   node r // 8). Layers: Megatron's even split of the L blocks over the P stages, the embedding
   on the first, the final norm and head on the last (:func:`row_plan`).
+* **Pipeline sends** (``P2P``): DeepSpeed's ``PipelineEngine``, which Megatron-DeepSpeed's pipeline runs through: each
+  TP rank sends its 1/T slice of the stage's output (and of the gradient back), and the sender waits for delivery
+  (chosen by ``validation.groundtruth_cv``'s ``adopt_p2p`` on the calibration rows; ``"posted"``, the whole activation
+  from every TP rank and a sender that moves on, stays an option).
 * **Simulation**: where the simulator can run a row within the time budget (``SIMULATE_BUDGET_S``) it runs
   this plan (``sim``, symmetry reductions on; TP ranks and replicas folded by ``sim.fold``) and its figure is
   the prediction (:func:`simulate_row`); the others take the closed form (``validation.groundtruth_closed_form``)
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.analytic import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE, TransformerConfig, block_key, transformer_profile
+from planner.closedforms import BYTES_PER_PARAM, MEGATRON_VOCAB_MULTIPLE
+from planner.transformer import TransformerConfig
+from planner.transformer_profile import block_key, transformer_profile
 from planner.efficiency import BlockKey, BlockTiming, EfficiencyParams, optimizer_step_s
 from planner.plan import Plan, StagePlan
 from planner.profile import ModelProfile
@@ -38,6 +44,12 @@ VOCAB = 50257
 #: "nccl" (NCCL's protocol choice, bandwidth fractions and latency). Chosen by the adoption rule of
 #: ``validation.groundtruth_cv`` on the calibration rows alone (its docstring), never by a scored row.
 COLLECTIVES = "ideal"
+#: How the rows' pipeline sends run (``validation.groundtruth_cv``'s ``adopt_p2p`` chooses, on the calibration rows alone):
+#: "posted" (every TP rank sends the whole activation and moves on) or "deepspeed" (DeepSpeed's ``PipelineEngine``: each TP
+#: rank sends its 1/T slice of the activation and of its gradient, and waits until the send is delivered; the
+#: all-gathers that rebuild the slices inside the TP group, three per microbatch on a middle stage, are not modelled).
+P2P = "deepspeed"
+P2P_MODES = ("posted", "deepspeed")
 #: The recomputation every vTrain row runs (Megatron's full recomputation; ``planner.recompute`` says what it re-runs).
 ROW_RECOMPUTE = "full"
 
@@ -70,6 +82,23 @@ def stage_layer_ranges(row: Row) -> list[tuple[int, int]]:
         out.append((0 if s == 0 else first, first + n - 1 + (1 if s == row.pp - 1 else 0)))
         first += n
     return out
+
+
+def p2p_mode(p2p: str | None) -> str:
+    mode = P2P if p2p is None else p2p
+    if mode not in P2P_MODES:
+        raise ValueError(f"p2p mode must be one of {', '.join(P2P_MODES)} (got {mode!r})")
+    return mode
+
+
+def p2p_bytes_share(row: Row, p2p: str | None = None) -> float:
+    """The share of a stage's boundary activation one TP rank sends: 1, or 1/T under ``"deepspeed"``."""
+    return 1.0 / row.tp if p2p_mode(p2p) == "deepspeed" else 1.0
+
+
+def p2p_blocking(p2p: str | None = None) -> bool:
+    """True iff a sender waits until its pipeline send is delivered (``"deepspeed"``)."""
+    return p2p_mode(p2p) == "deepspeed"
 
 
 def row_plan(row: Row, collectives: str | None = None) -> Plan:
@@ -131,19 +160,21 @@ def why_closed_form(row: Row) -> str:
 
 def simulate_row_s(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
                    kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None,
-                   collectives: str | None = None) -> float:
+                   collectives: str | None = None, p2p: str | None = None) -> float:
     """The row's iteration seconds by pipetwin's SimPy simulator (``simulate_row``)."""
-    return simulate_row(row, params, topologies, kind, gradient_bytes, timing, collectives)[0]
+    return simulate_row(row, params, topologies, kind, gradient_bytes, timing, collectives, p2p)[0]
 
 
 def simulate_row(row: Row, params: EfficiencyParams, topologies: dict[str, Topology] | None = None,
                  kind: str = VTRAIN_KIND, gradient_bytes: int = 4, timing: BlockTiming | None = None,
-                 collectives: str | None = None) -> tuple[float, int]:
+                 collectives: str | None = None, p2p: str | None = None) -> tuple[float, int]:
     """(iteration seconds, workers the simulator walked) of the row by pipetwin's SimPy simulator: the plan (with
     its recomputation, which the simulator times by ``planner.recompute``) lowered to its program, the Adam step as
     the slowest stage's, plus the fitted per-iteration overhead. The simulator all-reduces a stage's ``param_bytes``
     (4 per parameter); with ``gradient_bytes`` 2 the simulated profile's ``param_bytes`` are scaled to the
-    gradient's size (its memory figures, unused here, then count 2 bytes per parameter)."""
+    gradient's size (its memory figures, unused here, then count 2 bytes per parameter). ``p2p`` (default ``P2P``):
+    under ``"deepspeed"`` each layer's boundary activation is the TP rank's 1/T slice and a SEND holds its sender until
+    delivered (``SimParams.overlap_comm`` off)."""
     from sim.engine import simulate_plan
     from sim.params import SimParams
     from planner.trace import makespan_s
@@ -154,8 +185,11 @@ def simulate_row(row: Row, params: EfficiencyParams, topologies: dict[str, Topol
     prof = row_profile(row, params, kind, timing)
     k = device_kind(kind)
     step = max(optimizer_step_s(prof.param_bytes(a, z) / BYTES_PER_PARAM, k, params) for a, z in stage_layer_ranges(row))
-    prof = replace(prof, layers=tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM)
+    share = p2p_bytes_share(row, p2p)
+    prof = replace(prof, layers=tuple(replace(l, param_bytes=l.param_bytes * gradient_bytes / BYTES_PER_PARAM,
+                                              activation_bytes=l.activation_bytes * share)
                                       for l in prof.layers))
     plan = row_plan(row, collectives)
-    trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False))
+    trace = simulate_plan(plan, prof, topo, SimParams(step_time_s=step, link_events=False,
+                                                      overlap_comm=not p2p_blocking(p2p)))
     return makespan_s(trace) + params.iteration_overhead_s, trace.meta["workers_simulated"]

@@ -20,7 +20,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.analytic import TransformerConfig, transformer_profile
+from planner.transformer import TransformerConfig
+from planner.transformer_profile import transformer_profile
 from planner.efficiency import DeviceCalibration, optimizer_step_s
 from topologies.devices import device_kind
 from topologies.presets import load_topology

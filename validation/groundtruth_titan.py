@@ -49,7 +49,7 @@ split as evenly as possible, the first stages taking the extra ones.
 
 **Time of one block on one rank** (tokens n = microbatch × seq / CP):
 
-* dense part: ``planner.analytic.block_work`` (TP split, sequence parallel when TP > 1) without its
+* dense part: ``planner.transformer_profile.block_work`` (TP split, sequence parallel when TP > 1) without its
   attention core, timed by ``planner.efficiency``;
 * attention: causal flash attention (SDPA): the forward's QKᵀ and PV over seq/CP queries and on
   average seq/2 keys, the backward 5 such GEMMs (2.5×), at the fitted GEMM fraction of peak, no
@@ -95,7 +95,7 @@ stage's bf16 weights and fp32 gradients; the saved activations of the in-flight 
 each block's input; selective: its input and the saved matmul outputs wq, wv, w1, w2, the attention
 output and its log-sum-exp), in flight: 1 without PP, min(m, PP − r) on 1F1B's rank r, on interleaved
 rank r min(m·v, (v − 1)·PP + 2·(PP − 1 − r) + 1) chunk-microbatches; one block's rebuilt activations
-in its backward (``planner.analytic.block_saved_bytes`` of the presets' flash attention: its fp32 log-sum-exp
+in its backward (``planner.closedforms.block_saved_bytes`` of the presets' flash attention: its fp32 log-sum-exp
 in place of s² scores, which flash attention never stores); on the last stage the loss's logits, 10 bytes each (bf16 logits, their fp32 copy and its
 gradient). The maximum over ranks.
 """
@@ -104,9 +104,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-from planner.analytic import (BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, PRESETS, ModelSpecError, TransformerConfig,
-                              block_saved_bytes, block_work, embedding_work, head_work, transformer_config,
-                              transformer_profile)
+from planner.analytic import ModelSpecError, transformer_config
+from planner.closedforms import BYTES_PER_PARAM, FLASH_BACKWARD_FACTOR, block_saved_bytes
+from planner.transformer import PRESETS, TransformerConfig
+from planner.transformer_profile import block_work, embedding_work, head_work, transformer_profile
 from planner.efficiency import DeviceCalibration, EfficiencyParams, Gemm, Work, fit, optimizer_step_s, work_time_s
 from planner.sharding import fsdp_pass_s, ring_bytes_per_rank, ring_time_s, sharded_state, sharding_traffic
 from topologies.devices import DeviceKind, device_kind

@@ -1,7 +1,7 @@
 """The per-shape block-time tier of the ground truth's device calibration: fitted on the calibration rows.
 
 A calibration's ``block_timings`` (``planner.efficiency.BlockTiming``) list a transformer block's forward
-and backward seconds per GEMM shape (``planner.analytic.block_key``: hidden, heads, sequence, TP degree,
+and backward seconds per GEMM shape (``planner.transformer_profile.block_key``: hidden, heads, sequence, TP degree,
 microbatch). Here they are learnt from vTrain's calibration rows (:func:`fit_shape_table`): with the
 smooth parameters held, the smooth model's block times scaled by one factor per shape, each a
 one-dimensional fit on that shape's rows (``planner.efficiency.fit_shape_factors``) shrunk towards 1. A

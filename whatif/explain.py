@@ -11,7 +11,8 @@ import math
 
 from planner.program import FAMILY
 from planner.trace import bubble_fraction, peak_memory_bytes, span_s, step_times_s, throughput_samples_per_s
-from topologies.topology import Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.topology import Topology
 
 __all__ = ["breakdown", "steady_window", "shares", "p2p_slowdown", "explain_difference"]
 

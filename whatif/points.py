@@ -21,7 +21,8 @@ from planner.profile import ModelProfile
 from planner.search import plan_model
 from topologies.clusters import build_cluster, parse_interconnect
 from topologies.devices import device_kind
-from topologies.topology import Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.topology import Topology
 from whatif.errors import WhatIfError
 
 __all__ = ["CACHE_VERSION", "SweepPoint", "SweepConfig", "SweepRecord", "plan_point", "point_profile",

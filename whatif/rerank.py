@@ -21,7 +21,8 @@ from planner.profile import ModelProfile
 from planner.search import plan_model
 from topologies.devices import device_kind
 from topologies.presets import load_topology
-from topologies.topology import Topology, TopologyError
+from topologies.errors import TopologyError
+from topologies.topology import Topology
 from whatif.errors import WhatIfError
 from whatif.explain import breakdown, explain_difference
 from whatif.points import is_analytic

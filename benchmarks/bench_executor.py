@@ -4,7 +4,7 @@ Not a test. Run ``python benchmarks/bench_executor.py [--repeats 5] [--batches 8
 
 1. Same model (mlp:layers=8,width=512: 8 x Linear(512) with ReLU), 2 stages,
    gloo, microbatch 32, 8 microbatches per batch, one thread per process,
-   SGD. Every runtime processes the same samples: ``--warmup`` batches that
+   SGD with momentum 0.9. Every runtime processes the same samples: ``--warmup`` batches that
    are not timed, then ``--batches`` timed batches (64 microbatches by
    default). torch's ``Schedule1F1B`` (one ``PipelineStage`` per rank,
    ``opt.step()`` after each batch) and pipetwin's 1F1B with flush run them as
@@ -60,7 +60,7 @@ def _torch_rank(rank: int, port: int, batches: int, warmup: int, out) -> None:
     module = nn.Sequential(*build_stage(MODEL, first, last))
     stage = PipelineStage(module, rank, 2, torch.device("cpu"))
     sched = Schedule1F1B(stage, MBS, loss_fn=loss_fn(MODEL))
-    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)  # what pipetwin's "sgd" steps
     data = [make_batch(MODEL, MB_SIZE * MBS, b) for b in range(batches + warmup)]
     t0 = 0.0
     for b, (x, y) in enumerate(data):

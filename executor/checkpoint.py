@@ -7,7 +7,14 @@ starts from the newest complete step, so a run killed while writing one resumes
 from the step before.
 
 Checkpoints are taken at flush boundaries, where no microbatch is in flight,
-so a resumed run is the same computation as an uninterrupted one. PipeDream and
+so a resumed run is the same computation as an uninterrupted one: with SGD's
+momentum buffer, which a file keeps beside the weights (``optimizer``:
+``{"kind": "momentum", "lr", "momentum", "state": {param: buffer}}``; plain SGD
+``{"kind": "sgd", "lr", "state": {}}``, as every file written before the
+executor's SGD had momentum). A resume checks every stage's file holds the state
+of the optimizer the run steps with (:func:`check_optimizer`) and refuses in one
+line otherwise: resuming a momentum run from a file without its buffer (or a
+plain one from a file with it) would not be the uninterrupted run. PipeDream and
 2BW keep minibatches in flight across steps; their runs cannot be checkpointed
 mid-stream (the launcher says so).
 """
@@ -30,15 +37,19 @@ def stage_path(directory: str | Path, step: int, stage: int) -> Path:
 
 
 def save_stage(directory: str | Path, step: int, stage: int, weights: dict[str, torch.Tensor], *,
-               model: str, layers: tuple[int, int], family: str, lr: float) -> Path:
-    """Write one stage's state after its ``step``-th optimizer step (version ``step``)."""
+               model: str, layers: tuple[int, int], family: str, lr: float,
+               momentum_buffers: dict[str, torch.Tensor] | None = None, momentum: float = 0.0) -> Path:
+    """Write one stage's state after its ``step``-th optimizer step (version ``step``): its weights and, for SGD
+    with ``momentum``, the momentum buffer by parameter name (None: plain SGD)."""
     path = stage_path(directory, step, stage)
     output_path(path)
     doc = {
         "stage": stage,
         "version": step,
         "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
-        "optimizer": {"kind": "sgd", "lr": lr, "state": {}},  # plain SGD keeps no per-parameter state
+        "optimizer": ({"kind": "sgd", "lr": lr, "state": {}} if momentum_buffers is None else
+                      {"kind": "momentum", "lr": lr, "momentum": float(momentum),
+                       "state": {k: v.detach().cpu().clone() for k, v in momentum_buffers.items()}}),
         "model": model,
         "layers": list(layers),
         "family": family,
@@ -74,3 +85,27 @@ def load_stage(directory: str | Path, step: int, stage: int, *, model: str, laye
                             f"but the plan's stage {stage} is layers {list(layers)} of {model!r}; "
                             f"use a fresh --checkpoint-dir or the plan it was written with")
     return doc
+
+
+def _kind(doc: dict) -> str:
+    opt = doc.get("optimizer")
+    return opt.get("kind", "sgd") if isinstance(opt, dict) else "sgd"
+
+
+def check_optimizer(directory: str | Path, step: int, layers: list[tuple[int, int]], *, model: str,
+                    optimizer: str) -> None:
+    """Every stage's file of ``step`` holds the state of the executor's ``optimizer`` ("momentum": a buffer for each
+    weight; "sgd": none), else one line saying how to resume it."""
+    for s, lay in enumerate(layers):
+        doc = load_stage(directory, step, s, model=model, layers=lay)
+        kind, path = _kind(doc), str(stage_path(directory, step, s))
+        if optimizer == "momentum" and kind != "momentum":
+            raise ExecutorError(f"checkpoint {path!r} was written by plain SGD (no momentum buffer, as every "
+                                f"checkpoint from before the executor's SGD had momentum); resume it with --optimizer "
+                                f"none, or use a fresh --checkpoint-dir")
+        if optimizer == "sgd" and kind != "sgd":
+            raise ExecutorError(f"checkpoint {path!r} holds SGD momentum buffers; resume it with --optimizer sgd, or "
+                                f"use a fresh --checkpoint-dir")
+        if kind == "momentum" and set(doc["optimizer"].get("state", {})) != set(doc.get("weights", {})):
+            raise ExecutorError(f"checkpoint {path!r} lacks the momentum buffer of some weights; delete the step{step} "
+                                f"folder to resume from an earlier step")

@@ -96,7 +96,8 @@ def run_plan(plan: Plan | dict | str | os.PathLike, *, backend: str = "auto", ti
 
 
 def run_program(program: Program | dict | str | os.PathLike, model: str, *, microbatch_size: int = 1,
-                lr: float = 0.01, recompute: str = "none", sequence_parallel: bool = False, backend: str = "auto",
+                lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, recompute: str = "none",
+                sequence_parallel: bool = False, backend: str = "auto",
                 timeout_s: float = 60.0, save_weights: str | os.PathLike | None = None,
                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0, seed: int = 0,
                 dtype: str = "float32", track_memory: bool = True, keep_dir: str | os.PathLike | None = None,
@@ -109,6 +110,8 @@ def run_program(program: Program | dict | str | os.PathLike, model: str, *, micr
         model: the model spec the stages' layers come from.
         microbatch_size: samples per microbatch.
         lr: SGD learning rate.
+        optimizer: "sgd" (SGD with ``momentum``, as a plan's) or "none" (plain SGD).
+        momentum: SGD's momentum μ, 0 < μ < 1.
         recompute: activation recomputation, "none", "selective" or "full".
         sequence_parallel: Megatron sequence parallelism (a tensor-parallel program of the zoo's gpt or llama model).
         Other arguments as :func:`run_plan` (no resume: a program runs from its first action).
@@ -127,7 +130,8 @@ def run_program(program: Program | dict | str | os.PathLike, model: str, *, micr
             Program.load(program).to_json()
     except ProgramFileError as e:
         raise ExecutorError(e.args[0]) from None
-    cfg = RunConfig(program=doc, model=model, microbatch_size=int(microbatch_size), lr=float(lr), recompute=recompute,
+    cfg = RunConfig(program=doc, model=model, microbatch_size=int(microbatch_size), lr=float(lr),
+                    optimizer=optimizer, momentum=momentum, recompute=recompute,
                     sequence_parallel=bool(sequence_parallel), timeout_s=float(timeout_s), seed=int(seed),
                     dtype=dtype, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                     checkpoint_every=int(checkpoint_every), track_memory=track_memory)

@@ -9,8 +9,8 @@ calibration count with it.
 :class:`HeldBytes` is what a worker holds between actions on the CPU, counted
 exactly: for the microbatches in flight, the bytes autograd saves for backward
 and the stage's output (the root of the backward); live parameter versions
-plus the freed one kept for reuse; gradient buffers; optimizer state (plain
-SGD: none); input gradients waiting for their SEND; and every pooled receive
+plus the freed one kept for reuse; gradient buffers; optimizer state (SGD's
+momentum buffer, Adam's moments; plain SGD none); input gradients waiting for their SEND; and every pooled receive
 buffer (the pool never frees one, and receives are posted ahead). Transients
 inside one action and messages the transport holds are not counted.
 ``sim.memory`` models the same quantity. On a GPU the runtime reports
@@ -129,5 +129,5 @@ class HeldBytes:
 
     def total(self, param_bytes: int, outgoing: int) -> float:
         """Everything held: saved + parameters (every live version and kept spare) + gradients + optimizer state
-        (plain SGD: none) + pooled buffers + input gradients waiting for their SEND."""
+        (SGD's momentum buffer, Adam's moments; plain SGD none) + pooled buffers + input gradients waiting for their SEND."""
         return float(self.saved + param_bytes + self.grads + self.optimizer + self.pool + outgoing)

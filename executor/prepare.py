@@ -17,6 +17,7 @@ import torch
 
 from executor import checkpoint as ckpt
 from executor.errors import ExecutorError
+from executor.zero import EXECUTOR_OPTIMIZERS
 from planner.plan import Plan, PlanError
 from planner.program import FAMILY, FLUSH_FAMILIES, Program
 
@@ -33,6 +34,8 @@ class RunConfig:
         model: with ``program``: the model spec its stages' layers come from.
         microbatch_size: with ``program``: samples per microbatch.
         lr: with ``program``: the SGD learning rate.
+        optimizer: with ``program``: "sgd" (with ``momentum``) or "none" (plain SGD), as a plan's.
+        momentum: with ``program``: SGD's momentum μ.
         recompute: with ``program``: activation recomputation, "none", "selective" or "full".
         sequence_parallel: with ``program``: Megatron sequence parallelism (a tensor-parallel program).
         backend: "gloo" or "nccl" (the launcher resolves "auto").
@@ -54,6 +57,8 @@ class RunConfig:
     model: str | None = None
     microbatch_size: int = 1
     lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
     recompute: str = "none"
     sequence_parallel: bool = False
     backend: str = "gloo"
@@ -83,6 +88,9 @@ class Prepared:
         sequence_parallel: Megatron sequence parallelism.
         start_step: optimizer steps already done (from a checkpoint), 0 for a fresh run.
         plan: the plan the program was lowered from (None for a program file).
+        optimizer: the plan's optimizer name (``planner.plan.OPTIMIZERS``; ``executor.zero.EXECUTOR_OPTIMIZERS``
+            says what steps for it).
+        momentum: SGD's momentum μ (with "sgd" and "momentum").
     """
 
     program: Program | None
@@ -94,6 +102,8 @@ class Prepared:
     sequence_parallel: bool = False
     start_step: int = 0
     plan: Plan | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
 
     @property
     def family(self) -> str:
@@ -128,8 +138,16 @@ def prepare(cfg: RunConfig) -> Prepared:
         program = Program.from_json(cfg.program)
     except ProgramFileError as e:
         raise ExecutorError(f"bad program: {e.args[0]}") from None
+    if cfg.optimizer not in ("sgd", "none"):
+        raise ExecutorError(f"a program file runs SGD: optimizer 'sgd' (with momentum) or 'none' (plain), not "
+                            f"{cfg.optimizer!r}; Adam needs --plan or --model and --pp")
+    try:
+        Plan.check_momentum(cfg.momentum)
+    except PlanError as e:
+        raise ExecutorError(str(e)) from None
     return prepare_program(program, cfg, model=cfg.model, microbatch_size=cfg.microbatch_size, lr=cfg.lr,
-                           recompute=cfg.recompute, sequence_parallel=cfg.sequence_parallel)
+                           recompute=cfg.recompute, sequence_parallel=cfg.sequence_parallel,
+                           optimizer=cfg.optimizer, momentum=cfg.momentum)
 
 
 def _prepare_plan(cfg: RunConfig) -> Prepared:
@@ -151,8 +169,12 @@ def _prepare_plan(cfg: RunConfig) -> Prepared:
     if cfg.resume:
         start = ckpt.latest_complete_step(cfg.checkpoint_dir, len(plan.stages)) or 0
         start = min(start, plan.batches)
+        if start:
+            ckpt.check_optimizer(cfg.checkpoint_dir, start, [s.layers for s in plan.stages], model=plan.model,
+                                 optimizer=EXECUTOR_OPTIMIZERS[plan.optimizer])
     settings = dict(model=plan.model, microbatch_size=plan.microbatch_size, lr=float(plan.lr), recompute=plan.recompute,
-                    sequence_parallel=plan.sequence_parallel, start_step=start, plan=plan)
+                    sequence_parallel=plan.sequence_parallel, start_step=start, plan=plan, optimizer=plan.optimizer,
+                    momentum=float(plan.momentum))
     if start >= plan.batches and start > 0:
         _check_checkpoints(cfg, plan.schedule in FLUSH_FAMILIES, plan.schedule)
         return Prepared(None, layers=tuple(s.layers for s in plan.stages), **settings)
@@ -165,7 +187,8 @@ def _prepare_plan(cfg: RunConfig) -> Prepared:
 
 def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_size: int = 1, lr: float = 0.01,
                     recompute: str = "none", sequence_parallel: bool = False, start_step: int = 0,
-                    plan: Plan | None = None, checked: bool = False) -> Prepared:
+                    plan: Plan | None = None, checked: bool = False, optimizer: str = "sgd",
+                    momentum: float = 0.9) -> Prepared:
     """The one entry point every run goes through: ``program`` checked against ``model`` and made ready to run.
 
     Args:
@@ -173,7 +196,7 @@ def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_
         cfg: the run's settings (checkpoints are checked against the program's family).
         model: the model spec; the program's ``stage_layers`` must cover its layers (an even split when it
             names none).
-        microbatch_size, lr, recompute, sequence_parallel: what the run computes with.
+        microbatch_size, lr, recompute, sequence_parallel, optimizer, momentum: what the run computes with.
         start_step: optimizer steps a checkpoint already did.
         plan: the plan the program came from, if any (kept for the result).
         checked: the program has passed ``planner.check.check`` already (a plan's program is checked when lowered).
@@ -213,12 +236,13 @@ def prepare_program(program: Program, cfg: RunConfig, *, model: str, microbatch_
         except ProgramError as e:
             raise ExecutorError(f"the program breaks a law of schedules: {e.args[0]}") from None
     return Prepared(replace(program, stage_layers=layers), model, layers, microbatch_size, float(lr), recompute,
-                    sequence_parallel, start_step, plan)
+                    sequence_parallel, start_step, plan, optimizer, float(momentum))
 
 
 def _check_optimizer(plan: Plan, cfg: RunConfig) -> None:
     """The executor runs ZeRO 1, 2 and 3 and Adam on flush schedules (one weight version, stepped in place;
-    ``executor.zero``), without checkpoints (they keep no optimizer state); ZeRO-3 as :func:`_check_zero3` says."""
+    ``executor.zero``), without checkpoints (they keep Adam's moments and ZeRO's shards not); ZeRO-3 as
+    :func:`_check_zero3` says. SGD (with momentum or plain) runs every schedule, and checkpoints keep its buffer."""
     from planner.costmodel import zero_family_refusal
 
     why = zero_family_refusal(plan.schedule, plan.zero_stage)
@@ -231,22 +255,19 @@ def _check_optimizer(plan: Plan, cfg: RunConfig) -> None:
         raise ExecutorError(f"the executor runs Adam on flush schedules (gpipe, 1f1b, ...) only; {plan.schedule} "
                             f"keeps several weight versions: re-plan with --optimizer sgd or a flush schedule")
     if stateful and (cfg.checkpoint_dir or cfg.resume):
-        raise ExecutorError("checkpoints keep no optimizer state yet (Adam moments, ZeRO shards): drop --checkpoint-dir, "
-                            "or re-plan with --optimizer sgd and without --zero")
+        raise ExecutorError("checkpoints keep SGD's momentum but not Adam's moments or ZeRO's shards yet: drop "
+                            "--checkpoint-dir, or re-plan with --optimizer sgd and without --zero")
 
 
 def _check_zero3(plan: Plan) -> None:
-    """ZeRO-3 in the executor (``executor.zero.ShardedStage``): Adam, a flush schedule of whole backwards (F and B:
-    gpipe, 1f1b) with one stage per device, every replica running as many microbatches, no tensor parallelism
-    and no recomputation."""
+    """ZeRO-3 in the executor (``executor.zero.ShardedStage``): any optimizer, a flush schedule of whole backwards
+    (F and B: gpipe, 1f1b) with one stage per device, every replica running as many microbatches, no tensor
+    parallelism and no recomputation."""
     from planner.costmodel import zero_refusal
 
     why = zero_refusal(plan, 3)
     if why:
         raise ExecutorError(why)
-    if plan.optimizer != "adam":
-        raise ExecutorError(f"the executor runs ZeRO-3 with Adam only (its SGD keeps no momentum, which a "
-                            f"{plan.optimizer!r} plan counts): give --optimizer adam, or --zero 2")
     fam = FAMILY[plan.schedule]
     if fam.backward != "full":
         raise ExecutorError(f"the executor runs ZeRO-3 on schedules with whole backwards (gpipe, 1f1b); {plan.schedule} "

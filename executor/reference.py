@@ -1,20 +1,25 @@
 """Single-process reference trainer: each schedule family's update rule written out directly.
 
 It does not interpret a program. It builds the same layers (same seed), the
-same microbatches, and applies, per family:
+same microbatches, and applies, per family, the update ``W ← W − lr·d`` where
+``d`` is the step's gradient ``g`` for plain SGD (the plan's optimizer "none")
+and, for SGD with momentum μ (the plan's "sgd" and "momentum";
+``torch.optim.SGD(momentum=μ)``), the stage's one momentum buffer after
+``b ← μ·b + g`` (zeros before the first step; one buffer per stage, advanced by
+each of the stage's steps in order, never stashed with a weight version):
 
 * Flush (GPipe, 1F1B, interleaved, ZB-H1): for each batch b, the gradient is
   the mean over its M microbatches (each microbatch's loss divided by M,
-  accumulated) at ``W(b)``; then ``W(b+1) = W(b) − lr·g``. Partition and
+  accumulated) at ``W(b)``; then ``W(b+1) = W(b) − lr·d``. Partition and
   replication do not change the arithmetic, nor does ZeRO sharding. A plan
   whose optimizer is Adam steps ``W(b+1) = W(b) − lr·m̂/(√v̂ + ε)`` with the
   bias-corrected moments of the gradients so far (β = 0.9, 0.999; ε = 1e-8).
 * 2BW: batch b's gradient is taken at ``W(max(0, b − 1))`` (one step stale):
-  ``W(t+1) = W(t) − lr·∇f_t(W(t−1))``, with ``W(−1) = W(0)``.
+  ``W(t+1) = W(t) − lr·d_t`` with ``g_t = ∇f_t(W(t−1))`` and ``W(−1) = W(0)``.
 * PipeDream (1F1B-RR, weight stashing): minibatch i runs stage s on the
   stage's version ``v(s, i)`` (below); stage s steps once per round k, with
   the mean of the gradients of the round's minibatches (one per replica):
-  ``W_s(k+1) = W_s(k) − lr·mean_j ∇_s f_{k·r_s + j}``. Each minibatch's
+  ``W_s(k+1) = W_s(k) − lr·d_s(k)``, ``g_s(k) = mean_j ∇_s f_{k·r_s + j}``. Each minibatch's
   gradient for stage s flows through every stage at its own version ``v(·, i)``.
 
 Where ``v(s, i)`` comes from. Stage s has ``r_s`` replicas; minibatch i goes to
@@ -107,8 +112,20 @@ class _Model:
                 for n, t in zip(names, w)}
 
 
-def _sgd(w: tuple[torch.Tensor, ...], g: tuple[torch.Tensor, ...], lr: float) -> tuple[torch.Tensor, ...]:
-    return tuple(p - lr * d for p, d in zip(w, g))
+class _SGD:
+    """SGD of every stage: plain (``momentum`` None) or with momentum, one buffer per stage (see the module
+    docstring)."""
+
+    def __init__(self, stages: int, momentum: float | None) -> None:
+        self.momentum = momentum
+        self.bufs: list[tuple[torch.Tensor, ...] | None] = [None] * stages
+
+    def step(self, s: int, w: tuple[torch.Tensor, ...], g: tuple[torch.Tensor, ...], lr: float) -> tuple[torch.Tensor, ...]:
+        """Stage ``s``'s weights ``w`` after one step by gradient ``g``."""
+        if self.momentum is not None:
+            b = self.bufs[s] or tuple(torch.zeros_like(p) for p in w)
+            g = self.bufs[s] = tuple(self.momentum * x + d for x, d in zip(b, g))
+        return tuple(p - lr * d for p, d in zip(w, g))
 
 
 def _adam(w, g, moments, t: int, lr: float):
@@ -140,7 +157,7 @@ def reference_weights(plan: Plan, *, seed: int = 0, dtype: str = "float32", firs
         seed: weights and data seed (as the executor's).
         dtype: "float32" or "float64".
         first_batch: flush and 2BW: the batch index the run starts at (data offset), for resumed runs.
-        start: weights to start from instead of the seed's initial weights.
+        start: weights to start from instead of the seed's initial weights (momentum buffers start at zero).
     """
     dt = DTYPES[dtype]
     model = _Model(plan, seed, dt)
@@ -148,6 +165,7 @@ def reference_weights(plan: Plan, *, seed: int = 0, dtype: str = "float32", firs
     if start is not None:
         W = [tuple(_cast(start[f"stage{s}.{n}"], dt) for n in names) for s, names in enumerate(model.names)]
     S, M, lr = len(W), plan.microbatches, plan.lr
+    sgd = _SGD(S, None if plan.optimizer == "none" else float(plan.momentum))
     if plan.schedule in FLUSH_FAMILIES or plan.schedule == "2bw":
         history = [W]  # history[t] = W(t), all stages
         if plan.optimizer == "adam":
@@ -168,7 +186,7 @@ def reference_weights(plan: Plan, *, seed: int = 0, dtype: str = "float32", firs
             for j in range(M):
                 gi = model.grads(at, (first_batch + b) * M + j, 1.0 / M)
                 g = [_add(a, x) for a, x in zip(g, gi)]
-            history.append([_sgd(w, d, lr) for w, d in zip(history[-1], g)])
+            history.append([sgd.step(s, w, d, lr) for s, (w, d) in enumerate(zip(history[-1], g))])
         return model.state_dict(history[-1])
     if plan.schedule != "pipedream":
         raise ValueError(f"no reference for schedule {plan.schedule!r}")
@@ -184,5 +202,5 @@ def reference_weights(plan: Plan, *, seed: int = 0, dtype: str = "float32", firs
             members = min(N, (k + 1) * r[s]) - k * r[s]
             if i == min(N, (k + 1) * r[s]) - 1:  # the round's last minibatch: all-reduce (mean) and step
                 mean = tuple(t / members for t in acc[s].pop(k))
-                versions[s].append(_sgd(versions[s][-1], mean, lr))
+                versions[s].append(sgd.step(s, versions[s][-1], mean, lr))
     return model.state_dict([v[-1] for v in versions])

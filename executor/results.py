@@ -4,8 +4,8 @@ Each worker's part is a dict: ``rank``, ``times`` (action index, start s, end s,
 bytes; seconds since the common barrier), ``memory`` (time s, bytes),
 ``losses`` (global microbatch -> loss), ``weights`` (``stage{s}.{param}`` of
 the stages whose replica 0 it holds), ``device``, ``cpu_s``, ``wall_s`` and ``optimizer_state_bytes`` (its
-optimizer's state tensors: ZeRO's master slice and moments, Adam's moments; plain SGD none); under ZeRO-3 also
-``param_shard_bytes`` (the weights it holds between passes: its shards) and ``collectives`` (each gather and
+optimizer's state tensors: ZeRO's master slice and moments, Adam's moments, SGD's momentum buffer; plain SGD
+none); under ZeRO-3 also ``param_shard_bytes`` (the weights it holds between passes: its shards) and ``collectives`` (each gather and
 reduce-scatter it ran: action index, op, unit, bytes).
 """
 from __future__ import annotations

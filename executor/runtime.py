@@ -20,8 +20,10 @@ the versions and decides where each is freed).
   gloo, receives posted ahead into pooled buffers).
 * ``ALLREDUCE``: the round's gradients over the stage's replica group
   (:mod:`executor.collectives`).
-* ``STEP``: SGD, ``W(v+1) = W(v) − lr·g``, on the newest version; the
-  gradient may come from an older (stashed) version. With Adam or ZeRO-1/2
+* ``STEP``: SGD with momentum μ, ``b ← μ·b + g``, ``W(v+1) = W(v) − lr·b``, on
+  the newest version with the stage's one momentum buffer; the gradient may
+  come from an older (stashed) version (the plan's optimizer "none": plain SGD,
+  ``W(v+1) = W(v) − lr·g``; :mod:`executor.versions`). With Adam or ZeRO-1/2
   (flush schedules) :mod:`executor.zero` steps instead: ZeRO-2's ALLREDUCE is
   a reduce-scatter to this rank's slice, and the STEP updates the slice and
   all-gathers the weights. Under ZeRO-3 a stage holds only its shards
@@ -94,9 +96,10 @@ class StageWorker:
         self.mb_offset = prepared.start_step * self.M
         self.base_version = prepared.start_step
         self.T = self.program.tensor_parallel
-        plan = prepared.plan  # a program file runs plain SGD without ZeRO
+        plan = prepared.plan  # a program file runs its optimizer (SGD with momentum, or plain) without ZeRO
         self.zero = plan.zero_stage if plan is not None else 0
-        self.optimizer = EXECUTOR_OPTIMIZERS[plan.optimizer] if plan is not None else "sgd"
+        self.optimizer = EXECUTOR_OPTIMIZERS[prepared.optimizer]
+        self.momentum = prepared.momentum
         self.tp_rank = self.program.tp_rank(rank)
         self.cuda = device.type == "cuda"
         self.nccl = cfg.backend == "nccl"
@@ -150,7 +153,8 @@ class StageWorker:
         self.kinds = [a.kind for a in self.acts]
         for st in self.stages.values():
             if self.zero == 3:  # the shards replace the weights: every version, the module's and the spare
-                st.fsdp = ShardedStage(st.module, st.names, st.versions[0][0], st.slots, st.group, self.staged)
+                st.fsdp = ShardedStage(st.module, st.names, st.versions[0][0], st.slots, st.group, self.staged,
+                                       self.optimizer, self.momentum)
                 st.versions.clear()
                 st.spare.clear()
                 st.bound = None
@@ -159,9 +163,15 @@ class StageWorker:
                 continue
             for ps, _ in st.versions.values():
                 self.held.add_params(ps)
-            if self.zero or self.optimizer != "sgd":  # else plain SGD through StageState.step, no state
-                st.opt = StageOptimizer(st.versions[0][0], self.zero, self.optimizer, st.group, self.staged)
+            if self.zero or self.optimizer == "adam":
+                st.opt = StageOptimizer(st.versions[0][0], self.zero, self.optimizer, st.group, self.staged,
+                                        self.momentum)
                 self.held.optimizer += st.opt.state_bytes
+            elif self.optimizer == "momentum":  # SGD through StageState.step, its buffer (a checkpoint's, resumed)
+                self.held.optimizer += st.use_momentum(self.momentum)
+                if st.resumed_buf is not None:
+                    torch._foreach_copy_(st.buf, st.resumed_buf)
+                st.resumed_buf = None
 
     def _build_stage(self, s: int) -> StageState:
         """Stage ``s``'s module with its version 0: the seed's weights, or the checkpoint a resumed run starts from.
@@ -191,6 +201,10 @@ class StageWorker:
                 raise ExecutorError(f"checkpoint stage {s} has parameters {sorted(w)[:4]}..., the model {sorted(st.names)[:4]}...")
             params = [(shard(w[n], st.shards[n], self.tp_rank, self.T) if n in st.shards else w[n])
                       .to(device=self.device, dtype=self.dtype) for n in st.names]
+            buf = doc["optimizer"].get("state") or {}  # SGD's momentum (prepare checked the kind matches the run)
+            if buf:
+                st.resumed_buf = [(shard(buf[n], st.shards[n], self.tp_rank, self.T) if n in st.shards else buf[n])
+                                  .to(device=self.device, dtype=self.dtype) for n in st.names]
         else:
             params = [p.detach().clone() for p in st.module.parameters()]
         st.set_version(0, (p.requires_grad_(True) for p in params))
@@ -547,10 +561,12 @@ class StageWorker:
         final = version == self.spec.batches
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or final:
             weights = self._whole_weights(st)
+            buf = self._whole(st, st.buf) if st.buf is not None else None
             if weights is None:  # a TP rank other than 0: its shards went to rank 0
                 return
             ckpt.save_stage(cfg.checkpoint_dir, step, st.index, weights, model=self.model,
-                            layers=self.prep.layers[st.index], family=self.family, lr=self.lr)
+                            layers=self.prep.layers[st.index], family=self.family, lr=self.lr,
+                            momentum_buffers=buf, momentum=st.momentum)
 
     def _holds_replica_0(self, s: int) -> bool:
         """This worker is (a TP rank of) stage ``s``'s replica 0, which saves and reports the stage's weights."""
@@ -559,9 +575,14 @@ class StageWorker:
     def _whole_weights(self, st: StageState) -> dict[str, torch.Tensor] | None:
         """The stage's current weights, whole: with tensor parallelism gathered on TP rank 0 (None on the others;
         a collective over the replica's TP group)."""
+        return self._whole(st, st.versions[st.current][0])
+
+    def _whole(self, st: StageState, tensors) -> dict[str, torch.Tensor] | None:
+        """``tensors`` (one per parameter of the stage: its weights, or its momentum buffer) by name, whole (with
+        tensor parallelism gathered on TP rank 0, None on the others; a collective over the replica's TP group)."""
         if self.tp is None:
-            return st.weights()
-        return gather_weights(st.names, st.versions[st.current][0], st.shards, self.tp)
+            return dict(zip(st.names, tensors))
+        return gather_weights(st.names, tensors, st.shards, self.tp)
 
     def _free(self, i: int) -> None:
         for s, v in self.frees[i]:
@@ -602,7 +623,8 @@ class StageWorker:
             "device": str(self.device),
             "cpu_s": self.cpu_s,
             "optimizer_state_bytes": sum(st.opt.state_bytes for st in self.stages.values() if st.opt is not None)
-            + sum(st.fsdp.state_bytes for st in self.stages.values() if st.fsdp is not None),
+            + sum(st.fsdp.state_bytes for st in self.stages.values() if st.fsdp is not None)
+            + sum(st.state_bytes for st in self.stages.values()),
             "param_shard_bytes": sum(st.fsdp.param_bytes for st in self.stages.values() if st.fsdp is not None),
             "collectives": [e for st in self.stages.values() if st.fsdp is not None for e in st.fsdp.log],
             "wall_s": self.wall_s,

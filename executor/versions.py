@@ -16,6 +16,16 @@ a version freed earlier (one is kept per stage) or into new ones.
 
 Gradients accumulate per round (flush / 2BW: the batch; PipeDream: the
 replica's k-th minibatch is round k) until the round's STEP.
+
+The step is SGD with momentum μ (``torch.optim.SGD(momentum=μ)``, no dampening,
+no Nesterov): ``b ← μ·b + g``, ``W(v+1) = W(v) − lr·b``. The momentum buffer
+``b`` is the stage's one copy, zeros before the first STEP and updated by every
+STEP in step order; it is not stashed. Weight stashing keeps the version a
+backward's *gradient* is taken at; the update always applies to the newest
+version with the one buffer (as PipeDream's ``OptimizerWithWeightStashing``
+stashes parameters only), so under PipeDream, vertical sync and 2BW the buffer
+accumulates the stale gradients in the order the stage steps. μ = 0 (the
+plan's optimizer "none") keeps no buffer: plain SGD.
 """
 from __future__ import annotations
 
@@ -74,7 +84,10 @@ class StageState:
         self.bound = None
         self.shards: dict = {}  # parameter name -> ShardSpec, for a tensor-parallel shard (executor.tensor_parallel)
         self.sequence_partial: list[int] = []  # parameters whose gradients sequence parallelism leaves partial
-        self.opt = None  # executor.zero.StageOptimizer: Adam, or ZeRO's sharded step (None: plain SGD, below)
+        self.opt = None  # executor.zero.StageOptimizer: Adam, or ZeRO's sharded step (None: SGD, below)
+        self.momentum = 0.0  # SGD's μ (0: plain SGD, no buffer)
+        self.buf: list[torch.Tensor] | None = None  # the momentum buffer, one tensor per parameter (see the docstring)
+        self.resumed_buf: list[torch.Tensor] | None = None  # a checkpoint's buffer, copied in by use_momentum's caller
         self.fsdp = None  # executor.zero.ShardedStage under ZeRO-3: the shards, in place of any version
 
     def set_version(self, v: int, params) -> None:
@@ -142,16 +155,41 @@ class StageState:
             return None
         return got[0]
 
-    def step(self, version: int, grads, lr: float, in_place: bool):
-        """``W(version) = W(current) - lr * g`` (no gradient: a copy); the tensors written, unless updated in place (None).
+    def use_momentum(self, momentum: float) -> int:
+        """Keep a momentum buffer (zeros, shaped as version 0's tensors) for SGD with ``momentum``; its bytes."""
+        self.momentum = float(momentum)
+        if not self.momentum:
+            self.buf = None
+            return 0
+        self.buf = [torch.zeros_like(p, requires_grad=False) for p in self.versions[self.current][0]]
+        return sum(b.numel() * b.element_size() for b in self.buf)
 
-        In place when ``in_place`` (nothing on this worker reads W(current) after this
-        STEP, and every backward that used it is done), else into a spare (freed)
-        version's tensors or new ones. Same arithmetic either way (``a + alpha * b``).
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the SGD optimizer state this stage holds: its momentum buffer (plain SGD: none)."""
+        return sum(b.numel() * b.element_size() for b in self.buf) if self.buf is not None else 0
+
+    def _direction(self, grads):
+        """What the step subtracts ``lr`` times: the gradient (plain SGD), or the momentum buffer after
+        ``b ← μ·b + g`` (a round without a gradient: ``g = 0``, so the buffer still decays and moves the weights)."""
+        if self.buf is None:
+            return grads
+        torch._foreach_mul_(self.buf, self.momentum)
+        if grads is not None:
+            torch._foreach_add_(self.buf, list(grads))
+        return self.buf
+
+    def step(self, version: int, grads, lr: float, in_place: bool):
+        """``W(version) = W(current) - lr * d`` (no gradient: a copy); the tensors written, unless updated in place (None).
+
+        ``d`` is the gradient (plain SGD) or the momentum buffer ``μ·b + g`` (:meth:`_direction`). In place when
+        ``in_place`` (nothing on this worker reads W(current) after this STEP, and every backward that used it is
+        done), else into a spare (freed) version's tensors or new ones. Same arithmetic either way (``a + alpha * b``).
         """
         old_v = self.current
         cur = self.versions[old_v][0]
         with torch.no_grad():
+            grads = self._direction(grads)
             if in_place:
                 del self.versions[old_v]
                 if grads is not None:
@@ -168,7 +206,7 @@ class StageState:
             elif grads is None:
                 new = [p.detach().clone().requires_grad_(True) for p in cur]
             else:
-                new = [t.requires_grad_(True) for t in torch._foreach_add(list(cur), grads, alpha=-lr)]
+                new = [t.requires_grad_(True) for t in torch._foreach_add(list(cur), list(grads), alpha=-lr)]
         if new is not None:
             self.set_version(version, new)
         self.current = version

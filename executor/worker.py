@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="with --program: the model spec its stages' layers come from")
     ap.add_argument("--microbatch-size", type=int, default=1, help="with --program: samples per microbatch (default 1)")
     ap.add_argument("--lr", type=float, default=0.01, help="with --program: SGD learning rate (default 0.01)")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "none"],
+                    help="with --program: sgd (with momentum) or none (plain SGD) (default sgd)")
+    ap.add_argument("--momentum", type=float, default=0.9, help="with --program: SGD's momentum (default 0.9)")
     ap.add_argument("--recompute", default="none", help="with --program: none, selective or full (default none)")
     ap.add_argument("--sequence-parallel", action="store_true", help="with --program: Megatron sequence parallelism")
     ap.add_argument("--out", help="folder for rank 0's results (result.pt, trace.json, summary.json) and error files")
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
         if args.program:
             cfg = RunConfig(program=Program.load(args.program).to_json(), model=args.model,
-                            microbatch_size=args.microbatch_size, lr=args.lr, recompute=args.recompute,
+                            microbatch_size=args.microbatch_size, lr=args.lr, optimizer=args.optimizer,
+                            momentum=args.momentum, recompute=args.recompute,
                             sequence_parallel=args.sequence_parallel, **common)
         else:
             cfg = RunConfig(plan=Plan.load(args.plan).to_dict(), **common)

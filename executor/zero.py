@@ -8,7 +8,8 @@ keeps, from the start of the run (Rajbhandari et al. 2020; ``planner.sharding``'
 * the master copy of the weights, in the run's dtype (what ZeRO keeps in fp32 beside 16-bit weights; here the
   weights are already full precision, so it holds the same values — it is kept because it is what ZeRO
   holds and what ``planner.sharding`` counts), and
-* the optimizer's moments: Adam's first and second (SGD: none).
+* the optimizer's moments: Adam's first and second, SGD's momentum buffer (plain SGD, the plan's optimizer
+  "none": none).
 
 At a round's ALLREDUCE:
 
@@ -23,7 +24,7 @@ ZeRO-3 (:class:`ShardedStage`; FSDP full shard, ``planner.sharding``'s stage 3) 
 unit: a unit is one layer of the stage (one profile layer, the unit the planner gathers). Each unit's parameters,
 flattened in order, are ``N`` elements padded with zeros to ``D·c`` (``c = planner.sharding.shard_numel(N, D)``);
 rank d keeps elements ``[d·c, (d + 1)·c)`` as its shard, which is the weights themselves (FSDP keeps no separate
-master copy) beside Adam's moments of the shard. Per microbatch, without prefetch
+master copy) beside the optimizer's moments of the shard (Adam's two, SGD's momentum buffer). Per microbatch, without prefetch
 (``planner.sharding.fsdp_pass_collectives``):
 
 * F: per unit, first to last: all-gather its weights, run it, drop the gathered copy. What autograd saves of the
@@ -34,14 +35,17 @@ master copy) beside Adam's moments of the shard. Per microbatch, without prefetc
   unit's backward is its own ``autograd.grad``.
 
 The round's ALLREDUCE runs nothing (the passes reduce-scattered); the STEP updates each shard in place.
-Adam only (the plan counts its moments), flush schedules of F and B passes, one stage per device, without
-tensor parallelism or recomputation (``executor.prepare`` refuses the rest in one line).
+Flush schedules of F and B passes, one stage per device, without tensor parallelism or recomputation
+(``executor.prepare`` refuses the rest in one line).
 
 Without ZeRO, Adam keeps its two moments over the whole stage (no master copy: ``planner.sharding``'s stage-0
-count) and the existing all-reduce path reduces the gradients.
+count) and the existing all-reduce path reduces the gradients; SGD steps through ``executor.versions`` (its
+momentum buffer there, one per stage, so it runs every schedule).
 
 Adam here: β = (0.9, 0.999), ε = 1e-8, no weight decay, bias-corrected moments (Kingma and Ba 2015):
 ``m ← β₁m + (1 − β₁)g``, ``v ← β₂v + (1 − β₂)g²``, ``w ← w − (lr / (1 − β₁ᵗ)) · m / (√(v / (1 − β₂ᵗ)) + ε)``.
+SGD here: momentum μ (the plan's, 0.9 by default), no dampening or Nesterov (``torch.optim.SGD(momentum=μ)``):
+``b ← μb + g``, ``w ← w − lr·b``; plain SGD (μ = 0) ``w ← w − lr·g``.
 """
 from __future__ import annotations
 
@@ -50,14 +54,16 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "EXECUTOR_OPTIMIZERS", "shard_range", "Reduced", "StageOptimizer",
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "EXECUTOR_OPTIMIZERS", "STATE_TENSORS", "shard_range", "Reduced", "StageOptimizer",
            "ShardedUnit", "ShardedStage"]
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-#: What the executor steps with for a plan's ``optimizer``: Adam, or plain SGD (the planner's "sgd" counts a
-#: momentum buffer; the executor's SGD keeps none).
-EXECUTOR_OPTIMIZERS = {"adam": "adam", "sgd": "sgd", "momentum": "sgd", "none": "sgd"}
+#: What the executor steps with for a plan's ``optimizer``: Adam, SGD with momentum (the planner's "sgd" and
+#: "momentum", one buffer: ``planner.costmodel.OPTIMIZER_STATE`` 1), or plain SGD ("none", no state).
+EXECUTOR_OPTIMIZERS = {"adam": "adam", "sgd": "momentum", "momentum": "momentum", "none": "sgd"}
+#: State tensors per parameter element each executor optimizer keeps (beside ZeRO's master copy).
+STATE_TENSORS = {"adam": 2, "momentum": 1, "sgd": 0}
 
 
 def shard_range(numel: int, degree: int, index: int) -> tuple[int, int]:
@@ -91,13 +97,16 @@ class StageOptimizer:
     Args:
         params: the stage's parameters (version 0), in order.
         zero: ZeRO stage 0, 1 or 2.
-        optimizer: "adam" or "sgd" (plain).
+        optimizer: "adam", "momentum" (SGD with ``momentum``) or "sgd" (plain).
         group: the stage's replica group (None: one replica).
         staged: collectives through host copies (gloo on a GPU).
+        momentum: SGD's μ with "momentum".
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], zero: int, optimizer: str, group, staged: bool) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], zero: int, optimizer: str, group, staged: bool,
+                 momentum: float = 0.9) -> None:
         self.zero, self.optimizer, self.group, self.staged = zero, optimizer, group, staged
+        self.momentum = float(momentum)
         self.numel = sum(p.numel() for p in params)
         self.degree = dist.get_world_size(group) if (zero and group is not None) else 1
         self.index = dist.get_rank(group) if self.degree > 1 else 0
@@ -106,8 +115,7 @@ class StageOptimizer:
         ref = params[0]
         self.master = _flatten(params)[self.lo:self.hi].clone() if zero else None
         n = self.hi - self.lo
-        self.moments = ([torch.zeros(n, dtype=ref.dtype, device=ref.device) for _ in range(2)]
-                        if optimizer == "adam" else [])
+        self.moments = [torch.zeros(n, dtype=ref.dtype, device=ref.device) for _ in range(STATE_TENSORS[optimizer])]
         self.t = 0
 
     @property
@@ -171,11 +179,20 @@ class StageOptimizer:
                 _scatter_into(params, w)
 
     def _update(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
-        if self.optimizer != "adam":
-            w.add_(g, alpha=-lr)
-            return
         self.t += 1
-        _adam(w, g, self.moments, self.t, lr)
+        _update(self.optimizer, w, g, self.moments, self.t, lr, self.momentum)
+
+
+def _update(optimizer: str, w: torch.Tensor, g: torch.Tensor, moments, t: int, lr: float, momentum: float) -> None:
+    """One step (the ``t``-th, from 1) of ``optimizer`` on flat ``w`` in place, its moments updated in place."""
+    if optimizer == "adam":
+        _adam(w, g, moments, t, lr)
+    elif optimizer == "momentum":
+        (b,) = moments
+        b.mul_(momentum).add_(g)
+        w.add_(b, alpha=-lr)
+    else:
+        w.add_(g, alpha=-lr)
 
 
 def _adam(w: torch.Tensor, g: torch.Tensor, moments, t: int, lr: float) -> None:
@@ -220,8 +237,8 @@ class _Gather(torch.autograd.Function):
 
 
 class ShardedUnit:
-    """One unit (layer) of a ZeRO-3 stage on one rank: its shard of the flat weights, Adam's moments of it, and its
-    collectives over the replica group.
+    """One unit (layer) of a ZeRO-3 stage on one rank: its shard of the flat weights, the optimizer's moments of it
+    (``STATE_TENSORS``), and its collectives over the replica group.
 
     Args:
         index: the unit's place in the stage (forward order).
@@ -229,9 +246,11 @@ class ShardedUnit:
         group: the stage's replica group (None: one replica, which owns everything and runs no collective).
         staged: collectives through host copies (gloo on a GPU).
         log: where each collective is recorded as ``(op, unit, bytes of the gathered or reduced tensor)``.
+        moments: how many moment tensors of the shard the optimizer keeps (Adam 2, SGD with momentum 1).
     """
 
-    def __init__(self, index: int, params: Sequence[torch.Tensor], group, staged: bool, log: list) -> None:
+    def __init__(self, index: int, params: Sequence[torch.Tensor], group, staged: bool, log: list,
+                 moments: int = 2) -> None:
         from planner.sharding import shard_numel
 
         self.index, self.group, self.staged, self.log = index, group, staged, log
@@ -244,7 +263,7 @@ class ShardedUnit:
         padded = torch.zeros(self.degree * self.chunk, dtype=ref.dtype, device=ref.device)
         padded[:self.numel] = _flatten(params)
         self.shard = padded[rank * self.chunk:(rank + 1) * self.chunk].clone().requires_grad_(True)
-        self.moments = [torch.zeros_like(self.shard, requires_grad=False) for _ in range(2)]
+        self.moments = [torch.zeros_like(self.shard, requires_grad=False) for _ in range(moments)]
         self.full: torch.Tensor | None = None  # the weights gathered for a backward, while it runs
         self.action = None  # the action running, set by the runtime (for the log)
 
@@ -299,11 +318,13 @@ class ShardedStage:
         names: the parameters' names, in ``params``' order.
         params: the stage's parameters (version 0).
         group, staged: as :class:`ShardedUnit`.
+        optimizer: "adam", "momentum" (SGD with ``momentum``) or "sgd" (plain), as :class:`StageOptimizer`.
     """
 
     def __init__(self, module, names: Sequence[str], params: Sequence[torch.Tensor], slots, group,
-                 staged: bool) -> None:
+                 staged: bool, optimizer: str = "adam", momentum: float = 0.9) -> None:
         self.module, self.names = module, tuple(names)
+        self.optimizer, self.momentum = optimizer, float(momentum)
         self.log: list = []
         children = list(module.named_children())
         unit_of = {name: j for j, (name, _) in enumerate(children)}
@@ -318,7 +339,8 @@ class ShardedStage:
                 raise ValueError(f"parameter {self.names[j]} is shared by two layers; ZeRO-3 shards each layer alone")
             self.slots[u].append((mod, attr, self.members[u].index(j)))
         self.layers = [m for _, m in children]
-        self.units = [ShardedUnit(u, [params[j] for j in self.members[u]], group, staged, self.log)
+        self.units = [ShardedUnit(u, [params[j] for j in self.members[u]], group, staged, self.log,
+                                  STATE_TENSORS[optimizer])
                       if self.members[u] else None for u in range(len(children))]
         self.t = 0
         ref = params[0]
@@ -337,7 +359,7 @@ class ShardedStage:
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of optimizer state: Adam's moments of the shards (the shards are the master copy)."""
+        """Bytes of optimizer state: the optimizer's moments of the shards (the shards are the master copy)."""
         return sum(m.numel() * m.element_size() for u in self.sharded for m in u.moments)
 
     @property
@@ -420,13 +442,13 @@ class ShardedStage:
 
     # --- the update and the whole weights ---------------------------------------------
     def step(self, grads, lr: float) -> None:
-        """Adam on every shard in place with the round's shard gradients (None: no gradient; the moments still
-        advance)."""
+        """The optimizer on every shard in place with the round's shard gradients (None: no gradient; the moments
+        still advance)."""
         self.t += 1
         with torch.no_grad():
             for k, u in enumerate(self.sharded):
-                g = grads[k] if grads is not None else torch.zeros_like(u.moments[0])
-                _adam(u.shard, g, u.moments, self.t, lr)
+                g = grads[k] if grads is not None else torch.zeros_like(u.shard, requires_grad=False)
+                _update(self.optimizer, u.shard, g, u.moments, self.t, lr, self.momentum)
 
     def whole_weights(self) -> dict[str, torch.Tensor]:
         """Every parameter whole, by name (a collective over the group: every rank of it calls this; not logged)."""

@@ -29,8 +29,11 @@ def register(sub) -> None:
     p.add_argument("--vertical-sync", action="store_true", help="PipeDream: every stage uses stage 0's version")
     add_recompute_flag(p)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the plan's, 0.01)")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
-                   help="plain SGD or Adam (default: sgd, or what a --plan file says; Adam on flush schedules)")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "none"],
+                   help="sgd (with momentum, as the planner counts it), adam, or none (plain SGD) (default: sgd, or "
+                        "what a --plan file says; Adam on flush schedules)")
+    p.add_argument("--momentum", type=float, default=None, metavar="MU",
+                   help="SGD's momentum, 0 < MU < 1 (default: the plan's, 0.9); plain SGD is --optimizer none")
     add_zero_flag(p, "; the executor runs 3 with --optimizer adam on gpipe or 1f1b, without --tp or --recompute, "
                      "and every replica given as many microbatches")  # executor/zero.py; over what a --plan file says
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="default: NCCL with a GPU per worker, else gloo")
@@ -104,6 +107,8 @@ def _plan_for(args):
             plan = replace(plan, optimizer=args.optimizer)
         if args.lr is not None:
             plan = replace(plan, lr=args.lr)
+        if args.momentum is not None:
+            plan = replace(plan, momentum=args.momentum)
         if args.recompute is not None:
             plan = replace(plan, recompute=args.recompute)
         if args.sequence_parallel:
@@ -125,7 +130,8 @@ def _plan_for(args):
                            schedule=args.schedule, microbatches=args.microbatches, microbatch_size=args.microbatch_size,
                            batches=args.batches, vertical_sync=args.vertical_sync, lr=args.lr,
                            recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel)
-    return replace(plan, zero_stage=args.zero or 0, optimizer=args.optimizer or "sgd")
+    plan = replace(plan, zero_stage=args.zero or 0, optimizer=args.optimizer or "sgd")
+    return plan if args.momentum is None else replace(plan, momentum=args.momentum)
 
 
 def _run_program(args):
@@ -138,14 +144,15 @@ def _run_program(args):
         raise UserError(f"--program brings its own schedule and shape; drop {', '.join(given)}")
     if args.resume:
         raise UserError("--resume needs --plan: a program file runs the batches it lists, from its first action")
-    if args.zero or args.optimizer not in (None, "sgd"):
-        raise UserError("a program file runs plain SGD without ZeRO; --zero and --optimizer adam need --plan or --model "
-                        "and --pp")
+    if args.zero or args.optimizer == "adam":
+        raise UserError("a program file runs SGD (with momentum, or plain with --optimizer none) without ZeRO; --zero "
+                        "and --optimizer adam need --plan or --model and --pp")
     if not args.model:
         raise UserError("--program needs --model, the model its stages' layers come from (e.g. --model mlp:layers=8,width=256)")
     program = read_program(args.program, "run")
     mbs = args.microbatch_size if args.microbatch_size is not None else 1
     res = run_program(program, args.model, microbatch_size=mbs, lr=0.01 if args.lr is None else args.lr,
+                      optimizer=args.optimizer or "sgd", momentum=0.9 if args.momentum is None else args.momentum,
                       recompute=args.recompute or "none", sequence_parallel=args.sequence_parallel,
                       backend=args.backend, timeout_s=args.timeout, save_weights=args.save_weights,
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -200,7 +207,8 @@ def run(args) -> int:
           f"makespan {s['makespan_s'] * 1e3:.1f} ms, bubble {s['bubble_fraction'] * 100:.1f}%")
     stateful = any(d["optimizer_state_bytes"] for d in s["per_device"].values())
     if res.plan is not None and (res.plan.zero_stage or stateful):
-        print(f"optimizer {res.plan.optimizer}" + (f", ZeRO {res.plan.zero_stage} over each stage's replicas"
+        mu = f" (momentum {res.plan.momentum:g})" if res.plan.optimizer in ("sgd", "momentum") else ""
+        print(f"optimizer {res.plan.optimizer}{mu}" + (f", ZeRO {res.plan.zero_stage} over each stage's replicas"
                                                    if res.plan.zero_stage else ""))
     for w, d in s["per_device"].items():
         state = f", optimizer state {human_bytes(d['optimizer_state_bytes'])}" if stateful else ""

@@ -73,7 +73,10 @@ class Plan:
         zero_stage: ZeRO sharding of every stage's training state over its replicas, 0 (none) to 3 (FSDP full
             shard); ``planner.sharding`` says what each stage holds and moves.
         optimizer: the optimizer whose state the plan was sized for, one of ``OPTIMIZERS`` ("sgd": momentum,
-            1× the parameter bytes; "adam": 2×); ``pipetwin simulate --plan`` counts its state.
+            1× the parameter bytes; "adam": 2×); ``pipetwin simulate --plan`` counts its state. The executor steps
+            with it: "sgd" and "momentum" are SGD with momentum (one buffer per parameter), "none" plain SGD.
+        momentum: SGD's momentum μ, 0 < μ < 1 (``torch.optim.SGD(momentum=μ)``, as PipeDream trained with 0.9);
+            plain SGD is the optimizer "none".
         predicted: what the planner predicted (free-form keys, e.g. time_per_sample_s).
     """
 
@@ -93,10 +96,12 @@ class Plan:
     sequence_parallel: bool = False
     zero_stage: int = 0
     optimizer: str = "sgd"
+    momentum: float = 0.9
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise PlanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        self.check_momentum(self.momentum)
         if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
             raise PlanError(f"unknown ZeRO stage {self.zero_stage!r}; choose 0, 1, 2 or 3")
         if isinstance(self.recompute, bool) or self.recompute is None:
@@ -128,6 +133,13 @@ class Plan:
         if self.chunks < 1 or len(self.stages) % self.chunks:
             raise PlanError(f"{len(self.stages)} stages do not split into {self.chunks} chunks per device")
 
+    @staticmethod
+    def check_momentum(momentum) -> None:
+        """Refuse a momentum outside (0, 1) in one line (plain SGD is the optimizer "none")."""
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum < 1:
+            raise PlanError(f"momentum must be a number strictly between 0 and 1 (got {momentum!r}); plain SGD "
+                            f"is the optimizer 'none'")
+
     @property
     def num_layers(self) -> int:
         return self.stages[-1].last_layer + 1
@@ -157,7 +169,7 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         for k, default in (("tensor_parallel", 1), ("recompute", "none"), ("sequence_parallel", False),
-                           ("zero_stage", 0), ("optimizer", "sgd")):  # absent at their defaults: old plans stay byte-identical
+                           ("zero_stage", 0), ("optimizer", "sgd"), ("momentum", 0.9)):  # absent at their defaults: old plans stay byte-identical
             if d[k] == default:
                 del d[k]
         d["stages"] = [
@@ -175,7 +187,7 @@ class Plan:
             )
             kw = {k: d[k] for k in ("schedule", "microbatch_size", "microbatches", "chunks", "vertical_sync",
                                     "batches", "lr", "topology", "predicted", "tensor_parallel", "recompute",
-                                    "sequence_parallel", "zero_stage", "optimizer") if k in d}
+                                    "sequence_parallel", "zero_stage", "optimizer", "momentum") if k in d}
             return cls(model=str(d["model"]), stages=stages, **kw)
         except (KeyError, IndexError, TypeError) as e:
             raise PlanError(f"plan JSON is missing or has a malformed field ({e}); see `pipetwin plan -o plan.json` for the shape") from None

@@ -21,10 +21,10 @@ Transformer Models"):
   softmax, dropout, attention over V: the 5·a·s/h term of s·h·(34 + 5·a·s/h)).
   ``Layer.attention_saved_bytes`` says how many of the layer's saved bytes that
   part is and ``Layer.attention_forward_s`` how long its forward takes
-  (``planner.analytic`` fills them for transformer blocks with Megatron's
+  (``planner.transformer_profile`` fills them for transformer blocks with Megatron's
   unfused attention). A flash attention block (``TransformerConfig.attention``,
   the llama family's default) keeps no scores and its kernel already recomputes
-  them in its backward, so ``planner.analytic`` gives it 0 for both; like a
+  them in its backward, so ``planner.transformer_profile`` gives it 0 for both; like a
   profile without those fields (every profile written before them, and
   non-transformer layers) it has nothing selective recomputation can drop: there
   selective is the same as none, in time and in memory.

@@ -120,7 +120,8 @@ def _block_shard_param_bytes(h: int, T: int, itemsize: int) -> int:
 @pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_memory_is_counted_per_tp_rank():
-    """At the start a worker holds its own shard of the weights plus the receive buffers posted ahead (closed form)."""
+    """At the start a worker holds its own shard of the weights, SGD's momentum buffer of that shard, plus the receive
+    buffers posted ahead (closed form)."""
     h, seq, mbs, T, f64 = 16, 8, 2, 2, 8
     rows = 128  # the vocabulary 160 padded to 256 (a multiple of 128·T), split in two
     plan = _plan("1f1b")
@@ -132,7 +133,7 @@ def test_memory_is_counted_per_tp_rank():
         params = _block_shard_param_bytes(h, T, f64) + (embed if s == 0 else head)
         recvs = sum(1 for a in res.program[w] if a.kind.value == "RECV")
         first = next(m.nbytes for m in res.trace.memory if m.worker == w and m.time_s == 0.0)
-        assert first == params + min(8, recvs) * boundary, w
+        assert first == 2 * params + min(8, recvs) * boundary, w
 
 
 def test_tp_refuses_models_and_degrees_it_cannot_split():

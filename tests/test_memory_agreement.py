@@ -2,7 +2,9 @@
 
 The model is ``uniform`` (emulated layers): every layer keeps its input for
 backward (A bytes per sample) and has PB parameter bytes; the MSE loss keeps
-its input and the target. Plain SGD keeps no optimizer state.
+its input and the target. The plans' optimizer is "sgd", SGD with momentum: one buffer of the stage's
+parameter bytes from the start, in the executor as in the simulator (``OPTIMIZER_STATE["sgd"]`` = 1); the
+optimizer "none" (plain SGD) keeps none, and peaks exactly that much lower on both sides.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 from executor.launch import run_plan
+from planner.costmodel import OPTIMIZER_STATE
 from planner.lowering import plan_to_program
 from planner.plan import even_plan
 from planner.profile import parse_uniform_spec
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.dist
 A, PB = 4096, 40000
 LAYERS = 4
 SPEC = f"uniform:layers={LAYERS},fwd=1e-4,bwd=2e-4,act={A},params={PB}"
-SGD = SimParams(optimizer_state_factor=0.0)
+MOMENTUM = SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"])
 
 
 def _profile():
@@ -41,26 +44,32 @@ def _plan(schedule, P, M, reps=None, chunks=1, batches=1):
 
 # 1F1B, 2 stages, 4 microbatches; gradient receives (stage 0) and activation receives (stage 1) are 4 each,
 # all posted at the start (lookahead 8), so each worker's pool holds 4A from the start.
-#  stage 0: after F2 (B0 has opened the gradients): weights 2PB + gradients 2PB + 2 microbatches in flight,
-#           each keeping 3A (the data input, layer 1's input, the stage output) + pool 4A
-#  stage 1: after F1: 2PB + 2PB + one in flight, 3A (layer 3's input, the loss's input and target; layer 2's
+#  stage 0: after F2 (B0 has opened the gradients): weights 2PB + gradients 2PB + momentum 2PB + 2 microbatches in
+#           flight, each keeping 3A (the data input, layer 1's input, the stage output) + pool 4A
+#  stage 1: after F1: 2PB + 2PB + 2PB + one in flight, 3A (layer 3's input, the loss's input and target; layer 2's
 #           input is its receive buffer) + pool 4A
 # PipeDream, 2 stages, 8 minibatches; 8 receives each, all posted at the start: pool 8A.
 #  stage 0: after B_k (k >= 1): the version minibatch k+1 uses and the one B_k freed (kept for the next STEP:
-#           2 x 2PB) + gradients 2PB + one in flight 3A + pool 8A
-#  stage 1: steps in place; after B_k: 2PB + 2PB + its input gradient waiting for the SEND, A + pool 8A
+#           2 x 2PB) + gradients 2PB + momentum 2PB (one buffer, not stashed) + one in flight 3A + pool 8A
+#  stage 1: steps in place; after B_k: 2PB + 2PB + 2PB + its input gradient waiting for the SEND, A + pool 8A
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("schedule,M,want", [
-    ("1f1b", 4, {0: 4 * PB + 2 * 3 * A + 4 * A, 1: 4 * PB + 3 * A + 4 * A}),
-    ("pipedream", 8, {0: 6 * PB + 3 * A + 8 * A, 1: 4 * PB + A + 8 * A}),
+    ("1f1b", 4, {0: 6 * PB + 2 * 3 * A + 4 * A, 1: 6 * PB + 3 * A + 4 * A}),
+    ("pipedream", 8, {0: 8 * PB + 3 * A + 8 * A, 1: 6 * PB + A + 8 * A}),
 ])
 def test_peak_memory_closed_form_is_what_the_simulator_predicts_and_the_executor_measures(schedule, M, want):
     plan = _plan(schedule, 2, M)
     topo = load_topology("ideal:2")
-    predicted = peak_memory_bytes(simulate_plan(plan.with_devices([(d,) for d in topo.devices]), _profile(), topo, SGD))
+    predicted = peak_memory_bytes(simulate_plan(plan.with_devices([(d,) for d in topo.devices]), _profile(), topo,
+                                                MOMENTUM))
     measured = peak_memory_bytes(run_plan(plan, timeout_s=60).trace)
     assert predicted == want
     assert measured == want
+    plain = replace(plan, optimizer="none")  # plain SGD: no buffer, 2PB lower on both workers, on both sides
+    none = peak_memory_bytes(simulate_plan(plain.with_devices([(d,) for d in topo.devices]), _profile(), topo,
+                                           SimParams(optimizer_state_factor=OPTIMIZER_STATE["none"])))
+    assert none == {w: b - 2 * PB for w, b in want.items()}
+    assert peak_memory_bytes(run_plan(plain, timeout_s=60).trace) == none
 
 
 def _distinct(levels):
@@ -86,8 +95,8 @@ def test_measured_memory_goes_through_the_simulated_levels_action_by_action(sche
     sbytes = stage_bytes(prof, [s.layers for s in plan.stages], 1)
     res = run_plan(plan, timeout_s=60)
     for w in program.workers:
-        initial, levels = memory_levels(program[w], {s: sbytes[s] for s in program.stages_of(w)}, 0.0,
-                                        round_function(program))
+        initial, levels = memory_levels(program[w], {s: sbytes[s] for s in program.stages_of(w)},
+                                        OPTIMIZER_STATE[plan.optimizer], round_function(program))
         predicted = _distinct([initial] + [x for pair in levels for x in pair])
         measured = _distinct([m.nbytes for m in res.trace.memory if m.worker == w])
         assert measured == predicted, w

@@ -310,9 +310,9 @@ def test_plan_and_whatif_take_zero(capsys, tmp_path):
                  "--jobs", "1", "--zero", "3", "--json"]) == 0
     (rec,) = json.loads(capsys.readouterr().out)["points"]
     assert rec["plan"]["zero_stage"] == 3
-    assert main(["run", "--plan", str(out)]) == 2  # the executor runs ZeRO-3 with Adam only: refused before any process starts
+    assert main(["run", "--plan", str(out), "--recompute"]) == 2  # refused before any process starts
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "ZeRO-3 with Adam only" in err and "--optimizer adam" in err, err
+    assert len(err.splitlines()) == 1 and "ZeRO-3 without recomputation" in err and "--zero 2" in err, err
     assert main(["plan", "--model", "uniform:layers=8", "--topology", "ideal:4", "--cost-model", "pipedream",
                  "--zero", "3"]) == 2
     err = capsys.readouterr().err.strip()

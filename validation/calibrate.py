@@ -35,7 +35,9 @@ benchmark's own relative-residual fit, ``executor.netbench.fit_latency_bandwidth
 * the overlap slowdown: compute actions that ran while a message of theirs was
   in flight against those that did not (reported; the simulator has no knob
   for it, so a real slowdown stays inside ``scale``);
-* memory: the optimizer state factor is 0 (the executor's SGD keeps none), and
+* memory: the optimizer state factor is the calibration runs' optimizer's
+  (``planner.costmodel.OPTIMIZER_STATE``: "sgd", SGD with momentum, keeps one
+  buffer, 1; the executor holds exactly that), and
   saved bytes are taken from one forward of the whole chain and its loss
   (:func:`chain_saved_bytes`): the last layer's gain what the loss saves for
   backward (the executor counts it, the profiler does not), and a tensor two
@@ -58,6 +60,7 @@ from pathlib import Path
 
 from scipy.optimize import least_squares
 
+from planner.costmodel import OPTIMIZER_STATE
 from planner.plan import Plan
 from planner.profile import ModelProfile, load_profile
 from planner.trace import Trace, summary
@@ -220,7 +223,7 @@ def calibrate(model: str, plans: list[Plan], *, names: list[str] | None = None, 
     recv_ready, early = early_receive_cost(traces, links, fit.overhead_s)
     link_info.update(early)
     params = SimParams(overhead_s=fit.overhead_s, step_time_s=step, bi_fraction=0.5 if bi is None else bi,
-                       optimizer_state_factor=0.0, first_stage_bi_free=True, accumulate_s_per_byte=acc_per_byte,
+                       optimizer_state_factor=OPTIMIZER_STATE[plans[0].optimizer], first_stage_bi_free=True, accumulate_s_per_byte=acc_per_byte,
                        recv_wake_s=link_info.get("recv_wake_s", 0.0), recv_ready_s=recv_ready)
     cal = Calibration(model, prof, params, links, devices, residuals={"links": link_info}, used=used,
                       action_s=fit.action_s, reference_plan=plans[0].to_dict())

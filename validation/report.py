@@ -222,9 +222,9 @@ def write_report(result, out: str | Path, timeline: str | None = None) -> dict[s
               "Prediction: the simulator's peak per device (weights, gradients and optimizer state from the start; "
               "saved activations from a forward to its backward; stashed versions; receive buffers from a RECV to "
               "the compute that consumes it). Measurement: the executor's CPU accounting (saved tensors, live "
-              "weight versions, gradient buffers while they exist, no optimizer state), sampled after compute "
-              "actions. Calibration sets the optimizer state to 0 and adds the loss's saved tensors to the last "
-              "layer; what remains by construction: gradients (the executor holds them only between a batch's "
+              "weight versions, gradient buffers while they exist, SGD's momentum buffer), sampled after compute "
+              "actions. Calibration counts the runs' optimizer state (momentum: 1x) and adds the loss's saved "
+              "tensors to the last layer; what remains by construction: gradients (the executor holds them only between a batch's "
               "first backward and its step) and receive buffers (the executor does not count them).", ""]
     Path(files["report"]).write_text("\n".join(lines))
     return files

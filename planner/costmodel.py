@@ -35,7 +35,8 @@ drains the pipeline with its own M/r microbatches) with f = 1 (GPipe, 1F1B), 1/V
 max(F, BI)/(F + B) for ZB-H1 (one third at F = BI = BW; Qi et al.'s (F + BI − BW)/(F + B) where F ≥ BI = BW, but
 stage 0 waits for microbatch 0's round trip, P − 1 BIs, after its P forwards: the simulator's), B the backward
 with what recomputation adds to it and BI = BW = B/2 (recomputation adds a checkpoint's forward + backward to
-each, selective's core forward to each: BI = BW still). PipeDream and 2BW pay
+each, selective's core forward to each: BI = BW still); interleaved zero bubble a V-th of ZB-H1's, max(F, BI)/V over
+the rank's chunks. PipeDream and 2BW pay
 none in steady state: ``T_batch = t·M``.
 
 Memory per device: weights × stashed versions (flush 1, 2BW 2, PipeDream its in-flight
@@ -382,6 +383,8 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
         return max(forward_s, backward_s / 2) / total if total > 0 else 1.0 / 3.0
     if kind == "split2":
         return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
+    if kind == "split-chunk":  # a V-th of ZB-H1's: a chunk's forward against its BI's round trip
+        return max(forward_s, backward_s / 2) / chunks / total if total > 0 else 1.0 / 6.0
     if kind == "v":
         return forward_s / chunks / total if total > 0 else 1.0 / 6.0  # rank P − 1 waits one chunk forward per rank
     if kind in ("v-half", "v-min"):  # their blocks' bubbles at tF = tBI = tBW, over 1F1B's 3(P − 1); other ratios alike

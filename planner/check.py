@@ -338,7 +338,13 @@ def _round_microbatches(p: Program, stage: int, k: int, w: int) -> list[int]:
         i = k * len(reps) + reps.index(w)
         return [i] if i < N else []
     lo = k * p.spec.microbatches
-    return [i for i in range(lo, min(lo + p.spec.microbatches, N)) if p.worker_of(stage, i) == w]
+    # worker_of(stage, i) is reps0[i mod r] (round robin over TP rank 0's replicas): the microbatches w takes
+    # are those ≡ its position there (mod r), one arithmetic range instead of a worker_of per microbatch
+    reps0 = p.replica_workers(stage)
+    if w not in reps0:
+        return []
+    r, j = len(reps0), reps0.index(w)
+    return list(range(lo + (j - lo) % r, min(lo + p.spec.microbatches, N), r))
 
 
 def inflight_bound(p: Program, stage: int) -> int:

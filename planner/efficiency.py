@@ -18,7 +18,7 @@ physically meaningful parameters (:class:`EfficiencyParams`):
 * ``loss_overhead_s`` — fixed time per microbatch at the loss, on the last pipeline stage
   (Megatron's per-microbatch loss work beyond its kernels: the vocabulary-parallel cross
   entropy's reductions, averaging the loss over the data-parallel group, the host waiting on
-  them); ``planner.analytic`` adds it to the output head's forward.
+  them); ``planner.transformer_profile`` adds it to the output head's forward.
 
 The device side: a GEMM of F FLOPs moving B bytes (bf16 operands and result) takes
 ``√(t_c² + t_m²)`` with ``t_c = F / (peak · gemm_efficiency)`` and

@@ -128,24 +128,42 @@ def add_communication(
     """
     S = len(sw)
     of = lambda s, i: sw[s][i % len(sw[s])]
-    nb = act_bytes or (lambda s: 0)
-    ab = allreduce_bytes or (lambda s: 0)
+    # the byte counts depend on the stage alone: each asked once per stage, not once per action
+    act: dict[int, int] = {}
+    ab: dict[int, int] = {}
+
+    def nb(s: int) -> int:
+        x = act.get(s)
+        if x is None:
+            x = act[s] = int(act_bytes(s)) if act_bytes else 0
+        return x
+
+    F, B, BI, RECV, SEND, ALLREDUCE = Kind.F, Kind.B, Kind.BI, Kind.RECV, Kind.SEND, Kind.ALLREDUCE
     out: dict[int, list[Action]] = {}
     for w, acts in actions.items():
         new: list[Action] = []
+        append = new.append
         for a in acts:
-            s, i, v = a.stage, a.mb, a.version
-            if a.kind is Kind.F and s > 0 and of(s - 1, i) != w:
-                new.append(Action(s, Kind.RECV, i, v, of(s - 1, i), False, int(nb(s - 1))))
-            elif a.kind in (Kind.B, Kind.BI) and s < S - 1 and of(s + 1, i) != w:
-                new.append(Action(s, Kind.RECV, i, v, of(s + 1, i), True, int(nb(s))))
-            if a.kind is Kind.ALLREDUCE:
-                a = Action(s, a.kind, a.mb, a.version, None, False, int(ab(s)))
-            new.append(a)
-            if a.kind is Kind.F and s < S - 1 and of(s + 1, i) != w:
-                new.append(Action(s, Kind.SEND, i, v, of(s + 1, i), False, int(nb(s))))
-            elif a.kind in (Kind.B, Kind.BI) and s > 0 and of(s - 1, i) != w:
-                new.append(Action(s, Kind.SEND, i, v, of(s - 1, i), True, int(nb(s - 1))))
+            s, i, v, k = a.stage, a.mb, a.version, a.kind
+            if k is F:
+                if s > 0 and (src := of(s - 1, i)) != w:
+                    append(Action(s, RECV, i, v, src, False, nb(s - 1)))
+                append(a)
+                if s < S - 1 and (dst := of(s + 1, i)) != w:
+                    append(Action(s, SEND, i, v, dst, False, nb(s)))
+            elif k is B or k is BI:
+                if s < S - 1 and (src := of(s + 1, i)) != w:
+                    append(Action(s, RECV, i, v, src, True, nb(s)))
+                append(a)
+                if s > 0 and (dst := of(s - 1, i)) != w:
+                    append(Action(s, SEND, i, v, dst, True, nb(s - 1)))
+            elif k is ALLREDUCE:
+                x = ab.get(s)
+                if x is None:
+                    x = ab[s] = int(allreduce_bytes(s)) if allreduce_bytes else 0
+                append(Action(s, k, a.mb, a.version, None, False, x))
+            else:
+                append(a)
         out[w] = new
     return out
 

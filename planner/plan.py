@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-from planner.families import FAMILIES, FAMILY
-from planner.schedulespec import chunks_for, rank_of
+from planner.families import FAMILIES, FAMILY, rank_of
+from planner.schedulespec import chunks_for
 from planner.recompute import MODES as RECOMPUTE_MODES, recompute_mode
 from topologies.errors import InputError
 from topologies.files import output_path

@@ -48,7 +48,7 @@ class Layer:
         tp_collectives: every tensor-parallel collective one TP rank of this layer issues per microbatch
             (``planner.tpcollectives.TPCollective``: phase, kind, bytes per sample), in issue order; empty
             without tensor parallelism. The one list every interpreter times (see :attr:`tp_forward`,
-            :attr:`tp_backward`; ``planner.analytic`` fills it from ``planner.tpcollectives.tp_collectives``).
+            :attr:`tp_backward`; ``planner.transformer_profile`` fills it by ``planner.tpcollectives.tp_collectives``).
         attention_saved_bytes: the part of ``saved_bytes`` that selective recomputation discards (the
             attention scores, softmax and dropout outputs: Korthikanti et al.'s 5·a·s²/T per sample).
         attention_forward_s: forward seconds (per reference microbatch) of that part: what selective

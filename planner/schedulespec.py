@@ -1,15 +1,16 @@
 """What a program is generated from (``ScheduleSpec``) and the spec helpers every family shares.
 
-Layout (``rank_of``, ``stage_workers``), bounds (``inflight_limit``, ``interleaved_groups``,
-``looped_warmup_extra``), the shared checks (``validate_spec``, ``chunks_for``) and ``make_spec``'s defaults.
-They sit beside ``ScheduleSpec``, below both ``planner.check`` and ``planner.schedules``, so neither imports the other.
+Layout (``stage_workers``; ``rank_of`` is a family's placement, in ``planner.families``), bounds
+(``inflight_limit``, ``interleaved_groups``, ``looped_warmup_extra``), the shared checks (``validate_spec``,
+``chunks_for``) and ``make_spec``'s defaults. They sit beside ``ScheduleSpec``, below both ``planner.check`` and
+``planner.schedules``, so neither imports the other.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from planner.families import FAMILY, Family, ScheduleError, family
+from planner.families import FAMILY, Family, ScheduleError, family, rank_of
 from planner.programfile import as_bool, as_count, as_list, get_field
 
 
@@ -82,14 +83,6 @@ class ScheduleSpec:
 
 
 # --- spec helpers: layout, bounds and the checks every family shares ---------------------
-def rank_of(fam: Family, stages: int, virtual_stage: int) -> int:
-    """The pipeline rank (device index along the pipeline) holding ``virtual_stage`` under the family's placement."""
-    c, j = divmod(virtual_stage, stages)
-    if fam.placement == "v" and c % 2:
-        return stages - 1 - j
-    return j
-
-
 def stage_workers(spec: ScheduleSpec) -> tuple[tuple[int, ...], ...]:
     """For each (virtual) stage, the workers holding its replicas (stage 0's first).
 

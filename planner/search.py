@@ -403,7 +403,7 @@ def _multi_stage_plans(fam: str, M: int, prof: ModelProfile, topology, devs: tup
     loop), and only the (P, V, M) its generator accepts."""
     from planner.lowering import plan_spec
     from planner.families import FAMILY
-    from planner.schedulespec import rank_of
+    from planner.families import rank_of
     from planner.schedules import REQUIRES, ScheduleError, validate_spec
 
     f = FAMILY[fam]

@@ -123,10 +123,18 @@ def worker_events(trace: Trace) -> dict[int, list[Event]]:
 
 
 def span_s(trace: Trace) -> tuple[float, float]:
-    evs = [e for e in trace.events if isinstance(e.lane, int)]
-    if not evs:
-        return (0.0, 0.0)
-    return (min(e.start_s for e in evs), max(e.end_s for e in evs))
+    """(first start, last end) over the worker lanes; (0.0, 0.0) without worker events."""
+    lo = hi = None
+    for e in trace.events:  # one pass; the first of equal extremes is kept, as min() and max() keep it
+        if isinstance(e[0], int):
+            if lo is None:
+                lo, hi = e[2], e[3]
+            else:
+                if e[2] < lo:
+                    lo = e[2]
+                if e[3] > hi:
+                    hi = e[3]
+    return (0.0, 0.0) if lo is None else (lo, hi)
 
 
 def makespan_s(trace: Trace) -> float:
@@ -135,8 +143,17 @@ def makespan_s(trace: Trace) -> float:
 
 
 def busy_s(trace: Trace) -> dict[int, float]:
-    """Seconds each worker spent in compute actions."""
-    return {w: sum(e.duration_s for e in evs if e.is_compute) for w, evs in sorted(worker_events(trace).items())}
+    """Seconds each worker spent in compute actions (summed in event order, from 0, as ``sum`` adds them)."""
+    acc: dict[int, float] = {}
+    compute, get = _COMPUTE_KINDS, acc.get
+    for e in trace.events:
+        w = e[0]
+        if isinstance(w, int):
+            if e[4] in compute:
+                acc[w] = get(w, 0) + (e[3] - e[2])
+            elif w not in acc:
+                acc[w] = 0
+    return {w: acc[w] for w in sorted(acc)}
 
 
 def bubble_fractions(trace: Trace) -> dict[int, float]:
@@ -181,7 +198,8 @@ def throughput_samples_per_s(trace: Trace, samples_per_microbatch: int | None = 
     spm = samples_per_microbatch or trace.meta.get("microbatch_size", 1)
     finished: dict[int, float] = {}  # microbatch -> when stage 0 finished it (the last of its TP ranks)
     for e in trace.events:
-        if isinstance(e.lane, int) and e.kind in ("B", "BW"):
+        # stage 0's text starts with a 0 (after any blanks): only those are parsed
+        if e[4] in ("B", "BW") and isinstance(e[0], int) and e[1].lstrip()[:1] == "0":
             a = Action.parse(e.action)
             if a.stage == 0 and e.end_s > finished.get(a.mb, -math.inf):
                 finished[a.mb] = e.end_s

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from planner.check import ProgramError, UnitCosts, check, dry_run
-from planner.families import FAMILIES, FAMILY, ScheduleError
+from planner.families import FAMILIES, FAMILY, ScheduleError, rank_of
 from planner.program import Action, Kind, Program
-from planner.schedulespec import make_spec, rank_of, stage_workers, validate_spec
+from planner.schedulespec import make_spec, stage_workers, validate_spec
 from planner.schedules import add_communication, add_steps, add_versions, generate
 from planner.trace import makespan_s
 

@@ -276,7 +276,7 @@ class RowModel:
         (ef, bf, hf), (eb, bb, hb) = ([work_time_s(w, k, p) for w in ws] for ws in (self.works, self._bwd))
         if block is not None:
             bf, bb = block
-        hf += p.loss_overhead_s  # as planner.analytic adds it to the head's forward
+        hf += p.loss_overhead_s  # as planner.transformer_profile adds it to the head's forward
         tp = self.links.tp_s
         P = self.row.pp
         fs, bs, steps = [], [], []

@@ -40,7 +40,7 @@ send to the sender's stream (``src/predictor.py``: the send's time is a gap afte
 rows so far send the whole activation from every TP rank and move on (``P2P = "posted"``). ``P2P = "deepspeed"`` is
 the other reading: every TP rank sends 1/T of the activation (and of its gradient), and the sender waits until its send
 is delivered (the simulator's ``overlap_comm=False``; the closed form adds each stage's outgoing sends to its forward
-and backward). Not modelled: the receiver's all-gather of the slices inside its TP group, and the rendezvous (the
+and backward). Not modelled: the TP group's all-gathers of the slices (3 per microbatch), and the rendezvous (the
 sender also waiting for the receiver to post). The CV is run a second time under it (``--p2p posted,deepspeed``), the
 smooth parameters, gradient width and per-shape table refitted per fold under each mode. The adoption rule, written
 down and committed before this comparison was first run and before any scored figure under the mode: **``P2P =

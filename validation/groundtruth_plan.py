@@ -47,7 +47,7 @@ COLLECTIVES = "ideal"
 #: How the rows' pipeline sends run (``validation.groundtruth_cv``'s ``adopt_p2p`` chooses, on the calibration rows alone):
 #: "posted" (every TP rank sends the whole activation and moves on) or "deepspeed" (DeepSpeed's ``PipelineEngine``: each TP
 #: rank sends its 1/T slice of the activation and of its gradient, and waits until the send is delivered; the
-#: receiver's all-gather of the slices is not modelled).
+#: all-gathers that rebuild the slices inside the TP group, three per microbatch on a middle stage, are not modelled).
 P2P = "deepspeed"
 P2P_MODES = ("posted", "deepspeed")
 #: The recomputation every vTrain row runs (Megatron's full recomputation; ``planner.recompute`` says what it re-runs).

@@ -127,15 +127,6 @@ def run(args) -> int:
 
 
 # --- model names -----------------------------------------------------------------------------
-def pipedream_profile_names() -> list[str]:
-    """PipeDream profile names on disk (where ``planner.cnn.pipedream_profiles_dir`` says: the folder
-    $PIPETWIN_PIPEDREAM_PROFILES names, else ``../shared/data/pipedream_profiles`` beside the repository)."""
-    from planner.cnn import pipedream_profiles_dir
-
-    d = pipedream_profiles_dir()
-    return sorted(p.name[: -len(".graph.txt")] for p in d.glob("*.graph.txt")) if d else []
-
-
 def _pipedream_graph(spec: str) -> Path | None:
     """The graph.txt PipeDream's profile name ``spec`` names, None where it is not on disk (or ``spec`` is no name)."""
     from planner.cnn import pipedream_profiles_dir

@@ -9,7 +9,7 @@ or a measured profile file (``planner.profile``). Here too: what a profile impli
 
 Spec strings (:func:`load_model`, used by every command)::
 
-    gpt3-13b                        a preset (see PRESETS)
+    gpt3-13b                        a preset (see planner.transformer.PRESETS)
     gpt3-13b@h100                   ... timed on a device kind (default a100-80gb)
     gpt3-13b:seq=4096               a preset with overrides
     gpt:layers=40,hidden=5120,heads=40,seq=2048,vocab=50257[,ffn=20480]

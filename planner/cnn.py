@@ -124,6 +124,7 @@ def pipedream_profile(model: str, kind: str | None) -> ModelProfile | None:
 
 
 def pipedream_names() -> list[str]:
+    """The names of the PipeDream profiles on disk (none when there is no profile folder)."""
     d = pipedream_profiles_dir()
     return sorted(p.name[: -len(".graph.txt")] for p in d.glob("*.graph.txt")) if d else []
 

@@ -2,9 +2,10 @@
 
 The model, per stage s of a plan (replicas r, devices in placement order):
 
-* compute_s   = (forward + backward [+ what recomputation re-runs, ``planner.recompute``]) seconds of the
-  stage's layers at the plan's microbatch size, on its slowest replica (``Device.speed``),
-  divided by r (replicas take microbatches round-robin);
+* compute_s   = (forward + backward [+ what recomputation re-runs, ``planner.recompute``: a B's re-run forwards,
+  or, where the family splits the backward, what it adds to BI and BW together, a checkpoint run whole in
+  each: ``microbatch_recompute_s``]) seconds of the stage's layers at the plan's microbatch size, on its
+  slowest replica (``Device.speed``), divided by r (replicas take microbatches round-robin);
 * allreduce_s = ring all-reduce of the stage's parameter bytes over its devices
   (``Topology.ring_allreduce_time_s``), once per update: per microbatch that is
   ``/ r`` for PipeDream (a replica updates after each of its minibatches) and ``/ M``
@@ -31,7 +32,10 @@ When the link binds, the plan and the stages using the link say "communication (
 The bottleneck t = max time_s. Flush schedules pay their bubble:
 ``T_batch = t·(M + (P − 1)·f·r)`` (r: the bottleneck stage's replicas, each of which fills and
 drains the pipeline with its own M/r microbatches) with f = 1 (GPipe, 1F1B), 1/V (interleaved) and
-(F + BI − BW)/(F + B) for ZB-H1 (one third at F = BI = BW). PipeDream and 2BW pay
+max(F, BI)/(F + B) for ZB-H1 (one third at F = BI = BW; Qi et al.'s (F + BI − BW)/(F + B) where F ≥ BI = BW, but
+stage 0 waits for microbatch 0's round trip, P − 1 BIs, after its P forwards: the simulator's), B the backward
+with what recomputation adds to it and BI = BW = B/2 (recomputation adds a checkpoint's forward + backward to
+each, selective's core forward to each: BI = BW still). PipeDream and 2BW pay
 none in steady state: ``T_batch = t·M``.
 
 Memory per device: weights × stashed versions (flush 1, 2BW 2, PipeDream its in-flight
@@ -93,8 +97,9 @@ from planner.sharding import (check_planned_zero, collective_bytes, fsdp_collect
 from planner.stagememory import fsdp_gathered_bytes as _fsdp_gathered, fsdp_units, peak_stage_bytes
 from planner.stagememory import RECV_LOOKAHEAD, chunks_transfer_bytes, transfer_bytes
 from planner.stagememory import static_bytes as _static_bytes
-from planner.recompute import (extra_forward_s, kept_bytes, layer_extra_forward_s, layer_input_bytes, layer_kept_bytes,
-                               rebuilt_bytes, recompute_mode, backward_tp_collectives, tp_collectives_run)
+from planner.recompute import (kept_bytes, layer_input_bytes, layer_kept_bytes, microbatch_recompute_s,
+                               pass_recompute_s, pass_tp_collectives, rebuilt_bytes, recompute_mode,
+                               tp_collectives_run)
 from planner.tpcollectives import collectives_time_s, ring_time_s
 
 #: Optimizer state bytes per parameter byte.
@@ -373,8 +378,8 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
         return 0.0
     if kind == "chunk":
         return 1.0 / chunks
-    if kind == "split":
-        return forward_s / total if total > 0 else 1.0 / 3.0  # (F + BI − BW)/(F + B) with BI = BW = B/2
+    if kind == "split":  # stage 0's P forwards, then microbatch 0's round trip: (P − 1)·max(F, BI), BI = BW = B/2
+        return max(forward_s, backward_s / 2) / total if total > 0 else 1.0 / 3.0
     if kind == "split2":
         return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
     if kind == "v":
@@ -457,14 +462,18 @@ def evaluate(plan: Plan, profile: ModelProfile, topology, options: CostOptions =
             for i in range(S - 1)]
     raw = []
     T = plan.tensor_parallel
+    split = FAMILY[fam].backward == "split"
     links, zero3_link = ((link_bound_by_stage(plan, prof, topology, options)) if options.zero_stage == 3
                          else (link_bound(plan, prof, topology, options), None))
     for i, st in enumerate(plan.stages):
         r = st.replicas
         speed = _slowest(topology, st.devices)[0]
         f, b = prof.forward_s(*st.layers), prof.backward_s(*st.layers)
-        compute = ((f + b + extra_forward_s(prof, *st.layers, options.recompute)) / speed
-                   + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb)) / r
+        redo = microbatch_recompute_s(prof, *st.layers, options.recompute, split)
+        compute = ((f + b + redo) / speed
+                   + tp_collective_s(prof, *st.layers, options.recompute, topology, st.tensor_group(0, T), mb,
+                                     float(split))) / r
+        b += redo  # the backward the bubble reads (BI + BW when split)
         dp_group = list(st.devices[::T])
         ar = dp_allreduce_s(prof, st, topology, options, T) / update_interval(fam, M, r)
         if options.zero_stage == 3 and r > 1:  # FSDP: the collectives run inside the passes (planner.sharding)
@@ -508,9 +517,12 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
         f = sum(prof.forward_s(*plan.stages[v].layers) for v in vs)
         b = sum(prof.backward_s(*plan.stages[v].layers) for v in vs)
         T, r = plan.tensor_parallel, plan.stages[vs[0]].replicas  # interleaved replicas each run the whole schedule
-        compute = ((f + b + sum(extra_forward_s(prof, *plan.stages[v].layers, options.recompute) for v in vs)) / speed
+        shares = {v: fam.split_share(P, v, M) for v in vs}
+        redo = sum(_recompute_at(prof, plan.stages[v].layers, options.recompute, shares[v]) for v in vs)
+        compute = ((f + b + redo) / speed
                    + sum(tp_collective_s(prof, *plan.stages[v].layers, options.recompute, topology,
-                                         plan.stages[v].tensor_group(0, T), mb) for v in vs)) / r
+                                         plan.stages[v].tensor_group(0, T), mb, shares[v]) for v in vs)) / r
+        b += redo  # the backward the bubble reads
         comm = sum((cuts[v - 1] if v > 0 else 0.0) + (cuts[v] if v < S - 1 else 0.0) for v in vs)
         # the DP all-reduce of each chunk after its last backward (the simulator's ALLREDUCE), one ring per chunk
         # over its replicas; the device's collectives are serial, so it waits for the sum once per update
@@ -620,14 +632,30 @@ def tp_price(topology, group) -> Callable[[str, float], float]:
 
 
 def tp_collective_s(prof: ModelProfile, first: int, last: int, recompute: str, topology, group: tuple[str, ...],
-                    mb: int) -> float:
+                    mb: int, split_share: float = 0.0) -> float:
     """Seconds per microbatch of the TP collectives of layers first..last (``Layer.tp_collectives``, each as
-    issued; with full recomputation its re-run forward's too), each a ring of its kind over ``group``, one
-    replica's tensor group."""
+    issued; with full recomputation its re-run forward's too, in a split backward's BI and BW each:
+    ``planner.recompute.tp_collectives_run``), each a ring of its kind over ``group``, one replica's tensor group;
+    ``split_share`` of the microbatches split their backward (``Family.split_share``), the rest run it whole."""
     if len(group) < 2:
         return 0.0
     price = tp_price(topology, group)
-    return sum(collectives_time_s(tp_collectives_run(l, recompute), mb, price) for l in prof.layers[first:last + 1])
+    layers = prof.layers[first:last + 1]
+    whole = (sum(collectives_time_s(tp_collectives_run(l, recompute), mb, price) for l in layers)
+             if split_share < 1.0 else 0.0)
+    if split_share <= 0.0:
+        return whole
+    split = sum(collectives_time_s(tp_collectives_run(l, recompute, True), mb, price) for l in layers)
+    return split if split_share >= 1.0 else (1.0 - split_share) * whole + split_share * split
+
+
+def _recompute_at(prof: ModelProfile, layers: tuple[int, int], mode: str, share: float) -> float:
+    """What recomputation adds to a microbatch's backward of ``layers``, ``share`` of them split."""
+    whole = microbatch_recompute_s(prof, *layers, mode) if share < 1.0 else 0.0
+    if share <= 0.0:
+        return whole
+    split = microbatch_recompute_s(prof, *layers, mode, True)
+    return split if share >= 1.0 else (1.0 - share) * whole + share * split
 
 
 def dp_allreduce_s(prof: ModelProfile, st, topology, options: CostOptions, T: int) -> float:
@@ -660,27 +688,25 @@ def fsdp_passes_s(prof: ModelProfile, first: int, last: int, options: CostOption
     """Seconds of one microbatch's ZeRO-3 passes on a stage replica over ``group`` (its replicas, of one TP rank),
     each pass ``planner.sharding.fsdp_pass_s`` over the layers (units) with every collective a ring all-gather or
     reduce-scatter of the unit's 16-bit tensor on free links (half a ring all-reduce's time); a unit's compute
-    holds its TP collectives as rings over ``tp_group`` (forward: the forward's; backward, or BI when split: the
-    backward's and what recomputation re-runs); a split backward's BI and BW take half the backward each, the
-    re-run forward in the BI."""
+    holds its TP collectives as rings over ``tp_group`` (forward: the forward's; backward: the backward's and what
+    recomputation re-runs; BI and BW: ``planner.recompute.pass_tp_collectives``); a split backward's BI and BW take
+    half the backward each, plus what recomputation adds to each (``planner.recompute.pass_recompute_s``)."""
     layers = prof.layers[first:last + 1]
     ring = [topology.ring_allreduce_time_s(group, collective_bytes(l.param_bytes)) / 2 if l.param_bytes > 0 else 0.0
             for l in layers]
     mode = options.recompute
     price = tp_price(topology, tp_group)
-    tp = [(collectives_time_s(l.tp_forward, mb, price), collectives_time_s(backward_tp_collectives(l, mode), mb, price))
-          for l in layers]
     total = 0.0
     for kind in _pass_kinds(backward):
         gathers, scatters = fsdp_collectives(kind)
+        tp = [collectives_time_s(pass_tp_collectives(l, mode, kind), mb, price) for l in layers]
         if kind == "F":
-            c = [l.forward_s / speed + x for l, (x, _) in zip(layers, tp)]
+            c = [l.forward_s / speed + x for l, x in zip(layers, tp)]
             g, r = ring, [0.0] * len(layers)
         else:
             share = 1.0 if kind == "B" else 0.5
-            redo = kind in ("B", "BI")
-            c = [(l.backward_s * share + (layer_extra_forward_s(l, mode) if redo else 0.0)) / speed
-                 + (x if redo else 0.0) for l, (_, x) in zip(layers, tp)][::-1]
+            c = [(l.backward_s * share + pass_recompute_s(l, mode, kind)) / speed + x
+                 for l, x in zip(layers, tp)][::-1]
             g, r = ring[::-1], ring[::-1]
         total += fsdp_pass_s(c, g if gathers else [0.0] * len(c), r if scatters else [0.0] * len(c),
                              options.fsdp_overlap)

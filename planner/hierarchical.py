@@ -24,7 +24,7 @@ from planner.partition import Partition, Problem
 from planner.plan import PlanError
 from planner.profile import ModelProfile
 from planner.program import FAMILY
-from planner.recompute import layer_extra_forward_s
+from planner.recompute import layer_microbatch_recompute_s
 
 #: Layers are grouped into at most this many blocks for the hierarchical programme.
 HIER_MAX_BLOCKS = 40
@@ -253,7 +253,8 @@ def solve_hierarchical(pb: Problem, topology, max_blocks: int = HIER_MAX_BLOCKS,
     devs = pb.devices
     bounds = _blocks(prof, max_blocks)
     B = len(bounds) - 1
-    fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
+    split = FAMILY[pb.family].backward == "split"  # BI and BW each rebuild (planner.recompute)
+    fb = np.array([l.forward_s + l.backward_s + layer_microbatch_recompute_s(l, opt.recompute, split) for l in prof.layers])
     work = np.concatenate([[0.0], np.cumsum(fb)])[bounds]
     params = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in prof.layers])])[bounds]
     bb = np.array([prof.boundary_bytes(bounds[x] - 1) * prof.microbatch_size if 0 < x < B else 0.0 for x in range(B + 1)])

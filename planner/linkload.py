@@ -128,7 +128,7 @@ def _pair_bytes(plan: Plan, prof: ModelProfile, topology, options: CostOptions,
         if T > 1:  # every microbatch of a replica runs its TP collectives as rings over its tensor group
             per_mb = sum(c.ring_allreduces * c.nbytes * mb  # in all-reduces' ring bytes: an all-gather is half one
                          for l in prof.layers[stage.first_layer:stage.last_layer + 1]
-                         for c in tp_collectives_run(l, options.recompute))
+                         for c in tp_collectives_run(l, options.recompute, FAMILY[plan.schedule].backward == "split"))
             for rep in range(r):
                 group = stage.tensor_group(rep, T)
                 n_mb = len(range(rep, M, r))

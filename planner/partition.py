@@ -47,7 +47,7 @@ from planner.costmodel import (CostOptions, OPTIMIZER_STATE, allreduce_bytes, de
 from planner.partcache import PartitionCache, TimeStore, digest
 from planner.profile import ModelProfile
 from planner.program import FAMILY
-from planner.recompute import layer_extra_forward_s, layer_kept_bytes, layer_rebuilt_bytes
+from planner.recompute import layer_kept_bytes, layer_microbatch_recompute_s, layer_rebuilt_bytes
 
 #: Up to this many devices, every device count N is searched (the exact regime).
 EXACT_DEVICES = 16
@@ -103,7 +103,8 @@ class _Tables:
         self.times = TimeStore()  # stage times per grid, shared by the passes (a cache's store: by families too)
         self._time_key = None
         mb = prof.microbatch_size
-        fb = np.array([l.forward_s + l.backward_s + layer_extra_forward_s(l, opt.recompute) for l in prof.layers])
+        split = FAMILY[pb.family].backward == "split"  # BI and BW each rebuild (planner.recompute)
+        fb = np.array([l.forward_s + l.backward_s + layer_microbatch_recompute_s(l, opt.recompute, split) for l in prof.layers])
         self.work = np.concatenate([[0.0], np.cumsum(fb)])
         # what recomputation keeps per layer (prefix sums) and the most one layer of [i, j) rebuilds (rebuilt[i, j])
         self.kept = np.concatenate([[0.0], np.cumsum([layer_kept_bytes(prof, i, opt.recompute) for i in range(L)])]) * mb

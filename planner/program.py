@@ -234,11 +234,13 @@ class Family:
         in_order: each kind of action runs a stage's microbatches in increasing order (a convention).
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
-            F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" ((F + BI − BW)/(F + B):
-            ZB-H1), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
+            F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" (max(F, BI)/(F + B):
+            ZB-H1, microbatch 0's round trip after stage 0's P forwards), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
             F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (about 1/2: V-Half), "v-min" (about 2/3: V-Min; both their unit-cost closed forms over 1F1B's) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
+        mixed_split: which backwards a "mixed" family splits (``split_share``): "v-legs" (DualPipeV: rank d splits
+            P − ⌈d/2⌉ of its first-leg stage's and P − 1 − ⌊d/2⌋ of its second-leg stage's, M ≥ 2P); None: unknown.
     """
 
     name: str
@@ -257,6 +259,7 @@ class Family:
     weight_copies: int = 1
     bubble: str = "full"
     generated: bool = True
+    mixed_split: str | None = None
 
     @property
     def stream(self) -> bool:
@@ -274,6 +277,18 @@ class Family:
         if self.open_cap is None:
             return None
         return math.floor(self.open_cap[0] * limit0 + self.open_cap[1] + 1e-9)
+
+    def split_share(self, stages: int, virtual_stage: int, microbatches: int) -> float:
+        """Share of a stage's backwards per batch the family splits into BI and BW (1 split, 0 full; a "mixed"
+        family's by ``mixed_split``, 0 where it is unknown: ``tests/test_recompute_split_time.py`` counts them on
+        the generated programs)."""
+        if self.backward != "mixed":
+            return float(self.backward == "split")
+        if self.mixed_split != "v-legs":
+            return 0.0
+        d = rank_of(self, stages, virtual_stage)
+        n = stages - (d + 1) // 2 if virtual_stage == d else stages - 1 - d // 2
+        return min(1.0, n / microbatches)
 
     @property
     def multi_stage(self) -> bool:
@@ -302,7 +317,7 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",
            open_cap=(1, 0), bubble="v"),
     Family("dualpipe-v", "DualPipeV", backward="mixed", placement="v", chunks=2, replicable=False, inflight="none",
-           open_cap=(1, 1), bubble="v"),
+           open_cap=(1, 1), bubble="v", mixed_split="v-legs"),
 )}
 FAMILIES = tuple(n for n, f in FAMILY.items() if f.generated)
 FLUSH_FAMILIES = frozenset(n for n, f in FAMILY.items() if f.flush)

@@ -1,4 +1,4 @@
-"""Activation recomputation: for a layer range and a mode, the time it adds before backward and the bytes it keeps.
+"""Activation recomputation: per layer range and mode, the time it adds to each backward pass and the bytes it keeps.
 
 The one source of truth the cost model, the partitioner, the simulator's timing
 and memory and the executor read, so a plan is costed the same wherever it is.
@@ -28,6 +28,20 @@ Transformer Models"):
   profile without those fields (every profile written before them, and
   non-transformer layers) it has nothing selective recomputation can drop: there
   selective is the same as none, in time and in memory.
+
+A split backward (the zero-bubble families' BI, the input gradient, then BW, the
+weight gradient) is timed as the executor runs it (``executor.runtime``: BI is
+``autograd.grad`` of the stage output for its input with the graph kept, BW later
+for the parameters; ``executor.recompute``). A full-recomputation checkpoint is one
+autograd node whose backward re-runs the layer's forward and then its whole
+backward, input and weight gradients (and its TP collectives) together, in every
+pass that reaches it: its BI and its BW each take forward + backward, and nothing
+of the split applies to it (``SimParams.bi_fraction``, ``split_factor``). Selective
+recomputation's core sits on the path to the QKV weights, so both passes rebuild it:
+each adds the core's forward to its share of the backward. ``pass_recompute_s``
+says what recomputation adds to each pass; the cost model and the partition search
+charge a microbatch's passes (``microbatch_recompute_s``), the simulator each pass
+(``tests/test_recompute_split_time.py`` counts the executor's FLOPs per pass).
 
 Amounts are per sample (bytes) and per reference microbatch (seconds), like the
 profile's own fields; callers scale by the microbatch size.
@@ -68,6 +82,42 @@ def layer_extra_forward_s(layer: Layer, mode: str) -> float:
     if mode == "selective":
         return layer.attention_forward_s
     return 0.0
+
+
+def checkpointed(layer: Layer, mode: str) -> bool:
+    """Whether full recomputation makes ``layer`` a checkpoint (its backward one node: re-run forward, whole backward)."""
+    return mode == "full" and layer.recomputable
+
+
+def pass_recompute_s(layer: Layer, mode: str, kind: str, bi_fraction: float = 0.5, split_factor: float = 1.0) -> float:
+    """Seconds per reference microbatch recomputation adds to one pass over ``layer`` (``kind`` "F", "B", "BI" or
+    "BW"), beyond that pass without it: its share of the backward, ``backward_s · split_factor · bi_fraction`` in a
+    BI and ``· (1 − bi_fraction)`` in a BW, as the simulator splits it. B: the re-run forward. A checkpoint's BI and
+    BW: forward + backward each, less the share the split would have given the pass. Selective: the core's forward
+    in every backward pass (B, BI and BW each rebuild it)."""
+    if kind == "F":
+        return 0.0
+    if kind != "B" and checkpointed(layer, mode):
+        share = bi_fraction if kind == "BI" else 1.0 - bi_fraction
+        return layer.forward_s + layer.backward_s * (1.0 - split_factor * share)
+    return layer_extra_forward_s(layer, mode)
+
+
+def microbatch_recompute_s(profile: ModelProfile, first: int, last: int, mode: str, split: bool = False) -> float:
+    """Seconds per reference microbatch recomputation adds to one microbatch's backward of layers first..last: a B's
+    re-run forwards, or (``split``) what it adds to BI and BW together at an even split (``bi_fraction`` 0.5,
+    ``split_factor`` 1: the closed forms'): a checkpoint 2·forward + backward, selective two core forwards."""
+    mode = recompute_mode(mode)
+    if mode == "none":
+        return 0.0
+    return sum(layer_microbatch_recompute_s(l, mode, split) for l in profile.layers[first:last + 1])
+
+
+def layer_microbatch_recompute_s(layer: Layer, mode: str, split: bool = False) -> float:
+    """``microbatch_recompute_s`` of one layer."""
+    if not split:
+        return layer_extra_forward_s(layer, mode)
+    return pass_recompute_s(layer, mode, "BI") + pass_recompute_s(layer, mode, "BW")
 
 
 def extra_forward_s(profile: ModelProfile, first: int, last: int, mode: str) -> float:
@@ -111,9 +161,23 @@ def backward_tp_collectives(layer: Layer, mode: str) -> tuple[TPCollective, ...]
     return recomputed_tp_collectives(layer, mode) + layer.tp_backward
 
 
-def tp_collectives_run(layer: Layer, mode: str) -> tuple[TPCollective, ...]:
-    """TP collectives one microbatch of a layer runs: its forward's, then its backward's (re-run forward first)."""
-    return layer.tp_forward + backward_tp_collectives(layer, mode)
+def pass_tp_collectives(layer: Layer, mode: str, kind: str) -> tuple[TPCollective, ...]:
+    """TP collectives inside one pass over a layer (``kind`` "F", "B", "BI" or "BW"), in issue order: F its forward's;
+    B ``backward_tp_collectives``; a checkpoint's BI and BW each its re-run forward's then its backward's; any other
+    layer's BI its backward's (the input gradient's all-reduces), its BW none."""
+    if kind == "F":
+        return layer.tp_forward
+    if kind == "B" or (checkpointed(layer, mode) and kind in ("BI", "BW")):
+        return backward_tp_collectives(layer, mode)
+    return layer.tp_backward if kind == "BI" else ()
+
+
+def tp_collectives_run(layer: Layer, mode: str, split: bool = False) -> tuple[TPCollective, ...]:
+    """TP collectives one microbatch of a layer runs: its forward's, then its backward's (re-run forward first), or
+    (``split``) its BI's then its BW's."""
+    if not split:
+        return layer.tp_forward + backward_tp_collectives(layer, mode)
+    return layer.tp_forward + pass_tp_collectives(layer, mode, "BI") + pass_tp_collectives(layer, mode, "BW")
 
 
 def kept_bytes(profile: ModelProfile, first: int, last: int, mode: str) -> float:

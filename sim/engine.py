@@ -25,8 +25,10 @@ the group's T devices on the real links (waiting for every rank to get there),
 contending with pipeline sends and data-parallel all-reduces. With sequence
 parallelism each all-reduce is a reduce-scatter + all-gather pair: the same ring
 phases. Recomputation (``planner.recompute``, the plan's mode) adds its re-run
-forward (and, for full recomputation, that forward's TP all-reduces) to each B
-(BI when split) and keeps what that module says in memory.
+forward (and, for full recomputation, that forward's TP all-reduces) to each B, and
+to a split backward's passes what ``planner.recompute.pass_recompute_s`` says (as the
+executor runs them: a checkpoint whole in its BI and again in its BW), and keeps what
+that module says in memory.
 
 Symmetry: identical replica pipelines are simulated once and copied (``sim.symmetry``); where
 they share links, or with tensor parallelism, one worker per orbit of the TP ranks and
@@ -53,7 +55,7 @@ import simpy
 
 from planner.program import FAMILY, Kind, Program, even_layers
 from planner.profile import ModelProfile
-from planner.recompute import layer_extra_forward_s, recompute_mode
+from planner.recompute import pass_recompute_s, recompute_mode
 from planner.trace import Event, Trace
 from planner.sharding import weight_versions_refusal, zero3_refusal
 from planner.tpcollectives import NCCL_COLLECTIVE, ring_steps
@@ -254,9 +256,13 @@ class _Run:
         k = microbatch_size / profile.microbatch_size
         self.fwd = [profile.forward_s(a, b) * k for a, b in layers]
         self.bwd = [profile.backward_s(a, b) * k for a, b in layers]
-        self.extra = [sum(layer_extra_forward_s(l, recompute) for l in profile.layers[a:b + 1]) * k for a, b in layers]
+        bi, split = params.bi_fraction, params.split_factor
+        #: per stage, what recomputation adds to a B, a BI and a BW (planner.recompute.pass_recompute_s)
+        self.extra = [{kind: sum(pass_recompute_s(l, recompute, kind, bi, split) for l in profile.layers[a:b + 1]) * k
+                       for kind in ("B", "BI", "BW")} for a, b in layers]
         self.T = program.tensor_parallel
-        self.tp = [tp_segments(profile, a, b, k, microbatch_size, recompute) for a, b in layers] if self.T > 1 else None
+        self.tp = ([tp_segments(profile, a, b, k, microbatch_size, recompute, bi, split) for a, b in layers]
+                   if self.T > 1 else None)
         self.stage_bytes = stage_bytes(profile, layers, microbatch_size, recompute)
         self.round_of = round_function(program)
         self.zero_replicas = zero_replicas(program, params)
@@ -349,21 +355,16 @@ class _Run:
             text = f"{head[0]}{mb}{head[1]}"
             kv = k._value_
             if k is _KF or k is _KB or k is _KBI or k is _KBW:
+                # the pass as run: pk names its recomputation and TP terms (None: an empty BI)
                 if k is _KF:
-                    base = fwd[s]
-                elif k is _KB:
-                    base = bwd[s]
-                elif s == 0 and bi0_free:
-                    base = 0.0 if k is _KBI else bwd[s]
+                    base, pk = fwd[s], "F"
+                elif k is _KB or (s == 0 and bi0_free and k is _KBW):  # stage 0's free BI: its BW is a whole B
+                    base, pk = bwd[s] + extra[s]["B"], "B"
+                elif k is _KBI and s == 0 and bi0_free:
+                    base, pk = 0.0, None
                 else:
-                    base = bwd[s] * split * (bi if k is _KBI else 1.0 - bi)
-                # the backward that re-runs the forward (recomputation) and runs the backward's TP all-reduces
-                if k is _KB or k is _KF:
-                    redo = k is _KB
-                else:  # split: BI, or BW where stage 0's BI is free
-                    redo = (k is _KBI) != (s == 0 and bi0_free)
-                if redo:
-                    base += extra[s]
+                    pk = "BI" if k is _KBI else "BW"
+                    base = bwd[s] * split * (bi if k is _KBI else 1.0 - bi) + extra[s][pk]
                 base /= speed
                 if jit:
                     base *= max(0.0, 1.0 + jit * rng.gauss(0.0, 1.0))
@@ -375,9 +376,9 @@ class _Run:
                         acc = acc_per_byte * self.stage_bytes[s].params
                     else:
                         seen.add(r)
-                seg = None if tp is None else tp[s][0] if k is _KF else tp[s][1] if redo else None
+                seg = None if tp is None or pk is None else tp[s][pk]
                 if zero3 is not None and self.zero_replicas[s] > 1:
-                    units, seq = zero3.units(s, k, base, redo, seq, split, bi, bi0_free)
+                    units, seq = zero3.units(s, k, base, pk, seq, split, bi)
                     append((_FSDP, ovh, ms, me, text, kv, nb, units,
                             (s, tp_rank[w], arrivals[s], acc, tp_key, i, tp_arrivals)))
                 elif seg is None or not seg[0]:

@@ -17,12 +17,12 @@ import simpy
 
 from planner.profile import ModelProfile
 from planner.program import Kind
-from planner.recompute import layer_extra_forward_s
+from planner.recompute import pass_recompute_s
 from planner.sharding import collective_bytes, fsdp_collectives
 from sim.collectives import Collective, Phase, ring_pass_phases
 from sim.tensor import tp_segments
 
-_KF, _KB, _KBI = Kind.F, Kind.B, Kind.BI
+_KF, _KBI = Kind.F, Kind.BI
 
 
 class Zero3:
@@ -33,35 +33,39 @@ class Zero3:
                  recompute: str):
         self.run = run  # its env, network (which a folding replaces), TP join and folded phases
         self.overlap = run.params.fsdp_overlap
-        #: per stage, per layer: (forward s, backward s, re-run forward s, gathered bytes)
-        self.rows = [[(l.forward_s * k, l.backward_s * k, layer_extra_forward_s(l, recompute) * k,
+        bi, split = run.params.bi_fraction, run.params.split_factor
+        #: per stage, per layer: (forward s, backward s, what recomputation adds to a B, BI and BW, gathered bytes)
+        self.rows = [[(l.forward_s * k, l.backward_s * k,
+                       {kind: pass_recompute_s(l, recompute, kind, bi, split) * k for kind in ("B", "BI", "BW")},
                        collective_bytes(l.param_bytes)) for l in profile.layers[a:b + 1]] for a, b in layers]
         self.tp = None if run.T == 1 else [  # per stage, per layer: its TP all-reduces (sim.tensor)
-            [tp_segments(profile, x, x, k, microbatch_size, recompute) for x in range(a, b + 1)] for a, b in layers]
+            [tp_segments(profile, x, x, k, microbatch_size, recompute, bi, split) for x in range(a, b + 1)]
+            for a, b in layers]
         self.last: dict[tuple, simpy.Event] = {}  # (stage, TP rank) -> the group's last collective
         self.rings: dict[tuple, list[Phase]] = {}  # (stage, bytes, TP rank) -> its ring's phases
         #: (stage, TP rank, collective number) -> [arrivals, event]: its own table, apart from the run's DP and TP ones
         self.pending: dict[tuple[int, int, int], list] = {}
 
-    def units(self, s: int, k: Kind, base: float, redo: bool, seq: int, split: float, bi: float,
-              bi0_free: bool) -> tuple[tuple, int]:
+    def units(self, s: int, k: Kind, base: float, pk: str | None, seq: int, split: float,
+              bi: float) -> tuple[tuple, int]:
         """((compute seconds, gather bytes, gather key, scatter bytes, scatter key) per unit in the pass's order,
-        the worker's collective count after it). The units' compute adds up to the action's ``base`` seconds
-        (speed, splitting, re-run forward and jitter included); keys number the worker's collectives in issue
-        order (the rule of ``planner.sharding.fsdp_pass_s``), which every replica follows alike."""
+        the worker's collective count after it). ``pk``: the pass as ``sim.engine`` runs it ("F", "B", "BI", "BW";
+        "B" for stage 0's BW when its BI is free, None for that BI). The units' compute adds up to the action's
+        ``base`` seconds (speed, splitting, recomputation and jitter included); keys number the worker's collectives
+        in issue order (the rule of ``planner.sharding.fsdp_pass_s``), which every replica follows alike."""
         gathers, scatters = fsdp_collectives(k._value_)
         rows = self.rows[s] if k is _KF else self.rows[s][::-1]
         raw = []
         for f, b, x, nbytes in rows:
             if k is _KF:
                 c = f
-            elif k is _KB:
-                c = b
-            elif s == 0 and bi0_free:
-                c = 0.0 if k is _KBI else b
+            elif pk == "B":
+                c = b + x["B"]
+            elif pk is None:
+                c = 0.0
             else:
-                c = b * split * (bi if k is _KBI else 1.0 - bi)
-            raw.append(c + (x if redo else 0.0))
+                c = b * split * (bi if k is _KBI else 1.0 - bi) + x[pk]
+            raw.append(c)
         total = sum(raw)
         scale = base / total if total > 0 else 0.0
         units = []
@@ -87,7 +91,7 @@ class Zero3:
         for j in range(len(rows)):
             c = raw[j] * scale
             pieces, tail = (), c
-            seg = None if tp is None else tp[j][0] if k is _KF else tp[j][1] if redo else None
+            seg = None if tp is None or pk is None else tp[j][pk]
             if seg is not None and seg[0]:  # the layer's TP all-reduces inside the unit, each after its share
                 f = c / seg[1] if seg[1] > 0 else 0.0
                 pieces = tuple((d * f, n, q) for d, n, q in seg[0])

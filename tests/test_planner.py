@@ -342,9 +342,9 @@ def test_cli_table_and_capacity(capsys):
 
 
 def test_cli_reads_pipedream_profiles_by_name(capsys):
-    from pipetwin.cmd_plan import pipedream_profile_names
+    from planner.cnn import pipedream_names
 
-    if "vgg16" not in pipedream_profile_names():
+    if "vgg16" not in pipedream_names():
         pytest.skip("PipeDream's profiles are not next to the repository")
     assert main(["plan", "--model", "vgg16", "--topology", "pipedream-a", "--schedule", "1f1b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"][-1]["layers"][1] == 40
@@ -428,9 +428,10 @@ def test_cost_model_agrees_with_the_simulator_on_link_heavy_plans(topo_spec, fir
 
 
 def test_vgg16_on_cluster_a_is_not_planned_into_its_ethernet():
-    from pipetwin.cmd_plan import pipedream_profile_names, resolve_model
+    from pipetwin.cmd_plan import resolve_model
+    from planner.cnn import pipedream_names
 
-    if "vgg16" not in pipedream_profile_names():
+    if "vgg16" not in pipedream_names():
         pytest.skip("PipeDream's profiles are not next to the repository")
     # PipeDream's own units (one sample = one profiled minibatch of 128): link-bound regime
     prof, topo = resolve_model("vgg16", raw=True), load_topology("pipedream-a")

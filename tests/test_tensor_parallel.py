@@ -279,14 +279,17 @@ def test_recomputation_changes_simulated_memory_as_planner_recompute_says():
 
 
 # --- plan, whatif and simulate cost a recomputed plan the same -------------------------------------
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 @pytest.mark.parametrize("recompute", [True, "selective"])
-def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp_path):
+def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, schedule, tmp_path):
     """The functions behind `pipetwin plan` (planner.search.plan_model), `pipetwin whatif` (whatif.plan_point,
     then the simulator on its plan) and `pipetwin simulate` (sim.simulate_plan) on one recomputed plan.
 
     Layers send no activations (no receive buffers or stage outputs, which only the simulator counts), so the
-    cost model's closed forms are exact here: time t·(M + P − 1) with t the stage's forward, backward and
-    re-run forward; memory weights, gradients, momentum and what planner.recompute keeps and rebuilds."""
+    cost model's closed forms are exact here: time t·(M + (P − 1)·f) with t the stage's forward, backward and
+    what recomputation adds (1F1B: f = 1, the re-run forward in the B; ZB-H1: f = F/t, a checkpoint's forward and
+    backward in the BI and again in the BW, selective's core in both); memory weights, gradients, momentum and
+    what planner.recompute keeps and rebuilds."""
     from planner.costmodel import OPTIMIZER_STATE
     from planner.search import plan_model
     from planner.trace import peak_memory_bytes, time_per_batch_s
@@ -296,10 +299,10 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
     layer = Layer("l", 1e-3, 2e-3, 0.0, 5e8, 1e9, attention_saved_bytes=3e8, attention_forward_s=4e-4)
     path = tmp_path / "model.json"
     ModelProfile("m", (layer,) * 8).save(path)
-    point = SweepPoint(str(path), 4, "a100-80gb", "ideal", schedule="1f1b", global_batch=16, optimizer="sgd",
+    point = SweepPoint(str(path), 4, "a100-80gb", "ideal", schedule=schedule, global_batch=16, optimizer="sgd",
                        recompute=recompute)
     profile, topo = point_profile(point.model, point.device_kind), point_cluster("ideal", 4, "a100-80gb")
-    planned = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd")
+    planned = plan_model(profile, topo, schedule=schedule, global_batch=16, recompute=recompute, optimizer="sgd")
     best = planned.best_candidate
     plan = best.plan
     assert plan.recompute == ("full" if recompute is True else "selective")
@@ -313,9 +316,10 @@ def test_plan_whatif_and_simulate_cost_a_recomputed_plan_the_same(recompute, tmp
     assert rec.throughput_samples_per_s == pytest.approx(best.throughput_samples_per_s, rel=1e-9)
     assert rec.peak_memory_bytes == pytest.approx(sim_peak, rel=1e-9)
     # the planner's choice there is data parallel; a pipeline (plan --stages 4) is costed the same way too
-    piped = plan_model(profile, topo, schedule="1f1b", global_batch=16, recompute=recompute, optimizer="sgd",
+    piped = plan_model(profile, topo, schedule=schedule, global_batch=16, recompute=recompute, optimizer="sgd",
                        stages=4).best_candidate
     assert piped.plan.pipeline_depth == 4 and piped.plan.recompute == plan.recompute
+    assert piped.plan.schedule == schedule
     trace = simulate_plan(piped.plan, profile, topo, SimParams(optimizer_state_factor=OPTIMIZER_STATE["sgd"]))
     assert time_per_batch_s(trace) == pytest.approx(piped.time_per_batch_s, rel=1e-9)
     assert max(peak_memory_bytes(trace).values()) == pytest.approx(max(piped.peak_memory_bytes.values()), rel=1e-9)

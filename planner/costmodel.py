@@ -35,7 +35,8 @@ drains the pipeline with its own M/r microbatches) with f = 1 (GPipe, 1F1B), 1/V
 max(F, BI)/(F + B) for ZB-H1 (one third at F = BI = BW; Qi et al.'s (F + BI − BW)/(F + B) where F ≥ BI = BW, but
 stage 0 waits for microbatch 0's round trip, P − 1 BIs, after its P forwards: the simulator's), B the backward
 with what recomputation adds to it and BI = BW = B/2 (recomputation adds a checkpoint's forward + backward to
-each, selective's core forward to each: BI = BW still). PipeDream and 2BW pay
+each, selective's core forward to each: BI = BW still); interleaved zero bubble a V-th of ZB-H1's, max(F, BI)/V over
+the rank's chunks. PipeDream and 2BW pay
 none in steady state: ``T_batch = t·M``.
 
 Memory per device: weights × stashed versions (flush 1, 2BW 2, PipeDream its in-flight
@@ -382,6 +383,8 @@ def bubble_factor(family: str, chunks: int = 1, forward_s: float = 1.0, backward
         return max(forward_s, backward_s / 2) / total if total > 0 else 1.0 / 3.0
     if kind == "split2":
         return max(0.0, forward_s - backward_s / 2) / total if total > 0 else 0.0  # (F + BI − 2 BW)/(F + B)
+    if kind == "split-chunk":  # a V-th of ZB-H1's: a chunk's forward against its BI's round trip
+        return max(forward_s, backward_s / 2) / chunks / total if total > 0 else 1.0 / 6.0
     if kind == "v":
         return forward_s / chunks / total if total > 0 else 1.0 / 6.0  # rank P − 1 waits one chunk forward per rank
     if kind in ("v-half", "v-min"):  # their blocks' bubbles at tF = tBI = tBW, over 1F1B's 3(P − 1); other ratios alike
@@ -400,14 +403,17 @@ def _v_bubble_units(kind: str, P: int) -> float:
 def _round_trip_factor(m: int, P: int, forward_s: float, backward_s: float) -> float:
     """ZB-H1's and ZB-H2's bubble factor when a replica's m microbatches are too few to fill the pipeline (ZB-H2:
     its 2P − 1 warm-up; ZB-H1: P): stage 0 steps only after its last input gradient, which waits for microbatch
-    m − 1's round trip, so a batch takes at least m·(F + BW) + (P − 1)(F + BI) + BI (BI = BW = B/2); exact at
-    tF = tBI = tBW, below the simulator's otherwise (tests/test_family_zb_h2.py). The families' own factor is
-    the larger once m fills the pipeline."""
+    m − 1's round trip, and each microbatch after the first waits max(F, BI) for its input gradient before its BW,
+    so a batch takes at least (m − 1)·(max(F, BI) + BW) + P·(F + BI) + BI (BI = BW = B/2): ZB-H1's to the
+    simulator's (``tests/test_recompute_split_time.py``: every m below P, with and without recomputation); ZB-H2's
+    exact at tF = tBI = tBW, below the simulator's otherwise (tests/test_family_zb_h2.py). The families' own factor
+    is the larger once m fills the pipeline."""
     total = forward_s + backward_s
     if total <= 0:
         return 0.0
     half = backward_s / 2
-    cycle = m * (forward_s + half) + (P - 1) * (forward_s + half) + half
+    # each microbatch after the first waits max(F, BI) for its input gradient's return, then its BW
+    cycle = (m - 1) * (max(forward_s, half) + half) + P * (forward_s + half) + half
     return max(0.0, (cycle / total - m) / (P - 1))
 
 

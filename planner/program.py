@@ -235,8 +235,8 @@ class Family:
         weight_copies: weight versions a stage holds: 1, 2 (2BW) or 0 (one per in-flight minibatch).
         bubble: the fill-and-drain the cost model charges (f in T_batch = t·(M + (P − 1)·f), t a rank's
             F + B): "full" (1: GPipe, 1F1B), "chunk" (1/V: interleaved, looped BFS), "split" (max(F, BI)/(F + B):
-            ZB-H1, microbatch 0's round trip after stage 0's P forwards), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "v" (a chunk's F over
-            F + B: ZB-V, interleaved zero bubble, DualPipeV), "v-half" (about 1/2: V-Half), "v-min" (about 2/3: V-Min; both their unit-cost closed forms over 1F1B's) or "none" (a stream).
+            ZB-H1, microbatch 0's round trip after stage 0's P forwards), "split2" ((F + BI − 2 BW)/(F + B), at least 0: ZB-H2 batch after batch), "split-chunk" (max(F, BI)/V over
+            F + B, a V-th of ZB-H1's: interleaved zero bubble), "v" (a chunk's F over F + B: ZB-V, DualPipeV), "v-half" (about 1/2: V-Half), "v-min" (about 2/3: V-Min; both their unit-cost closed forms over 1F1B's) or "none" (a stream).
         generated: pipetwin generates it (False: "custom", a program read from elsewhere, e.g. torch's
             CSV, whose placement is whatever its ``stage_workers`` say and which only the laws bind).
         mixed_split: which backwards a "mixed" family splits (``split_share``): "v-legs" (DualPipeV: rank d splits
@@ -315,7 +315,7 @@ FAMILY: dict[str, Family] = {f.name: f for f in (
     Family("zb-v", "ZB-V", backward="split", placement="v", chunks=2, replicable=False, inflight="none", open_cap=(1, 0),
            bubble="v"),
     Family("interleaved-zb", "interleaved zero bubble", backward="split", placement="looped", chunks=0, inflight="chunk",
-           open_cap=(1, 0), bubble="v"),
+           open_cap=(1, 0), bubble="split-chunk"),
     Family("dualpipe-v", "DualPipeV", backward="mixed", placement="v", chunks=2, replicable=False, inflight="none",
            open_cap=(1, 1), bubble="v", mixed_split="v-legs"),
 )}

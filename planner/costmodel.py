@@ -404,14 +404,17 @@ def _v_bubble_units(kind: str, P: int) -> float:
 def _round_trip_factor(m: int, P: int, forward_s: float, backward_s: float) -> float:
     """ZB-H1's and ZB-H2's bubble factor when a replica's m microbatches are too few to fill the pipeline (ZB-H2:
     its 2P − 1 warm-up; ZB-H1: P): stage 0 steps only after its last input gradient, which waits for microbatch
-    m − 1's round trip, so a batch takes at least m·(F + BW) + (P − 1)(F + BI) + BI (BI = BW = B/2); exact at
-    tF = tBI = tBW, below the simulator's otherwise (tests/test_family_zb_h2.py). The families' own factor is
-    the larger once m fills the pipeline."""
+    m − 1's round trip, and each microbatch after the first waits max(F, BI) for its input gradient before its BW,
+    so a batch takes at least (m − 1)·(max(F, BI) + BW) + P·(F + BI) + BI (BI = BW = B/2): ZB-H1's to the
+    simulator's (``tests/test_recompute_split_time.py``: every m below P, with and without recomputation); ZB-H2's
+    exact at tF = tBI = tBW, below the simulator's otherwise (tests/test_family_zb_h2.py). The families' own factor
+    is the larger once m fills the pipeline."""
     total = forward_s + backward_s
     if total <= 0:
         return 0.0
     half = backward_s / 2
-    cycle = m * (forward_s + half) + (P - 1) * (forward_s + half) + half
+    # each microbatch after the first waits max(F, BI) for its input gradient's return, then its BW
+    cycle = (m - 1) * (max(forward_s, half) + half) + P * (forward_s + half) + half
     return max(0.0, (cycle / total - m) / (P - 1))
 
 

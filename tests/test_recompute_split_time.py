@@ -254,3 +254,21 @@ def test_interleaved_zero_bubbles_batch_time_is_the_simulators_whatever_recomput
     sim = time_per_batch_s(simulate_plan(plan, prof, topo))
     cand = evaluate(plan, prof, topo, CostOptions(optimizer="none", link_load=False))
     assert cand.time_per_batch_s == pytest.approx(sim, rel=1e-9)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 5])
+@pytest.mark.parametrize("F,B,mode", [(1, 2, "none"), (1, 4, "none"), (2, 2, "none"), (3, 1, "none"), (1, 2, "full"),
+                                      (1, 2, "selective")])
+def test_zb_h1_on_fewer_microbatches_than_stages_is_the_simulators(P, F, B, mode):
+    """m < P: the round trip binds; each microbatch after the first waits max(F, BI) for its input gradient
+    (BI > F under recomputation: (m − 1)·(BI − F) more than the m·(F + BW) + (P − 1)(F + BI) + BI of equal passes)."""
+    from planner.trace import time_per_batch_s
+
+    layer = Layer("l", F, B, 0.0, 1.0, 0.0, attention_saved_bytes=0.5, attention_forward_s=0.3)
+    prof = ModelProfile("m", (layer,) * P)
+    topo = load_topology(f"ideal:{P}")
+    for m in range(1, P):
+        plan = plan_from_flags("m", P, pp=P, schedule="zb-h1", microbatches=m, recompute=mode, devices=topo.devices)
+        sim = time_per_batch_s(simulate_plan(plan, prof, topo))
+        cand = evaluate(plan, prof, topo, CostOptions(optimizer="none", link_load=False))
+        assert cand.time_per_batch_s == pytest.approx(sim, rel=1e-9), m

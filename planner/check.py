@@ -456,6 +456,7 @@ def _check_inflight(p: Program) -> None:
     """In flight = forward done, input gradient not; a split family also caps forward-done, weight-gradient-not."""
     fam = p.spec.traits
     zb_cap = open_cap(p)
+    bounds: dict[int, int] = {}  # per stage, asked once
     for w in p.workers:
         cur: dict[int, int] = {}
         open_w = 0
@@ -463,7 +464,9 @@ def _check_inflight(p: Program) -> None:
             if a.kind is Kind.F:
                 cur[a.stage] = cur.get(a.stage, 0) + 1
                 open_w += 1
-                bound = inflight_bound(p, a.stage)
+                bound = bounds.get(a.stage)
+                if bound is None:
+                    bound = bounds[a.stage] = inflight_bound(p, a.stage)
                 if cur[a.stage] > bound:
                     raise ProgramError(f"{cur[a.stage]} microbatches in flight on stage {a.stage}; {p.spec.family} allows {bound}", p, w, idx)
                 if zb_cap is not None and open_w > zb_cap:
@@ -509,39 +512,44 @@ def _run(program: Program, costs: UnitCosts, ran: list | None) -> None:
     posted: dict[tuple, float] = {}  # (src, dst, grad, stage, mb) -> time the payload is available
     at_allreduce: dict[tuple[int, int], dict[int, float]] = {}
     remaining = sum(len(v) for v in p.actions.values())
+    workers = p.workers
+    SEND, RECV, ALLREDUCE, comm = Kind.SEND, Kind.RECV, Kind.ALLREDUCE, costs.comm
     while remaining:
         progressed = False
-        for w in p.workers:
+        for w in workers:
             acts = p[w]
-            while pos[w] < len(acts):
-                a = acts[pos[w]]
-                t = clock[w]
-                if a.kind is Kind.SEND:
-                    posted[(w, a.peer, a.grad, a.stage, a.mb)] = t + costs.comm
+            i, n, t_w = pos[w], len(acts), clock[w]
+            while i < n:  # this worker's actions until one waits (position and clock kept in locals)
+                a = acts[i]
+                k = a.kind
+                t = t_w
+                if k is SEND:
+                    posted[(w, a.peer, a.grad, a.stage, a.mb)] = t + comm
                     end = t
-                elif a.kind is Kind.RECV:
-                    src_stage = a.stage + 1 if a.grad else a.stage - 1
-                    key = (a.peer, w, a.grad, src_stage, a.mb)
+                elif k is RECV:
+                    key = (a.peer, w, a.grad, a.stage + 1 if a.grad else a.stage - 1, a.mb)
                     if key not in posted:
                         break
                     t = max(t, posted[key])
                     end = t
-                elif a.kind is Kind.ALLREDUCE:
+                elif k is ALLREDUCE:
                     group = p.stage_workers[a.stage]
                     arrived = at_allreduce.setdefault((a.stage, a.mb), {})
                     arrived[w] = t
                     if len(arrived) < len(group):
                         break
                     t = max(arrived.values())
-                    end = t + cost[a.kind]
+                    end = t + cost[k]
                 else:
-                    end = t + cost[a.kind]
+                    end = t + cost[k]
                 if ran is not None:
                     ran.append((w, a, t, end))
-                clock[w] = end
-                pos[w] += 1
-                remaining -= 1
+                t_w = end
+                i += 1
+            if i != pos[w]:
+                remaining -= i - pos[w]
                 progressed = True
+                pos[w], clock[w] = i, t_w
         if not progressed:
             blocked = [(w, pos[w]) for w in p.workers if pos[w] < len(p[w])]
             w0, i0 = blocked[0]

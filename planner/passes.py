@@ -11,7 +11,7 @@ import math
 from typing import Callable
 
 from planner.check import check
-from planner.program import Action, Kind, Program, ScheduleSpec
+from planner.program import COMPUTE, Action, Kind, Program, ScheduleSpec
 
 __all__ = ["add_steps", "add_versions", "add_communication", "lower"]
 
@@ -102,7 +102,14 @@ def add_versions(spec: ScheduleSpec, actions: dict[int, list[Action]]) -> dict[i
             out[w] = new
         return out
     for w, acts in actions.items():
-        out[w] = [_with_version(a, rule(a, None, None)) if a.is_compute else a for a in acts]
+        new = []
+        for a in acts:
+            if a.kind in COMPUTE:
+                v = rule(a, None, None)
+                if v != a.version:  # an equal action is the action itself: no copy
+                    a = _with_version(a, v)
+            new.append(a)
+        out[w] = new
     return out
 
 

@@ -31,9 +31,9 @@ __all__ = ["generate", "lower", "ORDERS", "REQUIRES", "ScheduleError", "make_spe
            "interleaved_groups", "validate_spec", "add_steps", "add_versions", "add_communication"]
 
 
-def _replica_mbs(spec: ScheduleSpec, stage: int, replica: int, mbs: range) -> list[int]:
-    r = len(stage_workers(spec)[stage])
-    return [i for i in mbs if i % r == replica]
+def _replica_mbs(r: int, replica: int, mbs: range) -> list[int]:
+    """The microbatches of ``mbs`` (a range of step 1) that replica ``replica`` of ``r`` takes: i ≡ replica (mod r)."""
+    return list(range(mbs.start + (replica - mbs.start) % r, mbs.stop, r))
 
 
 def _one_f_one_b(mbs: list[int], limit: int) -> list[tuple[Kind, int]]:
@@ -58,9 +58,9 @@ def _order_per_replica(spec: ScheduleSpec, body: Callable[[list[int], int], list
             seq: list[tuple[Kind, int]] = []
             if per_batch:
                 for b in range(spec.batches):
-                    seq += body(_replica_mbs(spec, s, rep, range(b * spec.microbatches, (b + 1) * spec.microbatches)), lim)
+                    seq += body(_replica_mbs(len(ws), rep, range(b * spec.microbatches, (b + 1) * spec.microbatches)), lim)
             else:
-                seq = body(_replica_mbs(spec, s, rep, range(N)), lim)
+                seq = body(_replica_mbs(len(ws), rep, range(N)), lim)
             out[w] = [Action(s, k, i) for k, i in seq]
     return out
 

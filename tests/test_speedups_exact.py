@@ -2,6 +2,7 @@
 
 * ``check._round_microbatches`` (the microbatches an update point covers) against the definition: every
   microbatch of the round that round robin puts on the worker, ``worker_of`` asked per microbatch;
+* ``schedules._replica_mbs`` (a replica's microbatches of a range) against the filter i mod r == replica;
 * ``planner.trace``'s one-pass ``span_s`` / ``busy_s`` / ``throughput_samples_per_s`` against the plain
   min / max / ``sum`` / parse-every-event formulas, bit for bit (floats compared with ==, types too), on
   random traces with ties, int times, idle workers, link lanes and every stage's backwards.
@@ -16,7 +17,7 @@ import pytest
 from planner.check import _round_microbatches
 from planner.lowering import tensor_expand
 from planner.program import FAMILIES, FAMILY, Action, Kind, ScheduleError, chunks_for
-from planner.schedules import REQUIRES, generate, make_spec
+from planner.schedules import REQUIRES, _replica_mbs, generate, make_spec
 from planner.trace import Event, Trace, busy_s, span_s, throughput_samples_per_s, worker_events
 
 
@@ -55,6 +56,14 @@ def test_round_microbatches_equals_round_robin_definition(name, prog):
                     assert got == want, (s, k, w)
                     checked += len(want)
     assert not prog.spec.traits.batched or checked == N * len(prog.stage_workers)
+
+
+def test_replica_microbatches_equal_round_robin_filter():
+    for r in range(1, 7):
+        for rep in range(r):
+            for lo in range(0, 9):
+                for hi in range(lo, 20):
+                    assert _replica_mbs(r, rep, range(lo, hi)) == [i for i in range(lo, hi) if i % r == rep]
 
 
 def _plain_span(trace):

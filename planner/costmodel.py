@@ -103,6 +103,7 @@ from planner.recompute import (kept_bytes, layer_input_bytes, layer_kept_bytes, 
                                pass_recompute_s, pass_tp_collectives, rebuilt_bytes, recompute_mode,
                                tp_collectives_run)
 from planner.tpcollectives import collectives_time_s, ring_time_s
+from planner.vpath import batch_time as v_batch_time
 
 #: Optimizer state bytes per parameter byte.
 OPTIMIZER_STATE = {"sgd": 1.0, "momentum": 1.0, "adam": 2.0, "none": 0.0}
@@ -567,24 +568,50 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
                 max(rebuilt_bytes(prof, *plan.stages[v].layers, options.recompute) for v in vs) * mb,
                 fam.backward == "split", fam.inflight == "batch")
         raw_dev[d] = (compute, comm, ar, t, mem, _limit(topology, (dev,), options), f, b, tail)
+    factor = None
+    if fam.placement == "v" and P > 1:  # the longest path through the order the generator fixed at unit costs
+        factor = _v_factor(plan, prof, topology, options.recompute, raw_dev)
     raw, tails = [], []
     for i, st in enumerate(plan.stages):
         compute, comm, ar, t, mem, lim, f, b, tail = raw_dev[rank_of(fam, P, i)]
         raw.append((st, compute, comm, ar, t, mem, lim, f, b))
         tails.append(tail)
     return _candidate(plan, raw, options, plan.schedule, chunks=V, links=link_bound(plan, prof, topology, options),
-                      tails=tails)
+                      tails=tails, factor=factor)
+
+
+def _v_factor(plan: Plan, prof: ModelProfile, topology, mode: str, raw_dev: dict) -> float:
+    """A V family's f: its batch's longest path (``planner.vpath``) at each stage's F, B, BI and BW (recomputation
+    per pass, BI = BW = B/2 before it, as the simulator splits them), less M of the bottleneck rank's F + B, over
+    (P − 1) of it; so T_batch = t·(M + (P − 1)·f) is the simulator's wherever t is the rank's compute."""
+    P, M = plan.pipeline_depth, plan.microbatches
+    mode = recompute_mode(mode)
+    passes = []
+    for st in plan.stages:
+        speed = _slowest(topology, st.devices)[0]
+        layers = prof.layers[st.first_layer:st.last_layer + 1]
+        f, b = sum(l.forward_s for l in layers), sum(l.backward_s for l in layers)
+        extra = {k: sum(pass_recompute_s(l, mode, k) for l in layers) if mode != "none" else 0.0
+                 for k in ("B", "BI", "BW")}
+        passes.append((f / speed, (b + extra["B"]) / speed, (b / 2 + extra["BI"]) / speed,
+                       (b / 2 + extra["BW"]) / speed))
+    span = v_batch_time(plan.schedule, P, M, tuple(passes))
+    worst = max(raw_dev, key=lambda d: raw_dev[d][3])
+    speed = _slowest(topology, plan.stages[worst].devices)[0]  # rank d holds stage d
+    work = (raw_dev[worst][6] + raw_dev[worst][7]) / speed
+    return (span / work - M) / (P - 1) if work > 0 else 0.0
 
 
 def _candidate(plan: Plan, raw: list, options: CostOptions, fam: str, chunks: int,
                links: tuple[float, float, str | None, frozenset[int]] = (0.0, 0.0, None, frozenset()),
-               tails: list[float] | None = None) -> Candidate:
+               tails: list[float] | None = None, factor: float | None = None) -> Candidate:
     """``tails``: per stage, the seconds per batch of its time_s × M that run after the drain (the multi-stage
-    all-reduces): the fill and drain stretch only the rest."""
+    all-reduces): the fill and drain stretch only the rest. ``factor``: the family's f where the caller has it."""
     M, P = plan.microbatches, plan.pipeline_depth
     bott = max(r[4] for r in raw)
     worst = max(range(len(raw)), key=lambda i: raw[i][4])
-    factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8], P)
+    if factor is None:
+        factor = bubble_factor(fam, chunks, raw[worst][7], raw[worst][8], P)
     if FAMILY[fam].bubble in ("split", "split2") and P > 1:
         factor = max(factor, _round_trip_factor(-(-M // raw[worst][0].replicas), P, raw[worst][7], raw[worst][8]))
     # each replica of the bottleneck stage runs its own M/r microbatches through the fill and drain, which

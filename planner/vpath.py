@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from planner.program import Kind, make_spec
+from planner.program import Kind
+from planner.schedulespec import make_spec
 from planner.schedules import ORDERS, REQUIRES
 
 _KINDS = (Kind.F, Kind.B, Kind.BI, Kind.BW)

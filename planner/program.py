@@ -49,9 +49,6 @@ class Kind(str, Enum):
 
 
 COMPUTE = frozenset({Kind.F, Kind.B, Kind.BI, Kind.BW})
-BACKWARD = frozenset({Kind.B, Kind.BI})  # actions that produce the input gradient
-WEIGHT_GRAD = frozenset({Kind.B, Kind.BW})  # actions that finish a microbatch's weight gradient
-COMM = frozenset({Kind.SEND, Kind.RECV, Kind.ALLREDUCE})
 
 
 @dataclass(frozen=True)

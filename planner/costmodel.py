@@ -116,6 +116,10 @@ ALLREDUCE_ALGORITHMS = ("ring", "hierarchical", "auto")
 
 #: A stage whose memory is at least this fraction of its device's limit is memory-bound.
 MEMORY_BOUND_FRACTION = 0.9
+#: The V families are timed by the longest path through their order (``planner.vpath``) up to this many
+#: P × M; above it by the equal-time bubble, because building the order's graph grows with P·M (about 0.1–0.2 CPU s
+#: at P·M = 1,024 on a 2-core box, 0.7 s in a 13B what-if sweep's larger points, which it made 6× slower).
+V_PATH_MAX_PM = 1024
 
 
 @dataclass(frozen=True)
@@ -569,7 +573,7 @@ def _evaluate_interleaved(plan: Plan, prof: ModelProfile, topology, options: Cos
                 fam.backward == "split", fam.inflight == "batch")
         raw_dev[d] = (compute, comm, ar, t, mem, _limit(topology, (dev,), options), f, b, tail)
     factor = None
-    if fam.placement == "v" and P > 1:  # the longest path through the order the generator fixed at unit costs
+    if fam.placement == "v" and 1 < P and P * M <= V_PATH_MAX_PM:  # the longest path through the fixed order
         factor = _v_factor(plan, prof, topology, options.recompute, raw_dev)
     raw, tails = [], []
     for i, st in enumerate(plan.stages):

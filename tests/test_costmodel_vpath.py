@@ -67,3 +67,20 @@ def test_unequal_passes_stretch_the_steady_state():
     assert batch_time("zb-v", 4, 12, unit) - batch_time("zb-v", 4, 8, unit) == pytest.approx(4 * 6)
     heavy = ((1.0, 4.0, 2.0, 2.0),) * 8
     assert batch_time("zb-v", 4, 12, heavy) - batch_time("zb-v", 4, 8, heavy) == pytest.approx(4 * 12)
+
+
+def test_large_pipelines_keep_the_equal_time_bubble(monkeypatch):
+    """Above V_PATH_MAX_PM the longest path is not walked (its graph grows with P·M): the cost model gives the
+    equal-time bubble's batch, which at equal passes is the path's too, and at unequal ones is the shorter."""
+    import planner.costmodel as cm
+
+    P, M = 4, 12
+    layers = [_layer(1, 4)] * (2 * P)
+    sim, exact = _pair("zb-v", P, M, layers, "full")
+    assert exact == pytest.approx(sim, rel=1e-9)
+    monkeypatch.setattr(cm, "V_PATH_MAX_PM", P * M - 1)
+    _, capped = _pair("zb-v", P, M, layers, "full")
+    assert capped < exact * 0.99  # the old formula: the stretch of the fixed order is not charged
+    _, capped_equal = _pair("zb-v", P, M, [_layer(1, 2)] * (2 * P), "none")
+    sim_equal, _ = _pair("zb-v", P, M, [_layer(1, 2)] * (2 * P), "none")
+    assert capped_equal == pytest.approx(sim_equal, rel=1e-9)  # F = BI = BW: the bubble formula is exact

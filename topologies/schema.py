@@ -35,6 +35,20 @@ from topologies.records import LINK_KINDS, Device, Link, is_num
 __all__ = ["parse", "read", "write"]
 
 
+_DEVICE_FIELDS = ("name", "kind", "memory_bytes", "peak_flops", "speed")
+_LINK_FIELDS = ("a", "b", "kind", "bandwidth_bytes_per_s", "latency_s")
+
+
+def _check_entry(item: Any, where: str, needs: str, allowed: tuple[str, ...]) -> None:
+    """One entry of a list field is a mapping of known fields (``needs`` says what it must hold)."""
+    if not isinstance(item, dict):
+        raise TopologyError(f"{where} must be a mapping {needs}")
+    extra = set(item) - set(allowed)
+    if extra:
+        raise TopologyError(f"{where} has unknown field(s) {', '.join(sorted(map(str, extra)))}; "
+                            f"allowed: {', '.join(allowed)}")
+
+
 def parse(d: Any) -> tuple[nx.Graph, str, list[list[list[str]]] | None, str]:
     """(graph, name, levels, collectives) of a topology mapping, each field checked as it is read (errors name
     the field); the arguments of ``Topology(...)``, whose ``validate`` checks the whole."""
@@ -53,12 +67,7 @@ def parse(d: Any) -> tuple[nx.Graph, str, list[list[list[str]]] | None, str]:
         raise TopologyError("devices must be a non-empty list of {name, kind, memory_bytes, peak_flops, speed}")
     for i, item in enumerate(devices):
         where = f"devices[{i}]"
-        if not isinstance(item, dict):
-            raise TopologyError(f"{where} must be a mapping with at least a name")
-        extra = set(item) - {"name", "kind", "memory_bytes", "peak_flops", "speed"}
-        if extra:
-            raise TopologyError(f"{where} has unknown field(s) {', '.join(sorted(map(str, extra)))}; "
-                                "allowed: name, kind, memory_bytes, peak_flops, speed")
+        _check_entry(item, where, "with at least a name", _DEVICE_FIELDS)
         dname = _str_field(item, "name", where)
         if dname in g:
             raise TopologyError(f"{where}.name {dname!r} is used twice; device names must be unique")
@@ -83,12 +92,7 @@ def parse(d: Any) -> tuple[nx.Graph, str, list[list[list[str]]] | None, str]:
         raise TopologyError("links must be a list of {a, b, kind, bandwidth_bytes_per_s, latency_s}")
     for i, item in enumerate(links):
         where = f"links[{i}]"
-        if not isinstance(item, dict):
-            raise TopologyError(f"{where} must be a mapping with a, b, kind, bandwidth_bytes_per_s, latency_s")
-        extra = set(item) - {"a", "b", "kind", "bandwidth_bytes_per_s", "latency_s"}
-        if extra:
-            raise TopologyError(f"{where} has unknown field(s) {', '.join(sorted(map(str, extra)))}; "
-                                "allowed: a, b, kind, bandwidth_bytes_per_s, latency_s")
+        _check_entry(item, where, f"with {', '.join(_LINK_FIELDS)}", _LINK_FIELDS)
         a = _str_field(item, "a", where)
         b = _str_field(item, "b", where)
         for end, n in (("a", a), ("b", b)):
